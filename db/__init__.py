@@ -1,0 +1,1 @@
+"""Winners database (SQLAlchemy). The models arrive with the tuning work; see ARCHITECTURE.md."""

@@ -1,0 +1,19 @@
+"""flashmoe_gen: generate, compile and tune FlashMoE layers (distributed MoE on GPUs)."""
+
+__version__ = "0.1.0"
+
+from .config import GemmTile, KernelConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    CommError,
+    CompileError,
+    ConfigError,
+    DeviceError,
+    FlashMoEError,
+    ProblemError,
+)
+from .problem import MoEProblem  # noqa: E402
+
+__all__ = [
+    "CommError", "CompileError", "ConfigError", "DeviceError", "FlashMoEError", "GemmTile",
+    "KernelConfig", "MoEProblem", "__version__",
+]

@@ -1,0 +1,217 @@
+"""NVRTC compilation with a disk cache, a GPU-free compile-only path and a resource report.
+
+One path serves both uses: NVRTC (the library CuPy uses, through ``cupy.cuda.nvrtc``)
+compiles the generated source to a cubin for an explicit ``sm_XX`` target, the cubin and
+its metadata are cached on disk, and ``load`` hands the cubin to ``cupy.RawModule`` on a
+GPU machine. Name expressions resolve templated kernels to their lowered (mangled) names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+
+from . import __version__
+from .errors import CompileError, DeviceError
+from .render import GeneratedSource
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """What ptxas reported for one kernel."""
+
+    registers: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+    static_smem: int = 0
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+
+@dataclass
+class CompiledModule:
+    name: str
+    arch: str
+    cubin_path: str
+    lowered: dict[str, str]                    # our kernel name -> symbol in the cubin
+    resources: dict[str, KernelResources]      # our kernel name -> ptxas report
+    dynamic_smem: dict[str, int] = field(default_factory=dict)
+    log: str = ""
+    options: tuple[str, ...] = ()
+    nvrtc_version: str = ""
+    cache_hit: bool = False
+
+
+def nvrtc_version() -> str:
+    from cupy.cuda import nvrtc
+    major, minor = nvrtc.getVersion()
+    return f"{major}.{minor}"
+
+
+@cache
+def cuda_include_dirs() -> tuple[str, ...]:
+    """Directories holding ``cuda_bf16.h`` and friends: a system toolkit or pip's headers."""
+    candidates = []
+    if os.environ.get("FLASHMOE_CUDA_INCLUDE"):
+        candidates.append(os.environ["FLASHMOE_CUDA_INCLUDE"])
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "include"))
+    candidates.append("/usr/local/cuda/include")
+    for sp in sys.path:  # pip's nvidia-cuda-runtime / -crt / -cccl headers
+        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include"):
+            candidates.append(os.path.join(sp, sub))
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "cuda_bf16.h")):
+            dirs = [c]
+            if os.path.isdir(os.path.join(c, "cccl")):
+                dirs.append(os.path.join(c, "cccl"))
+            return tuple(dirs)
+    raise CompileError("no CUDA headers found (cuda_bf16.h)",
+                       "install nvidia-cuda-runtime, nvidia-cuda-crt and nvidia-cuda-cccl "
+                       "(pip), or set FLASHMOE_CUDA_INCLUDE / CUDA_PATH", None)
+
+
+def compile_options(arch: str) -> tuple[str, ...]:
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", "--ptxas-options=-v", "-lineinfo"]
+    opts += [f"-I{d}" for d in cuda_include_dirs()]
+    return tuple(opts)
+
+
+def cache_root() -> Path:
+    """``$FLASHMOE_CACHE`` or ``~/.cache/flashmoe_gen``, then the package version."""
+    base = os.environ.get("FLASHMOE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flashmoe_gen")
+    return Path(base) / __version__
+
+
+_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")
+_STACK_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS_RE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def parse_ptxas_log(log: str) -> dict[str, KernelResources]:
+    """Per mangled kernel name: registers, stack, spills, static smem, from ``ptxas -v``."""
+    out: dict[str, KernelResources] = {}
+    current, stack = None, (0, 0, 0)
+    for line in log.splitlines():
+        if m := _ENTRY_RE.search(line):
+            current, stack = m.group(1), (0, 0, 0)
+        elif (m := _STACK_RE.search(line)) and current:
+            stack = tuple(int(v) for v in m.groups())
+        elif (m := _REGS_RE.search(line)) and current:
+            out[current] = KernelResources(int(m.group(1)), *stack, int(m.group(2) or 0))
+            current = None
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Write only when different, so tools watching mtimes see real changes only."""
+    if path.exists() and path.read_text() == text:
+        return
+    _atomic_write(path, text.encode())
+
+
+def compile_source(gen: GeneratedSource, arch: str = "sm_90", *, use_cache: bool = True,
+                   cache_dir: Path | None = None) -> CompiledModule:
+    """Compile with NVRTC (no GPU needed); cached by source, options, NVRTC version, arch."""
+    from cupy.cuda import nvrtc
+
+    options = compile_options(arch)
+    version = nvrtc_version()
+    key = hashlib.sha256("\0".join([gen.code, *options, version, arch]).encode()).hexdigest()[:20]
+    root = (cache_dir or cache_root()) / arch
+    stem = f"{gen.name}-{key}"
+    cubin_path, meta_path = root / f"{stem}.cubin", root / f"{stem}.json"
+    kernels = gen.kernels.all()
+    if use_cache and cubin_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return CompiledModule(
+            name=gen.name, arch=arch, cubin_path=str(cubin_path), lowered=meta["lowered"],
+            resources={k: KernelResources(**v) for k, v in meta["resources"].items()},
+            dynamic_smem=meta["dynamic_smem"], log=meta["log"], options=tuple(options),
+            nvrtc_version=version, cache_hit=True)
+
+    prog = nvrtc.createProgram(gen.code, f"{gen.name}.cu", [], [])
+    try:
+        for expr in gen.kernels.name_expressions:
+            nvrtc.addNameExpression(prog, expr)
+        try:
+            nvrtc.compileProgram(prog, list(options))
+        except nvrtc.NVRTCError as e:
+            log = nvrtc.getProgramLog(prog)
+            src_path = root / f"{stem}.failed.cu"
+            write_if_changed(src_path, gen.code)
+            raise CompileError(f"NVRTC failed for {arch}: {e}", log, gen.config.name,
+                               gen.problem.name, str(src_path)) from None
+        log = nvrtc.getProgramLog(prog)
+        lowered = {k: k for k in kernels if k not in gen.kernels.name_expressions}
+        for expr in gen.kernels.name_expressions:
+            lowered[expr] = nvrtc.getLoweredName(prog, expr)
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+    by_symbol = parse_ptxas_log(log)
+    resources = {k: by_symbol[sym] for k, sym in lowered.items() if sym in by_symbol}
+    dynamic_smem = {gen.kernels.gate_up: gen.config.gate_up.smem_bytes(2),
+                    gen.kernels.down: gen.config.down.smem_bytes(1)}
+    mod = CompiledModule(name=gen.name, arch=arch, cubin_path=str(cubin_path), lowered=lowered,
+                         resources=resources, dynamic_smem=dynamic_smem, log=log,
+                         options=tuple(options), nvrtc_version=version)
+    if use_cache:
+        _atomic_write(cubin_path, bytes(cubin))
+        write_if_changed(root / f"{stem}.cu", gen.code)
+        meta = {"lowered": lowered, "resources": {k: asdict(v) for k, v in resources.items()},
+                "dynamic_smem": dynamic_smem, "log": log, "problem": gen.problem.to_dict(),
+                "config": gen.config.to_dict(), "nvrtc": version, "options": list(options)}
+        _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+    else:
+        mod.cubin_path = ""
+        mod._cubin = bytes(cubin)  # type: ignore[attr-defined]
+    return mod
+
+
+class LoadedModule:
+    """A compiled module loaded on the current GPU: kernels ready to launch."""
+
+    def __init__(self, compiled: CompiledModule):
+        try:
+            import cupy
+            from cupy.cuda import driver
+            self._raw = cupy.RawModule(path=compiled.cubin_path)
+            self.functions = {k: self._raw.get_function(sym)
+                              for k, sym in compiled.lowered.items()}
+        except Exception as e:
+            raise DeviceError(f"cannot load {compiled.name} ({compiled.arch}) on this GPU: {e}")
+        for k, nbytes in compiled.dynamic_smem.items():
+            if nbytes > 48 * 1024:  # above 48 KB a kernel must opt in
+                driver.funcSetAttribute(self.functions[k].ptr,
+                                        driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                        nbytes)
+        self.compiled = compiled
+
+    def __getitem__(self, kernel: str):
+        return self.functions[kernel]

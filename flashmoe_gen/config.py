@@ -1,0 +1,217 @@
+"""Kernel configs: every tunable knob, validated against a problem and a GPU target."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+
+from .arch import DEFAULT_ARCH, DeviceLimits, limits_for
+from .errors import ConfigError
+from .problem import MoEProblem
+
+BK_CHOICES = (32, 64)
+BM_CHOICES = (16, 32, 64, 128, 256)
+BN_CHOICES = (16, 32, 64, 128, 256)
+STAGE_RANGE = range(2, 7)
+WARP_CHOICES = (1, 2, 4, 8)
+ROUTER_CHOICES = (1, 2, 4, 8, 16, 32)
+COMM_STREAM_CHOICES = (1, 2, 4)
+#: Rough per-thread register use besides accumulators and fragments (addresses, loop state).
+REG_OVERHEAD = 40
+#: mma.sync.m16n8k16: a warp's tile must be a multiple of 16 rows and 16 columns
+#: (columns are loaded 16 at a time with ldmatrix.x4).
+MMA_M, MMA_N_LOAD = 16, 16
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """Tiling of one expert GEMM: block tile, warp grid and cp.async pipeline depth."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps_m: int
+    warps_n: int
+    stages: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    @property
+    def name(self) -> str:
+        return (f"bm{self.bm}_bn{self.bn}_bk{self.bk}_w{self.warps_m}x{self.warps_n}"
+                f"_s{self.stages}")
+
+    def smem_bytes(self, b_operands: int) -> int:
+        """Dynamic shared memory: ``stages`` copies of the A tile and ``b_operands`` B tiles."""
+        return self.stages * (self.bm * self.bk + b_operands * self.bn * self.bk) * 2
+
+    def regs_estimate(self, b_operands: int) -> int:
+        mi = self.bm // self.warps_m // 16
+        ni = self.bn // self.warps_n // 8
+        acc = mi * ni * 4 * b_operands
+        frags = mi * 4 + ni * 2 * b_operands
+        return acc + frags + REG_OVERHEAD
+
+    def validate(self, which: str, n: int, k: int, b_operands: int, limits: DeviceLimits,
+                 config_name: str | None) -> None:
+        def err(field: str, value: object, expected: str) -> ConfigError:
+            return ConfigError(f"{which}.{field}", value, expected, config_name)
+
+        for field, value, choices in (("bm", self.bm, BM_CHOICES), ("bn", self.bn, BN_CHOICES),
+                                      ("bk", self.bk, BK_CHOICES),
+                                      ("warps_m", self.warps_m, WARP_CHOICES),
+                                      ("warps_n", self.warps_n, WARP_CHOICES)):
+            if value not in choices:
+                raise err(field, value, f"choose one of {list(choices)}")
+        if self.stages not in STAGE_RANGE:
+            raise err("stages", self.stages, f"choose {STAGE_RANGE.start}..{STAGE_RANGE.stop - 1}")
+        if self.bm % (self.warps_m * MMA_M):
+            raise err("warps_m", self.warps_m,
+                      f"bm={self.bm} must split into warps_m tiles of a multiple of {MMA_M} rows; "
+                      f"valid warps_m: {[w for w in WARP_CHOICES if self.bm % (w * MMA_M) == 0]}")
+        if self.bn % (self.warps_n * MMA_N_LOAD):
+            raise err("warps_n", self.warps_n,
+                      f"bn={self.bn} must split into warps_n tiles of a multiple of "
+                      f"{MMA_N_LOAD} columns; valid warps_n: "
+                      f"{[w for w in WARP_CHOICES if self.bn % (w * MMA_N_LOAD) == 0]}")
+        if self.threads > limits.max_threads_per_block:
+            raise err("warps_m", self.warps_m,
+                      f"{self.threads} threads exceed {limits.max_threads_per_block} per block")
+        if self.bn > n:
+            raise err("bn", self.bn, f"tile exceeds the GEMM's N={n}; use bn <= {n}")
+        if self.bk > k:
+            raise err("bk", self.bk, f"tile exceeds the GEMM's K={k}; use bk <= {k}")
+        smem = self.smem_bytes(b_operands)
+        if smem > limits.smem_per_block_optin:
+            raise err("stages", self.stages,
+                      f"needs {smem} B of shared memory, {limits.arch} allows "
+                      f"{limits.smem_per_block_optin} B per block: fewer stages or smaller tiles")
+        regs = self.regs_estimate(b_operands)
+        if regs > limits.regs_per_thread:
+            raise err("bn", self.bn,
+                      f"needs about {regs} registers per thread (limit {limits.regs_per_thread}): "
+                      "more warps or smaller tiles")
+        if regs * self.threads > limits.regs_per_block:
+            raise err("warps_n", self.warps_n,
+                      f"{self.threads} threads x ~{regs} registers exceed "
+                      f"{limits.regs_per_block} per block: fewer warps")
+
+    @classmethod
+    def parse(cls, name: str) -> GemmTile:
+        m = re.fullmatch(r"bm(\d+)_bn(\d+)_bk(\d+)_w(\d+)x(\d+)_s(\d+)", name)
+        if not m:
+            raise ConfigError("tile", name, "expected e.g. bm128_bn64_bk64_w4x2_s3")
+        return cls(*map(int, m.groups()))
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Every tunable knob of the generated layer.
+
+    ``gate_up`` tiles the fused gate/up projection (two B operands, SiLU·mul epilogue),
+    ``down`` the down projection; both also serve the shared experts.
+    """
+
+    gate_up: GemmTile
+    down: GemmTile
+    router_tokens_per_block: int = 8
+    chunks_per_peer: int = 1
+    comm_streams: int = 1
+    shared_stream: bool = True
+    overlap: bool = True
+
+    @property
+    def block_m(self) -> int:
+        """Row granularity of capacity: both GEMMs tile the same expert rows."""
+        return max(self.gate_up.bm, self.down.bm)
+
+    @property
+    def name(self) -> str:
+        parts = [f"gu_{self.gate_up.name}", f"dn_{self.down.name}",
+                 f"r{self.router_tokens_per_block}", f"c{self.chunks_per_peer}",
+                 f"cs{self.comm_streams}", "ss1" if self.shared_stream else "ss0"]
+        if not self.overlap:
+            parts.append("serial")
+        return "__".join(parts)
+
+    @classmethod
+    def from_name(cls, name: str) -> KernelConfig:
+        m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?",
+                         name)
+        if not m:
+            raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
+                              "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
+                              "__r8__c1__cs1__ss1")
+        gu, dn, r, c, cs, ss, serial = m.groups()
+        return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
+                   ss == "1", serial is None)
+
+    # -- validation -------------------------------------------------------------------
+    def validate(self, problem: MoEProblem, limits: DeviceLimits | str = DEFAULT_ARCH) -> None:
+        if isinstance(limits, str):
+            limits = limits_for(limits)
+        name = self.name
+        if not isinstance(self.gate_up, GemmTile) or not isinstance(self.down, GemmTile):
+            raise ConfigError("gate_up", self.gate_up, "gate_up and down must be GemmTile", name)
+        n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
+        self.gate_up.validate("gate_up", n_gu, problem.hidden, 2, limits, name)
+        k_dn = min(problem.intermediate, problem.shared_width or problem.intermediate)
+        self.down.validate("down", problem.hidden, k_dn, 1, limits, name)
+        if self.router_tokens_per_block not in ROUTER_CHOICES:
+            raise ConfigError("router_tokens_per_block", self.router_tokens_per_block,
+                              f"choose one of {list(ROUTER_CHOICES)}", name)
+        if not isinstance(self.chunks_per_peer, int) or not 1 <= self.chunks_per_peer <= 16:
+            raise ConfigError("chunks_per_peer", self.chunks_per_peer, "choose 1..16", name)
+        if self.comm_streams not in COMM_STREAM_CHOICES:
+            raise ConfigError("comm_streams", self.comm_streams,
+                              f"choose one of {list(COMM_STREAM_CHOICES)}", name)
+
+    # -- defaults and serialisation -----------------------------------------------------
+    @classmethod
+    def default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
+        """A sound starting point: tiles sized by the rows an expert gets on average."""
+        rows = problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
+        bm = 64 if rows <= 96 else 128
+        n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
+        bn_gu = 64 if n_gu >= 64 else 32
+        bn_dn = 128 if problem.hidden >= 128 else 64 if problem.hidden >= 64 else 32
+        bk = 64 if min(problem.hidden, n_gu) >= 64 else 32
+        gate_up = GemmTile(bm, bn_gu, bk, warps_m=bm // 32, warps_n=2 if bn_gu >= 32 else 1,
+                           stages=3)
+        down = GemmTile(bm, bn_dn, bk, warps_m=2, warps_n=4 if bn_dn >= 64 else 2, stages=3)
+        cfg = cls(gate_up, down, router_tokens_per_block=8,
+                  chunks_per_peer=1, comm_streams=1, shared_stream=True)
+        cfg.validate(problem, arch)
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KernelConfig:
+        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], d[sorted(unknown)[0]],
+                              f"unknown field; known fields: {sorted(known)}")
+        for key in ("gate_up", "down"):
+            if isinstance(d.get(key), dict):
+                d[key] = GemmTile(**d[key])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> KernelConfig:
+        return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def parse(cls, text: str) -> KernelConfig:
+        """A config from JSON text or from its name (CLI ``--config``)."""
+        text = text.strip()
+        return cls.from_json(text) if text.startswith("{") else cls.from_name(text)

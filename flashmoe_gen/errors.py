@@ -1,0 +1,49 @@
+"""Typed errors. Each carries the fields a user needs to fix the input."""
+
+from __future__ import annotations
+
+
+class FlashMoEError(Exception):
+    """Base class of every error flashmoe_gen raises on purpose."""
+
+
+class ProblemError(FlashMoEError, ValueError):
+    """An invalid MoE problem: names the field, its value and what would be valid."""
+
+    def __init__(self, field: str, value: object, expected: str):
+        self.field, self.value, self.expected = field, value, expected
+        super().__init__(f"problem.{field}={value!r} is invalid: {expected}")
+
+
+class ConfigError(FlashMoEError, ValueError):
+    """An invalid kernel config for a problem or device."""
+
+    def __init__(self, field: str, value: object, expected: str, config_name: str | None = None):
+        self.field, self.value, self.expected, self.config_name = field, value, expected, config_name
+        where = f" (config {config_name})" if config_name else ""
+        super().__init__(f"config.{field}={value!r} is invalid{where}: {expected}")
+
+
+class CompileError(FlashMoEError, RuntimeError):
+    """NVRTC rejected generated source; carries the compiler log."""
+
+    def __init__(self, message: str, log: str, config_name: str | None = None,
+                 problem_name: str | None = None, source_path: str | None = None):
+        self.log, self.config_name, self.problem_name = log, config_name, problem_name
+        self.source_path = source_path
+        parts = [message]
+        if problem_name:
+            parts.append(f"problem={problem_name}")
+        if config_name:
+            parts.append(f"config={config_name}")
+        if source_path:
+            parts.append(f"source={source_path}")
+        super().__init__("; ".join(parts) + ("\n" + log if log else ""))
+
+
+class DeviceError(FlashMoEError, RuntimeError):
+    """No usable GPU, or a CUDA call failed."""
+
+
+class CommError(FlashMoEError, RuntimeError):
+    """A collective failed, timed out, or ranks disagreed."""

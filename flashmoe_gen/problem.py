@@ -1,0 +1,152 @@
+"""The MoE problem: every shape that specialises the generated code."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+from .errors import ProblemError
+
+#: dtypes the templates can emit. The C++ spelling lives in ``render.DTYPE_TAG``.
+SUPPORTED_DTYPES = ("bf16",)
+#: Hidden and intermediate sizes must be multiples of this (16-byte vectors of bf16).
+VECTOR_WIDTH = 8
+
+
+@dataclass(frozen=True)
+class MoEProblem:
+    """One MoE layer forward on ``world_size`` ranks (see design/moe-semantics.md).
+
+    ``tokens_per_rank`` is the nominal token count a rank sees per call: it fixes the
+    capacity when ``capacity_factor`` is set and is the tuning key; a call may pass any
+    other count (including 0).
+    """
+
+    hidden: int
+    intermediate: int
+    experts: int
+    top_k: int
+    shared_experts: int = 0
+    shared_intermediate: int | None = None
+    world_size: int = 1
+    tokens_per_rank: int = 256
+    dtype: str = "bf16"
+    capacity_factor: float | None = None
+    normalize_topk: bool = True
+
+    def __post_init__(self) -> None:
+        if self.shared_experts and self.shared_intermediate is None:
+            # DeepSeek convention: shared experts are as wide as routed ones unless told.
+            object.__setattr__(self, "shared_intermediate", self.intermediate)
+        if not self.shared_experts:
+            object.__setattr__(self, "shared_intermediate", None)
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------
+    def validate(self) -> None:
+        for f in ("hidden", "intermediate", "experts", "top_k", "world_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ProblemError(f, v, "must be a positive integer")
+        for f in ("shared_experts", "tokens_per_rank"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ProblemError(f, v, "must be a non-negative integer")
+        for f in ("hidden", "intermediate"):
+            v = getattr(self, f)
+            if v % VECTOR_WIDTH:
+                lo = v // VECTOR_WIDTH * VECTOR_WIDTH
+                raise ProblemError(
+                    f, v, f"must be a multiple of the vector width {VECTOR_WIDTH} "
+                    f"(e.g. {max(lo, VECTOR_WIDTH)} or {lo + VECTOR_WIDTH})")
+        if self.shared_experts:
+            si = self.shared_intermediate
+            if not isinstance(si, int) or si < 1 or si % VECTOR_WIDTH:
+                raise ProblemError("shared_intermediate", si,
+                                   f"must be a positive multiple of {VECTOR_WIDTH}")
+        if self.top_k > self.experts:
+            raise ProblemError("top_k", self.top_k,
+                               f"must be between 1 and experts={self.experts}")
+        if self.experts % self.world_size:
+            divisors = [p for p in range(1, self.experts + 1) if self.experts % p == 0]
+            raise ProblemError(
+                "experts", self.experts,
+                f"must be divisible by world_size={self.world_size} "
+                f"(world sizes that divide it: {divisors})")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ProblemError("dtype", self.dtype, f"supported: {', '.join(SUPPORTED_DTYPES)}")
+        if self.capacity_factor is not None:
+            cf = self.capacity_factor
+            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0:
+                raise ProblemError("capacity_factor", cf,
+                                   "must be None (exact, no drops) or a number > 0")
+        if not isinstance(self.normalize_topk, bool):
+            raise ProblemError("normalize_topk", self.normalize_topk, "must be a bool")
+
+    # -- derived sizes ----------------------------------------------------------------
+    @property
+    def local_experts(self) -> int:
+        return self.experts // self.world_size
+
+    @property
+    def shared_width(self) -> int:
+        """Intermediate width of all shared experts side by side (they sum, so they fuse)."""
+        return self.shared_experts * (self.shared_intermediate or 0)
+
+    def fixed_capacity(self, tile_m: int) -> int | None:
+        """Capacity per (source rank, expert) when ``capacity_factor`` is set, else None."""
+        if self.capacity_factor is None:
+            return None
+        raw = math.ceil(self.capacity_factor * self.tokens_per_rank * self.top_k / self.experts)
+        return round_up(max(raw, 1), tile_m)
+
+    def flops(self, tokens: int | None = None) -> int:
+        """Useful FLOPs of one forward on one rank (router + routed + shared experts)."""
+        t = self.tokens_per_rank if tokens is None else tokens
+        routed = t * self.top_k * 3 * 2 * self.hidden * self.intermediate
+        shared = t * 3 * 2 * self.hidden * self.shared_width
+        return 2 * t * self.hidden * self.experts + routed + shared
+
+    # -- naming and serialisation ------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """Stable readable key, e.g. ``moe_h2048_i1408_e64_k6_s2x1408_p2_t512_bf16``."""
+        parts = [f"moe_h{self.hidden}", f"i{self.intermediate}", f"e{self.experts}",
+                 f"k{self.top_k}"]
+        if self.shared_experts:
+            parts.append(f"s{self.shared_experts}x{self.shared_intermediate}")
+        parts += [f"p{self.world_size}", f"t{self.tokens_per_rank}", self.dtype]
+        if self.capacity_factor is not None:
+            parts.append(f"cf{self.capacity_factor:g}")
+        if not self.normalize_topk:
+            parts.append("nonorm")
+        return "_".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MoEProblem:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ProblemError(sorted(unknown)[0], d[sorted(unknown)[0]],
+                               f"unknown field; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> MoEProblem:
+        return cls.from_dict(json.loads(s))
+
+    def replace(self, **changes) -> MoEProblem:
+        d = self.to_dict()
+        d.update(changes)
+        return MoEProblem.from_dict(d)
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m

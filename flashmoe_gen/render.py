@@ -1,0 +1,134 @@
+"""Problem + config -> CUDA source. Every C++ spelling is computed here, not in templates."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import jinja2
+
+from . import __version__
+from .config import GemmTile, KernelConfig
+from .problem import MoEProblem
+
+#: C++ spellings per dtype (CUTLASS-style tag tables).
+DTYPE_TAG = {"bf16": "__nv_bfloat16"}
+DTYPE_MMA = {"bf16": "bf16"}
+DTYPE_TO_F32 = {"bf16": "__bfloat162float"}
+DTYPE_FROM_F32 = {"bf16": "__float2bfloat16"}
+DTYPE_FROM_F32X2 = {"bf16": "__floats2bfloat162_rn"}
+CPP_BOOL = {True: "true", False: "false"}
+
+#: Threads of the positions scan and warps per block of the copy kernels (not tuned: they
+#: move a few MB and are bound by memory, not by their block shape).
+POS_THREADS = 256
+MOVE_WARPS = 8
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("flashmoe_gen.templates", "."),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    autoescape=False,
+)
+
+
+@dataclass(frozen=True)
+class KernelNames:
+    """Entry points of one generated module (C names and C++ name expressions)."""
+
+    router: str = "moe_router"
+    positions: str = "moe_positions"
+    permute: str = "moe_permute"
+    combine: str = "moe_combine"
+    gate_up: str = ""
+    down: str = ""
+
+    @property
+    def name_expressions(self) -> tuple[str, ...]:
+        return (self.gate_up, self.down)
+
+    def all(self) -> tuple[str, ...]:
+        return (self.router, self.positions, self.permute, self.combine, self.gate_up, self.down)
+
+
+@dataclass(frozen=True)
+class GeneratedSource:
+    problem: MoEProblem
+    config: KernelConfig
+    code: str
+    kernels: KernelNames
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def source_hash(self) -> str:
+        return hashlib.sha256(self.code.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        """File stem: problem and config names joined."""
+        return f"{self.problem.name}__{self.config.name}"
+
+
+def gemm_expression(tile: GemmTile, gated: bool) -> str:
+    """C++ name expression of one expert GEMM instantiation."""
+    args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages]
+    return f"fmoe::expert_gemm<{', '.join(map(str, args))}, {CPP_BOOL[gated]}>"
+
+
+def router_lanes(experts: int) -> tuple[int, int, int]:
+    """Split a warp's 32 lanes into (expert lanes, hidden lanes, experts per lane)."""
+    lanes_e = 1
+    while lanes_e < min(experts, 32):
+        lanes_e *= 2
+    return lanes_e, 32 // lanes_e, -(-experts // lanes_e)
+
+
+def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
+    lanes_e, lanes_h, epl = router_lanes(problem.experts)
+    dt = problem.dtype
+    return {
+        "version": __version__,
+        "problem_name": problem.name,
+        "config_name": config.name,
+        "elem_tag": DTYPE_TAG[dt],
+        "elem_to_f32": DTYPE_TO_F32[dt],
+        "f32_to_elem": DTYPE_FROM_F32[dt],
+        "f32x2_to_elem2": DTYPE_FROM_F32X2[dt],
+        "mma_ab_type": DTYPE_MMA[dt],
+        "hidden": problem.hidden,
+        "intermediate": problem.intermediate,
+        "experts": problem.experts,
+        "top_k": problem.top_k,
+        "world_size": problem.world_size,
+        "local_experts": problem.local_experts,
+        "shared_width": problem.shared_width,
+        "normalize_topk": CPP_BOOL[problem.normalize_topk],
+        "router_warps": config.router_tokens_per_block,
+        "router_lanes_e": lanes_e,
+        "router_lanes_h": lanes_h,
+        "router_experts_per_lane": epl,
+        "pos_threads": POS_THREADS,
+        "move_warps": MOVE_WARPS,
+        "kernels": kernel_names(config),
+    }
+
+
+def kernel_names(config: KernelConfig) -> KernelNames:
+    return KernelNames(gate_up=gemm_expression(config.gate_up, True),
+                       down=gemm_expression(config.down, False))
+
+
+def render(problem: MoEProblem, config: KernelConfig, *, validate: bool = True,
+           arch: str = "sm_90") -> GeneratedSource:
+    """Render the device code of the layer for one problem and config."""
+    if validate:
+        config.validate(problem, arch)
+    tv = to_template_vars(problem, config)
+    code = _ENV.get_template("moe_module.cu.j2").render(**tv)
+    return GeneratedSource(problem, config, code, tv["kernels"],
+                           files={"moe_module.cu": code})
+
+
+def render_template(name: str, **variables) -> str:
+    """Render another template of the package (export host code)."""
+    return _ENV.get_template(name).render(**variables)

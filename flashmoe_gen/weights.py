@@ -1,0 +1,97 @@
+"""Host-side MoE weights (bf16 bits), deterministic per expert so any rank can rebuild any.
+
+Shapes follow moe-semantics.md: ``gate [H, E]``, ``w1, w3 [n, H, I]``, ``w2 [n, I, H]`` for
+the experts ``first_expert .. first_expert + n - 1``, shared experts ``[S, H, Is]`` /
+``[S, Is, H]``. Values are bf16 bits (uint16); ``*_f32`` helpers give exact float32 views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import bf16
+from .errors import ProblemError
+from .problem import MoEProblem
+
+
+def _normal(seed: int, tag: tuple[int, ...], shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, *tag])
+    a = rng.standard_normal(shape, dtype=np.float32)
+    a *= np.float32(1.0 / np.sqrt(fan_in))
+    return bf16.to_bits(a)
+
+
+@dataclass
+class MoEWeights:
+    gate: np.ndarray
+    w1: np.ndarray
+    w3: np.ndarray
+    w2: np.ndarray
+    shared_w1: np.ndarray
+    shared_w3: np.ndarray
+    shared_w2: np.ndarray
+    first_expert: int = 0
+
+    @property
+    def num_experts_held(self) -> int:
+        return self.w1.shape[0]
+
+    @classmethod
+    def random(cls, problem: MoEProblem, seed: int = 0,
+               experts: range | None = None) -> MoEWeights:
+        """Weights ~ N(0,1)/sqrt(fan_in); expert e's values depend only on (seed, e)."""
+        h, i, e = problem.hidden, problem.intermediate, problem.experts
+        experts = range(e) if experts is None else experts
+        if experts.step != 1 or experts.start < 0 or experts.stop > e:
+            raise ProblemError("experts", experts, f"a contiguous range within 0..{e}")
+        n = len(experts)
+        w1 = np.empty((n, h, i), np.uint16)
+        w3 = np.empty((n, h, i), np.uint16)
+        w2 = np.empty((n, i, h), np.uint16)
+        for j, ge in enumerate(experts):
+            w1[j] = _normal(seed, (1, ge), (h, i), h)
+            w3[j] = _normal(seed, (3, ge), (h, i), h)
+            w2[j] = _normal(seed, (2, ge), (i, h), i)
+        s, si = problem.shared_experts, problem.shared_intermediate or 0
+        return cls(
+            gate=_normal(seed, (0,), (h, e), h),
+            w1=w1, w3=w3, w2=w2,
+            shared_w1=np.stack([_normal(seed, (11, k), (h, si), h) for k in range(s)])
+            if s else np.zeros((0, h, si), np.uint16),
+            shared_w3=np.stack([_normal(seed, (13, k), (h, si), h) for k in range(s)])
+            if s else np.zeros((0, h, si), np.uint16),
+            shared_w2=np.stack([_normal(seed, (12, k), (si, h), si) for k in range(s)])
+            if s else np.zeros((0, si, h), np.uint16),
+            first_expert=experts.start,
+        )
+
+    def check(self, problem: MoEProblem) -> None:
+        """Raise ProblemError naming the first array whose shape does not fit ``problem``."""
+        h, i, e = problem.hidden, problem.intermediate, problem.experts
+        n = self.num_experts_held
+        s, si = problem.shared_experts, problem.shared_intermediate or 0
+        want = {"gate": (h, e), "w1": (n, h, i), "w3": (n, h, i), "w2": (n, i, h),
+                "shared_w1": (s, h, si), "shared_w3": (s, h, si), "shared_w2": (s, si, h)}
+        for name, shape in want.items():
+            arr = getattr(self, name)
+            if tuple(arr.shape) != shape:
+                raise ProblemError(f"weights.{name}", tuple(arr.shape), f"expected shape {shape}")
+            if arr.dtype != np.uint16:
+                raise ProblemError(f"weights.{name}", str(arr.dtype),
+                                   "expected bf16 bits as uint16 (see flashmoe_gen.bf16)")
+
+    def experts_slice(self, experts: range) -> MoEWeights:
+        """The weights of a contiguous range of global experts (e.g. one rank's)."""
+        a, b = experts.start - self.first_expert, experts.stop - self.first_expert
+        if a < 0 or b > self.num_experts_held:
+            raise ProblemError("experts", experts, "not held by these weights")
+        return MoEWeights(self.gate, self.w1[a:b], self.w3[a:b], self.w2[a:b], self.shared_w1,
+                          self.shared_w3, self.shared_w2, experts.start)
+
+
+def random_tokens(tokens: int, hidden: int, seed: int) -> np.ndarray:
+    """Fresh N(0,1) activations as bf16 bits, ``[tokens, hidden]``."""
+    rng = np.random.default_rng([seed, 0xA11])
+    return bf16.to_bits(rng.standard_normal((tokens, hidden), dtype=np.float32))

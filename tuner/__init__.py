@@ -1,0 +1,1 @@
+"""Autotuning: search space, timing across ranks, Optuna study, and the flashmoe-tune CLI."""
