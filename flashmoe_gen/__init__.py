@@ -15,5 +15,5 @@ from .problem import MoEProblem  # noqa: E402
 
 __all__ = [
     "CommError", "CompileError", "ConfigError", "DeviceError", "FlashMoEError", "GemmTile",
-    "KernelConfig", "MoEProblem", "__version__",
+    "KernelConfig", "MoEProblem", "ProblemError", "__version__",
 ]

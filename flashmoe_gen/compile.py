@@ -96,7 +96,8 @@ def cache_root() -> Path:
 
 
 _ENTRY_RE = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")
-_STACK_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_STACK_RE = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS_RE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
@@ -205,7 +206,8 @@ class LoadedModule:
             self.functions = {k: self._raw.get_function(sym)
                               for k, sym in compiled.lowered.items()}
         except Exception as e:
-            raise DeviceError(f"cannot load {compiled.name} ({compiled.arch}) on this GPU: {e}")
+            raise DeviceError(
+                f"cannot load {compiled.name} ({compiled.arch}) on this GPU: {e}") from e
         for k, nbytes in compiled.dynamic_smem.items():
             if nbytes > 48 * 1024:  # above 48 KB a kernel must opt in
                 driver.funcSetAttribute(self.functions[k].ptr,

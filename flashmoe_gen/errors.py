@@ -19,7 +19,8 @@ class ConfigError(FlashMoEError, ValueError):
     """An invalid kernel config for a problem or device."""
 
     def __init__(self, field: str, value: object, expected: str, config_name: str | None = None):
-        self.field, self.value, self.expected, self.config_name = field, value, expected, config_name
+        self.field, self.value, self.expected = field, value, expected
+        self.config_name = config_name
         where = f" (config {config_name})" if config_name else ""
         super().__init__(f"config.{field}={value!r} is invalid{where}: {expected}")
 

@@ -1,0 +1,127 @@
+"""One process per GPU under MPI; NCCL communicators for the all-to-all traffic.
+
+mpi4py carries the small host messages (NCCL unique ids, problem agreement, counts for
+host-side decisions); ``cupy.cuda.nccl`` moves the tokens. One NCCL communicator per
+communication stream, because NCCL orders operations per communicator: several streams
+sharing one communicator could interleave differently on different ranks and deadlock.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+from .errors import CommError, DeviceError
+
+#: Seconds a rank waits for a collective before it aborts NCCL and raises (dead peer).
+DEFAULT_TIMEOUT_S = float(os.environ.get("FLASHMOE_COMM_TIMEOUT", "300"))
+
+
+def mpi_world():
+    """MPI.COMM_WORLD (imported lazily: mpi4py initialises MPI on import)."""
+    from mpi4py import MPI
+    return MPI.COMM_WORLD
+
+
+def local_rank(mpi_comm) -> int:
+    """Rank among the processes of this node (GPU index)."""
+    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID",
+                "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    from mpi4py import MPI
+    return mpi_comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+
+
+def agree(mpi_comm, what: str, value) -> None:
+    """Raise CommError on every rank unless every rank holds the same ``value``."""
+    values = mpi_comm.allgather(value)
+    if any(v != values[0] for v in values):
+        diff = {r: v for r, v in enumerate(values) if v != values[0]}
+        raise CommError(f"ranks disagree on {what}: rank 0 has {values[0]!r}, others {diff!r}")
+
+
+class Communicator:
+    """MPI world + ``n_streams`` NCCL communicators and their streams, one GPU per rank."""
+
+    def __init__(self, mpi_comm=None, n_streams: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 device: int | None = None):
+        import cupy
+        from cupy.cuda import nccl
+
+        self.mpi = mpi_comm if mpi_comm is not None else mpi_world()
+        self.rank, self.world_size = self.mpi.Get_rank(), self.mpi.Get_size()
+        self.timeout_s = timeout_s
+        ngpu = cupy.cuda.runtime.getDeviceCount() if device is None else None
+        self.local_rank = local_rank(self.mpi)
+        if device is None:
+            # Collective: every rank learns whether any rank lacks a GPU, so none hangs.
+            ok = self.local_rank < ngpu
+            if not all(self.mpi.allgather(ok)):
+                raise DeviceError(f"{self.world_size} ranks, but rank(s) without a GPU: node "
+                                  f"has {ngpu} visible GPU(s); start at most {ngpu} ranks per "
+                                  "node or set CUDA_VISIBLE_DEVICES")
+            device = self.local_rank
+        self.device = cupy.cuda.Device(device)
+        self.device.use()
+        self.streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(n_streams)]
+        self.nccl = []
+        for _ in range(n_streams):
+            uid = nccl.get_unique_id() if self.rank == 0 else None
+            uid = self.mpi.bcast(uid, root=0)
+            self.nccl.append(nccl.NcclCommunicator(self.world_size, uid, self.rank))
+
+    # -- host side -------------------------------------------------------------------
+    def agree(self, what: str, value) -> None:
+        agree(self.mpi, what, value)
+
+    def barrier(self) -> None:
+        self.mpi.Barrier()
+
+    # -- device side -----------------------------------------------------------------
+    @contextmanager
+    def group(self):
+        from cupy.cuda import nccl
+        nccl.groupStart()
+        try:
+            yield
+        finally:
+            nccl.groupEnd()
+
+    def allgather_bytes(self, send_ptr: int, recv_ptr: int, nbytes: int, stream, which: int = 0):
+        from cupy.cuda import nccl
+        self.nccl[which].allGather(send_ptr, recv_ptr, nbytes, nccl.NCCL_UINT8, stream.ptr)
+
+    def send(self, ptr: int, nbytes: int, peer: int, stream, which: int = 0) -> None:
+        from cupy.cuda import nccl
+        self.nccl[which].send(ptr, nbytes, nccl.NCCL_UINT8, peer, stream.ptr)
+
+    def recv(self, ptr: int, nbytes: int, peer: int, stream, which: int = 0) -> None:
+        from cupy.cuda import nccl
+        self.nccl[which].recv(ptr, nbytes, nccl.NCCL_UINT8, peer, stream.ptr)
+
+    def wait(self, event, what: str) -> None:
+        """Wait for ``event`` on the host; a peer that never answers becomes CommError."""
+        deadline = time.monotonic() + self.timeout_s
+        while not event.done:
+            for c in self.nccl:
+                c.check_async_error()
+            if time.monotonic() > deadline:
+                self.abort()
+                raise CommError(f"rank {self.rank}: {what} did not finish in {self.timeout_s:.0f}"
+                                " s (a peer died or hangs); NCCL aborted")
+            time.sleep(1e-4)
+
+    def abort(self) -> None:
+        for c in self.nccl:
+            try:
+                c.abort()
+            except Exception:  # already broken: the abort is best effort
+                pass
+        self.nccl = []
+
+    def close(self) -> None:
+        for c in self.nccl:
+            c.destroy()
+        self.nccl = []

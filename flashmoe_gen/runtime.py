@@ -1,0 +1,384 @@
+"""The FlashMoE layer on one rank: weights, symmetric buffers, streams, forward.
+
+Forward, per call (design/symmetric-layout.md, "Overlap"):
+route -> positions/counts -> count exchange (capacity C) -> permute into staging slots ->
+dispatch (grouped NCCL send/recv per peer step and chunk, on communication streams) while
+the local experts and the shared experts compute -> each peer's chunk computes as it lands
+and its combine send is posted at once -> weighted un-permute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .arch import current_device_limits
+from .compile import LoadedModule, compile_source
+from .config import KernelConfig
+from .errors import CommError, ProblemError
+from .layout import COMBINE, DISPATCH, INCOMING, STAGING, SymmetricLayout
+from .problem import MoEProblem, round_up
+from .render import MOVE_WARPS, POS_THREADS, render
+from .weights import MoEWeights
+
+ELEM_BYTES = 2
+
+
+def _i32(v: int) -> np.int32:
+    return np.int32(v)
+
+
+def _i64(v: int) -> np.int64:
+    return np.int64(v)
+
+
+@dataclass
+class _TokenBuffers:
+    """Per-token buffers, sized by the largest call so far."""
+
+    tokens: int
+    topk_idx: object
+    topk_w: object
+    pos: object
+    shared_act: object
+    shared_out: object
+
+
+@dataclass
+class _SlotBuffers:
+    """The symmetric tensor and the expert activations, sized by capacity C.
+
+    C only grows, and every rank grows it the same way (all see the same counts), so the
+    layout's shape stays identical on every rank; a call uses the first rows of each slot.
+    """
+
+    capacity: int
+    layout: object
+    act: object
+
+
+class FlashMoE:
+    """One rank's share of a distributed MoE layer (expert parallel, symmetric layout).
+
+    ``weights``: host ``MoEWeights`` holding all experts or exactly this rank's; ``None``
+    draws random ones from ``seed`` (each expert from (seed, expert id), so every rank
+    agrees with a host reference built from the same seed). ``comm`` is required when
+    ``problem.world_size > 1``.
+    """
+
+    def __init__(self, problem: MoEProblem, config: KernelConfig | None = None,
+                 weights: MoEWeights | None = None, comm=None, seed: int = 0):
+        import cupy
+
+        self.problem = problem
+        self.comm = comm
+        self.rank = comm.rank if comm is not None else 0
+        if problem.world_size > 1 or comm is not None:
+            if comm is None:
+                raise CommError(f"world_size={problem.world_size} needs a Communicator "
+                                "(flashmoe_gen.comm.Communicator under mpirun)")
+            if comm.world_size != problem.world_size:
+                raise ProblemError("world_size", problem.world_size,
+                                   f"must equal the number of MPI ranks ({comm.world_size})")
+            comm.agree("problem", problem.name)
+        self.limits = current_device_limits()
+        self.config = config or KernelConfig.default(problem, self.limits.arch)
+        self.config.validate(problem, self.limits)
+        if comm is not None:
+            comm.agree("config", self.config.name)
+            if len(comm.streams) < self.config.comm_streams:
+                raise CommError(f"config wants {self.config.comm_streams} communication "
+                                f"streams, the Communicator has {len(comm.streams)}")
+        self.source = render(problem, self.config, arch=self.limits.arch)
+        self.compiled = compile_source(self.source, self.limits.arch)
+        self.module = LoadedModule(self.compiled)
+        self.kernels = self.source.kernels
+
+        el = problem.local_experts
+        self.local_range = range(self.rank * el, (self.rank + 1) * el)
+        self._upload_weights(weights if weights is not None
+                             else MoEWeights.random(problem, seed, self.local_range))
+
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.shared_stream = cupy.cuda.Stream(non_blocking=True)
+        self.counts = cupy.zeros((problem.world_size, problem.experts), np.int32)
+        self._counts_host = cupy.cuda.alloc_pinned_memory(self.counts.nbytes)
+        self._tok: _TokenBuffers | None = None
+        self._buf: _SlotBuffers | None = None
+        self.dropped_tokens = 0
+        self.capacity = 0
+        self._last: tuple | None = None
+
+    # -- weights ------------------------------------------------------------------------
+    def _upload_weights(self, w: MoEWeights) -> None:
+        import cupy
+
+        p = self.problem
+        if w.num_experts_held == p.experts and w.first_expert == 0:
+            w = w.experts_slice(self.local_range)
+        if w.first_expert != self.local_range.start or w.num_experts_held != p.local_experts:
+            raise ProblemError("weights", f"experts {w.first_expert}..+{w.num_experts_held}",
+                               f"rank {self.rank} needs experts {self.local_range.start}.."
+                               f"{self.local_range.stop - 1} (or all {p.experts})")
+        w.check(p)
+
+        def nk(a: np.ndarray) -> cupy.ndarray:
+            # Experts are stored N x K (K contiguous) so both GEMM operands load alike.
+            return cupy.ascontiguousarray(cupy.asarray(a).transpose(0, 2, 1))
+
+        self.w_gate = cupy.asarray(w.gate)
+        self.w1, self.w3, self.w2 = nk(w.w1), nk(w.w3), nk(w.w2)
+        if p.shared_experts:
+            # Shared experts sum, so they fuse into one MLP of width S * I_s.
+            self.sw1 = cupy.asarray(np.concatenate(list(w.shared_w1), axis=1).T.copy())
+            self.sw3 = cupy.asarray(np.concatenate(list(w.shared_w3), axis=1).T.copy())
+            self.sw2 = cupy.asarray(np.concatenate(list(w.shared_w2), axis=0).T.copy())
+
+    # -- buffers --------------------------------------------------------------------------
+    def _token_buffers(self, tokens: int) -> _TokenBuffers:
+        import cupy
+
+        b, p = self._tok, self.problem
+        if b is not None and b.tokens >= tokens:
+            return b
+        t = max(tokens, 1)
+        self._tok = _TokenBuffers(
+            tokens=t,
+            topk_idx=cupy.empty((t, p.top_k), np.int32),
+            topk_w=cupy.empty((t, p.top_k), np.float32),
+            pos=cupy.empty((t, p.top_k), np.int32),
+            shared_act=cupy.empty((t, p.shared_width), np.uint16) if p.shared_experts else None,
+            shared_out=cupy.empty((t, p.hidden), np.uint16) if p.shared_experts else None,
+        )
+        return self._tok
+
+    def _slot_buffers(self, capacity: int) -> _SlotBuffers:
+        import cupy
+
+        b, p = self._buf, self.problem
+        if b is not None and b.capacity >= capacity:
+            return b
+        self._buf = None  # free the old slots before taking the larger ones
+        lay = SymmetricLayout(p.world_size, p.local_experts, capacity, p.hidden)
+        self._buf = _SlotBuffers(
+            capacity=capacity,
+            layout=cupy.empty(lay.shape, np.uint16),
+            act=cupy.empty((p.local_experts, capacity, p.intermediate), np.uint16),
+        )
+        return self._buf
+
+    # -- kernels --------------------------------------------------------------------------
+    def _gemm(self, gated: bool, a, a_stride: int, b0, b1, b_stride: int, c, c_stride: int,
+              counts_ptr: int, cap: int, rows_fixed: int, max_rows: int, groups: int,
+              n: int, k: int, stream) -> None:
+        tile = self.config.gate_up if gated else self.config.down
+        name = self.kernels.gate_up if gated else self.kernels.down
+        if max_rows <= 0 or groups <= 0:
+            return
+        grid = (-(-n // tile.bn), -(-max_rows // tile.bm), groups)
+        smem = self.compiled.dynamic_smem[name]
+        with stream:
+            self.module[name](grid, (tile.threads,), (
+                a, _i64(a_stride), b0, b1 if b1 is not None else _i64(0), _i64(b_stride),
+                c, _i64(c_stride), _i64(counts_ptr), _i32(cap), _i32(rows_fixed),
+                _i32(n), _i32(k)), shared_mem=smem)
+
+    def _expert_block(self, src: int, e0: int, e1: int, max_rows: int, stream) -> None:
+        """Gate/up then down GEMMs of local experts [e0, e1) on the tokens from ``src``."""
+        p, b = self.problem, self._buf
+        lay = SymmetricLayout(p.world_size, p.local_experts, b.capacity, p.hidden)
+        el, cap, h, i = p.local_experts, b.capacity, p.hidden, p.intermediate
+        base = b.layout.data.ptr
+        a_ptr = base + lay.slot_offset(src, DISPATCH, INCOMING, e0) * ELEM_BYTES
+        out_buf = INCOMING if src == self.rank else STAGING
+        c_ptr = base + lay.slot_offset(src, COMBINE, out_buf, e0) * ELEM_BYTES
+        counts_ptr = self.counts.data.ptr + (src * p.experts + self.rank * el + e0) * 4
+        act_ptr = b.act.data.ptr + e0 * cap * i * ELEM_BYTES
+        self._gemm(True, _i64(a_ptr), cap * h, self.w1[e0:e1], self.w3[e0:e1], i * h,
+                   _i64(act_ptr), cap * i, counts_ptr, cap, 0, max_rows, e1 - e0, i, h, stream)
+        self._gemm(False, _i64(act_ptr), cap * i, self.w2[e0:e1], None, h * i,
+                   _i64(c_ptr), cap * h, counts_ptr, cap, 0, max_rows, e1 - e0, h, i, stream)
+
+    def _shared(self, x, tokens: int, stream) -> None:
+        p, b = self.problem, self._tok
+        w = p.shared_width
+        self._gemm(True, x, 0, self.sw1, self.sw3, 0, b.shared_act, 0, 0, 0, tokens, tokens,
+                   1, w, p.hidden, stream)
+        self._gemm(False, b.shared_act, 0, self.sw2, None, 0, b.shared_out, 0, 0, 0, tokens,
+                   tokens, 1, p.hidden, w, stream)
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, x, out=None):
+        """``x``: uint16 (bf16 bits) cupy array ``[T_r, H]``; returns ``out``, same shape.
+
+        ``out`` may be given (e.g. poisoned by a test to prove every element is written).
+        """
+        import cupy
+
+        p, cfg = self.problem, self.config
+        if x.dtype != np.uint16 or x.ndim != 2 or x.shape[1] != p.hidden:
+            raise ProblemError("x", f"{x.dtype}{tuple(x.shape)}",
+                               f"expected uint16 (bf16 bits) [tokens, {p.hidden}]")
+        x = cupy.ascontiguousarray(x)
+        tokens = x.shape[0]
+        s = self.stream
+        s.wait_event(cupy.cuda.get_current_stream().record())
+        b = self._token_buffers(tokens)
+        k = p.top_k
+        with s:
+            if tokens:
+                rw = cfg.router_tokens_per_block
+                self.module[self.kernels.router]((-(-tokens // rw),), (32 * rw,), (
+                    x, self.w_gate, _i32(tokens), b.topk_idx, b.topk_w))
+            local_counts = self.counts[self.rank]
+            self.module[self.kernels.positions]((p.experts,), (POS_THREADS,), (
+                b.topk_idx, _i32(tokens), b.pos, local_counts))
+        # Count exchange: every rank learns counts[source][expert] and so the capacity.
+        if self.comm is not None and p.world_size > 1:
+            nb = p.experts * 4
+            self.comm.allgather_bytes(self.counts.data.ptr + self.rank * nb, self.counts.data.ptr,
+                                      nb, s)
+        host = np.frombuffer(self._counts_host, np.int32, self.counts.size).reshape(
+            self.counts.shape)
+        self.counts.get(stream=s, out=host)
+        ev = s.record()
+        if self.comm is not None:
+            self.comm.wait(ev, "count exchange")
+        else:
+            ev.synchronize()
+        counts = host.copy()
+        fixed = p.fixed_capacity(cfg.block_m)
+        need = fixed if fixed is not None else max(round_up(int(counts.max()), cfg.block_m),
+                                                   cfg.block_m)
+        # Exact mode: the allocated C >= every count, so nothing drops.
+        self.dropped_tokens = int(np.maximum(counts[self.rank] - need, 0).sum())
+        slots = self._slot_buffers(need)
+        cap = self.capacity = slots.capacity
+        if out is None:
+            out = cupy.empty((tokens, p.hidden), np.uint16)
+        elif out.dtype != np.uint16 or tuple(out.shape) != (tokens, p.hidden):
+            raise ProblemError("out", f"{out.dtype}{tuple(out.shape)}",
+                               f"expected uint16 [{tokens}, {p.hidden}]")
+
+        with s:
+            if tokens:
+                self.module[self.kernels.permute]((-(-tokens * k // MOVE_WARPS),),
+                                                  (32 * MOVE_WARPS,), (
+                    x, b.topk_idx, b.pos, _i32(tokens), _i32(cap), _i32(self.rank),
+                    slots.layout))
+        shared_ev = None
+        if p.shared_experts and tokens:
+            ss = self.shared_stream if cfg.shared_stream and cfg.overlap else s
+            ss.wait_event(s.record())
+            self._shared(x, tokens, ss)
+            shared_ev = ss.record()
+
+        rows = np.minimum(counts, cap)  # rows[src][global expert] actually sent
+        self._experts_and_exchange(rows, s)
+
+        with s:
+            if shared_ev is not None:
+                s.wait_event(shared_ev)
+            if tokens:
+                self.module[self.kernels.combine]((-(-tokens // MOVE_WARPS),),
+                                                  (32 * MOVE_WARPS,), (
+                    b.topk_idx, b.topk_w, b.pos, _i32(tokens), _i32(cap), slots.layout,
+                    b.shared_out if p.shared_experts else _i64(0), out))
+        self._last = (b.topk_idx[:tokens], b.topk_w[:tokens], b.pos[:tokens])
+        cupy.cuda.get_current_stream().wait_event(s.record())
+        return out
+
+    __call__ = forward
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        el = self.problem.local_experts
+        n = min(self.config.chunks_per_peer, el)
+        bounds = [round(i * el / n) for i in range(n + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+    def _experts_and_exchange(self, rows: np.ndarray, s) -> None:
+        """Local experts, then each peer's chunks as they arrive; combine sends at once."""
+        p, cfg, me = self.problem, self.config, self.rank
+        el, P = p.local_experts, p.world_size
+        mine = slice(me * el, (me + 1) * el)
+        chunks = self._chunks()
+        if P == 1:
+            for e0, e1 in chunks:
+                self._expert_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
+            return
+        comm, b = self.comm, self._buf
+        lay = SymmetricLayout(P, el, b.capacity, p.hidden)
+        base, row_bytes = b.layout.data.ptr, p.hidden * ELEM_BYTES
+        nstreams = cfg.comm_streams
+        start = s.record()
+        for cs in comm.streams[:nstreams]:
+            cs.wait_event(start)
+
+        def exchange(round_: int, step: int, e0: int, e1: int, which: int) -> None:
+            """One grouped send/recv of experts [e0, e1) with the peers at distance step."""
+            to, frm = (me + step) % P, (me - step) % P
+            cs = comm.streams[which]
+            with comm.group():
+                for e in range(e0, e1):
+                    if round_ == DISPATCH:  # my tokens to `to`; `frm`'s tokens to me
+                        ns, nr = rows[me, to * el + e], rows[frm, me * el + e]
+                        sp = lay.slot_offset(to, DISPATCH, STAGING, e)
+                        rp = lay.slot_offset(frm, DISPATCH, INCOMING, e)
+                        speer, rpeer = to, frm
+                    else:  # results for `frm`'s tokens back to it; mine back from `to`
+                        ns, nr = rows[frm, me * el + e], rows[me, to * el + e]
+                        sp = lay.slot_offset(frm, COMBINE, STAGING, e)
+                        rp = lay.slot_offset(to, COMBINE, INCOMING, e)
+                        speer, rpeer = frm, to
+                    if ns:
+                        comm.send(base + sp * ELEM_BYTES, int(ns) * row_bytes, speer, cs, which)
+                    if nr:
+                        comm.recv(base + rp * ELEM_BYTES, int(nr) * row_bytes, rpeer, cs, which)
+
+        plan = [(step, e0, e1) for step in range(1, P) for (e0, e1) in chunks]
+        arrived = []
+        for j, (step, e0, e1) in enumerate(plan):
+            exchange(DISPATCH, step, e0, e1, j % nstreams)
+            arrived.append(comm.streams[j % nstreams].record())
+        if not cfg.overlap:  # serialized baseline: all traffic lands before any compute
+            for ev in arrived:
+                s.wait_event(ev)
+        for e0, e1 in chunks:
+            self._expert_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
+        computed = []
+        for j, (step, e0, e1) in enumerate(plan):
+            frm = (me - step) % P
+            s.wait_event(arrived[j])
+            self._expert_block(frm, e0, e1, int(rows[frm, mine][e0:e1].max(initial=0)), s)
+            computed.append(s.record())
+        if not cfg.overlap:
+            for ev in computed[-1:]:
+                for cs in comm.streams[:nstreams]:
+                    cs.wait_event(ev)
+        for j, (step, e0, e1) in enumerate(plan):
+            cs = comm.streams[j % nstreams]
+            cs.wait_event(computed[j])
+            exchange(COMBINE, step, e0, e1, j % nstreams)
+        for cs in comm.streams[:nstreams]:
+            s.wait_event(cs.record())
+
+    # -- inspection -----------------------------------------------------------------------
+    def poison(self, bits: int = 0xFFFF) -> None:
+        """Fill every internal buffer with a NaN pattern (tests: stale data cannot pass)."""
+        for bufs in (self._tok, self._buf):
+            if bufs is None:
+                continue
+            for v in vars(bufs).values():
+                if v is None:
+                    continue
+                if v.dtype.itemsize == 2:
+                    v.fill(bits)
+                else:  # indices and weights: -1 is never a valid value here
+                    v.fill(-1)
+
+    def last_routing(self):
+        """(topk_idx [T, k] int32, topk_w [T, k] float32, pos [T, k] int32) of the last call."""
+        if self._last is None:
+            raise RuntimeError("forward() has not run yet")
+        return self._last

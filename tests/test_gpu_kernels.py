@@ -1,0 +1,177 @@
+"""Every generated kernel and the whole layer at world size 1, against the float64 reference.
+
+Run on a GPU machine: ``pytest -m gpu``. Inputs are fresh random bf16, outputs poisoned
+with a NaN pattern first, relative error <= 1e-2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flashmoe_gen import bf16
+from flashmoe_gen.config import GemmTile, KernelConfig
+from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.reference import moe_reference, relative_error, route
+from flashmoe_gen.weights import MoEWeights, random_tokens
+
+pytestmark = pytest.mark.gpu
+TOL = 1e-2
+POISON = 0xFFFF  # a bf16 NaN
+
+SEED_EXAMPLE = MoEProblem(512, 2048, 8, 2, shared_experts=1, tokens_per_rank=256)
+DSV2_LITE = MoEProblem(2048, 1408, 64, 6, shared_experts=2, tokens_per_rank=512)
+RAGGED = MoEProblem(1024, 704, 16, 4, shared_experts=1, shared_intermediate=512,
+                    tokens_per_rank=333)
+GPT_OSS_LIKE = MoEProblem(2880, 2880, 60, 4, tokens_per_rank=200)
+
+
+def _layer(problem, config=None, weights=None, seed=0):
+    from flashmoe_gen.runtime import FlashMoE
+    return FlashMoE(problem, config, weights=weights, seed=seed)
+
+
+def _run_checked(layer, x_bits: np.ndarray, weights: MoEWeights, capacity: int | None = None):
+    """Forward twice (second time with every buffer poisoned) and compare with float64."""
+    import cupy
+
+    p = layer.problem
+    x = cupy.asarray(x_bits)
+    layer.forward(x)  # allocate buffers, then poison them so stale data cannot pass
+    layer.poison()
+    out = cupy.full((x_bits.shape[0], p.hidden), POISON, np.uint16)
+    layer.forward(x, out=out)
+    cupy.cuda.Device().synchronize()
+    idx, _, _ = layer.last_routing()
+    idx = idx.get().astype(np.int64)
+    ref = moe_reference(p, [x_bits], weights, topk_idx=[idx], capacity=capacity)
+    got = bf16.from_bits(out.get()).astype(np.float64)
+    assert np.isfinite(got).all(), "NaN/Inf in the output (unwritten or overflow)"
+    err = relative_error(got, ref.out[0])
+    assert err <= TOL, f"relative error {err:.3e} > {TOL}"
+    # Routing agrees with the reference wherever the k-th and (k+1)-th probs are apart.
+    own = route(p, x_bits, weights.gate)
+    probs = np.sort(own.probs, axis=1)[:, ::-1]
+    if p.top_k < p.experts:
+        clear = probs[:, p.top_k - 1] - probs[:, p.top_k] > 1e-4
+        assert (np.sort(idx[clear], 1) == np.sort(own.topk_idx[clear], 1)).all()
+    return err, ref
+
+
+@pytest.mark.parametrize("problem,tokens", [
+    (SEED_EXAMPLE, 256), (DSV2_LITE, 512), (RAGGED, 333), (GPT_OSS_LIKE, 200)],
+    ids=["seed", "dsv2lite", "ragged333", "h2880_e60"])
+def test_layer_world_size_1(problem, tokens):
+    w = MoEWeights.random(problem, seed=tokens)
+    layer = _layer(problem, weights=w)
+    x = random_tokens(tokens, problem.hidden, seed=tokens + 1)
+    err, _ = _run_checked(layer, x, w)
+    print(f"{problem.name}: rel err {err:.2e}")
+
+
+def test_layer_other_token_counts_and_zero():
+    p = SEED_EXAMPLE
+    w = MoEWeights.random(p, seed=7)
+    layer = _layer(p, weights=w)
+    for t in (1, 77, 1000):
+        _run_checked(layer, random_tokens(t, p.hidden, seed=t), w)
+    import cupy
+    out = layer.forward(cupy.zeros((0, p.hidden), np.uint16))
+    assert out.shape == (0, p.hidden)
+
+
+def test_layer_skewed_routing_and_capacity():
+    """Most tokens to expert 0: exact mode keeps all; a capacity factor drops the excess."""
+    p = MoEProblem(512, 1024, 8, 2, shared_experts=1, tokens_per_rank=300)
+    w = MoEWeights.random(p, seed=3)
+    g = bf16.from_bits(w.gate)
+    g[0, 0] = 4.0
+    w.gate = bf16.to_bits(g)
+    xf = bf16.from_bits(random_tokens(300, p.hidden, seed=4))
+    xf[:240, 0] = 8.0
+    x = bf16.to_bits(xf)
+    layer = _layer(p, weights=w)
+    _, ref = _run_checked(layer, x, w)
+    assert layer.dropped_tokens == 0
+    assert (ref.routing[0].topk_idx[:, 0] == 0).mean() > 0.7
+
+    pc = p.replace(capacity_factor=1.0)
+    layer_c = _layer(pc, weights=w)
+    cap = pc.fixed_capacity(layer_c.config.block_m)
+    _, ref_c = _run_checked(layer_c, x, w, capacity=cap)
+    assert layer_c.capacity == cap
+    assert layer_c.dropped_tokens == ref_c.dropped > 0
+
+
+@pytest.mark.parametrize("gu,dn", [
+    (GemmTile(64, 64, 64, 2, 2, 3), GemmTile(64, 128, 64, 2, 4, 3)),
+    (GemmTile(128, 64, 32, 4, 2, 4), GemmTile(128, 128, 32, 2, 4, 2)),
+    (GemmTile(32, 32, 64, 1, 2, 2), GemmTile(16, 64, 64, 1, 2, 5)),
+    (GemmTile(128, 128, 64, 2, 4, 3), GemmTile(256, 128, 64, 4, 2, 3)),
+], ids=["default_small", "bk32", "tiny_tiles", "big_tiles"])
+def test_layer_tile_configs(gu, dn):
+    p = RAGGED
+    cfg = KernelConfig(gu, dn, router_tokens_per_block=4, chunks_per_peer=2)
+    w = MoEWeights.random(p, seed=11)
+    layer = _layer(p, cfg, weights=w)
+    _run_checked(layer, random_tokens(333, p.hidden, seed=12), w)
+
+
+def test_expert_gemm_kernels_alone():
+    """Gate/up and down GEMMs on random slots: exact rows written, rows past count untouched."""
+    import cupy
+
+    p = RAGGED
+    layer = _layer(p)
+    el, h, i = p.local_experts, p.hidden, p.intermediate
+    cap = 128
+    rng = np.random.default_rng(5)
+    counts = rng.integers(0, cap + 1, el).astype(np.int32)
+    counts[1] = 0
+    counts[2] = cap
+    a = bf16.to_bits(rng.standard_normal((el, cap, h), dtype=np.float32))
+    a_d, counts_d = cupy.asarray(a), cupy.asarray(counts)
+    act = cupy.full((el, cap, i), POISON, np.uint16)
+    layer._gemm(True, a_d, cap * h, layer.w1, layer.w3, i * h, act, cap * i,
+                counts_d.data.ptr, cap, 0, cap, el, i, h, cupy.cuda.get_current_stream())
+    y = cupy.full((el, cap, h), POISON, np.uint16)
+    layer._gemm(False, act, cap * i, layer.w2, None, h * i, y, cap * h,
+                counts_d.data.ptr, cap, 0, cap, el, h, i, cupy.cuda.get_current_stream())
+    act_h, y_h = act.get(), y.get()
+    w1 = bf16.from_bits(layer.w1.get()).astype(np.float64)
+    w3 = bf16.from_bits(layer.w3.get()).astype(np.float64)
+    w2 = bf16.from_bits(layer.w2.get()).astype(np.float64)
+    for e in range(el):
+        n = counts[e]
+        assert (act_h[e, n:] == POISON).all() and (y_h[e, n:] == POISON).all()
+        if n == 0:
+            continue
+        xa = bf16.from_bits(a[e, :n]).astype(np.float64)
+        g, u = xa @ w1[e].T, xa @ w3[e].T
+        ref_act = g / (1 + np.exp(-g)) * u
+        got_act = bf16.from_bits(act_h[e, :n]).astype(np.float64)
+        assert relative_error(got_act, ref_act) <= TOL
+        ref_y = got_act @ w2[e].T
+        assert relative_error(bf16.from_bits(y_h[e, :n]).astype(np.float64), ref_y) <= TOL
+
+
+def test_router_and_positions_kernels():
+    import cupy
+
+    p = MoEProblem(256, 256, 40, 3, tokens_per_rank=500, normalize_topk=False)
+    w = MoEWeights.random(p, seed=21)
+    layer = _layer(p, weights=w)
+    x = random_tokens(500, p.hidden, seed=22)
+    layer.forward(cupy.asarray(x))
+    idx, wts, pos = (a.get() for a in layer.last_routing())
+    ref = route(p, x, w.gate)
+    probs = np.sort(ref.probs, 1)[:, ::-1]
+    clear = probs[:, p.top_k - 1] - probs[:, p.top_k] > 1e-4
+    assert clear.mean() > 0.9
+    assert (idx[clear] == ref.topk_idx[clear]).all()
+    np.testing.assert_allclose(wts[clear], ref.topk_w[clear], rtol=2e-2, atol=1e-4)
+    # Positions: token order within each expert, counts on the device.
+    for e in range(p.experts):
+        t, j = np.nonzero(idx == e)
+        assert (pos[t, j] == np.arange(len(t))).all()
+    assert (layer.counts.get()[0] == np.bincount(idx.ravel(), minlength=p.experts)).all()
