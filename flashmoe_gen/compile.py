@@ -201,7 +201,6 @@ class LoadedModule:
     def __init__(self, compiled: CompiledModule):
         try:
             import cupy
-            from cupy.cuda import driver
             self._raw = cupy.RawModule(path=compiled.cubin_path)
             self.functions = {k: self._raw.get_function(sym)
                               for k, sym in compiled.lowered.items()}
@@ -210,9 +209,7 @@ class LoadedModule:
                 f"cannot load {compiled.name} ({compiled.arch}) on this GPU: {e}") from e
         for k, nbytes in compiled.dynamic_smem.items():
             if nbytes > 48 * 1024:  # above 48 KB a kernel must opt in
-                driver.funcSetAttribute(self.functions[k].ptr,
-                                        driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                        nbytes)
+                self.functions[k].max_dynamic_shared_size_bytes = nbytes
         self.compiled = compiled
 
     def __getitem__(self, kernel: str):
