@@ -370,7 +370,7 @@ class FlashMoE:
             if bufs is None:
                 continue
             for v in vars(bufs).values():
-                if v is None:
+                if not hasattr(v, "dtype"):  # sizes, absent shared-expert buffers
                     continue
                 if v.dtype.itemsize == 2:
                     v.fill(bits)
