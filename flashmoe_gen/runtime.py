@@ -209,11 +209,16 @@ class FlashMoE:
                    tokens, 1, p.hidden, w, stream)
 
     # -- forward --------------------------------------------------------------------------
-    def forward(self, x, out=None):
+    def forward(self, x, out=None, *, parts: str = "all"):
         """``x``: uint16 (bf16 bits) cupy array ``[T_r, H]``; returns ``out``, same shape.
 
         ``out`` may be given (e.g. poisoned by a test to prove every element is written).
+        ``parts`` is for benchmarks that split the layer's time: ``"comm"`` skips the expert
+        and shared GEMMs, ``"compute"`` skips the token exchange; both give wrong outputs.
         """
+        if parts not in ("all", "comm", "compute"):
+            raise ValueError(f"parts={parts!r}: choose 'all', 'comm' or 'compute'")
+        compute, communicate = parts != "comm", parts != "compute"
         import cupy
 
         p, cfg = self.problem, self.config
@@ -268,23 +273,24 @@ class FlashMoE:
                     x, b.topk_idx, b.pos, _i32(tokens), _i32(cap), _i32(self.rank),
                     slots.layout))
         shared_ev = None
-        if p.shared_experts and tokens:
+        if p.shared_experts and tokens and compute:
             ss = self.shared_stream if cfg.shared_stream and cfg.overlap else s
             ss.wait_event(s.record())
             self._shared(x, tokens, ss)
             shared_ev = ss.record()
 
         rows = np.minimum(counts, cap)  # rows[src][global expert] actually sent
-        self._experts_and_exchange(rows, s)
+        self._experts_and_exchange(rows, s, compute, communicate)
 
         with s:
             if shared_ev is not None:
                 s.wait_event(shared_ev)
             if tokens:
+                shared = b.shared_out if p.shared_experts and compute else _i64(0)
                 self.module[self.kernels.combine]((-(-tokens // MOVE_WARPS),),
                                                   (32 * MOVE_WARPS,), (
                     b.topk_idx, b.topk_w, b.pos, _i32(tokens), _i32(cap), slots.layout,
-                    b.shared_out if p.shared_experts else _i64(0), out))
+                    shared, out))
         self._last = (b.topk_idx[:tokens], b.topk_w[:tokens], b.pos[:tokens])
         cupy.cuda.get_current_stream().wait_event(s.record())
         return out
@@ -297,15 +303,17 @@ class FlashMoE:
         bounds = [round(i * el / n) for i in range(n + 1)]
         return [(bounds[i], bounds[i + 1]) for i in range(n)]
 
-    def _experts_and_exchange(self, rows: np.ndarray, s) -> None:
+    def _experts_and_exchange(self, rows: np.ndarray, s, compute: bool = True,
+                              communicate: bool = True) -> None:
         """Local experts, then each peer's chunks as they arrive; combine sends at once."""
         p, cfg, me = self.problem, self.config, self.rank
+        run_block = self._expert_block if compute else (lambda *args: None)
         el, P = p.local_experts, p.world_size
         mine = slice(me * el, (me + 1) * el)
         chunks = self._chunks()
         if P == 1:
             for e0, e1 in chunks:
-                self._expert_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
+                run_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
             return
         comm, b = self.comm, self._buf
         lay = SymmetricLayout(P, el, b.capacity, p.hidden)
@@ -317,6 +325,8 @@ class FlashMoE:
 
         def exchange(round_: int, step: int, e0: int, e1: int, which: int) -> None:
             """One grouped send/recv of experts [e0, e1) with the peers at distance step."""
+            if not communicate:
+                return
             to, frm = (me + step) % P, (me - step) % P
             cs = comm.streams[which]
             with comm.group():
@@ -345,12 +355,12 @@ class FlashMoE:
             for ev in arrived:
                 s.wait_event(ev)
         for e0, e1 in chunks:
-            self._expert_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
+            run_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
         computed = []
         for j, (step, e0, e1) in enumerate(plan):
             frm = (me - step) % P
             s.wait_event(arrived[j])
-            self._expert_block(frm, e0, e1, int(rows[frm, mine][e0:e1].max(initial=0)), s)
+            run_block(frm, e0, e1, int(rows[frm, mine][e0:e1].max(initial=0)), s)
             computed.append(s.record())
         if not cfg.overlap:
             for ev in computed[-1:]:

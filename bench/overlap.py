@@ -1,0 +1,145 @@
+"""Overlap benchmark (run under mpirun, one GPU per rank).
+
+For each problem, in one run on P GPUs: (a) the layer, (b) the same kernels with
+communication and compute serialized (config ``overlap=False``), (c) communication alone,
+(d) compute alone, overlap efficiency ((b) - (a)) / min((c), (d)), the PyTorch
+expert-parallel baseline on the same weights and tokens, and the per-rank roofline floor.
+
+    mpirun -np 2 python bench/overlap.py --out bench/results/overlap.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: Measured ceilings of this workplace's H100s (design/anchors.md).
+PEAK_FLOPS, PEAK_BYTES = 790e12, 3.0e12
+
+PROBLEMS = {
+    "seed": dict(hidden=512, intermediate=2048, experts=8, top_k=2, shared_experts=1,
+                 tokens_per_rank=256),
+    "dsv2lite_t512": dict(hidden=2048, intermediate=1408, experts=64, top_k=6,
+                          shared_experts=2, tokens_per_rank=512),
+    "dsv2lite_t4096": dict(hidden=2048, intermediate=1408, experts=64, top_k=6,
+                           shared_experts=2, tokens_per_rank=4096),
+    "mixtral_t4096": dict(hidden=4096, intermediate=14336, experts=8, top_k=2,
+                          tokens_per_rank=4096),
+    "flashdmoe_e64_t4096": dict(hidden=2048, intermediate=2048, experts=64, top_k=2,
+                                tokens_per_rank=4096),
+}
+
+
+def floor_ms(p) -> float:
+    """Per-rank floor: max(FLOPs / peak, bytes / bandwidth), local expert weights read once."""
+    flops = p.flops()
+    weights = (3 * p.local_experts * p.hidden * p.intermediate
+               + 3 * p.hidden * p.shared_width + p.hidden * p.experts) * 2
+    tokens = 2 * p.tokens_per_rank * p.hidden * 2
+    return max(flops / PEAK_FLOPS, (weights + tokens) / PEAK_BYTES) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", default="seed,dsv2lite_t512,dsv2lite_t4096,mixtral_t4096",
+                    help=f"comma list of {sorted(PROBLEMS)}")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", default=None, help="markdown table to write (rank 0)")
+    ap.add_argument("--json", default=None, help="raw numbers as JSON (rank 0)")
+    a = ap.parse_args()
+
+    import cupy
+    import torch
+    from torch_ep import TorchEP, init_torch_dist
+
+    from flashmoe_gen import bf16
+    from flashmoe_gen.comm import Communicator
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.problem import MoEProblem
+    from flashmoe_gen.reference import relative_error
+    from flashmoe_gen.runtime import FlashMoE
+    from flashmoe_gen.tuner.bench import time_callable
+    from flashmoe_gen.weights import random_tokens
+
+    comm = Communicator(n_streams=1)
+    P, rank = comm.world_size, comm.rank
+    init_torch_dist(comm.mpi, comm.device.id)
+    card = cupy.cuda.runtime.getDeviceProperties(comm.device.id)["name"].decode()
+    rows = []
+    for key in a.problems.split(","):
+        p = MoEProblem(**PROBLEMS[key], world_size=P)
+        cfg = KernelConfig.default(p)
+        serial = dataclasses.replace(cfg, overlap=False, shared_stream=False)
+        layer = FlashMoE(p, cfg, comm=comm, seed=1)
+        layer_s = FlashMoE(p, serial, comm=comm, seed=1)
+        x_bits = random_tokens(p.tokens_per_rank, p.hidden, seed=100 + rank)
+        x = cupy.asarray(x_bits)
+        ours = layer.forward(x)
+        base = TorchEP(layer)
+        xt = torch.from_dlpack(x).view(torch.bfloat16)
+        theirs = base(xt)
+        torch.cuda.synchronize()
+        agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64),
+                               theirs.float().cpu().numpy().astype(np.float64))
+        t = {}
+        kw = dict(warmup=a.warmup, iters=a.iters, comm=comm)
+        t["a_layer"] = time_callable(lambda: layer.forward(x), **kw)
+        t["b_serial"] = time_callable(lambda: layer_s.forward(x), **kw)
+        t["c_comm"] = time_callable(lambda: layer.forward(x, parts="comm"), **kw)
+        t["d_compute"] = time_callable(lambda: layer.forward(x, parts="compute"), **kw)
+        t["torch_ep"] = time_callable(lambda: base(xt), **kw)
+        ms = {k: v.median_ms for k, v in t.items()}
+        eff = (ms["b_serial"] - ms["a_layer"]) / min(ms["c_comm"], ms["d_compute"])
+        row = dict(problem=p.name, config=cfg.name, **{k: round(v, 4) for k, v in ms.items()},
+                   overlap_eff=round(eff, 3), vs_torch=round(ms["a_layer"] / ms["torch_ep"], 3),
+                   floor_ms=round(floor_ms(p), 4),
+                   over_floor=round(ms["a_layer"] / floor_ms(p), 2),
+                   agree_torch=float(f"{agree:.2e}"),
+                   p20_p80=(round(t["a_layer"].p20_ms, 4), round(t["a_layer"].p80_ms, 4)))
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+        del layer, layer_s, base
+        cupy.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+
+    if rank == 0:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        head = (f"# Overlap benchmark: {P} x {card}, {datetime.date.today()}, commit {commit}\n\n"
+                f"bf16, median of {a.iters} iterations after {a.warmup} warm-ups (CUDA events, "
+                "max over ranks per iteration). (a) layer, (b) serialized, (c) comm alone, "
+                "(d) compute alone; overlap eff = ((b)-(a))/min((c),(d)); vs torch = (a) / "
+                "PyTorch EP (all_to_all_single + torch._grouped_mm); floor = per-rank "
+                "max(FLOPs/790 TFLOP/s, bytes/3.0 TB/s); agree = rel. diff ours vs torch.\n\n")
+        cols = ["problem", "a_layer", "b_serial", "c_comm", "d_compute", "overlap_eff",
+                "torch_ep", "vs_torch", "floor_ms", "over_floor", "agree_torch"]
+        table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+        for r in rows:
+            table += "| " + " | ".join(str(r[c]) for c in cols) + " |\n"
+        configs = "\n".join(f"- {r['problem']}: `{r['config']}`" for r in rows)
+        text = head + table + "\nconfigs (heuristic defaults):\n" + configs + "\n"
+        print(text)
+        if a.out:
+            Path(a.out).write_text(text)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1))
+    comm.barrier()
+    import torch.distributed as dist
+    dist.destroy_process_group()
+    comm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

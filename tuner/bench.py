@@ -1,0 +1,57 @@
+"""Timing on every rank with CUDA events; per iteration the max over ranks decides.
+
+Each iteration: synchronise the device, MPI barrier (all ranks start together), events
+around one forward, synchronise. The slowest rank's time is the layer's time for that
+iteration, so every rank computes the same statistics and agrees on the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds. ``per_rank_median``: each rank's own median, for the report table."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    iters: int
+    per_rank_median_ms: tuple[float, ...]
+
+    @classmethod
+    def failed(cls) -> Timing:
+        inf = float("inf")
+        return cls(inf, inf, inf, 0, ())
+
+
+def time_callable(fn, *, warmup: int = 5, iters: int = 20, comm=None) -> Timing:
+    """Time ``fn()`` (which launches GPU work on the current stream) on every rank."""
+    import cupy
+
+    stream = cupy.cuda.get_current_stream()
+    for _ in range(warmup):
+        fn()
+    stream.synchronize()
+    mine = np.empty(iters)
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    for i in range(iters):
+        stream.synchronize()
+        if comm is not None:
+            comm.barrier()
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        mine[i] = cupy.cuda.get_elapsed_time(start, end)
+    if comm is not None:
+        all_ranks = np.array(comm.mpi.allgather(mine))   # [P, iters]
+    else:
+        all_ranks = mine[None, :]
+    slowest = all_ranks.max(axis=0)
+    return Timing(float(np.median(slowest)), float(np.percentile(slowest, 20)),
+                  float(np.percentile(slowest, 80)), iters,
+                  tuple(float(np.median(r)) for r in all_ranks))
