@@ -48,6 +48,47 @@ def floor_ms(p) -> float:
     return max(flops / PEAK_FLOPS, (weights + tokens) / PEAK_BYTES) * 1e3
 
 
+def measure(p, comm, a) -> dict:
+    """Time (a)-(d) and the torch baseline for one problem; every rank calls it."""
+    import cupy
+    import torch
+    from torch_ep import TorchEP
+
+    from flashmoe_gen import bf16
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.reference import relative_error
+    from flashmoe_gen.runtime import FlashMoE
+    from flashmoe_gen.tuner.bench import time_callable
+    from flashmoe_gen.weights import random_tokens
+
+    cfg = KernelConfig.default(p)
+    serial = dataclasses.replace(cfg, overlap=False, shared_stream=False)
+    layer = FlashMoE(p, cfg, comm=comm, seed=1)
+    layer_s = FlashMoE(p, serial, comm=comm, seed=1)
+    x_bits = random_tokens(p.tokens_per_rank, p.hidden, seed=100 + comm.rank)
+    x = cupy.asarray(x_bits)
+    ours = layer.forward(x)
+    base = TorchEP(layer)
+    xt = torch.from_dlpack(x).view(torch.bfloat16)
+    theirs = base(xt)
+    torch.cuda.synchronize()
+    agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64),
+                           theirs.float().cpu().numpy().astype(np.float64))
+    kw = dict(warmup=a.warmup, iters=a.iters, comm=comm)
+    t = {"a_layer": time_callable(lambda: layer.forward(x), **kw),
+         "b_serial": time_callable(lambda: layer_s.forward(x), **kw),
+         "c_comm": time_callable(lambda: layer.forward(x, parts="comm"), **kw),
+         "d_compute": time_callable(lambda: layer.forward(x, parts="compute"), **kw),
+         "torch_ep": time_callable(lambda: base(xt), **kw)}
+    ms = {k: v.median_ms for k, v in t.items()}
+    eff = (ms["b_serial"] - ms["a_layer"]) / min(ms["c_comm"], ms["d_compute"])
+    return dict(problem=p.name, config=cfg.name, **{k: round(v, 4) for k, v in ms.items()},
+                overlap_eff=round(eff, 3), vs_torch=round(ms["a_layer"] / ms["torch_ep"], 3),
+                floor_ms=round(floor_ms(p), 4), over_floor=round(ms["a_layer"] / floor_ms(p), 2),
+                agree_torch=float(f"{agree:.2e}"),
+                p20_p80=(round(t["a_layer"].p20_ms, 4), round(t["a_layer"].p80_ms, 4)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="seed,dsv2lite_t512,dsv2lite_t4096,mixtral_t4096",
@@ -60,16 +101,10 @@ def main() -> int:
 
     import cupy
     import torch
-    from torch_ep import TorchEP, init_torch_dist
+    from torch_ep import init_torch_dist
 
-    from flashmoe_gen import bf16
     from flashmoe_gen.comm import Communicator
-    from flashmoe_gen.config import KernelConfig
     from flashmoe_gen.problem import MoEProblem
-    from flashmoe_gen.reference import relative_error
-    from flashmoe_gen.runtime import FlashMoE
-    from flashmoe_gen.tuner.bench import time_callable
-    from flashmoe_gen.weights import random_tokens
 
     comm = Communicator(n_streams=1)
     P, rank = comm.world_size, comm.rank
@@ -78,38 +113,9 @@ def main() -> int:
     rows = []
     for key in a.problems.split(","):
         p = MoEProblem(**PROBLEMS[key], world_size=P)
-        cfg = KernelConfig.default(p)
-        serial = dataclasses.replace(cfg, overlap=False, shared_stream=False)
-        layer = FlashMoE(p, cfg, comm=comm, seed=1)
-        layer_s = FlashMoE(p, serial, comm=comm, seed=1)
-        x_bits = random_tokens(p.tokens_per_rank, p.hidden, seed=100 + rank)
-        x = cupy.asarray(x_bits)
-        ours = layer.forward(x)
-        base = TorchEP(layer)
-        xt = torch.from_dlpack(x).view(torch.bfloat16)
-        theirs = base(xt)
-        torch.cuda.synchronize()
-        agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64),
-                               theirs.float().cpu().numpy().astype(np.float64))
-        t = {}
-        kw = dict(warmup=a.warmup, iters=a.iters, comm=comm)
-        t["a_layer"] = time_callable(lambda: layer.forward(x), **kw)
-        t["b_serial"] = time_callable(lambda: layer_s.forward(x), **kw)
-        t["c_comm"] = time_callable(lambda: layer.forward(x, parts="comm"), **kw)
-        t["d_compute"] = time_callable(lambda: layer.forward(x, parts="compute"), **kw)
-        t["torch_ep"] = time_callable(lambda: base(xt), **kw)
-        ms = {k: v.median_ms for k, v in t.items()}
-        eff = (ms["b_serial"] - ms["a_layer"]) / min(ms["c_comm"], ms["d_compute"])
-        row = dict(problem=p.name, config=cfg.name, **{k: round(v, 4) for k, v in ms.items()},
-                   overlap_eff=round(eff, 3), vs_torch=round(ms["a_layer"] / ms["torch_ep"], 3),
-                   floor_ms=round(floor_ms(p), 4),
-                   over_floor=round(ms["a_layer"] / floor_ms(p), 2),
-                   agree_torch=float(f"{agree:.2e}"),
-                   p20_p80=(round(t["a_layer"].p20_ms, 4), round(t["a_layer"].p80_ms, 4)))
-        rows.append(row)
+        rows.append(measure(p, comm, a))
         if rank == 0:
-            print(json.dumps(row), flush=True)
-        del layer, layer_s, base
+            print(json.dumps(rows[-1]), flush=True)
         cupy.get_default_memory_pool().free_all_blocks()
         torch.cuda.empty_cache()
 
