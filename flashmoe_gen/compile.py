@@ -163,7 +163,8 @@ def compile_source(gen: GeneratedSource, arch: str = "sm_90", *, use_cache: bool
             nvrtc.compileProgram(prog, list(options))
         except nvrtc.NVRTCError as e:
             log = nvrtc.getProgramLog(prog)
-            src_path = root / f"{stem}.failed.cu"
+            # Keep the failing source for the user to read; outside the cache if asked to.
+            src_path = (root if use_cache else Path(tempfile.gettempdir())) / f"{stem}.failed.cu"
             write_if_changed(src_path, gen.code)
             raise CompileError(f"NVRTC failed for {arch}: {e}", log, gen.config.name,
                                gen.problem.name, str(src_path)) from None

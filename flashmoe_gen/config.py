@@ -10,7 +10,7 @@ from .arch import DEFAULT_ARCH, DeviceLimits, limits_for
 from .errors import ConfigError
 from .problem import MoEProblem
 
-BK_CHOICES = (32, 64)
+BK_CHOICES = (16, 32, 64)
 BM_CHOICES = (16, 32, 64, 128, 256)
 BN_CHOICES = (16, 32, 64, 128, 256)
 STAGE_RANGE = range(2, 7)
@@ -59,6 +59,11 @@ class GemmTile:
                  config_name: str | None) -> None:
         def err(field: str, value: object, expected: str) -> ConfigError:
             return ConfigError(f"{which}.{field}", value, expected, config_name)
+
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise err(f.name, v, "must be an integer")
 
         for field, value, choices in (("bm", self.bm, BM_CHOICES), ("bn", self.bn, BN_CHOICES),
                                       ("bk", self.bk, BK_CHOICES),
@@ -153,9 +158,17 @@ class KernelConfig:
     def validate(self, problem: MoEProblem, limits: DeviceLimits | str = DEFAULT_ARCH) -> None:
         if isinstance(limits, str):
             limits = limits_for(limits)
+        for which in ("gate_up", "down"):
+            if not isinstance(getattr(self, which), GemmTile):
+                raise ConfigError(which, getattr(self, which), "must be a GemmTile")
+        for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f, v, "must be an integer")
+        for f in ("shared_stream", "overlap"):
+            if not isinstance(getattr(self, f), bool):
+                raise ConfigError(f, getattr(self, f), "must be a bool")
         name = self.name
-        if not isinstance(self.gate_up, GemmTile) or not isinstance(self.down, GemmTile):
-            raise ConfigError("gate_up", self.gate_up, "gate_up and down must be GemmTile", name)
         n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
         self.gate_up.validate("gate_up", n_gu, problem.hidden, 2, limits, name)
         k_dn = min(problem.intermediate, problem.shared_width or problem.intermediate)
@@ -176,12 +189,15 @@ class KernelConfig:
         rows = problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
         bm = 64 if rows <= 96 else 128
         n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
-        bn_gu = 64 if n_gu >= 64 else 32
-        bn_dn = 128 if problem.hidden >= 128 else 64 if problem.hidden >= 64 else 32
-        bk = 64 if min(problem.hidden, n_gu) >= 64 else 32
-        gate_up = GemmTile(bm, bn_gu, bk, warps_m=bm // 32, warps_n=2 if bn_gu >= 32 else 1,
+
+        def fit(limit: int, cap: int, choices=BN_CHOICES) -> int:
+            return max(c for c in choices if c <= min(limit, cap))
+
+        bn_gu, bk_gu = fit(n_gu, 64), fit(problem.hidden, 64, BK_CHOICES)
+        bn_dn, bk_dn = fit(problem.hidden, 128), fit(n_gu, 64, BK_CHOICES)
+        gate_up = GemmTile(bm, bn_gu, bk_gu, warps_m=bm // 32, warps_n=min(2, bn_gu // 16),
                            stages=3)
-        down = GemmTile(bm, bn_dn, bk, warps_m=2, warps_n=4 if bn_dn >= 64 else 2, stages=3)
+        down = GemmTile(bm, bn_dn, bk_dn, warps_m=2, warps_n=min(4, bn_dn // 16), stages=3)
         cfg = cls(gate_up, down, router_tokens_per_block=8,
                   chunks_per_peer=1, comm_streams=1, shared_stream=True)
         cfg.validate(problem, arch)
@@ -201,8 +217,14 @@ class KernelConfig:
         if unknown:
             raise ConfigError(sorted(unknown)[0], d[sorted(unknown)[0]],
                               f"unknown field; known fields: {sorted(known)}")
+        tile_fields = {f.name for f in fields(GemmTile)}
         for key in ("gate_up", "down"):
             if isinstance(d.get(key), dict):
+                extra = set(d[key]) - tile_fields
+                missing = tile_fields - set(d[key])
+                if extra or missing:
+                    raise ConfigError(key, d[key], f"unknown {sorted(extra)} / missing "
+                                      f"{sorted(missing)}; tile fields: {sorted(tile_fields)}")
                 d[key] = GemmTile(**d[key])
         return cls(**d)
 

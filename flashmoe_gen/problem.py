@@ -12,6 +12,8 @@ from .errors import ProblemError
 SUPPORTED_DTYPES = ("bf16",)
 #: Hidden and intermediate sizes must be multiples of this (16-byte vectors of bf16).
 VECTOR_WIDTH = 8
+#: Smallest hidden/intermediate size: one 16-wide tensor-core tile.
+MIN_WIDTH = 16
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class MoEProblem:
                 raise ProblemError(f, v, "must be a non-negative integer")
         for f in ("hidden", "intermediate"):
             v = getattr(self, f)
+            if v < MIN_WIDTH:
+                raise ProblemError(f, v, f"must be at least {MIN_WIDTH} (one tensor-core tile)")
             if v % VECTOR_WIDTH:
                 lo = v // VECTOR_WIDTH * VECTOR_WIDTH
                 raise ProblemError(
@@ -62,9 +66,9 @@ class MoEProblem:
                     f"(e.g. {max(lo, VECTOR_WIDTH)} or {lo + VECTOR_WIDTH})")
         if self.shared_experts:
             si = self.shared_intermediate
-            if not isinstance(si, int) or si < 1 or si % VECTOR_WIDTH:
+            if not isinstance(si, int) or si < MIN_WIDTH or si % VECTOR_WIDTH:
                 raise ProblemError("shared_intermediate", si,
-                                   f"must be a positive multiple of {VECTOR_WIDTH}")
+                                   f"must be a multiple of {VECTOR_WIDTH}, at least {MIN_WIDTH}")
         if self.top_k > self.experts:
             raise ProblemError("top_k", self.top_k,
                                f"must be between 1 and experts={self.experts}")
@@ -118,7 +122,8 @@ class MoEProblem:
             parts.append(f"s{self.shared_experts}x{self.shared_intermediate}")
         parts += [f"p{self.world_size}", f"t{self.tokens_per_rank}", self.dtype]
         if self.capacity_factor is not None:
-            parts.append(f"cf{self.capacity_factor:g}")
+            # repr keeps every digit: two factors that differ give two names.
+            parts.append(f"cf{float(self.capacity_factor)!r}")
         if not self.normalize_topk:
             parts.append("nonorm")
         return "_".join(parts)

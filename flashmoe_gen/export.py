@@ -1,0 +1,135 @@
+"""Export one problem + config as a single self-contained ``.cu`` file.
+
+The file holds the device code exactly as ``render`` produces it, explicit instantiations of
+the two expert GEMMs, a host launcher (``templates/export_host.cu.j2``: the launch sequence of
+``runtime.FlashMoE.forward`` at world size 1) and optionally an MPI + NCCL harness
+(``templates/export_main.cu.j2``: the expert-parallel exchange, timed). It compiles with
+``nvcc`` alone; flashmoe_gen is not needed to build or run it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from . import __version__
+from .compile import write_if_changed
+from .config import GemmTile, KernelConfig
+from .problem import MoEProblem
+from .render import (
+    CPP_BOOL,
+    MOVE_WARPS,
+    POS_THREADS,
+    GeneratedSource,
+    render,
+    render_template,
+    to_template_vars,
+)
+
+#: How to build an exported file (also written into its header comment).
+EXPORT_NVCC_HINT = (
+    "library (host launcher only):  nvcc -arch=sm_90 -O3 -c file.cu\n"
+    "harness (export_cu(..., with_main=True)):\n"
+    "  nvcc -arch=sm_90 -O3 -std=c++17 -ccbin mpicxx file.cu -lnccl -o flash_moe\n"
+    "  mpirun -np P ./flash_moe [tokens_per_rank] [iters]"
+)
+#: Dynamic shared memory a kernel may use without ``cudaFuncSetAttribute``.
+DEFAULT_DYNAMIC_SMEM = 48 * 1024
+#: Parameter types of ``fmoe::expert_gemm`` (templates/gemm.cu.j2), for the instantiations.
+GEMM_PARAMS = ("const fmoe::elem_t*, long long, const fmoe::elem_t*, const fmoe::elem_t*, "
+               "long long, fmoe::elem_t*, long long, const int*, int, int, int, int")
+
+
+def expert_chunks(problem: MoEProblem, config: KernelConfig) -> list[tuple[int, int]]:
+    """Local-expert ranges computed together, as ``FlashMoE._chunks`` splits them."""
+    el = problem.local_experts
+    n = min(config.chunks_per_peer, el)
+    bounds = [round(i * el / n) for i in range(n + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+
+def _tile_vars(tile: GemmTile, kernel: str, b_operands: int) -> dict:
+    smem = tile.smem_bytes(b_operands)
+    return {"kernel": kernel, "bm": tile.bm, "bn": tile.bn, "threads": tile.threads,
+            "smem": smem, "smem_optin": smem > DEFAULT_DYNAMIC_SMEM}
+
+
+def export_vars(gen: GeneratedSource) -> dict:
+    """Template variables of the host launcher and harness: every constant computed here."""
+    p, cfg = gen.problem, gen.config
+    h, i, w = p.hidden, p.intermediate, p.shared_width
+    tv = to_template_vars(p, cfg)
+    tv.update(
+        has_shared=CPP_BOOL[bool(w)],
+        use_shared_stream=CPP_BOOL[cfg.shared_stream and cfg.overlap],
+        router_tokens_per_block=cfg.router_tokens_per_block,
+        router_threads=32 * cfg.router_tokens_per_block,
+        pos_threads=POS_THREADS,
+        move_warps=MOVE_WARPS,
+        move_threads=32 * MOVE_WARPS,
+        block_m=cfg.block_m,
+        fixed_capacity=p.fixed_capacity(cfg.block_m) or 0,
+        gu=_tile_vars(cfg.gate_up, gen.kernels.gate_up, 2),
+        dn=_tile_vars(cfg.down, gen.kernels.down, 1),
+        chunks=expert_chunks(p, cfg),
+        gate_elems=h * p.experts,
+        w13_elems=i * h,
+        w2_elems=h * i,
+        sw_elems=w * h,
+        scale_h=repr(1 / math.sqrt(h)),
+        scale_i=repr(1 / math.sqrt(i)),
+        scale_si=repr(1 / math.sqrt(p.shared_intermediate or 1)),
+        comm_streams=cfg.comm_streams,
+        overlap=CPP_BOOL[cfg.overlap],
+        tokens_per_rank=p.tokens_per_rank,
+        flops_per_token=repr(float(p.flops(1))),
+    )
+    return tv
+
+
+def _header(gen: GeneratedSource, with_main: bool) -> str:
+    p, cfg = gen.problem, gen.config
+    lines = [
+        f"// FlashMoE layer exported by flashmoe_gen {__version__} "
+        "(flashmoe_gen.export.export_cu): do not edit.",
+        f"// problem: {p.name}",
+        f"// problem json: {p.to_json()}",
+        f"// config: {cfg.name}",
+        f"// config json: {cfg.to_json()}",
+        f"// generator version: {__version__}",
+        f"// source hash: {gen.source_hash} (sha256 of the device code, first 16 hex digits)",
+        f"// contents: device code, GEMM instantiations, host launcher"
+        f"{', harness (main)' if with_main else ''}",
+        "// build:",
+        *(f"//   {line}" for line in EXPORT_NVCC_HINT.splitlines()),
+    ]
+    return "\n".join(lines) + "\n\n"
+
+
+def gemm_instantiations(gen: GeneratedSource) -> str:
+    """Explicit instantiations of both expert GEMMs (the render's name expressions)."""
+    lines = ["// ---- explicit instantiations of the expert GEMMs of this config ----"]
+    lines += [f"template __global__ void {expr}({GEMM_PARAMS});"
+              for expr in gen.kernels.name_expressions]
+    return "\n".join(lines) + "\n"
+
+
+def export_cu(problem: MoEProblem, config: KernelConfig | None = None,
+              path: str | Path | None = None, *, with_main: bool = False) -> str:
+    """One self-contained ``.cu`` for ``problem`` and ``config`` (None: the default config).
+
+    Written atomically to ``path`` when given, and only if its text changed. With
+    ``with_main`` the file also holds an MPI + NCCL benchmark ``main`` (see
+    ``EXPORT_NVCC_HINT``).
+    """
+    config = config or KernelConfig.default(problem)
+    gen = render(problem, config)
+    tv = export_vars(gen)
+    parts = [_header(gen, with_main), gen.code, "\n", gemm_instantiations(gen), "\n",
+             render_template("export_host.cu.j2", **tv)]
+    if with_main:
+        parts += ["\n", render_template("export_main.cu.j2", **tv)]
+    text = "".join(parts)
+    if path is not None:
+        write_if_changed(Path(path), text)
+    return text

