@@ -161,14 +161,14 @@ class KernelConfig:
         for which in ("gate_up", "down"):
             if not isinstance(getattr(self, which), GemmTile):
                 raise ConfigError(which, getattr(self, which), "must be a GemmTile")
+        name = self.name
         for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
-                raise ConfigError(f, v, "must be an integer")
+                raise ConfigError(f, v, "must be an integer", name)
         for f in ("shared_stream", "overlap"):
             if not isinstance(getattr(self, f), bool):
-                raise ConfigError(f, getattr(self, f), "must be a bool")
-        name = self.name
+                raise ConfigError(f, getattr(self, f), "must be a bool", name)
         n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
         self.gate_up.validate("gate_up", n_gu, problem.hidden, 2, limits, name)
         k_dn = min(problem.intermediate, problem.shared_width or problem.intermediate)
