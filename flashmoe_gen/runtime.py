@@ -16,7 +16,8 @@ import numpy as np
 from .arch import current_device_limits
 from .compile import LoadedModule, compile_source
 from .config import KernelConfig
-from .errors import CommError, ProblemError
+from .device_weights import DeviceWeights
+from .errors import CommError, ConfigError, ProblemError
 from .layout import COMBINE, DISPATCH, INCOMING, STAGING, SymmetricLayout
 from .problem import MoEProblem, round_up
 from .render import MOVE_WARPS, POS_THREADS, render
@@ -61,14 +62,15 @@ class _SlotBuffers:
 class FlashMoE:
     """One rank's share of a distributed MoE layer (expert parallel, symmetric layout).
 
-    ``weights``: host ``MoEWeights`` holding all experts or exactly this rank's; ``None``
-    draws random ones from ``seed`` (each expert from (seed, expert id), so every rank
-    agrees with a host reference built from the same seed). ``comm`` is required when
-    ``problem.world_size > 1``.
+    ``weights``: host ``MoEWeights`` holding all experts or exactly this rank's, or
+    ``DeviceWeights`` (e.g. ``DeviceWeights.from_arrays`` on user/torch tensors, or another
+    layer's ``.weights`` to share them); ``None`` draws random ones from ``seed`` (each expert
+    from (seed, expert id), so every rank agrees with a host reference built from the same
+    seed). ``comm`` is required when ``problem.world_size > 1``.
     """
 
     def __init__(self, problem: MoEProblem, config: KernelConfig | None = None,
-                 weights: MoEWeights | None = None, comm=None, seed: int = 0):
+                 weights: MoEWeights | DeviceWeights | None = None, comm=None, seed: int = 0):
         import cupy
 
         self.problem = problem
@@ -92,13 +94,20 @@ class FlashMoE:
                                 f"streams, the Communicator has {len(comm.streams)}")
         self.source = render(problem, self.config, arch=self.limits.arch)
         self.compiled = compile_source(self.source, self.limits.arch)
+        self._check_resources()
         self.module = LoadedModule(self.compiled)
         self.kernels = self.source.kernels
 
         el = problem.local_experts
         self.local_range = range(self.rank * el, (self.rank + 1) * el)
-        self._upload_weights(weights if weights is not None
-                             else MoEWeights.random(problem, seed, self.local_range))
+        if weights is None:
+            weights = MoEWeights.random(problem, seed, self.local_range)
+        if not isinstance(weights, DeviceWeights):
+            weights = DeviceWeights.from_host(problem, weights, self.rank)
+        self.weights = weights
+        w = weights
+        self.w_gate, self.w1, self.w3, self.w2 = w.gate, w.w1, w.w3, w.w2
+        self.sw1, self.sw3, self.sw2 = w.sw1, w.sw3, w.sw2
 
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.shared_stream = cupy.cuda.Stream(non_blocking=True)
@@ -110,30 +119,16 @@ class FlashMoE:
         self.capacity = 0
         self._last: tuple | None = None
 
-    # -- weights ------------------------------------------------------------------------
-    def _upload_weights(self, w: MoEWeights) -> None:
-        import cupy
-
-        p = self.problem
-        if w.num_experts_held == p.experts and w.first_expert == 0:
-            w = w.experts_slice(self.local_range)
-        if w.first_expert != self.local_range.start or w.num_experts_held != p.local_experts:
-            raise ProblemError("weights", f"experts {w.first_expert}..+{w.num_experts_held}",
-                               f"rank {self.rank} needs experts {self.local_range.start}.."
-                               f"{self.local_range.stop - 1} (or all {p.experts})")
-        w.check(p)
-
-        def nk(a: np.ndarray) -> cupy.ndarray:
-            # Experts are stored N x K (K contiguous) so both GEMM operands load alike.
-            return cupy.ascontiguousarray(cupy.asarray(a).transpose(0, 2, 1))
-
-        self.w_gate = cupy.asarray(w.gate)
-        self.w1, self.w3, self.w2 = nk(w.w1), nk(w.w3), nk(w.w2)
-        if p.shared_experts:
-            # Shared experts sum, so they fuse into one MLP of width S * I_s.
-            self.sw1 = cupy.asarray(np.concatenate(list(w.shared_w1), axis=1).T.copy())
-            self.sw3 = cupy.asarray(np.concatenate(list(w.shared_w3), axis=1).T.copy())
-            self.sw2 = cupy.asarray(np.concatenate(list(w.shared_w2), axis=0).T.copy())
+    def _check_resources(self) -> None:
+        """A launch that cannot fit fails on every rank alike, before any collective."""
+        for name, tile in ((self.source.kernels.gate_up, self.config.gate_up),
+                           (self.source.kernels.down, self.config.down)):
+            res = self.compiled.resources.get(name)
+            if res is not None and res.registers * tile.threads > self.limits.regs_per_block:
+                raise ConfigError(f"{'gate_up' if tile is self.config.gate_up else 'down'}"
+                                  ".warps_n", tile.warps_n,
+                                  f"{tile.threads} threads x {res.registers} registers exceed "
+                                  f"{self.limits.regs_per_block} per block", self.config.name)
 
     # -- buffers --------------------------------------------------------------------------
     def _token_buffers(self, tokens: int) -> _TokenBuffers:

@@ -1,0 +1,107 @@
+"""One rank's weights on the GPU, in the layouts the kernels read.
+
+Experts are stored N x K (K contiguous: ``w1t/w3t [E_local, I, H]``, ``w2t [E_local, H, I]``)
+so both GEMM operands load alike; shared experts sum, so they fuse into one MLP of width
+S * I_s. Several layers (e.g. tuning candidates) can share one ``DeviceWeights``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ProblemError
+from .problem import MoEProblem
+from .weights import MoEWeights
+
+
+def as_bits(a, name: str):
+    """A device array of bf16 bits (uint16) from cupy/numpy uint16, or any DLPack bf16."""
+    import cupy
+
+    if isinstance(a, (np.ndarray, cupy.ndarray)):
+        if a.dtype not in (np.uint16, np.int16):
+            raise ProblemError(name, str(a.dtype), "expected bf16 bits (uint16) or a bf16 tensor")
+        return cupy.asarray(a).view(np.uint16)
+    if str(getattr(a, "dtype", "")) == "torch.bfloat16":
+        import torch  # DLPack has no bf16 consumer in CuPy: reinterpret the bits first
+        a = a.view(torch.int16)
+    try:
+        arr = cupy.from_dlpack(a)
+    except Exception as e:
+        raise ProblemError(name, type(a).__name__, f"not a DLPack array on this GPU: {e}") from e
+    if arr.dtype.itemsize != 2:
+        raise ProblemError(name, str(arr.dtype), "expected a 2-byte (bf16) dtype")
+    return arr.view(np.uint16)
+
+
+@dataclass
+class DeviceWeights:
+    gate: object          # [H, E]
+    w1: object            # [E_local, I, H]
+    w3: object            # [E_local, I, H]
+    w2: object            # [E_local, H, I]
+    sw1: object = None    # [S*Is, H]
+    sw3: object = None    # [S*Is, H]
+    sw2: object = None    # [H, S*Is]
+
+    @classmethod
+    def from_host(cls, problem: MoEProblem, w: MoEWeights, rank: int) -> DeviceWeights:
+        """Upload host weights holding all experts or exactly this rank's."""
+        import cupy
+
+        el = problem.local_experts
+        local = range(rank * el, (rank + 1) * el)
+        if w.num_experts_held == problem.experts and w.first_expert == 0:
+            w = w.experts_slice(local)
+        if w.first_expert != local.start or w.num_experts_held != el:
+            raise ProblemError("weights", f"experts {w.first_expert}..+{w.num_experts_held}",
+                               f"rank {rank} needs experts {local.start}..{local.stop - 1} "
+                               f"(or all {problem.experts})")
+        w.check(problem)
+
+        def nk(a: np.ndarray):
+            return cupy.ascontiguousarray(cupy.asarray(a).transpose(0, 2, 1))
+
+        dw = cls(cupy.asarray(w.gate), nk(w.w1), nk(w.w3), nk(w.w2))
+        if problem.shared_experts:
+            dw.sw1 = cupy.asarray(np.concatenate(list(w.shared_w1), axis=1).T.copy())
+            dw.sw3 = cupy.asarray(np.concatenate(list(w.shared_w3), axis=1).T.copy())
+            dw.sw2 = cupy.asarray(np.concatenate(list(w.shared_w2), axis=0).T.copy())
+        return dw
+
+    @classmethod
+    def from_arrays(cls, problem: MoEProblem, gate, w1, w3, w2, shared_w1=None, shared_w3=None,
+                    shared_w2=None) -> DeviceWeights:
+        """User arrays in the semantic layouts of moe-semantics.md (this rank's experts):
+        ``gate [H, E]``, ``w1, w3 [E_local, H, I]``, ``w2 [E_local, I, H]``, shared
+        ``[S, H, Is]`` / ``[S, Is, H]``; cupy/numpy uint16 bits or DLPack bf16 (torch)."""
+        import cupy
+
+        h, i, e, el = problem.hidden, problem.intermediate, problem.experts, problem.local_experts
+        s, si = problem.shared_experts, problem.shared_intermediate or 0
+        want = {"gate": (gate, (h, e)), "w1": (w1, (el, h, i)), "w3": (w3, (el, h, i)),
+                "w2": (w2, (el, i, h))}
+        if s:
+            want |= {"shared_w1": (shared_w1, (s, h, si)), "shared_w3": (shared_w3, (s, h, si)),
+                     "shared_w2": (shared_w2, (s, si, h))}
+        arrs = {}
+        for name, (a, shape) in want.items():
+            if a is None:
+                raise ProblemError(name, None, f"required, shape {shape}")
+            b = as_bits(a, name)
+            if tuple(b.shape) != shape:
+                raise ProblemError(name, tuple(b.shape), f"expected shape {shape}")
+            arrs[name] = b
+
+        def nk(a):
+            return cupy.ascontiguousarray(a.transpose(0, 2, 1))
+
+        dw = cls(cupy.ascontiguousarray(arrs["gate"]), nk(arrs["w1"]), nk(arrs["w3"]),
+                 nk(arrs["w2"]))
+        if s:
+            dw.sw1 = cupy.ascontiguousarray(cupy.concatenate(list(arrs["shared_w1"]), 1).T)
+            dw.sw3 = cupy.ascontiguousarray(cupy.concatenate(list(arrs["shared_w3"]), 1).T)
+            dw.sw2 = cupy.ascontiguousarray(cupy.concatenate(list(arrs["shared_w2"]), 0).T)
+        return dw
