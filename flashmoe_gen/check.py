@@ -31,11 +31,13 @@ class CheckResult:
 
 
 def check_layer(layer, x_bits: np.ndarray, weights: MoEWeights, comm=None,
-                seed: int = 0) -> CheckResult:
+                seed: int = 0, cache: dict | None = None) -> CheckResult:
     """Run ``layer`` once on ``x_bits`` (poisoned output) and compare on this rank.
 
     ``weights`` holds all experts (the reference needs every expert this rank's tokens
-    visit). Collective when ``comm`` is given: every rank must call it.
+    visit). Collective when ``comm`` is given: every rank must call it. ``cache`` (a dict
+    kept by the caller) reuses the float64 reference when the routing is the same, as it is
+    for every config of one problem and input.
     """
     import cupy
 
@@ -58,9 +60,16 @@ def check_layer(layer, x_bits: np.ndarray, weights: MoEWeights, comm=None,
     sel = [None] * p.world_size
     sel[layer.rank] = rows
     cap = layer.capacity if p.capacity_factor is not None else None
-    ref = moe_reference(p, xs, weights, topk_idx=idxs, capacity=cap, rows=sel)
+    key = (hash(idx.tobytes()), cap, None if rows is None else rows.tobytes())
+    if cache is not None and key in cache:
+        ref_out = cache[key]
+    else:
+        ref_out = moe_reference(p, xs, weights, topk_idx=idxs, capacity=cap,
+                                rows=sel).out[layer.rank]
+        if cache is not None:
+            cache[key] = ref_out
     finite = bool(np.isfinite(got).all())
-    err = relative_error(got if rows is None else got[rows], ref.out[layer.rank]) if t else 0.0
+    err = relative_error(got if rows is None else got[rows], ref_out) if t else 0.0
 
     own = route(p, x_bits, weights.gate)
     mismatches = 0

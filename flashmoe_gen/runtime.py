@@ -66,11 +66,13 @@ class FlashMoE:
     ``DeviceWeights`` (e.g. ``DeviceWeights.from_arrays`` on user/torch tensors, or another
     layer's ``.weights`` to share them); ``None`` draws random ones from ``seed`` (each expert
     from (seed, expert id), so every rank agrees with a host reference built from the same
-    seed). ``comm`` is required when ``problem.world_size > 1``.
+    seed). ``comm`` is required when ``problem.world_size > 1``. ``agree=False`` skips the
+    ranks' agreement check on problem and config (the tuner agrees by broadcasting them).
     """
 
     def __init__(self, problem: MoEProblem, config: KernelConfig | None = None,
-                 weights: MoEWeights | DeviceWeights | None = None, comm=None, seed: int = 0):
+                 weights: MoEWeights | DeviceWeights | None = None, comm=None, seed: int = 0,
+                 agree: bool = True):
         import cupy
 
         self.problem = problem
@@ -83,12 +85,14 @@ class FlashMoE:
             if comm.world_size != problem.world_size:
                 raise ProblemError("world_size", problem.world_size,
                                    f"must equal the number of MPI ranks ({comm.world_size})")
-            comm.agree("problem", problem.name)
+            if agree:
+                comm.agree("problem", problem.name)
         self.limits = current_device_limits()
         self.config = config or KernelConfig.default(problem, self.limits.arch)
         self.config.validate(problem, self.limits)
         if comm is not None:
-            comm.agree("config", self.config.name)
+            if agree:
+                comm.agree("config", self.config.name)
             if len(comm.streams) < self.config.comm_streams:
                 raise CommError(f"config wants {self.config.comm_streams} communication "
                                 f"streams, the Communicator has {len(comm.streams)}")

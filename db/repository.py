@@ -1,0 +1,237 @@
+"""Repository functions: each public one is a single transaction on an engine.
+
+Records returned are plain frozen dataclasses, detached from any session.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import TypeVar
+
+from sqlalchemy import Engine, case, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.problem import MoEProblem
+
+from .engine import make_engine, session_scope
+from .environment import Environment
+from .models import STATUSES, EnvironmentModel, ProblemModel, TrialModel, WinnerModel
+
+EngineLike = Engine | str | None
+_M = TypeVar("_M")
+
+
+class NearestTokensWarning(UserWarning):
+    """A winner tuned for another token count was used (no exact match)."""
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as plain values."""
+
+    trial_id: int
+    problem: MoEProblem
+    environment: Environment
+    config: KernelConfig
+    config_name: str
+    status: str
+    failure_reason: str | None
+    median_ms: float | None
+    p20_ms: float | None
+    p80_ms: float | None
+    rel_error: float | None
+    tflops: float | None
+    tokens_per_s: float | None
+    study_name: str | None
+    number: int | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class WinnerRecord(TrialRecord):
+    """The winning trial of a problem x environment, and when it last changed."""
+
+    updated_at: datetime
+
+
+def family_of(problem: MoEProblem) -> str:
+    """The problem's name with the token count set to a placeholder (0)."""
+    return problem.replace(tokens_per_rank=0).name
+
+
+def _engine(engine: EngineLike) -> Engine:
+    return engine if isinstance(engine, Engine) else make_engine(engine)
+
+
+def _finite(x: float | None) -> float | None:
+    # inf/NaN mean "no time" (a failed candidate is timed as inf); store them as NULL.
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _get_or_create(session: Session, model: type[_M], where, build: Callable[[], _M]) -> _M:
+    """Select by natural key, else insert; if a racing writer inserted first, re-select."""
+    row = session.scalars(select(model).where(where)).one_or_none()
+    if row is not None:
+        return row
+    try:
+        # A SAVEPOINT, so a unique-key collision undoes only this insert, not the trial.
+        with session.begin_nested():
+            row = build()
+            session.add(row)
+        return row
+    except IntegrityError:
+        return session.scalars(select(model).where(where)).one()
+
+
+def _problem_row(session: Session, problem: MoEProblem) -> ProblemModel:
+    return _get_or_create(
+        session, ProblemModel, ProblemModel.name == problem.name,
+        lambda: ProblemModel(name=problem.name, family=family_of(problem),
+                             tokens_per_rank=problem.tokens_per_rank, json=problem.to_json()))
+
+
+def _environment_row(session: Session, env: Environment) -> EnvironmentModel:
+    return _get_or_create(
+        session, EnvironmentModel, EnvironmentModel.key == env.key,
+        lambda: EnvironmentModel(key=env.key, **env.to_dict()))
+
+
+def _upsert_winner(session: Session, trial: TrialModel) -> None:
+    """Make ``trial`` the winner if it is ok and strictly faster than the current one."""
+    if trial.status != "ok" or trial.median_ms is None:
+        return
+    where = ((WinnerModel.problem_id == trial.problem_id)
+             & (WinnerModel.environment_id == trial.environment_id))
+    # FOR UPDATE serialises racing writers on PostgreSQL (SQLite: BEGIN IMMEDIATE already did).
+    query = select(WinnerModel).where(where).with_for_update(of=WinnerModel)
+    current = session.scalars(query).one_or_none()
+    if current is None:
+        try:
+            with session.begin_nested():
+                session.add(WinnerModel(problem_id=trial.problem_id,
+                                        environment_id=trial.environment_id, trial_id=trial.id))
+            return
+        except IntegrityError:
+            current = session.scalars(query).one()
+    best = current.trial.median_ms
+    if best is None or trial.median_ms < best:
+        current.trial_id = trial.id
+        session.flush()
+
+
+def record_trial(engine: EngineLike, problem: MoEProblem, env: Environment,
+                 config: KernelConfig, *, status: str, median_ms: float | None = None,
+                 p20_ms: float | None = None, p80_ms: float | None = None,
+                 rel_error: float | None = None, failure_reason: str | None = None,
+                 study_name: str | None = None, number: int | None = None) -> int:
+    """Store one trial and, in the same transaction, update the winner; returns the trial id."""
+    if status not in STATUSES:
+        raise ValueError(f"status={status!r} is invalid: choose one of {list(STATUSES)}")
+    median_ms = _finite(median_ms)
+    if status == "ok" and (median_ms is None or median_ms <= 0):
+        raise ValueError(f"an 'ok' trial needs a positive finite median_ms, got {median_ms!r}")
+    tflops = tokens_per_s = None
+    if status == "ok":
+        seconds = median_ms * 1e-3
+        tflops = problem.flops() * problem.world_size / seconds / 1e12
+        tokens_per_s = problem.world_size * problem.tokens_per_rank / seconds
+    with session_scope(_engine(engine)) as s:
+        prow = _problem_row(s, problem)
+        erow = _environment_row(s, env)
+        trial = TrialModel(
+            problem_id=prow.id, environment_id=erow.id, study_name=study_name, number=number,
+            config_name=config.name, config_json=config.to_json(), status=status,
+            failure_reason=failure_reason, median_ms=median_ms, p20_ms=_finite(p20_ms),
+            p80_ms=_finite(p80_ms), rel_error=_finite(rel_error), tflops=tflops,
+            tokens_per_s=tokens_per_s)
+        s.add(trial)
+        s.flush()
+        _upsert_winner(s, trial)
+        return trial.id
+
+
+def _trial_fields(t: TrialModel) -> dict:
+    return dict(
+        trial_id=t.id, problem=MoEProblem.from_json(t.problem.json),
+        environment=Environment.from_dict(
+            {f.name: getattr(t.environment, f.name) for f in fields(Environment)}),
+        config=KernelConfig.from_json(t.config_json), config_name=t.config_name,
+        status=t.status, failure_reason=t.failure_reason, median_ms=t.median_ms,
+        p20_ms=t.p20_ms, p80_ms=t.p80_ms, rel_error=t.rel_error, tflops=t.tflops,
+        tokens_per_s=t.tokens_per_s, study_name=t.study_name, number=t.number,
+        created_at=t.created_at)
+
+
+def _winner_record(w: WinnerModel) -> WinnerRecord:
+    return WinnerRecord(**_trial_fields(w.trial), updated_at=w.updated_at)
+
+
+def _winners_query(env_key: str | None = None):
+    q = (select(WinnerModel)
+         .join(ProblemModel, WinnerModel.problem_id == ProblemModel.id)
+         .join(EnvironmentModel, WinnerModel.environment_id == EnvironmentModel.id))
+    return q if env_key is None else q.where(EnvironmentModel.key == env_key)
+
+
+def find_winner(engine: EngineLike, problem: MoEProblem,
+                env: Environment) -> WinnerRecord | None:
+    """The winner for exactly this problem name and environment key, or None."""
+    with session_scope(_engine(engine), readonly=True) as s:
+        w = s.scalars(_winners_query(env.key).where(ProblemModel.name == problem.name)).first()
+        return None if w is None else _winner_record(w)
+
+
+def find_nearest(engine: EngineLike, problem: MoEProblem, env: Environment, *,
+                 warn: bool = True) -> tuple[WinnerRecord, MoEProblem] | None:
+    """The winner of the same family and environment whose token count is nearest in log
+    scale (ties: the larger count), with the problem it was tuned for; None if none.
+
+    May return the exact match. Warns (``NearestTokensWarning``) when the token count differs.
+    """
+    with session_scope(_engine(engine), readonly=True) as s:
+        rows = s.scalars(_winners_query(env.key)
+                         .where(ProblemModel.family == family_of(problem))).all()
+        if not rows:
+            return None
+        target = math.log(problem.tokens_per_rank + 1)
+        best = min(rows, key=lambda w: (abs(math.log(w.trial.problem.tokens_per_rank + 1)
+                                            - target), -w.trial.problem.tokens_per_rank))
+        record = _winner_record(best)
+    if warn and record.problem.tokens_per_rank != problem.tokens_per_rank:
+        warnings.warn(
+            f"no tuned winner for {problem.name} on {env.gpu_name} (environment {env.key}); "
+            f"using the one tuned for tokens_per_rank={record.problem.tokens_per_rank} "
+            f"(nearest to {problem.tokens_per_rank} in log scale)",
+            NearestTokensWarning, stacklevel=2)
+    return record, record.problem
+
+
+def list_winners(engine: EngineLike, env_key: str | None = None) -> list[WinnerRecord]:
+    """Every winner (of one environment if ``env_key``), by problem name."""
+    with session_scope(_engine(engine), readonly=True) as s:
+        q = _winners_query(env_key).order_by(ProblemModel.name, EnvironmentModel.key)
+        return [_winner_record(w) for w in s.scalars(q).all()]
+
+
+def trials_for(engine: EngineLike, problem: MoEProblem, env: Environment | None = None,
+               study_name: str | None = None) -> list[TrialRecord]:
+    """Trials of a problem (optionally one environment / study): fastest first, failed last."""
+    with session_scope(_engine(engine), readonly=True) as s:
+        q = (select(TrialModel)
+             .join(ProblemModel, TrialModel.problem_id == ProblemModel.id)
+             .join(EnvironmentModel, TrialModel.environment_id == EnvironmentModel.id)
+             .where(ProblemModel.name == problem.name))
+        if env is not None:
+            q = q.where(EnvironmentModel.key == env.key)
+        if study_name is not None:
+            q = q.where(TrialModel.study_name == study_name)
+        failed_last = case((TrialModel.status == "ok", 0), else_=1)
+        no_time_last = case((TrialModel.median_ms.is_(None), 1), else_=0)
+        q = q.order_by(failed_last, no_time_last, TrialModel.median_ms, TrialModel.id)
+        return [TrialRecord(**_trial_fields(t)) for t in s.scalars(q).unique().all()]

@@ -1,0 +1,138 @@
+"""One candidate config, evaluated on every rank: build, check once, time.
+
+Failures are values (Kernel Tuner style): a candidate that fails on any rank fails on all,
+with its reason, and the search goes on. Between stages the ranks compare notes (``gate``),
+so no rank enters a collective that another rank skipped.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+
+from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.errors import CommError, CompileError, ConfigError, DeviceError, ProblemError
+from flashmoe_gen.problem import MoEProblem
+
+OK, INVALID, COMPILE_FAILED, LAUNCH_FAILED, WRONG_ANSWER, TIMEOUT, FAILED = (
+    "ok", "invalid", "compile_failed", "launch_failed", "wrong_answer", "timeout", "failed")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    rel_error: float | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def value(self) -> float:
+        """What the sampler minimises: the median, or +inf for a failed candidate."""
+        return self.median_ms if self.ok and self.median_ms is not None else float("inf")
+
+
+def classify(exc: BaseException) -> str:
+    if isinstance(exc, CompileError):
+        return COMPILE_FAILED
+    if isinstance(exc, (ConfigError, ProblemError)):
+        return INVALID
+    if isinstance(exc, CommError):
+        return TIMEOUT if "did not finish" in str(exc) else FAILED
+    if isinstance(exc, DeviceError) or type(exc).__module__.startswith("cupy"):
+        return LAUNCH_FAILED
+    return FAILED
+
+
+def combine(outcomes: list[Outcome]) -> Outcome:
+    """Every rank's outcome -> the candidate's: the first failure wins, named by rank."""
+    bad = [(r, o) for r, o in enumerate(outcomes) if not o.ok]
+    if not bad:
+        return outcomes[0]  # timings are already the max over ranks, equal everywhere
+    r, o = bad[0]
+    reasons = "; ".join(f"rank {r}: {o.reason}" for r, o in bad)
+    return Outcome(o.status, reason=reasons[:2000])
+
+
+def gate(mpi, outcome: Outcome | None) -> Outcome | None:
+    """Collective: None if every rank is fine so far, else the combined failure."""
+    if mpi is None:
+        return outcome
+    everyone = mpi.allgather(outcome)
+    if all(o is None for o in everyone):
+        return None
+    return combine([o if o is not None else Outcome(OK) for o in everyone])
+
+
+def _failure(exc: BaseException) -> Outcome:
+    tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return Outcome(classify(exc), reason=tb[:1500])
+
+
+class LayerEvaluator:
+    """Evaluates candidates of one problem on this rank, sharing weights and inputs."""
+
+    def __init__(self, problem: MoEProblem, comm=None, *, seed: int = 0, warmup: int = 3,
+                 iters: int = 15, check: bool = True):
+        import cupy
+
+        from flashmoe_gen.device_weights import DeviceWeights
+        from flashmoe_gen.weights import MoEWeights, random_tokens
+
+        self.problem, self.comm = problem, comm
+        self.rank = comm.rank if comm is not None else 0
+        self.mpi = comm.mpi if comm is not None else None
+        self.warmup, self.iters, self.check, self.seed = warmup, iters, check, seed
+        self.host_weights = MoEWeights.random(problem, seed) if check else None
+        local = range(self.rank * problem.local_experts, (self.rank + 1) * problem.local_experts)
+        self.weights = DeviceWeights.from_host(
+            problem, self.host_weights or MoEWeights.random(problem, seed, local), self.rank)
+        self.x_bits = random_tokens(problem.tokens_per_rank, problem.hidden,
+                                    seed=seed * 1000 + self.rank + 1)
+        self.x = cupy.asarray(self.x_bits)
+        self._ref_cache: dict = {}
+
+    def __call__(self, config: KernelConfig) -> Outcome:
+        from flashmoe_gen.check import TOLERANCE, check_layer
+        from flashmoe_gen.runtime import FlashMoE
+        from flashmoe_gen.tuner.bench import time_callable
+
+        layer, failed = None, None
+        try:
+            layer = FlashMoE(self.problem, config, weights=self.weights, comm=self.comm,
+                             agree=False)
+        except Exception as e:  # a failed candidate is a result, not a crash
+            failed = _failure(e)
+        if (failed := gate(self.mpi, failed)) is not None:
+            return failed
+
+        rel = None
+        if self.check:
+            try:
+                res = check_layer(layer, self.x_bits, self.host_weights, None, self.seed,
+                                  self._ref_cache)
+                rel = res.rel_error
+                if not res.finite or res.rel_error > TOLERANCE or res.routing_mismatches:
+                    failed = Outcome(WRONG_ANSWER, rel_error=rel, reason=(
+                        f"rel err {res.rel_error:.3e} (tol {TOLERANCE}), finite={res.finite}, "
+                        f"routing mismatches {res.routing_mismatches}"))
+            except Exception as e:
+                failed = _failure(e)
+            if (failed := gate(self.mpi, failed)) is not None:
+                return failed
+            if self.mpi is not None:
+                rel = max(self.mpi.allgather(rel))
+
+        try:
+            t = time_callable(lambda: layer.forward(self.x), warmup=self.warmup,
+                              iters=self.iters, comm=self.comm)
+        except Exception as e:
+            # time_callable's only collective is its last one, so a rank that raised
+            # before it could strand the others: end the whole run instead of hanging.
+            raise CommError(f"rank {self.rank}: timing {config.name} failed: {e}") from e
+        return Outcome(OK, t.median_ms, t.p20_ms, t.p80_ms, rel)

@@ -1,0 +1,119 @@
+"""The search space: every KernelConfig knob, its candidate values, and the constraints.
+
+Parameters are flat (``gu_bm``, ``gu_w`` = "4x2", ``dn_s``, ``chunks`` …) so that Optuna's
+samplers see independent categorical knobs; a combination that breaks a constraint
+(shared memory, registers, divisibility, tile larger than the problem) is rejected by
+``check`` before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from flashmoe_gen.arch import DeviceLimits, limits_for
+from flashmoe_gen.config import GemmTile, KernelConfig
+from flashmoe_gen.errors import ConfigError
+from flashmoe_gen.problem import MoEProblem
+
+#: Candidate values per knob ("full" space). Warp grids are "MxN".
+FULL = {
+    "gu_bm": (32, 64, 128, 256), "gu_bn": (32, 64, 128), "gu_bk": (32, 64),
+    "gu_w": ("1x2", "2x1", "2x2", "4x1", "2x4", "4x2"), "gu_s": (2, 3, 4),
+    "dn_bm": (32, 64, 128, 256), "dn_bn": (64, 128, 256), "dn_bk": (32, 64),
+    "dn_w": ("1x2", "2x1", "2x2", "1x4", "2x4", "4x2"), "dn_s": (2, 3, 4),
+    "router": (4, 8, 16), "chunks": (1, 2, 4), "streams": (1, 2), "shared_stream": (True, False),
+}
+#: A smaller space for exhaustive (grid) sweeps and sampler comparisons.
+SMALL = {
+    "gu_bm": (64, 128), "gu_bn": (64, 128), "gu_bk": (64,), "gu_w": ("2x2", "4x2"),
+    "gu_s": (3, 4), "dn_bm": (64, 128), "dn_bn": (64, 128), "dn_bk": (64,),
+    "dn_w": ("2x4", "4x2"), "dn_s": (3, 4), "router": (8,), "chunks": (1,), "streams": (1,),
+    "shared_stream": (True,),
+}
+SPACES = {"full": FULL, "small": SMALL}
+
+#: Configs that did well on H100 (bench/results): enqueued first when valid for a problem.
+KNOWN_GOOD = (
+    "gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3__r8__c1__cs1__ss1",
+    "gu_bm64_bn64_bk64_w2x2_s3__dn_bm64_bn128_bk64_w2x4_s3__r8__c1__cs1__ss1",
+    "gu_bm128_bn128_bk64_w2x4_s3__dn_bm128_bn128_bk64_w2x4_s4__r8__c2__cs1__ss1",
+)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    problem: MoEProblem
+    limits: DeviceLimits
+    choices: dict[str, tuple] = field(default_factory=lambda: dict(FULL))
+
+    @classmethod
+    def for_problem(cls, problem: MoEProblem, limits: DeviceLimits | str = "sm_90",
+                    size: str = "full") -> SearchSpace:
+        if isinstance(limits, str):
+            limits = limits_for(limits)
+        if size not in SPACES:
+            raise ConfigError("space", size, f"choose one of {sorted(SPACES)}")
+        choices = dict(SPACES[size])
+        if problem.world_size == 1:  # nothing to chunk or stream across peers
+            choices["chunks"], choices["streams"] = (1,), (1,)
+        if not problem.shared_experts:
+            choices["shared_stream"] = (True,)
+        return cls(problem, limits, choices)
+
+    # -- params <-> config ---------------------------------------------------------------
+    @staticmethod
+    def config_from_params(params: dict) -> KernelConfig:
+        def tile(prefix: str) -> GemmTile:
+            wm, wn = (int(v) for v in params[f"{prefix}_w"].split("x"))
+            return GemmTile(params[f"{prefix}_bm"], params[f"{prefix}_bn"], params[f"{prefix}_bk"],
+                            wm, wn, params[f"{prefix}_s"])
+
+        return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
+                            params["streams"], params["shared_stream"])
+
+    @staticmethod
+    def params_from_config(cfg: KernelConfig) -> dict:
+        p = {}
+        for prefix, t in (("gu", cfg.gate_up), ("dn", cfg.down)):
+            p |= {f"{prefix}_bm": t.bm, f"{prefix}_bn": t.bn, f"{prefix}_bk": t.bk,
+                  f"{prefix}_w": f"{t.warps_m}x{t.warps_n}", f"{prefix}_s": t.stages}
+        return p | {"router": cfg.router_tokens_per_block, "chunks": cfg.chunks_per_peer,
+                    "streams": cfg.comm_streams, "shared_stream": cfg.shared_stream}
+
+    def contains(self, cfg: KernelConfig) -> bool:
+        return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
+
+    # -- constraints ---------------------------------------------------------------------
+    def check(self, params: dict) -> str | None:
+        """None when valid, else the reason (names the knob and the limit)."""
+        try:
+            self.config_from_params(params).validate(self.problem, self.limits)
+        except ConfigError as e:
+            return str(e)
+        return None
+
+    def valid_configs(self) -> Iterator[KernelConfig]:
+        keys = list(self.choices)
+        for values in itertools.product(*(self.choices[k] for k in keys)):
+            params = dict(zip(keys, values, strict=True))
+            if self.check(params) is None:
+                yield self.config_from_params(params)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for v in self.choices.values():
+            n *= len(v)
+        return n
+
+    def seeds(self, arch: str | None = None) -> list[KernelConfig]:
+        """The heuristic default and the known-good configs that fit: the first trials."""
+        out = [KernelConfig.default(self.problem, arch or self.limits.arch)]
+        for name in KNOWN_GOOD:
+            cfg = KernelConfig.from_name(name)
+            if cfg not in out and self.contains(cfg) and \
+                    self.check(self.params_from_config(cfg)) is None:
+                out.append(cfg)
+        return out
