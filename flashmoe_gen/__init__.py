@@ -13,7 +13,14 @@ from .errors import (  # noqa: E402
 )
 from .problem import MoEProblem  # noqa: E402
 
+
+def lookup(problem, world_size=None, device=None, db=None):
+    """Best known kernel for ``problem`` (see ``flashmoe_gen.api.lookup``)."""
+    from .api import lookup as _lookup
+    return _lookup(problem, world_size=world_size, device=device, db=db)
+
+
 __all__ = [
     "CommError", "CompileError", "ConfigError", "DeviceError", "FlashMoEError", "GemmTile",
-    "KernelConfig", "MoEProblem", "ProblemError", "__version__",
+    "KernelConfig", "MoEProblem", "ProblemError", "__version__", "lookup",
 ]

@@ -129,6 +129,14 @@ def render(problem: MoEProblem, config: KernelConfig, *, validate: bool = True,
                            files={"moe_module.cu": code})
 
 
+def template_hash() -> str:
+    """Hash of every template file: part of a tuning environment's identity."""
+    h = hashlib.sha256()
+    for name in sorted(_ENV.list_templates(extensions=["j2"])):
+        h.update(name.encode() + b"\0" + _ENV.loader.get_source(_ENV, name)[0].encode())
+    return h.hexdigest()[:16]
+
+
 def render_template(name: str, **variables) -> str:
     """Render another template of the package (export host code)."""
     return _ENV.get_template(name).render(**variables)

@@ -103,7 +103,13 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     problem = problem_from_args(a)
     arch = resolve_arch(a)
-    cfg = config_from_args(a, problem, arch)
+    if a.best:
+        from flashmoe_gen.api import lookup
+        k = lookup(problem, device=a.device, db=a.db)
+        cfg = k.config
+        print(f"best known config ({k.provenance}): {cfg.name}")
+    else:
+        cfg = config_from_args(a, problem, arch)
     path = a.output or f"{problem.name}.cu"
     export_cu(problem, cfg, path, with_main=a.with_main)
     print(f"wrote {path} ({problem.name}, {cfg.name})")
@@ -130,19 +136,69 @@ def relaunch_under_mpirun(gpus: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def _args_after(sub: str) -> list[str]:
+    """This command's own flags (``flashmoe-tune [sub] FLAGS``), to relaunch under mpirun."""
+    args = sys.argv[1:]
+    return args[1:] if args and args[0] == sub else args
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from flashmoe_gen.tuner.run_layer import run_layer
 
     if a.gpus > 1 and not _under_mpirun():
-        return relaunch_under_mpirun(a.gpus, sys.argv[1:])
+        return relaunch_under_mpirun(a.gpus, ["run", *_args_after("run")])
     return run_layer(a)
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
-    print("flashmoe-tune tune: the Optuna search and the winners database are not built yet "
-          "(they arrive with the autotuning work). Today: `flashmoe-tune compile`, "
-          "`flashmoe-tune export`, `flashmoe-tune run`.", file=sys.stderr)
-    return 2
+    from flashmoe_gen.tuner.tune_cmd import run_tune
+
+    if a.gpus > 1 and not _under_mpirun():
+        return relaunch_under_mpirun(a.gpus, ["tune", *_args_after("tune")])
+    return run_tune(a)
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flashmoe_gen.db import list_winners, make_engine
+
+    t = Table(title="tuned winners")
+    for col in ("problem", "GPU x P", "median ms", "TFLOP/s", "M tok/s", "config", "updated"):
+        t.add_column(col)
+    for w in list_winners(make_engine(a.db)):
+        t.add_row(w.problem.name, f"{w.environment.gpu_name} x {w.environment.world_size}",
+                  f"{w.median_ms:.4f}", f"{w.tflops or 0:.1f}",
+                  f"{(w.tokens_per_s or 0) / 1e6:.2f}", w.config_name,
+                  w.updated_at.strftime("%Y-%m-%d %H:%M"))
+    Console(width=220).print(t)
+    return 0
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flashmoe_gen.api import lookup
+    from flashmoe_gen.db import make_engine, trials_for
+
+    problem = problem_from_args(a)
+    engine = make_engine(a.db)
+    k = lookup(problem, device=a.device, db=engine)
+    console = Console(width=220)
+    console.print(f"{problem.name}: {k.provenance}; config {k.config.name}"
+                  + (f"; {k.latency_ms:.4f} ms" if k.latency_ms else ""))
+    t = Table(title="trials")
+    for col in ("status", "median ms", "p20", "p80", "GPU x P", "config", "reason"):
+        t.add_column(col)
+    for tr in trials_for(engine, k.tuned_for or problem)[: a.limit]:
+        t.add_row(tr.status, f"{tr.median_ms:.4f}" if tr.median_ms else "-",
+                  f"{tr.p20_ms:.4f}" if tr.p20_ms else "-", f"{tr.p80_ms:.4f}" if tr.p80_ms
+                  else "-", f"{tr.environment.gpu_name} x {tr.environment.world_size}",
+                  tr.config_name, (tr.failure_reason or "")[:60])
+    console.print(t)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", default=None, help="output path (default: <problem>.cu)")
     e.add_argument("--with-main", action="store_true",
                    help="add an MPI+NCCL harness main() that runs and times the layer")
+    e.add_argument("--best", action="store_true",
+                   help="use the best tuned config from the database (lookup) instead of --config")
+    e.add_argument("--db", default=None, help="winners database URL (default $FLASHMOE_DB or "
+                   "the user cache)")
+    e.add_argument("--device", default=None,
+                   help="GPU name to look up for --best (default: this GPU)")
     e.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("run", help="build the layer on every rank, check it once, time it")
@@ -175,12 +237,51 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-check", action="store_true", help="skip the reference check")
     r.set_defaults(fn=cmd_run)
 
-    t = sub.add_parser("tune", help="search configs (not available yet)")
+    t = sub.add_parser("tune", help="search configs with Optuna on every rank; store the winner")
+    add_problem_args(t)
+    t.add_argument("--gpus", type=int, default=1,
+                   help="ranks/GPUs; without mpirun, >1 launches mpirun itself")
+    t.add_argument("--trials", type=int, default=30,
+                   help="candidates to evaluate (a resumed study counts its earlier ones)")
+    t.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    t.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid", "cmaes"],
+                   help="Optuna sampler (grid sweeps the whole space; use --space small)")
+    t.add_argument("--space", default="full", choices=["full", "small"],
+                   help="search space: every knob, or a small one for grid sweeps")
+    t.add_argument("--study-name", default=None,
+                   help="Optuna study name (default: problem, space and environment)")
+    t.add_argument("--storage", default=None, help="Optuna storage URL (default "
+                   "$FLASHMOE_STUDIES or a SQLite file in the user cache)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    t.add_argument("--db", default=None, help="winners database URL (default $FLASHMOE_DB "
+                   "or the user cache)")
+    t.add_argument("--plot", default=None,
+                   help="write the optimization history: .html (plotly) or .png (matplotlib)")
+    t.add_argument("--seed", type=int, default=0, help="seed of sampler, weights and tokens")
+    t.add_argument("--warmup", type=int, default=3, help="warm-up runs per candidate")
+    t.add_argument("--iters", type=int, default=15, help="timed runs per candidate (median)")
     t.set_defaults(fn=cmd_tune)
+
+    ls = sub.add_parser("list", help="table of tuned winners")
+    ls.add_argument("--db", default=None, help="winners database URL")
+    ls.set_defaults(fn=cmd_list)
+
+    sh = sub.add_parser("show", help="best kernel for a problem, with its trials")
+    add_problem_args(sh)
+    sh.add_argument("--db", default=None, help="winners database URL")
+    sh.add_argument("--device", default=None, help="GPU name (default: this GPU)")
+    sh.add_argument("--limit", type=int, default=20, help="trials to show")
+    sh.set_defaults(fn=cmd_show)
     return ap
 
 
+SUBCOMMANDS = ("compile", "export", "run", "tune", "list", "show")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "tune")  # `flashmoe-tune --gpus 2 ...` is the tuning job itself
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -1,0 +1,48 @@
+"""Tuning on one GPU: the real evaluator, a short study, the winner found again by lookup."""
+
+import pytest
+
+from flashmoe_gen import MoEProblem, lookup
+from flashmoe_gen.config import GemmTile, KernelConfig
+
+pytestmark = pytest.mark.gpu
+P = MoEProblem(512, 1024, 8, 2, shared_experts=1, tokens_per_rank=200)
+
+
+def test_evaluator_times_good_and_reports_bad_configs():
+    from flashmoe_gen.tuner.objective import LayerEvaluator
+
+    ev = LayerEvaluator(P, None, seed=1, warmup=1, iters=5)
+    good = ev(KernelConfig.default(P))
+    assert good.ok and 0 < good.p20_ms <= good.median_ms <= good.p80_ms
+    assert good.rel_error < 1e-2
+    # Shared memory over the limit is rejected before any compile or launch.
+    huge = KernelConfig(GemmTile(256, 128, 64, 4, 2, 6), KernelConfig.default(P).down)
+    bad = ev(huge)
+    assert bad.status == "invalid" and "shared memory" in bad.reason
+
+
+def test_short_study_records_winner_and_lookup_returns_it(tmp_path):
+    from flashmoe_gen.db import Environment, make_engine, record_trial
+    from flashmoe_gen.render import template_hash
+    from flashmoe_gen.tuner.objective import LayerEvaluator
+    from flashmoe_gen.tuner.space import SearchSpace
+    from flashmoe_gen.tuner.study import run_study
+
+    engine = make_engine(f"sqlite:///{tmp_path}/w.db")
+    env = Environment.detect(1, template_hash())
+    space = SearchSpace.for_problem(P, env.arch, "small")
+
+    def record(res, best):
+        o = res.outcome
+        record_trial(engine, P, env, res.config, status=o.status, median_ms=o.median_ms,
+                     p20_ms=o.p20_ms, p80_ms=o.p80_ms, rel_error=o.rel_error,
+                     failure_reason=o.reason)
+
+    res = run_study(P, LayerEvaluator(P, None, warmup=1, iters=5), space=space,
+                    study_name="gpu", sampler="random", n_trials=5,
+                    storage=f"sqlite:///{tmp_path}/s.db", on_trial=record)
+    assert res.best is not None and res.best.outcome.ok
+    k = lookup(P, device=env, db=engine)
+    assert k.provenance == "exact" and k.config == res.best.config
+    assert k.latency_ms == pytest.approx(res.best.outcome.median_ms)

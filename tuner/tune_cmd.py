@@ -1,0 +1,138 @@
+"""``flashmoe-tune tune``: the search on every rank, the report and the winner on rank 0."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+
+def default_storage_url() -> str:
+    """Optuna's study storage: ``$FLASHMOE_STUDIES`` or a SQLite file in the user cache."""
+    if os.environ.get("FLASHMOE_STUDIES"):
+        return os.environ["FLASHMOE_STUDIES"]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flashmoe_gen"
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'studies.db'}"
+
+
+def run_tune(a: argparse.Namespace) -> int:
+    import optuna
+
+    from flashmoe_gen.arch import current_device_limits
+    from flashmoe_gen.comm import Communicator, mpi_world
+    from flashmoe_gen.errors import CommError
+    from flashmoe_gen.tuner.cli import problem_from_args
+    from flashmoe_gen.tuner.objective import LayerEvaluator
+    from flashmoe_gen.tuner.space import SearchSpace
+    from flashmoe_gen.tuner.study import run_study
+
+    world = mpi_world()
+    P, rank = world.Get_size(), world.Get_rank()
+    if a.gpus != P:
+        raise CommError(f"--gpus {a.gpus} but {P} MPI rank(s)")
+    problem = problem_from_args(a, world_size=P)
+    limits = current_device_limits()
+    space = SearchSpace.for_problem(problem, limits, a.space)
+    comm = Communicator(world, n_streams=max(space.choices["streams"])) if P > 1 else None
+    evaluator = LayerEvaluator(problem, comm, seed=a.seed, warmup=a.warmup, iters=a.iters)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    env = engine = None
+    on_trial = None
+    progress = None
+    if rank == 0:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from flashmoe_gen.db import Environment, make_engine, record_trial
+        from flashmoe_gen.render import template_hash
+        env = Environment.detect(P, template_hash())
+        engine = make_engine(a.db)
+        study_name = a.study_name or f"{problem.name}__{a.space}__{env.key}"
+        progress = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(),
+                            TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
+        task = progress.add_task("tune", total=a.trials, best="-")
+        progress.start()
+
+        def on_trial(res, best):
+            o = res.outcome
+            record_trial(engine, problem, env, res.config, status=o.status,
+                         median_ms=o.median_ms, p20_ms=o.p20_ms, p80_ms=o.p80_ms,
+                         rel_error=o.rel_error, failure_reason=o.reason,
+                         study_name=study_name, number=res.number)
+            progress.update(task, advance=1, best=f"{best.outcome.median_ms:.4f} ms" if best
+                            else "-")
+    else:
+        study_name = None
+    study_name = world.bcast(study_name, root=0)
+    storage = a.storage or default_storage_url()
+    t0 = time.monotonic()
+    try:
+        res = run_study(problem, evaluator, mpi=world if P > 1 else None, space=space,
+                        study_name=study_name, sampler=a.sampler, n_trials=a.trials,
+                        timeout_s=a.timeout, storage=storage if rank == 0 else None,
+                        resume=a.resume, seed=a.seed, on_trial=on_trial)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if rank == 0:
+        report(problem, res, study_name, storage, env, a, time.monotonic() - t0)
+    if comm is not None:
+        comm.barrier()
+        comm.close()
+    return 0
+
+
+def report(problem, res, study_name: str, storage: str, env, a, seconds: float) -> None:
+    """Top configs, the default vs the best, and a plot of the search."""
+    import optuna
+    from rich.console import Console
+    from rich.table import Table
+
+    from flashmoe_gen.config import KernelConfig
+
+    console = Console(width=200)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+                  key=lambda t: t.value)
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL
+              and t.user_attrs.get("status") not in ("invalid", None)]
+    console.print(f"{problem.name} on {env.gpu_name} x {problem.world_size}: "
+                  f"{len(done)} ok, {len(failed)} failed trials in study {study_name} "
+                  f"({seconds:.0f} s this run)")
+    t = Table(title="top configs (median of max-over-ranks latency)")
+    for col in ("#", "trial", "median ms", "p20", "p80", "rel err", "config"):
+        t.add_column(col)
+    for i, tr in enumerate(done[:10]):
+        u = tr.user_attrs
+        t.add_row(str(i + 1), str(tr.number), f"{tr.value:.4f}", f"{u.get('p20_ms', 0):.4f}",
+                  f"{u.get('p80_ms', 0):.4f}", f"{u.get('rel_error', 0):.1e}",
+                  u.get("config", ""))
+    console.print(t)
+    default = KernelConfig.default(problem, env.arch).name
+    dflt = [tr for tr in done if tr.user_attrs.get("config") == default]
+    if done and dflt:
+        console.print(f"heuristic default {dflt[0].value:.4f} ms, best {done[0].value:.4f} ms: "
+                      f"{dflt[0].value / done[0].value:.2f}x faster")
+    for tr in failed[:5]:
+        console.print(f"failed trial {tr.number} ({tr.user_attrs.get('status')}): "
+                      f"{tr.user_attrs.get('reason', '')[:160]}")
+    if a.plot and done:
+        try:
+            path = Path(a.plot)
+            if path.suffix == ".png":
+                import matplotlib
+                matplotlib.use("Agg")
+                ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+                ax.set_ylabel("median latency, ms (max over ranks)")
+                ax.figure.savefig(path, dpi=110, bbox_inches="tight")
+            else:  # self-contained HTML (plotly.js embedded): opens offline
+                fig = optuna.visualization.plot_optimization_history(study)
+                fig.write_html(str(path), include_plotlyjs=True)
+            console.print(f"plot of the search: {path}")
+        except Exception as e:  # plotting is a report extra: never fail the run for it
+            console.print(f"no plot ({type(e).__name__}: {e}); pip install plotly")
+    if done:
+        console.print(f"winner stored in {a.db or 'the default database'}: "
+                      f"{done[0].user_attrs.get('config')}")
