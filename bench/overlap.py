@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=None, help="markdown table to write (rank 0)")
     ap.add_argument("--json", default=None, help="raw numbers as JSON (rank 0)")
+    ap.add_argument("--commit", default=None, help="git commit to name in the table")
     a = ap.parse_args()
 
     import cupy
@@ -120,8 +121,8 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     if rank == 0:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or "unknown"
+        commit = a.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True).stdout.strip()
         head = (f"# Overlap benchmark: {P} x {card}, {datetime.date.today()}, commit {commit}\n\n"
                 f"bf16, median of {a.iters} iterations after {a.warmup} warm-ups (CUDA events, "
                 "max over ranks per iteration). (a) layer, (b) serialized, (c) comm alone, "

@@ -101,13 +101,14 @@ def open_study(study_name: str, storage: str | None, sampler: optuna.samplers.Ba
 def run_study(problem: MoEProblem, evaluate: Callable[[KernelConfig], Outcome], *,
               mpi=None, space: SearchSpace, study_name: str, sampler: str = "tpe",
               n_trials: int = 30, timeout_s: float | None = None, storage: str | None = None,
-              resume: bool = False, seed: int = 0,
+              resume: bool = False, seed: int = 0, enqueue_seeds: bool = True,
               on_trial: Callable[[TrialResult, TrialResult | None], None] | None = None,
               ) -> StudyResult | None:
     """Collective. Returns the result on rank 0, None on the other ranks.
 
     ``n_trials`` counts evaluated candidates (including earlier runs of a resumed
     study); invalid combinations are rejected before compiling and do not count.
+    ``enqueue_seeds``: evaluate the heuristic default and known-good configs first.
     """
     rank = mpi.Get_rank() if mpi is not None else 0
     if rank != 0:
@@ -131,7 +132,7 @@ def run_study(problem: MoEProblem, evaluate: Callable[[KernelConfig], Outcome], 
     evaluated = sum(1 for t in study.trials
                     if t.user_attrs.get("status") not in (None, INVALID, INTERRUPTED)
                     and t.state in (TrialState.COMPLETE, TrialState.FAIL))
-    if sampler != "grid":
+    if sampler != "grid" and enqueue_seeds:
         for cfg in space.seeds():
             if space.contains(cfg):
                 study.enqueue_trial(space.params_from_config(cfg), skip_if_exists=True)

@@ -1,0 +1,174 @@
+"""FlashDMoE's setting (H=2048, I=2048, top-2, bf16): our layer vs the PyTorch EP baseline.
+
+Run under mpirun on P GPUs (one per rank); each run appends its rows to a JSON file, so
+weak scaling comes from running P = 2, 4, 8 into the same file, then ``--plot``:
+
+    mpirun -np 4 python bench/scaling.py --json scaling.json
+    python bench/scaling.py --plot scaling.json --out bench/results/scaling
+Config: the tuned winner from the database when there is one (lookup), else the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+EXPERTS = (8, 32, 64, 128)
+TOKENS = (1024, 4096, 16384)
+
+
+def measure_one(p, cfg, comm, a) -> dict:
+    """Ours and the torch baseline on the same weights and tokens; every rank calls it."""
+    import cupy
+    import torch
+    from torch_ep import TorchEP
+
+    from flashmoe_gen import bf16
+    from flashmoe_gen.reference import relative_error
+    from flashmoe_gen.runtime import FlashMoE
+    from flashmoe_gen.tuner.bench import time_callable
+    from flashmoe_gen.weights import random_tokens
+
+    layer = FlashMoE(p, cfg, comm=comm, seed=1)
+    x = cupy.asarray(random_tokens(p.tokens_per_rank, p.hidden, seed=7 + comm.rank))
+    base = TorchEP(layer)
+    xt = torch.from_dlpack(x).view(torch.bfloat16)
+    ours, theirs = layer.forward(x), base(xt)
+    torch.cuda.synchronize()
+    agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64),
+                           theirs.float().cpu().numpy().astype(np.float64))
+    agree = max(comm.mpi.allgather(agree))
+    kw = dict(warmup=a.warmup, iters=a.iters, comm=comm)
+    ms = time_callable(lambda: layer.forward(x), **kw).median_ms
+    ms_t = time_callable(lambda: base(xt), **kw).median_ms
+    n = comm.world_size * p.tokens_per_rank
+    return dict(ours_ms=round(ms, 4), torch_ms=round(ms_t, 4), speedup=round(ms_t / ms, 3),
+                ours_mtok_s=round(n / ms / 1e3, 3), torch_mtok_s=round(n / ms_t / 1e3, 3),
+                agree_torch=float(f"{agree:.2e}"))
+
+
+def measure_all(a) -> list[dict]:
+    import warnings
+
+    import cupy
+    import torch
+    from overlap import floor_ms
+    from torch_ep import init_torch_dist
+
+    from flashmoe_gen.api import lookup
+    from flashmoe_gen.comm import Communicator
+    from flashmoe_gen.problem import MoEProblem
+
+    comm = Communicator(n_streams=2)
+    P, rank = comm.world_size, comm.rank
+    init_torch_dist(comm.mpi, comm.device.id)
+    card = cupy.cuda.runtime.getDeviceProperties(comm.device.id)["name"].decode()
+    rows = []
+    for e in a.experts:
+        for t in a.tokens:
+            p = MoEProblem(2048, 2048, e, 2, world_size=P, tokens_per_rank=t)
+            k = None
+            if rank == 0:
+                with warnings.catch_warnings(record=True):  # a default is fine here
+                    k = lookup(p, device=card, db=a.db)
+            k = comm.mpi.bcast(k, root=0)
+            row = dict(card=card, gpus=P, experts=e, tokens_per_gpu=t, config=k.config.name,
+                       config_source=k.provenance, floor_ms=round(floor_ms(p), 4),
+                       **measure_one(p, k.config, comm, a))
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+            cupy.get_default_memory_pool().free_all_blocks()
+            torch.cuda.empty_cache()
+    comm.barrier()
+    import torch.distributed as dist
+    dist.destroy_process_group()
+    comm.close()
+    return rows if rank == 0 else []
+
+
+def plot(rows: list[dict], out: str, commit: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    card = rows[0]["card"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    gpus = sorted({r["gpus"] for r in rows})
+    for e in sorted({r["experts"] for r in rows}):
+        for g in gpus[-1:]:
+            sel = sorted((r for r in rows if r["experts"] == e and r["gpus"] == g),
+                         key=lambda r: r["tokens_per_gpu"])
+            ts = [r["tokens_per_gpu"] for r in sel]
+            axes[0].plot(ts, [r["ours_ms"] for r in sel], "o-", label=f"ours E={e}")
+            axes[0].plot(ts, [r["torch_ms"] for r in sel], "x--", label=f"torch E={e}")
+            axes[1].plot(ts, [r["ours_mtok_s"] for r in sel], "o-", label=f"ours E={e}")
+            axes[1].plot(ts, [r["torch_mtok_s"] for r in sel], "x--", label=f"torch E={e}")
+    for e in sorted({r["experts"] for r in rows}):
+        for t in sorted({r["tokens_per_gpu"] for r in rows}):
+            sel = sorted((r for r in rows if r["experts"] == e and r["tokens_per_gpu"] == t),
+                         key=lambda r: r["gpus"])
+            if len(sel) > 1:
+                axes[2].plot([r["gpus"] for r in sel], [r["ours_ms"] for r in sel], "o-",
+                             label=f"E={e}, T={t}")
+    for ax, title, ylab in ((axes[0], f"latency, {gpus[-1]} GPUs", "ms"),
+                            (axes[1], f"throughput, {gpus[-1]} GPUs", "M tokens/s"),
+                            (axes[2], "weak scaling (ours)", "ms")):
+        ax.set_title(title)
+        ax.set_ylabel(ylab)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    axes[0].set_xscale("log", base=2)
+    axes[1].set_xscale("log", base=2)
+    axes[0].set_xlabel("tokens per GPU")
+    axes[1].set_xlabel("tokens per GPU")
+    axes[2].set_xlabel("GPUs")
+    fig.suptitle(f"H=2048, I=2048, top-2, bf16 on {card}, {datetime.date.today()}, "
+                 f"commit {commit}")
+    fig.savefig(out + ".png", dpi=100, bbox_inches="tight")
+    cols = ["gpus", "experts", "tokens_per_gpu", "ours_ms", "torch_ms", "speedup",
+            "ours_mtok_s", "torch_mtok_s", "floor_ms", "agree_torch", "config_source"]
+    md = [f"# H=2048, I=2048, top-2, bf16: FlashMoE vs PyTorch EP on {card}",
+          "", f"{datetime.date.today()}, commit {commit}. Median of CUDA-event timings (max "
+          "over ranks per iteration). speedup = torch / ours. floor = per-rank max(FLOPs/790 "
+          "TFLOP/s, bytes/3.0 TB/s). agree = rel. diff of the two outputs.", "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in sorted(rows, key=lambda r: (r["gpus"], r["experts"], r["tokens_per_gpu"])):
+        md.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    Path(out + ".md").write_text("\n".join(md) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experts", type=lambda s: [int(v) for v in s.split(",")],
+                    default=list(EXPERTS))
+    ap.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")],
+                    default=list(TOKENS))
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--db", default=None, help="winners database for lookup()")
+    ap.add_argument("--json", default="scaling.json", help="rows are appended here")
+    ap.add_argument("--plot", default=None, help="JSON file to plot instead of measuring")
+    ap.add_argument("--out", default="scaling", help="plot/table path stem")
+    ap.add_argument("--commit", default="unknown")
+    a = ap.parse_args()
+    if a.plot:
+        plot(json.loads(Path(a.plot).read_text()), a.out, a.commit)
+        return 0
+    rows = measure_all(a)
+    if rows:
+        path = Path(a.json)
+        old = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(old + rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
