@@ -24,6 +24,8 @@ DSV2_LITE = MoEProblem(2048, 1408, 64, 6, shared_experts=2, tokens_per_rank=512)
 RAGGED = MoEProblem(1024, 704, 16, 4, shared_experts=1, shared_intermediate=512,
                     tokens_per_rank=333)
 GPT_OSS_LIKE = MoEProblem(2880, 2880, 60, 4, tokens_per_rank=200)
+MANY_EXPERTS = MoEProblem(2048, 2048, 128, 2, tokens_per_rank=512)
+DSV3_LIKE = MoEProblem(1024, 512, 256, 8, shared_experts=1, tokens_per_rank=300)
 
 
 def _layer(problem, config=None, weights=None, seed=0):
@@ -59,8 +61,9 @@ def _run_checked(layer, x_bits: np.ndarray, weights: MoEWeights, capacity: int |
 
 
 @pytest.mark.parametrize("problem,tokens", [
-    (SEED_EXAMPLE, 256), (DSV2_LITE, 512), (RAGGED, 333), (GPT_OSS_LIKE, 200)],
-    ids=["seed", "dsv2lite", "ragged333", "h2880_e60"])
+    (SEED_EXAMPLE, 256), (DSV2_LITE, 512), (RAGGED, 333), (GPT_OSS_LIKE, 200),
+    (MANY_EXPERTS, 512), (DSV3_LIKE, 300)],
+    ids=["seed", "dsv2lite", "ragged333", "h2880_e60", "e128", "e256_k8"])
 def test_layer_world_size_1(problem, tokens):
     w = MoEWeights.random(problem, seed=tokens)
     layer = _layer(problem, weights=w)
