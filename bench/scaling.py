@@ -25,7 +25,10 @@ TOKENS = (1024, 4096, 16384)
 
 
 def measure_one(p, cfg, comm, a) -> dict:
-    """Ours and the torch baseline on the same weights and tokens; every rank calls it."""
+    """Ours (and, with --fuse, ours with fused sources) and the torch baseline on the same
+    weights and tokens; every rank calls it."""
+    import dataclasses
+
     import cupy
     import torch
     from torch_ep import TorchEP
@@ -48,10 +51,20 @@ def measure_one(p, cfg, comm, a) -> dict:
     kw = dict(warmup=a.warmup, iters=a.iters, comm=comm)
     ms = time_callable(lambda: layer.forward(x), **kw).median_ms
     ms_t = time_callable(lambda: base(xt), **kw).median_ms
+    extra = {}
+    if a.fuse and comm.world_size > 1:
+        fused = FlashMoE(p, dataclasses.replace(cfg, fuse_sources=True), weights=layer.weights,
+                         comm=comm)
+        extra["ours_fused_ms"] = round(
+            time_callable(lambda: fused.forward(x), **kw).median_ms, 4)
+        out_f = fused.forward(x)
+        diff = relative_error(bf16.from_bits(out_f.get()).astype(np.float64),
+                              bf16.from_bits(ours.get()).astype(np.float64))
+        extra["fused_vs_unfused"] = float(f"{diff:.1e}")
     n = comm.world_size * p.tokens_per_rank
     return dict(ours_ms=round(ms, 4), torch_ms=round(ms_t, 4), speedup=round(ms_t / ms, 3),
                 ours_mtok_s=round(n / ms / 1e3, 3), torch_mtok_s=round(n / ms_t / 1e3, 3),
-                agree_torch=float(f"{agree:.2e}"))
+                agree_torch=float(f"{agree:.2e}"), **extra)
 
 
 def measure_all(a) -> list[dict]:
@@ -154,6 +167,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--db", default=None, help="winners database for lookup()")
+    ap.add_argument("--fuse", action="store_true",
+                    help="also time the same config with fuse_sources=True")
     ap.add_argument("--json", default="scaling.json", help="rows are appended here")
     ap.add_argument("--plot", default=None, help="JSON file to plot instead of measuring")
     ap.add_argument("--out", default="scaling", help="plot/table path stem")

@@ -117,7 +117,10 @@ class KernelConfig:
     """Every tunable knob of the generated layer.
 
     ``gate_up`` tiles the fused gate/up projection (two B operands, SiLU·mul epilogue),
-    ``down`` the down projection; both also serve the shared experts.
+    ``down`` the down projection; both also serve the shared experts. ``fuse_sources``:
+    compute all peers' tokens in one launch once they have all arrived (each expert's
+    weights read once, from L2 for the later sources) instead of peer by peer as they land
+    (more overlap, but weights re-read per peer): the better choice when weights dominate.
     """
 
     gate_up: GemmTile
@@ -127,6 +130,7 @@ class KernelConfig:
     comm_streams: int = 1
     shared_stream: bool = True
     overlap: bool = True
+    fuse_sources: bool = False
 
     @property
     def block_m(self) -> int:
@@ -140,19 +144,21 @@ class KernelConfig:
                  f"cs{self.comm_streams}", "ss1" if self.shared_stream else "ss0"]
         if not self.overlap:
             parts.append("serial")
+        if self.fuse_sources:
+            parts.append("fs")
         return "__".join(parts)
 
     @classmethod
     def from_name(cls, name: str) -> KernelConfig:
-        m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?",
-                         name)
+        m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
+                         r"(__fs)?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
-        gu, dn, r, c, cs, ss, serial = m.groups()
+        gu, dn, r, c, cs, ss, serial, fs = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
-                   ss == "1", serial is None)
+                   ss == "1", serial is None, fs is not None)
 
     # -- validation -------------------------------------------------------------------
     def validate(self, problem: MoEProblem, limits: DeviceLimits | str = DEFAULT_ARCH) -> None:
@@ -166,7 +172,7 @@ class KernelConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
-        for f in ("shared_stream", "overlap"):
+        for f in ("shared_stream", "overlap", "fuse_sources"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)

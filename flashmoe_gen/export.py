@@ -37,7 +37,8 @@ EXPORT_NVCC_HINT = (
 DEFAULT_DYNAMIC_SMEM = 48 * 1024
 #: Parameter types of ``fmoe::expert_gemm`` (templates/gemm.cu.j2), for the instantiations.
 GEMM_PARAMS = ("const fmoe::elem_t*, long long, const fmoe::elem_t*, const fmoe::elem_t*, "
-               "long long, fmoe::elem_t*, long long, const int*, int, int, int, int")
+               "long long, fmoe::elem_t*, long long, const int*, int, int, int, int, "
+               "int, long long, long long, int, int")
 
 
 def expert_chunks(problem: MoEProblem, config: KernelConfig) -> list[tuple[int, int]]:
@@ -103,6 +104,9 @@ def _header(gen: GeneratedSource, with_main: bool) -> str:
         "// build:",
         *(f"//   {line}" for line in EXPORT_NVCC_HINT.splitlines()),
     ]
+    if cfg.fuse_sources:
+        lines.append("// note: fuse_sources is not mirrored by this host code: it computes the "
+                     "peers' tokens peer by peer (same results, other timing)")
     return "\n".join(lines) + "\n\n"
 
 

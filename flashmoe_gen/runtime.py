@@ -163,25 +163,32 @@ class FlashMoE:
         self._buf = _SlotBuffers(
             capacity=capacity,
             layout=cupy.empty(lay.shape, np.uint16),
-            act=cupy.empty((p.local_experts, capacity, p.intermediate), np.uint16),
+            # Fused sources compute every peer's tokens in one launch: one act slot each.
+            act=cupy.empty((p.world_size if self.config.fuse_sources else 1,
+                            p.local_experts, capacity, p.intermediate), np.uint16),
         )
         return self._buf
 
     # -- kernels --------------------------------------------------------------------------
     def _gemm(self, gated: bool, a, a_stride: int, b0, b1, b_stride: int, c, c_stride: int,
               counts_ptr: int, cap: int, rows_fixed: int, max_rows: int, groups: int,
-              n: int, k: int, stream) -> None:
+              n: int, k: int, stream, outer: tuple[int, int, int, int, int] | None = None
+              ) -> None:
+        """One grouped GEMM launch. ``outer`` = (inner_groups, a_outer_stride,
+        c_outer_stride, counts_outer_stride, skip_outer) spans several sources at once."""
         tile = self.config.gate_up if gated else self.config.down
         name = self.kernels.gate_up if gated else self.kernels.down
         if max_rows <= 0 or groups <= 0:
             return
         grid = (-(-n // tile.bn), -(-max_rows // tile.bm), groups)
         smem = self.compiled.dynamic_smem[name]
+        inner, a_outer, c_outer, counts_outer, skip = outer or (0, 0, 0, 0, -1)
         with stream:
             self.module[name](grid, (tile.threads,), (
                 a, _i64(a_stride), b0, b1 if b1 is not None else _i64(0), _i64(b_stride),
                 c, _i64(c_stride), _i64(counts_ptr), _i32(cap), _i32(rows_fixed),
-                _i32(n), _i32(k)), shared_mem=smem)
+                _i32(n), _i32(k), _i32(inner), _i64(a_outer), _i64(c_outer),
+                _i32(counts_outer), _i32(skip)), shared_mem=smem)
 
     def _expert_block(self, src: int, e0: int, e1: int, max_rows: int, stream) -> None:
         """Gate/up then down GEMMs of local experts [e0, e1) on the tokens from ``src``."""
@@ -198,6 +205,26 @@ class FlashMoE:
                    _i64(act_ptr), cap * i, counts_ptr, cap, 0, max_rows, e1 - e0, i, h, stream)
         self._gemm(False, _i64(act_ptr), cap * i, self.w2[e0:e1], None, h * i,
                    _i64(c_ptr), cap * h, counts_ptr, cap, 0, max_rows, e1 - e0, h, i, stream)
+
+    def _fused_remote_block(self, rows: np.ndarray, stream) -> None:
+        """All remote sources' tokens for all local experts in one launch per GEMM."""
+        p, b, me = self.problem, self._buf, self.rank
+        el, cap, h, i, P = p.local_experts, b.capacity, p.hidden, p.intermediate, p.world_size
+        lay = SymmetricLayout(P, el, cap, h)
+        mine = rows[:, me * el:(me + 1) * el]
+        max_rows = int(np.delete(mine, me, axis=0).max(initial=0))
+        base = b.layout.data.ptr
+        slot_stride = lay.slot_offset(1, DISPATCH, STAGING) if P > 1 else 0  # per source
+        a_ptr = base + lay.slot_offset(0, DISPATCH, INCOMING) * ELEM_BYTES
+        c_ptr = base + lay.slot_offset(0, COMBINE, STAGING) * ELEM_BYTES
+        counts_ptr = self.counts.data.ptr + me * el * 4
+        act = b.act.data.ptr
+        self._gemm(True, _i64(a_ptr), cap * h, self.w1, self.w3, i * h, _i64(act), cap * i,
+                   counts_ptr, cap, 0, max_rows, P * el, i, h, stream,
+                   outer=(el, slot_stride, el * cap * i, p.experts, me))
+        self._gemm(False, _i64(act), cap * i, self.w2, None, h * i, _i64(c_ptr), cap * h,
+                   counts_ptr, cap, 0, max_rows, P * el, h, i, stream,
+                   outer=(el, el * cap * i, slot_stride, p.experts, me))
 
     def _shared(self, x, tokens: int, stream) -> None:
         p, b = self.problem, self._tok
@@ -356,7 +383,13 @@ class FlashMoE:
         for e0, e1 in chunks:
             run_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
         computed = []
-        for j, (step, e0, e1) in enumerate(plan):
+        if cfg.fuse_sources:  # everything landed, then one launch for all peers
+            for ev in arrived:
+                s.wait_event(ev)
+            if compute:
+                self._fused_remote_block(rows, s)
+            computed = [s.record()] * len(plan)
+        for j, (step, e0, e1) in enumerate(plan if not cfg.fuse_sources else []):
             frm = (me - step) % P
             s.wait_event(arrived[j])
             run_block(frm, e0, e1, int(rows[frm, mine][e0:e1].max(initial=0)), s)

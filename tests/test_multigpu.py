@@ -87,13 +87,15 @@ def test_capacity_factor_drops(comm):
         layer.config.block_m)
 
 
-@pytest.mark.parametrize("chunks,streams,overlap", [(2, 2, True), (4, 1, True), (1, 1, False)],
-                         ids=["chunks2_streams2", "chunks4", "serialized"])
-def test_overlap_knobs(comm, chunks, streams, overlap):
+@pytest.mark.parametrize("chunks,streams,overlap,fuse", [
+    (2, 2, True, False), (4, 1, True, False), (1, 1, False, False), (1, 2, True, True),
+    (2, 1, False, True)], ids=["chunks2_streams2", "chunks4", "serialized", "fused",
+                               "fused_serialized"])
+def test_overlap_knobs(comm, chunks, streams, overlap, fuse):
     p = DSV2.replace(world_size=comm.world_size)
     base = KernelConfig.default(p)
     cfg = KernelConfig(base.gate_up, base.down, base.router_tokens_per_block, chunks, streams,
-                       shared_stream=overlap, overlap=overlap)
+                       shared_stream=overlap, overlap=overlap, fuse_sources=fuse)
     _check(comm, DSV2, [400, 512, 200, 64], config=cfg, seed=8)
 
 

@@ -130,6 +130,7 @@ CONFIG_CHANGES = {
     "comm_streams": 2,
     "shared_stream": False,
     "overlap": False,
+    "fuse_sources": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4}
 
