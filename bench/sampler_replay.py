@@ -6,6 +6,7 @@ medians as its objective; we count the evaluations until it first comes within 5
 of the grid's best. Many seeds, so the numbers are distributions, not one lucky run.
 
     python bench/sampler_replay.py sqlite:///grid_studies.db grid-dsv2 --out replay.md
+    python bench/sampler_replay.py bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json -
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from flashmoe_gen.tuner.study import run_study
 
 
 def load_grid(storage: str, study_name: str) -> dict[str, float]:
+    """config name -> median ms, from an Optuna storage or a committed JSON table."""
+    if storage.endswith(".json"):
+        import json
+        with open(storage) as f:
+            return json.load(f)["medians_ms"]
     study = optuna.load_study(study_name=study_name, storage=storage)
     table = {t.user_attrs["config"]: t.value for t in study.trials
              if t.state == optuna.trial.TrialState.COMPLETE}
@@ -38,8 +44,8 @@ def evals_to_reach(trials, target: float) -> int | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("storage")
-    ap.add_argument("study")
+    ap.add_argument("storage", help="Optuna storage URL, or a grid table .json")
+    ap.add_argument("study", help="study name (ignored for .json)")
     ap.add_argument("--problem", default="2048,1408,64,6,2,2,512",
                     help="hidden,intermediate,experts,top_k,shared,world,tokens of the sweep")
     ap.add_argument("--seeds", type=int, default=30)

@@ -131,13 +131,17 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
             if len(sel) > 1:
                 axes[2].plot([r["gpus"] for r in sel], [r["ours_ms"] for r in sel], "o-",
                              label=f"E={e}, T={t}")
+    if len(gpus) < 2:
+        axes[2].text(0.5, 0.5, "needs runs at several GPU counts\n(this file has "
+                     f"{gpus[0]} only)", ha="center", va="center", transform=axes[2].transAxes)
     for ax, title, ylab in ((axes[0], f"latency, {gpus[-1]} GPUs", "ms"),
                             (axes[1], f"throughput, {gpus[-1]} GPUs", "M tokens/s"),
                             (axes[2], "weak scaling (ours)", "ms")):
         ax.set_title(title)
         ax.set_ylabel(ylab)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, ncol=2)
     axes[0].set_xscale("log", base=2)
     axes[1].set_xscale("log", base=2)
     axes[0].set_xlabel("tokens per GPU")
