@@ -243,3 +243,11 @@ class KernelConfig:
         """A config from JSON text or from its name (CLI ``--config``)."""
         text = text.strip()
         return cls.from_json(text) if text.startswith("{") else cls.from_name(text)
+
+
+def expert_chunks(problem: MoEProblem, config: KernelConfig) -> list[tuple[int, int]]:
+    """Local-expert ranges ``[e0, e1)`` computed (and exchanged) together per peer."""
+    el = problem.local_experts
+    n = min(config.chunks_per_peer, el)
+    bounds = [round(i * el / n) for i in range(n + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(n)]

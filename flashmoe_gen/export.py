@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .compile import write_if_changed
-from .config import GemmTile, KernelConfig
+from .config import GemmTile, KernelConfig, expert_chunks
 from .problem import MoEProblem
 from .render import (
     CPP_BOOL,
@@ -39,14 +39,6 @@ DEFAULT_DYNAMIC_SMEM = 48 * 1024
 GEMM_PARAMS = ("const fmoe::elem_t*, long long, const fmoe::elem_t*, const fmoe::elem_t*, "
                "long long, fmoe::elem_t*, long long, const int*, int, int, int, int, "
                "int, long long, long long, int, int")
-
-
-def expert_chunks(problem: MoEProblem, config: KernelConfig) -> list[tuple[int, int]]:
-    """Local-expert ranges computed together, as ``FlashMoE._chunks`` splits them."""
-    el = problem.local_experts
-    n = min(config.chunks_per_peer, el)
-    bounds = [round(i * el / n) for i in range(n + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(n)]
 
 
 def _tile_vars(tile: GemmTile, kernel: str, b_operands: int) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .arch import current_device_limits
 from .compile import LoadedModule, compile_source
-from .config import KernelConfig
+from .config import KernelConfig, expert_chunks
 from .device_weights import DeviceWeights
 from .errors import CommError, ConfigError, ProblemError
 from .layout import COMBINE, DISPATCH, INCOMING, STAGING, SymmetricLayout
@@ -323,12 +323,6 @@ class FlashMoE:
 
     __call__ = forward
 
-    def _chunks(self) -> list[tuple[int, int]]:
-        el = self.problem.local_experts
-        n = min(self.config.chunks_per_peer, el)
-        bounds = [round(i * el / n) for i in range(n + 1)]
-        return [(bounds[i], bounds[i + 1]) for i in range(n)]
-
     def _experts_and_exchange(self, rows: np.ndarray, s, compute: bool = True,
                               communicate: bool = True) -> None:
         """Local experts, then each peer's chunks as they arrive; combine sends at once."""
@@ -336,7 +330,7 @@ class FlashMoE:
         run_block = self._expert_block if compute else (lambda *args: None)
         el, P = p.local_experts, p.world_size
         mine = slice(me * el, (me + 1) * el)
-        chunks = self._chunks()
+        chunks = expert_chunks(p, cfg)
         if P == 1:
             for e0, e1 in chunks:
                 run_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
