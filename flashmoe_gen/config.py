@@ -223,6 +223,11 @@ class KernelConfig:
         if unknown:
             raise ConfigError(sorted(unknown)[0], d[sorted(unknown)[0]],
                               f"unknown field; known fields: {sorted(known)}")
+        for key in ("gate_up", "down"):
+            if key not in d:
+                raise ConfigError(key, None, "required: a tile such as "
+                                  '{"bm": 128, "bn": 64, "bk": 64, "warps_m": 4, "warps_n": 2, '
+                                  '"stages": 3}')
         tile_fields = {f.name for f in fields(GemmTile)}
         for key in ("gate_up", "down"):
             if isinstance(d.get(key), dict):
