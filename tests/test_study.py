@@ -103,3 +103,23 @@ def test_space_constraints_reject_before_compiling():
     assert sp.choices["chunks"] == (1,) and sp.choices["streams"] == (1,)
     assert SearchSpace.for_problem(P2, "sm_90", "small").size >= 100
     assert sum(1 for _ in SearchSpace.for_problem(P2, "sm_90", "small").valid_configs()) >= 100
+
+
+def test_report_prints_top_configs_default_and_writes_plots(tmp_path, capsys):
+    import argparse
+
+    from flashmoe_gen.db import Environment
+    from flashmoe_gen.tuner.tune_cmd import report
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    res = run_study(P1, FakeEvaluator(), space=space, study_name="rep", n_trials=12,
+                    storage=url)
+    env = Environment("NVIDIA H100 80GB HBM3", "9.0", 1, "t")
+    for plot in ("h.html", "h.png"):
+        a = argparse.Namespace(plot=str(tmp_path / plot), db=None, sampler="tpe")
+        report(P1, res, "rep", url, env, a, 1.0)
+        assert (tmp_path / plot).stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "top configs" in out and "heuristic default" in out
+    assert f"{res.best.outcome.median_ms:.4f}" in out

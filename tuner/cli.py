@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--db", default=None, help="winners database URL (default $FLASHMOE_DB "
                    "or the user cache)")
     t.add_argument("--plot", default=None,
-                   help="write the optimization history: .html (plotly) or .png (matplotlib)")
+                   help="write the optimization history: .html (plotly) or .png (matplotlib);"
+                   " default <problem>__<sampler>.html when plotly is installed")
     t.add_argument("--seed", type=int, default=0, help="seed of sampler, weights and tokens")
     t.add_argument("--warmup", type=int, default=3, help="warm-up runs per candidate")
     t.add_argument("--iters", type=int, default=15, help="timed runs per candidate (median)")

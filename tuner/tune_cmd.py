@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import warnings
 from pathlib import Path
 
 
@@ -118,13 +119,21 @@ def report(problem, res, study_name: str, storage: str, env, a, seconds: float) 
     for tr in failed[:5]:
         console.print(f"failed trial {tr.number} ({tr.user_attrs.get('status')}): "
                       f"{tr.user_attrs.get('reason', '')[:160]}")
+    if a.plot is None:  # default: an HTML history beside the run, when plotly is there
+        import importlib.util
+        if importlib.util.find_spec("plotly") is not None:
+            a.plot = f"{problem.name}__{a.sampler}.html"
+        else:
+            console.print("no plot of the search: pip install 'flashmoe_gen[plot]' (plotly)")
     if a.plot and done:
         try:
             path = Path(a.plot)
             if path.suffix == ".png":
                 import matplotlib
                 matplotlib.use("Agg")
-                ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+                with warnings.catch_warnings():  # "experimental" since optuna 2.2
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    ax = optuna.visualization.matplotlib.plot_optimization_history(study)
                 ax.set_ylabel("median latency, ms (max over ranks)")
                 ax.figure.savefig(path, dpi=110, bbox_inches="tight")
             else:  # self-contained HTML (plotly.js embedded): opens offline
