@@ -199,10 +199,7 @@ def find_nearest(engine: EngineLike, problem: MoEProblem, env: Environment, *,
                          .where(ProblemModel.family == family_of(problem))).all()
         if not rows:
             return None
-        target = math.log(problem.tokens_per_rank + 1)
-        best = min(rows, key=lambda w: (abs(math.log(w.trial.problem.tokens_per_rank + 1)
-                                            - target), -w.trial.problem.tokens_per_rank))
-        record = _winner_record(best)
+        record = nearest_tokens([_winner_record(w) for w in rows], problem.tokens_per_rank)
     if warn and record.problem.tokens_per_rank != problem.tokens_per_rank:
         warnings.warn(
             f"no tuned winner for {problem.name} on {env.gpu_name} (environment {env.key}); "
@@ -210,6 +207,14 @@ def find_nearest(engine: EngineLike, problem: MoEProblem, env: Environment, *,
             f"(nearest to {problem.tokens_per_rank} in log scale)",
             NearestTokensWarning, stacklevel=2)
     return record, record.problem
+
+
+def nearest_tokens(records: list[WinnerRecord], tokens: int) -> WinnerRecord:
+    """The record tuned for the token count nearest to ``tokens`` in log scale (ties: the
+    larger count, then the most recently updated)."""
+    target = math.log(tokens + 1)
+    return min(records, key=lambda w: (abs(math.log(w.problem.tokens_per_rank + 1) - target),
+                                       -w.problem.tokens_per_rank, -w.updated_at.timestamp()))
 
 
 def list_winners(engine: EngineLike, env_key: str | None = None) -> list[WinnerRecord]:

@@ -11,7 +11,6 @@ Order of preference (each fallback warns, saying what it fell back to):
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -57,12 +56,6 @@ def _detect_env(problem: MoEProblem):
     return Environment.detect(problem.world_size, template_hash())
 
 
-def _nearest(records, problem: MoEProblem):
-    target = math.log(problem.tokens_per_rank + 1)
-    return min(records, key=lambda w: (abs(math.log(w.problem.tokens_per_rank + 1) - target),
-                                       -w.problem.tokens_per_rank, -w.updated_at.timestamp()))
-
-
 def lookup(problem: MoEProblem, world_size: int | None = None, device=None,
            db=None) -> TunedKernel:
     """Best known kernel for ``problem`` on ``device``.
@@ -72,7 +65,7 @@ def lookup(problem: MoEProblem, world_size: int | None = None, device=None,
     SQLAlchemy URL (default: ``$FLASHMOE_DB`` or the user cache).
     """
     from .db import Environment, find_nearest, find_winner, list_winners, make_engine
-    from .db.repository import family_of
+    from .db.repository import family_of, nearest_tokens
 
     if world_size is not None:
         problem = problem.replace(world_size=world_size)
@@ -111,7 +104,7 @@ def lookup(problem: MoEProblem, world_size: int | None = None, device=None,
                    and family_of(w.problem) == family_of(problem)]
         if same_hw:
             exact = [w for w in same_hw if w.problem == problem]
-            rec = max(exact, key=lambda w: w.updated_at) if exact else _nearest(same_hw, problem)
+            rec = nearest_tokens(exact or same_hw, problem.tokens_per_rank)
             warnings.warn(f"{problem.name}: using a config tuned on {gpu_name} with "
                           f"flashmoe_gen {rec.environment.package_version}, templates "
                           f"{rec.environment.template_hash}, {rec.problem.tokens_per_rank} "

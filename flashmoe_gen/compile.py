@@ -50,6 +50,7 @@ class CompiledModule:
     options: tuple[str, ...] = ()
     nvrtc_version: str = ""
     cache_hit: bool = False
+    cubin: bytes = b""                         # in memory when compiled with use_cache=False
 
 
 def nvrtc_version() -> str:
@@ -192,7 +193,7 @@ def compile_source(gen: GeneratedSource, arch: str = "sm_90", *, use_cache: bool
         _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
     else:
         mod.cubin_path = ""
-        mod._cubin = bytes(cubin)  # type: ignore[attr-defined]
+        mod.cubin = bytes(cubin)
     return mod
 
 
@@ -200,6 +201,9 @@ class LoadedModule:
     """A compiled module loaded on the current GPU: kernels ready to launch."""
 
     def __init__(self, compiled: CompiledModule):
+        if not compiled.cubin_path:
+            raise DeviceError(f"{compiled.name} was compiled with use_cache=False: CuPy loads "
+                              "cubins from disk, compile with the cache to load it")
         try:
             import cupy
             self._raw = cupy.RawModule(path=compiled.cubin_path)
