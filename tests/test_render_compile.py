@@ -234,7 +234,7 @@ def test_compile_default_config_sm90(p, private_cache):
     gen = render(p, KernelConfig.default(p))
     mod = compile_source(gen, "sm_90", use_cache=False)
     check_module(mod, gen, "sm_90")
-    assert mod._cubin[:4] == b"\x7fELF"
+    assert mod.cubin[:4] == b"\x7fELF"
     assert not private_cache.exists()  # use_cache=False wrote nothing
 
 
