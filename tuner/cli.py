@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidates to evaluate (a resumed study counts its earlier ones)")
     t.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     t.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid", "cmaes"],
-                   help="Optuna sampler (grid sweeps the whole space; use --space small)")
+                   help="Optuna sampler (grid sweeps the whole space, use --space small; "
+                   "every knob is categorical, so cmaes falls back to random sampling)")
     t.add_argument("--space", default="full", choices=["full", "small"],
                    help="search space: every knob, or a small one for grid sweeps")
     t.add_argument("--study-name", default=None,

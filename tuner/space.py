@@ -35,11 +35,11 @@ SMALL = {
 }
 SPACES = {"full": FULL, "small": SMALL}
 
-#: Configs that did well on H100 (bench/results): enqueued first when valid for a problem.
+#: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
+#: shape and the seed example): enqueued first when valid for a problem.
 KNOWN_GOOD = (
-    "gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3__r8__c1__cs1__ss1",
-    "gu_bm64_bn64_bk64_w2x2_s3__dn_bm64_bn128_bk64_w2x4_s3__r8__c1__cs1__ss1",
-    "gu_bm128_bn128_bk64_w2x4_s3__dn_bm128_bn128_bk64_w2x4_s4__r8__c2__cs1__ss1",
+    "gu_bm64_bn32_bk64_w2x2_s3__dn_bm32_bn128_bk32_w2x4_s4__r4__c4__cs2__ss0",
+    "gu_bm128_bn64_bk64_w4x1_s2__dn_bm128_bn64_bk64_w2x4_s3__r16__c1__cs1__ss1",
 )
 
 
