@@ -98,9 +98,9 @@ class FlashMoE:
                                 f"streams, the Communicator has {len(comm.streams)}")
         self.source = render(problem, self.config, arch=self.limits.arch)
         self.compiled = compile_source(self.source, self.limits.arch)
+        self.kernels = self.source.kernels
         self._check_resources()
         self.module = LoadedModule(self.compiled)
-        self.kernels = self.source.kernels
 
         el = problem.local_experts
         self.local_range = range(self.rank * el, (self.rank + 1) * el)
@@ -125,12 +125,11 @@ class FlashMoE:
 
     def _check_resources(self) -> None:
         """A launch that cannot fit fails on every rank alike, before any collective."""
-        for name, tile in ((self.source.kernels.gate_up, self.config.gate_up),
-                           (self.source.kernels.down, self.config.down)):
+        for which, name, tile in (("gate_up", self.kernels.gate_up, self.config.gate_up),
+                                  ("down", self.kernels.down, self.config.down)):
             res = self.compiled.resources.get(name)
             if res is not None and res.registers * tile.threads > self.limits.regs_per_block:
-                raise ConfigError(f"{'gate_up' if tile is self.config.gate_up else 'down'}"
-                                  ".warps_n", tile.warps_n,
+                raise ConfigError(f"{which}.warps_n", tile.warps_n,
                                   f"{tile.threads} threads x {res.registers} registers exceed "
                                   f"{self.limits.regs_per_block} per block", self.config.name)
 
@@ -376,22 +375,22 @@ class FlashMoE:
                 s.wait_event(ev)
         for e0, e1 in chunks:
             run_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
-        computed = []
         if cfg.fuse_sources:  # everything landed, then one launch for all peers
             for ev in arrived:
                 s.wait_event(ev)
             if compute:
                 self._fused_remote_block(rows, s)
             computed = [s.record()] * len(plan)
-        for j, (step, e0, e1) in enumerate(plan if not cfg.fuse_sources else []):
-            frm = (me - step) % P
-            s.wait_event(arrived[j])
-            run_block(frm, e0, e1, int(rows[frm, mine][e0:e1].max(initial=0)), s)
-            computed.append(s.record())
-        if not cfg.overlap:
-            for ev in computed[-1:]:
-                for cs in comm.streams[:nstreams]:
-                    cs.wait_event(ev)
+        else:  # each peer's chunk as soon as it lands
+            computed = []
+            for j, (step, e0, e1) in enumerate(plan):
+                frm = (me - step) % P
+                s.wait_event(arrived[j])
+                run_block(frm, e0, e1, int(rows[frm, mine][e0:e1].max(initial=0)), s)
+                computed.append(s.record())
+        if not cfg.overlap:  # serialized: results go back only after all compute
+            for cs in comm.streams[:nstreams]:
+                cs.wait_event(computed[-1])
         for j, (step, e0, e1) in enumerate(plan):
             cs = comm.streams[j % nstreams]
             cs.wait_event(computed[j])

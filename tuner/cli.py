@@ -116,6 +116,19 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def mpi_ranks(gpus: int):
+    """(MPI world, size, rank); a clear error when ``--gpus`` and the MPI size disagree."""
+    from flashmoe_gen.comm import mpi_world
+    from flashmoe_gen.errors import CommError
+
+    world = mpi_world()
+    size = world.Get_size()
+    if gpus != size:
+        raise CommError(f"--gpus {gpus} but {size} MPI rank(s): start with `mpirun -np {gpus}`"
+                        " or without mpirun")
+    return world, size, world.Get_rank()
+
+
 def _under_mpirun() -> bool:
     return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
 

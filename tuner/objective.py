@@ -69,7 +69,7 @@ def gate(mpi, outcome: Outcome | None) -> Outcome | None:
     return combine([o if o is not None else Outcome(OK) for o in everyone])
 
 
-def _failure(exc: BaseException) -> Outcome:
+def failure_outcome(exc: BaseException) -> Outcome:
     tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
     return Outcome(classify(exc), reason=tb[:1500])
 
@@ -107,7 +107,7 @@ class LayerEvaluator:
             layer = FlashMoE(self.problem, config, weights=self.weights, comm=self.comm,
                              agree=False)
         except Exception as e:  # a failed candidate is a result, not a crash
-            failed = _failure(e)
+            failed = failure_outcome(e)
         if (failed := gate(self.mpi, failed)) is not None:
             return failed
 
@@ -122,7 +122,7 @@ class LayerEvaluator:
                         f"rel err {res.rel_error:.3e} (tol {TOLERANCE}), finite={res.finite}, "
                         f"routing mismatches {res.routing_mismatches}"))
             except Exception as e:
-                failed = _failure(e)
+                failed = failure_outcome(e)
             if (failed := gate(self.mpi, failed)) is not None:
                 return failed
             if self.mpi is not None:

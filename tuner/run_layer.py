@@ -5,30 +5,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flashmoe_gen.errors import CommError
-
 
 def run_layer(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from flashmoe_gen.check import check_layer
-    from flashmoe_gen.comm import Communicator, mpi_world
+    from flashmoe_gen.comm import Communicator
     from flashmoe_gen.runtime import FlashMoE
     from flashmoe_gen.tuner.bench import time_callable
-    from flashmoe_gen.tuner.cli import config_from_args, problem_from_args, resolve_arch
+    from flashmoe_gen.tuner.cli import (
+        config_from_args,
+        mpi_ranks,
+        problem_from_args,
+        resolve_arch,
+    )
     from flashmoe_gen.weights import MoEWeights, random_tokens
 
-    world = mpi_world()
-    P = world.Get_size()
-    if a.gpus != P:
-        raise CommError(f"--gpus {a.gpus} but {P} MPI rank(s): start with `mpirun -np {a.gpus}`"
-                        " or without mpirun")
+    world, P, rank = mpi_ranks(a.gpus)
     problem = problem_from_args(a, world_size=P)
     arch = resolve_arch(a)
     config = config_from_args(a, problem, arch)
     comm = Communicator(world, n_streams=config.comm_streams) if P > 1 else None
-    rank = world.Get_rank()
     layer = FlashMoE(problem, config, comm=comm, seed=a.seed)
 
     import cupy

@@ -190,13 +190,13 @@ def run_study(problem: MoEProblem, evaluate: Callable[[KernelConfig], Outcome], 
 
 
 def _safe(evaluate, cfg: KernelConfig) -> Outcome:
-    from .objective import _failure
+    from .objective import failure_outcome
     try:
         return evaluate(cfg)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:
-        return _failure(e)
+        return failure_outcome(e)
 
 
 def _best_so_far(study: optuna.Study) -> TrialResult | None:

@@ -22,17 +22,13 @@ def run_tune(a: argparse.Namespace) -> int:
     import optuna
 
     from flashmoe_gen.arch import current_device_limits
-    from flashmoe_gen.comm import Communicator, mpi_world
-    from flashmoe_gen.errors import CommError
-    from flashmoe_gen.tuner.cli import problem_from_args
+    from flashmoe_gen.comm import Communicator
+    from flashmoe_gen.tuner.cli import mpi_ranks, problem_from_args
     from flashmoe_gen.tuner.objective import LayerEvaluator
     from flashmoe_gen.tuner.space import SearchSpace
     from flashmoe_gen.tuner.study import run_study
 
-    world = mpi_world()
-    P, rank = world.Get_size(), world.Get_rank()
-    if a.gpus != P:
-        raise CommError(f"--gpus {a.gpus} but {P} MPI rank(s)")
+    world, P, rank = mpi_ranks(a.gpus)
     problem = problem_from_args(a, world_size=P)
     limits = current_device_limits()
     space = SearchSpace.for_problem(problem, limits, a.space)
