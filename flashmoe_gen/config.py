@@ -121,6 +121,10 @@ class KernelConfig:
     compute all peers' tokens in one launch once they have all arrived (each expert's
     weights read once, from L2 for the later sources) instead of peer by peer as they land
     (more overlap, but weights re-read per peer): the better choice when weights dominate.
+    ``packed_slots``: within each (peer, round, buffer) slot of the symmetric layout the
+    local experts' rows sit back to back (offsets from the exchanged counts) instead of at
+    ``e * C``, so a peer's chunk is one contiguous NCCL send/recv instead of one per expert.
+    Same tensor, same single writer per slot; only the rows' place inside the slot moves.
     """
 
     gate_up: GemmTile
@@ -131,6 +135,7 @@ class KernelConfig:
     shared_stream: bool = True
     overlap: bool = True
     fuse_sources: bool = False
+    packed_slots: bool = False
 
     @property
     def block_m(self) -> int:
@@ -146,19 +151,21 @@ class KernelConfig:
             parts.append("serial")
         if self.fuse_sources:
             parts.append("fs")
+        if self.packed_slots:
+            parts.append("pk")
         return "__".join(parts)
 
     @classmethod
     def from_name(cls, name: str) -> KernelConfig:
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
-                         r"(__fs)?", name)
+                         r"(__fs)?(__pk)?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
-        gu, dn, r, c, cs, ss, serial, fs = m.groups()
+        gu, dn, r, c, cs, ss, serial, fs, pk = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
-                   ss == "1", serial is None, fs is not None)
+                   ss == "1", serial is None, fs is not None, pk is not None)
 
     # -- validation -------------------------------------------------------------------
     def validate(self, problem: MoEProblem, limits: DeviceLimits | str = DEFAULT_ARCH) -> None:
@@ -172,7 +179,7 @@ class KernelConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
-        for f in ("shared_stream", "overlap", "fuse_sources"):
+        for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
@@ -204,8 +211,9 @@ class KernelConfig:
         gate_up = GemmTile(bm, bn_gu, bk_gu, warps_m=bm // 32, warps_n=min(2, bn_gu // 16),
                            stages=3)
         down = GemmTile(bm, bn_dn, bk_dn, warps_m=2, warps_n=min(4, bn_dn // 16), stages=3)
-        cfg = cls(gate_up, down, router_tokens_per_block=8,
-                  chunks_per_peer=1, comm_streams=1, shared_stream=True)
+        # Packed slots: one NCCL op per peer instead of one per (peer, expert).
+        cfg = cls(gate_up, down, router_tokens_per_block=8, chunks_per_peer=1, comm_streams=1,
+                  shared_stream=True, packed_slots=problem.world_size > 1)
         cfg.validate(problem, arch)
         return cfg
 

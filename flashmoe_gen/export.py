@@ -38,7 +38,7 @@ DEFAULT_DYNAMIC_SMEM = 48 * 1024
 #: Parameter types of ``fmoe::expert_gemm`` (templates/gemm.cu.j2), for the instantiations.
 GEMM_PARAMS = ("const fmoe::elem_t*, long long, const fmoe::elem_t*, const fmoe::elem_t*, "
                "long long, fmoe::elem_t*, long long, const int*, int, int, int, int, "
-               "int, long long, long long, int, int")
+               "int, long long, long long, int, int, const int*, const int*")
 
 
 def _tile_vars(tile: GemmTile, kernel: str, b_operands: int) -> dict:
@@ -99,6 +99,9 @@ def _header(gen: GeneratedSource, with_main: bool) -> str:
     if cfg.fuse_sources:
         lines.append("// note: fuse_sources is not mirrored by this host code: it computes the "
                      "peers' tokens peer by peer (same results, other timing)")
+    if cfg.packed_slots:
+        lines.append("// note: packed_slots is not mirrored by this host code: it keeps expert "
+                     "slots, one send per (peer, expert) (same results, other timing)")
     return "\n".join(lines) + "\n\n"
 
 

@@ -45,3 +45,44 @@ class SymmetricLayout:
     def dispatch_buffer(dest: int, self_rank: int) -> int:
         """Tokens for this rank's own experts skip the staging copy (see permute kernel)."""
         return INCOMING if dest == self_rank else STAGING
+
+
+def row_offsets(rows, capacity: int, local_experts: int, packed: bool):
+    """First row of each (source, global expert) inside its slot: int32 ``[P][E]``.
+
+    ``rows[s][e]``: rows source ``s`` sends to global expert ``e`` (its count, at most C).
+    Expert slots put local expert ``j`` at row ``j * C``; packed slots put the destination's
+    local experts back to back (exclusive prefix sum of ``rows`` per destination), so each
+    (source, destination) block is one contiguous run. Every rank computes the same table
+    from the same exchanged counts, so sender and receiver agree on every address.
+    """
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.int64)
+    p, e = rows.shape
+    if e % local_experts:
+        raise ValueError(f"{e} experts do not split into blocks of {local_experts}")
+    if (rows > capacity).any() or (rows < 0).any():
+        raise ValueError(f"rows must lie in 0..capacity={capacity}")
+    if not packed:
+        return np.tile((np.arange(e) % local_experts) * capacity, (p, 1)).astype(np.int32)
+    r = rows.reshape(p, e // local_experts, local_experts)
+    return (np.cumsum(r, axis=2) - r).reshape(p, e).astype(np.int32)
+
+
+def contiguous_runs(starts, lengths) -> list[tuple[int, int]]:
+    """Merge (start, length) row runs that touch, in order, dropping empty ones.
+
+    One NCCL op per run: packed slots give one run per peer and chunk; expert slots give
+    one per expert unless an expert's rows fill its whole slot.
+    """
+    runs: list[tuple[int, int]] = []
+    for s, n in zip(starts, lengths, strict=True):
+        s, n = int(s), int(n)
+        if n <= 0:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        else:
+            runs.append((s, n))
+    return runs

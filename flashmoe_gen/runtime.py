@@ -1,7 +1,7 @@
 """The FlashMoE layer on one rank: weights, symmetric buffers, streams, forward.
 
 Forward, per call (design/symmetric-layout.md, "Overlap"):
-route -> positions/counts -> count exchange (capacity C) -> permute into staging slots ->
+route -> positions/counts -> count exchange (capacity C, row offsets) -> permute into slots ->
 dispatch (grouped NCCL send/recv per peer step and chunk, on communication streams) while
 the local experts and the shared experts compute -> each peer's chunk computes as it lands
 and its combine send is posted at once -> weighted un-permute.
@@ -18,7 +18,15 @@ from .compile import LoadedModule, compile_source
 from .config import KernelConfig, expert_chunks
 from .device_weights import DeviceWeights
 from .errors import CommError, ConfigError, ProblemError
-from .layout import COMBINE, DISPATCH, INCOMING, STAGING, SymmetricLayout
+from .layout import (
+    COMBINE,
+    DISPATCH,
+    INCOMING,
+    STAGING,
+    SymmetricLayout,
+    contiguous_runs,
+    row_offsets,
+)
 from .problem import MoEProblem, round_up
 from .render import MOVE_WARPS, POS_THREADS, render
 from .weights import MoEWeights
@@ -117,6 +125,9 @@ class FlashMoE:
         self.shared_stream = cupy.cuda.Stream(non_blocking=True)
         self.counts = cupy.zeros((problem.world_size, problem.experts), np.int32)
         self._counts_host = cupy.cuda.alloc_pinned_memory(self.counts.nbytes)
+        # row_off[s][e]: first row of global expert e in source s's slot (layout.row_offsets)
+        self.row_off = cupy.zeros((problem.world_size, problem.experts), np.int32)
+        self._row_off_host = cupy.cuda.alloc_pinned_memory(self.row_off.nbytes)
         self._tok: _TokenBuffers | None = None
         self._buf: _SlotBuffers | None = None
         self.dropped_tokens = 0
@@ -171,10 +182,12 @@ class FlashMoE:
     # -- kernels --------------------------------------------------------------------------
     def _gemm(self, gated: bool, a, a_stride: int, b0, b1, b_stride: int, c, c_stride: int,
               counts_ptr: int, cap: int, rows_fixed: int, max_rows: int, groups: int,
-              n: int, k: int, stream, outer: tuple[int, int, int, int, int] | None = None
-              ) -> None:
+              n: int, k: int, stream, outer: tuple[int, int, int, int, int] | None = None,
+              a_row_off: int = 0, c_row_off: int = 0) -> None:
         """One grouped GEMM launch. ``outer`` = (inner_groups, a_outer_stride,
-        c_outer_stride, counts_outer_stride, skip_outer) spans several sources at once."""
+        c_outer_stride, counts_outer_stride, skip_outer) spans several sources at once;
+        ``a_row_off``/``c_row_off``: device pointers to per-group first rows (indexed like
+        counts) that replace the group strides of A / C (0: use the strides)."""
         tile = self.config.gate_up if gated else self.config.down
         name = self.kernels.gate_up if gated else self.kernels.down
         if max_rows <= 0 or groups <= 0:
@@ -187,7 +200,8 @@ class FlashMoE:
                 a, _i64(a_stride), b0, b1 if b1 is not None else _i64(0), _i64(b_stride),
                 c, _i64(c_stride), _i64(counts_ptr), _i32(cap), _i32(rows_fixed),
                 _i32(n), _i32(k), _i32(inner), _i64(a_outer), _i64(c_outer),
-                _i32(counts_outer), _i32(skip)), shared_mem=smem)
+                _i32(counts_outer), _i32(skip), _i64(a_row_off), _i64(c_row_off)),
+                shared_mem=smem)
 
     def _expert_block(self, src: int, e0: int, e1: int, max_rows: int, stream) -> None:
         """Gate/up then down GEMMs of local experts [e0, e1) on the tokens from ``src``."""
@@ -195,15 +209,19 @@ class FlashMoE:
         lay = SymmetricLayout(p.world_size, p.local_experts, b.capacity, p.hidden)
         el, cap, h, i = p.local_experts, b.capacity, p.hidden, p.intermediate
         base = b.layout.data.ptr
-        a_ptr = base + lay.slot_offset(src, DISPATCH, INCOMING, e0) * ELEM_BYTES
+        # Slot bases; each expert's first row comes from the row-offset table.
+        a_ptr = base + lay.slot_offset(src, DISPATCH, INCOMING) * ELEM_BYTES
         out_buf = INCOMING if src == self.rank else STAGING
-        c_ptr = base + lay.slot_offset(src, COMBINE, out_buf, e0) * ELEM_BYTES
-        counts_ptr = self.counts.data.ptr + (src * p.experts + self.rank * el + e0) * 4
+        c_ptr = base + lay.slot_offset(src, COMBINE, out_buf) * ELEM_BYTES
+        idx = (src * p.experts + self.rank * el + e0) * 4
+        counts_ptr, off_ptr = self.counts.data.ptr + idx, self.row_off.data.ptr + idx
         act_ptr = b.act.data.ptr + e0 * cap * i * ELEM_BYTES
-        self._gemm(True, _i64(a_ptr), cap * h, self.w1[e0:e1], self.w3[e0:e1], i * h,
-                   _i64(act_ptr), cap * i, counts_ptr, cap, 0, max_rows, e1 - e0, i, h, stream)
+        self._gemm(True, _i64(a_ptr), 0, self.w1[e0:e1], self.w3[e0:e1], i * h,
+                   _i64(act_ptr), cap * i, counts_ptr, cap, 0, max_rows, e1 - e0, i, h, stream,
+                   a_row_off=off_ptr)
         self._gemm(False, _i64(act_ptr), cap * i, self.w2[e0:e1], None, h * i,
-                   _i64(c_ptr), cap * h, counts_ptr, cap, 0, max_rows, e1 - e0, h, i, stream)
+                   _i64(c_ptr), 0, counts_ptr, cap, 0, max_rows, e1 - e0, h, i, stream,
+                   c_row_off=off_ptr)
 
     def _fused_remote_block(self, rows: np.ndarray, stream) -> None:
         """All remote sources' tokens for all local experts in one launch per GEMM."""
@@ -217,13 +235,14 @@ class FlashMoE:
         a_ptr = base + lay.slot_offset(0, DISPATCH, INCOMING) * ELEM_BYTES
         c_ptr = base + lay.slot_offset(0, COMBINE, STAGING) * ELEM_BYTES
         counts_ptr = self.counts.data.ptr + me * el * 4
+        off_ptr = self.row_off.data.ptr + me * el * 4
         act = b.act.data.ptr
-        self._gemm(True, _i64(a_ptr), cap * h, self.w1, self.w3, i * h, _i64(act), cap * i,
+        self._gemm(True, _i64(a_ptr), 0, self.w1, self.w3, i * h, _i64(act), cap * i,
                    counts_ptr, cap, 0, max_rows, P * el, i, h, stream,
-                   outer=(el, slot_stride, el * cap * i, p.experts, me))
-        self._gemm(False, _i64(act), cap * i, self.w2, None, h * i, _i64(c_ptr), cap * h,
+                   outer=(el, slot_stride, el * cap * i, p.experts, me), a_row_off=off_ptr)
+        self._gemm(False, _i64(act), cap * i, self.w2, None, h * i, _i64(c_ptr), 0,
                    counts_ptr, cap, 0, max_rows, P * el, h, i, stream,
-                   outer=(el, el * cap * i, slot_stride, p.experts, me))
+                   outer=(el, el * cap * i, slot_stride, p.experts, me), c_row_off=off_ptr)
 
     def _shared(self, x, tokens: int, stream) -> None:
         p, b = self.problem, self._tok
@@ -285,6 +304,12 @@ class FlashMoE:
         self.dropped_tokens = int(np.maximum(counts[self.rank] - need, 0).sum())
         slots = self._slot_buffers(need)
         cap = self.capacity = slots.capacity
+        rows = np.minimum(counts, cap)  # rows[src][global expert] actually sent
+        offs = row_offsets(rows, cap, p.local_experts, cfg.packed_slots)
+        off_host = np.frombuffer(self._row_off_host, np.int32, offs.size)
+        off_host[:] = offs.ravel()  # the previous call's copy ran before the sync above
+        self.row_off.data.copy_from_host_async(off_host.ctypes.data, offs.nbytes, stream=s)
+        my_off = _i64(self.row_off.data.ptr + self.rank * p.experts * 4)
         if out is None:
             out = cupy.empty((tokens, p.hidden), np.uint16)
         elif out.dtype != np.uint16 or tuple(out.shape) != (tokens, p.hidden):
@@ -295,7 +320,7 @@ class FlashMoE:
             if tokens:
                 self.module[self.kernels.permute]((-(-tokens * k // MOVE_WARPS),),
                                                   (32 * MOVE_WARPS,), (
-                    x, b.topk_idx, b.pos, _i32(tokens), _i32(cap), _i32(self.rank),
+                    x, b.topk_idx, b.pos, _i32(tokens), _i32(cap), _i32(self.rank), my_off,
                     slots.layout))
         shared_ev = None
         if p.shared_experts and tokens and compute:
@@ -304,8 +329,7 @@ class FlashMoE:
             self._shared(x, tokens, ss)
             shared_ev = ss.record()
 
-        rows = np.minimum(counts, cap)  # rows[src][global expert] actually sent
-        self._experts_and_exchange(rows, s, compute, communicate)
+        self._experts_and_exchange(rows, offs, s, compute, communicate)
 
         with s:
             if shared_ev is not None:
@@ -314,7 +338,7 @@ class FlashMoE:
                 shared = b.shared_out if p.shared_experts and compute else _i64(0)
                 self.module[self.kernels.combine]((-(-tokens // MOVE_WARPS),),
                                                   (32 * MOVE_WARPS,), (
-                    b.topk_idx, b.topk_w, b.pos, _i32(tokens), _i32(cap), slots.layout,
+                    b.topk_idx, b.topk_w, b.pos, _i32(tokens), _i32(cap), my_off, slots.layout,
                     shared, out))
         self._last = (b.topk_idx[:tokens], b.topk_w[:tokens], b.pos[:tokens])
         cupy.cuda.get_current_stream().wait_event(s.record())
@@ -322,9 +346,13 @@ class FlashMoE:
 
     __call__ = forward
 
-    def _experts_and_exchange(self, rows: np.ndarray, s, compute: bool = True,
+    def _experts_and_exchange(self, rows: np.ndarray, offs: np.ndarray, s, compute: bool = True,
                               communicate: bool = True) -> None:
-        """Local experts, then each peer's chunks as they arrive; combine sends at once."""
+        """Local experts, then each peer's chunks as they arrive; combine sends at once.
+
+        ``rows``/``offs``: ``[P][E]`` rows sent per (source, global expert) and their first
+        row in the slot; every rank holds the same tables, so sends and receives match.
+        """
         p, cfg, me = self.problem, self.config, self.rank
         run_block = self._expert_block if compute else (lambda *args: None)
         el, P = p.local_experts, p.world_size
@@ -347,23 +375,19 @@ class FlashMoE:
             if not communicate:
                 return
             to, frm = (me + step) % P, (me - step) % P
+            if round_ == DISPATCH:  # my tokens to `to`; `frm`'s tokens to me
+                ops = ((comm.send, me, to, lay.slot_offset(to, DISPATCH, STAGING), to),
+                       (comm.recv, frm, me, lay.slot_offset(frm, DISPATCH, INCOMING), frm))
+            else:  # results for `frm`'s tokens back to it; mine back from `to`
+                ops = ((comm.send, frm, me, lay.slot_offset(frm, COMBINE, STAGING), frm),
+                       (comm.recv, me, to, lay.slot_offset(to, COMBINE, INCOMING), to))
             cs = comm.streams[which]
             with comm.group():
-                for e in range(e0, e1):
-                    if round_ == DISPATCH:  # my tokens to `to`; `frm`'s tokens to me
-                        ns, nr = rows[me, to * el + e], rows[frm, me * el + e]
-                        sp = lay.slot_offset(to, DISPATCH, STAGING, e)
-                        rp = lay.slot_offset(frm, DISPATCH, INCOMING, e)
-                        speer, rpeer = to, frm
-                    else:  # results for `frm`'s tokens back to it; mine back from `to`
-                        ns, nr = rows[frm, me * el + e], rows[me, to * el + e]
-                        sp = lay.slot_offset(frm, COMBINE, STAGING, e)
-                        rp = lay.slot_offset(to, COMBINE, INCOMING, e)
-                        speer, rpeer = frm, to
-                    if ns:
-                        comm.send(base + sp * ELEM_BYTES, int(ns) * row_bytes, speer, cs, which)
-                    if nr:
-                        comm.recv(base + rp * ELEM_BYTES, int(nr) * row_bytes, rpeer, cs, which)
+                for op, src, dst, slot, peer in ops:  # (source, destination) rows of the slot
+                    cols = slice(dst * el + e0, dst * el + e1)
+                    for r0, n in contiguous_runs(offs[src, cols], rows[src, cols]):
+                        op(base + (slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, peer, cs,
+                           which)
 
         plan = [(step, e0, e1) for step in range(1, P) for (e0, e1) in chunks]
         arrived = []

@@ -6,6 +6,8 @@ with a NaN pattern first, relative error <= 1e-2.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -118,6 +120,18 @@ def test_layer_tile_configs(gu, dn):
     w = MoEWeights.random(p, seed=11)
     layer = _layer(p, cfg, weights=w)
     _run_checked(layer, random_tokens(333, p.hidden, seed=12), w)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["exact", "capped"])
+def test_layer_packed_slots_one_rank(capacity_factor):
+    """Packed slots on one GPU: the row-offset table drives permute, both GEMMs and combine."""
+    p = DSV2_LITE.replace(tokens_per_rank=333, capacity_factor=capacity_factor)
+    cfg = dataclasses.replace(KernelConfig.default(p), packed_slots=True, chunks_per_peer=3)
+    w = MoEWeights.random(p, seed=21)
+    layer = _layer(p, cfg, weights=w)
+    cap = p.fixed_capacity(cfg.block_m)
+    _, ref = _run_checked(layer, random_tokens(333, p.hidden, seed=22), w, capacity=cap)
+    assert layer.dropped_tokens == ref.dropped
 
 
 def test_expert_gemm_kernels_alone():

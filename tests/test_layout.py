@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flashmoe_gen.layout import COMBINE, DISPATCH, INCOMING, STAGING, SymmetricLayout
+from flashmoe_gen.layout import (
+    COMBINE,
+    DISPATCH,
+    INCOMING,
+    STAGING,
+    SymmetricLayout,
+    contiguous_runs,
+    row_offsets,
+)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -96,30 +104,36 @@ def test_dispatch_buffer():
 
 
 # ---- the C++ side (templates) -----------------------------------------------------------------
-def cpp_slot_offset_expression() -> str:
+def cpp_function_body(signature: str) -> str:
     text = (TEMPLATES / "common.cuh.j2").read_text()
-    m = re.search(r"long long slot_offset\(int peer, int round, int buffer, int e, int row,"
-                  r"\s*int capacity\)\s*\{\s*return (.*?);\s*\}", text, re.S)
-    assert m, "fmoe::slot_offset not found in common.cuh.j2"
+    m = re.search(re.escape(signature).replace(r"\ ", r"\s*") + r"\s*\{\s*return (.*?);\s*\}",
+                  text, re.S)
+    assert m, f"{signature} not found in common.cuh.j2"
     return m.group(1)
 
 
-def test_template_slot_offset_nesting_order():
-    text = (TEMPLATES / "common.cuh.j2").read_text()
-    assert ("((((static_cast<long long>(peer) * 2 + round) * 2 + buffer) * LOCAL_EXPERTS + e) *"
-            in text)
-    expr = " ".join(cpp_slot_offset_expression().split())
+def cpp_slot_row_expression() -> str:
+    return cpp_function_body("long long slot_row(int peer, int round, int buffer, long long row, "
+                             "int capacity)")
+
+
+def test_template_slot_offset_goes_through_slot_row():
+    body = " ".join(cpp_function_body("long long slot_offset(int peer, int round, int buffer, "
+                                      "int e, int row, int capacity)").split())
+    assert body == ("slot_row(peer, round, buffer, static_cast<long long>(e) * capacity + row, "
+                    "capacity)")
+    expr = " ".join(cpp_slot_row_expression().split())
     assert expr.endswith("capacity + row) * HIDDEN")
 
 
-def test_template_slot_offset_equals_python():
+def test_template_slot_row_equals_python():
     """Evaluate the C++ expression (integer arithmetic only) and compare with Python."""
-    expr = cpp_slot_offset_expression().replace("static_cast<long long>(peer)", "peer")
+    expr = cpp_slot_row_expression().replace("static_cast<long long>(peer)", "peer")
     assert re.fullmatch(r"[\sA-Za-z_()*+0-9]+", expr), expr  # plain integer arithmetic
-    code = compile(expr, "slot_offset", "eval")
+    code = compile(expr, "slot_row", "eval")
     for lay in LAYOUTS:
         for peer, rnd, buf, e, row in coords(lay):
-            env = {"peer": peer, "round": rnd, "buffer": buf, "e": e, "row": row,
+            env = {"peer": peer, "round": rnd, "buffer": buf, "row": e * lay.capacity + row,
                    "capacity": lay.capacity, "LOCAL_EXPERTS": lay.local_experts,
                    "HIDDEN": lay.hidden}
             assert eval(code, {"__builtins__": {}}, env) == lay.offset(peer, rnd, buf, e, row)
@@ -130,7 +144,58 @@ def test_template_kernels_use_the_documented_slots():
     # Dispatch (permute): round 0, incoming buffer for this rank's own experts, else staging.
     assert re.search(r"const int buffer = \(d == self_rank\) \? 1 : 0;", text)
     assert (INCOMING, STAGING) == (1, 0)
-    assert re.search(r"slot_offset\(d, 0, buffer, e % LOCAL_EXPERTS, p, capacity\)", text)
+    assert re.search(r"slot_row\(d, 0, buffer, expert_row0\(row_off, e, capacity\) \+ p, "
+                     r"capacity\)", text)
     # Combine: results come back into round 1, incoming buffer, of the expert's rank slot.
-    assert re.search(r"slot_offset\(e / LOCAL_EXPERTS, 1, 1, e % LOCAL_EXPERTS, p, capacity\)",
-                     text)
+    assert re.search(r"slot_row\(e / LOCAL_EXPERTS, 1, 1, expert_row0\(row_off, e, capacity\) \+ p,"
+                     r"\s*capacity\)", text)
+    # Without a table an expert's rows start at e_local * C (the expert-slot layout).
+    common = (TEMPLATES / "common.cuh.j2").read_text()
+    assert "row_off != nullptr ? row_off[e] : (e % LOCAL_EXPERTS) * capacity" in common
+
+
+# ---- row offsets and runs (packed vs expert slots) -----------------------------------------
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("P,el,cap", [(1, 4, 16), (2, 4, 32), (4, 2, 64), (2, 32, 128)])
+def test_row_offsets_place_rows_disjointly_inside_the_slot(packed, P, el, cap):
+    rng = np.random.default_rng(P * 100 + el)
+    rows = rng.integers(0, cap + 1, size=(P, P * el))
+    rows[0, 0] = cap  # a full expert and an empty one
+    rows[-1, -1] = 0
+    offs = row_offsets(rows, cap, el, packed)
+    assert offs.shape == rows.shape and offs.dtype == np.int32
+    for s, d in itertools.product(range(P), range(P)):
+        taken = np.zeros(el * cap, bool)
+        for j in range(el):
+            r0, n = offs[s, d * el + j], rows[s, d * el + j]
+            assert 0 <= r0 and r0 + n <= el * cap
+            assert not taken[r0:r0 + n].any()
+            taken[r0:r0 + n] = True
+            if not packed:
+                assert r0 == j * cap
+
+
+@pytest.mark.parametrize("chunks", [[(0, 8)], [(0, 3), (3, 8)]])
+def test_packed_slots_give_one_run_per_peer_and_chunk(chunks):
+    rng = np.random.default_rng(7)
+    P, el, cap = 2, 8, 64
+    rows = rng.integers(1, cap, size=(P, P * el))
+    packed, expert = row_offsets(rows, cap, el, True), row_offsets(rows, cap, el, False)
+    for s, d in itertools.product(range(P), range(P)):
+        for e0, e1 in chunks:
+            cols = slice(d * el + e0, d * el + e1)
+            runs = contiguous_runs(packed[s, cols], rows[s, cols])
+            assert runs == [(int(packed[s, d * el + e0]), int(rows[s, cols].sum()))]
+            assert len(contiguous_runs(expert[s, cols], rows[s, cols])) == e1 - e0
+
+
+def test_contiguous_runs_merge_only_touching_rows():
+    assert contiguous_runs([0, 5, 9, 20], [5, 4, 0, 3]) == [(0, 9), (20, 3)]
+    assert contiguous_runs([0, 64, 128], [64, 64, 10]) == [(0, 138)]  # full expert slots touch
+    assert contiguous_runs([0, 64], [10, 10]) == [(0, 10), (64, 10)]
+    assert contiguous_runs([], []) == []
+
+
+def test_row_offsets_reject_rows_beyond_capacity():
+    with pytest.raises(ValueError, match="capacity"):
+        row_offsets(np.array([[3, 70]]), 64, 2, True)

@@ -10,6 +10,8 @@ assertion comes after the collectives so a failing rank cannot leave the others 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -87,16 +89,28 @@ def test_capacity_factor_drops(comm):
         layer.config.block_m)
 
 
-@pytest.mark.parametrize("chunks,streams,overlap,fuse", [
-    (2, 2, True, False), (4, 1, True, False), (1, 1, False, False), (1, 2, True, True),
-    (2, 1, False, True)], ids=["chunks2_streams2", "chunks4", "serialized", "fused",
-                               "fused_serialized"])
-def test_overlap_knobs(comm, chunks, streams, overlap, fuse):
+@pytest.mark.parametrize("chunks,streams,overlap,fuse,packed", [
+    (2, 2, True, False, True), (4, 1, True, False, False), (4, 2, True, False, True),
+    (1, 1, False, False, True), (1, 2, True, True, True), (2, 1, False, True, False)],
+    ids=["chunks2_streams2_packed", "chunks4_expert_slots", "chunks4_streams2_packed",
+         "serialized_packed", "fused_packed", "fused_serialized_expert_slots"])
+def test_overlap_knobs(comm, chunks, streams, overlap, fuse, packed):
     p = DSV2.replace(world_size=comm.world_size)
     base = KernelConfig.default(p)
     cfg = KernelConfig(base.gate_up, base.down, base.router_tokens_per_block, chunks, streams,
-                       shared_stream=overlap, overlap=overlap, fuse_sources=fuse)
+                       shared_stream=overlap, overlap=overlap, fuse_sources=fuse,
+                       packed_slots=packed)
     _check(comm, DSV2, [400, 512, 200, 64], config=cfg, seed=8)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["expert_slots", "packed"])
+def test_slot_layouts_skewed_and_capped(comm, packed):
+    """Both row placements under skew, with and without a capacity factor (full slots)."""
+    for p, seed in ((SEED.replace(tokens_per_rank=300), 11),
+                    (SEED.replace(capacity_factor=1.0, tokens_per_rank=300), 12)):
+        q = p.replace(world_size=comm.world_size)
+        cfg = dataclasses.replace(KernelConfig.default(q), packed_slots=packed)
+        _check(comm, p, [300, 120, 7, 300], config=cfg, seed=seed, skew=True)
 
 
 def test_repeated_calls_grow_capacity(comm):

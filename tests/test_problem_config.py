@@ -131,6 +131,7 @@ CONFIG_CHANGES = {
     "shared_stream": False,
     "overlap": False,
     "fuse_sources": True,
+    "packed_slots": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4}
 

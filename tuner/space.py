@@ -24,14 +24,14 @@ FULL = {
     "dn_bm": (32, 64, 128, 256), "dn_bn": (64, 128, 256), "dn_bk": (32, 64),
     "dn_w": ("1x2", "2x1", "2x2", "1x4", "2x4", "4x2"), "dn_s": (2, 3, 4),
     "router": (4, 8, 16), "chunks": (1, 2, 4), "streams": (1, 2), "shared_stream": (True, False),
-    "fuse": (False, True),
+    "fuse": (False, True), "packed": (True, False),
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons.
 SMALL = {
     "gu_bm": (64, 128), "gu_bn": (64, 128), "gu_bk": (64,), "gu_w": ("2x2", "4x2"),
     "gu_s": (3, 4), "dn_bm": (64, 128), "dn_bn": (64, 128), "dn_bk": (64,),
     "dn_w": ("2x4", "4x2"), "dn_s": (3, 4), "router": (8,), "chunks": (1,), "streams": (1,),
-    "shared_stream": (True,), "fuse": (False,),
+    "shared_stream": (True,), "fuse": (False,), "packed": (True,),
 }
 SPACES = {"full": FULL, "small": SMALL}
 
@@ -59,6 +59,7 @@ class SearchSpace:
         choices = dict(SPACES[size])
         if problem.world_size == 1:  # nothing to chunk, stream or fuse across peers
             choices["chunks"], choices["streams"], choices["fuse"] = (1,), (1,), (False,)
+            choices["packed"] = (False,)  # no sends: where rows sit in a slot is moot
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
         return cls(problem, limits, choices)
@@ -73,7 +74,8 @@ class SearchSpace:
 
         return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
                             params["streams"], params["shared_stream"],
-                            fuse_sources=params.get("fuse", False))
+                            fuse_sources=params.get("fuse", False),
+                            packed_slots=params.get("packed", False))
 
     @staticmethod
     def params_from_config(cfg: KernelConfig) -> dict:
@@ -83,7 +85,7 @@ class SearchSpace:
                   f"{prefix}_w": f"{t.warps_m}x{t.warps_n}", f"{prefix}_s": t.stages}
         return p | {"router": cfg.router_tokens_per_block, "chunks": cfg.chunks_per_peer,
                     "streams": cfg.comm_streams, "shared_stream": cfg.shared_stream,
-                    "fuse": cfg.fuse_sources}
+                    "fuse": cfg.fuse_sources, "packed": cfg.packed_slots}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
