@@ -131,10 +131,12 @@ def main() -> int:
                 f"bf16, median of {a.iters} iterations after {a.warmup} warm-ups (CUDA events, "
                 "max over ranks per iteration). (a) layer, (b) serialized, (c) comm alone, "
                 "(d) compute alone; a_expert_slots = (a) with expert slots (one NCCL op per "
-                "(peer, expert)) instead of packed ones; overlap eff = ((b)-(a))/min((c),(d)); vs torch = (a) / "
+                "(peer, expert)) instead of packed ones; overlap eff = ((b)-(a))/min((c),(d)); "
+                "vs torch = (a) / "
                 "PyTorch EP (all_to_all_single + torch._grouped_mm); floor = per-rank "
                 "max(FLOPs/790 TFLOP/s, bytes/3.0 TB/s); agree = rel. diff ours vs torch.\n\n")
-        cols = ["problem", "a_layer", "a_expert_slots", "b_serial", "c_comm", "d_compute", "overlap_eff",
+        cols = ["problem", "a_layer", "a_expert_slots", "b_serial", "c_comm", "d_compute",
+                "overlap_eff",
                 "torch_ep", "vs_torch", "floor_ms", "over_floor", "agree_torch"]
         table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
         for r in rows:

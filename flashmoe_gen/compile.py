@@ -136,11 +136,23 @@ def write_if_changed(path: Path, text: str) -> None:
     _atomic_write(path, text.encode())
 
 
+def target_arch(config, arch: str) -> str:
+    """The NVRTC target for ``config`` on ``arch`` (wgmma needs the "a" variant)."""
+    if config.uses_wgmma and not arch.endswith("a"):
+        return arch + "a"
+    return arch
+
+
 def compile_source(gen: GeneratedSource, arch: str = "sm_90", *, use_cache: bool = True,
                    cache_dir: Path | None = None) -> CompiledModule:
-    """Compile with NVRTC (no GPU needed); cached by source, options, NVRTC version, arch."""
+    """Compile with NVRTC (no GPU needed); cached by source, options, NVRTC version, arch.
+
+    A config with wgmma tiles is built for the arch-specific target (sm_90 -> sm_90a):
+    warpgroup MMA exists only there.
+    """
     from cupy.cuda import nvrtc
 
+    arch = target_arch(gen.config, arch)
     options = compile_options(arch)
     version = nvrtc_version()
     key = hashlib.sha256("\0".join([gen.code, *options, version, arch]).encode()).hexdigest()[:20]

@@ -17,6 +17,13 @@ STAGE_RANGE = range(2, 7)
 WARP_CHOICES = (1, 2, 4, 8)
 ROUTER_CHOICES = (1, 2, 4, 8, 16, 32)
 COMM_STREAM_CHOICES = (1, 2, 4)
+#: Tensor-core instruction of a GEMM: "sync" = mma.sync m16n8k16 (sm_80+), "wgmma" = Hopper
+#: warpgroup MMA m64nNk16 from shared memory (sm_90a), 4 warps per 64 rows, BK 64 (one
+#: 128-byte swizzle atom per row).
+MMA_CHOICES = ("sync", "wgmma")
+WGMMA_BK, WGMMA_ROWS_PER_WARPGROUP, WGMMA_MAX_N = 64, 64, 256
+#: Extra dynamic shared memory a wgmma kernel takes to align its tiles to 1024 bytes.
+WGMMA_ALIGN = 1024
 #: Rough per-thread register use besides accumulators and fragments (addresses, loop state).
 REG_OVERHEAD = 40
 #: mma.sync.m16n8k16: a warp's tile must be a multiple of 16 rows and 16 columns
@@ -26,7 +33,8 @@ MMA_M, MMA_N_LOAD = 16, 16
 
 @dataclass(frozen=True)
 class GemmTile:
-    """Tiling of one expert GEMM: block tile, warp grid and cp.async pipeline depth."""
+    """Tiling of one expert GEMM: block tile, warp grid, cp.async pipeline depth and the
+    tensor-core instruction (``mma``; with "wgmma", ``warps_m`` = 4 per 64 rows)."""
 
     bm: int
     bn: int
@@ -34,6 +42,7 @@ class GemmTile:
     warps_m: int
     warps_n: int
     stages: int
+    mma: str = "sync"
 
     @property
     def threads(self) -> int:
@@ -42,13 +51,16 @@ class GemmTile:
     @property
     def name(self) -> str:
         return (f"bm{self.bm}_bn{self.bn}_bk{self.bk}_w{self.warps_m}x{self.warps_n}"
-                f"_s{self.stages}")
+                f"_s{self.stages}{'_wg' if self.mma == 'wgmma' else ''}")
 
     def smem_bytes(self, b_operands: int) -> int:
         """Dynamic shared memory: ``stages`` copies of the A tile and ``b_operands`` B tiles."""
-        return self.stages * (self.bm * self.bk + b_operands * self.bn * self.bk) * 2
+        tiles = self.stages * (self.bm * self.bk + b_operands * self.bn * self.bk) * 2
+        return tiles + (WGMMA_ALIGN if self.mma == "wgmma" else 0)
 
     def regs_estimate(self, b_operands: int) -> int:
+        if self.mma == "wgmma":  # a warpgroup's m64 x bn fp32 tile over 128 threads
+            return self.bn // 2 * b_operands + REG_OVERHEAD
         mi = self.bm // self.warps_m // 16
         ni = self.bn // self.warps_n // 8
         acc = mi * ni * 4 * b_operands
@@ -62,8 +74,13 @@ class GemmTile:
 
         for f in fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int) or isinstance(v, bool):
+            if f.name == "mma":
+                if v not in MMA_CHOICES:
+                    raise err("mma", v, f"choose one of {list(MMA_CHOICES)}")
+            elif not isinstance(v, int) or isinstance(v, bool):
                 raise err(f.name, v, "must be an integer")
+        if self.mma == "wgmma":
+            self._validate_wgmma(err, limits)
 
         for field, value, choices in (("bm", self.bm, BM_CHOICES), ("bn", self.bn, BN_CHOICES),
                                       ("bk", self.bk, BK_CHOICES),
@@ -104,12 +121,29 @@ class GemmTile:
                       f"{self.threads} threads x ~{regs} registers exceed "
                       f"{limits.regs_per_block} per block: fewer warps")
 
+    def _validate_wgmma(self, err, limits: DeviceLimits) -> None:
+        if limits.major_minor != (9, 0):
+            raise err("mma", self.mma, f"wgmma needs sm_90 (Hopper), target is {limits.arch}; "
+                      "use mma='sync'")
+        if self.bk != WGMMA_BK:
+            raise err("bk", self.bk, f"wgmma tiles use bk={WGMMA_BK} (one 128-byte row)")
+        if self.bm % WGMMA_ROWS_PER_WARPGROUP or self.warps_m != 4 * self.bm // 64:
+            raise err("warps_m", self.warps_m, "wgmma: bm a multiple of 64 and warps_m = "
+                      f"bm / 16 (4 warps per 64 rows), e.g. bm={self.bm} -> "
+                      f"warps_m={4 * self.bm // 64}")
+        if self.warps_n != 1:
+            raise err("warps_n", self.warps_n, "wgmma: a warpgroup spans the whole bn; use 1")
+        if not 8 <= self.bn <= WGMMA_MAX_N or self.bn % 8:
+            raise err("bn", self.bn, f"wgmma: bn a multiple of 8 up to {WGMMA_MAX_N}")
+
     @classmethod
     def parse(cls, name: str) -> GemmTile:
-        m = re.fullmatch(r"bm(\d+)_bn(\d+)_bk(\d+)_w(\d+)x(\d+)_s(\d+)", name)
+        m = re.fullmatch(r"bm(\d+)_bn(\d+)_bk(\d+)_w(\d+)x(\d+)_s(\d+)(_wg)?", name)
         if not m:
-            raise ConfigError("tile", name, "expected e.g. bm128_bn64_bk64_w4x2_s3")
-        return cls(*map(int, m.groups()))
+            raise ConfigError("tile", name, "expected e.g. bm128_bn64_bk64_w4x2_s3 "
+                              "(suffix _wg for wgmma)")
+        *ints, wg = m.groups()
+        return cls(*map(int, ints), mma="wgmma" if wg else "sync")
 
 
 @dataclass(frozen=True)
@@ -136,6 +170,10 @@ class KernelConfig:
     overlap: bool = True
     fuse_sources: bool = False
     packed_slots: bool = False
+
+    @property
+    def uses_wgmma(self) -> bool:
+        return "wgmma" in (self.gate_up.mma, self.down.mma)
 
     @property
     def block_m(self) -> int:
@@ -240,7 +278,7 @@ class KernelConfig:
         for key in ("gate_up", "down"):
             if isinstance(d.get(key), dict):
                 extra = set(d[key]) - tile_fields
-                missing = tile_fields - set(d[key])
+                missing = tile_fields - set(d[key]) - {"mma"}  # older JSON: mma.sync
                 if extra or missing:
                     raise ConfigError(key, d[key], f"unknown {sorted(extra)} / missing "
                                       f"{sorted(missing)}; tile fields: {sorted(tile_fields)}")

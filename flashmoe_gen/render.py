@@ -71,8 +71,30 @@ class GeneratedSource:
 
 def gemm_expression(tile: GemmTile, gated: bool) -> str:
     """C++ name expression of one expert GEMM instantiation."""
+    if tile.mma == "wgmma":
+        return f"fmoe::expert_gemm_wg<{tile.bm}, {tile.bn}, {tile.stages}, {CPP_BOOL[gated]}>"
     args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages]
     return f"fmoe::expert_gemm<{', '.join(map(str, args))}, {CPP_BOOL[gated]}>"
+
+
+def wgmma_asm(n: int, ab_type: str) -> str:
+    """Inline-asm body of one ``wgmma.mma_async m64n{n}k16`` (A, B from shared memory).
+
+    Operands: ``n / 2`` fp32 accumulators per thread, then the two matrix descriptors;
+    scale-d is 1 (accumulate: the accumulators start at zero).
+    """
+    regs = n // 2
+    acc = ", ".join(f"%{j}" for j in range(regs))
+    outs = ", ".join(f'"+f"(d[{j}])' for j in range(regs))
+    return (f'asm volatile("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab_type}.{ab_type} "\n'
+            f'      "{{{acc}}}, %{regs}, %{regs + 1}, 1, 1, 1, 0, 0;\\n"\n'
+            f'      : {outs}\n      : "l"(desc_a), "l"(desc_b));')
+
+
+def wgmma_variants(config: KernelConfig, ab_type: str) -> list[dict]:
+    """One wrapper per distinct wgmma N of this config (the template defines each once)."""
+    ns = sorted({t.bn for t in (config.gate_up, config.down) if t.mma == "wgmma"})
+    return [{"n": n, "regs": n // 2, "asm": wgmma_asm(n, ab_type)} for n in ns]
 
 
 def router_lanes(experts: int) -> tuple[int, int, int]:
@@ -110,6 +132,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "pos_threads": POS_THREADS,
         "move_warps": MOVE_WARPS,
         "kernels": kernel_names(config),
+        "wgmma_variants": wgmma_variants(config, DTYPE_MMA[dt]),
     }
 
 

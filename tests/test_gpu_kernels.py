@@ -113,7 +113,11 @@ def test_layer_skewed_routing_and_capacity():
     (GemmTile(128, 64, 32, 4, 2, 4), GemmTile(128, 128, 32, 2, 4, 2)),
     (GemmTile(32, 32, 64, 1, 2, 2), GemmTile(16, 64, 64, 1, 2, 5)),
     (GemmTile(128, 128, 64, 2, 4, 3), GemmTile(256, 128, 64, 4, 2, 3)),
-], ids=["default_small", "bk32", "tiny_tiles", "big_tiles"])
+    (GemmTile(128, 128, 64, 8, 1, 4, "wgmma"), GemmTile(128, 128, 64, 8, 1, 3, "wgmma")),
+    (GemmTile(64, 64, 64, 4, 1, 3, "wgmma"), GemmTile(64, 256, 64, 4, 1, 2, "wgmma")),
+    (GemmTile(64, 32, 64, 4, 1, 5, "wgmma"), GemmTile(64, 128, 64, 2, 4, 3)),
+], ids=["default_small", "bk32", "tiny_tiles", "big_tiles", "wgmma_128", "wgmma_64_n256",
+        "wgmma_mixed"])
 def test_layer_tile_configs(gu, dn):
     p = RAGGED
     cfg = KernelConfig(gu, dn, router_tokens_per_block=4, chunks_per_peer=2)
@@ -134,12 +138,18 @@ def test_layer_packed_slots_one_rank(capacity_factor):
     assert layer.dropped_tokens == ref.dropped
 
 
-def test_expert_gemm_kernels_alone():
-    """Gate/up and down GEMMs on random slots: exact rows written, rows past count untouched."""
+@pytest.mark.parametrize("mma", ["sync", "wgmma"])
+def test_expert_gemm_kernels_alone(mma):
+    """Gate/up and down GEMMs on random slots: exact rows written, rows past count untouched.
+    K = 720 and 1000 are not multiples of the 64-wide k tile (zero-filled tails)."""
     import cupy
 
-    p = RAGGED
-    layer = _layer(p)
+    p = MoEProblem(1000, 720, 16, 4, shared_experts=1, tokens_per_rank=333)
+    cfg = None
+    if mma == "wgmma":
+        cfg = KernelConfig(GemmTile(128, 64, 64, 8, 1, 3, "wgmma"),
+                           GemmTile(64, 128, 64, 4, 1, 4, "wgmma"))
+    layer = _layer(p, cfg)
     el, h, i = p.local_experts, p.hidden, p.intermediate
     cap = 128
     rng = np.random.default_rng(5)

@@ -133,7 +133,8 @@ CONFIG_CHANGES = {
     "fuse_sources": True,
     "packed_slots": True,
 }
-TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4}
+TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
+                "mma": "wgmma"}
 
 
 def test_config_change_tables_cover_every_field():
@@ -597,3 +598,37 @@ def test_flops():
     expected = 2 * t * h * 8 + t * 2 * 6 * h * 2048 + t * 6 * h * 2048
     assert p.flops() == expected
     assert p.flops(0) == 0
+
+
+# ---- wgmma tiles -----------------------------------------------------------------------------
+def test_wgmma_tile_name_round_trip_and_old_json():
+    t = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
+    assert t.name == "bm128_bn128_bk64_w8x1_s4_wg"
+    assert GemmTile.parse(t.name) == t
+    assert GemmTile.parse("bm128_bn128_bk64_w2x4_s4").mma == "sync"
+    cfg = KernelConfig(t, GemmTile(64, 128, 64, 2, 4, 3))
+    assert KernelConfig.from_name(cfg.name) == cfg and cfg.uses_wgmma
+    old = json.loads(cfg.to_json())
+    del old["gate_up"]["mma"], old["down"]["mma"]  # JSON written before the field existed
+    assert KernelConfig.from_dict(old).gate_up.mma == "sync"
+
+
+@pytest.mark.parametrize("tile,field", [
+    (GemmTile(128, 128, 32, 8, 1, 4, "wgmma"), "bk"),
+    (GemmTile(128, 128, 64, 4, 2, 4, "wgmma"), "warps_m"),
+    (GemmTile(64, 128, 64, 2, 2, 4, "wgmma"), "warps_m"),
+    (GemmTile(128, 64, 64, 4, 1, 4, "wgmma"), "warps_m"),
+    (GemmTile(128, 128, 64, 8, 1, 4, "tcgen05"), "mma"),
+])
+def test_wgmma_constraints_name_the_field(tile, field):
+    with pytest.raises(ConfigError) as e:
+        KernelConfig(tile, GemmTile(64, 128, 64, 2, 4, 3)).validate(DSV2_LITE)
+    assert e.value.field == f"gate_up.{field}"
+
+
+def test_wgmma_needs_hopper():
+    cfg = KernelConfig(GemmTile(128, 128, 64, 8, 1, 4, "wgmma"), GemmTile(64, 128, 64, 2, 4, 3))
+    cfg.validate(DSV2_LITE, "sm_90")
+    cfg.validate(DSV2_LITE, "sm_90a")
+    with pytest.raises(ConfigError, match="sm_90"):
+        cfg.validate(DSV2_LITE, "sm_80")

@@ -168,8 +168,9 @@ def test_template_vars_are_cpp_spellings():
     assert (tv["router_lanes_e"], tv["router_lanes_h"], tv["router_experts_per_lane"]) == (
         32, 1, 2)
     assert isinstance(tv["kernels"], KernelNames)
+    assert tv["wgmma_variants"] == []  # mma.sync tiles only
     for k, v in tv.items():
-        if k != "kernels":
+        if k not in ("kernels", "wgmma_variants"):
             assert type(v) in (str, int), (k, v)  # no bool/None/float reaches a template
 
 
@@ -388,3 +389,37 @@ def test_kernel_names_are_unique_over_config_grid():
         for gated in (True, False):
             seen[gemm_expression(t, gated)] = (t, gated)
     assert len(seen) == 2**6 * 2  # six tile fields with two values each, gated or not
+
+
+# ---- wgmma (Hopper) tiles --------------------------------------------------------------------
+WG_GU = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
+WG_DN = GemmTile(64, 256, 64, 4, 1, 3, "wgmma")
+
+
+def test_gemm_expression_wgmma():
+    assert gemm_expression(WG_GU, True) == "fmoe::expert_gemm_wg<128, 128, 4, true>"
+    assert gemm_expression(WG_DN, False) == "fmoe::expert_gemm_wg<64, 256, 3, false>"
+
+
+def test_wgmma_asm_is_computed_once_per_width():
+    cfg = KernelConfig(WG_GU, WG_DN)
+    gen = render(MIXTRAL, cfg)
+    for n in (128, 256):
+        assert gen.code.count(f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16") == 1
+        assert f'"+f"(d[{n // 2 - 1}])' in gen.code
+    sync_only = render(MIXTRAL, KernelConfig.default(MIXTRAL))
+    assert "wgmma" not in sync_only.code  # the Hopper block is not emitted at all
+
+
+@pytest.mark.parametrize("gu,dn", [(WG_GU, WG_DN), (WG_GU, GemmTile(128, 128, 64, 2, 4, 3))],
+                         ids=["both_wgmma", "mixed"])
+def test_compile_wgmma_targets_sm90a(gu, dn, private_cache):
+    gen = render(MIXTRAL, KernelConfig(gu, dn))
+    mod = compile_source(gen, "sm_90", use_cache=False)
+    assert mod.arch == "sm_90a"
+    assert any("sm_90a" in o for o in mod.options)
+    for name in (gen.kernels.gate_up, gen.kernels.down):
+        res = mod.resources[name]
+        assert res.spill_stores == 0 and res.stack_bytes == 0, (name, res)
+    # 1024 bytes of alignment slack on top of the stages' tiles
+    assert mod.dynamic_smem[gen.kernels.gate_up] == 4 * (128 * 64 + 2 * 128 * 64) * 2 + 1024
