@@ -16,3 +16,6 @@ echo "multigpu $P ranks rc=$?"; grep -E "passed|failed|FAILED" "$O/multigpu_$P.l
 timeout 240 $MPI -np "$P" python3 bench/overlap.py --commit "$COMMIT" \
   --out "$O/overlap_$P.md" --json "$O/overlap_$P.json" > "$O/overlap_$P.log" 2>&1
 echo "overlap rc=$?"; cat "$O/overlap_$P.md" 2>/dev/null || tail -20 "$O/overlap_$P.log"
+CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/gemm_bench.py --commit "$COMMIT" \
+  --out "$O/gemm.md" --json "$O/gemm.json" > "$O/gemm.log" 2>&1
+echo "gemm bench rc=$?"; cat "$O/gemm.md" 2>/dev/null || tail -20 "$O/gemm.log"

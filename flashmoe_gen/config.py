@@ -125,6 +125,8 @@ class GemmTile:
         if limits.major_minor != (9, 0):
             raise err("mma", self.mma, f"wgmma needs sm_90 (Hopper), target is {limits.arch}; "
                       "use mma='sync'")
+        if self.stages < 3:
+            raise err("stages", self.stages, "wgmma keeps one MMA group in flight: 3 or more")
         if self.bk != WGMMA_BK:
             raise err("bk", self.bk, f"wgmma tiles use bk={WGMMA_BK} (one 128-byte row)")
         if self.bm % WGMMA_ROWS_PER_WARPGROUP or self.warps_m != 4 * self.bm // 64:
@@ -236,7 +238,20 @@ class KernelConfig:
     # -- defaults and serialisation -----------------------------------------------------
     @classmethod
     def default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
-        """A sound starting point: tiles sized by the rows an expert gets on average."""
+        """A sound starting point: wgmma 128 x 128 tiles on Hopper (bench/gemm_bench.py:
+        1.2-1.4x mma.sync on the large shapes, no loss on small ones), else mma.sync tiles
+        sized by the rows an expert gets on average."""
+        # Packed slots: one NCCL op per peer instead of one per (peer, expert).
+        knobs = dict(router_tokens_per_block=8, chunks_per_peer=1, comm_streams=1,
+                     shared_stream=True, packed_slots=problem.world_size > 1)
+        if limits_for(arch).major_minor == (9, 0):
+            wg = cls(GemmTile(128, 128, 64, 8, 1, 4, "wgmma"),
+                     GemmTile(128, 128, 64, 8, 1, 4, "wgmma"), **knobs)
+            try:
+                wg.validate(problem, arch)
+                return wg
+            except ConfigError:  # a dimension below the 64/128-wide tiles: mma.sync below
+                pass
         rows = problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
         bm = 64 if rows <= 96 else 128
         n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
@@ -249,9 +264,7 @@ class KernelConfig:
         gate_up = GemmTile(bm, bn_gu, bk_gu, warps_m=bm // 32, warps_n=min(2, bn_gu // 16),
                            stages=3)
         down = GemmTile(bm, bn_dn, bk_dn, warps_m=2, warps_n=min(4, bn_dn // 16), stages=3)
-        # Packed slots: one NCCL op per peer instead of one per (peer, expert).
-        cfg = cls(gate_up, down, router_tokens_per_block=8, chunks_per_peer=1, comm_streams=1,
-                  shared_stream=True, packed_slots=problem.world_size > 1)
+        cfg = cls(gate_up, down, **knobs)
         cfg.validate(problem, arch)
         return cfg
 

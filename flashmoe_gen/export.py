@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from . import __version__
-from .compile import write_if_changed
+from .compile import target_arch, write_if_changed
 from .config import GemmTile, KernelConfig, expert_chunks
 from .problem import MoEProblem
 from .render import (
@@ -26,13 +26,29 @@ from .render import (
     to_template_vars,
 )
 
-#: How to build an exported file (also written into its header comment).
+#: How to build an exported file (also written into its header comment); see ``nvcc_hint``.
 EXPORT_NVCC_HINT = (
-    "library (host launcher only):  nvcc -arch=sm_90 -O3 -c file.cu\n"
+    "library (host launcher only):  nvcc {arch_flags} -O3 -c file.cu\n"
     "harness (export_cu(..., with_main=True)):\n"
-    "  nvcc -arch=sm_90 -O3 -std=c++17 -ccbin mpicxx file.cu -lnccl -o flash_moe\n"
+    "  nvcc {arch_flags} -O3 -std=c++17 -ccbin mpicxx file.cu -lnccl -o flash_moe\n"
     "  mpirun -np P ./flash_moe [tokens_per_rank] [iters]"
 )
+
+
+def nvcc_hint(config: KernelConfig, arch: str = "sm_90") -> str:
+    """Build commands for an exported file (wgmma tiles need the sm_90a target)."""
+    return EXPORT_NVCC_HINT.format(arch_flags=nvcc_arch_flags(config, arch))
+
+
+def nvcc_arch_flags(config: KernelConfig, arch: str = "sm_90") -> str:
+    """nvcc's target flags. An "a" target is spelled with -gencode: nvcc 13's -arch=sm_90a
+    also emits compute_90 PTX, which cannot hold wgmma."""
+    target = target_arch(config, arch)
+    if target.endswith("a"):
+        return f"-gencode arch=compute_{target[3:]},code={target}"
+    return f"-arch={target}"
+
+
 #: Dynamic shared memory a kernel may use without ``cudaFuncSetAttribute``.
 DEFAULT_DYNAMIC_SMEM = 48 * 1024
 #: Parameter types of ``fmoe::expert_gemm`` (templates/gemm.cu.j2), for the instantiations.
@@ -94,7 +110,7 @@ def _header(gen: GeneratedSource, with_main: bool) -> str:
         f"// contents: device code, GEMM instantiations, host launcher"
         f"{', harness (main)' if with_main else ''}",
         "// build:",
-        *(f"//   {line}" for line in EXPORT_NVCC_HINT.splitlines()),
+        *(f"//   {line}" for line in nvcc_hint(cfg).splitlines()),
     ]
     if cfg.fuse_sources:
         lines.append("// note: fuse_sources is not mirrored by this host code: it computes the "
@@ -119,7 +135,7 @@ def export_cu(problem: MoEProblem, config: KernelConfig | None = None,
 
     Written atomically to ``path`` when given, and only if its text changed. With
     ``with_main`` the file also holds an MPI + NCCL benchmark ``main`` (see
-    ``EXPORT_NVCC_HINT``).
+    ``nvcc_hint``).
     """
     config = config or KernelConfig.default(problem)
     gen = render(problem, config)

@@ -87,7 +87,7 @@ def wgmma_asm(n: int, ab_type: str) -> str:
     acc = ", ".join(f"%{j}" for j in range(regs))
     outs = ", ".join(f'"+f"(d[{j}])' for j in range(regs))
     return (f'asm volatile("wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab_type}.{ab_type} "\n'
-            f'      "{{{acc}}}, %{regs}, %{regs + 1}, 1, 1, 1, 0, 0;\\n"\n'
+            f'      "{{ {acc}}}, %{regs}, %{regs + 1}, 1, 1, 1, 0, 0;\\n"\n'
             f'      : {outs}\n      : "l"(desc_a), "l"(desc_b));')
 
 

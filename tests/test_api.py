@@ -18,7 +18,7 @@ def engine(tmp_path):
 
 
 def _cfg(bm):
-    base = KernelConfig.default(P)
+    base = KernelConfig.default(P, "sm_80")  # mma.sync tiles: bm / 32 warps is valid
     return KernelConfig.from_dict(base.to_dict() | {"gate_up": base.gate_up.__dict__ | {
         "bm": bm, "warps_m": bm // 32}})
 

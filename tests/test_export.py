@@ -23,7 +23,7 @@ import pytest
 
 from flashmoe_gen import __version__, bf16
 from flashmoe_gen.config import GemmTile, KernelConfig
-from flashmoe_gen.export import EXPORT_NVCC_HINT, export_cu
+from flashmoe_gen.export import export_cu, nvcc_hint
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.render import render
 
@@ -36,7 +36,7 @@ BIG_SMEM = KernelConfig(GemmTile(128, 128, 64, 2, 4, 3), GemmTile(128, 128, 64, 
 
 
 def _nvcc(src: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [NVCC, "-arch=sm_90", "-O3", "-std=c++17", *args, str(src)]
+    cmd = [NVCC, "-gencode", "arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", *args, str(src)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=NVCC_TIMEOUT)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr[-6000:]}"
     return res
@@ -72,7 +72,7 @@ def test_header_and_contents():
     text = export_cu(SHARED, cfg)
     head = text[:text.index(gen.code)]
     for must in (SHARED.name, SHARED.to_json(), cfg.name, cfg.to_json(), __version__,
-                 gen.source_hash, *EXPORT_NVCC_HINT.splitlines()):
+                 gen.source_hash, *nvcc_hint(cfg).splitlines()):
         assert must in head, must
     rest = text[len(head) + len(gen.code):]
     for expr in (gen.kernels.gate_up, gen.kernels.down):

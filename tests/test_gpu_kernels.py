@@ -114,7 +114,7 @@ def test_layer_skewed_routing_and_capacity():
     (GemmTile(32, 32, 64, 1, 2, 2), GemmTile(16, 64, 64, 1, 2, 5)),
     (GemmTile(128, 128, 64, 2, 4, 3), GemmTile(256, 128, 64, 4, 2, 3)),
     (GemmTile(128, 128, 64, 8, 1, 4, "wgmma"), GemmTile(128, 128, 64, 8, 1, 3, "wgmma")),
-    (GemmTile(64, 64, 64, 4, 1, 3, "wgmma"), GemmTile(64, 256, 64, 4, 1, 2, "wgmma")),
+    (GemmTile(64, 64, 64, 4, 1, 3, "wgmma"), GemmTile(64, 256, 64, 4, 1, 3, "wgmma")),
     (GemmTile(64, 32, 64, 4, 1, 5, "wgmma"), GemmTile(64, 128, 64, 2, 4, 3)),
 ], ids=["default_small", "bk32", "tiny_tiles", "big_tiles", "wgmma_128", "wgmma_64_n256",
         "wgmma_mixed"])

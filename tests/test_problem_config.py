@@ -68,8 +68,11 @@ def test_tile_and_config_name_exact():
                        shared_stream=False, overlap=False)
     assert cfg.name == ("gu_bm64_bn32_bk32_w2x1_s4__dn_bm64_bn64_bk32_w2x4_s2"
                         "__r16__c4__cs2__ss0__serial")
-    assert KernelConfig.default(SEED).name == (
+    assert KernelConfig.default(SEED, "sm_80").name == (
         "gu_bm64_bn64_bk64_w2x2_s3__dn_bm64_bn128_bk64_w2x4_s3__r8__c1__cs1__ss1")
+    assert KernelConfig.default(SEED, "sm_90").name == (
+        "gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn128_bk64_w8x1_s4_wg__r8__c1__cs1__ss1")
+    assert KernelConfig.default(SEED.replace(world_size=2)).name.endswith("__ss1__pk")
 
 
 #: For each specialising problem field, a value different from the base problem's.
@@ -525,8 +528,11 @@ def test_default_config_validates_over_grid():
         if e % w:
             continue
         p = MoEProblem(h, i, e, k, shared_experts=s, world_size=w, tokens_per_rank=t)
-        cfg = KernelConfig.default(p)
-        cfg.validate(p, "sm_90")
+        cfg = KernelConfig.default(p, "sm_80")
+        cfg.validate(p, "sm_80")
+        hopper = KernelConfig.default(p, "sm_90")
+        hopper.validate(p, "sm_90")
+        assert hopper.uses_wgmma  # every shape of this grid fits the 128 x 128 wgmma tiles
         assert cfg.gate_up.bm == cfg.down.bm == cfg.block_m
         assert cfg.gate_up.bn <= i and cfg.down.bn <= h
         seen_bm.add(cfg.block_m)
@@ -550,8 +556,8 @@ def test_default_config_exists_for_every_valid_problem(args):
 def test_default_tiles_follow_rows_per_expert():
     few = MoEProblem(2048, 1408, 64, 6, tokens_per_rank=256)   # 24 rows per expert
     many = MoEProblem(2048, 1408, 8, 2, tokens_per_rank=4096)  # 1024 rows per expert
-    assert KernelConfig.default(few).block_m == 64
-    assert KernelConfig.default(many).block_m == 128
+    assert KernelConfig.default(few, "sm_80").block_m == 64
+    assert KernelConfig.default(many, "sm_80").block_m == 128
 
 
 # ---- derived sizes ------------------------------------------------------------------------------
@@ -619,6 +625,7 @@ def test_wgmma_tile_name_round_trip_and_old_json():
     (GemmTile(64, 128, 64, 2, 2, 4, "wgmma"), "warps_m"),
     (GemmTile(128, 64, 64, 4, 1, 4, "wgmma"), "warps_m"),
     (GemmTile(128, 128, 64, 8, 1, 4, "tcgen05"), "mma"),
+    (GemmTile(128, 128, 64, 8, 1, 2, "wgmma"), "stages"),
 ])
 def test_wgmma_constraints_name_the_field(tile, field):
     with pytest.raises(ConfigError) as e:

@@ -13,7 +13,7 @@ import pytest
 
 import flashmoe_gen
 from flashmoe_gen import compile as fcompile
-from flashmoe_gen.compile import KernelResources, compile_source, parse_ptxas_log
+from flashmoe_gen.compile import KernelResources, compile_source, parse_ptxas_log, target_arch
 from flashmoe_gen.config import GemmTile, KernelConfig
 from flashmoe_gen.errors import CompileError, ConfigError, FlashMoEError
 from flashmoe_gen.problem import MoEProblem
@@ -40,6 +40,7 @@ RENDER_PROBLEMS = COMPILE_PROBLEMS + [
     MoEProblem(704, 704, 60, 1, world_size=2, tokens_per_rank=4096),
 ]
 HEADER_LINES = 3
+SYNC_SEED = KernelConfig.default(SEED, "sm_80")  # mma.sync tiles
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +58,8 @@ def configs_for(p: MoEProblem) -> list[KernelConfig]:
            replace(d, router_tokens_per_block=1, chunks_per_peer=4, comm_streams=2,
                    shared_stream=False, overlap=False),
            replace(d, router_tokens_per_block=32)]
-    if min(p.hidden, p.intermediate) >= 64:
-        out.append(replace(d, gate_up=replace(d.gate_up, bk=32, stages=4),
+    if min(p.hidden, p.intermediate) >= 64:  # mma.sync tiles with bk 32
+        out.append(replace(d, gate_up=GemmTile(64, 64, 32, 2, 2, 4),
                            down=GemmTile(64, 64, 32, 2, 2, 2)))
     for c in out:
         c.validate(p)
@@ -152,7 +153,7 @@ def test_code_changes_with_every_config_field(field):
 
 def test_template_vars_are_cpp_spellings():
     p = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=4)
-    cfg = KernelConfig.default(p)
+    cfg = KernelConfig.default(p, "sm_80")
     tv = to_template_vars(p, cfg)
     assert tv["normalize_topk"] == "true"
     assert to_template_vars(p.replace(normalize_topk=False), cfg)["normalize_topk"] == "false"
@@ -217,12 +218,15 @@ def check_module(mod, gen: GeneratedSource, arch: str) -> None:
     assert set(mod.lowered) == set(names)
     for k in ("moe_router", "moe_positions", "moe_permute", "moe_combine"):
         assert mod.lowered[k] == k
-    for expr in gen.kernels.name_expressions:
-        assert mod.lowered[expr].startswith("_ZN4fmoe11expert_gemmI")
+    for expr, tile in zip(gen.kernels.name_expressions, (gen.config.gate_up, gen.config.down),
+                          strict=True):
+        mangled = "_ZN4fmoe14expert_gemm_wgI" if tile.mma == "wgmma" else "_ZN4fmoe11expert_gemmI"
+        assert mod.lowered[expr].startswith(mangled)
     for k, r in mod.resources.items():
         assert r.spills == 0 and r.spill_stores == 0 and r.spill_loads == 0, (k, r)
         assert r.stack_bytes == 0, (k, r)
         assert 0 < r.registers <= 255, (k, r)
+    arch = target_arch(gen.config, arch)  # wgmma tiles: sm_90 -> sm_90a
     assert f"for '{arch}'" in mod.log
     assert mod.arch == arch and mod.nvrtc_version and not mod.cache_hit
     assert mod.dynamic_smem == {gen.kernels.gate_up: gen.config.gate_up.smem_bytes(2),
@@ -271,7 +275,7 @@ def test_cache_hit_miss_and_atomic_files(private_cache, monkeypatch):
         real_replace(src, dst)
 
     monkeypatch.setattr(fcompile.os, "replace", spy)
-    gen = render(SEED, KernelConfig.default(SEED))
+    gen = render(SEED, SYNC_SEED)  # mma.sync tiles: the target stays sm_90
     first = compile_source(gen, "sm_90")
     assert not first.cache_hit
     root = private_cache / flashmoe_gen.__version__ / "sm_90"
@@ -302,7 +306,7 @@ def test_cache_hit_miss_and_atomic_files(private_cache, monkeypatch):
     assert len(replaced) == n_replaced
 
     # A different source is a miss (and here would need NVRTC).
-    other = render(SEED, replace(KernelConfig.default(SEED), router_tokens_per_block=4))
+    other = render(SEED, replace(SYNC_SEED, router_tokens_per_block=4))
     with pytest.raises(AssertionError, match="NVRTC ran"):
         compile_source(other, "sm_90")
     monkeypatch.setattr(nvrtc, "createProgram", real_create)
@@ -318,7 +322,7 @@ def test_cache_hit_miss_and_atomic_files(private_cache, monkeypatch):
 
 
 def test_cache_dir_argument_and_use_cache_false(tmp_path, private_cache):
-    gen = render(SEED, KernelConfig.default(SEED))
+    gen = render(SEED, SYNC_SEED)  # mma.sync tiles: the target stays sm_90
     mod = compile_source(gen, "sm_90", use_cache=False, cache_dir=tmp_path / "explicit")
     assert mod.cubin_path == "" and not mod.cache_hit
     assert not (tmp_path / "explicit").exists() and not private_cache.exists()
@@ -327,7 +331,7 @@ def test_cache_dir_argument_and_use_cache_false(tmp_path, private_cache):
 # ---- compile errors --------------------------------------------------------------------------
 def test_compile_error_carries_log_and_names(tmp_path):
     p = SEED
-    cfg = KernelConfig.default(p)
+    cfg = SYNC_SEED
     gen = render(p, cfg)
     bad = GeneratedSource(p, cfg, gen.code + "\nthis is not C++;", gen.kernels)
     with pytest.raises(CompileError) as ei:
@@ -407,7 +411,7 @@ def test_wgmma_asm_is_computed_once_per_width():
     for n in (128, 256):
         assert gen.code.count(f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16") == 1
         assert f'"+f"(d[{n // 2 - 1}])' in gen.code
-    sync_only = render(MIXTRAL, KernelConfig.default(MIXTRAL))
+    sync_only = render(MIXTRAL, KernelConfig.default(MIXTRAL, "sm_80"))
     assert "wgmma" not in sync_only.code  # the Hopper block is not emitted at all
 
 

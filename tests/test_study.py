@@ -91,8 +91,12 @@ def test_grid_visits_every_valid_config_once():
 
 def test_space_constraints_reject_before_compiling():
     space = SearchSpace.for_problem(P1, "sm_90", "full")
-    params = space.params_from_config(KernelConfig.default(P1))
+    params = space.params_from_config(KernelConfig.default(P1, "sm_80"))  # mma.sync tiles
     assert space.check(params) is None
+    assert space.check(space.params_from_config(KernelConfig.default(P1))) is None  # wgmma
+    assert "sm_90" in SearchSpace.for_problem(P1, "sm_80", "full").check(
+        params | {"gu_mma": "wgmma"})
+    assert SearchSpace.for_problem(P1, "sm_80", "full").choices["gu_mma"] == ("sync",)
     too_big = params | {"gu_bm": 256, "gu_bn": 128, "gu_bk": 64, "gu_s": 4}
     assert "shared memory" in space.check(too_big)
     assert "warps_n" in space.check(params | {"gu_bn": 32, "gu_w": "2x4"})
@@ -112,7 +116,7 @@ def test_report_prints_top_configs_default_and_writes_plots(tmp_path, capsys):
     from flashmoe_gen.tuner.tune_cmd import report
 
     url = f"sqlite:///{tmp_path}/s.db"
-    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    space = SearchSpace.for_problem(P1, "sm_90", "full")  # holds the (wgmma) default
     res = run_study(P1, FakeEvaluator(), space=space, study_name="rep", n_trials=12,
                     storage=url)
     env = Environment("NVIDIA H100 80GB HBM3", "9.0", 1, "t")

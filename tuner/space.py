@@ -20,17 +20,21 @@ from flashmoe_gen.problem import MoEProblem
 #: Candidate values per knob ("full" space). Warp grids are "MxN".
 FULL = {
     "gu_bm": (32, 64, 128, 256), "gu_bn": (32, 64, 128), "gu_bk": (32, 64),
-    "gu_w": ("1x2", "2x1", "2x2", "4x1", "2x4", "4x2"), "gu_s": (2, 3, 4),
+    "gu_w": ("1x2", "2x1", "2x2", "4x1", "2x4", "4x2", "8x1"), "gu_s": (2, 3, 4),
+    "gu_mma": ("sync", "wgmma"),
     "dn_bm": (32, 64, 128, 256), "dn_bn": (64, 128, 256), "dn_bk": (32, 64),
-    "dn_w": ("1x2", "2x1", "2x2", "1x4", "2x4", "4x2"), "dn_s": (2, 3, 4),
+    "dn_w": ("1x2", "2x1", "2x2", "1x4", "2x4", "4x2", "8x1"), "dn_s": (2, 3, 4),
+    "dn_mma": ("sync", "wgmma"),
     "router": (4, 8, 16), "chunks": (1, 2, 4), "streams": (1, 2), "shared_stream": (True, False),
     "fuse": (False, True), "packed": (True, False),
 }
-#: A smaller space for exhaustive (grid) sweeps and sampler comparisons.
+#: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
+#: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
 SMALL = {
     "gu_bm": (64, 128), "gu_bn": (64, 128), "gu_bk": (64,), "gu_w": ("2x2", "4x2"),
-    "gu_s": (3, 4), "dn_bm": (64, 128), "dn_bn": (64, 128), "dn_bk": (64,),
-    "dn_w": ("2x4", "4x2"), "dn_s": (3, 4), "router": (8,), "chunks": (1,), "streams": (1,),
+    "gu_s": (3, 4), "gu_mma": ("sync",), "dn_bm": (64, 128), "dn_bn": (64, 128),
+    "dn_bk": (64,), "dn_w": ("2x4", "4x2"), "dn_s": (3, 4), "dn_mma": ("sync",),
+    "router": (8,), "chunks": (1,), "streams": (1,),
     "shared_stream": (True,), "fuse": (False,), "packed": (True,),
 }
 SPACES = {"full": FULL, "small": SMALL}
@@ -40,6 +44,8 @@ SPACES = {"full": FULL, "small": SMALL}
 KNOWN_GOOD = (
     "gu_bm64_bn32_bk64_w2x2_s3__dn_bm32_bn128_bk32_w2x4_s4__r4__c4__cs2__ss0",
     "gu_bm128_bn64_bk64_w4x1_s2__dn_bm128_bn64_bk64_w2x4_s3__r16__c1__cs1__ss1",
+    # bench/gemm_bench.py on H100: the best wgmma pair on the Mixtral shape
+    "gu_bm128_bn64_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s3_wg__r8__c1__cs1__ss1__pk",
 )
 
 
@@ -62,6 +68,10 @@ class SearchSpace:
             choices["packed"] = (False,)  # no sends: where rows sit in a slot is moot
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
+        if limits.major_minor != (9, 0):  # warpgroup MMA is Hopper's
+            for k in ("gu_mma", "dn_mma"):
+                if k in choices:
+                    choices[k] = ("sync",)
         return cls(problem, limits, choices)
 
     # -- params <-> config ---------------------------------------------------------------
@@ -70,7 +80,7 @@ class SearchSpace:
         def tile(prefix: str) -> GemmTile:
             wm, wn = (int(v) for v in params[f"{prefix}_w"].split("x"))
             return GemmTile(params[f"{prefix}_bm"], params[f"{prefix}_bn"], params[f"{prefix}_bk"],
-                            wm, wn, params[f"{prefix}_s"])
+                            wm, wn, params[f"{prefix}_s"], params.get(f"{prefix}_mma", "sync"))
 
         return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
                             params["streams"], params["shared_stream"],
@@ -82,7 +92,8 @@ class SearchSpace:
         p = {}
         for prefix, t in (("gu", cfg.gate_up), ("dn", cfg.down)):
             p |= {f"{prefix}_bm": t.bm, f"{prefix}_bn": t.bn, f"{prefix}_bk": t.bk,
-                  f"{prefix}_w": f"{t.warps_m}x{t.warps_n}", f"{prefix}_s": t.stages}
+                  f"{prefix}_w": f"{t.warps_m}x{t.warps_n}", f"{prefix}_s": t.stages,
+                  f"{prefix}_mma": t.mma}
         return p | {"router": cfg.router_tokens_per_block, "chunks": cfg.chunks_per_peer,
                     "streams": cfg.comm_streams, "shared_stream": cfg.shared_stream,
                     "fuse": cfg.fuse_sources, "packed": cfg.packed_slots}
