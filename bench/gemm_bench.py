@@ -54,7 +54,7 @@ def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int) -> 
     flops = 2 * 3 * h * i * rows * el
     torch.manual_seed(0)
     x = (torch.randn(el * rows, h, device="cuda") * 0.5).bfloat16()
-    variants = {"sync_default": KernelConfig.default(p, "sm_90")}
+    variants = {"sync_default": KernelConfig.default(p, "sm_80")}  # mma.sync heuristic tiles
     for base in WGMMA:
         cfg = KernelConfig.from_name(base + "__r8__c1__cs1__ss1")
         try:

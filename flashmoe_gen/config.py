@@ -22,6 +22,10 @@ COMM_STREAM_CHOICES = (1, 2, 4)
 #: 128-byte swizzle atom per row).
 MMA_CHOICES = ("sync", "wgmma")
 WGMMA_BK, WGMMA_ROWS_PER_WARPGROUP, WGMMA_MAX_N = 64, 64, 256
+#: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
+#: many blocks (one wave on an H100's 132 SMs); fewer, larger blocks leave SMs idle (the
+#: seed example ran 1.6x slower with them on H200, bench/results/..._wgmma_2xH200.md).
+WGMMA_MIN_BLOCKS = 132
 #: Extra dynamic shared memory a wgmma kernel takes to align its tiles to 1024 bytes.
 WGMMA_ALIGN = 1024
 #: Rough per-thread register use besides accumulators and fragments (addresses, loop state).
@@ -238,13 +242,16 @@ class KernelConfig:
     # -- defaults and serialisation -----------------------------------------------------
     @classmethod
     def default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
-        """A sound starting point: wgmma 128 x 128 tiles on Hopper (bench/gemm_bench.py:
-        1.2-1.4x mma.sync on the large shapes, no loss on small ones), else mma.sync tiles
-        sized by the rows an expert gets on average."""
+        """A sound starting point: wgmma 128 x 128 tiles on Hopper when one launch fills the
+        GPU (bench/gemm_bench.py: 1.2-1.4x mma.sync on the large shapes), else mma.sync tiles
+        sized by the rows an expert gets on average (smaller tiles, more blocks)."""
         # Packed slots: one NCCL op per peer instead of one per (peer, expert).
         knobs = dict(router_tokens_per_block=8, chunks_per_peer=1, comm_streams=1,
                      shared_stream=True, packed_slots=problem.world_size > 1)
-        if limits_for(arch).major_minor == (9, 0):
+        slot_rows = problem.tokens_per_rank * problem.top_k / problem.experts
+        n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
+        blocks = problem.local_experts * -(-n_gu // 128) * max(1, -(-int(slot_rows) // 128))
+        if limits_for(arch).major_minor == (9, 0) and blocks >= WGMMA_MIN_BLOCKS:
             wg = cls(GemmTile(128, 128, 64, 8, 1, 4, "wgmma"),
                      GemmTile(128, 128, 64, 8, 1, 4, "wgmma"), **knobs)
             try:
@@ -252,9 +259,8 @@ class KernelConfig:
                 return wg
             except ConfigError:  # a dimension below the 64/128-wide tiles: mma.sync below
                 pass
-        rows = problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
+        rows = problem.world_size * slot_rows
         bm = 64 if rows <= 96 else 128
-        n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
 
         def fit(limit: int, cap: int, choices=BN_CHOICES) -> int:
             return max(c for c in choices if c <= min(limit, cap))

@@ -70,8 +70,9 @@ def test_tile_and_config_name_exact():
                         "__r16__c4__cs2__ss0__serial")
     assert KernelConfig.default(SEED, "sm_80").name == (
         "gu_bm64_bn64_bk64_w2x2_s3__dn_bm64_bn128_bk64_w2x4_s3__r8__c1__cs1__ss1")
-    assert KernelConfig.default(SEED, "sm_90").name == (
-        "gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn128_bk64_w8x1_s4_wg__r8__c1__cs1__ss1")
+    assert KernelConfig.default(SEED, "sm_90") == KernelConfig.default(SEED, "sm_80")  # 64 blocks
+    assert KernelConfig.default(DSV2_LITE, "sm_90").name == (  # 16 x 11 blocks
+        "gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn128_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__pk")
     assert KernelConfig.default(SEED.replace(world_size=2)).name.endswith("__ss1__pk")
 
 
@@ -521,7 +522,7 @@ def test_config_tile_not_a_gemm_tile():
 # ---- defaults ---------------------------------------------------------------------------------
 def test_default_config_validates_over_grid():
     n = 0
-    seen_bm = set()
+    seen_bm, seen_mma = set(), set()
     for h, i, e, k, s, w, t in itertools.product(
             (512, 2048, 2880, 4096, 7168), (704, 1408, 2048, 2880, 14336), (8, 60, 64, 256),
             (1, 2, 4, 6, 8), (0, 1, 2), (1, 2, 4), (1, 256, 4096)):
@@ -532,13 +533,14 @@ def test_default_config_validates_over_grid():
         cfg.validate(p, "sm_80")
         hopper = KernelConfig.default(p, "sm_90")
         hopper.validate(p, "sm_90")
-        assert hopper.uses_wgmma  # every shape of this grid fits the 128 x 128 wgmma tiles
+        seen_mma.add(hopper.uses_wgmma)
         assert cfg.gate_up.bm == cfg.down.bm == cfg.block_m
         assert cfg.gate_up.bn <= i and cfg.down.bn <= h
         seen_bm.add(cfg.block_m)
         n += 1
     assert n == 5 * 5 * 4 * 5 * 3 * 3 * 3
     assert seen_bm == {64, 128}  # both row regimes were exercised
+    assert seen_mma == {True, False}  # wgmma where a launch fills the GPU, mma.sync elsewhere
 
 
 @pytest.mark.parametrize("arch", sorted(KNOWN_ARCHS))
