@@ -212,6 +212,13 @@ class KernelConfig:
                    ss == "1", serial is None, fs is not None, pk is not None)
 
     # -- validation -------------------------------------------------------------------
+    @staticmethod
+    def gemm_shapes(problem: MoEProblem) -> dict[str, tuple[int, int, int]]:
+        """(N, K, B operands) each tile must fit: the narrower of the routed and the shared
+        experts' widths, since the same GEMMs serve both."""
+        width = min(problem.intermediate, problem.shared_width or problem.intermediate)
+        return {"gate_up": (width, problem.hidden, 2), "down": (problem.hidden, width, 1)}
+
     def validate(self, problem: MoEProblem, limits: DeviceLimits | str = DEFAULT_ARCH) -> None:
         if isinstance(limits, str):
             limits = limits_for(limits)
@@ -226,10 +233,8 @@ class KernelConfig:
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
-        n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
-        self.gate_up.validate("gate_up", n_gu, problem.hidden, 2, limits, name)
-        k_dn = min(problem.intermediate, problem.shared_width or problem.intermediate)
-        self.down.validate("down", problem.hidden, k_dn, 1, limits, name)
+        for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
+            getattr(self, which).validate(which, n, k, b_operands, limits, name)
         if self.router_tokens_per_block not in ROUTER_CHOICES:
             raise ConfigError("router_tokens_per_block", self.router_tokens_per_block,
                               f"choose one of {list(ROUTER_CHOICES)}", name)

@@ -127,3 +127,22 @@ def test_report_prints_top_configs_default_and_writes_plots(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "top configs" in out and "heuristic default" in out
     assert f"{res.best.outcome.median_ms:.4f}" in out
+
+
+def test_valid_configs_equal_the_brute_force_filter():
+    """Filtering tiles first must keep exactly the configs a full product + check keeps."""
+    import itertools
+
+    space = SearchSpace.for_problem(P2, "sm_90", "small")
+    space = SearchSpace(space.problem, space.limits,
+                        space.choices | {"gu_mma": ("sync", "wgmma"), "gu_w": ("2x2", "8x1"),
+                                         "gu_bn": (64, 2048)})
+    keys = list(space.choices)
+    brute = set()
+    for values in itertools.product(*(space.choices[k] for k in keys)):
+        params = dict(zip(keys, values, strict=True))
+        if space.check(params) is None:
+            brute.add(space.config_from_params(params))
+    fast = list(space.valid_configs())
+    assert len(fast) == len(set(fast)) == len(brute) and set(fast) == brute
+    assert any(c.gate_up.mma == "wgmma" for c in fast) and any(c.gate_up.bn == 64 for c in fast)

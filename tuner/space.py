@@ -8,6 +8,7 @@ samplers see independent categorical knobs; a combination that breaks a constrai
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,12 +77,14 @@ class SearchSpace:
 
     # -- params <-> config ---------------------------------------------------------------
     @staticmethod
-    def config_from_params(params: dict) -> KernelConfig:
-        def tile(prefix: str) -> GemmTile:
-            wm, wn = (int(v) for v in params[f"{prefix}_w"].split("x"))
-            return GemmTile(params[f"{prefix}_bm"], params[f"{prefix}_bn"], params[f"{prefix}_bk"],
-                            wm, wn, params[f"{prefix}_s"], params.get(f"{prefix}_mma", "sync"))
+    def _tile(params: dict, prefix: str) -> GemmTile:
+        wm, wn = (int(v) for v in params[f"{prefix}_w"].split("x"))
+        return GemmTile(params[f"{prefix}_bm"], params[f"{prefix}_bn"], params[f"{prefix}_bk"],
+                        wm, wn, params[f"{prefix}_s"], params.get(f"{prefix}_mma", "sync"))
 
+    @classmethod
+    def config_from_params(cls, params: dict) -> KernelConfig:
+        tile = functools.partial(cls._tile, params)
         return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
                             params["streams"], params["shared_stream"],
                             fuse_sources=params.get("fuse", False),
@@ -110,10 +113,27 @@ class SearchSpace:
             return str(e)
         return None
 
-    def valid_configs(self) -> Iterator[KernelConfig]:
-        keys = list(self.choices)
-        for values in itertools.product(*(self.choices[k] for k in keys)):
+    def _valid_tiles(self, prefix: str, which: str) -> list[dict]:
+        """The prefix's tile knobs that fit on their own (most combinations fail here)."""
+        n, k, b_operands = KernelConfig.gemm_shapes(self.problem)[which]
+        keys = [key for key in self.choices if key.startswith(prefix + "_")]
+        out = []
+        for values in itertools.product(*(self.choices[key] for key in keys)):
             params = dict(zip(keys, values, strict=True))
+            try:
+                self._tile(params, prefix).validate(which, n, k, b_operands, self.limits, None)
+            except ConfigError:
+                continue
+            out.append(params)
+        return out
+
+    def valid_configs(self) -> Iterator[KernelConfig]:
+        """Every valid config: tiles are filtered on their own first, then combined."""
+        rest = [key for key in self.choices if not key.startswith(("gu_", "dn_"))]
+        for gu, dn, values in itertools.product(
+                self._valid_tiles("gu", "gate_up"), self._valid_tiles("dn", "down"),
+                itertools.product(*(self.choices[key] for key in rest))):
+            params = gu | dn | dict(zip(rest, values, strict=True))
             if self.check(params) is None:
                 yield self.config_from_params(params)
 
