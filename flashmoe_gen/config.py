@@ -23,8 +23,7 @@ COMM_STREAM_CHOICES = (1, 2, 4)
 MMA_CHOICES = ("sync", "wgmma")
 WGMMA_BK, WGMMA_ROWS_PER_WARPGROUP, WGMMA_MAX_N = 64, 64, 256
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
-#: many blocks (one wave on an H100's 132 SMs); fewer, larger blocks leave SMs idle (the
-#: seed example ran 1.6x slower with them on H200, bench/results/..._wgmma_2xH200.md).
+#: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
 #: Extra dynamic shared memory a wgmma kernel takes to align its tiles to 1024 bytes.
 WGMMA_ALIGN = 1024
