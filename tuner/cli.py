@@ -80,12 +80,12 @@ def cmd_compile(a: argparse.Namespace) -> int:
     cfg = config_from_args(a, problem, arch)
     mod = compile_source(render(problem, cfg, arch=arch), arch)
     if a.json:
-        print(json.dumps({"problem": problem.name, "config": cfg.name, "arch": arch,
+        print(json.dumps({"problem": problem.name, "config": cfg.name, "arch": mod.arch,
                           "nvrtc": mod.nvrtc_version, "cubin": mod.cubin_path,
                           "kernels": {k: {**vars(r), "dynamic_smem": mod.dynamic_smem.get(k, 0)}
                                       for k, r in mod.resources.items()}}, indent=1))
         return 0
-    t = Table(title=f"{problem.name}\n{cfg.name}\n{arch}, NVRTC {mod.nvrtc_version}"
+    t = Table(title=f"{problem.name}\n{cfg.name}\n{mod.arch}, NVRTC {mod.nvrtc_version}"
               f"{' (cached)' if mod.cache_hit else ''}")
     for col in ("kernel", "registers", "stack B", "spill st B", "spill ld B", "static smem B",
                 "dynamic smem B"):
