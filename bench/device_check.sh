@@ -10,12 +10,9 @@ nvidia-smi --query-gpu=index,name --format=csv,noheader
 CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -m gpu tests -q --no-header \
   -p no:cacheprovider -rs > "$O/gpu_1.log" 2>&1
 echo "gpu tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$O/gpu_1.log" | tail -8
-timeout 300 $MPI -np "$P" python3 -m pytest -m multigpu tests/test_multigpu.py -q \
-  --no-header -p no:cacheprovider > "$O/multigpu_$P.log" 2>&1
-echo "multigpu $P ranks rc=$?"; grep -E "passed|failed|FAILED" "$O/multigpu_$P.log" | tail -8
-timeout 240 $MPI -np "$P" python3 bench/overlap.py --commit "$COMMIT" \
-  --out "$O/overlap_$P.md" --json "$O/overlap_$P.json" > "$O/overlap_$P.log" 2>&1
-echo "overlap rc=$?"; cat "$O/overlap_$P.md" 2>/dev/null || tail -20 "$O/overlap_$P.log"
+source bench/device_lib.sh
+run_multigpu "$P"
+run_overlap "$P" "$COMMIT"
 CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/gemm_bench.py --commit "$COMMIT" \
   --out "$O/gemm.md" --json "$O/gemm.json" > "$O/gemm.log" 2>&1
 echo "gemm bench rc=$?"; cat "$O/gemm.md" 2>/dev/null || tail -20 "$O/gemm.log"

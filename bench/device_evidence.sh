@@ -7,6 +7,7 @@ set -u
 PART=${1:-A}; COMMIT=${2:-unknown}; P=${3:-4}; shift 3; SCALE_PS=${*:-$P}
 source bench/device_setup.sh
 O=${OUT:-/tmp/out}; mkdir -p "$O"
+source bench/device_lib.sh
 MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 if [[ "$PART" == *A* ]]; then
@@ -17,12 +18,8 @@ if [[ "$PART" == *A* ]]; then
               "--hidden 7168 --intermediate 2048 --experts 256 --top-k 8 --shared-experts 1 --tokens 128"; do
     flashmoe-tune compile $prob --json >> "$O/compile_report.jsonl" 2>&1 || echo "compile failed: $prob"
   done
-  timeout 240 $MPI -np "$P" python3 -m pytest -m multigpu tests/test_multigpu.py -q \
-    --no-header -p no:cacheprovider > "$O/multigpu_$P.log" 2>&1
-  echo "multigpu $P ranks rc=$?"; grep -E "passed|failed" "$O/multigpu_$P.log" | tail -4
-  timeout 200 $MPI -np "$P" python3 bench/overlap.py --commit "$COMMIT" \
-    --out "$O/overlap_$P.md" --json "$O/overlap_$P.json" > "$O/overlap_$P.log" 2>&1
-  echo "overlap rc=$?"; cat "$O/overlap_$P.md" 2>/dev/null || tail -20 "$O/overlap_$P.log"
+  run_multigpu "$P"
+  run_overlap "$P" "$COMMIT"
 fi
 if [[ "$PART" == *B* ]]; then
   for S in $SCALE_PS; do

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import emit, md_table  # noqa: E402
+
 #: (label, hidden, intermediate, local experts, rows per expert): the layer's shapes at 2 ranks.
 CASES = [("mixtral_t4096", 4096, 14336, 4, 2048), ("dsv2lite_t4096", 2048, 1408, 32, 768),
          ("dsv2lite_t512", 2048, 1408, 32, 96), ("flashdmoe_e64", 2048, 2048, 32, 256)]
@@ -119,21 +122,16 @@ def main() -> int:
             "Gate/up (SiLU*mul) + down over all local experts, full slots; median of "
             f"{a.iters} (CUDA events). TFLOP/s; torch = `torch._grouped_mm` x2 + silu*mul.\n\n")
     cols = ["case", "torch", *[f"v{j}" for j in range(len(names))]]
-    table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    cells = []
     for r in rows_out:
-        cells = [r["case"], f"{r['torch_tflops']} ({r['torch_ms']:.3f} ms)"]
+        row = [r["case"], f"{r['torch_tflops']} ({r['torch_ms']:.3f} ms)"]
         for n in names:
             v = r.get(n)
-            cells.append(f"{v['tflops']} ({v['ms']:.3f} ms, err {v['err_vs_torch']:.0e})"
-                         if v else "-")
-        table += "| " + " | ".join(cells) + " |\n"
+            row.append(f"{v['tflops']} ({v['ms']:.3f} ms, err {v['err_vs_torch']:.0e})"
+                       if v else "-")
+        cells.append(row)
     legend = "\n".join(f"- v{j}: `{n}`" for j, n in enumerate(names))
-    text = head + table + "\n" + legend + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows_out, indent=1))
+    emit(head + md_table(cols, cells) + "\n" + legend + "\n", rows_out, a.out, a.json)
     return 0
 
 

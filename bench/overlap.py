@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import emit, md_table  # noqa: E402
 
 #: Measured ceilings of this workplace's H100s (design/anchors.md).
 PEAK_FLOPS, PEAK_BYTES = 790e12, 3.0e12
@@ -138,16 +139,10 @@ def main() -> int:
         cols = ["problem", "a_layer", "a_expert_slots", "b_serial", "c_comm", "d_compute",
                 "overlap_eff",
                 "torch_ep", "vs_torch", "floor_ms", "over_floor", "agree_torch"]
-        table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-        for r in rows:
-            table += "| " + " | ".join(str(r[c]) for c in cols) + " |\n"
+        table = md_table(cols, [[r[c] for c in cols] for r in rows])
         configs = "\n".join(f"- {r['problem']}: `{r['config']}`" for r in rows)
-        text = head + table + "\nconfigs (heuristic defaults):\n" + configs + "\n"
-        print(text)
-        if a.out:
-            Path(a.out).write_text(text)
-        if a.json:
-            Path(a.json).write_text(json.dumps(rows, indent=1))
+        emit(head + table + "\nconfigs (heuristic defaults):\n" + configs + "\n", rows, a.out,
+             a.json)
     comm.barrier()
     import torch.distributed as dist
     dist.destroy_process_group()

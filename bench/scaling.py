@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import md_table  # noqa: E402
 
 EXPERTS = (8, 32, 64, 128)
 TOKENS = (1024, 4096, 16384)
@@ -155,11 +156,10 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
     md = [f"# H=2048, I=2048, top-2, bf16: FlashMoE vs PyTorch EP on {card}",
           "", f"{datetime.date.today()}, commit {commit}. Median of CUDA-event timings (max "
           "over ranks per iteration). speedup = torch / ours. floor = per-rank max(FLOPs/790 "
-          "TFLOP/s, bytes/3.0 TB/s). agree = rel. diff of the two outputs.", "",
-          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in sorted(rows, key=lambda r: (r["gpus"], r["experts"], r["tokens_per_gpu"])):
-        md.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    Path(out + ".md").write_text("\n".join(md) + "\n")
+          "TFLOP/s, bytes/3.0 TB/s). agree = rel. diff of the two outputs.", ""]
+    ordered = sorted(rows, key=lambda r: (r["gpus"], r["experts"], r["tokens_per_gpu"]))
+    table = md_table(cols, [[r[c] for c in cols] for r in ordered])
+    Path(out + ".md").write_text("\n".join(md) + "\n" + table)
 
 
 def main() -> int:

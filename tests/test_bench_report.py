@@ -1,0 +1,24 @@
+"""The benchmark scripts' shared table and file writer (bench/report.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from report import emit, md_table  # noqa: E402
+
+
+def test_md_table_rows_and_header():
+    text = md_table(["a", "b"], [[1, 2.5], ["x", None]])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2.5 |", "| x | None |"]
+
+
+def test_emit_writes_markdown_and_json(tmp_path, capsys):
+    md, js = tmp_path / "t.md", tmp_path / "t.json"
+    emit("# title\n", [{"k": 1}], str(md), str(js))
+    assert md.read_text() == "# title\n" and json.loads(js.read_text()) == [{"k": 1}]
+    assert "# title" in capsys.readouterr().out
+    emit("only printed\n", [], None, None)
+    assert "only printed" in capsys.readouterr().out
