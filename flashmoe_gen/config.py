@@ -253,7 +253,7 @@ class KernelConfig:
         knobs = dict(router_tokens_per_block=8, chunks_per_peer=1, comm_streams=1,
                      shared_stream=True, packed_slots=problem.world_size > 1)
         slot_rows = problem.tokens_per_rank * problem.top_k / problem.experts
-        n_gu = min(problem.intermediate, problem.shared_width or problem.intermediate)
+        n_gu = cls.gemm_shapes(problem)["gate_up"][0]
         blocks = problem.local_experts * -(-n_gu // 128) * max(1, -(-int(slot_rows) // 128))
         if limits_for(arch).major_minor == (9, 0) and blocks >= WGMMA_MIN_BLOCKS:
             wg = cls(GemmTile(128, 128, 64, 8, 1, 4, "wgmma"),
