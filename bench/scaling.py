@@ -116,22 +116,28 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
     card = rows[0]["card"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     gpus = sorted({r["gpus"] for r in rows})
-    for e in sorted({r["experts"] for r in rows}):
+    experts = sorted({r["experts"] for r in rows})
+    # One colour per expert count in every panel, so ours/torch and the weak-scaling lines
+    # of one E read together (the default cycle repeats after 10 lines).
+    colour = {e: plt.cm.tab10(i % 10) for i, e in enumerate(experts)}
+    for e in experts:
         for g in gpus[-1:]:
             sel = sorted((r for r in rows if r["experts"] == e and r["gpus"] == g),
                          key=lambda r: r["tokens_per_gpu"])
             ts = [r["tokens_per_gpu"] for r in sel]
-            axes[0].plot(ts, [r["ours_ms"] for r in sel], "o-", label=f"ours E={e}")
-            axes[0].plot(ts, [r["torch_ms"] for r in sel], "x--", label=f"torch E={e}")
-            axes[1].plot(ts, [r["ours_mtok_s"] for r in sel], "o-", label=f"ours E={e}")
-            axes[1].plot(ts, [r["torch_mtok_s"] for r in sel], "x--", label=f"torch E={e}")
-    for e in sorted({r["experts"] for r in rows}):
-        for t in sorted({r["tokens_per_gpu"] for r in rows}):
+            c = colour[e]
+            for ax, ours, theirs in ((axes[0], "ours_ms", "torch_ms"),
+                                     (axes[1], "ours_mtok_s", "torch_mtok_s")):
+                ax.plot(ts, [r[ours] for r in sel], "o-", color=c, label=f"ours E={e}")
+                ax.plot(ts, [r[theirs] for r in sel], "x--", color=c, label=f"torch E={e}")
+    styles = ("o-", "s--", "^:", "d-.")
+    for e in experts:
+        for i, t in enumerate(sorted({r["tokens_per_gpu"] for r in rows})):
             sel = sorted((r for r in rows if r["experts"] == e and r["tokens_per_gpu"] == t),
                          key=lambda r: r["gpus"])
             if len(sel) > 1:
-                axes[2].plot([r["gpus"] for r in sel], [r["ours_ms"] for r in sel], "o-",
-                             label=f"E={e}, T={t}")
+                axes[2].plot([r["gpus"] for r in sel], [r["ours_ms"] for r in sel],
+                             styles[i % len(styles)], color=colour[e], label=f"E={e}, T={t}")
     if len(gpus) < 2:
         axes[2].text(0.5, 0.5, "needs runs at several GPU counts\n(this file has "
                      f"{gpus[0]} only)", ha="center", va="center", transform=axes[2].transAxes)
