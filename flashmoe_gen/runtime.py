@@ -63,7 +63,8 @@ class _SlotBuffers:
     """
 
     capacity: int
-    layout: object
+    lay: SymmetricLayout  # index arithmetic of ``tensor`` (built once per capacity)
+    tensor: object  # L[P][2][2][E_local][C][H], bf16 bits
     act: object
 
 
@@ -172,7 +173,8 @@ class FlashMoE:
         lay = SymmetricLayout(p.world_size, p.local_experts, capacity, p.hidden)
         self._buf = _SlotBuffers(
             capacity=capacity,
-            layout=cupy.empty(lay.shape, np.uint16),
+            lay=lay,
+            tensor=cupy.empty(lay.shape, np.uint16),
             # Fused sources compute every peer's tokens in one launch: one act slot each.
             act=cupy.empty((p.world_size if self.config.fuse_sources else 1,
                             p.local_experts, capacity, p.intermediate), np.uint16),
@@ -206,9 +208,9 @@ class FlashMoE:
     def _expert_block(self, src: int, e0: int, e1: int, max_rows: int, stream) -> None:
         """Gate/up then down GEMMs of local experts [e0, e1) on the tokens from ``src``."""
         p, b = self.problem, self._buf
-        lay = SymmetricLayout(p.world_size, p.local_experts, b.capacity, p.hidden)
+        lay = b.lay
         el, cap, h, i = p.local_experts, b.capacity, p.hidden, p.intermediate
-        base = b.layout.data.ptr
+        base = b.tensor.data.ptr
         # Slot bases; each expert's first row comes from the row-offset table.
         a_ptr = base + lay.slot_offset(src, DISPATCH, INCOMING) * ELEM_BYTES
         out_buf = INCOMING if src == self.rank else STAGING
@@ -227,10 +229,10 @@ class FlashMoE:
         """All remote sources' tokens for all local experts in one launch per GEMM."""
         p, b, me = self.problem, self._buf, self.rank
         el, cap, h, i, P = p.local_experts, b.capacity, p.hidden, p.intermediate, p.world_size
-        lay = SymmetricLayout(P, el, cap, h)
+        lay = b.lay
         mine = rows[:, me * el:(me + 1) * el]
         max_rows = int(np.delete(mine, me, axis=0).max(initial=0))
-        base = b.layout.data.ptr
+        base = b.tensor.data.ptr
         slot_stride = lay.slot_offset(1, DISPATCH, STAGING) if P > 1 else 0  # per source
         a_ptr = base + lay.slot_offset(0, DISPATCH, INCOMING) * ELEM_BYTES
         c_ptr = base + lay.slot_offset(0, COMBINE, STAGING) * ELEM_BYTES
@@ -321,7 +323,7 @@ class FlashMoE:
                 self.module[self.kernels.permute]((-(-tokens * k // MOVE_WARPS),),
                                                   (32 * MOVE_WARPS,), (
                     x, b.topk_idx, b.pos, _i32(tokens), _i32(cap), _i32(self.rank), my_off,
-                    slots.layout))
+                    slots.tensor))
         shared_ev = None
         if p.shared_experts and tokens and compute:
             ss = self.shared_stream if cfg.shared_stream and cfg.overlap else s
@@ -338,7 +340,7 @@ class FlashMoE:
                 shared = b.shared_out if p.shared_experts and compute else _i64(0)
                 self.module[self.kernels.combine]((-(-tokens // MOVE_WARPS),),
                                                   (32 * MOVE_WARPS,), (
-                    b.topk_idx, b.topk_w, b.pos, _i32(tokens), _i32(cap), my_off, slots.layout,
+                    b.topk_idx, b.topk_w, b.pos, _i32(tokens), _i32(cap), my_off, slots.tensor,
                     shared, out))
         self._last = (b.topk_idx[:tokens], b.topk_w[:tokens], b.pos[:tokens])
         cupy.cuda.get_current_stream().wait_event(s.record())
@@ -363,8 +365,8 @@ class FlashMoE:
                 run_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
             return
         comm, b = self.comm, self._buf
-        lay = SymmetricLayout(P, el, b.capacity, p.hidden)
-        base, row_bytes = b.layout.data.ptr, p.hidden * ELEM_BYTES
+        lay = b.lay
+        base, row_bytes = b.tensor.data.ptr, p.hidden * ELEM_BYTES
         nstreams = cfg.comm_streams
         start = s.record()
         for cs in comm.streams[:nstreams]:
