@@ -78,6 +78,7 @@ def export_vars(gen: GeneratedSource) -> dict:
         move_threads=32 * MOVE_WARPS,
         block_m=cfg.block_m,
         fixed_capacity=p.fixed_capacity(cfg.block_m) or 0,
+        packed_slots=CPP_BOOL[cfg.packed_slots],
         gu=_tile_vars(cfg.gate_up, gen.kernels.gate_up, 2),
         dn=_tile_vars(cfg.down, gen.kernels.down, 1),
         chunks=expert_chunks(p, cfg),
@@ -115,9 +116,6 @@ def _header(gen: GeneratedSource, with_main: bool) -> str:
     if cfg.fuse_sources:
         lines.append("// note: fuse_sources is not mirrored by this host code: it computes the "
                      "peers' tokens peer by peer (same results, other timing)")
-    if cfg.packed_slots:
-        lines.append("// note: packed_slots is not mirrored by this host code: it keeps expert "
-                     "slots, one send per (peer, expert) (same results, other timing)")
     return "\n".join(lines) + "\n\n"
 
 

@@ -106,6 +106,17 @@ def test_constants_come_from_python():
     assert "CHUNKS[NUM_CHUNKS][2] = { { 0, 3}, { 3, 5}, { 5, 8}};" in chunked
 
 
+def test_packed_slots_mirrored():
+    """The host code follows config.packed_slots (no "not mirrored" note); fuse_sources not."""
+    for packed in (True, False):
+        cfg = dataclasses.replace(KernelConfig.default(CAPPED), packed_slots=packed)
+        text = export_cu(CAPPED, cfg)
+        assert f"PACKED_SLOTS = {'true' if packed else 'false'};" in text
+        assert "packed_slots is not mirrored" not in text
+    fused = dataclasses.replace(KernelConfig.default(CAPPED), fuse_sources=True)
+    assert "fuse_sources is not mirrored" in export_cu(CAPPED, fused)
+
+
 def test_write_only_if_changed(tmp_path):
     path = tmp_path / "layer.cu"
     text = export_cu(SHARED, path=path)
@@ -155,7 +166,8 @@ class _Layer(ctypes.Structure):
         (n, ctypes.c_void_p) for n in ("counts", "counts_host", "layout", "act")] + [
         (n, ctypes.c_int) for n in ("capacity", "dropped_tokens", "rank", "world")] + [
         (n, ctypes.c_void_p) for n in ("shared_stream", "permuted", "shared_done")] + [
-        ("shared_pending", ctypes.c_int)]
+        ("shared_pending", ctypes.c_int)] + [(n, ctypes.c_void_p) for n in ("row_off",
+                                                                          "row_off_host")]
 
 
 def _download(ptr: int, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -189,17 +201,18 @@ def _weights(problem: MoEProblem, lay: _Layer):
 
 @pytest.mark.gpu
 @needs_nvcc
+@pytest.mark.parametrize("packed", [False, True], ids=["expert_slots", "packed_slots"])
 @pytest.mark.parametrize("problem", [SHARED, MoEProblem(512, 512, 8, 2, tokens_per_rank=300,
                                                         capacity_factor=0.5)],
                          ids=["shared_experts", "capacity_drops"])
-def test_gpu_forward_local_matches_reference(tmp_path, problem):
+def test_gpu_forward_local_matches_reference(tmp_path, problem, packed):
     import cupy
 
     from flashmoe_gen.reference import moe_reference, relative_error
     from flashmoe_gen.weights import random_tokens
 
     src = tmp_path / "layer.cu"
-    cfg = KernelConfig.default(problem)
+    cfg = dataclasses.replace(KernelConfig.default(problem), packed_slots=packed)
     export_cu(problem, cfg, src)
     lib_path = tmp_path / "libfmoe.so"
     _nvcc(src, "-Xcompiler", "-fPIC", "-shared", "-o", str(lib_path))
@@ -245,7 +258,8 @@ def _nccl_lib(include_dir: str) -> list[str]:
 
 @pytest.mark.gpu
 @needs_nvcc
-def test_gpu_harness_two_ranks_matches_one(tmp_path):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed_slots", "expert_slots"])
+def test_gpu_harness_two_ranks_matches_one(tmp_path, packed):
     """P=2 with the NCCL exchange gives rank 0 the bits P=1 gives for the same tokens."""
     import cupy
     if cupy.cuda.runtime.getDeviceCount() < 2 or not shutil.which("mpirun"):
@@ -254,7 +268,8 @@ def test_gpu_harness_two_ranks_matches_one(tmp_path):
     if None in incs.values():
         pytest.skip("mpi.h or nccl.h not found")
     p2 = MoEProblem(1024, 512, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=300)
-    cfg = dataclasses.replace(KernelConfig.default(p2), chunks_per_peer=2, comm_streams=2)
+    cfg = dataclasses.replace(KernelConfig.default(p2), chunks_per_peer=2, comm_streams=2,
+                              packed_slots=packed)
     lines = {}
     for p in (p2, p2.replace(world_size=1)):
         src = tmp_path / f"moe_p{p.world_size}.cu"
