@@ -62,10 +62,13 @@ class _SlotBuffers:
     layout's shape stays identical on every rank; a call uses the first rows of each slot.
     """
 
-    capacity: int
     lay: SymmetricLayout  # index arithmetic of ``tensor`` (built once per capacity)
     tensor: object  # L[P][2][2][E_local][C][H], bf16 bits
     act: object
+
+    @property
+    def capacity(self) -> int:
+        return self.lay.capacity
 
 
 class FlashMoE:
@@ -172,7 +175,6 @@ class FlashMoE:
         self._buf = None  # free the old slots before taking the larger ones
         lay = SymmetricLayout(p.world_size, p.local_experts, capacity, p.hidden)
         self._buf = _SlotBuffers(
-            capacity=capacity,
             lay=lay,
             tensor=cupy.empty(lay.shape, np.uint16),
             # Fused sources compute every peer's tokens in one launch: one act slot each.
