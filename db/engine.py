@@ -6,11 +6,9 @@ share a file); any SQLAlchemy URL works, e.g. PostgreSQL for several tuning jobs
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -18,10 +16,12 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
+from flashmoe_gen.paths import DB_ENV, default_db_url
+
 from .models import Base
 
 #: Environment variable that overrides the database URL (the CLI's ``--db`` wins over it).
-ENV_VAR = "FLASHMOE_DB"
+ENV_VAR = DB_ENV
 #: Milliseconds a SQLite writer waits for another writer's lock before giving up.
 BUSY_TIMEOUT_MS = 30_000
 #: Execution option that marks a read-only transaction (a deferred BEGIN on SQLite).
@@ -33,13 +33,7 @@ _lock = threading.Lock()
 
 def default_url() -> str:
     """``$FLASHMOE_DB`` if set, else a SQLite file under the user's cache directory."""
-    url = os.environ.get(ENV_VAR)
-    if url:
-        return url
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = Path(cache) / "flashmoe_gen"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'tuning.db'}"
+    return default_db_url()
 
 
 def _is_memory(database: str | None) -> bool:

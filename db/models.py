@@ -21,9 +21,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-#: Trial outcomes. Only "ok" trials can become winners; the rest are kept as values
-#: (Kernel Tuner convention) so a search never retries a config known to fail.
-STATUSES = ("ok", "compile_failed", "launch_failed", "wrong_answer", "timeout", "failed")
+from flashmoe_gen.status import RECORDED
+
+#: Trial outcomes (``flashmoe_gen.status``). Only "ok" trials can become winners; the rest
+#: are kept as values (Kernel Tuner convention) so a search never retries a failing config.
+STATUSES = RECORDED
 
 
 def utcnow() -> datetime:

@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .config import GemmTile, KernelConfig  # noqa: E402
 from .errors import (  # noqa: E402
     CommError,
+    CommTimeout,
     CompileError,
     ConfigError,
     DeviceError,
@@ -21,6 +22,6 @@ def lookup(problem, world_size=None, device=None, db=None):
 
 
 __all__ = [
-    "CommError", "CompileError", "ConfigError", "DeviceError", "FlashMoEError", "GemmTile",
-    "KernelConfig", "MoEProblem", "ProblemError", "__version__", "lookup",
+    "CommError", "CommTimeout", "CompileError", "ConfigError", "DeviceError", "FlashMoEError",
+    "GemmTile", "KernelConfig", "MoEProblem", "ProblemError", "__version__", "lookup",
 ]

@@ -12,7 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 
-from .errors import CommError, DeviceError
+from .errors import CommError, CommTimeout, DeviceError
 
 #: Seconds a rank waits for a collective before it aborts NCCL and raises (dead peer).
 DEFAULT_TIMEOUT_S = float(os.environ.get("FLASHMOE_COMM_TIMEOUT", "300"))
@@ -119,7 +119,7 @@ class Communicator:
                     c.check_async_error()
                 if now > deadline:
                     self.abort()
-                    raise CommError(f"rank {self.rank}: {what} did not finish in "
+                    raise CommTimeout(f"rank {self.rank}: {what} did not finish in "
                                     f"{self.timeout_s:.0f} s (a peer died or hangs); NCCL aborted")
                 if now > spin_until:
                     time.sleep(1e-4)

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
-from . import __version__
 from .errors import CompileError, DeviceError
+from .paths import kernel_cache_root
 from .render import GeneratedSource
 
 
@@ -90,10 +90,8 @@ def compile_options(arch: str) -> tuple[str, ...]:
 
 
 def cache_root() -> Path:
-    """``$FLASHMOE_CACHE`` or ``~/.cache/flashmoe_gen``, then the package version."""
-    base = os.environ.get("FLASHMOE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flashmoe_gen")
-    return Path(base) / __version__
+    """The compiled-kernel cache (``flashmoe_gen.paths.kernel_cache_root``)."""
+    return kernel_cache_root()
 
 
 _ENTRY_RE = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")

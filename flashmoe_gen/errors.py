@@ -48,3 +48,7 @@ class DeviceError(FlashMoEError, RuntimeError):
 
 class CommError(FlashMoEError, RuntimeError):
     """A collective failed, timed out, or ranks disagreed."""
+
+
+class CommTimeout(CommError):
+    """A collective or a wait on a peer ran past its deadline (a peer died or hangs)."""

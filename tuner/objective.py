@@ -11,11 +11,20 @@ import traceback
 from dataclasses import dataclass
 
 from flashmoe_gen.config import KernelConfig
-from flashmoe_gen.errors import CommError, CompileError, ConfigError, DeviceError, ProblemError
+from flashmoe_gen.errors import (
+    CommError,
+    CommTimeout,
+    CompileError,
+    ConfigError,
+    DeviceError,
+    ProblemError,
+)
 from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.status import TrialStatus
 
 OK, INVALID, COMPILE_FAILED, LAUNCH_FAILED, WRONG_ANSWER, TIMEOUT, FAILED = (
-    "ok", "invalid", "compile_failed", "launch_failed", "wrong_answer", "timeout", "failed")
+    TrialStatus.OK, TrialStatus.INVALID, TrialStatus.COMPILE_FAILED, TrialStatus.LAUNCH_FAILED,
+    TrialStatus.WRONG_ANSWER, TrialStatus.TIMEOUT, TrialStatus.FAILED)
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,10 @@ def classify(exc: BaseException) -> str:
         return COMPILE_FAILED
     if isinstance(exc, (ConfigError, ProblemError)):
         return INVALID
+    if isinstance(exc, CommTimeout):
+        return TIMEOUT
     if isinstance(exc, CommError):
-        return TIMEOUT if "did not finish" in str(exc) else FAILED
+        return FAILED
     if isinstance(exc, DeviceError) or type(exc).__module__.startswith("cupy"):
         return LAUNCH_FAILED
     return FAILED

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import ConfigError
 from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.status import TrialStatus
 
 from .objective import INVALID, Outcome, combine
 from .space import SearchSpace
@@ -27,7 +28,7 @@ from .space import SearchSpace
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 #: Give up when this many consecutive candidates are invalid (space exhausted / all bad).
 MAX_INVALID_STREAK = 500
-INTERRUPTED = "interrupted"
+INTERRUPTED = TrialStatus.INTERRUPTED
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ def _best_so_far(study: optuna.Study) -> TrialResult | None:
         return None
     t = min(done, key=lambda t: t.value)
     cfg = SearchSpace.config_from_params(t.params)
-    return TrialResult(t.number, cfg, Outcome("ok", t.value, t.user_attrs.get("p20_ms"),
+    return TrialResult(t.number, cfg, Outcome(TrialStatus.OK, t.value, t.user_attrs.get("p20_ms"),
                                               t.user_attrs.get("p80_ms"),
                                               t.user_attrs.get("rel_error")))
 

@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
 from pathlib import Path
-
-
-def default_storage_url() -> str:
-    """Optuna's study storage: ``$FLASHMOE_STUDIES`` or a SQLite file in the user cache."""
-    if os.environ.get("FLASHMOE_STUDIES"):
-        return os.environ["FLASHMOE_STUDIES"]
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flashmoe_gen"
-    base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{base / 'studies.db'}"
 
 
 def run_tune(a: argparse.Namespace) -> int:
@@ -23,6 +13,7 @@ def run_tune(a: argparse.Namespace) -> int:
 
     from flashmoe_gen.arch import current_device_limits
     from flashmoe_gen.comm import Communicator
+    from flashmoe_gen.paths import default_storage_url
     from flashmoe_gen.tuner.cli import mpi_ranks, problem_from_args
     from flashmoe_gen.tuner.objective import LayerEvaluator
     from flashmoe_gen.tuner.space import SearchSpace
