@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, md_table  # noqa: E402
 
-#: Measured ceilings of this workplace's H100s (design/anchors.md).
+#: Measured ceilings of this workplace's H100s (docs/results.md, "Anchors").
 PEAK_FLOPS, PEAK_BYTES = 790e12, 3.0e12
 
 PROBLEMS = {

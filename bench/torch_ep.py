@@ -56,7 +56,7 @@ class TorchEP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p
         P, El, k = p.world_size, p.local_experts, p.top_k
-        # fp32 logits as moe-semantics.md says (a bf16 matmul output would round them and
+        # fp32 logits as docs/semantics.md says (a bf16 matmul output would round them and
         # flip near-tied top-k choices, which is a different function, not noise).
         probs = torch.softmax(x.float() @ self.gate.float(), dim=-1)
         w, idx = probs.topk(k, dim=-1)

@@ -1,5 +1,5 @@
 """Winners database (SQLAlchemy 2.0): problems, environments, trials and the best trial per
-problem x environment; SQLite (WAL) by default, any SQLAlchemy URL. See ARCHITECTURE.md."""
+problem x environment; SQLite (WAL) by default, any SQLAlchemy URL. See docs/architecture.md."""
 
 from .engine import default_url, dispose_engines, make_engine, session_scope
 from .environment import Environment

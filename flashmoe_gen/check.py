@@ -1,4 +1,4 @@
-"""Check a live layer on every rank against the float64 reference (moe-semantics.md)."""
+"""Check a live layer on every rank against the float64 reference (docs/semantics.md)."""
 
 from __future__ import annotations
 

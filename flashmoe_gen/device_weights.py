@@ -74,7 +74,7 @@ class DeviceWeights:
     @classmethod
     def from_arrays(cls, problem: MoEProblem, gate, w1, w3, w2, shared_w1=None, shared_w3=None,
                     shared_w2=None) -> DeviceWeights:
-        """User arrays in the semantic layouts of moe-semantics.md (this rank's experts):
+        """User arrays in the semantic layouts of docs/semantics.md (this rank's experts):
         ``gate [H, E]``, ``w1, w3 [E_local, H, I]``, ``w2 [E_local, I, H]``, shared
         ``[S, H, Is]`` / ``[S, Is, H]``; cupy/numpy uint16 bits or DLPack bf16 (torch)."""
         import cupy

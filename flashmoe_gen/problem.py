@@ -18,7 +18,7 @@ MIN_WIDTH = 16
 
 @dataclass(frozen=True)
 class MoEProblem:
-    """One MoE layer forward on ``world_size`` ranks (see design/moe-semantics.md).
+    """One MoE layer forward on ``world_size`` ranks (see docs/semantics.md).
 
     ``tokens_per_rank`` is the nominal token count a rank sees per call: it fixes the
     capacity when ``capacity_factor`` is set and is the tuning key; a call may pass any

@@ -1,4 +1,4 @@
-"""Float64 host reference of the MoE layer (the contract in design/moe-semantics.md).
+"""Float64 host reference of the MoE layer (the contract in docs/semantics.md).
 
 Inputs are bf16 bits; every product and sum is float64, so the reference is the "true"
 value a bf16/fp32 kernel is compared against with ``relative_error``.

@@ -1,6 +1,6 @@
 """Host-side MoE weights (bf16 bits), deterministic per expert so any rank can rebuild any.
 
-Shapes follow moe-semantics.md: ``gate [H, E]``, ``w1, w3 [n, H, I]``, ``w2 [n, I, H]`` for
+Shapes follow docs/semantics.md: ``gate [H, E]``, ``w1, w3 [n, H, I]``, ``w2 [n, I, H]`` for
 the experts ``first_expert .. first_expert + n - 1``, shared experts ``[S, H, Is]`` /
 ``[S, Is, H]``. Values are bf16 bits (uint16); ``*_f32`` helpers give exact float32 views.
 """

@@ -37,7 +37,7 @@ def coords(lay: SymmetricLayout):
 
 
 def test_constants_follow_design():
-    # design/symmetric-layout.md: round 0 = dispatch, 1 = combine; buffer 0 = staging, 1 = incoming
+    # docs/symmetric-layout.md: round 0 = dispatch, 1 = combine; buffer 0 = staging, 1 = incoming
     assert (DISPATCH, COMBINE, STAGING, INCOMING) == (0, 1, 0, 1)
 
 

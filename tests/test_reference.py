@@ -1,4 +1,4 @@
-"""The float64 reference against a plain per-token loop written from moe-semantics.md."""
+"""The float64 reference against a plain per-token loop written from docs/semantics.md."""
 
 from __future__ import annotations
 
