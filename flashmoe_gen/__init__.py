@@ -4,10 +4,13 @@ __version__ = "0.1.0"
 
 from .config import GemmTile, KernelConfig  # noqa: E402
 from .errors import (  # noqa: E402
+    ArgumentError,
+    CacheError,
     CommError,
     CommTimeout,
     CompileError,
     ConfigError,
+    DatabaseError,
     DeviceError,
     FlashMoEError,
     ProblemError,
@@ -22,6 +25,7 @@ def lookup(problem, world_size=None, device=None, db=None):
 
 
 __all__ = [
-    "CommError", "CommTimeout", "CompileError", "ConfigError", "DeviceError", "FlashMoEError",
+    "ArgumentError", "CacheError", "CommError", "CommTimeout", "CompileError", "ConfigError",
+    "DatabaseError", "DeviceError", "FlashMoEError",
     "GemmTile", "KernelConfig", "MoEProblem", "ProblemError", "__version__", "lookup",
 ]

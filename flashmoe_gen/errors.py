@@ -52,3 +52,24 @@ class CommError(FlashMoEError, RuntimeError):
 
 class CommTimeout(CommError):
     """A collective or a wait on a peer ran past its deadline (a peer died or hangs)."""
+
+
+class ArgumentError(FlashMoEError, TypeError):
+    """An API argument of the wrong kind: names the argument, its value and what is accepted."""
+
+    def __init__(self, argument: str, value: object, expected: str):
+        self.argument, self.value, self.expected = argument, value, expected
+        super().__init__(f"{argument}={value!r} is invalid: {expected}")
+
+
+class DatabaseError(FlashMoEError, RuntimeError):
+    """The winners database cannot be used: names the URL (password hidden), what is wrong
+    and what to do."""
+
+    def __init__(self, url: str, problem: str, hint: str):
+        self.url, self.problem, self.hint = url, problem, hint
+        super().__init__(f"database {url}: {problem}; {hint}")
+
+
+class CacheError(FlashMoEError, RuntimeError):
+    """The compiled-kernel cache cannot be used (e.g. ``FLASHMOE_CACHE`` names a file)."""
