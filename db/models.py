@@ -1,5 +1,9 @@
 """SQLAlchemy 2.0 models: problems, environments, trials, winners (one model per table).
 
+Every table, index and constraint name starts with ``fmoe_`` (``PREFIX``) so the winners
+database may share a database with Optuna's study storage (which has its own ``trials``)
+or other applications. The schema is versioned by alembic (``db/migrations``).
+
 Modelled on Optuna's RDB storage: explicit integer primary keys, a ``UniqueConstraint`` on
 each natural key (problem name, environment key, problem x environment for winners) so that
 racing writers collide in the database instead of creating duplicates.
@@ -28,6 +32,10 @@ from flashmoe_gen.status import RECORDED
 STATUSES = RECORDED
 
 
+#: Prefix of every table of this project (and of its alembic version table).
+PREFIX = "fmoe_"
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -39,8 +47,8 @@ class Base(DeclarativeBase):
 class ProblemModel(Base):
     """One MoE problem, keyed by ``MoEProblem.name``."""
 
-    __tablename__ = "problems"
-    __table_args__ = (UniqueConstraint("name", name="uq_problems_name"),)
+    __tablename__ = PREFIX + "problems"
+    __table_args__ = (UniqueConstraint("name", name="uq_fmoe_problems_name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(255), nullable=False)
@@ -55,8 +63,8 @@ class ProblemModel(Base):
 class EnvironmentModel(Base):
     """Everything besides the problem that can change which config is fastest."""
 
-    __tablename__ = "environments"
-    __table_args__ = (UniqueConstraint("key", name="uq_environments_key"),)
+    __tablename__ = PREFIX + "environments"
+    __table_args__ = (UniqueConstraint("key", name="uq_fmoe_environments_key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     key: Mapped[str] = mapped_column(String(64), nullable=False)
@@ -76,15 +84,15 @@ class EnvironmentModel(Base):
 class TrialModel(Base):
     """One measured (or failed) config for a problem in an environment."""
 
-    __tablename__ = "trials"
+    __tablename__ = PREFIX + "trials"
     __table_args__ = (
-        Index("ix_trials_problem_env", "problem_id", "environment_id"),
-        Index("ix_trials_study", "study_name"),
+        Index("ix_fmoe_trials_problem_env", "problem_id", "environment_id"),
+        Index("ix_fmoe_trials_study", "study_name"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    problem_id: Mapped[int] = mapped_column(ForeignKey("problems.id"), nullable=False)
-    environment_id: Mapped[int] = mapped_column(ForeignKey("environments.id"), nullable=False)
+    problem_id: Mapped[int] = mapped_column(ForeignKey(ProblemModel.id), nullable=False)
+    environment_id: Mapped[int] = mapped_column(ForeignKey(EnvironmentModel.id), nullable=False)
     study_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
     number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     config_name: Mapped[str] = mapped_column(String(255), nullable=False)
@@ -107,15 +115,15 @@ class TrialModel(Base):
 class WinnerModel(Base):
     """The best "ok" trial per problem x environment."""
 
-    __tablename__ = "winners"
+    __tablename__ = PREFIX + "winners"
     __table_args__ = (
-        UniqueConstraint("problem_id", "environment_id", name="uq_winners_problem_env"),
+        UniqueConstraint("problem_id", "environment_id", name="uq_fmoe_winners_problem_env"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    problem_id: Mapped[int] = mapped_column(ForeignKey("problems.id"), nullable=False)
-    environment_id: Mapped[int] = mapped_column(ForeignKey("environments.id"), nullable=False)
-    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id"), nullable=False)
+    problem_id: Mapped[int] = mapped_column(ForeignKey(ProblemModel.id), nullable=False)
+    environment_id: Mapped[int] = mapped_column(ForeignKey(EnvironmentModel.id), nullable=False)
+    trial_id: Mapped[int] = mapped_column(ForeignKey(TrialModel.id), nullable=False)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 

@@ -1,34 +1,46 @@
 """Repository functions: each public one is a single transaction on an engine.
 
-Records returned are plain frozen dataclasses, detached from any session.
+Records returned are plain frozen dataclasses, detached from any session. Readers create
+nothing (a missing or empty database reads as empty); ``record_trial`` makes the schema when
+it is missing. A row this version cannot read (written by a newer flashmoe_gen: an unknown
+config field, a problem it cannot parse) is skipped with one ``UnreadableRowsWarning``.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import Engine, case, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.errors import ArgumentError
 from flashmoe_gen.problem import MoEProblem
 
 from .engine import make_engine, session_scope
 from .environment import Environment
 from .models import STATUSES, EnvironmentModel, ProblemModel, TrialModel, WinnerModel
+from .schema import database_error, describe, ready_to_read, ready_to_write
 
 EngineLike = Engine | str | None
 _M = TypeVar("_M")
+_R = TypeVar("_R")
 
 
 class NearestTokensWarning(UserWarning):
     """A winner tuned for another token count was used (no exact match)."""
+
+
+class UnreadableRowsWarning(UserWarning):
+    """Rows this version cannot read (from a newer flashmoe_gen, or damaged) were skipped."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,60 @@ def family_of(problem: MoEProblem) -> str:
 
 
 def _engine(engine: EngineLike) -> Engine:
-    return engine if isinstance(engine, Engine) else make_engine(engine)
+    if isinstance(engine, Engine):
+        return engine
+    if engine is not None and not isinstance(engine, str):
+        raise ArgumentError("engine", engine, "a sqlalchemy Engine, a SQLAlchemy URL string, "
+                            "or None for $FLASHMOE_DB / the default database")
+    return make_engine(engine)
+
+
+def _reader(engine: EngineLike) -> Engine | None:
+    """The engine to read from, or None when the database has nothing yet (left as is)."""
+    e = _engine(engine)
+    return e if ready_to_read(e) else None
+
+
+def _writer(engine: EngineLike) -> Engine:
+    e = _engine(engine)
+    ready_to_write(e)
+    return e
+
+
+@contextmanager
+def _typed_errors(engine: Engine) -> Iterator[None]:
+    """The database's own failures (locked, not a database, ...) as a ``DatabaseError``."""
+    try:
+        yield
+    except SQLAlchemyError as e:
+        raise database_error(engine.url, e) from e
+
+
+# (url, trial id) of unreadable rows already reported: one warning per row and process.
+_reported: set[tuple[str, int]] = set()
+_reported_lock = threading.Lock()
+_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError)  # JSON, Problem/ConfigError
+
+
+def _readable(engine: Engine, rows: Iterable[_M], build: Callable[[_M], _R]) -> list[_R]:
+    """``build`` of every row it can read; the rest skipped with one warning per call."""
+    out, skipped = [], []
+    for row in rows:
+        try:
+            out.append(build(row))
+        except _UNREADABLE as e:
+            skipped.append((getattr(row, "trial_id", None) or row.id, e))
+    url = describe(engine.url)
+    with _reported_lock:
+        new = [(i, e) for i, e in skipped if (url, i) not in _reported]
+        _reported.update((url, i) for i, _ in new)
+    if new:
+        first_id, first = new[0]
+        warnings.warn(
+            f"skipped {len(new)} row(s) of {url} that this flashmoe_gen cannot read (written "
+            f"by a newer version, or damaged); first: trial {first_id}: {first}. Upgrade "
+            "flashmoe_gen to use them", UnreadableRowsWarning, stacklevel=3)
+    return out
 
 
 def _finite(x: float | None) -> float | None:
@@ -141,7 +206,8 @@ def record_trial(engine: EngineLike, problem: MoEProblem, env: Environment,
         seconds = median_ms * 1e-3
         tflops = problem.flops() * problem.world_size / seconds / 1e12
         tokens_per_s = problem.world_size * problem.tokens_per_rank / seconds
-    with session_scope(_engine(engine)) as s:
+    engine = _writer(engine)
+    with _typed_errors(engine), session_scope(engine) as s:
         prow = _problem_row(s, problem)
         erow = _environment_row(s, env)
         trial = TrialModel(
@@ -182,9 +248,12 @@ def _winners_query(env_key: str | None = None):
 def find_winner(engine: EngineLike, problem: MoEProblem,
                 env: Environment) -> WinnerRecord | None:
     """The winner for exactly this problem name and environment key, or None."""
-    with session_scope(_engine(engine), readonly=True) as s:
-        w = s.scalars(_winners_query(env.key).where(ProblemModel.name == problem.name)).first()
-        return None if w is None else _winner_record(w)
+    if (engine := _reader(engine)) is None:
+        return None
+    with _typed_errors(engine), session_scope(engine, readonly=True) as s:
+        rows = s.scalars(_winners_query(env.key).where(ProblemModel.name == problem.name))
+        records = _readable(engine, rows.all(), _winner_record)
+    return records[0] if records else None
 
 
 def find_nearest(engine: EngineLike, problem: MoEProblem, env: Environment, *,
@@ -194,12 +263,15 @@ def find_nearest(engine: EngineLike, problem: MoEProblem, env: Environment, *,
 
     May return the exact match. Warns (``NearestTokensWarning``) when the token count differs.
     """
-    with session_scope(_engine(engine), readonly=True) as s:
+    if (engine := _reader(engine)) is None:
+        return None
+    with _typed_errors(engine), session_scope(engine, readonly=True) as s:
         rows = s.scalars(_winners_query(env.key)
                          .where(ProblemModel.family == family_of(problem))).all()
-        if not rows:
-            return None
-        record = nearest_tokens([_winner_record(w) for w in rows], problem.tokens_per_rank)
+        records = _readable(engine, rows, _winner_record)
+    if not records:
+        return None
+    record = nearest_tokens(records, problem.tokens_per_rank)
     if warn and record.problem.tokens_per_rank != problem.tokens_per_rank:
         warnings.warn(
             f"no tuned winner for {problem.name} on {env.gpu_name} (environment {env.key}); "
@@ -219,15 +291,19 @@ def nearest_tokens(records: list[WinnerRecord], tokens: int) -> WinnerRecord:
 
 def list_winners(engine: EngineLike, env_key: str | None = None) -> list[WinnerRecord]:
     """Every winner (of one environment if ``env_key``), by problem name."""
-    with session_scope(_engine(engine), readonly=True) as s:
+    if (engine := _reader(engine)) is None:
+        return []
+    with _typed_errors(engine), session_scope(engine, readonly=True) as s:
         q = _winners_query(env_key).order_by(ProblemModel.name, EnvironmentModel.key)
-        return [_winner_record(w) for w in s.scalars(q).all()]
+        return _readable(engine, s.scalars(q).all(), _winner_record)
 
 
 def trials_for(engine: EngineLike, problem: MoEProblem, env: Environment | None = None,
                study_name: str | None = None) -> list[TrialRecord]:
     """Trials of a problem (optionally one environment / study): fastest first, failed last."""
-    with session_scope(_engine(engine), readonly=True) as s:
+    if (engine := _reader(engine)) is None:
+        return []
+    with _typed_errors(engine), session_scope(engine, readonly=True) as s:
         q = (select(TrialModel)
              .join(ProblemModel, TrialModel.problem_id == ProblemModel.id)
              .join(EnvironmentModel, TrialModel.environment_id == EnvironmentModel.id)
@@ -239,4 +315,5 @@ def trials_for(engine: EngineLike, problem: MoEProblem, env: Environment | None 
         failed_last = case((TrialModel.status == "ok", 0), else_=1)
         no_time_last = case((TrialModel.median_ms.is_(None), 1), else_=0)
         q = q.order_by(failed_last, no_time_last, TrialModel.median_ms, TrialModel.id)
-        return [TrialRecord(**_trial_fields(t)) for t in s.scalars(q).unique().all()]
+        return _readable(engine, s.scalars(q).unique().all(),
+                         lambda t: TrialRecord(**_trial_fields(t)))
