@@ -38,10 +38,32 @@ MIN_ARCH = (8, 0)
 
 
 def limits_for(arch: str) -> DeviceLimits:
-    try:
+    if isinstance(arch, str) and arch in KNOWN_ARCHS:
         return KNOWN_ARCHS[arch]
-    except KeyError:
-        raise DeviceError(f"unknown arch {arch!r}; known: {sorted(KNOWN_ARCHS)}") from None
+    raise DeviceError(f"unknown arch {arch!r}; known: {', '.join(sorted(KNOWN_ARCHS))}")
+
+
+#: What a user without a GPU can still do (said whenever no GPU is found).
+NO_GPU_HINT = ("`run` and `tune` need a CUDA GPU; `compile` and `export` work without one "
+               f"(they target --arch, default {DEFAULT_ARCH})")
+
+
+def no_gpu_error(reason: object) -> DeviceError:
+    """The one error for "this machine has no usable CUDA GPU", with the CUDA reason."""
+    why = str(reason).strip().splitlines()[0] if str(reason).strip() else "none visible"
+    return DeviceError(f"no CUDA GPU found ({why}): {NO_GPU_HINT}")
+
+
+def visible_gpu_count() -> int:
+    """CUDA devices this process sees; raises DeviceError (no_gpu_error) when there are none."""
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, driver too old, CuPy unusable
+        raise no_gpu_error(e) from e
+    if n < 1:
+        raise no_gpu_error("0 devices visible; check CUDA_VISIBLE_DEVICES")
+    return n
 
 
 def current_device_limits() -> DeviceLimits:
@@ -52,7 +74,7 @@ def current_device_limits() -> DeviceLimits:
         attrs = dev.attributes
         major, minor = dev.compute_capability[:-1], dev.compute_capability[-1]
     except Exception as e:  # no driver, no device
-        raise DeviceError(f"no usable CUDA device: {e}") from e
+        raise no_gpu_error(e) from e
     if (int(major), int(minor)) < MIN_ARCH:
         raise DeviceError(f"compute capability {major}.{minor} is too old: need >= 8.0 "
                           "(bf16 mma.sync)")

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from .arch import DEFAULT_ARCH, DeviceLimits, limits_for
-from .errors import ConfigError
+from .errors import ArgumentError, ConfigError
 from .problem import MoEProblem
 
 BK_CHOICES = (16, 32, 64)
@@ -17,6 +17,8 @@ STAGE_RANGE = range(2, 7)
 WARP_CHOICES = (1, 2, 4, 8)
 ROUTER_CHOICES = (1, 2, 4, 8, 16, 32)
 COMM_STREAM_CHOICES = (1, 2, 4)
+#: Expert chunks per peer (each exchanged as it is computed).
+CHUNK_RANGE = range(1, 17)
 #: Tensor-core instruction of a GEMM: "sync" = mma.sync m16n8k16 (sm_80+), "wgmma" = Hopper
 #: warpgroup MMA m64nNk16 from shared memory (sm_90a), 4 warps per 64 rows, BK 64 (one
 #: 128-byte swizzle atom per row).
@@ -143,6 +145,9 @@ class GemmTile:
 
     @classmethod
     def parse(cls, name: str) -> GemmTile:
+        if not isinstance(name, str):
+            raise ConfigError("tile", name, "expected a tile name (str) such as "
+                              "bm128_bn64_bk64_w4x2_s3")
         m = re.fullmatch(r"bm(\d+)_bn(\d+)_bk(\d+)_w(\d+)x(\d+)_s(\d+)(_wg)?", name)
         if not m:
             raise ConfigError("tile", name, "expected e.g. bm128_bn64_bk64_w4x2_s3 "
@@ -200,6 +205,9 @@ class KernelConfig:
 
     @classmethod
     def from_name(cls, name: str) -> KernelConfig:
+        if not isinstance(name, str):
+            raise ConfigError("name", name, "expected a config name (str) as "
+                              "KernelConfig.name prints it")
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
                          r"(__fs)?(__pk)?", name)
         if not m:
@@ -219,7 +227,9 @@ class KernelConfig:
         return {"gate_up": (width, problem.hidden, 2), "down": (problem.hidden, width, 1)}
 
     def validate(self, problem: MoEProblem, limits: DeviceLimits | str = DEFAULT_ARCH) -> None:
-        if isinstance(limits, str):
+        if not isinstance(problem, MoEProblem):
+            raise ArgumentError("problem", problem, "a flashmoe_gen.MoEProblem")
+        if not isinstance(limits, DeviceLimits):
             limits = limits_for(limits)
         for which in ("gate_up", "down"):
             if not isinstance(getattr(self, which), GemmTile):
@@ -237,8 +247,9 @@ class KernelConfig:
         if self.router_tokens_per_block not in ROUTER_CHOICES:
             raise ConfigError("router_tokens_per_block", self.router_tokens_per_block,
                               f"choose one of {list(ROUTER_CHOICES)}", name)
-        if not isinstance(self.chunks_per_peer, int) or not 1 <= self.chunks_per_peer <= 16:
-            raise ConfigError("chunks_per_peer", self.chunks_per_peer, "choose 1..16", name)
+        if self.chunks_per_peer not in CHUNK_RANGE:
+            raise ConfigError("chunks_per_peer", self.chunks_per_peer,
+                              f"choose {CHUNK_RANGE.start}..{CHUNK_RANGE.stop - 1}", name)
         if self.comm_streams not in COMM_STREAM_CHOICES:
             raise ConfigError("comm_streams", self.comm_streams,
                               f"choose one of {list(COMM_STREAM_CHOICES)}", name)
@@ -286,11 +297,14 @@ class KernelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:
-        d = dict(d)
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        if not isinstance(d, dict):
+            raise ConfigError("config", d, f"expected a JSON object / dict with the fields "
+                              f"{sorted(known)}")
+        d = dict(d)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ConfigError(sorted(unknown)[0], d[sorted(unknown)[0]],
+            raise ConfigError(str(unknown[0]), d[unknown[0]],
                               f"unknown field; known fields: {sorted(known)}")
         for key in ("gate_up", "down"):
             if key not in d:
@@ -300,7 +314,7 @@ class KernelConfig:
         tile_fields = {f.name for f in fields(GemmTile)}
         for key in ("gate_up", "down"):
             if isinstance(d.get(key), dict):
-                extra = set(d[key]) - tile_fields
+                extra = {str(k) for k in d[key]} - tile_fields
                 missing = tile_fields - set(d[key]) - {"mma"}  # older JSON: mma.sync
                 if extra or missing:
                     raise ConfigError(key, d[key], f"unknown {sorted(extra)} / missing "
@@ -310,13 +324,24 @@ class KernelConfig:
 
     @classmethod
     def from_json(cls, s: str) -> KernelConfig:
-        return cls.from_dict(json.loads(s))
+        if not isinstance(s, (str, bytes)):
+            raise ConfigError("json", s, "expected JSON text (str)")
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ConfigError("json", s if len(s) <= 80 else s[:77] + "...",
+                              f"not valid JSON ({e}); expected an object such as "
+                              "KernelConfig.to_json() prints, or a config name") from None
+        return cls.from_dict(d)
 
     @classmethod
     def parse(cls, text: str) -> KernelConfig:
         """A config from JSON text or from its name (CLI ``--config``)."""
+        if not isinstance(text, str):
+            raise ConfigError("config", text, "expected JSON text or a config name (str), "
+                              "e.g. KernelConfig.default(problem).name")
         text = text.strip()
-        return cls.from_json(text) if text.startswith("{") else cls.from_name(text)
+        return cls.from_json(text) if text.startswith(("{", "[")) else cls.from_name(text)
 
 
 def expert_chunks(problem: MoEProblem, config: KernelConfig) -> list[tuple[int, int]]:

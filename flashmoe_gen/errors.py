@@ -73,3 +73,16 @@ class DatabaseError(FlashMoEError, RuntimeError):
 
 class CacheError(FlashMoEError, RuntimeError):
     """The compiled-kernel cache cannot be used (e.g. ``FLASHMOE_CACHE`` names a file)."""
+
+
+class UsageError(FlashMoEError, ValueError):
+    """An invalid command-line option (or a path it names): names the option, its value and
+    what would be valid."""
+
+    def __init__(self, option: str, value: object, expected: str):
+        self.option, self.value, self.expected = option, value, expected
+        super().__init__(f"{option} {value!r} is invalid: {expected}")
+
+
+class SetupError(FlashMoEError, RuntimeError):
+    """A tool or library this command needs is missing: names it and how to install it."""

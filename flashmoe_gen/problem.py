@@ -14,6 +14,14 @@ SUPPORTED_DTYPES = ("bf16",)
 VECTOR_WIDTH = 8
 #: Smallest hidden/intermediate size: one 16-wide tensor-core tile.
 MIN_WIDTH = 16
+#: Upper bounds: every size the templates emit stays a 32-bit ``int`` constant (HIDDEN,
+#: SHARED_WIDTH, FIXED_CAPACITY …) and every buffer's element count (experts x rows x
+#: width, weights experts x H x I) stays far inside int64.
+MAX_WIDTH = 1 << 20        # hidden, intermediate, shared_intermediate
+MAX_EXPERTS = 1 << 16      # experts (world_size divides it), shared_experts
+MAX_TOKENS = 1 << 24       # tokens_per_rank, and the rows of a fixed capacity
+#: The fields a problem needs; the rest have defaults.
+REQUIRED_FIELDS = ("hidden", "intermediate", "experts", "top_k")
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,15 @@ class MoEProblem:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ProblemError(f, v, "must be a non-negative integer")
+        for f, limit, name in (("hidden", MAX_WIDTH, "MAX_WIDTH"),
+                               ("intermediate", MAX_WIDTH, "MAX_WIDTH"),
+                               ("experts", MAX_EXPERTS, "MAX_EXPERTS"),
+                               ("shared_experts", MAX_EXPERTS, "MAX_EXPERTS"),
+                               ("tokens_per_rank", MAX_TOKENS, "MAX_TOKENS")):
+            if getattr(self, f) > limit:
+                raise ProblemError(f, getattr(self, f), f"must be at most {limit} "
+                                   f"(flashmoe_gen.problem.{name} = 2**{limit.bit_length() - 1}:"
+                                   " sizes must fit the kernels' 32-bit ints)")
         for f in ("hidden", "intermediate"):
             v = getattr(self, f)
             if v < MIN_WIDTH:
@@ -66,9 +83,15 @@ class MoEProblem:
                     f"(e.g. {max(lo, VECTOR_WIDTH)} or {lo + VECTOR_WIDTH})")
         if self.shared_experts:
             si = self.shared_intermediate
-            if not isinstance(si, int) or si < MIN_WIDTH or si % VECTOR_WIDTH:
+            if not isinstance(si, int) or isinstance(si, bool) or si < MIN_WIDTH \
+                    or si % VECTOR_WIDTH or si > MAX_WIDTH:
                 raise ProblemError("shared_intermediate", si,
-                                   f"must be a multiple of {VECTOR_WIDTH}, at least {MIN_WIDTH}")
+                                   f"must be a multiple of {VECTOR_WIDTH}, at least {MIN_WIDTH} "
+                                   f"and at most {MAX_WIDTH} (MAX_WIDTH)")
+            if self.shared_width > MAX_WIDTH:
+                raise ProblemError("shared_experts", self.shared_experts,
+                                   f"shared_experts x shared_intermediate = {self.shared_width}"
+                                   f" exceeds MAX_WIDTH={MAX_WIDTH} (one fused GEMM width)")
         if self.top_k > self.experts:
             raise ProblemError("top_k", self.top_k,
                                f"must be between 1 and experts={self.experts}")
@@ -82,9 +105,18 @@ class MoEProblem:
             raise ProblemError("dtype", self.dtype, f"supported: {', '.join(SUPPORTED_DTYPES)}")
         if self.capacity_factor is not None:
             cf = self.capacity_factor
-            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0:
+            if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0 \
+                    or not math.isfinite(cf):
                 raise ProblemError("capacity_factor", cf,
-                                   "must be None (exact, no drops) or a number > 0")
+                                   "must be None (exact, no drops) or a finite number > 0")
+            rows = cf * self.tokens_per_rank * self.top_k / self.experts
+            if not rows <= MAX_TOKENS:  # also catches an overflow to inf
+                raise ProblemError(
+                    "capacity_factor", cf,
+                    f"gives {rows:.3g} rows per (rank, expert), more than "
+                    f"MAX_TOKENS={MAX_TOKENS}; "
+                    f"a rank never sends an expert more than tokens_per_rank rows, so "
+                    f"{self.experts / self.top_k:g} (experts/top_k) already drops nothing")
         if not isinstance(self.normalize_topk, bool):
             raise ProblemError("normalize_topk", self.normalize_topk, "must be a bool")
 
@@ -137,15 +169,27 @@ class MoEProblem:
     @classmethod
     def from_dict(cls, d: dict) -> MoEProblem:
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        if not isinstance(d, dict):
+            raise ProblemError("problem", d, f"expected a dict of fields {sorted(known)}")
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ProblemError(sorted(unknown)[0], d[sorted(unknown)[0]],
+            raise ProblemError(str(unknown[0]), d[unknown[0]],
                                f"unknown field; known fields: {sorted(known)}")
+        missing = [f for f in REQUIRED_FIELDS if f not in d]
+        if missing:
+            raise ProblemError(missing[0], None, f"required field missing (missing: "
+                               f"{', '.join(missing)}; required: {', '.join(REQUIRED_FIELDS)})")
         return cls(**d)
 
     @classmethod
     def from_json(cls, s: str) -> MoEProblem:
-        return cls.from_dict(json.loads(s))
+        if not isinstance(s, (str, bytes)):
+            raise ProblemError("json", s, "expected JSON text (str)")
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ProblemError("json", s[:80], f"not valid JSON ({e})") from None
+        return cls.from_dict(d)
 
     def replace(self, **changes) -> MoEProblem:
         d = self.to_dict()

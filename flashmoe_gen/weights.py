@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import bf16
-from .errors import ProblemError
+from .errors import ArgumentError, ProblemError
 from .problem import MoEProblem
 
 
@@ -42,9 +42,12 @@ class MoEWeights:
     def random(cls, problem: MoEProblem, seed: int = 0,
                experts: range | None = None) -> MoEWeights:
         """Weights ~ N(0,1)/sqrt(fan_in); expert e's values depend only on (seed, e)."""
+        _check_problem(problem)
+        _check_seed(seed)
         h, i, e = problem.hidden, problem.intermediate, problem.experts
         experts = range(e) if experts is None else experts
-        if experts.step != 1 or experts.start < 0 or experts.stop > e:
+        if not isinstance(experts, range) or experts.step != 1 or experts.start < 0 \
+                or experts.stop > e:
             raise ProblemError("experts", experts, f"a contiguous range within 0..{e}")
         n = len(experts)
         w1 = np.empty((n, h, i), np.uint16)
@@ -69,8 +72,21 @@ class MoEWeights:
 
     def check(self, problem: MoEProblem) -> None:
         """Raise ProblemError naming the first array whose shape does not fit ``problem``."""
+        if not isinstance(self, MoEWeights):
+            raise ArgumentError("weights", self, "a flashmoe_gen.weights.MoEWeights "
+                                "(e.g. MoEWeights.random(problem))")
+        _check_problem(problem)
+        for name in ("gate", "w1", "w3", "w2", "shared_w1", "shared_w3", "shared_w2"):
+            arr = getattr(self, name)
+            if not isinstance(arr, np.ndarray):
+                raise ProblemError(f"weights.{name}", type(arr).__name__,
+                                   "expected a numpy array of bf16 bits (uint16)")
         h, i, e = problem.hidden, problem.intermediate, problem.experts
         n = self.num_experts_held
+        fe = self.first_expert
+        if not isinstance(fe, int) or isinstance(fe, bool) or not 0 <= fe <= e - n:
+            raise ProblemError("weights.first_expert", fe,
+                               f"an integer in 0..{e - n} (these weights hold {n} experts)")
         s, si = problem.shared_experts, problem.shared_intermediate or 0
         want = {"gate": (h, e), "w1": (n, h, i), "w3": (n, h, i), "w2": (n, i, h),
                 "shared_w1": (s, h, si), "shared_w3": (s, h, si), "shared_w2": (s, si, h)}
@@ -91,7 +107,21 @@ class MoEWeights:
                           self.shared_w3, self.shared_w2, experts.start)
 
 
+def _check_problem(problem) -> None:
+    if not isinstance(problem, MoEProblem):
+        raise ArgumentError("problem", problem, "a flashmoe_gen.MoEProblem")
+
+
+def _check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ArgumentError("seed", seed, "a non-negative integer")
+
+
 def random_tokens(tokens: int, hidden: int, seed: int) -> np.ndarray:
     """Fresh N(0,1) activations as bf16 bits, ``[tokens, hidden]``."""
+    for name, v in (("tokens", tokens), ("hidden", hidden)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ArgumentError(name, v, "a non-negative integer")
+    _check_seed(seed)
     rng = np.random.default_rng([seed, 0xA11])
     return bf16.to_bits(rng.standard_normal((tokens, hidden), dtype=np.float32))

@@ -1,75 +1,83 @@
-"""``flashmoe-tune``: compile, export, run (and, with the tuning work, tune) MoE kernels."""
+"""``flashmoe-tune``: compile, export, run, tune, list and show MoE kernels.
+
+The entry point only: it parses, calls the libraries and turns every expected failure into
+one line on stderr and exit code 2. Argument helpers live in ``tuner.args``, rank set-up
+and mpirun in ``tuner.launch``; nothing imports this module.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
-import shlex
-import shutil
-import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 from flashmoe_gen import __version__
-from flashmoe_gen.config import KernelConfig
-from flashmoe_gen.errors import FlashMoEError
-from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.errors import FlashMoEError, UsageError
+
+from .args import (
+    HelpFormatter,
+    add_kernel_args,
+    add_problem_args,
+    config_from_args,
+    non_negative_int,
+    positive_int,
+    positive_seconds,
+    problem_from_args,
+    resolve_arch,
+    seed_int,
+    tune_command,
+)
+from .launch import rank_from_env, relaunch_under_mpirun, under_mpirun
+
+#: The first line of every file ``export`` writes (an existing file without it is not ours).
+EXPORT_HEADER = "// FlashMoE layer exported"
 
 
-def add_problem_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("problem (one MoE layer)")
-    g.add_argument("--hidden", type=int, default=512, help="hidden size H (multiple of 8)")
-    g.add_argument("--intermediate", type=int, default=2048,
-                   help="routed expert intermediate size I (multiple of 8)")
-    g.add_argument("--experts", type=int, default=8, help="routed experts E (divisible by P)")
-    g.add_argument("--top-k", type=int, default=2, help="experts per token k (1..E)")
-    g.add_argument("--shared-experts", type=int, default=0, help="shared experts S (>= 0)")
-    g.add_argument("--shared-intermediate", type=int, default=None,
-                   help="intermediate size of each shared expert (default: --intermediate)")
-    g.add_argument("--world-size", type=int, default=None,
-                   help="expert-parallel ranks P (default: --gpus, or the MPI world size)")
-    g.add_argument("--tokens", type=int, default=256, help="tokens per rank T")
-    g.add_argument("--dtype", default="bf16", help="activation/weight dtype (bf16)")
-    g.add_argument("--capacity-factor", type=float, default=None,
-                   help="drop tokens past ceil(c*T*k/E) per (rank, expert); default exact")
-    g.add_argument("--no-normalize-topk", action="store_true",
-                   help="do not renormalise the top-k weights to sum to 1")
-    p.add_argument("--config", default=None,
-                   help="kernel config as JSON or as its name (default: the heuristic)")
-    p.add_argument("--arch", default=None,
-                   help="target, e.g. sm_90 / sm_90a (default: this GPU's, else sm_90)")
+# -- helpers ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _notes():
+    """Warnings (lookup's fallbacks) as one readable ``note:`` line each on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
 
 
-def problem_from_args(a: argparse.Namespace, world_size: int | None = None) -> MoEProblem:
-    return MoEProblem(
-        hidden=a.hidden, intermediate=a.intermediate, experts=a.experts, top_k=a.top_k,
-        shared_experts=a.shared_experts, shared_intermediate=a.shared_intermediate,
-        world_size=world_size or a.world_size or getattr(a, "gpus", None) or 1,
-        tokens_per_rank=a.tokens, dtype=a.dtype, capacity_factor=a.capacity_factor,
-        normalize_topk=not a.no_normalize_topk)
+def _console():
+    from rich.console import Console
+    return Console()  # the terminal's width (80 columns when piped; use --json there)
 
 
-def resolve_arch(a: argparse.Namespace) -> str:
-    if a.arch:
-        return a.arch
-    try:
-        from flashmoe_gen.arch import current_device_limits
-        return current_device_limits().arch
-    except FlashMoEError:
-        return "sm_90"
+def _db_label(engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
 
 
-def config_from_args(a: argparse.Namespace, problem: MoEProblem, arch: str) -> KernelConfig:
-    if a.config:
-        cfg = KernelConfig.parse(a.config)
-        cfg.validate(problem, arch)
-        return cfg
-    return KernelConfig.default(problem, arch)
+def _output_path(path: Path) -> Path:
+    """Refuse an ``-o`` that cannot be written or is not a file ``export`` wrote."""
+    if path.is_dir():
+        raise UsageError("-o/--output", str(path), "is a folder; name a file, e.g. "
+                         f"{path / 'layer.cu'}")
+    if not path.parent.is_dir():
+        raise UsageError("-o/--output", str(path), f"its folder {path.parent} does not exist; "
+                         "create it first or name a file in an existing folder")
+    if path.exists():
+        try:
+            with path.open("rb") as f:
+                head = f.read(len(EXPORT_HEADER))
+        except OSError as e:
+            raise UsageError("-o/--output", str(path), f"cannot be read ({e.strerror})") from e
+        if head != EXPORT_HEADER.encode():
+            raise UsageError("-o/--output", str(path), "exists and is not a file "
+                             "flashmoe-tune exported; remove it or name another file")
+    return path
 
 
 # -- subcommands ------------------------------------------------------------------------
 def cmd_compile(a: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from flashmoe_gen.compile import compile_source
@@ -87,13 +95,13 @@ def cmd_compile(a: argparse.Namespace) -> int:
         return 0
     t = Table(title=f"{problem.name}\n{cfg.name}\n{mod.arch}, NVRTC {mod.nvrtc_version}"
               f"{' (cached)' if mod.cache_hit else ''}")
-    for col in ("kernel", "registers", "stack B", "spill st B", "spill ld B", "static smem B",
-                "dynamic smem B"):
-        t.add_column(col, justify="left" if col == "kernel" else "right")
+    t.add_column("kernel", overflow="fold", ratio=1)
+    for col in ("registers", "stack B", "spills st/ld B", "smem B", "dyn smem B"):
+        t.add_column(col, justify="right", no_wrap=True)
     for k, r in mod.resources.items():
-        t.add_row(k, str(r.registers), str(r.stack_bytes), str(r.spill_stores),
-                  str(r.spill_loads), str(r.static_smem), str(mod.dynamic_smem.get(k, 0)))
-    Console(width=160).print(t)
+        t.add_row(k, str(r.registers), str(r.stack_bytes), f"{r.spill_stores}/{r.spill_loads}",
+                  str(r.static_smem), str(mod.dynamic_smem.get(k, 0)))
+    _console().print(t)
     print(f"cubin: {mod.cubin_path}")
     return 0
 
@@ -102,95 +110,74 @@ def cmd_export(a: argparse.Namespace) -> int:
     from flashmoe_gen.export import export_cu
 
     problem = problem_from_args(a)
-    arch = resolve_arch(a)
+    path = _output_path(Path(a.output or f"{problem.name}.cu"))
     if a.best:
         from flashmoe_gen.api import lookup
-        k = lookup(problem, device=a.device, db=a.db)
+        with _notes():
+            k = lookup(problem, device=a.device, db=a.db)
         cfg = k.config
         print(f"best known config ({k.provenance}): {cfg.name}")
     else:
-        cfg = config_from_args(a, problem, arch)
-    path = a.output or f"{problem.name}.cu"
-    export_cu(problem, cfg, path, with_main=a.with_main)
+        cfg = config_from_args(a, problem, resolve_arch(a))
+    export_cu(problem, cfg, str(path), with_main=a.with_main)
     print(f"wrote {path} ({problem.name}, {cfg.name})")
     return 0
 
 
-def mpi_ranks(gpus: int):
-    """(MPI world, size, rank); a clear error when ``--gpus`` and the MPI size disagree."""
-    from flashmoe_gen.comm import mpi_world
-    from flashmoe_gen.errors import CommError
-
-    world = mpi_world()
-    size = world.Get_size()
-    if gpus != size:
-        raise CommError(f"--gpus {gpus} but {size} MPI rank(s): start with `mpirun -np {gpus}`"
-                        " or without mpirun")
-    return world, size, world.Get_rank()
-
-
-def _under_mpirun() -> bool:
-    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
-
-
-def relaunch_under_mpirun(gpus: int, argv: list[str]) -> int:
-    """Start ``gpus`` ranks of this same command under mpirun (one GPU each)."""
-    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
-    if mpirun is None:
-        print("flashmoe-tune: --gpus > 1 needs mpirun on PATH (OpenMPI/MPICH)", file=sys.stderr)
-        return 2
-    cmd = [mpirun, "-np", str(gpus)]
-    if os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    for var in ("NCCL_NVLS_ENABLE",):  # NVLink multicast stays off (shared machines)
-        cmd += ["-x", f"{var}=0"]
-    cmd += [sys.executable, "-m", "flashmoe_gen.tuner.cli", *argv]
-    print("launching:", shlex.join(cmd), flush=True)
-    return subprocess.call(cmd)
-
-
-def _args_after(sub: str) -> list[str]:
-    """This command's own flags (``flashmoe-tune [sub] FLAGS``), to relaunch under mpirun."""
-    args = sys.argv[1:]
-    return args[1:] if args and args[0] == sub else args
-
-
 def cmd_run(a: argparse.Namespace) -> int:
-    from flashmoe_gen.tuner.run_layer import run_layer
-
-    if a.gpus > 1 and not _under_mpirun():
-        return relaunch_under_mpirun(a.gpus, ["run", *_args_after("run")])
+    if a.gpus > 1 and not under_mpirun():
+        return relaunch_under_mpirun(a.gpus, a.argv)
+    from .run_layer import run_layer
     return run_layer(a)
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
-    from flashmoe_gen.tuner.tune_cmd import run_tune
-
-    if a.gpus > 1 and not _under_mpirun():
-        return relaunch_under_mpirun(a.gpus, ["tune", *_args_after("tune")])
+    if a.gpus > 1 and not under_mpirun():
+        return relaunch_under_mpirun(a.gpus, a.argv)
+    from .tune_cmd import run_tune
     return run_tune(a)
 
 
+def _record_dict(r) -> dict:
+    """A trial or winner record as JSON values."""
+    d = {"problem": r.problem.name, "gpu": r.environment.gpu_name,
+         "world_size": r.environment.world_size, "status": r.status,
+         "median_ms": r.median_ms, "p20_ms": r.p20_ms, "p80_ms": r.p80_ms,
+         "rel_error": r.rel_error, "tflops": r.tflops, "tokens_per_s": r.tokens_per_s,
+         "config": r.config_name, "failure_reason": r.failure_reason,
+         "study": r.study_name, "created_at": r.created_at.isoformat()}
+    if hasattr(r, "updated_at"):
+        d["updated_at"] = r.updated_at.isoformat()
+    return d
+
+
 def cmd_list(a: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from flashmoe_gen.db import list_winners, make_engine
 
-    t = Table(title="tuned winners")
+    engine = make_engine(a.db)
+    winners = list_winners(engine)
+    if a.json:
+        print(json.dumps([_record_dict(w) for w in winners], indent=1))
+        return 0
+    if not winners:
+        print(f"no tuned kernels in {_db_label(engine)} yet; tune one with: "
+              f"{tune_command(db=a.db)}")
+        return 0
+    t = Table(title=f"tuned winners ({_db_label(engine)})")
     for col in ("problem", "GPU x P", "median ms", "TFLOP/s", "M tok/s", "config", "updated"):
-        t.add_column(col)
-    for w in list_winners(make_engine(a.db)):
+        t.add_column(col, overflow="fold")
+    for w in winners:
         t.add_row(w.problem.name, f"{w.environment.gpu_name} x {w.environment.world_size}",
                   f"{w.median_ms:.4f}", f"{w.tflops or 0:.1f}",
                   f"{(w.tokens_per_s or 0) / 1e6:.2f}", w.config_name,
                   w.updated_at.strftime("%Y-%m-%d %H:%M"))
-    Console(width=220).print(t)
+    _console().print(t)
     return 0
 
 
 def cmd_show(a: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from flashmoe_gen.api import lookup
@@ -198,14 +185,27 @@ def cmd_show(a: argparse.Namespace) -> int:
 
     problem = problem_from_args(a)
     engine = make_engine(a.db)
-    k = lookup(problem, device=a.device, db=engine)
-    console = Console(width=220)
+    with _notes():
+        k = lookup(problem, device=a.device, db=engine)
+    trials = trials_for(engine, k.tuned_for or problem)[: a.limit]
+    if a.json:
+        print(json.dumps({"problem": problem.name, "provenance": k.provenance,
+                          "config": k.config.name, "config_fields": k.config.to_dict(),
+                          "latency_ms": k.latency_ms,
+                          "tuned_for": k.tuned_for.name if k.tuned_for else None,
+                          "trials": [_record_dict(t) for t in trials]}, indent=1))
+        return 0
+    console = _console()
     console.print(f"{problem.name}: {k.provenance}; config {k.config.name}"
-                  + (f"; {k.latency_ms:.4f} ms" if k.latency_ms else ""))
+                  + (f"; {k.latency_ms:.4f} ms" if k.latency_ms else ""), overflow="fold")
+    if k.provenance == "default":
+        print(f"not tuned yet; tune it with: {tune_command(problem, a.db)}")
+    if not trials:
+        return 0
     t = Table(title="trials")
     for col in ("status", "median ms", "p20", "p80", "GPU x P", "config", "reason"):
-        t.add_column(col)
-    for tr in trials_for(engine, k.tuned_for or problem)[: a.limit]:
+        t.add_column(col, overflow="fold")
+    for tr in trials:
         t.add_row(tr.status, f"{tr.median_ms:.4f}" if tr.median_ms else "-",
                   f"{tr.p20_ms:.4f}" if tr.p20_ms else "-", f"{tr.p80_ms:.4f}" if tr.p80_ms
                   else "-", f"{tr.environment.gpu_name} x {tr.environment.world_size}",
@@ -214,49 +214,66 @@ def cmd_show(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- parser -------------------------------------------------------------------------------
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None,
+                   help="winners database URL (default: $FLASHMOE_DB or the user cache)")
+
+
+def _gpus_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=positive_int, default=1,
+                   help="ranks/GPUs; without mpirun, >1 launches mpirun itself")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="flashmoe-tune",
+        prog="flashmoe-tune", formatter_class=HelpFormatter,
         description="Generate, compile, export and run FlashMoE layers "
                     "(distributed MoE with NCCL dispatch/combine overlapped with experts).")
     ap.add_argument("--version", action="version", version=f"flashmoe_gen {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compile", help="compile only (NVRTC, no GPU needed); resource table")
-    add_problem_args(c)
-    c.add_argument("--json", action="store_true", help="print the report as JSON")
-    c.set_defaults(fn=cmd_compile)
+    def command(name: str, help_text: str, fn) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=HelpFormatter)
+        p.set_defaults(fn=fn)
+        return p
 
-    e = sub.add_parser("export", help="write one self-contained .cu for nvcc")
+    c = command("compile", "compile only (NVRTC, no GPU needed); resource table", cmd_compile)
+    add_problem_args(c)
+    add_kernel_args(c)
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    e = command("export", "write one self-contained .cu for nvcc (no GPU needed)", cmd_export)
     add_problem_args(e)
-    e.add_argument("-o", "--output", default=None, help="output path (default: <problem>.cu)")
+    add_kernel_args(e)
+    e.add_argument("-o", "--output", default=None, help="output file (default: <problem>.cu)")
     e.add_argument("--with-main", action="store_true",
                    help="add an MPI+NCCL harness main() that runs and times the layer")
     e.add_argument("--best", action="store_true",
                    help="use the best tuned config from the database (lookup) instead of --config")
-    e.add_argument("--db", default=None, help="winners database URL (default $FLASHMOE_DB or "
-                   "the user cache)")
+    _db_arg(e)
     e.add_argument("--device", default=None,
                    help="GPU name to look up for --best (default: this GPU)")
-    e.set_defaults(fn=cmd_export)
 
-    r = sub.add_parser("run", help="build the layer on every rank, check it once, time it")
+    r = command("run", "build the layer on every rank, check it once, time it", cmd_run)
     add_problem_args(r)
-    r.add_argument("--gpus", type=int, default=1,
-                   help="ranks/GPUs; without mpirun, >1 launches mpirun itself")
-    r.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
-    r.add_argument("--warmup", type=int, default=5, help="untimed warm-up iterations")
-    r.add_argument("--seed", type=int, default=0, help="seed of weights and tokens")
+    add_kernel_args(r)
+    _gpus_arg(r)
+    r.add_argument("--iters", type=positive_int, default=20,
+                   help="timed iterations (median reported)")
+    r.add_argument("--warmup", type=non_negative_int, default=5,
+                   help="untimed warm-up iterations")
+    r.add_argument("--seed", type=seed_int, default=0, help="seed of weights and tokens")
     r.add_argument("--no-check", action="store_true", help="skip the reference check")
-    r.set_defaults(fn=cmd_run)
 
-    t = sub.add_parser("tune", help="search configs with Optuna on every rank; store the winner")
+    t = command("tune", "search configs with Optuna on every rank; store the winner", cmd_tune)
     add_problem_args(t)
-    t.add_argument("--gpus", type=int, default=1,
-                   help="ranks/GPUs; without mpirun, >1 launches mpirun itself")
-    t.add_argument("--trials", type=int, default=30,
+    _gpus_arg(t)
+    t.add_argument("--trials", type=positive_int, default=30,
                    help="candidates to evaluate (a resumed study counts its earlier ones)")
-    t.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    t.add_argument("--timeout", type=positive_seconds, default=None,
+                   help="stop after this many seconds")
     t.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid", "cmaes"],
                    help="Optuna sampler (grid sweeps the whole space, use --space small; "
                    "every knob is categorical, so cmaes falls back to random sampling)")
@@ -264,45 +281,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search space: every knob, or a small one for grid sweeps")
     t.add_argument("--study-name", default=None,
                    help="Optuna study name (default: problem, space and environment)")
-    t.add_argument("--storage", default=None, help="Optuna storage URL (default "
+    t.add_argument("--storage", default=None, help="Optuna storage URL (default: "
                    "$FLASHMOE_STUDIES or a SQLite file in the user cache)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted study")
-    t.add_argument("--db", default=None, help="winners database URL (default $FLASHMOE_DB "
-                   "or the user cache)")
+    _db_arg(t)
     t.add_argument("--plot", default=None,
-                   help="write the optimization history: .html (plotly) or .png (matplotlib);"
-                   " default <problem>__<sampler>.html when plotly is installed")
-    t.add_argument("--seed", type=int, default=0, help="seed of sampler, weights and tokens")
-    t.add_argument("--warmup", type=int, default=3, help="warm-up runs per candidate")
-    t.add_argument("--iters", type=int, default=15, help="timed runs per candidate (median)")
-    t.set_defaults(fn=cmd_tune)
+                   help="write the optimization history: .html (plotly) or .png (matplotlib)")
+    t.add_argument("--seed", type=seed_int, default=0, help="seed of sampler, weights and tokens")
+    t.add_argument("--warmup", type=non_negative_int, default=3,
+                   help="warm-up runs per candidate")
+    t.add_argument("--iters", type=positive_int, default=15,
+                   help="timed runs per candidate (median)")
 
-    ls = sub.add_parser("list", help="table of tuned winners")
-    ls.add_argument("--db", default=None, help="winners database URL")
-    ls.set_defaults(fn=cmd_list)
+    ls = command("list", "table of tuned winners", cmd_list)
+    _db_arg(ls)
+    ls.add_argument("--json", action="store_true", help="print the winners as JSON")
 
-    sh = sub.add_parser("show", help="best kernel for a problem, with its trials")
+    sh = command("show", "best kernel for a problem, with its trials", cmd_show)
     add_problem_args(sh)
-    sh.add_argument("--db", default=None, help="winners database URL")
+    _db_arg(sh)
     sh.add_argument("--device", default=None, help="GPU name (default: this GPU)")
-    sh.add_argument("--limit", type=int, default=20, help="trials to show")
-    sh.set_defaults(fn=cmd_show)
+    sh.add_argument("--limit", type=non_negative_int, default=20, help="trials to show")
+    sh.add_argument("--json", action="store_true", help="print the kernel and trials as JSON")
     return ap
 
 
 SUBCOMMANDS = ("compile", "export", "run", "tune", "list", "show")
 
 
+def _fail(kind: str, message: object) -> int:
+    rank = rank_from_env() if under_mpirun() else None
+    where = f" (rank {rank})" if rank is not None else ""
+    print(f"flashmoe-tune{where}: {kind}: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "tune")  # `flashmoe-tune --gpus 2 ...` is the tuning job itself
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a refused flag (2, already printed)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    args.argv = argv  # what `--gpus N` relaunches under mpirun
     try:
         return args.fn(args)
     except FlashMoEError as e:
-        print(f"flashmoe-tune: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return _fail(type(e).__name__, e)
+    except json.JSONDecodeError as e:
+        return _fail("invalid JSON", e)
+    except OSError as e:  # the file system: permissions, a full disk, a vanished folder
+        return _fail(type(e).__name__, e)
+    except KeyboardInterrupt:
+        print("flashmoe-tune: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,18 +10,16 @@ def run_layer(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from flashmoe_gen.arch import visible_gpu_count
     from flashmoe_gen.check import check_layer
     from flashmoe_gen.comm import Communicator
     from flashmoe_gen.runtime import FlashMoE
+    from flashmoe_gen.tuner.args import config_from_args, problem_from_args, resolve_arch
     from flashmoe_gen.tuner.bench import time_callable
-    from flashmoe_gen.tuner.cli import (
-        config_from_args,
-        mpi_ranks,
-        problem_from_args,
-        resolve_arch,
-    )
+    from flashmoe_gen.tuner.launch import mpi_ranks
     from flashmoe_gen.weights import MoEWeights, random_tokens
 
+    visible_gpu_count()  # no GPU: one clear line before MPI, NCCL or a compile
     world, P, rank = mpi_ranks(a.gpus)
     problem = problem_from_args(a, world_size=P)
     arch = resolve_arch(a)
@@ -43,7 +41,7 @@ def run_layer(a: argparse.Namespace) -> int:
             t.add_column(col, justify="right")
         for r, ms in enumerate(timing.per_rank_median_ms):
             t.add_row(str(r), str(problem.tokens_per_rank), f"{ms:.4f}")
-        Console(width=160).print(t)
+        Console().print(t)
         total_tokens = P * problem.tokens_per_rank
         sec = timing.median_ms / 1e3
         print(f"latency (max over ranks per iteration): median {timing.median_ms:.4f} ms, "
