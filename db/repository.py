@@ -126,11 +126,11 @@ def _readable(engine: Engine, rows: Iterable[_M], build: Callable[[_M], _R]) -> 
         new = [(i, e) for i, e in skipped if (url, i) not in _reported]
         _reported.update((url, i) for i, _ in new)
     if new:
-        first_id, first = new[0]
+        shown = "; ".join(f"trial {i}: {e}" for i, e in new[:3]) + ("; ..." if new[3:] else "")
         warnings.warn(
             f"skipped {len(new)} row(s) of {url} that this flashmoe_gen cannot read (written "
-            f"by a newer version, or damaged); first: trial {first_id}: {first}. Upgrade "
-            "flashmoe_gen to use them", UnreadableRowsWarning, stacklevel=3)
+            f"by a newer version, or damaged): {shown}. Upgrade flashmoe_gen to use them",
+            UnreadableRowsWarning, stacklevel=3)
     return out
 
 
