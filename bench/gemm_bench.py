@@ -86,11 +86,17 @@ def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int) -> 
         act = cupy.empty((el, rows, i), np.uint16)
         y = cupy.full((el, rows, h), 0xFFFF, np.uint16)
 
-        def ours(layer=layer, act=act, y=y):
-            layer._gemm(True, xs, rows * h, layer.w1, layer.w3, i * h, act, rows * i,
-                        counts.data.ptr, rows, 0, rows, el, i, h, stream)
-            layer._gemm(False, act, rows * i, layer.w2, None, h * i, y, rows * h,
-                        counts.data.ptr, rows, 0, rows, el, h, i, stream)
+        grouped = dict(counts=counts, count_cap=rows, rows_fixed=0, inner_groups=0,
+                       a_outer_stride=0, c_outer_stride=0, counts_outer_stride=0,
+                       skip_outer=-1, a_row_off=0, c_row_off=0)
+
+        def ours(layer=layer, act=act, y=y, grouped=grouped):
+            layer.gemm(True, rows, el, stream, A=xs, a_group_stride=rows * h, B0=layer.w1,
+                       B1=layer.w3, b_group_stride=i * h, C=act, c_group_stride=rows * i, N=i,
+                       K=h, **grouped)
+            layer.gemm(False, rows, el, stream, A=act, a_group_stride=rows * i, B0=layer.w2,
+                       B1=0, b_group_stride=h * i, C=y, c_group_stride=rows * h, N=h, K=i,
+                       **grouped)
         ours()
         got = torch.from_dlpack(y).view(torch.bfloat16).reshape(el * rows, h)
         err = relative_error(got.float().cpu().numpy().astype(np.float64), ref)

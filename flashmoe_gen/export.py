@@ -1,10 +1,11 @@
 """Export one problem + config as a single self-contained ``.cu`` file.
 
 The file holds the device code exactly as ``render`` produces it, explicit instantiations of
-the two expert GEMMs, a host launcher (``templates/export_host.cu.j2``: the launch sequence of
-``runtime.FlashMoE.forward`` at world size 1) and optionally an MPI + NCCL harness
-(``templates/export_main.cu.j2``: the expert-parallel exchange, timed). It compiles with
-``nvcc`` alone; flashmoe_gen is not needed to build or run it.
+the two expert GEMMs, a host launcher (``templates/export_host.cu.j2``) and optionally an
+MPI + NCCL harness (``templates/export_main.cu.j2``, timed). The forward in either is
+generated from the layer's ``ForwardPlan`` (``plan_cpp``), the plan ``runtime.FlashMoE``
+executes, and the header embeds that plan as JSON. It compiles with ``nvcc`` alone;
+flashmoe_gen is not needed to build or run it.
 """
 
 from __future__ import annotations
@@ -13,18 +14,13 @@ import math
 from pathlib import Path
 
 from . import __version__
+from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import GemmTile, KernelConfig, expert_chunks
+from .plan_cpp import call_args, forward_lines
 from .problem import MoEProblem
-from .render import (
-    CPP_BOOL,
-    MOVE_WARPS,
-    POS_THREADS,
-    GeneratedSource,
-    render,
-    render_template,
-    to_template_vars,
-)
+from .render import CPP_BOOL, MOVE_WARPS, POS_THREADS, render_template, to_template_vars
+from .signatures import COMBINE, GEMM, PERMUTE, POSITIONS, ROUTER
 
 #: How to build an exported file (also written into its header comment); see ``nvcc_hint``.
 EXPORT_NVCC_HINT = (
@@ -51,10 +47,6 @@ def nvcc_arch_flags(config: KernelConfig, arch: str = "sm_90") -> str:
 
 #: Dynamic shared memory a kernel may use without ``cudaFuncSetAttribute``.
 DEFAULT_DYNAMIC_SMEM = 48 * 1024
-#: Parameter types of ``fmoe::expert_gemm`` (templates/gemm.cu.j2), for the instantiations.
-GEMM_PARAMS = ("const fmoe::elem_t*, long long, const fmoe::elem_t*, const fmoe::elem_t*, "
-               "long long, fmoe::elem_t*, long long, const int*, int, int, int, int, "
-               "int, long long, long long, int, int, const int*, const int*")
 
 
 def _tile_vars(tile: GemmTile, kernel: str, b_operands: int) -> dict:
@@ -63,9 +55,9 @@ def _tile_vars(tile: GemmTile, kernel: str, b_operands: int) -> dict:
             "smem": smem, "smem_optin": smem > DEFAULT_DYNAMIC_SMEM}
 
 
-def export_vars(gen: GeneratedSource) -> dict:
+def export_vars(layer: CompiledLayer) -> dict:
     """Template variables of the host launcher and harness: every constant computed here."""
-    p, cfg = gen.problem, gen.config
+    gen, p, cfg = layer.source, layer.problem, layer.config
     h, i, w = p.hidden, p.intermediate, p.shared_width
     tv = to_template_vars(p, cfg)
     tv.update(
@@ -93,12 +85,29 @@ def export_vars(gen: GeneratedSource) -> dict:
         overlap=CPP_BOOL[cfg.overlap],
         tokens_per_rank=p.tokens_per_rank,
         flops_per_token=repr(float(p.flops(1))),
+        fuse_sources=CPP_BOOL[cfg.fuse_sources],
+        num_events=max(1, len(layer.plan.events)),
+        event_names=", ".join(layer.plan.events) or "none",
+        forward_lines=forward_lines(layer.plan),
+        gemm_params=GEMM.host_declaration(),
+        gemm_args=", ".join(GEMM.names),
+        router_args=call_args(ROUTER, x="x", wg="L->gate", tokens="tokens",
+                              topk_idx="L->topk_idx", topk_w="L->topk_w"),
+        positions_args=call_args(POSITIONS, topk_idx="L->topk_idx", tokens="tokens",
+                                 pos="L->pos", counts="L->counts + L->rank * EXPERTS"),
+        permute_args=call_args(PERMUTE, x="x", topk_idx="L->topk_idx", pos="L->pos",
+                               tokens="tokens", capacity="L->capacity", self_rank="L->rank",
+                               row_off="L->row_off + L->rank * EXPERTS", layout="L->layout"),
+        combine_args=call_args(COMBINE, topk_idx="L->topk_idx", topk_w="L->topk_w",
+                               pos="L->pos", tokens="tokens", capacity="L->capacity",
+                               row_off="L->row_off + L->rank * EXPERTS", layout="L->layout",
+                               shared_out="HAS_SHARED ? L->shared_out : nullptr", out="out"),
     )
     return tv
 
 
-def _header(gen: GeneratedSource, with_main: bool) -> str:
-    p, cfg = gen.problem, gen.config
+def _header(layer: CompiledLayer, with_main: bool) -> str:
+    gen, p, cfg = layer.source, layer.problem, layer.config
     lines = [
         f"// FlashMoE layer exported by flashmoe_gen {__version__} "
         "(flashmoe_gen.export.export_cu): do not edit.",
@@ -113,17 +122,20 @@ def _header(gen: GeneratedSource, with_main: bool) -> str:
         "// build:",
         *(f"//   {line}" for line in nvcc_hint(cfg).splitlines()),
     ]
-    if cfg.fuse_sources:
-        lines.append("// note: fuse_sources is not mirrored by this host code: it computes the "
-                     "peers' tokens peer by peer (same results, other timing)")
-    return "\n".join(lines) + "\n\n"
+    lines.append(f"// plan: {layer.plan.to_json()}")
+    text = "\n".join(lines) + "\n\n"
+    if target_arch(cfg, "sm_90").endswith("a"):  # a wgmma tile: only the sm_90a target has it
+        text += ("#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)\n"
+                 f'#error "this layer uses wgmma tiles: build with {nvcc_arch_flags(cfg)}"\n'
+                 "#endif\n\n")
+    return text
 
 
-def gemm_instantiations(gen: GeneratedSource) -> str:
+def gemm_instantiations(layer: CompiledLayer) -> str:
     """Explicit instantiations of both expert GEMMs (the render's name expressions)."""
     lines = ["// ---- explicit instantiations of the expert GEMMs of this config ----"]
-    lines += [f"template __global__ void {expr}({GEMM_PARAMS});"
-              for expr in gen.kernels.name_expressions]
+    lines += [f"template __global__ void {expr}({GEMM.types()});"
+              for expr in layer.kernels.name_expressions]
     return "\n".join(lines) + "\n"
 
 
@@ -135,11 +147,10 @@ def export_cu(problem: MoEProblem, config: KernelConfig | None = None,
     ``with_main`` the file also holds an MPI + NCCL benchmark ``main`` (see
     ``nvcc_hint``).
     """
-    config = config or KernelConfig.default(problem)
-    gen = render(problem, config)
-    tv = export_vars(gen)
-    parts = [_header(gen, with_main), gen.code, "\n", gemm_instantiations(gen), "\n",
-             render_template("export_host.cu.j2", **tv)]
+    layer = build(problem, config)  # render and plan only: NVRTC runs on first use
+    tv = export_vars(layer)
+    parts = [_header(layer, with_main), layer.source.code, "\n", gemm_instantiations(layer),
+             "\n", render_template("export_host.cu.j2", **tv)]
     if with_main:
         parts += ["\n", render_template("export_main.cu.j2", **tv)]
     text = "".join(parts)

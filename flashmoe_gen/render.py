@@ -10,6 +10,7 @@ import jinja2
 from . import __version__
 from .config import GemmTile, KernelConfig
 from .problem import MoEProblem
+from .signatures import ALL as SIGNATURES
 
 #: C++ spellings per dtype (CUTLASS-style tag tables).
 DTYPE_TAG = {"bf16": "__nv_bfloat16"}
@@ -132,6 +133,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "pos_threads": POS_THREADS,
         "move_warps": MOVE_WARPS,
         "kernels": kernel_names(config),
+        "signatures": {k: sig.declaration() for k, sig in SIGNATURES.items()},
         "wgmma_variants": wgmma_variants(config, DTYPE_MMA[dt]),
     }
 

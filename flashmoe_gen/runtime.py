@@ -1,10 +1,12 @@
-"""The FlashMoE layer on one rank: weights, symmetric buffers, streams, forward.
+"""The FlashMoE layer on one rank: executes a built kernel's forward plan.
 
-Forward, per call (design/symmetric-layout.md, "Overlap"):
-route -> positions/counts -> count exchange (capacity C, row offsets) -> permute into slots ->
-dispatch (grouped NCCL send/recv per peer step and chunk, on communication streams) while
-the local experts and the shared experts compute -> each peer's chunk computes as it lands
-and its combine send is posted at once -> weighted un-permute.
+``build.build`` renders, validates and compiles the layer (``CompiledLayer``) and
+``plan.build_plan`` lays out the forward as data; this module holds the weights, buffers and
+streams and runs the plan's operations in order (see docs/architecture.md). Per call: route
+-> count exchange (capacity C, row offsets) -> permute -> dispatch (grouped NCCL send/recv
+per peer step and chunk on the communication streams) while the local and shared experts
+compute -> each peer's chunk computes as it lands and its combine send is posted at once ->
+weighted un-permute (docs/symmetric-layout.md).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arch import current_device_limits
-from .compile import LoadedModule, compile_source
-from .config import KernelConfig, expert_chunks
+from .build import CompiledLayer, build
+from .config import KernelConfig
 from .device_weights import DeviceWeights
 from .errors import CommError, ConfigError, ProblemError
 from .layout import (
-    COMBINE,
+    COMBINE as COMBINE_ROUND,
+)
+from .layout import (
     DISPATCH,
     INCOMING,
     STAGING,
@@ -27,19 +31,23 @@ from .layout import (
     contiguous_runs,
     row_offsets,
 )
+from .plan import (
+    Combine,
+    ExchangeCounts,
+    GemmLaunch,
+    Gemms,
+    Permute,
+    Record,
+    Route,
+    Transfer,
+    Wait,
+)
 from .problem import MoEProblem, round_up
-from .render import MOVE_WARPS, POS_THREADS, render
+from .render import MOVE_WARPS, POS_THREADS
+from .signatures import COMBINE, GEMM, KINDS, PERMUTE, POSITIONS, ROUTER
 from .weights import MoEWeights
 
 ELEM_BYTES = 2
-
-
-def _i32(v: int) -> np.int32:
-    return np.int32(v)
-
-
-def _i64(v: int) -> np.int64:
-    return np.int64(v)
 
 
 @dataclass
@@ -71,23 +79,49 @@ class _SlotBuffers:
         return self.lay.capacity
 
 
+def _python_launcher(launch: GemmLaunch):
+    """Compile one plan GEMM launch to a function of the forward's symbols that returns
+    (rows, N, packed arguments): evaluated per call without walking expression trees."""
+    packers = {np.int32: "_i32", np.int64: "_i64"}
+    args = ", ".join(f"{packers[KINDS[p.kind][1]]}({a.py()})"
+                     for p, (_, a) in zip(GEMM.params, launch.args, strict=True))
+    code = (f"def f(*, me, src, cap, tokens, layout, act, w1, w3, w2, sw1, sw3, sw2, x, "
+            f"shared_act, shared_out, counts, row_off, max_rows, max_remote_rows):\n"
+            f"    return ({launch.rows.py()}, {launch.arg('N').py()}, ({args},))\n")
+    scope = {"_i32": np.int32, "_i64": np.int64}
+    exec(compile(code, "<plan launch>", "exec"), scope)  # noqa: S102 (our own expressions)
+    return scope["f"]
+
+
 class FlashMoE:
     """One rank's share of a distributed MoE layer (expert parallel, symmetric layout).
 
-    ``weights``: host ``MoEWeights`` holding all experts or exactly this rank's, or
-    ``DeviceWeights`` (e.g. ``DeviceWeights.from_arrays`` on user/torch tensors, or another
-    layer's ``.weights`` to share them); ``None`` draws random ones from ``seed`` (each expert
-    from (seed, expert id), so every rank agrees with a host reference built from the same
-    seed). ``comm`` is required when ``problem.world_size > 1``. ``agree=False`` skips the
-    ranks' agreement check on problem and config (the tuner agrees by broadcasting them).
+    ``kernel``: a ``CompiledLayer`` from ``build.build``, or a ``MoEProblem`` (then the layer
+    is built for ``config``, None: the default, on this GPU). ``weights``: host
+    ``MoEWeights`` holding all experts or exactly this rank's, or ``DeviceWeights`` (e.g.
+    ``DeviceWeights.from_arrays`` on user/torch tensors, or another layer's ``.weights`` to
+    share them); ``None`` draws random ones from ``seed`` (each expert from (seed, expert
+    id), so every rank agrees with a host reference built from the same seed). ``comm`` is
+    required when ``problem.world_size > 1``. ``agree=False`` skips the ranks' agreement
+    check on problem and config (the tuner agrees by broadcasting them).
     """
 
-    def __init__(self, problem: MoEProblem, config: KernelConfig | None = None,
+    def __init__(self, kernel: CompiledLayer | MoEProblem, config: KernelConfig | None = None,
                  weights: MoEWeights | DeviceWeights | None = None, comm=None, seed: int = 0,
                  agree: bool = True):
         import cupy
 
-        self.problem = problem
+        if isinstance(kernel, CompiledLayer):
+            if config is not None and config != kernel.config:
+                raise ConfigError("config", config.name, f"the built kernel has "
+                                  f"{kernel.config.name}; pass one or the other")
+            problem, config = kernel.problem, kernel.config
+        elif isinstance(kernel, MoEProblem):
+            problem = kernel
+        else:
+            raise ProblemError("kernel", type(kernel).__name__,
+                               "expected a CompiledLayer (flashmoe_gen.build.build) or a "
+                               "MoEProblem")
         self.comm = comm
         self.rank = comm.rank if comm is not None else 0
         if problem.world_size > 1 or comm is not None:
@@ -99,20 +133,24 @@ class FlashMoE:
                                    f"must equal the number of MPI ranks ({comm.world_size})")
             if agree:
                 comm.agree("problem", problem.name)
-        self.limits = current_device_limits()
-        self.config = config or KernelConfig.default(problem, self.limits.arch)
-        self.config.validate(problem, self.limits)
-        if comm is not None:
-            if agree:
-                comm.agree("config", self.config.name)
-            if len(comm.streams) < self.config.comm_streams:
-                raise CommError(f"config wants {self.config.comm_streams} communication "
-                                f"streams, the Communicator has {len(comm.streams)}")
-        self.source = render(problem, self.config, arch=self.limits.arch)
-        self.compiled = compile_source(self.source, self.limits.arch)
-        self.kernels = self.source.kernels
-        self._check_resources()
-        self.module = LoadedModule(self.compiled)
+        if not isinstance(kernel, CompiledLayer):
+            limits = current_device_limits()
+            config = config or KernelConfig.default(problem, limits.arch)
+            if comm is not None and agree:  # before building: a bad config fails everywhere
+                comm.agree("config", config.name)
+            kernel = build(problem, config, limits)
+        elif comm is not None and agree:
+            comm.agree("config", config.name)
+        if comm is not None and len(comm.streams) < config.comm_streams:
+            raise CommError(f"config wants {config.comm_streams} communication "
+                            f"streams, the Communicator has {len(comm.streams)}")
+        self.kernel, self.problem, self.config = kernel, problem, config
+        self.plan = kernel.plan
+        self.kernels = kernel.kernels
+        self.compiled = kernel.compiled
+        self.module = kernel.load()
+        self._launchers = {id(g): _python_launcher(g) for op in self.plan.ops
+                           if isinstance(op, Gemms) for g in op.launches}
 
         el = problem.local_experts
         self.local_range = range(self.rank * el, (self.rank + 1) * el)
@@ -137,16 +175,6 @@ class FlashMoE:
         self.dropped_tokens = 0
         self.capacity = 0
         self._last: tuple | None = None
-
-    def _check_resources(self) -> None:
-        """A launch that cannot fit fails on every rank alike, before any collective."""
-        for which, name, tile in (("gate_up", self.kernels.gate_up, self.config.gate_up),
-                                  ("down", self.kernels.down, self.config.down)):
-            res = self.compiled.resources.get(name)
-            if res is not None and res.registers * tile.threads > self.limits.regs_per_block:
-                raise ConfigError(f"{which}.warps_n", tile.warps_n,
-                                  f"{tile.threads} threads x {res.registers} registers exceed "
-                                  f"{self.limits.regs_per_block} per block", self.config.name)
 
     # -- buffers --------------------------------------------------------------------------
     def _token_buffers(self, tokens: int) -> _TokenBuffers:
@@ -184,77 +212,26 @@ class FlashMoE:
         return self._buf
 
     # -- kernels --------------------------------------------------------------------------
-    def _gemm(self, gated: bool, a, a_stride: int, b0, b1, b_stride: int, c, c_stride: int,
-              counts_ptr: int, cap: int, rows_fixed: int, max_rows: int, groups: int,
-              n: int, k: int, stream, outer: tuple[int, int, int, int, int] | None = None,
-              a_row_off: int = 0, c_row_off: int = 0) -> None:
-        """One grouped GEMM launch. ``outer`` = (inner_groups, a_outer_stride,
-        c_outer_stride, counts_outer_stride, skip_outer) spans several sources at once;
-        ``a_row_off``/``c_row_off``: device pointers to per-group first rows (indexed like
-        counts) that replace the group strides of A / C (0: use the strides)."""
+    def gemm(self, gated: bool, rows: int, groups: int, stream=None, **args) -> None:
+        """One grouped expert GEMM launch with named arguments (``signatures.GEMM``)."""
+        import cupy
+        self._launch_gemm(gated, rows, groups, int(args["N"]), GEMM.pack(args),
+                          stream or cupy.cuda.get_current_stream())
+
+    def _launch_gemm(self, gated: bool, rows: int, groups: int, n: int, args: tuple,
+                     stream) -> None:
+        if rows <= 0 or groups <= 0:
+            return
         tile = self.config.gate_up if gated else self.config.down
         name = self.kernels.gate_up if gated else self.kernels.down
-        if max_rows <= 0 or groups <= 0:
-            return
-        grid = (-(-n // tile.bn), -(-max_rows // tile.bm), groups)
-        smem = self.compiled.dynamic_smem[name]
-        inner, a_outer, c_outer, counts_outer, skip = outer or (0, 0, 0, 0, -1)
+        grid = (-(-n // tile.bn), -(-rows // tile.bm), groups)
         with stream:
-            self.module[name](grid, (tile.threads,), (
-                a, _i64(a_stride), b0, b1 if b1 is not None else _i64(0), _i64(b_stride),
-                c, _i64(c_stride), _i64(counts_ptr), _i32(cap), _i32(rows_fixed),
-                _i32(n), _i32(k), _i32(inner), _i64(a_outer), _i64(c_outer),
-                _i32(counts_outer), _i32(skip), _i64(a_row_off), _i64(c_row_off)),
-                shared_mem=smem)
+            self.module[name](grid, (tile.threads,), args,
+                              shared_mem=self.compiled.dynamic_smem[name])
 
-    def _expert_block(self, src: int, e0: int, e1: int, max_rows: int, stream) -> None:
-        """Gate/up then down GEMMs of local experts [e0, e1) on the tokens from ``src``."""
-        p, b = self.problem, self._buf
-        lay = b.lay
-        el, cap, h, i = p.local_experts, b.capacity, p.hidden, p.intermediate
-        base = b.tensor.data.ptr
-        # Slot bases; each expert's first row comes from the row-offset table.
-        a_ptr = base + lay.slot_offset(src, DISPATCH, INCOMING) * ELEM_BYTES
-        out_buf = INCOMING if src == self.rank else STAGING
-        c_ptr = base + lay.slot_offset(src, COMBINE, out_buf) * ELEM_BYTES
-        idx = (src * p.experts + self.rank * el + e0) * 4
-        counts_ptr, off_ptr = self.counts.data.ptr + idx, self.row_off.data.ptr + idx
-        act_ptr = b.act.data.ptr + e0 * cap * i * ELEM_BYTES
-        self._gemm(True, _i64(a_ptr), 0, self.w1[e0:e1], self.w3[e0:e1], i * h,
-                   _i64(act_ptr), cap * i, counts_ptr, cap, 0, max_rows, e1 - e0, i, h, stream,
-                   a_row_off=off_ptr)
-        self._gemm(False, _i64(act_ptr), cap * i, self.w2[e0:e1], None, h * i,
-                   _i64(c_ptr), 0, counts_ptr, cap, 0, max_rows, e1 - e0, h, i, stream,
-                   c_row_off=off_ptr)
-
-    def _fused_remote_block(self, rows: np.ndarray, stream) -> None:
-        """All remote sources' tokens for all local experts in one launch per GEMM."""
-        p, b, me = self.problem, self._buf, self.rank
-        el, cap, h, i, P = p.local_experts, b.capacity, p.hidden, p.intermediate, p.world_size
-        lay = b.lay
-        mine = rows[:, me * el:(me + 1) * el]
-        max_rows = int(np.delete(mine, me, axis=0).max(initial=0))
-        base = b.tensor.data.ptr
-        slot_stride = lay.slot_offset(1, DISPATCH, STAGING) if P > 1 else 0  # per source
-        a_ptr = base + lay.slot_offset(0, DISPATCH, INCOMING) * ELEM_BYTES
-        c_ptr = base + lay.slot_offset(0, COMBINE, STAGING) * ELEM_BYTES
-        counts_ptr = self.counts.data.ptr + me * el * 4
-        off_ptr = self.row_off.data.ptr + me * el * 4
-        act = b.act.data.ptr
-        self._gemm(True, _i64(a_ptr), 0, self.w1, self.w3, i * h, _i64(act), cap * i,
-                   counts_ptr, cap, 0, max_rows, P * el, i, h, stream,
-                   outer=(el, slot_stride, el * cap * i, p.experts, me), a_row_off=off_ptr)
-        self._gemm(False, _i64(act), cap * i, self.w2, None, h * i, _i64(c_ptr), 0,
-                   counts_ptr, cap, 0, max_rows, P * el, h, i, stream,
-                   outer=(el, el * cap * i, slot_stride, p.experts, me), c_row_off=off_ptr)
-
-    def _shared(self, x, tokens: int, stream) -> None:
-        p, b = self.problem, self._tok
-        w = p.shared_width
-        self._gemm(True, x, 0, self.sw1, self.sw3, 0, b.shared_act, 0, 0, 0, tokens, tokens,
-                   1, w, p.hidden, stream)
-        self._gemm(False, b.shared_act, 0, self.sw2, None, 0, b.shared_out, 0, 0, 0, tokens,
-                   tokens, 1, p.hidden, w, stream)
+    def _launch(self, kernel: str, signature, grid: int, threads: int, stream, **args) -> None:
+        with stream:
+            self.module[kernel]((grid,), (threads,), signature.pack(args))
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x, out=None, *, parts: str = "all"):
@@ -266,165 +243,30 @@ class FlashMoE:
         """
         if parts not in ("all", "comm", "compute"):
             raise ValueError(f"parts={parts!r}: choose 'all', 'comm' or 'compute'")
-        compute, communicate = parts != "comm", parts != "compute"
         import cupy
 
-        p, cfg = self.problem, self.config
+        p = self.problem
         if x.dtype != np.uint16 or x.ndim != 2 or x.shape[1] != p.hidden:
             raise ProblemError("x", f"{x.dtype}{tuple(x.shape)}",
                                f"expected uint16 (bf16 bits) [tokens, {p.hidden}]")
         x = cupy.ascontiguousarray(x)
         tokens = x.shape[0]
-        s = self.stream
-        s.wait_event(cupy.cuda.get_current_stream().record())
-        b = self._token_buffers(tokens)
-        k = p.top_k
-        with s:
-            if tokens:
-                rw = cfg.router_tokens_per_block
-                self.module[self.kernels.router]((-(-tokens // rw),), (32 * rw,), (
-                    x, self.w_gate, _i32(tokens), b.topk_idx, b.topk_w))
-            local_counts = self.counts[self.rank]
-            self.module[self.kernels.positions]((p.experts,), (POS_THREADS,), (
-                b.topk_idx, _i32(tokens), b.pos, local_counts))
-        # Count exchange: every rank learns counts[source][expert] and so the capacity.
-        if self.comm is not None and p.world_size > 1:
-            nb = p.experts * 4
-            self.comm.allgather_bytes(self.counts.data.ptr + self.rank * nb, self.counts.data.ptr,
-                                      nb, s)
-        host = np.frombuffer(self._counts_host, np.int32, self.counts.size).reshape(
-            self.counts.shape)
-        self.counts.get(stream=s, out=host)
-        ev = s.record()
-        if self.comm is not None:
-            self.comm.wait(ev, "count exchange")
-        else:
-            ev.synchronize()
-        counts = host.copy()
-        fixed = p.fixed_capacity(cfg.block_m)
-        need = fixed if fixed is not None else max(round_up(int(counts.max()), cfg.block_m),
-                                                   cfg.block_m)
-        # Exact mode: the allocated C >= every count, so nothing drops.
-        self.dropped_tokens = int(np.maximum(counts[self.rank] - need, 0).sum())
-        slots = self._slot_buffers(need)
-        cap = self.capacity = slots.capacity
-        rows = np.minimum(counts, cap)  # rows[src][global expert] actually sent
-        offs = row_offsets(rows, cap, p.local_experts, cfg.packed_slots)
-        off_host = np.frombuffer(self._row_off_host, np.int32, offs.size)
-        off_host[:] = offs.ravel()  # the previous call's copy ran before the sync above
-        self.row_off.data.copy_from_host_async(off_host.ctypes.data, offs.nbytes, stream=s)
-        my_off = _i64(self.row_off.data.ptr + self.rank * p.experts * 4)
         if out is None:
             out = cupy.empty((tokens, p.hidden), np.uint16)
         elif out.dtype != np.uint16 or tuple(out.shape) != (tokens, p.hidden):
             raise ProblemError("out", f"{out.dtype}{tuple(out.shape)}",
                                f"expected uint16 [{tokens}, {p.hidden}]")
-
-        with s:
-            if tokens:
-                self.module[self.kernels.permute]((-(-tokens * k // MOVE_WARPS),),
-                                                  (32 * MOVE_WARPS,), (
-                    x, b.topk_idx, b.pos, _i32(tokens), _i32(cap), _i32(self.rank), my_off,
-                    slots.tensor))
-        shared_ev = None
-        if p.shared_experts and tokens and compute:
-            ss = self.shared_stream if cfg.shared_stream and cfg.overlap else s
-            ss.wait_event(s.record())
-            self._shared(x, tokens, ss)
-            shared_ev = ss.record()
-
-        self._experts_and_exchange(rows, offs, s, compute, communicate)
-
-        with s:
-            if shared_ev is not None:
-                s.wait_event(shared_ev)
-            if tokens:
-                shared = b.shared_out if p.shared_experts and compute else _i64(0)
-                self.module[self.kernels.combine]((-(-tokens // MOVE_WARPS),),
-                                                  (32 * MOVE_WARPS,), (
-                    b.topk_idx, b.topk_w, b.pos, _i32(tokens), _i32(cap), my_off, slots.tensor,
-                    shared, out))
+        s = self.stream
+        s.wait_event(cupy.cuda.get_current_stream().record())
+        run = _Run(self, x, tokens, out, parts)
+        for op in self.plan.ops:
+            run.step(op)
+        b = self._tok
         self._last = (b.topk_idx[:tokens], b.topk_w[:tokens], b.pos[:tokens])
         cupy.cuda.get_current_stream().wait_event(s.record())
         return out
 
     __call__ = forward
-
-    def _experts_and_exchange(self, rows: np.ndarray, offs: np.ndarray, s, compute: bool = True,
-                              communicate: bool = True) -> None:
-        """Local experts, then each peer's chunks as they arrive; combine sends at once.
-
-        ``rows``/``offs``: ``[P][E]`` rows sent per (source, global expert) and their first
-        row in the slot; every rank holds the same tables, so sends and receives match.
-        """
-        p, cfg, me = self.problem, self.config, self.rank
-        run_block = self._expert_block if compute else (lambda *args: None)
-        el, P = p.local_experts, p.world_size
-        mine = slice(me * el, (me + 1) * el)
-        chunks = expert_chunks(p, cfg)
-        if P == 1:
-            for e0, e1 in chunks:
-                run_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
-            return
-        comm, b = self.comm, self._buf
-        lay = b.lay
-        base, row_bytes = b.tensor.data.ptr, p.hidden * ELEM_BYTES
-        nstreams = cfg.comm_streams
-        start = s.record()
-        for cs in comm.streams[:nstreams]:
-            cs.wait_event(start)
-
-        def exchange(round_: int, step: int, e0: int, e1: int, which: int) -> None:
-            """One grouped send/recv of experts [e0, e1) with the peers at distance step."""
-            if not communicate:
-                return
-            to, frm = (me + step) % P, (me - step) % P
-            if round_ == DISPATCH:  # my tokens to `to`; `frm`'s tokens to me
-                ops = ((comm.send, me, to, lay.slot_offset(to, DISPATCH, STAGING), to),
-                       (comm.recv, frm, me, lay.slot_offset(frm, DISPATCH, INCOMING), frm))
-            else:  # results for `frm`'s tokens back to it; mine back from `to`
-                ops = ((comm.send, frm, me, lay.slot_offset(frm, COMBINE, STAGING), frm),
-                       (comm.recv, me, to, lay.slot_offset(to, COMBINE, INCOMING), to))
-            cs = comm.streams[which]
-            with comm.group():
-                for op, src, dst, slot, peer in ops:  # (source, destination) rows of the slot
-                    cols = slice(dst * el + e0, dst * el + e1)
-                    for r0, n in contiguous_runs(offs[src, cols], rows[src, cols]):
-                        op(base + (slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, peer, cs,
-                           which)
-
-        plan = [(step, e0, e1) for step in range(1, P) for (e0, e1) in chunks]
-        arrived = []
-        for j, (step, e0, e1) in enumerate(plan):
-            exchange(DISPATCH, step, e0, e1, j % nstreams)
-            arrived.append(comm.streams[j % nstreams].record())
-        if not cfg.overlap:  # serialized baseline: all traffic lands before any compute
-            for ev in arrived:
-                s.wait_event(ev)
-        for e0, e1 in chunks:
-            run_block(me, e0, e1, int(rows[me, mine][e0:e1].max(initial=0)), s)
-        if cfg.fuse_sources:  # everything landed, then one launch for all peers
-            for ev in arrived:
-                s.wait_event(ev)
-            if compute:
-                self._fused_remote_block(rows, s)
-            computed = [s.record()] * len(plan)
-        else:  # each peer's chunk as soon as it lands
-            computed = []
-            for j, (step, e0, e1) in enumerate(plan):
-                frm = (me - step) % P
-                s.wait_event(arrived[j])
-                run_block(frm, e0, e1, int(rows[frm, mine][e0:e1].max(initial=0)), s)
-                computed.append(s.record())
-        if not cfg.overlap:  # serialized: results go back only after all compute
-            for cs in comm.streams[:nstreams]:
-                cs.wait_event(computed[-1])
-        for j, (step, e0, e1) in enumerate(plan):
-            cs = comm.streams[j % nstreams]
-            cs.wait_event(computed[j])
-            exchange(COMBINE, step, e0, e1, j % nstreams)
-        for cs in comm.streams[:nstreams]:
-            s.wait_event(cs.record())
 
     # -- inspection -----------------------------------------------------------------------
     def poison(self, bits: int = 0xFFFF) -> None:
@@ -445,3 +287,146 @@ class FlashMoE:
         if self._last is None:
             raise RuntimeError("forward() has not run yet")
         return self._last
+
+
+class _Run:
+    """One forward call: the plan's symbols bound to this call's buffers, counts and
+    events; ``step`` executes one operation of the plan."""
+
+    def __init__(self, layer: FlashMoE, x, tokens: int, out, parts: str):
+        self.layer, self.x, self.tokens, self.out = layer, x, tokens, out
+        self.compute, self.communicate = parts != "comm", parts != "compute"
+        self.events: list = [None] * len(layer.plan.events)
+        self.tok = b = layer._token_buffers(tokens)
+        p, w = layer.problem, layer.weights
+        el, me = p.local_experts, layer.rank
+        self.mine = slice(me * el, (me + 1) * el)
+        self.rows = self.offs = None
+
+        def ptr(a) -> int:
+            return 0 if a is None else a.data.ptr
+
+        self.env = dict(me=me, src=me, cap=0, tokens=tokens, layout=0, act=0, w1=ptr(w.w1),
+                        w3=ptr(w.w3), w2=ptr(w.w2), sw1=ptr(w.sw1), sw3=ptr(w.sw3),
+                        sw2=ptr(w.sw2), x=ptr(x), shared_act=ptr(b.shared_act),
+                        shared_out=ptr(b.shared_out), counts=layer.counts.data.ptr,
+                        row_off=layer.row_off.data.ptr, max_rows=self.max_rows,
+                        max_remote_rows=self.max_remote_rows)
+
+    # -- the count-table helpers the plan's expressions call ----------------------------------
+    def max_rows(self, src: int, e0: int, e1: int) -> int:
+        return int(self.rows[src, self.mine][e0:e1].max(initial=0))
+
+    def max_remote_rows(self) -> int:
+        return int(np.delete(self.rows[:, self.mine], self.layer.rank, axis=0).max(initial=0))
+
+    def stream(self, s):
+        if s.kind == "main":
+            return self.layer.stream
+        if s.kind == "shared":
+            return self.layer.shared_stream
+        return self.layer.comm.streams[s.index]
+
+    # -- operations -----------------------------------------------------------------------------
+    def step(self, op) -> None:
+        layer, b, t, main = self.layer, self.tok, self.tokens, self.layer.stream
+        if isinstance(op, Record):
+            self.events[op.event] = self.stream(op.stream).record()
+        elif isinstance(op, Wait):
+            self.stream(op.stream).wait_event(self.events[op.event])
+        elif isinstance(op, Gemms):
+            if not self.compute:
+                return
+            p, me = layer.problem, layer.rank
+            self.env["src"] = me if op.step is None else (me - op.step) % p.world_size
+            stream = self.stream(op.stream)
+            for g in op.launches:
+                rows, n, args = layer._launchers[id(g)](**self.env)
+                layer._launch_gemm(g.gated, rows, g.groups, n, args, stream)
+        elif isinstance(op, Transfer):
+            if self.communicate:
+                self.transfer(op)
+        elif isinstance(op, Route):
+            k = layer.kernels
+            if t:
+                rw = layer.config.router_tokens_per_block
+                layer._launch(k.router, ROUTER, -(-t // rw), 32 * rw, main, x=self.x,
+                              wg=layer.w_gate, tokens=t, topk_idx=b.topk_idx, topk_w=b.topk_w)
+            layer._launch(k.positions, POSITIONS, layer.problem.experts, POS_THREADS, main,
+                          topk_idx=b.topk_idx, tokens=t, pos=b.pos,
+                          counts=layer.counts[layer.rank])
+        elif isinstance(op, ExchangeCounts):
+            self.exchange_counts()
+        elif isinstance(op, Permute):
+            if t:
+                layer._launch(layer.kernels.permute, PERMUTE, -(-t * layer.problem.top_k //
+                                                                MOVE_WARPS), 32 * MOVE_WARPS,
+                              main, x=self.x, topk_idx=b.topk_idx, pos=b.pos, tokens=t,
+                              capacity=self.env["cap"], self_rank=layer.rank,
+                              row_off=self.my_row_off, layout=layer._buf.tensor)
+        elif isinstance(op, Combine):
+            if t:
+                shared = b.shared_out if layer.problem.shared_experts and self.compute else 0
+                layer._launch(layer.kernels.combine, COMBINE, -(-t // MOVE_WARPS),
+                              32 * MOVE_WARPS, main, topk_idx=b.topk_idx, topk_w=b.topk_w,
+                              pos=b.pos, tokens=t, capacity=self.env["cap"],
+                              row_off=self.my_row_off, layout=layer._buf.tensor,
+                              shared_out=shared, out=self.out)
+        else:
+            raise TypeError(f"unknown plan operation {op!r}")
+
+    def exchange_counts(self) -> None:
+        """Count exchange: every rank learns counts[source][expert], so the capacity C and
+        the row offsets; the forward's one host synchronisation."""
+        layer, s = self.layer, self.layer.stream
+        p, cfg = layer.problem, layer.config
+        if layer.comm is not None and p.world_size > 1:
+            nb = p.experts * 4
+            layer.comm.allgather_bytes(layer.counts.data.ptr + layer.rank * nb,
+                                       layer.counts.data.ptr, nb, s)
+        host = np.frombuffer(layer._counts_host, np.int32, layer.counts.size).reshape(
+            layer.counts.shape)
+        layer.counts.get(stream=s, out=host)
+        ev = s.record()
+        if layer.comm is not None:
+            layer.comm.wait(ev, "count exchange")
+        else:
+            ev.synchronize()
+        counts = host.copy()
+        fixed = p.fixed_capacity(cfg.block_m)
+        need = fixed if fixed is not None else max(round_up(int(counts.max()), cfg.block_m),
+                                                   cfg.block_m)
+        # Exact mode: the allocated C >= every count, so nothing drops.
+        layer.dropped_tokens = int(np.maximum(counts[layer.rank] - need, 0).sum())
+        slots = layer._slot_buffers(need)
+        cap = layer.capacity = slots.capacity
+        self.rows = np.minimum(counts, cap)  # rows[src][global expert] actually sent
+        self.offs = row_offsets(self.rows, cap, p.local_experts, cfg.packed_slots)
+        off_host = np.frombuffer(layer._row_off_host, np.int32, self.offs.size)
+        off_host[:] = self.offs.ravel()  # the previous call's copy ran before the sync above
+        layer.row_off.data.copy_from_host_async(off_host.ctypes.data, self.offs.nbytes,
+                                                stream=s)
+        self.my_row_off = layer.row_off.data.ptr + layer.rank * p.experts * 4
+        self.env.update(cap=cap, layout=slots.tensor.data.ptr, act=slots.act.data.ptr)
+
+    def transfer(self, op: Transfer) -> None:
+        """One grouped send/recv of local experts [e0, e1) with the peers at ``op.step``;
+        every rank holds the same row tables, so sends and receives match."""
+        layer = self.layer
+        p, comm, me = layer.problem, layer.comm, layer.rank
+        P, el, lay = p.world_size, p.local_experts, layer._buf.lay
+        base, row_bytes = layer._buf.tensor.data.ptr, p.hidden * ELEM_BYTES
+        to, frm = (me + op.step) % P, (me - op.step) % P
+        if op.round == DISPATCH:  # my tokens to `to`; `frm`'s tokens to me
+            ops = ((comm.send, me, to, lay.slot_offset(to, DISPATCH, STAGING), to),
+                   (comm.recv, frm, me, lay.slot_offset(frm, DISPATCH, INCOMING), frm))
+        else:  # results for `frm`'s tokens back to it; mine back from `to`
+            ops = ((comm.send, frm, me, lay.slot_offset(frm, COMBINE_ROUND, STAGING), frm),
+                   (comm.recv, me, to, lay.slot_offset(to, COMBINE_ROUND, INCOMING), to))
+        cs, which = self.stream(op.stream), op.stream.index
+        with comm.group():
+            for fn, src, dst, slot, peer in ops:  # (source, destination) rows of the slot
+                cols = slice(dst * el + op.e0, dst * el + op.e1)
+                for r0, n in contiguous_runs(self.offs[src, cols], self.rows[src, cols]):
+                    fn(base + (slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, peer, cs,
+                       which)

@@ -86,9 +86,11 @@ def test_header_and_contents():
 
     full = export_cu(SHARED, cfg, with_main=True)
     assert full.startswith(text.split("// contents:")[0]) and "int main(int argc" in full
+    ep = export_cu(CAPPED, None, with_main=True)  # world size 2: the generated forward_ep
+    assert "fmoe_forward_local(" not in export_cu(CAPPED) and "cudaError_t forward_ep(" in ep
     for call in ("ncclCommInitRank", "ncclAllGather", "ncclGroupStart", "ncclSend", "ncclRecv",
-                 "MPI_Reduce", "cudaEventElapsedTime"):
-        assert call in full, call
+                 "MPI_Reduce", "cudaEventElapsedTime", "exchange(L, X, DISPATCH, 1,"):
+        assert call in ep, call
 
 
 def test_constants_come_from_python():
@@ -106,15 +108,19 @@ def test_constants_come_from_python():
     assert "CHUNKS[NUM_CHUNKS][2] = { { 0, 3}, { 3, 5}, { 5, 8}};" in chunked
 
 
-def test_packed_slots_mirrored():
-    """The host code follows config.packed_slots (no "not mirrored" note); fuse_sources not."""
+def test_packed_slots_and_fused_sources_mirrored():
+    """The host code follows config.packed_slots and config.fuse_sources (one launch per
+    GEMM for every peer, skipping this rank's slot)."""
     for packed in (True, False):
         cfg = dataclasses.replace(KernelConfig.default(CAPPED), packed_slots=packed)
         text = export_cu(CAPPED, cfg)
         assert f"PACKED_SLOTS = {'true' if packed else 'false'};" in text
-        assert "packed_slots is not mirrored" not in text
+        assert "not mirrored" not in text
     fused = dataclasses.replace(KernelConfig.default(CAPPED), fuse_sources=True)
-    assert "fuse_sources is not mirrored" in export_cu(CAPPED, fused)
+    text = export_cu(CAPPED, fused, with_main=True)
+    assert "not mirrored" not in text
+    assert re.search(r"// op \d+: experts of every peer's tokens \(fused\)", text)
+    assert "gemm_gate_up(max_remote_rows(L), 16, s," in text  # P * E_local groups at once
 
 
 def test_write_only_if_changed(tmp_path):
@@ -165,9 +171,8 @@ class _Layer(ctypes.Structure):
         "shared_act", "shared_out")] + [("token_alloc", ctypes.c_int)] + [
         (n, ctypes.c_void_p) for n in ("counts", "counts_host", "layout", "act")] + [
         (n, ctypes.c_int) for n in ("capacity", "dropped_tokens", "rank", "world")] + [
-        (n, ctypes.c_void_p) for n in ("shared_stream", "permuted", "shared_done")] + [
-        ("shared_pending", ctypes.c_int)] + [(n, ctypes.c_void_p) for n in ("row_off",
-                                                                          "row_off_host")]
+        (n, ctypes.c_void_p) for n in ("shared_stream", "row_off", "row_off_host")] + [
+        ("events", ctypes.c_void_p * 8)]  # NUM_EVENTS or fewer (the struct's tail)
 
 
 def _download(ptr: int, shape: tuple[int, ...], dtype) -> np.ndarray:

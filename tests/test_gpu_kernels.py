@@ -159,11 +159,14 @@ def test_expert_gemm_kernels_alone(mma):
     a = bf16.to_bits(rng.standard_normal((el, cap, h), dtype=np.float32))
     a_d, counts_d = cupy.asarray(a), cupy.asarray(counts)
     act = cupy.full((el, cap, i), POISON, np.uint16)
-    layer._gemm(True, a_d, cap * h, layer.w1, layer.w3, i * h, act, cap * i,
-                counts_d.data.ptr, cap, 0, cap, el, i, h, cupy.cuda.get_current_stream())
+    grouped = dict(counts=counts_d, count_cap=cap, rows_fixed=0, inner_groups=0,
+                   a_outer_stride=0, c_outer_stride=0, counts_outer_stride=0, skip_outer=-1,
+                   a_row_off=0, c_row_off=0)
+    layer.gemm(True, cap, el, A=a_d, a_group_stride=cap * h, B0=layer.w1, B1=layer.w3,
+               b_group_stride=i * h, C=act, c_group_stride=cap * i, N=i, K=h, **grouped)
     y = cupy.full((el, cap, h), POISON, np.uint16)
-    layer._gemm(False, act, cap * i, layer.w2, None, h * i, y, cap * h,
-                counts_d.data.ptr, cap, 0, cap, el, h, i, cupy.cuda.get_current_stream())
+    layer.gemm(False, cap, el, A=act, a_group_stride=cap * i, B0=layer.w2, B1=0,
+               b_group_stride=h * i, C=y, c_group_stride=cap * h, N=h, K=i, **grouped)
     act_h, y_h = act.get(), y.get()
     w1 = bf16.from_bits(layer.w1.get()).astype(np.float64)
     w3 = bf16.from_bits(layer.w3.get()).astype(np.float64)

@@ -170,8 +170,12 @@ def test_template_vars_are_cpp_spellings():
         32, 1, 2)
     assert isinstance(tv["kernels"], KernelNames)
     assert tv["wgmma_variants"] == []  # mma.sync tiles only
+    assert set(tv["signatures"]) == {"router", "positions", "permute", "combine", "gemm"}
+    assert tv["signatures"]["gemm"].startswith("const fmoe::elem_t* __restrict__ A, long long")
     for k, v in tv.items():
-        if k not in ("kernels", "wgmma_variants"):
+        if k == "signatures":  # parameter lists, printed from flashmoe_gen.signatures
+            assert all(type(d) is str for d in v.values())
+        elif k not in ("kernels", "wgmma_variants"):
             assert type(v) in (str, int), (k, v)  # no bool/None/float reaches a template
 
 

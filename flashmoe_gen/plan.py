@@ -1,0 +1,445 @@
+"""The forward schedule as data: one ``ForwardPlan`` per (problem, config).
+
+A plan is the ordered list of operations of one forward on one rank — route, count exchange,
+permute, shared experts, the dispatch transfers per (peer step, chunk) on the communication
+streams, the expert GEMMs per source and chunk (or one fused launch for all peers), the
+combine transfers, the weighted combine — with the events that order the streams and every
+GEMM launch's argument list. It is the same on every rank: peers are named by their step
+(``src = (me - step) % P``) and sizes by symbols (``cap``, ``tokens``) bound when the forward
+runs. ``runtime.FlashMoE`` executes it; ``export`` prints it as C++ (``plan_cpp``), so the
+exported host code follows the same schedule by construction (see docs/architecture.md).
+
+Symbols an expression may use: ``me`` (this rank), ``src`` (the operation's source rank),
+``cap`` (capacity C of this call), ``tokens`` (T of this call); functions ``max_rows(src,
+e0, e1)`` (rows ``src`` sends to local experts [e0, e1), clipped to C) and
+``max_remote_rows()`` (the same over every other source and all local experts).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .config import KernelConfig, expert_chunks
+from .layout import COMBINE, DISPATCH, INCOMING, STAGING
+from .problem import MoEProblem
+from .signatures import GEMM
+
+
+# -- symbolic integers ----------------------------------------------------------------------
+class Expr:
+    """An integer known when the forward runs; prints as Python and as C++."""
+
+    def __add__(self, other) -> Expr:
+        return _binary("+", self, lift(other))
+
+    def __radd__(self, other) -> Expr:
+        return _binary("+", lift(other), self)
+
+    def __mul__(self, other) -> Expr:
+        return _binary("*", self, lift(other))
+
+    def __rmul__(self, other) -> Expr:
+        return _binary("*", lift(other), self)
+
+    def py(self) -> str:
+        raise NotImplementedError
+
+    def cpp(self) -> str:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.py()
+
+
+@dataclass(frozen=True)
+class Lit(Expr):
+    value: int
+
+    def py(self) -> str:
+        return str(self.value)
+
+    def cpp(self) -> str:
+        # Literals past int32 would overflow C++'s int arithmetic: make them long long.
+        return f"{self.value}LL" if abs(self.value) >= 2**31 else str(self.value)
+
+
+@dataclass(frozen=True)
+class Var(Expr):
+    name: str
+
+    def py(self) -> str:
+        return self.name
+
+    def cpp(self) -> str:
+        return self.name  # the generated C++ declares it as long long
+
+
+@dataclass(frozen=True)
+class Bin(Expr):
+    op: str
+    a: Expr
+    b: Expr
+
+    def py(self) -> str:
+        return f"({self.a.py()} {self.op} {self.b.py()})"
+
+    def cpp(self) -> str:
+        return f"({self.a.cpp()} {self.op} {self.b.cpp()})"
+
+
+@dataclass(frozen=True)
+class Call(Expr):
+    """A host helper of the count tables (its C++ twin takes the layer first)."""
+
+    fn: str
+    args: tuple[Expr, ...] = ()
+
+    def py(self) -> str:
+        return f"{self.fn}({', '.join(a.py() for a in self.args)})"
+
+    def cpp(self) -> str:
+        return f"{self.fn}({', '.join(['L', *(a.cpp() for a in self.args)])})"
+
+
+def lift(v) -> Expr:
+    return v if isinstance(v, Expr) else Lit(int(v))
+
+
+def _binary(op: str, a: Expr, b: Expr) -> Expr:
+    """Fold constants and neutral elements so the printed code stays readable."""
+    if isinstance(a, Lit) and isinstance(b, Lit):
+        return Lit(a.value + b.value if op == "+" else a.value * b.value)
+    if op == "+":
+        if isinstance(a, Lit) and a.value == 0:
+            return b
+        if isinstance(b, Lit) and b.value == 0:
+            return a
+    if op == "*":
+        for x, y in ((a, b), (b, a)):
+            if isinstance(x, Lit) and x.value == 0:
+                return Lit(0)
+            if isinstance(x, Lit) and x.value == 1:
+                return y
+    return Bin(op, a, b)
+
+
+@dataclass(frozen=True)
+class Ptr:
+    """A device address: ``buffer`` plus ``offset`` elements of that buffer's type.
+
+    Buffers: ``layout`` (symmetric tensor), ``act`` (expert activations), ``w1``/``w3``/``w2``
+    (this rank's experts), ``sw1``/``sw3``/``sw2`` (fused shared experts), ``x``,
+    ``shared_act``/``shared_out`` (per token), ``counts``/``row_off`` (int32 ``[P][E]``),
+    ``null``.
+    """
+
+    buffer: str
+    offset: Expr = Lit(0)
+
+    def py(self) -> str:
+        if self.buffer == "null":
+            return "0"
+        size = 4 if self.buffer in ("counts", "row_off") else 2
+        return f"({self.buffer} + {size} * {self.offset.py()})"
+
+    def cpp(self) -> str:
+        if self.buffer == "null":
+            return "nullptr"
+        off = self.offset.cpp()
+        return self.buffer if off == "0" else f"{self.buffer} + {off}"
+
+    def __str__(self) -> str:
+        return "nullptr" if self.buffer == "null" else f"{self.buffer}[{self.offset}]"
+
+
+NULL = Ptr("null")
+
+# -- operations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stream:
+    """``main`` (the layer's stream), ``shared`` (shared experts) or ``comm`` ``index``."""
+
+    kind: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return f"comm{self.index}" if self.kind == "comm" else self.kind
+
+
+MAIN, SHARED = Stream("main"), Stream("shared")
+
+
+def comm(i: int) -> Stream:
+    return Stream("comm", i)
+
+
+@dataclass(frozen=True)
+class GemmLaunch:
+    """One grouped GEMM launch: grid (ceil(N / BN), ceil(rows / BM), groups)."""
+
+    gated: bool
+    rows: Expr
+    groups: int
+    args: tuple[tuple[str, Expr | Ptr], ...]
+
+    def arg(self, name: str) -> Expr | Ptr:
+        return dict(self.args)[name]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Router and positions kernels on the main stream; this rank's counts on the device."""
+
+
+@dataclass(frozen=True)
+class ExchangeCounts:
+    """All ranks' counts to every rank (P > 1), then on the host: capacity, drops, row
+    offsets (uploaded). The one host synchronisation of the forward."""
+
+
+@dataclass(frozen=True)
+class Permute:
+    """Tokens into their slots of the symmetric layout (main stream)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    event: int
+    stream: Stream
+
+
+@dataclass(frozen=True)
+class Wait:
+    stream: Stream
+    event: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One grouped NCCL send/recv of local experts [e0, e1) with the peers at ``step``:
+    dispatch sends to ``me + step`` and receives from ``me - step``; combine the reverse."""
+
+    round: int
+    step: int
+    e0: int
+    e1: int
+    stream: Stream
+
+
+@dataclass(frozen=True)
+class Gemms:
+    """GEMM launches on one stream; ``step`` names the source (0: this rank, None: none)."""
+
+    what: str
+    step: int | None
+    stream: Stream
+    launches: tuple[GemmLaunch, ...]
+
+
+@dataclass(frozen=True)
+class Combine:
+    """Weighted un-permute plus the shared experts' output (main stream)."""
+
+
+Op = Route | ExchangeCounts | Permute | Record | Wait | Transfer | Gemms | Combine
+
+
+def describe(op: Op, events: tuple[str, ...]) -> str:
+    """One line per operation (test ids, comments in the exported C++)."""
+    if isinstance(op, Record):
+        return f"record {events[op.event]} on {op.stream}"
+    if isinstance(op, Wait):
+        return f"{op.stream} waits {events[op.event]}"
+    if isinstance(op, Transfer):
+        what = "dispatch" if op.round == DISPATCH else "combine"
+        return f"{what} step {op.step} experts [{op.e0}, {op.e1}) on {op.stream}"
+    if isinstance(op, Gemms):
+        return f"{op.what} on {op.stream}"
+    return {Route: "route", ExchangeCounts: "exchange counts, plan capacity",
+            Permute: "permute", Combine: "combine"}[type(op)]
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    problem: MoEProblem
+    config: KernelConfig
+    ops: tuple[Op, ...]
+    events: tuple[str, ...] = field(default=())
+
+    @property
+    def streams(self) -> tuple[Stream, ...]:
+        seen: dict[Stream, None] = {}
+        for op in self.ops:
+            for s in (getattr(op, "stream", None),):
+                if s is not None:
+                    seen.setdefault(s)
+        return tuple(seen)
+
+    def lines(self) -> list[str]:
+        return [describe(op, self.events) for op in self.ops]
+
+    def to_dict(self) -> dict:
+        """Plain data: every operation with its fields and its GEMM argument lists."""
+        def enc(op) -> dict:
+            d = {"op": type(op).__name__}
+            for k, v in vars(op).items():
+                if k == "launches":
+                    d[k] = [{"gated": g.gated, "rows": str(g.rows), "groups": g.groups,
+                             "args": {n: str(a) for n, a in g.args}} for g in v]
+                else:
+                    d[k] = str(v) if isinstance(v, Stream) else v
+            return d
+        return {"problem": self.problem.name, "config": self.config.name,
+                "events": list(self.events), "ops": [enc(op) for op in self.ops]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+# -- building -------------------------------------------------------------------------------
+def _expert_launches(p: MoEProblem, e0: int, e1: int, self_source: bool,
+                     ) -> tuple[GemmLaunch, ...]:
+    """Gate/up then down of local experts [e0, e1) on the rows from ``src``."""
+    h, i, el, e = p.hidden, p.intermediate, p.local_experts, p.experts
+    src, cap, me = Var("src"), Var("cap"), Var("me")
+
+    def slot(round_: int, buf: int) -> Expr:  # layout.slot_offset(src, round_, buf)
+        return ((src * 2 + round_) * 2 + buf) * el * cap * h
+
+    idx = src * e + me * el + e0
+    counts, row_off = Ptr("counts", idx), Ptr("row_off", idx)
+    act = Ptr("act", e0 * cap * i)
+    rows = Call("max_rows", (src, Lit(e0), Lit(e1)))
+    common = dict(counts=counts, count_cap=cap, rows_fixed=0, inner_groups=0,
+                  a_outer_stride=0, c_outer_stride=0, counts_outer_stride=0, skip_outer=-1)
+    gate_up = dict(common, A=Ptr("layout", slot(DISPATCH, INCOMING)), a_group_stride=0,
+                   B0=Ptr("w1", Lit(e0 * i * h)), B1=Ptr("w3", Lit(e0 * i * h)),
+                   b_group_stride=i * h, C=act, c_group_stride=cap * i, N=i, K=h,
+                   a_row_off=row_off, c_row_off=NULL)
+    out_buf = INCOMING if self_source else STAGING  # own results skip the combine transfer
+    down = dict(common, A=act, a_group_stride=cap * i, B0=Ptr("w2", Lit(e0 * h * i)), B1=NULL,
+                b_group_stride=h * i, C=Ptr("layout", slot(COMBINE, out_buf)),
+                c_group_stride=0, N=h, K=i, a_row_off=NULL, c_row_off=row_off)
+    return (_launch(True, rows, e1 - e0, gate_up), _launch(False, rows, e1 - e0, down))
+
+
+def _fused_remote_launches(p: MoEProblem) -> tuple[GemmLaunch, ...]:
+    """Every other source's rows for all local experts: one launch per GEMM, the source as
+    the outer group index (this rank's own slot skipped)."""
+    h, i, el, e, P = p.hidden, p.intermediate, p.local_experts, p.experts, p.world_size
+    cap, me = Var("cap"), Var("me")
+    per_source = 4 * el * cap * h  # elements from one source slot to the next
+    act_per_source = el * cap * i
+    rows = Call("max_remote_rows")
+    common = dict(counts=Ptr("counts", me * el), count_cap=cap, rows_fixed=0,
+                  inner_groups=el, counts_outer_stride=e, skip_outer=me)
+    gate_up = dict(common, A=Ptr("layout", (DISPATCH * 2 + INCOMING) * el * cap * h),
+                   a_group_stride=0, B0=Ptr("w1"), B1=Ptr("w3"), b_group_stride=i * h,
+                   C=Ptr("act"), c_group_stride=cap * i, N=i, K=h,
+                   a_outer_stride=per_source, c_outer_stride=act_per_source,
+                   a_row_off=Ptr("row_off", me * el), c_row_off=NULL)
+    down = dict(common, A=Ptr("act"), a_group_stride=cap * i, B0=Ptr("w2"), B1=NULL,
+                b_group_stride=h * i, C=Ptr("layout", (COMBINE * 2 + STAGING) * el * cap * h),
+                c_group_stride=0, N=h, K=i, a_outer_stride=act_per_source,
+                c_outer_stride=per_source, a_row_off=NULL, c_row_off=Ptr("row_off", me * el))
+    return (_launch(True, rows, P * el, gate_up), _launch(False, rows, P * el, down))
+
+
+def _shared_launches(p: MoEProblem) -> tuple[GemmLaunch, ...]:
+    """The fused shared experts on this rank's tokens (no counts: ``tokens`` rows)."""
+    h, w, tokens = p.hidden, p.shared_width, Var("tokens")
+    common = dict(a_group_stride=0, b_group_stride=0, c_group_stride=0, counts=NULL,
+                  count_cap=0, rows_fixed=tokens, inner_groups=0, a_outer_stride=0,
+                  c_outer_stride=0, counts_outer_stride=0, skip_outer=-1, a_row_off=NULL,
+                  c_row_off=NULL)
+    gate_up = dict(common, A=Ptr("x"), B0=Ptr("sw1"), B1=Ptr("sw3"), C=Ptr("shared_act"),
+                   N=w, K=h)
+    down = dict(common, A=Ptr("shared_act"), B0=Ptr("sw2"), B1=NULL, C=Ptr("shared_out"),
+                N=h, K=w)
+    return (_launch(True, tokens, 1, gate_up), _launch(False, tokens, 1, down))
+
+
+def _launch(gated: bool, rows: Expr, groups: int, args: dict) -> GemmLaunch:
+    return GemmLaunch(gated, rows, groups,
+                      tuple((n, args[n] if isinstance(args[n], Ptr) else lift(args[n]))
+                            for n in GEMM.names))
+
+
+class _Events:
+    def __init__(self):
+        self.names: list[str] = []
+
+    def new(self, name: str) -> int:
+        self.names.append(name)
+        return len(self.names) - 1
+
+
+def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
+    """The host-planned forward (design in docs/symmetric-layout.md, "Overlap")."""
+    p, cfg, P = problem, config, problem.world_size
+    chunks = expert_chunks(p, cfg)
+    ev = _Events()
+    ops: list[Op] = [Route(), ExchangeCounts(), Permute()]
+    shared_done = None
+    if p.shared_experts:
+        stream = SHARED if cfg.shared_stream and cfg.overlap else MAIN
+        if stream != MAIN:
+            permuted = ev.new("permuted")
+            ops += [Record(permuted, MAIN), Wait(stream, permuted)]
+        ops.append(Gemms("shared experts", None, stream, _shared_launches(p)))
+        if stream != MAIN:
+            shared_done = ev.new("shared_done")
+            ops.append(Record(shared_done, stream))
+
+    def local_blocks() -> list[Op]:
+        return [Gemms(f"experts [{e0}, {e1}) of this rank's tokens", 0, MAIN,
+                      _expert_launches(p, e0, e1, True)) for e0, e1 in chunks]
+
+    if P == 1:
+        ops += local_blocks()
+    else:
+        ns = cfg.comm_streams
+        steps = [(step, e0, e1) for step in range(1, P) for (e0, e1) in chunks]
+        start = ev.new("start")
+        ops.append(Record(start, MAIN))
+        ops += [Wait(comm(c), start) for c in range(ns)]
+        arrived = []
+        for j, (step, e0, e1) in enumerate(steps):
+            ops.append(Transfer(DISPATCH, step, e0, e1, comm(j % ns)))
+            arrived.append(ev.new(f"arrived[{j}]"))
+            ops.append(Record(arrived[-1], comm(j % ns)))
+        if not cfg.overlap:  # serialized baseline: all traffic lands before any compute
+            ops += [Wait(MAIN, a) for a in arrived]
+        ops += local_blocks()
+        if cfg.fuse_sources:  # everything landed, then one launch for all peers
+            ops += [Wait(MAIN, a) for a in arrived if cfg.overlap]
+            ops.append(Gemms("experts of every peer's tokens (fused)", None, MAIN,
+                             _fused_remote_launches(p)))
+            done = ev.new("computed")
+            ops.append(Record(done, MAIN))
+            computed = [done] * len(steps)
+        else:  # each peer's chunk as soon as it lands
+            computed = []
+            for j, (step, e0, e1) in enumerate(steps):
+                if cfg.overlap:
+                    ops.append(Wait(MAIN, arrived[j]))
+                ops.append(Gemms(f"experts [{e0}, {e1}) of the tokens from step {step}", step,
+                                 MAIN, _expert_launches(p, e0, e1, False)))
+                computed.append(ev.new(f"computed[{j}]"))
+                ops.append(Record(computed[-1], MAIN))
+        if not cfg.overlap:  # serialized: results go back only after all compute
+            ops += [Wait(comm(c), computed[-1]) for c in range(ns)]
+        for j, (step, e0, e1) in enumerate(steps):
+            if cfg.overlap:
+                ops.append(Wait(comm(j % ns), computed[j]))
+            ops.append(Transfer(COMBINE, step, e0, e1, comm(j % ns)))
+        for c in range(ns):
+            drained = ev.new(f"drained[{c}]")
+            ops += [Record(drained, comm(c)), Wait(MAIN, drained)]
+    if shared_done is not None:
+        ops.append(Wait(MAIN, shared_done))
+    ops.append(Combine())
+    return ForwardPlan(p, cfg, tuple(ops), tuple(ev.names))

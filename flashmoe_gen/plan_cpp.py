@@ -1,0 +1,103 @@
+"""The C++ spelling of a ``ForwardPlan``: the exported host forward, one statement per
+operation, so the export follows the runtime's schedule by construction.
+
+The generated function sees: ``L`` (the ``FmoeLayer``), ``X`` (the harness's NCCL
+communicators and streams, world size > 1), ``x``/``tokens``/``out``, the main stream ``s``;
+the helpers it calls (``route``, ``plan_capacity``, ``permute``, ``combine``, ``exchange``,
+``max_rows``, ``max_remote_rows``, ``gemm_gate_up``/``gemm_down``) are in
+templates/export_host.cu.j2 and export_main.cu.j2.
+"""
+
+from __future__ import annotations
+
+from .layout import DISPATCH
+from .plan import (
+    Combine,
+    ExchangeCounts,
+    ForwardPlan,
+    Gemms,
+    Permute,
+    Record,
+    Route,
+    Stream,
+    Transfer,
+    Wait,
+    describe,
+)
+
+
+def stream_cpp(s: Stream) -> str:
+    if s.kind == "main":
+        return "s"
+    if s.kind == "shared":
+        return "L->shared_stream"
+    return f"X->streams[{s.index}]"
+
+
+#: Locals the plan's expressions name, bound at the top of the generated forward.
+PROLOGUE = (
+    "const long long me = L->rank;",
+    "long long src = me, cap = L->capacity;",
+    "const elem *w1 = L->w1t, *w3 = L->w3t, *w2 = L->w2t;",
+    "const elem *sw1 = L->sw1t, *sw3 = L->sw3t, *sw2 = L->sw2t;",
+    "elem *shared_act = L->shared_act, *shared_out = L->shared_out;",
+    "elem *layout = L->layout, *act = L->act;",
+    "const int *counts = L->counts, *row_off = L->row_off;",
+)
+
+
+def _statements(op, plan: ForwardPlan) -> list[str]:
+    world = plan.problem.world_size
+    if isinstance(op, Route):
+        return ["FMOE_CHECK(route(L, x, tokens, s));",
+                # per-token buffers may have grown: rebind their names
+                "shared_act = L->shared_act;", "shared_out = L->shared_out;"]
+    if isinstance(op, ExchangeCounts):
+        call = ("exchange_counts(L, X, s)" if world > 1 else "local_counts(L, s, counts_host)")
+        return [f"FMOE_CHECK({call});",
+                "cap = L->capacity;", "layout = L->layout;", "act = L->act;"]
+    if isinstance(op, Permute):
+        return ["FMOE_CHECK(permute(L, x, tokens, s));"]
+    if isinstance(op, Record):
+        return [f"FMOE_CHECK(cudaEventRecord(L->events[{op.event}], {stream_cpp(op.stream)}));"]
+    if isinstance(op, Wait):
+        return [f"FMOE_CHECK(cudaStreamWaitEvent({stream_cpp(op.stream)}, "
+                f"L->events[{op.event}], 0));"]
+    if isinstance(op, Transfer):
+        round_ = "DISPATCH" if op.round == DISPATCH else "COMBINE"
+        return [f"exchange(L, X, {round_}, {op.step}, {op.e0}, {op.e1}, {op.stream.index});"]
+    if isinstance(op, Gemms):
+        if op.step is None or op.step == 0:
+            out = ["src = me;"]
+        else:
+            out = [f"src = (me - {op.step} + WORLD_SIZE) % WORLD_SIZE;"]
+        for g in op.launches:
+            fn = "gemm_gate_up" if g.gated else "gemm_down"
+            args = ", ".join(a.cpp() for _, a in g.args)
+            out.append(f"FMOE_CHECK({fn}({g.rows.cpp()}, {g.groups}, "
+                       f"{stream_cpp(op.stream)}, {args}));")
+        return out
+    if isinstance(op, Combine):
+        return ["FMOE_CHECK(combine(L, tokens, out, s));"]
+    raise TypeError(f"no C++ for plan operation {op!r}")
+
+
+def forward_lines(plan: ForwardPlan) -> list[str]:
+    """The body of the generated forward: the prologue, then each operation under a
+    ``// op N: ...`` comment (tests read these back against the plan)."""
+    lines = list(PROLOGUE)
+    for n, op in enumerate(plan.ops):
+        lines.append(f"// op {n}: {describe(op, plan.events)}")
+        lines += _statements(op, plan)
+    lines.append("(void)src;")
+    lines.append("return cudaSuccess;")
+    return lines
+
+
+def call_args(signature, **exprs: str) -> str:
+    """A kernel call's argument list by parameter name (``signatures``): C++ expressions in
+    the declared order; a missing or unknown name is an error here, not in nvcc."""
+    missing, extra = set(signature.names) - set(exprs), set(exprs) - set(signature.names)
+    if missing or extra:
+        raise KeyError(f"kernel call: missing {sorted(missing)}, unknown {sorted(extra)}")
+    return ", ".join(exprs[n] for n in signature.names)
