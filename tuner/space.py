@@ -14,29 +14,67 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from flashmoe_gen.arch import DeviceLimits, limits_for
-from flashmoe_gen.config import GemmTile, KernelConfig
+from flashmoe_gen.config import (
+    BK_CHOICES,
+    BM_CHOICES,
+    BN_CHOICES,
+    CHUNK_RANGE,
+    COMM_STREAM_CHOICES,
+    MMA_CHOICES,
+    ROUTER_CHOICES,
+    STAGE_RANGE,
+    WARP_CHOICES,
+    GemmTile,
+    KernelConfig,
+)
 from flashmoe_gen.errors import ConfigError
 from flashmoe_gen.problem import MoEProblem
 
-#: Candidate values per knob ("full" space). Warp grids are "MxN".
+
+def _within(choices, lo, hi) -> tuple:
+    """The valid values (config.py declares them) that a space searches: lo..hi."""
+    return tuple(c for c in choices if lo <= c <= hi)
+
+
+def _grids(*grids: str) -> tuple[str, ...]:
+    """Warp grids "MxN"; each M and N must be one of config.WARP_CHOICES."""
+    for g in grids:
+        if any(int(w) not in WARP_CHOICES for w in g.split("x")):
+            raise ConfigError("warp grid", g, f"M and N from {list(WARP_CHOICES)}")
+    return grids
+
+
+_SYNC = MMA_CHOICES[:1]  # mma.sync only
+_BOOL = (True, False)
+
+#: Candidate values per knob ("full" space): ranges over config.py's valid values (one
+#: source for the values). Warp grids are "MxN".
 FULL = {
-    "gu_bm": (32, 64, 128, 256), "gu_bn": (32, 64, 128), "gu_bk": (32, 64),
-    "gu_w": ("1x2", "2x1", "2x2", "4x1", "2x4", "4x2", "8x1"), "gu_s": (2, 3, 4),
-    "gu_mma": ("sync", "wgmma"),
-    "dn_bm": (32, 64, 128, 256), "dn_bn": (64, 128, 256), "dn_bk": (32, 64),
-    "dn_w": ("1x2", "2x1", "2x2", "1x4", "2x4", "4x2", "8x1"), "dn_s": (2, 3, 4),
-    "dn_mma": ("sync", "wgmma"),
-    "router": (4, 8, 16), "chunks": (1, 2, 4), "streams": (1, 2), "shared_stream": (True, False),
-    "fuse": (False, True), "packed": (True, False),
+    "gu_bm": _within(BM_CHOICES, 32, 256), "gu_bn": _within(BN_CHOICES, 32, 128),
+    "gu_bk": _within(BK_CHOICES, 32, 64),
+    "gu_w": _grids("1x2", "2x1", "2x2", "4x1", "2x4", "4x2", "8x1"),
+    "gu_s": _within(STAGE_RANGE, 2, 4), "gu_mma": MMA_CHOICES,
+    "dn_bm": _within(BM_CHOICES, 32, 256), "dn_bn": _within(BN_CHOICES, 64, 256),
+    "dn_bk": _within(BK_CHOICES, 32, 64),
+    "dn_w": _grids("1x2", "2x1", "2x2", "1x4", "2x4", "4x2", "8x1"),
+    "dn_s": _within(STAGE_RANGE, 2, 4), "dn_mma": MMA_CHOICES,
+    "router": _within(ROUTER_CHOICES, 4, 16),
+    "chunks": tuple(c for c in _within(CHUNK_RANGE, 1, 4) if c & (c - 1) == 0),  # 1, 2, 4
+    "streams": _within(COMM_STREAM_CHOICES, 1, 2), "shared_stream": _BOOL,
+    "fuse": _BOOL[::-1], "packed": _BOOL,
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
 SMALL = {
-    "gu_bm": (64, 128), "gu_bn": (64, 128), "gu_bk": (64,), "gu_w": ("2x2", "4x2"),
-    "gu_s": (3, 4), "gu_mma": ("sync",), "dn_bm": (64, 128), "dn_bn": (64, 128),
-    "dn_bk": (64,), "dn_w": ("2x4", "4x2"), "dn_s": (3, 4), "dn_mma": ("sync",),
-    "router": (8,), "chunks": (1,), "streams": (1,),
-    "shared_stream": (True,), "fuse": (False,), "packed": (True,),
+    "gu_bm": _within(BM_CHOICES, 64, 128), "gu_bn": _within(BN_CHOICES, 64, 128),
+    "gu_bk": _within(BK_CHOICES, 64, 64), "gu_w": _grids("2x2", "4x2"),
+    "gu_s": _within(STAGE_RANGE, 3, 4), "gu_mma": _SYNC,
+    "dn_bm": _within(BM_CHOICES, 64, 128), "dn_bn": _within(BN_CHOICES, 64, 128),
+    "dn_bk": _within(BK_CHOICES, 64, 64), "dn_w": _grids("2x4", "4x2"),
+    "dn_s": _within(STAGE_RANGE, 3, 4), "dn_mma": _SYNC,
+    "router": _within(ROUTER_CHOICES, 8, 8), "chunks": CHUNK_RANGE[:1],
+    "streams": COMM_STREAM_CHOICES[:1], "shared_stream": _BOOL[:1], "fuse": _BOOL[1:],
+    "packed": _BOOL[:1],
 }
 SPACES = {"full": FULL, "small": SMALL}
 
