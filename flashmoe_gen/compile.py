@@ -4,6 +4,11 @@ One path serves both uses: NVRTC (the library CuPy uses, through ``cupy.cuda.nvr
 compiles the generated source to a cubin for an explicit ``sm_XX`` target, the cubin and
 its metadata are cached on disk, and ``load`` hands the cubin to ``cupy.RawModule`` on a
 GPU machine. Name expressions resolve templated kernels to their lowered (mangled) names.
+
+The cache trusts nothing it reads: an entry's metadata records the cubin's size and sha256,
+and a missing, unreadable, truncated or foreign metadata file or a cubin that does not match
+it is a miss, rebuilt and replaced atomically (temp file + ``os.replace``). Files get the
+mode the umask gives (0666 & ~umask), as ``open()`` would, not ``mkstemp``'s 0600.
 """
 
 from __future__ import annotations
@@ -12,14 +17,15 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
-from .errors import CompileError, DeviceError
-from .paths import kernel_cache_root
+from .errors import CacheError, CompileError, DeviceError
+from .paths import CACHE_ENV, kernel_cache_root
 from .render import GeneratedSource
 
 
@@ -91,6 +97,10 @@ def compile_options(arch: str) -> tuple[str, ...]:
 
 def cache_root() -> Path:
     """The compiled-kernel cache (``flashmoe_gen.paths.kernel_cache_root``)."""
+    base = os.environ.get(CACHE_ENV)
+    if base and os.path.exists(base) and not os.path.isdir(base):
+        raise CacheError(f"{CACHE_ENV}={base!r} is not a directory: point it at a directory "
+                         "(created if missing) or unset it to use the user cache")
     return kernel_cache_root()
 
 
@@ -115,11 +125,34 @@ def parse_ptxas_log(log: str) -> dict[str, KernelResources]:
     return out
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, racing other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` at once: readers see the old or the new file, never
+    a part. Keeps the mode of the file it replaces; a new file gets 0666 & ~umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.stat(path)
+        mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
+    except OSError:
+        mode = None
+    if mode is None:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -127,11 +160,46 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def write_if_changed(path: Path, text: str) -> None:
-    """Write only when different, so tools watching mtimes see real changes only."""
-    if path.exists() and path.read_text() == text:
-        return
-    _atomic_write(path, text.encode())
+def write_if_changed(path: Path, text: str | bytes) -> None:
+    """Write only when the bytes differ, so tools watching mtimes see real changes only."""
+    data = text.encode() if isinstance(text, str) else bytes(text)
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:  # missing (or unreadable): write it
+        pass
+    _atomic_write(path, data)
+
+
+def _cached(gen: GeneratedSource, arch: str, options: tuple[str, ...], version: str,
+            cubin_path: Path, meta_path: Path) -> CompiledModule | None:
+    """The cache entry, if its metadata parses and its cubin has the recorded size and
+    sha256; None (a miss) for anything else."""
+    try:
+        meta = json.loads(meta_path.read_bytes())
+        cubin = cubin_path.read_bytes()
+        if (meta["cubin_size"] != len(cubin)
+                or meta["cubin_sha256"] != hashlib.sha256(cubin).hexdigest()):
+            return None
+        return CompiledModule(
+            name=gen.name, arch=arch, cubin_path=str(cubin_path), lowered=dict(meta["lowered"]),
+            resources={k: KernelResources(**v) for k, v in meta["resources"].items()},
+            dynamic_smem=dict(meta["dynamic_smem"]), log=str(meta["log"]), options=options,
+            nvrtc_version=version, cache_hit=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # missing, unreadable, truncated or foreign: rebuild
+
+
+def _store(root: Path, stem: str, gen: GeneratedSource, cubin: bytes, meta: dict) -> None:
+    """Write the entry: the cubin first, then the metadata that vouches for it."""
+    meta = {**meta, "cubin_size": len(cubin), "cubin_sha256": hashlib.sha256(cubin).hexdigest()}
+    try:
+        _atomic_write(root / f"{stem}.cubin", cubin)
+        write_if_changed(root / f"{stem}.cu", gen.code)
+        _atomic_write(root / f"{stem}.json", json.dumps(meta, indent=1).encode())
+    except OSError as e:
+        raise CacheError(f"cannot write the kernel cache in {root}: {e}; set {CACHE_ENV} to "
+                         "a writable directory") from e
 
 
 def target_arch(config, arch: str) -> str:
@@ -158,13 +226,9 @@ def compile_source(gen: GeneratedSource, arch: str = "sm_90", *, use_cache: bool
     stem = f"{gen.name}-{key}"
     cubin_path, meta_path = root / f"{stem}.cubin", root / f"{stem}.json"
     kernels = gen.kernels.all()
-    if use_cache and cubin_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        return CompiledModule(
-            name=gen.name, arch=arch, cubin_path=str(cubin_path), lowered=meta["lowered"],
-            resources={k: KernelResources(**v) for k, v in meta["resources"].items()},
-            dynamic_smem=meta["dynamic_smem"], log=meta["log"], options=tuple(options),
-            nvrtc_version=version, cache_hit=True)
+    if use_cache and (hit := _cached(gen, arch, tuple(options), version, cubin_path,
+                                     meta_path)) is not None:
+        return hit
 
     prog = nvrtc.createProgram(gen.code, f"{gen.name}.cu", [], [])
     try:
@@ -195,12 +259,10 @@ def compile_source(gen: GeneratedSource, arch: str = "sm_90", *, use_cache: bool
                          resources=resources, dynamic_smem=dynamic_smem, log=log,
                          options=tuple(options), nvrtc_version=version)
     if use_cache:
-        _atomic_write(cubin_path, bytes(cubin))
-        write_if_changed(root / f"{stem}.cu", gen.code)
-        meta = {"lowered": lowered, "resources": {k: asdict(v) for k, v in resources.items()},
+        _store(root, stem, gen, bytes(cubin),
+               {"lowered": lowered, "resources": {k: asdict(v) for k, v in resources.items()},
                 "dynamic_smem": dynamic_smem, "log": log, "problem": gen.problem.to_dict(),
-                "config": gen.config.to_dict(), "nvrtc": version, "options": list(options)}
-        _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+                "config": gen.config.to_dict(), "nvrtc": version, "options": list(options)})
     else:
         mod.cubin_path = ""
         mod.cubin = bytes(cubin)
