@@ -138,8 +138,9 @@ def reconcile(study: optuna.Study, engine: Engine | str | None, problem: MoEProb
         if n not in records and "config" in t.user_attrs:
             _record_from(engine, problem, env, study.study_name, n, t)
             recorded.append(n)
+    has_ok = recorded or any(r.status == TrialStatus.OK for r in records.values())
     return SyncReport(tuple(told), tuple(readded), tuple(recorded), tuple(orphans),
-                      recompute_winner(engine, problem, env))
+                      bool(has_ok) and recompute_winner(engine, problem, env))
 
 
 def recompute_winner(engine: Engine | str | None, problem: MoEProblem,

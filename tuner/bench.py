@@ -48,7 +48,8 @@ def time_callable(fn, *, warmup: int = 5, iters: int = 20, comm=None) -> Timing:
         end.synchronize()
         mine[i] = cupy.cuda.get_elapsed_time(start, end)
     if comm is not None:
-        all_ranks = np.array(comm.mpi.allgather(mine))   # [P, iters]
+        from flashmoe_gen.comm import allgather
+        all_ranks = np.array(allgather(comm.mpi, mine, "gathering the timings"))  # [P, iters]
     else:
         all_ranks = mine[None, :]
     slowest = all_ranks.max(axis=0)

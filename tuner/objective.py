@@ -10,6 +10,7 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass
 
+from flashmoe_gen.comm import allgather
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import (
     CommError,
@@ -70,11 +71,19 @@ def combine(outcomes: list[Outcome]) -> Outcome:
     return Outcome(o.status, reason=reasons[:2000])
 
 
+def is_fatal(exc: BaseException) -> bool:
+    """A failure of the run, not of the candidate: communication (CommError, NCCL) or a
+    request to stop. These end the whole job instead of becoming a failed trial."""
+    if isinstance(exc, (CommError, KeyboardInterrupt, SystemExit)):
+        return True
+    return type(exc).__name__ == "NcclError" or type(exc).__module__.endswith("nccl")
+
+
 def gate(mpi, outcome: Outcome | None) -> Outcome | None:
     """Collective: None if every rank is fine so far, else the combined failure."""
     if mpi is None:
         return outcome
-    everyone = mpi.allgather(outcome)
+    everyone = allgather(mpi, outcome, "comparing notes on a candidate")
     if all(o is None for o in everyone):
         return None
     return combine([o if o is not None else Outcome(OK) for o in everyone])
@@ -118,6 +127,8 @@ class LayerEvaluator:
             layer = FlashMoE(self.problem, config, weights=self.weights, comm=self.comm,
                              agree=False)
         except Exception as e:  # a failed candidate is a result, not a crash
+            if is_fatal(e):
+                raise
             failed = failure_outcome(e)
         if (failed := gate(self.mpi, failed)) is not None:
             return failed
@@ -133,12 +144,16 @@ class LayerEvaluator:
                         f"rel err {res.rel_error:.3e} (tol {TOLERANCE}), finite={res.finite}, "
                         f"routing mismatches {res.routing_mismatches}"))
             except Exception as e:
+                if is_fatal(e):
+                    raise
                 failed = failure_outcome(e)
             if (failed := gate(self.mpi, failed)) is not None:
                 return failed
             if self.mpi is not None:
-                rel = max(self.mpi.allgather(rel))
+                rel = max(allgather(self.mpi, rel, "gathering the reference errors"))
 
+        if self.comm is not None:
+            self.comm.check_usable()  # an aborted NCCL ends the run, never a failed trial
         try:
             t = time_callable(lambda: layer.forward(self.x), warmup=self.warmup,
                               iters=self.iters, comm=self.comm)

@@ -2,8 +2,9 @@
 
 Only rank 0 talks to the sampler and the storages. Each step it asks for a candidate,
 broadcasts its config, every rank evaluates it, the outcomes are combined (a failure on
-one rank fails the candidate everywhere) and rank 0 tells the sampler and records the
-trial. ``None`` broadcast ends the loop on every rank.
+one rank fails the candidate everywhere) and rank 0 records the trial, then tells the
+sampler. ``None`` broadcast ends the loop on every rank. Every step has a deadline and
+any error on any rank ends the job (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -15,20 +16,27 @@ from dataclasses import dataclass
 
 import optuna
 from optuna.distributions import CategoricalDistribution
+from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize runs
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
+from flashmoe_gen.comm import abort_on_error, allgather, bcast, deadline, root_wait_s
 from flashmoe_gen.config import KernelConfig
-from flashmoe_gen.errors import ConfigError
+from flashmoe_gen.errors import ConfigError, DatabaseError
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.status import TrialStatus
 
-from .objective import INVALID, Outcome, combine
+from .objective import INVALID, Outcome, combine, failure_outcome, is_fatal
 from .space import SearchSpace
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 #: Give up when this many consecutive candidates are invalid (space exhausted / all bad).
 MAX_INVALID_STREAK = 500
 INTERRUPTED = TrialStatus.INTERRUPTED
+#: Seconds between heartbeats of a running trial in an RDB study store.
+HEARTBEAT_S = 10
+#: A running trial whose job sent no heartbeat for this many intervals is a dead job's.
+STALE_AFTER = 6
 
 
 @dataclass(frozen=True)
@@ -73,30 +81,49 @@ def _distributions(space: SearchSpace) -> dict:
     return {k: CategoricalDistribution(list(v)) for k, v in space.choices.items()}
 
 
-def _fail_stale(study: optuna.Study) -> int:
-    """Trials left RUNNING by a process that died (e.g. a sticky CUDA error) become FAIL."""
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "status", INTERRUPTED)
-        study._storage.set_trial_user_attr(t._trial_id, "reason",
-                                           "interrupted: the tuning process ended mid-trial")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        n += 1
-    return n
+def _fail_stale(study: optuna.Study) -> None:
+    """Trials whose job stopped sending heartbeats (it died) become FAIL; trials of other
+    jobs that are alive and share the study are left running."""
+    with warnings.catch_warnings():  # "experimental" since optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as printed: any password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show it as given
+        return url
+
+
+def _storage(url: str, heartbeat_s: int):
+    """An RDB storage whose running trials send heartbeats, so that a job sharing the study
+    tells a dead job's trials (no heartbeat for ``STALE_AFTER`` heartbeats) from live ones."""
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" since optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s,
+                                              grace_period=STALE_AFTER * heartbeat_s)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise DatabaseError(shown_url(url), f"cannot open it as the Optuna study store "
+                            f"({type(e).__name__}: {first})",
+                            "pass --storage a SQLAlchemy URL such as "
+                            "sqlite:////path/to/studies.db (or set FLASHMOE_STUDIES)") from e
 
 
 def open_study(study_name: str, storage: str | None, sampler: optuna.samplers.BaseSampler,
-               resume: bool) -> optuna.Study:
-    if storage is not None and not resume:
-        names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+               resume: bool, heartbeat_s: int = HEARTBEAT_S) -> optuna.Study:
+    store = _storage(storage, heartbeat_s) if storage is not None else None
+    if store is not None and not resume:
+        names = {s.study_name for s in optuna.get_all_study_summaries(store)}
         if study_name in names:
             raise ConfigError("study", study_name,
                               "already exists in the storage: pass --resume to continue it, "
                               "or --study-name for a new one")
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
-                                direction="minimize", load_if_exists=resume)
-    _fail_stale(study)
-    return study
+    return optuna.create_study(study_name=study_name, storage=store, sampler=sampler,
+                               direction="minimize", load_if_exists=resume)
 
 
 def run_study(problem: MoEProblem, evaluate: Callable[[KernelConfig], Outcome], *,
@@ -104,77 +131,98 @@ def run_study(problem: MoEProblem, evaluate: Callable[[KernelConfig], Outcome], 
               n_trials: int = 30, timeout_s: float | None = None, storage: str | None = None,
               resume: bool = False, seed: int = 0, enqueue_seeds: bool = True,
               on_trial: Callable[[TrialResult, TrialResult | None], None] | None = None,
-              ) -> StudyResult | None:
+              record: Callable[[TrialResult], None] | None = None,
+              sync: Callable[[optuna.Study], None] | None = None,
+              heartbeat_s: int = HEARTBEAT_S) -> StudyResult | None:
     """Collective. Returns the result on rank 0, None on the other ranks.
 
     ``n_trials`` counts evaluated candidates (including earlier runs of a resumed
     study); invalid combinations are rejected before compiling and do not count.
     ``enqueue_seeds``: evaluate the heuristic default and known-good configs first.
+    ``record(result)`` stores a finished trial durably (the winners database) *before* the
+    study is told, so a crash between the two leaves a trial that ``sync(study)`` (run
+    when the study is opened, before dead jobs' trials are failed) tells from the record.
+    ``on_trial(result, best)`` runs after the tell (progress).
+
+    Any exception on any rank, and any protocol step past its deadline
+    (``$FLASHMOE_COMM_TIMEOUT``), ends the whole job with one line naming the rank
+    (see ``flashmoe_gen.comm.abort_on_error``); a failed candidate is a result instead.
     """
     rank = mpi.Get_rank() if mpi is not None else 0
-    if rank != 0:
-        while True:
-            msg = mpi.bcast(None, root=0)
-            if msg is None:
-                return None
-            outcome = _safe(evaluate, KernelConfig.from_json(msg))
-            mpi.allgather(outcome)
+    with abort_on_error(mpi):
+        if rank != 0:
+            return _follow(evaluate, mpi)
+        return _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_s,
+                     storage, resume, seed, enqueue_seeds, on_trial, record, sync, heartbeat_s)
 
+
+def _follow(evaluate, mpi) -> None:
+    """Ranks other than 0: evaluate what rank 0 sends until it sends None."""
+    while True:
+        msg = bcast(mpi, None, "waiting for rank 0's next candidate", seconds=root_wait_s())
+        if msg is None:
+            return None
+        outcome = _safe(evaluate, KernelConfig.from_json(msg))
+        allgather(mpi, outcome, "gathering the outcomes of a candidate")
+
+
+def _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_s, storage,
+          resume, seed, enqueue_seeds, on_trial, record, sync, heartbeat_s) -> StudyResult:
     t0 = time.monotonic()
-    try:
+    with deadline(mpi, "opening the study"):
         smp = make_sampler(sampler, space, seed)
-        study = open_study(study_name, storage, smp, resume)
-    except Exception:
-        if mpi is not None:
-            mpi.bcast(None, root=0)  # release the other ranks before raising
-        raise
+        study = open_study(study_name, storage, smp, resume, heartbeat_s)
+        if sync is not None:
+            sync(study)  # before failing stale trials: a recorded trial keeps its number
+        _fail_stale(study)
+        # Resumed studies count what earlier runs evaluated; unfinished trials do not count.
+        evaluated = sum(1 for t in study.trials
+                        if t.user_attrs.get("status") not in (None, INVALID, INTERRUPTED)
+                        and t.state in (TrialState.COMPLETE, TrialState.FAIL))
+        if sampler != "grid" and enqueue_seeds:
+            for cfg in space.seeds():
+                if space.contains(cfg):
+                    study.enqueue_trial(space.params_from_config(cfg), skip_if_exists=True)
+        best = _best_so_far(study)
     dists = _distributions(space)
-    # Resumed studies count what earlier runs evaluated; unfinished trials do not count.
-    evaluated = sum(1 for t in study.trials
-                    if t.user_attrs.get("status") not in (None, INVALID, INTERRUPTED)
-                    and t.state in (TrialState.COMPLETE, TrialState.FAIL))
-    if sampler != "grid" and enqueue_seeds:
-        for cfg in space.seeds():
-            if space.contains(cfg):
-                study.enqueue_trial(space.params_from_config(cfg), skip_if_exists=True)
     results: list[TrialResult] = []
-    best = _best_so_far(study)
     invalid_streak = 0
     trial = None
     try:
         while evaluated < n_trials and invalid_streak < MAX_INVALID_STREAK:
             if timeout_s is not None and time.monotonic() - t0 > timeout_s:
                 break
-            if sampler == "grid" and smp.is_exhausted(study):
-                break
-            trial = study.ask(dists)
-            reason = space.check(trial.params)
-            if reason is not None:
-                trial.set_user_attr("status", INVALID)
-                trial.set_user_attr("reason", reason[:500])
-                told, trial = trial, None
-                study.tell(told, state=TrialState.FAIL)
-                invalid_streak += 1
-                continue
+            with deadline(mpi, "asking the sampler for a candidate"):
+                if sampler == "grid" and smp.is_exhausted(study):
+                    break
+                _fail_stale(study)
+                with warnings.catch_warnings():  # heartbeats outside study.optimize: ours
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = study.ask(dists)
+                reason = space.check(trial.params)
+                if reason is not None:
+                    trial.set_user_attr("status", INVALID)
+                    trial.set_user_attr("reason", reason[:500])
+                    told, trial = trial, None
+                    study.tell(told, state=TrialState.FAIL)
+                    invalid_streak += 1
+                    continue
             invalid_streak = 0
             cfg = space.config_from_params(trial.params)
             trial.set_user_attr("config", cfg.name)
-            if mpi is not None:
-                mpi.bcast(cfg.to_json(), root=0)
-            mine = _safe(evaluate, cfg)
-            outcome = combine(mpi.allgather(mine)) if mpi is not None else mine
-            for k, v in (("status", outcome.status), ("reason", outcome.reason),
-                         ("p20_ms", outcome.p20_ms), ("p80_ms", outcome.p80_ms),
-                         ("rel_error", outcome.rel_error)):
-                if v is not None:
-                    trial.set_user_attr(k, v)
-            told, trial = trial, None
-            if outcome.ok:
-                study.tell(told, outcome.median_ms)
-            else:
-                study.tell(told, state=TrialState.FAIL)
+            with get_heartbeat_thread(trial._trial_id, study._storage):
+                if mpi is not None:
+                    bcast(mpi, cfg.to_json(), "sending the candidate")
+                mine = _safe(evaluate, cfg)
+                outcome = (combine(allgather(mpi, mine, "gathering the outcomes of a candidate"))
+                           if mpi is not None else mine)
+                res = TrialResult(trial.number, cfg, outcome)
+                with deadline(mpi, f"recording trial {trial.number}"):
+                    if record is not None:
+                        record(res)  # durable first: a crash after it is repaired by sync
+                    _tell(study, trial, outcome, sync)
+                    trial = None
             evaluated += 1
-            res = TrialResult(told.number, cfg, outcome)
             results.append(res)
             if outcome.ok and (best is None or outcome.value < best.outcome.value):
                 best = res
@@ -182,21 +230,47 @@ def run_study(problem: MoEProblem, evaluate: Callable[[KernelConfig], Outcome], 
                 on_trial(res, best)
     finally:
         if trial is not None:  # interrupted mid-trial: keep the study consistent
-            trial.set_user_attr("status", INTERRUPTED)
-            trial.set_user_attr("reason", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
-        if mpi is not None:
-            mpi.bcast(None, root=0)
+            with deadline(mpi, "marking the interrupted trial"):
+                _interrupted(study, trial)
+    if mpi is not None:
+        bcast(mpi, None, "ending the search")
     return StudyResult(study.study_name, results, best, time.monotonic() - t0)
 
 
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, sync) -> None:
+    """The outcome as user attributes, then the tell. A trial finished meanwhile by another
+    job (a sync that read our record, or a heartbeat judged stale) is repaired by ``sync``."""
+    try:
+        for k, v in (("status", outcome.status), ("reason", outcome.reason),
+                     ("p20_ms", outcome.p20_ms), ("p80_ms", outcome.p80_ms),
+                     ("rel_error", outcome.rel_error)):
+            if v is not None:
+                trial.set_user_attr(k, v)
+        if outcome.ok:
+            study.tell(trial, outcome.median_ms)
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        if sync is not None:
+            sync(study)
+
+
+def _interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
+    try:
+        trial.set_user_attr("status", INTERRUPTED)
+        trial.set_user_attr("reason", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass  # another job's sync told it from our record: nothing to mark
+
+
 def _safe(evaluate, cfg: KernelConfig) -> Outcome:
-    from .objective import failure_outcome
+    """A failed candidate is a result; a failed run (communication, Ctrl-C) is not."""
     try:
         return evaluate(cfg)
-    except (KeyboardInterrupt, SystemExit):
-        raise
     except Exception as e:
+        if is_fatal(e):
+            raise
         return failure_outcome(e)
 
 

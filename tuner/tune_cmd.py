@@ -1,4 +1,9 @@
-"""``flashmoe-tune tune``: the search on every rank, the report and the winner on rank 0."""
+"""``flashmoe-tune tune``: the search on every rank, the report and the winner on rank 0.
+
+Any failure on any rank ends the whole job with one line naming the rank and the cause
+(``flashmoe_gen.comm.abort_on_error``); ``--resume`` reconciles the study and the winners
+database (``flashmoe_gen.db.sync``). See docs/reliability.md.
+"""
 
 from __future__ import annotations
 
@@ -8,67 +13,110 @@ import warnings
 from pathlib import Path
 
 
-def run_tune(a: argparse.Namespace) -> int:
+class GpuBackend:
+    """What a tune measures on: this GPU's limits and environment, and the layer evaluator.
+    Tests pass a CPU stand-in (tests/mpi/tune_cpu.py) to run the real command without one."""
+
+    def limits(self):
+        from flashmoe_gen.arch import current_device_limits
+        return current_device_limits()
+
+    def environment(self, world_size: int):
+        from flashmoe_gen.db import Environment
+        from flashmoe_gen.render import template_hash
+        return Environment.detect(world_size, template_hash())
+
+    def evaluator(self, problem, world, space, a: argparse.Namespace):
+        """Collective: (evaluate, Communicator or None)."""
+        from flashmoe_gen.comm import Communicator
+        from flashmoe_gen.tuner.objective import LayerEvaluator
+
+        P = problem.world_size
+        comm = Communicator(world, n_streams=max(space.choices["streams"])) if P > 1 else None
+        return LayerEvaluator(problem, comm, seed=a.seed, warmup=a.warmup, iters=a.iters), comm
+
+
+def run_tune(a: argparse.Namespace, backend: GpuBackend | None = None) -> int:
+    from flashmoe_gen.comm import abort_on_error
+    from flashmoe_gen.tuner.launch import mpi_ranks
+
+    world, P, rank = mpi_ranks(a.gpus)
+    with abort_on_error(world if P > 1 else None):
+        return _tune(a, backend or GpuBackend(), world, P, rank)
+
+
+def _tune(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank: int) -> int:
     import optuna
 
-    from flashmoe_gen.arch import current_device_limits
-    from flashmoe_gen.comm import Communicator
+    from flashmoe_gen.comm import bcast, deadline, root_wait_s
     from flashmoe_gen.paths import default_storage_url
-    from flashmoe_gen.tuner.cli import mpi_ranks, problem_from_args
-    from flashmoe_gen.tuner.objective import LayerEvaluator
+    from flashmoe_gen.tuner.args import problem_from_args
     from flashmoe_gen.tuner.space import SearchSpace
     from flashmoe_gen.tuner.study import run_study
 
-    world, P, rank = mpi_ranks(a.gpus)
+    mpi = world if P > 1 else None
     problem = problem_from_args(a, world_size=P)
-    limits = current_device_limits()
-    space = SearchSpace.for_problem(problem, limits, a.space)
-    comm = Communicator(world, n_streams=max(space.choices["streams"])) if P > 1 else None
-    evaluator = LayerEvaluator(problem, comm, seed=a.seed, warmup=a.warmup, iters=a.iters)
+    space = SearchSpace.for_problem(problem, backend.limits(), a.space)
+    evaluate, comm = backend.evaluator(problem, world, space, a)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    env = engine = None
-    on_trial = None
-    progress = None
+    env = None
+    record = sync = on_trial = progress = None
+    storage = a.storage or default_storage_url()
     if rank == 0:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from flashmoe_gen.db import Environment, make_engine, record_trial
-        from flashmoe_gen.render import template_hash
-        env = Environment.detect(P, template_hash())
-        engine = make_engine(a.db)
-        study_name = a.study_name or f"{problem.name}__{a.space}__{env.key}"
-        progress = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(),
-                            TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
-        task = progress.add_task("tune", total=a.trials, best="-")
-        progress.start()
+        from flashmoe_gen.db import make_engine, record_trial
+        from flashmoe_gen.db.sync import reconcile
 
-        def on_trial(res, best):
+        with deadline(mpi, "opening the winners database"):
+            env = backend.environment(P)
+            engine = make_engine(a.db)
+        study_name = a.study_name or f"{problem.name}__{a.space}__{env.key}"
+
+        def record(res):  # before the study's tell: the database is written first
             o = res.outcome
             record_trial(engine, problem, env, res.config, status=o.status,
                          median_ms=o.median_ms, p20_ms=o.p20_ms, p80_ms=o.p80_ms,
                          rel_error=o.rel_error, failure_reason=o.reason,
                          study_name=study_name, number=res.number)
+
+        def sync(study):
+            r = reconcile(study, engine, problem, env)
+            if r.repaired:
+                print(f"study {study.study_name} and the winners database reconciled: "
+                      f"{len(r.told) + len(r.readded)} trial(s) told from the database, "
+                      f"{len(r.recorded)} recorded from the study"
+                      + ("; winner recomputed" if r.winner_changed else ""), flush=True)
+
+        progress = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(),
+                            TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
+        task = progress.add_task("tune", total=a.trials, best="-")
+
+        def on_trial(res, best):
             progress.update(task, advance=1, best=f"{best.outcome.median_ms:.4f} ms" if best
                             else "-")
     else:
         study_name = None
-    study_name = world.bcast(study_name, root=0)
-    storage = a.storage or default_storage_url()
+    if mpi is not None:
+        study_name = bcast(mpi, study_name, "waiting for rank 0 to open the winners database",
+                           seconds=root_wait_s())
     t0 = time.monotonic()
+    if progress is not None:
+        progress.start()
     try:
-        res = run_study(problem, evaluator, mpi=world if P > 1 else None, space=space,
-                        study_name=study_name, sampler=a.sampler, n_trials=a.trials,
-                        timeout_s=a.timeout, storage=storage if rank == 0 else None,
-                        resume=a.resume, seed=a.seed, on_trial=on_trial)
+        res = run_study(problem, evaluate, mpi=mpi, space=space, study_name=study_name,
+                        sampler=a.sampler, n_trials=a.trials, timeout_s=a.timeout,
+                        storage=storage if rank == 0 else None, resume=a.resume, seed=a.seed,
+                        on_trial=on_trial, record=record, sync=sync)
     finally:
         if progress is not None:
             progress.stop()
-    if rank == 0:
-        report(problem, res, study_name, storage, env, a, time.monotonic() - t0)
-    if comm is not None:
+    if comm is not None:  # every rank is done with the GPU: nobody waits for the report
         comm.barrier()
         comm.close()
+    if rank == 0:
+        report(problem, res, study_name, storage, env, a, time.monotonic() - t0)
     return 0
 
 
@@ -79,6 +127,7 @@ def report(problem, res, study_name: str, storage: str, env, a, seconds: float) 
     from rich.table import Table
 
     from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.tuner.study import shown_url
 
     console = Console(width=200)
     study = optuna.load_study(study_name=study_name, storage=storage)
@@ -106,13 +155,7 @@ def report(problem, res, study_name: str, storage: str, env, a, seconds: float) 
     for tr in failed[:5]:
         console.print(f"failed trial {tr.number} ({tr.user_attrs.get('status')}): "
                       f"{tr.user_attrs.get('reason', '')[:160]}")
-    if a.plot is None:  # default: an HTML history beside the run, when plotly is there
-        import importlib.util
-        if importlib.util.find_spec("plotly") is not None:
-            a.plot = f"{problem.name}__{a.sampler}.html"
-        else:
-            console.print("no plot of the search: pip install 'flashmoe_gen[plot]' (plotly)")
-    if a.plot and done:
+    if a.plot and done:  # only where asked: no file appears unrequested
         try:
             path = Path(a.plot)
             if path.suffix == ".png":
@@ -132,3 +175,6 @@ def report(problem, res, study_name: str, storage: str, env, a, seconds: float) 
     if done:
         console.print(f"winner stored in {a.db or 'the default database'}: "
                       f"{done[0].user_attrs.get('config')}")
+    console.print(f"study store: {shown_url(storage)} (study {study_name}); to continue this "
+                  "study, run the same command with --resume", soft_wrap=True)
+
