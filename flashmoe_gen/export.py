@@ -62,7 +62,6 @@ def export_vars(layer: CompiledLayer) -> dict:
     tv = to_template_vars(p, cfg)
     tv.update(
         has_shared=CPP_BOOL[bool(w)],
-        use_shared_stream=CPP_BOOL[cfg.shared_stream and cfg.overlap],
         router_tokens_per_block=cfg.router_tokens_per_block,
         router_threads=32 * cfg.router_tokens_per_block,
         pos_threads=POS_THREADS,

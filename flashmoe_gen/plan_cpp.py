@@ -10,6 +10,8 @@ templates/export_host.cu.j2 and export_main.cu.j2.
 
 from __future__ import annotations
 
+import re
+
 from .layout import DISPATCH
 from .plan import (
     Combine,
@@ -34,24 +36,25 @@ def stream_cpp(s: Stream) -> str:
     return f"X->streams[{s.index}]"
 
 
-#: Locals the plan's expressions name, bound at the top of the generated forward.
+#: Locals the plan's expressions may name, bound at the top of the generated forward (only
+#: those the statements use are declared: nvcc warns about the rest).
 PROLOGUE = (
-    "const long long me = L->rank;",
-    "long long src = me, cap = L->capacity;",
-    "const elem *w1 = L->w1t, *w3 = L->w3t, *w2 = L->w2t;",
-    "const elem *sw1 = L->sw1t, *sw3 = L->sw3t, *sw2 = L->sw2t;",
-    "elem *shared_act = L->shared_act, *shared_out = L->shared_out;",
-    "elem *layout = L->layout, *act = L->act;",
-    "const int *counts = L->counts, *row_off = L->row_off;",
+    ("me", "const long long me = L->rank;"),
+    ("src", "long long src = me;"),
+    ("cap", "long long cap = L->capacity;"),
+    *((n, f"const elem* {n} = L->{n}t;") for n in ("w1", "w3", "w2", "sw1", "sw3", "sw2")),
+    *((n, f"elem* {n} = L->{n};") for n in ("shared_act", "shared_out", "layout", "act")),
+    *((n, f"const int* {n} = L->{n};") for n in ("counts", "row_off")),
 )
 
 
 def _statements(op, plan: ForwardPlan) -> list[str]:
     world = plan.problem.world_size
     if isinstance(op, Route):
-        return ["FMOE_CHECK(route(L, x, tokens, s));",
-                # per-token buffers may have grown: rebind their names
-                "shared_act = L->shared_act;", "shared_out = L->shared_out;"]
+        out = ["FMOE_CHECK(route(L, x, tokens, s));"]
+        if plan.problem.shared_experts:  # per-token buffers may have grown: rebind them
+            out += ["shared_act = L->shared_act;", "shared_out = L->shared_out;"]
+        return out
     if isinstance(op, ExchangeCounts):
         call = ("exchange_counts(L, X, s)" if world > 1 else "local_counts(L, s, counts_host)")
         return [f"FMOE_CHECK({call});",
@@ -85,13 +88,18 @@ def _statements(op, plan: ForwardPlan) -> list[str]:
 def forward_lines(plan: ForwardPlan) -> list[str]:
     """The body of the generated forward: the prologue, then each operation under a
     ``// op N: ...`` comment (tests read these back against the plan)."""
-    lines = list(PROLOGUE)
+    body = []
     for n, op in enumerate(plan.ops):
-        lines.append(f"// op {n}: {describe(op, plan.events)}")
-        lines += _statements(op, plan)
-    lines.append("(void)src;")
-    lines.append("return cudaSuccess;")
-    return lines
+        body.append(f"// op {n}: {describe(op, plan.events)}")
+        body += _statements(op, plan)
+    words = set(re.findall(r"\b\w+\b", "\n".join(line for line in body
+                                                if not line.startswith("//"))))
+    declared = {n for n, _ in PROLOGUE if n in words}
+    if "src" in declared:
+        declared.add("me")
+    prologue = [decl for n, decl in PROLOGUE if n in declared]
+    # a name only assigned (e.g. `act = L->act;`) is still a use for nvcc
+    return [*prologue, *body, "return cudaSuccess;"]
 
 
 def call_args(signature, **exprs: str) -> str:

@@ -104,8 +104,10 @@ def test_constants_come_from_python():
     tiny = GemmTile(32, 32, 32, 1, 2, 2)  # 12 KB and 8 KB of smem: no opt-in
     small = export_cu(SHARED, KernelConfig(tiny, tiny))
     assert "FIXED_CAPACITY = 0;" in small and "cudaFuncSetAttribute(fmoe::" not in small
-    chunked = export_cu(CAPPED, KernelConfig(BIG_SMEM.gate_up, BIG_SMEM.down, chunks_per_peer=3))
-    assert "CHUNKS[NUM_CHUNKS][2] = { { 0, 3}, { 3, 5}, { 5, 8}};" in chunked
+    chunked = export_cu(CAPPED, KernelConfig(BIG_SMEM.gate_up, BIG_SMEM.down, chunks_per_peer=3),
+                        with_main=True)
+    for e0, e1 in ((0, 3), (3, 5), (5, 8)):  # local experts computed together, per peer
+        assert f"experts [{e0}, {e1}) of this rank's tokens on main" in chunked
 
 
 def test_packed_slots_and_fused_sources_mirrored():
@@ -290,3 +292,25 @@ def test_gpu_harness_two_ranks_matches_one(tmp_path, packed):
         lines[p.world_size] = re.search(r"rank 0/\d .*", res.stdout).group(0)
     fnv = [re.search(r"fnv1a (\w+)", lines[w]).group(1) for w in (1, 2)]
     assert fnv[0] == fnv[1], lines
+
+
+WGMMA = KernelConfig.parse("gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn128_bk64_w8x1_s4_wg"
+                           "__r8__c1__cs1__ss1")
+
+
+def test_wgmma_export_names_its_target():
+    text = export_cu(MoEProblem(1024, 1024, 8, 2, tokens_per_rank=4096), WGMMA)
+    assert "#error \"this layer uses wgmma tiles: build with -gencode " \
+           "arch=compute_90a,code=sm_90a\"" in text
+    assert "#error" not in export_cu(SHARED, KernelConfig.default(SHARED, "sm_80"))
+
+
+@needs_nvcc
+def test_wgmma_export_built_for_sm90_stops_with_the_flag_to_use(tmp_path):
+    src = tmp_path / "wg.cu"
+    export_cu(MoEProblem(1024, 1024, 8, 2, tokens_per_rank=4096), WGMMA, src)
+    res = subprocess.run([NVCC, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "wg.o")],
+                         capture_output=True, text=True, timeout=NVCC_TIMEOUT)
+    assert res.returncode != 0
+    assert "build with -gencode arch=compute_90a,code=sm_90a" in res.stderr
+    assert "Ptx assembly aborted" not in res.stderr  # stopped before ptxas
