@@ -71,3 +71,129 @@ def test_tune_without_gpu_says_why():
                         "--trials", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "DeviceError" in r.stderr or "GPU" in r.stderr
+
+
+# -- a first run that explains itself ------------------------------------------------------
+def test_help_shows_defaults_and_only_the_flags_a_command_reads(capsys):
+    from flashmoe_gen.tuner.cli import build_parser
+
+    def helptext(*argv):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+    tune = helptext("tune")
+    assert "(default: 30)" in tune and "(default: tpe)" in tune and "(default: 512)" in tune
+    assert "default: None" not in tune and "default: False" not in tune
+    show = helptext("show")
+    for ignored in ("--config", "--arch", "--gpus", "--trials", "--plot"):
+        assert ignored not in show
+    assert "--limit" in show and "--json" in show and "(default: 20)" in show
+    assert "--json" in helptext("list")
+    assert main(["--version"]) == 0
+
+
+def _reparsed(command: str):
+    """The namespace a printed `flashmoe-tune ...` command parses to."""
+    import shlex
+
+    from flashmoe_gen.tuner.cli import build_parser
+    argv = shlex.split(command)
+    assert argv[0] == "flashmoe-tune"
+    return build_parser().parse_args(argv[1:])
+
+
+def test_list_on_an_empty_database_says_how_to_tune(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no tuned kernels in sqlite:///") and out.count("\n") == 1
+    a = _reparsed(out.split("tune one with: ")[1])
+    assert (a.command, a.gpus, a.hidden, a.experts) == ("tune", 1, 512, 8)
+    assert main(["list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_show_untuned_prints_a_note_and_the_exact_tune_command(capsys):
+    args = [*SEED, "--capacity-factor", "1.25", "--world-size", "2"]
+    assert main(["show", *args]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("note: moe_h512") and "heuristic default" in err
+    assert err.count("\n") == 1 and "Warning" not in err  # no raw warning, no source path
+    from flashmoe_gen.tuner.args import problem_from_args
+    cmd = out.split("tune it with: ")[1].strip()
+    p = problem_from_args(_reparsed(cmd))
+    assert p == MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2,
+                           tokens_per_rank=256, capacity_factor=1.25)
+    assert main(["show", *args, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["provenance"] == "default" and rep["problem"] == p.name and rep["trials"] == []
+    assert KernelConfig.from_dict(rep["config_fields"]).name == rep["config"]
+
+
+@pytest.mark.parametrize("columns", [70, 200])
+def test_tables_use_the_terminal_width(capsys, monkeypatch, columns):
+    p = MoEProblem(512, 2048, 8, 2, shared_experts=1, tokens_per_rank=256)
+    env = Environment("NVIDIA H100 80GB HBM3", "9.0", 1, "t")
+    cfg = KernelConfig.default(p)
+    record_trial(make_engine(), p, env, cfg, status="ok", median_ms=0.5)
+    monkeypatch.setenv("COLUMNS", str(columns))
+    for argv in (["list"], ["show", *SEED, "--device", env.gpu_name]):
+        assert main(argv) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert max(map(len, lines)) <= columns
+        if columns == 200:  # wide enough: the config name is on one line
+            assert any(cfg.name in line for line in lines)
+
+
+@pytest.mark.parametrize("problem", [
+    MoEProblem(512, 2048, 8, 2),
+    MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=4, tokens_per_rank=512),
+    MoEProblem(64, 32, 4, 1, shared_experts=1, shared_intermediate=48, tokens_per_rank=0,
+               capacity_factor=1 / 3, normalize_topk=False),
+], ids=["seed", "dsv2lite", "every-field"])
+def test_problem_flags_round_trip(problem):
+    from flashmoe_gen.tuner.args import problem_from_args, tune_command
+    a = _reparsed(tune_command(problem, "sqlite:///x y.db"))
+    assert problem_from_args(a) == problem and a.db == "sqlite:///x y.db"
+
+
+def test_cli_is_the_entry_point_only():
+    """No module of the tuner imports tuner.cli (the old circle cli <-> run_layer/tune_cmd)."""
+    import ast
+    from pathlib import Path
+
+    import flashmoe_gen.tuner as tuner
+    for path in Path(tuner.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n == "cli" or n.endswith(".cli") for n in names), path.name
+
+
+def test_one_rank_outside_mpirun_is_a_single_rank_stand_in(monkeypatch):
+    from flashmoe_gen.errors import UsageError
+    from flashmoe_gen.tuner import launch
+
+    for var in (*launch.MPI_SIZE_VARS, *launch.MPI_RANK_VARS):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(launch, "_mpi_world", lambda: pytest.fail("imported MPI"))
+    world, size, rank = launch.mpi_ranks(1)
+    assert (size, rank, world.Get_size(), world.Get_rank()) == (1, 0, 1, 0)
+    assert world.bcast({"x": 1}, root=0) == {"x": 1} and world.allgather(3) == [3]
+    assert world.Barrier() is None
+
+    class World:  # two ranks under mpirun
+        def Get_size(self):
+            return 2
+
+        def Get_rank(self):
+            return 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setattr(launch, "_mpi_world", World)
+    assert launch.mpi_ranks(2)[1:] == (2, 1)
+    with pytest.raises(UsageError, match=r"2 MPI rank\(s\): start it with `mpirun -np 1`"):
+        launch.mpi_ranks(1)

@@ -641,3 +641,46 @@ def test_wgmma_needs_hopper():
     cfg.validate(DSV2_LITE, "sm_90a")
     with pytest.raises(ConfigError, match="sm_90"):
         cfg.validate(DSV2_LITE, "sm_80")
+
+
+# -- knob values declared once; sizes that fit the kernels' ints ---------------------------
+def test_search_spaces_take_their_values_from_config():
+    from flashmoe_gen import config as c
+    from flashmoe_gen.tuner import space
+
+    valid = {"bm": c.BM_CHOICES, "bn": c.BN_CHOICES, "bk": c.BK_CHOICES, "s": c.STAGE_RANGE,
+             "mma": c.MMA_CHOICES, "router": c.ROUTER_CHOICES, "chunks": c.CHUNK_RANGE,
+             "streams": c.COMM_STREAM_CHOICES}
+    for choices in space.SPACES.values():
+        for knob, values in choices.items():
+            kind = knob.split("_", 1)[-1] if knob.startswith(("gu_", "dn_")) else knob
+            if kind == "w":
+                assert all(int(w) in c.WARP_CHOICES for g in values for w in g.split("x"))
+            elif kind in valid:
+                assert set(values) <= set(valid[kind]), knob
+            else:
+                assert set(values) <= {True, False}, knob
+    with pytest.raises(ConfigError, match="warp grid"):
+        space._grids("3x1")
+
+
+@pytest.mark.parametrize("field,limit", [("hidden", "MAX_WIDTH"), ("intermediate", "MAX_WIDTH"),
+                                         ("experts", "MAX_EXPERTS"),
+                                         ("tokens_per_rank", "MAX_TOKENS")])
+def test_sizes_have_upper_bounds_that_fit_int32(field, limit):
+    import flashmoe_gen.problem as pm
+    bound = getattr(pm, limit)
+    ok = SEED.replace(**{field: bound}) if field != "experts" else \
+        MoEProblem(512, 2048, bound, 2)
+    assert getattr(ok, field) == bound
+    with pytest.raises(ProblemError, match=limit) as e:
+        SEED.replace(**{field: bound + 8})
+    assert e.value.field == field
+    # at the bounds every C++ int constant fits 32 bits and buffers fit int64
+    big = MoEProblem(pm.MAX_WIDTH, pm.MAX_WIDTH, pm.MAX_EXPERTS, 8, shared_experts=1,
+                     tokens_per_rank=pm.MAX_TOKENS, capacity_factor=1.0)
+    ints = (big.hidden, big.intermediate, big.experts, big.local_experts, big.shared_width,
+            big.tokens_per_rank, big.fixed_capacity(256))
+    assert max(ints) < 2**31
+    assert big.experts * big.fixed_capacity(256) * big.hidden * 2 < 2**63
+    assert big.experts * big.hidden * big.intermediate * 3 < 2**63

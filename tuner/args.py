@@ -78,10 +78,10 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared-intermediate", type=int, default=None,
                    help="intermediate size of each shared expert (default: --intermediate)")
     g.add_argument("--world-size", type=int, default=None,
-                   help="expert-parallel ranks P (default: --gpus, or the MPI world size)")
+                   help="expert-parallel ranks P (default: the job's ranks for run/tune, else 1)")
     g.add_argument("--tokens", type=int, default=d["tokens"], help="tokens per rank T")
     g.add_argument("--dtype", default=SUPPORTED_DTYPES[0],
-                   help=f"activation/weight dtype ({', '.join(SUPPORTED_DTYPES)})")
+                   help=f"activation/weight dtype (supported: {', '.join(SUPPORTED_DTYPES)})")
     g.add_argument("--capacity-factor", type=float, default=None,
                    help="drop tokens past ceil(c*T*k/E) per (rank, expert); default exact")
     g.add_argument("--no-normalize-topk", action="store_true",
