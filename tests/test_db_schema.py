@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -400,6 +401,13 @@ def test_a_reader_answers_while_another_process_holds_the_write_lock(db):
         assert r.returncode == 0, r.stderr[-2000:]
         seconds = float(r.stdout.split()[2])
         assert seconds <= 1.0, r.stdout
+        # The CLI too (the whole process, imports included: the lock was a 30 s wait before).
+        t0 = time.monotonic()
+        cli = subprocess.run([sys.executable, "-c", "import sys; from flashmoe_gen.tuner.cli "
+                              "import main; sys.exit(main(sys.argv[1:]))", "list", "--db", url],
+                             capture_output=True, text=True, timeout=30)
+        assert cli.returncode == 0 and PROBLEM.name[:9] in cli.stdout, cli.stderr[-2000:]
+        assert time.monotonic() - t0 < 5
         assert holder.poll() is None  # the write lock was held the whole time
     finally:
         holder.kill()
