@@ -186,3 +186,18 @@ def test_an_unwritable_cache_is_a_typed_error(tmp_path, monkeypatch, gen, pristi
     fake_nvrtc(monkeypatch, pristine)
     with pytest.raises(CacheError, match="cannot write the kernel cache .*FLASHMOE_CACHE"):
         compile_source(gen, ARCH)
+
+
+def test_exported_source_honours_the_umask_and_replaces_a_binary_file(tmp_path, gen):
+    from flashmoe_gen.export import export_cu
+
+    old = os.umask(0o027)
+    try:
+        export_cu(TINY, gen.config, str(tmp_path / "layer.cu"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "layer.cu").stat().st_mode & 0o777 == 0o640
+    binary = tmp_path / "old.cu"
+    binary.write_bytes(os.urandom(64) + b"\xff\xfe")
+    export_cu(TINY, gen.config, str(binary))  # no UnicodeDecodeError reading the old file
+    assert binary.read_bytes() == (tmp_path / "layer.cu").read_bytes()
