@@ -193,6 +193,10 @@ _abort_hooks: list = []
 ROOT_MARGIN_S = 10.0
 
 
+#: Seconds between printing the cause and MPI_Abort (see abort_world).
+ABORT_FLUSH_S = 0.3
+
+
 def root_wait_s() -> float:
     """Deadline of a rank waiting for rank 0's bookkeeping: the timeout plus a margin."""
     t = comm_timeout()
@@ -220,6 +224,9 @@ def abort_world(mpi, cause: str, code: int = 1) -> None:
     # The process's own stderr: a live progress display may have redirected sys.stderr.
     out = sys.__stderr__ or sys.stderr
     print(f"flashmoe-tune: rank {rank} ends the job: {cause}", file=out, flush=True)
+    # mpirun forwards a rank's output asynchronously and drops what it has not read when
+    # the abort kills the ranks: give it a moment to carry this line.
+    time.sleep(ABORT_FLUSH_S)
     for hook in list(_abort_hooks):
         try:
             hook()

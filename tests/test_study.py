@@ -146,3 +146,138 @@ def test_valid_configs_equal_the_brute_force_filter():
     fast = list(space.valid_configs())
     assert len(fast) == len(set(fast)) == len(brute) and set(fast) == brute
     assert any(c.gate_up.mma == "wgmma" for c in fast) and any(c.gate_up.bn == 64 for c in fast)
+
+
+def test_comm_timeout_is_read_when_used_and_checked(monkeypatch):
+    from flashmoe_gen.comm import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, comm_timeout
+    from flashmoe_gen.errors import CommError
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert comm_timeout() == DEFAULT_TIMEOUT_S
+    for text, seconds in (("45", 45.0), ("2.5", 2.5), ("90s", 90.0), ("5m", 300.0),
+                          (" 1M ", 60.0)):
+        monkeypatch.setenv(TIMEOUT_ENV, text)
+        assert comm_timeout() == seconds
+    for bad in ("abc", "0", "-3", "inf", "nan", "5h", "m"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(CommError, match=rf"FLASHMOE_COMM_TIMEOUT='{bad}' is invalid.*5m"):
+            comm_timeout()
+    # A bad value never breaks the import (it used to crash at import time).
+    r = subprocess.run([sys.executable, "-c", "import flashmoe_gen.comm"], capture_output=True,
+                       text=True, env={**__import__("os").environ, TIMEOUT_ENV: "5x"})
+    assert r.returncode == 0, r.stderr
+
+
+def test_communication_failure_ends_the_search_instead_of_failing_a_trial(tmp_path):
+    from flashmoe_gen.errors import CommError, CommTimeout
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    fake = FakeEvaluator()
+
+    def evaluate(cfg):
+        if fake.calls == 2:
+            raise CommTimeout("rank 0: the count exchange did not finish in 3 s")
+        return fake(cfg)
+
+    with pytest.raises(CommError, match="count exchange"):
+        run_study(P1, evaluate, space=space, study_name="c", n_trials=10, storage=url)
+    trials = optuna.load_study(study_name="c", storage=url).trials
+    statuses = [t.user_attrs["status"] for t in trials if t.user_attrs["status"] != "invalid"]
+    assert statuses == ["ok", "ok", "interrupted"]  # the third is not a failed candidate
+
+
+def test_reconcile_repairs_the_study_and_the_database_both_ways(tmp_path):
+    from flashmoe_gen.db import Environment, find_winner, record_trial, trials_for
+    from flashmoe_gen.db.sync import RECOVERED_FROM, finished_trials, reconcile
+
+    url, db = f"sqlite:///{tmp_path}/s.db", f"sqlite:///{tmp_path}/w.db"
+    env = Environment("NVIDIA H100 80GB HBM3", "9.0", 1, "t")
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    # The study finished 4 trials the database never saw (a crash after the tell).
+    run_study(P1, FakeEvaluator(), space=space, study_name="s", n_trials=4, storage=url,
+              enqueue_seeds=False, sampler="random")
+    study = optuna.load_study(study_name="s", storage=url)
+    dists = {k: optuna.distributions.CategoricalDistribution(list(v))
+             for k, v in space.choices.items()}
+
+    def recorded_not_told(ms):
+        """A trial written to the database whose study trial was left RUNNING."""
+        while space.check((t := study.ask(dists)).params) is not None:
+            study.tell(t, state=TrialState.FAIL)
+        cfg = space.config_from_params(t.params)
+        t.set_user_attr("config", cfg.name)
+        record_trial(db, P1, env, cfg, status="ok", median_ms=ms, p20_ms=ms, p80_ms=ms,
+                     study_name="s", number=t.number)
+        return t.number
+
+    fastest = recorded_not_told(0.25)    # faster than every fake latency: the true winner
+    stale = recorded_not_told(0.5)
+    study._storage.set_trial_state_values(study.trials[stale]._trial_id, TrialState.FAIL)
+
+    report = reconcile(study, db, P1, env)
+    assert report.told == (fastest,) and report.readded == (stale,)
+    assert len(report.recorded) == 4
+    in_study = {n: t.user_attrs["config"] for n, t in finished_trials(study).items()}
+    rows = trials_for(db, P1, env, study_name="s")
+    assert in_study == {r.number: r.config_name for r in rows} and len(rows) == 6
+    assert study.trials[fastest].state == TrialState.COMPLETE
+    assert study.trials[fastest].value == 0.25
+    assert [t.user_attrs[RECOVERED_FROM] for t in study.trials
+            if RECOVERED_FROM in t.user_attrs] == [stale]
+    assert find_winner(db, P1, env).median_ms == 0.25
+    # A winner pointing at a slower trial (a lost best trial, before) is recomputed.
+    from sqlalchemy import select
+
+    from flashmoe_gen.db import make_engine, session_scope
+    from flashmoe_gen.db.models import TrialModel, WinnerModel
+    from flashmoe_gen.db.sync import recompute_winner
+    with session_scope(make_engine(db)) as s:
+        slow = s.scalars(select(TrialModel).where(TrialModel.median_ms > 1)).first()
+        s.scalars(select(WinnerModel)).one().trial_id = slow.id
+    assert find_winner(db, P1, env).median_ms > 1
+    assert recompute_winner(db, P1, env) and find_winner(db, P1, env).median_ms == 0.25
+    again = reconcile(study, db, P1, env)  # idempotent
+    assert again.repaired == 0 and len(study.trials) == len(optuna.load_study(
+        study_name="s", storage=url).trials)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # this test asks by hand
+def test_a_dead_jobs_trial_goes_stale_a_live_one_does_not(tmp_path, monkeypatch):
+    import time
+
+    import flashmoe_gen.tuner.study as st
+
+    monkeypatch.setattr(st, "STALE_AFTER", 1)
+    url = f"sqlite:///{tmp_path}/s.db"
+    smp = st.make_sampler("random", SearchSpace.for_problem(P1, "sm_90", "small"))
+    study = st.open_study("h", url, smp, resume=False, heartbeat_s=1)
+    dead, live = study.ask(), study.ask()
+    for t in (dead, live):
+        study._storage.record_heartbeat(t._trial_id)
+    time.sleep(1.2)
+    study._storage.record_heartbeat(live._trial_id)  # the live job's heartbeat goes on
+    time.sleep(1.2)
+    study._storage.record_heartbeat(live._trial_id)
+    other = st.open_study("h", url, smp, resume=True, heartbeat_s=1)  # a second job
+    st._fail_stale(other)
+    states = {t.number: t.state for t in other.trials}
+    assert states == {dead.number: TrialState.FAIL, live.number: TrialState.RUNNING}
+
+
+def test_report_names_the_study_store_and_plots_only_where_asked(tmp_path, capsys,
+                                                                  monkeypatch):
+    import argparse
+
+    from flashmoe_gen.db import Environment
+    from flashmoe_gen.tuner.tune_cmd import report
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    res = run_study(P1, FakeEvaluator(), space=space, study_name="np", n_trials=3, storage=url)
+    env = Environment("NVIDIA H100 80GB HBM3", "9.0", 1, "t")
+    report(P1, res, "np", url, env, argparse.Namespace(plot=None, db=None, sampler="tpe"), 1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db"]  # no HTML appeared
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"study store: {url} (study np)" in out and "--resume" in out

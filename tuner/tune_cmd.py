@@ -176,5 +176,5 @@ def report(problem, res, study_name: str, storage: str, env, a, seconds: float) 
         console.print(f"winner stored in {a.db or 'the default database'}: "
                       f"{done[0].user_attrs.get('config')}")
     console.print(f"study store: {shown_url(storage)} (study {study_name}); to continue this "
-                  "study, run the same command with --resume", soft_wrap=True)
+                  "study, run the same command with --resume", soft_wrap=True, highlight=False)
 
