@@ -197,3 +197,21 @@ def test_one_rank_outside_mpirun_is_a_single_rank_stand_in(monkeypatch):
     assert launch.mpi_ranks(2)[1:] == (2, 1)
     with pytest.raises(UsageError, match=r"2 MPI rank\(s\): start it with `mpirun -np 1`"):
         launch.mpi_ranks(1)
+
+
+def test_one_rank_tune_runs_without_an_mpi_library(monkeypatch, capsys):
+    """The real `tune --gpus 1` (GPU replaced by the fake backend) with mpi4py unimportable:
+    the whole search runs and stores a winner."""
+    import fake_backend
+
+    import flashmoe_gen.tuner.tune_cmd as tune_cmd
+    from flashmoe_gen.tuner import launch
+
+    for var in (*launch.MPI_SIZE_VARS, *launch.MPI_RANK_VARS):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # `import mpi4py` raises ImportError
+    monkeypatch.setattr(tune_cmd, "GpuBackend", fake_backend.CpuBackend)
+    assert main(["tune", "--gpus", "1", *SEED, "--trials", "3", "--space", "small"]) == 0
+    assert "winner stored" in capsys.readouterr().out
+    assert main(["list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["gpu"].startswith("fake CPU")
