@@ -7,7 +7,7 @@ Cases (one parametrized case each; ``CASE_COUNT`` below is checked against the t
 - CLI problem / target / config values (ProblemError, ConfigError, DeviceError): 42
 - CLI output paths and the run/tune launcher without a GPU, mpirun or MPI: 10
 - API: MoEProblem / KernelConfig / GemmTile / MoEWeights / limits_for / SearchSpace /
-  mpi_ranks given the wrong kind or value: 66
+  mpi_ranks / problem_from_args given the wrong kind or value: 67
 - main() mapping of expected failures (OSError, JSON, interrupt) vs bugs: 4
 Database, cache, environment-variable and multi-rank fault cases live with their owners
 (tests/test_db.py, tests/test_render_compile.py, the fault tests).
@@ -30,6 +30,7 @@ from flashmoe_gen.arch import limits_for
 from flashmoe_gen.config import GemmTile
 from flashmoe_gen.errors import FlashMoEError, ProblemError, UsageError
 from flashmoe_gen.tuner import cli, launch
+from flashmoe_gen.tuner.args import problem_from_args
 from flashmoe_gen.tuner.space import SearchSpace
 from flashmoe_gen.weights import MoEWeights, random_tokens
 
@@ -373,6 +374,9 @@ API_CASES = [
     ("mpi_ranks 0", lambda: launch.mpi_ranks(0), UsageError, "--gpus", "positive integer"),
     ("mpi_ranks bool", lambda: launch.mpi_ranks(True), UsageError, "--gpus",
      "positive integer"),
+    ("--world-size vs ranks", lambda: problem_from_args(
+        cli.build_parser().parse_args(["tune", "--world-size", "4"]), world_size=2),
+     UsageError, "--world-size", "this job has 2 rank(s)"),
     # weights
     ("check on a list", lambda: MoEWeights.check([1, 2], P), ArgumentError, "weights",
      "MoEWeights"),

@@ -13,7 +13,7 @@ import math
 import shlex
 
 from flashmoe_gen.config import KernelConfig
-from flashmoe_gen.errors import FlashMoEError
+from flashmoe_gen.errors import FlashMoEError, UsageError
 from flashmoe_gen.problem import SUPPORTED_DTYPES, MoEProblem
 
 #: Seeds feed numpy's and Optuna's generators, which take 0 .. 2**32 - 1.
@@ -97,7 +97,10 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
 
 
 def problem_from_args(a: argparse.Namespace, world_size: int | None = None) -> MoEProblem:
-    """The problem the flags name; ``world_size`` (the MPI size) wins over the flags."""
+    """The problem the flags name; ``world_size`` is the job's rank count, when known."""
+    if world_size is not None and a.world_size is not None and a.world_size != world_size:
+        raise UsageError("--world-size", a.world_size, f"this job has {world_size} rank(s) "
+                         "(--gpus): drop --world-size or make the two equal")
     for p in (world_size, a.world_size, getattr(a, "gpus", None)):
         if p is not None:  # an explicit 0 is refused by MoEProblem, never read as "unset"
             break
