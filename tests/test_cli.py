@@ -215,3 +215,24 @@ def test_one_rank_tune_runs_without_an_mpi_library(monkeypatch, capsys):
     assert "winner stored" in capsys.readouterr().out
     assert main(["list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["gpu"].startswith("fake CPU")
+
+
+def test_gpus_n_relaunches_this_command_under_mpirun(monkeypatch, capsys, tmp_path):
+    from flashmoe_gen.tuner import launch
+
+    for var in launch.MPI_SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    fake = tmp_path / "mpirun"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr("flashmoe_gen.arch.visible_gpu_count", lambda: 8)
+    calls = []
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert main(["--gpus", "2", *SEED, "--trials", "4"]) == 0
+    (cmd,) = calls
+    assert cmd[:3] == [str(fake), "-np", "2"]
+    i = cmd.index(sys.executable)
+    assert cmd[i:] == [sys.executable, "-m", "flashmoe_gen.tuner.cli", "tune", "--gpus", "2",
+                       *SEED, "--trials", "4"]
+    assert "launching:" in capsys.readouterr().out
