@@ -45,7 +45,6 @@ def _grids(*grids: str) -> tuple[str, ...]:
 
 
 _SYNC = MMA_CHOICES[:1]  # mma.sync only
-_BOOL = (True, False)
 
 #: Candidate values per knob ("full" space): ranges over config.py's valid values (one
 #: source for the values). Warp grids are "MxN".
@@ -60,8 +59,8 @@ FULL = {
     "dn_s": _within(STAGE_RANGE, 2, 4), "dn_mma": MMA_CHOICES,
     "router": _within(ROUTER_CHOICES, 4, 16),
     "chunks": tuple(c for c in _within(CHUNK_RANGE, 1, 4) if c & (c - 1) == 0),  # 1, 2, 4
-    "streams": _within(COMM_STREAM_CHOICES, 1, 2), "shared_stream": _BOOL,
-    "fuse": _BOOL[::-1], "packed": _BOOL,
+    "streams": _within(COMM_STREAM_CHOICES, 1, 2), "shared_stream": (True, False),
+    "fuse": (False, True), "packed": (True, False),
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -72,9 +71,9 @@ SMALL = {
     "dn_bm": _within(BM_CHOICES, 64, 128), "dn_bn": _within(BN_CHOICES, 64, 128),
     "dn_bk": _within(BK_CHOICES, 64, 64), "dn_w": _grids("2x4", "4x2"),
     "dn_s": _within(STAGE_RANGE, 3, 4), "dn_mma": _SYNC,
-    "router": _within(ROUTER_CHOICES, 8, 8), "chunks": CHUNK_RANGE[:1],
-    "streams": COMM_STREAM_CHOICES[:1], "shared_stream": _BOOL[:1], "fuse": _BOOL[1:],
-    "packed": _BOOL[:1],
+    "router": _within(ROUTER_CHOICES, 8, 8), "chunks": _within(CHUNK_RANGE, 1, 1),
+    "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
+    "packed": (True,),
 }
 SPACES = {"full": FULL, "small": SMALL}
 
