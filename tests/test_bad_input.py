@@ -5,7 +5,7 @@ field or flag and what is valid; CLI cases also assert exit code 2 and no traceb
 Cases (one parametrized case each; ``CASE_COUNT`` below is checked against the tables):
 - CLI flags refused at parse time (argparse, exit 2, the flag named): 34
 - CLI problem / target / config values (ProblemError, ConfigError, DeviceError): 42
-- CLI output paths and the run/tune launcher without a GPU, mpirun or MPI: 10
+- CLI output paths and the run/tune launcher without a GPU, mpirun or MPI: 11
 - API: MoEProblem / KernelConfig / GemmTile / MoEWeights / limits_for / SearchSpace /
   mpi_ranks / problem_from_args given the wrong kind or value: 67
 - main() mapping of expected failures (OSError, JSON, interrupt) vs bugs: 4
@@ -28,7 +28,7 @@ import pytest
 from flashmoe_gen import ArgumentError, ConfigError, DeviceError, KernelConfig, MoEProblem
 from flashmoe_gen.arch import limits_for
 from flashmoe_gen.config import GemmTile
-from flashmoe_gen.errors import FlashMoEError, ProblemError, UsageError
+from flashmoe_gen.errors import FlashMoEError, ProblemError, SetupError, UsageError
 from flashmoe_gen.tuner import cli, launch
 from flashmoe_gen.tuner.args import problem_from_args
 from flashmoe_gen.tuner.space import SearchSpace
@@ -232,6 +232,13 @@ def test_missing_mpirun_names_the_install(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no mpirun, no mpiexec
     rc, err = run_cli(capsys, ["tune", "--gpus", "2", *SEED[:-2]])
     assert rc == 2 and "SetupError" in err and 'pip install ".[mpi]"' in err, err
+
+
+def test_under_mpirun_without_an_mpi_library_names_the_install(monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # `from mpi4py import MPI` fails
+    with pytest.raises(SetupError, match=r'cannot load an MPI library .*pip install "\.\[mpi\]"'):
+        launch.mpi_ranks(2)
 
 
 @no_gpu_only
@@ -441,7 +448,7 @@ def test_main_does_not_hide_bugs(monkeypatch):
 
 
 # -- the count the docstring states -------------------------------------------------------
-CASE_COUNT = (len(PARSE_CASES) + len(VALUE_CASES) + 4 + 3 + 1 + 1 + 1 + len(API_CASES)
+CASE_COUNT = (len(PARSE_CASES) + len(VALUE_CASES) + 4 + 3 + 1 + 1 + 1 + 1 + len(API_CASES)
               + 2 + 1 + 1)
 
 
