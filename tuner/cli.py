@@ -229,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="flashmoe-tune", formatter_class=HelpFormatter,
         description="Generate, compile, export and run FlashMoE layers "
-                    "(distributed MoE with NCCL dispatch/combine overlapped with experts).")
+                    "(distributed MoE with NCCL dispatch/combine overlapped with experts).",
+        epilog="Flags without a command run `tune` (flashmoe-tune --gpus 2 --hidden ...). "
+               "`compile` and `export` need no GPU; `<command> --help` lists its flags.")
     ap.add_argument("--version", action="version", version=f"flashmoe_gen {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trials", type=positive_int, default=30,
                    help="candidates to evaluate (a resumed study counts its earlier ones)")
     t.add_argument("--timeout", type=positive_seconds, default=None,
-                   help="stop after this many seconds")
+                   help="stop after this many seconds (default: no limit)")
     t.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid", "cmaes"],
                    help="Optuna sampler (grid sweeps the whole space, use --space small; "
                    "every knob is categorical, so cmaes falls back to random sampling)")
