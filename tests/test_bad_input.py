@@ -1,6 +1,7 @@
 """The bad-input catalogue (issue 11, deliverable 5) for the CLI, the problem, the config, the
 weights, the targets and the launcher: every case asserts a typed refusal that names the
-field or flag and what is valid; CLI cases also assert exit code 2 and no traceback.
+field or flag and what is valid (one, ``-o`` over an existing binary, asserts it is replaced
+cleanly, as ``cc -o`` would); CLI cases also assert exit code 2 and no traceback.
 
 Cases (one parametrized case each; ``CASE_COUNT`` below is checked against the tables):
 - CLI flags refused at parse time (argparse, exit 2, the flag named): 34
@@ -10,7 +11,7 @@ Cases (one parametrized case each; ``CASE_COUNT`` below is checked against the t
   mpi_ranks / problem_from_args given the wrong kind or value: 67
 - main() mapping of expected failures (OSError, JSON, interrupt) vs bugs: 4
 Database, cache, environment-variable and multi-rank fault cases live with their owners
-(tests/test_db.py, tests/test_render_compile.py, the fault tests).
+(tests/test_db.py, tests/test_cache.py, tests/test_faults.py).
 """
 
 from __future__ import annotations
@@ -190,22 +191,23 @@ def test_value_refused_with_typed_error(capsys, extra, kind, field, valid):
 
 
 # -- 3. output paths and the launcher -----------------------------------------------------
-@pytest.mark.parametrize("where", ["folder", "missing folder", "binary file", "foreign text"])
+@pytest.mark.parametrize("where", ["folder", "missing folder", "file as folder"])
 def test_export_output_refused(capsys, tmp_path, where):
+    (tmp_path / "a.cu").write_text("x")
     target = {"folder": tmp_path, "missing folder": tmp_path / "nope" / "a.cu",
-              "binary file": tmp_path / "prog", "foreign text": tmp_path / "notes.cu"}[where]
-    if where == "binary file":
-        target.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))
-    if where == "foreign text":
-        target.write_text("my own kernel\n")
-    before = target.read_bytes() if target.is_file() else None
+              "file as folder": tmp_path / "a.cu" / "b.cu"}[where]
     rc, err = run_cli(capsys, ["export", *SEED, "-o", str(target)])
     assert rc == 2 and "UsageError" in err and "-o/--output" in err, err
-    assert {"folder": "is a folder", "missing folder": "does not exist",
-            "binary file": "not a file flashmoe-tune exported",
-            "foreign text": "not a file flashmoe-tune exported"}[where] in err
-    if before is not None:
-        assert target.read_bytes() == before  # nothing clobbered
+    assert ("is a folder" if where == "folder" else "does not exist") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.cu"]  # nothing written
+
+
+def test_export_over_an_existing_binary_replaces_it(capsys, tmp_path):
+    """Like ``cc -o``: the named file is replaced (it was a UnicodeDecodeError traceback)."""
+    target = tmp_path / "prog"
+    target.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))
+    rc, _ = run_cli(capsys, ["export", *SEED, "-o", str(target)])
+    assert rc == 0 and target.read_text().startswith("// FlashMoE layer exported")
 
 
 @no_gpu_only
@@ -448,7 +450,7 @@ def test_main_does_not_hide_bugs(monkeypatch):
 
 
 # -- the count the docstring states -------------------------------------------------------
-CASE_COUNT = (len(PARSE_CASES) + len(VALUE_CASES) + 4 + 3 + 1 + 1 + 1 + 1 + len(API_CASES)
+CASE_COUNT = (len(PARSE_CASES) + len(VALUE_CASES) + 3 + 1 + 3 + 1 + 1 + 1 + 1 + len(API_CASES)
               + 2 + 1 + 1)
 
 

@@ -32,9 +32,6 @@ from .args import (
 )
 from .launch import rank_from_env, relaunch_under_mpirun, under_mpirun
 
-#: The first line of every file ``export`` writes (an existing file without it is not ours).
-EXPORT_HEADER = "// FlashMoE layer exported"
-
 
 # -- helpers ------------------------------------------------------------------------------
 @contextlib.contextmanager
@@ -57,22 +54,13 @@ def _db_label(engine) -> str:
 
 
 def _output_path(path: Path) -> Path:
-    """Refuse an ``-o`` that cannot be written or is not a file ``export`` wrote."""
+    """Refuse an ``-o`` that names a folder or sits in a missing one (a file is replaced)."""
     if path.is_dir():
         raise UsageError("-o/--output", str(path), "is a folder; name a file, e.g. "
                          f"{path / 'layer.cu'}")
     if not path.parent.is_dir():
         raise UsageError("-o/--output", str(path), f"its folder {path.parent} does not exist; "
                          "create it first or name a file in an existing folder")
-    if path.exists():
-        try:
-            with path.open("rb") as f:
-                head = f.read(len(EXPORT_HEADER))
-        except OSError as e:
-            raise UsageError("-o/--output", str(path), f"cannot be read ({e.strerror})") from e
-        if head != EXPORT_HEADER.encode():
-            raise UsageError("-o/--output", str(path), "exists and is not a file "
-                             "flashmoe-tune exported; remove it or name another file")
     return path
 
 
