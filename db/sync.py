@@ -60,9 +60,14 @@ def record_number(t: FrozenTrial) -> int:
 
 def finished_trials(study: optuna.Study) -> dict[int, FrozenTrial]:
     """Study trials that finished with a recorded status, by database number."""
+    return _finished(study.get_trials(deepcopy=False))
+
+
+def _finished(trials: list[FrozenTrial]) -> dict[int, FrozenTrial]:
     out = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-        if t.user_attrs.get("status") in RECORDED:
+    for t in trials:
+        if (t.state in (TrialState.COMPLETE, TrialState.FAIL)
+                and t.user_attrs.get("status") in RECORDED):
             out.setdefault(record_number(t), t)
     return out
 
@@ -114,11 +119,14 @@ def reconcile(study: optuna.Study, engine: Engine | str | None, problem: MoEProb
     """Make the study and the database hold the same finished trials (see the module
     docstring); safe while other jobs run on the same study."""
     engine = engine if isinstance(engine, Engine) else make_engine(engine)
+    # The study first, then the database: a trial finished in this snapshot had its record
+    # committed before its tell, so the records read next hold it (no double recording).
+    snapshot = study.get_trials(deepcopy=False)
     records: dict[int, TrialRecord] = {}
     for r in trials_for(engine, problem, env, study_name=study.study_name):
         if r.number is not None:
             records.setdefault(r.number, r)
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    trials = {t.number: t for t in snapshot}
     recovered = {int(t.user_attrs[RECOVERED_FROM]) for t in trials.values()
                  if RECOVERED_FROM in t.user_attrs}
     told, readded, orphans = [], [], []
@@ -134,7 +142,7 @@ def reconcile(study: optuna.Study, engine: Engine | str | None, problem: MoEProb
             _readd(study, t, r)
             readded.append(n)
     recorded = []
-    for n, t in sorted(finished_trials(study).items()):
+    for n, t in sorted(_finished(snapshot).items()):
         if n not in records and "config" in t.user_attrs:
             _record_from(engine, problem, env, study.study_name, n, t)
             recorded.append(n)

@@ -37,6 +37,10 @@ STALL_BOUND_S = COMM_TIMEOUT_S * 1.5 + 6
 #: No job may outlive this (the test fails instead of hanging).
 HARD_LIMIT_S = 120
 
+#: Open MPI on one host: shared memory only. MPI_Init then takes 0.07 s instead of 1.1 s
+#: (no network transports probed). Other MPIs ignore these variables.
+FAST_MPI = {"OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,sm"}
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -58,7 +62,7 @@ class Job:
     def __init__(self, tmp: Path, *flags: str, trials: int = 8, sleep: float = 0.0,
                  **fault: str):
         self.tmp = tmp
-        env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{HERE / 'mpi'}",
+        env = {**FAST_MPI, **os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{HERE / 'mpi'}",
                "PYTHONUNBUFFERED": "1", "FLASHMOE_COMM_TIMEOUT": str(COMM_TIMEOUT_S),
                "FAKE_DIR": str(tmp), "FAKE_SLEEP": str(sleep), **fault}
         for f in tmp.glob("rank*.*"):
@@ -96,11 +100,13 @@ class Job:
             os.killpg(self.proc.pid, signal.SIGKILL)
             out, err = self.proc.communicate()
             pytest.fail(f"the job hung: {out[-2000:]}{err[-2000:]}")
+        assert "Traceback" not in out + err, err[-3000:]  # one cause line, never a traceback
         return self.proc.returncode, out, err
 
     def ended_within(self, since: float, bound: float) -> tuple[int, str, str]:
         rc, out, err = self.result()
         took = time.monotonic() - since
+        print(f"[fault] ended {took:.2f} s after the fault (bound {bound} s)")
         assert took <= bound, f"the job took {took:.1f} s to end (bound {bound} s): {err}"
         return rc, out, err
 
@@ -127,7 +133,7 @@ def ends_job(err: str, rank: int, cause: str) -> None:
     assert lines[0].startswith(f"flashmoe-tune: rank {rank} ends the job: ") and cause in lines[0]
 
 
-def resume_and_agree(tmp: Path, trials: int = 8) -> optuna.Study:
+def resume_and_agree(tmp: Path, trials: int = 6) -> optuna.Study:
     """``--resume`` completes; the study's finished trials are the database's."""
     rc, out, err = Job(tmp, "--resume", trials=trials).result()
     assert rc == 0, out[-3000:] + err[-3000:]
@@ -203,12 +209,10 @@ def test_death_between_database_write_and_tell_is_repaired_on_resume(work):
 
 
 def test_rank0_start_up_failures_end_the_job_at_once(work):
-    for flags, cause in ((["--storage", "garbage://x"], "DatabaseError: database garbage://x"),
-                         (["--db", "garbage://x"], "garbage://x")):
-        t0 = time.monotonic()
-        rc, _, err = Job(work, *flags).ended_within(t0, HARD_LIMIT_S / 4)
-        assert rc == 2, err
-        ends_job(err, 0, cause)
+    t0 = time.monotonic()
+    rc, _, err = Job(work, "--storage", "garbage://x").ended_within(t0, HARD_LIMIT_S / 4)
+    assert rc == 2, err
+    ends_job(err, 0, "DatabaseError: database garbage://x: cannot open it as the Optuna study")
     rc, out, err = Job(work, trials=3).result()
     assert rc == 0, out[-2000:] + err[-2000:]
     assert f"study store: {storage(work)} (study {STUDY})" in out.replace("\n", " ")
@@ -218,7 +222,7 @@ def test_rank0_start_up_failures_end_the_job_at_once(work):
     assert rc == 2
     ends_job(err, 0, "ConfigError: config.study='faults'")
     assert "--resume" in err
-    resume_and_agree(work, trials=5)
+    resume_and_agree(work, trials=4)
 
 
 def test_locked_database_ends_the_job_and_resume_completes(work):
@@ -242,16 +246,16 @@ def test_locked_database_ends_the_job_and_resume_completes(work):
 
 
 def test_two_jobs_share_one_study(work):
-    first = Job(work, trials=12, sleep=0.15)
+    first = Job(work, trials=8, sleep=0.15)
     first.wait_for_calls(0, 2)
     (work / "second").mkdir()
     second = Job(work / "second", "--resume", "--storage", storage(work), "--db",
-                 db(work), trials=12, sleep=0.15)
+                 db(work), trials=8, sleep=0.15)
     for job in (first, second):
         rc, out, err = job.result()
         assert rc == 0, out[-3000:] + err[-3000:]
         assert "UpdateFinishedTrialError" not in err
-    study = assert_agree(work, 12)
+    study = assert_agree(work, 8)
     # Neither job failed the other's running trial: every failure is a measured one.
     assert all(t.user_attrs.get("status") for t in study.trials if t.state == TrialState.FAIL)
     assert not any(RECOVERED_FROM in t.user_attrs for t in study.trials)

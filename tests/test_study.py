@@ -24,10 +24,12 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def test_two_rank_protocol_with_one_rank_failing(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
+    from test_faults import FAST_MPI
     env = {"PYTHONPATH": f"{HERE}:{HERE / 'mpi'}", "PYTHONUNBUFFERED": "1"}
     import os
     r = subprocess.run([*_mpirun(), sys.executable, str(HERE / "mpi" / "study_cpu.py"), url],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+                       capture_output=True, text=True, timeout=300,
+                       env={**FAST_MPI, **os.environ, **env})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("study protocol OK") == 2
 
@@ -281,3 +283,41 @@ def test_report_names_the_study_store_and_plots_only_where_asked(tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db"]  # no HTML appeared
     out = " ".join(capsys.readouterr().out.split())
     assert f"study store: {url} (study np)" in out and "--resume" in out
+
+
+class _FakeWorld:
+    """Two ranks; records MPI_Abort instead of ending the test process."""
+
+    def __init__(self):
+        self.aborted = None
+
+    def Get_rank(self):
+        return 1
+
+    def Get_size(self):
+        return 2
+
+    def Abort(self, code):
+        self.aborted = code
+
+
+def test_an_error_on_one_rank_aborts_nccl_and_the_world_with_one_line(capfd, monkeypatch):
+    import flashmoe_gen.comm as comm
+    from flashmoe_gen.comm import Communicator, abort_on_error
+    from flashmoe_gen.errors import CommError
+
+    monkeypatch.setattr(comm, "ABORT_FLUSH_S", 0)
+    c = Communicator.__new__(Communicator)  # no GPU here: only the abort bookkeeping
+    c.rank, c.nccl, c.aborted = 1, [], False
+    monkeypatch.setattr(comm, "_abort_hooks", [c.abort])
+    world = _FakeWorld()
+    with pytest.raises(ConfigError), abort_on_error(world):
+        raise ConfigError("study", "x", "already exists\nsecond line")
+    assert world.aborted == 2 and c.aborted
+    err = capfd.readouterr().err
+    assert err == ("flashmoe-tune: rank 1 ends the job: ConfigError: config.study='x' is "
+                   "invalid: already exists\n")
+    with pytest.raises(CommError, match="aborted"):  # the tune cannot go on after it
+        c.wait(None, "the count exchange")
+    with abort_on_error(None), pytest.raises(KeyError):  # one rank: raised as usual
+        raise KeyError("x")
