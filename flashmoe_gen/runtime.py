@@ -82,13 +82,12 @@ class _SlotBuffers:
 def _python_launcher(launch: GemmLaunch):
     """Compile one plan GEMM launch to a function of the forward's symbols that returns
     (rows, N, packed arguments): evaluated per call without walking expression trees."""
-    packers = {np.int32: "_i32", np.int64: "_i64"}
-    args = ", ".join(f"{packers[KINDS[p.kind][1]]}({a.py()})"
+    args = ", ".join(f"_i32({a.py()})" if KINDS[p.kind][1] is np.int32 else a.py()
                      for p, (_, a) in zip(GEMM.params, launch.args, strict=True))
     code = (f"def f(*, me, src, cap, tokens, layout, act, w1, w3, w2, sw1, sw3, sw2, x, "
             f"shared_act, shared_out, counts, row_off, max_rows, max_remote_rows):\n"
             f"    return ({launch.rows.py()}, {launch.arg('N').py()}, ({args},))\n")
-    scope = {"_i32": np.int32, "_i64": np.int64}
+    scope = {"_i32": np.int32}
     exec(compile(code, "<plan launch>", "exec"), scope)  # noqa: S102 (our own expressions)
     return scope["f"]
 
@@ -162,6 +161,10 @@ class FlashMoE:
         w = weights
         self.w_gate, self.w1, self.w3, self.w2 = w.gate, w.w1, w.w3, w.w2
         self.sw1, self.sw3, self.sw2 = w.sw1, w.sw3, w.sw2
+        # Plan symbols that never change between calls (device addresses of the weights).
+        self._weight_ptrs = {n: (0 if a is None else a.data.ptr) for n, a in (
+            ("w1", w.w1), ("w3", w.w3), ("w2", w.w2), ("sw1", w.sw1), ("sw3", w.sw3),
+            ("sw2", w.sw2))}
 
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.shared_stream = cupy.cuda.Stream(non_blocking=True)
@@ -231,7 +234,7 @@ class FlashMoE:
 
     def _launch(self, kernel: str, signature, grid: int, threads: int, stream, **args) -> None:
         with stream:
-            self.module[kernel]((grid,), (threads,), signature.pack(args))
+            self.module[kernel]((grid,), (threads,), signature.packer(**args))
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x, out=None, *, parts: str = "all"):
@@ -298,7 +301,7 @@ class _Run:
         self.compute, self.communicate = parts != "comm", parts != "compute"
         self.events: list = [None] * len(layer.plan.events)
         self.tok = b = layer._token_buffers(tokens)
-        p, w = layer.problem, layer.weights
+        p = layer.problem
         el, me = p.local_experts, layer.rank
         self.mine = slice(me * el, (me + 1) * el)
         self.rows = self.offs = None
@@ -306,9 +309,8 @@ class _Run:
         def ptr(a) -> int:
             return 0 if a is None else a.data.ptr
 
-        self.env = dict(me=me, src=me, cap=0, tokens=tokens, layout=0, act=0, w1=ptr(w.w1),
-                        w3=ptr(w.w3), w2=ptr(w.w2), sw1=ptr(w.sw1), sw3=ptr(w.sw3),
-                        sw2=ptr(w.sw2), x=ptr(x), shared_act=ptr(b.shared_act),
+        self.env = dict(layer._weight_ptrs, me=me, src=me, cap=0, tokens=tokens, layout=0,
+                        act=0, x=ptr(x), shared_act=ptr(b.shared_act),
                         shared_out=ptr(b.shared_out), counts=layer.counts.data.ptr,
                         row_off=layer.row_off.data.ptr, max_rows=self.max_rows,
                         max_remote_rows=self.max_remote_rows)

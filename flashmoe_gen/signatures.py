@@ -12,17 +12,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Parameter kinds -> (C++ type in a kernel declaration, NumPy type a launch passes).
-#: Pointers travel as 64-bit integers (device addresses); ``elem`` is the layer's dtype.
-KINDS: dict[str, tuple[str, type]] = {
-    "const elem*": ("const fmoe::elem_t* __restrict__", np.int64),
-    "elem*": ("fmoe::elem_t* __restrict__", np.int64),
-    "const int*": ("const int* __restrict__", np.int64),
-    "int*": ("int* __restrict__", np.int64),
-    "float*": ("float* __restrict__", np.int64),
-    "const float*": ("const float* __restrict__", np.int64),
+#: Parameter kinds -> (C++ type in a kernel declaration, how a launch passes the value).
+#: CuPy passes a Python int as a 64-bit value, so pointers (device addresses or CuPy arrays)
+#: and ``long long`` go as they are; ``int`` must be narrowed to ``numpy.int32``.
+KINDS: dict[str, tuple[str, type | None]] = {
+    "const elem*": ("const fmoe::elem_t* __restrict__", None),
+    "elem*": ("fmoe::elem_t* __restrict__", None),
+    "const int*": ("const int* __restrict__", None),
+    "int*": ("int* __restrict__", None),
+    "float*": ("float* __restrict__", None),
+    "const float*": ("const float* __restrict__", None),
     "int": ("int", np.int32),
-    "long long": ("long long", np.int64),
+    "long long": ("long long", None),
 }
 
 
@@ -63,22 +64,33 @@ class KernelSignature:
         return ", ".join(f"{p.cpp_type(restrict=False)} {p.name}" for p in self.params)
 
     def pack(self, args: dict) -> tuple:
-        """Launch arguments in order, each as the NumPy type its parameter needs.
+        """Launch arguments in order, each as its parameter needs it (``int`` narrowed to
+        ``numpy.int32``; pointers as CuPy arrays or addresses, None for null).
 
-        ``args`` maps every parameter name to an int (pointers: a device address or 0) or a
-        CuPy array (a pointer parameter); a missing or unknown name raises KeyError.
+        ``args`` maps every parameter name to its value; a missing or unknown name raises
+        TypeError naming it.
         """
-        if len(args) != len(self.params):
-            extra = set(args) - set(self.names)
-            missing = set(self.names) - set(args)
-            raise KeyError(f"kernel arguments: missing {sorted(missing)}, unknown {sorted(extra)}")
-        out = []
-        for p in self.params:
-            v = args[p.name]
-            if p.is_pointer and hasattr(v, "data"):  # a CuPy array
-                v = v.data.ptr
-            out.append(KINDS[p.kind][1](0 if v is None else v))
-        return tuple(out)
+        try:
+            return self.packer(**args)
+        except TypeError as e:  # a missing or unknown name: say which kernel's parameters
+            raise TypeError(f"kernel arguments {sorted(args)} do not match the parameters "
+                            f"{list(self.names)}: {e}") from None
+
+    @property
+    def packer(self):
+        """``packer(**args) -> tuple``, generated once per signature: it runs on every
+        launch of the forward, so it does no more than build the tuple."""
+        fn = self.__dict__.get("_packer")
+        if fn is None:
+            names = ", ".join(self.names)
+            items = ", ".join(f"_i32({p.name})" if KINDS[p.kind][1] is np.int32 else
+                              f"(0 if {p.name} is None else {p.name})" if p.is_pointer else
+                              p.name for p in self.params)
+            scope = {"_i32": np.int32}
+            exec(f"def pack(*, {names}):\n    return ({items},)\n", scope)  # noqa: S102
+            fn = scope["pack"]
+            object.__setattr__(self, "_packer", fn)  # frozen: cached beside the fields
+        return fn
 
 
 def _sig(*pairs: tuple[str, str]) -> KernelSignature:

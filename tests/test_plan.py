@@ -144,3 +144,16 @@ def test_gemm_arguments_point_into_the_right_slots(fuse):
             assert down[5] == base + 2 * lay.slot_offset(src, COMBINE, out_buf)
         seen += 1
     assert seen == (3 if fuse else 2 + 2 * 3)  # local chunks (+ each peer's chunks | fused)
+
+
+def test_signatures_pack_by_name():
+    from flashmoe_gen.signatures import GEMM, ROUTER
+    packed = ROUTER.pack(dict(x=5, wg=6, tokens=7, topk_idx=8, topk_w=None))
+    assert packed == (5, 6, 7, 8, 0) and type(packed[2]).__name__ == "int32"
+    with pytest.raises(TypeError, match="topk_w"):
+        ROUTER.pack(dict(x=5, wg=6, tokens=7, topk_idx=8))
+    with pytest.raises(TypeError, match="bogus"):
+        ROUTER.pack(dict(x=5, wg=6, tokens=7, topk_idx=8, topk_w=0, bogus=1))
+    # the template declarations and the export's instantiations print the same list
+    assert GEMM.types().count(",") == len(GEMM.params) - 1
+    assert GEMM.declaration().split(", ")[0] == "const fmoe::elem_t* __restrict__ A"
