@@ -35,13 +35,19 @@ class TunedKernel:
 
     @property
     def source(self) -> str:
-        from .render import render
-        return render(self.problem, self.config, validate=False).code
+        from .build import build
+        return build(self.problem, self.config).source.code
+
+    def kernel(self):
+        """The built layer (``flashmoe_gen.build.CompiledLayer``) for this GPU."""
+        from .arch import current_device_limits
+        from .build import build
+        return build(self.problem, self.config, current_device_limits())
 
     def build(self, comm=None, weights=None, seed: int = 0):
         """A ready ``FlashMoE`` layer with this config (needs a GPU)."""
         from .runtime import FlashMoE
-        return FlashMoE(self.problem, self.config, weights=weights, comm=comm, seed=seed)
+        return FlashMoE(self.kernel(), weights=weights, comm=comm, seed=seed)
 
     layer = build
 

@@ -68,13 +68,12 @@ def _output_path(path: Path) -> Path:
 def cmd_compile(a: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from flashmoe_gen.compile import compile_source
-    from flashmoe_gen.render import render
+    from flashmoe_gen.build import build
 
     problem = problem_from_args(a)
     arch = resolve_arch(a)
     cfg = config_from_args(a, problem, arch)
-    mod = compile_source(render(problem, cfg, arch=arch), arch)
+    mod = build(problem, cfg, arch).compiled
     if a.json:
         print(json.dumps({"problem": problem.name, "config": cfg.name, "arch": mod.arch,
                           "nvrtc": mod.nvrtc_version, "cubin": mod.cubin_path,
