@@ -133,10 +133,15 @@ def ends_job(err: str, rank: int, cause: str) -> None:
     assert lines[0].startswith(f"flashmoe-tune: rank {rank} ends the job: ") and cause in lines[0]
 
 
-def resume_and_agree(tmp: Path, trials: int = 6) -> optuna.Study:
-    """``--resume`` completes; the study's finished trials are the database's."""
+def resume_and_agree(tmp: Path, trials: int = 6,
+                     repaired: bool | None = None) -> optuna.Study:
+    """``--resume`` completes; the study's finished trials are the database's. ``repaired``:
+    whether the resume must (True) or must not (False) report a reconciliation; None when
+    the fault may land between a database write and a tell."""
     rc, out, err = Job(tmp, "--resume", trials=trials).result()
     assert rc == 0, out[-3000:] + err[-3000:]
+    if repaired is not None:
+        assert ("the winners database reconciled" in out) == repaired, out[-3000:]
     return assert_agree(tmp, trials)
 
 
@@ -194,7 +199,7 @@ def test_communication_failure_ends_the_run_instead_of_failing_a_trial(work):
     study = optuna.load_study(study_name=STUDY, storage=storage(work))
     assert not any("planted" in str(t.user_attrs.get("reason")) for t in study.trials)
     assert len(finished_trials(study)) == 2
-    resume_and_agree(work)
+    resume_and_agree(work, repaired=False)
 
 
 def test_death_between_database_write_and_tell_is_repaired_on_resume(work):
@@ -204,7 +209,7 @@ def test_death_between_database_write_and_tell_is_repaired_on_resume(work):
     running = [t.number for t in study.trials if t.state == TrialState.RUNNING]
     recorded = {r.number for r in trials_for(db(work), PROBLEM, ENV, study_name=STUDY)}
     assert len(running) == 1 and running[0] in recorded  # in the database, not in the study
-    study = resume_and_agree(work)
+    study = resume_and_agree(work, repaired=True)
     assert study.trials[running[0]].state != TrialState.RUNNING  # told, same number
 
 
@@ -222,7 +227,7 @@ def test_rank0_start_up_failures_end_the_job_at_once(work):
     assert rc == 2
     ends_job(err, 0, "ConfigError: config.study='faults'")
     assert "--resume" in err
-    resume_and_agree(work, trials=4)
+    resume_and_agree(work, trials=4, repaired=False)
 
 
 def test_locked_database_ends_the_job_and_resume_completes(work):
@@ -242,7 +247,7 @@ def test_locked_database_ends_the_job_and_resume_completes(work):
         locker.wait()
     assert rc != 0
     ends_job(err, 0, "recording trial")
-    resume_and_agree(work)
+    resume_and_agree(work, repaired=False)  # the locked write never committed
 
 
 def test_two_jobs_share_one_study(work):
