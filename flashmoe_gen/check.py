@@ -14,6 +14,9 @@ from .weights import MoEWeights
 FULL_CHECK_TOKENS = 1024
 SUBSET_ROWS = 128
 TOLERANCE = 1e-2
+#: Routing is compared only where the k-th and (k+1)-th choice values (and, with groups, the
+#: topk_group-th and next group scores) differ by more than this.
+ROUTING_MARGIN = 1e-4
 POISON = 0xFFFF  # a bf16 NaN: any element the layer fails to write stays NaN
 
 
@@ -28,6 +31,18 @@ class CheckResult:
     @property
     def ok(self) -> bool:
         return self.finite and self.max_rel_error <= TOLERANCE and self.routing_mismatches == 0
+
+
+def routing_mismatches(problem, x_bits: np.ndarray, weights: MoEWeights,
+                       topk_idx: np.ndarray, margin: float = ROUTING_MARGIN) -> int:
+    """Tokens whose expert set ``topk_idx`` differs from the reference's, among those whose
+    choice is clear (no near-tie within ``margin``: ``Routing.clear``)."""
+    if problem.top_k == problem.experts:
+        return 0
+    own = route(problem, x_bits, weights.gate, weights.expert_bias)
+    clear = own.clear(problem, margin)
+    return int((np.sort(topk_idx[clear], 1) != np.sort(own.topk_idx[clear], 1))
+               .any(axis=1).sum())
 
 
 def check_layer(layer, x_bits: np.ndarray, weights: MoEWeights, comm=None,
@@ -71,13 +86,7 @@ def check_layer(layer, x_bits: np.ndarray, weights: MoEWeights, comm=None,
     finite = bool(np.isfinite(got).all())
     err = relative_error(got if rows is None else got[rows], ref_out) if t else 0.0
 
-    own = route(p, x_bits, weights.gate)
-    mismatches = 0
-    if t and p.top_k < p.experts:
-        probs = np.sort(own.probs, axis=1)[:, ::-1]
-        clear = probs[:, p.top_k - 1] - probs[:, p.top_k] > 1e-4
-        mismatches = int((np.sort(idx[clear], 1) != np.sort(own.topk_idx[clear], 1))
-                         .any(axis=1).sum())
+    mismatches = routing_mismatches(p, x_bits, weights, idx) if t else 0
     max_err = err if finite else float("inf")
     if comm is not None:
         max_err = max(comm.mpi.allgather(max_err))

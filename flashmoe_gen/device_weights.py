@@ -2,7 +2,8 @@
 
 Experts are stored N x K (K contiguous: ``w1t/w3t [E_local, I, H]``, ``w2t [E_local, H, I]``)
 so both GEMM operands load alike; shared experts sum, so they fuse into one MLP of width
-S * I_s. Several layers (e.g. tuning candidates) can share one ``DeviceWeights``.
+S * I_s. Several layers (e.g. tuning candidates) can share one ``DeviceWeights``. Routing
+rules that need them add ``expert_bias [E]`` (float32) and ``shared_gate [H]`` (bf16 bits).
 """
 
 from __future__ import annotations
@@ -36,6 +37,42 @@ def as_bits(a, name: str):
     return arr.view(np.uint16)
 
 
+def as_f32(a, name: str):
+    """A device float32 array from cupy/numpy float32 or any DLPack float32 (torch)."""
+    import cupy
+
+    if not isinstance(a, (np.ndarray, cupy.ndarray)):
+        try:
+            a = cupy.from_dlpack(a)
+        except Exception as e:
+            raise ProblemError(name, type(a).__name__,
+                               f"not a DLPack array on this GPU: {e}") from e
+    if a.dtype != np.float32:
+        raise ProblemError(name, str(a.dtype), "expected float32")
+    return cupy.ascontiguousarray(cupy.asarray(a))
+
+
+def _routing_arrays(problem: MoEProblem, expert_bias, shared_gate) -> dict:
+    """The rule's extra device arrays, checked: required when the rule needs them."""
+    import cupy
+
+    out = {"expert_bias": None, "shared_gate": None}
+    for name, needed, a, shape, conv in (
+            ("expert_bias", problem.expert_bias, expert_bias, (problem.experts,), as_f32),
+            ("shared_gate", problem.shared_gate, shared_gate, (problem.hidden,), as_bits)):
+        if not needed:
+            continue
+        if a is None:
+            raise ProblemError(name, None, f"required by the problem's {name}=True, shape {shape}")
+        b = conv(a, name)
+        if tuple(b.shape) != shape:
+            raise ProblemError(name, tuple(b.shape), f"expected shape {shape}")
+        if name == "expert_bias" and not bool(cupy.isfinite(b).all()):
+            raise ProblemError(name, "non-finite values", "every bias must be a finite float32")
+        out[name] = cupy.ascontiguousarray(b)
+    return out
+
+
 @dataclass
 class DeviceWeights:
     gate: object          # [H, E]
@@ -45,6 +82,8 @@ class DeviceWeights:
     sw1: object = None    # [S*Is, H]
     sw3: object = None    # [S*Is, H]
     sw2: object = None    # [H, S*Is]
+    expert_bias: object = None  # [E] float32 (problem.expert_bias)
+    shared_gate: object = None  # [H] bf16 bits (problem.shared_gate)
 
     @classmethod
     def from_host(cls, problem: MoEProblem, w: MoEWeights, rank: int) -> DeviceWeights:
@@ -69,14 +108,18 @@ class DeviceWeights:
             dw.sw1 = cupy.asarray(np.concatenate(list(w.shared_w1), axis=1).T.copy())
             dw.sw3 = cupy.asarray(np.concatenate(list(w.shared_w3), axis=1).T.copy())
             dw.sw2 = cupy.asarray(np.concatenate(list(w.shared_w2), axis=0).T.copy())
+        for name, a in _routing_arrays(problem, w.expert_bias, w.shared_gate).items():
+            setattr(dw, name, a)
         return dw
 
     @classmethod
     def from_arrays(cls, problem: MoEProblem, gate, w1, w3, w2, shared_w1=None, shared_w3=None,
-                    shared_w2=None) -> DeviceWeights:
+                    shared_w2=None, expert_bias=None, shared_gate=None) -> DeviceWeights:
         """User arrays in the semantic layouts of docs/semantics.md (this rank's experts):
         ``gate [H, E]``, ``w1, w3 [E_local, H, I]``, ``w2 [E_local, I, H]``, shared
-        ``[S, H, Is]`` / ``[S, Is, H]``; cupy/numpy uint16 bits or DLPack bf16 (torch)."""
+        ``[S, H, Is]`` / ``[S, Is, H]``; cupy/numpy uint16 bits or DLPack bf16 (torch).
+        ``expert_bias [E]`` (float32) and ``shared_gate [H]`` (bf16) when the problem's
+        routing rule needs them."""
         import cupy
 
         h, i, e, el = problem.hidden, problem.intermediate, problem.experts, problem.local_experts
@@ -104,4 +147,6 @@ class DeviceWeights:
             dw.sw1 = cupy.ascontiguousarray(cupy.concatenate(list(arrs["shared_w1"]), 1).T)
             dw.sw3 = cupy.ascontiguousarray(cupy.concatenate(list(arrs["shared_w3"]), 1).T)
             dw.sw2 = cupy.ascontiguousarray(cupy.concatenate(list(arrs["shared_w2"]), 0).T)
+        for name, a in _routing_arrays(problem, expert_bias, shared_gate).items():
+            setattr(dw, name, a)
         return dw

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 
 from .errors import ProblemError
@@ -22,6 +23,10 @@ MAX_EXPERTS = 1 << 16      # experts (world_size divides it), shared_experts
 MAX_TOKENS = 1 << 24       # tokens_per_rank, and the rows of a fixed capacity
 #: The fields a problem needs; the rest have defaults.
 REQUIRED_FIELDS = ("hidden", "intermediate", "experts", "top_k")
+#: Routing scores (docs/semantics.md, Routing): softmax over all experts or a sigmoid each.
+SCORINGS = ("softmax", "sigmoid")
+#: Most expert groups of a group-limited top-k: the router keeps one lane per group.
+MAX_GROUPS = 32
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,13 @@ class MoEProblem:
     dtype: str = "bf16"
     capacity_factor: float | None = None
     normalize_topk: bool = True
+    # Routing rule (docs/semantics.md, Routing); the defaults are plain softmax top-k.
+    scoring: str = "softmax"
+    expert_bias: bool = False       # DeepSeek-V3 e_score_correction_bias: choice only
+    n_group: int = 1                # group-limited top-k: experts in n_group groups ...
+    topk_group: int = 1             # ... of which the best topk_group are eligible
+    routed_scaling: float = 1.0     # multiplies the final routed weights
+    shared_gate: bool = False       # Qwen2-MoE: shared output x sigmoid(x . w_shared_gate)
 
     def __post_init__(self) -> None:
         if self.shared_experts and self.shared_intermediate is None:
@@ -119,6 +131,53 @@ class MoEProblem:
                     f"{self.experts / self.top_k:g} (experts/top_k) already drops nothing")
         if not isinstance(self.normalize_topk, bool):
             raise ProblemError("normalize_topk", self.normalize_topk, "must be a bool")
+        self._validate_routing()
+
+    def _validate_routing(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ProblemError("scoring", self.scoring, f"supported: {', '.join(SCORINGS)}")
+        for f in ("expert_bias", "shared_gate"):
+            if not isinstance(getattr(self, f), bool):
+                raise ProblemError(f, getattr(self, f), "must be a bool")
+        for f in ("n_group", "topk_group"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ProblemError(f, v, "must be a positive integer")
+        e, ng = self.experts, self.n_group
+        if ng > 1:
+            if ng > MAX_GROUPS:
+                raise ProblemError("n_group", ng, f"must be at most {MAX_GROUPS} "
+                                   "(flashmoe_gen.problem.MAX_GROUPS: one router lane per group)")
+            if e % ng or e // ng < 2:
+                divisors = [g for g in range(2, min(e // 2, MAX_GROUPS) + 1) if e % g == 0]
+                raise ProblemError("n_group", ng,
+                                   f"must divide experts={e} into groups of at least 2 experts "
+                                   f"(a group scores by its top-2); valid: 1 (no groups) or "
+                                   f"{divisors}")
+        if self.topk_group > ng:
+            raise ProblemError("topk_group", self.topk_group,
+                               f"must be between 1 and n_group={ng}")
+        if ng == 1 and self.topk_group != 1:
+            raise ProblemError("topk_group", self.topk_group, "must be 1 when n_group=1")
+        eligible = self.topk_group * (e // ng)
+        if self.top_k > eligible:
+            raise ProblemError("top_k", self.top_k,
+                               f"must be at most topk_group x experts/n_group = "
+                               f"{self.topk_group} x {e // ng} = {eligible} (the experts of the "
+                               "chosen groups)")
+        rs = self.routed_scaling
+        if isinstance(rs, bool) or not isinstance(rs, (int, float)) or not math.isfinite(rs) \
+                or not rs > 0:
+            raise ProblemError("routed_scaling", rs, "must be a finite number > 0 (1.0: none)")
+        if self.shared_gate and not self.shared_experts:
+            raise ProblemError("shared_gate", self.shared_gate,
+                               "needs shared_experts >= 1 (it gates the shared experts' output)")
+
+    @property
+    def default_routing(self) -> bool:
+        """True for plain softmax top-k (no bias, groups, scaling or shared gate)."""
+        return (self.scoring, self.expert_bias, self.n_group, self.routed_scaling,
+                self.shared_gate) == ("softmax", False, 1, 1.0, False)
 
     # -- derived sizes ----------------------------------------------------------------
     @property
@@ -158,7 +217,51 @@ class MoEProblem:
             parts.append(f"cf{float(self.capacity_factor)!r}")
         if not self.normalize_topk:
             parts.append("nonorm")
+        # Routing rule parts (docs/semantics.md); absent for the default rule.
+        if self.scoring == "sigmoid":
+            parts.append("sig")
+        if self.expert_bias:
+            parts.append("bias")
+        if self.n_group > 1:
+            parts.append(f"grp{self.topk_group}of{self.n_group}")
+        if self.routed_scaling != 1.0:
+            parts.append(f"rs{float(self.routed_scaling)!r}")
+        if self.shared_gate:
+            parts.append("sgate")
         return "_".join(parts)
+
+    @classmethod
+    def from_name(cls, name: str) -> MoEProblem:
+        """The problem a ``name`` spells (``from_name(p.name) == p``)."""
+        if not isinstance(name, str):
+            raise ProblemError("name", name, "expected a problem name such as "
+                               "moe_h2048_i1408_e64_k6_s2x1408_p2_t512_bf16")
+        m = _NAME_RE.fullmatch(name)
+        if m is None:
+            raise ProblemError("name", name, "not a problem name: expected "
+                               "moe_h<H>_i<I>_e<E>_k<k>[_s<S>x<Is>]_p<P>_t<T>_<dtype>[_cf<c>]"
+                               "[_nonorm][_sig][_bias][_grp<g>of<n>][_rs<r>][_sgate]")
+        g = m.groupdict()
+        d: dict = {f: int(g[k]) for f, k in (("hidden", "h"), ("intermediate", "i"),
+                                             ("experts", "e"), ("top_k", "k"),
+                                             ("world_size", "p"), ("tokens_per_rank", "t"))}
+        d["dtype"] = g["dtype"]
+        if g["s"]:
+            d["shared_experts"], d["shared_intermediate"] = int(g["s"]), int(g["si"])
+        if g["cf"]:
+            d["capacity_factor"] = float(g["cf"])
+        d["normalize_topk"] = not g["nonorm"]
+        d["scoring"] = "sigmoid" if g["sig"] else "softmax"
+        d["expert_bias"] = bool(g["bias"])
+        if g["ng"]:
+            d["topk_group"], d["n_group"] = int(g["tg"]), int(g["ng"])
+        if g["rs"]:
+            d["routed_scaling"] = float(g["rs"])
+        d["shared_gate"] = bool(g["sgate"])
+        p = cls.from_dict(d)
+        if p.name != name:  # e.g. a spelling the name never produces (cf1 for cf1.0)
+            raise ProblemError("name", name, f"not in canonical form; did you mean {p.name}?")
+        return p
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,6 +298,14 @@ class MoEProblem:
         d = self.to_dict()
         d.update(changes)
         return MoEProblem.from_dict(d)
+
+
+_FLOAT = r"[0-9][0-9.e+-]*"
+_NAME_RE = re.compile(
+    r"moe_h(?P<h>\d+)_i(?P<i>\d+)_e(?P<e>\d+)_k(?P<k>\d+)(?:_s(?P<s>\d+)x(?P<si>\d+))?"
+    r"_p(?P<p>\d+)_t(?P<t>\d+)_(?P<dtype>[a-z0-9]+)(?:_cf(?P<cf>" + _FLOAT + r"))?"
+    r"(?P<nonorm>_nonorm)?(?P<sig>_sig)?(?P<bias>_bias)?(?:_grp(?P<tg>\d+)of(?P<ng>\d+))?"
+    r"(?:_rs(?P<rs>" + _FLOAT + r"))?(?P<sgate>_sgate)?")
 
 
 def round_up(x: int, m: int) -> int:

@@ -18,11 +18,31 @@ from .weights import MoEWeights
 
 @dataclass
 class Routing:
-    """One rank's routing decision."""
+    """One rank's routing decision (docs/semantics.md, Routing)."""
 
-    topk_idx: np.ndarray  # [T, k] int64 global expert ids, descending prob, ties -> lower id
-    topk_w: np.ndarray  # [T, k] float64, normalised over j if problem.normalize_topk
-    probs: np.ndarray  # [T, E] float64 softmax probabilities
+    topk_idx: np.ndarray  # [T, k] int64 global expert ids, descending choice, ties -> lower id
+    topk_w: np.ndarray  # [T, k] float64 final weights (normalised, scaled as the rule says)
+    probs: np.ndarray  # [T, E] float64 scores: softmax probabilities or sigmoids
+    choice: np.ndarray | None = None  # [T, E] what top-k ranks: scores (+ bias), -inf outside
+    #                                   the chosen groups; None: the scores themselves
+    group_scores: np.ndarray | None = None  # [T, n_group] with group-limited top-k, else None
+
+    def clear(self, problem: MoEProblem, margin: float = 1e-4) -> np.ndarray:
+        """[T] bool: tokens whose choice is not a near-tie (the k-th and (k+1)-th choice
+        values, and with groups the topk_group-th and next group scores, differ by more than
+        ``margin``); only these are compared with a kernel's routing."""
+        t = len(self.probs)
+        ok = np.ones(t, dtype=bool)
+        choice = self.probs if self.choice is None else self.choice
+        if problem.top_k < problem.experts:
+            c = -np.sort(-choice, axis=1)
+            nxt = c[:, problem.top_k]
+            # Past the eligible experts the next value is -inf: no tie possible.
+            ok &= ~np.isfinite(nxt) | (c[:, problem.top_k - 1] - nxt > margin)
+        if self.group_scores is not None and problem.topk_group < problem.n_group:
+            g = -np.sort(-self.group_scores, axis=1)
+            ok &= g[:, problem.topk_group - 1] - g[:, problem.topk_group] > margin
+        return ok
 
 
 @dataclass
@@ -37,32 +57,78 @@ def _f64(bits: np.ndarray) -> np.ndarray:
     return bf16.from_bits(bits).astype(np.float64)
 
 
-def _route_f64(problem: MoEProblem, x: np.ndarray, gate: np.ndarray) -> Routing:
-    logits = x @ gate
+def _sigmoid(a: np.ndarray) -> np.ndarray:
+    # exp(-softplus(-a)): no overflow warning for large |a|.
+    return np.exp(-np.logaddexp(0.0, -a))
+
+
+def scores_f64(problem: MoEProblem, logits: np.ndarray) -> np.ndarray:
+    """Routing scores from the gate logits: softmax over experts or a sigmoid each."""
+    if problem.scoring == "sigmoid":
+        return _sigmoid(logits)
     # Subtracting the row max keeps exp finite; softmax is invariant to it.
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = z / z.sum(axis=1, keepdims=True)
-    # A stable sort of -probs puts equal probabilities in increasing expert order.
-    idx = np.argsort(-probs, axis=1, kind="stable")[:, : problem.top_k].astype(np.int64)
-    return Routing(idx, routing_weights(problem, probs, idx), probs)
+    return z / z.sum(axis=1, keepdims=True)
 
 
-def route(problem: MoEProblem, x_bits: np.ndarray, gate_bits: np.ndarray) -> Routing:
-    """Softmax top-k routing of the tokens ``x_bits [T, H]`` with ``gate_bits [H, E]``."""
-    return _route_f64(problem, _f64(x_bits), _f64(gate_bits))
+def _route_f64(problem: MoEProblem, x: np.ndarray, gate: np.ndarray,
+               bias: np.ndarray | None) -> Routing:
+    probs = scores_f64(problem, x @ gate)
+    choice = probs + bias[None, :] if problem.expert_bias else probs
+    group_scores = None
+    if problem.n_group > 1:
+        t, ng = len(choice), problem.n_group
+        grouped = choice.reshape(t, ng, problem.experts // ng)
+        # A group's score: the sum of its two largest choice values (DeepSeek-V3).
+        group_scores = -np.sort(-grouped, axis=2)[:, :, :2].sum(axis=2)
+        # The topk_group best groups, ties to the lower group index (stable sort).
+        keep = np.argsort(-group_scores, axis=1, kind="stable")[:, : problem.topk_group]
+        mask = np.zeros((t, ng), dtype=bool)
+        np.put_along_axis(mask, keep, True, axis=1)
+        choice = np.where(np.repeat(mask, problem.experts // ng, axis=1), choice, -np.inf)
+    # A stable sort of -choice puts equal values in increasing expert order.
+    idx = np.argsort(-choice, axis=1, kind="stable")[:, : problem.top_k].astype(np.int64)
+    return Routing(idx, routing_weights(problem, probs, idx), probs,
+                   None if choice is probs else choice, group_scores)
+
+
+def _bias_f64(problem: MoEProblem, weights: MoEWeights) -> np.ndarray | None:
+    return np.asarray(weights.expert_bias, np.float64) if problem.expert_bias else None
+
+
+def route(problem: MoEProblem, x_bits: np.ndarray, gate_bits: np.ndarray,
+          expert_bias: np.ndarray | None = None) -> Routing:
+    """Routing of the tokens ``x_bits [T, H]`` with ``gate_bits [H, E]`` under the
+    problem's rule; ``expert_bias [E]`` (float32) is required when ``problem.expert_bias``."""
+    bias = None
+    if problem.expert_bias:
+        if expert_bias is None or np.shape(expert_bias) != (problem.experts,):
+            raise ProblemError("expert_bias", None if expert_bias is None
+                               else np.shape(expert_bias),
+                               f"this problem's rule needs an expert bias of shape "
+                               f"({problem.experts},) (MoEWeights.expert_bias)")
+        bias = np.asarray(expert_bias, np.float64)
+    return _route_f64(problem, _f64(x_bits), _f64(gate_bits), bias)
 
 
 def routing_weights(problem: MoEProblem, probs: np.ndarray, topk_idx: np.ndarray) -> np.ndarray:
-    """The weights of a given index set (e.g. the kernel's own routing)."""
+    """The weights of a given index set (e.g. the kernel's own routing): the unbiased
+    scores, divided by their sum if ``normalize_topk``, times ``routed_scaling``."""
     w = np.take_along_axis(probs, np.asarray(topk_idx, dtype=np.int64), axis=1)
     if problem.normalize_topk:
         w = w / w.sum(axis=1, keepdims=True)
+    if problem.routed_scaling != 1.0:
+        w = w * float(problem.routed_scaling)
     return w
 
 
+def shared_gate_f64(x: np.ndarray, shared_gate_bits: np.ndarray) -> np.ndarray:
+    """[T] float64 ``sigmoid(x @ w_shared_gate)`` (Qwen2-MoE's shared-expert gate)."""
+    return _sigmoid(x @ _f64(shared_gate_bits))
+
+
 def _silu(h: np.ndarray) -> np.ndarray:
-    # sigmoid(h) = exp(-softplus(-h)): no overflow warning for large |h|.
-    return h * np.exp(-np.logaddexp(0.0, -h))
+    return h * _sigmoid(h)
 
 
 def expert_mlp(x: np.ndarray, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray) -> np.ndarray:
@@ -148,13 +214,15 @@ def moe_reference(problem: MoEProblem, xs: list[np.ndarray], weights: MoEWeights
     """
     _check_inputs(problem, xs, weights, topk_idx, capacity, rows)
     gate = _f64(weights.gate)
+    bias = _bias_f64(problem, weights)
     xf = [_f64(x) for x in xs]
     routing = []
     for r, x in enumerate(xf):
-        rt = _route_f64(problem, x, gate)
+        rt = _route_f64(problem, x, gate, bias)
         if topk_idx is not None:
             idx = np.asarray(topk_idx[r], dtype=np.int64)
-            rt = Routing(idx, routing_weights(problem, rt.probs, idx), rt.probs)
+            rt = Routing(idx, routing_weights(problem, rt.probs, idx), rt.probs, rt.choice,
+                         rt.group_scores)
         routing.append(rt)
     kept = drop_mask(problem, [rt.topk_idx for rt in routing], capacity)
     dropped = int(sum((~m).sum() for m in kept))
@@ -191,12 +259,18 @@ def moe_reference(problem: MoEProblem, xs: list[np.ndarray], weights: MoEWeights
             else:
                 outs[r][out_row] += y
 
-    for s in range(problem.shared_experts):
-        sw1, sw3 = _f64(weights.shared_w1[s]), _f64(weights.shared_w3[s])
-        sw2 = _f64(weights.shared_w2[s])
+    if problem.shared_experts:
         for r, s_rows in enumerate(sel_rows):
-            if len(s_rows):
-                outs[r] += expert_mlp(xf[r][s_rows], sw1, sw3, sw2)
+            if not len(s_rows):
+                continue
+            xr = xf[r][s_rows]
+            shared = np.zeros_like(outs[r])
+            for s in range(problem.shared_experts):
+                shared += expert_mlp(xr, _f64(weights.shared_w1[s]), _f64(weights.shared_w3[s]),
+                                     _f64(weights.shared_w2[s]))
+            if problem.shared_gate:  # one gate on the sum of the shared experts
+                shared *= shared_gate_f64(xr, weights.shared_gate)[:, None]
+            outs[r] += shared
     return ReferenceResult(outs, routing, kept, dropped)
 
 

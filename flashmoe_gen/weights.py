@@ -3,6 +3,8 @@
 Shapes follow docs/semantics.md: ``gate [H, E]``, ``w1, w3 [n, H, I]``, ``w2 [n, I, H]`` for
 the experts ``first_expert .. first_expert + n - 1``, shared experts ``[S, H, Is]`` /
 ``[S, Is, H]``. Values are bf16 bits (uint16); ``*_f32`` helpers give exact float32 views.
+Routing rules that need them add ``expert_bias [E]`` (float32, DeepSeek-V3's score
+correction bias) and ``shared_gate [H]`` (bf16 bits, Qwen2-MoE's shared-expert gate).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class MoEWeights:
     shared_w3: np.ndarray
     shared_w2: np.ndarray
     first_expert: int = 0
+    expert_bias: np.ndarray | None = None  # [E] float32 when problem.expert_bias
+    shared_gate: np.ndarray | None = None  # [H] bf16 bits when problem.shared_gate
 
     @property
     def num_experts_held(self) -> int:
@@ -68,6 +72,8 @@ class MoEWeights:
             shared_w2=np.stack([_normal(seed, (12, k), (si, h), si) for k in range(s)])
             if s else np.zeros((0, si, h), np.uint16),
             first_expert=experts.start,
+            expert_bias=random_expert_bias(problem, seed) if problem.expert_bias else None,
+            shared_gate=_normal(seed, (22,), (h,), h) if problem.shared_gate else None,
         )
 
     def check(self, problem: MoEProblem) -> None:
@@ -97,6 +103,33 @@ class MoEWeights:
             if arr.dtype != np.uint16:
                 raise ProblemError(f"weights.{name}", str(arr.dtype),
                                    "expected bf16 bits as uint16 (see flashmoe_gen.bf16)")
+        self._check_routing(problem)
+
+    def _check_routing(self, problem: MoEProblem) -> None:
+        """The routing rule's extra arrays: present, shaped and typed when the rule needs
+        them, absent (None) when it does not."""
+        for name, needed, shape, dtype, what in (
+                ("expert_bias", problem.expert_bias, (problem.experts,), np.float32,
+                 "float32 (DeepSeek-V3 e_score_correction_bias)"),
+                ("shared_gate", problem.shared_gate, (problem.hidden,), np.uint16,
+                 "bf16 bits as uint16 (Qwen2-MoE shared_expert_gate weight)")):
+            arr = getattr(self, name)
+            if not needed:
+                if arr is not None:
+                    raise ProblemError(f"weights.{name}", "an array",
+                                       f"must be None: the problem has {name}=False")
+                continue
+            if not isinstance(arr, np.ndarray):
+                raise ProblemError(f"weights.{name}", type(arr).__name__,
+                                   f"required by the problem's {name}=True: a numpy array "
+                                   f"of shape {shape}, {what}")
+            if tuple(arr.shape) != shape:
+                raise ProblemError(f"weights.{name}", tuple(arr.shape), f"expected shape {shape}")
+            if arr.dtype != dtype:
+                raise ProblemError(f"weights.{name}", str(arr.dtype), f"expected {what}")
+        if problem.expert_bias and not np.all(np.isfinite(self.expert_bias)):
+            raise ProblemError("weights.expert_bias", "non-finite values",
+                               "every bias must be a finite float32")
 
     def experts_slice(self, experts: range) -> MoEWeights:
         """The weights of a contiguous range of global experts (e.g. one rank's)."""
@@ -104,7 +137,17 @@ class MoEWeights:
         if a < 0 or b > self.num_experts_held:
             raise ProblemError("experts", experts, "not held by these weights")
         return MoEWeights(self.gate, self.w1[a:b], self.w3[a:b], self.w2[a:b], self.shared_w1,
-                          self.shared_w3, self.shared_w2, experts.start)
+                          self.shared_w3, self.shared_w2, experts.start, self.expert_bias,
+                          self.shared_gate)
+
+
+def random_expert_bias(problem: MoEProblem, seed: int) -> np.ndarray:
+    """[E] float32 ~ N(0, 1) x scale from (seed, 21): the scale (0.1 for sigmoid scores,
+    1/E for softmax probabilities) is that of the scores, so the bias changes some choices
+    without deciding them all."""
+    rng = np.random.default_rng([seed, 21])
+    scale = 0.1 if problem.scoring == "sigmoid" else 1.0 / problem.experts
+    return (rng.standard_normal(problem.experts) * scale).astype(np.float32)
 
 
 def _check_problem(problem) -> None:

@@ -88,7 +88,15 @@ PROBLEM_CHANGES = {
     "tokens_per_rank": 513,
     "capacity_factor": 1.5,
     "normalize_topk": False,
+    "scoring": "sigmoid",
+    "expert_bias": True,
+    "n_group": 8,
+    "topk_group": 4,
+    "routed_scaling": 2.5,
+    "shared_gate": True,
 }
+#: Fields whose change needs another field set first (topk_group means nothing without groups).
+PROBLEM_CHANGE_BASE = {"topk_group": {"n_group": 8}}
 
 
 def test_problem_change_table_covers_every_field():
@@ -98,7 +106,7 @@ def test_problem_change_table_covers_every_field():
 
 @pytest.mark.parametrize("field", sorted(PROBLEM_CHANGES))
 def test_every_problem_field_changes_the_name(field):
-    base = DSV2_LITE
+    base = DSV2_LITE.replace(**PROBLEM_CHANGE_BASE.get(field, {}))
     changed = base.replace(**{field: PROBLEM_CHANGES[field]})
     assert getattr(changed, field) != getattr(base, field)
     assert changed != base
