@@ -2,8 +2,9 @@
 
 For each problem, in one run on P GPUs: (a) the layer, (b) the same kernels with
 communication and compute serialized (config ``overlap=False``), (c) communication alone,
-(d) compute alone, overlap efficiency ((b) - (a)) / min((c), (d)), the PyTorch
-expert-parallel baseline on the same weights and tokens, and the per-rank roofline floor.
+(d) compute alone, overlap efficiency ((b) - (a)) / min((c), (d)), (a) in graph mode, both
+PyTorch expert-parallel baselines (sync and graph-captured, "PyTorch EP" = the faster) on the
+same weights and tokens, and the per-rank roofline floor.
 
     mpirun -np 2 python bench/overlap.py --out bench/results/overlap.md
 """
@@ -40,10 +41,13 @@ PROBLEMS = {
 }
 
 
-def floor_ms(p) -> float:
-    """Per-rank floor: max(FLOPs / peak, bytes / bandwidth), local expert weights read once."""
+def floor_ms(p, experts_used: int | None = None) -> float:
+    """Per-rank floor: max(FLOPs / peak, bytes / bandwidth), local expert weights read once.
+
+    ``experts_used``: the local experts that get a row (decode: few), default all of them."""
     flops = p.flops()
-    weights = (3 * p.local_experts * p.hidden * p.intermediate
+    used = p.local_experts if experts_used is None else experts_used
+    weights = (3 * used * p.hidden * p.intermediate
                + 3 * p.hidden * p.shared_width + p.hidden * p.experts) * 2
     tokens = 2 * p.tokens_per_rank * p.hidden * 2
     return max(flops / PEAK_FLOPS, (weights + tokens) / PEAK_BYTES) * 1e3
@@ -53,7 +57,7 @@ def measure(p, comm, a) -> dict:
     """Time (a)-(d) and the torch baseline for one problem; every rank calls it."""
     import cupy
     import torch
-    from torch_ep import TorchEP
+    from torch_ep_graph import time_baselines, to_f64
 
     from flashmoe_gen import bf16
     from flashmoe_gen.config import KernelConfig
@@ -69,29 +73,52 @@ def measure(p, comm, a) -> dict:
     # The same config with expert slots (one NCCL op per (peer, expert)) for comparison.
     layer_x = FlashMoE(p, dataclasses.replace(cfg, packed_slots=False), comm=comm,
                        weights=layer.weights)
+    # The same config in graph mode (device-side counts, one CUDA graph per forward).
+    layer_g = graph_layer(p, cfg, comm, layer.weights)
     x_bits = random_tokens(p.tokens_per_rank, p.hidden, seed=100 + comm.rank)
     x = cupy.asarray(x_bits)
     ours = layer.forward(x)
-    base = TorchEP(layer)
     xt = torch.from_dlpack(x).view(torch.bfloat16)
-    theirs = base(xt)
-    torch.cuda.synchronize()
-    agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64),
-                           theirs.float().cpu().numpy().astype(np.float64))
+    base = time_baselines(layer, xt, comm, warmup=a.warmup, iters=a.iters)
+    theirs = to_f64(base.pop("out"))
+    agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64), theirs)
     kw = dict(warmup=a.warmup, iters=a.iters, comm=comm)
     t = {"a_layer": time_callable(lambda: layer.forward(x), **kw),
          "b_serial": time_callable(lambda: layer_s.forward(x), **kw),
          "a_expert_slots": time_callable(lambda: layer_x.forward(x), **kw),
          "c_comm": time_callable(lambda: layer.forward(x, parts="comm"), **kw),
-         "d_compute": time_callable(lambda: layer.forward(x, parts="compute"), **kw),
-         "torch_ep": time_callable(lambda: base(xt), **kw)}
+         "d_compute": time_callable(lambda: layer.forward(x, parts="compute"), **kw)}
     ms = {k: v.median_ms for k, v in t.items()}
+    graph = {"a_graph": None, "vs_torch_graph_mode": None, "agree_graph_mode": None}
+    if layer_g is not None:
+        out_g = layer_g.forward(x)
+        diff = relative_error(bf16.from_bits(out_g.get()).astype(np.float64), theirs)
+        graph["agree_graph_mode"] = float(f"{diff:.2e}")
+        g_ms = time_callable(lambda: layer_g.forward(x), **kw).median_ms
+        graph["a_graph"] = round(g_ms, 4)
+        graph["vs_torch_graph_mode"] = round(g_ms / base["torch_ep_ms"], 3)
     eff = (ms["b_serial"] - ms["a_layer"]) / min(ms["c_comm"], ms["d_compute"])
     return dict(problem=p.name, config=cfg.name, **{k: round(v, 4) for k, v in ms.items()},
-                overlap_eff=round(eff, 3), vs_torch=round(ms["a_layer"] / ms["torch_ep"], 3),
+                overlap_eff=round(eff, 3), **base, **graph,
+                vs_torch=round(ms["a_layer"] / base["torch_ep_ms"], 3),
                 floor_ms=round(floor_ms(p), 4), over_floor=round(ms["a_layer"] / floor_ms(p), 2),
                 agree_torch=float(f"{agree:.2e}"),
                 p20_p80=(round(t["a_layer"].p20_ms, 4), round(t["a_layer"].p80_ms, 4)))
+
+
+def graph_layer(p, cfg, comm, weights):
+    """Our layer in graph mode on shared weights, or None (with a note on rank 0) where the
+    mode refuses this problem/config (the same typed error on every rank: no collective is
+    left half done)."""
+    from flashmoe_gen.errors import FlashMoEError
+    from flashmoe_gen.runtime import FlashMoE
+
+    try:
+        return FlashMoE(p, dataclasses.replace(cfg, mode="graph"), comm=comm, weights=weights)
+    except FlashMoEError as e:
+        if comm.rank == 0:
+            print(f"graph mode skipped for {p.name}: {e}", flush=True)
+        return None
 
 
 def main() -> int:
@@ -133,12 +160,17 @@ def main() -> int:
                 "max over ranks per iteration). (a) layer, (b) serialized, (c) comm alone, "
                 "(d) compute alone; a_expert_slots = (a) with expert slots (one NCCL op per "
                 "(peer, expert)) instead of packed ones; overlap eff = ((b)-(a))/min((c),(d)); "
-                "vs torch = (a) / "
-                "PyTorch EP (all_to_all_single + torch._grouped_mm); floor = per-rank "
-                "max(FLOPs/790 TFLOP/s, bytes/3.0 TB/s); agree = rel. diff ours vs torch.\n\n")
-        cols = ["problem", "a_layer", "a_expert_slots", "b_serial", "c_comm", "d_compute",
-                "overlap_eff",
-                "torch_ep", "vs_torch", "floor_ms", "over_floor", "agree_torch"]
+                "a_graph = (a) in graph mode (device-side counts, one CUDA graph). PyTorch "
+                "baselines (all_to_all_single + torch._grouped_mm): torch_sync reads the split "
+                "sizes on the host, torch_graph is padded fixed-size and graph-captured; "
+                "torch_ep = the faster of the two (torch_ep_is names it); vs torch = ours / "
+                "torch_ep (< 1: ours faster); floor = per-rank "
+                "max(FLOPs/790 TFLOP/s, bytes/3.0 TB/s); agree = rel. diff ours vs torch "
+                "(agree_baselines: graph vs sync baseline, asserted < 1e-2).\n\n")
+        cols = ["problem", "a_layer", "a_graph", "a_expert_slots", "b_serial", "c_comm",
+                "d_compute", "overlap_eff", "torch_sync_ms", "torch_graph_ms", "torch_ep_ms",
+                "torch_ep_is", "vs_torch", "vs_torch_graph_mode", "floor_ms", "over_floor",
+                "agree_torch", "agree_graph_mode", "agree_baselines"]
         table = md_table(cols, [[r[c] for c in cols] for r in rows])
         configs = "\n".join(f"- {r['problem']}: `{r['config']}`" for r in rows)
         emit(head + table + "\nconfigs (heuristic defaults):\n" + configs + "\n", rows, a.out,

@@ -20,6 +20,8 @@ from torch_ep import TorchEP
 
 from flashmoe_gen.errors import ProblemError
 
+#: Largest relative difference allowed between the two baselines' outputs.
+AGREE = 1e-2
 #: Eager forwards on a side stream before capture (NCCL and cuBLAS set up, allocator warm).
 CAPTURE_WARMUP = 3
 
@@ -114,3 +116,40 @@ class TorchEPGraph(TorchEP):
     def release(self) -> None:
         """Drop the captured graphs and their memory pools."""
         self._captured.clear()
+
+
+def to_f64(t: torch.Tensor):
+    """A bf16 torch tensor as a float64 numpy array on the host."""
+    return t.float().cpu().numpy().astype("float64")
+
+
+def time_baselines(layer, xt: torch.Tensor, comm, *, warmup: int, iters: int,
+                   tokens: int | None = None) -> dict:
+    """Both baselines on ``layer``'s weights and the tokens ``xt`` (every rank calls it).
+
+    Checks the graph baseline against the sync one (max over ranks of the relative
+    difference, asserted < ``AGREE``), times both (``time_callable``: CUDA events, max over
+    ranks per iteration, median) and names the faster one "PyTorch EP". The returned
+    ``"out"`` is the sync baseline's output (for checking our layer against it).
+    """
+    from torch_ep import faster
+
+    from flashmoe_gen.comm import allgather
+    from flashmoe_gen.reference import relative_error
+    from flashmoe_gen.tuner.bench import time_callable
+
+    sync = TorchEP(layer)
+    graph = TorchEPGraph(layer, tokens=tokens or xt.shape[0])
+    out_s, out_g = sync(xt), graph(xt)          # the graph's first call captures it
+    torch.cuda.synchronize()
+    mine = relative_error(to_f64(out_g), to_f64(out_s)) if len(xt) else 0.0
+    agree = max(allgather(comm.mpi, mine, "comparing the PyTorch baselines"))
+    assert agree < AGREE, f"graph-captured PyTorch EP differs from the sync one by {agree:.2e}"
+    kw = dict(warmup=warmup, iters=iters, comm=comm)
+    sync_ms = time_callable(lambda: sync(xt), **kw).median_ms
+    graph_ms = time_callable(lambda: graph(xt), **kw).median_ms
+    best, which = faster(sync_ms, graph_ms)
+    graph.release()
+    return dict(torch_sync_ms=round(sync_ms, 4), torch_graph_ms=round(graph_ms, 4),
+                torch_ep_ms=round(best, 4), torch_ep_is=which,
+                agree_baselines=float(f"{agree:.2e}"), out=out_s)
