@@ -1,4 +1,4 @@
-"""FlashDMoE's setting (H=2048, I=2048, top-2, bf16): our layer vs the PyTorch EP baseline.
+"""FlashDMoE's setting (H=2048, I=2048, top-2, bf16): our layer vs the PyTorch EP baselines.
 
 Run under mpirun on P GPUs (one per rank); each run appends its rows to a JSON file, so
 weak scaling comes from running P = 2, 4, 8 into the same file, then ``--plot``:
@@ -26,13 +26,14 @@ TOKENS = (1024, 4096, 16384)
 
 
 def measure_one(p, cfg, comm, a) -> dict:
-    """Ours (and, with --fuse, ours with fused sources) and the torch baseline on the same
-    weights and tokens; every rank calls it."""
+    """Ours (host and graph mode; with --fuse, ours with fused sources) and both PyTorch
+    baselines on the same weights and tokens; every rank calls it."""
     import dataclasses
 
     import cupy
     import torch
-    from torch_ep import TorchEP
+    from overlap import graph_layer
+    from torch_ep_graph import time_baselines, to_f64
 
     from flashmoe_gen import bf16
     from flashmoe_gen.reference import relative_error
@@ -42,17 +43,25 @@ def measure_one(p, cfg, comm, a) -> dict:
 
     layer = FlashMoE(p, cfg, comm=comm, seed=1)
     x = cupy.asarray(random_tokens(p.tokens_per_rank, p.hidden, seed=7 + comm.rank))
-    base = TorchEP(layer)
     xt = torch.from_dlpack(x).view(torch.bfloat16)
-    ours, theirs = layer.forward(x), base(xt)
-    torch.cuda.synchronize()
-    agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64),
-                           theirs.float().cpu().numpy().astype(np.float64))
+    ours = layer.forward(x)
+    base = time_baselines(layer, xt, comm, warmup=a.warmup, iters=a.iters)
+    theirs = to_f64(base.pop("out"))
+    agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64), theirs)
     agree = max(comm.mpi.allgather(agree))
     kw = dict(warmup=a.warmup, iters=a.iters, comm=comm)
     ms = time_callable(lambda: layer.forward(x), **kw).median_ms
-    ms_t = time_callable(lambda: base(xt), **kw).median_ms
-    extra = {}
+    ms_t = base["torch_ep_ms"]
+    extra = {"ours_graph_ms": None, "speedup_graph": None}
+    layer_g = graph_layer(p, cfg, comm, layer.weights)
+    if layer_g is not None:
+        out_g = layer_g.forward(x)
+        diff = relative_error(bf16.from_bits(out_g.get()).astype(np.float64), theirs)
+        extra["agree_graph_mode"] = float(f"{max(comm.mpi.allgather(diff)):.2e}")
+        ms_g = time_callable(lambda: layer_g.forward(x), **kw).median_ms
+        extra["ours_graph_ms"] = round(ms_g, 4)
+        extra["speedup_graph"] = round(ms_t / ms_g, 3)
+        del layer_g
     if a.fuse and comm.world_size > 1:
         fused = FlashMoE(p, dataclasses.replace(cfg, fuse_sources=True), weights=layer.weights,
                          comm=comm)
@@ -63,7 +72,7 @@ def measure_one(p, cfg, comm, a) -> dict:
                               bf16.from_bits(ours.get()).astype(np.float64))
         extra["fused_vs_unfused"] = float(f"{diff:.1e}")
     n = comm.world_size * p.tokens_per_rank
-    return dict(ours_ms=round(ms, 4), torch_ms=round(ms_t, 4), speedup=round(ms_t / ms, 3),
+    return dict(ours_ms=round(ms, 4), **base, speedup=round(ms_t / ms, 3),
                 ours_mtok_s=round(n / ms / 1e3, 3), torch_mtok_s=round(n / ms_t / 1e3, 3),
                 agree_torch=float(f"{agree:.2e}"), **extra)
 
@@ -113,6 +122,8 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    for r in rows:  # files written before both PyTorch baselines had one: torch_ms
+        r.setdefault("torch_ep_ms", r.get("torch_ms"))
     card = rows[0]["card"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     gpus = sorted({r["gpus"] for r in rows})
@@ -126,10 +137,14 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
                          key=lambda r: r["tokens_per_gpu"])
             ts = [r["tokens_per_gpu"] for r in sel]
             c = colour[e]
-            for ax, ours, theirs in ((axes[0], "ours_ms", "torch_ms"),
+            for ax, ours, theirs in ((axes[0], "ours_ms", "torch_ep_ms"),
                                      (axes[1], "ours_mtok_s", "torch_mtok_s")):
                 ax.plot(ts, [r[ours] for r in sel], "o-", color=c, label=f"ours E={e}")
-                ax.plot(ts, [r[theirs] for r in sel], "x--", color=c, label=f"torch E={e}")
+                ax.plot(ts, [r[theirs] for r in sel], "x--", color=c,
+                        label=f"PyTorch EP E={e}")
+            if any(r.get("ours_graph_ms") for r in sel):
+                axes[0].plot(ts, [r.get("ours_graph_ms") for r in sel], "s:", color=c,
+                             label=f"ours graph E={e}")
     styles = ("o-", "s--", "^:", "d-.")
     for e in experts:
         for i, t in enumerate(sorted({r["tokens_per_gpu"] for r in rows})):
@@ -157,14 +172,19 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
     fig.suptitle(f"H=2048, I=2048, top-2, bf16 on {card}, {datetime.date.today()}, "
                  f"commit {commit}")
     fig.savefig(out + ".png", dpi=100, bbox_inches="tight")
-    cols = ["gpus", "experts", "tokens_per_gpu", "ours_ms", "torch_ms", "speedup",
-            "ours_mtok_s", "torch_mtok_s", "floor_ms", "agree_torch", "config_source"]
+    cols = ["gpus", "experts", "tokens_per_gpu", "ours_ms", "ours_graph_ms", "torch_sync_ms",
+            "torch_graph_ms", "torch_ep_ms", "speedup", "speedup_graph", "ours_mtok_s",
+            "torch_mtok_s", "floor_ms", "agree_torch", "agree_baselines", "config_source"]
     md = [f"# H=2048, I=2048, top-2, bf16: FlashMoE vs PyTorch EP on {card}",
           "", f"{datetime.date.today()}, commit {commit}. Median of CUDA-event timings (max "
-          "over ranks per iteration). speedup = torch / ours. floor = per-rank max(FLOPs/790 "
-          "TFLOP/s, bytes/3.0 TB/s). agree = rel. diff of the two outputs.", ""]
+          "over ranks per iteration). ours: host mode; ours_graph: graph mode (device-side "
+          "counts, one CUDA graph). PyTorch EP baselines: torch_sync (split sizes read on "
+          "the host), torch_graph (padded fixed-size transfers, graph-captured); torch_ep = "
+          "the faster of the two. speedup = torch_ep / ours (> 1: ours faster). floor = "
+          "per-rank max(FLOPs/790 TFLOP/s, bytes/3.0 TB/s). agree = rel. diff ours vs "
+          "torch_sync; agree_baselines = torch_graph vs torch_sync.", ""]
     ordered = sorted(rows, key=lambda r: (r["gpus"], r["experts"], r["tokens_per_gpu"]))
-    table = md_table(cols, [[r[c] for c in cols] for r in ordered])
+    table = md_table(cols, [[r.get(c) for c in cols] for r in ordered])
     Path(out + ".md").write_text("\n".join(md) + "\n" + table)
 
 
