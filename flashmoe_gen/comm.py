@@ -54,6 +54,8 @@ def mpi_world():
 
 def local_rank(mpi_comm) -> int:
     """Rank among the processes of this node (GPU index)."""
+    if hasattr(mpi_comm, "local_rank"):  # e.g. flashmoe_gen.torch.TorchGroup (torchrun)
+        return mpi_comm.local_rank()
     for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID",
                 "LOCAL_RANK"):
         if var in os.environ:
@@ -104,6 +106,15 @@ class Communicator:
         # A rank that ends the job (abort_world) first aborts NCCL, so no peer's GPU work
         # waits on a communicator that will never answer.
         _abort_hooks.append(self.abort)
+
+    @classmethod
+    def from_torch(cls, group=None, n_streams: int = 1, timeout_s: float | None = None,
+                   device: int | None = None) -> Communicator:
+        """The communicators of a torch.distributed process group (None: the default one),
+        e.g. under torchrun after ``torch.distributed.init_process_group("nccl")``: the
+        NCCL unique ids travel through ``broadcast_object_list``; no MPI library needed."""
+        from .torch.dist import TorchGroup
+        return cls(TorchGroup(group), n_streams=n_streams, timeout_s=timeout_s, device=device)
 
     # -- host side -------------------------------------------------------------------
     def agree(self, what: str, value) -> None:
