@@ -8,7 +8,7 @@ layer of that shape; layer builds are cached in-process (one compile per config)
 
     mpirun -np 4 python bench/decode.py --out bench/results/decode_4.md \\
         --json bench/results/decode_4.json --plot bench/results/decode_4.png
-    python bench/decode.py --from-json bench/results/decode_4.json --plot decode_4.png  # CPU
+    python bench/decode.py --from-json a.json,b.json --out decode_4.md --plot decode_4.png  # CPU
 """
 
 from __future__ import annotations
@@ -217,6 +217,8 @@ def run(a) -> list[dict]:
                                    warmup=a.warmup, host_iters=a.host_iters))
             if rank == 0:
                 print(json.dumps(rows[-1]), flush=True)
+                if a.json:  # row by row: a run cut short by a timeout still reports
+                    Path(a.json).write_text(json.dumps(rows, indent=1))
             gc.collect()  # layers and captured graphs of this row go before the next
             cupy.get_default_memory_pool().free_all_blocks()
             torch.cuda.empty_cache()
@@ -298,7 +300,8 @@ def main() -> int:
     ap.add_argument("--plot", default=None, help="PNG to write (rank 0)")
     ap.add_argument("--commit", default=None, help="git commit to name (default: HEAD)")
     ap.add_argument("--from-json", default=None,
-                    help="report (table, plot) from a JSON written by --json; no GPU needed")
+                    help="report (table, plot) from JSON files written by --json (comma list: "
+                    "rows of several runs, e.g. one per shape); no GPU needed")
     a = ap.parse_args()
     if any(t < 1 for t in a.tokens):
         ap.error(f"--tokens: every count must be >= 1, got {a.tokens}")
@@ -308,8 +311,9 @@ def main() -> int:
     if unknown:
         ap.error(f"--problems: unknown {unknown}; choose from {list(SHAPES)}")
     if a.from_json:
-        rows = json.loads(Path(a.from_json).read_text())
-        a.json = None if a.json == a.from_json else a.json
+        files = a.from_json.split(",")
+        rows = [r for f in files for r in json.loads(Path(f).read_text())]
+        a.json = None if a.json in files else a.json
     else:
         rows = run(a)
     if rows:

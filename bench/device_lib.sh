@@ -11,3 +11,17 @@ run_overlap() {  # P COMMIT (may be empty) [more bench/overlap.py arguments]
     --out "$O/overlap_$p.md" --json "$O/overlap_$p.json" > "$O/overlap_$p.log" 2>&1
   echo "overlap rc=$?"; cat "$O/overlap_$p.md" 2>/dev/null || tail -20 "$O/overlap_$p.log"
 }
+run_decode() {  # P COMMIT (may be empty) [more bench/decode.py arguments]; table printed last
+  local p=$1 commit=$2; shift 2
+  local stem="$O/decode_p$p${DECODE_TAG:+_$DECODE_TAG}"
+  timeout -k 20 "${DECODE_TIMEOUT:-540}" $MPI -np "$p" python3 bench/decode.py \
+    ${commit:+--commit "$commit"} "$@" --out "$stem.md" --json "$stem.json" --plot "$stem.png" \
+    > "$stem.log" 2>&1
+  local rc=$?
+  echo "decode $p ranks rc=$rc"; grep -E "skipped|failed|Error" "$stem.log" | tail -6
+  if [ "$rc" != 0 ] && [ -s "$stem.json" ]; then  # cut short: report the rows it finished
+    python3 bench/decode.py --from-json "$stem.json" --out "$stem.md" --plot "$stem.png" \
+      > /dev/null 2>&1 && echo "(partial: rows finished before rc=$rc)"
+  fi
+  cat "$stem.md" 2>/dev/null || tail -30 "$stem.log"
+}

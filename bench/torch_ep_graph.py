@@ -97,7 +97,8 @@ class TorchEPGraph(TorchEP):
                 self.forward_eager(x_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the NCCL watchdog thread's event queries must not end the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self.forward_eager(x_in)
         return graph, x_in, out
 
