@@ -184,9 +184,18 @@ def measure(key: str, p, dw, comm, a) -> dict:
     return row
 
 
-def run(a) -> list[dict]:
+def release() -> None:
+    """Give freed GPU memory back (both allocators), so the next row sees it free."""
     import cupy
     import torch
+
+    gc.collect()
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+
+
+def run(a) -> list[dict]:
+    import cupy
     from torch_ep import init_torch_dist
 
     from flashmoe_gen.comm import Communicator, allgather
@@ -219,10 +228,9 @@ def run(a) -> list[dict]:
                 print(json.dumps(rows[-1]), flush=True)
                 if a.json:  # row by row: a run cut short by a timeout still reports
                     Path(a.json).write_text(json.dumps(rows, indent=1))
-            gc.collect()  # layers and captured graphs of this row go before the next
-            cupy.get_default_memory_pool().free_all_blocks()
-            torch.cuda.empty_cache()
+            release()  # layers and captured graphs of this row go before the next
         del dw
+        release()  # the weights live in torch's cache until emptied
     comm.barrier()
     import torch.distributed as dist
     dist.destroy_process_group()
