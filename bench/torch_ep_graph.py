@@ -42,13 +42,6 @@ class TorchEPGraph(TorchEP):
         self.graphs = graphs
         self._captured: dict[int, tuple] = {}
 
-    def buffer_bytes(self) -> int:
-        """Bytes of the padded row buffers of one forward (send, recv, sorted, back, y, yb)
-        plus the gate/up activations: what one captured graph keeps."""
-        p = self.p
-        rows = p.world_size * self.block
-        return rows * (6 * p.hidden + 3 * p.intermediate) * 2
-
     @torch.no_grad()
     def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p
