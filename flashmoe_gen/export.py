@@ -90,8 +90,8 @@ def export_vars(layer: CompiledLayer) -> dict:
         forward_lines=forward_lines(layer.plan),
         gemm_params=GEMM.host_declaration(),
         gemm_args=", ".join(GEMM.names),
-        router_args=call_args(ROUTER, x="x", wg="L->gate", tokens="tokens",
-                              topk_idx="L->topk_idx", topk_w="L->topk_w"),
+        router_args=call_args(ROUTER, x="x", wg="L->gate", bias="L->expert_bias",
+                              tokens="tokens", topk_idx="L->topk_idx", topk_w="L->topk_w"),
         positions_args=call_args(POSITIONS, topk_idx="L->topk_idx", tokens="tokens",
                                  pos="L->pos", counts="L->counts + L->rank * EXPERTS"),
         permute_args=call_args(PERMUTE, x="x", topk_idx="L->topk_idx", pos="L->pos",
@@ -100,7 +100,9 @@ def export_vars(layer: CompiledLayer) -> dict:
         combine_args=call_args(COMBINE, topk_idx="L->topk_idx", topk_w="L->topk_w",
                                pos="L->pos", tokens="tokens", capacity="L->capacity",
                                row_off="L->row_off + L->rank * EXPERTS", layout="L->layout",
-                               shared_out="HAS_SHARED ? L->shared_out : nullptr", out="out"),
+                               shared_out="HAS_SHARED ? L->shared_out : nullptr",
+                               x="L->x", sgate_w="L->shared_gate", out="out"),
+        bias_scale=repr(0.1 if p.scoring == "sigmoid" else 1 / p.experts),
     )
     return tv
 

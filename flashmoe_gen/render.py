@@ -100,6 +100,12 @@ def wgmma_variants(config: KernelConfig, ab_type: str) -> list[dict]:
 
 def router_lanes(experts: int) -> tuple[int, int, int]:
     """Split a warp's 32 lanes into (expert lanes, hidden lanes, experts per lane)."""
+def cpp_float(v: float) -> str:
+    """A C++ float literal of ``v`` (repr keeps every digit of the double; the compiler
+    rounds it to float once)."""
+    return f"{float(v)!r}f"
+
+
     lanes_e = 1
     while lanes_e < min(experts, 32):
         lanes_e *= 2
@@ -128,6 +134,13 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "normalize_topk": CPP_BOOL[problem.normalize_topk],
         "router_warps": config.router_tokens_per_block,
         "router_lanes_e": lanes_e,
+        "router_sigmoid": CPP_BOOL[problem.scoring == "sigmoid"],
+        "router_expert_bias": CPP_BOOL[problem.expert_bias],
+        "router_n_group": problem.n_group,
+        "router_topk_group": problem.topk_group,
+        "router_group_size": problem.experts // problem.n_group,
+        "routed_scaling": cpp_float(problem.routed_scaling),
+        "shared_gate": CPP_BOOL[problem.shared_gate],
         "router_lanes_h": lanes_h,
         "router_experts_per_lane": epl,
         "pos_threads": POS_THREADS,

@@ -353,7 +353,8 @@ class _Run:
             if t:
                 rw = layer.config.router_tokens_per_block
                 layer._launch(k.router, ROUTER, -(-t // rw), 32 * rw, main, x=self.x,
-                              wg=layer.w_gate, tokens=t, topk_idx=b.topk_idx, topk_w=b.topk_w)
+                              wg=layer.w_gate, bias=layer.weights.expert_bias, tokens=t,
+                              topk_idx=b.topk_idx, topk_w=b.topk_w)
             layer._launch(k.positions, POSITIONS, layer.problem.experts, POS_THREADS, main,
                           topk_idx=b.topk_idx, tokens=t, pos=b.pos,
                           counts=layer.counts[layer.rank])
@@ -373,7 +374,8 @@ class _Run:
                               32 * MOVE_WARPS, main, topk_idx=b.topk_idx, topk_w=b.topk_w,
                               pos=b.pos, tokens=t, capacity=self.env["cap"],
                               row_off=self.my_row_off, layout=layer._buf.tensor,
-                              shared_out=shared, out=self.out)
+                              shared_out=shared, x=self.x,
+                              sgate_w=layer.weights.shared_gate, out=self.out)
         else:
             raise TypeError(f"unknown plan operation {op!r}")
 

@@ -97,9 +97,9 @@ def _sig(*pairs: tuple[str, str]) -> KernelSignature:
     return KernelSignature(tuple(Param(n, k) for n, k in pairs))
 
 
-#: One warp per token: gate logits, softmax, top-k.
-ROUTER = _sig(("x", "const elem*"), ("wg", "const elem*"), ("tokens", "int"),
-              ("topk_idx", "int*"), ("topk_w", "float*"))
+#: One warp per token: gate logits, scores, top-k (``bias``: the expert bias or null).
+ROUTER = _sig(("x", "const elem*"), ("wg", "const elem*"), ("bias", "const float*"),
+              ("tokens", "int"), ("topk_idx", "int*"), ("topk_w", "float*"))
 #: One block per expert: positions in token order and this rank's counts.
 POSITIONS = _sig(("topk_idx", "const int*"), ("tokens", "int"), ("pos", "int*"),
                  ("counts", "int*"))
@@ -107,10 +107,12 @@ POSITIONS = _sig(("topk_idx", "const int*"), ("tokens", "int"), ("pos", "int*"),
 PERMUTE = _sig(("x", "const elem*"), ("topk_idx", "const int*"), ("pos", "const int*"),
                ("tokens", "int"), ("capacity", "int"), ("self_rank", "int"),
                ("row_off", "const int*"), ("layout", "elem*"))
-#: Weighted un-permute plus the shared experts' output.
+#: Weighted un-permute plus the shared experts' output (gated by sigmoid(x . sgate_w) when
+#: the problem has a shared gate; ``sgate_w`` null otherwise).
 COMBINE = _sig(("topk_idx", "const int*"), ("topk_w", "const float*"), ("pos", "const int*"),
                ("tokens", "int"), ("capacity", "int"), ("row_off", "const int*"),
-               ("layout", "const elem*"), ("shared_out", "const elem*"), ("out", "elem*"))
+               ("layout", "const elem*"), ("shared_out", "const elem*"), ("x", "const elem*"),
+               ("sgate_w", "const elem*"), ("out", "elem*"))
 #: Both expert GEMMs (mma.sync and wgmma tiles): grouped C[g] = A[g] x B[g]^T, gated or not.
 #: Group g of outer source o reads rows ``row_off[o * counts_outer_stride + g]`` (or
 #: ``g * group_stride``) and ``min(counts[...], count_cap)`` rows (or ``rows_fixed``).

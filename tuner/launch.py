@@ -43,17 +43,40 @@ class SingleRank:
     barrier = Barrier
 
 
+#: Variables torchrun sets in every process it starts (flashmoe_gen.torch.dist has the same).
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (and no MPI launcher did)."""
+    return all(v in os.environ for v in TORCHRUN_VARS) and not any(
+        v in os.environ for v in MPI_SIZE_VARS)
+
+
 def under_mpirun() -> bool:
-    """Whether an MPI launcher started this process."""
-    return any(v in os.environ for v in MPI_SIZE_VARS)
+    """Whether a launcher started this process: an MPI launcher, or torchrun (whose ranks
+    talk through torch.distributed instead of MPI, see ``mpi_ranks``)."""
+    return any(v in os.environ for v in MPI_SIZE_VARS) or under_torchrun()
 
 
 def rank_from_env() -> int | None:
-    """This process's MPI rank as the launcher set it (None outside mpirun)."""
-    for var in MPI_RANK_VARS:
+    """This process's rank as the launcher set it (None outside mpirun/torchrun)."""
+    for var in MPI_RANK_VARS + (("RANK",) if under_torchrun() else ()):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return None
+
+
+def _torch_world():
+    """The job's world under torchrun: a gloo process group (host messages only; NCCL
+    moves the tokens) behind the mpi4py methods the tuner calls."""
+    try:
+        from flashmoe_gen.torch.dist import TorchGroup, init_from_env
+    except ImportError as e:
+        raise SetupError(f"under torchrun flashmoe-tune needs PyTorch ({e}): pip install "
+                         "'flashmoe_gen[torch]'") from e
+    init_from_env("gloo")
+    return TorchGroup()
 
 
 def _mpi_world():
@@ -70,9 +93,14 @@ def mpi_ranks(gpus: int):
         raise UsageError("--gpus", gpus, "a positive integer: the ranks/GPUs of the job")
     if gpus == 1 and not under_mpirun():
         return SingleRank(), 1, 0
-    world = _mpi_world()
+    torchrun = under_torchrun()
+    world = _torch_world() if torchrun else _mpi_world()
     size = world.Get_size()
     if gpus != size:
+        if torchrun:
+            raise UsageError("--gpus", gpus, f"this job has {size} torchrun rank(s): start "
+                             f"it with `torchrun --nproc-per-node {gpus}`, or without a "
+                             "launcher to let flashmoe-tune start it")
         raise UsageError("--gpus", gpus, f"this job has {size} MPI rank(s): start it with "
                          f"`mpirun -np {gpus}`, or without mpirun to let flashmoe-tune start it")
     return world, size, world.Get_rank()
