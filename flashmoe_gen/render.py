@@ -41,6 +41,7 @@ class KernelNames:
     positions: str = "moe_positions"
     permute: str = "moe_permute"
     combine: str = "moe_combine"
+    slot_offsets: str = "moe_slot_offsets"
     gate_up: str = ""
     down: str = ""
 
@@ -49,7 +50,8 @@ class KernelNames:
         return (self.gate_up, self.down)
 
     def all(self) -> tuple[str, ...]:
-        return (self.router, self.positions, self.permute, self.combine, self.gate_up, self.down)
+        return (self.router, self.positions, self.permute, self.combine, self.slot_offsets,
+                self.gate_up, self.down)
 
 
 @dataclass(frozen=True)
@@ -98,14 +100,14 @@ def wgmma_variants(config: KernelConfig, ab_type: str) -> list[dict]:
     return [{"n": n, "regs": n // 2, "asm": wgmma_asm(n, ab_type)} for n in ns]
 
 
-def router_lanes(experts: int) -> tuple[int, int, int]:
-    """Split a warp's 32 lanes into (expert lanes, hidden lanes, experts per lane)."""
 def cpp_float(v: float) -> str:
     """A C++ float literal of ``v`` (repr keeps every digit of the double; the compiler
     rounds it to float once)."""
     return f"{float(v)!r}f"
 
 
+def router_lanes(experts: int) -> tuple[int, int, int]:
+    """Split a warp's 32 lanes into (expert lanes, hidden lanes, experts per lane)."""
     lanes_e = 1
     while lanes_e < min(experts, 32):
         lanes_e *= 2
@@ -132,8 +134,6 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "local_experts": problem.local_experts,
         "shared_width": problem.shared_width,
         "normalize_topk": CPP_BOOL[problem.normalize_topk],
-        "router_warps": config.router_tokens_per_block,
-        "router_lanes_e": lanes_e,
         "router_sigmoid": CPP_BOOL[problem.scoring == "sigmoid"],
         "router_expert_bias": CPP_BOOL[problem.expert_bias],
         "router_n_group": problem.n_group,
@@ -141,6 +141,8 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_group_size": problem.experts // problem.n_group,
         "routed_scaling": cpp_float(problem.routed_scaling),
         "shared_gate": CPP_BOOL[problem.shared_gate],
+        "router_warps": config.router_tokens_per_block,
+        "router_lanes_e": lanes_e,
         "router_lanes_h": lanes_h,
         "router_experts_per_lane": epl,
         "pos_threads": POS_THREADS,
