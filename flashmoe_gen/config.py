@@ -23,6 +23,11 @@ CHUNK_RANGE = range(1, 17)
 #: warpgroup MMA m64nNk16 from shared memory (sm_90a), 4 warps per 64 rows, BK 64 (one
 #: 128-byte swizzle atom per row).
 MMA_CHOICES = ("sync", "wgmma")
+#: How a forward runs: "host" reads the exchanged counts on the host and sizes every
+#: transfer and launch from them (one host synchronisation per call); "graph" keeps counts
+#: and row offsets on the device, moves fixed-size blocks (sized when the layer is built) and
+#: replays the whole forward as one CUDA graph per token count (docs/architecture.md).
+MODE_CHOICES = ("host", "graph")
 WGMMA_BK, WGMMA_ROWS_PER_WARPGROUP, WGMMA_MAX_N = 64, 64, 256
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
@@ -169,6 +174,8 @@ class KernelConfig:
     local experts' rows sit back to back (offsets from the exchanged counts) instead of at
     ``e * C``, so a peer's chunk is one contiguous NCCL send/recv instead of one per expert.
     Same tensor, same single writer per slot; only the rows' place inside the slot moves.
+    ``mode`` (``MODE_CHOICES``): "host" plans each call on the host from the exchanged
+    counts; "graph" runs with no host synchronisation and replays a CUDA graph.
     """
 
     gate_up: GemmTile
@@ -180,6 +187,7 @@ class KernelConfig:
     overlap: bool = True
     fuse_sources: bool = False
     packed_slots: bool = False
+    mode: str = "host"
 
     @property
     def uses_wgmma(self) -> bool:
@@ -201,6 +209,8 @@ class KernelConfig:
             parts.append("fs")
         if self.packed_slots:
             parts.append("pk")
+        if self.mode != "host":
+            parts.append(self.mode)
         return "__".join(parts)
 
     @classmethod
@@ -209,14 +219,14 @@ class KernelConfig:
             raise ConfigError("name", name, "expected a config name (str) as "
                               "KernelConfig.name prints it")
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
-                         r"(__fs)?(__pk)?", name)
+                         r"(__fs)?(__pk)?(?:__(graph))?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
-        gu, dn, r, c, cs, ss, serial, fs, pk = m.groups()
+        gu, dn, r, c, cs, ss, serial, fs, pk, mode = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
-                   ss == "1", serial is None, fs is not None, pk is not None)
+                   ss == "1", serial is None, fs is not None, pk is not None, mode or "host")
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -253,6 +263,8 @@ class KernelConfig:
         if self.comm_streams not in COMM_STREAM_CHOICES:
             raise ConfigError("comm_streams", self.comm_streams,
                               f"choose one of {list(COMM_STREAM_CHOICES)}", name)
+        if self.mode not in MODE_CHOICES:
+            raise ConfigError("mode", self.mode, f"choose one of {list(MODE_CHOICES)}", name)
 
     # -- defaults and serialisation -----------------------------------------------------
     @classmethod

@@ -17,10 +17,11 @@ from . import __version__
 from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import GemmTile, KernelConfig, expert_chunks
+from .plan import fixed_slots
 from .plan_cpp import call_args, forward_lines
 from .problem import MoEProblem
 from .render import CPP_BOOL, MOVE_WARPS, POS_THREADS, render_template, to_template_vars
-from .signatures import COMBINE, GEMM, PERMUTE, POSITIONS, ROUTER
+from .signatures import COMBINE, GEMM, PERMUTE, POSITIONS, ROUTER, SLOT_OFFSETS
 
 #: How to build an exported file (also written into its header comment); see ``nvcc_hint``.
 EXPORT_NVCC_HINT = (
@@ -59,6 +60,8 @@ def export_vars(layer: CompiledLayer) -> dict:
     """Template variables of the host launcher and harness: every constant computed here."""
     gen, p, cfg = layer.source, layer.problem, layer.config
     h, i, w = p.hidden, p.intermediate, p.shared_width
+    fixed = fixed_slots(p, cfg)
+    region = fixed.expert_region_base(expert_chunks(p, cfg), p.local_experts)
     tv = to_template_vars(p, cfg)
     tv.update(
         has_shared=CPP_BOOL[bool(w)],
@@ -85,6 +88,13 @@ def export_vars(layer: CompiledLayer) -> dict:
         tokens_per_rank=p.tokens_per_rank,
         flops_per_token=repr(float(p.flops(1))),
         fuse_sources=CPP_BOOL[cfg.fuse_sources],
+        graph_mode=CPP_BOOL[cfg.mode == "graph"],
+        graph_capacity=fixed.capacity if cfg.mode == "graph" else 0,
+        graph_region=", ".join(f"{first}, {row}" for first, row in region),
+        slot_offsets_args=call_args(SLOT_OFFSETS, counts="L->counts", world="L->world",
+                                    capacity="L->capacity", region="L->region",
+                                    packed="PACKED_SLOTS", self_rank="L->rank",
+                                    row_off="L->row_off", dropped="L->dropped_dev"),
         num_events=max(1, len(layer.plan.events)),
         event_names=", ".join(layer.plan.events) or "none",
         forward_lines=forward_lines(layer.plan),

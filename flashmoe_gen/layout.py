@@ -86,3 +86,25 @@ def contiguous_runs(starts, lengths) -> list[tuple[int, int]]:
         else:
             runs.append((s, n))
     return runs
+
+
+def fixed_row_offsets(counts, capacity: int, local_experts: int, region, packed: bool):
+    """Mode "graph": the row offsets the ``slot_offsets`` kernel computes on the device.
+
+    ``region[j]`` = (first local expert of j's chunk, first row of that chunk's fixed region,
+    ``plan.FixedSlots.expert_region_base``). Packed slots stack a chunk's experts from its
+    region's first row (each taking min(count, C) rows); expert slots put expert j at j * C.
+    """
+    import numpy as np
+
+    counts = np.minimum(np.asarray(counts, dtype=np.int64), capacity)
+    p, e = counts.shape
+    out = np.empty((p, e), np.int32)
+    for i in range(e):
+        j = i % local_experts
+        if not packed:
+            out[:, i] = j * capacity
+            continue
+        first, row = region[j]
+        out[:, i] = row + counts[:, i - j + first:i].sum(axis=1)
+    return out

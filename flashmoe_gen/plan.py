@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .config import KernelConfig, expert_chunks
 from .layout import COMBINE, DISPATCH, INCOMING, STAGING
-from .problem import MoEProblem
+from .problem import MoEProblem, round_up
 from .signatures import GEMM
 
 
@@ -196,8 +196,11 @@ class Route:
 
 @dataclass(frozen=True)
 class ExchangeCounts:
-    """All ranks' counts to every rank (P > 1), then on the host: capacity, drops, row
-    offsets (uploaded). The one host synchronisation of the forward."""
+    """All ranks' counts to every rank (P > 1), then the capacity, drops and row offsets:
+    on the host (mode "host": the forward's one host synchronisation), or by a kernel into
+    device memory (mode "graph": fixed capacity and fixed slot regions, no host read)."""
+
+    device: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,8 @@ class Transfer:
     e0: int
     e1: int
     stream: Stream
+    base: int | None = None  # mode "graph": the fixed region [base, base + rows) of the slot
+    rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -255,11 +260,14 @@ def describe(op: Op, events: tuple[str, ...]) -> str:
         return f"{op.stream} waits {events[op.event]}"
     if isinstance(op, Transfer):
         what = "dispatch" if op.round == DISPATCH else "combine"
-        return f"{what} step {op.step} experts [{op.e0}, {op.e1}) on {op.stream}"
+        fixed = f" rows [{op.base}, {op.base + op.rows})" if op.rows is not None else ""
+        return f"{what} step {op.step} experts [{op.e0}, {op.e1}){fixed} on {op.stream}"
     if isinstance(op, Gemms):
         return f"{op.what} on {op.stream}"
-    return {Route: "route", ExchangeCounts: "exchange counts, plan capacity",
-            Permute: "permute", Combine: "combine"}[type(op)]
+    if isinstance(op, ExchangeCounts):
+        return "exchange counts, row offsets on the device" if op.device else \
+            "exchange counts, plan capacity"
+    return {Route: "route", Permute: "permute", Combine: "combine"}[type(op)]
 
 
 @dataclass(frozen=True)
@@ -300,9 +308,54 @@ class ForwardPlan:
 
 
 # -- building -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FixedSlots:
+    """Mode "graph": sizes fixed when the layer is built, so no call reads counts on the host.
+
+    ``capacity``: rows per (source, expert) — the capacity factor's C, or in exact mode the
+    true worst case (a source sends an expert at most one row per token: T rounded up to
+    the tile M), so no token can drop. Each (source, destination) slot holds one region per
+    chunk of local experts: ``chunk_base[c]`` its first row, ``chunk_rows[c]`` its rows, the
+    most a source can send those experts (each token at most one row per expert); a
+    transfer moves exactly one region.
+    """
+
+    capacity: int
+    chunk_base: tuple[int, ...]
+    chunk_rows: tuple[int, ...]
+
+    def expert_region_base(self, chunks: list[tuple[int, int]], local_experts: int
+                           ) -> tuple[tuple[int, int], ...]:
+        """Per local expert: (first expert of its chunk, its chunk's first row)."""
+        out = [(0, 0)] * local_experts
+        for (e0, e1), base in zip(chunks, self.chunk_base, strict=True):
+            for j in range(e0, e1):
+                out[j] = (e0, base)
+        return tuple(out)
+
+
+def fixed_slots(problem: MoEProblem, config: KernelConfig) -> FixedSlots:
+    """The fixed capacity and slot regions of mode "graph" (see ``FixedSlots``)."""
+    bm, t, k = config.block_m, problem.tokens_per_rank, problem.top_k
+    cap = problem.fixed_capacity(bm)
+    if cap is None:
+        cap = max(round_up(t, bm), bm)
+    base, rows = [], []
+    for e0, e1 in expert_chunks(problem, config):
+        n = e1 - e0
+        if config.packed_slots:
+            base.append(sum(rows))
+            rows.append(min(t * min(k, n), n * cap))
+        else:
+            base.append(e0 * cap)
+            rows.append(n * cap)
+    return FixedSlots(cap, tuple(base), tuple(rows))
+
+
 def _expert_launches(p: MoEProblem, e0: int, e1: int, self_source: bool,
-                     ) -> tuple[GemmLaunch, ...]:
-    """Gate/up then down of local experts [e0, e1) on the rows from ``src``."""
+                     rows: Expr | None = None) -> tuple[GemmLaunch, ...]:
+    """Gate/up then down of local experts [e0, e1) on the rows from ``src``; ``rows``: the
+    grid's row bound (default: the counted rows, read on the host)."""
     h, i, el, e = p.hidden, p.intermediate, p.local_experts, p.experts
     src, cap, me = Var("src"), Var("cap"), Var("me")
 
@@ -312,7 +365,7 @@ def _expert_launches(p: MoEProblem, e0: int, e1: int, self_source: bool,
     idx = src * e + me * el + e0
     counts, row_off = Ptr("counts", idx), Ptr("row_off", idx)
     act = Ptr("act", e0 * cap * i)
-    rows = Call("max_rows", (src, Lit(e0), Lit(e1)))
+    rows = rows if rows is not None else Call("max_rows", (src, Lit(e0), Lit(e1)))
     common = dict(counts=counts, count_cap=cap, rows_fixed=0, inner_groups=0,
                   a_outer_stride=0, c_outer_stride=0, counts_outer_stride=0, skip_outer=-1)
     gate_up = dict(common, A=Ptr("layout", slot(DISPATCH, INCOMING)), a_group_stride=0,
@@ -326,14 +379,15 @@ def _expert_launches(p: MoEProblem, e0: int, e1: int, self_source: bool,
     return (_launch(True, rows, e1 - e0, gate_up), _launch(False, rows, e1 - e0, down))
 
 
-def _fused_remote_launches(p: MoEProblem) -> tuple[GemmLaunch, ...]:
+def _fused_remote_launches(p: MoEProblem, rows: Expr | None = None
+                           ) -> tuple[GemmLaunch, ...]:
     """Every other source's rows for all local experts: one launch per GEMM, the source as
     the outer group index (this rank's own slot skipped)."""
     h, i, el, e, P = p.hidden, p.intermediate, p.local_experts, p.experts, p.world_size
     cap, me = Var("cap"), Var("me")
     per_source = 4 * el * cap * h  # elements from one source slot to the next
     act_per_source = el * cap * i
-    rows = Call("max_remote_rows")
+    rows = rows if rows is not None else Call("max_remote_rows")
     common = dict(counts=Ptr("counts", me * el), count_cap=cap, rows_fixed=0,
                   inner_groups=el, counts_outer_stride=e, skip_outer=me)
     gate_up = dict(common, A=Ptr("layout", (DISPATCH * 2 + INCOMING) * el * cap * h),
@@ -381,8 +435,13 @@ def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
     """The host-planned forward (design in docs/symmetric-layout.md, "Overlap")."""
     p, cfg, P = problem, config, problem.world_size
     chunks = expert_chunks(p, cfg)
+    graph = cfg.mode == "graph"
+    fixed = fixed_slots(p, cfg) if graph else None
+    bound = Lit(fixed.capacity) if graph else None  # the grid's rows: fixed, or counted
+    regions = dict(zip(chunks, zip(fixed.chunk_base, fixed.chunk_rows, strict=True),
+                       strict=True)) if graph else {}
     ev = _Events()
-    ops: list[Op] = [Route(), ExchangeCounts(), Permute()]
+    ops: list[Op] = [Route(), ExchangeCounts(device=graph), Permute()]
     shared_done = None
     if p.shared_experts:
         stream = SHARED if cfg.shared_stream and cfg.overlap else MAIN
@@ -396,7 +455,11 @@ def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
 
     def local_blocks() -> list[Op]:
         return [Gemms(f"experts [{e0}, {e1}) of this rank's tokens", 0, MAIN,
-                      _expert_launches(p, e0, e1, True)) for e0, e1 in chunks]
+                      _expert_launches(p, e0, e1, True, bound)) for e0, e1 in chunks]
+
+    def transfer(round_: int, step: int, e0: int, e1: int, stream: Stream) -> Transfer:
+        base, rows = regions.get((e0, e1), (None, None))
+        return Transfer(round_, step, e0, e1, stream, base, rows)
 
     if P == 1:
         ops += local_blocks()
@@ -408,7 +471,7 @@ def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
         ops += [Wait(comm(c), start) for c in range(ns)]
         arrived = []
         for j, (step, e0, e1) in enumerate(steps):
-            ops.append(Transfer(DISPATCH, step, e0, e1, comm(j % ns)))
+            ops.append(transfer(DISPATCH, step, e0, e1, comm(j % ns)))
             arrived.append(ev.new(f"arrived[{j}]"))
             ops.append(Record(arrived[-1], comm(j % ns)))
         if not cfg.overlap:  # serialized baseline: all traffic lands before any compute
@@ -417,7 +480,7 @@ def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
         if cfg.fuse_sources:  # everything landed, then one launch for all peers
             ops += [Wait(MAIN, a) for a in arrived if cfg.overlap]
             ops.append(Gemms("experts of every peer's tokens (fused)", None, MAIN,
-                             _fused_remote_launches(p)))
+                             _fused_remote_launches(p, bound)))
             done = ev.new("computed")
             ops.append(Record(done, MAIN))
             computed = [done] * len(steps)
@@ -427,7 +490,7 @@ def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
                 if cfg.overlap:
                     ops.append(Wait(MAIN, arrived[j]))
                 ops.append(Gemms(f"experts [{e0}, {e1}) of the tokens from step {step}", step,
-                                 MAIN, _expert_launches(p, e0, e1, False)))
+                                 MAIN, _expert_launches(p, e0, e1, False, bound)))
                 computed.append(ev.new(f"computed[{j}]"))
                 ops.append(Record(computed[-1], MAIN))
         if not cfg.overlap:  # serialized: results go back only after all compute
@@ -435,7 +498,7 @@ def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
         for j, (step, e0, e1) in enumerate(steps):
             if cfg.overlap:
                 ops.append(Wait(comm(j % ns), computed[j]))
-            ops.append(Transfer(COMBINE, step, e0, e1, comm(j % ns)))
+            ops.append(transfer(COMBINE, step, e0, e1, comm(j % ns)))
         for c in range(ns):
             drained = ev.new(f"drained[{c}]")
             ops += [Record(drained, comm(c)), Wait(MAIN, drained)]

