@@ -17,9 +17,10 @@ import numpy as np
 
 from .arch import current_device_limits
 from .build import CompiledLayer, build
-from .config import KernelConfig
+from .config import KernelConfig, expert_chunks
 from .device_weights import DeviceWeights
 from .errors import CommError, ConfigError, ProblemError
+from .graphs import GraphCache
 from .layout import (
     COMBINE as COMBINE_ROUND,
 )
@@ -41,13 +42,28 @@ from .plan import (
     Route,
     Transfer,
     Wait,
+    fixed_slots,
 )
 from .problem import MoEProblem, round_up
 from .render import MOVE_WARPS, POS_THREADS
-from .signatures import COMBINE, GEMM, KINDS, PERMUTE, POSITIONS, ROUTER
+from .signatures import COMBINE, GEMM, KINDS, PERMUTE, POSITIONS, ROUTER, SLOT_OFFSETS
 from .weights import MoEWeights
 
 ELEM_BYTES = 2
+#: Mode "graph" takes its fixed buffers only when they fit this share of the free memory.
+GRAPH_MEMORY_SHARE = 0.9
+
+
+def graph_memory_bytes(problem: MoEProblem, config: KernelConfig) -> int:
+    """GPU memory mode "graph" takes for its fixed-size buffers (the symmetric tensor at the
+    fixed capacity, expert activations, per-token buffers and the graphs' input/output)."""
+    p, cap = problem, fixed_slots(problem, config).capacity
+    el, t = p.local_experts, max(p.tokens_per_rank, 1)
+    slots = SymmetricLayout(p.world_size, el, cap, p.hidden).elements * ELEM_BYTES
+    act = (p.world_size if config.fuse_sources else 1) * el * cap * p.intermediate * ELEM_BYTES
+    per_token = 3 * 4 * p.top_k + ((p.shared_width + p.hidden) * ELEM_BYTES
+                                   if p.shared_experts else 0) + 2 * p.hidden * ELEM_BYTES
+    return slots + act + t * per_token
 
 
 @dataclass
@@ -103,11 +119,17 @@ class FlashMoE:
     id), so every rank agrees with a host reference built from the same seed). ``comm`` is
     required when ``problem.world_size > 1``. ``agree=False`` skips the ranks' agreement
     check on problem and config (the tuner agrees by broadcasting them).
+
+    Mode "graph" (``config.mode``): every call may pass at most ``problem.tokens_per_rank``
+    tokens; buffers for that bound are taken here (``memory_bytes``; refused with the token
+    count that would fit when they do not fit the GPU), and the forward is captured as a
+    CUDA graph once per token count and replayed; ``graphs=False`` runs the same
+    host-free schedule without capturing it.
     """
 
     def __init__(self, kernel: CompiledLayer | MoEProblem, config: KernelConfig | None = None,
                  weights: MoEWeights | DeviceWeights | None = None, comm=None, seed: int = 0,
-                 agree: bool = True):
+                 agree: bool = True, graphs: bool = True):
         import cupy
 
         if isinstance(kernel, CompiledLayer):
@@ -150,6 +172,14 @@ class FlashMoE:
         self.module = kernel.load()
         self._launchers = {id(g): _python_launcher(g) for op in self.plan.ops
                            if isinstance(op, Gemms) for g in op.launches}
+        self.memory_bytes = 0
+        if config.mode == "graph":  # before the weights: a refusal should cost nothing
+            # weights still to be uploaded take their share of the free memory too
+            p = problem
+            upload = 0 if isinstance(weights, DeviceWeights) else 2 * (
+                3 * p.local_experts * p.hidden * p.intermediate + 3 * p.hidden * p.shared_width
+                + p.hidden * p.experts)
+            self.memory_bytes = self._graph_memory_fits(upload)
 
         el = problem.local_experts
         self.local_range = range(self.rank * el, (self.rank + 1) * el)
@@ -175,9 +205,59 @@ class FlashMoE:
         self._row_off_host = cupy.cuda.alloc_pinned_memory(self.row_off.nbytes)
         self._tok: _TokenBuffers | None = None
         self._buf: _SlotBuffers | None = None
-        self.dropped_tokens = 0
+        self._dropped_host = 0
         self.capacity = 0
         self._last: tuple | None = None
+        self._graph_cache = None
+        if config.mode == "graph":
+            self._setup_graph_mode(graphs)
+
+    def _graph_memory_fits(self, upload: int) -> int:
+        """The bytes mode "graph" takes; ConfigError (on every rank alike) naming the token
+        count that would fit when they and ``upload`` exceed the GPU's free memory."""
+        import cupy
+
+        p, cfg = self.problem, self.config
+        need = graph_memory_bytes(p, cfg)
+        free = cupy.cuda.runtime.memGetInfo()[0] - upload
+        fits = need <= free * GRAPH_MEMORY_SHARE
+        if self.comm is not None:  # refuse on every rank alike, before any collective
+            fits = all(self.comm.mpi.allgather(fits))
+        if not fits:
+            t = p.tokens_per_rank
+            while t > 1 and graph_memory_bytes(p.replace(tokens_per_rank=t), cfg) > \
+                    free * GRAPH_MEMORY_SHARE:
+                t //= 2
+            raise ConfigError("mode", "graph", f"fixed-size buffers for {p.tokens_per_rank} "
+                              f"tokens per rank take {need / 2**30:.2f} GiB, this GPU has "
+                              f"{free / 2**30:.2f} GiB free: at most ~{t} tokens per rank fit "
+                              "(MoEProblem.tokens_per_rank), or use mode 'host'", cfg.name)
+        return need
+
+    def _setup_graph_mode(self, graphs: bool) -> None:
+        """Fixed capacity and regions, every buffer for the token bound, the region table
+        and the drop counter on the device (nothing is sized per call)."""
+        import cupy
+
+        p, cfg = self.problem, self.config
+        self.fixed = fixed_slots(p, cfg)
+        self._token_buffers(p.tokens_per_rank)
+        self._slot_buffers(self.fixed.capacity)
+        self.capacity = self.fixed.capacity
+        region = self.fixed.expert_region_base(expert_chunks(p, cfg), p.local_experts)
+        self._region = cupy.asarray(np.array(region, np.int32).ravel())
+        self._dropped = cupy.zeros(1, np.int32)
+        if graphs:
+            self._graph_cache = GraphCache(self, p.tokens_per_rank)
+
+    @property
+    def dropped_tokens(self) -> int:
+        """This rank's (token, expert) pairs past the capacity in the last call (mode
+        "graph": counted on the device, read here)."""
+        if self.config.mode == "graph":
+            self.stream.synchronize()
+            return int(self._dropped.get()[0])
+        return self._dropped_host
 
     # -- buffers --------------------------------------------------------------------------
     def _token_buffers(self, tokens: int) -> _TokenBuffers:
@@ -259,15 +339,26 @@ class FlashMoE:
         elif out.dtype != np.uint16 or tuple(out.shape) != (tokens, p.hidden):
             raise ProblemError("out", f"{out.dtype}{tuple(out.shape)}",
                                f"expected uint16 [{tokens}, {p.hidden}]")
-        s = self.stream
-        s.wait_event(cupy.cuda.get_current_stream().record())
+        if self.config.mode == "graph" and tokens > p.tokens_per_rank:
+            raise ProblemError("tokens", tokens, f"mode 'graph' was built for at most "
+                               f"{p.tokens_per_rank} tokens per rank (the fixed transfer "
+                               "sizes); build the layer with a larger tokens_per_rank")
+        if self._graph_cache is not None and parts == "all":
+            out = self._graph_cache.forward(self._run_plan, x, out)
+        else:
+            s = self.stream
+            s.wait_event(cupy.cuda.get_current_stream().record())
+            self._run_plan(x, tokens, out, parts)
+            cupy.cuda.get_current_stream().wait_event(s.record())
+        b = self._tok
+        self._last = (b.topk_idx[:tokens], b.topk_w[:tokens], b.pos[:tokens])
+        return out
+
+    def _run_plan(self, x, tokens: int, out, parts: str = "all") -> None:
+        """Issue every operation of the plan on the layer's streams."""
         run = _Run(self, x, tokens, out, parts)
         for op in self.plan.ops:
             run.step(op)
-        b = self._tok
-        self._last = (b.topk_idx[:tokens], b.topk_w[:tokens], b.pos[:tokens])
-        cupy.cuda.get_current_stream().wait_event(s.record())
-        return out
 
     __call__ = forward
 
@@ -284,6 +375,12 @@ class FlashMoE:
                     v.fill(bits)
                 else:  # indices and weights: -1 is never a valid value here
                     v.fill(-1)
+        # Counts and row offsets are rewritten by every forward before they are read.
+        self.counts.fill(-1)
+        self.row_off.fill(-1)
+        if self._graph_cache is not None:  # the graphs' static input and output
+            self._graph_cache.poison(bits)
+            self._dropped.fill(-1)
 
     def last_routing(self):
         """(topk_idx [T, k] int32, topk_w [T, k] float32, pos [T, k] int32) of the last call."""
@@ -359,7 +456,10 @@ class _Run:
                           topk_idx=b.topk_idx, tokens=t, pos=b.pos,
                           counts=layer.counts[layer.rank])
         elif isinstance(op, ExchangeCounts):
-            self.exchange_counts()
+            if op.device:
+                self.exchange_counts_on_device()
+            else:
+                self.exchange_counts()
         elif isinstance(op, Permute):
             if t:
                 layer._launch(layer.kernels.permute, PERMUTE, -(-t * layer.problem.top_k //
@@ -401,7 +501,7 @@ class _Run:
         need = fixed if fixed is not None else max(round_up(int(counts.max()), cfg.block_m),
                                                    cfg.block_m)
         # Exact mode: the allocated C >= every count, so nothing drops.
-        layer.dropped_tokens = int(np.maximum(counts[layer.rank] - need, 0).sum())
+        layer._dropped_host = int(np.maximum(counts[layer.rank] - need, 0).sum())
         slots = layer._slot_buffers(need)
         cap = layer.capacity = slots.capacity
         self.rows = np.minimum(counts, cap)  # rows[src][global expert] actually sent
@@ -413,14 +513,46 @@ class _Run:
         self.my_row_off = layer.row_off.data.ptr + layer.rank * p.experts * 4
         self.env.update(cap=cap, layout=slots.tensor.data.ptr, act=slots.act.data.ptr)
 
+    def exchange_counts_on_device(self) -> None:
+        """Mode "graph": all ranks' counts into device memory, then the row offsets and this
+        rank's drops by a kernel; capacity and slot regions were fixed at build."""
+        layer, s = self.layer, self.layer.stream
+        p, cfg = layer.problem, layer.config
+        if layer.comm is not None and p.world_size > 1:
+            nb = p.experts * 4
+            layer.comm.allgather_bytes(layer.counts.data.ptr + layer.rank * nb,
+                                       layer.counts.data.ptr, nb, s)
+        cap = layer.fixed.capacity
+        layer._launch(layer.kernels.slot_offsets, SLOT_OFFSETS, 1, POS_THREADS, s,
+                      counts=layer.counts, world=p.world_size, capacity=cap,
+                      region=layer._region, packed=int(cfg.packed_slots),
+                      self_rank=layer.rank, row_off=layer.row_off, dropped=layer._dropped)
+        slots = layer._buf
+        self.my_row_off = layer.row_off.data.ptr + layer.rank * p.experts * 4
+        self.env.update(cap=cap, layout=slots.tensor.data.ptr, act=slots.act.data.ptr)
+
     def transfer(self, op: Transfer) -> None:
         """One grouped send/recv of local experts [e0, e1) with the peers at ``op.step``;
-        every rank holds the same row tables, so sends and receives match."""
+        every rank holds the same row tables (or the same fixed regions), so sends and
+        receives match."""
         layer = self.layer
         p, comm, me = layer.problem, layer.comm, layer.rank
         P, el, lay = p.world_size, p.local_experts, layer._buf.lay
         base, row_bytes = layer._buf.tensor.data.ptr, p.hidden * ELEM_BYTES
         to, frm = (me + op.step) % P, (me - op.step) % P
+        if op.rows is not None:  # mode "graph": the chunk's whole fixed region, padding too
+            if op.round == DISPATCH:
+                slots = ((comm.send, lay.slot_offset(to, DISPATCH, STAGING), to),
+                         (comm.recv, lay.slot_offset(frm, DISPATCH, INCOMING), frm))
+            else:
+                slots = ((comm.send, lay.slot_offset(frm, COMBINE_ROUND, STAGING), frm),
+                         (comm.recv, lay.slot_offset(to, COMBINE_ROUND, INCOMING), to))
+            cs, which = self.stream(op.stream), op.stream.index
+            with comm.group():
+                for fn, slot, peer in slots:
+                    fn(base + (slot + op.base * p.hidden) * ELEM_BYTES, op.rows * row_bytes,
+                       peer, cs, which)
+            return
         if op.round == DISPATCH:  # my tokens to `to`; `frm`'s tokens to me
             ops = ((comm.send, me, to, lay.slot_offset(to, DISPATCH, STAGING), to),
                    (comm.recv, frm, me, lay.slot_offset(frm, DISPATCH, INCOMING), frm))

@@ -124,5 +124,10 @@ GEMM = _sig(("A", "const elem*"), ("a_group_stride", "long long"), ("B0", "const
             ("counts_outer_stride", "int"), ("skip_outer", "int"),
             ("a_row_off", "const int*"), ("c_row_off", "const int*"))
 
+#: Mode "graph": row offsets and this rank's drops from the exchanged counts, on the device.
+SLOT_OFFSETS = _sig(("counts", "const int*"), ("world", "int"), ("capacity", "int"),
+                    ("region", "const int*"), ("packed", "int"), ("self_rank", "int"),
+                    ("row_off", "int*"), ("dropped", "int*"))
+
 ALL = {"router": ROUTER, "positions": POSITIONS, "permute": PERMUTE, "combine": COMBINE,
-       "gemm": GEMM}
+       "slot_offsets": SLOT_OFFSETS, "gemm": GEMM}
