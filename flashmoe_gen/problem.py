@@ -157,8 +157,6 @@ class MoEProblem:
         if self.topk_group > ng:
             raise ProblemError("topk_group", self.topk_group,
                                f"must be between 1 and n_group={ng}")
-        if ng == 1 and self.topk_group != 1:
-            raise ProblemError("topk_group", self.topk_group, "must be 1 when n_group=1")
         eligible = self.topk_group * (e // ng)
         if self.top_k > eligible:
             raise ProblemError("top_k", self.top_k,
