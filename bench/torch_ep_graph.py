@@ -1,15 +1,16 @@
 """The graph-captured PyTorch EP baseline: fixed-size padded transfers, no host synchronisation.
 
-The same layer as ``torch_ep.TorchEP`` (same routing, same expert math, same weights), written
-the way a serving engine would for small token counts (docs/results.md, "A stronger PyTorch
-baseline"): route on the device, scatter each token into a fixed-size block per destination
-peer (``tokens x min(k, E/P)`` rows: a token sends a peer at most one row per local expert),
-one ``all_to_all_single`` with equal splits for the rows and one for their local expert ids
-(padding rows carry id E/P, so they sort last and no GEMM group covers them), sort the received
-rows by expert on the device, group offsets from a device-side count + cumsum, grouped GEMMs,
-un-sort, ``all_to_all_single`` back, weighted ``index_add_``. Every shape is fixed by the token
-count, so the forward is captured once per token count with ``torch.cuda.graph`` (after a
-warm-up on a side stream) and replayed, with static input/output tensors copied in and out.
+The same layer as ``torch_ep.TorchEP`` (same routing, same expert math, same weights),
+written the way a serving engine would for small token counts (docs/results.md, Anchors:
+"A stronger PyTorch baseline at small T"): route on the device, scatter each token into a
+fixed-size block per destination peer (``tokens x min(k, E/P)`` rows: a token sends a peer at
+most one row per local expert), one ``all_to_all_single`` with equal splits for the rows and
+one for their local expert ids (padding rows carry id E/P, so they sort last and no GEMM group
+covers them), sort the received rows by expert on the device, group offsets from a
+device-side count + cumsum, grouped GEMMs, un-sort, ``all_to_all_single`` back, weighted
+``index_add_``. Every shape is fixed by the token count, so the forward is captured once per
+token count with ``torch.cuda.graph`` (after a warm-up on a side stream) and replayed, with
+static input/output tensors copied in and out.
 """
 
 from __future__ import annotations
