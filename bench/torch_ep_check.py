@@ -1,8 +1,11 @@
-"""CPU check of both PyTorch baselines (no GPU): gloo process group on P local processes,
-the sync baseline and the padded one (eager, same code the graph captures) against the
-float64 reference and against each other, with unequal token counts (one rank may have 0).
+"""Check of both PyTorch baselines against the float64 reference and each other: P local
+processes, unequal token counts (one rank has 0), three inputs per shape. CPU (gloo): the
+padded baseline runs eagerly (the code the graph captures). ``--cuda`` (one GPU per rank,
+NCCL): the padded baseline is graph-captured on the first input and replayed on the others.
 
-    python bench/torch_ep_check.py [--ranks 2]     # exit 0 and one line per rank when good
+    python bench/torch_ep_check.py [--ranks 2]          # CPU, no GPU needed
+    python bench/torch_ep_check.py --ranks 4 --cuda     # on a 4-GPU machine
+Exit 0 and one line per rank, shape and input when good.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ CASES = (dict(hidden=64, intermediate=96, experts=8, top_k=2, shared_experts=1,
               tokens_per_rank=24),
          dict(hidden=32, intermediate=64, experts=8, top_k=3, tokens_per_rank=16))
 TOLERANCE = 1e-2
+#: Inputs per case: with --cuda the first captures the graph, the others replay it.
+ROUNDS = 3
 
 
 def host_weights_as_torch(problem, weights, rank: int) -> SimpleNamespace:
@@ -41,7 +46,7 @@ def host_weights_as_torch(problem, weights, rank: int) -> SimpleNamespace:
     return ns
 
 
-def _worker(rank: int, world: int, init_file: str) -> None:
+def _worker(rank: int, world: int, init_file: str, cuda: bool) -> None:
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -52,8 +57,11 @@ def _worker(rank: int, world: int, init_file: str) -> None:
     from flashmoe_gen.reference import moe_reference, relative_error
     from flashmoe_gen.weights import MoEWeights, random_tokens
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world)
     for case in CASES:
         p = MoEProblem(**case, world_size=world)
         weights = MoEWeights.random(p, seed=3)
@@ -61,32 +69,40 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         tokens = [p.tokens_per_rank - 5 * r for r in range(world)]
         if case is CASES[0]:
             tokens[-1] = 0
-        xs = [random_tokens(t, p.hidden, seed=40 + r) for r, t in enumerate(tokens)]
-        ref = moe_reference(p, xs, weights).out[rank]
-        layer = SimpleNamespace(problem=p, rank=rank,
-                                weights=host_weights_as_torch(p, weights, rank))
-        x = torch.from_numpy(xs[rank].view(np.int16)).view(torch.bfloat16)
-        got = {"sync": TorchEP(layer)(x),
-               "padded": TorchEPGraph(layer, tokens=max(tokens), graphs=False)(x)}
-        f64 = {k: v.float().numpy().astype(np.float64) for k, v in got.items()}
-        err = {k: relative_error(v, ref) if len(ref) else float(np.abs(v).sum())
-               for k, v in f64.items()}
-        both = relative_error(f64["padded"], f64["sync"]) if len(ref) else 0.0
-        print(f"rank {rank} {p.name} T={tokens[rank]}: sync vs f64 {err['sync']:.1e}, padded "
-              f"vs f64 {err['padded']:.1e}, padded vs sync {both:.1e}", flush=True)
-        assert max(err.values()) < TOLERANCE and both < TOLERANCE, (p.name, err, both)
-        assert f64["padded"].shape == (tokens[rank], p.hidden)
+        ns = host_weights_as_torch(p, weights, rank)
+        layer = SimpleNamespace(problem=p, rank=rank, weights=SimpleNamespace(
+            **{k: v.to(dev) for k, v in vars(ns).items()}))
+        sync = TorchEP(layer)
+        padded = TorchEPGraph(layer, tokens=max(tokens), graphs=cuda)
+        # New inputs each round: on CUDA round 0 captures, the others replay the graph.
+        for round_ in range(ROUNDS):
+            xs = [random_tokens(t, p.hidden, seed=40 + r + 100 * round_)
+                  for r, t in enumerate(tokens)]
+            ref = moe_reference(p, xs, weights).out[rank]
+            x = torch.from_numpy(xs[rank].view(np.int16)).view(torch.bfloat16).to(dev)
+            got = {"sync": sync(x), "padded": padded(x)}
+            f64 = {k: v.float().cpu().numpy().astype(np.float64) for k, v in got.items()}
+            err = {k: relative_error(v, ref) if len(ref) else float(np.abs(v).sum())
+                   for k, v in f64.items()}
+            both = relative_error(f64["padded"], f64["sync"]) if len(ref) else 0.0
+            print(f"rank {rank} {p.name} T={tokens[rank]} round {round_}: sync vs f64 "
+                  f"{err['sync']:.1e}, {'graph' if cuda else 'padded'} vs f64 "
+                  f"{err['padded']:.1e}, vs sync {both:.1e}", flush=True)
+            assert max(err.values()) < TOLERANCE and both < TOLERANCE, (p.name, err, both)
+            assert f64["padded"].shape == (tokens[rank], p.hidden)
     dist.destroy_process_group()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--cuda", action="store_true",
+                    help="one GPU per rank, NCCL, and the padded baseline graph-captured")
     a = ap.parse_args()
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(a.ranks, str(Path(d) / "init")), nprocs=a.ranks)
+        mp.spawn(_worker, args=(a.ranks, str(Path(d) / "init"), a.cuda), nprocs=a.ranks)
     return 0
 
 
