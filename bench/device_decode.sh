@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a P-GPU device machine: bench/torch_ep_check.py --cuda (the two PyTorch baselines,
-# graph replay included, against the float64 reference), then bench/decode.py on P ranks (ours in host and graph mode vs both
-# PyTorch EP baselines at small token counts); writes decode_p<P>_<shapes>.{md,json,png,log}
-# under $OUT and prints the table last.
+# graph replay included, against the float64 reference), then bench/decode.py on P ranks
+# (ours in host and graph mode vs both PyTorch EP baselines at small token counts); writes
+# decode_p<P>_<shapes>.{md,json,png,log} under $OUT and prints the table last.
 # Usage (device tool, carry .whl): bash bench/device_decode.sh P [COMMIT] [SHAPES] [TOKENS]
 #   e.g. bash bench/device_decode.sh 4 abc1234 seed,dsv2lite 1,8,32,128,512
 # Env: DECODE_TIMEOUT seconds for the run (default 540), ITERS (default 30).
