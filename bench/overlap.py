@@ -54,7 +54,8 @@ def floor_ms(p, experts_used: int | None = None) -> float:
 
 
 def measure(p, comm, a) -> dict:
-    """Time (a)-(d) and the torch baseline for one problem; every rank calls it."""
+    """Time (a)-(d), (a) in graph mode and both torch baselines for one problem; every rank
+    calls it."""
     import cupy
     import torch
     from torch_ep_graph import time_baselines, to_f64
