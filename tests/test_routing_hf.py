@@ -21,7 +21,7 @@ from flashmoe_gen.weights import MoEWeights
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-H, I, T = 64, 32, 96
+H, INTER, T = 64, 32, 96
 #: Routing is compared where the reference's choice has this margin (the block is float32).
 MARGIN = 1e-4
 #: float32 block vs float64 reference on identical bf16 inputs.
@@ -38,17 +38,17 @@ def make_block(kind: str, seed: int = 0, **over):
     if kind == "mixtral":
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as B
-        cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=8,
+        cfg = MixtralConfig(hidden_size=H, intermediate_size=INTER, num_local_experts=8,
                             num_experts_per_tok=2, **over)
-        problem = MoEProblem(H, I, 8, 2, tokens_per_rank=T)
+        problem = MoEProblem(H, INTER, 8, 2, tokens_per_rank=T)
     elif kind == "qwen3":
         from transformers import Qwen3MoeConfig
         from transformers.models.qwen3_moe.modeling_qwen3_moe import (
             Qwen3MoeSparseMoeBlock as B,
         )
         o = {"num_experts": 8, "num_experts_per_tok": 3, "norm_topk_prob": True} | over
-        cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, **o)
-        problem = MoEProblem(H, I, o["num_experts"], o["num_experts_per_tok"],
+        cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=INTER, **o)
+        problem = MoEProblem(H, INTER, o["num_experts"], o["num_experts_per_tok"],
                              tokens_per_rank=T, normalize_topk=o["norm_topk_prob"])
     elif kind == "qwen2":
         from transformers import Qwen2MoeConfig
@@ -56,9 +56,9 @@ def make_block(kind: str, seed: int = 0, **over):
             Qwen2MoeSparseMoeBlock as B,
         )
         o = {"num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": False} | over
-        cfg = Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=I,
+        cfg = Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=INTER,
                              shared_expert_intermediate_size=48, **o)
-        problem = MoEProblem(H, I, o["num_experts"], o["num_experts_per_tok"],
+        problem = MoEProblem(H, INTER, o["num_experts"], o["num_experts_per_tok"],
                              shared_experts=1, shared_intermediate=48, tokens_per_rank=T,
                              normalize_topk=o["norm_topk_prob"], shared_gate=True)
     elif kind == "deepseek_v3":
@@ -66,9 +66,9 @@ def make_block(kind: str, seed: int = 0, **over):
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as B
         o = {"n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
              "n_shared_experts": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True} | over
-        cfg = DeepseekV3Config(hidden_size=H, moe_intermediate_size=I, **o)
-        problem = MoEProblem(H, I, o["n_routed_experts"], o["num_experts_per_tok"],
-                             shared_experts=1, shared_intermediate=I * o["n_shared_experts"],
+        cfg = DeepseekV3Config(hidden_size=H, moe_intermediate_size=INTER, **o)
+        problem = MoEProblem(H, INTER, o["n_routed_experts"], o["num_experts_per_tok"],
+                             shared_experts=1, shared_intermediate=INTER * o["n_shared_experts"],
                              tokens_per_rank=T, normalize_topk=o["norm_topk_prob"],
                              scoring="sigmoid", expert_bias=True, n_group=o["n_group"],
                              topk_group=o["topk_group"],
