@@ -268,15 +268,14 @@ class Watchdog:
     :func:`abort_world` while the main thread still waits inside MPI.
     """
 
-    def __init__(self, mpi):
-        self.mpi = mpi
-        self._steps: list[tuple[str, float, float]] = []  # (what, seconds, until)
+    def __init__(self):
+        self._steps: list[tuple[str, float, float, object]] = []  # what, seconds, until, mpi
         self._cond = threading.Condition()
         threading.Thread(target=self._run, name="flashmoe-watchdog", daemon=True).start()
 
     @contextmanager
-    def step(self, what: str, seconds: float) -> Iterator[None]:
-        entry = (what, seconds, time.monotonic() + seconds)
+    def step(self, mpi, what: str, seconds: float) -> Iterator[None]:
+        entry = (what, seconds, time.monotonic() + seconds, mpi)
         with self._cond:
             self._steps.append(entry)
             self._cond.notify()
@@ -293,13 +292,13 @@ class Watchdog:
                 if not self._steps:
                     self._cond.wait()
                     continue
-                what, seconds, until = min(self._steps, key=lambda s: s[2])
+                what, seconds, until, mpi = min(self._steps, key=lambda s: s[2])
                 left = until - time.monotonic()
                 if left > 0:
                     self._cond.wait(left)
                     continue
                 break
-        abort_world(self.mpi, CommTimeout.__name__ + f": {what} did not finish in "
+        abort_world(mpi, CommTimeout.__name__ + f": {what} did not finish in "
                     f"{seconds:g} s (a peer died, hangs or was stopped; "
                     f"{TIMEOUT_ENV} sets the limit)", 3)
 
@@ -318,8 +317,8 @@ def deadline(mpi, what: str, seconds: float | None = None) -> Iterator[None]:
     global _watchdog
     with _watchdog_lock:
         if _watchdog is None:
-            _watchdog = Watchdog(mpi)
-    with _watchdog.step(what, comm_timeout() if seconds is None else seconds):
+            _watchdog = Watchdog()
+    with _watchdog.step(mpi, what, comm_timeout() if seconds is None else seconds):
         yield
 
 

@@ -321,3 +321,21 @@ def test_an_error_on_one_rank_aborts_nccl_and_the_world_with_one_line(capfd, mon
         c.wait(None, "the count exchange")
     with abort_on_error(None), pytest.raises(KeyError):  # one rank: raised as usual
         raise KeyError("x")
+
+
+def test_a_step_past_its_deadline_ends_the_job_naming_the_step(capfd, monkeypatch):
+    import time
+
+    import flashmoe_gen.comm as comm
+
+    monkeypatch.setattr(comm, "ABORT_FLUSH_S", 0)
+    monkeypatch.setattr(comm, "_watchdog", None)  # a fresh watchdog, dropped afterwards
+    world = _FakeWorld()
+    with comm.deadline(world, "a quick step", 5):
+        pass
+    with comm.deadline(world, "gathering the outcomes of a candidate", 0.2):
+        time.sleep(0.6)  # what a stopped peer looks like from here
+    assert world.aborted == 3
+    assert capfd.readouterr().err.startswith(
+        "flashmoe-tune: rank 1 ends the job: CommTimeout: gathering the outcomes of a "
+        "candidate did not finish in 0.2 s")
