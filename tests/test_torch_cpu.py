@@ -249,3 +249,23 @@ def test_launcher_detects_torchrun(monkeypatch):
                       strict=True):
         monkeypatch.setenv(var, v)
     assert launch.under_torchrun() and launch.under_mpirun() and launch.rank_from_env() == 1
+
+
+def test_flashmoe_tune_under_torchrun_needs_no_mpi_library(tmp_path):
+    """The real tune command (GPU replaced by the fake evaluator, as the MPI fault tests)
+    on 2 torchrun ranks, with mpi4py unimportable: a winner is stored."""
+    blocker = tmp_path / "no_mpi" / "mpi4py"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('mpi4py blocked by the test')\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               FLASHMOE_COMM_TIMEOUT="30", PYTHONPATH=os.pathsep.join(
+                   [str(tmp_path / "no_mpi"), str(HERE), str(HERE / "mpi")]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", "2", str(HERE / "mpi" / "tune_cpu.py"),
+                        "--gpus", "2", "--space", "small", "--sampler", "random",
+                        "--trials", "3", "--storage", f"sqlite:///{tmp_path / 's.db'}",
+                        "--db", f"sqlite:///{tmp_path / 'w.db'}", "--study-name", "torchrun"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "winner stored in" in r.stdout and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "3 ok, 0 failed trials" in r.stdout
