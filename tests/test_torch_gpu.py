@@ -152,3 +152,11 @@ def test_grad_is_refused_on_the_gpu(layer):
     x = _tokens(8).requires_grad_(True)
     with pytest.raises(InferenceOnlyError, match="inference only"):
         layer(x)
+
+
+def test_opcheck_of_the_custom_op(layer):
+    """torch.library's own checks: schema (no mutation of inputs) and fake vs real."""
+    x = _tokens(32, seed=5)
+    torch.library.opcheck(torch.ops.flashmoe.moe_forward.default,
+                          (x, layer._op_tensors(), layer._handle),
+                          test_utils=("test_schema", "test_faketensor"))
