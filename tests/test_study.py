@@ -151,8 +151,8 @@ def test_valid_configs_equal_the_brute_force_filter():
 
 
 def test_comm_timeout_is_read_when_used_and_checked(monkeypatch):
-    from flashmoe_gen.comm import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, comm_timeout
     from flashmoe_gen.errors import CommError
+    from flashmoe_gen.watchdog import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, comm_timeout
 
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)
     assert comm_timeout() == DEFAULT_TIMEOUT_S
@@ -165,8 +165,9 @@ def test_comm_timeout_is_read_when_used_and_checked(monkeypatch):
         with pytest.raises(CommError, match=rf"FLASHMOE_COMM_TIMEOUT='{bad}' is invalid.*5m"):
             comm_timeout()
     # A bad value never breaks the import (it used to crash at import time).
-    r = subprocess.run([sys.executable, "-c", "import flashmoe_gen.comm"], capture_output=True,
-                       text=True, env={**__import__("os").environ, TIMEOUT_ENV: "5x"})
+    code = "import flashmoe_gen.comm, flashmoe_gen.tuner.study"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**__import__("os").environ, TIMEOUT_ENV: "5x"})
     assert r.returncode == 0, r.stderr
 
 
@@ -302,14 +303,15 @@ class _FakeWorld:
 
 
 def test_an_error_on_one_rank_aborts_nccl_and_the_world_with_one_line(capfd, monkeypatch):
-    import flashmoe_gen.comm as comm
-    from flashmoe_gen.comm import Communicator, abort_on_error
+    import flashmoe_gen.watchdog as wd
+    from flashmoe_gen.comm import Communicator
     from flashmoe_gen.errors import CommError
+    from flashmoe_gen.watchdog import abort_on_error
 
-    monkeypatch.setattr(comm, "ABORT_FLUSH_S", 0)
+    monkeypatch.setattr(wd, "ABORT_FLUSH_S", 0)
     c = Communicator.__new__(Communicator)  # no GPU here: only the abort bookkeeping
     c.rank, c.nccl, c.aborted = 1, [], False
-    monkeypatch.setattr(comm, "_abort_hooks", [c.abort])
+    monkeypatch.setattr(wd, "_abort_hooks", [c.abort])
     world = _FakeWorld()
     with pytest.raises(ConfigError), abort_on_error(world):
         raise ConfigError("study", "x", "already exists\nsecond line")
@@ -326,14 +328,14 @@ def test_an_error_on_one_rank_aborts_nccl_and_the_world_with_one_line(capfd, mon
 def test_a_step_past_its_deadline_ends_the_job_naming_the_step(capfd, monkeypatch):
     import time
 
-    import flashmoe_gen.comm as comm
+    import flashmoe_gen.watchdog as wd
 
-    monkeypatch.setattr(comm, "ABORT_FLUSH_S", 0)
-    monkeypatch.setattr(comm, "_watchdog", None)  # a fresh watchdog, dropped afterwards
+    monkeypatch.setattr(wd, "ABORT_FLUSH_S", 0)
+    monkeypatch.setattr(wd, "_watchdog", None)  # a fresh watchdog, dropped afterwards
     world = _FakeWorld()
-    with comm.deadline(world, "a quick step", 5):
+    with wd.deadline(world, "a quick step", 5):
         pass
-    with comm.deadline(world, "gathering the outcomes of a candidate", 0.2):
+    with wd.deadline(world, "gathering the outcomes of a candidate", 0.2):
         time.sleep(0.6)  # what a stopped peer looks like from here
     assert world.aborted == 3
     assert capfd.readouterr().err.startswith(

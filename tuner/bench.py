@@ -48,7 +48,7 @@ def time_callable(fn, *, warmup: int = 5, iters: int = 20, comm=None) -> Timing:
         end.synchronize()
         mine[i] = cupy.cuda.get_elapsed_time(start, end)
     if comm is not None:
-        from flashmoe_gen.comm import allgather
+        from flashmoe_gen.watchdog import allgather
         all_ranks = np.array(allgather(comm.mpi, mine, "gathering the timings"))  # [P, iters]
     else:
         all_ranks = mine[None, :]

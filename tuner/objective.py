@@ -10,7 +10,6 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass
 
-from flashmoe_gen.comm import allgather
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import (
     CommError,
@@ -22,6 +21,7 @@ from flashmoe_gen.errors import (
 )
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.status import TrialStatus
+from flashmoe_gen.watchdog import allgather
 
 OK, INVALID, COMPILE_FAILED, LAUNCH_FAILED, WRONG_ANSWER, TIMEOUT, FAILED = (
     TrialStatus.OK, TrialStatus.INVALID, TrialStatus.COMPILE_FAILED, TrialStatus.LAUNCH_FAILED,

@@ -20,11 +20,11 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimi
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from flashmoe_gen.comm import abort_on_error, allgather, bcast, deadline, root_wait_s
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import ConfigError, DatabaseError
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.status import TrialStatus
+from flashmoe_gen.watchdog import abort_on_error, allgather, bcast, deadline, root_wait_s
 
 from .objective import INVALID, Outcome, combine, failure_outcome, is_fatal
 from .space import SearchSpace

@@ -37,8 +37,8 @@ class GpuBackend:
 
 
 def run_tune(a: argparse.Namespace, backend: GpuBackend | None = None) -> int:
-    from flashmoe_gen.comm import abort_on_error
     from flashmoe_gen.tuner.launch import mpi_ranks
+    from flashmoe_gen.watchdog import abort_on_error
 
     world, P, rank = mpi_ranks(a.gpus)
     with abort_on_error(world if P > 1 else None):
@@ -48,11 +48,11 @@ def run_tune(a: argparse.Namespace, backend: GpuBackend | None = None) -> int:
 def _tune(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank: int) -> int:
     import optuna
 
-    from flashmoe_gen.comm import bcast, deadline, root_wait_s
     from flashmoe_gen.paths import default_storage_url
     from flashmoe_gen.tuner.args import problem_from_args
     from flashmoe_gen.tuner.space import SearchSpace
     from flashmoe_gen.tuner.study import run_study
+    from flashmoe_gen.watchdog import bcast, deadline, root_wait_s
 
     mpi = world if P > 1 else None
     problem = problem_from_args(a, world_size=P)
