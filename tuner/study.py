@@ -146,7 +146,7 @@ def run_study(problem: MoEProblem, evaluate: Callable[[KernelConfig], Outcome], 
 
     Any exception on any rank, and any protocol step past its deadline
     (``$FLASHMOE_COMM_TIMEOUT``), ends the whole job with one line naming the rank
-    (see ``flashmoe_gen.comm.abort_on_error``); a failed candidate is a result instead.
+    (see ``flashmoe_gen.watchdog.abort_on_error``); a failed candidate is a result instead.
     """
     rank = mpi.Get_rank() if mpi is not None else 0
     with abort_on_error(mpi):

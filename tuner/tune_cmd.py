@@ -1,7 +1,7 @@
 """``flashmoe-tune tune``: the search on every rank, the report and the winner on rank 0.
 
 Any failure on any rank ends the whole job with one line naming the rank and the cause
-(``flashmoe_gen.comm.abort_on_error``); ``--resume`` reconciles the study and the winners
+(``flashmoe_gen.watchdog.abort_on_error``); ``--resume`` reconciles the study and the winners
 database (``flashmoe_gen.db.sync``). See docs/reliability.md.
 """
 
