@@ -144,6 +144,7 @@ CONFIG_CHANGES = {
     "overlap": False,
     "fuse_sources": True,
     "packed_slots": True,
+    "mode": "graph",
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "wgmma"}
@@ -658,7 +659,7 @@ def test_search_spaces_take_their_values_from_config():
 
     valid = {"bm": c.BM_CHOICES, "bn": c.BN_CHOICES, "bk": c.BK_CHOICES, "s": c.STAGE_RANGE,
              "mma": c.MMA_CHOICES, "router": c.ROUTER_CHOICES, "chunks": c.CHUNK_RANGE,
-             "streams": c.COMM_STREAM_CHOICES}
+             "streams": c.COMM_STREAM_CHOICES, "mode": c.MODE_CHOICES}
     for choices in space.SPACES.values():
         for knob, values in choices.items():
             kind = knob.split("_", 1)[-1] if knob.startswith(("gu_", "dn_")) else knob
