@@ -207,9 +207,9 @@ def _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_
                     study.tell(told, state=TrialState.FAIL)
                     invalid_streak += 1
                     continue
+                cfg = space.config_from_params(trial.params)
+                trial.set_user_attr("config", cfg.name)
             invalid_streak = 0
-            cfg = space.config_from_params(trial.params)
-            trial.set_user_attr("config", cfg.name)
             with get_heartbeat_thread(trial._trial_id, study._storage):
                 if mpi is not None:
                     bcast(mpi, cfg.to_json(), "sending the candidate")
