@@ -104,11 +104,22 @@ def test_hf_block_forward_matches_the_layer(kind):
     p = layer.problem
     w = tensors.to_moe_weights(p, hf.hf_tensors(block, p))
     ref = moe_reference(p, [_bits(x)], w)
-    clear = ref.routing[0].clear(p)
-    assert clear.sum() >= 50
+    # HF's Mixtral/Qwen routers round the logits to bf16 and we keep them fp32 (as
+    # docs/semantics.md says): compare the tokens both route alike, away from near-ties.
+    same = _same_experts(block, layer, x).cpu().numpy()
+    clear = ref.routing[0].clear(p) & same
+    assert clear.sum() >= 50, (same.sum(), ref.routing[0].clear(p).sum())
     o, t = ours.double().cpu().numpy(), theirs.double().cpu().numpy()
     assert relative_error(o[clear], t[clear]) < TOL
     assert relative_error(o[clear], ref.out[0][clear]) < TOL
+
+
+def _same_experts(block, layer, x):
+    """[T] bool: the block's router and the layer's last call chose the same experts."""
+    with torch.inference_mode():
+        _, _, theirs = block.gate(x)
+    ours, _ = layer.last_routing()
+    return (theirs.sort(dim=1).values == ours.long().sort(dim=1).values).all(dim=1)
 
 
 def test_compiled_model_has_no_graph_break_and_same_output(layer):

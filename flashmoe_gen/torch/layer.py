@@ -236,6 +236,14 @@ class FlashMoELayer(nn.Module):
         cfg = self.kernel_config.name if self.kernel_config is not None else "lookup"
         return f"problem={self.problem.name}, rank={self.rank}, config={cfg}"
 
+    def last_routing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids ``[T, k]`` int32, weights ``[T, k]`` float32) the last call chose for
+        this rank's tokens: views of the runtime's buffers, valid until the next call."""
+        if self._runtime is None:
+            raise RuntimeError("the layer has not run yet")
+        idx, w, _ = self._runtime.last_routing()
+        return torch.from_dlpack(idx), torch.from_dlpack(w)
+
     def dropped_tokens(self) -> int:
         """Assignments the last call dropped (capacity factor mode), 0 otherwise."""
         return 0 if self._runtime is None else int(self._runtime.dropped_tokens)

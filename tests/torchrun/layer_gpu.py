@@ -58,7 +58,12 @@ hl = FlashMoELayer.from_hf(block, world_size=2, comm=comm, tokens_per_rank=64)
 x = tokens(64, seed=20 + rank)
 with torch.inference_mode():
     theirs, ours = block(x[None])[0], hl(x)
-e2 = relative_error(ours.double().cpu().numpy(), theirs.double().cpu().numpy())
+    _, _, their_idx = block.gate(x)
+# Compare the tokens both route alike (HF rounds the router logits to bf16, we keep fp32).
+same = (their_idx.sort(dim=1).values == hl.last_routing()[0].long().sort(dim=1).values).all(1)
+same = same.cpu().numpy()
+assert same.sum() >= 50, same.sum()
+e2 = relative_error(ours.double().cpu().numpy()[same], theirs.double().cpu().numpy()[same])
 assert e2 < 2e-2, f"rank {rank}: from_hf layer vs Mixtral block {e2}"
 # Both ranks use the config rank 0 looked up.
 names = comm.mpi.allgather(hl.kernel_config.name)
