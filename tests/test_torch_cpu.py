@@ -269,3 +269,50 @@ def test_flashmoe_tune_under_torchrun_needs_no_mpi_library(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "winner stored in" in r.stdout and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "3 ok, 0 failed trials" in r.stdout
+
+
+def test_transformers4_layout_of_experts_as_a_module_list():
+    """Blocks of transformers < 5 hold one MLP module per expert (Mixtral: w1/w3/w2)."""
+    from torch import nn
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Linear(HIDDEN, 32, bias=False)
+            self.w3 = nn.Linear(HIDDEN, 32, bias=False)
+            self.w2 = nn.Linear(32, HIDDEN, bias=False)
+
+    class MixtralSparseMoeBlock(nn.Module):  # the v4 layout, recognised by class name
+        def __init__(self):
+            super().__init__()
+            self.top_k = 2
+            self.gate = nn.Linear(HIDDEN, 8, bias=False)
+            self.experts = nn.ModuleList(Expert() for _ in range(8))
+
+        def forward(self, x):
+            probs = torch.softmax(self.gate(x).float(), dim=-1)
+            w, idx = torch.topk(probs, 2, dim=-1)
+            w = w / w.sum(-1, keepdim=True)
+            out = torch.zeros_like(x)
+            for t in range(len(x)):
+                for j in range(2):
+                    e = self.experts[int(idx[t, j])]
+                    out[t] += w[t, j] * e.w2(torch.nn.functional.silu(e.w1(x[t])) * e.w3(x[t]))
+            return out
+
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock()
+    with torch.no_grad():
+        block.gate.weight.mul_(8)
+        for prm in block.parameters():
+            prm.copy_(prm.to(torch.bfloat16).float())
+    p = hf.hf_problem(block)
+    assert (p.experts, p.top_k, p.intermediate) == (8, 2, 32)
+    w = tensors.to_moe_weights(p, hf.hf_tensors(block, p))
+    x = torch.randn(24, HIDDEN).to(torch.bfloat16)
+    ref = moe_reference(p, [_bits(x)], w)
+    with torch.no_grad():
+        y = block(x.float()).double().numpy()
+    clear = ref.routing[0].clear(p)
+    assert clear.sum() >= 20
+    assert relative_error(y[clear], ref.out[0][clear]) < 1e-5
