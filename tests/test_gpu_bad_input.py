@@ -41,7 +41,7 @@ def test_non_finite_rows_stay_in_their_tokens(layer_and_weights, bad):
     ref = moe_reference(P, [bits], w, topk_idx=[idx]).out[0]
     assert np.isfinite(got[keep]).all()
     assert relative_error(got[keep], ref[keep]) <= 1e-2
-    assert not np.isfinite(got[rows]).any(axis=1).all()  # the poisoned tokens show it
+    assert not np.isfinite(got[rows]).any()  # the poisoned tokens show it, every column
     layer.forward(cupy.asarray(random_tokens(8, P.hidden, seed=5)))  # the context lives on
     cupy.cuda.Device().synchronize()
 
