@@ -145,6 +145,15 @@ def test_rank_and_world_size_are_checked():
         FlashMoELayer.from_hf(torch.nn.Linear(4, 4))
 
 
+def test_config_is_a_kernel_config_or_its_name():
+    from flashmoe_gen import KernelConfig
+
+    cfg = KernelConfig.default(P, "sm_90")
+    assert FlashMoELayer(P, cfg.name, device="cpu").kernel_config == cfg
+    with pytest.raises(ArgumentError, match="config=3.*KernelConfig"):
+        FlashMoELayer(P, 3, device="cpu")
+
+
 def test_a_non_silu_block_is_refused():
     block = make_block("qwen3")
     block.experts.config.hidden_act = "gelu"

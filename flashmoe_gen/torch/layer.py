@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import ArgumentError, CommError, DeviceError, FlashMoEError
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.torch import op as _op
@@ -28,7 +29,7 @@ class FlashMoELayer(nn.Module):
     """One rank's share of a FlashMoE layer, as a torch module (inference only).
 
     ``problem``: the ``MoEProblem`` (its ``world_size`` must equal ``comm``'s).
-    ``config``: a ``KernelConfig``; None: ``flashmoe_gen.lookup(problem)`` on rank 0
+    ``config``: a ``KernelConfig`` (or its name); None: ``flashmoe_gen.lookup(problem)`` on rank 0
     (broadcast to the others) when the layer is built. ``comm``: a
     ``flashmoe_gen.comm.Communicator`` (``Communicator.from_torch()`` under torchrun),
     required when ``world_size > 1``. ``weights``: host ``MoEWeights`` (all experts or this
@@ -59,6 +60,11 @@ class FlashMoELayer(nn.Module):
                 or not 0 <= rank < problem.world_size:
             raise ArgumentError("rank", rank, f"an integer in 0..{problem.world_size - 1} "
                                 "(the problem's world_size)")
+        if isinstance(config, str):
+            config = KernelConfig.parse(config)
+        if config is not None and not isinstance(config, KernelConfig):
+            raise ArgumentError("config", config, "a flashmoe_gen.KernelConfig, its name or "
+                                "JSON, or None to look the best one up")
         self.problem, self.kernel_config, self.comm = problem, config, comm
         self.rank = rank
         self.tuned = None  # the TunedKernel lookup() gave, when config was None
@@ -123,7 +129,6 @@ class FlashMoELayer(nn.Module):
     def _lookup(self):
         """rank 0 looks the config up, every rank gets the same one."""
         from flashmoe_gen.api import TunedKernel, lookup
-        from flashmoe_gen.config import KernelConfig
 
         found = None
         if self.rank == 0:
