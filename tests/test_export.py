@@ -171,11 +171,13 @@ class _Layer(ctypes.Structure):
     """Mirror of struct FmoeLayer in templates/export_host.cu.j2."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in (
-        "gate", "w1t", "w3t", "w2t", "sw1t", "sw3t", "sw2t", "topk_idx", "topk_w", "pos",
-        "shared_act", "shared_out")] + [("token_alloc", ctypes.c_int)] + [
+        "gate", "w1t", "w3t", "w2t", "sw1t", "sw3t", "sw2t", "expert_bias", "shared_gate", "x",
+        "topk_idx", "topk_w", "pos", "shared_act", "shared_out")] + [
+        ("token_alloc", ctypes.c_int)] + [
         (n, ctypes.c_void_p) for n in ("counts", "counts_host", "layout", "act")] + [
         (n, ctypes.c_int) for n in ("capacity", "dropped_tokens", "rank", "world")] + [
-        (n, ctypes.c_void_p) for n in ("shared_stream", "row_off", "row_off_host")] + [
+        (n, ctypes.c_void_p) for n in ("shared_stream", "row_off", "row_off_host", "region",
+                                       "dropped_dev")] + [
         ("events", ctypes.c_void_p * 8)]  # NUM_EVENTS or fewer (the struct's tail)
 
 
