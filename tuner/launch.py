@@ -43,7 +43,7 @@ class SingleRank:
     barrier = Barrier
 
 
-#: Variables torchrun sets in every process it starts (flashmoe_gen.torch.dist has the same).
+#: Variables torchrun sets in every process it starts.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -16,14 +16,6 @@ import torch.distributed as dist
 
 from flashmoe_gen.errors import CommError
 
-#: Variables torchrun sets in every process it starts.
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def under_torchrun() -> bool:
-    """Whether torchrun (torch.distributed.run) started this process."""
-    return all(v in os.environ for v in TORCHRUN_VARS)
-
 
 def init_from_env(backend: str = "gloo") -> None:
     """``init_process_group`` from torchrun's environment, unless already initialised.
