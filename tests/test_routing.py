@@ -5,6 +5,8 @@ and compiled with NVRTC, no GPU)."""
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -364,6 +366,19 @@ def test_rule_compiles_with_nvrtc(key, tmp_path, monkeypatch):
     for k in ("moe_router", "moe_combine"):
         r = mod.resources[k]
         assert r.spills == 0 and r.stack_bytes == 0 and 0 < r.registers <= 255, (k, r)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_nvcc_compiles_a_rule_export(tmp_path):
+    """The exported host launcher of the full rule (bias fill, shared gate, x for the
+    combine) compiles."""
+    p = RULES["dsv3"].replace(shared_gate=True, hidden=512, intermediate=256)
+    src = tmp_path / "rule.cu"
+    export_cu(p, KernelConfig(GemmTile(64, 64, 32, 2, 2, 3), GemmTile(64, 64, 32, 2, 2, 3)),
+              src)
+    res = subprocess.run(["nvcc", "-arch=sm_90", "-O3", "-std=c++17", "-c", str(src), "-o",
+                          str(tmp_path / "rule.o")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
 
 
 @pytest.mark.parametrize("key", ["dsv3", "qwen2"])
