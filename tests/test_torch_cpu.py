@@ -246,6 +246,17 @@ def test_torchrun_world_on_two_cpu_ranks():
     assert r.stdout.count("torchrun world OK") == 2, r.stdout + r.stderr
 
 
+def test_communicator_from_torch_needs_an_initialised_process_group():
+    import torch.distributed as dist
+
+    from flashmoe_gen.comm import Communicator
+    from flashmoe_gen.errors import CommError
+
+    assert not dist.is_initialized()
+    with pytest.raises(CommError, match="init_process_group"):
+        Communicator.from_torch()
+
+
 def test_launcher_detects_torchrun(monkeypatch):
     from flashmoe_gen.tuner import launch
 
