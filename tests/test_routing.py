@@ -372,7 +372,8 @@ def test_rule_compiles_with_nvrtc(key, tmp_path, monkeypatch):
 def test_nvcc_compiles_a_rule_export(tmp_path):
     """The exported host launcher of the full rule (bias fill, shared gate, x for the
     combine) compiles."""
-    p = RULES["dsv3"].replace(shared_gate=True, hidden=512, intermediate=256)
+    p = RULES["dsv3"].replace(shared_gate=True, hidden=512, intermediate=256,
+                              shared_intermediate=256)
     src = tmp_path / "rule.cu"
     export_cu(p, KernelConfig(GemmTile(64, 64, 32, 2, 2, 3), GemmTile(64, 64, 32, 2, 2, 3)),
               src)
