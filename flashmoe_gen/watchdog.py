@@ -22,8 +22,10 @@ from .errors import CommError, CommTimeout, FlashMoEError
 #: Environment variable: seconds a rank waits for a peer (``300``, ``90s``, ``5m``).
 TIMEOUT_ENV = "FLASHMOE_COMM_TIMEOUT"
 #: Seconds a rank waits for a collective or a peer before it ends the job (dead or stopped
-#: peer), unless ``$FLASHMOE_COMM_TIMEOUT`` says otherwise.
-DEFAULT_TIMEOUT_S = 300.0
+#: peer), unless ``$FLASHMOE_COMM_TIMEOUT`` says otherwise. With the margin a rank gives rank
+#: 0's bookkeeping (at most 10 s), any single-rank fault ends a job within a minute; raise it
+#: where ranks can legitimately drift further apart (e.g. very slow compiles on one rank).
+DEFAULT_TIMEOUT_S = 50.0
 
 
 def comm_timeout() -> float:
