@@ -14,7 +14,7 @@ import shlex
 
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import FlashMoEError, UsageError
-from flashmoe_gen.problem import SUPPORTED_DTYPES, MoEProblem
+from flashmoe_gen.problem import SCORINGS, SUPPORTED_DTYPES, MoEProblem
 
 #: Seeds feed numpy's and Optuna's generators, which take 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
@@ -64,28 +64,80 @@ seed_int = _int_type(f"an integer seed in 0..{MAX_SEED}", 0, MAX_SEED)
 positive_seconds = _float_type("a finite number of seconds > 0", 0.0)
 
 
+def token_counts(text: str) -> tuple[int, ...]:
+    """``--tokens``: one count (``256``) or a sweep (``1,8,32,128``), in the order given."""
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        counts = tuple(int(t) for t in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a token count or a comma-separated list such as 1,8,32,128, "
+            f"got {text!r}") from None
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"a token count appears twice in {text!r}")
+    return counts
+
+
+token_counts.__name__ = "token count(s)"
+
+
 def add_problem_args(p: argparse.ArgumentParser) -> None:
-    """The flags of one MoE layer (every subcommand that names a problem)."""
+    """The flags of one MoE layer (every subcommand that names a problem).
+
+    Every shape flag defaults to None ("not given"): ``problem_from_args`` takes a given flag,
+    else the ``--model`` preset's value, else ``PROBLEM_DEFAULTS``.
+    """
     d = PROBLEM_DEFAULTS
     g = p.add_argument_group("problem (one MoE layer)")
-    g.add_argument("--hidden", type=int, default=d["hidden"], help="hidden size H (multiple of 8)")
-    g.add_argument("--intermediate", type=int, default=d["intermediate"],
-                   help="routed expert intermediate size I (multiple of 8)")
-    g.add_argument("--experts", type=int, default=d["experts"],
-                   help="routed experts E (divisible by P)")
-    g.add_argument("--top-k", type=int, default=d["top_k"], help="experts per token k (1..E)")
-    g.add_argument("--shared-experts", type=int, default=0, help="shared experts S (>= 0)")
+    g.add_argument("--model", default=None,
+                   help="a model's MoE layer (flashmoe-tune models lists them); the flags "
+                   "below override its fields")
+    g.add_argument("--hidden", type=int, default=None,
+                   help=f"hidden size H (multiple of 8) (default: {d['hidden']})")
+    g.add_argument("--intermediate", type=int, default=None,
+                   help=f"routed expert intermediate size I (multiple of 8) (default: "
+                   f"{d['intermediate']})")
+    g.add_argument("--experts", type=int, default=None,
+                   help=f"routed experts E (divisible by P) (default: {d['experts']})")
+    g.add_argument("--top-k", type=int, default=None,
+                   help=f"experts per token k (1..E) (default: {d['top_k']})")
+    g.add_argument("--shared-experts", type=int, default=None,
+                   help="shared experts S (>= 0) (default: 0)")
     g.add_argument("--shared-intermediate", type=int, default=None,
                    help="intermediate size of each shared expert (default: --intermediate)")
     g.add_argument("--world-size", type=int, default=None,
                    help="expert-parallel ranks P (default: the job's ranks for run/tune, else 1)")
-    g.add_argument("--tokens", type=int, default=d["tokens"], help="tokens per rank T")
+    g.add_argument("--tokens", type=token_counts, default=str(d["tokens"]),
+                   help="tokens per rank T; tune also takes a sweep, e.g. "
+                   "1,8,32,128,512,2048,8192 (one winner per count)")
     g.add_argument("--dtype", default=SUPPORTED_DTYPES[0],
                    help=f"activation/weight dtype (supported: {', '.join(SUPPORTED_DTYPES)})")
     g.add_argument("--capacity-factor", type=float, default=None,
                    help="drop tokens past ceil(c*T*k/E) per (rank, expert); default exact")
-    g.add_argument("--no-normalize-topk", action="store_true",
-                   help="do not renormalise the top-k weights to sum to 1")
+    r = p.add_argument_group("routing rule (docs/semantics.md; default plain softmax top-k)")
+    r.add_argument("--normalize-topk", action=argparse.BooleanOptionalAction, default=None,
+                   help="renormalise the top-k weights to sum to 1 (default on)")
+    r.add_argument("--scoring", choices=SCORINGS, default=None,
+                   help="softmax over all experts, or a sigmoid each (default softmax)")
+    r.add_argument("--expert-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="a per-expert bias that only ranks (DeepSeek-V3; default off)")
+    r.add_argument("--n-group", type=int, default=None,
+                   help="expert groups of the group-limited top-k (default 1: none)")
+    r.add_argument("--topk-group", type=int, default=None,
+                   help="groups whose experts stay eligible (default 1)")
+    r.add_argument("--routed-scaling", type=float, default=None,
+                   help="factor on the routed weights (default 1.0)")
+    r.add_argument("--shared-gate", action=argparse.BooleanOptionalAction, default=None,
+                   help="sigmoid gate on the shared experts' output (Qwen2-MoE; default off)")
+
+
+#: argparse dest -> MoEProblem field, for the flags a preset may set.
+_FLAG_FIELDS = {"hidden": "hidden", "intermediate": "intermediate", "experts": "experts",
+                "top_k": "top_k", "shared_experts": "shared_experts",
+                "shared_intermediate": "shared_intermediate",
+                "normalize_topk": "normalize_topk", "scoring": "scoring",
+                "expert_bias": "expert_bias", "n_group": "n_group", "topk_group": "topk_group",
+                "routed_scaling": "routed_scaling", "shared_gate": "shared_gate"}
 
 
 def add_kernel_args(p: argparse.ArgumentParser) -> None:
@@ -96,8 +148,19 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
                    help="target, e.g. sm_90 / sm_90a (default: this GPU's, else sm_90)")
 
 
-def problem_from_args(a: argparse.Namespace, world_size: int | None = None) -> MoEProblem:
-    """The problem the flags name; ``world_size`` is the job's rank count, when known."""
+def preset_from_args(a: argparse.Namespace):
+    """The ``--model`` preset (``flashmoe_gen.presets.ModelPreset``), or None."""
+    if getattr(a, "model", None) is None:
+        return None
+    from flashmoe_gen.presets import get_preset
+    return get_preset(a.model)
+
+
+def problem_from_args(a: argparse.Namespace, world_size: int | None = None,
+                      tokens: int | None = None) -> MoEProblem:
+    """The problem the flags name; ``world_size`` is the job's rank count, when known;
+    ``tokens`` picks one count of a ``--tokens`` sweep (a command that takes one count
+    refuses a list)."""
     if world_size is not None and a.world_size is not None and a.world_size != world_size:
         raise UsageError("--world-size", a.world_size, f"this job has {world_size} rank(s) "
                          "(--gpus): drop --world-size or make the two equal")
@@ -106,11 +169,27 @@ def problem_from_args(a: argparse.Namespace, world_size: int | None = None) -> M
             break
     else:
         p = 1
-    return MoEProblem(
-        hidden=a.hidden, intermediate=a.intermediate, experts=a.experts, top_k=a.top_k,
-        shared_experts=a.shared_experts, shared_intermediate=a.shared_intermediate,
-        world_size=p, tokens_per_rank=a.tokens, dtype=a.dtype,
-        capacity_factor=a.capacity_factor, normalize_topk=not a.no_normalize_topk)
+    counts = tuple(a.tokens) if isinstance(a.tokens, (tuple, list)) else (a.tokens,)
+    if tokens is None:
+        if len(counts) != 1:
+            raise UsageError("--tokens", ",".join(map(str, counts)),
+                             "this command takes one token count; a list (a sweep) is for "
+                             "`flashmoe-tune tune`")
+        tokens = counts[0]
+    preset = preset_from_args(a)
+    d = PROBLEM_DEFAULTS
+    fields: dict = dict(hidden=d["hidden"], intermediate=d["intermediate"],
+                        experts=d["experts"], top_k=d["top_k"])
+    if preset is not None:
+        fields.update(preset.fields)
+    for dest, name in _FLAG_FIELDS.items():
+        v = getattr(a, dest, None)
+        if v is not None:
+            fields[name] = v
+    if fields.get("shared_experts") == 0:
+        fields.pop("shared_intermediate", None)  # --shared-experts 0 drops a preset's width
+    return MoEProblem(**fields, world_size=p, tokens_per_rank=tokens, dtype=a.dtype,
+                      capacity_factor=a.capacity_factor)
 
 
 def problem_flags(problem: MoEProblem) -> list[str]:
@@ -128,6 +207,16 @@ def problem_flags(problem: MoEProblem) -> list[str]:
         out += ["--capacity-factor", repr(float(problem.capacity_factor))]
     if not problem.normalize_topk:
         out.append("--no-normalize-topk")
+    if problem.scoring != SCORINGS[0]:
+        out += ["--scoring", problem.scoring]
+    if problem.expert_bias:
+        out.append("--expert-bias")
+    if problem.n_group > 1:
+        out += ["--n-group", str(problem.n_group), "--topk-group", str(problem.topk_group)]
+    if problem.routed_scaling != 1.0:
+        out += ["--routed-scaling", repr(float(problem.routed_scaling))]
+    if problem.shared_gate:
+        out.append("--shared-gate")
     return out
 
 
