@@ -118,14 +118,16 @@ class LayerEvaluator:
         self._ref_cache: dict = {}
 
     def __call__(self, config: KernelConfig) -> Outcome:
+        from flashmoe_gen.arch import current_device_limits
+        from flashmoe_gen.build import build
         from flashmoe_gen.check import TOLERANCE, check_layer
         from flashmoe_gen.runtime import FlashMoE
         from flashmoe_gen.tuner.bench import time_callable
 
         layer, failed = None, None
         try:
-            layer = FlashMoE(self.problem, config, weights=self.weights, comm=self.comm,
-                             agree=False)
+            kernel = build(self.problem, config, current_device_limits())  # cached per config
+            layer = FlashMoE(kernel, weights=self.weights, comm=self.comm, agree=False)
         except Exception as e:  # a failed candidate is a result, not a crash
             if is_fatal(e):
                 raise
