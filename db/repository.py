@@ -281,12 +281,52 @@ def find_nearest(engine: EngineLike, problem: MoEProblem, env: Environment, *,
     return record, record.problem
 
 
+def _token_distance(count: int, tokens: int) -> tuple[float, int]:
+    """How far a tuned ``count`` is from ``tokens``: log scale, ties to the larger count."""
+    return abs(math.log(count + 1) - math.log(tokens + 1)), -count
+
+
+def nearest_count(counts: Iterable[int], tokens: int) -> int:
+    """The count nearest to ``tokens`` in log scale (ties: the larger count); the rule of
+    ``nearest_tokens``, for counts without records (config files)."""
+    return min(counts, key=lambda c: _token_distance(c, tokens))
+
+
 def nearest_tokens(records: list[WinnerRecord], tokens: int) -> WinnerRecord:
     """The record tuned for the token count nearest to ``tokens`` in log scale (ties: the
     larger count, then the most recently updated)."""
-    target = math.log(tokens + 1)
-    return min(records, key=lambda w: (abs(math.log(w.problem.tokens_per_rank + 1) - target),
-                                       -w.problem.tokens_per_rank, -w.updated_at.timestamp()))
+    return min(records, key=lambda w: (*_token_distance(w.problem.tokens_per_rank, tokens),
+                                       -w.updated_at.timestamp()))
+
+
+def shape_distance(a: MoEProblem, b: MoEProblem) -> float:
+    """How different two layers are for a kernel config, token count aside: the summed
+    |log ratio| of hidden, routed and shared widths, local experts, top-k and world size,
+    plus 1 where the routing rule differs (0 within a family)."""
+    def logs(p: MoEProblem) -> tuple[float, ...]:
+        return tuple(math.log(v) for v in (p.hidden, p.intermediate, p.shared_width + 1,
+                                           p.local_experts, p.top_k, p.world_size))
+    rule = (a.scoring, a.expert_bias, a.n_group, a.shared_gate) != \
+        (b.scoring, b.expert_bias, b.n_group, b.shared_gate)
+    return sum(abs(x - y) for x, y in zip(logs(a), logs(b), strict=True)) + float(rule)
+
+
+def nearest_winners(engine: EngineLike, problem: MoEProblem, compute_capability: str, *,
+                    limit: int = 4) -> list[WinnerRecord]:
+    """Winners on GPUs of ``compute_capability`` (one GPU family: its configs fit) nearest
+    to ``problem``: its own family first, by token count; then other shapes, nearest
+    first. One record per distinct config, at most ``limit`` (the seeds of a new study)."""
+    ranked = sorted(
+        (w for w in list_winners(engine) if w.environment.compute_capability
+         == compute_capability),
+        key=lambda w: (shape_distance(w.problem, problem),
+                       *_token_distance(w.problem.tokens_per_rank, problem.tokens_per_rank),
+                       -w.updated_at.timestamp()))
+    out: list[WinnerRecord] = []
+    for w in ranked:
+        if len(out) < limit and all(o.config_name != w.config_name for o in out):
+            out.append(w)
+    return out
 
 
 def list_winners(engine: EngineLike, env_key: str | None = None) -> list[WinnerRecord]:

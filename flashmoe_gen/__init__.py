@@ -18,10 +18,11 @@ from .errors import (  # noqa: E402
 from .problem import MoEProblem  # noqa: E402
 
 
-def lookup(problem, world_size=None, device=None, db=None):
+def lookup(problem, world_size=None, device=None, db=None, configs_dir=None):
     """Best known kernel for ``problem`` (see ``flashmoe_gen.api.lookup``)."""
     from .api import lookup as _lookup
-    return _lookup(problem, world_size=world_size, device=device, db=db)
+    return _lookup(problem, world_size=world_size, device=device, db=db,
+                   configs_dir=configs_dir)
 
 
 __all__ = [

@@ -7,10 +7,16 @@ Order of preference (each fallback warns, saying what it fell back to):
    (exact problem, else nearest tokens): configs stay valid across versions, so an
    upgrade does not throw tuning away;
 4. the heuristic default.
+
+With ``configs_dir`` (a folder of files written by ``flashmoe-tune export-configs``, see
+``flashmoe_gen.configs_io``) the files are read too: after the database when ``db`` is given,
+instead of it when ``db`` is None (no database is opened). A file's entry is matched by
+problem family, GPU name and world size; its token count, else the nearest one.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -32,6 +38,12 @@ class TunedKernel:
     tuned_for: MoEProblem | None = None
     environment: object | None = None  # flashmoe_gen.db.Environment of the winning trial
     trial_id: int | None = None
+    origin: str | None = None         # where it came from: a database URL or a config file
+
+    @property
+    def tuned_tokens(self) -> int | None:
+        """The token count per rank the config was tuned for (None for the default)."""
+        return self.tuned_for.tokens_per_rank if self.tuned_for is not None else None
 
     @property
     def source(self) -> str:
@@ -62,7 +74,7 @@ def _detect_env(problem: MoEProblem):
     return Environment.detect(problem.world_size, template_hash())
 
 
-def _check_arguments(problem, device, db) -> None:
+def _check_arguments(problem, device, db, configs_dir=None) -> None:
     """Typed errors for arguments of the wrong kind (they would otherwise fall back quietly)."""
     from sqlalchemy import Engine
 
@@ -78,10 +90,13 @@ def _check_arguments(problem, device, db) -> None:
     if db is not None and not isinstance(db, (str, Engine)):
         raise ArgumentError("db", db, "a SQLAlchemy URL string (e.g. sqlite:///tuning.db), a "
                             "sqlalchemy Engine, or None for $FLASHMOE_DB / the default")
+    if configs_dir is not None and not isinstance(configs_dir, (str, os.PathLike)):
+        raise ArgumentError("configs_dir", configs_dir, "a folder path (str or Path) of files "
+                            "written by flashmoe-tune export-configs, or None")
 
 
 def lookup(problem: MoEProblem, world_size: int | None = None, device=None,
-           db=None) -> TunedKernel:
+           db=None, configs_dir=None) -> TunedKernel:
     """Best known kernel for ``problem`` on ``device``.
 
     ``device``: a ``flashmoe_gen.db.Environment``, a GPU name (e.g. "NVIDIA H100 80GB
@@ -89,14 +104,19 @@ def lookup(problem: MoEProblem, world_size: int | None = None, device=None,
     SQLAlchemy URL (default: ``$FLASHMOE_DB`` or the user cache). A database that does not
     exist yet reads as empty; one that is not flashmoe_gen's raises ``DatabaseError``.
     A stored config that is not valid for ``problem`` is passed over with a warning.
+    ``configs_dir``: a folder of config files (``flashmoe-tune export-configs``); with
+    ``db=None`` no database is read. The result's ``tuned_tokens`` and ``origin`` say which
+    token count and which database or file the config comes from.
     """
     from .db import Environment, find_nearest, find_winner, list_winners, make_engine
     from .db.repository import family_of, nearest_tokens
 
-    _check_arguments(problem, device, db)
+    _check_arguments(problem, device, db, configs_dir)
     if world_size is not None:
         problem = problem.replace(world_size=world_size)
-    engine = make_engine(db) if db is None or isinstance(db, str) else db
+    use_db = db is not None or configs_dir is None
+    engine = (make_engine(db) if db is None or isinstance(db, str) else db) if use_db else None
+    origin = engine.url.render_as_string(hide_password=True) if engine is not None else None
     env = device if isinstance(device, Environment) else None
     gpu_name = device if isinstance(device, str) else env.gpu_name if env else None
     if device is None:
@@ -115,9 +135,9 @@ def lookup(problem: MoEProblem, world_size: int | None = None, device=None,
                           stacklevel=3)
             return None
         return TunedKernel(problem, rec.config, provenance, rec.median_ms, rec.problem,
-                           rec.environment, rec.trial_id)
+                           rec.environment, rec.trial_id, origin)
 
-    if env is not None:
+    if env is not None and engine is not None:
         if (rec := find_winner(engine, problem, env)) is not None:
             if (k := from_record(rec, "exact")) is not None:
                 return k
@@ -130,7 +150,10 @@ def lookup(problem: MoEProblem, world_size: int | None = None, device=None,
                               f"{rec.problem.tokens_per_rank} tokens (nearest in log scale)",
                               TuningFallbackWarning, stacklevel=2)
                 return k
-    if gpu_name is not None:
+    if configs_dir is not None and gpu_name is not None:
+        if (k := _from_configs_dir(problem, configs_dir, gpu_name, env)) is not None:
+            return k
+    if gpu_name is not None and engine is not None:
         same_hw = [w for w in list_winners(engine)
                    if w.environment.gpu_name == gpu_name
                    and w.environment.world_size == problem.world_size
@@ -155,3 +178,33 @@ def lookup(problem: MoEProblem, world_size: int | None = None, device=None,
                   f"{gpu_name or 'this device'} x {problem.world_size}; using the heuristic "
                   "default (run flashmoe-tune to tune it)", TuningFallbackWarning, stacklevel=2)
     return TunedKernel(problem, KernelConfig.default(problem, arch), "default")
+
+
+def _from_configs_dir(problem: MoEProblem, configs_dir, gpu_name: str,
+                      env) -> TunedKernel | None:
+    """The config files' entry for ``problem`` on ``gpu_name`` (warns when the token count
+    is another one, or when an entry does not fit the problem); None when there is none."""
+    from .configs_io import find_in_configs, read_configs_dir
+
+    files = read_configs_dir(configs_dir)
+    hit = find_in_configs(files, problem, gpu_name,
+                          env.compute_capability if env is not None else None)
+    if hit is None:
+        return None
+    f, entry = hit
+    tuned_for = f.problem_for(entry.tokens)
+    entry_env = f.entry_environment(entry)
+    try:
+        entry.config.validate(problem, entry_env.arch)
+    except ConfigError as e:
+        warnings.warn(f"{problem.name}: passing over the config in {f.path} for "
+                      f"{entry.tokens} tokens ({entry.config.name}): {e}",
+                      TuningFallbackWarning, stacklevel=3)
+        return None
+    exact = entry.tokens == problem.tokens_per_rank
+    if not exact:
+        warnings.warn(f"{problem.name}: no config for {problem.tokens_per_rank} tokens in "
+                      f"{f.path}; using the one tuned for {entry.tokens} tokens (nearest in "
+                      "log scale)", TuningFallbackWarning, stacklevel=3)
+    return TunedKernel(problem, entry.config, "exact" if exact else "nearest-tokens",
+                       entry.latency_ms, tuned_for, entry_env, None, str(f.path))

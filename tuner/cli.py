@@ -1,4 +1,5 @@
-"""``flashmoe-tune``: compile, export, run, tune, list and show MoE kernels.
+"""``flashmoe-tune``: compile, export, run, tune, list and show MoE kernels; list model
+presets; export and import shippable config files.
 
 The entry point only: it parses, calls the libraries and turns every expected failure into
 one line on stderr and exit code 2. Argument helpers live in ``tuner.args``, rank set-up
@@ -25,6 +26,7 @@ from .args import (
     non_negative_int,
     positive_int,
     positive_seconds,
+    preset_from_args,
     problem_from_args,
     resolve_arch,
     seed_int,
@@ -64,6 +66,16 @@ def _output_path(path: Path) -> Path:
     return path
 
 
+def _provenance(k) -> str:
+    """``exact``, or e.g. ``nearest-tokens: tuned for 128 tokens``, and where it came from."""
+    text = k.provenance
+    if k.tuned_tokens is not None and k.tuned_tokens != k.problem.tokens_per_rank:
+        text += f": tuned for {k.tuned_tokens} tokens"
+    if k.origin and k.provenance != "default":
+        text += f" (from {k.origin})"
+    return text
+
+
 # -- subcommands ------------------------------------------------------------------------
 def cmd_compile(a: argparse.Namespace) -> int:
     from rich.table import Table
@@ -101,9 +113,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.best:
         from flashmoe_gen.api import lookup
         with _notes():
-            k = lookup(problem, device=a.device, db=a.db)
+            k = lookup(problem, device=a.device, db=a.db, configs_dir=a.configs_dir)
         cfg = k.config
-        print(f"best known config ({k.provenance}): {cfg.name}")
+        print(f"best known config ({_provenance(k)}): {cfg.name}")
     else:
         cfg = config_from_args(a, problem, resolve_arch(a))
     export_cu(problem, cfg, str(path), with_main=a.with_main)
@@ -171,19 +183,20 @@ def cmd_show(a: argparse.Namespace) -> int:
     from flashmoe_gen.db import make_engine, trials_for
 
     problem = problem_from_args(a)
-    engine = make_engine(a.db)
+    engine = make_engine(a.db) if a.db is not None or a.configs_dir is None else None
     with _notes():
-        k = lookup(problem, device=a.device, db=engine)
-    trials = trials_for(engine, k.tuned_for or problem)[: a.limit]
+        k = lookup(problem, device=a.device, db=engine, configs_dir=a.configs_dir)
+    trials = trials_for(engine, k.tuned_for or problem)[: a.limit] if engine else []
     if a.json:
         print(json.dumps({"problem": problem.name, "provenance": k.provenance,
                           "config": k.config.name, "config_fields": k.config.to_dict(),
                           "latency_ms": k.latency_ms,
                           "tuned_for": k.tuned_for.name if k.tuned_for else None,
+                          "tuned_tokens": k.tuned_tokens, "origin": k.origin,
                           "trials": [_record_dict(t) for t in trials]}, indent=1))
         return 0
     console = _console()
-    console.print(f"{problem.name}: {k.provenance}; config {k.config.name}"
+    console.print(f"{problem.name}: {_provenance(k)}; config {k.config.name}"
                   + (f"; {k.latency_ms:.4f} ms" if k.latency_ms else ""), overflow="fold")
     if k.provenance == "default":
         print(f"not tuned yet; tune it with: {tune_command(problem, a.db)}")
@@ -201,10 +214,61 @@ def cmd_show(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(a: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from flashmoe_gen.presets import PRESETS
+
+    if a.json:
+        print(json.dumps([p.to_dict() for p in PRESETS.values()], indent=1))
+        return 0
+    t = Table(title="model presets (--model NAME; flags override a field; --gpus and --tokens "
+              "give P and T)")
+    for col in ("model", "MoE layer", "exact", "from"):
+        t.add_column(col, overflow="fold")
+    for p in PRESETS.values():
+        t.add_row(p.name, p.summary(), "yes" if p.exact else f"no: {p.note}", p.hf_id)
+    _console().print(t)
+    return 0
+
+
+def cmd_export_configs(a: argparse.Namespace) -> int:
+    from flashmoe_gen.configs_io import export_configs
+    from flashmoe_gen.db import make_engine
+
+    engine = make_engine(a.db)
+    paths = export_configs(engine, a.output, gpu=a.gpu, world_size=a.world_size)
+    if not paths:
+        print(f"no tuned winners in {_db_label(engine)}"
+              + (f" for {a.gpu}" if a.gpu else "")
+              + (f" x {a.world_size}" if a.world_size else "") + "; nothing written")
+        return 0
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_import_configs(a: argparse.Namespace) -> int:
+    from flashmoe_gen.configs_io import import_configs
+    from flashmoe_gen.db import make_engine
+
+    engine = make_engine(a.db)
+    r = import_configs(engine, a.paths)
+    print(f"imported {r.recorded} config(s) from {r.files} file(s) into {_db_label(engine)}"
+          + (f"; {r.skipped} already there" if r.skipped else ""))
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------
 def _db_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=None,
                    help="winners database URL (default: $FLASHMOE_DB or the user cache)")
+
+
+def _configs_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from-configs", dest="configs_dir", default=None, metavar="DIR",
+                   help="also look in this folder of config files (export-configs'); "
+                   "without --db no database is read")
 
 
 def _gpus_arg(p: argparse.ArgumentParser) -> None:
@@ -244,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _db_arg(e)
     e.add_argument("--device", default=None,
                    help="GPU name to look up for --best (default: this GPU)")
+    _configs_dir_arg(e)
 
     r = command("run", "build the layer on every rank, check it once, time it", cmd_run)
     add_problem_args(r)
@@ -292,10 +357,30 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--device", default=None, help="GPU name (default: this GPU)")
     sh.add_argument("--limit", type=non_negative_int, default=20, help="trials to show")
     sh.add_argument("--json", action="store_true", help="print the kernel and trials as JSON")
+    _configs_dir_arg(sh)
+
+    m = command("models", "list the model presets (--model NAME)", cmd_models)
+    m.add_argument("--json", action="store_true", help="print the presets as JSON")
+
+    ex = command("export-configs", "write the winners as config files: one JSON per problem "
+                 "family, GPU and world size, token counts -> config and latency",
+                 cmd_export_configs)
+    _db_arg(ex)
+    ex.add_argument("-o", "--output", default="flashmoe_configs",
+                    help="folder for the files (created if missing)")
+    ex.add_argument("--gpu", default=None, help="only this GPU name (default: every GPU)")
+    ex.add_argument("--world-size", type=positive_int, default=None,
+                    help="only this world size (default: every one)")
+
+    im = command("import-configs", "record config files (export-configs') into the database",
+                 cmd_import_configs)
+    im.add_argument("paths", nargs="+", help="config files, or folders of them")
+    _db_arg(im)
     return ap
 
 
-SUBCOMMANDS = ("compile", "export", "run", "tune", "list", "show")
+SUBCOMMANDS = ("compile", "export", "run", "tune", "list", "show", "models", "export-configs",
+               "import-configs")
 
 
 def _fail(kind: str, message: object) -> int:
@@ -303,6 +388,13 @@ def _fail(kind: str, message: object) -> int:
     where = f" (rank {rank})" if rank is not None else ""
     print(f"flashmoe-tune{where}: {kind}: {message}", file=sys.stderr)
     return 2
+
+
+def _preset_note(a: argparse.Namespace) -> None:
+    """A ``--model`` preset the layer cannot express exactly says so (once, on rank 0)."""
+    preset = preset_from_args(a)
+    if preset is not None and not preset.exact and (not under_mpirun() or rank_from_env() == 0):
+        print(f"note: --model {preset.name} is approximate: {preset.note}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     args.argv = argv  # what `--gpus N` relaunches under mpirun
     try:
+        _preset_note(args)
         return args.fn(args)
     except FlashMoEError as e:
         return _fail(type(e).__name__, e)
