@@ -130,12 +130,21 @@ class FlashMoELayer(nn.Module):
         """rank 0 looks the config up, every rank gets the same one."""
         from flashmoe_gen.api import TunedKernel, lookup
 
-        found = None
+        found = failure = None
         if self.rank == 0:
-            t = lookup(self.problem)
-            found = (t.config.name, t.provenance, t.latency_ms)
+            try:
+                t = lookup(self.problem)
+                found = (t.config.name, t.provenance, t.latency_ms)
+            except Exception as e:  # the other ranks wait for the answer: tell them
+                failure = e
         if self.comm is not None and self.problem.world_size > 1:
-            found = self.comm.mpi.bcast(found, root=0)
+            found = self.comm.mpi.bcast(
+                found if failure is None else f"{type(failure).__name__}: {failure}", root=0)
+            if isinstance(found, str) and failure is None:
+                raise CommError(f"rank {self.rank}: rank 0 could not look the config up "
+                                f"({found}); pass config= to the layer")
+        if failure is not None:
+            raise failure
         name, provenance, latency = found
         return TunedKernel(self.problem, KernelConfig.parse(name), provenance, latency)
 
