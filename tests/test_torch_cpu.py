@@ -154,6 +154,45 @@ def test_config_is_a_kernel_config_or_its_name():
         FlashMoELayer(P, 3, device="cpu")
 
 
+class _FakeComm:
+    """A rank of 2 whose broadcast returns what rank 0 sent (``sent``)."""
+
+    def __init__(self, rank, sent=None):
+        self.rank, self.world_size, self.sent = rank, 2, sent
+        self.mpi = self
+
+    def bcast(self, obj, root=0):
+        return obj if self.rank == root else self.sent
+
+
+def test_rank_0_looks_the_config_up_for_everyone(monkeypatch):
+    import flashmoe_gen.api as api
+    from flashmoe_gen import KernelConfig
+    from flashmoe_gen.errors import CommError, DatabaseError
+
+    p2 = P.replace(world_size=2)
+    cfg = KernelConfig.default(p2, "sm_90")
+
+    def no_lookup(*a, **k):
+        raise AssertionError("only rank 0 looks up")
+
+    monkeypatch.setattr(api, "lookup", no_lookup)
+    layer = FlashMoELayer(p2, comm=_FakeComm(1, (cfg.name, "exact", 0.5)), device="cpu")
+    t = layer._lookup()
+    assert (t.config, t.provenance, t.latency_ms) == (cfg, "exact", 0.5)
+    # rank 0's failure reaches rank 1 as a CommError; rank 0 raises its own error.
+    layer = FlashMoELayer(p2, comm=_FakeComm(1, "DatabaseError: locked"), device="cpu")
+    with pytest.raises(CommError, match="rank 0 could not look the config up.*locked"):
+        layer._lookup()
+
+    def broken(*a, **k):
+        raise DatabaseError("sqlite:///x", "locked", "retry")
+
+    monkeypatch.setattr(api, "lookup", broken)
+    with pytest.raises(DatabaseError):
+        FlashMoELayer(p2, comm=_FakeComm(0), device="cpu")._lookup()
+
+
 def test_a_non_silu_block_is_refused():
     block = make_block("qwen3")
     block.experts.config.hidden_act = "gelu"
