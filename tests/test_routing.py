@@ -394,3 +394,15 @@ def test_export_fills_and_passes_the_rule_arrays(key):
     assert "L->gate, L->expert_bias, tokens" in router_call[:300]
     combine_call = text[text.index("moe_combine<<<"):]
     assert "L->x, L->shared_gate, out" in combine_call[:400]
+
+
+def test_reference_ranks_route_alike():
+    """With several ranks each rank routes its own tokens by the same rule: rank r's output
+    equals a one-rank reference on its tokens (the rule arrays belong to every rank)."""
+    p = RULES["dsv3"].replace(shared_gate=True, world_size=2)
+    w = MoEWeights.random(p, seed=21)
+    xs = [random_tokens(t, p.hidden, seed=30 + t) for t in (17, 0)]
+    two = moe_reference(p, xs, w)
+    one = moe_reference(p.replace(world_size=1), [xs[0]], w)
+    np.testing.assert_array_equal(two.out[0], one.out[0])
+    assert two.out[1].shape == (0, p.hidden)
