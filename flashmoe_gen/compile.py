@@ -223,14 +223,14 @@ def compile_source(gen: GeneratedSource, arch: str = "sm_90", *, use_cache: bool
     version = nvrtc_version()
     key = hashlib.sha256("\0".join([gen.code, *options, version, arch]).encode()).hexdigest()[:20]
     root = (cache_dir or cache_root()) / arch
-    stem = f"{gen.name}-{key}"
+    stem = f"{gen.device_name}-{key}"  # no token count: one entry serves a whole family
     cubin_path, meta_path = root / f"{stem}.cubin", root / f"{stem}.json"
     kernels = gen.kernels.all()
     if use_cache and (hit := _cached(gen, arch, tuple(options), version, cubin_path,
                                      meta_path)) is not None:
         return hit
 
-    prog = nvrtc.createProgram(gen.code, f"{gen.name}.cu", [], [])
+    prog = nvrtc.createProgram(gen.code, f"{gen.device_name}.cu", [], [])
     try:
         for expr in gen.kernels.name_expressions:
             nvrtc.addNameExpression(prog, expr)

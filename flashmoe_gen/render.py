@@ -71,6 +71,12 @@ class GeneratedSource:
         """File stem: problem and config names joined."""
         return f"{self.problem.name}__{self.config.name}"
 
+    @property
+    def device_name(self) -> str:
+        """The code's own name: ``name`` with the token count at 0 (``device_problem``), the
+        compile cache's file stem, so every token count of a family shares one cubin."""
+        return f"{device_problem(self.problem).name}__{self.config.name}"
+
 
 def gemm_expression(tile: GemmTile, gated: bool) -> str:
     """C++ name expression of one expert GEMM instantiation."""
@@ -114,12 +120,19 @@ def router_lanes(experts: int) -> tuple[int, int, int]:
     return lanes_e, 32 // lanes_e, -(-experts // lanes_e)
 
 
+def device_problem(problem: MoEProblem) -> MoEProblem:
+    """The problem as the device code sees it: ``tokens_per_rank`` never reaches the kernels
+    (a call passes its own count; capacities are planned on the host), so it is 0 here and
+    the code of two token counts is the same text (one cubin; a test checks it)."""
+    return problem.replace(tokens_per_rank=0)
+
+
 def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
     lanes_e, lanes_h, epl = router_lanes(problem.experts)
     dt = problem.dtype
     return {
         "version": __version__,
-        "problem_name": problem.name,
+        "problem_name": device_problem(problem).name,
         "config_name": config.name,
         "elem_tag": DTYPE_TAG[dt],
         "elem_to_f32": DTYPE_TO_F32[dt],
