@@ -133,6 +133,12 @@ def test_weights_of_the_wrong_shape_name_the_tensor():
         FlashMoELayer(P, weights=t)
 
 
+def test_a_layer_converted_to_another_dtype_is_refused_at_build():
+    layer = FlashMoELayer(P, device="cpu").half()
+    with pytest.raises(ProblemError, match="gate.*float16.*must stay torch.bfloat16"):
+        layer.build()
+
+
 def test_rank_and_world_size_are_checked():
     with pytest.raises(ArgumentError, match="rank"):
         FlashMoELayer(P.replace(world_size=2), rank=2, device="cpu")

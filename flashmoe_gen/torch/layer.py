@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from flashmoe_gen.config import KernelConfig
-from flashmoe_gen.errors import ArgumentError, CommError, DeviceError, FlashMoEError
+from flashmoe_gen.errors import (
+    ArgumentError,
+    CommError,
+    DeviceError,
+    FlashMoEError,
+    ProblemError,
+)
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.torch import op as _op
 from flashmoe_gen.torch import tensors as _tensors
@@ -161,15 +167,20 @@ class FlashMoELayer(nn.Module):
                             "flashmoe_gen.comm.Communicator (Communicator.from_torch() under "
                             "torchrun, Communicator() under mpirun)")
         dev = self.w1.device
-        if dev.type != "cuda":
-            raise DeviceError(f"the layer's parameters are on {dev}: move it to a GPU "
-                              "(layer.cuda()) before building or calling it")
         for name, t in zip(_tensors.NAMES, (getattr(self, n) for n in _tensors.NAMES),
                            strict=True):
-            if t is not None and (t.device != dev or not t.is_contiguous()):
+            if t is None:
+                continue
+            if t.dtype != _tensors.dtype_of(name):  # e.g. after layer.half()
+                raise ProblemError(name, str(t.dtype), f"must stay {_tensors.dtype_of(name)} "
+                                   "(the kernels read bf16 weights in place)")
+            if t.device != dev or not t.is_contiguous():
                 raise DeviceError(f"parameter {name} is on {t.device}"
                                   f"{'' if t.is_contiguous() else ', not contiguous'}: every "
                                   f"tensor of the layer must be contiguous on {dev}")
+        if dev.type != "cuda":
+            raise DeviceError(f"the layer's parameters are on {dev}: move it to a GPU "
+                              "(layer.cuda()) before building or calling it")
         with torch.cuda.device(dev), cupy.cuda.Device(dev.index):
             if self.kernel_config is None:
                 self.tuned = self._lookup()
