@@ -85,6 +85,22 @@ class DeviceWeights:
     expert_bias: object = None  # [E] float32 (problem.expert_bias)
     shared_gate: object = None  # [H] bf16 bits (problem.shared_gate)
 
+    def check_routing(self, problem: MoEProblem) -> None:
+        """Raise ProblemError unless the arrays the problem's routing rule reads are here with
+        the right shape and dtype (the kernels would read a null or short pointer)."""
+        for name, needed, shape, dtype in (
+                ("expert_bias", problem.expert_bias, (problem.experts,), np.float32),
+                ("shared_gate", problem.shared_gate, (problem.hidden,), np.uint16)):
+            a = getattr(self, name)
+            if not needed:
+                continue
+            if a is None:
+                raise ProblemError(f"weights.{name}", None,
+                                   f"required by the problem's {name}=True, shape {shape}")
+            if tuple(a.shape) != shape or a.dtype != dtype:
+                raise ProblemError(f"weights.{name}", f"{a.dtype}{tuple(a.shape)}",
+                                   f"expected {np.dtype(dtype).name}{shape}")
+
     @classmethod
     def from_host(cls, problem: MoEProblem, w: MoEWeights, rank: int) -> DeviceWeights:
         """Upload host weights holding all experts or exactly this rank's."""

@@ -406,3 +406,23 @@ def test_reference_ranks_route_alike():
     one = moe_reference(p.replace(world_size=1), [xs[0]], w)
     np.testing.assert_array_equal(two.out[0], one.out[0])
     assert two.out[1].shape == (0, p.hidden)
+
+
+def test_device_weights_check_routing():
+    """DeviceWeights built by hand (e.g. around torch tensors) are checked for the rule's
+    arrays; numpy arrays stand in for device arrays (only shape and dtype are read)."""
+    from flashmoe_gen.device_weights import DeviceWeights
+
+    p = RULES["dsv3"].replace(shared_gate=True)
+    dw = DeviceWeights(None, None, None, None)
+    with pytest.raises(ProblemError, match=r"weights\.expert_bias.*required"):
+        dw.check_routing(p)
+    dw.expert_bias = np.zeros(16, np.float64)
+    with pytest.raises(ProblemError, match=r"expected float32\(16,\)"):
+        dw.check_routing(p)
+    dw.expert_bias = np.zeros(16, np.float32)
+    with pytest.raises(ProblemError, match=r"weights\.shared_gate"):
+        dw.check_routing(p)
+    dw.shared_gate = np.zeros(64, np.uint16)
+    dw.check_routing(p)
+    DeviceWeights(None, None, None, None).check_routing(BASE)  # the default rule needs none
