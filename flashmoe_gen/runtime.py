@@ -187,6 +187,7 @@ class FlashMoE:
             weights = MoEWeights.random(problem, seed, self.local_range)
         if not isinstance(weights, DeviceWeights):
             weights = DeviceWeights.from_host(problem, weights, self.rank)
+        weights.check_routing(problem)  # the rule's bias / shared gate, or a null read
         self.weights = weights
         w = weights
         self.w_gate, self.w1, self.w3, self.w2 = w.gate, w.w1, w.w3, w.w2
