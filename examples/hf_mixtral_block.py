@@ -33,6 +33,7 @@ def random_block(a) -> MixtralSparseMoeBlock:
     a few times larger so routing is decided, as in a trained model."""
     cfg = MixtralConfig(hidden_size=a.hidden, intermediate_size=a.intermediate,
                         num_local_experts=a.experts, num_experts_per_tok=a.top_k)
+    cfg._experts_implementation = "eager"  # transformers' own loop over the experts
     block = MixtralSparseMoeBlock(cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

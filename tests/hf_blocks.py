@@ -45,6 +45,7 @@ def make_block(kind: str, *, hidden: int = HIDDEN, intermediate: int = INTER, se
                                   | overrides))
     else:
         raise ValueError(kind)
+    cfg._experts_implementation = "eager"  # as a model sets it (no warning per call)
     block = B(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
