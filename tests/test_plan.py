@@ -19,11 +19,11 @@ import pytest
 
 from flashmoe_gen.build import build
 from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.executor import python_launcher
 from flashmoe_gen.export import export_cu
 from flashmoe_gen.layout import COMBINE, DISPATCH, INCOMING, STAGING, SymmetricLayout
 from flashmoe_gen.plan import Gemms, Record, Transfer, Wait, build_plan
 from flashmoe_gen.problem import MoEProblem
-from flashmoe_gen.runtime import _python_launcher
 from flashmoe_gen.tuner.space import SearchSpace
 
 P2 = MoEProblem(1024, 512, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=300)
@@ -132,7 +132,7 @@ def test_gemm_arguments_point_into_the_right_slots(fuse):
         if not isinstance(op, Gemms) or op.step is None and not fuse:
             continue
         src = me if op.step in (None, 0) else (me - op.step) % p.world_size
-        gate_up, down = (_python_launcher(g)(**env, src=src)[2] for g in op.launches)
+        gate_up, down = (python_launcher(g)(**env, src=src)[2] for g in op.launches)
         if "fused" in op.what:  # outer index = source; this rank's own slot skipped
             assert gate_up[0] == base + 2 * lay.slot_offset(0, DISPATCH, INCOMING)
             assert down[5] == base + 2 * lay.slot_offset(0, COMBINE, STAGING)

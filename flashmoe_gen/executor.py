@@ -1,0 +1,221 @@
+"""One forward call: the plan's operations issued on the layer's streams.
+
+``Run`` binds the plan's symbols (``plan``/``expr``) to one call's buffers, counts and
+events and executes each operation: kernels, events across the streams, the count exchange
+(on the host in mode "host", on the device in mode "graph") and the NCCL transfers (the
+routed rows, or fixed-size regions in mode "graph"). ``runtime.FlashMoE`` owns the buffers
+and streams; ``graphs.GraphCache`` captures a ``Run`` of mode "graph" as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layout import (
+    COMBINE as COMBINE_ROUND,
+)
+from .layout import (
+    DISPATCH,
+    INCOMING,
+    STAGING,
+    contiguous_runs,
+    row_offsets,
+)
+from .plan import Combine, ExchangeCounts, GemmLaunch, Gemms, Permute, Record, Route, Transfer, Wait
+from .problem import round_up
+from .render import MOVE_WARPS, POS_THREADS
+from .signatures import COMBINE, GEMM, KINDS, PERMUTE, POSITIONS, ROUTER, SLOT_OFFSETS
+
+ELEM_BYTES = 2
+
+
+def python_launcher(launch: GemmLaunch):
+    """Compile one plan GEMM launch to a function of the forward's symbols that returns
+    (rows, N, packed arguments): evaluated per call without walking expression trees."""
+    args = ", ".join(f"_i32({a.py()})" if KINDS[p.kind][1] is np.int32 else a.py()
+                     for p, (_, a) in zip(GEMM.params, launch.args, strict=True))
+    code = (f"def f(*, me, src, cap, tokens, layout, act, w1, w3, w2, sw1, sw3, sw2, x, "
+            f"shared_act, shared_out, counts, row_off, max_rows, max_remote_rows):\n"
+            f"    return ({launch.rows.py()}, {launch.arg('N').py()}, ({args},))\n")
+    scope = {"_i32": np.int32}
+    exec(compile(code, "<plan launch>", "exec"), scope)  # noqa: S102 (our own expressions)
+    return scope["f"]
+
+
+class Run:
+    """One forward call: the plan's symbols bound to this call's buffers, counts and
+    events; ``step`` executes one operation of the plan."""
+
+    def __init__(self, layer, x, tokens: int, out, parts: str):
+        self.layer, self.x, self.tokens, self.out = layer, x, tokens, out
+        self.compute, self.communicate = parts != "comm", parts != "compute"
+        self.events: list = [None] * len(layer.plan.events)
+        self.tok = b = layer._token_buffers(tokens)
+        p = layer.problem
+        el, me = p.local_experts, layer.rank
+        self.mine = slice(me * el, (me + 1) * el)
+        self.rows = self.offs = None
+
+        def ptr(a) -> int:
+            return 0 if a is None else a.data.ptr
+
+        self.env = dict(layer._weight_ptrs, me=me, src=me, cap=0, tokens=tokens, layout=0,
+                        act=0, x=ptr(x), shared_act=ptr(b.shared_act),
+                        shared_out=ptr(b.shared_out), counts=layer.counts.data.ptr,
+                        row_off=layer.row_off.data.ptr, max_rows=self.max_rows,
+                        max_remote_rows=self.max_remote_rows)
+
+    # -- the count-table helpers the plan's expressions call ----------------------------------
+    def max_rows(self, src: int, e0: int, e1: int) -> int:
+        return int(self.rows[src, self.mine][e0:e1].max(initial=0))
+
+    def max_remote_rows(self) -> int:
+        return int(np.delete(self.rows[:, self.mine], self.layer.rank, axis=0).max(initial=0))
+
+    def stream(self, s):
+        if s.kind == "main":
+            return self.layer.stream
+        if s.kind == "shared":
+            return self.layer.shared_stream
+        return self.layer.comm.streams[s.index]
+
+    # -- operations -----------------------------------------------------------------------------
+    def step(self, op) -> None:
+        layer, b, t, main = self.layer, self.tok, self.tokens, self.layer.stream
+        if isinstance(op, Record):
+            self.events[op.event] = self.stream(op.stream).record()
+        elif isinstance(op, Wait):
+            self.stream(op.stream).wait_event(self.events[op.event])
+        elif isinstance(op, Gemms):
+            if not self.compute:
+                return
+            p, me = layer.problem, layer.rank
+            self.env["src"] = me if op.step is None else (me - op.step) % p.world_size
+            stream = self.stream(op.stream)
+            for g in op.launches:
+                rows, n, args = layer._launchers[id(g)](**self.env)
+                layer._launch_gemm(g.gated, rows, g.groups, n, args, stream)
+        elif isinstance(op, Transfer):
+            if self.communicate:
+                self.transfer(op)
+        elif isinstance(op, Route):
+            k = layer.kernels
+            if t:
+                rw = layer.config.router_tokens_per_block
+                layer._launch(k.router, ROUTER, -(-t // rw), 32 * rw, main, x=self.x,
+                              wg=layer.w_gate, bias=layer.weights.expert_bias, tokens=t,
+                              topk_idx=b.topk_idx, topk_w=b.topk_w)
+            layer._launch(k.positions, POSITIONS, layer.problem.experts, POS_THREADS, main,
+                          topk_idx=b.topk_idx, tokens=t, pos=b.pos,
+                          counts=layer.counts[layer.rank])
+        elif isinstance(op, ExchangeCounts):
+            if op.device:
+                self.exchange_counts_on_device()
+            else:
+                self.exchange_counts()
+        elif isinstance(op, Permute):
+            if t:
+                layer._launch(layer.kernels.permute, PERMUTE, -(-t * layer.problem.top_k //
+                                                                MOVE_WARPS), 32 * MOVE_WARPS,
+                              main, x=self.x, topk_idx=b.topk_idx, pos=b.pos, tokens=t,
+                              capacity=self.env["cap"], self_rank=layer.rank,
+                              row_off=self.my_row_off, layout=layer._buf.tensor)
+        elif isinstance(op, Combine):
+            if t:
+                shared = b.shared_out if layer.problem.shared_experts and self.compute else 0
+                layer._launch(layer.kernels.combine, COMBINE, -(-t // MOVE_WARPS),
+                              32 * MOVE_WARPS, main, topk_idx=b.topk_idx, topk_w=b.topk_w,
+                              pos=b.pos, tokens=t, capacity=self.env["cap"],
+                              row_off=self.my_row_off, layout=layer._buf.tensor,
+                              shared_out=shared, x=self.x,
+                              sgate_w=layer.weights.shared_gate, out=self.out)
+        else:
+            raise TypeError(f"unknown plan operation {op!r}")
+
+    def exchange_counts(self) -> None:
+        """Count exchange: every rank learns counts[source][expert], so the capacity C and
+        the row offsets; the forward's one host synchronisation."""
+        layer, s = self.layer, self.layer.stream
+        p, cfg = layer.problem, layer.config
+        if layer.comm is not None and p.world_size > 1:
+            nb = p.experts * 4
+            layer.comm.allgather_bytes(layer.counts.data.ptr + layer.rank * nb,
+                                       layer.counts.data.ptr, nb, s)
+        host = np.frombuffer(layer._counts_host, np.int32, layer.counts.size).reshape(
+            layer.counts.shape)
+        layer.counts.get(stream=s, out=host)
+        ev = s.record()
+        if layer.comm is not None:
+            layer.comm.wait(ev, "count exchange")
+        else:
+            ev.synchronize()
+        counts = host.copy()
+        fixed = p.fixed_capacity(cfg.block_m)
+        need = fixed if fixed is not None else max(round_up(int(counts.max()), cfg.block_m),
+                                                   cfg.block_m)
+        # Exact mode: the allocated C >= every count, so nothing drops.
+        layer._dropped_host = int(np.maximum(counts[layer.rank] - need, 0).sum())
+        slots = layer._slot_buffers(need)
+        cap = layer.capacity = slots.capacity
+        self.rows = np.minimum(counts, cap)  # rows[src][global expert] actually sent
+        self.offs = row_offsets(self.rows, cap, p.local_experts, cfg.packed_slots)
+        off_host = np.frombuffer(layer._row_off_host, np.int32, self.offs.size)
+        off_host[:] = self.offs.ravel()  # the previous call's copy ran before the sync above
+        layer.row_off.data.copy_from_host_async(off_host.ctypes.data, self.offs.nbytes,
+                                                stream=s)
+        self.my_row_off = layer.row_off.data.ptr + layer.rank * p.experts * 4
+        self.env.update(cap=cap, layout=slots.tensor.data.ptr, act=slots.act.data.ptr)
+
+    def exchange_counts_on_device(self) -> None:
+        """Mode "graph": all ranks' counts into device memory, then the row offsets and this
+        rank's drops by a kernel; capacity and slot regions were fixed at build."""
+        layer, s = self.layer, self.layer.stream
+        p, cfg = layer.problem, layer.config
+        if layer.comm is not None and p.world_size > 1:
+            nb = p.experts * 4
+            layer.comm.allgather_bytes(layer.counts.data.ptr + layer.rank * nb,
+                                       layer.counts.data.ptr, nb, s)
+        cap = layer.fixed.capacity
+        layer._launch(layer.kernels.slot_offsets, SLOT_OFFSETS, 1, POS_THREADS, s,
+                      counts=layer.counts, world=p.world_size, capacity=cap,
+                      region=layer._region, packed=int(cfg.packed_slots),
+                      self_rank=layer.rank, row_off=layer.row_off, dropped=layer._dropped)
+        slots = layer._buf
+        self.my_row_off = layer.row_off.data.ptr + layer.rank * p.experts * 4
+        self.env.update(cap=cap, layout=slots.tensor.data.ptr, act=slots.act.data.ptr)
+
+    def transfer(self, op: Transfer) -> None:
+        """One grouped send/recv of local experts [e0, e1) with the peers at ``op.step``;
+        every rank holds the same row tables (or the same fixed regions), so sends and
+        receives match."""
+        layer = self.layer
+        p, comm, me = layer.problem, layer.comm, layer.rank
+        P, el, lay = p.world_size, p.local_experts, layer._buf.lay
+        base, row_bytes = layer._buf.tensor.data.ptr, p.hidden * ELEM_BYTES
+        to, frm = (me + op.step) % P, (me - op.step) % P
+        if op.rows is not None:  # mode "graph": the chunk's whole fixed region, padding too
+            if op.round == DISPATCH:
+                slots = ((comm.send, lay.slot_offset(to, DISPATCH, STAGING), to),
+                         (comm.recv, lay.slot_offset(frm, DISPATCH, INCOMING), frm))
+            else:
+                slots = ((comm.send, lay.slot_offset(frm, COMBINE_ROUND, STAGING), frm),
+                         (comm.recv, lay.slot_offset(to, COMBINE_ROUND, INCOMING), to))
+            cs, which = self.stream(op.stream), op.stream.index
+            with comm.group():
+                for fn, slot, peer in slots:
+                    fn(base + (slot + op.base * p.hidden) * ELEM_BYTES, op.rows * row_bytes,
+                       peer, cs, which)
+            return
+        if op.round == DISPATCH:  # my tokens to `to`; `frm`'s tokens to me
+            ops = ((comm.send, me, to, lay.slot_offset(to, DISPATCH, STAGING), to),
+                   (comm.recv, frm, me, lay.slot_offset(frm, DISPATCH, INCOMING), frm))
+        else:  # results for `frm`'s tokens back to it; mine back from `to`
+            ops = ((comm.send, frm, me, lay.slot_offset(frm, COMBINE_ROUND, STAGING), frm),
+                   (comm.recv, me, to, lay.slot_offset(to, COMBINE_ROUND, INCOMING), to))
+        cs, which = self.stream(op.stream), op.stream.index
+        with comm.group():
+            for fn, src, dst, slot, peer in ops:  # (source, destination) rows of the slot
+                cols = slice(dst * el + op.e0, dst * el + op.e1)
+                for r0, n in contiguous_runs(self.offs[src, cols], self.rows[src, cols]):
+                    fn(base + (slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, peer, cs,
+                       which)
