@@ -45,9 +45,20 @@ def _router_weight(block) -> torch.Tensor:
     return w.detach()
 
 
+def _attr(block, *names: str):
+    """The first of ``names`` on the router, the block or its config (transformers
+    versions keep these routing settings in different places)."""
+    for owner in (_router(block), block, _config(block)):
+        for n in names:
+            v = getattr(owner, n, None)
+            if v is not None:
+                return v
+    raise ArgumentError("block", type(block).__name__,
+                        f"a block whose router, block or config has {' or '.join(names)}")
+
+
 def _top_k(block) -> int:
-    g = _router(block)
-    return int(getattr(g, "top_k", None) or block.top_k)
+    return int(_attr(block, "top_k", "num_experts_per_tok"))
 
 
 def _config(block):
@@ -83,9 +94,8 @@ def hf_problem(block, world_size: int = 1, tokens_per_rank: int = 256) -> MoEPro
     w1, _, _ = _expert_views(block, 0, 1, int(e))
     d = dict(hidden=int(h), intermediate=int(w1.shape[1]), experts=int(e),
              top_k=_top_k(block), world_size=world_size, tokens_per_rank=tokens_per_rank)
-    g = _router(block)
     if kind != "MixtralSparseMoeBlock":  # Mixtral always renormalises
-        d["normalize_topk"] = bool(g.norm_topk_prob)
+        d["normalize_topk"] = bool(_attr(block, "norm_topk_prob"))
     shared = _shared_mlp(block)
     if shared is not None:
         width = shared.gate_proj.weight.shape[0]
@@ -99,8 +109,9 @@ def hf_problem(block, world_size: int = 1, tokens_per_rank: int = 256) -> MoEPro
         d["shared_gate"] = True
     if kind == "DeepseekV3MoE":
         d |= {"scoring": "sigmoid", "expert_bias": True,
-              "n_group": int(g.num_group), "topk_group": int(g.topk_group),
-              "routed_scaling": float(g.routed_scaling_factor)}
+              "n_group": int(_attr(block, "num_group", "n_group")),
+              "topk_group": int(_attr(block, "topk_group")),
+              "routed_scaling": float(_attr(block, "routed_scaling_factor"))}
     return MoEProblem(**d)
 
 
