@@ -116,7 +116,8 @@ class FlashMoELayer(nn.Module):
         layout allows (``down_proj``, the shared MLP, the bias and shared gate), else one
         copy (``gate_up_proj`` is split into ``w1``/``w3``; the router is transposed; a
         dtype other than bf16 is converted). ``config`` None: looked up at build time.
-        ``tokens_per_rank``: the nominal tokens per call (the tuning key).
+        ``tokens_per_rank``: the tokens per call (the tuning key; for a config of mode
+        "graph", the most one call may pass).
         """
         from flashmoe_gen.torch import hf
 
