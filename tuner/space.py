@@ -93,6 +93,7 @@ class SearchSpace:
     problem: MoEProblem
     limits: DeviceLimits
     choices: dict[str, tuple] = field(default_factory=lambda: dict(FULL))
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)  # valid tiles
 
     @classmethod
     def for_problem(cls, problem: MoEProblem, limits: DeviceLimits | str = "sm_90",
@@ -154,6 +155,11 @@ class SearchSpace:
 
     def _valid_tiles(self, prefix: str, which: str) -> list[dict]:
         """The prefix's tile knobs that fit on their own (most combinations fail here)."""
+        if prefix not in self._memo:
+            self._memo[prefix] = self._filter_tiles(prefix, which)
+        return self._memo[prefix]
+
+    def _filter_tiles(self, prefix: str, which: str) -> list[dict]:
         n, k, b_operands = KernelConfig.gemm_shapes(self.problem)[which]
         keys = [key for key in self.choices if key.startswith(prefix + "_")]
         out = []
@@ -175,6 +181,24 @@ class SearchSpace:
             params = gu | dn | dict(zip(rest, values, strict=True))
             if self.check(params) is None:
                 yield self.config_from_params(params)
+
+    def repair(self, params: dict) -> dict:
+        """Valid params near ``params``: a tile group (``gu_*``, ``dn_*``) that does not fit
+        on its own becomes the valid tile with the most knob values in common (ties: the
+        first in knob order); other knobs are kept. ``ConfigError`` when a group has no
+        valid tile at all (the space holds no valid config)."""
+        out = dict(params)
+        for prefix, which in (("gu", "gate_up"), ("dn", "down")):
+            tiles = self._valid_tiles(prefix, which)
+            if not tiles:
+                raise ConfigError(which, self.problem.name, "no tile of this search space fits "
+                                  "the problem on " + self.limits.arch + "; try --space full")
+            mine = {k: v for k, v in params.items() if k.startswith(prefix + "_")}
+            if mine not in tiles:
+                out |= max(tiles, key=lambda t: sum(t[k] == mine.get(k) for k in t))
+        if (reason := self.check(out)) is not None:  # a constraint across the groups
+            raise ConfigError("params", out, f"no repair found: {reason}")
+        return out
 
     @property
     def size(self) -> int:
