@@ -137,10 +137,7 @@ class Run:
         the row offsets; the forward's one host synchronisation."""
         layer, s = self.layer, self.layer.stream
         p, cfg = layer.problem, layer.config
-        if layer.comm is not None and p.world_size > 1:
-            nb = p.experts * 4
-            layer.comm.allgather_bytes(layer.counts.data.ptr + layer.rank * nb,
-                                       layer.counts.data.ptr, nb, s)
+        self.allgather_counts()
         host = np.frombuffer(layer._counts_host, np.int32, layer.counts.size).reshape(
             layer.counts.shape)
         layer.counts.get(stream=s, out=host)
@@ -163,25 +160,33 @@ class Run:
         off_host[:] = self.offs.ravel()  # the previous call's copy ran before the sync above
         layer.row_off.data.copy_from_host_async(off_host.ctypes.data, self.offs.nbytes,
                                                 stream=s)
-        self.my_row_off = layer.row_off.data.ptr + layer.rank * p.experts * 4
-        self.env.update(cap=cap, layout=slots.tensor.data.ptr, act=slots.act.data.ptr)
+        self.bind_slots(cap, slots)
 
     def exchange_counts_on_device(self) -> None:
         """Mode "graph": all ranks' counts into device memory, then the row offsets and this
         rank's drops by a kernel; capacity and slot regions were fixed at build."""
         layer, s = self.layer, self.layer.stream
         p, cfg = layer.problem, layer.config
-        if layer.comm is not None and p.world_size > 1:
-            nb = p.experts * 4
-            layer.comm.allgather_bytes(layer.counts.data.ptr + layer.rank * nb,
-                                       layer.counts.data.ptr, nb, s)
+        self.allgather_counts()
         cap = layer.fixed.capacity
         layer._launch(layer.kernels.slot_offsets, SLOT_OFFSETS, 1, POS_THREADS, s,
                       counts=layer.counts, world=p.world_size, capacity=cap,
                       region=layer._region, packed=int(cfg.packed_slots),
                       self_rank=layer.rank, row_off=layer.row_off, dropped=layer._dropped)
-        slots = layer._buf
-        self.my_row_off = layer.row_off.data.ptr + layer.rank * p.experts * 4
+        self.bind_slots(cap, layer._buf)
+
+    def allgather_counts(self) -> None:
+        """Every rank's counts row into ``counts[P][E]`` on the main stream (P > 1)."""
+        layer = self.layer
+        if layer.comm is not None and layer.problem.world_size > 1:
+            nb = layer.problem.experts * 4
+            layer.comm.allgather_bytes(layer.counts.data.ptr + layer.rank * nb,
+                                       layer.counts.data.ptr, nb, layer.stream)
+
+    def bind_slots(self, cap: int, slots) -> None:
+        """The capacity and the slot buffers this call's operations address."""
+        layer = self.layer
+        self.my_row_off = layer.row_off.data.ptr + layer.rank * layer.problem.experts * 4
         self.env.update(cap=cap, layout=slots.tensor.data.ptr, act=slots.act.data.ptr)
 
     def transfer(self, op: Transfer) -> None:
