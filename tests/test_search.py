@@ -135,16 +135,17 @@ def test_compile_pool_builds_ahead_into_the_cache(tmp_path, monkeypatch):
     space = SearchSpace.for_problem(p, "sm_80", "full")
     configs = list(space.valid_configs())[:2]
     bad = KernelConfig(GemmTile(64, 64, 64, 2, 2, 3), GemmTile(64, 128, 64, 2, 4, 3))
-    with CompilePool(p, space.limits, workers=2) as pool:
-        for c in [*configs, configs[0], bad]:
-            pool.submit(c)
+    with CompilePool(space.limits, workers=2) as pool:
+        for c in [*configs, bad]:
+            pool.submit(p, c)
+        pool.submit(p.replace(tokens_per_rank=8192), configs[0])  # the same device code
         assert pool.submitted == [c.name for c in configs] + [bad.name]
-        done = [pool.wait(c, timeout=120) for c in configs]
-        failed = pool.wait(bad, timeout=120)
+        done = [pool.wait(p, c, timeout=120) for c in configs]
+        failed = pool.wait(p, bad, timeout=120)
     assert all(d.ok and not d.cache_hit for d in done)
     assert not failed.ok and "ConfigError" in failed.error  # the evaluator meets it too
     assert all(build(p, c, space.limits).compiled.cache_hit for c in configs)
-    assert pool.wait(KernelConfig.default(p, "sm_80")) is None  # never submitted
+    assert pool.wait(p, KernelConfig.default(p, "sm_80")) is None  # never submitted
 
 
 def test_lookahead_asks_ahead_within_the_budget_and_marks_the_rest(tmp_path):
@@ -155,7 +156,7 @@ def test_lookahead_asks_ahead_within_the_budget_and_marks_the_rest(tmp_path):
     class Pool:
         submitted = []
 
-        def submit(self, cfg):
+        def submit(self, problem, cfg):
             self.submitted.append(cfg.name)
 
     marked = []

@@ -64,25 +64,34 @@ def _compile(problem_json: str, config_json: str, limits) -> Prefetched:
 
 
 class CompilePool:
-    """Compiles configs of one problem for one target in worker processes."""
+    """Compiles configs for one target in worker processes. Jobs are keyed by the device
+    code's name (``render.device_problem``: no token count), so the candidates of a token
+    sweep's later counts are known to be compiled already."""
 
-    def __init__(self, problem: MoEProblem, limits, workers: int | None = None):
-        self.problem, self.limits = problem, limits
+    def __init__(self, limits, workers: int | None = None):
+        self.limits = limits
         self._pool = ProcessPoolExecutor(max_workers=workers or default_workers(),
                                          mp_context=multiprocessing.get_context("spawn"))
-        self._jobs: dict[str, Future] = {}
+        self._jobs: dict[tuple[str, str], Future] = {}
 
-    def submit(self, config: KernelConfig) -> None:
-        """Start compiling ``config`` (once; a config already submitted is left alone)."""
-        if config.name not in self._jobs:
-            self._jobs[config.name] = self._pool.submit(
-                _compile, self.problem.to_json(), config.to_json(), self.limits)
+    @staticmethod
+    def _key(problem: MoEProblem, config: KernelConfig) -> tuple[str, str]:
+        from flashmoe_gen.render import device_problem
+        return device_problem(problem).name, config.name
 
-    def wait(self, config: KernelConfig, timeout: float | None = None) -> Prefetched | None:
+    def submit(self, problem: MoEProblem, config: KernelConfig) -> None:
+        """Start compiling ``config`` (once per device code; a repeat is left alone)."""
+        key = self._key(problem, config)
+        if key not in self._jobs:
+            self._jobs[key] = self._pool.submit(_compile, problem.to_json(), config.to_json(),
+                                                self.limits)
+
+    def wait(self, problem: MoEProblem, config: KernelConfig,
+             timeout: float | None = None) -> Prefetched | None:
         """The worker's result for ``config`` once done (None if it was never submitted or
         is not done within ``timeout``): waiting for the worker instead of compiling the
         same source again on this rank."""
-        job = self._jobs.get(config.name)
+        job = self._jobs.get(self._key(problem, config))
         if job is None:
             return None
         try:
@@ -94,7 +103,8 @@ class CompilePool:
 
     @property
     def submitted(self) -> list[str]:
-        return list(self._jobs)
+        """Config names in the order submitted."""
+        return [name for _, name in self._jobs]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -139,7 +149,7 @@ class Lookahead:
             beat.start()
             self._queue.append((trial, cfg, beat))
             if self.pool is not None:
-                self.pool.submit(cfg)
+                self.pool.submit(self.space.problem, cfg)
         if not self._queue:
             return None, None
         trial, cfg, beat = self._queue.popleft()
@@ -148,7 +158,8 @@ class Lookahead:
 
     def ready(self, cfg: KernelConfig, timeout: float | None = None) -> Prefetched | None:
         """Wait for the pool's compile of ``cfg`` (if any), so this rank reuses its cubin."""
-        return self.pool.wait(cfg, timeout) if self.pool is not None else None
+        return (self.pool.wait(self.space.problem, cfg, timeout) if self.pool is not None
+                else None)
 
     def close(self) -> None:
         """Queued trials that will not be evaluated: marked interrupted, heartbeats stopped."""
