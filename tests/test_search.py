@@ -84,8 +84,10 @@ def test_grid_skips_running_trials_and_revisits_interrupted_ones():
     study = optuna.create_study(sampler=grid)
     first, second = study.ask(distributions(space)), study.ask(distributions(space))
     assert first.params != second.params  # a running trial's point is taken
+    third = study.ask(distributions(space))  # a dead job's: failed as stale, no status
     first.set_user_attr("status", "interrupted")
     study.tell(first, state=optuna.trial.TrialState.FAIL)
+    study.tell(third, state=optuna.trial.TrialState.FAIL)
     study.tell(second, 1.0)
     seen = {tuple(second.params.values())}
     while not grid.is_exhausted(study):
@@ -93,6 +95,7 @@ def test_grid_skips_running_trials_and_revisits_interrupted_ones():
         seen.add(tuple(t.params.values()))
         study.tell(t, 1.0)
     assert len(seen) == n and tuple(first.params.values()) in seen
+    assert tuple(third.params.values()) in seen
 
 
 def test_grid_refuses_a_space_too_large_to_list(monkeypatch):

@@ -4,8 +4,10 @@ current one.
 ``CompilePool`` runs ``build(problem, config, limits).compiled`` (NVRTC, no GPU) in a
 ``ProcessPoolExecutor``; the cubins land in the disk cache, where every rank's own build then
 finds them. Workers are started with ``spawn``: a rank holds MPI, NCCL and CUDA state that a
-forked child must not inherit. A compile that fails in a worker is only a missed head start:
-the evaluator builds the candidate itself and records the failure as usual.
+forked child must not inherit; and they skip re-running the rank's ``__main__`` (a launcher
+script without a ``__name__`` guard would start a second job). They die with their rank. A
+compile that fails in a worker is only a missed head start: the evaluator builds the
+candidate itself and records the failure as usual.
 
 ``Lookahead`` keeps up to ``depth`` asked trials queued behind the one being evaluated, so
 their configs are known early enough to compile. Queued trials are RUNNING in the study and
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -49,6 +53,42 @@ class Prefetched:
     error: str | None = None
 
 
+def _worker_init() -> None:
+    """A worker ends with its rank: killed when the rank dies (Linux PR_SET_PDEATHSIG), so no
+    compile outlives a job that was killed, and deaf to Ctrl-C, which the rank handles."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:  # no glibc: workers then end when the pool's pipes close
+            pass
+        if os.getppid() == 1:  # the rank died before prctl: nothing to compile for
+            os._exit(0)
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A spawned process that does not import the parent's ``__main__``: workers need only
+    flashmoe_gen, and a rank's main script may start a job at import."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        main = sys.modules["__main__"]
+        saved = {k: main.__dict__.pop(k) for k in ("__file__",) if k in main.__dict__}
+        spec, main.__spec__ = getattr(main, "__spec__", None), None
+        try:  # spawn reads __main__'s spec or file while it prepares the child
+            return multiprocessing.context.SpawnProcess._Popen(process_obj)
+        finally:
+            main.__dict__.update(saved)
+            main.__spec__ = spec
+
+
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    Process = _WorkerProcess
+
+
 def _compile(problem_json: str, config_json: str, limits) -> Prefetched:
     """In a worker: build and compile one candidate into the disk cache."""
     from flashmoe_gen.build import build
@@ -71,7 +111,8 @@ class CompilePool:
     def __init__(self, limits, workers: int | None = None):
         self.limits = limits
         self._pool = ProcessPoolExecutor(max_workers=workers or default_workers(),
-                                         mp_context=multiprocessing.get_context("spawn"))
+                                         mp_context=_WorkerContext(),
+                                         initializer=_worker_init)
         self._jobs: dict[tuple[str, str], Future] = {}
 
     @staticmethod
@@ -106,14 +147,21 @@ class CompilePool:
         """Config names in the order submitted."""
         return [name for _, name in self._jobs]
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, now: bool = False) -> None:
+        """Drop what has not started, then wait for the workers to end: the compiles in
+        flight finish, unless ``now`` (the job is failing), which kills them first (their
+        cache writes are atomic). Waiting also keeps Python 3.11's exit from writing to a
+        closed pool's pipe (a traceback at exit)."""
+        if now:
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.kill()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> CompilePool:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(now=exc_type is not None)
 
 
 class Lookahead:

@@ -89,8 +89,9 @@ class ValidOnlySampler(BaseSampler):
 
 
 class ValidGridSampler(BaseSampler):
-    """Every valid config of ``space`` once, in an order shuffled by ``seed``. A trial
-    interrupted before its result (status ``interrupted``) is visited again on resume."""
+    """Every valid config of ``space`` once, in an order shuffled by ``seed``. A trial that
+    never got a result (status ``interrupted``, or failed with no status: a dead job's,
+    failed as stale) is visited again on resume."""
 
     def __init__(self, space: SearchSpace, seed: int = 0):
         self.space = space
@@ -110,7 +111,9 @@ class ValidGridSampler(BaseSampler):
     def _visited(self, study, exclude: int | None = None) -> set[tuple]:
         out = set()
         for t in study.get_trials(deepcopy=False):
-            if t.number == exclude or t.user_attrs.get("status") == TrialStatus.INTERRUPTED:
+            status = t.user_attrs.get("status")
+            if t.number == exclude or status == TrialStatus.INTERRUPTED or (
+                    t.state == TrialState.FAIL and status is None):
                 continue
             if t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING) \
                     and all(k in t.params for k in self._keys):
