@@ -136,9 +136,9 @@ def test_compile_pool_builds_ahead_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHMOE_CACHE", str(tmp_path))
     p = MoEProblem(64, 64, 4, 1, tokens_per_rank=32)
     space = SearchSpace.for_problem(p, "sm_80", "full")
-    configs = list(space.valid_configs())[:2]
+    configs = [next(space.valid_configs())]
     bad = KernelConfig(GemmTile(64, 64, 64, 2, 2, 3), GemmTile(64, 128, 64, 2, 4, 3))
-    with CompilePool(space.limits, workers=2) as pool:
+    with CompilePool(space.limits, workers=1) as pool:
         for c in [*configs, bad]:
             pool.submit(p, c)
         pool.submit(p.replace(tokens_per_rank=8192), configs[0])  # the same device code
