@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm-up runs per candidate")
     t.add_argument("--iters", type=positive_int, default=15,
                    help="timed runs per candidate (median)")
+    t.add_argument("--compile-workers", type=non_negative_int, default=None,
+                   help="processes on rank 0 compiling the next candidates while one is timed "
+                   "(0: none; default: the CPUs less one, at most 3)")
 
     ls = command("list", "table of tuned winners", cmd_list)
     _db_arg(ls)
