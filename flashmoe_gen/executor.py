@@ -9,6 +9,8 @@ and streams; ``graphs.GraphCache`` captures a ``Run`` of mode "graph" as a CUDA 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .layout import (
@@ -29,14 +31,20 @@ from .signatures import COMBINE, GEMM, KINDS, PERMUTE, POSITIONS, ROUTER, SLOT_O
 ELEM_BYTES = 2
 
 
+#: The forward's symbols a plan expression may name (``plan`` module docstring).
+SYMBOLS = ("me", "src", "cap", "tokens", "layout", "act", "w1", "w3", "w2", "sw1", "sw3", "sw2",
+           "x", "shared_act", "shared_out", "counts", "row_off", "max_rows", "max_remote_rows")
+
+
 def python_launcher(launch: GemmLaunch):
-    """Compile one plan GEMM launch to a function of the forward's symbols that returns
-    (rows, N, packed arguments): evaluated per call without walking expression trees."""
+    """Compile one plan GEMM launch to ``f(env) -> (rows, N, packed arguments)``: it runs on
+    every call, so it reads only the symbols its expressions use and walks no tree."""
     args = ", ".join(f"_i32({a.py()})" if KINDS[p.kind][1] is np.int32 else a.py()
                      for p, (_, a) in zip(GEMM.params, launch.args, strict=True))
-    code = (f"def f(*, me, src, cap, tokens, layout, act, w1, w3, w2, sw1, sw3, sw2, x, "
-            f"shared_act, shared_out, counts, row_off, max_rows, max_remote_rows):\n"
-            f"    return ({launch.rows.py()}, {launch.arg('N').py()}, ({args},))\n")
+    body = f"({launch.rows.py()}, {launch.arg('N').py()}, ({args},))"
+    used = [n for n in SYMBOLS if re.search(rf"\b{n}\b", body)]
+    bind = "".join(f"    {n} = e[{n!r}]\n" for n in used)
+    code = f"def f(e):\n{bind}    return {body}\n"
     scope = {"_i32": np.int32}
     exec(compile(code, "<plan launch>", "exec"), scope)  # noqa: S102 (our own expressions)
     return scope["f"]
@@ -81,56 +89,70 @@ class Run:
 
     # -- operations -----------------------------------------------------------------------------
     def step(self, op) -> None:
-        layer, b, t, main = self.layer, self.tok, self.tokens, self.layer.stream
-        if isinstance(op, Record):
-            self.events[op.event] = self.stream(op.stream).record()
-        elif isinstance(op, Wait):
-            self.stream(op.stream).wait_event(self.events[op.event])
-        elif isinstance(op, Gemms):
-            if not self.compute:
-                return
-            p, me = layer.problem, layer.rank
-            self.env["src"] = me if op.step is None else (me - op.step) % p.world_size
-            stream = self.stream(op.stream)
-            for g in op.launches:
-                rows, n, args = layer._launchers[id(g)](**self.env)
-                layer._launch_gemm(g.gated, rows, g.groups, n, args, stream)
-        elif isinstance(op, Transfer):
-            if self.communicate:
-                self.transfer(op)
-        elif isinstance(op, Route):
-            k = layer.kernels
-            if t:
-                rw = layer.config.router_tokens_per_block
-                layer._launch(k.router, ROUTER, -(-t // rw), 32 * rw, main, x=self.x,
-                              wg=layer.w_gate, bias=layer.weights.expert_bias, tokens=t,
-                              topk_idx=b.topk_idx, topk_w=b.topk_w)
-            layer._launch(k.positions, POSITIONS, layer.problem.experts, POS_THREADS, main,
-                          topk_idx=b.topk_idx, tokens=t, pos=b.pos,
-                          counts=layer.counts[layer.rank])
-        elif isinstance(op, ExchangeCounts):
-            if op.device:
-                self.exchange_counts_on_device()
-            else:
-                self.exchange_counts()
-        elif isinstance(op, Permute):
-            if t:
-                layer._launch(layer.kernels.permute, PERMUTE, -(-t * layer.problem.top_k //
-                                                                MOVE_WARPS), 32 * MOVE_WARPS,
-                              main, x=self.x, topk_idx=b.topk_idx, pos=b.pos, tokens=t,
-                              capacity=self.env["cap"], self_rank=layer.rank,
-                              row_off=self.my_row_off, layout=layer._buf.tensor)
-        elif isinstance(op, Combine):
-            if t:
-                shared = b.shared_out if layer.problem.shared_experts and self.compute else 0
-                layer._launch(layer.kernels.combine, COMBINE, -(-t // MOVE_WARPS),
-                              32 * MOVE_WARPS, main, topk_idx=b.topk_idx, topk_w=b.topk_w,
-                              pos=b.pos, tokens=t, capacity=self.env["cap"],
-                              row_off=self.my_row_off, layout=layer._buf.tensor,
-                              shared_out=shared, x=self.x,
-                              sgate_w=layer.weights.shared_gate, out=self.out)
-        else:
+        """Execute one operation of the plan."""
+        handler = _HANDLERS.get(type(op))
+        if handler is None:
             raise TypeError(f"unknown plan operation {op!r}")
+        handler(self, op)
+
+    def record(self, op: Record) -> None:
+        self.events[op.event] = self.stream(op.stream).record()
+
+    def wait(self, op: Wait) -> None:
+        self.stream(op.stream).wait_event(self.events[op.event])
+
+    def gemms(self, op: Gemms) -> None:
+        if not self.compute:
+            return
+        layer = self.layer
+        me = layer.rank
+        self.env["src"] = me if op.step is None else (me - op.step) % layer.problem.world_size
+        stream = self.stream(op.stream)
+        for g in op.launches:
+            rows, n, args = layer._launchers[id(g)](self.env)
+            layer._launch_gemm(g.gated, rows, g.groups, n, args, stream)
+
+    def route(self, op: Route) -> None:
+        layer, b, t = self.layer, self.tok, self.tokens
+        k, main = layer.kernels, layer.stream
+        if t:
+            rw = layer.config.router_tokens_per_block
+            layer._launch(k.router, ROUTER, -(-t // rw), 32 * rw, main, x=self.x,
+                          wg=layer.w_gate, bias=layer.weights.expert_bias, tokens=t,
+                          topk_idx=b.topk_idx, topk_w=b.topk_w)
+        layer._launch(k.positions, POSITIONS, layer.problem.experts, POS_THREADS, main,
+                      topk_idx=b.topk_idx, tokens=t, pos=b.pos,
+                      counts=layer.counts[layer.rank])
+
+    def counts(self, op: ExchangeCounts) -> None:
+        if op.device:
+            self.exchange_counts_on_device()
+        else:
+            self.exchange_counts()
+
+    def permute(self, op: Permute) -> None:
+        layer, b, t = self.layer, self.tok, self.tokens
+        if t:
+            layer._launch(layer.kernels.permute, PERMUTE,
+                          -(-t * layer.problem.top_k // MOVE_WARPS), 32 * MOVE_WARPS,
+                          layer.stream, x=self.x, topk_idx=b.topk_idx, pos=b.pos, tokens=t,
+                          capacity=self.env["cap"], self_rank=layer.rank,
+                          row_off=self.my_row_off, layout=layer._buf.tensor)
+
+    def combine(self, op: Combine) -> None:
+        layer, b, t = self.layer, self.tok, self.tokens
+        if t:
+            shared = b.shared_out if layer.problem.shared_experts and self.compute else 0
+            layer._launch(layer.kernels.combine, COMBINE, -(-t // MOVE_WARPS),
+                          32 * MOVE_WARPS, layer.stream, topk_idx=b.topk_idx,
+                          topk_w=b.topk_w, pos=b.pos, tokens=t, capacity=self.env["cap"],
+                          row_off=self.my_row_off, layout=layer._buf.tensor,
+                          shared_out=shared, x=self.x, sgate_w=layer.weights.shared_gate,
+                          out=self.out)
+
+    def transfer_op(self, op: Transfer) -> None:
+        if self.communicate:
+            self.transfer(op)
 
     def exchange_counts(self) -> None:
         """Count exchange: every rank learns counts[source][expert], so the capacity C and
@@ -224,3 +246,9 @@ class Run:
                 for r0, n in contiguous_runs(self.offs[src, cols], self.rows[src, cols]):
                     fn(base + (slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, peer, cs,
                        which)
+
+
+#: Operation type -> the Run method that executes it (one lookup per operation).
+_HANDLERS = {Record: Run.record, Wait: Run.wait, Gemms: Run.gemms, Transfer: Run.transfer_op,
+             Route: Run.route, ExchangeCounts: Run.counts, Permute: Run.permute,
+             Combine: Run.combine}

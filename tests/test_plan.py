@@ -132,7 +132,7 @@ def test_gemm_arguments_point_into_the_right_slots(fuse):
         if not isinstance(op, Gemms) or op.step is None and not fuse:
             continue
         src = me if op.step in (None, 0) else (me - op.step) % p.world_size
-        gate_up, down = (python_launcher(g)(**env, src=src)[2] for g in op.launches)
+        gate_up, down = (python_launcher(g)(dict(env, src=src))[2] for g in op.launches)
         if "fused" in op.what:  # outer index = source; this rank's own slot skipped
             assert gate_up[0] == base + 2 * lay.slot_offset(0, DISPATCH, INCOMING)
             assert down[5] == base + 2 * lay.slot_offset(0, COMBINE, STAGING)
