@@ -173,3 +173,16 @@ def test_lookahead_asks_ahead_within_the_budget_and_marks_the_rest(tmp_path):
     assert trial.number == 1 and len(ahead) == 1 and len(Pool.submitted) == 3
     ahead.close()
     assert marked == [2] and len(ahead) == 0
+
+
+def test_samplers_do_not_spend_a_trial_on_a_config_already_tried():
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    half = sum(1 for _ in space.valid_configs()) // 2  # random picks would repeat by then
+    for name in ("random", "tpe"):
+        study = optuna.create_study(sampler=make_valid_sampler(name, space, seed=0))
+        seen = set()
+        for _ in range(half):
+            t = study.ask(distributions(space))
+            seen.add(tuple(t.params.values()))
+            study.tell(t, fake_latency(space.config_from_params(t.params)))
+        assert len(seen) == half, name

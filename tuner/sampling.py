@@ -5,10 +5,11 @@ never becomes an Optuna trial, so every trial of a study is a real candidate and
 optuna-dashboard shows no placeholders:
 
 - ``ValidOnlySampler`` wraps TPE, random or CMA-ES. It samples all knobs of a trial at
-  once (relative sampling), draws again while the combination breaks a constraint, and after
-  ``max_draws`` repairs it (``SearchSpace.repair``: the nearest valid tile). The inner
-  sampler is never told about the rejected draws, so TPE's model holds measured trials
-  only.
+  once (relative sampling), draws again while the combination breaks a constraint or repeats
+  a config the study already tried (then takes an untried neighbour of the repeat), and
+  after ``max_draws`` repairs it (``SearchSpace.repair``: the nearest valid tile). The
+  inner sampler is never told about the rejected draws, so TPE's model holds measured
+  trials only.
 - ``ValidGridSampler`` visits every valid config once (``SearchSpace.valid_configs``, in a
   seeded random order); Optuna's grid sampler can only walk a full product of knob values.
 """
@@ -31,6 +32,8 @@ from .space import SearchSpace
 
 #: Draws of the inner sampler per trial before the last draw is repaired.
 MAX_DRAWS = 64
+#: Draws of configs the study already tried before a neighbour of the last one is taken.
+MAX_REPEATS = 8
 #: Most valid configs a grid enumerates (a larger space: another sampler, or --space small).
 MAX_GRID = 20_000
 
@@ -40,12 +43,26 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
     return {k: CategoricalDistribution(list(v)) for k, v in space.choices.items()}
 
 
+def _tried(study, keys: list[str], exclude: int | None = None) -> set[tuple]:
+    """The knob values of the study's trials that ran or run (a repeat would measure a
+    config again instead of a new candidate)."""
+    out = set()
+    for t in study.get_trials(deepcopy=False):
+        if t.number != exclude and t.state in (TrialState.COMPLETE, TrialState.FAIL,
+                                               TrialState.RUNNING) \
+                and all(k in t.params for k in keys):
+            out.add(tuple(t.params[k] for k in keys))
+    return out
+
+
 class ValidOnlySampler(BaseSampler):
     """``inner``'s proposals, restricted to the configs of ``space`` that are valid."""
 
-    def __init__(self, inner: BaseSampler, space: SearchSpace, max_draws: int = MAX_DRAWS):
+    def __init__(self, inner: BaseSampler, space: SearchSpace, max_draws: int = MAX_DRAWS,
+                 seed: int = 0):
         self.inner, self.space, self.max_draws = inner, space, max_draws
         self._dists = distributions(space)
+        self._rng = random.Random(seed)
         self.draws = self.repairs = 0  # counters for tests and reports
 
     def infer_relative_search_space(self, study, trial: FrozenTrial) -> dict:
@@ -54,14 +71,47 @@ class ValidOnlySampler(BaseSampler):
     def sample_relative(self, study, trial: FrozenTrial, search_space: dict) -> dict:
         if not search_space:
             return {}
+        keys = list(self._dists)
+        seen = _tried(study, keys, exclude=trial.number)
         params: dict = {}
+        repeat, repeats = None, 0
         for _ in range(self.max_draws):
             params = self._draw(study, trial)
             self.draws += 1
             if self.space.check(params) is None:
-                return params
+                if tuple(params[k] for k in keys) not in seen:
+                    return params
+                repeat, repeats = params, repeats + 1  # valid, but measured already
+                if repeats >= MAX_REPEATS:
+                    break
+        if repeat is not None:  # the sampler insists on tried configs (it converged)
+            return self._neighbour(repeat, seen) or self._untried(seen) or repeat
         self.repairs += 1
         return self.space.repair(params)
+
+    def _neighbour(self, params: dict, seen: set[tuple]) -> dict | None:
+        """An untried valid config one knob away from ``params`` (knobs in random order),
+        so a converged search still measures something new next to its best guess."""
+        keys = list(self._dists)
+        order = keys[:]
+        self._rng.shuffle(order)
+        for k in order:
+            values = [v for v in self.space.choices[k] if v != params[k]]
+            self._rng.shuffle(values)
+            for v in values:
+                cand = params | {k: v}
+                if tuple(cand[x] for x in keys) not in seen and self.space.check(cand) is None:
+                    return cand
+        return None
+
+    def _untried(self, seen: set[tuple]) -> dict | None:
+        """A random untried valid config (every neighbour of the best guess was tried)."""
+        keys = list(self._dists)
+        for _ in range(4 * self.max_draws):
+            cand = {k: self._rng.choice(self.space.choices[k]) for k in keys}
+            if tuple(cand.values()) not in seen and self.space.check(cand) is None:
+                return cand
+        return None
 
     def _draw(self, study, trial: FrozenTrial) -> dict:
         inner_space = self.inner.infer_relative_search_space(study, trial)
@@ -155,4 +205,4 @@ def make_valid_sampler(name: str, space: SearchSpace, seed: int = 0) -> BaseSamp
         inner = optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     else:
         raise ConfigError("sampler", name, "choose one of ['tpe', 'random', 'grid', 'cmaes']")
-    return ValidOnlySampler(inner, space)
+    return ValidOnlySampler(inner, space, seed=seed)
