@@ -106,15 +106,7 @@ class DeviceWeights:
         """Upload host weights holding all experts or exactly this rank's."""
         import cupy
 
-        el = problem.local_experts
-        local = range(rank * el, (rank + 1) * el)
-        if w.num_experts_held == problem.experts and w.first_expert == 0:
-            w = w.experts_slice(local)
-        if w.first_expert != local.start or w.num_experts_held != el:
-            raise ProblemError("weights", f"experts {w.first_expert}..+{w.num_experts_held}",
-                               f"rank {rank} needs experts {local.start}..{local.stop - 1} "
-                               f"(or all {problem.experts})")
-        w.check(problem)
+        w = w.for_rank(problem, rank)
 
         def nk(a: np.ndarray):
             return cupy.ascontiguousarray(cupy.asarray(a).transpose(0, 2, 1))

@@ -131,6 +131,21 @@ class MoEWeights:
             raise ProblemError("weights.expert_bias", "non-finite values",
                                "every bias must be a finite float32")
 
+    def for_rank(self, problem: MoEProblem, rank: int) -> MoEWeights:
+        """This rank's experts from weights holding all experts or exactly this rank's,
+        checked against the problem; ProblemError names the experts the rank needs."""
+        el = problem.local_experts
+        local = range(rank * el, (rank + 1) * el)
+        w = self
+        if w.num_experts_held == problem.experts and w.first_expert == 0:
+            w = w.experts_slice(local)
+        if w.first_expert != local.start or w.num_experts_held != el:
+            raise ProblemError("weights", f"experts {w.first_expert}..+{w.num_experts_held}",
+                               f"rank {rank} needs experts {local.start}..{local.stop - 1} "
+                               f"(or all {problem.experts})")
+        w.check(problem)
+        return w
+
     def experts_slice(self, experts: range) -> MoEWeights:
         """The weights of a contiguous range of global experts (e.g. one rank's)."""
         a, b = experts.start - self.first_expert, experts.stop - self.first_expert

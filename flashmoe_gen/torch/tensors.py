@@ -66,15 +66,7 @@ def _torch_to_bits(t: torch.Tensor) -> np.ndarray:
 def from_moe_weights(problem: MoEProblem, w: MoEWeights, rank: int = 0) -> dict:
     """CPU torch tensors in kernel layout for ``rank``'s experts from host weights that hold
     all experts or exactly this rank's (one transposing copy, done once)."""
-    el = problem.local_experts
-    local = range(rank * el, (rank + 1) * el)
-    if w.num_experts_held == problem.experts and w.first_expert == 0:
-        w = w.experts_slice(local)
-    if w.first_expert != local.start or w.num_experts_held != el:
-        raise ProblemError("weights", f"experts {w.first_expert}..+{w.num_experts_held}",
-                           f"rank {rank} needs experts {local.start}..{local.stop - 1} "
-                           f"(or all {problem.experts})")
-    w.check(problem)
+    w = w.for_rank(problem, rank)
 
     def nk(a):
         return _bits_to_torch(np.swapaxes(a, 1, 2))
