@@ -75,10 +75,13 @@ class Run:
 
     # -- the count-table helpers the plan's expressions call ----------------------------------
     def max_rows(self, src: int, e0: int, e1: int) -> int:
-        return int(self.rows[src, self.mine][e0:e1].max(initial=0))
+        mine = self.mine
+        return max(self.rows_list[src][mine.start + e0:mine.start + e1], default=0)
 
     def max_remote_rows(self) -> int:
-        return int(np.delete(self.rows[:, self.mine], self.layer.rank, axis=0).max(initial=0))
+        me, mine = self.layer.rank, self.mine
+        return max((max(r[mine], default=0) for s, r in enumerate(self.rows_list) if s != me),
+                   default=0)
 
     def stream(self, s):
         if s.kind == "main":
@@ -180,6 +183,8 @@ class Run:
         self.offs = row_offsets(self.rows, cap, p.local_experts, cfg.packed_slots)
         off_host = np.frombuffer(layer._row_off_host, np.int32, self.offs.size)
         off_host[:] = self.offs.ravel()  # the previous call's copy ran before the sync above
+        # Python lists for the transfers' run arithmetic (NumPy scalars cost ~10x per item).
+        self.rows_list, self.offs_list = self.rows.tolist(), self.offs.tolist()
         layer.row_off.data.copy_from_host_async(off_host.ctypes.data, self.offs.nbytes,
                                                 stream=s)
         self.bind_slots(cap, slots)
@@ -243,7 +248,7 @@ class Run:
         with comm.group():
             for fn, src, dst, slot, peer in ops:  # (source, destination) rows of the slot
                 cols = slice(dst * el + op.e0, dst * el + op.e1)
-                for r0, n in contiguous_runs(self.offs[src, cols], self.rows[src, cols]):
+                for r0, n in contiguous_runs(self.offs_list[src][cols], self.rows_list[src][cols]):
                     fn(base + (slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, peer, cs,
                        which)
 
