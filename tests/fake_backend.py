@@ -7,7 +7,10 @@ evaluator, and faults planted on request (environment variables, read per proces
 - ``FAKE_COMM_ERROR=<rank>:<call>``: that rank's timing step raises CommError at that call
   (what the real evaluator raises when a collective of the timing step fails);
 - ``FAKE_DIE_AFTER_RECORD=<n>``: rank 0 SIGKILLs itself right after the n-th trial was
-  written to the winners database, before the study is told.
+  written to the winners database, before the study is told;
+- ``FAKE_COMPILE_AHEAD=1``: rank 0 compiles the candidates ahead in the real compile pool
+  (NVRTC on CPU) and asks trials ahead; without it there is no pool (the fake evaluator
+  compiles nothing, so a pool would only spend the CPUs).
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ class CpuBackend(GpuBackend):
 
     def environment(self, world_size: int) -> Environment:
         return fake_environment(world_size)
+
+    def compile_pool(self, limits, a):
+        if os.environ.get("FAKE_COMPILE_AHEAD") != "1":
+            return None
+        return super().compile_pool(limits, a)
 
     def evaluator(self, problem, world, space, a):
         rank = world.Get_rank()

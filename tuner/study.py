@@ -5,17 +5,22 @@ broadcasts its config, every rank evaluates it, the outcomes are combined (a fai
 one rank fails the candidate everywhere) and rank 0 records the trial, then tells the
 sampler. ``None`` broadcast ends the loop on every rank. Every step has a deadline and
 any error on any rank ends the job (docs/reliability.md).
+
+Only valid configs become trials (``tuner.sampling``: constraints applied while sampling).
+A new study is seeded with the heuristic default, the winners of the nearest tuned problems
+(``seeds``) and the known-good configs. With a compile pool (``tuner.prefetch``) rank 0 asks
+a few trials ahead and their configs compile in worker processes while the current one is
+evaluated.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import optuna
-from optuna.distributions import CategoricalDistribution
 from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize runs
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
@@ -24,13 +29,23 @@ from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import ConfigError, DatabaseError
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.status import TrialStatus
-from flashmoe_gen.watchdog import abort_on_error, allgather, bcast, deadline, root_wait_s
+from flashmoe_gen.watchdog import (
+    abort_on_error,
+    allgather,
+    bcast,
+    comm_timeout,
+    deadline,
+    root_wait_s,
+)
 
 from .objective import INVALID, Outcome, combine, failure_outcome, is_fatal
+from .prefetch import DEFAULT_DEPTH, CompilePool, Lookahead
+from .sampling import distributions, make_valid_sampler
 from .space import SearchSpace
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
-#: Give up when this many consecutive candidates are invalid (space exhausted / all bad).
+#: Give up when this many consecutive candidates are invalid (the samplers propose valid
+#: configs only, so this is a guard, never the way a search ends).
 MAX_INVALID_STREAK = 500
 INTERRUPTED = TrialStatus.INTERRUPTED
 #: Seconds between heartbeats of a running trial in an RDB study store.
@@ -55,30 +70,23 @@ class StudyResult:
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int = 0) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        with warnings.catch_warnings():  # multivariate/group are "experimental" since 2.2
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True,
-                                              group=True, constant_liar=True)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "grid":
-        return _AskTellGrid({k: list(v) for k, v in space.choices.items()}, seed=seed)
-    if name == "cmaes":  # categorical knobs fall back to the independent sampler
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    raise ConfigError("sampler", name, f"choose one of {list(SAMPLERS)}")
+    """The sampler ``name``, proposing only valid configs of ``space`` (``tuner.sampling``);
+    the grid visits every valid config once."""
+    if name not in SAMPLERS:
+        raise ConfigError("sampler", name, f"choose one of {list(SAMPLERS)}")
+    return make_valid_sampler(name, space, seed)
 
 
-class _AskTellGrid(optuna.samplers.GridSampler):
-    """GridSampler calls ``study.stop()`` when the grid runs out, which only works inside
-    ``study.optimize``; this loop asks and tells itself and checks ``is_exhausted``."""
-
-    def after_trial(self, study, trial, state, values) -> None:
-        pass
-
-
-def _distributions(space: SearchSpace) -> dict:
-    return {k: CategoricalDistribution(list(v)) for k, v in space.choices.items()}
+def study_seeds(space: SearchSpace, seeds: Sequence[KernelConfig] = ()) -> list[KernelConfig]:
+    """The first trials of a new study: the heuristic default, then ``seeds`` (the nearest
+    tuned problems' winners), then the known-good configs; each once, valid ones only."""
+    base = space.seeds()
+    out: list[KernelConfig] = []
+    for cfg in (*base[:1], *seeds, *base[1:]):
+        if cfg not in out and space.contains(cfg) and \
+                space.check(space.params_from_config(cfg)) is None:
+            out.append(cfg)
+    return out
 
 
 def _fail_stale(study: optuna.Study) -> None:
@@ -133,12 +141,17 @@ def run_study(problem: MoEProblem, evaluate: Callable[[KernelConfig], Outcome], 
               on_trial: Callable[[TrialResult, TrialResult | None], None] | None = None,
               record: Callable[[TrialResult], None] | None = None,
               sync: Callable[[optuna.Study], None] | None = None,
-              heartbeat_s: int = HEARTBEAT_S) -> StudyResult | None:
+              heartbeat_s: int = HEARTBEAT_S, seeds: Sequence[KernelConfig] = (),
+              pool: CompilePool | None = None,
+              lookahead: int = DEFAULT_DEPTH) -> StudyResult | None:
     """Collective. Returns the result on rank 0, None on the other ranks.
 
     ``n_trials`` counts evaluated candidates (including earlier runs of a resumed
     study); invalid combinations are rejected before compiling and do not count.
-    ``enqueue_seeds``: evaluate the heuristic default and known-good configs first.
+    ``enqueue_seeds``: evaluate the heuristic default, ``seeds`` (e.g. the nearest tuned
+    problems' winners) and the known-good configs first (``study_seeds``).
+    ``pool``: rank 0's compile pool; with one, ``lookahead`` trials are asked ahead of the
+    one evaluated and compile meanwhile (without one, trials are asked one at a time).
     ``record(result)`` stores a finished trial durably (the winners database) *before* the
     study is told, so a crash between the two leaves a trial that ``sync(study)`` (run
     when the study is opened, before dead jobs' trials are failed) tells from the record.
@@ -153,7 +166,8 @@ def run_study(problem: MoEProblem, evaluate: Callable[[KernelConfig], Outcome], 
         if rank != 0:
             return _follow(evaluate, mpi)
         return _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_s,
-                     storage, resume, seed, enqueue_seeds, on_trial, record, sync, heartbeat_s)
+                     storage, resume, seed, enqueue_seeds, on_trial, record, sync, heartbeat_s,
+                     seeds, pool, lookahead)
 
 
 def _follow(evaluate, mpi) -> None:
@@ -167,7 +181,8 @@ def _follow(evaluate, mpi) -> None:
 
 
 def _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_s, storage,
-          resume, seed, enqueue_seeds, on_trial, record, sync, heartbeat_s) -> StudyResult:
+          resume, seed, enqueue_seeds, on_trial, record, sync, heartbeat_s, seeds, pool,
+          lookahead) -> StudyResult:
     t0 = time.monotonic()
     with deadline(mpi, "opening the study"):
         smp = make_sampler(sampler, space, seed)
@@ -180,36 +195,27 @@ def _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_
                         if t.user_attrs.get("status") not in (None, INVALID, INTERRUPTED)
                         and t.state in (TrialState.COMPLETE, TrialState.FAIL))
         if sampler != "grid" and enqueue_seeds:
-            for cfg in space.seeds():
-                if space.contains(cfg):
-                    study.enqueue_trial(space.params_from_config(cfg), skip_if_exists=True)
+            for cfg in study_seeds(space, seeds):
+                study.enqueue_trial(space.params_from_config(cfg), skip_if_exists=True)
+                if pool is not None:  # the seeds are known now: compile them all ahead
+                    pool.submit(problem, cfg)
         best = _best_so_far(study)
-    dists = _distributions(space)
+    ahead = Lookahead(study, _asker(study, space, smp, sampler), space, pool,
+                      lookahead if pool is not None else 0, _interrupted)
     results: list[TrialResult] = []
-    invalid_streak = 0
     trial = None
     try:
-        while evaluated < n_trials and invalid_streak < MAX_INVALID_STREAK:
+        while evaluated < n_trials:
             if timeout_s is not None and time.monotonic() - t0 > timeout_s:
                 break
             with deadline(mpi, "asking the sampler for a candidate"):
-                if sampler == "grid" and smp.is_exhausted(study):
-                    break
                 _fail_stale(study)
-                with warnings.catch_warnings():  # heartbeats outside study.optimize: ours
-                    warnings.simplefilter("ignore", UserWarning)
-                    trial = study.ask(dists)
-                reason = space.check(trial.params)
-                if reason is not None:
-                    trial.set_user_attr("status", INVALID)
-                    trial.set_user_attr("reason", reason[:500])
-                    told, trial = trial, None
-                    study.tell(told, state=TrialState.FAIL)
-                    invalid_streak += 1
-                    continue
-                cfg = space.config_from_params(trial.params)
-                trial.set_user_attr("config", cfg.name)
-            invalid_streak = 0
+                trial, cfg = ahead.next(n_trials - evaluated)
+                if trial is None:  # a grid that is done, or only invalid proposals
+                    break
+            # This rank waits for the pool's compile rather than compiling it again (bounded
+            # well inside the other ranks' wait for the candidate; past it, each compiles).
+            ahead.ready(cfg, timeout=comm_timeout() / 2)
             with get_heartbeat_thread(trial._trial_id, study._storage):
                 if mpi is not None:
                     bcast(mpi, cfg.to_json(), "sending the candidate")
@@ -229,12 +235,37 @@ def _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_
             if on_trial is not None:
                 on_trial(res, best)
     finally:
-        if trial is not None:  # interrupted mid-trial: keep the study consistent
-            with deadline(mpi, "marking the interrupted trial"):
+        with deadline(mpi, "marking the interrupted trial"):
+            if trial is not None:  # interrupted mid-trial: keep the study consistent
                 _interrupted(study, trial)
+            ahead.close()  # trials asked ahead and never evaluated
     if mpi is not None:
         bcast(mpi, None, "ending the search")
     return StudyResult(study.study_name, results, best, time.monotonic() - t0)
+
+
+def _asker(study: optuna.Study, space: SearchSpace, smp, sampler: str):
+    """``ask()``: the next trial (a valid config), or None when the grid is done. The
+    samplers propose valid configs only; an invalid one is still refused here, as a guard,
+    and recorded as such."""
+    dists = distributions(space)
+
+    def ask():
+        for _ in range(MAX_INVALID_STREAK):
+            if sampler == "grid" and smp.is_exhausted(study):
+                return None
+            with warnings.catch_warnings():  # heartbeats outside study.optimize: ours
+                warnings.simplefilter("ignore", UserWarning)
+                trial = study.ask(dists)
+            reason = space.check(trial.params)
+            if reason is None:
+                return trial
+            trial.set_user_attr("status", INVALID)
+            trial.set_user_attr("reason", reason[:500])
+            study.tell(trial, state=TrialState.FAIL)
+        return None
+
+    return ask
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, sync) -> None:

@@ -1,5 +1,11 @@
 """``flashmoe-tune tune``: the search on every rank, the report and the winner on rank 0.
 
+``--tokens 1,8,32`` is a sweep: each count is tuned in turn in one job, each with its own
+study and winner; the device code does not depend on the count, so the later counts reuse
+the earlier counts' cubins, and each new study starts from the nearest tuned problems'
+winners (the earlier counts' among them). Rank 0 compiles the next candidates in a process
+pool (``tuner.prefetch``) while the current one is evaluated.
+
 Any failure on any rank ends the whole job with one line naming the rank and the cause
 (``flashmoe_gen.watchdog.abort_on_error``); ``--resume`` reconciles the study and the winners
 database (``flashmoe_gen.db.sync``). See docs/reliability.md.
@@ -35,6 +41,14 @@ class GpuBackend:
         comm = Communicator(world, n_streams=max(space.choices["streams"])) if P > 1 else None
         return LayerEvaluator(problem, comm, seed=a.seed, warmup=a.warmup, iters=a.iters), comm
 
+    def compile_pool(self, limits, a: argparse.Namespace):
+        """Rank 0's pool compiling candidates ahead (None: each rank compiles its own)."""
+        from flashmoe_gen.tuner.prefetch import CompilePool, default_workers
+
+        workers = getattr(a, "compile_workers", None)
+        workers = default_workers() if workers is None else workers
+        return CompilePool(limits, workers) if workers > 0 else None
+
 
 def run_tune(a: argparse.Namespace, backend: GpuBackend | None = None) -> int:
     from flashmoe_gen.tuner.launch import mpi_ranks
@@ -50,29 +64,60 @@ def _tune(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank: int) 
 
     from flashmoe_gen.paths import default_storage_url
     from flashmoe_gen.tuner.args import problem_from_args
+
+    counts = tuple(a.tokens) if isinstance(a.tokens, (tuple, list)) else (a.tokens,)
+    # Every count's problem is checked before any work starts.
+    problems = [problem_from_args(a, world_size=P, tokens=t) for t in counts]
+    limits = backend.limits()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = a.storage or default_storage_url()
+    pool = backend.compile_pool(limits, a) if rank == 0 else None
+    results = []
+    try:
+        for problem in problems:
+            results.append((problem, _tune_count(a, backend, world, P, rank, problem, limits,
+                                                 storage, pool, sweep=len(problems) > 1)))
+    except BaseException:
+        if pool is not None:
+            pool.close(now=True)  # a failing job does not wait for compiles
+        raise
+    if pool is not None:
+        pool.close()
+    if rank == 0 and len(problems) > 1:
+        sweep_report(results, a)
+    return 0
+
+
+def _tune_count(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank: int,
+                problem, limits, storage: str, pool, sweep: bool):
+    """Collective: tune one token count; rank 0 returns (StudyResult, Environment)."""
     from flashmoe_gen.tuner.space import SearchSpace
     from flashmoe_gen.tuner.study import run_study
     from flashmoe_gen.watchdog import bcast, deadline, root_wait_s
 
     mpi = world if P > 1 else None
-    problem = problem_from_args(a, world_size=P)
-    space = SearchSpace.for_problem(problem, backend.limits(), a.space)
+    space = SearchSpace.for_problem(problem, limits, a.space)
     evaluate, comm = backend.evaluator(problem, world, space, a)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     env = None
     record = sync = on_trial = progress = None
-    storage = a.storage or default_storage_url()
+    seeds: list = []
     if rank == 0:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from flashmoe_gen.db import make_engine, record_trial
+        from flashmoe_gen.db.repository import nearest_winners
         from flashmoe_gen.db.sync import reconcile
 
         with deadline(mpi, "opening the winners database"):
             env = backend.environment(P)
             engine = make_engine(a.db)
+            seeds = [w.config for w in nearest_winners(engine, problem, env.compute_capability)]
         study_name = a.study_name or f"{problem.name}__{a.space}__{env.key}"
+        if sweep and a.study_name:
+            study_name = f"{a.study_name}__t{problem.tokens_per_rank}"
+        if sweep:
+            print(f"tokens per rank {problem.tokens_per_rank}: {problem.name}", flush=True)
 
         def record(res):  # before the study's tell: the database is written first
             o = res.outcome
@@ -89,7 +134,9 @@ def _tune(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank: int) 
                       f"{len(r.recorded)} recorded from the study"
                       + ("; winner recomputed" if r.winner_changed else ""), flush=True)
 
-        progress = Progress(TextColumn("[bold]trial {task.completed}/{task.total}"), BarColumn(),
+        label = f"T={problem.tokens_per_rank} " if sweep else ""
+        progress = Progress(TextColumn("[bold]" + label + "trial {task.completed}/{task.total}"),
+                            BarColumn(),
                             TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
         task = progress.add_task("tune", total=a.trials, best="-")
 
@@ -108,7 +155,7 @@ def _tune(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank: int) 
         res = run_study(problem, evaluate, mpi=mpi, space=space, study_name=study_name,
                         sampler=a.sampler, n_trials=a.trials, timeout_s=a.timeout,
                         storage=storage if rank == 0 else None, resume=a.resume, seed=a.seed,
-                        on_trial=on_trial, record=record, sync=sync)
+                        on_trial=on_trial, record=record, sync=sync, seeds=seeds, pool=pool)
     finally:
         if progress is not None:
             progress.stop()
@@ -117,7 +164,7 @@ def _tune(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank: int) 
         comm.close()
     if rank == 0:
         report(problem, res, study_name, storage, env, a, time.monotonic() - t0)
-    return 0
+    return res, env
 
 
 def report(problem, res, study_name: str, storage: str, env, a, seconds: float) -> None:
@@ -178,3 +225,25 @@ def report(problem, res, study_name: str, storage: str, env, a, seconds: float) 
     console.print(f"study store: {shown_url(storage)} (study {study_name}); to continue this "
                   "study, run the same command with --resume", soft_wrap=True, highlight=False)
 
+
+
+def sweep_report(results, a) -> None:
+    """One line per token count of a sweep: its winner and latency (every one is stored)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="token sweep: the winner of each count (stored; flashmoe-tune "
+              "export-configs ships them)")
+    for col in ("tokens/rank", "best ms", "M tok/s", "trials", "config"):
+        t.add_column(col)
+    for problem, (res, _env) in results:
+        best = res.best if res is not None else None
+        if best is None:
+            t.add_row(str(problem.tokens_per_rank), "-", "-", str(len(res.trials) if res else 0),
+                      "no candidate passed")
+            continue
+        ms = best.outcome.median_ms
+        rate = problem.world_size * problem.tokens_per_rank / (ms * 1e-3) / 1e6
+        t.add_row(str(problem.tokens_per_rank), f"{ms:.4f}", f"{rate:.2f}", str(len(res.trials)),
+                  best.config.name)
+    Console(width=200).print(t)
