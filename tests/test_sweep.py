@@ -115,12 +115,12 @@ def test_the_pool_compiles_the_candidates_the_search_evaluates(tmp_path, monkeyp
     monkeypatch.setenv("FLASHMOE_CACHE", str(cache))
     monkeypatch.setenv("FAKE_COMPILE_AHEAD", "1")
     _tune(monkeypatch, tmp_path, "--hidden", "64", "--intermediate", "64", "--experts", "4",
-          "--top-k", "1", "--tokens", "16,4096", "--trials", "3", "--compile-workers", "2")
+          "--top-k", "1", "--tokens", "16,4096", "--trials", "2", "--compile-workers", "1")
     configs = set()
     for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/s.db"):
         trials = optuna.load_study(study_name=s.study_name,
                                    storage=f"sqlite:///{tmp_path}/s.db").trials
-        assert len(trials) == 3 and {t.user_attrs["status"] for t in trials} == {"ok"}
+        assert len(trials) == 2 and {t.user_attrs["status"] for t in trials} == {"ok"}
         configs |= {t.user_attrs["config"] for t in trials}
     cubins = {p.name.split("__", 1)[1].rsplit("-", 1)[0] for p in cache.rglob("*.cubin")}
     assert configs and configs <= cubins  # every evaluated candidate compiled ahead
