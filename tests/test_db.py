@@ -8,9 +8,9 @@ import sys
 import threading
 
 import pytest
+from db_fixtures import ENV, PROBLEM, cfg, fresh_engines  # noqa: F401 (autouse fixture)
 from sqlalchemy import func, inspect, select
 
-from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.db import (
     Environment,
     NearestTokensWarning,
@@ -26,24 +26,6 @@ from flashmoe_gen.db import (
     trials_for,
 )
 from flashmoe_gen.db.models import EnvironmentModel, ProblemModel, TrialModel, WinnerModel
-from flashmoe_gen.problem import MoEProblem
-
-PROBLEM = MoEProblem(hidden=256, intermediate=128, experts=8, top_k=2, world_size=2,
-                     tokens_per_rank=256)
-ENV = Environment(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", world_size=2,
-                  template_hash="abc123", cuda_driver="13.0", nvrtc_version="13.0",
-                  nccl_version="2.27.3", cupy_version="13.6.0", package_version="0.1.0")
-
-
-def cfg(problem: MoEProblem = PROBLEM, **changes) -> KernelConfig:
-    return dataclasses.replace(KernelConfig.default(problem), **changes)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_engines():
-    dispose_engines()
-    yield
-    dispose_engines()
 
 
 @pytest.fixture(params=["memory", "disk"])

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+from db_fixtures import ENV, PROBLEM, cfg, fresh_engines  # noqa: F401 (autouse fixture)
 from sqlalchemy import inspect, text
 
 from flashmoe_gen.api import TuningFallbackWarning, lookup
-from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.db import (
     SCHEMA_VERSION,
-    Environment,
     UnreadableRowsWarning,
     dispose_engines,
     find_nearest,
@@ -41,23 +40,9 @@ from flashmoe_gen.errors import ArgumentError, DatabaseError, FlashMoEError
 from flashmoe_gen.problem import MoEProblem
 
 HERE = Path(__file__).parent
-PROBLEM = MoEProblem(hidden=256, intermediate=128, experts=8, top_k=2, world_size=2,
-                     tokens_per_rank=256)
-ENV = Environment(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", world_size=2,
-                  template_hash="abc123", cuda_driver="13.0", nvrtc_version="13.0",
-                  nccl_version="2.27.3", cupy_version="13.6.0", package_version="0.1.0")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def cfg(problem: MoEProblem = PROBLEM, **changes) -> KernelConfig:
-    return dataclasses.replace(KernelConfig.default(problem), **changes)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_engines():
-    dispose_engines()
-    yield
-    dispose_engines()
 
 
 @pytest.fixture
