@@ -43,10 +43,6 @@ class CompiledLayer:
         return self.source.kernels
 
     @property
-    def name(self) -> str:
-        return f"{self.source.name}__{self.arch}"
-
-    @property
     def compiled(self) -> CompiledModule:
         """NVRTC's cubin and resource report (compiled on first use; no GPU needed)."""
         with _lock:
@@ -118,9 +114,3 @@ def _check_resources(layer: CompiledLayer, mod: CompiledModule) -> None:
             raise ConfigError(f"{which}.warps_n", tile.warps_n,
                               f"{tile.threads} threads x {res.registers} registers exceed "
                               f"{limits.regs_per_block} per block", cfg.name)
-
-
-def clear_cache() -> None:
-    """Forget every built layer (tests; a long tuning run that moves on)."""
-    with _lock:
-        _cache.clear()

@@ -61,7 +61,6 @@ def export_vars(layer: CompiledLayer) -> dict:
     gen, p, cfg = layer.source, layer.problem, layer.config
     h, i, w = p.hidden, p.intermediate, p.shared_width
     fixed = fixed_slots(p, cfg)
-    region = fixed.expert_region_base(expert_chunks(p, cfg), p.local_experts)
     tv = to_template_vars(p, cfg)
     tv.update(
         has_shared=CPP_BOOL[bool(w)],
@@ -90,7 +89,7 @@ def export_vars(layer: CompiledLayer) -> dict:
         fuse_sources=CPP_BOOL[cfg.fuse_sources],
         graph_mode=CPP_BOOL[cfg.mode == "graph"],
         graph_capacity=fixed.capacity if cfg.mode == "graph" else 0,
-        graph_region=", ".join(f"{first}, {row}" for first, row in region),
+        graph_region=", ".join(f"{first}, {row}" for first, row in fixed.region),
         slot_offsets_args=call_args(SLOT_OFFSETS, counts="L->counts", world="L->world",
                                     capacity="L->capacity", region="L->region",
                                     packed="PACKED_SLOTS", self_rank="L->rank",

@@ -92,7 +92,7 @@ def fixed_row_offsets(counts, capacity: int, local_experts: int, region, packed:
     """Mode "graph": the row offsets the ``slot_offsets`` kernel computes on the device.
 
     ``region[j]`` = (first local expert of j's chunk, first row of that chunk's fixed region,
-    ``plan.FixedSlots.expert_region_base``). Packed slots stack a chunk's experts from its
+    ``plan.FixedSlots.region``). Packed slots stack a chunk's experts from its
     region's first row (each taking min(count, C) rows); expert slots put expert j at j * C.
     """
     import numpy as np

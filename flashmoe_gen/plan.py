@@ -148,15 +148,6 @@ class ForwardPlan:
     ops: tuple[Op, ...]
     events: tuple[str, ...] = field(default=())
 
-    @property
-    def streams(self) -> tuple[Stream, ...]:
-        seen: dict[Stream, None] = {}
-        for op in self.ops:
-            for s in (getattr(op, "stream", None),):
-                if s is not None:
-                    seen.setdefault(s)
-        return tuple(seen)
-
     def lines(self) -> list[str]:
         return [describe(op, self.events) for op in self.ops]
 
@@ -194,15 +185,9 @@ class FixedSlots:
     capacity: int
     chunk_base: tuple[int, ...]
     chunk_rows: tuple[int, ...]
-
-    def expert_region_base(self, chunks: list[tuple[int, int]], local_experts: int
-                           ) -> tuple[tuple[int, int], ...]:
-        """Per local expert: (first expert of its chunk, its chunk's first row)."""
-        out = [(0, 0)] * local_experts
-        for (e0, e1), base in zip(chunks, self.chunk_base, strict=True):
-            for j in range(e0, e1):
-                out[j] = (e0, base)
-        return tuple(out)
+    #: Per local expert: (first expert of its chunk, its chunk's first row) — the table the
+    #: ``slot_offsets`` kernel reads.
+    region: tuple[tuple[int, int], ...]
 
 
 def fixed_slots(problem: MoEProblem, config: KernelConfig) -> FixedSlots:
@@ -211,7 +196,7 @@ def fixed_slots(problem: MoEProblem, config: KernelConfig) -> FixedSlots:
     cap = problem.fixed_capacity(bm)
     if cap is None:
         cap = max(round_up(t, bm), bm)
-    base, rows = [], []
+    base, rows, region = [], [], []
     for e0, e1 in expert_chunks(problem, config):
         n = e1 - e0
         if config.packed_slots:
@@ -220,7 +205,8 @@ def fixed_slots(problem: MoEProblem, config: KernelConfig) -> FixedSlots:
         else:
             base.append(e0 * cap)
             rows.append(n * cap)
-    return FixedSlots(cap, tuple(base), tuple(rows))
+        region += [(e0, base[-1])] * n
+    return FixedSlots(cap, tuple(base), tuple(rows), tuple(region))
 
 
 def _expert_launches(p: MoEProblem, e0: int, e1: int, self_source: bool,

@@ -17,7 +17,7 @@ import numpy as np
 
 from .arch import current_device_limits
 from .build import CompiledLayer, build
-from .config import KernelConfig, expert_chunks
+from .config import KernelConfig
 from .device_weights import DeviceWeights
 from .errors import CommError, ConfigError, ProblemError
 from .executor import ELEM_BYTES, Run, python_launcher
@@ -215,8 +215,7 @@ class FlashMoE:
         self._token_buffers(p.tokens_per_rank)
         self._slot_buffers(self.fixed.capacity)
         self.capacity = self.fixed.capacity
-        region = self.fixed.expert_region_base(expert_chunks(p, cfg), p.local_experts)
-        self._region = cupy.asarray(np.array(region, np.int32).ravel())
+        self._region = cupy.asarray(np.array(self.fixed.region, np.int32).ravel())
         self._dropped = cupy.zeros(1, np.int32)
         if graphs:
             self._graph_cache = GraphCache(self, p.tokens_per_rank)

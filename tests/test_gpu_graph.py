@@ -75,7 +75,6 @@ def test_token_counts_change_between_calls():
 def test_eager_device_schedule_and_offsets(packed):
     """graphs=False: the same host-free schedule run eagerly; the kernel's row offsets
     equal layout.fixed_row_offsets."""
-    from flashmoe_gen.config import expert_chunks
     from flashmoe_gen.layout import fixed_row_offsets
 
     w = MoEWeights.random(CAPPED, 6)
@@ -83,7 +82,7 @@ def test_eager_device_schedule_and_offsets(packed):
     assert layer._graph_cache is None
     assert _forward_checked(layer, w, 300, seed=7) <= 1e-2
     f = layer.fixed
-    region = f.expert_region_base(expert_chunks(CAPPED, layer.config), CAPPED.local_experts)
+    region = f.region
     want = fixed_row_offsets(layer.counts.get(), f.capacity, CAPPED.local_experts, region,
                              packed)
     assert (layer.row_off.get() == want).all()

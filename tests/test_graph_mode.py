@@ -67,7 +67,7 @@ def test_fixed_row_offsets_stay_in_their_regions(packed):
     f = fixed_slots(DSV2, cfg)
     from flashmoe_gen.config import expert_chunks
     chunks = expert_chunks(DSV2, cfg)
-    region = f.expert_region_base(chunks, DSV2.local_experts)
+    region = f.region
     rng = np.random.default_rng(0)
     el, t, k = DSV2.local_experts, DSV2.tokens_per_rank, DSV2.top_k
     cases = [rng.integers(0, t + 1, (4, 64)), np.full((4, 64), t), np.zeros((4, 64), int)]
