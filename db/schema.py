@@ -19,6 +19,9 @@ missing or old, and checks again under the lock, so racing processes migrate onc
 from __future__ import annotations
 
 import enum
+import sqlite3
+import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +167,9 @@ def _state(conn: Connection) -> Schema:
 # Engines whose schema was seen current / made ready for writing in this process.
 _current: weakref.WeakSet[Engine] = weakref.WeakSet()
 _writable: weakref.WeakSet[Engine] = weakref.WeakSet()
+_setup_lock = threading.Lock()
+#: Seconds the first writer retries the switch to WAL while another process makes it.
+_WAL_WAIT_S = 30.0
 
 
 def inspect_schema(engine: Engine) -> Schema:
@@ -212,15 +218,26 @@ def _use_wal(engine: Engine) -> None:
     # WAL lets readers read while a writer writes; it is a property of the file, so it is
     # set once by the first writer (not per connection: that would write to a file that a
     # reader may merely be looking at). Outside any transaction, as SQLite requires.
+    # Two connections switching at once get SQLITE_BUSY at once: SQLite skips the busy
+    # handler there (it could deadlock), so the wait is ours, bounded like the handler's.
     if sqlite_file(engine.url) is None:
         return
-    raw = engine.raw_connection()
-    try:
-        cur = raw.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.close()
-    finally:
-        raw.close()
+    deadline = time.monotonic() + _WAL_WAIT_S
+    while True:
+        raw = engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise database_error(engine.url, e) from e
+            if time.monotonic() > deadline:
+                raise database_error(engine.url, e) from e
+        finally:
+            raw.close()
+        time.sleep(0.05)
 
 
 def ready_to_read(engine: Engine) -> bool:
@@ -238,6 +255,12 @@ def ready_to_write(engine: Engine) -> None:
     """Create or migrate the schema when missing or old (once per engine and process)."""
     if engine in _writable:
         return
+    with _setup_lock:  # threads of one process set up once; other processes race below
+        if engine not in _writable:
+            _ready_to_write(engine)
+
+
+def _ready_to_write(engine: Engine) -> None:
     schema = inspect_schema(engine)  # refuses a foreign file before anything is written
     if schema.state is SchemaState.NEWER:
         raise _newer(engine, schema.version)

@@ -252,6 +252,36 @@ def test_concurrent_writers(disk_url):
     assert w.median_ms == 0.8 and w.study_name == "job1" and w.config.chunks_per_peer == 2
 
 
+def test_first_writers_race_to_wal(tmp_path):
+    """Engines of separate processes switching a new file to WAL at once: SQLite answers
+    the loser BUSY without waiting, so the switch must retry (a CI run failed on it)."""
+    from sqlalchemy import create_engine
+
+    from flashmoe_gen.db import schema
+
+    for i in range(30):
+        url = f"sqlite:///{tmp_path / f'race{i}.db'}"
+        engines = [create_engine(url) for _ in range(4)]
+        start = threading.Barrier(len(engines))
+        errors: list[BaseException] = []
+
+        def switch(engine, start=start, errors=errors) -> None:
+            try:
+                start.wait()
+                schema._use_wal(engine)
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=switch, args=(e,)) for e in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for e in engines:
+            e.dispose()
+        assert not errors, f"file {i}: {errors[0]!r}"
+
+
 def test_environment_key_and_arch():
     assert ENV.arch == "sm_90" and len(ENV.key) == 16
     assert Environment.from_dict(ENV.to_dict()) == ENV
