@@ -269,16 +269,16 @@ def test_first_writers_race_to_wal(tmp_path):
             try:
                 start.wait()
                 schema._use_wal(engine)
-            except BaseException as e:  # reported below
-                errors.append(e)
+            except BaseException as err:  # reported below
+                errors.append(err)
 
-        threads = [threading.Thread(target=switch, args=(e,)) for e in engines]
+        threads = [threading.Thread(target=switch, args=(eng,)) for eng in engines]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        for e in engines:
-            e.dispose()
+        for eng in engines:
+            eng.dispose()
         assert not errors, f"file {i}: {errors[0]!r}"
 
 
