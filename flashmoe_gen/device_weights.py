@@ -121,6 +121,46 @@ class DeviceWeights:
         return dw
 
     @classmethod
+    def generate(cls, problem: MoEProblem, rank: int, seed: int = 0) -> DeviceWeights:
+        """This rank's weights of the counter-based scheme (``flashmoe_gen.gen_weights``, not
+        ``MoEWeights.random``'s) generated on the GPU in the kernels' layouts: no host array
+        of model size (only the gate, [H, E], and the rule's small vectors come from the
+        host). Equal to ``from_host(problem, gen_weights.generated_weights(problem, seed),
+        rank)`` bit for bit."""
+        import cupy
+
+        from . import gen_weights as g
+
+        el, h, i = problem.local_experts, problem.hidden, problem.intermediate
+        if isinstance(rank, bool) or not isinstance(rank, int) or \
+                not 0 <= rank < problem.world_size:
+            raise ProblemError("rank", rank, f"a rank in 0..{problem.world_size - 1}")
+        first = rank * el
+        dw = cls(cupy.asarray(g.generated_gate(problem, seed)),
+                 g.device_tensor(seed, g.W1, first, el, i, h, h, True),
+                 g.device_tensor(seed, g.W3, first, el, i, h, h, True),
+                 g.device_tensor(seed, g.W2, first, el, h, i, i, True))
+        s, si = problem.shared_experts, problem.shared_intermediate or 0
+        if s:
+            dw.sw1 = g.device_tensor(seed, g.SHARED_W1, 0, s, si, h, h, True).reshape(s * si, h)
+            dw.sw3 = g.device_tensor(seed, g.SHARED_W3, 0, s, si, h, h, True).reshape(s * si, h)
+            # [S, H, Is] -> [H, S*Is]: the fused down projection's K runs over all experts
+            w2 = g.device_tensor(seed, g.SHARED_W2, 0, s, h, si, si, True)
+            dw.sw2 = cupy.ascontiguousarray(w2.transpose(1, 0, 2).reshape(h, s * si))
+            del w2
+        for name, a in _routing_arrays(problem, g.generated_expert_bias(problem, seed),
+                                       g.generated_shared_gate(problem, seed)).items():
+            setattr(dw, name, a)
+        return dw
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of these weights (every array held)."""
+        return sum(a.nbytes for a in (self.gate, self.w1, self.w3, self.w2, self.sw1, self.sw3,
+                                      self.sw2, self.expert_bias, self.shared_gate)
+                   if a is not None)
+
+    @classmethod
     def from_arrays(cls, problem: MoEProblem, gate, w1, w3, w2, shared_w1=None, shared_w3=None,
                     shared_w2=None, expert_bias=None, shared_gate=None) -> DeviceWeights:
         """User arrays in the semantic layouts of docs/semantics.md (this rank's experts):

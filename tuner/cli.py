@@ -346,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm-up runs per candidate")
     t.add_argument("--iters", type=positive_int, default=15,
                    help="timed runs per candidate (median)")
+    t.add_argument("--check", default="sampled", choices=["sampled", "full"],
+                   help="correctness check of each candidate: 'sampled' generates the weights "
+                   "on the GPU and checks --check-rows rows per rank against a float64 "
+                   "reference of only the experts they use (scales with the rows, not the "
+                   "model); 'full' draws every expert on the host and checks against the "
+                   "host reference over the whole model (slow for large models)")
+    t.add_argument("--check-rows", type=positive_int, default=64,
+                   help="rows per rank the sampled check compares (fewer tokens: all)")
     t.add_argument("--compile-workers", type=non_negative_int, default=None,
                    help="processes on rank 0 compiling the next candidates while one is timed "
                    "(0: none; default: the CPUs less one, at most 3)")

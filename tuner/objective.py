@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import (
+    ArgumentError,
     CommError,
     CommTimeout,
     CompileError,
@@ -94,37 +95,72 @@ def failure_outcome(exc: BaseException) -> Outcome:
     return Outcome(classify(exc), reason=tb[:1500])
 
 
+#: ``--check``: "sampled" (default) checks a few rows per rank on the GPU against the
+#: float64 reference of the experts they use (weights generated on the GPU,
+#: ``DeviceWeights.generate``); "full" draws every expert on the host (``MoEWeights.random``)
+#: and checks against the host reference over the whole model (slow for large models).
+CHECK_MODES = ("sampled", "full")
+
+
+def _no_stage(text: str, trial: bool = True) -> None:
+    pass
+
+
 class LayerEvaluator:
-    """Evaluates candidates of one problem on this rank, sharing weights and inputs."""
+    """Evaluates candidates of one problem on this rank, sharing weights and inputs.
+
+    ``check_mode`` (``CHECK_MODES``) picks the weights and the check; ``check_rows`` is the
+    sampled check's rows per rank. ``stage(text, trial=True)`` hears what the evaluator is
+    doing (rank 0's progress). ``memory`` is this rank's ``MemoryUse`` after set-up.
+    """
 
     def __init__(self, problem: MoEProblem, comm=None, *, seed: int = 0, warmup: int = 3,
-                 iters: int = 15, check: bool = True):
+                 iters: int = 15, check: bool = True, check_mode: str = "sampled",
+                 check_rows: int | None = None, stage=None):
         import cupy
 
+        from flashmoe_gen.arch import current_device_limits
+        from flashmoe_gen.check import SAMPLE_ROWS
         from flashmoe_gen.device_weights import DeviceWeights
+        from flashmoe_gen.memory import MemoryUse, buffer_bytes
         from flashmoe_gen.weights import MoEWeights, random_tokens
 
+        if check_mode not in CHECK_MODES:
+            raise ArgumentError("check_mode", check_mode, f"choose one of {list(CHECK_MODES)}")
         self.problem, self.comm = problem, comm
         self.rank = comm.rank if comm is not None else 0
         self.mpi = comm.mpi if comm is not None else None
         self.warmup, self.iters, self.check, self.seed = warmup, iters, check, seed
-        self.host_weights = MoEWeights.random(problem, seed) if check else None
-        local = range(self.rank * problem.local_experts, (self.rank + 1) * problem.local_experts)
-        self.weights = DeviceWeights.from_host(
-            problem, self.host_weights or MoEWeights.random(problem, seed, local), self.rank)
+        self.check_mode, self.stage = check_mode, stage or _no_stage
+        self.check_rows = SAMPLE_ROWS if check_rows is None else check_rows
+        self.host_weights = None
+        if check and check_mode == "full":
+            self.stage("drawing every expert's weights on the host (--check full)", False)
+            self.host_weights = MoEWeights.random(problem, seed)
+            self.weights = DeviceWeights.from_host(problem, self.host_weights, self.rank)
+        else:
+            self.stage(f"generating this rank's {problem.local_experts} experts' weights on "
+                       "the GPU", False)
+            self.weights = DeviceWeights.generate(problem, self.rank, seed)
         self.x_bits = random_tokens(problem.tokens_per_rank, problem.hidden,
                                     seed=seed * 1000 + self.rank + 1)
         self.x = cupy.asarray(self.x_bits)
         self._ref_cache: dict = {}
+        cupy.cuda.get_current_stream().synchronize()
+        free, total = cupy.cuda.runtime.memGetInfo()
+        default = KernelConfig.default(problem, current_device_limits().arch)
+        self.memory = MemoryUse(self.rank, self.weights.nbytes, buffer_bytes(problem, default),
+                                free, total)
 
     def __call__(self, config: KernelConfig) -> Outcome:
         from flashmoe_gen.arch import current_device_limits
         from flashmoe_gen.build import build
-        from flashmoe_gen.check import TOLERANCE, check_layer
+        from flashmoe_gen.check import TOLERANCE, check_layer, check_layer_sampled
         from flashmoe_gen.runtime import FlashMoE
         from flashmoe_gen.tuner.bench import time_callable
 
         layer, failed = None, None
+        self.stage(f"compiling/loading {config.name}")
         try:
             kernel = build(self.problem, config, current_device_limits())  # cached per config
             layer = FlashMoE(kernel, weights=self.weights, comm=self.comm, agree=False)
@@ -137,9 +173,14 @@ class LayerEvaluator:
 
         rel = None
         if self.check:
+            self.stage(f"checking ({self.check_mode})")
             try:
-                res = check_layer(layer, self.x_bits, self.host_weights, None, self.seed,
-                                  self._ref_cache)
+                if self.host_weights is not None:
+                    res = check_layer(layer, self.x_bits, self.host_weights, None, self.seed,
+                                      self._ref_cache)
+                else:
+                    res = check_layer_sampled(layer, self.x, self.x_bits, self.seed, None,
+                                              self.check_rows, self._ref_cache)
                 rel = res.rel_error
                 if not res.finite or res.rel_error > TOLERANCE or res.routing_mismatches:
                     failed = Outcome(WRONG_ANSWER, rel_error=rel, reason=(
@@ -154,6 +195,7 @@ class LayerEvaluator:
             if self.mpi is not None:
                 rel = max(allgather(self.mpi, rel, "gathering the reference errors"))
 
+        self.stage("timing")
         if self.comm is not None:
             self.comm.check_usable()  # an aborted NCCL ends the run, never a failed trial
         try:

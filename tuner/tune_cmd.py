@@ -32,6 +32,9 @@ class GpuBackend:
         from flashmoe_gen.render import template_hash
         return Environment.detect(world_size, template_hash())
 
+    #: Rank 0's progress hears the evaluator's stages through this (``TuneProgress.stage``).
+    stage = None
+
     def evaluator(self, problem, world, space, a: argparse.Namespace):
         """Collective: (evaluate, Communicator or None)."""
         from flashmoe_gen.comm import Communicator
@@ -39,7 +42,10 @@ class GpuBackend:
 
         P = problem.world_size
         comm = Communicator(world, n_streams=max(space.choices["streams"])) if P > 1 else None
-        return LayerEvaluator(problem, comm, seed=a.seed, warmup=a.warmup, iters=a.iters), comm
+        return LayerEvaluator(problem, comm, seed=a.seed, warmup=a.warmup, iters=a.iters,
+                              check_mode=getattr(a, "check", "sampled"),
+                              check_rows=getattr(a, "check_rows", None),
+                              stage=self.stage), comm
 
     def compile_pool(self, limits, a: argparse.Namespace):
         """Rank 0's pool compiling candidates ahead (None: each rank compiles its own)."""
@@ -68,6 +74,10 @@ def _tune(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank: int) 
     counts = tuple(a.tokens) if isinstance(a.tokens, (tuple, list)) else (a.tokens,)
     # Every count's problem is checked before any work starts.
     problems = [problem_from_args(a, world_size=P, tokens=t) for t in counts]
+    if rank == 0:  # the first second shows the job: set-up of large models takes a while
+        print(f"flashmoe-tune: {a.trials} trial(s) of {problems[0].name}"
+              + (f" (and {len(problems) - 1} more token count(s))" if len(problems) > 1
+                 else "") + f" on {P} rank(s)", flush=True)
     limits = backend.limits()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = a.storage or default_storage_url()
@@ -91,24 +101,46 @@ def _tune(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank: int) 
 def _tune_count(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank: int,
                 problem, limits, storage: str, pool, sweep: bool):
     """Collective: tune one token count; rank 0 returns (StudyResult, Environment)."""
+    from flashmoe_gen.tuner.progress import TuneProgress
+
+    progress = None
+    if rank == 0:
+        if sweep:
+            print(f"tokens per rank {problem.tokens_per_rank}: {problem.name}", flush=True)
+        progress = TuneProgress(a.trials, f"T={problem.tokens_per_rank} " if sweep else "")
+    try:
+        return _tune_study(a, backend, world, P, rank, problem, limits, storage, pool, sweep,
+                           progress)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def _tune_study(a, backend, world, P, rank, problem, limits, storage, pool, sweep, progress):
     from flashmoe_gen.tuner.space import SearchSpace
     from flashmoe_gen.tuner.study import run_study
-    from flashmoe_gen.watchdog import bcast, deadline, root_wait_s
+    from flashmoe_gen.watchdog import allgather, bcast, deadline, root_wait_s
 
     mpi = world if P > 1 else None
     space = SearchSpace.for_problem(problem, limits, a.space)
+    if progress is not None:
+        progress.stage(f"setting up weights and inputs on {P} rank(s)", trial=False)
+    backend.stage = progress.stage if progress is not None else None
     evaluate, comm = backend.evaluator(problem, world, space, a)
+    mine = getattr(evaluate, "memory", None)
+    uses = allgather(mpi, mine, "gathering the memory report") if mpi is not None else [mine]
+    if progress is not None and all(u is not None for u in uses):
+        progress.memory(uses)
 
     env = None
-    record = sync = on_trial = progress = None
+    record = sync = on_trial = None
     seeds: list = []
     if rank == 0:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         from flashmoe_gen.db import make_engine, record_trial
         from flashmoe_gen.db.repository import nearest_winners
         from flashmoe_gen.db.sync import reconcile
 
+        progress.stage("opening the winners database and the study", trial=False)
         with deadline(mpi, "opening the winners database"):
             env = backend.environment(P)
             engine = make_engine(a.db)
@@ -116,8 +148,6 @@ def _tune_count(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank:
         study_name = a.study_name or f"{problem.name}__{a.space}__{env.key}"
         if sweep and a.study_name:
             study_name = f"{a.study_name}__t{problem.tokens_per_rank}"
-        if sweep:
-            print(f"tokens per rank {problem.tokens_per_rank}: {problem.name}", flush=True)
 
         def record(res):  # before the study's tell: the database is written first
             o = res.outcome
@@ -134,31 +164,19 @@ def _tune_count(a: argparse.Namespace, backend: GpuBackend, world, P: int, rank:
                       f"{len(r.recorded)} recorded from the study"
                       + ("; winner recomputed" if r.winner_changed else ""), flush=True)
 
-        label = f"T={problem.tokens_per_rank} " if sweep else ""
-        progress = Progress(TextColumn("[bold]" + label + "trial {task.completed}/{task.total}"),
-                            BarColumn(),
-                            TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
-        task = progress.add_task("tune", total=a.trials, best="-")
-
-        def on_trial(res, best):
-            progress.update(task, advance=1, best=f"{best.outcome.median_ms:.4f} ms" if best
-                            else "-")
+        on_trial = progress.trial
     else:
         study_name = None
     if mpi is not None:
         study_name = bcast(mpi, study_name, "waiting for rank 0 to open the winners database",
                            seconds=root_wait_s())
     t0 = time.monotonic()
+    res = run_study(problem, evaluate, mpi=mpi, space=space, study_name=study_name,
+                    sampler=a.sampler, n_trials=a.trials, timeout_s=a.timeout,
+                    storage=storage if rank == 0 else None, resume=a.resume, seed=a.seed,
+                    on_trial=on_trial, record=record, sync=sync, seeds=seeds, pool=pool)
     if progress is not None:
-        progress.start()
-    try:
-        res = run_study(problem, evaluate, mpi=mpi, space=space, study_name=study_name,
-                        sampler=a.sampler, n_trials=a.trials, timeout_s=a.timeout,
-                        storage=storage if rank == 0 else None, resume=a.resume, seed=a.seed,
-                        on_trial=on_trial, record=record, sync=sync, seeds=seeds, pool=pool)
-    finally:
-        if progress is not None:
-            progress.stop()
+        progress.stop()
     if comm is not None:  # every rank is done with the GPU: nobody waits for the report
         comm.barrier()
         comm.close()
