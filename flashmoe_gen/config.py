@@ -21,8 +21,18 @@ COMM_STREAM_CHOICES = (1, 2, 4)
 CHUNK_RANGE = range(1, 17)
 #: Tensor-core instruction of a GEMM: "sync" = mma.sync m16n8k16 (sm_80+), "wgmma" = Hopper
 #: warpgroup MMA m64nNk16 from shared memory (sm_90a), 4 warps per 64 rows, BK 64 (one
-#: 128-byte swizzle atom per row).
-MMA_CHOICES = ("sync", "wgmma")
+#: 128-byte swizzle atom per row); "ws" = weight streaming for few rows per expert
+#: (decode): mma.sync with the operands swapped, ``bm`` is the token tile, ``bn`` the weight
+#: rows of a block split over ``warps_m`` warps, one block covers all rows of its expert
+#: (of every source in the fused launch), so weights are read once.
+MMA_CHOICES = ("sync", "wgmma", "ws")
+#: Name suffix of each tensor-core kind (mma.sync has none).
+MMA_SUFFIX = {"sync": "", "wgmma": "_wg", "ws": "_ws"}
+#: Weight-streaming tiles: token tiles and K steps it takes.
+WS_TOKEN_CHOICES = (16, 32, 64)
+WS_BK_CHOICES = (32, 64)
+#: The default streams weights when an expert's rows from all sources average at most this.
+WS_MAX_ROWS = 32
 #: How a forward runs: "host" reads the exchanged counts on the host and sizes every
 #: transfer and launch from them (one host synchronisation per call); "graph" keeps counts
 #: and row offsets on the device, moves fixed-size blocks (sized when the layer is built) and
@@ -44,7 +54,8 @@ MMA_M, MMA_N_LOAD = 16, 16
 @dataclass(frozen=True)
 class GemmTile:
     """Tiling of one expert GEMM: block tile, warp grid, cp.async pipeline depth and the
-    tensor-core instruction (``mma``; with "wgmma", ``warps_m`` = 4 per 64 rows)."""
+    tensor-core instruction (``mma``; with "wgmma", ``warps_m`` = 4 per 64 rows; with "ws",
+    ``bm`` tokens per pass and ``warps_m`` warps over the ``bn`` weight rows)."""
 
     bm: int
     bn: int
@@ -61,16 +72,26 @@ class GemmTile:
     @property
     def name(self) -> str:
         return (f"bm{self.bm}_bn{self.bn}_bk{self.bk}_w{self.warps_m}x{self.warps_n}"
-                f"_s{self.stages}{'_wg' if self.mma == 'wgmma' else ''}")
+                f"_s{self.stages}{MMA_SUFFIX.get(self.mma, '')}")
 
     def smem_bytes(self, b_operands: int) -> int:
         """Dynamic shared memory: ``stages`` copies of the A tile and ``b_operands`` B tiles."""
         tiles = self.stages * (self.bm * self.bk + b_operands * self.bn * self.bk) * 2
         return tiles + (WGMMA_ALIGN if self.mma == "wgmma" else 0)
 
+    def grid(self, n: int, rows: int, groups: int, inner_groups: int) -> tuple[int, int, int]:
+        """Launch grid of a GEMM of ``N = n`` over ``rows`` rows (bound) and ``groups``
+        groups (``inner_groups`` > 0: sources x inner groups, the fused launch)."""
+        if self.mma == "ws":  # one block per (n-tile, expert) takes all rows of all sources
+            return (-(-n // self.bn), 1, inner_groups if inner_groups > 0 else groups)
+        return (-(-n // self.bn), -(-rows // self.bm), groups)
+
     def regs_estimate(self, b_operands: int) -> int:
         if self.mma == "wgmma":  # a warpgroup's m64 x bn fp32 tile over 128 threads
             return self.bn // 2 * b_operands + REG_OVERHEAD
+        if self.mma == "ws":  # weight rows of a warp x all tokens of a pass
+            mi, nj = self.bn // self.warps_m // 16, self.bm // 8
+            return mi * nj * 4 * b_operands + mi * 4 + nj * 2 + REG_OVERHEAD
         mi = self.bm // self.warps_m // 16
         ni = self.bn // self.warps_n // 8
         acc = mi * ni * 4 * b_operands
@@ -91,7 +112,16 @@ class GemmTile:
                 raise err(f.name, v, "must be an integer")
         if self.mma == "wgmma":
             self._validate_wgmma(err, limits)
+        if self.mma == "ws":
+            self._validate_ws(err)
+        else:
+            self._validate_mma_grid(err)
+        if self.threads > limits.max_threads_per_block:
+            raise err("warps_m", self.warps_m,
+                      f"{self.threads} threads exceed {limits.max_threads_per_block} per block")
+        self._validate_fit(err, n, k, b_operands, limits)
 
+    def _validate_mma_grid(self, err) -> None:
         for field, value, choices in (("bm", self.bm, BM_CHOICES), ("bn", self.bn, BN_CHOICES),
                                       ("bk", self.bk, BK_CHOICES),
                                       ("warps_m", self.warps_m, WARP_CHOICES),
@@ -109,9 +139,24 @@ class GemmTile:
                       f"bn={self.bn} must split into warps_n tiles of a multiple of "
                       f"{MMA_N_LOAD} columns; valid warps_n: "
                       f"{[w for w in WARP_CHOICES if self.bn % (w * MMA_N_LOAD) == 0]}")
-        if self.threads > limits.max_threads_per_block:
-            raise err("warps_m", self.warps_m,
-                      f"{self.threads} threads exceed {limits.max_threads_per_block} per block")
+
+    def _validate_ws(self, err) -> None:
+        if self.bm not in WS_TOKEN_CHOICES:
+            raise err("bm", self.bm, f"ws: tokens per pass, choose one of {list(WS_TOKEN_CHOICES)}")
+        if self.bk not in WS_BK_CHOICES:
+            raise err("bk", self.bk, f"ws: choose one of {list(WS_BK_CHOICES)}")
+        if self.warps_n != 1:
+            raise err("warps_n", self.warps_n, "ws: warps split only the weight rows; use 1")
+        if self.warps_m not in WARP_CHOICES:
+            raise err("warps_m", self.warps_m, f"choose one of {list(WARP_CHOICES)}")
+        if self.bn not in BN_CHOICES or self.bn % (self.warps_m * MMA_M):
+            raise err("bn", self.bn, f"ws: one of {list(BN_CHOICES)} and a multiple of "
+                      f"16 x warps_m = {16 * self.warps_m}")
+        if self.stages not in STAGE_RANGE:
+            raise err("stages", self.stages, f"choose {STAGE_RANGE.start}..{STAGE_RANGE.stop - 1}")
+
+    def _validate_fit(self, err, n: int, k: int, b_operands: int,
+                      limits: DeviceLimits) -> None:
         if self.bn > n:
             raise err("bn", self.bn, f"tile exceeds the GEMM's N={n}; use bn <= {n}")
         if self.bk > k:
@@ -153,12 +198,13 @@ class GemmTile:
         if not isinstance(name, str):
             raise ConfigError("tile", name, "expected a tile name (str) such as "
                               "bm128_bn64_bk64_w4x2_s3")
-        m = re.fullmatch(r"bm(\d+)_bn(\d+)_bk(\d+)_w(\d+)x(\d+)_s(\d+)(_wg)?", name)
+        m = re.fullmatch(r"bm(\d+)_bn(\d+)_bk(\d+)_w(\d+)x(\d+)_s(\d+)(_wg|_ws)?", name)
         if not m:
             raise ConfigError("tile", name, "expected e.g. bm128_bn64_bk64_w4x2_s3 "
-                              "(suffix _wg for wgmma)")
-        *ints, wg = m.groups()
-        return cls(*map(int, ints), mma="wgmma" if wg else "sync")
+                              "(suffix _wg for wgmma, _ws for weight streaming)")
+        *ints, suffix = m.groups()
+        mma = {v: k for k, v in MMA_SUFFIX.items()}[suffix or ""]
+        return cls(*map(int, ints), mma=mma)
 
 
 @dataclass(frozen=True)
@@ -269,14 +315,18 @@ class KernelConfig:
     # -- defaults and serialisation -----------------------------------------------------
     @classmethod
     def default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
-        """A sound starting point: wgmma 128 x 128 tiles on Hopper when one launch fills the
-        GPU (bench/gemm_bench.py: 1.2-1.4x mma.sync on the large shapes), else mma.sync tiles
-        sized by the rows an expert gets on average (smaller tiles, more blocks)."""
+        """A sound starting point: weight-streaming tiles when experts get few rows (decode),
+        wgmma 128 x 128 tiles on Hopper when one launch fills the GPU (bench/gemm_bench.py:
+        1.2-1.4x mma.sync on the large shapes), else mma.sync tiles sized by the rows an
+        expert gets on average (smaller tiles, more blocks)."""
         # Packed slots: one NCCL op per peer instead of one per (peer, expert).
         knobs = dict(router_tokens_per_block=8, chunks_per_peer=1, comm_streams=1,
                      shared_stream=True, packed_slots=problem.world_size > 1)
         slot_rows = problem.tokens_per_rank * problem.top_k / problem.experts
         n_gu = cls.gemm_shapes(problem)["gate_up"][0]
+        ws = cls._weight_streaming(problem, problem.world_size * slot_rows, knobs, arch)
+        if ws is not None:
+            return ws
         blocks = problem.local_experts * -(-n_gu // 128) * max(1, -(-int(slot_rows) // 128))
         if limits_for(arch).major_minor == (9, 0) and blocks >= WGMMA_MIN_BLOCKS:
             wg = cls(GemmTile(128, 128, 64, 8, 1, 4, "wgmma"),
@@ -299,6 +349,25 @@ class KernelConfig:
         down = GemmTile(bm, bn_dn, bk_dn, warps_m=2, warps_n=min(4, bn_dn // 16), stages=3)
         cfg = cls(gate_up, down, **knobs)
         cfg.validate(problem, arch)
+        return cfg
+
+    @classmethod
+    def _weight_streaming(cls, problem: MoEProblem, rows: float, knobs: dict,
+                          arch: str) -> KernelConfig | None:
+        """Weight-streaming tiles when an expert gets at most ``WS_MAX_ROWS`` rows from all
+        sources together (decode): the GEMMs are bound by reading the weights, so each is
+        read once (all sources in one launch) with the tokens on the MMA's narrow side.
+        None when rows are more or a dimension is below the tiles."""
+        if rows > WS_MAX_ROWS:
+            return None
+        tt = next(t for t in WS_TOKEN_CHOICES if t >= min(rows, WS_TOKEN_CHOICES[-1]))
+        tt = max(tt, 32) if problem.shared_experts else tt  # shared rows: T per pass
+        cfg = cls(GemmTile(tt, 64, 64, 4, 1, 4, "ws"), GemmTile(tt, 128, 64, 4, 1, 4, "ws"),
+                  fuse_sources=problem.world_size > 1, **knobs)
+        try:
+            cfg.validate(problem, arch)
+        except ConfigError:
+            return None
         return cfg
 
     def to_dict(self) -> dict:

@@ -50,10 +50,19 @@ def nvcc_arch_flags(config: KernelConfig, arch: str = "sm_90") -> str:
 DEFAULT_DYNAMIC_SMEM = 48 * 1024
 
 
-def _tile_vars(tile: GemmTile, kernel: str, b_operands: int) -> dict:
+def grid_cpp(tile: GemmTile, prefix: str) -> str:
+    """The C++ launch grid of a GEMM wrapper (``GemmTile.grid`` spelled over the wrapper's
+    ``N``, ``rows``, ``groups``, ``inner_groups`` and the tile constants ``{prefix}_BN/BM``)."""
+    if tile.mma == "ws":
+        return f"dim3(ceil_div(N, {prefix}_BN), 1, inner_groups > 0 ? inner_groups : groups)"
+    return f"dim3(ceil_div(N, {prefix}_BN), ceil_div(rows, {prefix}_BM), groups)"
+
+
+def _tile_vars(tile: GemmTile, kernel: str, b_operands: int, prefix: str) -> dict:
     smem = tile.smem_bytes(b_operands)
     return {"kernel": kernel, "bm": tile.bm, "bn": tile.bn, "threads": tile.threads,
-            "smem": smem, "smem_optin": smem > DEFAULT_DYNAMIC_SMEM}
+            "smem": smem, "smem_optin": smem > DEFAULT_DYNAMIC_SMEM,
+            "grid": grid_cpp(tile, prefix)}
 
 
 def export_vars(layer: CompiledLayer) -> dict:
@@ -72,8 +81,8 @@ def export_vars(layer: CompiledLayer) -> dict:
         block_m=cfg.block_m,
         fixed_capacity=p.fixed_capacity(cfg.block_m) or 0,
         packed_slots=CPP_BOOL[cfg.packed_slots],
-        gu=_tile_vars(cfg.gate_up, gen.kernels.gate_up, 2),
-        dn=_tile_vars(cfg.down, gen.kernels.down, 1),
+        gu=_tile_vars(cfg.gate_up, gen.kernels.gate_up, 2, "GU"),
+        dn=_tile_vars(cfg.down, gen.kernels.down, 1, "DN"),
         chunks=expert_chunks(p, cfg),
         gate_elems=h * p.experts,
         w13_elems=i * h,

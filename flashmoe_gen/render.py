@@ -82,6 +82,9 @@ def gemm_expression(tile: GemmTile, gated: bool) -> str:
     """C++ name expression of one expert GEMM instantiation."""
     if tile.mma == "wgmma":
         return f"fmoe::expert_gemm_wg<{tile.bm}, {tile.bn}, {tile.stages}, {CPP_BOOL[gated]}>"
+    if tile.mma == "ws":
+        args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages]
+        return f"fmoe::expert_gemm_ws<{', '.join(map(str, args))}, {CPP_BOOL[gated]}>"
     args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages]
     return f"fmoe::expert_gemm<{', '.join(map(str, args))}, {CPP_BOOL[gated]}>"
 

@@ -35,6 +35,8 @@ from .weights import MoEWeights
 
 #: Mode "graph" takes its fixed buffers only when they fit this share of the free memory.
 GRAPH_MEMORY_SHARE = 0.9
+#: Position of ``inner_groups`` in a packed GEMM launch (the weight-streaming grid needs it).
+_INNER_GROUPS = GEMM.names.index("inner_groups")
 
 
 def graph_memory_bytes(problem: MoEProblem, config: KernelConfig) -> int:
@@ -277,7 +279,7 @@ class FlashMoE:
             return
         tile = self.config.gate_up if gated else self.config.down
         name = self.kernels.gate_up if gated else self.kernels.down
-        grid = (-(-n // tile.bn), -(-rows // tile.bm), groups)
+        grid = tile.grid(n, rows, groups, int(args[_INNER_GROUPS]))
         with stream:
             self.module[name](grid, (tile.threads,), args,
                               shared_mem=self.compiled.dynamic_smem[name])

@@ -125,6 +125,21 @@ def test_packed_slots_and_fused_sources_mirrored():
     assert "gemm_gate_up(max_remote_rows(L), 16, s," in text  # P * E_local groups at once
 
 
+def test_weight_streaming_grid_mirrored():
+    """The export launches weight-streaming GEMMs on GemmTile.grid's rule: one block row,
+    one block per expert in the fused launch (every source's rows in one block)."""
+    ws = GemmTile(16, 64, 64, 4, 1, 4, "ws")
+    cfg = KernelConfig(ws, dataclasses.replace(ws, bn=128), fuse_sources=True,
+                       packed_slots=True)
+    text = export_cu(CAPPED, cfg, with_main=True)
+    grid = ("const dim3 grid = dim3(ceil_div(N, {}_BN), 1, "
+            "inner_groups > 0 ? inner_groups : groups);")
+    assert grid.format("GU") in text and grid.format("DN") in text
+    assert "fmoe::expert_gemm_ws<16, 64, 64, 4, 4, true>" in text
+    plain = export_cu(CAPPED, KernelConfig.default(CAPPED))
+    assert "const dim3 grid = dim3(ceil_div(N, GU_BN), ceil_div(rows, GU_BM), groups);" in plain
+
+
 def test_write_only_if_changed(tmp_path):
     path = tmp_path / "layer.cu"
     text = export_cu(SHARED, path=path)
@@ -142,8 +157,11 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH (CUDA too
 
 
 @needs_nvcc
-@pytest.mark.parametrize("problem,config", [(SHARED, None), (CAPPED, BIG_SMEM)],
-                         ids=["shared_experts", "capacity_factor_p2"])
+@pytest.mark.parametrize("problem,config", [
+    (SHARED, None), (CAPPED, BIG_SMEM),
+    (CAPPED, KernelConfig(GemmTile(32, 64, 64, 4, 1, 4, "ws"),
+                          GemmTile(32, 128, 64, 4, 1, 4, "ws"), fuse_sources=True))],
+    ids=["shared_experts", "capacity_factor_p2", "weight_streaming_fused"])
 def test_nvcc_compiles_export(tmp_path, problem, config):
     src = tmp_path / "layer.cu"
     export_cu(problem, config, src)

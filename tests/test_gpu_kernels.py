@@ -116,14 +116,31 @@ def test_layer_skewed_routing_and_capacity():
     (GemmTile(128, 128, 64, 8, 1, 4, "wgmma"), GemmTile(128, 128, 64, 8, 1, 3, "wgmma")),
     (GemmTile(64, 64, 64, 4, 1, 3, "wgmma"), GemmTile(64, 256, 64, 4, 1, 3, "wgmma")),
     (GemmTile(64, 32, 64, 4, 1, 5, "wgmma"), GemmTile(64, 128, 64, 2, 4, 3)),
+    # Weight streaming: ~83 rows per expert, so several token passes per block; N = 704
+    # is not a multiple of bn = 128.
+    (GemmTile(64, 64, 64, 4, 1, 4, "ws"), GemmTile(64, 128, 64, 4, 1, 4, "ws")),
+    (GemmTile(16, 128, 32, 8, 1, 3, "ws"), GemmTile(128, 128, 64, 2, 4, 3)),
+    (GemmTile(32, 32, 64, 2, 1, 6, "ws"), GemmTile(32, 64, 32, 1, 1, 2, "ws")),
 ], ids=["default_small", "bk32", "tiny_tiles", "big_tiles", "wgmma_128", "wgmma_64_n256",
-        "wgmma_mixed"])
+        "wgmma_mixed", "ws_64", "ws_16_mixed", "ws_32_s6"])
 def test_layer_tile_configs(gu, dn):
     p = RAGGED
     cfg = KernelConfig(gu, dn, router_tokens_per_block=4, chunks_per_peer=2)
     w = MoEWeights.random(p, seed=11)
     layer = _layer(p, cfg, weights=w)
     _run_checked(layer, random_tokens(333, p.hidden, seed=12), w)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 24, 97], ids=lambda t: f"t{t}")
+def test_weight_streaming_rows_per_expert(tokens):
+    """The decode kernel from 1 row per expert up to several passes, on a shape whose K and
+    N are not multiples of its tiles (K = 520, 344; N = 344, 520), every expert ragged."""
+    p = MoEProblem(520, 344, 32, 4, shared_experts=1, tokens_per_rank=tokens)
+    ws = GemmTile(16, 32, 64, 2, 1, 4, "ws")
+    cfg = KernelConfig(ws, dataclasses.replace(ws, bn=64), router_tokens_per_block=4)
+    w = MoEWeights.random(p, seed=tokens)
+    layer = _layer(p, cfg, weights=w)
+    _run_checked(layer, random_tokens(tokens, p.hidden, seed=tokens + 3), w)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["exact", "capped"])

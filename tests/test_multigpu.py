@@ -17,7 +17,7 @@ import pytest
 
 from flashmoe_gen import bf16
 from flashmoe_gen.check import check_layer
-from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.config import GemmTile, KernelConfig
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.weights import MoEWeights, random_tokens
 
@@ -101,6 +101,23 @@ def test_overlap_knobs(comm, chunks, streams, overlap, fuse, packed):
                        shared_stream=overlap, overlap=overlap, fuse_sources=fuse,
                        packed_slots=packed)
     _check(comm, DSV2, [400, 512, 200, 64], config=cfg, seed=8)
+
+
+# -- weight streaming (decode GEMMs): one block per (n-tile, expert) gathers every source -----
+WS_DECODE = MoEProblem(1024, 512, 32, 8, shared_experts=1, tokens_per_rank=24)
+
+
+@pytest.mark.parametrize("mode,fuse,packed", [
+    ("host", True, True), ("host", False, True), ("host", True, False), ("graph", True, True),
+    ("graph", False, False)],
+    ids=["host_fused_packed", "host_per_source", "host_fused_expert_slots", "graph_fused",
+         "graph_per_source_expert_slots"])
+def test_weight_streaming_sources(comm, mode, fuse, packed):
+    """Few rows per expert from every source (one rank sends none), ragged per source."""
+    ws = GemmTile(16, 64, 64, 4, 1, 4, "ws")
+    cfg = KernelConfig(ws, dataclasses.replace(ws, bn=128), router_tokens_per_block=4,
+                       fuse_sources=fuse, packed_slots=packed, mode=mode)
+    _check(comm, WS_DECODE, [24, 3, 0, 17], config=cfg, seed=31)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["expert_slots", "packed"])

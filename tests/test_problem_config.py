@@ -18,6 +18,7 @@ from flashmoe_gen.config import (
     COMM_STREAM_CHOICES,
     ROUTER_CHOICES,
     WARP_CHOICES,
+    WS_MAX_ROWS,
     GemmTile,
     KernelConfig,
 )
@@ -528,10 +529,54 @@ def test_config_tile_not_a_gemm_tile():
     assert ei.value.field == "gate_up"
 
 
+# ---- weight-streaming tiles -------------------------------------------------------------------
+DSV3_DECODE = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=4, tokens_per_rank=128)
+
+
+def test_weight_streaming_tile_name_parse_and_grid():
+    t = GemmTile(32, 64, 64, 4, 1, 4, "ws")
+    assert t.name == "bm32_bn64_bk64_w4x1_s4_ws" and GemmTile.parse(t.name) == t
+    assert GemmTile.parse("bm32_bn64_bk64_w4x1_s4").mma == "sync"
+    cfg = KernelConfig(t, GemmTile(32, 128, 64, 4, 1, 4, "ws"), fuse_sources=True)
+    assert KernelConfig.from_name(cfg.name) == cfg
+    assert KernelConfig.from_json(cfg.to_json()) == cfg
+    # One block row; the fused launch (inner groups > 0) takes one block per expert.
+    assert t.grid(2048, 500, 4 * 64, 64) == (32, 1, 64)
+    assert t.grid(2050, 500, 3, 0) == (33, 1, 3)
+    assert GemmTile(64, 64, 64, 2, 2, 3).grid(2048, 500, 256, 64) == (32, 8, 256)
+
+
+@pytest.mark.parametrize("tile,field,text", [
+    (GemmTile(8, 64, 64, 4, 1, 4, "ws"), "bm", "tokens per pass"),
+    (GemmTile(128, 64, 64, 4, 1, 4, "ws"), "bm", "tokens per pass"),
+    (GemmTile(32, 64, 16, 4, 1, 4, "ws"), "bk", "ws: choose one of [32, 64]"),
+    (GemmTile(32, 64, 64, 2, 2, 4, "ws"), "warps_n", "use 1"),
+    (GemmTile(32, 32, 64, 4, 1, 4, "ws"), "bn", "multiple of 16 x warps_m = 64"),
+    (GemmTile(32, 64, 64, 4, 1, 7, "ws"), "stages", "choose 2..6"),
+    (GemmTile(64, 256, 64, 2, 1, 6, "ws"), "stages", "shared memory"),
+], ids=["bm8", "bm128", "bk16", "warps_n2", "bn_split", "stages7", "smem"])
+def test_weight_streaming_tile_refusals(tile, field, text):
+    cfg = KernelConfig(tile, GemmTile(32, 128, 64, 4, 1, 4, "ws"))
+    with pytest.raises(ConfigError) as ei:
+        cfg.validate(DSV3_DECODE)
+    assert ei.value.field == f"gate_up.{field}" and text in str(ei.value), str(ei.value)
+
+
+def test_weight_streaming_default_for_decode_only():
+    ws = KernelConfig.default(DSV3_DECODE)
+    assert ws.gate_up.mma == ws.down.mma == "ws" and ws.fuse_sources
+    assert ws.block_m == 32  # 16 rows per expert, 32 with the shared expert's T rows
+    big = KernelConfig.default(DSV3_DECODE.replace(tokens_per_rank=4096))
+    assert big.gate_up.mma != "ws" and not big.fuse_sources
+    one = KernelConfig.default(DSV3_DECODE.replace(world_size=1, shared_experts=0,
+                                                   tokens_per_rank=64))
+    assert one.gate_up.bm == 16 and not one.fuse_sources  # 2 rows per expert, no peers
+
+
 # ---- defaults ---------------------------------------------------------------------------------
 def test_default_config_validates_over_grid():
     n = 0
-    seen_bm, seen_mma = set(), set()
+    seen_bm, seen_mma, seen_kind = set(), set(), set()
     for h, i, e, k, s, w, t in itertools.product(
             (512, 2048, 2880, 4096, 7168), (704, 1408, 2048, 2880, 14336), (8, 60, 64, 256),
             (1, 2, 4, 6, 8), (0, 1, 2), (1, 2, 4), (1, 256, 4096)):
@@ -544,11 +589,17 @@ def test_default_config_validates_over_grid():
         hopper.validate(p, "sm_90")
         seen_mma.add(hopper.uses_wgmma)
         assert cfg.gate_up.bm == cfg.down.bm == cfg.block_m
+        rows = w * t * k / e  # an expert's rows from all sources, on average
+        kind = cfg.gate_up.mma
+        seen_kind.add(kind)
+        assert (kind == "ws") == (rows <= WS_MAX_ROWS), (p.name, cfg.name)
+        assert cfg.fuse_sources == (kind == "ws" and w > 1)  # weights read once
         assert cfg.gate_up.bn <= i and cfg.down.bn <= h
         seen_bm.add(cfg.block_m)
         n += 1
     assert n == 5 * 5 * 4 * 5 * 3 * 3 * 3
-    assert seen_bm == {64, 128}  # both row regimes were exercised
+    assert seen_bm == {16, 32, 64, 128}  # every row regime was exercised
+    assert seen_kind == {"ws", "sync"}  # weight streaming for decode, mma.sync elsewhere
     assert seen_mma == {True, False}  # wgmma where a launch fills the GPU, mma.sync elsewhere
 
 
@@ -565,8 +616,10 @@ def test_default_config_exists_for_every_valid_problem(args):
 
 
 def test_default_tiles_follow_rows_per_expert():
-    few = MoEProblem(2048, 1408, 64, 6, tokens_per_rank=256)   # 24 rows per expert
-    many = MoEProblem(2048, 1408, 8, 2, tokens_per_rank=4096)  # 1024 rows per expert
+    decode = MoEProblem(2048, 1408, 64, 6, tokens_per_rank=256)  # 24 rows per expert
+    few = MoEProblem(2048, 1408, 64, 6, tokens_per_rank=640)     # 60 rows per expert
+    many = MoEProblem(2048, 1408, 8, 2, tokens_per_rank=4096)    # 1024 rows per expert
+    assert KernelConfig.default(decode, "sm_80").gate_up == GemmTile(32, 64, 64, 4, 1, 4, "ws")
     assert KernelConfig.default(few, "sm_80").block_m == 64
     assert KernelConfig.default(many, "sm_80").block_m == 128
 

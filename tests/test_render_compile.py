@@ -186,6 +186,21 @@ def test_gemm_expression():
         "fmoe::expert_gemm<128, 64, 64, 4, 2, 3, true>")
     assert gemm_expression(GemmTile(64, 128, 32, 2, 4, 5), False) == (
         "fmoe::expert_gemm<64, 128, 32, 2, 4, 5, false>")
+    assert gemm_expression(GemmTile(32, 128, 64, 4, 1, 6, "ws"), True) == (
+        "fmoe::expert_gemm_ws<32, 128, 64, 4, 6, true>")
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_compile_weight_streaming(arch, private_cache):
+    """Both weight-streaming GEMMs compile without spills (NVRTC runs on the CPU)."""
+    p = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=4, tokens_per_rank=128)
+    cfg = KernelConfig.default(p, arch)
+    assert cfg.gate_up.mma == cfg.down.mma == "ws"
+    gen = render(p, cfg, arch=arch)
+    mod = compile_source(gen, arch, use_cache=False)
+    check_module(mod, gen, arch)
+    for name in (gen.kernels.gate_up, gen.kernels.down):
+        assert mod.resources[name].spill_stores == 0, (name, mod.resources[name])
 
 
 @pytest.mark.parametrize("experts,expected", [
@@ -226,7 +241,8 @@ def check_module(mod, gen: GeneratedSource, arch: str) -> None:
         assert mod.lowered[k] == k
     for expr, tile in zip(gen.kernels.name_expressions, (gen.config.gate_up, gen.config.down),
                           strict=True):
-        mangled = "_ZN4fmoe14expert_gemm_wgI" if tile.mma == "wgmma" else "_ZN4fmoe11expert_gemmI"
+        mangled = {"wgmma": "_ZN4fmoe14expert_gemm_wgI", "ws": "_ZN4fmoe14expert_gemm_wsI",
+                   "sync": "_ZN4fmoe11expert_gemmI"}[tile.mma]
         assert mod.lowered[expr].startswith(mangled)
     for k, r in mod.resources.items():
         assert r.spills == 0 and r.spill_stores == 0 and r.spill_loads == 0, (k, r)

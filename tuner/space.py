@@ -111,7 +111,7 @@ class SearchSpace:
         if limits.major_minor != (9, 0):  # warpgroup MMA is Hopper's
             for k in ("gu_mma", "dn_mma"):
                 if k in choices:
-                    choices[k] = ("sync",)
+                    choices[k] = tuple(m for m in choices[k] if m != "wgmma")
         return cls(problem, limits, choices)
 
     # -- params <-> config ---------------------------------------------------------------
