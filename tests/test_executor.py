@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from flashmoe_gen.build import build
-from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.config import GemmTile, KernelConfig, expert_chunks
 from flashmoe_gen.executor import python_launcher
 from flashmoe_gen.layout import SymmetricLayout
 from flashmoe_gen.plan import Gemms, Transfer, fixed_slots
@@ -128,9 +128,14 @@ P4 = MoEProblem(512, 1024, 16, 2, shared_experts=1, world_size=4, tokens_per_ran
 KNOBS = list(itertools.product(("host", "graph"), (False, True), (True, False), (1, 2), (1, 2)))
 
 
-@pytest.mark.parametrize("problem", [P1, P4], ids=["p1", "p4"])
-def test_every_operation_runs_as_planned(problem):
+@pytest.mark.parametrize("problem,kind", [(P1, "sync"), (P4, "sync"), (P1, "ws"), (P4, "ws")],
+                         ids=["p1", "p4", "p1_ws", "p4_ws"])
+def test_every_operation_runs_as_planned(problem, kind):
     base = KernelConfig.default(problem)
+    if kind == "sync":
+        base = dataclasses.replace(base, gate_up=GemmTile(64, 64, 64, 2, 2, 3),
+                                   down=GemmTile(64, 128, 64, 2, 4, 3))
+    assert base.gate_up.mma == kind
     for mode, fuse, overlap, chunks, streams in KNOBS:
         if problem.world_size == 1 and (fuse or chunks > 1 or streams > 1):
             continue
@@ -150,6 +155,11 @@ def test_every_operation_runs_as_planned(problem):
         rows = {g[1] for g in grids[1:]}  # after the shared experts' launch
         bm = cfg.gate_up.bm
         want = -(-layer.fixed.capacity // bm) if mode == "graph" else -(-COUNT // bm)
+        if cfg.gate_up.mma == "ws":  # one block row; the fused launch: a block per expert
+            want = 1
+            zs = {g[2] for g in grids[1:]}
+            assert zs <= {problem.local_experts, *(e1 - e0 for e0, e1 in
+                                                   expert_chunks(problem, cfg))}, zs
         assert rows == {want}, (cfg.name, rows)
         sends = [e for e in log if e[0] == "send"]
         recvs = [e for e in log if e[0] == "recv"]
