@@ -1,9 +1,12 @@
-"""Expert GEMMs alone on one GPU: mma.sync vs wgmma tiles vs torch._grouped_mm.
+"""Expert GEMMs alone on one GPU: mma.sync, wgmma and weight-streaming tiles vs
+torch._grouped_mm.
 
 Each case runs one local-expert block the way the layer does (gate/up with SiLU*mul, then
 down) on full slots of ``rows`` tokens per expert, and reports the median time (CUDA
-events, warm-up first) and TFLOP/s. Same bf16 data for every variant; each variant's output
-is checked against torch's.
+events, warm-up first), TFLOP/s and the effective weight bandwidth (weight bytes / time)
+against the card's copy bandwidth measured in the same run (the decode roofline: the
+weights must be read once). Same bf16 data for every variant; each variant's output is
+checked against torch's.
 
     python bench/gemm_bench.py --out bench/results/gemm.md
 """
@@ -21,12 +24,53 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, md_table  # noqa: E402
 
-#: (label, hidden, intermediate, local experts, rows per expert): the layer's shapes at 2 ranks.
+#: (label, hidden, intermediate, local experts, rows per expert): large batches at 2 ranks,
+#: the FlashDMoE setting (E=64, k=2, T=16384 per rank at 4 ranks) and decode shapes
+#: (DeepSeek-V3-like at 4 ranks: 64 local experts; DeepSeek-V2-Lite at 2 ranks).
 CASES = [("mixtral_t4096", 4096, 14336, 4, 2048), ("dsv2lite_t4096", 2048, 1408, 32, 768),
-         ("dsv2lite_t512", 2048, 1408, 32, 96), ("flashdmoe_e64", 2048, 2048, 32, 256)]
+         ("dsv2lite_t512", 2048, 1408, 32, 96), ("flashdmoe_e64", 2048, 2048, 32, 256),
+         ("flashdmoe_t16384", 2048, 2048, 16, 2048),
+         ("dsv3_decode_r16", 7168, 2048, 64, 16), ("dsv3_decode_r32", 7168, 2048, 64, 32),
+         ("dsv3_decode_r64", 7168, 2048, 64, 64), ("dsv2lite_decode_r8", 2048, 1408, 32, 8)]
 WGMMA = ["gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn128_bk64_w8x1_s4_wg",
          "gu_bm128_bn64_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s3_wg",
          "gu_bm64_bn128_bk64_w4x1_s4_wg__dn_bm64_bn128_bk64_w4x1_s4_wg"]
+#: Weight-streaming pairs, timed where an expert has at most WS_ROWS rows (decode).
+WS = ["gu_bm16_bn64_bk64_w4x1_s4_ws__dn_bm16_bn128_bk64_w4x1_s4_ws",
+      "gu_bm32_bn64_bk64_w4x1_s4_ws__dn_bm32_bn128_bk64_w4x1_s4_ws",
+      "gu_bm32_bn64_bk64_w4x1_s6_ws__dn_bm32_bn64_bk64_w4x1_s6_ws",
+      "gu_bm64_bn128_bk64_w8x1_s4_ws__dn_bm64_bn128_bk64_w8x1_s4_ws"]
+WS_ROWS = 64
+
+
+def device_weights(p, seed: int = 3):
+    """Random N(0, 1/fan_in) weights made on the GPU, expert by expert (the host generator
+    takes minutes for the DeepSeek-V3-sized cases; any values do for timing)."""
+    import cupy
+
+    from flashmoe_gen.device_weights import DeviceWeights
+
+    rng = cupy.random.default_rng(seed)
+
+    def bits(shape, fan_in):  # bf16 by truncating float32 (good enough for a benchmark)
+        out = cupy.empty(shape, np.uint16)
+        for e in range(shape[0]):
+            f = rng.standard_normal(shape[1:], dtype=np.float32) * np.float32(fan_in ** -0.5)
+            out[e] = (f.view(np.uint32) >> 16).astype(np.uint16)
+        return out
+
+    h, i, el = p.hidden, p.intermediate, p.local_experts
+    return DeviceWeights(bits((1, h, p.experts), h)[0], bits((el, i, h), h),
+                         bits((el, i, h), h), bits((el, h, i), i))
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, iters: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), this card now."""
+    import cupy
+    src = cupy.ones(nbytes // 2, np.uint16)
+    dst = cupy.empty_like(src)
+    ms = time_ms(lambda: dst.__setitem__(Ellipsis, src), iters)
+    return 2 * nbytes / (ms * 1e-3)
 
 
 def time_ms(fn, iters: int, warmup: int = 3) -> float:
@@ -42,7 +86,8 @@ def time_ms(fn, iters: int, warmup: int = 3) -> float:
     return float(np.median([cupy.cuda.get_elapsed_time(a, b) for a, b in evs]))
 
 
-def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int) -> dict:
+def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int,
+                 copy_bw: float) -> dict:
     """Torch and every tile variant on one shape; errors are relative to torch's output."""
     import cupy
     import torch
@@ -57,15 +102,16 @@ def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int) -> 
     flops = 2 * 3 * h * i * rows * el
     torch.manual_seed(0)
     x = (torch.randn(el * rows, h, device="cuda") * 0.5).bfloat16()
-    variants = {"sync_default": KernelConfig.default(p, "sm_80")}  # mma.sync heuristic tiles
-    for base in WGMMA:
+    variants = {"sync_default": KernelConfig.default(p, "sm_80")}  # the arch-neutral default
+    names = (WGMMA if rows >= 64 else []) + (WS if rows <= WS_ROWS else [])
+    for base in names:
         cfg = KernelConfig.from_name(base + "__r8__c1__cs1__ss1")
         try:
             cfg.validate(p, "sm_90")
             variants[base] = cfg
         except Exception as e:  # tile wider than this problem: say so, keep going
             print(f"{label}: skip {base}: {e}", file=sys.stderr)
-    first = FlashMoE(p, variants["sync_default"], seed=3)
+    first = FlashMoE(p, variants["sync_default"], weights=device_weights(p))
     w1, w3, w2 = (torch.from_dlpack(t).view(torch.bfloat16) for t in
                   (first.w1, first.w3, first.w2))
     offs = torch.arange(1, el + 1, device="cuda", dtype=torch.int32) * rows
@@ -78,7 +124,10 @@ def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int) -> 
         return torch._grouped_mm(torch.nn.functional.silu(g) * u, w2t, offs=offs)
 
     ref = torch_fn().float().cpu().numpy().astype(np.float64)
-    res = {"case": label, "torch_ms": time_ms(torch_fn, iters)}
+    weight_bytes = 3 * h * i * el * 2
+    res = {"case": label, "rows": rows, "torch_ms": time_ms(torch_fn, iters),
+           "weight_gb": round(weight_bytes / 1e9, 3),
+           "floor_ms": round(weight_bytes / copy_bw * 1e3, 4)}
     counts = cupy.full(el, rows, np.int32)
     xs = cupy.from_dlpack(x.view(torch.int16)).view(np.uint16)
     for name, cfg in variants.items():
@@ -102,8 +151,10 @@ def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int) -> 
         err = relative_error(got.float().cpu().numpy().astype(np.float64), ref)
         ms = time_ms(ours, iters)
         res[name] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1),
+                     "weight_tbs": round(weight_bytes / ms / 1e9, 2),
                      "err_vs_torch": float(f"{err:.2e}")}
     res["torch_tflops"] = round(flops / res["torch_ms"] / 1e9, 1)
+    res["torch_weight_tbs"] = round(weight_bytes / res["torch_ms"] / 1e9, 2)
     return res
 
 
@@ -113,28 +164,36 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--cases", default="", help="comma-separated case labels (default: all)")
     a = ap.parse_args()
 
     import cupy
 
     card = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    copy_bw = copy_bandwidth()
+    print(json.dumps({"card": card, "copy_tbs": round(copy_bw / 1e12, 2)}), flush=True)
+    cases = [c for c in CASES if not a.cases or c[0] in a.cases.split(",")]
     rows_out = []
-    for case in CASES:
-        rows_out.append(measure_case(*case, iters=a.iters))
+    for case in cases:
+        rows_out.append(measure_case(*case, iters=a.iters, copy_bw=copy_bw))
         print(json.dumps(rows_out[-1]), flush=True)
 
-    names = ["sync_default", *WGMMA]
+    names = ["sync_default", *WGMMA, *WS]
     head = (f"# Expert GEMMs alone: 1 x {card}, {datetime.date.today()}, commit {a.commit}\n\n"
             "Gate/up (SiLU*mul) + down over all local experts, full slots; median of "
-            f"{a.iters} (CUDA events). TFLOP/s; torch = `torch._grouped_mm` x2 + silu*mul.\n\n")
-    cols = ["case", "torch", *[f"v{j}" for j in range(len(names))]]
+            f"{a.iters} (CUDA events). TFLOP/s and effective weight bandwidth (weight bytes "
+            "/ time, TB/s); torch = `torch._grouped_mm` x2 + silu*mul. Copy bandwidth of "
+            f"this card in this run: {copy_bw / 1e12:.2f} TB/s; floor = weights / copy "
+            "bandwidth.\n\n")
+    cols = ["case", "rows", "floor ms", "torch", *[f"v{j}" for j in range(len(names))]]
     cells = []
     for r in rows_out:
-        row = [r["case"], f"{r['torch_tflops']} ({r['torch_ms']:.3f} ms)"]
+        row = [r["case"], r["rows"], f"{r['floor_ms']:.3f}",
+               f"{r['torch_tflops']} TF, {r['torch_weight_tbs']} TB/s ({r['torch_ms']:.3f} ms)"]
         for n in names:
             v = r.get(n)
-            row.append(f"{v['tflops']} ({v['ms']:.3f} ms, err {v['err_vs_torch']:.0e})"
-                       if v else "-")
+            row.append(f"{v['tflops']} TF, {v['weight_tbs']} TB/s ({v['ms']:.3f} ms, "
+                       f"err {v['err_vs_torch']:.0e})" if v else "-")
         cells.append(row)
     legend = "\n".join(f"- v{j}: `{n}`" for j, n in enumerate(names))
     emit(head + md_table(cols, cells) + "\n" + legend + "\n", rows_out, a.out, a.json)
