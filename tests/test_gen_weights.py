@@ -348,3 +348,5 @@ def test_evaluator_refuses_an_unknown_check_mode():
 
     with pytest.raises(ArgumentError, match=r"check_mode.*'sampled', 'full'"):
         LayerEvaluator(P, check_mode="quick")
+    with pytest.raises(ArgumentError, match="check_rows"):
+        LayerEvaluator(P, check_rows=0)

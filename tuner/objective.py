@@ -127,6 +127,9 @@ class LayerEvaluator:
 
         if check_mode not in CHECK_MODES:
             raise ArgumentError("check_mode", check_mode, f"choose one of {list(CHECK_MODES)}")
+        if check_rows is not None and (isinstance(check_rows, bool) or
+                                       not isinstance(check_rows, int) or check_rows < 1):
+            raise ArgumentError("check_rows", check_rows, "a positive integer (rows per rank)")
         self.problem, self.comm = problem, comm
         self.rank = comm.rank if comm is not None else 0
         self.mpi = comm.mpi if comm is not None else None
