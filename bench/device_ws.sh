@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# First device run of the weight-streaming GEMM (issue 12): its one-GPU tests (GPU 0) and
-# the decode GEMM bench (GPU 1) side by side, then its 4-rank tests and the 4-rank decode
-# table of DeepSeek-V3-like and seed shapes. Logs under $OUT, short table last.
+# First device run of issue 12's kernels (weight streaming `_ws`, persistent TMA `_tma`):
+# their one-GPU tests (GPU 0) and the GEMM bench (GPU 1) side by side, then their 4-rank
+# tests and the 4-rank decode table of DeepSeek-V3-like and seed shapes. Logs under $OUT.
 # Usage (device tool, nvidia-h100-x4, carry .whl): bash bench/device_ws.sh COMMIT
 set -u
 COMMIT=${1:-unknown}
@@ -11,15 +11,15 @@ MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x F
 source bench/device_lib.sh
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$O/cards.txt"
 (CUDA_VISIBLE_DEVICES=0 timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-   -k "ws or weight_streaming or e256 or h2880" -q --no-header -p no:cacheprovider \
+   -k "ws or weight_streaming or e256 or h2880 or tma" -q --no-header -p no:cacheprovider \
    > "$O/gpu_ws.log" 2>&1; echo "gpu ws tests rc=$?" > "$O/gpu_ws.rc") &
 CUDA_VISIBLE_DEVICES=1 timeout -k 10 240 python3 bench/gemm_bench.py --commit "$COMMIT" \
-  --cases dsv3_decode_r16,dsv3_decode_r32,dsv3_decode_r64,dsv2lite_decode_r8,dsv2lite_t512 \
+  --cases dsv3_decode_r16,dsv3_decode_r32,dsv2lite_decode_r8,mixtral_t4096,dsv2lite_t4096,flashdmoe_t16384 \
   --out "$O/gemm_decode.md" --json "$O/gemm_decode.json" > "$O/gemm_decode.log" 2>&1
 echo "gemm bench rc=$?"
 wait
 timeout -k 10 200 $MPI -np 4 python3 -m pytest -m multigpu tests/test_multigpu.py \
-  -k "weight_streaming or graph_mode_matches" -q --no-header -p no:cacheprovider \
+  -k "weight_streaming or tma or graph_mode_matches" -q --no-header -p no:cacheprovider \
   > "$O/multigpu_ws.log" 2>&1
 echo "multigpu ws rc=$?"
 DECODE_TIMEOUT=240 run_decode 4 "$COMMIT" --problems seed,dsv3 > "$O/decode_summary.txt" 2>&1

@@ -1,5 +1,5 @@
-"""Expert GEMMs alone on one GPU: mma.sync, wgmma and weight-streaming tiles vs
-torch._grouped_mm.
+"""Expert GEMMs alone on one GPU: mma.sync, wgmma, the persistent TMA kernel and
+weight-streaming tiles vs torch._grouped_mm.
 
 Each case runs one local-expert block the way the layer does (gate/up with SiLU*mul, then
 down) on full slots of ``rows`` tokens per expert, and reports the median time (CUDA
@@ -35,6 +35,10 @@ CASES = [("mixtral_t4096", 4096, 14336, 4, 2048), ("dsv2lite_t4096", 2048, 1408,
 WGMMA = ["gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn128_bk64_w8x1_s4_wg",
          "gu_bm128_bn64_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s3_wg",
          "gu_bm64_bn128_bk64_w4x1_s4_wg__dn_bm64_bn128_bk64_w4x1_s4_wg"]
+#: The persistent TMA kernel (producer warpgroup, two wgmma consumer warpgroups).
+TMA = ["gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma",
+       "gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn128_bk64_w8x1_s4_tma",
+       "gu_bm128_bn64_bk64_w8x1_s6_tma__dn_bm128_bn256_bk64_w8x1_s4_tma"]
 #: Weight-streaming pairs, timed where an expert has at most WS_ROWS rows (decode).
 WS = ["gu_bm16_bn64_bk64_w4x1_s4_ws__dn_bm16_bn128_bk64_w4x1_s4_ws",
       "gu_bm32_bn64_bk64_w4x1_s4_ws__dn_bm32_bn128_bk64_w4x1_s4_ws",
@@ -103,7 +107,7 @@ def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int,
     torch.manual_seed(0)
     x = (torch.randn(el * rows, h, device="cuda") * 0.5).bfloat16()
     variants = {"sync_default": KernelConfig.default(p, "sm_80")}  # the arch-neutral default
-    names = (WGMMA if rows >= 64 else []) + (WS if rows <= WS_ROWS else [])
+    names = (WGMMA + TMA if rows >= 64 else []) + (WS if rows <= WS_ROWS else [])
     for base in names:
         cfg = KernelConfig.from_name(base + "__r8__c1__cs1__ss1")
         try:
@@ -178,7 +182,7 @@ def main() -> int:
         rows_out.append(measure_case(*case, iters=a.iters, copy_bw=copy_bw))
         print(json.dumps(rows_out[-1]), flush=True)
 
-    names = ["sync_default", *WGMMA, *WS]
+    names = ["sync_default", *WGMMA, *TMA, *WS]
     head = (f"# Expert GEMMs alone: 1 x {card}, {datetime.date.today()}, commit {a.commit}\n\n"
             "Gate/up (SiLU*mul) + down over all local experts, full slots; median of "
             f"{a.iters} (CUDA events). TFLOP/s and effective weight bandwidth (weight bytes "

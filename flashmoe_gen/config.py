@@ -25,9 +25,20 @@ CHUNK_RANGE = range(1, 17)
 #: (decode): mma.sync with the operands swapped, ``bm`` is the token tile, ``bn`` the weight
 #: rows of a block split over ``warps_m`` warps, one block covers all rows of its expert
 #: (of every source in the fused launch), so weights are read once.
-MMA_CHOICES = ("sync", "wgmma", "ws")
+#: "tma" = the persistent large-batch kernel (sm_90a): TMA loads into an mbarrier ring fed by
+#: a producer warpgroup, two consumer warpgroups of wgmma (``bm`` = 128, ``warps_m`` = 8
+#: consumer warps), one block per SM walking every (group, m-tile, n-tile) of a launch.
+MMA_CHOICES = ("sync", "wgmma", "ws", "tma")
 #: Name suffix of each tensor-core kind (mma.sync has none).
-MMA_SUFFIX = {"sync": "", "wgmma": "_wg", "ws": "_ws"}
+MMA_SUFFIX = {"sync": "", "wgmma": "_wg", "ws": "_ws", "tma": "_tma"}
+#: Kinds that issue Hopper-only instructions (built for sm_90a).
+HOPPER_KINDS = ("wgmma", "tma")
+#: The tma kernel: producer warpgroup threads, groups one launch may have, static shared
+#: memory (the groups' tile prefix and the ring's barriers) and the spin bound of a wait.
+TMA_PRODUCER_THREADS = 128
+TMA_MAX_GROUPS = 1024
+TMA_STATIC_SMEM = 4 * (TMA_MAX_GROUPS + 1) + 16 * 8
+TMA_SPIN_CYCLES = 1 << 34
 #: Weight-streaming tiles: token tiles and K steps it takes.
 WS_TOKEN_CHOICES = (16, 32, 64)
 WS_BK_CHOICES = (32, 64)
@@ -67,7 +78,8 @@ class GemmTile:
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_n
+        extra = TMA_PRODUCER_THREADS if self.mma == "tma" else 0
+        return 32 * self.warps_m * self.warps_n + extra
 
     @property
     def name(self) -> str:
@@ -77,17 +89,22 @@ class GemmTile:
     def smem_bytes(self, b_operands: int) -> int:
         """Dynamic shared memory: ``stages`` copies of the A tile and ``b_operands`` B tiles."""
         tiles = self.stages * (self.bm * self.bk + b_operands * self.bn * self.bk) * 2
-        return tiles + (WGMMA_ALIGN if self.mma == "wgmma" else 0)
+        return tiles + (WGMMA_ALIGN if self.mma in HOPPER_KINDS else 0)
 
-    def grid(self, n: int, rows: int, groups: int, inner_groups: int) -> tuple[int, int, int]:
+    def grid(self, n: int, rows: int, groups: int, inner_groups: int,
+             sms: int = 132) -> tuple[int, int, int]:
         """Launch grid of a GEMM of ``N = n`` over ``rows`` rows (bound) and ``groups``
-        groups (``inner_groups`` > 0: sources x inner groups, the fused launch)."""
+        groups (``inner_groups`` > 0: sources x inner groups, the fused launch); ``sms``:
+        the GPU's multiprocessors (the persistent kernel takes one block per SM at most)."""
+        if self.mma == "tma":
+            tiles = -(-n // self.bn) * -(-rows // self.bm) * groups
+            return (max(1, min(sms, tiles)), 1, 1)
         if self.mma == "ws":  # one block per (n-tile, expert) takes all rows of all sources
             return (-(-n // self.bn), 1, inner_groups if inner_groups > 0 else groups)
         return (-(-n // self.bn), -(-rows // self.bm), groups)
 
     def regs_estimate(self, b_operands: int) -> int:
-        if self.mma == "wgmma":  # a warpgroup's m64 x bn fp32 tile over 128 threads
+        if self.mma in HOPPER_KINDS:  # a warpgroup's m64 x bn fp32 tile over 128 threads
             return self.bn // 2 * b_operands + REG_OVERHEAD
         if self.mma == "ws":  # weight rows of a warp x all tokens of a pass
             mi, nj = self.bn // self.warps_m // 16, self.bm // 8
@@ -114,6 +131,8 @@ class GemmTile:
             self._validate_wgmma(err, limits)
         if self.mma == "ws":
             self._validate_ws(err)
+        elif self.mma == "tma":
+            self._validate_tma(err, limits)
         else:
             self._validate_mma_grid(err)
         if self.threads > limits.max_threads_per_block:
@@ -155,18 +174,38 @@ class GemmTile:
         if self.stages not in STAGE_RANGE:
             raise err("stages", self.stages, f"choose {STAGE_RANGE.start}..{STAGE_RANGE.stop - 1}")
 
+    def _validate_tma(self, err, limits: DeviceLimits) -> None:
+        if limits.major_minor != (9, 0):
+            raise err("mma", self.mma, f"tma needs sm_90 (Hopper), target is {limits.arch}; "
+                      "use mma='sync'")
+        if self.bm != 128 or self.warps_m != 8 or self.warps_n != 1:
+            raise err("bm", self.bm, "tma: bm=128 over two consumer warpgroups: "
+                      "bm128, warps 8x1 (e.g. bm128_bn128_bk64_w8x1_s4_tma)")
+        if self.bk != WGMMA_BK:
+            raise err("bk", self.bk, f"tma tiles use bk={WGMMA_BK} (one 128-byte row)")
+        if self.bn not in (64, 128, 256):
+            raise err("bn", self.bn, "tma: choose 64, 128 or 256")
+        if not 2 <= self.stages <= 8:
+            raise err("stages", self.stages, "tma: choose 2..8")
+
     def _validate_fit(self, err, n: int, k: int, b_operands: int,
                       limits: DeviceLimits) -> None:
         if self.bn > n:
             raise err("bn", self.bn, f"tile exceeds the GEMM's N={n}; use bn <= {n}")
         if self.bk > k:
             raise err("bk", self.bk, f"tile exceeds the GEMM's K={k}; use bk <= {k}")
-        smem = self.smem_bytes(b_operands)
+        smem = self.smem_bytes(b_operands) + (TMA_STATIC_SMEM if self.mma == "tma" else 0)
         if smem > limits.smem_per_block_optin:
             raise err("stages", self.stages,
                       f"needs {smem} B of shared memory, {limits.arch} allows "
                       f"{limits.smem_per_block_optin} B per block: fewer stages or smaller tiles")
         regs = self.regs_estimate(b_operands)
+        if self.mma == "tma":  # setmaxnreg gives consumers up to 232 registers
+            if self.bn // 2 * b_operands > 128:
+                raise err("bn", self.bn, f"tma: {b_operands} x bn/2 = "
+                          f"{self.bn // 2 * b_operands} accumulators per thread, at most 128 "
+                          f"(gated: bn <= 128)")
+            return
         if regs > limits.regs_per_thread:
             raise err("bn", self.bn,
                       f"needs about {regs} registers per thread (limit {limits.regs_per_thread}): "
@@ -198,10 +237,11 @@ class GemmTile:
         if not isinstance(name, str):
             raise ConfigError("tile", name, "expected a tile name (str) such as "
                               "bm128_bn64_bk64_w4x2_s3")
-        m = re.fullmatch(r"bm(\d+)_bn(\d+)_bk(\d+)_w(\d+)x(\d+)_s(\d+)(_wg|_ws)?", name)
+        m = re.fullmatch(r"bm(\d+)_bn(\d+)_bk(\d+)_w(\d+)x(\d+)_s(\d+)(_wg|_ws|_tma)?", name)
         if not m:
             raise ConfigError("tile", name, "expected e.g. bm128_bn64_bk64_w4x2_s3 "
-                              "(suffix _wg for wgmma, _ws for weight streaming)")
+                              "(suffix _wg for wgmma, _ws for weight streaming, _tma for the "
+                              "persistent TMA kernel)")
         *ints, suffix = m.groups()
         mma = {v: k for k, v in MMA_SUFFIX.items()}[suffix or ""]
         return cls(*map(int, ints), mma=mma)
@@ -237,7 +277,12 @@ class KernelConfig:
 
     @property
     def uses_wgmma(self) -> bool:
-        return "wgmma" in (self.gate_up.mma, self.down.mma)
+        """Whether a tile issues Hopper-only instructions (wgmma; the tma kernel too)."""
+        return any(t.mma in HOPPER_KINDS for t in (self.gate_up, self.down))
+
+    @property
+    def uses_tma(self) -> bool:
+        return "tma" in (self.gate_up.mma, self.down.mma)
 
     @property
     def block_m(self) -> int:
@@ -300,6 +345,11 @@ class KernelConfig:
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
             getattr(self, which).validate(which, n, k, b_operands, limits, name)
+        groups = problem.world_size * problem.local_experts  # the fused launch's groups
+        if self.uses_tma and groups > TMA_MAX_GROUPS:
+            raise ConfigError("gate_up.mma", "tma", f"a launch may cover {groups} groups "
+                              f"(sources x local experts), the tma kernel at most "
+                              f"{TMA_MAX_GROUPS}: use wgmma tiles", name)
         if self.router_tokens_per_block not in ROUTER_CHOICES:
             raise ConfigError("router_tokens_per_block", self.router_tokens_per_block,
                               f"choose one of {list(ROUTER_CHOICES)}", name)

@@ -17,6 +17,7 @@ from . import __version__
 from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import GemmTile, KernelConfig, expert_chunks
+from .errors import ConfigError
 from .plan import fixed_slots
 from .plan_cpp import call_args, forward_lines
 from .problem import MoEProblem
@@ -167,6 +168,10 @@ def export_cu(problem: MoEProblem, config: KernelConfig | None = None,
     ``nvcc_hint``).
     """
     layer = build(problem, config)  # render and plan only: NVRTC runs on first use
+    if layer.config.uses_tma:
+        raise ConfigError("mma", "tma", "the export does not write the tma kernel's host "
+                          "side (tensor maps through the driver API) yet: export a config "
+                          "with wgmma or mma.sync tiles", layer.config.name)
     tv = export_vars(layer)
     parts = [_header(layer, with_main), layer.source.code, "\n", gemm_instantiations(layer),
              "\n", render_template("export_host.cu.j2", **tv)]

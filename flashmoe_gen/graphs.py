@@ -41,6 +41,9 @@ class GraphCache:
         self.out = cupy.empty((max(max_tokens, 1), h), np.uint16)
         self.graphs: OrderedDict[int, _Entry] = OrderedDict()
         self.captures = 0  # how many graphs were captured (tests: replays do not recapture)
+        # The tma kernel encodes its tensor maps on first use, which capture forbids: one
+        # plain forward first (every rank alike: each one's first call).
+        self._plain_run_first = getattr(layer, "_tma", None) is not None
         # Two events reused by every call (creating one per call costs host time): the
         # caller's stream -> the layer's stream, and back.
         self._ev_in = cupy.cuda.Event(disable_timing=True)
@@ -71,6 +74,13 @@ class GraphCache:
         self._ev_in.record(caller)
         s.wait_event(self._ev_in)
         entry = self.graphs.get(tokens)
+        if entry is None and self._plain_run_first:
+            xs = self.x[:tokens]
+            if tokens:
+                runtime.memcpyAsync(xs.data.ptr, x.data.ptr, xs.nbytes,
+                                    runtime.memcpyDeviceToDevice, s.ptr)
+            run_plan(xs, tokens, self.out[:tokens])
+            self._plain_run_first = False
         if entry is None:
             entry = self._capture(run_plan, tokens, s)
         else:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import jinja2
 
 from . import __version__
-from .config import GemmTile, KernelConfig
+from .config import HOPPER_KINDS, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile, KernelConfig
 from .problem import MoEProblem
 from .signatures import ALL as SIGNATURES
 
@@ -82,6 +82,8 @@ def gemm_expression(tile: GemmTile, gated: bool) -> str:
     """C++ name expression of one expert GEMM instantiation."""
     if tile.mma == "wgmma":
         return f"fmoe::expert_gemm_wg<{tile.bm}, {tile.bn}, {tile.stages}, {CPP_BOOL[gated]}>"
+    if tile.mma == "tma":
+        return f"fmoe::expert_gemm_tma<{tile.bm}, {tile.bn}, {tile.stages}, {CPP_BOOL[gated]}>"
     if tile.mma == "ws":
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages]
         return f"fmoe::expert_gemm_ws<{', '.join(map(str, args))}, {CPP_BOOL[gated]}>"
@@ -105,7 +107,7 @@ def wgmma_asm(n: int, ab_type: str) -> str:
 
 def wgmma_variants(config: KernelConfig, ab_type: str) -> list[dict]:
     """One wrapper per distinct wgmma N of this config (the template defines each once)."""
-    ns = sorted({t.bn for t in (config.gate_up, config.down) if t.mma == "wgmma"})
+    ns = sorted({t.bn for t in (config.gate_up, config.down) if t.mma in HOPPER_KINDS})
     return [{"n": n, "regs": n // 2, "asm": wgmma_asm(n, ab_type)} for n in ns]
 
 
@@ -166,6 +168,10 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "kernels": kernel_names(config),
         "signatures": {k: sig.declaration() for k, sig in SIGNATURES.items()},
         "wgmma_variants": wgmma_variants(config, DTYPE_MMA[dt]),
+        # The persistent TMA kernel's code: only in modules that launch it.
+        "tma_template": "gemm_tma.cu.j2" if config.uses_tma else "",
+        "tma_max_groups": TMA_MAX_GROUPS,
+        "tma_spin_cycles": TMA_SPIN_CYCLES,
     }
 
 

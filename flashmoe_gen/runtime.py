@@ -31,12 +31,14 @@ from .plan import (
 )
 from .problem import MoEProblem
 from .signatures import GEMM
+from .tma import Operand, TmaMaps
 from .weights import MoEWeights
 
 #: Mode "graph" takes its fixed buffers only when they fit this share of the free memory.
 GRAPH_MEMORY_SHARE = 0.9
-#: Position of ``inner_groups`` in a packed GEMM launch (the weight-streaming grid needs it).
+#: Positions in a packed GEMM launch that the launch grid and the tma kernel's maps need.
 _INNER_GROUPS = GEMM.names.index("inner_groups")
+_A, _B0, _B1, _K = (GEMM.names.index(n) for n in ("A", "B0", "B1", "K"))
 
 
 def graph_memory_bytes(problem: MoEProblem, config: KernelConfig) -> int:
@@ -171,6 +173,11 @@ class FlashMoE:
 
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.shared_stream = cupy.cuda.Stream(non_blocking=True)
+        self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        # The tma kernel's tensor maps, and (mode "host") a static copy of x so the shared
+        # experts' map does not change with every caller's array.
+        self._tma = TmaMaps() if config.uses_tma else None
+        self._x_static = None
         self.counts = cupy.zeros((problem.world_size, problem.experts), np.int32)
         self._counts_host = cupy.cuda.alloc_pinned_memory(self.counts.nbytes)
         # row_off[s][e]: first row of global expert e in source s's slot (layout.row_offsets)
@@ -279,7 +286,13 @@ class FlashMoE:
             return
         tile = self.config.gate_up if gated else self.config.down
         name = self.kernels.gate_up if gated else self.kernels.down
-        grid = tile.grid(n, rows, groups, int(args[_INNER_GROUPS]))
+        grid = tile.grid(n, rows, groups, int(args[_INNER_GROUPS]), self._sms)
+        if tile.mma == "tma":
+            k = int(args[_K])
+            b1 = Operand.at(int(args[_B1]), k) if gated else None
+            args = (*args, self._tma.launch(Operand.at(int(args[_A]), k),
+                                            Operand.at(int(args[_B0]), k), b1, groups,
+                                            tile.bm, tile.bn, stream))
         with stream:
             self.module[name](grid, (tile.threads,), args,
                               shared_mem=self.compiled.dynamic_smem[name])
@@ -321,10 +334,26 @@ class FlashMoE:
         else:
             s = self.stream
             s.wait_event(cupy.cuda.get_current_stream().record())
+            if self._tma is not None and tokens:
+                x = self._static_input(x, s)
             self._run_plan(x, tokens, out, parts)
             cupy.cuda.get_current_stream().wait_event(s.record())
         self._last = tokens  # last_routing() slices on demand: a replay should not pay it
         return out
+
+    def _static_input(self, x, stream):
+        """``x`` copied (on ``stream``) into a buffer the layer keeps: the tma kernel's map
+        of the shared experts' input then stays valid from call to call."""
+        import cupy
+
+        b = self._x_static
+        if b is None or b.shape[0] < x.shape[0]:
+            stream.synchronize()  # the old buffer may still be read
+            b = self._x_static = cupy.empty((x.shape[0], x.shape[1]), np.uint16)
+        xs = b[:x.shape[0]]
+        cupy.cuda.runtime.memcpyAsync(xs.data.ptr, x.data.ptr, x.nbytes,
+                                      cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
+        return xs
 
     def _run_plan(self, x, tokens: int, out, parts: str = "all") -> None:
         """Issue every operation of the plan on the layer's streams."""

@@ -24,6 +24,7 @@ KINDS: dict[str, tuple[str, type | None]] = {
     "const float*": ("const float* __restrict__", None),
     "int": ("int", np.int32),
     "long long": ("long long", None),
+    "const void*": ("const void* __restrict__", None),
 }
 
 
@@ -123,6 +124,9 @@ GEMM = _sig(("A", "const elem*"), ("a_group_stride", "long long"), ("B0", "const
             ("a_outer_stride", "long long"), ("c_outer_stride", "long long"),
             ("counts_outer_stride", "int"), ("skip_outer", "int"),
             ("a_row_off", "const int*"), ("c_row_off", "const int*"))
+#: The persistent TMA kernel: GEMM's parameters plus ``tma``, the launch's tensor maps and
+#: group count in global memory (``flashmoe_gen.tma.TmaLaunch``).
+GEMM_TMA = KernelSignature((*GEMM.params, Param("tma", "const void*")))
 
 #: Mode "graph": row offsets and this rank's drops from the exchanged counts, on the device.
 SLOT_OFFSETS = _sig(("counts", "const int*"), ("world", "int"), ("capacity", "int"),
@@ -130,4 +134,4 @@ SLOT_OFFSETS = _sig(("counts", "const int*"), ("world", "int"), ("capacity", "in
                     ("row_off", "int*"), ("dropped", "int*"))
 
 ALL = {"router": ROUTER, "positions": POSITIONS, "permute": PERMUTE, "combine": COMBINE,
-       "slot_offsets": SLOT_OFFSETS, "gemm": GEMM}
+       "slot_offsets": SLOT_OFFSETS, "gemm": GEMM, "gemm_tma": GEMM_TMA}

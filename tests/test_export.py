@@ -140,6 +140,14 @@ def test_weight_streaming_grid_mirrored():
     assert "const dim3 grid = dim3(ceil_div(N, GU_BN), ceil_div(rows, GU_BM), groups);" in plain
 
 
+def test_export_refuses_tma_tiles():
+    from flashmoe_gen.errors import ConfigError
+
+    t = GemmTile(128, 128, 64, 8, 1, 4, "tma")
+    with pytest.raises(ConfigError, match="export a config with wgmma or mma.sync tiles"):
+        export_cu(CAPPED, KernelConfig(t, t))
+
+
 def test_write_only_if_changed(tmp_path):
     path = tmp_path / "layer.cu"
     text = export_cu(SHARED, path=path)

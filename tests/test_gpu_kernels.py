@@ -121,8 +121,11 @@ def test_layer_skewed_routing_and_capacity():
     (GemmTile(64, 64, 64, 4, 1, 4, "ws"), GemmTile(64, 128, 64, 4, 1, 4, "ws")),
     (GemmTile(16, 128, 32, 8, 1, 3, "ws"), GemmTile(128, 128, 64, 2, 4, 3)),
     (GemmTile(32, 32, 64, 2, 1, 6, "ws"), GemmTile(32, 64, 32, 1, 1, 2, "ws")),
+    # The persistent TMA kernel: 333 tokens x 4 of 16 experts, N = 704 ragged for bn 128.
+    (GemmTile(128, 128, 64, 8, 1, 4, "tma"), GemmTile(128, 256, 64, 8, 1, 3, "tma")),
+    (GemmTile(128, 64, 64, 8, 1, 2, "tma"), GemmTile(128, 128, 64, 2, 4, 3)),
 ], ids=["default_small", "bk32", "tiny_tiles", "big_tiles", "wgmma_128", "wgmma_64_n256",
-        "wgmma_mixed", "ws_64", "ws_16_mixed", "ws_32_s6"])
+        "wgmma_mixed", "ws_64", "ws_16_mixed", "ws_32_s6", "tma_128", "tma_mixed_2stages"])
 def test_layer_tile_configs(gu, dn):
     p = RAGGED
     cfg = KernelConfig(gu, dn, router_tokens_per_block=4, chunks_per_peer=2)
@@ -141,6 +144,29 @@ def test_weight_streaming_rows_per_expert(tokens):
     w = MoEWeights.random(p, seed=tokens)
     layer = _layer(p, cfg, weights=w)
     _run_checked(layer, random_tokens(tokens, p.hidden, seed=tokens + 3), w)
+
+
+@pytest.mark.parametrize("skew", [False, True], ids=["spread", "skewed_empty_experts"])
+def test_tma_kernel_persistent_loop(skew):
+    """More tiles than SMs (each block loops), K and N not multiples of the tiles (K = 1096,
+    712), ragged groups, and (skewed) experts that get no rows; called twice per layer so
+    the tensor maps are reused, then with another token count."""
+    p = MoEProblem(1096, 712, 16, 4, shared_experts=1, tokens_per_rank=2000)
+    cfg = KernelConfig(GemmTile(128, 128, 64, 8, 1, 4, "tma"),
+                       GemmTile(128, 256, 64, 8, 1, 3, "tma"), router_tokens_per_block=4)
+    w = MoEWeights.random(p, seed=41)
+    x = random_tokens(2000, p.hidden, seed=42)
+    if skew:  # most tokens to experts 0-3, several experts empty
+        g = bf16.from_bits(w.gate)
+        g[0, :4] = 6.0
+        w.gate = bf16.to_bits(g)
+        xf = bf16.from_bits(x)
+        xf[:, 0] = 4.0
+        x = bf16.to_bits(xf)
+    layer = _layer(p, cfg, weights=w)
+    _run_checked(layer, x, w)
+    _run_checked(layer, random_tokens(517, p.hidden, seed=43), w)
+    assert 0 < len(layer._tma) <= 8  # one struct per launch site and buffer, reused
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["exact", "capped"])

@@ -120,6 +120,17 @@ def test_weight_streaming_sources(comm, mode, fuse, packed):
     _check(comm, WS_DECODE, [24, 3, 0, 17], config=cfg, seed=31)
 
 
+@pytest.mark.parametrize("mode,fuse", [("host", True), ("host", False), ("graph", True)],
+                         ids=["host_fused", "host_per_source", "graph_fused"])
+def test_tma_kernel_sources(comm, mode, fuse):
+    """The persistent TMA kernel over every source's slot (fused: one launch for all peers,
+    this rank's slot skipped), ragged and empty ranks."""
+    t = GemmTile(128, 128, 64, 8, 1, 4, "tma")
+    cfg = KernelConfig(t, dataclasses.replace(t, bn=256, stages=3), router_tokens_per_block=4,
+                       fuse_sources=fuse, packed_slots=True, mode=mode)
+    _check(comm, DSV2.replace(tokens_per_rank=700), [700, 333, 0, 64], config=cfg, seed=41)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["expert_slots", "packed"])
 def test_slot_layouts_skewed_and_capped(comm, packed):
     """Both row placements under skew, with and without a capacity factor (full slots)."""

@@ -573,6 +573,44 @@ def test_weight_streaming_default_for_decode_only():
     assert one.gate_up.bm == 16 and not one.fuse_sources  # 2 rows per expert, no peers
 
 
+# ---- the persistent tma kernel's tiles ----------------------------------------------------------
+def test_tma_tile_name_threads_smem_and_grid():
+    t = GemmTile(128, 128, 64, 8, 1, 4, "tma")
+    assert t.name == "bm128_bn128_bk64_w8x1_s4_tma" and GemmTile.parse(t.name) == t
+    assert t.threads == 384  # a producer warpgroup and two consumer warpgroups
+    assert t.smem_bytes(2) == 4 * (128 * 64 + 2 * 128 * 64) * 2 + 1024
+    cfg = KernelConfig(t, GemmTile(128, 256, 64, 8, 1, 4, "tma"))
+    cfg.validate(MIXTRAL)
+    assert cfg.uses_tma and cfg.uses_wgmma  # built for sm_90a like wgmma
+    # Persistent: at most one block per SM, fewer when the launch has fewer tiles.
+    assert t.grid(14336, 4096, 4, 0, sms=132) == (132, 1, 1)
+    assert t.grid(256, 100, 1, 0, sms=132) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("tile,field,text", [
+    (GemmTile(64, 128, 64, 4, 1, 4, "tma"), "bm", "bm=128 over two consumer warpgroups"),
+    (GemmTile(128, 128, 32, 8, 1, 4, "tma"), "bk", "bk=64"),
+    (GemmTile(128, 32, 64, 8, 1, 4, "tma"), "bn", "choose 64, 128 or 256"),
+    (GemmTile(128, 256, 64, 8, 1, 2, "tma"), "bn", "gated: bn <= 128"),
+    (GemmTile(128, 128, 64, 8, 1, 9, "tma"), "stages", "choose 2..8"),
+    (GemmTile(128, 128, 64, 8, 1, 5, "tma"), "stages", "shared memory"),
+], ids=["bm64", "bk32", "bn32", "gated_bn256", "stages9", "smem"])
+def test_tma_tile_refusals(tile, field, text):
+    cfg = KernelConfig(tile, GemmTile(128, 128, 64, 8, 1, 4, "tma"))
+    with pytest.raises(ConfigError) as ei:
+        cfg.validate(MIXTRAL)
+    assert ei.value.field == f"gate_up.{field}" and text in str(ei.value), str(ei.value)
+
+
+def test_tma_needs_hopper_and_few_enough_groups():
+    t = GemmTile(128, 128, 64, 8, 1, 4, "tma")
+    with pytest.raises(ConfigError, match="tma needs sm_90"):
+        KernelConfig(t, t).validate(MIXTRAL, "sm_80")
+    many = MoEProblem(2048, 1408, 2048, 6, world_size=1, tokens_per_rank=64)
+    with pytest.raises(ConfigError, match="at most 1024"):
+        KernelConfig(t, t).validate(many)
+
+
 # ---- defaults ---------------------------------------------------------------------------------
 def test_default_config_validates_over_grid():
     n = 0

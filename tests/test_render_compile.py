@@ -172,7 +172,9 @@ def test_template_vars_are_cpp_spellings():
     assert isinstance(tv["kernels"], KernelNames)
     assert tv["wgmma_variants"] == []  # mma.sync tiles only
     assert set(tv["signatures"]) == {"router", "positions", "permute", "combine", "slot_offsets",
-                                     "gemm"}
+                                     "gemm", "gemm_tma"}
+    assert tv["signatures"]["gemm_tma"] == tv["signatures"]["gemm"] + (
+        ", const void* __restrict__ tma")
     assert tv["signatures"]["gemm"].startswith("const fmoe::elem_t* __restrict__ A, long long")
     for k, v in tv.items():
         if k == "signatures":  # parameter lists, printed from flashmoe_gen.signatures
@@ -188,6 +190,20 @@ def test_gemm_expression():
         "fmoe::expert_gemm<64, 128, 32, 2, 4, 5, false>")
     assert gemm_expression(GemmTile(32, 128, 64, 4, 1, 6, "ws"), True) == (
         "fmoe::expert_gemm_ws<32, 128, 64, 4, 6, true>")
+
+
+def test_compile_tma_kernel(private_cache):
+    """The persistent TMA kernel compiles for sm_90a without spills; only configs with tma
+    tiles carry its code."""
+    p = MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096)
+    cfg = KernelConfig(GemmTile(128, 128, 64, 8, 1, 4, "tma"),
+                       GemmTile(128, 256, 64, 8, 1, 4, "tma"), packed_slots=True)
+    gen = render(p, cfg)
+    assert gen.kernels.gate_up == "fmoe::expert_gemm_tma<128, 128, 4, true>"
+    assert "setmaxnreg" in gen.code and "const void* __restrict__ tma" in gen.code
+    assert "expert_gemm_tma" not in render(p, KernelConfig.default(p)).code
+    mod = compile_source(gen, "sm_90a", use_cache=False)
+    check_module(mod, gen, "sm_90a")
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
@@ -242,7 +258,7 @@ def check_module(mod, gen: GeneratedSource, arch: str) -> None:
     for expr, tile in zip(gen.kernels.name_expressions, (gen.config.gate_up, gen.config.down),
                           strict=True):
         mangled = {"wgmma": "_ZN4fmoe14expert_gemm_wgI", "ws": "_ZN4fmoe14expert_gemm_wsI",
-                   "sync": "_ZN4fmoe11expert_gemmI"}[tile.mma]
+                   "tma": "_ZN4fmoe15expert_gemm_tmaI", "sync": "_ZN4fmoe11expert_gemmI"}[tile.mma]
         assert mod.lowered[expr].startswith(mangled)
     for k, r in mod.resources.items():
         assert r.spills == 0 and r.spill_stores == 0 and r.spill_loads == 0, (k, r)

@@ -20,6 +20,7 @@ from flashmoe_gen.config import (
     BN_CHOICES,
     CHUNK_RANGE,
     COMM_STREAM_CHOICES,
+    HOPPER_KINDS,
     MMA_CHOICES,
     MODE_CHOICES,
     ROUTER_CHOICES,
@@ -46,6 +47,9 @@ def _grids(*grids: str) -> tuple[str, ...]:
 
 
 _SYNC = MMA_CHOICES[:1]  # mma.sync only
+#: Kinds the tuner samples: the persistent tma kernel joins once it has passed its GPU tests
+#: (a trap in it ends the process's CUDA context, and with it the rest of a tune).
+_TUNED = tuple(m for m in MMA_CHOICES if m != "tma")
 
 #: Candidate values per knob ("full" space): ranges over config.py's valid values (one
 #: source for the values). Warp grids are "MxN".
@@ -53,11 +57,11 @@ FULL = {
     "gu_bm": _within(BM_CHOICES, 32, 256), "gu_bn": _within(BN_CHOICES, 32, 128),
     "gu_bk": _within(BK_CHOICES, 32, 64),
     "gu_w": _grids("1x2", "2x1", "2x2", "4x1", "2x4", "4x2", "8x1"),
-    "gu_s": _within(STAGE_RANGE, 2, 4), "gu_mma": MMA_CHOICES,
+    "gu_s": _within(STAGE_RANGE, 2, 4), "gu_mma": _TUNED,
     "dn_bm": _within(BM_CHOICES, 32, 256), "dn_bn": _within(BN_CHOICES, 64, 256),
     "dn_bk": _within(BK_CHOICES, 32, 64),
     "dn_w": _grids("1x2", "2x1", "2x2", "1x4", "2x4", "4x2", "8x1"),
-    "dn_s": _within(STAGE_RANGE, 2, 4), "dn_mma": MMA_CHOICES,
+    "dn_s": _within(STAGE_RANGE, 2, 4), "dn_mma": _TUNED,
     "router": _within(ROUTER_CHOICES, 4, 16),
     "chunks": tuple(c for c in _within(CHUNK_RANGE, 1, 4) if c & (c - 1) == 0),  # 1, 2, 4
     "streams": _within(COMM_STREAM_CHOICES, 1, 2), "shared_stream": (True, False),
@@ -111,7 +115,7 @@ class SearchSpace:
         if limits.major_minor != (9, 0):  # warpgroup MMA is Hopper's
             for k in ("gu_mma", "dn_mma"):
                 if k in choices:
-                    choices[k] = tuple(m for m in choices[k] if m != "wgmma")
+                    choices[k] = tuple(m for m in choices[k] if m not in HOPPER_KINDS)
         return cls(problem, limits, choices)
 
     # -- params <-> config ---------------------------------------------------------------
