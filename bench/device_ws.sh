@@ -17,6 +17,10 @@ CUDA_VISIBLE_DEVICES=1 timeout -k 10 240 python3 bench/gemm_bench.py --commit "$
   --cases dsv3_decode_r16,dsv3_decode_r32,dsv2lite_decode_r8,mixtral_t4096,dsv2lite_t4096,flashdmoe_t16384 \
   --out "$O/gemm_decode.md" --json "$O/gemm_decode.json" > "$O/gemm_decode.log" 2>&1
 echo "gemm bench rc=$?"
+for m in host graph; do  # issue 15: host time of a replayed forward (target <= 30 us)
+  CUDA_VISIBLE_DEVICES=1 timeout 90 python3 bench/host_time.py --mode $m --label "$COMMIT" \
+    >> "$O/host_time.jsonl" 2>&1
+done
 wait
 timeout -k 10 200 $MPI -np 4 python3 -m pytest -m multigpu tests/test_multigpu.py \
   -k "weight_streaming or tma or graph_mode_matches" -q --no-header -p no:cacheprovider \
@@ -27,3 +31,4 @@ cat "$O/gpu_ws.rc"; grep -E "passed|failed|FAILED" "$O/gpu_ws.log" | tail -12
 grep -E "passed|failed|FAILED" "$O/multigpu_ws.log" | tail -8
 cat "$O/gemm_decode.md" 2>/dev/null || tail -20 "$O/gemm_decode.log"
 tail -25 "$O/decode_summary.txt"
+cat "$O/host_time.jsonl"

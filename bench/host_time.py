@@ -2,6 +2,7 @@
 GPU time of the same forwards (CUDA events), median of many calls after a warm-up.
 
     python bench/host_time.py [--problems seed,dsv2lite_t512] [--iters 200] [--label NAME]
+                              [--mode host|graph]
 
 Prints one JSON line per problem. The layer synchronises once per forward (count exchange),
 so the wall time per call is what a caller waits for; ``host_us`` is measured with the GPU
@@ -11,6 +12,7 @@ idle at the start of each call (synchronised before), so it is the Python side a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -28,10 +30,13 @@ def main() -> None:
     ap.add_argument("--problems", default="seed,dsv2lite_t512")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--label", default="")
+    ap.add_argument("--mode", choices=("host", "graph"), default="host",
+                    help="the config's mode (graph: the replayed forward's host time)")
     a = ap.parse_args()
 
     import cupy
 
+    from flashmoe_gen.config import KernelConfig
     from flashmoe_gen.problem import MoEProblem
     from flashmoe_gen.runtime import FlashMoE
     from flashmoe_gen.weights import random_tokens
@@ -39,7 +44,8 @@ def main() -> None:
     card = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     for key in a.problems.split(","):
         p = MoEProblem(**PROBLEMS[key])
-        layer = FlashMoE(p, seed=1)
+        cfg = dataclasses.replace(KernelConfig.default(p), mode=a.mode)
+        layer = FlashMoE(p, cfg, seed=1)
         x = cupy.asarray(random_tokens(p.tokens_per_rank, p.hidden, seed=2))
         for _ in range(20):
             layer(x)
@@ -58,7 +64,7 @@ def main() -> None:
             host.append((t1 - t0) * 1e6)
             wall.append((t2 - t0) * 1e6)
             gpu.append(cupy.cuda.get_elapsed_time(e0, e1) * 1e3)
-        print(json.dumps({"label": a.label, "card": card, "problem": p.name,
+        print(json.dumps({"label": a.label, "card": card, "problem": p.name, "mode": a.mode,
                           "host_us": round(statistics.median(host), 1),
                           "wall_us": round(statistics.median(wall), 1),
                           "gpu_us": round(statistics.median(gpu), 1)}), flush=True)
