@@ -350,3 +350,54 @@ def test_evaluator_refuses_an_unknown_check_mode():
         LayerEvaluator(P, check_mode="quick")
     with pytest.raises(ArgumentError, match="check_rows"):
         LayerEvaluator(P, check_rows=0)
+
+
+def test_two_ranks_rank_0_prints_every_ranks_memory_once(tmp_path):
+    """``mpirun -np 2``: the memory report gathers both ranks through the job's MPI
+    communicator and only rank 0 prints (one table, one set of stage lines)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_mpi_cpu import _mpirun
+
+    here = Path(__file__).parent
+    env = {"OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,sm", **os.environ,
+           "PYTHONPATH": f"{here}{os.pathsep}{here / 'mpi'}", "FLASHMOE_COMM_TIMEOUT": "60"}
+    cmd = [*_mpirun(), sys.executable, str(here / "mpi" / "tune_memory_cpu.py"), "--gpus",
+           "2", "--space", "small", "--sampler", "random", "--trials", "2", "--db",
+           f"sqlite:///{tmp_path}/w.db", "--storage", f"sqlite:///{tmp_path}/s.db"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert out.count("GPU memory per rank") == 1
+    table = out[out.index("GPU memory per rank"):]
+    assert "1.00 GiB" in table and "2.00 GiB" in table and "59.50 GiB" in table
+    assert out.count("trial 1/2: compiling/loading") == 1  # rank 0's stages only
+    assert out.index("GPU memory per rank") < out.index("trial 1/2: compiling/loading")
+
+
+def test_progress_style_under_mpirun_follows_the_launchers_terminal(monkeypatch):
+    """Open MPI gives ranks a pseudo-terminal even when the job's output goes to a log, so
+    under mpirun the bar is live only when the launching command saw a terminal."""
+    from rich.console import Console
+
+    from flashmoe_gen.tuner.launch import MPI_SIZE_VARS
+    from flashmoe_gen.tuner.progress import LAUNCHER_TTY_ENV, PROGRESS_ENV, live_default
+
+    tty = Console(file=io.StringIO(), force_terminal=True)
+    pipe = Console(file=io.StringIO())
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    monkeypatch.delenv(LAUNCHER_TTY_ENV, raising=False)
+    for var in MPI_SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert live_default(tty) and not live_default(pipe)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert not live_default(tty)  # mpirun started by hand: plain lines, always readable
+    monkeypatch.setenv(LAUNCHER_TTY_ENV, "1")
+    assert live_default(tty) and not live_default(pipe)
+    monkeypatch.setenv(PROGRESS_ENV, "plain")
+    assert not live_default(tty)
+    monkeypatch.setenv(PROGRESS_ENV, "live")
+    assert live_default(pipe)

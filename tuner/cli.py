@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -132,6 +133,9 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_tune(a: argparse.Namespace) -> int:
     if a.gpus > 1 and not under_mpirun():
+        from .progress import LAUNCHER_TTY_ENV
+        # mpirun gives its ranks a pseudo-terminal: tell rank 0 whether ours is a real one
+        os.environ[LAUNCHER_TTY_ENV] = "1" if sys.stdout.isatty() else "0"
         return relaunch_under_mpirun(a.gpus, a.argv)
     from .tune_cmd import run_tune
     return run_tune(a)

@@ -4,17 +4,39 @@ memory before the first trial.
 
 On a terminal a rich progress bar carries the stage; elsewhere (CI logs, pipes) each stage
 and each finished trial is one plain line with the seconds since the start, since a live
-display there would print nothing until the end.
+display there would print nothing until the end. Open MPI hands its ranks a pseudo-terminal
+even when mpirun's own output goes to a file, so under an MPI launcher the bar is live only
+when ``flashmoe-tune --gpus P`` saw a terminal itself (``LAUNCHER_TTY_ENV``).
+``$FLASHMOE_PROGRESS=plain|live`` overrides either way.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from rich.console import Console
 from rich.table import Table
 
 from flashmoe_gen.memory import MemoryUse, gib
+
+#: ``plain`` or ``live`` forces the style; unset or anything else: decided as above.
+PROGRESS_ENV = "FLASHMOE_PROGRESS"
+#: "1"/"0": whether the process that started mpirun (``flashmoe-tune --gpus P``) writes to
+#: a terminal; its ranks inherit it.
+LAUNCHER_TTY_ENV = "FLASHMOE_LAUNCHER_TTY"
+
+
+def live_default(console: Console) -> bool:
+    """Whether rank 0 shows a live bar (else plain lines)."""
+    forced = os.environ.get(PROGRESS_ENV, "")
+    if forced in ("plain", "live"):
+        return forced == "live"
+    from .launch import MPI_SIZE_VARS
+
+    if any(v in os.environ for v in MPI_SIZE_VARS):
+        return os.environ.get(LAUNCHER_TTY_ENV) == "1" and console.is_terminal
+    return console.is_terminal
 
 
 class TuneProgress:
@@ -23,7 +45,7 @@ class TuneProgress:
     def __init__(self, total: int, label: str = "", console: Console | None = None,
                  live: bool | None = None):
         self.console = console or Console()
-        self.live = self.console.is_terminal if live is None else live
+        self.live = live_default(self.console) if live is None else live
         self.total, self.label, self.done = total, label, 0
         self.t0 = time.monotonic()
         self._bar = self._task = None
@@ -55,7 +77,9 @@ class TuneProgress:
         self.done += 1
         best_text = f"{best.outcome.median_ms:.4f} ms" if best is not None else "-"
         if self._bar is not None:
-            self._bar.update(self._task, advance=1, best=best_text, stage="")
+            nxt = (f"trial {self.done + 1}/{self.total}: choosing the next candidate"
+                   if self.done < self.total else "")
+            self._bar.update(self._task, advance=1, best=best_text, stage=nxt)
             return
         o = res.outcome
         what = f"{o.median_ms:.4f} ms" if o.ok else f"{o.status}"

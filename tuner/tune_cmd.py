@@ -171,6 +171,8 @@ def _tune_study(a, backend, world, P, rank, problem, limits, storage, pool, swee
         study_name = bcast(mpi, study_name, "waiting for rank 0 to open the winners database",
                            seconds=root_wait_s())
     t0 = time.monotonic()
+    if progress is not None:
+        progress.stage("choosing the first candidate (compiling ahead)")
     res = run_study(problem, evaluate, mpi=mpi, space=space, study_name=study_name,
                     sampler=a.sampler, n_trials=a.trials, timeout_s=a.timeout,
                     storage=storage if rank == 0 else None, resume=a.resume, seed=a.seed,
