@@ -127,14 +127,16 @@ class DeviceWeights:
         of model size (only the gate, [H, E], and the rule's small vectors come from the
         host). Equal to ``from_host(problem, gen_weights.generated_weights(problem, seed),
         rank)`` bit for bit."""
+        if not isinstance(problem, MoEProblem):
+            raise ProblemError("problem", type(problem).__name__, "a flashmoe_gen.MoEProblem")
+        if isinstance(rank, bool) or not isinstance(rank, int) or \
+                not 0 <= rank < problem.world_size:
+            raise ProblemError("rank", rank, f"a rank in 0..{problem.world_size - 1}")
         import cupy
 
         from . import gen_weights as g
 
         el, h, i = problem.local_experts, problem.hidden, problem.intermediate
-        if isinstance(rank, bool) or not isinstance(rank, int) or \
-                not 0 <= rank < problem.world_size:
-            raise ProblemError("rank", rank, f"a rank in 0..{problem.world_size - 1}")
         first = rank * el
         dw = cls(cupy.asarray(g.generated_gate(problem, seed)),
                  g.device_tensor(seed, g.W1, first, el, i, h, h, True),

@@ -117,6 +117,13 @@ def test_bad_arguments_are_named():
         g.generated_weights(P, 0, range(10, 20))
     with pytest.raises(ProblemError, match="expert"):
         g.expert_host(P, 0, 16)
+    # refused before any GPU work (these run without one)
+    from flashmoe_gen.device_weights import DeviceWeights
+
+    with pytest.raises(ProblemError, match="rank.*0..1"):
+        DeviceWeights.generate(P.replace(world_size=2), 2, 0)
+    with pytest.raises(ProblemError, match="MoEProblem"):
+        DeviceWeights.generate("p", 0, 0)
 
 
 def test_cuda_generator_source_compiles_with_nvrtc():
