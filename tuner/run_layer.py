@@ -11,13 +11,14 @@ def run_layer(a: argparse.Namespace) -> int:
     from rich.table import Table
 
     from flashmoe_gen.arch import visible_gpu_count
-    from flashmoe_gen.check import check_layer
+    from flashmoe_gen.check import check_layer_sampled
     from flashmoe_gen.comm import Communicator
+    from flashmoe_gen.device_weights import DeviceWeights
     from flashmoe_gen.runtime import FlashMoE
     from flashmoe_gen.tuner.args import config_from_args, problem_from_args, resolve_arch
     from flashmoe_gen.tuner.bench import time_callable
     from flashmoe_gen.tuner.launch import mpi_ranks
-    from flashmoe_gen.weights import MoEWeights, random_tokens
+    from flashmoe_gen.weights import random_tokens
 
     visible_gpu_count()  # no GPU: one clear line before MPI, NCCL or a compile
     world, P, rank = mpi_ranks(a.gpus)
@@ -25,14 +26,17 @@ def run_layer(a: argparse.Namespace) -> int:
     arch = resolve_arch(a)
     config = config_from_args(a, problem, arch)
     comm = Communicator(world, n_streams=config.comm_streams) if P > 1 else None
-    layer = FlashMoE(problem, config, comm=comm, seed=a.seed)
+    # Weights made on each rank's GPU (counter-based); the check samples rows against a
+    # float64 reference of only the experts they use: set-up scales with what is checked.
+    weights = DeviceWeights.generate(problem, rank, a.seed)
+    layer = FlashMoE(problem, config, weights=weights, comm=comm)
 
     import cupy
     x_bits = random_tokens(problem.tokens_per_rank, problem.hidden, seed=a.seed * 1000 + rank + 1)
+    x = cupy.asarray(x_bits)
     check = None
     if not a.no_check:
-        check = check_layer(layer, x_bits, MoEWeights.random(problem, a.seed), comm, a.seed)
-    x = cupy.asarray(x_bits)
+        check = check_layer_sampled(layer, x, x_bits, a.seed, comm)
     timing = time_callable(lambda: layer.forward(x), warmup=a.warmup, iters=a.iters, comm=comm)
     if rank == 0:
         t = Table(title=f"{problem.name}\n{config.name}\n"
