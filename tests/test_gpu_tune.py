@@ -46,3 +46,17 @@ def test_short_study_records_winner_and_lookup_returns_it(tmp_path):
     k = lookup(P, device=env, db=engine)
     assert k.provenance == "exact" and k.config == res.best.config
     assert k.latency_ms == pytest.approx(res.best.outcome.median_ms)
+
+
+def test_run_command_checks_and_times_one_gpu():
+    """``flashmoe-tune run`` end to end on one GPU: device-made weights, the sampled check
+    passes, a latency line is printed."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "flashmoe_gen.tuner.cli", "run", "--gpus", "1", "--hidden",
+           "512", "--intermediate", "1024", "--experts", "8", "--top-k", "2",
+           "--shared-experts", "1", "--tokens", "200", "--iters", "5", "--warmup", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "PASS" in res.stdout and "latency (max over ranks per iteration)" in res.stdout
