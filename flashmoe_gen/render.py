@@ -167,6 +167,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "move_warps": MOVE_WARPS,
         "kernels": kernel_names(config),
         "signatures": {k: sig.declaration() for k, sig in SIGNATURES.items()},
+        "signature_args": {k: ", ".join(sig.names) for k, sig in SIGNATURES.items()},
         "wgmma_variants": wgmma_variants(config, DTYPE_MMA[dt]),
         # The persistent TMA kernel's code: only in modules that launch it.
         "tma_template": "gemm_tma.cu.j2" if config.uses_tma else "",
