@@ -255,6 +255,8 @@ def compile_source(gen: GeneratedSource, arch: str = "sm_90", *, use_cache: bool
     resources = {k: by_symbol[sym] for k, sym in lowered.items() if sym in by_symbol}
     dynamic_smem = {gen.kernels.gate_up: gen.config.gate_up.smem_bytes(2),
                     gen.kernels.down: gen.config.down.smem_bytes(1)}
+    if gen.kernels.persistent:
+        dynamic_smem[gen.kernels.persistent] = gen.config.persistent_smem()
     mod = CompiledModule(name=gen.name, arch=arch, cubin_path=str(cubin_path), lowered=lowered,
                          resources=resources, dynamic_smem=dynamic_smem, log=log,
                          options=tuple(options), nvrtc_version=version)

@@ -49,6 +49,12 @@ WS_MAX_ROWS = 32
 #: and row offsets on the device, moves fixed-size blocks (sized when the layer is built) and
 #: replays the whole forward as one CUDA graph per token count (docs/architecture.md).
 MODE_CHOICES = ("host", "graph")
+#: How tokens move between ranks: "nccl" (the forward plan: kernels on streams, NCCL
+#: grouped send/recv) or "nvlink" (one node: one persistent kernel per forward stores rows
+#: into the peers' symmetric buffers over NVLink/P2P, templates/persistent.cu.j2).
+TRANSPORT_CHOICES = ("nccl", "nvlink")
+#: The persistent kernel's block (router, positions, combine and its GEMM tiles share it).
+PERSISTENT_THREADS = 256
 WGMMA_BK, WGMMA_ROWS_PER_WARPGROUP, WGMMA_MAX_N = 64, 64, 256
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
@@ -274,6 +280,7 @@ class KernelConfig:
     fuse_sources: bool = False
     packed_slots: bool = False
     mode: str = "host"
+    transport: str = "nccl"
 
     @property
     def uses_wgmma(self) -> bool:
@@ -302,6 +309,8 @@ class KernelConfig:
             parts.append("pk")
         if self.mode != "host":
             parts.append(self.mode)
+        if self.transport != "nccl":
+            parts.append(self.transport)
         return "__".join(parts)
 
     @classmethod
@@ -310,14 +319,15 @@ class KernelConfig:
             raise ConfigError("name", name, "expected a config name (str) as "
                               "KernelConfig.name prints it")
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
-                         r"(__fs)?(__pk)?(?:__(graph))?", name)
+                         r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
-        gu, dn, r, c, cs, ss, serial, fs, pk, mode = m.groups()
+        gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
-                   ss == "1", serial is None, fs is not None, pk is not None, mode or "host")
+                   ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
+                   transport or "nccl")
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -361,6 +371,34 @@ class KernelConfig:
                               f"choose one of {list(COMM_STREAM_CHOICES)}", name)
         if self.mode not in MODE_CHOICES:
             raise ConfigError("mode", self.mode, f"choose one of {list(MODE_CHOICES)}", name)
+        if self.transport not in TRANSPORT_CHOICES:
+            raise ConfigError("transport", self.transport,
+                              f"choose one of {list(TRANSPORT_CHOICES)}", name)
+        if self.transport == "nvlink":
+            self._validate_persistent(name)
+
+    def _validate_persistent(self, name: str) -> None:
+        """Transport "nvlink" runs one persistent kernel whose blocks serve every phase."""
+        warps = PERSISTENT_THREADS // 32
+        for which in ("gate_up", "down"):
+            t = getattr(self, which)
+            if t.mma != "ws" or t.warps_m != warps:
+                raise ConfigError(f"{which}.mma", t.mma, f"transport 'nvlink' computes with "
+                                  f"weight-streaming tiles of {warps} warps (e.g. "
+                                  f"bm32_bn128_bk64_w{warps}x1_s4_ws)", name)
+        if self.router_tokens_per_block != warps:
+            raise ConfigError("router_tokens_per_block", self.router_tokens_per_block,
+                              f"transport 'nvlink': {warps} (one block of "
+                              f"{PERSISTENT_THREADS} threads routes {warps} tokens)", name)
+        for f, want in (("chunks_per_peer", 1), ("comm_streams", 1), ("packed_slots", False),
+                        ("fuse_sources", False)):
+            if getattr(self, f) != want:
+                raise ConfigError(f, getattr(self, f), f"transport 'nvlink' has no such "
+                                  f"schedule: use {want}", name)
+
+    def persistent_smem(self) -> int:
+        """Dynamic shared memory of the persistent kernel: the larger of its two GEMMs'."""
+        return max(self.gate_up.smem_bytes(2), self.down.smem_bytes(1))
 
     # -- defaults and serialisation -----------------------------------------------------
     @classmethod

@@ -172,6 +172,10 @@ def export_cu(problem: MoEProblem, config: KernelConfig | None = None,
         raise ConfigError("mma", "tma", "the export does not write the tma kernel's host "
                           "side (tensor maps through the driver API) yet: export a config "
                           "with wgmma or mma.sync tiles", layer.config.name)
+    if layer.config.transport != "nccl":
+        raise ConfigError("transport", layer.config.transport, "the export does not write "
+                          "the persistent kernel's IPC set-up yet: export transport 'nccl'",
+                          layer.config.name)
     tv = export_vars(layer)
     parts = [_header(layer, with_main), layer.source.code, "\n", gemm_instantiations(layer),
              "\n", render_template("export_host.cu.j2", **tv)]

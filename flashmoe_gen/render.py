@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 import jinja2
 
 from . import __version__
-from .config import HOPPER_KINDS, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile, KernelConfig
+from .config import (
+    HOPPER_KINDS,
+    PERSISTENT_THREADS,
+    TMA_MAX_GROUPS,
+    TMA_SPIN_CYCLES,
+    GemmTile,
+    KernelConfig,
+)
 from .problem import MoEProblem
 from .signatures import ALL as SIGNATURES
 
@@ -44,14 +51,16 @@ class KernelNames:
     slot_offsets: str = "moe_slot_offsets"
     gate_up: str = ""
     down: str = ""
+    persistent: str = ""  # transport "nvlink" only
 
     @property
     def name_expressions(self) -> tuple[str, ...]:
         return (self.gate_up, self.down)
 
     def all(self) -> tuple[str, ...]:
-        return (self.router, self.positions, self.permute, self.combine, self.slot_offsets,
-                self.gate_up, self.down)
+        names = (self.router, self.positions, self.permute, self.combine, self.slot_offsets,
+                 self.gate_up, self.down)
+        return names + ((self.persistent,) if self.persistent else ())
 
 
 @dataclass(frozen=True)
@@ -173,12 +182,22 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "tma_template": "gemm_tma.cu.j2" if config.uses_tma else "",
         "tma_max_groups": TMA_MAX_GROUPS,
         "tma_spin_cycles": TMA_SPIN_CYCLES,
+        # Transport "nvlink": the persistent kernel and the tiles it computes with.
+        "persistent_template": "persistent.cu.j2" if config.transport == "nvlink" else "",
+        "persistent_threads": PERSISTENT_THREADS,
+        "pgu": _tile_consts(config.gate_up),
+        "pdn": _tile_consts(config.down),
     }
+
+
+def _tile_consts(tile: GemmTile) -> dict[str, int]:
+    return {"bm": tile.bm, "bn": tile.bn, "bk": tile.bk, "stages": tile.stages}
 
 
 def kernel_names(config: KernelConfig) -> KernelNames:
     return KernelNames(gate_up=gemm_expression(config.gate_up, True),
-                       down=gemm_expression(config.down, False))
+                       down=gemm_expression(config.down, False),
+                       persistent="moe_persistent" if config.transport == "nvlink" else "")
 
 
 def render(problem: MoEProblem, config: KernelConfig, *, validate: bool = True,

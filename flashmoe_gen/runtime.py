@@ -11,6 +11,7 @@ weighted un-permute (docs/symmetric-layout.md).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from .graphs import GraphCache
 from .layout import (
     SymmetricLayout,
 )
+from .persistent import PersistentForward
 from .plan import (
     Gemms,
     fixed_slots,
@@ -147,7 +149,8 @@ class FlashMoE:
         self._launchers = {id(g): python_launcher(g) for op in self.plan.ops
                            if isinstance(op, Gemms) for g in op.launches}
         self.memory_bytes = 0
-        if config.mode == "graph":  # before the weights: a refusal should cost nothing
+        fixed_buffers = config.mode == "graph" or config.transport == "nvlink"
+        if fixed_buffers:  # before the weights: a refusal should cost nothing
             # weights still to be uploaded take their share of the free memory too
             p = problem
             upload = 0 if isinstance(weights, DeviceWeights) else 2 * (
@@ -189,7 +192,10 @@ class FlashMoE:
         self.capacity = 0
         self._last: int | None = None  # token count of the last call
         self._graph_cache = None
-        if config.mode == "graph":
+        self._persistent = None
+        if config.transport == "nvlink":
+            self._setup_nvlink(graphs)
+        elif config.mode == "graph":
             self._setup_graph_mode(graphs)
 
     def _graph_memory_fits(self, upload: int) -> int:
@@ -229,10 +235,27 @@ class FlashMoE:
         if graphs:
             self._graph_cache = GraphCache(self, p.tokens_per_rank)
 
+    def _setup_nvlink(self, graphs: bool) -> None:
+        """Transport "nvlink": the fixed capacity, token buffers for the bound, the IPC heap
+        shared with the peers and the persistent kernel's launch (flashmoe_gen.persistent)."""
+        p = self.problem
+        self.fixed = fixed_slots(p, self.config)
+        self._token_buffers(p.tokens_per_rank)
+        self.capacity = self.fixed.capacity
+        self._persistent = PersistentForward(self, self.fixed.capacity)
+        # The IPC heap and the status word go with the layer (the callback holds no
+        # reference back to it).
+        weakref.finalize(self, self._persistent.resources().close)
+        if graphs and self.config.mode == "graph":
+            self._graph_cache = GraphCache(self, p.tokens_per_rank)
+
     @property
     def dropped_tokens(self) -> int:
         """This rank's (token, expert) pairs past the capacity in the last call (mode
-        "graph": counted on the device, read here)."""
+        "graph" and transport "nvlink": counted on the device, read here)."""
+        if self._persistent is not None:
+            self.stream.synchronize()
+            return self._persistent.dropped()
         if self.config.mode == "graph":
             self.stream.synchronize()
             return int(self._dropped.get()[0])
@@ -325,8 +348,10 @@ class FlashMoE:
         elif out.dtype != np.uint16 or tuple(out.shape) != (tokens, p.hidden):
             raise ProblemError("out", f"{out.dtype}{tuple(out.shape)}",
                                f"expected uint16 [{tokens}, {p.hidden}]")
-        if self.config.mode == "graph" and tokens > p.tokens_per_rank:
-            raise ProblemError("tokens", tokens, f"mode 'graph' was built for at most "
+        if (self.config.mode == "graph" or self._persistent is not None) and \
+                tokens > p.tokens_per_rank:
+            raise ProblemError("tokens", tokens, f"mode 'graph' and transport 'nvlink' were "
+                               f"built for at most "
                                f"{p.tokens_per_rank} tokens per rank (the fixed transfer "
                                "sizes); build the layer with a larger tokens_per_rank")
         if self._graph_cache is not None and parts == "all":
@@ -356,7 +381,15 @@ class FlashMoE:
         return xs
 
     def _run_plan(self, x, tokens: int, out, parts: str = "all") -> None:
-        """Issue every operation of the plan on the layer's streams."""
+        """Issue every operation of the plan on the layer's streams (transport "nvlink":
+        the one persistent kernel instead)."""
+        if self._persistent is not None:
+            if parts != "all":
+                raise ConfigError("transport", "nvlink", f"parts={parts!r}: the persistent "
+                                  "kernel runs the whole forward; use parts='all'",
+                                  self.config.name)
+            self._persistent.launch(x, tokens, out, self.stream)
+            return
         run = Run(self, x, tokens, out, parts)
         for op in self.plan.ops:
             run.step(op)
@@ -381,7 +414,13 @@ class FlashMoE:
         self.row_off.fill(-1)
         if self._graph_cache is not None:  # the graphs' static input and output
             self._graph_cache.poison(bits)
+        if self.config.mode == "graph" and self._persistent is None:
             self._dropped.fill(-1)
+        if self._persistent is not None:
+            # Local buffers only: the IPC heap holds the flags, and a peer ahead of this rank
+            # may already be writing its next call's rows into it.
+            self._persistent.act.fill(bits)
+            self._persistent.counts.fill(-1)
 
     def last_routing(self):
         """(topk_idx [T, k] int32, topk_w [T, k] float32, pos [T, k] int32) of the last call."""

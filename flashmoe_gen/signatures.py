@@ -25,6 +25,8 @@ KINDS: dict[str, tuple[str, type | None]] = {
     "int": ("int", np.int32),
     "long long": ("long long", None),
     "const void*": ("const void* __restrict__", None),
+    "u64*": ("unsigned long long* __restrict__", None),
+    "const u64*": ("const unsigned long long* __restrict__", None),
 }
 
 
@@ -133,5 +135,21 @@ SLOT_OFFSETS = _sig(("counts", "const int*"), ("world", "int"), ("capacity", "in
                     ("region", "const int*"), ("packed", "int"), ("self_rank", "int"),
                     ("row_off", "int*"), ("dropped", "int*"))
 
+#: Transport "nvlink": the whole forward as one persistent kernel (templates/persistent.cu.j2).
+#: ``layout``: this rank's symmetric heap (the layout first, then ``counts_off`` bytes in the
+#: rows each source sent ``[P][E_local]``, then ``flags_off`` the dispatch and combine flags
+#: ``[2][P]``); ``peers[d]``: rank d's heap opened here; ``state``: this rank's epoch, grid
+#: barrier, task counter and dependency counters; ``status``: where a watchdog names a stall.
+PERSISTENT = _sig(("x", "const elem*"), ("wg", "const elem*"), ("bias", "const float*"),
+                  ("tokens", "int"), ("topk_idx", "int*"), ("topk_w", "float*"), ("pos", "int*"),
+                  ("counts", "int*"), ("w1", "const elem*"), ("w3", "const elem*"),
+                  ("w2", "const elem*"), ("sw1", "const elem*"), ("sw3", "const elem*"),
+                  ("sw2", "const elem*"), ("sgate_w", "const elem*"), ("act", "elem*"),
+                  ("shared_act", "elem*"), ("shared_out", "elem*"), ("out", "elem*"),
+                  ("layout", "elem*"), ("peers", "const u64*"), ("counts_off", "long long"),
+                  ("flags_off", "long long"), ("state", "u64*"), ("capacity", "int"),
+                  ("self_rank", "int"), ("spin_limit", "long long"), ("status", "int*"))
+
 ALL = {"router": ROUTER, "positions": POSITIONS, "permute": PERMUTE, "combine": COMBINE,
-       "slot_offsets": SLOT_OFFSETS, "gemm": GEMM, "gemm_tma": GEMM_TMA}
+       "slot_offsets": SLOT_OFFSETS, "gemm": GEMM, "gemm_tma": GEMM_TMA,
+       "persistent": PERSISTENT}

@@ -146,6 +146,9 @@ def test_export_refuses_tma_tiles():
     t = GemmTile(128, 128, 64, 8, 1, 4, "tma")
     with pytest.raises(ConfigError, match="export a config with wgmma or mma.sync tiles"):
         export_cu(CAPPED, KernelConfig(t, t))
+    ws = GemmTile(32, 128, 64, 8, 1, 4, "ws")
+    with pytest.raises(ConfigError, match="export transport 'nccl'"):
+        export_cu(CAPPED, KernelConfig(ws, ws, transport="nvlink"))
 
 
 def test_write_only_if_changed(tmp_path):

@@ -169,6 +169,18 @@ def test_tma_kernel_persistent_loop(skew):
     assert 0 < len(layer._tma) <= 8  # one struct per launch site and buffer, reused
 
 
+def test_nvlink_persistent_kernel_one_rank():
+    """Transport "nvlink" on one GPU (no peers): the persistent kernel's phases, task queue,
+    shared experts and combine, called with several token counts (epochs advance)."""
+    p = SEED_EXAMPLE.replace(tokens_per_rank=300)
+    ws = GemmTile(32, 128, 64, 8, 1, 4, "ws")
+    cfg = KernelConfig(ws, ws, router_tokens_per_block=8, transport="nvlink")
+    w = MoEWeights.random(p, seed=61)
+    layer = _layer(p, cfg, weights=w)
+    for t in (300, 1, 77):
+        _run_checked(layer, random_tokens(t, p.hidden, seed=t + 5), w)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["exact", "capped"])
 def test_layer_packed_slots_one_rank(capacity_factor):
     """Packed slots on one GPU: the row-offset table drives permute, both GEMMs and combine."""

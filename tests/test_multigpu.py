@@ -131,6 +131,38 @@ def test_tma_kernel_sources(comm, mode, fuse):
     _check(comm, DSV2.replace(tokens_per_rank=700), [700, 333, 0, 64], config=cfg, seed=41)
 
 
+# -- transport "nvlink": one persistent kernel per forward, rows stored over NVLink ------------
+NVL_TILE = GemmTile(32, 128, 64, 8, 1, 4, "ws")
+
+
+def _nvl_cfg(**knobs):
+    return KernelConfig(NVL_TILE, dataclasses.replace(NVL_TILE, stages=3),
+                        router_tokens_per_block=8, transport="nvlink", **knobs)
+
+
+@pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph"])
+def test_nvlink_persistent_kernel(comm, case):
+    """Ragged ranks (one sends nothing), shared experts, capacity drops under skew, and the
+    graph-captured launch; each layer is called again with other token counts (the flags'
+    epochs advance, nothing is reset between calls)."""
+    p = {"seed": SEED.replace(tokens_per_rank=300), "dsv2lite": DSV2.replace(tokens_per_rank=96),
+         "capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
+         "graph": SEED.replace(tokens_per_rank=300)}[case]
+    cfg = _nvl_cfg(mode="graph") if case == "graph" else _nvl_cfg()
+    tokens = [p.tokens_per_rank, 77, 0, 5]
+    layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=case == "capped_skewed")
+    if case == "capped_skewed":
+        assert sum(comm.mpi.allgather(layer.dropped_tokens)) > 0
+        return  # the layer's gate is the skewed one: the calls below use plain weights
+    q = p.replace(world_size=comm.world_size)
+    w = MoEWeights.random(q, 51)
+    for i, t in enumerate([13, p.tokens_per_rank, 0]):
+        layer.poison()
+        res = check_layer(layer, random_tokens(t if comm.rank % 2 else 40, q.hidden,
+                                               seed=700 + i + 10 * comm.rank), w, comm)
+        assert res.max_rel_error <= 1e-2 and res.routing_mismatches == 0, (i, res)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["expert_slots", "packed"])
 def test_slot_layouts_skewed_and_capped(comm, packed):
     """Both row placements under skew, with and without a capacity factor (full slots)."""

@@ -146,9 +146,10 @@ CONFIG_CHANGES = {
     "fuse_sources": True,
     "packed_slots": True,
     "mode": "graph",
+    "transport": "nvlink",
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
-                "mma": "wgmma"}
+                "mma": "ws"}
 
 
 def test_config_change_tables_cover_every_field():
@@ -609,6 +610,40 @@ def test_tma_needs_hopper_and_few_enough_groups():
     many = MoEProblem(2048, 1408, 2048, 6, world_size=1, tokens_per_rank=64)
     with pytest.raises(ConfigError, match="at most 1024"):
         KernelConfig(t, t).validate(many)
+
+
+# ---- transport "nvlink": the persistent kernel ---------------------------------------------------
+NVL_TILE = GemmTile(32, 128, 64, 8, 1, 4, "ws")
+
+
+def test_nvlink_transport_name_and_parse():
+    cfg = KernelConfig(NVL_TILE, NVL_TILE, transport="nvlink")
+    cfg.validate(DSV3_DECODE)
+    assert cfg.name.endswith("__r8__c1__cs1__ss1__nvlink")
+    assert KernelConfig.from_name(cfg.name) == cfg
+    graph = replace(cfg, mode="graph")
+    assert graph.name.endswith("__graph__nvlink") and KernelConfig.from_name(graph.name) == graph
+    assert KernelConfig.from_json(cfg.to_json()) == cfg
+    old = json.loads(cfg.to_json())
+    del old["transport"]  # a config stored before the knob existed reads as nccl
+    assert KernelConfig.from_dict(old).transport == "nccl"
+    assert cfg.persistent_smem() == max(NVL_TILE.smem_bytes(2), NVL_TILE.smem_bytes(1))
+
+
+@pytest.mark.parametrize("changes,field,text", [
+    (dict(transport="ib"), "transport", "choose one of ['nccl', 'nvlink']"),
+    (dict(gate_up=GemmTile(64, 64, 64, 2, 2, 3)), "gate_up.mma", "weight-streaming tiles"),
+    (dict(down=GemmTile(32, 128, 64, 4, 1, 4, "ws")), "down.mma", "of 8 warps"),
+    (dict(router_tokens_per_block=4), "router_tokens_per_block", "transport 'nvlink': 8"),
+    (dict(chunks_per_peer=2), "chunks_per_peer", "no such schedule"),
+    (dict(packed_slots=True), "packed_slots", "no such schedule"),
+    (dict(fuse_sources=True), "fuse_sources", "no such schedule"),
+], ids=["unknown", "sync_tiles", "warps", "router", "chunks", "packed", "fused"])
+def test_nvlink_transport_refusals(changes, field, text):
+    cfg = replace(KernelConfig(NVL_TILE, NVL_TILE, transport="nvlink"), **changes)
+    with pytest.raises(ConfigError) as ei:
+        cfg.validate(DSV3_DECODE)
+    assert ei.value.field == field and text in str(ei.value), str(ei.value)
 
 
 # ---- defaults ---------------------------------------------------------------------------------

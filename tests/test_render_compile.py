@@ -172,13 +172,15 @@ def test_template_vars_are_cpp_spellings():
     assert isinstance(tv["kernels"], KernelNames)
     assert tv["wgmma_variants"] == []  # mma.sync tiles only
     assert set(tv["signatures"]) == {"router", "positions", "permute", "combine", "slot_offsets",
-                                     "gemm", "gemm_tma"}
+                                     "gemm", "gemm_tma", "persistent"}
     assert tv["signatures"]["gemm_tma"] == tv["signatures"]["gemm"] + (
         ", const void* __restrict__ tma")
     assert tv["signatures"]["gemm"].startswith("const fmoe::elem_t* __restrict__ A, long long")
     for k, v in tv.items():
         if k in ("signatures", "signature_args"):  # from flashmoe_gen.signatures
             assert all(type(d) is str for d in v.values())
+        elif k in ("pgu", "pdn"):  # the persistent kernel's tile constants
+            assert all(type(n) is int for n in v.values())
         elif k not in ("kernels", "wgmma_variants"):
             assert type(v) in (str, int), (k, v)  # no bool/None/float reaches a template
 
@@ -190,6 +192,23 @@ def test_gemm_expression():
         "fmoe::expert_gemm<64, 128, 32, 2, 4, 5, false>")
     assert gemm_expression(GemmTile(32, 128, 64, 4, 1, 6, "ws"), True) == (
         "fmoe::expert_gemm_ws<32, 128, 64, 4, 6, true>")
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_compile_persistent_kernel(arch, private_cache):
+    """Transport "nvlink": the persistent kernel compiles without spills, with the routing
+    rule compiled in (sigmoid scores, bias, groups, scaling) and shared experts."""
+    p = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=4, tokens_per_rank=128,
+                   scoring="sigmoid", expert_bias=True, n_group=8, topk_group=4,
+                   routed_scaling=2.5)
+    ws = GemmTile(32, 128, 64, 8, 1, 4, "ws")
+    cfg = KernelConfig(ws, ws, transport="nvlink")
+    gen = render(p, cfg, arch=arch)
+    assert gen.kernels.persistent == "moe_persistent"
+    assert "moe_persistent" not in render(p, KernelConfig.default(p)).code
+    mod = compile_source(gen, arch, use_cache=False)
+    check_module(mod, gen, arch)
+    assert mod.dynamic_smem["moe_persistent"] == cfg.persistent_smem()
 
 
 def test_compile_tma_kernel(private_cache):
@@ -267,8 +286,11 @@ def check_module(mod, gen: GeneratedSource, arch: str) -> None:
     arch = target_arch(gen.config, arch)  # wgmma tiles: sm_90 -> sm_90a
     assert f"for '{arch}'" in mod.log
     assert mod.arch == arch and mod.nvrtc_version and not mod.cache_hit
-    assert mod.dynamic_smem == {gen.kernels.gate_up: gen.config.gate_up.smem_bytes(2),
-                                gen.kernels.down: gen.config.down.smem_bytes(1)}
+    smem = {gen.kernels.gate_up: gen.config.gate_up.smem_bytes(2),
+            gen.kernels.down: gen.config.down.smem_bytes(1)}
+    if gen.kernels.persistent:
+        smem[gen.kernels.persistent] = gen.config.persistent_smem()
+    assert mod.dynamic_smem == smem
     assert mod.options[0] == f"--gpu-architecture={arch}" and "--ptxas-options=-v" in mod.options
 
 

@@ -1,0 +1,191 @@
+"""Transport "nvlink": the forward as one persistent kernel, over a symmetric heap of IPC
+memory (one node; templates/persistent.cu.j2, docs/architecture.md "nvlink").
+
+Every rank allocates the same heap — the symmetric layout ``L[P][2][2][E_local][C][H]`` at
+the fixed capacity, then the rows each source sent ``[P][E_local]`` (int32), then the
+dispatch and combine flags ``[2][P]`` (uint64) — exports it with ``cudaIpcGetMemHandle``,
+gathers every rank's handle over MPI and opens the peers' heaps, so a kernel on rank r
+stores straight into rank d's heap at the same offsets. A forward is one launch: no host
+synchronisation, no NCCL; the layer's next call writes a peer's heap only after that peer's
+combine flag of this call (the kernel's own back-pressure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CommError, CommTimeout, ConfigError
+from .layout import SymmetricLayout
+from .signatures import PERSISTENT
+
+#: Heap sections start on this boundary (flags need 8 bytes, vector stores 16).
+ALIGN = 256
+#: state[] words of the kernel: ST_DEP + P * E_local + 1 (templates/persistent.cu.j2).
+ST_DEP = 4
+#: cudaIpcMemLazyEnablePeerAccess.
+_IPC_LAZY_PEER_ACCESS = 1
+#: cudaHostAllocMapped (the watchdog's status word is host memory the kernel writes).
+_HOST_ALLOC_MAPPED = 2
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class HeapLayout:
+    """Byte offsets inside one rank's heap (the same on every rank)."""
+
+    layout: SymmetricLayout
+
+    @property
+    def counts_off(self) -> int:
+        return _align(self.layout.elements * 2)
+
+    @property
+    def flags_off(self) -> int:
+        lay = self.layout
+        return self.counts_off + _align(lay.world_size * lay.local_experts * 4)
+
+    @property
+    def nbytes(self) -> int:
+        return self.flags_off + _align(2 * self.layout.world_size * 8)
+
+
+class PeerHeap:
+    """This rank's heap and every peer's, opened through CUDA IPC (collective)."""
+
+    def __init__(self, comm, nbytes: int):
+        from cupy.cuda import runtime
+
+        self.nbytes, self.rank = nbytes, comm.rank if comm is not None else 0
+        self.base = runtime.malloc(nbytes)  # its own allocation: IPC exports whole ones
+        runtime.memset(self.base, 0, nbytes)  # flags start below every epoch
+        runtime.deviceSynchronize()
+        self._opened: list[int] = []
+        if comm is None:
+            self.peers = [self.base]
+            return
+        try:
+            handle = runtime.ipcGetMemHandle(self.base)
+            handles = comm.mpi.allgather(handle)
+            peers = []
+            for d, h in enumerate(handles):
+                if d == self.rank:
+                    peers.append(self.base)
+                    continue
+                ptr = runtime.ipcOpenMemHandle(h, _IPC_LAZY_PEER_ACCESS)
+                self._opened.append(ptr)
+                peers.append(ptr)
+            self.peers = peers
+        except runtime.CUDARuntimeError as e:
+            self.close()
+            raise CommError(f"rank {self.rank}: transport 'nvlink' needs CUDA IPC between "
+                            f"the ranks' GPUs (one node, peer access): {e}; use transport "
+                            "'nccl'") from None
+        comm.barrier()  # every heap is open before any kernel writes into one
+
+    def close(self) -> None:
+        from cupy.cuda import runtime
+
+        for ptr in self._opened:
+            try:
+                runtime.ipcCloseMemHandle(ptr)
+            except runtime.CUDARuntimeError:
+                pass
+        self._opened = []
+        if self.base:
+            runtime.free(self.base)
+            self.base = 0
+
+
+class PersistentForward:
+    """The buffers and the launch of one layer's persistent kernel."""
+
+    def __init__(self, layer, capacity: int):
+        import cupy
+        from cupy.cuda import runtime
+
+        p, cfg = layer.problem, layer.config
+        self.layer, self.capacity = layer, capacity
+        self.heap_layout = HeapLayout(SymmetricLayout(p.world_size, p.local_experts, capacity,
+                                                      p.hidden))
+        self.heap = PeerHeap(layer.comm, self.heap_layout.nbytes)
+        self.peers = cupy.asarray(np.array(self.heap.peers, np.uint64))
+        self.act = cupy.empty((p.world_size, p.local_experts, capacity, p.intermediate),
+                              np.uint16)
+        self.state = cupy.zeros(ST_DEP + p.world_size * p.local_experts + 1, np.uint64)
+        self.counts = cupy.zeros(p.experts, np.int32)
+        self._status_host = runtime.hostAlloc(4, _HOST_ALLOC_MAPPED)
+        _int_at(self._status_host)[0] = -1  # no stall
+        self.status_dev = runtime.hostGetDevicePointer(self._status_host, 0)
+        dev = cupy.cuda.Device()
+        func = layer.module[layer.kernels.persistent]
+        smem = layer.compiled.dynamic_smem[layer.kernels.persistent]
+        per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            func.ptr, cfg.gate_up.threads, smem)
+        if per_sm < 1:
+            raise ConfigError("transport", "nvlink", f"the persistent kernel does not fit one "
+                              f"SM ({smem} B of shared memory, {cfg.gate_up.threads} threads): "
+                              "smaller tiles or fewer stages", cfg.name)
+        # Every block resident: the kernel's grid barriers and spins rely on it.
+        self.grid = per_sm * dev.attributes["MultiProcessorCount"]
+        from .watchdog import comm_timeout
+
+        timeout = layer.comm.timeout_s if layer.comm is not None else comm_timeout()
+        self.spin_limit = int(timeout * dev.attributes["ClockRate"] * 1e3)  # kHz -> cycles
+
+    def launch(self, x, tokens: int, out, stream) -> None:
+        layer = self.layer
+        b, w = layer._tok, layer.weights
+        args = PERSISTENT.pack(dict(
+            x=x, wg=layer.w_gate, bias=w.expert_bias, tokens=tokens, topk_idx=b.topk_idx,
+            topk_w=b.topk_w, pos=b.pos, counts=self.counts, w1=w.w1, w3=w.w3, w2=w.w2,
+            sw1=w.sw1, sw3=w.sw3, sw2=w.sw2, sgate_w=w.shared_gate, act=self.act,
+            shared_act=b.shared_act, shared_out=b.shared_out, out=out,
+            layout=self.heap.base, peers=self.peers, counts_off=self.heap_layout.counts_off,
+            flags_off=self.heap_layout.flags_off, state=self.state, capacity=self.capacity,
+            self_rank=layer.rank, spin_limit=self.spin_limit, status=self.status_dev))
+        with stream:
+            layer.module[layer.kernels.persistent](
+                (self.grid,), (layer.config.gate_up.threads,), args,
+                shared_mem=layer.compiled.dynamic_smem[layer.kernels.persistent])
+
+    def stall(self) -> CommTimeout | None:
+        """What the watchdog recorded (after the kernel trapped), as the error to raise."""
+        code = int(_int_at(self._status_host)[0])
+        if code < 0:
+            return None
+        phase, peer = divmod(code, 1000)
+        what = {1: "a grid barrier (a block of this rank)", 2: f"rank {peer}'s dispatch",
+                3: "a gate/up tile this rank computes", 4: f"rank {peer}'s results"}
+        return CommTimeout(f"rank {self.layer.rank}: the persistent kernel waited past its "
+                           f"bound for {what.get(phase, f'phase {phase}')}")
+
+    def dropped(self) -> int:
+        c = self.counts.get()
+        return int(np.maximum(c - self.capacity, 0).sum())
+
+    def resources(self) -> _Resources:
+        """What must be released with the layer (holds no reference back to it)."""
+        return _Resources(self.heap, self._status_host)
+
+
+class _Resources:
+    def __init__(self, heap: PeerHeap, status_host: int):
+        self.heap, self.status_host = heap, status_host
+
+    def close(self) -> None:
+        from cupy.cuda import runtime
+
+        self.heap.close()
+        if self.status_host:
+            runtime.freeHost(self.status_host)
+            self.status_host = 0
+
+
+def _int_at(ptr: int):
+    import ctypes
+    return (ctypes.c_int32 * 1).from_address(ptr)
