@@ -24,10 +24,6 @@ from .signatures import PERSISTENT
 ALIGN = 256
 #: state[] words of the kernel: ST_DEP + P * E_local + 1 (templates/persistent.cu.j2).
 ST_DEP = 4
-#: cudaIpcMemLazyEnablePeerAccess.
-_IPC_LAZY_PEER_ACCESS = 1
-#: cudaHostAllocMapped (the watchdog's status word is host memory the kernel writes).
-_HOST_ALLOC_MAPPED = 2
 
 
 def _align(n: int) -> int:
@@ -76,7 +72,7 @@ class PeerHeap:
                 if d == self.rank:
                     peers.append(self.base)
                     continue
-                ptr = runtime.ipcOpenMemHandle(h, _IPC_LAZY_PEER_ACCESS)
+                ptr = runtime.ipcOpenMemHandle(h, runtime.cudaIpcMemLazyEnablePeerAccess)
                 self._opened.append(ptr)
                 peers.append(ptr)
             self.peers = peers
@@ -118,9 +114,11 @@ class PersistentForward:
                               np.uint16)
         self.state = cupy.zeros(ST_DEP + p.world_size * p.local_experts + 1, np.uint64)
         self.counts = cupy.zeros(p.experts, np.int32)
-        self._status_host = runtime.hostAlloc(4, _HOST_ALLOC_MAPPED)
+        # The watchdog's status word: mapped host memory, which the kernel addresses by the
+        # same pointer (unified virtual addressing), readable after a trap.
+        self._status_host = runtime.hostAlloc(4, runtime.hostAllocMapped)
         _int_at(self._status_host)[0] = -1  # no stall
-        self.status_dev = runtime.hostGetDevicePointer(self._status_host, 0)
+        self.status_dev = self._status_host
         dev = cupy.cuda.Device()
         func = layer.module[layer.kernels.persistent]
         smem = layer.compiled.dynamic_smem[layer.kernels.persistent]
