@@ -1,0 +1,47 @@
+"""Transport "nvlink" with a late and a lost rank, on 2 GPUs (it starts mpirun itself;
+marked ``gpu`` because ``multigpu`` means "already under mpirun")."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+TIMEOUT_S = 4
+
+
+def _gpus() -> int:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs")]
+
+
+def test_late_rank_is_waited_for_and_a_lost_one_ends_in_an_error():
+    exe = shutil.which("mpirun")
+    if exe is None:
+        pytest.skip("no mpirun")
+    cmd = [exe, "-np", "2", "-x", "NCCL_NVLS_ENABLE=0", "-x", "FLASHMOE_COMM_TIMEOUT",
+           "-x", "PYTHONPATH"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    env = dict(os.environ, FLASHMOE_COMM_TIMEOUT=str(TIMEOUT_S), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([*cmd, sys.executable, str(HERE / "mpi" / "nvlink_watchdog_gpu.py")],
+                       capture_output=True, text=True, timeout=180, env=env)
+    out = r.stdout + r.stderr
+    assert out.count("ok=True") == 2, out[-4000:]
+    m = re.search(r"NVLINK lost peer after ([\d.]+) s: (\w+); (.*)", out)
+    assert m, out[-4000:]
+    assert float(m.group(1)) < TIMEOUT_S + 10, out[-4000:]
+    assert "rank 1's dispatch" in m.group(3), out[-4000:]
