@@ -36,11 +36,12 @@ TOKENS = (1, 8, 32, 128, 512)
 #: GPU memory kept free beyond a shape's weights (layers' buffers, baselines, graphs).
 HEADROOM_BYTES = 6 << 30
 #: Table columns (the JSON has every field).
-COLS = ["shape", "tokens", "ours_host_ms", "ours_graph_ms", "torch_sync_ms", "torch_graph_ms",
-        "torch_ep_ms", "speedup_host", "speedup_graph", "host_us_host", "host_us_graph",
-        "floor_ms", "graph_over_floor"]
+COLS = ["shape", "tokens", "ours_host_ms", "ours_graph_ms", "ours_nvlink_ms", "torch_sync_ms",
+        "torch_graph_ms", "torch_ep_ms", "speedup_host", "speedup_graph", "speedup_nvlink",
+        "host_us_host", "host_us_graph", "host_us_nvlink", "floor_ms", "graph_over_floor"]
 #: The plot's lines: (JSON field, label, style).
 LINES = (("ours_host_ms", "ours, host mode", "o-"), ("ours_graph_ms", "ours, graph mode", "s-"),
+         ("ours_nvlink_ms", "ours, nvlink (one persistent kernel)", "d-"),
          ("torch_sync_ms", "PyTorch EP, sync", "x--"),
          ("torch_graph_ms", "PyTorch EP, graph", "^--"), ("floor_ms", "per-rank floor", "k:"))
 
@@ -143,6 +144,7 @@ def measure(key: str, p, dw, comm, a) -> dict:
 
     from flashmoe_gen import bf16
     from flashmoe_gen.comm import allgather
+    from flashmoe_gen.config import GemmTile, KernelConfig
     from flashmoe_gen.reference import relative_error
     from flashmoe_gen.runtime import FlashMoE
     from flashmoe_gen.tuner.bench import time_callable
@@ -163,6 +165,14 @@ def measure(key: str, p, dw, comm, a) -> dict:
     if err:
         row["note"] = err
         del ours["graph"]
+    if a.nvlink:  # transport "nvlink": one persistent kernel per forward
+        ws = GemmTile(32, 128, 64, 8, 1, 4, "ws")
+        nvl = KernelConfig(ws, ws, router_tokens_per_block=8, transport="nvlink")
+        ours["nvlink"], err = collective(comm, "our layer (nvlink)",
+                                         lambda: FlashMoE(p, nvl, comm=comm, weights=dw))
+        if err:
+            row["note"] = (row.get("note", "") + " " + err).strip()
+            del ours["nvlink"]
     x = cupy.asarray(random_tokens(t, p.hidden, seed=100 + comm.rank))
     xt = torch.from_dlpack(x).view(torch.bfloat16)
     base = time_baselines(ours["host"], xt, comm, warmup=a.warmup, iters=a.iters)
@@ -303,6 +313,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--host-iters", type=int, default=50, help="calls timed for host_us")
+    ap.add_argument("--nvlink", action="store_true",
+                    help="also time transport 'nvlink' (one persistent kernel per forward)")
     ap.add_argument("--out", default=None, help="markdown table to write (rank 0)")
     ap.add_argument("--json", default=None, help="raw rows as JSON (rank 0)")
     ap.add_argument("--plot", default=None, help="PNG to write (rank 0)")

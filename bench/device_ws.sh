@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# First device run of issue 12's kernels (weight streaming `_ws`, persistent TMA `_tma`):
+# First device run of issue 12's kernels (weight streaming `_ws`, persistent TMA `_tma`) and
+# issue 16's transport "nvlink" (one persistent kernel per forward):
 # their one-GPU tests (GPU 0) and the GEMM bench (GPU 1) side by side, then their 4-rank
 # tests and the 4-rank decode table of DeepSeek-V3-like and seed shapes. Logs under $OUT.
 # Usage (device tool, nvidia-h100-x4, carry .whl): bash bench/device_ws.sh COMMIT
@@ -11,7 +12,7 @@ MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x F
 source bench/device_lib.sh
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$O/cards.txt"
 (CUDA_VISIBLE_DEVICES=0 timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-   -k "ws or weight_streaming or e256 or h2880 or tma" -q --no-header -p no:cacheprovider \
+   -k "ws or weight_streaming or e256 or h2880 or tma or nvlink" -q --no-header -p no:cacheprovider \
    > "$O/gpu_ws.log" 2>&1; echo "gpu ws tests rc=$?" > "$O/gpu_ws.rc") &
 CUDA_VISIBLE_DEVICES=1 timeout -k 10 240 python3 bench/gemm_bench.py --commit "$COMMIT" \
   --cases dsv3_decode_r16,dsv3_decode_r32,dsv2lite_decode_r8,mixtral_t4096,dsv2lite_t4096,flashdmoe_t16384 \
@@ -23,12 +24,17 @@ for m in host graph; do  # issue 15: host time of a replayed forward (target <= 
 done
 wait
 timeout -k 10 200 $MPI -np 4 python3 -m pytest -m multigpu tests/test_multigpu.py \
-  -k "weight_streaming or tma or graph_mode_matches" -q --no-header -p no:cacheprovider \
+  -k "weight_streaming or tma or nvlink or graph_mode_matches" -q --no-header -p no:cacheprovider \
   > "$O/multigpu_ws.log" 2>&1
 echo "multigpu ws rc=$?"
-DECODE_TIMEOUT=240 run_decode 4 "$COMMIT" --problems seed,dsv3 > "$O/decode_summary.txt" 2>&1
+CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 120 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -q \
+  --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1
+echo "nvlink watchdog test rc=$?"
+DECODE_TIMEOUT=240 run_decode 4 "$COMMIT" --problems seed,dsv3 --nvlink \
+  > "$O/decode_summary.txt" 2>&1
 cat "$O/gpu_ws.rc"; grep -E "passed|failed|FAILED" "$O/gpu_ws.log" | tail -12
 grep -E "passed|failed|FAILED" "$O/multigpu_ws.log" | tail -8
+grep -E "passed|failed|FAILED" "$O/gpu_nvlink.log" | tail -3
 cat "$O/gemm_decode.md" 2>/dev/null || tail -20 "$O/gemm_decode.log"
 tail -25 "$O/decode_summary.txt"
 cat "$O/host_time.jsonl"
