@@ -19,6 +19,7 @@ import numpy as np
 from .errors import CommError, CommTimeout, ConfigError
 from .layout import SymmetricLayout
 from .signatures import PERSISTENT
+from .watchdog import allgather  # with the collectives' deadline
 
 #: Heap sections start on this boundary (flags need 8 bytes, vector stores 16).
 ALIGN = 256
@@ -66,7 +67,7 @@ class PeerHeap:
             return
         try:
             handle = runtime.ipcGetMemHandle(self.base)
-            handles = comm.mpi.allgather(handle)
+            handles = allgather(comm.mpi, handle, "exchanging the IPC heap handles")
             peers = []
             for d, h in enumerate(handles):
                 if d == self.rank:
