@@ -95,13 +95,17 @@ def check_layer(layer, x_bits: np.ndarray, weights: MoEWeights, comm=None,
     err = relative_error(got if rows is None else got[rows], ref_out) if t else 0.0
 
     mismatches = routing_mismatches(p, x_bits, weights, idx) if t else 0
+    return _result(comm, err, mismatches, t if rows is None else len(rows), finite)
+
+
+def _result(comm, err: float, mismatches: int, rows_checked: int, finite: bool) -> CheckResult:
+    """This rank's figures, with the maximum error and the mismatches over every rank
+    (collective when ``comm`` is given)."""
     max_err = err if finite else float("inf")
     if comm is not None:
         max_err = max(comm.mpi.allgather(max_err))
-        mismatches_all = sum(comm.mpi.allgather(mismatches))
-    else:
-        mismatches_all = mismatches
-    return CheckResult(err, max_err, mismatches_all, t if rows is None else len(rows), finite)
+        mismatches = sum(comm.mpi.allgather(mismatches))
+    return CheckResult(err, max_err, mismatches, rows_checked, finite)
 
 
 # -- the sampled check: a few rows on the GPU, only the experts they use -----------------
@@ -182,10 +186,4 @@ def check_layer_sampled(layer, x, x_bits: np.ndarray, seed: int, comm=None,
         cap = layer.capacity if p.capacity_factor is not None else None
         err, mismatches = sampled_errors(p, x_bits[rows], got, idx, rows, seed, cap, cupy,
                                          cache)
-    max_err = err if finite else float("inf")
-    if comm is not None:
-        max_err = max(comm.mpi.allgather(max_err))
-        mismatches_all = sum(comm.mpi.allgather(mismatches))
-    else:
-        mismatches_all = mismatches
-    return CheckResult(err, max_err, mismatches_all, len(rows), finite)
+    return _result(comm, err, mismatches, len(rows), finite)

@@ -29,7 +29,7 @@ import numpy as np
 from . import bf16
 from .errors import ArgumentError, ProblemError
 from .problem import MoEProblem
-from .weights import MoEWeights
+from .weights import MoEWeights, expert_range
 
 M64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -135,11 +135,8 @@ def generated_weights(problem: MoEProblem, seed: int = 0,
     if not isinstance(problem, MoEProblem):
         raise ArgumentError("problem", problem, "a flashmoe_gen.MoEProblem")
     _check_seed(seed)
-    h, i, e = problem.hidden, problem.intermediate, problem.experts
-    experts = range(e) if experts is None else experts
-    if not isinstance(experts, range) or experts.step != 1 or experts.start < 0 \
-            or experts.stop > e:
-        raise ProblemError("experts", experts, f"a contiguous range within 0..{e}")
+    h, i = problem.hidden, problem.intermediate
+    experts = expert_range(problem, experts)
     n, s, si = len(experts), problem.shared_experts, problem.shared_intermediate or 0
     w1, w3, w2 = (np.empty((n, h, i), np.uint16), np.empty((n, h, i), np.uint16),
                   np.empty((n, i, h), np.uint16))

@@ -25,6 +25,16 @@ def _normal(seed: int, tag: tuple[int, ...], shape: tuple[int, ...], fan_in: int
     return bf16.to_bits(a)
 
 
+def expert_range(problem: MoEProblem, experts: range | None) -> range:
+    """``experts`` checked as a contiguous range of the problem's experts (None: all)."""
+    e = problem.experts
+    experts = range(e) if experts is None else experts
+    if not isinstance(experts, range) or experts.step != 1 or experts.start < 0 \
+            or experts.stop > e:
+        raise ProblemError("experts", experts, f"a contiguous range within 0..{e}")
+    return experts
+
+
 @dataclass
 class MoEWeights:
     gate: np.ndarray
@@ -48,11 +58,8 @@ class MoEWeights:
         """Weights ~ N(0,1)/sqrt(fan_in); expert e's values depend only on (seed, e)."""
         _check_problem(problem)
         _check_seed(seed)
-        h, i, e = problem.hidden, problem.intermediate, problem.experts
-        experts = range(e) if experts is None else experts
-        if not isinstance(experts, range) or experts.step != 1 or experts.start < 0 \
-                or experts.stop > e:
-            raise ProblemError("experts", experts, f"a contiguous range within 0..{e}")
+        h, i = problem.hidden, problem.intermediate
+        experts = expert_range(problem, experts)
         n = len(experts)
         w1 = np.empty((n, h, i), np.uint16)
         w3 = np.empty((n, h, i), np.uint16)
@@ -63,7 +70,7 @@ class MoEWeights:
             w2[j] = _normal(seed, (2, ge), (i, h), i)
         s, si = problem.shared_experts, problem.shared_intermediate or 0
         return cls(
-            gate=_normal(seed, (0,), (h, e), h),
+            gate=_normal(seed, (0,), (h, problem.experts), h),
             w1=w1, w3=w3, w2=w2,
             shared_w1=np.stack([_normal(seed, (11, k), (h, si), h) for k in range(s)])
             if s else np.zeros((0, h, si), np.uint16),

@@ -557,9 +557,13 @@ def test_weight_streaming_tile_name_parse_and_grid():
     (GemmTile(64, 256, 64, 2, 1, 6, "ws"), "stages", "shared memory"),
 ], ids=["bm8", "bm128", "bk16", "warps_n2", "bn_split", "stages7", "smem"])
 def test_weight_streaming_tile_refusals(tile, field, text):
-    cfg = KernelConfig(tile, GemmTile(32, 128, 64, 4, 1, 4, "ws"))
+    _refused(KernelConfig(tile, GemmTile(32, 128, 64, 4, 1, 4, "ws")), DSV3_DECODE, field, text)
+
+
+def _refused(cfg: KernelConfig, problem: MoEProblem, field: str, text: str) -> None:
+    """validate raises a ConfigError on the gate/up tile's ``field`` saying ``text``."""
     with pytest.raises(ConfigError) as ei:
-        cfg.validate(DSV3_DECODE)
+        cfg.validate(problem)
     assert ei.value.field == f"gate_up.{field}" and text in str(ei.value), str(ei.value)
 
 
@@ -597,10 +601,7 @@ def test_tma_tile_name_threads_smem_and_grid():
     (GemmTile(128, 128, 64, 8, 1, 5, "tma"), "stages", "shared memory"),
 ], ids=["bm64", "bk32", "bn32", "gated_bn256", "stages9", "smem"])
 def test_tma_tile_refusals(tile, field, text):
-    cfg = KernelConfig(tile, GemmTile(128, 128, 64, 8, 1, 4, "tma"))
-    with pytest.raises(ConfigError) as ei:
-        cfg.validate(MIXTRAL)
-    assert ei.value.field == f"gate_up.{field}" and text in str(ei.value), str(ei.value)
+    _refused(KernelConfig(tile, GemmTile(128, 128, 64, 8, 1, 4, "tma")), MIXTRAL, field, text)
 
 
 def test_tma_needs_hopper_and_few_enough_groups():
