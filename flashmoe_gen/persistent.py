@@ -136,17 +136,22 @@ class PersistentForward:
         timeout = layer.comm.timeout_s if layer.comm is not None else comm_timeout()
         self.spin_limit = int(timeout * dev.attributes["ClockRate"] * 1e3)  # kHz -> cycles
 
-    def launch(self, x, tokens: int, out, stream) -> None:
+    def arguments(self, x, tokens: int, out) -> dict:
+        """The kernel's arguments by name (``signatures.PERSISTENT``)."""
         layer = self.layer
         b, w = layer._tok, layer.weights
-        args = PERSISTENT.pack(dict(
+        return dict(
             x=x, wg=layer.w_gate, bias=w.expert_bias, tokens=tokens, topk_idx=b.topk_idx,
             topk_w=b.topk_w, pos=b.pos, counts=self.counts, w1=w.w1, w3=w.w3, w2=w.w2,
             sw1=w.sw1, sw3=w.sw3, sw2=w.sw2, sgate_w=w.shared_gate, act=self.act,
             shared_act=b.shared_act, shared_out=b.shared_out, out=out,
             layout=self.heap.base, peers=self.peers, counts_off=self.heap_layout.counts_off,
             flags_off=self.heap_layout.flags_off, state=self.state, capacity=self.capacity,
-            self_rank=layer.rank, spin_limit=self.spin_limit, status=self.status_dev))
+            self_rank=layer.rank, spin_limit=self.spin_limit, status=self.status_dev)
+
+    def launch(self, x, tokens: int, out, stream) -> None:
+        layer = self.layer
+        args = PERSISTENT.pack(self.arguments(x, tokens, out))
         with stream:
             layer.module[layer.kernels.persistent](
                 (self.grid,), (layer.config.gate_up.threads,), args,
