@@ -18,11 +18,14 @@ from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import GemmTile, KernelConfig, expert_chunks
 from .errors import ConfigError
+from .layout import SymmetricLayout
+from .persistent import ST_DEP, HeapLayout
 from .plan import fixed_slots
 from .plan_cpp import call_args, forward_lines
 from .problem import MoEProblem
 from .render import CPP_BOOL, MOVE_WARPS, POS_THREADS, render_template, to_template_vars
-from .signatures import COMBINE, GEMM, PERMUTE, POSITIONS, ROUTER, SLOT_OFFSETS
+from .signatures import COMBINE, GEMM, PERMUTE, PERSISTENT, POSITIONS, ROUTER, SLOT_OFFSETS
+from .watchdog import comm_timeout
 
 #: How to build an exported file (also written into its header comment); see ``nvcc_hint``.
 EXPORT_NVCC_HINT = (
@@ -122,8 +125,32 @@ def export_vars(layer: CompiledLayer) -> dict:
                                shared_out="HAS_SHARED ? L->shared_out : nullptr",
                                x="L->x", sgate_w="L->shared_gate", out="out"),
         bias_scale=repr(0.1 if p.scoring == "sigmoid" else 1 / p.experts),
+        nvlink=CPP_BOOL[cfg.transport == "nvlink"],
+        nvl=_nvlink_vars(layer) if cfg.transport == "nvlink" else {},
     )
     return tv
+
+
+def _nvlink_vars(layer: CompiledLayer) -> dict:
+    """Constants and the launch of transport "nvlink"'s persistent kernel (the heap's
+    offsets as flashmoe_gen.persistent lays them out)."""
+    p, cfg = layer.problem, layer.config
+    capacity = fixed_slots(p, cfg).capacity
+    heap = HeapLayout(SymmetricLayout(p.world_size, p.local_experts, capacity, p.hidden))
+    args = call_args(
+        PERSISTENT, x="x", wg="L->gate", bias="L->expert_bias", tokens="tokens",
+        topk_idx="L->topk_idx", topk_w="L->topk_w", pos="L->pos", counts="L->pcounts",
+        w1="L->w1t", w3="L->w3t", w2="L->w2t", sw1="L->sw1t", sw3="L->sw3t", sw2="L->sw2t",
+        sgate_w="L->shared_gate", act="L->pact", shared_act="L->shared_act",
+        shared_out="L->shared_out", out="out", layout="reinterpret_cast<elem*>(L->heap)",
+        peers="L->peers", counts_off="NVL_COUNTS_OFF", flags_off="NVL_FLAGS_OFF",
+        state="L->pstate", capacity="NVL_CAPACITY", self_rank="L->rank",
+        spin_limit="L->spin_limit", status="L->status_host")
+    return {"capacity": capacity, "threads": cfg.gate_up.threads, "smem": cfg.persistent_smem(),
+            "heap_bytes": heap.nbytes, "counts_off": heap.counts_off,
+            "flags_off": heap.flags_off, "state_words": ST_DEP + p.world_size * p.local_experts + 1,
+            "timeout_s": repr(float(comm_timeout())), "kernel": layer.kernels.persistent,
+            "args": args}
 
 
 def _header(layer: CompiledLayer, with_main: bool) -> str:
@@ -172,10 +199,6 @@ def export_cu(problem: MoEProblem, config: KernelConfig | None = None,
         raise ConfigError("mma", "tma", "the export does not write the tma kernel's host "
                           "side (tensor maps through the driver API) yet: export a config "
                           "with wgmma or mma.sync tiles", layer.config.name)
-    if layer.config.transport != "nccl":
-        raise ConfigError("transport", layer.config.transport, "the export does not write "
-                          "the persistent kernel's IPC set-up yet: export transport 'nccl'",
-                          layer.config.name)
     tv = export_vars(layer)
     parts = [_header(layer, with_main), layer.source.code, "\n", gemm_instantiations(layer),
              "\n", render_template("export_host.cu.j2", **tv)]

