@@ -17,28 +17,39 @@ from . import __version__
 from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import GemmTile, KernelConfig, expert_chunks
-from .errors import ConfigError
 from .layout import SymmetricLayout
 from .persistent import ST_DEP, HeapLayout
 from .plan import fixed_slots
 from .plan_cpp import call_args, forward_lines
 from .problem import MoEProblem
 from .render import CPP_BOOL, MOVE_WARPS, POS_THREADS, render_template, to_template_vars
-from .signatures import COMBINE, GEMM, PERMUTE, PERSISTENT, POSITIONS, ROUTER, SLOT_OFFSETS
+from .signatures import (
+    COMBINE,
+    GEMM,
+    GEMM_TMA,
+    PERMUTE,
+    PERSISTENT,
+    POSITIONS,
+    ROUTER,
+    SLOT_OFFSETS,
+)
+from .tma import BOX_K, MAP_BYTES
 from .watchdog import comm_timeout
 
 #: How to build an exported file (also written into its header comment); see ``nvcc_hint``.
 EXPORT_NVCC_HINT = (
     "library (host launcher only):  nvcc {arch_flags} -O3 -c file.cu\n"
     "harness (export_cu(..., with_main=True)):\n"
-    "  nvcc {arch_flags} -O3 -std=c++17 -ccbin mpicxx file.cu -lnccl -o flash_moe\n"
+    "  nvcc {arch_flags} -O3 -std=c++17 -ccbin mpicxx file.cu -lnccl{libs} -o flash_moe\n"
     "  mpirun -np P ./flash_moe [tokens_per_rank] [iters]"
 )
 
 
 def nvcc_hint(config: KernelConfig, arch: str = "sm_90") -> str:
     """Build commands for an exported file (wgmma tiles need the sm_90a target)."""
-    return EXPORT_NVCC_HINT.format(arch_flags=nvcc_arch_flags(config, arch))
+    # tma tiles encode their tensor maps through the driver API.
+    libs = " -lcuda" if config.uses_tma else ""
+    return EXPORT_NVCC_HINT.format(arch_flags=nvcc_arch_flags(config, arch), libs=libs)
 
 
 def nvcc_arch_flags(config: KernelConfig, arch: str = "sm_90") -> str:
@@ -57,6 +68,8 @@ DEFAULT_DYNAMIC_SMEM = 48 * 1024
 def grid_cpp(tile: GemmTile, prefix: str) -> str:
     """The C++ launch grid of a GEMM wrapper (``GemmTile.grid`` spelled over the wrapper's
     ``N``, ``rows``, ``groups``, ``inner_groups`` and the tile constants ``{prefix}_BN/BM``)."""
+    if tile.mma == "tma":
+        return (f"dim3(fmoe_host::tma_grid(N, rows, groups, {prefix}_BM, {prefix}_BN), 1, 1)")
     if tile.mma == "ws":
         return f"dim3(ceil_div(N, {prefix}_BN), 1, inner_groups > 0 ? inner_groups : groups)"
     return f"dim3(ceil_div(N, {prefix}_BN), ceil_div(rows, {prefix}_BM), groups)"
@@ -64,9 +77,15 @@ def grid_cpp(tile: GemmTile, prefix: str) -> str:
 
 def _tile_vars(tile: GemmTile, kernel: str, b_operands: int, prefix: str) -> dict:
     smem = tile.smem_bytes(b_operands)
+    # The tma kernel takes one more argument: its launch's tensor maps (made on first use).
+    b1 = "B1" if b_operands == 2 else "nullptr"
+    prologue = ("void* tma = nullptr;\n  FMOE_CHECK(fmoe_host::tma_launch(A, B0, "
+                f"{b1}, K, groups, {prefix}_BM, {prefix}_BN, &tma));\n  "
+                if tile.mma == "tma" else "")
     return {"kernel": kernel, "bm": tile.bm, "bn": tile.bn, "threads": tile.threads,
             "smem": smem, "smem_optin": smem > DEFAULT_DYNAMIC_SMEM,
-            "grid": grid_cpp(tile, prefix)}
+            "grid": grid_cpp(tile, prefix), "prologue": prologue,
+            "extra_args": ", tma" if tile.mma == "tma" else ""}
 
 
 def export_vars(layer: CompiledLayer) -> dict:
@@ -126,6 +145,9 @@ def export_vars(layer: CompiledLayer) -> dict:
                                x="L->x", sgate_w="L->shared_gate", out="out"),
         bias_scale=repr(0.1 if p.scoring == "sigmoid" else 1 / p.experts),
         nvlink=CPP_BOOL[cfg.transport == "nvlink"],
+        tma_export=cfg.uses_tma,
+        tma_map_bytes=MAP_BYTES,
+        tma_box_k=BOX_K,
         nvl=_nvlink_vars(layer) if cfg.transport == "nvlink" else {},
     )
     return tv
@@ -178,11 +200,17 @@ def _header(layer: CompiledLayer, with_main: bool) -> str:
     return text
 
 
+def _signature(tile: GemmTile):
+    return GEMM_TMA if tile.mma == "tma" else GEMM
+
+
 def gemm_instantiations(layer: CompiledLayer) -> str:
     """Explicit instantiations of both expert GEMMs (the render's name expressions)."""
     lines = ["// ---- explicit instantiations of the expert GEMMs of this config ----"]
-    lines += [f"template __global__ void {expr}({GEMM.types()});"
-              for expr in layer.kernels.name_expressions]
+    lines += [f"template __global__ void {expr}({sig.types()});"
+              for expr, sig in zip(layer.kernels.name_expressions,
+                                   (_signature(layer.config.gate_up),
+                                    _signature(layer.config.down)), strict=True)]
     return "\n".join(lines) + "\n"
 
 
@@ -195,10 +223,6 @@ def export_cu(problem: MoEProblem, config: KernelConfig | None = None,
     ``nvcc_hint``).
     """
     layer = build(problem, config)  # render and plan only: NVRTC runs on first use
-    if layer.config.uses_tma:
-        raise ConfigError("mma", "tma", "the export does not write the tma kernel's host "
-                          "side (tensor maps through the driver API) yet: export a config "
-                          "with wgmma or mma.sync tiles", layer.config.name)
     tv = export_vars(layer)
     parts = [_header(layer, with_main), layer.source.code, "\n", gemm_instantiations(layer),
              "\n", render_template("export_host.cu.j2", **tv)]

@@ -140,14 +140,6 @@ def test_weight_streaming_grid_mirrored():
     assert "const dim3 grid = dim3(ceil_div(N, GU_BN), ceil_div(rows, GU_BM), groups);" in plain
 
 
-def test_export_refuses_tma_tiles():
-    from flashmoe_gen.errors import ConfigError
-
-    t = GemmTile(128, 128, 64, 8, 1, 4, "tma")
-    with pytest.raises(ConfigError, match="export a config with wgmma or mma.sync tiles"):
-        export_cu(CAPPED, KernelConfig(t, t))
-
-
 def test_write_only_if_changed(tmp_path):
     path = tmp_path / "layer.cu"
     text = export_cu(SHARED, path=path)
@@ -205,6 +197,19 @@ def _compile_harness(tmp_path, cfg: KernelConfig) -> str:
     text = export_cu(CAPPED, cfg, src, with_main=True)
     _nvcc(src, "-c", *{f"-I{d}" for d in incs.values()}, "-o", str(tmp_path / "flash_moe.o"))
     return text
+
+
+@needs_nvcc
+def test_nvcc_compiles_tma_export(tmp_path):
+    """tma tiles: the maps are encoded through the driver API in the launcher (cached per
+    launch key), the grid is one block per SM at most, the build links -lcuda."""
+    t = GemmTile(128, 128, 64, 8, 1, 4, "tma")
+    cfg = KernelConfig(t, dataclasses.replace(t, bn=256, stages=3))
+    text = _compile_harness(tmp_path, cfg)
+    assert "cuTensorMapEncodeTiled" in text and "fmoe_host::tma_launch(A, B0, B1, K" in text
+    assert "fmoe_host::tma_launch(A, B0, nullptr, K" in text  # down: one B operand
+    assert "-lnccl -lcuda" in text
+    assert "template __global__ void fmoe::expert_gemm_tma<128, 128, 4, true>(" in text
 
 
 # -- GPU ----------------------------------------------------------------------------------
