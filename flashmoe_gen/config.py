@@ -382,10 +382,11 @@ class KernelConfig:
         warps = PERSISTENT_THREADS // 32
         for which in ("gate_up", "down"):
             t = getattr(self, which)
-            if t.mma != "ws" or t.warps_m != warps:
+            if t.mma not in ("ws", "sync") or t.warps_m * t.warps_n != warps:
                 raise ConfigError(f"{which}.mma", t.mma, f"transport 'nvlink' computes with "
-                                  f"weight-streaming tiles of {warps} warps (e.g. "
-                                  f"bm32_bn128_bk64_w{warps}x1_s4_ws)", name)
+                                  f"weight-streaming or mma.sync tiles of {warps} warps (e.g. "
+                                  f"bm32_bn128_bk64_w{warps}x1_s4_ws for few rows per expert, "
+                                  f"bm128_bn128_bk64_w4x2_s3 for many)", name)
         if self.router_tokens_per_block != warps:
             raise ConfigError("router_tokens_per_block", self.router_tokens_per_block,
                               f"transport 'nvlink': {warps} (one block of "

@@ -185,13 +185,21 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         # Transport "nvlink": the persistent kernel and the tiles it computes with.
         "persistent_template": "persistent.cu.j2" if config.transport == "nvlink" else "",
         "persistent_threads": PERSISTENT_THREADS,
-        "pgu": _tile_consts(config.gate_up),
-        "pdn": _tile_consts(config.down),
+        "pgu": _task_gemm(config.gate_up, True),
+        "pdn": _task_gemm(config.down, False),
     }
 
 
-def _tile_consts(tile: GemmTile) -> dict[str, int]:
-    return {"bm": tile.bm, "bn": tile.bn, "bk": tile.bk, "stages": tile.stages}
+def _task_gemm(tile: GemmTile, gated: bool) -> dict[str, int | str]:
+    """The persistent kernel's GEMM of one task (all rows of a group, one n-tile): the
+    weight-streaming device function or mma.sync row tiles."""
+    if tile.mma == "ws":
+        args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages]
+        fn = "ws_gemm"
+    else:
+        args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages]
+        fn = "sync_gemm_rows"
+    return {"bn": tile.bn, "fn": f"{fn}<{', '.join(map(str, args))}, {CPP_BOOL[gated]}>"}
 
 
 def kernel_names(config: KernelConfig) -> KernelNames:

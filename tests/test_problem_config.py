@@ -629,17 +629,23 @@ def test_nvlink_transport_name_and_parse():
     del old["transport"]  # a config stored before the knob existed reads as nccl
     assert KernelConfig.from_dict(old).transport == "nccl"
     assert cfg.persistent_smem() == max(NVL_TILE.smem_bytes(2), NVL_TILE.smem_bytes(1))
+    # Many rows per expert: mma.sync row tiles of 8 warps serve the same tasks.
+    big = KernelConfig(GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4),
+                       transport="nvlink")
+    big.validate(DSV3_DECODE.replace(tokens_per_rank=4096))
 
 
 @pytest.mark.parametrize("changes,field,text", [
     (dict(transport="ib"), "transport", "choose one of ['nccl', 'nvlink']"),
-    (dict(gate_up=GemmTile(64, 64, 64, 2, 2, 3)), "gate_up.mma", "weight-streaming tiles"),
+    (dict(gate_up=GemmTile(64, 64, 64, 2, 2, 3)), "gate_up.mma", "tiles of 8 warps"),
+    (dict(gate_up=GemmTile(128, 128, 64, 8, 1, 4, "wgmma")), "gate_up.mma",
+     "weight-streaming or mma.sync"),
     (dict(down=GemmTile(32, 128, 64, 4, 1, 4, "ws")), "down.mma", "of 8 warps"),
     (dict(router_tokens_per_block=4), "router_tokens_per_block", "transport 'nvlink': 8"),
     (dict(chunks_per_peer=2), "chunks_per_peer", "no such schedule"),
     (dict(packed_slots=True), "packed_slots", "no such schedule"),
     (dict(fuse_sources=True), "fuse_sources", "no such schedule"),
-], ids=["unknown", "sync_tiles", "warps", "router", "chunks", "packed", "fused"])
+], ids=["unknown", "sync_4_warps", "wgmma", "warps", "router", "chunks", "packed", "fused"])
 def test_nvlink_transport_refusals(changes, field, text):
     cfg = replace(KernelConfig(NVL_TILE, NVL_TILE, transport="nvlink"), **changes)
     with pytest.raises(ConfigError) as ei:

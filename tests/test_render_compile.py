@@ -179,8 +179,8 @@ def test_template_vars_are_cpp_spellings():
     for k, v in tv.items():
         if k in ("signatures", "signature_args"):  # from flashmoe_gen.signatures
             assert all(type(d) is str for d in v.values())
-        elif k in ("pgu", "pdn"):  # the persistent kernel's tile constants
-            assert all(type(n) is int for n in v.values())
+        elif k in ("pgu", "pdn"):  # the persistent kernel's task GEMM: width, C++ call
+            assert type(v["bn"]) is int and type(v["fn"]) is str
         elif k not in ("kernels", "wgmma_variants"):
             assert type(v) in (str, int), (k, v)  # no bool/None/float reaches a template
 
@@ -209,6 +209,17 @@ def test_compile_persistent_kernel(arch, private_cache):
     mod = compile_source(gen, arch, use_cache=False)
     check_module(mod, gen, arch)
     assert mod.dynamic_smem["moe_persistent"] == cfg.persistent_smem()
+    assert "ws_gemm<32, 128, 64, 8, 4, true>(" in gen.code
+
+
+def test_compile_persistent_kernel_with_row_tiles(private_cache):
+    """Transport "nvlink" with mma.sync row tiles (many rows per expert): no spills."""
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    cfg = KernelConfig(GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4),
+                       transport="nvlink")
+    gen = render(p, cfg)
+    assert "sync_gemm_rows<64, 128, 64, 2, 4, 4, true>(" in gen.code
+    check_module(compile_source(gen, "sm_90", use_cache=False), gen, "sm_90")
 
 
 def test_compile_tma_kernel(private_cache):
