@@ -144,7 +144,7 @@ def measure(key: str, p, dw, comm, a) -> dict:
 
     from flashmoe_gen import bf16
     from flashmoe_gen.comm import allgather
-    from flashmoe_gen.config import GemmTile, KernelConfig
+    from flashmoe_gen.config import KernelConfig
     from flashmoe_gen.reference import relative_error
     from flashmoe_gen.runtime import FlashMoE
     from flashmoe_gen.tuner.bench import time_callable
@@ -166,8 +166,8 @@ def measure(key: str, p, dw, comm, a) -> dict:
         row["note"] = err
         del ours["graph"]
     if a.nvlink:  # transport "nvlink": one persistent kernel per forward
-        ws = GemmTile(32, 128, 64, 8, 1, 4, "ws")
-        nvl = KernelConfig(ws, ws, router_tokens_per_block=8, transport="nvlink")
+        nvl = KernelConfig.persistent_default(p)
+        row["config_nvlink"] = nvl.name
         ours["nvlink"], err = collective(comm, "our layer (nvlink)",
                                          lambda: FlashMoE(p, nvl, comm=comm, weights=dw))
         if err:

@@ -397,6 +397,20 @@ class KernelConfig:
                 raise ConfigError(f, getattr(self, f), f"transport 'nvlink' has no such "
                                   f"schedule: use {want}", name)
 
+    @classmethod
+    def persistent_default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
+        """A transport "nvlink" config: 8-warp weight-streaming tiles when an expert averages
+        at most ``WS_MAX_ROWS`` rows from all sources, else 8-warp mma.sync row tiles."""
+        warps = PERSISTENT_THREADS // 32
+        rows = problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
+        if rows <= WS_MAX_ROWS:
+            gu = dn = GemmTile(32, 128, 64, warps, 1, 4, "ws")
+        else:
+            gu, dn = GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4)
+        cfg = cls(gu, dn, router_tokens_per_block=warps, transport="nvlink")
+        cfg.validate(problem, arch)
+        return cfg
+
     def persistent_smem(self) -> int:
         """Dynamic shared memory of the persistent kernel: the larger of its two GEMMs'."""
         return max(self.gate_up.smem_bytes(2), self.down.smem_bytes(1))

@@ -635,6 +635,15 @@ def test_nvlink_transport_name_and_parse():
     big.validate(DSV3_DECODE.replace(tokens_per_rank=4096))
 
 
+def test_persistent_default_picks_tiles_by_rows_per_expert():
+    decode = KernelConfig.persistent_default(DSV3_DECODE)
+    assert decode.transport == "nvlink" and decode.gate_up.mma == "ws"
+    big = KernelConfig.persistent_default(MoEProblem(2048, 2048, 64, 2, world_size=4,
+                                                     tokens_per_rank=16384))
+    assert big.gate_up.mma == big.down.mma == "sync"
+    assert big.gate_up.threads == big.down.threads == 256
+
+
 @pytest.mark.parametrize("changes,field,text", [
     (dict(transport="ib"), "transport", "choose one of ['nccl', 'nvlink']"),
     (dict(gate_up=GemmTile(64, 64, 64, 2, 2, 3)), "gate_up.mma", "tiles of 8 warps"),
