@@ -36,6 +36,7 @@ def measure_one(p, cfg, comm, a) -> dict:
     from torch_ep_graph import time_baselines, to_f64
 
     from flashmoe_gen import bf16
+    from flashmoe_gen.config import KernelConfig
     from flashmoe_gen.reference import relative_error
     from flashmoe_gen.runtime import FlashMoE
     from flashmoe_gen.tuner.bench import time_callable
@@ -71,6 +72,16 @@ def measure_one(p, cfg, comm, a) -> dict:
         diff = relative_error(bf16.from_bits(out_f.get()).astype(np.float64),
                               bf16.from_bits(ours.get()).astype(np.float64))
         extra["fused_vs_unfused"] = float(f"{diff:.1e}")
+    if a.nvlink:  # transport nvlink: one persistent kernel per forward
+        nvl = FlashMoE(p, KernelConfig.persistent_default(p), weights=layer.weights, comm=comm)
+        out_n = nvl.forward(x)
+        diff = relative_error(bf16.from_bits(out_n.get()).astype(np.float64), theirs)
+        extra["agree_nvlink"] = float(f"{max(comm.mpi.allgather(diff)):.2e}")
+        ms_n = time_callable(lambda: nvl.forward(x), **kw).median_ms
+        extra["ours_nvlink_ms"] = round(ms_n, 4)
+        extra["speedup_nvlink"] = round(ms_t / ms_n, 3)
+        extra["config_nvlink"] = nvl.config.name
+        del nvl
     n = comm.world_size * p.tokens_per_rank
     return dict(ours_ms=round(ms, 4), **base, speedup=round(ms_t / ms, 3),
                 ours_mtok_s=round(n / ms / 1e3, 3), torch_mtok_s=round(n / ms_t / 1e3, 3),
@@ -199,6 +210,8 @@ def main() -> int:
     ap.add_argument("--db", default=None, help="winners database for lookup()")
     ap.add_argument("--fuse", action="store_true",
                     help="also time the same config with fuse_sources=True")
+    ap.add_argument("--nvlink", action="store_true",
+                    help="also time transport 'nvlink' (one persistent kernel per forward)")
     ap.add_argument("--json", default="scaling.json", help="rows are appended here")
     ap.add_argument("--plot", default=None, help="JSON file to plot instead of measuring")
     ap.add_argument("--out", default="scaling", help="plot/table path stem")
