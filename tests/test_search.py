@@ -187,3 +187,17 @@ def test_samplers_do_not_spend_a_trial_on_a_config_already_tried():
             seen.add(tuple(t.params.values()))
             study.tell(t, fake_latency(space.config_from_params(t.params)))
         assert len(seen) == half, name
+
+
+def test_steep_space_is_a_small_grid_with_tiny_tiles():
+    """--space steep: a grid of tens of configs whose tiles run from 16-wide (far too small
+    for these GEMMs) to 128-wide, for a sampler comparison where most configs are slow."""
+    from flashmoe_gen.tuner.space import SPACES, SearchSpace
+
+    p = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=2, tokens_per_rank=512)
+    space = SearchSpace.for_problem(p, "sm_90", "steep")
+    configs = list(space.valid_configs())
+    assert 30 <= len(configs) <= 200
+    assert {c.gate_up.bn for c in configs} == {16, 64, 128}
+    assert all(KernelConfig.from_name(c.name) == c for c in configs)
+    assert set(SPACES) == {"full", "small", "steep"}

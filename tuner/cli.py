@@ -34,6 +34,7 @@ from .args import (
     tune_command,
 )
 from .launch import rank_from_env, relaunch_under_mpirun, under_mpirun
+from .space import SPACES
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -335,8 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid", "cmaes"],
                    help="Optuna sampler (grid sweeps the whole space, use --space small; "
                    "every knob is categorical, so cmaes falls back to random sampling)")
-    t.add_argument("--space", default="full", choices=["full", "small"],
-                   help="search space: every knob, or a small one for grid sweeps")
+    t.add_argument("--space", default="full", choices=sorted(SPACES),
+                   help="search space: every knob (full), a small one for grid sweeps "
+                   "(small), or a small schedule over tiles from far too small to the usual "
+                   "(steep: a grid for judging samplers)")
     t.add_argument("--study-name", default=None,
                    help="Optuna study name (default: problem, space and environment)")
     t.add_argument("--storage", default=None, help="Optuna storage URL (default: "

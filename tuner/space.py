@@ -38,6 +38,14 @@ def _within(choices, lo, hi) -> tuple:
     return tuple(c for c in choices if lo <= c <= hi)
 
 
+def _pick(choices, *values) -> tuple:
+    """Some of config.py's valid values, checked to be among them."""
+    bad = [v for v in values if v not in choices]
+    if bad:
+        raise ConfigError("space values", bad, f"choose from {list(choices)}")
+    return values
+
+
 def _grids(*grids: str) -> tuple[str, ...]:
     """Warp grids "MxN"; each M and N must be one of config.WARP_CHOICES."""
     for g in grids:
@@ -80,7 +88,18 @@ SMALL = {
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
     "packed": (True,), "mode": MODE_CHOICES[:1],
 }
-SPACES = {"full": FULL, "small": SMALL}
+#: A grid for judging samplers: the small space's schedule with tiles from far too small to
+#: the usual, so most configs are well off the best (the sampler target asks for a grid where
+#: at least half are > 10% slower; the small space's DeepSeek-V2-Lite grid had 8%).
+STEEP = dict(SMALL) | {
+    "gu_bm": _pick(BM_CHOICES, 16, 64, 128), "gu_bn": _pick(BN_CHOICES, 16, 64, 128),
+    "gu_bk": _pick(BK_CHOICES, 64), "gu_w": _grids("4x1", "2x2", "4x2"),
+    "gu_s": _pick(STAGE_RANGE, 2, 3),
+    "dn_bm": _pick(BM_CHOICES, 16, 128), "dn_bn": _pick(BN_CHOICES, 32, 128),
+    "dn_bk": _pick(BK_CHOICES, 32), "dn_w": _grids("1x1", "2x4"),
+    "dn_s": _pick(STAGE_RANGE, 3),
+}
+SPACES = {"full": FULL, "small": SMALL, "steep": STEEP}
 
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
