@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 13's sampler target on a 2-GPU machine: a grid sweep of the steep space (96 configs of
-# the DeepSeek-V2-Lite shape), then the sampler replay over it (TPE and random vs the grid's
-# best); the grid's study store comes back for committing.
+# the DeepSeek-V2-Lite shape); its study store comes back ($OUT/grid_steep.db) and the sampler
+# replay runs on the CPU, off the device's time:
+#   python bench/sampler_replay.py sqlite:///grid_steep.db grid-steep \
+#       --problem 2048,1408,64,6,2,2,512 --out bench/results/<date>_sampler_replay_steep.md
 # Usage (device tool, carry .whl): bash bench/device_sampler.sh COMMIT
 set -u
 COMMIT=${1:-unknown}
@@ -14,8 +16,4 @@ timeout 480 flashmoe-tune tune --gpus 2 $DSV2 --sampler grid --space steep --tri
   --storage "sqlite:///$O/grid_steep.db" --study-name grid-steep --warmup 2 --iters 10 \
   > "$O/grid_steep.log" 2>&1
 echo "grid rc=$?"; grep -E "ok, .* failed|heuristic default" "$O/grid_steep.log"
-timeout 100 python3 bench/sampler_replay.py "sqlite:///$O/grid_steep.db" grid-steep \
-  --problem 2048,1408,64,6,2,2,512 --seeds 12 --out "$O/sampler_replay_steep.md" \
-  > "$O/sampler_replay.log" 2>&1
-echo "replay rc=$?"; cat "$O/sampler_replay_steep.md" 2>/dev/null || tail -5 "$O/sampler_replay.log"
 echo "commit $COMMIT"
