@@ -124,3 +124,57 @@ def _run_without_combine_wait(world: int, calls: int, seed: int) -> None:
         live = [r for r in ranks if not r.done()]
         rng.shuffle(live)
         assert any(r.step(ranks) for r in live), "deadlock"
+
+
+def run_tasks(world: int, el: int, ngu: int, ndn: int, shared: bool, blocks: int,
+              seed: int) -> None:
+    """Inside one rank: ``blocks`` resident blocks take tasks from the queue in its fixed
+    order (shared gate/up, shared down, then per source in ring order gate/up then down), a
+    source's tiles wait for its dispatch flag (raised at a random moment), a down tile for
+    every gate/up tile of its (source, expert). No deadlock; every down tile runs after all
+    its gate/up tiles."""
+    rng = random.Random(seed)
+    me = rng.randrange(world)
+    tasks = []
+    if shared:
+        tasks += [("gu", "shared", 0)] * ngu + [("dn", "shared", 0)] * ndn
+    for q in range(world):
+        s = (me + q) % world
+        tasks += [("gu", s, e) for e in range(el) for _ in range(ngu)]
+        tasks += [("dn", s, e) for e in range(el) for _ in range(ndn)]
+    flags = {s: s == me for s in range(world)}  # this rank's own flag is set before tasks
+    dep = {}
+    queue = 0
+    held = [None] * blocks  # the task a block waits on
+    done = 0
+    steps = 0
+    while done < len(tasks):
+        steps += 1
+        assert steps < 100000, "deadlock"
+        for s in flags:  # peers' dispatch flags arrive at random moments
+            if not flags[s] and rng.random() < 0.05:
+                flags[s] = True
+        b = rng.randrange(blocks)
+        if held[b] is None:
+            if queue == len(tasks):
+                continue
+            held[b] = tasks[queue]
+            queue += 1
+        kind, s, e = held[b]
+        if kind == "gu":
+            if s != "shared" and not flags[s]:
+                continue
+            dep[(s, e)] = dep.get((s, e), 0) + 1
+        else:
+            if dep.get((s, e), 0) < ngu:
+                continue
+        held[b] = None
+        done += 1
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_task_queue_never_deadlocks(seed):
+    rng = random.Random(seed)
+    run_tasks(world=rng.choice([1, 2, 4]), el=rng.choice([1, 2, 8]), ngu=rng.choice([1, 3]),
+              ndn=rng.choice([1, 2]), shared=rng.random() < 0.5,
+              blocks=rng.choice([1, 2, 7, 132]), seed=seed)
