@@ -379,7 +379,7 @@ API_CASES = [
     ("limits_for list", lambda: limits_for(["sm_90"]), DeviceError, "['sm_90']", "known"),
     ("limits_for None", lambda: limits_for(None), DeviceError, "None", "known"),
     ("space size", lambda: SearchSpace.for_problem(P, "sm_90", "huge"), ConfigError, "space",
-     "['full', 'small']"),
+     "['full', 'small', 'steep']"),
     ("mpi_ranks 0", lambda: launch.mpi_ranks(0), UsageError, "--gpus", "positive integer"),
     ("mpi_ranks bool", lambda: launch.mpi_ranks(True), UsageError, "--gpus",
      "positive integer"),
