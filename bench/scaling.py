@@ -54,14 +54,19 @@ def measure_one(p, cfg, comm, a) -> dict:
     ms = time_callable(lambda: layer.forward(x), **kw).median_ms
     ms_t = base["torch_ep_ms"]
     extra = {"ours_graph_ms": None, "speedup_graph": None}
+    def variant(other, name: str, agree_key: str) -> None:
+        """Another layer on the same weights and tokens: its agreement with the baseline,
+        its time and its speed-up, under ``name``."""
+        out = other.forward(x)
+        diff = relative_error(bf16.from_bits(out.get()).astype(np.float64), theirs)
+        extra[agree_key] = float(f"{max(comm.mpi.allgather(diff)):.2e}")
+        ms_v = time_callable(lambda: other.forward(x), **kw).median_ms
+        extra[f"ours_{name}_ms"] = round(ms_v, 4)
+        extra[f"speedup_{name}"] = round(ms_t / ms_v, 3)
+
     layer_g = graph_layer(p, cfg, comm, layer.weights)
     if layer_g is not None:
-        out_g = layer_g.forward(x)
-        diff = relative_error(bf16.from_bits(out_g.get()).astype(np.float64), theirs)
-        extra["agree_graph_mode"] = float(f"{max(comm.mpi.allgather(diff)):.2e}")
-        ms_g = time_callable(lambda: layer_g.forward(x), **kw).median_ms
-        extra["ours_graph_ms"] = round(ms_g, 4)
-        extra["speedup_graph"] = round(ms_t / ms_g, 3)
+        variant(layer_g, "graph", "agree_graph_mode")
         del layer_g
     if a.fuse and comm.world_size > 1:
         fused = FlashMoE(p, dataclasses.replace(cfg, fuse_sources=True), weights=layer.weights,
@@ -74,12 +79,7 @@ def measure_one(p, cfg, comm, a) -> dict:
         extra["fused_vs_unfused"] = float(f"{diff:.1e}")
     if a.nvlink:  # transport nvlink: one persistent kernel per forward
         nvl = FlashMoE(p, KernelConfig.persistent_default(p), weights=layer.weights, comm=comm)
-        out_n = nvl.forward(x)
-        diff = relative_error(bf16.from_bits(out_n.get()).astype(np.float64), theirs)
-        extra["agree_nvlink"] = float(f"{max(comm.mpi.allgather(diff)):.2e}")
-        ms_n = time_callable(lambda: nvl.forward(x), **kw).median_ms
-        extra["ours_nvlink_ms"] = round(ms_n, 4)
-        extra["speedup_nvlink"] = round(ms_t / ms_n, 3)
+        variant(nvl, "nvlink", "agree_nvlink")
         extra["config_nvlink"] = nvl.config.name
         del nvl
     n = comm.world_size * p.tokens_per_rank
