@@ -54,6 +54,7 @@ def measure_one(p, cfg, comm, a) -> dict:
     ms = time_callable(lambda: layer.forward(x), **kw).median_ms
     ms_t = base["torch_ep_ms"]
     extra = {"ours_graph_ms": None, "speedup_graph": None}
+
     def variant(other, name: str, agree_key: str) -> None:
         """Another layer on the same weights and tokens: its agreement with the baseline,
         its time and its speed-up, under ``name``."""
