@@ -8,6 +8,8 @@ the NCCL unique ids travel through ``broadcast_object_list``.
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import os
 import sys
 
@@ -16,12 +18,29 @@ import torch.distributed as dist
 
 from flashmoe_gen.errors import CommError
 
+#: Seconds the ranks wait for each other at exit before tearing the group down anyway.
+EXIT_BARRIER_S = 30
+
 
 def init_from_env(backend: str = "gloo") -> None:
     """``init_process_group`` from torchrun's environment, unless already initialised.
-    The default ``gloo`` carries host messages only (NCCL moves the tokens)."""
+    The default ``gloo`` carries host messages only (NCCL moves the tokens). The group this
+    makes is torn down at exit after every rank got there: a rank that exits while another
+    still closes its gloo connections can abort (SIGABRT) in gloo's destructors."""
     if not dist.is_initialized():
         dist.init_process_group(backend)
+        atexit.register(_shutdown)
+
+
+def _shutdown() -> None:
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":  # bounded: a dead peer costs seconds, not a hang
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_BARRIER_S))
+        dist.destroy_process_group()
+    except Exception:  # at exit: a peer that already died must not turn into a traceback
+        pass
 
 
 class TorchGroup:
