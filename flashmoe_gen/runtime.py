@@ -214,10 +214,13 @@ class FlashMoE:
             while t > 1 and graph_memory_bytes(p.replace(tokens_per_rank=t), cfg) > \
                     free * GRAPH_MEMORY_SHARE:
                 t //= 2
-            raise ConfigError("mode", "graph", f"fixed-size buffers for {p.tokens_per_rank} "
+            nvlink = cfg.transport == "nvlink"
+            field, value, other = (("transport", "nvlink", "transport 'nccl' in mode 'host'")
+                                   if nvlink else ("mode", "graph", "mode 'host'"))
+            raise ConfigError(field, value, f"fixed-size buffers for {p.tokens_per_rank} "
                               f"tokens per rank take {need / 2**30:.2f} GiB, this GPU has "
                               f"{free / 2**30:.2f} GiB free: at most ~{t} tokens per rank fit "
-                              "(MoEProblem.tokens_per_rank), or use mode 'host'", cfg.name)
+                              f"(MoEProblem.tokens_per_rank), or use {other}", cfg.name)
         return need
 
     def _setup_graph_mode(self, graphs: bool) -> None:
