@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_mpi)
         elif "gpu" in item.keywords and GPU_COUNT < 1:
             item.add_marker(no_gpu)
+
+
+@pytest.fixture(scope="module")
+def comm():
+    """The multi-GPU suites' Communicator (mpirun, one GPU per rank), one per test module."""
+    from flashmoe_gen.comm import Communicator
+    c = Communicator(n_streams=2)
+    yield c
+    c.barrier()
+    c.close()

@@ -24,15 +24,6 @@ from flashmoe_gen.weights import MoEWeights, random_tokens
 pytestmark = pytest.mark.multigpu
 
 
-@pytest.fixture(scope="module")
-def comm():
-    from flashmoe_gen.comm import Communicator
-    c = Communicator(n_streams=2)
-    yield c
-    c.barrier()
-    c.close()
-
-
 def _check(comm, problem, tokens_by_rank, config=None, weights=None, seed=0, skew=False):
     from flashmoe_gen.runtime import FlashMoE
 

@@ -23,15 +23,6 @@ QWEN2 = MoEProblem(1024, 512, 64, 4, shared_experts=1, shared_intermediate=2048,
                    tokens_per_rank=333, normalize_topk=False, shared_gate=True)
 
 
-@pytest.fixture(scope="module")
-def comm():
-    from flashmoe_gen.comm import Communicator
-    c = Communicator(n_streams=2)
-    yield c
-    c.barrier()
-    c.close()
-
-
 @pytest.mark.parametrize("problem,ragged", [
     (DSV3, False), (QWEN2, True), (DSV3.replace(capacity_factor=1.0), True)],
     ids=["dsv3", "qwen2_ragged", "dsv3_capacity"])
