@@ -5,7 +5,8 @@
 # tests and the 4-rank decode table of DeepSeek-V3-like and seed shapes. Logs under $OUT.
 # Usage (device tool, nvidia-h100-x4, carry .whl): bash bench/device_ws.sh COMMIT a|b
 #   a: 1-GPU tests, GEMM bench, host time, 4-rank tests (~450 s); b: nvlink watchdog test and
-#   the 4-rank decode table (~360 s). Each fits one call.
+#   the 4-rank decode table (~360 s); c: the one-rank nvlink tests, the GEMM bench, then the
+#   4-rank tests verbose with a log per rank (~450 s). Each fits one call.
 set -u
 COMMIT=${1:-unknown}; PART=${2:-a}
 source bench/device_setup.sh
@@ -30,6 +31,22 @@ timeout -k 10 200 $MPI -np 4 python3 -m pytest -m multigpu tests/test_multigpu.p
   -k "weight_streaming or tma or nvlink or graph_mode_matches" -q --no-header -p no:cacheprovider \
   > "$O/multigpu_ws.log" 2>&1
 echo "multigpu ws rc=$?"
+fi
+if [ "$PART" = c ]; then  # after a: the fixed tests one by one, a log per rank
+CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+  -k nvlink -v --no-header -p no:cacheprovider > "$O/gpu_ws.log" 2>&1 &
+CUDA_VISIBLE_DEVICES=2,3 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -v \
+  --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1 &
+CUDA_VISIBLE_DEVICES=1 timeout -k 10 200 python3 bench/gemm_bench.py --commit "$COMMIT" \
+  --cases dsv3_decode_r16,dsv3_decode_r32,dsv2lite_decode_r8,mixtral_t4096,dsv2lite_t4096,flashdmoe_t16384 \
+  --out "$O/gemm_decode.md" --json "$O/gemm_decode.json" > "$O/gemm_decode.log" 2>&1
+echo "gemm bench rc=$?"; wait
+FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 ${MULTI_TIMEOUT:-300} $MPI -x FLASHMOE_COMM_TIMEOUT -np 4 \
+  --output-filename "$O/ranks" python3 -m pytest -m multigpu tests/test_multigpu.py -v \
+  -k "${MULTI_K:-weight_streaming or tma_kernel or nvlink or graph_mode_matches}" \
+  --no-header -p no:cacheprovider > "$O/multigpu_ws.log" 2>&1
+echo "multigpu ws rc=$?"
+grep -hE "PASSED|FAILED|ERROR" "$O"/ranks/1/rank.0/stdout 2>/dev/null | tail -30
 fi
 if [ "$PART" = b ]; then
 CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 120 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -q \

@@ -124,7 +124,7 @@ class PersistentForward:
         func = layer.module[layer.kernels.persistent]
         smem = layer.compiled.dynamic_smem[layer.kernels.persistent]
         per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
-            func.ptr, cfg.gate_up.threads, smem)
+            func.kernel.ptr, cfg.gate_up.threads, smem)  # RawKernel -> CUfunction
         if per_sm < 1:
             raise ConfigError("transport", "nvlink", f"the persistent kernel does not fit one "
                               f"SM ({smem} B of shared memory, {cfg.gate_up.threads} threads): "
@@ -134,7 +134,8 @@ class PersistentForward:
         from .watchdog import comm_timeout
 
         timeout = layer.comm.timeout_s if layer.comm is not None else comm_timeout()
-        self.spin_limit = int(timeout * dev.attributes["ClockRate"] * 1e3)  # kHz -> cycles
+        # kHz -> cycles; CUDA 13 may not report the clock: 2 GHz bounds every current part.
+        self.spin_limit = int(timeout * dev.attributes.get("ClockRate", 2_000_000) * 1e3)
 
     def arguments(self, x, tokens: int, out) -> dict:
         """The kernel's arguments by name (``signatures.PERSISTENT``)."""

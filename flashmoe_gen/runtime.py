@@ -84,6 +84,12 @@ class _SlotBuffers:
         return self.lay.capacity
 
 
+def _address(arg) -> int:
+    """A kernel pointer argument's address: CuPy arrays (as the benches pass) or an int."""
+    data = getattr(arg, "data", None)
+    return int(data.ptr) if data is not None else int(arg)
+
+
 class FlashMoE:
     """One rank's share of a distributed MoE layer (expert parallel, symmetric layout).
 
@@ -315,9 +321,9 @@ class FlashMoE:
         grid = tile.grid(n, rows, groups, int(args[_INNER_GROUPS]), self._sms)
         if tile.mma == "tma":
             k = int(args[_K])
-            b1 = Operand.at(int(args[_B1]), k) if gated else None
-            args = (*args, self._tma.launch(Operand.at(int(args[_A]), k),
-                                            Operand.at(int(args[_B0]), k), b1, groups,
+            b1 = Operand.at(_address(args[_B1]), k) if gated else None
+            args = (*args, self._tma.launch(Operand.at(_address(args[_A]), k),
+                                            Operand.at(_address(args[_B0]), k), b1, groups,
                                             tile.bm, tile.bn, stream))
         with stream:
             self.module[name](grid, (tile.threads,), args,
