@@ -6,7 +6,8 @@
 # Usage (device tool, nvidia-h100-x4, carry .whl): bash bench/device_ws.sh COMMIT a|b
 #   a: 1-GPU tests, GEMM bench, host time, 4-rank tests (~450 s); b: nvlink watchdog test and
 #   the 4-rank decode table (~360 s); c: the one-rank nvlink tests, the GEMM bench, then the
-#   4-rank tests verbose with a log per rank (~450 s). Each fits one call.
+#   4-rank tests verbose with a log per rank (~450 s); d: the nvlink watchdog test, the 4-rank
+#   nvlink tests with stack dumps, the decode table (~420 s). Each fits one call.
 set -u
 COMMIT=${1:-unknown}; PART=${2:-a}
 source bench/device_setup.sh
@@ -47,6 +48,21 @@ FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 ${MULTI_TIMEOUT:-300} $MPI -x FLASHMOE_CO
   --no-header -p no:cacheprovider > "$O/multigpu_ws.log" 2>&1
 echo "multigpu ws rc=$?"
 grep -hE "PASSED|FAILED|ERROR" "$O"/ranks/1/rank.0/stdout 2>/dev/null | tail -30
+fi
+if [ "$PART" = d ]; then  # after c: the watchdog fix, the exit of a 4-rank nvlink suite
+CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 120 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -v \
+  --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1
+echo "nvlink watchdog test rc=$?"
+# Tracebacks of every thread of a rank whose test (teardown included) runs past 45 s.
+FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 120 $MPI -x FLASHMOE_COMM_TIMEOUT -np 4 \
+  --output-filename "$O/ranks" python3 -m pytest -m multigpu tests/test_multigpu.py -v \
+  -o faulthandler_timeout=45 -k "${MULTI_K:-nvlink}" --no-header -p no:cacheprovider \
+  > "$O/multigpu_nvlink.log" 2>&1
+echo "multigpu nvlink rc=$?"
+for r in 0 1 2 3; do cp "$O/ranks/1/rank.$r/stdout" "$O/rank$r.log" 2>/dev/null; done
+rm -rf "$O/ranks"; tail -5 "$O/rank0.log"
+DECODE_TIMEOUT=${DECODE_TIMEOUT:-240} run_decode 4 "$COMMIT" --problems seed,dsv3 --nvlink \
+  > "$O/decode_summary.txt" 2>&1
 fi
 if [ "$PART" = b ]; then
 CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 120 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -q \

@@ -164,6 +164,7 @@ class PersistentForward:
         if code < 0:
             return None
         phase, peer = divmod(code, 1000)
+        peer -= 1  # the kernel stores peer + 1 (-1: no peer)
         what = {1: "a grid barrier (a block of this rank)", 2: f"rank {peer}'s dispatch",
                 3: "a gate/up tile this rank computes", 4: f"rank {peer}'s results"}
         return CommTimeout(f"rank {self.layer.rank}: the persistent kernel waited past its "
