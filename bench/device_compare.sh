@@ -14,7 +14,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit
 MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE -x PYTHONPATH"
 nvidia-smi --query-gpu=index,name --format=csv,noheader
 cd /tmp  # the checkout's own flashmoe_gen must not shadow the old wheel
-for i in 1 2; do
+for i in $(seq 1 "${ROUNDS:-2}"); do  # ROUNDS=1 when device time is short
   for side in old new; do
     if [ $side = old ]; then export PYTHONPATH=/tmp/oldsite FLASHMOE_CACHE=/tmp/cache_old
       script=$R/.old/src/bench; commit=$OLD
