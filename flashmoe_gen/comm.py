@@ -9,8 +9,10 @@ sharing one communicator could interleave differently on different ranks and dea
 
 from __future__ import annotations
 
+import gc
 import os
 import time
+import weakref
 from contextlib import contextmanager
 
 from .errors import CommError, CommTimeout, DeviceError
@@ -78,6 +80,9 @@ class Communicator:
         self.device.use()
         self.streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(n_streams)]
         self.nccl = []
+        # Graph caches whose captures hold this communicator's NCCL kernels: released before
+        # the communicators are destroyed (close()).
+        self._graph_caches: weakref.WeakSet = weakref.WeakSet()
         with deadline(self.mpi, "setting up the NCCL communicators"):
             for _ in range(n_streams):
                 uid = nccl.get_unique_id() if self.rank == 0 else None
@@ -168,7 +173,20 @@ class Communicator:
                 pass
         self.nccl = []
 
+    def track_graphs(self, cache) -> None:
+        """Have close() release ``cache``'s captured graphs first (a GraphCache)."""
+        self._graph_caches.add(cache)
+
     def close(self) -> None:
+        """Destroy the NCCL communicators, after every CUDA graph captured over them."""
+        # ncclCommDestroy does not return while an instantiated graph still holds the
+        # communicator's kernels (seen on 2 and 4 x H200: a run that kept a graph-mode layer
+        # alive past close() hung at exit); layers in reference cycles die only at a collect.
+        if self.nccl:
+            gc.collect()
+            for cache in list(self._graph_caches):
+                cache.release()
+            self.device.synchronize()
         for c in self.nccl:
             c.destroy()
         self.nccl = []

@@ -48,6 +48,13 @@ class GraphCache:
         # caller's stream -> the layer's stream, and back.
         self._ev_in = cupy.cuda.Event(disable_timing=True)
         self._ev_out = cupy.cuda.Event(disable_timing=True)
+        track = getattr(getattr(layer, "comm", None), "track_graphs", None)
+        if track is not None:
+            track(self)
+
+    def release(self) -> None:
+        """Drop every captured graph (the next call captures again)."""
+        self.graphs.clear()
 
     def _capture(self, run_plan, tokens: int, stream) -> _Entry:
         xs, os_ = self.x[:tokens], self.out[:tokens]
