@@ -343,3 +343,48 @@ def test_a_step_past_its_deadline_ends_the_job_naming_the_step(capfd, monkeypatc
     assert capfd.readouterr().err.startswith(
         "flashmoe-tune: rank 1 ends the job: CommTimeout: gathering the outcomes of a "
         "candidate did not finish in 0.2 s")
+
+
+def test_a_kernel_fault_is_recorded_then_ends_the_run_and_resume_goes_on(tmp_path):
+    # A trap or illegal address poisons the CUDA context: the candidate is recorded as
+    # launch_failed, the run ends with a typed error (every later candidate would fail on
+    # the dead context), and the same command resumes after it.
+    from flashmoe_gen.errors import DeviceError
+    from flashmoe_gen.status import TrialStatus
+
+    class Faulting(FakeEvaluator):
+        def __call__(self, cfg):
+            if self.calls == 2:
+                self.calls += 1
+                raise DeviceError("cudaErrorLaunchFailure: unspecified launch failure")
+            return super().__call__(cfg)
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    with pytest.raises(DeviceError, match="run the same command again to resume"):
+        run_study(P1, Faulting(), space=space, study_name="f", n_trials=6, storage=url)
+    study = optuna.load_study(study_name="f", storage=url)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["status"] == TrialStatus.LAUNCH_FAILED
+    assert failed[0].user_attrs["reason"].startswith("context lost: ")
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
+    res = run_study(P1, FakeEvaluator(), space=space, study_name="f", n_trials=6, storage=url,
+                    resume=True)
+    study = optuna.load_study(study_name="f", storage=url)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 5
+    assert res.best is not None
+
+
+def test_an_ordinary_launch_error_is_a_failed_trial_and_the_run_goes_on():
+    from flashmoe_gen.errors import DeviceError
+
+    class BadLaunch(FakeEvaluator):
+        def __call__(self, cfg):
+            if self.calls == 1:
+                self.calls += 1
+                raise DeviceError("cudaErrorInvalidConfiguration: too many resources requested")
+            return super().__call__(cfg)
+
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    res = run_study(P1, BadLaunch(), space=space, study_name="b", n_trials=4)
+    assert len(res.trials) == 4 and sum(not r.outcome.ok for r in res.trials) == 1

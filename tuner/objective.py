@@ -90,9 +90,29 @@ def gate(mpi, outcome: Outcome | None) -> Outcome | None:
     return combine([o if o is not None else Outcome(OK) for o in everyone])
 
 
+#: CUDA errors that leave the process's context unusable (a kernel trapped or faulted):
+#: every later call on that GPU fails too, so the run ends after recording the trial.
+STICKY_ERRORS = (
+    "cudaErrorIllegalAddress", "cudaErrorLaunchFailure", "cudaErrorIllegalInstruction",
+    "cudaErrorMisalignedAddress", "cudaErrorInvalidAddressSpace", "cudaErrorInvalidPc",
+    "cudaErrorHardwareStackError", "cudaErrorAssert", "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_LAUNCH_FAILED", "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS", "CUDA_ERROR_INVALID_PC", "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_ASSERT")
+#: How a failed trial's reason starts when its error lost the CUDA context.
+CONTEXT_LOST = "context lost: "
+
+
 def failure_outcome(exc: BaseException) -> Outcome:
     tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    if any(name in tb for name in STICKY_ERRORS):
+        tb = CONTEXT_LOST + tb
     return Outcome(classify(exc), reason=tb[:1500])
+
+
+def context_lost(outcome: Outcome) -> bool:
+    """Whether a (combined) failed outcome left some rank without a usable CUDA context."""
+    return not outcome.ok and CONTEXT_LOST in (outcome.reason or "")
 
 
 #: ``--check``: "sampled" (default) checks a few rows per rank on the GPU against the

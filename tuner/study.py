@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from flashmoe_gen.config import KernelConfig
-from flashmoe_gen.errors import ConfigError, DatabaseError
+from flashmoe_gen.errors import ConfigError, DatabaseError, DeviceError
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.status import TrialStatus
 from flashmoe_gen.watchdog import (
@@ -38,7 +38,7 @@ from flashmoe_gen.watchdog import (
     root_wait_s,
 )
 
-from .objective import INVALID, Outcome, combine, failure_outcome, is_fatal
+from .objective import INVALID, Outcome, combine, context_lost, failure_outcome, is_fatal
 from .prefetch import DEFAULT_DEPTH, CompilePool, Lookahead
 from .sampling import distributions, make_valid_sampler
 from .space import SearchSpace
@@ -230,6 +230,12 @@ def _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_
                     trial = None
             evaluated += 1
             results.append(res)
+            if context_lost(outcome):  # recorded; every later candidate would fail as well
+                raise DeviceError(
+                    f"candidate {cfg.name} faulted on the GPU ({outcome.reason[:300]}); the "
+                    f"CUDA context is unusable. Trial {res.number} is recorded as "
+                    f"{outcome.status}: run the same command again to resume with the next "
+                    "candidates")
             if outcome.ok and (best is None or outcome.value < best.outcome.value):
                 best = res
             if on_trial is not None:
