@@ -419,9 +419,9 @@ class KernelConfig:
     @classmethod
     def default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
         """A sound starting point: weight-streaming tiles when experts get few rows (decode),
-        wgmma 128 x 128 tiles on Hopper when one launch fills the GPU (bench/gemm_bench.py:
-        1.2-1.4x mma.sync on the large shapes), else mma.sync tiles sized by the rows an
-        expert gets on average (smaller tiles, more blocks)."""
+        the persistent TMA kernel (else wgmma) with 128 x 128 tiles on Hopper when one launch
+        fills the GPU, else mma.sync tiles sized by the rows an expert gets on average
+        (smaller tiles, more blocks)."""
         # Packed slots: one NCCL op per peer instead of one per (peer, expert).
         knobs = dict(router_tokens_per_block=8, chunks_per_peer=1, comm_streams=1,
                      shared_stream=True, packed_slots=problem.world_size > 1)
@@ -432,13 +432,17 @@ class KernelConfig:
             return ws
         blocks = problem.local_experts * -(-n_gu // 128) * max(1, -(-int(slot_rows) // 128))
         if limits_for(arch).major_minor == (9, 0) and blocks >= WGMMA_MIN_BLOCKS:
-            wg = cls(GemmTile(128, 128, 64, 8, 1, 4, "wgmma"),
-                     GemmTile(128, 128, 64, 8, 1, 4, "wgmma"), **knobs)
-            try:
-                wg.validate(problem, arch)
-                return wg
-            except ConfigError:  # a dimension below the 64/128-wide tiles: mma.sync below
-                pass
+            # The persistent TMA kernel first (1.07-1.16x torch._grouped_mm where wgmma
+            # 128 x 128 reaches 0.64-0.90x, 1 x H200, bench/results 2026-11-26_gemm_decode);
+            # wgmma where it does not fit (too many groups per launch).
+            for mma in ("tma", "wgmma"):
+                cfg = cls(GemmTile(128, 128, 64, 8, 1, 4, mma),
+                          GemmTile(128, 128, 64, 8, 1, 4, mma), **knobs)
+                try:
+                    cfg.validate(problem, arch)
+                    return cfg
+                except ConfigError:  # a dimension below the 128-wide tiles: mma.sync below
+                    pass
         rows = problem.world_size * slot_rows
         bm = 64 if rows <= 96 else 128
 
