@@ -95,12 +95,13 @@ def test_space_constraints_reject_before_compiling():
     space = SearchSpace.for_problem(P1, "sm_90", "full")
     params = space.params_from_config(KernelConfig.default(P1, "sm_80"))  # mma.sync tiles
     assert space.check(params) is None
-    assert space.check(space.params_from_config(KernelConfig.default(P1))) is None  # wgmma
+    assert space.check(space.params_from_config(KernelConfig.default(P1))) is None  # tma
     assert "sm_90" in SearchSpace.for_problem(P1, "sm_80", "full").check(
         params | {"gu_mma": "wgmma"})
-    # sm_80: no Hopper kinds; weight streaming (mma.sync) stays; tma is not sampled yet.
+    # sm_80: no Hopper kinds; weight streaming (mma.sync) stays. sm_90: tma is sampled.
     assert SearchSpace.for_problem(P1, "sm_80", "full").choices["gu_mma"] == ("sync", "ws")
-    assert "tma" not in space.choices["gu_mma"]
+    assert "tma" in space.choices["gu_mma"]
+    assert "bm=128" in space.check(params | {"gu_mma": "tma", "gu_bm": 64, "gu_w": "4x1"})
     too_big = params | {"gu_bm": 256, "gu_bn": 128, "gu_bk": 64, "gu_s": 4}
     assert "shared memory" in space.check(too_big)
     assert "warps_n" in space.check(params | {"gu_bn": 32, "gu_w": "2x4"})
