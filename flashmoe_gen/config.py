@@ -391,23 +391,28 @@ class KernelConfig:
             raise ConfigError("router_tokens_per_block", self.router_tokens_per_block,
                               f"transport 'nvlink': {warps} (one block of "
                               f"{PERSISTENT_THREADS} threads routes {warps} tokens)", name)
-        for f, want in (("chunks_per_peer", 1), ("comm_streams", 1), ("packed_slots", False),
-                        ("fuse_sources", False)):
+        for f, want in (("chunks_per_peer", 1), ("comm_streams", 1), ("packed_slots", False)):
             if getattr(self, f) != want:
                 raise ConfigError(f, getattr(self, f), f"transport 'nvlink' has no such "
                                   f"schedule: use {want}", name)
+        if self.fuse_sources and "sync" in (self.gate_up.mma, self.down.mma):
+            raise ConfigError("fuse_sources", True, "transport 'nvlink' fuses sources with "
+                              "weight-streaming tiles only (_ws on both GEMMs)", name)
 
     @classmethod
     def persistent_default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
-        """A transport "nvlink" config: 8-warp weight-streaming tiles when an expert averages
-        at most ``WS_MAX_ROWS`` rows from all sources, else 8-warp mma.sync row tiles."""
+        """A transport "nvlink" config: 8-warp weight-streaming tiles with fused sources when
+        an expert averages at most ``WS_MAX_ROWS`` rows from all sources, else 8-warp mma.sync
+        row tiles per source."""
         warps = PERSISTENT_THREADS // 32
         rows = problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
-        if rows <= WS_MAX_ROWS:
+        fused = rows <= WS_MAX_ROWS
+        if fused:  # every source's rows in one task: each weight byte read once
             gu = dn = GemmTile(32, 128, 64, warps, 1, 4, "ws")
         else:
             gu, dn = GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4)
-        cfg = cls(gu, dn, router_tokens_per_block=warps, transport="nvlink")
+        cfg = cls(gu, dn, router_tokens_per_block=warps, transport="nvlink",
+                  fuse_sources=fused and problem.world_size > 1)
         cfg.validate(problem, arch)
         return cfg
 

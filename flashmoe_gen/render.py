@@ -185,6 +185,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         # Transport "nvlink": the persistent kernel and the tiles it computes with.
         "persistent_template": "persistent.cu.j2" if config.transport == "nvlink" else "",
         "persistent_threads": PERSISTENT_THREADS,
+        "persistent_fused": CPP_BOOL[config.transport == "nvlink" and config.fuse_sources],
         "pgu": _task_gemm(config.gate_up, True),
         "pdn": _task_gemm(config.down, False),
     }

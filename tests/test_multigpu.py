@@ -131,22 +131,29 @@ def _nvl_cfg(**knobs):
                         router_tokens_per_block=8, transport="nvlink", **knobs)
 
 
-@pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph", "row_tiles"])
+@pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph", "row_tiles",
+                                  "fused", "fused_dsv2lite_graph", "fused_capped_skewed"])
 def test_nvlink_persistent_kernel(comm, case):
     """Ragged ranks (one sends nothing), shared experts, capacity drops under skew, and the
     graph-captured launch; each layer is called again with other token counts (the flags'
-    epochs advance, nothing is reset between calls)."""
+    epochs advance, nothing is reset between calls). Fused: tasks over every source's rows,
+    results stored into each source's heap."""
     p = {"seed": SEED.replace(tokens_per_rank=300), "dsv2lite": DSV2.replace(tokens_per_rank=96),
          "capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
          "graph": SEED.replace(tokens_per_rank=300),
-         "row_tiles": SEED.replace(tokens_per_rank=1000)}[case]
-    cfg = _nvl_cfg(mode="graph") if case == "graph" else _nvl_cfg()
+         "row_tiles": SEED.replace(tokens_per_rank=1000),
+         "fused": SEED.replace(tokens_per_rank=300),
+         "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
+         "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300)}[case]
+    knobs = dict(fuse_sources=case.startswith("fused"))
+    cfg = _nvl_cfg(mode="graph", **knobs) if case.endswith("graph") else _nvl_cfg(**knobs)
     if case == "row_tiles":  # mma.sync row tiles: several 64-row tiles per (source, expert)
         cfg = KernelConfig(GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4),
                            transport="nvlink")
     tokens = [p.tokens_per_rank, 77, 0, 5]
-    layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=case == "capped_skewed")
-    if case == "capped_skewed":
+    skewed = case.endswith("capped_skewed")
+    layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=skewed)
+    if skewed:
         assert sum(comm.mpi.allgather(layer.dropped_tokens)) > 0
         return  # the layer's gate is the skewed one: the calls below use plain weights
     q = p.replace(world_size=comm.world_size)

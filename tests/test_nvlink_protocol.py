@@ -17,18 +17,22 @@ import pytest
 class Rank:
     """One rank's forwards as a list of steps; ``pc`` is the next step, blocked on a wait."""
 
-    def __init__(self, r: int, world: int, calls: int, heap):
+    def __init__(self, r: int, world: int, calls: int, heap, fused: bool = False):
         self.r, self.world, self.calls, self.heap = r, world, calls, heap
         self.steps = []
+        ring = [(r + q) % world for q in range(world)]
         for n in range(1, calls + 1):
             # dispatch: rows and counts into every rank's heap, then the dispatch flags
             self.steps += [("write_rows", n, d) for d in range(world)]
             self.steps += [("flag", "dispatch", n, d) for d in range(world)]
-            # tasks per source in ring order: wait its flag, read its rows, write results back
-            for q in range(world):
-                s = (r + q) % world
-                self.steps += [("wait", "dispatch", n, s), ("read_rows", n, s),
-                               ("write_back", n, s)]
+            if fused:  # gate/up tiles wait every source's flag, read all; then down tiles
+                self.steps += [("wait", "dispatch", n, s) for s in ring]
+                self.steps += [("read_rows", n, s) for s in ring]
+                self.steps += [("write_back", n, s) for s in ring]
+            else:  # per source in ring order: wait its flag, read its rows, write back
+                for s in ring:
+                    self.steps += [("wait", "dispatch", n, s), ("read_rows", n, s),
+                                   ("write_back", n, s)]
             self.steps += [("flag", "combine", n, d) for d in range(world)]
             self.steps += [("wait", "combine", n, d) for d in range(world)]
             self.steps += [("read_back", n, d) for d in range(world)]
@@ -82,14 +86,15 @@ class Rank:
         return True
 
 
-def run(world: int, calls: int, seed: int, combine_wait: bool = True) -> None:
+def run(world: int, calls: int, seed: int, combine_wait: bool = True,
+        fused: bool = False) -> None:
     """All ranks' calls interleaved at random (``combine_wait=False``: the model without the
     back-pressure, to show the checks can fail)."""
     rng = random.Random(seed)
     heap = [{"rows": [0] * world, "back": [0] * world,
              "flags": {"dispatch": [0] * world, "combine": [0] * world}}
             for _ in range(world)]
-    ranks = [Rank(r, world, calls, heap) for r in range(world)]
+    ranks = [Rank(r, world, calls, heap, fused) for r in range(world)]
     if not combine_wait:
         for r in ranks:
             r.steps = [s for s in r.steps if not (s[0] == "wait" and s[1] == "combine")]
@@ -99,38 +104,40 @@ def run(world: int, calls: int, seed: int, combine_wait: bool = True) -> None:
         assert any(r.step(ranks) for r in live), "deadlock"
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per_source", "fused"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("seed", range(25))
-def test_epochs_and_back_pressure(world, seed):
-    run(world, calls=4, seed=seed)
+def test_epochs_and_back_pressure(world, seed, fused):
+    run(world, calls=4, seed=seed, fused=fused)
 
 
 def test_the_model_catches_a_missing_back_pressure():
     """Without the combine wait (a rank racing ahead into its next call), a peer's rows or
     results get overwritten while it reads them, for some interleaving."""
-    failures = 0
-    for seed in range(200):
-        try:
-            run(2, 3, seed, combine_wait=False)
-        except AssertionError:
-            failures += 1
-    assert failures > 0
+    for fused in (False, True):
+        failures = 0
+        for seed in range(200):
+            try:
+                run(2, 3, seed, combine_wait=False, fused=fused)
+            except AssertionError:
+                failures += 1
+        assert failures > 0, fused
 
 
 def run_tasks(world: int, el: int, ngu: int, ndn: int, shared: bool, blocks: int,
-              seed: int) -> None:
+              seed: int, fused: bool = False) -> None:
     """Inside one rank: ``blocks`` resident blocks take tasks from the queue in its fixed
     order (shared gate/up, shared down, then per source in ring order gate/up then down), a
     source's tiles wait for its dispatch flag (raised at a random moment), a down tile for
-    every gate/up tile of its (source, expert). No deadlock; every down tile runs after all
-    its gate/up tiles."""
+    every gate/up tile of its (source, expert). Fused: one gate/up then one down tile list
+    over all sources ("all"), a gate/up tile waiting for every flag. No deadlock; every down
+    tile runs after all its gate/up tiles."""
     rng = random.Random(seed)
     me = rng.randrange(world)
     tasks = []
     if shared:
         tasks += [("gu", "shared", 0)] * ngu + [("dn", "shared", 0)] * ndn
-    for q in range(world):
-        s = (me + q) % world
+    for s in ["all"] if fused else [(me + q) % world for q in range(world)]:
         tasks += [("gu", s, e) for e in range(el) for _ in range(ngu)]
         tasks += [("dn", s, e) for e in range(el) for _ in range(ndn)]
     flags = {s: s == me for s in range(world)}  # this rank's own flag is set before tasks
@@ -153,7 +160,9 @@ def run_tasks(world: int, el: int, ngu: int, ndn: int, shared: bool, blocks: int
             queue += 1
         kind, s, e = held[b]
         if kind == "gu":
-            if s != "shared" and not flags[s]:
+            if s == "all" and not all(flags.values()):
+                continue
+            if s not in ("shared", "all") and not flags[s]:
                 continue
             dep[(s, e)] = dep.get((s, e), 0) + 1
         else:
@@ -168,4 +177,4 @@ def test_task_queue_never_deadlocks(seed):
     rng = random.Random(seed)
     run_tasks(world=rng.choice([1, 2, 4]), el=rng.choice([1, 2, 8]), ngu=rng.choice([1, 3]),
               ndn=rng.choice([1, 2]), shared=rng.random() < 0.5,
-              blocks=rng.choice([1, 2, 7, 132]), seed=seed)
+              blocks=rng.choice([1, 2, 7, 132]), seed=seed, fused=rng.random() < 0.5)

@@ -641,9 +641,12 @@ def test_nvlink_transport_name_and_parse():
 def test_persistent_default_picks_tiles_by_rows_per_expert():
     decode = KernelConfig.persistent_default(DSV3_DECODE)
     assert decode.transport == "nvlink" and decode.gate_up.mma == "ws"
+    assert decode.fuse_sources == (DSV3_DECODE.world_size > 1)  # weights read once
+    four = KernelConfig.persistent_default(DSV3_DECODE.replace(world_size=4))
+    assert four.fuse_sources and KernelConfig.from_name(four.name) == four
     big = KernelConfig.persistent_default(MoEProblem(2048, 2048, 64, 2, world_size=4,
                                                      tokens_per_rank=16384))
-    assert big.gate_up.mma == big.down.mma == "sync"
+    assert big.gate_up.mma == big.down.mma == "sync" and not big.fuse_sources
     assert big.gate_up.threads == big.down.threads == 256
 
 
@@ -656,7 +659,8 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     (dict(router_tokens_per_block=4), "router_tokens_per_block", "transport 'nvlink': 8"),
     (dict(chunks_per_peer=2), "chunks_per_peer", "no such schedule"),
     (dict(packed_slots=True), "packed_slots", "no such schedule"),
-    (dict(fuse_sources=True), "fuse_sources", "no such schedule"),
+    (dict(fuse_sources=True, gate_up=GemmTile(64, 128, 64, 2, 4, 4)), "fuse_sources",
+     "weight-streaming tiles only"),
 ], ids=["unknown", "sync_4_warps", "wgmma", "warps", "router", "chunks", "packed", "fused"])
 def test_nvlink_transport_refusals(changes, field, text):
     cfg = replace(KernelConfig(NVL_TILE, NVL_TILE, transport="nvlink"), **changes)

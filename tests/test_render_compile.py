@@ -194,15 +194,20 @@ def test_gemm_expression():
         "fmoe::expert_gemm_ws<32, 128, 64, 4, 6, true>")
 
 
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-def test_compile_persistent_kernel(arch, private_cache):
+@pytest.mark.parametrize("arch,fused", [("sm_90", False), ("sm_80", False), ("sm_90", True)],
+                         ids=["sm_90", "sm_80", "sm_90_fused"])
+def test_compile_persistent_kernel(arch, fused, private_cache):
     """Transport "nvlink": the persistent kernel compiles without spills, with the routing
-    rule compiled in (sigmoid scores, bias, groups, scaling) and shared experts."""
+    rule compiled in (sigmoid scores, bias, groups, scaling) and shared experts; fused:
+    tasks over every source's rows, results stored through the peers' heap bases."""
     p = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=4, tokens_per_rank=128,
                    scoring="sigmoid", expert_bias=True, n_group=8, topk_group=4,
                    routed_scaling=2.5)
     ws = GemmTile(32, 128, 64, 8, 1, 4, "ws")
-    cfg = KernelConfig(ws, ws, transport="nvlink")
+    cfg = KernelConfig(ws, ws, transport="nvlink", fuse_sources=fused)
+    if fused:
+        assert cfg == KernelConfig.persistent_default(p)
+        assert cfg.name.endswith("__fs__nvlink")
     gen = render(p, cfg, arch=arch)
     assert gen.kernels.persistent == "moe_persistent"
     assert "moe_persistent" not in render(p, KernelConfig.default(p)).code
@@ -210,6 +215,8 @@ def test_compile_persistent_kernel(arch, private_cache):
     check_module(mod, gen, arch)
     assert mod.dynamic_smem["moe_persistent"] == cfg.persistent_smem()
     assert "ws_gemm<32, 128, 64, 8, 4, true>(" in gen.code
+    assert ("constexpr bool FUSED = true;" in gen.code) == fused
+    assert (", peers," in gen.code) == fused  # the fused down tiles' per-source outputs
 
 
 def test_compile_persistent_kernel_with_row_tiles(private_cache):
