@@ -288,6 +288,14 @@ class KernelConfig:
         return any(t.mma in HOPPER_KINDS for t in (self.gate_up, self.down))
 
     @property
+    def fuses_own_tokens(self) -> bool:
+        """Fused sources with weight-streaming tiles: this rank's tokens join the one
+        launch, so each weight byte is read once per forward. (Computing them early, while
+        the dispatch is in flight, reads every weight twice where decode is bound by
+        reading weights.)"""
+        return self.fuse_sources and self.gate_up.mma == "ws"
+
+    @property
     def uses_tma(self) -> bool:
         return "tma" in (self.gate_up.mma, self.down.mma)
 

@@ -33,7 +33,8 @@ ELEM_BYTES = 2
 
 #: The forward's symbols a plan expression may name (``plan`` module docstring).
 SYMBOLS = ("me", "src", "cap", "tokens", "layout", "act", "w1", "w3", "w2", "sw1", "sw3", "sw2",
-           "x", "shared_act", "shared_out", "counts", "row_off", "max_rows", "max_remote_rows")
+           "x", "shared_act", "shared_out", "counts", "row_off", "max_rows", "max_remote_rows",
+           "max_all_rows")
 
 
 def python_launcher(launch: GemmLaunch):
@@ -71,7 +72,7 @@ class Run:
                         act=0, x=ptr(x), shared_act=ptr(b.shared_act),
                         shared_out=ptr(b.shared_out), counts=layer.counts.data.ptr,
                         row_off=layer.row_off.data.ptr, max_rows=self.max_rows,
-                        max_remote_rows=self.max_remote_rows)
+                        max_remote_rows=self.max_remote_rows, max_all_rows=self.max_all_rows)
 
     # -- the count-table helpers the plan's expressions call ----------------------------------
     def max_rows(self, src: int, e0: int, e1: int) -> int:
@@ -82,6 +83,10 @@ class Run:
         me, mine = self.layer.rank, self.mine
         return max((max(r[mine], default=0) for s, r in enumerate(self.rows_list) if s != me),
                    default=0)
+
+    def max_all_rows(self) -> int:
+        mine = self.mine
+        return max((max(r[mine], default=0) for r in self.rows_list), default=0)
 
     def stream(self, s):
         if s.kind == "main":

@@ -12,7 +12,8 @@ exported host code follows the same schedule by construction (see docs/architect
 Symbols an expression may use: ``me`` (this rank), ``src`` (the operation's source rank),
 ``cap`` (capacity C of this call), ``tokens`` (T of this call); functions ``max_rows(src,
 e0, e1)`` (rows ``src`` sends to local experts [e0, e1), clipped to C) and
-``max_remote_rows()`` (the same over every other source and all local experts).
+``max_remote_rows()`` (the same over every other source and all local experts),
+``max_all_rows()`` (over every source, this rank included).
 """
 
 from __future__ import annotations
@@ -236,17 +237,20 @@ def _expert_launches(p: MoEProblem, e0: int, e1: int, self_source: bool,
     return (_launch(True, rows, e1 - e0, gate_up), _launch(False, rows, e1 - e0, down))
 
 
-def _fused_remote_launches(p: MoEProblem, rows: Expr | None = None
-                           ) -> tuple[GemmLaunch, ...]:
-    """Every other source's rows for all local experts: one launch per GEMM, the source as
-    the outer group index (this rank's own slot skipped)."""
+def _fused_launches(p: MoEProblem, rows: Expr | None = None, with_self: bool = False
+                    ) -> tuple[GemmLaunch, ...]:
+    """Every other source's rows (``with_self``: every source's) for all local experts: one
+    launch per GEMM, the source as the outer group index. Results go to the staging slots;
+    this rank's own ones then move to its incoming slot by a step-0 combine transfer."""
     h, i, el, e, P = p.hidden, p.intermediate, p.local_experts, p.experts, p.world_size
     cap, me = Var("cap"), Var("me")
     per_source = 4 * el * cap * h  # elements from one source slot to the next
     act_per_source = el * cap * i
-    rows = rows if rows is not None else Call("max_remote_rows")
+    if rows is None:
+        rows = Call("max_all_rows") if with_self else Call("max_remote_rows")
     common = dict(counts=Ptr("counts", me * el), count_cap=cap, rows_fixed=0,
-                  inner_groups=el, counts_outer_stride=e, skip_outer=me)
+                  inner_groups=el, counts_outer_stride=e,
+                  skip_outer=Lit(-1) if with_self else me)
     gate_up = dict(common, A=Ptr("layout", (DISPATCH * 2 + INCOMING) * el * cap * h),
                    a_group_stride=0, B0=Ptr("w1"), B1=Ptr("w3"), b_group_stride=i * h,
                    C=Ptr("act"), c_group_stride=cap * i, N=i, K=h,
@@ -333,14 +337,20 @@ def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
             ops.append(Record(arrived[-1], comm(j % ns)))
         if not cfg.overlap:  # serialized baseline: all traffic lands before any compute
             ops += [Wait(MAIN, a) for a in arrived]
-        ops += local_blocks()
+        with_self = cfg.fuses_own_tokens
+        if not with_self:
+            ops += local_blocks()
         if cfg.fuse_sources:  # everything landed, then one launch for all peers
             ops += [Wait(MAIN, a) for a in arrived if cfg.overlap]
-            ops.append(Gemms("experts of every peer's tokens (fused)", None, MAIN,
-                             _fused_remote_launches(p, bound)))
+            what = "every source's tokens, this rank's too" if with_self else "every peer's tokens"
+            ops.append(Gemms(f"experts of {what} (fused)", None, MAIN,
+                             _fused_launches(p, bound, with_self)))
             done = ev.new("computed")
             ops.append(Record(done, MAIN))
             computed = [done] * len(steps)
+            if with_self:  # own results: staging -> incoming slot (a send/recv to self)
+                ops += [Wait(comm(0), done)]
+                ops += [transfer(COMBINE, 0, e0, e1, comm(0)) for e0, e1 in chunks]
         else:  # each peer's chunk as soon as it lands
             computed = []
             for j, (step, e0, e1) in enumerate(steps):

@@ -136,6 +136,11 @@ def test_weight_streaming_grid_mirrored():
             "inner_groups > 0 ? inner_groups : groups);")
     assert grid.format("GU") in text and grid.format("DN") in text
     assert "fmoe::expert_gemm_ws<16, 64, 64, 4, 4, true>" in text
+    # This rank's tokens join the fused launch; its results move by a step-0 exchange.
+    assert re.search(r"// op \d+: experts of every source's tokens, this rank's too", text)
+    assert "gemm_gate_up(max_all_rows(L), 16, s," in text
+    assert "exchange(L, X, COMBINE, 0, 0, 8, 0);" in text
+    assert "of this rank's tokens on main" not in text
     plain = export_cu(CAPPED, KernelConfig.default(CAPPED))
     assert "const dim3 grid = dim3(ceil_div(N, GU_BN), ceil_div(rows, GU_BM), groups);" in plain
 

@@ -18,11 +18,11 @@ import re
 import pytest
 
 from flashmoe_gen.build import build
-from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.config import GemmTile, KernelConfig
 from flashmoe_gen.executor import python_launcher
 from flashmoe_gen.export import export_cu
 from flashmoe_gen.layout import COMBINE, DISPATCH, INCOMING, STAGING, SymmetricLayout
-from flashmoe_gen.plan import Gemms, Record, Transfer, Wait, build_plan
+from flashmoe_gen.plan import Combine, Gemms, Record, Transfer, Wait, build_plan
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.tuner.space import SearchSpace
 
@@ -158,3 +158,34 @@ def test_signatures_pack_by_name():
     # the template declarations and the export's instantiations print the same list
     assert GEMM.types().count(",") == len(GEMM.params) - 1
     assert GEMM.declaration().split(", ")[0] == "const fmoe::elem_t* __restrict__ A"
+
+
+def test_weight_streaming_fused_launch_reads_each_weight_once():
+    """Fused sources with weight-streaming tiles: no early launch for this rank's tokens;
+    one launch per GEMM over every source (nothing skipped), after every dispatch landed;
+    then this rank's results go staging -> incoming by a step-0 combine transfer per chunk,
+    ordered after the launch, before the combine."""
+    ws = GemmTile(32, 64, 64, 4, 1, 4, "ws")
+    cfg = KernelConfig(ws, dataclasses.replace(ws, bn=128), fuse_sources=True,
+                       packed_slots=True)
+    assert cfg.fuses_own_tokens
+    assert not dataclasses.replace(cfg, fuse_sources=False).fuses_own_tokens
+    ops = build_plan(P4, cfg).ops
+    gemms = [op for op in ops if isinstance(op, Gemms) and op.what != "shared experts"]
+    assert [g.what for g in gemms] == ["experts of every source's tokens, this rank's too "
+                                       "(fused)"]
+    env = dict(me=1, cap=64, tokens=7, layout=0, act=0, w1=0, w3=0, w2=0, sw1=0, sw3=0, sw2=0,
+               x=0, shared_act=0, shared_out=0, counts=0, row_off=0, max_all_rows=lambda: 9,
+               max_remote_rows=lambda: 0)
+    for launch in gemms[0].launches:
+        rows, _, args = python_launcher(launch)(env)
+        assert rows == 9 and args[16] == -1  # every source's rows, this rank's too
+    at = ops.index(gemms[0])
+    recorded = next(op.event for op in ops[at:] if isinstance(op, Record))
+    selfs = [j for j, op in enumerate(ops) if isinstance(op, Transfer) and op.step == 0]
+    assert len(selfs) == min(cfg.chunks_per_peer, P4.local_experts)
+    for j in selfs:
+        assert ops[j].round == COMBINE and j > at
+        waits = [op for op in ops[at:j] if isinstance(op, Wait) and op.stream == ops[j].stream]
+        assert any(w.event == recorded for w in waits)
+    assert isinstance(ops[-1], Combine) and max(selfs) < len(ops) - 1
