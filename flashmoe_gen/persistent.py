@@ -98,6 +98,41 @@ class PeerHeap:
             self.base = 0
 
 
+def probe_ipc(comm) -> str | None:
+    """Collective: None when every rank can open every peer's memory through CUDA IPC (the
+    nvlink transport's heap), else the first reason why not. Never raises on one rank only:
+    every rank takes part in both exchanges whatever happened locally."""
+    import socket
+
+    from cupy.cuda import runtime
+
+    hosts = allgather(comm.mpi, socket.gethostname(), "comparing the ranks' hosts")
+    if len(set(hosts)) > 1:
+        return f"the ranks span {len(set(hosts))} nodes (CUDA IPC works within one)"
+    err, handle, opened, base = None, None, [], 0
+    try:
+        base = runtime.malloc(ALIGN)
+        handle = runtime.ipcGetMemHandle(base)
+    except runtime.CUDARuntimeError as e:
+        err = f"rank {comm.rank}: cudaIpcGetMemHandle: {e}"
+    handles = allgather(comm.mpi, handle, "exchanging the IPC probe handles")
+    if err is None:
+        for d, h in enumerate(handles):
+            if d == comm.rank or h is None:
+                continue
+            try:
+                opened.append(runtime.ipcOpenMemHandle(h, runtime.cudaIpcMemLazyEnablePeerAccess))
+            except runtime.CUDARuntimeError as e:
+                err = f"rank {comm.rank} cannot open rank {d}'s memory: {e}"
+                break
+    errs = allgather(comm.mpi, err, "comparing the IPC probe results")
+    for ptr in opened:
+        runtime.ipcCloseMemHandle(ptr)
+    if base:
+        runtime.free(base)
+    return next((e for e in errs if e), None)
+
+
 class PersistentForward:
     """The buffers and the launch of one layer's persistent kernel."""
 

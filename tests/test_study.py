@@ -389,3 +389,46 @@ def test_an_ordinary_launch_error_is_a_failed_trial_and_the_run_goes_on():
     space = SearchSpace.for_problem(P1, "sm_90", "small")
     res = run_study(P1, BadLaunch(), space=space, study_name="b", n_trials=4)
     assert len(res.trials) == 4 and sum(not r.outcome.ok for r in res.trials) == 1
+
+
+def test_space_with_transport_nvlink():
+    """With nvlink among the transports, its forced schedule knobs make one parameter set
+    per config: the grid holds each nvlink config once, samplers canonicalise, a tile nvlink
+    cannot take is repaired (or the draw goes back to nccl), and the persistent default is
+    an early seed."""
+    from flashmoe_gen.config import GemmTile
+
+    space = SearchSpace.for_problem(P2, "sm_90", "small", ("nccl", "nvlink"))
+    assert space.choices["transport"] == ("nccl", "nvlink")
+    assert 8 in space.choices["router"] and False in space.choices["packed"]
+    configs = list(space.valid_configs())
+    names = [c.name for c in configs]
+    assert len(names) == len(set(names))
+    nvl = [c for c in configs if c.transport == "nvlink"]
+    assert nvl and all(c.router_tokens_per_block == 8 and not c.packed_slots for c in nvl)
+    assert len(configs) - len(nvl) == sum(
+        1 for _ in SearchSpace.for_problem(P2, "sm_90", "small").valid_configs())
+    # A draw with transport nvlink and any schedule knobs stands for the forced ones.
+    params = space.params_from_config(nvl[0]) | {"router": 16, "chunks": 4, "packed": True}
+    assert space.canonical(params) == space.params_from_config(nvl[0])
+    assert space.config_from_params(params) == nvl[0]
+    # Tiles of 4 warps cannot serve the persistent kernel: repaired to a valid config.
+    bad = space.params_from_config(nvl[0]) | {"gu_w": "2x2"}
+    assert space.check(bad) is not None and space.check(space.repair(bad)) is None
+    seeds = SearchSpace.for_problem(P2, "sm_90", "full", ("nccl", "nvlink")).seeds()
+    assert seeds[1] == KernelConfig.persistent_default(P2)
+    assert KernelConfig(GemmTile(32, 128, 64, 8, 1, 4, "ws"), GemmTile(32, 128, 64, 8, 1, 4,
+                        "ws"), transport="nvlink") not in seeds[:1]
+    with pytest.raises(ConfigError):
+        SearchSpace.for_problem(P2, "sm_90", "small", ("ib",))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "grid"])
+def test_study_chooses_between_transports(sampler):
+    space = SearchSpace.for_problem(P2, "sm_90", "small", ("nccl", "nvlink"))
+    res = run_study(P2, FakeEvaluator(), space=space, study_name="t" + sampler,
+                    sampler=sampler, n_trials=40)
+    seen = [r.config for r in res.trials]
+    assert {c.transport for c in seen} == {"nccl", "nvlink"}
+    assert len({c.name for c in seen}) == len(seen)  # no config measured twice
+    assert all(space.contains(c) for c in seen)

@@ -340,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search space: every knob (full), a small one for grid sweeps "
                    "(small), or a small schedule over tiles from far too small to the usual "
                    "(steep: a grid for judging samplers)")
+    t.add_argument("--transport", default="auto", choices=["auto", "nccl", "nvlink"],
+                   help="transports to choose between: auto = nccl, plus nvlink (one "
+                   "persistent kernel per forward) where every rank opens every peer's memory "
+                   "through CUDA IPC (one node)")
     t.add_argument("--study-name", default=None,
                    help="Optuna study name (default: problem, space and environment)")
     t.add_argument("--storage", default=None, help="Optuna storage URL (default: "

@@ -76,7 +76,7 @@ class ValidOnlySampler(BaseSampler):
         params: dict = {}
         repeat, repeats = None, 0
         for _ in range(self.max_draws):
-            params = self._draw(study, trial)
+            params = self.space.canonical(self._draw(study, trial))
             self.draws += 1
             if self.space.check(params) is None:
                 if tuple(params[k] for k in keys) not in seen:
@@ -99,7 +99,7 @@ class ValidOnlySampler(BaseSampler):
             values = [v for v in self.space.choices[k] if v != params[k]]
             self._rng.shuffle(values)
             for v in values:
-                cand = params | {k: v}
+                cand = self.space.canonical(params | {k: v})
                 if tuple(cand[x] for x in keys) not in seen and self.space.check(cand) is None:
                     return cand
         return None
@@ -108,8 +108,9 @@ class ValidOnlySampler(BaseSampler):
         """A random untried valid config (every neighbour of the best guess was tried)."""
         keys = list(self._dists)
         for _ in range(4 * self.max_draws):
-            cand = {k: self._rng.choice(self.space.choices[k]) for k in keys}
-            if tuple(cand.values()) not in seen and self.space.check(cand) is None:
+            cand = self.space.canonical({k: self._rng.choice(self.space.choices[k])
+                                         for k in keys})
+            if tuple(cand[x] for x in keys) not in seen and self.space.check(cand) is None:
                 return cand
         return None
 

@@ -23,8 +23,10 @@ from flashmoe_gen.config import (
     HOPPER_KINDS,
     MMA_CHOICES,
     MODE_CHOICES,
+    PERSISTENT_THREADS,
     ROUTER_CHOICES,
     STAGE_RANGE,
+    TRANSPORT_CHOICES,
     WARP_CHOICES,
     GemmTile,
     KernelConfig,
@@ -74,6 +76,7 @@ FULL = {
     "chunks": tuple(c for c in _within(CHUNK_RANGE, 1, 4) if c & (c - 1) == 0),  # 1, 2, 4
     "streams": _within(COMM_STREAM_CHOICES, 1, 2), "shared_stream": (True, False),
     "fuse": (False, True), "packed": (True, False), "mode": MODE_CHOICES,
+    "transport": ("nccl",),  # for_problem(transports=...) adds "nvlink"
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -86,7 +89,7 @@ SMALL = {
     "dn_s": _within(STAGE_RANGE, 3, 4), "dn_mma": _SYNC,
     "router": _within(ROUTER_CHOICES, 8, 8), "chunks": _within(CHUNK_RANGE, 1, 1),
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
-    "packed": (True,), "mode": MODE_CHOICES[:1],
+    "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -100,6 +103,12 @@ STEEP = dict(SMALL) | {
     "dn_s": _pick(STAGE_RANGE, 3),
 }
 SPACES = {"full": FULL, "small": SMALL, "steep": STEEP}
+
+#: Transport "nvlink" runs one persistent kernel: its schedule knobs take these values
+#: whatever was sampled (config_from_params), so its candidates differ in tiles, fusion and
+#: mode only.
+NVLINK_FORCED = {"router": PERSISTENT_THREADS // 32, "chunks": 1, "streams": 1,
+                 "packed": False}
 
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
@@ -116,16 +125,31 @@ class SearchSpace:
     problem: MoEProblem
     limits: DeviceLimits
     choices: dict[str, tuple] = field(default_factory=lambda: dict(FULL))
+    #: Values in ``choices`` only because nvlink's schedule is forced to them (not searched
+    #: for nccl).
+    nvlink_only: dict[str, object] = field(default_factory=dict)
     _memo: dict = field(default_factory=dict, compare=False, repr=False)  # valid tiles
 
     @classmethod
     def for_problem(cls, problem: MoEProblem, limits: DeviceLimits | str = "sm_90",
-                    size: str = "full") -> SearchSpace:
+                    size: str = "full", transports: tuple[str, ...] = ("nccl",)
+                    ) -> SearchSpace:
+        """``transports``: those the tune may choose between (``nvlink`` only where every
+        rank opens every peer's memory: ``persistent.probe_ipc``)."""
         if isinstance(limits, str):
             limits = limits_for(limits)
         if size not in SPACES:
             raise ConfigError("space", size, f"choose one of {sorted(SPACES)}")
-        choices = dict(SPACES[size])
+        bad = [t for t in transports if t not in TRANSPORT_CHOICES] or not transports
+        if bad:
+            raise ConfigError("transports", transports,
+                              f"one or more of {list(TRANSPORT_CHOICES)}")
+        choices = dict(SPACES[size]) | {"transport": tuple(transports)}
+        nvlink_only = {}
+        if "nvlink" in transports:  # the values its schedule knobs are forced to
+            for k, v in NVLINK_FORCED.items():
+                if v not in choices[k]:
+                    choices[k], nvlink_only[k] = (*choices[k], v), v
         if problem.world_size == 1:  # nothing to chunk, stream or fuse across peers
             choices["chunks"], choices["streams"], choices["fuse"] = (1,), (1,), (False,)
             choices["packed"] = (False,)  # no sends: where rows sit in a slot is moot
@@ -135,7 +159,7 @@ class SearchSpace:
             for k in ("gu_mma", "dn_mma"):
                 if k in choices:
                     choices[k] = tuple(m for m in choices[k] if m not in HOPPER_KINDS)
-        return cls(problem, limits, choices)
+        return cls(problem, limits, choices, nvlink_only)
 
     # -- params <-> config ---------------------------------------------------------------
     @staticmethod
@@ -147,11 +171,21 @@ class SearchSpace:
     @classmethod
     def config_from_params(cls, params: dict) -> KernelConfig:
         tile = functools.partial(cls._tile, params)
+        transport = params.get("transport", "nccl")  # studies from before the knob: nccl
+        if transport == "nvlink":
+            params = params | NVLINK_FORCED
         return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
                             params["streams"], params["shared_stream"],
                             fuse_sources=params.get("fuse", False),
                             packed_slots=params.get("packed", False),
-                            mode=params.get("mode", "host"))
+                            mode=params.get("mode", "host"), transport=transport)
+
+    def canonical(self, params: dict) -> dict:
+        """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
+        config has one parameter set (a repeat is seen as one)."""
+        if params.get("transport") != "nvlink":
+            return params
+        return params | NVLINK_FORCED
 
     @staticmethod
     def params_from_config(cfg: KernelConfig) -> dict:
@@ -162,7 +196,8 @@ class SearchSpace:
                   f"{prefix}_mma": t.mma}
         return p | {"router": cfg.router_tokens_per_block, "chunks": cfg.chunks_per_peer,
                     "streams": cfg.comm_streams, "shared_stream": cfg.shared_stream,
-                    "fuse": cfg.fuse_sources, "packed": cfg.packed_slots, "mode": cfg.mode}
+                    "fuse": cfg.fuse_sources, "packed": cfg.packed_slots, "mode": cfg.mode,
+                    "transport": cfg.transport}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
@@ -170,6 +205,10 @@ class SearchSpace:
     # -- constraints ---------------------------------------------------------------------
     def check(self, params: dict) -> str | None:
         """None when valid, else the reason (names the knob and the limit)."""
+        if params.get("transport", "nccl") != "nvlink":
+            for k, v in self.nvlink_only.items():
+                if params.get(k) == v:
+                    return f"{k}={v!r} is in this space for transport nvlink only"
         try:
             self.config_from_params(params).validate(self.problem, self.limits)
         except ConfigError as e:
@@ -202,7 +241,7 @@ class SearchSpace:
                 self._valid_tiles("gu", "gate_up"), self._valid_tiles("dn", "down"),
                 itertools.product(*(self.choices[key] for key in rest))):
             params = gu | dn | dict(zip(rest, values, strict=True))
-            if self.check(params) is None:
+            if self.canonical(params) == params and self.check(params) is None:
                 yield self.config_from_params(params)
 
     def repair(self, params: dict) -> dict:
@@ -211,6 +250,9 @@ class SearchSpace:
         first in knob order); other knobs are kept. ``ConfigError`` when a group has no
         valid tile at all (the space holds no valid config)."""
         out = dict(params)
+        if out.get("transport", "nccl") != "nvlink":  # values nccl does not search
+            out |= {k: next(c for c in self.choices[k] if c != v)
+                    for k, v in self.nvlink_only.items() if out.get(k) == v}
         for prefix, which in (("gu", "gate_up"), ("dn", "down")):
             tiles = self._valid_tiles(prefix, which)
             if not tiles:
@@ -219,6 +261,10 @@ class SearchSpace:
             mine = {k: v for k, v in params.items() if k.startswith(prefix + "_")}
             if mine not in tiles:
                 out |= max(tiles, key=lambda t: sum(t[k] == mine.get(k) for k in t))
+        out = self.canonical(out)
+        if self.check(out) is not None and out.get("transport") == "nvlink" \
+                and "nccl" in self.choices["transport"]:
+            return self.repair(out | {"transport": "nccl"})  # tiles nvlink cannot take
         if (reason := self.check(out)) is not None:  # a constraint across the groups
             raise ConfigError("params", out, f"no repair found: {reason}")
         return out
@@ -232,8 +278,15 @@ class SearchSpace:
 
     def seeds(self, arch: str | None = None) -> list[KernelConfig]:
         """The heuristic default and the known-good configs that fit: the first trials."""
-        out = [KernelConfig.default(self.problem, arch or self.limits.arch)]
-        for name in KNOWN_GOOD:
+        arch = arch or self.limits.arch
+        out = [KernelConfig.default(self.problem, arch)]
+        names = list(KNOWN_GOOD)
+        if "nvlink" in self.choices["transport"]:
+            try:  # the persistent kernel's default, measured early like the nccl one
+                names.insert(0, KernelConfig.persistent_default(self.problem, arch).name)
+            except ConfigError:
+                pass
+        for name in names:
             cfg = KernelConfig.from_name(name)
             if cfg not in out and self.contains(cfg) and \
                     self.check(self.params_from_config(cfg)) is None:

@@ -18,6 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
+from flashmoe_gen.errors import CommError
+
 
 class GpuBackend:
     """What a tune measures on: this GPU's limits and environment, and the layer evaluator.
@@ -46,6 +48,24 @@ class GpuBackend:
                               check_mode=getattr(a, "check", "sampled"),
                               check_rows=getattr(a, "check_rows", None),
                               stage=self.stage), comm
+
+    def transports(self, comm, requested: str) -> tuple[str, ...]:
+        """Collective: the transports a tune chooses between. ``auto``: nccl, and nvlink
+        where every rank opens every peer's memory (one node, CUDA IPC)."""
+        if requested == "nccl":
+            return ("nccl",)
+        if comm is None:  # one rank: the persistent kernel without peers
+            return ("nccl", "nvlink") if requested == "auto" else ("nvlink",)
+        from flashmoe_gen.persistent import probe_ipc
+
+        reason = probe_ipc(comm)
+        if reason is None:
+            return ("nccl", "nvlink") if requested == "auto" else ("nvlink",)
+        if requested == "nvlink":
+            raise CommError(f"--transport nvlink: {reason}; use --transport nccl or auto")
+        if comm.rank == 0:
+            print(f"transport nvlink left out of the search: {reason}", flush=True)
+        return ("nccl",)
 
     def compile_pool(self, limits, a: argparse.Namespace):
         """Rank 0's pool compiling candidates ahead (None: each rank compiles its own)."""
@@ -127,6 +147,10 @@ def _tune_study(a, backend, world, P, rank, problem, limits, storage, pool, swee
         progress.stage(f"setting up weights and inputs on {P} rank(s)", trial=False)
     backend.stage = progress.stage if progress is not None else None
     evaluate, comm = backend.evaluator(problem, world, space, a)
+    pick = getattr(backend, "transports", None)  # CPU stand-ins of the tests: nccl only
+    transports = pick(comm, getattr(a, "transport", "nccl")) if pick else ("nccl",)
+    if transports != ("nccl",):
+        space = SearchSpace.for_problem(problem, limits, a.space, transports)
     mine = getattr(evaluate, "memory", None)
     uses = allgather(mpi, mine, "gathering the memory report") if mpi is not None else [mine]
     if progress is not None and all(u is not None for u in uses):
@@ -145,7 +169,9 @@ def _tune_study(a, backend, world, P, rank, problem, limits, storage, pool, swee
             env = backend.environment(P)
             engine = make_engine(a.db)
             seeds = [w.config for w in nearest_winners(engine, problem, env.compute_capability)]
-        study_name = a.study_name or f"{problem.name}__{a.space}__{env.key}"
+        # A study's knob values are fixed: one with nvlink in its space is another study.
+        space_key = a.space + ("" if transports == ("nccl",) else "+" + "+".join(transports))
+        study_name = a.study_name or f"{problem.name}__{space_key}__{env.key}"
         if sweep and a.study_name:
             study_name = f"{a.study_name}__t{problem.tokens_per_rank}"
 
