@@ -808,7 +808,8 @@ def test_search_spaces_take_their_values_from_config():
 
     valid = {"bm": c.BM_CHOICES, "bn": c.BN_CHOICES, "bk": c.BK_CHOICES, "s": c.STAGE_RANGE,
              "mma": c.MMA_CHOICES, "router": c.ROUTER_CHOICES, "chunks": c.CHUNK_RANGE,
-             "streams": c.COMM_STREAM_CHOICES, "mode": c.MODE_CHOICES}
+             "streams": c.COMM_STREAM_CHOICES, "mode": c.MODE_CHOICES,
+             "transport": c.TRANSPORT_CHOICES}
     for choices in space.SPACES.values():
         for knob, values in choices.items():
             kind = knob.split("_", 1)[-1] if knob.startswith(("gu_", "dn_")) else knob
