@@ -41,3 +41,40 @@ def test_launch_arguments_name_every_parameter():
     assert packed[PERSISTENT.names.index("self_rank")] == 2
     assert packed[PERSISTENT.names.index("flags_off")] == lay.flags_off
     assert packed[PERSISTENT.names.index("bias")] == 0  # no expert bias: a null pointer
+
+
+def test_launch_packs_the_fixed_arguments_once():
+    """A forward fills in x, tokens and out; every other argument was packed at the first
+    launch (host time per call is the decode latency's floor outside a graph)."""
+    import contextlib
+
+    from flashmoe_gen.persistent import _OUT, _TOKENS, _X
+
+    calls, built = [], []
+    pf = object.__new__(PersistentForward)
+    pf._launch, pf._static, pf.grid = None, [], 132
+    layer = types.SimpleNamespace(
+        module={"k": lambda grid, block, args, shared_mem: calls.append((grid, block, args,
+                                                                          shared_mem))},
+        kernels=types.SimpleNamespace(persistent="k"),
+        config=types.SimpleNamespace(gate_up=types.SimpleNamespace(threads=256)),
+        compiled=types.SimpleNamespace(dynamic_smem={"k": 99_000}))
+    pf.layer = layer
+
+    def arguments(x, tokens, out):
+        built.append(1)
+        return {n: 1000 + i for i, n in enumerate(PERSISTENT.names)}
+
+    pf.arguments = arguments
+
+    def buf(ptr):
+        return types.SimpleNamespace(data=types.SimpleNamespace(ptr=ptr))
+
+    for t in (5, 0):
+        pf.launch(buf(7 + t), t, buf(9 + t), contextlib.nullcontext())
+    assert len(built) == 1 and len(calls) == 2
+    for (grid, block, args, smem), t in zip(calls, (5, 0), strict=True):
+        assert grid == (132,) and block == (256,) and smem == 99_000
+        assert args[_X] == 7 + t and args[_TOKENS] == t and args[_OUT] == 9 + t
+        rest = [a for i, a in enumerate(args) if i not in (_X, _TOKENS, _OUT)]
+        assert rest == [1000 + i for i in range(len(args)) if i not in (_X, _TOKENS, _OUT)]
