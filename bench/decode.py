@@ -175,10 +175,11 @@ def measure(key: str, p, dw, comm, a) -> dict:
             del ours["nvlink"]
     x = cupy.asarray(random_tokens(t, p.hidden, seed=100 + comm.rank))
     xt = torch.from_dlpack(x).view(torch.bfloat16)
-    base = time_baselines(ours["host"], xt, comm, warmup=a.warmup, iters=a.iters)
+    base = time_baselines(ours["host"], xt, comm, warmup=a.warmup, iters=a.iters,
+                          chain=a.chain)
     theirs = to_f64(base.pop("out"))
     row.update(base)
-    kw = dict(warmup=a.warmup, iters=a.iters, comm=comm)
+    kw = dict(warmup=a.warmup, iters=a.iters, comm=comm, chain=a.chain)
     for mode, layer in ours.items():
         out = bf16.from_bits(layer(x).get()).astype(np.float64)  # graph mode: captures
         diff = max(allgather(comm.mpi, relative_error(out, theirs), "comparing outputs"))
@@ -233,6 +234,7 @@ def run(a) -> list[dict]:
                 dict(shape=key, tokens=t, problem=p.name, note=f"skipped: {err}")
             rows.append(row | dict(card=a.card, gpus=P, commit=a.commit,
                                    date=str(datetime.date.today()), iters=a.iters,
+                                   chain=a.chain,
                                    warmup=a.warmup, host_iters=a.host_iters))
             if rank == 0:
                 print(json.dumps(rows[-1]), flush=True)
@@ -281,7 +283,9 @@ def report(rows: list[dict], a) -> None:
     r0 = rows[0]
     title = (f"Decode: {r0.get('gpus', '?')} x {r0.get('card', '?')}, "
              f"{r0.get('date', datetime.date.today())}, commit {r0.get('commit', a.commit)}")
-    head = (f"# {title}\n\nbf16, tokens per rank T; median of {r0.get('iters')} iterations "
+    chain = r0.get("chain", 1)
+    per = (f" of {chain} forwards back to back (time per forward)" if chain > 1 else "")
+    head = (f"# {title}\n\nbf16, tokens per rank T; median of {r0.get('iters')} iterations{per} "
             f"after {r0.get('warmup')} warm-ups (CUDA events, max over ranks per iteration). "
             "ours: host mode "
             "(counts read on the host) and graph mode (device-side counts, fixed-size "
@@ -313,6 +317,9 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--host-iters", type=int, default=50, help="calls timed for host_us")
+    ap.add_argument("--chain", type=int, default=1,
+                    help="forwards back to back per timed iteration, time per forward (ours "
+                    "and both baselines): the host issues ahead as in a model's layer stack")
     ap.add_argument("--nvlink", action="store_true",
                     help="also time transport 'nvlink' (one persistent kernel per forward)")
     ap.add_argument("--out", default=None, help="markdown table to write (rank 0)")

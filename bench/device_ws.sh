@@ -7,7 +7,8 @@
 #   a: 1-GPU tests, GEMM bench, host time, 4-rank tests (~450 s); b: nvlink watchdog test and
 #   the 4-rank decode table (~360 s); c: the one-rank nvlink tests, the GEMM bench, then the
 #   4-rank tests verbose with a log per rank (~450 s); d: the nvlink watchdog test, the 4-rank
-#   nvlink tests with stack dumps, the decode table (~420 s). Each fits one call.
+#   nvlink tests with stack dumps, the decode table (~420 s); e: the decode table with 8
+#   forwards back to back per timed iteration (~300 s). Each fits one call.
 set -u
 COMMIT=${1:-unknown}; PART=${2:-a}
 source bench/device_setup.sh
@@ -63,6 +64,10 @@ for r in 0 1 2 3; do cp "$O/ranks/1/rank.$r/stdout" "$O/rank$r.log" 2>/dev/null;
 rm -rf "$O/ranks"; tail -5 "$O/rank0.log"
 DECODE_TIMEOUT=${DECODE_TIMEOUT:-240} run_decode 4 "$COMMIT" --problems seed,dsv3 --nvlink \
   > "$O/decode_summary.txt" 2>&1
+fi
+if [ "$PART" = e ]; then  # the decode table per forward with 8 back to back (host ahead)
+DECODE_TAG=chain8 DECODE_TIMEOUT=${DECODE_TIMEOUT:-300} run_decode 4 "$COMMIT" \
+  --problems seed,dsv3 --nvlink --chain 8 > "$O/decode_summary.txt" 2>&1
 fi
 if [ "$PART" = b ]; then
 CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 120 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -q \

@@ -119,7 +119,7 @@ def to_f64(t: torch.Tensor):
 
 
 def time_baselines(layer, xt: torch.Tensor, comm, *, warmup: int, iters: int,
-                   tokens: int | None = None) -> dict:
+                   tokens: int | None = None, chain: int = 1) -> dict:
     """Both baselines on ``layer``'s weights and the tokens ``xt`` (every rank calls it).
 
     Checks the graph baseline against the sync one (max over ranks of the relative
@@ -140,7 +140,7 @@ def time_baselines(layer, xt: torch.Tensor, comm, *, warmup: int, iters: int,
     mine = relative_error(to_f64(out_g), to_f64(out_s)) if len(xt) else 0.0
     agree = max(allgather(comm.mpi, mine, "comparing the PyTorch baselines"))
     assert agree < AGREE, f"graph-captured PyTorch EP differs from the sync one by {agree:.2e}"
-    kw = dict(warmup=warmup, iters=iters, comm=comm)
+    kw = dict(warmup=warmup, iters=iters, comm=comm, chain=chain)
     sync_ms = time_callable(lambda: sync(xt), **kw).median_ms
     graph_ms = time_callable(lambda: graph(xt), **kw).median_ms
     best, which = faster(sync_ms, graph_ms)

@@ -2,7 +2,10 @@
 
 Each iteration: synchronise the device, MPI barrier (all ranks start together), events
 around one forward, synchronise. The slowest rank's time is the layer's time for that
-iteration, so every rank computes the same statistics and agrees on the result.
+iteration, so every rank computes the same statistics and agrees on the result. With
+``chain`` = K, K forwards run back to back between the events and the time is per forward:
+the host issues the next call while the GPU runs the last, as in a model's layer stack, so
+neither the host's issue time nor the barrier's skew across ranks is counted K times.
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ class Timing:
         return cls(inf, inf, inf, 0, ())
 
 
-def time_callable(fn, *, warmup: int = 5, iters: int = 20, comm=None) -> Timing:
-    """Time ``fn()`` (which launches GPU work on the current stream) on every rank."""
+def time_callable(fn, *, warmup: int = 5, iters: int = 20, comm=None,
+                  chain: int = 1) -> Timing:
+    """Time ``fn()`` (which launches GPU work on the current stream) on every rank; per
+    forward when ``chain`` calls run between the events."""
     import cupy
+
+    if chain < 1:
+        raise ValueError(f"chain={chain}: at least one call per timed iteration")
 
     stream = cupy.cuda.get_current_stream()
     for _ in range(warmup):
@@ -43,10 +51,11 @@ def time_callable(fn, *, warmup: int = 5, iters: int = 20, comm=None) -> Timing:
         if comm is not None:
             comm.barrier()
         start.record(stream)
-        fn()
+        for _ in range(chain):
+            fn()
         end.record(stream)
         end.synchronize()
-        mine[i] = cupy.cuda.get_elapsed_time(start, end)
+        mine[i] = cupy.cuda.get_elapsed_time(start, end) / chain
     if comm is not None:
         from flashmoe_gen.watchdog import allgather
         all_ranks = np.array(allgather(comm.mpi, mine, "gathering the timings"))  # [P, iters]
