@@ -346,6 +346,20 @@ def test_a_step_past_its_deadline_ends_the_job_naming_the_step(capfd, monkeypatc
         "candidate did not finish in 0.2 s")
 
 
+def _failing_at(call: int, error: str) -> FakeEvaluator:
+    """A FakeEvaluator whose candidate number ``call`` (from 0) raises DeviceError(error)."""
+    from flashmoe_gen.errors import DeviceError
+
+    class Failing(FakeEvaluator):
+        def __call__(self, cfg):
+            if self.calls == call:
+                self.calls += 1
+                raise DeviceError(error)
+            return super().__call__(cfg)
+
+    return Failing()
+
+
 def test_a_kernel_fault_is_recorded_then_ends_the_run_and_resume_goes_on(tmp_path):
     # A trap or illegal address poisons the CUDA context: the candidate is recorded as
     # launch_failed, the run ends with a typed error (every later candidate would fail on
@@ -353,17 +367,11 @@ def test_a_kernel_fault_is_recorded_then_ends_the_run_and_resume_goes_on(tmp_pat
     from flashmoe_gen.errors import DeviceError
     from flashmoe_gen.status import TrialStatus
 
-    class Faulting(FakeEvaluator):
-        def __call__(self, cfg):
-            if self.calls == 2:
-                self.calls += 1
-                raise DeviceError("cudaErrorLaunchFailure: unspecified launch failure")
-            return super().__call__(cfg)
-
     url = f"sqlite:///{tmp_path}/s.db"
     space = SearchSpace.for_problem(P1, "sm_90", "small")
     with pytest.raises(DeviceError, match="run the same command again to resume"):
-        run_study(P1, Faulting(), space=space, study_name="f", n_trials=6, storage=url)
+        run_study(P1, _failing_at(2, "cudaErrorLaunchFailure: unspecified launch failure"),
+                  space=space, study_name="f", n_trials=6, storage=url)
     study = optuna.load_study(study_name="f", storage=url)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and failed[0].user_attrs["status"] == TrialStatus.LAUNCH_FAILED
@@ -377,17 +385,9 @@ def test_a_kernel_fault_is_recorded_then_ends_the_run_and_resume_goes_on(tmp_pat
 
 
 def test_an_ordinary_launch_error_is_a_failed_trial_and_the_run_goes_on():
-    from flashmoe_gen.errors import DeviceError
-
-    class BadLaunch(FakeEvaluator):
-        def __call__(self, cfg):
-            if self.calls == 1:
-                self.calls += 1
-                raise DeviceError("cudaErrorInvalidConfiguration: too many resources requested")
-            return super().__call__(cfg)
-
     space = SearchSpace.for_problem(P1, "sm_90", "small")
-    res = run_study(P1, BadLaunch(), space=space, study_name="b", n_trials=4)
+    bad = _failing_at(1, "cudaErrorInvalidConfiguration: too many resources requested")
+    res = run_study(P1, bad, space=space, study_name="b", n_trials=4)
     assert len(res.trials) == 4 and sum(not r.outcome.ok for r in res.trials) == 1
 
 
