@@ -134,6 +134,27 @@ def router_lanes(experts: int) -> tuple[int, int, int]:
     return lanes_e, 32 // lanes_e, -(-experts // lanes_e)
 
 
+#: Most static shared memory the split router's logits may take (tokens x experts x 4 B).
+ROUTER_SPLIT_SMEM = 32 * 1024
+
+
+def router_split(experts: int, warps: int) -> dict[str, int | str] | None:
+    """The router's split-H layout (templates/router.cu.j2): 8 experts per 16-byte load,
+    the largest power of two of lanes (<= 32) that divides the experts' vectors across
+    them, the rest of the warp across the hidden dimension, and as many tokens at once as
+    keep 64 accumulators per lane. None where the experts are not a multiple of 8 or the
+    block's logits do not fit ``ROUTER_SPLIT_SMEM`` (the warp-per-token layout then)."""
+    if experts % 8 or warps * experts * 4 > ROUTER_SPLIT_SMEM:
+        return None
+    vectors = experts // 8
+    lanes_e = 1
+    while lanes_e * 2 <= 32 and vectors % (lanes_e * 2) == 0:
+        lanes_e *= 2
+    per_lane = vectors // lanes_e
+    return {"router_vec_lanes_e": lanes_e, "router_vec_per_lane": per_lane,
+            "router_token_batch": max(1, min(warps, 64 // (8 * per_lane)))}
+
+
 def device_problem(problem: MoEProblem) -> MoEProblem:
     """The problem as the device code sees it: ``tokens_per_rank`` never reaches the kernels
     (a call passes its own count; capacities are planned on the host), so it is 0 here and
@@ -143,6 +164,7 @@ def device_problem(problem: MoEProblem) -> MoEProblem:
 
 def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
     lanes_e, lanes_h, epl = router_lanes(problem.experts)
+    split = router_split(problem.experts, config.router_tokens_per_block)
     dt = problem.dtype
     return {
         "version": __version__,
@@ -169,6 +191,9 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "routed_scaling": cpp_float(problem.routed_scaling),
         "shared_gate": CPP_BOOL[problem.shared_gate],
         "router_warps": config.router_tokens_per_block,
+        "router_split_h": CPP_BOOL[split is not None],
+        **(split or {"router_vec_lanes_e": 0, "router_vec_per_lane": 0,
+                     "router_token_batch": 0}),
         "router_lanes_e": lanes_e,
         "router_lanes_h": lanes_h,
         "router_experts_per_lane": epl,
