@@ -78,3 +78,24 @@ def test_layouts_fit_the_hardware():
             assert lay["router_token_batch"] * per_lane * 8 <= 64 or \
                 lay["router_token_batch"] == 1  # accumulators per lane
     assert router_split(60, 8) is None and router_split(1024, 16) is None
+
+
+def test_the_template_runs_the_emulated_loops():
+    """The lines the emulation mirrors, as the generated router spells them (a change to one
+    must change the other)."""
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.problem import MoEProblem
+    from flashmoe_gen.render import render
+
+    p = MoEProblem(7168, 2048, 256, 8, world_size=4, tokens_per_rank=128)
+    code = render(p, KernelConfig.default(p)).code
+    for line in ("for (int h = warp * V_LANES_H + vh; h < HIDDEN; h += ROUTER_WARPS * V_LANES_H)",
+                 "const uint4 w = wrow[ve + v * V_LANES_E];",
+                 "for (int off = V_LANES_E; off < 32; off <<= 1)",
+                 "if (vh == 0)",
+                 "atomicAdd(&s_logit[(tb + k) * EXPERTS + (ve + v * V_LANES_E) * 8 + i], "
+                 "a[k][v][i]);",
+                 "constexpr int V_LANES_E = 32;", "constexpr int R_TB = 8;"):
+        assert line in code, line
+    odd = MoEProblem(1024, 512, 60, 4, world_size=4, tokens_per_rank=64)
+    assert "s_logit" not in render(odd, KernelConfig.default(odd)).code  # warp per token
