@@ -23,7 +23,18 @@ from .layout import (
     contiguous_runs,
     row_offsets,
 )
-from .plan import Combine, ExchangeCounts, GemmLaunch, Gemms, Permute, Record, Route, Transfer, Wait
+from .plan import (
+    Combine,
+    ExchangeCounts,
+    GemmLaunch,
+    Gemms,
+    Permute,
+    Record,
+    Route,
+    Transfer,
+    TransferGroup,
+    Wait,
+)
 from .problem import round_up
 from .render import MOVE_WARPS, POS_THREADS
 from .signatures import COMBINE, GEMM, KINDS, PERMUTE, POSITIONS, ROUTER, SLOT_OFFSETS
@@ -162,6 +173,13 @@ class Run:
         if self.communicate:
             self.transfer(op)
 
+    def transfer_group(self, op: TransferGroup) -> None:
+        """One NCCL group around the transfers (each its own group inside: groups nest)."""
+        if self.communicate:
+            with self.layer.comm.group():
+                for t in op.transfers:
+                    self.transfer(t)
+
     def exchange_counts(self) -> None:
         """Count exchange: every rank learns counts[source][expert], so the capacity C and
         the row offsets; the forward's one host synchronisation."""
@@ -260,5 +278,6 @@ class Run:
 
 #: Operation type -> the Run method that executes it (one lookup per operation).
 _HANDLERS = {Record: Run.record, Wait: Run.wait, Gemms: Run.gemms, Transfer: Run.transfer_op,
+             TransferGroup: Run.transfer_group,
              Route: Run.route, ExchangeCounts: Run.counts, Permute: Run.permute,
              Combine: Run.combine}

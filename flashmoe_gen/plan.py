@@ -107,6 +107,19 @@ class Transfer:
 
 
 @dataclass(frozen=True)
+class TransferGroup:
+    """Transfers of one communication stream issued as one NCCL group (one launch for all
+    their peers): with fused sources nothing computes before every dispatch landed, so the
+    steps need not be separate operations."""
+
+    transfers: tuple[Transfer, ...]
+
+    @property
+    def stream(self) -> Stream:
+        return self.transfers[0].stream
+
+
+@dataclass(frozen=True)
 class Gemms:
     """GEMM launches on one stream; ``step`` names the source (0: this rank, None: none)."""
 
@@ -121,7 +134,7 @@ class Combine:
     """Weighted un-permute plus the shared experts' output (main stream)."""
 
 
-Op = Route | ExchangeCounts | Permute | Record | Wait | Transfer | Gemms | Combine
+Op = Route | ExchangeCounts | Permute | Record | Wait | Transfer | TransferGroup | Gemms | Combine
 
 
 def describe(op: Op, events: tuple[str, ...]) -> str:
@@ -134,6 +147,8 @@ def describe(op: Op, events: tuple[str, ...]) -> str:
         what = "dispatch" if op.round == DISPATCH else "combine"
         fixed = f" rows [{op.base}, {op.base + op.rows})" if op.rows is not None else ""
         return f"{what} step {op.step} experts [{op.e0}, {op.e1}){fixed} on {op.stream}"
+    if isinstance(op, TransferGroup):
+        return "one NCCL group: " + "; ".join(describe(t, events) for t in op.transfers)
     if isinstance(op, Gemms):
         return f"{op.what} on {op.stream}"
     if isinstance(op, ExchangeCounts):
@@ -152,6 +167,16 @@ class ForwardPlan:
     def lines(self) -> list[str]:
         return [describe(op, self.events) for op in self.ops]
 
+    def transfers(self) -> list[Transfer]:
+        """Every transfer in order, those of groups included."""
+        out: list[Transfer] = []
+        for op in self.ops:
+            if isinstance(op, TransferGroup):
+                out += op.transfers
+            elif isinstance(op, Transfer):
+                out.append(op)
+        return out
+
     def to_dict(self) -> dict:
         """Plain data: every operation with its fields and its GEMM argument lists."""
         def enc(op) -> dict:
@@ -160,6 +185,8 @@ class ForwardPlan:
                 if k == "launches":
                     d[k] = [{"gated": g.gated, "rows": str(g.rows), "groups": g.groups,
                              "args": {n: str(a) for n, a in g.args}} for g in v]
+                elif k == "transfers":
+                    d[k] = [enc(t) for t in v]
                 else:
                     d[k] = str(v) if isinstance(v, Stream) else v
             return d
@@ -292,6 +319,74 @@ class _Events:
         return len(self.names) - 1
 
 
+def _per_source_schedule(p: MoEProblem, cfg: KernelConfig, steps, chunks, ev, transfer,
+                         local_blocks, bound) -> list[Op]:
+    """Each (step, chunk) dispatched on its own, computed as soon as it lands, its results
+    sent back as soon as they are computed (this rank's tokens meanwhile)."""
+    ns = cfg.comm_streams
+    ops: list[Op] = []
+    arrived = []
+    for j, (step, e0, e1) in enumerate(steps):
+        ops.append(transfer(DISPATCH, step, e0, e1, comm(j % ns)))
+        arrived.append(ev.new(f"arrived[{j}]"))
+        ops.append(Record(arrived[-1], comm(j % ns)))
+    if not cfg.overlap:  # serialized baseline: all traffic lands before any compute
+        ops += [Wait(MAIN, a) for a in arrived]
+    ops += local_blocks()
+    computed = []
+    for j, (step, e0, e1) in enumerate(steps):
+        if cfg.overlap:
+            ops.append(Wait(MAIN, arrived[j]))
+        ops.append(Gemms(f"experts [{e0}, {e1}) of the tokens from step {step}", step,
+                         MAIN, _expert_launches(p, e0, e1, False, bound)))
+        computed.append(ev.new(f"computed[{j}]"))
+        ops.append(Record(computed[-1], MAIN))
+    if not cfg.overlap:  # serialized: results go back only after all compute
+        ops += [Wait(comm(c), computed[-1]) for c in range(ns)]
+    for j, (step, e0, e1) in enumerate(steps):
+        if cfg.overlap:
+            ops.append(Wait(comm(j % ns), computed[j]))
+        ops.append(transfer(COMBINE, step, e0, e1, comm(j % ns)))
+    return ops
+
+
+def _fused_schedule(p: MoEProblem, cfg: KernelConfig, steps, chunks, ev, transfer,
+                    local_blocks, bound) -> list[Op]:
+    """Fused sources: each communication stream's dispatch transfers as one NCCL group;
+    this rank's tokens meanwhile (unless they join the fused launch, ``fuses_own_tokens``);
+    the one launch once everything landed; then each stream's combine transfers as one
+    group (with this rank's own results, staging -> incoming, when they joined)."""
+    ns, with_self = cfg.comm_streams, cfg.fuses_own_tokens
+    mine = [[s for j, s in enumerate(steps) if j % ns == c] for c in range(ns)]
+    ops: list[Op] = []
+    arrived = []
+    for c in range(ns):
+        if mine[c]:
+            ops.append(TransferGroup(tuple(transfer(DISPATCH, s, e0, e1, comm(c))
+                                           for s, e0, e1 in mine[c])))
+            arrived.append(ev.new(f"arrived[{c}]"))
+            ops.append(Record(arrived[-1], comm(c)))
+    waits = [Wait(MAIN, a) for a in arrived]
+    if not cfg.overlap:  # serialized baseline: all traffic lands before any compute
+        ops += waits
+    if not with_self:
+        ops += local_blocks()
+    if cfg.overlap:
+        ops += waits
+    what = "every source's tokens, this rank's too" if with_self else "every peer's tokens"
+    ops.append(Gemms(f"experts of {what} (fused)", None, MAIN,
+                     _fused_launches(p, bound, with_self)))
+    done = ev.new("computed")
+    ops.append(Record(done, MAIN))
+    for c in range(ns):
+        back = [transfer(COMBINE, s, e0, e1, comm(c)) for s, e0, e1 in mine[c]]
+        if with_self and c == 0:  # own results: staging -> incoming (a send/recv to self)
+            back += [transfer(COMBINE, 0, e0, e1, comm(0)) for e0, e1 in chunks]
+        if back:
+            ops += [Wait(comm(c), done), TransferGroup(tuple(back))]
+    return ops
+
+
 def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
     """The host-planned forward (design in docs/symmetric-layout.md, "Overlap")."""
     p, cfg, P = problem, config, problem.world_size
@@ -330,42 +425,8 @@ def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
         start = ev.new("start")
         ops.append(Record(start, MAIN))
         ops += [Wait(comm(c), start) for c in range(ns)]
-        arrived = []
-        for j, (step, e0, e1) in enumerate(steps):
-            ops.append(transfer(DISPATCH, step, e0, e1, comm(j % ns)))
-            arrived.append(ev.new(f"arrived[{j}]"))
-            ops.append(Record(arrived[-1], comm(j % ns)))
-        if not cfg.overlap:  # serialized baseline: all traffic lands before any compute
-            ops += [Wait(MAIN, a) for a in arrived]
-        with_self = cfg.fuses_own_tokens
-        if not with_self:
-            ops += local_blocks()
-        if cfg.fuse_sources:  # everything landed, then one launch for all peers
-            ops += [Wait(MAIN, a) for a in arrived if cfg.overlap]
-            what = "every source's tokens, this rank's too" if with_self else "every peer's tokens"
-            ops.append(Gemms(f"experts of {what} (fused)", None, MAIN,
-                             _fused_launches(p, bound, with_self)))
-            done = ev.new("computed")
-            ops.append(Record(done, MAIN))
-            computed = [done] * len(steps)
-            if with_self:  # own results: staging -> incoming slot (a send/recv to self)
-                ops += [Wait(comm(0), done)]
-                ops += [transfer(COMBINE, 0, e0, e1, comm(0)) for e0, e1 in chunks]
-        else:  # each peer's chunk as soon as it lands
-            computed = []
-            for j, (step, e0, e1) in enumerate(steps):
-                if cfg.overlap:
-                    ops.append(Wait(MAIN, arrived[j]))
-                ops.append(Gemms(f"experts [{e0}, {e1}) of the tokens from step {step}", step,
-                                 MAIN, _expert_launches(p, e0, e1, False, bound)))
-                computed.append(ev.new(f"computed[{j}]"))
-                ops.append(Record(computed[-1], MAIN))
-        if not cfg.overlap:  # serialized: results go back only after all compute
-            ops += [Wait(comm(c), computed[-1]) for c in range(ns)]
-        for j, (step, e0, e1) in enumerate(steps):
-            if cfg.overlap:
-                ops.append(Wait(comm(j % ns), computed[j]))
-            ops.append(transfer(COMBINE, step, e0, e1, comm(j % ns)))
+        schedule = _fused_schedule if cfg.fuse_sources else _per_source_schedule
+        ops += schedule(p, cfg, steps, chunks, ev, transfer, local_blocks, bound)
         for c in range(ns):
             drained = ev.new(f"drained[{c}]")
             ops += [Record(drained, comm(c)), Wait(MAIN, drained)]

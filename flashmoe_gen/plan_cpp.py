@@ -23,6 +23,7 @@ from .plan import (
     Route,
     Stream,
     Transfer,
+    TransferGroup,
     Wait,
     describe,
 )
@@ -70,6 +71,10 @@ def _statements(op, plan: ForwardPlan) -> list[str]:
     if isinstance(op, Wait):
         return [f"FMOE_CHECK(cudaStreamWaitEvent({stream_cpp(op.stream)}, "
                 f"L->events[{op.event}], 0));"]
+    if isinstance(op, TransferGroup):  # NCCL groups nest: one launch for all of them
+        return ["NCCL_CHECK(ncclGroupStart());",
+                *(line for t in op.transfers for line in _statements(t, plan)),
+                "NCCL_CHECK(ncclGroupEnd());"]
     if isinstance(op, Transfer):
         round_ = "DISPATCH" if op.round == DISPATCH else "COMBINE"
         if op.rows is not None:  # mode "graph": one fixed region of the slot

@@ -183,6 +183,18 @@ def test_nvcc_compiles_harness(tmp_path, mode):
 
 @needs_nvcc
 @pytest.mark.parametrize("mode", ["host", "graph"])
+def test_nvcc_compiles_fused_harness(tmp_path, mode):
+    """Fused sources with weight streaming: each stream's transfers in one NCCL group, own
+    results moved by a send/recv to self."""
+    ws = GemmTile(32, 64, 64, 4, 1, 4, "ws")
+    cfg = KernelConfig(ws, dataclasses.replace(ws, bn=128), fuse_sources=True,
+                       packed_slots=True, comm_streams=2, mode=mode)
+    text = _compile_harness(tmp_path, cfg)
+    assert text.count("NCCL_CHECK(ncclGroupStart());") >= 2
+
+
+@needs_nvcc
+@pytest.mark.parametrize("mode", ["host", "graph"])
 def test_nvcc_compiles_nvlink_harness(tmp_path, mode):
     """Transport nvlink: the persistent kernel, the IPC heap set-up over MPI and the launch."""
     ws = GemmTile(32, 128, 64, 8, 1, 4, "ws")

@@ -22,7 +22,7 @@ from flashmoe_gen.config import GemmTile, KernelConfig
 from flashmoe_gen.executor import python_launcher
 from flashmoe_gen.export import export_cu
 from flashmoe_gen.layout import COMBINE, DISPATCH, INCOMING, STAGING, SymmetricLayout
-from flashmoe_gen.plan import Combine, Gemms, Record, Transfer, Wait, build_plan
+from flashmoe_gen.plan import Combine, Gemms, Record, Transfer, TransferGroup, Wait, build_plan
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.tuner.space import SearchSpace
 
@@ -97,13 +97,17 @@ def test_plan_orders_every_transfer(knobs):
             assert op.event in recorded, op
             if op.stream.kind == "main":
                 main_waits.add(op.event)
-        elif isinstance(op, Transfer) and op.round == DISPATCH:
-            after = ops[j + 1]
-            assert isinstance(after, Record) and after.stream == op.stream
-            arrived[(op.step, op.e0)] = after.event
-        elif isinstance(op, Transfer):
-            assert (op.step, op.e0) in computed, op
-            combined.append((op.step, op.e0))
+        elif isinstance(op, (Transfer, TransferGroup)):
+            group = op.transfers if isinstance(op, TransferGroup) else (op,)
+            assert all(t.stream == op.stream for t in group)
+            for t in group:
+                if t.round == DISPATCH:
+                    after = ops[j + 1]
+                    assert isinstance(after, Record) and after.stream == op.stream
+                    arrived[(t.step, t.e0)] = after.event
+                elif t.step != 0:  # step 0: this rank's own results, staging -> incoming
+                    assert (t.step, t.e0) in computed, t
+                    combined.append((t.step, t.e0))
         elif isinstance(op, Gemms) and "fused" in op.what:
             assert set(arrived.values()) <= main_waits
             computed |= set(arrived)
@@ -182,10 +186,14 @@ def test_weight_streaming_fused_launch_reads_each_weight_once():
         assert rows == 9 and args[16] == -1  # every source's rows, this rank's too
     at = ops.index(gemms[0])
     recorded = next(op.event for op in ops[at:] if isinstance(op, Record))
-    selfs = [j for j, op in enumerate(ops) if isinstance(op, Transfer) and op.step == 0]
-    assert len(selfs) == min(cfg.chunks_per_peer, P4.local_experts)
-    for j in selfs:
-        assert ops[j].round == COMBINE and j > at
-        waits = [op for op in ops[at:j] if isinstance(op, Wait) and op.stream == ops[j].stream]
-        assert any(w.event == recorded for w in waits)
-    assert isinstance(ops[-1], Combine) and max(selfs) < len(ops) - 1
+    # One NCCL group per stream and direction; the combine group holds own results too.
+    groups = [(j, op) for j, op in enumerate(ops) if isinstance(op, TransferGroup)]
+    assert not any(isinstance(op, Transfer) for op in ops)
+    assert [g.transfers[0].round for _, g in groups] == [DISPATCH, COMBINE]
+    j, back = groups[1]
+    assert j > at and [t.step for t in back.transfers] == [1, 2, 3, 0]
+    waits = [op for op in ops[at:j] if isinstance(op, Wait) and op.stream == back.stream]
+    assert any(w.event == recorded for w in waits)
+    assert isinstance(ops[-1], Combine)
+    lines = build_plan(P4, cfg).lines()
+    assert any(line.startswith("one NCCL group: combine step 1") for line in lines)
