@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
-from .config import GemmTile, KernelConfig, expert_chunks
+from .config import KernelConfig, expert_chunks
 from .layout import SymmetricLayout
 from .persistent import ST_DEP, HeapLayout
 from .plan import fixed_slots
@@ -33,6 +33,7 @@ from .signatures import (
     ROUTER,
     SLOT_OFFSETS,
 )
+from .tiles import GemmTile
 from .tma import BOX_K, MAP_BYTES
 from .watchdog import comm_timeout
 

@@ -8,16 +8,10 @@ from dataclasses import dataclass, field
 import jinja2
 
 from . import __version__
-from .config import (
-    HOPPER_KINDS,
-    PERSISTENT_THREADS,
-    TMA_MAX_GROUPS,
-    TMA_SPIN_CYCLES,
-    GemmTile,
-    KernelConfig,
-)
+from .config import PERSISTENT_THREADS, KernelConfig
 from .problem import MoEProblem
 from .signatures import ALL as SIGNATURES
+from .tiles import HOPPER_KINDS, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile
 
 #: C++ spellings per dtype (CUTLASS-style tag tables).
 DTYPE_TAG = {"bf16": "__nv_bfloat16"}

@@ -11,19 +11,10 @@ from fractions import Fraction
 import pytest
 
 from flashmoe_gen.arch import KNOWN_ARCHS, limits_for
-from flashmoe_gen.config import (
-    BK_CHOICES,
-    BM_CHOICES,
-    BN_CHOICES,
-    COMM_STREAM_CHOICES,
-    ROUTER_CHOICES,
-    WARP_CHOICES,
-    WS_MAX_ROWS,
-    GemmTile,
-    KernelConfig,
-)
+from flashmoe_gen.config import COMM_STREAM_CHOICES, ROUTER_CHOICES, WS_MAX_ROWS, KernelConfig
 from flashmoe_gen.errors import ConfigError, FlashMoEError, ProblemError
 from flashmoe_gen.problem import MoEProblem, round_up
+from flashmoe_gen.tiles import BK_CHOICES, BM_CHOICES, BN_CHOICES, WARP_CHOICES, GemmTile
 
 SEED = MoEProblem(512, 2048, 8, 2, shared_experts=1, tokens_per_rank=256)
 DSV2_LITE = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=2, tokens_per_rank=512)
@@ -803,13 +794,14 @@ def test_wgmma_needs_hopper():
 
 # -- knob values declared once; sizes that fit the kernels' ints ---------------------------
 def test_search_spaces_take_their_values_from_config():
-    from flashmoe_gen import config as c
+    from flashmoe_gen import config as cfg
+    from flashmoe_gen import tiles as c
     from flashmoe_gen.tuner import space
 
     valid = {"bm": c.BM_CHOICES, "bn": c.BN_CHOICES, "bk": c.BK_CHOICES, "s": c.STAGE_RANGE,
-             "mma": c.MMA_CHOICES, "router": c.ROUTER_CHOICES, "chunks": c.CHUNK_RANGE,
-             "streams": c.COMM_STREAM_CHOICES, "mode": c.MODE_CHOICES,
-             "transport": c.TRANSPORT_CHOICES}
+             "mma": c.MMA_CHOICES, "router": cfg.ROUTER_CHOICES, "chunks": cfg.CHUNK_RANGE,
+             "streams": cfg.COMM_STREAM_CHOICES, "mode": cfg.MODE_CHOICES,
+             "transport": cfg.TRANSPORT_CHOICES}
     for choices in space.SPACES.values():
         for knob, values in choices.items():
             kind = knob.split("_", 1)[-1] if knob.startswith(("gu_", "dn_")) else knob

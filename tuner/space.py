@@ -15,24 +15,26 @@ from dataclasses import dataclass, field
 
 from flashmoe_gen.arch import DeviceLimits, limits_for
 from flashmoe_gen.config import (
-    BK_CHOICES,
-    BM_CHOICES,
-    BN_CHOICES,
     CHUNK_RANGE,
     COMM_STREAM_CHOICES,
-    HOPPER_KINDS,
-    MMA_CHOICES,
     MODE_CHOICES,
     PERSISTENT_THREADS,
     ROUTER_CHOICES,
-    STAGE_RANGE,
     TRANSPORT_CHOICES,
-    WARP_CHOICES,
-    GemmTile,
     KernelConfig,
 )
 from flashmoe_gen.errors import ConfigError
 from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.tiles import (
+    BK_CHOICES,
+    BM_CHOICES,
+    BN_CHOICES,
+    HOPPER_KINDS,
+    MMA_CHOICES,
+    STAGE_RANGE,
+    WARP_CHOICES,
+    GemmTile,
+)
 
 
 def _within(choices, lo, hi) -> tuple:
@@ -49,7 +51,7 @@ def _pick(choices, *values) -> tuple:
 
 
 def _grids(*grids: str) -> tuple[str, ...]:
-    """Warp grids "MxN"; each M and N must be one of config.WARP_CHOICES."""
+    """Warp grids "MxN"; each M and N must be one of tiles.WARP_CHOICES."""
     for g in grids:
         if any(int(w) not in WARP_CHOICES for w in g.split("x")):
             raise ConfigError("warp grid", g, f"M and N from {list(WARP_CHOICES)}")
