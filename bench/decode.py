@@ -38,7 +38,8 @@ HEADROOM_BYTES = 6 << 30
 #: Table columns (the JSON has every field).
 COLS = ["shape", "tokens", "ours_host_ms", "ours_graph_ms", "ours_nvlink_ms", "torch_sync_ms",
         "torch_graph_ms", "torch_ep_ms", "speedup_host", "speedup_graph", "speedup_nvlink",
-        "host_us_host", "host_us_graph", "host_us_nvlink", "floor_ms", "graph_over_floor"]
+        "host_us_host", "host_us_graph", "host_us_nvlink", "sm_busy_nvlink", "floor_ms",
+        "graph_over_floor"]
 #: The plot's lines: (JSON field, label, style).
 LINES = (("ours_host_ms", "ours, host mode", "o-"), ("ours_graph_ms", "ours, graph mode", "s-"),
          ("ours_nvlink_ms", "ours, nvlink (one persistent kernel)", "d-"),
@@ -189,6 +190,9 @@ def measure(key: str, p, dw, comm, a) -> dict:
         row[f"host_us_{mode}"] = round(host_us(lambda layer=layer: layer(x), comm,
                                                a.host_iters), 1)
         row[f"agree_{mode}"] = float(f"{diff:.2e}")
+        if mode == "nvlink":  # GEMM cycles / all cycles of the persistent kernel's blocks
+            busy = allgather(comm.mpi, layer._persistent.measure_sm_busy(x), "SM busy")
+            row["sm_busy_nvlink"] = round(float(np.mean(busy)), 3)
     row["floor_ms"] = round(floor_for(p, TorchEP(ours["host"]), xt, comm), 4)
     if "ours_graph_ms" in row:
         row["graph_over_floor"] = round(row["ours_graph_ms"] / row["floor_ms"], 2)

@@ -82,6 +82,8 @@ def measure_one(p, cfg, comm, a) -> dict:
         nvl = FlashMoE(p, KernelConfig.persistent_default(p), weights=layer.weights, comm=comm)
         variant(nvl, "nvlink", "agree_nvlink")
         extra["config_nvlink"] = nvl.config.name
+        busy = comm.mpi.allgather(nvl._persistent.measure_sm_busy(x))
+        extra["sm_busy_nvlink"] = round(float(np.mean(busy)), 3)  # GEMM cycles / all
         del nvl
     n = comm.world_size * p.tokens_per_rank
     return dict(ours_ms=round(ms, 4), **base, speedup=round(ms_t / ms, 3),
@@ -187,6 +189,8 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
     cols = ["gpus", "experts", "tokens_per_gpu", "ours_ms", "ours_graph_ms", "torch_sync_ms",
             "torch_graph_ms", "torch_ep_ms", "speedup", "speedup_graph", "ours_mtok_s",
             "torch_mtok_s", "floor_ms", "agree_torch", "agree_baselines", "config_source"]
+    if any("ours_nvlink_ms" in r for r in rows):  # --nvlink: the persistent kernel beside
+        cols[5:5] = ["ours_nvlink_ms", "speedup_nvlink", "sm_busy_nvlink", "agree_nvlink"]
     md = [f"# H=2048, I=2048, top-2, bf16: FlashMoE vs PyTorch EP on {card}",
           "", f"{datetime.date.today()}, commit {commit}. Median of CUDA-event timings (max "
           "over ranks per iteration). ours: host mode; ours_graph: graph mode (device-side "
@@ -194,7 +198,9 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
           "the host), torch_graph (padded fixed-size transfers, graph-captured); torch_ep = "
           "the faster of the two. speedup = torch_ep / ours (> 1: ours faster). floor = "
           "per-rank max(FLOPs/790 TFLOP/s, bytes/3.0 TB/s). agree = rel. diff ours vs "
-          "torch_sync; agree_baselines = torch_graph vs torch_sync.", ""]
+          "torch_sync; agree_baselines = torch_graph vs torch_sync. ours_nvlink (with "
+          "--nvlink): transport nvlink, one persistent kernel per forward; sm_busy_nvlink: "
+          "its blocks' cycles in GEMM tiles / all their cycles (mean over ranks).", ""]
     ordered = sorted(rows, key=lambda r: (r["gpus"], r["experts"], r["tokens_per_gpu"]))
     table = md_table(cols, [[r.get(c) for c in cols] for r in ordered])
     Path(out + ".md").write_text("\n".join(md) + "\n" + table)

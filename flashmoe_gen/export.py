@@ -168,7 +168,7 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
         shared_out="L->shared_out", out="out", layout="reinterpret_cast<elem*>(L->heap)",
         peers="L->peers", counts_off="NVL_COUNTS_OFF", flags_off="NVL_FLAGS_OFF",
         state="L->pstate", capacity="NVL_CAPACITY", self_rank="L->rank",
-        spin_limit="L->spin_limit", status="L->status_host")
+        spin_limit="L->spin_limit", status="L->status_host", stats="nullptr")
     return {"capacity": capacity, "threads": cfg.gate_up.threads, "smem": cfg.persistent_smem(),
             "heap_bytes": heap.nbytes, "counts_off": heap.counts_off,
             "flags_off": heap.flags_off, "state_words": ST_DEP + p.world_size * p.local_experts + 1,

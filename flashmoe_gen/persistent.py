@@ -172,6 +172,7 @@ class PersistentForward:
 
         self._launch = None  # (kernel, grid, block, shared memory), packed on first use
         self._static: list = []
+        self.stats = None  # cupy [grid][2] uint64 once enable_stats() was called
         timeout = layer.comm.timeout_s if layer.comm is not None else comm_timeout()
         # kHz -> cycles; CUDA 13 may not report the clock: 2 GHz bounds every current part.
         self.spin_limit = int(timeout * dev.attributes.get("ClockRate", 2_000_000) * 1e3)
@@ -187,7 +188,8 @@ class PersistentForward:
             shared_act=b.shared_act, shared_out=b.shared_out, out=out,
             layout=self.heap.base, peers=self.peers, counts_off=self.heap_layout.counts_off,
             flags_off=self.heap_layout.flags_off, state=self.state, capacity=self.capacity,
-            self_rank=layer.rank, spin_limit=self.spin_limit, status=self.status_dev)
+            self_rank=layer.rank, spin_limit=self.spin_limit, status=self.status_dev,
+            stats=self.stats)
 
     def launch(self, x, tokens: int, out, stream) -> None:
         """One forward: one launch. Every argument but ``x``, ``tokens`` and ``out`` is fixed
@@ -208,6 +210,30 @@ class PersistentForward:
         args[_X], args[_TOKENS], args[_OUT] = x.data.ptr, np.int32(tokens), out.data.ptr
         with stream:
             fn(grid, block, tuple(args), shared_mem=smem)
+
+    def enable_stats(self) -> None:
+        """Have every following call record, per block, the cycles spent in GEMM tiles and
+        in the whole kernel (``sm_busy``)."""
+        import cupy
+
+        if self.stats is None:
+            self.stats = cupy.zeros((self.grid, 2), np.uint64)
+            self._launch = None  # the packed arguments now carry the buffer
+
+    def sm_busy(self) -> float:
+        """The last call's share of the blocks' cycles spent in GEMM tiles (synchronises)."""
+        if self.stats is None:
+            raise ConfigError("stats", None, "call enable_stats() before the forward whose SM "
+                              "busy share you want")
+        busy, total = self.stats.get().astype(np.float64).sum(axis=0)
+        return float(busy / total) if total else 0.0
+
+    def measure_sm_busy(self, x) -> float:
+        """One more forward of ``x`` with stats on (collective like any forward): this
+        rank's share of the blocks' cycles spent in GEMM tiles."""
+        self.enable_stats()
+        self.layer.forward(x)
+        return self.sm_busy()
 
     def stall(self) -> CommTimeout | None:
         """What the watchdog recorded (after the kernel trapped), as the error to raise."""

@@ -139,7 +139,8 @@ SLOT_OFFSETS = _sig(("counts", "const int*"), ("world", "int"), ("capacity", "in
 #: ``layout``: this rank's symmetric heap (the layout first, then ``counts_off`` bytes in the
 #: rows each source sent ``[P][E_local]``, then ``flags_off`` the dispatch and combine flags
 #: ``[2][P]``); ``peers[d]``: rank d's heap opened here; ``state``: this rank's epoch, grid
-#: barrier, task counter and dependency counters; ``status``: where a watchdog names a stall.
+#: barrier, task counter and dependency counters; ``status``: where a watchdog names a stall;
+#: ``stats`` (null: off): per block, cycles in GEMM tiles and in the whole kernel (SM busy).
 PERSISTENT = _sig(("x", "const elem*"), ("wg", "const elem*"), ("bias", "const float*"),
                   ("tokens", "int"), ("topk_idx", "int*"), ("topk_w", "float*"), ("pos", "int*"),
                   ("counts", "int*"), ("w1", "const elem*"), ("w3", "const elem*"),
@@ -148,7 +149,8 @@ PERSISTENT = _sig(("x", "const elem*"), ("wg", "const elem*"), ("bias", "const f
                   ("shared_act", "elem*"), ("shared_out", "elem*"), ("out", "elem*"),
                   ("layout", "elem*"), ("peers", "const u64*"), ("counts_off", "long long"),
                   ("flags_off", "long long"), ("state", "u64*"), ("capacity", "int"),
-                  ("self_rank", "int"), ("spin_limit", "long long"), ("status", "int*"))
+                  ("self_rank", "int"), ("spin_limit", "long long"), ("status", "int*"),
+                  ("stats", "u64*"))
 
 ALL = {"router": ROUTER, "positions": POSITIONS, "permute": PERMUTE, "combine": COMBINE,
        "slot_offsets": SLOT_OFFSETS, "gemm": GEMM, "gemm_tma": GEMM_TMA,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import numpy as np
+import pytest
 
 from flashmoe_gen.layout import SymmetricLayout
 from flashmoe_gen.persistent import ALIGN, HeapLayout, PersistentForward
@@ -34,6 +35,7 @@ def test_launch_arguments_name_every_parameter():
     pf.layer, pf.counts, pf.act, pf.peers, pf.state = layer, arr, arr, arr, arr
     pf.heap = types.SimpleNamespace(base=4096)
     pf.heap_layout, pf.capacity, pf.spin_limit, pf.status_dev = lay, 16, 10**9, 8192
+    pf.stats = None  # SM-busy recording off: a null pointer
     args = pf.arguments(arr, 7, arr)
     assert set(args) == set(PERSISTENT.names)
     packed = PERSISTENT.pack(args)
@@ -41,6 +43,7 @@ def test_launch_arguments_name_every_parameter():
     assert packed[PERSISTENT.names.index("self_rank")] == 2
     assert packed[PERSISTENT.names.index("flags_off")] == lay.flags_off
     assert packed[PERSISTENT.names.index("bias")] == 0  # no expert bias: a null pointer
+    assert packed[PERSISTENT.names.index("stats")] == 0
 
 
 def test_launch_packs_the_fixed_arguments_once():
@@ -78,3 +81,15 @@ def test_launch_packs_the_fixed_arguments_once():
         assert args[_X] == 7 + t and args[_TOKENS] == t and args[_OUT] == 9 + t
         rest = [a for i, a in enumerate(args) if i not in (_X, _TOKENS, _OUT)]
         assert rest == [1000 + i for i in range(len(args)) if i not in (_X, _TOKENS, _OUT)]
+
+
+def test_sm_busy_is_the_gemm_share_of_all_block_cycles():
+    from flashmoe_gen.errors import ConfigError
+
+    pf = object.__new__(PersistentForward)
+    pf.stats = None
+    with pytest.raises(ConfigError, match="enable_stats"):
+        pf.sm_busy()
+    per_block = np.array([[30, 100], [90, 100], [0, 0]], np.uint64)  # busy, total cycles
+    pf.stats = types.SimpleNamespace(get=lambda: per_block)
+    assert pf.sm_busy() == pytest.approx(120 / 200)
