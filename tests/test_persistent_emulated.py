@@ -1,0 +1,195 @@
+"""Transport "nvlink"'s data flow on the CPU: the persistent kernel's dispatch stores, task
+arguments (per source and fused over sources) and combine, mirrored from
+templates/persistent.cu.j2 over NumPy heaps of P simulated ranks, with ``ws_gemm``'s
+row gathering and output addressing ported from templates/gemm.cu.j2. The outputs must
+match the float64 reference; the template must spell the arguments mirrored here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flashmoe_gen import bf16
+from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.plan import fixed_slots
+from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.reference import moe_reference, relative_error, route
+from flashmoe_gen.render import render
+from flashmoe_gen.tiles import GemmTile
+from flashmoe_gen.weights import MoEWeights, random_tokens
+
+
+def f64(bits):
+    return bf16.from_bits(bits).astype(np.float64)
+
+
+class Ptr:
+    """A device pointer: an array and an element offset into it."""
+
+    def __init__(self, a: np.ndarray, off: int = 0):
+        self.a, self.off = a, off
+
+    def __add__(self, k: int) -> Ptr:
+        return Ptr(self.a, self.off + int(k))
+
+    def rows(self, n: int, width: int) -> np.ndarray:
+        return self.a[self.off:self.off + n * width].reshape(n, width)
+
+
+def ws_gemm(gated, bn, n_block, g, A, a_group_stride, B0, B1, b_group_stride, C,
+            c_group_stride, counts, count_cap, rows_fixed, N, K, inner_groups, a_outer_stride,
+            c_outer_stride, counts_outer_stride, skip_outer, a_row_off, c_row_off,
+            c_bases=None, c_base_off=0, sources=1):
+    """templates/gemm.cu.j2 ws_gemm: output columns [bn n_block, bn n_block + bn) of group g
+    over the rows of every outer group (source) it gathers."""
+    n_outer = sources if inner_groups > 0 else 1
+    cols = slice(n_block * bn, min((n_block + 1) * bn, N))
+    b0 = f64(B0.rows(N, K)[cols])  # g = 0 here: B0 and B1 point at the expert already
+    b1 = f64(B1.rows(N, K)[cols]) if gated else None
+    for o in range(n_outer):
+        gi = o * counts_outer_stride + g
+        n = 0 if (inner_groups > 0 and o == skip_outer) else \
+            (min(int(counts.a[counts.off + gi]), count_cap) if counts is not None else rows_fixed)
+        for lr in range(n):
+            src = A + o * a_outer_stride + (a_row_off[gi] * K if a_row_off is not None
+                                            else g * a_group_stride) + lr * K
+            c_o = (c_bases[o] + c_base_off) if c_bases is not None else C + o * c_outer_stride
+            dst = c_o + (c_row_off[gi] * N if c_row_off is not None else g * c_group_stride) \
+                + lr * N
+            x = f64(src.rows(1, K)[0])
+            v = b0 @ x
+            if gated:
+                v = v / (1 + np.exp(-v)) * (b1 @ x)
+            dst.a[dst.off + cols.start:dst.off + cols.stop] = bf16.to_bits(v.astype(np.float32))
+
+
+def run(p: MoEProblem, cfg: KernelConfig, w: MoEWeights, xs: list[np.ndarray]):
+    P, el, H, I, k = p.world_size, p.local_experts, p.hidden, p.intermediate, p.top_k  # noqa: E741
+    cap = fixed_slots(p, cfg).capacity
+
+    def slot_row(peer, rnd, buf, row):
+        return (((peer * 2 + rnd) * 2 + buf) * el * cap + row) * H
+
+    heaps = [np.full(P * 4 * el * cap * H, 0xFFFF, np.uint16) for _ in range(P)]
+    heap_counts = [np.full(P * el, -1, np.int32) for _ in range(P)]
+    acts = [np.full(P * el * cap * I, 0xFFFF, np.uint16) for _ in range(P)]
+    routing = []
+    for r, x in enumerate(xs):  # route, positions (token order), dispatch, counts rows
+        idx = route(p, x, w.gate).topk_idx.astype(np.int64) if len(x) else \
+            np.zeros((0, k), np.int64)
+        counts = np.zeros(p.experts, np.int64)
+        pos = np.zeros_like(idx)
+        for a, e in enumerate(idx.ravel()):
+            pos.flat[a] = counts[e]
+            counts[e] += 1
+        routing.append((idx, pos))
+        for a, e in enumerate(idx.ravel()):
+            q = int(pos.flat[a])
+            if q >= cap:
+                continue
+            d = int(e) // el
+            o = slot_row(r, 0, 1, (int(e) % el) * cap + q)
+            heaps[d][o:o + H] = x[a // k]
+        for i in range(P * el):
+            heap_counts[i // el][r * el + i % el] = min(counts[i], cap)
+    w1 = [np.ascontiguousarray(w.w1[d * el:(d + 1) * el].transpose(0, 2, 1)).ravel()
+          for d in range(P)]
+    w3 = [np.ascontiguousarray(w.w3[d * el:(d + 1) * el].transpose(0, 2, 1)).ravel()
+          for d in range(P)]
+    w2 = [np.ascontiguousarray(w.w2[d * el:(d + 1) * el].transpose(0, 2, 1)).ravel()
+          for d in range(P)]
+    ngu, ndn = -(-I // cfg.gate_up.bn), -(-H // cfg.down.bn)
+    for me in range(P):  # tasks, in queue order (their dependencies hold in this order)
+        layout, act, my_counts = Ptr(heaps[me]), Ptr(acts[me]), Ptr(heap_counts[me])
+        peers = [Ptr(h) for h in heaps]
+        if cfg.fuse_sources:  # mirrored from the template's FUSED branch
+            a_outer = slot_row(1, 0, 1, 0) - slot_row(0, 0, 1, 0)
+            act_outer = el * cap * I
+            for r in range(el * (ngu + ndn)):
+                gate_up = r < el * ngu
+                e = r // ngu if gate_up else (r - el * ngu) // ndn
+                n = r % ngu if gate_up else (r - el * ngu) % ndn
+                act_e = act + e * cap * I
+                if gate_up:
+                    ws_gemm(True, cfg.gate_up.bn, n, 0, layout + slot_row(0, 0, 1, e * cap), 0,
+                            Ptr(w1[me]) + e * I * H, Ptr(w3[me]) + e * I * H, 0, act_e, 0,
+                            my_counts + e, cap, 0, I, H, 1, a_outer, act_outer, el, -1, None,
+                            None, sources=P)
+                else:
+                    ws_gemm(False, cfg.down.bn, n, 0, act_e, 0, Ptr(w2[me]) + e * H * I, None,
+                            0, None, 0, my_counts + e, cap, 0, H, I, 1, act_outer, 0, el, -1,
+                            None, None, peers, slot_row(me, 1, 1, e * cap), sources=P)
+            continue
+        per_source = el * (ngu + ndn)
+        for r in range(P * per_source):  # per source, in ring order
+            s = (me + r // per_source) % P
+            i = r % per_source
+            gate_up = i < el * ngu
+            e = i // ngu if gate_up else (i - el * ngu) // ndn
+            n = i % ngu if gate_up else (i - el * ngu) % ndn
+            rows = my_counts + s * el + e
+            act_se = act + (s * el + e) * cap * I
+            if gate_up:
+                ws_gemm(True, cfg.gate_up.bn, n, 0, layout + slot_row(s, 0, 1, e * cap), 0,
+                        Ptr(w1[me]) + e * I * H, Ptr(w3[me]) + e * I * H, 0, act_se, 0, rows,
+                        cap, 0, I, H, 0, 0, 0, 0, -1, None, None)
+            else:
+                back = peers[s] + slot_row(me, 1, 1, e * cap)
+                ws_gemm(False, cfg.down.bn, n, 0, act_se, 0, Ptr(w2[me]) + e * H * I, None, 0,
+                        back, 0, rows, cap, 0, H, I, 0, 0, 0, 0, -1, None, None)
+    outs = []
+    for r, x in enumerate(xs):  # combine (expert slots: row_off null)
+        idx, pos = routing[r]
+        rt = route(p, x, w.gate) if len(x) else None
+        out = np.zeros((len(x), H))
+        for t in range(len(x)):
+            for j in range(k):
+                e, q = int(idx[t, j]), int(pos[t, j])
+                if q >= cap:
+                    continue
+                o = slot_row(e // el, 1, 1, (e % el) * cap + q)
+                out[t] += rt.topk_w[t, j] * f64(heaps[r][o:o + H])
+        outs.append(out)
+    return outs, cap
+
+
+TILE = GemmTile(32, 128, 64, 8, 1, 4, "ws")  # two n-tiles of each GEMM below
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per_source", "fused"])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["exact", "capped"])
+def test_persistent_data_flow_matches_the_reference(fused, capacity_factor):
+    p = MoEProblem(256, 256, 8, 2, world_size=4, tokens_per_rank=24,
+                   capacity_factor=capacity_factor)
+    cfg = KernelConfig(TILE, TILE, router_tokens_per_block=8, transport="nvlink",
+                       fuse_sources=fused)
+    w = MoEWeights.random(p, 5)
+    xs = [random_tokens(t, p.hidden, seed=60 + r) for r, t in enumerate((24, 9, 0, 17))]
+    outs, cap = run(p, cfg, w, xs)
+    ref = moe_reference(p, xs, w, capacity=cap if capacity_factor else None)
+    for r, (out, want) in enumerate(zip(outs, ref.out, strict=True)):
+        if len(want):
+            assert relative_error(out, want) < 2e-2, (fused, r)
+
+
+def test_the_template_passes_the_mirrored_arguments():
+    p = MoEProblem(256, 256, 8, 2, world_size=4, tokens_per_rank=24)
+    cfg = KernelConfig(TILE, TILE, router_tokens_per_block=8, transport="nvlink",
+                       fuse_sources=True)
+    code = " ".join(render(p, cfg).code.split())
+    for text in (
+            "const long long a_outer = slot_row(1, 0, 1, 0, capacity) - slot_row(0, 0, 1, 0, "
+            "capacity);",
+            "const long long act_outer = static_cast<long long>(el) * capacity * INTERMEDIATE;",
+            "n, 0, layout + slot_row(0, 0, 1, static_cast<long long>(e) * capacity, capacity), "
+            "0, w1 + static_cast<long long>(e) * INTERMEDIATE * HIDDEN, w3 + static_cast<long "
+            "long>(e) * INTERMEDIATE * HIDDEN, 0, act_e, 0, my_counts + e, capacity, 0, "
+            "INTERMEDIATE, HIDDEN, 1, a_outer, act_outer, el, -1, nullptr, nullptr);",
+            "n, 0, act_e, 0, w2 + static_cast<long long>(e) * HIDDEN * INTERMEDIATE, nullptr, 0,"
+            " nullptr, 0, my_counts + e, capacity, 0, HIDDEN, INTERMEDIATE, 1, act_outer, 0, el,"
+            " -1, nullptr, nullptr, peers, slot_row(self_rank, 1, 1, static_cast<long long>(e) *"
+            " capacity, capacity));",
+            "elem_t* const c_o = c_bases != nullptr ? reinterpret_cast<elem_t*>(c_bases[o]) + "
+            "c_base_off : C + o * c_outer_stride;"):
+        assert text in code, text
