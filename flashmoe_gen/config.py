@@ -35,6 +35,9 @@ MODE_CHOICES = ("host", "graph")
 TRANSPORT_CHOICES = ("nccl", "nvlink")
 #: The persistent kernel's block (router, positions, combine and its GEMM tiles share it).
 PERSISTENT_THREADS = 256
+#: Its blocks per SM ("processors"): 0 = as many as fit (the occupancy); fewer cut the cost
+#: of its grid barriers and task queue where tiles are small.
+BLOCKS_PER_SM_CHOICES = (0, 1, 2, 4)
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
@@ -68,6 +71,7 @@ class KernelConfig:
     packed_slots: bool = False
     mode: str = "host"
     transport: str = "nccl"
+    blocks_per_sm: int = 0  # transport "nvlink" only (BLOCKS_PER_SM_CHOICES)
 
     @property
     def uses_wgmma(self) -> bool:
@@ -106,6 +110,8 @@ class KernelConfig:
             parts.append(self.mode)
         if self.transport != "nccl":
             parts.append(self.transport)
+        if self.blocks_per_sm:
+            parts.append(f"b{self.blocks_per_sm}")
         return "__".join(parts)
 
     @classmethod
@@ -114,15 +120,15 @@ class KernelConfig:
             raise ConfigError("name", name, "expected a config name (str) as "
                               "KernelConfig.name prints it")
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
-                         r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?", name)
+                         r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
-        gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport = m.groups()
+        gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
-                   transport or "nccl")
+                   transport or "nccl", int(bps or 0))
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -169,8 +175,16 @@ class KernelConfig:
         if self.transport not in TRANSPORT_CHOICES:
             raise ConfigError("transport", self.transport,
                               f"choose one of {list(TRANSPORT_CHOICES)}", name)
+        if self.blocks_per_sm not in BLOCKS_PER_SM_CHOICES or isinstance(self.blocks_per_sm,
+                                                                          bool):
+            raise ConfigError("blocks_per_sm", self.blocks_per_sm,
+                              f"choose one of {list(BLOCKS_PER_SM_CHOICES)} (0: as many as fit)",
+                              name)
         if self.transport == "nvlink":
             self._validate_persistent(name)
+        elif self.blocks_per_sm:
+            raise ConfigError("blocks_per_sm", self.blocks_per_sm, "only transport 'nvlink' "
+                              "runs a persistent kernel: use 0", name)
 
     def _validate_persistent(self, name: str) -> None:
         """Transport "nvlink" runs one persistent kernel whose blocks serve every phase."""

@@ -170,6 +170,7 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
         state="L->pstate", capacity="NVL_CAPACITY", self_rank="L->rank",
         spin_limit="L->spin_limit", status="L->status_host", stats="nullptr")
     return {"capacity": capacity, "threads": cfg.gate_up.threads, "smem": cfg.persistent_smem(),
+            "blocks_per_sm": cfg.blocks_per_sm,
             "heap_bytes": heap.nbytes, "counts_off": heap.counts_off,
             "flags_off": heap.flags_off, "state_words": ST_DEP + p.world_size * p.local_experts + 1,
             "timeout_s": repr(float(comm_timeout())), "kernel": layer.kernels.persistent,

@@ -100,6 +100,12 @@ class PeerHeap:
             self.base = 0
 
 
+def persistent_grid(per_sm: int, sms: int, blocks_per_sm: int) -> int:
+    """The persistent kernel's grid: ``blocks_per_sm`` (0: all that fit, ``per_sm``) per SM,
+    never more than fit (every block must be resident)."""
+    return (min(per_sm, blocks_per_sm) if blocks_per_sm else per_sm) * sms
+
+
 def probe_ipc(comm) -> str | None:
     """Collective: None when every rank can open every peer's memory through CUDA IPC (the
     nvlink transport's heap), else the first reason why not. Never raises on one rank only:
@@ -167,7 +173,8 @@ class PersistentForward:
                               f"SM ({smem} B of shared memory, {cfg.gate_up.threads} threads): "
                               "smaller tiles or fewer stages", cfg.name)
         # Every block resident: the kernel's grid barriers and spins rely on it.
-        self.grid = per_sm * dev.attributes["MultiProcessorCount"]
+        self.grid = persistent_grid(per_sm, dev.attributes["MultiProcessorCount"],
+                                    cfg.blocks_per_sm)
         from .watchdog import comm_timeout
 
         self._launch = None  # (kernel, grid, block, shared memory), packed on first use

@@ -141,6 +141,7 @@ CONFIG_CHANGES = {
     "packed_slots": True,
     "mode": "graph",
     "transport": "nvlink",
+    "blocks_per_sm": 1,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -627,6 +628,23 @@ def test_nvlink_transport_name_and_parse():
     big = KernelConfig(GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4),
                        transport="nvlink")
     big.validate(DSV3_DECODE.replace(tokens_per_rank=4096))
+
+
+def test_blocks_per_sm_names_parses_and_bounds_the_grid():
+    from flashmoe_gen.persistent import persistent_grid
+
+    cfg = replace(KernelConfig(NVL_TILE, NVL_TILE, transport="nvlink"), blocks_per_sm=2)
+    assert cfg.name.endswith("__nvlink__b2") and KernelConfig.from_name(cfg.name) == cfg
+    cfg.validate(DSV3_DECODE)
+    assert KernelConfig.from_dict({k: v for k, v in cfg.to_dict().items()
+                                   if k != "blocks_per_sm"}).blocks_per_sm == 0  # older JSON
+    assert persistent_grid(3, 132, 0) == 3 * 132 and persistent_grid(3, 132, 2) == 2 * 132
+    assert persistent_grid(1, 132, 4) == 132  # never more than fit: all resident
+    for bad, text in ((3, "choose one of"), (True, "choose one of")):
+        with pytest.raises(ConfigError, match=text):
+            replace(cfg, blocks_per_sm=bad).validate(DSV3_DECODE)
+    with pytest.raises(ConfigError, match="only transport 'nvlink'"):
+        replace(KernelConfig.default(DSV3_DECODE), blocks_per_sm=1).validate(DSV3_DECODE)
 
 
 def test_persistent_default_picks_tiles_by_rows_per_expert():

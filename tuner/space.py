@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from flashmoe_gen.arch import DeviceLimits, limits_for
 from flashmoe_gen.config import (
+    BLOCKS_PER_SM_CHOICES,
     CHUNK_RANGE,
     COMM_STREAM_CHOICES,
     MODE_CHOICES,
@@ -79,6 +80,7 @@ FULL = {
     "streams": _within(COMM_STREAM_CHOICES, 1, 2), "shared_stream": (True, False),
     "fuse": (False, True), "packed": (True, False), "mode": MODE_CHOICES,
     "transport": ("nccl",),  # for_problem(transports=...) adds "nvlink"
+    "blocks": (0,),  # the persistent kernel's blocks per SM: nvlink adds its choices
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -91,7 +93,7 @@ SMALL = {
     "dn_s": _within(STAGE_RANGE, 3, 4), "dn_mma": _SYNC,
     "router": _within(ROUTER_CHOICES, 8, 8), "chunks": _within(CHUNK_RANGE, 1, 1),
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
-    "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",),
+    "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -111,6 +113,8 @@ SPACES = {"full": FULL, "small": SMALL, "steep": STEEP}
 #: mode only.
 NVLINK_FORCED = {"router": PERSISTENT_THREADS // 32, "chunks": 1, "streams": 1,
                  "packed": False}
+#: Knobs of the persistent kernel alone: nccl configs take the first value.
+NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES}
 
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
@@ -127,9 +131,9 @@ class SearchSpace:
     problem: MoEProblem
     limits: DeviceLimits
     choices: dict[str, tuple] = field(default_factory=lambda: dict(FULL))
-    #: Values in ``choices`` only because nvlink's schedule is forced to them (not searched
-    #: for nccl).
-    nvlink_only: dict[str, object] = field(default_factory=dict)
+    #: Values in ``choices`` only for transport nvlink (its forced schedule, its own knobs):
+    #: not searched for nccl.
+    nvlink_only: dict[str, tuple] = field(default_factory=dict)
     _memo: dict = field(default_factory=dict, compare=False, repr=False)  # valid tiles
 
     @classmethod
@@ -147,11 +151,13 @@ class SearchSpace:
             raise ConfigError("transports", transports,
                               f"one or more of {list(TRANSPORT_CHOICES)}")
         choices = dict(SPACES[size]) | {"transport": tuple(transports)}
-        nvlink_only = {}
-        if "nvlink" in transports:  # the values its schedule knobs are forced to
-            for k, v in NVLINK_FORCED.items():
-                if v not in choices[k]:
-                    choices[k], nvlink_only[k] = (*choices[k], v), v
+        nvlink_only: dict[str, tuple] = {}
+        if "nvlink" in transports:  # the values its schedule knobs are forced to, its knobs
+            wanted = {k: (v,) for k, v in NVLINK_FORCED.items()} | NVLINK_KNOBS
+            for k, values in wanted.items():
+                extra = tuple(v for v in values if v not in choices[k])
+                if extra:
+                    choices[k], nvlink_only[k] = (*choices[k], *extra), extra
         if problem.world_size == 1:  # nothing to chunk, stream or fuse across peers
             choices["chunks"], choices["streams"], choices["fuse"] = (1,), (1,), (False,)
             choices["packed"] = (False,)  # no sends: where rows sit in a slot is moot
@@ -180,13 +186,14 @@ class SearchSpace:
                             params["streams"], params["shared_stream"],
                             fuse_sources=params.get("fuse", False),
                             packed_slots=params.get("packed", False),
-                            mode=params.get("mode", "host"), transport=transport)
+                            mode=params.get("mode", "host"), transport=transport,
+                            blocks_per_sm=params.get("blocks", 0))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
         config has one parameter set (a repeat is seen as one)."""
         if params.get("transport") != "nvlink":
-            return params
+            return params | {k: v[0] for k, v in NVLINK_KNOBS.items() if k in params}
         return params | NVLINK_FORCED
 
     @staticmethod
@@ -199,7 +206,7 @@ class SearchSpace:
         return p | {"router": cfg.router_tokens_per_block, "chunks": cfg.chunks_per_peer,
                     "streams": cfg.comm_streams, "shared_stream": cfg.shared_stream,
                     "fuse": cfg.fuse_sources, "packed": cfg.packed_slots, "mode": cfg.mode,
-                    "transport": cfg.transport}
+                    "transport": cfg.transport, "blocks": cfg.blocks_per_sm}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
@@ -208,9 +215,9 @@ class SearchSpace:
     def check(self, params: dict) -> str | None:
         """None when valid, else the reason (names the knob and the limit)."""
         if params.get("transport", "nccl") != "nvlink":
-            for k, v in self.nvlink_only.items():
-                if params.get(k) == v:
-                    return f"{k}={v!r} is in this space for transport nvlink only"
+            for k, values in self.nvlink_only.items():
+                if params.get(k) in values:
+                    return f"{k}={params[k]!r} is in this space for transport nvlink only"
         try:
             self.config_from_params(params).validate(self.problem, self.limits)
         except ConfigError as e:
@@ -253,8 +260,8 @@ class SearchSpace:
         valid tile at all (the space holds no valid config)."""
         out = dict(params)
         if out.get("transport", "nccl") != "nvlink":  # values nccl does not search
-            out |= {k: next(c for c in self.choices[k] if c != v)
-                    for k, v in self.nvlink_only.items() if out.get(k) == v}
+            out |= {k: next(c for c in self.choices[k] if c not in values)
+                    for k, values in self.nvlink_only.items() if out.get(k) in values}
         for prefix, which in (("gu", "gate_up"), ("dn", "down")):
             tiles = self._valid_tiles(prefix, which)
             if not tiles:
