@@ -103,13 +103,16 @@ def run(p: MoEProblem, cfg: KernelConfig, w: MoEWeights, xs: list[np.ndarray]):
     for me in range(P):  # tasks, in queue order (their dependencies hold in this order)
         layout, act, my_counts = Ptr(heaps[me]), Ptr(acts[me]), Ptr(heap_counts[me])
         peers = [Ptr(h) for h in heaps]
-        if cfg.fuse_sources:  # mirrored from the template's FUSED branch
+        if cfg.fuse_sources:  # mirrored from the template's fused branch
             a_outer = slot_row(1, 0, 1, 0) - slot_row(0, 0, 1, 0)
             act_outer = el * cap * I
-            for r in range(el * (ngu + ndn)):
-                gate_up = r < el * ngu
-                e = r // ngu if gate_up else (r - el * ngu) // ndn
-                n = r % ngu if gate_up else (r - el * ngu) % ndn
+            active = [e for e in range(el) if sum(heap_counts[me][s * el + e]
+                                                  for s in range(P)) > 0]
+            na = len(active)
+            for r in range(na * (ngu + ndn)):
+                gate_up = r < na * ngu
+                e = active[r // ngu if gate_up else (r - na * ngu) // ndn]
+                n = r % ngu if gate_up else (r - na * ngu) % ndn
                 act_e = act + e * cap * I
                 if gate_up:
                     ws_gemm(True, cfg.gate_up.bn, n, 0, layout + slot_row(0, 0, 1, e * cap), 0,
@@ -158,14 +161,16 @@ TILE = GemmTile(32, 128, 64, 8, 1, 4, "ws")  # two n-tiles of each GEMM below
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["per_source", "fused"])
-@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["exact", "capped"])
-def test_persistent_data_flow_matches_the_reference(fused, capacity_factor):
-    p = MoEProblem(256, 256, 8, 2, world_size=4, tokens_per_rank=24,
+@pytest.mark.parametrize("capacity_factor,tokens", [(None, (24, 9, 0, 17)),
+                                                    (1.0, (24, 9, 0, 17)), (None, (1, 0, 2, 0))],
+                         ids=["exact", "capped", "decode_most_experts_idle"])
+def test_persistent_data_flow_matches_the_reference(fused, capacity_factor, tokens):
+    p = MoEProblem(256, 256, 16, 2, world_size=4, tokens_per_rank=24,
                    capacity_factor=capacity_factor)
     cfg = KernelConfig(TILE, TILE, router_tokens_per_block=8, transport="nvlink",
                        fuse_sources=fused)
     w = MoEWeights.random(p, 5)
-    xs = [random_tokens(t, p.hidden, seed=60 + r) for r, t in enumerate((24, 9, 0, 17))]
+    xs = [random_tokens(t, p.hidden, seed=60 + r) for r, t in enumerate(tokens)]
     outs, cap = run(p, cfg, w, xs)
     ref = moe_reference(p, xs, w, capacity=cap if capacity_factor else None)
     for r, (out, want) in enumerate(zip(outs, ref.out, strict=True)):
@@ -179,6 +184,11 @@ def test_the_template_passes_the_mirrored_arguments():
                        fuse_sources=True)
     code = " ".join(render(p, cfg).code.split())
     for text in (
+            "for (int s = 0; s < SOURCES; ++s) rows += my_counts[s * el + e]; "
+            "if (rows > 0) active[na++] = e;",
+            "const bool gate_up = r < n_active * NGU; const int e = active[gate_up ? r / NGU : "
+            "(r - n_active * NGU) / NDN]; const int n = gate_up ? r % NGU : "
+            "(r - n_active * NGU) % NDN;",
             "const long long a_outer = slot_row(1, 0, 1, 0, capacity) - slot_row(0, 0, 1, 0, "
             "capacity);",
             "const long long act_outer = static_cast<long long>(el) * capacity * INTERMEDIATE;",
