@@ -48,7 +48,10 @@ FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 ${MULTI_TIMEOUT:-300} $MPI -x FLASHMOE_CO
   -k "${MULTI_K:-weight_streaming or tma_kernel or nvlink or graph_mode_matches}" \
   --no-header -p no:cacheprovider > "$O/multigpu_ws.log" 2>&1
 echo "multigpu ws rc=$?"
-grep -hE "PASSED|FAILED|ERROR" "$O"/ranks/1/rank.0/stdout 2>/dev/null | tail -30
+# One file for all ranks (the device tool brings back a limited number of files).
+for r in 0 1 2 3; do echo "== rank $r"; tail -60 "$O/ranks/1/rank.$r/stdout" 2>/dev/null
+done > "$O/ranks_tail.txt"; rm -rf "$O/ranks"
+grep -E "== rank|PASSED|FAILED|ERROR|passed|failed" "$O/ranks_tail.txt" | tail -40
 fi
 if [ "$PART" = d ]; then  # after c: the watchdog fix, the exit of a 4-rank nvlink suite
 CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 120 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -v \
@@ -60,8 +63,9 @@ FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 120 $MPI -x FLASHMOE_COMM_TIMEOUT -np 4 \
   -o faulthandler_timeout=45 -k "${MULTI_K:-nvlink}" --no-header -p no:cacheprovider \
   > "$O/multigpu_nvlink.log" 2>&1
 echo "multigpu nvlink rc=$?"
-for r in 0 1 2 3; do cp "$O/ranks/1/rank.$r/stdout" "$O/rank$r.log" 2>/dev/null; done
-rm -rf "$O/ranks"; tail -5 "$O/rank0.log"
+for r in 0 1 2 3; do echo "== rank $r"; tail -60 "$O/ranks/1/rank.$r/stdout" 2>/dev/null
+done > "$O/ranks_tail.txt"; rm -rf "$O/ranks"
+grep -E "== rank|passed|failed|Timeout" "$O/ranks_tail.txt" | tail -12
 DECODE_TIMEOUT=${DECODE_TIMEOUT:-240} run_decode 4 "$COMMIT" --problems seed,dsv3 --nvlink \
   > "$O/decode_summary.txt" 2>&1
 fi
