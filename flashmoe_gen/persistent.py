@@ -19,7 +19,7 @@ import numpy as np
 from .errors import CommError, CommTimeout, ConfigError
 from .layout import SymmetricLayout
 from .signatures import PERSISTENT
-from .watchdog import allgather  # with the collectives' deadline
+from .watchdog import allgather, comm_timeout  # allgather: with the collectives' deadline
 
 #: The per-call arguments' positions in the persistent kernel's signature.
 _X, _TOKENS, _OUT = (PERSISTENT.names.index(n) for n in ("x", "tokens", "out"))
@@ -70,20 +70,14 @@ class PeerHeap:
         try:
             handle = runtime.ipcGetMemHandle(self.base)
             handles = allgather(comm.mpi, handle, "exchanging the IPC heap handles")
-            peers = []
-            for d, h in enumerate(handles):
-                if d == self.rank:
-                    peers.append(self.base)
-                    continue
-                ptr = runtime.ipcOpenMemHandle(h, runtime.cudaIpcMemLazyEnablePeerAccess)
-                self._opened.append(ptr)
-                peers.append(ptr)
-            self.peers = peers
-        except runtime.CUDARuntimeError as e:
+            opened = _open_peers(handles, self.rank)
+        except (runtime.CUDARuntimeError, CommError) as e:
             self.close()
             raise CommError(f"rank {self.rank}: transport 'nvlink' needs CUDA IPC between "
                             f"the ranks' GPUs (one node, peer access): {e}; use transport "
                             "'nccl'") from None
+        self._opened = list(opened.values())
+        self.peers = [opened.get(d, self.base) for d in range(len(handles))]
         comm.barrier()  # every heap is open before any kernel writes into one
 
     def close(self) -> None:
@@ -98,6 +92,24 @@ class PeerHeap:
         if self.base:
             runtime.free(self.base)
             self.base = 0
+
+
+def _open_peers(handles: list, rank: int) -> dict[int, int]:
+    """Every other rank's memory from its IPC handle, by rank. On an error the ones opened
+    are closed again and a CommError names the rank whose memory could not be opened."""
+    from cupy.cuda import runtime
+
+    opened: dict[int, int] = {}
+    for d, h in enumerate(handles):
+        if d == rank:
+            continue
+        try:
+            opened[d] = runtime.ipcOpenMemHandle(h, runtime.cudaIpcMemLazyEnablePeerAccess)
+        except runtime.CUDARuntimeError as e:
+            for ptr in opened.values():
+                runtime.ipcCloseMemHandle(ptr)
+            raise CommError(f"rank {rank} cannot open rank {d}'s memory: {e}") from None
+    return opened
 
 
 def persistent_grid(per_sm: int, sms: int, blocks_per_sm: int) -> int:
@@ -117,24 +129,20 @@ def probe_ipc(comm) -> str | None:
     hosts = allgather(comm.mpi, socket.gethostname(), "comparing the ranks' hosts")
     if len(set(hosts)) > 1:
         return f"the ranks span {len(set(hosts))} nodes (CUDA IPC works within one)"
-    err, handle, opened, base = None, None, [], 0
+    err, handle, opened, base = None, None, {}, 0
     try:
         base = runtime.malloc(ALIGN)
         handle = runtime.ipcGetMemHandle(base)
     except runtime.CUDARuntimeError as e:
         err = f"rank {comm.rank}: cudaIpcGetMemHandle: {e}"
     handles = allgather(comm.mpi, handle, "exchanging the IPC probe handles")
-    if err is None:
-        for d, h in enumerate(handles):
-            if d == comm.rank or h is None:
-                continue
-            try:
-                opened.append(runtime.ipcOpenMemHandle(h, runtime.cudaIpcMemLazyEnablePeerAccess))
-            except runtime.CUDARuntimeError as e:
-                err = f"rank {comm.rank} cannot open rank {d}'s memory: {e}"
-                break
+    if err is None and None not in handles:  # a rank without a handle says why itself
+        try:
+            opened = _open_peers(handles, comm.rank)
+        except CommError as e:
+            err = str(e)
     errs = allgather(comm.mpi, err, "comparing the IPC probe results")
-    for ptr in opened:
+    for ptr in opened.values():
         runtime.ipcCloseMemHandle(ptr)
     if base:
         runtime.free(base)
@@ -163,7 +171,6 @@ class PersistentForward:
         self._status_host = runtime.hostAlloc(4, runtime.hostAllocMapped)
         _int_at(self._status_host)[0] = -1  # no stall
         self.status_dev = self._status_host
-        dev = cupy.cuda.Device()
         func = layer.module[layer.kernels.persistent]
         smem = layer.compiled.dynamic_smem[layer.kernels.persistent]
         per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
@@ -173,16 +180,14 @@ class PersistentForward:
                               f"SM ({smem} B of shared memory, {cfg.gate_up.threads} threads): "
                               "smaller tiles or fewer stages", cfg.name)
         # Every block resident: the kernel's grid barriers and spins rely on it.
-        self.grid = persistent_grid(per_sm, dev.attributes["MultiProcessorCount"],
-                                    cfg.blocks_per_sm)
-        from .watchdog import comm_timeout
-
+        self.grid = persistent_grid(per_sm, layer._sms, cfg.blocks_per_sm)  # read at build
         self._launch = None  # (kernel, grid, block, shared memory), packed on first use
         self._static: list = []
         self.stats = None  # cupy [grid][2] uint64 once enable_stats() was called
         timeout = layer.comm.timeout_s if layer.comm is not None else comm_timeout()
         # kHz -> cycles; CUDA 13 may not report the clock: 2 GHz bounds every current part.
-        self.spin_limit = int(timeout * dev.attributes.get("ClockRate", 2_000_000) * 1e3)
+        clock_khz = cupy.cuda.Device().attributes.get("ClockRate", 2_000_000)
+        self.spin_limit = int(timeout * clock_khz * 1e3)
 
     def arguments(self, x, tokens: int, out) -> dict:
         """The kernel's arguments by name (``signatures.PERSISTENT``)."""
