@@ -54,11 +54,9 @@ class GpuBackend:
         where every rank opens every peer's memory (one node, CUDA IPC)."""
         if requested == "nccl":
             return ("nccl",)
-        if comm is None:  # one rank: the persistent kernel without peers
-            return ("nccl", "nvlink") if requested == "auto" else ("nvlink",)
         from flashmoe_gen.persistent import probe_ipc
 
-        reason = probe_ipc(comm)
+        reason = None if comm is None else probe_ipc(comm)  # one rank: no peers to open
         if reason is None:
             return ("nccl", "nvlink") if requested == "auto" else ("nvlink",)
         if requested == "nvlink":
