@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# A 2-GPU device session's checks (nvidia-h100-x2, carry .whl) of work that so far ran only
+# on the CPU: the router's split-H, the `_tma` default, fused sources with this rank's
+# tokens and one NCCL group per stream, fused nvlink tasks over active experts, graph release
+# at close, SM busy. Logs under $OUT, summaries last; each part fits one call.
+#   1: one-GPU kernel tests (GPU 0) beside routing/graph tests (GPU 1) and the 2-GPU nvlink
+#      tests, then the 2-rank ws/tma/nvlink/graph/overlap-knob tests (~560 s)
+#   2: the 2-rank decode table with nvlink (seed, DeepSeek-V3-like), then the GEMM bench (~540 s)
+# Usage: bash bench/device_x2.sh COMMIT 1|2
+set -u
+COMMIT=${1:-unknown}; PART=${2:-1}
+source bench/device_setup.sh
+O=${OUT:-/tmp/out}; mkdir -p "$O"
+MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
+source bench/device_lib.sh
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$O/cards.txt"
+summary() {  # LOG...: pytest's last lines, or its progress marks when cut short
+  for f in "$@"; do
+    echo "== $(basename "$f"): $(tr -cd '.' < "$f" | wc -c) pass marks, $(tr -cd 'F' < "$f" | wc -c) F"
+    grep -E "passed|failed|FAILED|ERROR|Error" "$f" | tail -8
+  done
+}
+if [ "$PART" = 1 ]; then
+  T=${LANE_TIMEOUT:-270}
+  (CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$T" python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+     -q --no-header -p no:cacheprovider -rs > "$O/gpu_kernels.log" 2>&1) &
+  (CUDA_VISIBLE_DEVICES=1 timeout -k 10 "$T" python3 -m pytest -m gpu tests/test_gpu_routing.py \
+     tests/test_gpu_graph.py -q --no-header -p no:cacheprovider -rs > "$O/gpu_rest.log" 2>&1) &
+  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -v \
+    --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1
+  wait
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 "${MULTI_TIMEOUT:-260}" $MPI -x FLASHMOE_COMM_TIMEOUT \
+    -np 2 --output-filename "$O/ranks" python3 -m pytest -m multigpu tests/test_multigpu.py -v \
+    -k "${MULTI_K:-weight_streaming or tma_kernel or nvlink or graph_mode_matches or overlap_knobs}" \
+    --no-header -p no:cacheprovider > "$O/multigpu.log" 2>&1
+  echo "multigpu 2 ranks rc=$?"
+  # One file for both ranks (the device tool brings back a limited number of files).
+  for r in 0 1; do echo "== rank $r"; tail -80 "$O/ranks/1/rank.$r/stdout" 2>/dev/null
+  done > "$O/ranks_tail.txt"; rm -rf "$O/ranks"
+  summary "$O/gpu_kernels.log" "$O/gpu_rest.log" "$O/gpu_nvlink.log"
+  grep -E "== rank|FAILED|ERROR|passed|failed" "$O/ranks_tail.txt" | tail -30
+fi
+if [ "$PART" = 2 ]; then
+  DECODE_TIMEOUT=${DECODE_TIMEOUT:-330} run_decode 2 "$COMMIT" --problems seed,dsv3 --nvlink \
+    > "$O/decode.txt" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 180 python3 bench/gemm_bench.py --commit "$COMMIT" \
+    --cases dsv3_decode_r16,mixtral_t4096,dsv2lite_t4096 \
+    --out "$O/gemm.md" --json "$O/gemm.json" > "$O/gemm.log" 2>&1
+  echo "gemm bench rc=$?"; cat "$O/gemm.md" 2>/dev/null | tail -8
+  tail -30 "$O/decode.txt"
+fi
+true
