@@ -21,7 +21,7 @@ def emulate(x: np.ndarray, wg: np.ndarray, warps: int, block: int) -> np.ndarray
     s_logit = np.zeros(warps * experts)
     t0 = block * warps
     nt = min(warps, tokens - t0)
-    for warp in range(warps):
+    for warp in range(warps):  # the kernel's warps add their sums in this order (deterministic)
         # a[lane][k][v][i] for every lane, then the shuffle sum over the hidden lanes
         for tb in range(0, nt, tb_size):
             a = np.zeros((32, tb_size, per_lane, 8))
@@ -92,9 +92,9 @@ def test_the_template_runs_the_emulated_loops():
     for line in ("for (int h = warp * V_LANES_H + vh; h < HIDDEN; h += ROUTER_WARPS * V_LANES_H)",
                  "const uint4 w = wrow[ve + v * V_LANES_E];",
                  "for (int off = V_LANES_E; off < 32; off <<= 1)",
-                 "if (vh == 0)",
-                 "atomicAdd(&s_logit[(tb + k) * EXPERTS + (ve + v * V_LANES_E) * 8 + i], "
-                 "a[k][v][i]);",
+                 "for (int w = 0; w < ROUTER_WARPS; ++w) {",  # warps add in order 0, 1, ...
+                 "if (warp == w && vh == 0)",
+                 "s_logit[(tb + k) * EXPERTS + (ve + v * V_LANES_E) * 8 + i] += a[k][v][i];",
                  "constexpr int V_LANES_E = 32;", "constexpr int R_TB = 8;"):
         assert line in code, line
     odd = MoEProblem(1024, 512, 60, 4, world_size=4, tokens_per_rank=64)
