@@ -44,6 +44,8 @@ fi
 if [ "$PART" = 2 ]; then
   # Part 1 on 2 x H200 (24cc9a6): graph mode with expert slots did not finish in 2 ranks;
   # Python stacks of every thread after 45 s, a log per rank.
+  (CUDA_VISIBLE_DEVICES=0 timeout -k 10 100 python3 -m pytest -m gpu tests/test_gpu_routing.py \
+     -k "from_arrays or check_layer" -q --no-header -p no:cacheprovider > "$O/gpu_routing.log" 2>&1) &
   FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 110 $MPI -x FLASHMOE_COMM_TIMEOUT -x NCCL_DEBUG=WARN \
     -np 2 --output-filename "$O/ranks" python3 -m pytest -m multigpu tests/test_multigpu.py -v \
     -o faulthandler_timeout=45 -k "graph_mode_matches_reference and (expert_slots or serialized)" \
@@ -51,7 +53,8 @@ if [ "$PART" = 2 ]; then
   echo "multigpu diag rc=$?"
   for r in 0 1; do echo "== rank $r"; tail -120 "$O/ranks/1/rank.$r/stdout" 2>/dev/null
   done > "$O/ranks_diag.txt"; rm -rf "$O/ranks"
-  grep -E "== rank|PASSED|FAILED|passed|failed|Timeout" "$O/ranks_diag.txt" | tail -12
+  wait; grep -E "== rank|PASSED|FAILED|passed|failed|Timeout" "$O/ranks_diag.txt" | tail -12
+  tail -3 "$O/gpu_routing.log"
   DECODE_TIMEOUT=${DECODE_TIMEOUT:-300} run_decode 2 "$COMMIT" --problems seed,dsv3 --nvlink \
     > "$O/decode.txt" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 180 python3 bench/gemm_bench.py --commit "$COMMIT" \
