@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overlap import floor_note, peak_bytes  # noqa: E402
 from report import emit, md_table  # noqa: E402
 
 SHAPES = {
@@ -194,6 +195,7 @@ def measure(key: str, p, dw, comm, a) -> dict:
             busy = allgather(comm.mpi, layer._persistent.measure_sm_busy(x), "SM busy")
             row["sm_busy_nvlink"] = round(float(np.mean(busy)), 3)
     row["floor_ms"] = round(floor_for(p, TorchEP(ours["host"]), xt, comm), 4)
+    row["floor_tbs"] = peak_bytes() / 1e12
     if "ours_graph_ms" in row:
         row["graph_over_floor"] = round(row["ours_graph_ms"] / row["floor_ms"], 2)
     return row
@@ -298,7 +300,7 @@ def report(rows: list[dict], a) -> None:
             "fixed-size all_to_all_single, graph-captured; checked against torch_sync, < 1e-2); "
             "torch_ep = the faster of the two; speedup = torch_ep / ours (> 1: ours faster). "
             "host_us: wall time of our Python call (GPU idle at its start, median of "
-            f"{r0.get('host_iters')}). floor = per-rank max(FLOPs/790 TFLOP/s, bytes/3.0 TB/s) "
+            f"{r0.get('host_iters')}). floor = per-rank {floor_note(r0.get('floor_tbs'))} "
             "counting only the local experts this call's routing uses.\n\n")
     table = md_table(COLS, [["—" if r.get(c) is None else r[c] for c in COLS] for r in rows])
     notes = "".join(f"- {r['shape']} T={r['tokens']}: {r['note']}\n" for r in rows

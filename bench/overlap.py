@@ -24,8 +24,27 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, md_table  # noqa: E402
 
-#: Measured ceilings of this workplace's H100s (docs/results.md, "Anchors").
-PEAK_FLOPS, PEAK_BYTES = 790e12, 3.0e12
+#: Measured ceilings of this workplace's cards (docs/results.md, "Anchors"): bf16 matrix
+#: product (both cards, same SMs) and device copy bandwidth per card; other cards: H100's.
+PEAK_FLOPS = 790e12
+PEAK_BYTES = {"H100": 3.0e12, "H200": 4.3e12}
+
+
+def peak_bytes() -> float:
+    """The copy bandwidth of the current CUDA device (H100's where unknown or no GPU)."""
+    try:
+        import cupy
+
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+    except Exception:  # no GPU, no CuPy: the CPU tests of this module
+        return PEAK_BYTES["H100"]
+    return next((bw for card, bw in PEAK_BYTES.items() if card in name), PEAK_BYTES["H100"])
+
+
+def floor_note(tbs: float | None) -> str:
+    """The floor's definition with the bandwidth a row recorded (older rows: H100's)."""
+    tbs = PEAK_BYTES["H100"] / 1e12 if tbs is None else tbs
+    return f"max(FLOPs/{PEAK_FLOPS / 1e12:.0f} TFLOP/s, bytes/{tbs:.1f} TB/s)"
 
 PROBLEMS = {
     "seed": dict(hidden=512, intermediate=2048, experts=8, top_k=2, shared_experts=1,
@@ -50,7 +69,7 @@ def floor_ms(p, experts_used: int | None = None) -> float:
     weights = (3 * used * p.hidden * p.intermediate
                + 3 * p.hidden * p.shared_width + p.hidden * p.experts) * 2
     tokens = 2 * p.tokens_per_rank * p.hidden * 2
-    return max(flops / PEAK_FLOPS, (weights + tokens) / PEAK_BYTES) * 1e3
+    return max(flops / PEAK_FLOPS, (weights + tokens) / peak_bytes()) * 1e3
 
 
 def measure(p, comm, a) -> dict:
@@ -102,7 +121,8 @@ def measure(p, comm, a) -> dict:
     return dict(problem=p.name, config=cfg.name, **{k: round(v, 4) for k, v in ms.items()},
                 overlap_eff=round(eff, 3), **base, **graph,
                 vs_torch=round(ms["a_layer"] / base["torch_ep_ms"], 3),
-                floor_ms=round(floor_ms(p), 4), over_floor=round(ms["a_layer"] / floor_ms(p), 2),
+                floor_ms=round(floor_ms(p), 4), floor_tbs=peak_bytes() / 1e12,
+                over_floor=round(ms["a_layer"] / floor_ms(p), 2),
                 agree_torch=float(f"{agree:.2e}"),
                 p20_p80=(round(t["a_layer"].p20_ms, 4), round(t["a_layer"].p80_ms, 4)))
 
@@ -166,7 +186,7 @@ def main() -> int:
                 "sizes on the host, torch_graph is padded fixed-size and graph-captured; "
                 "torch_ep = the faster of the two (torch_ep_is names it); vs torch = ours / "
                 "torch_ep (< 1: ours faster); floor = per-rank "
-                "max(FLOPs/790 TFLOP/s, bytes/3.0 TB/s); agree = rel. diff ours vs torch "
+                f"{floor_note(rows[0].get('floor_tbs'))}; agree = rel. diff ours vs torch "
                 "(agree_baselines: graph vs sync baseline, asserted < 1e-2).\n\n")
         cols = ["problem", "a_layer", "a_graph", "a_expert_slots", "b_serial", "c_comm",
                 "d_compute", "overlap_eff", "torch_sync_ms", "torch_graph_ms", "torch_ep_ms",

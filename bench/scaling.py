@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overlap import floor_note, peak_bytes  # noqa: E402
 from report import md_table  # noqa: E402
 
 EXPERTS = (8, 32, 64, 128)
@@ -118,6 +119,7 @@ def measure_all(a) -> list[dict]:
             k = comm.mpi.bcast(k, root=0)
             row = dict(card=card, gpus=P, experts=e, tokens_per_gpu=t, config=k.config.name,
                        config_source=k.provenance, floor_ms=round(floor_ms(p), 4),
+                       floor_tbs=peak_bytes() / 1e12,
                        **measure_one(p, k.config, comm, a))
             rows.append(row)
             if rank == 0:
@@ -197,7 +199,7 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
           "counts, one CUDA graph). PyTorch EP baselines: torch_sync (split sizes read on "
           "the host), torch_graph (padded fixed-size transfers, graph-captured); torch_ep = "
           "the faster of the two. speedup = torch_ep / ours (> 1: ours faster). floor = "
-          "per-rank max(FLOPs/790 TFLOP/s, bytes/3.0 TB/s). agree = rel. diff ours vs "
+          f"per-rank {floor_note(rows[0].get('floor_tbs'))}. agree = rel. diff ours vs "
           "torch_sync; agree_baselines = torch_graph vs torch_sync. ours_nvlink (with "
           "--nvlink): transport nvlink, one persistent kernel per forward; sm_busy_nvlink: "
           "its blocks' cycles in GEMM tiles / all their cycles (mean over ranks).", ""]
