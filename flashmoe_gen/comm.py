@@ -9,7 +9,6 @@ sharing one communicator could interleave differently on different ranks and dea
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 import weakref
@@ -183,7 +182,11 @@ class Communicator:
         # communicator's kernels (seen on 2 and 4 x H200: a run that kept a graph-mode layer
         # alive past close() hung at exit); layers in reference cycles die only at a collect.
         if self.nccl:
-            gc.collect()
+            from .persistent import release_pending
+
+            # Collects (layers in reference cycles die only then) and frees collected nvlink
+            # heaps; not a collective: a rank may close alone on an error.
+            release_pending(self, collective=False)
             for cache in list(self._graph_caches):
                 cache.release()
             self.device.synchronize()

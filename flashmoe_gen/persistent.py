@@ -53,6 +53,35 @@ class HeapLayout:
         return self.flags_off + _align(2 * self.layout.world_size * 8)
 
 
+#: Heaps of collected multi-rank layers, released where every rank is (release_pending).
+_PENDING: list[_Resources] = []
+
+
+def release_pending(comm, collective: bool = True) -> None:
+    """Free the heaps of the multi-rank layers collected so far.
+
+    A collected layer's heap is not freed at the collection: cudaFree and cudaFreeHost wait
+    for the whole device, and a collection can fall inside another layer's forward, where
+    this rank's device waits on an NCCL transfer its peer issues only after this rank's host
+    moves on (a known NCCL hang; a 2-rank pytest run stopped in graph mode after the nvlink
+    tests). Collective (a new layer's heap): every rank collects, all are past issuing their
+    earlier GPU work, close the peers' heaps, and only then free their own. Not collective
+    (``Communicator.close``, which a rank may reach alone on an error): this rank's only.
+    """
+    import gc
+
+    gc.collect()
+    if collective:
+        comm.barrier()
+    pending, _PENDING[:] = list(_PENDING), []
+    for res in pending:
+        res.heap.close_imports()
+    if collective:
+        comm.barrier()
+    for res in pending:
+        res.close()
+
+
 class PeerHeap:
     """This rank's heap and every peer's, opened through CUDA IPC (collective)."""
 
@@ -60,6 +89,9 @@ class PeerHeap:
         from cupy.cuda import runtime
 
         self.nbytes, self.rank = nbytes, comm.rank if comm is not None else 0
+        self.shared = comm is not None
+        if comm is not None:
+            release_pending(comm)
         self.base = runtime.malloc(nbytes)  # its own allocation: IPC exports whole ones
         runtime.memset(self.base, 0, nbytes)  # flags start below every epoch
         runtime.deviceSynchronize()
@@ -80,7 +112,8 @@ class PeerHeap:
         self.peers = [opened.get(d, self.base) for d in range(len(handles))]
         comm.barrier()  # every heap is open before any kernel writes into one
 
-    def close(self) -> None:
+    def close_imports(self) -> None:
+        """Close the peers' heaps this rank opened."""
         from cupy.cuda import runtime
 
         for ptr in self._opened:
@@ -89,6 +122,11 @@ class PeerHeap:
             except runtime.CUDARuntimeError:
                 pass
         self._opened = []
+
+    def close(self) -> None:
+        from cupy.cuda import runtime
+
+        self.close_imports()
         if self.base:
             runtime.free(self.base)
             self.base = 0
@@ -271,6 +309,14 @@ class PersistentForward:
 class _Resources:
     def __init__(self, heap: PeerHeap, status_host: int):
         self.heap, self.status_host = heap, status_host
+
+    def collected(self) -> None:
+        """The layer's finalizer: a one-rank heap goes now, a shared one waits for
+        release_pending (freeing it here could hang the ranks, see there)."""
+        if self.heap.shared:
+            _PENDING.append(self)
+        else:
+            self.close()
 
     def close(self) -> None:
         from cupy.cuda import runtime

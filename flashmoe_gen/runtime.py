@@ -253,8 +253,8 @@ class FlashMoE:
         self.capacity = self.fixed.capacity
         self._persistent = PersistentForward(self, self.fixed.capacity)
         # The IPC heap and the status word go with the layer (the callback holds no
-        # reference back to it).
-        weakref.finalize(self, self._persistent.resources().close)
+        # reference back to it; a shared heap is freed at the next collective point).
+        weakref.finalize(self, self._persistent.resources().collected)
         if graphs and self.config.mode == "graph":
             self._graph_cache = GraphCache(self, p.tokens_per_rank)
 

@@ -93,3 +93,40 @@ def test_sm_busy_is_the_gemm_share_of_all_block_cycles():
     per_block = np.array([[30, 100], [90, 100], [0, 0]], np.uint64)  # busy, total cycles
     pf.stats = types.SimpleNamespace(get=lambda: per_block)
     assert pf.sm_busy() == pytest.approx(120 / 200)
+
+
+def test_collected_shared_heaps_wait_for_a_point_every_rank_reaches():
+    """A multi-rank layer's heap is not freed when the layer is collected (cudaFree waits for
+    the device, which may wait on a peer's NCCL transfer): release_pending frees it, closing
+    every rank's view of the peers' heaps before any rank frees its own."""
+    from flashmoe_gen import persistent
+    from flashmoe_gen.persistent import _PENDING, _Resources, release_pending
+
+    log = []
+
+    class Heap:
+        def __init__(self, name, shared):
+            self.name, self.shared = name, shared
+
+        def close_imports(self):
+            log.append(("close_imports", self.name))
+
+        def close(self):
+            log.append(("free", self.name))
+
+    comm = types.SimpleNamespace(barrier=lambda: log.append(("barrier",)))
+    assert _PENDING == []
+    _Resources(Heap("one_rank", False), 0).collected()
+    assert log == [("free", "one_rank")]  # no peer: freed at once
+    log.clear()
+    for name in ("a", "b"):
+        _Resources(Heap(name, True), 0).collected()
+    assert log == [] and len(persistent._PENDING) == 2
+    release_pending(comm)
+    assert log == [("barrier",), ("close_imports", "a"), ("close_imports", "b"), ("barrier",),
+                   ("free", "a"), ("free", "b")]
+    assert persistent._PENDING == []
+    log.clear()
+    _Resources(Heap("c", True), 0).collected()
+    release_pending(comm, collective=False)  # Communicator.close: no barrier
+    assert log == [("close_imports", "c"), ("free", "c")]
