@@ -7,7 +7,8 @@
 #      tests, then the 2-rank ws/tma/nvlink/graph/overlap-knob tests (~560 s)
 #   2: graph mode with expert slots on 2 ranks with stack dumps, the 2-rank decode table with
 #      nvlink (seed, DeepSeek-V3-like), then the GEMM bench (~540 s)
-# Usage: bash bench/device_x2.sh COMMIT 1|2
+#   m: part 1's 2-GPU nvlink and 2-rank tests alone (~330 s)
+# Usage: bash bench/device_x2.sh COMMIT 1|2|m
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
@@ -21,12 +22,13 @@ summary() {  # LOG...: pytest's last lines, or its progress marks when cut short
     grep -E "passed|failed|FAILED|ERROR|Error" "$f" | tail -8
   done
 }
-if [ "$PART" = 1 ]; then
+if [ "$PART" = 1 ] || [ "$PART" = m ]; then  # m: the 2-rank tests alone
   T=${LANE_TIMEOUT:-270}
-  (CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$T" python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-     -q --no-header -p no:cacheprovider -rs > "$O/gpu_kernels.log" 2>&1) &
-  (CUDA_VISIBLE_DEVICES=1 timeout -k 10 "$T" python3 -m pytest -m gpu tests/test_gpu_routing.py \
-     tests/test_gpu_graph.py -q --no-header -p no:cacheprovider -rs > "$O/gpu_rest.log" 2>&1) &
+  [ "$PART" = 1 ] && (CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$T" python3 -m pytest -m gpu \
+     tests/test_gpu_kernels.py -q --no-header -p no:cacheprovider -rs > "$O/gpu_kernels.log" 2>&1) &
+  [ "$PART" = 1 ] && (CUDA_VISIBLE_DEVICES=1 timeout -k 10 "$T" python3 -m pytest -m gpu \
+     tests/test_gpu_routing.py tests/test_gpu_graph.py -q --no-header -p no:cacheprovider -rs \
+     > "$O/gpu_rest.log" 2>&1) &
   CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -v \
     --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1
   wait
@@ -38,7 +40,7 @@ if [ "$PART" = 1 ]; then
   # One file for both ranks (the device tool brings back a limited number of files).
   for r in 0 1; do echo "== rank $r"; tail -80 "$O/ranks/1/rank.$r/stdout" 2>/dev/null
   done > "$O/ranks_tail.txt"; rm -rf "$O/ranks"
-  summary "$O/gpu_kernels.log" "$O/gpu_rest.log" "$O/gpu_nvlink.log"
+  summary "$O"/gpu_*.log
   grep -E "== rank|FAILED|ERROR|passed|failed" "$O/ranks_tail.txt" | tail -30
 fi
 if [ "$PART" = 2 ]; then
