@@ -186,12 +186,18 @@ class KernelConfig:
             raise ConfigError("blocks_per_sm", self.blocks_per_sm, "only transport 'nvlink' "
                               "runs a persistent kernel: use 0", name)
 
+    @staticmethod
+    def persistent_takes(tile: GemmTile) -> bool:
+        """Whether transport "nvlink"'s persistent kernel can compute with ``tile``."""
+        return tile.mma in ("ws", "sync") and tile.warps_m * tile.warps_n == \
+            PERSISTENT_THREADS // 32
+
     def _validate_persistent(self, name: str) -> None:
         """Transport "nvlink" runs one persistent kernel whose blocks serve every phase."""
         warps = PERSISTENT_THREADS // 32
         for which in ("gate_up", "down"):
             t = getattr(self, which)
-            if t.mma not in ("ws", "sync") or t.warps_m * t.warps_n != warps:
+            if not self.persistent_takes(t):
                 raise ConfigError(f"{which}.mma", t.mma, f"transport 'nvlink' computes with "
                                   f"weight-streaming or mma.sync tiles of {warps} warps (e.g. "
                                   f"bm32_bn128_bk64_w{warps}x1_s4_ws for few rows per expert, "

@@ -423,6 +423,28 @@ def test_space_with_transport_nvlink():
         SearchSpace.for_problem(P2, "sm_90", "small", ("ib",))
 
 
+def test_nvlink_only_space_repairs_every_draw_to_a_persistent_config():
+    """`flashmoe-tune --transport nvlink`: with no nccl to fall back to, a draw whose tiles
+    the persistent kernel cannot take gets the nearest ones it can (on 2 x H200 such a draw,
+    sync tiles of 2 warps, ended the run with "no repair found")."""
+    import random
+
+    p = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=2, tokens_per_rank=1)
+    space = SearchSpace.for_problem(p, "sm_90", "full", ("nvlink",))
+    seen = {"gu_bm": 32, "gu_bn": 32, "gu_bk": 64, "gu_w": "1x2", "gu_s": 2, "gu_mma": "sync",
+            "dn_bm": 128, "dn_bn": 64, "dn_bk": 64, "dn_w": "2x4", "dn_s": 2, "dn_mma": "sync",
+            "router": 8, "chunks": 1, "streams": 1, "shared_stream": False, "fuse": False,
+            "packed": False, "mode": "host", "transport": "nvlink", "blocks": 0}
+    rng = random.Random(1)
+    draws = [seen] + [{k: rng.choice(v) for k, v in space.choices.items()} for _ in range(60)]
+    for d in draws:
+        fixed = space.repair(d)
+        assert space.check(fixed) is None and fixed["transport"] == "nvlink", d
+    fixed = space.repair(seen)  # gate/up: 8 warps now; down (8 warps, sync) was fine
+    wm, wn = (int(v) for v in fixed["gu_w"].split("x"))
+    assert wm * wn == 8 and all(fixed[k] == v for k, v in seen.items() if k.startswith("dn_"))
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "grid"])
 def test_study_chooses_between_transports(sampler):
     space = SearchSpace.for_problem(P2, "sm_90", "small", ("nccl", "nvlink"))

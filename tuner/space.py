@@ -271,11 +271,28 @@ class SearchSpace:
             if mine not in tiles:
                 out |= max(tiles, key=lambda t: sum(t[k] == mine.get(k) for k in t))
         out = self.canonical(out)
+        if self.check(out) is not None and out.get("transport") == "nvlink":
+            out = self._persistent_tiles(out, params)
         if self.check(out) is not None and out.get("transport") == "nvlink" \
                 and "nccl" in self.choices["transport"]:
-            return self.repair(out | {"transport": "nccl"})  # tiles nvlink cannot take
+            return self.repair(out | {"transport": "nccl"})  # no tile nvlink can take
         if (reason := self.check(out)) is not None:  # a constraint across the groups
             raise ConfigError("params", out, f"no repair found: {reason}")
+        return out
+
+    def _persistent_tiles(self, out: dict, params: dict) -> dict:
+        """``out`` with each tile group the nearest valid tile the persistent kernel takes
+        (weight-streaming ones where sources are fused); unchanged where a group has none."""
+        for prefix, which in (("gu", "gate_up"), ("dn", "down")):
+            tiles = [t for t in self._valid_tiles(prefix, which)
+                     if KernelConfig.persistent_takes(self._tile(t, prefix))]
+            if out.get("fuse"):
+                tiles = [t for t in tiles if t.get(f"{prefix}_mma") == "ws"] or tiles
+            mine = {k: v for k, v in params.items() if k.startswith(prefix + "_")}
+            if tiles and {k: out[k] for k in mine} not in tiles:
+                out = out | max(tiles, key=lambda t: sum(t[k] == mine.get(k) for k in t))
+        if self.check(out) is not None and out.get("fuse"):
+            out = out | {"fuse": False}  # fused sources need _ws on both GEMMs
         return out
 
     @property
