@@ -18,7 +18,7 @@ from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import KernelConfig, expert_chunks
 from .layout import SymmetricLayout
-from .persistent import ST_DEP, HeapLayout
+from .persistent import HeapLayout, state_words
 from .plan import fixed_slots
 from .plan_cpp import call_args, forward_lines
 from .problem import MoEProblem
@@ -172,7 +172,7 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
     return {"capacity": capacity, "threads": cfg.gate_up.threads, "smem": cfg.persistent_smem(),
             "blocks_per_sm": cfg.blocks_per_sm,
             "heap_bytes": heap.nbytes, "counts_off": heap.counts_off,
-            "flags_off": heap.flags_off, "state_words": ST_DEP + p.world_size * p.local_experts + 1,
+            "flags_off": heap.flags_off, "state_words": state_words(p, cfg),
             "timeout_s": repr(float(comm_timeout())), "kernel": layer.kernels.persistent,
             "args": args}
 

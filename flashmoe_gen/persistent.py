@@ -13,13 +13,19 @@ combine flag of this call (the kernel's own back-pressure).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import CommError, CommTimeout, ConfigError
 from .layout import SymmetricLayout
+from .render import router_scratch_words
 from .signatures import PERSISTENT
 from .watchdog import allgather, comm_timeout  # allgather: with the collectives' deadline
+
+if TYPE_CHECKING:
+    from .config import KernelConfig
+    from .problem import MoEProblem
 
 #: The per-call arguments' positions in the persistent kernel's signature.
 _X, _TOKENS, _OUT = (PERSISTENT.names.index(n) for n in ("x", "tokens", "out"))
@@ -27,6 +33,13 @@ _X, _TOKENS, _OUT = (PERSISTENT.names.index(n) for n in ("x", "tokens", "out"))
 ALIGN = 256
 #: state[] words of the kernel: ST_DEP + P * E_local + 1 (templates/persistent.cu.j2).
 ST_DEP = 4
+
+
+def state_words(problem: MoEProblem, config: KernelConfig) -> int:
+    """The persistent kernel's state buffer in uint64 words: its counters, then the router's
+    partial logits for up to ``problem.tokens_per_rank`` tokens (zeroed once)."""
+    return (ST_DEP + problem.world_size * problem.local_experts + 1
+            + router_scratch_words(problem, config.router_tokens_per_block))
 
 
 def _align(n: int) -> int:
@@ -202,7 +215,7 @@ class PersistentForward:
         self.peers = cupy.asarray(np.array(self.heap.peers, np.uint64))
         self.act = cupy.empty((p.world_size, p.local_experts, capacity, p.intermediate),
                               np.uint16)
-        self.state = cupy.zeros(ST_DEP + p.world_size * p.local_experts + 1, np.uint64)
+        self.state = cupy.zeros(state_words(p, cfg), np.uint64)
         self.counts = cupy.zeros(p.experts, np.int32)
         # The watchdog's status word: mapped host memory, which the kernel addresses by the
         # same pointer (unified virtual addressing), readable after a trap.

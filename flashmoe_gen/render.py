@@ -149,6 +149,35 @@ def router_split(experts: int, warps: int) -> dict[str, int | str] | None:
             "router_token_batch": max(1, min(warps, 64 // (8 * per_lane)))}
 
 
+#: The persistent kernel's router items to aim for, (token batch, hidden slice) pairs: about
+#: two per SM of an H100/H200, so a decode batch's gate-weight read is spread over the grid.
+ROUTER_ITEMS = 256
+#: Fewest hidden rows a slice keeps (enough loads in flight per block).
+ROUTER_SLICE_MIN_ROWS = 64
+
+
+def router_slices_max(hidden: int) -> int:
+    """Most slices the persistent kernel's router splits the hidden dimension into."""
+    return max(1, min(64, hidden // ROUTER_SLICE_MIN_ROWS))
+
+
+def router_slices(batches: int, hidden: int) -> int:
+    """Slices per token batch (templates/router.cu.j2 router_slices spells the same)."""
+    return max(1, min(router_slices_max(hidden), ROUTER_ITEMS // batches)) if batches else 1
+
+
+def router_scratch_words(problem: MoEProblem, warps: int) -> int:
+    """uint64 words after the persistent kernel's state for its router's partial logits
+    (float [slices][batches][warps][experts]) at up to ``problem.tokens_per_rank`` tokens;
+    0 where the router does not split the hidden dimension."""
+    if router_split(problem.experts, warps) is None:
+        return 0
+    batches = -(-problem.tokens_per_rank // warps)
+    items = max((router_slices(b, problem.hidden) * b for b in range(1, batches + 1)),
+                default=0)
+    return -(-items * warps * problem.experts // 2)
+
+
 def device_problem(problem: MoEProblem) -> MoEProblem:
     """The problem as the device code sees it: ``tokens_per_rank`` never reaches the kernels
     (a call passes its own count; capacities are planned on the host), so it is 0 here and
@@ -186,6 +215,8 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "shared_gate": CPP_BOOL[problem.shared_gate],
         "router_warps": config.router_tokens_per_block,
         "router_split_h": CPP_BOOL[split is not None],
+        "router_items": ROUTER_ITEMS,
+        "router_slices_max": router_slices_max(problem.hidden),
         **(split or {"router_vec_lanes_e": 0, "router_vec_per_lane": 0,
                      "router_token_batch": 0}),
         "router_lanes_e": lanes_e,

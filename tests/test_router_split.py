@@ -7,12 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashmoe_gen.render import router_split
+from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.render import ROUTER_ITEMS, router_slices, router_split
 
 
-def emulate(x: np.ndarray, wg: np.ndarray, warps: int, block: int) -> np.ndarray:
-    """Logits of block ``block``'s tokens as the split kernel computes them (fp64)."""
+def emulate(x: np.ndarray, wg: np.ndarray, warps: int, block: int, h0: int = 0,
+            h1: int | None = None) -> np.ndarray:
+    """Logits of block ``block``'s tokens over hidden rows [h0, h1) as split_logits computes
+    them (fp64)."""
     tokens, hidden = x.shape
+    h1 = hidden if h1 is None else h1
     experts = wg.shape[1]
     lay = router_split(experts, warps)
     lanes_e, per_lane, tb_size = (lay["router_vec_lanes_e"], lay["router_vec_per_lane"],
@@ -27,7 +31,7 @@ def emulate(x: np.ndarray, wg: np.ndarray, warps: int, block: int) -> np.ndarray
             a = np.zeros((32, tb_size, per_lane, 8))
             for lane in range(32):
                 ve, vh = lane % lanes_e, lane // lanes_e
-                for h in range(warp * lanes_h + vh, hidden, warps * lanes_h):
+                for h in range(h0 + warp * lanes_h + vh, h1, warps * lanes_h):
                     xv = [x[t0 + tb + k, h] if tb + k < nt else 0.0 for k in range(tb_size)]
                     for v in range(per_lane):
                         w8 = wg[h, 8 * (ve + v * lanes_e): 8 * (ve + v * lanes_e) + 8]
@@ -66,6 +70,63 @@ def test_split_logits_cover_every_product_once(experts, warps, hidden, tokens):
                                    rtol=1e-12, atol=1e-12)
 
 
+def emulate_sliced(x: np.ndarray, wg: np.ndarray, warps: int) -> np.ndarray:
+    """The persistent kernel's router phase: router_partial for every (batch, slice) item
+    into part[slice][batch][token][expert], then router_block's sum in slice order."""
+    tokens, hidden = x.shape
+    experts = wg.shape[1]
+    batches = -(-tokens // warps)
+    slices = router_slices(batches, hidden)
+    rows = -(-hidden // slices)  # router_slice_rows
+    part = np.full(slices * batches * warps * experts, np.nan)
+    for item in range(batches * slices):
+        b, s = item // slices, item % slices
+        got = emulate(x, wg, warps, b, s * rows, min(hidden, (s + 1) * rows))
+        base = (s * batches + b) * warps * experts
+        part[base: base + got.size] = got.ravel()
+    out = np.zeros((tokens, experts))
+    for t in range(tokens):
+        b, w = t // warps, t % warps
+        for s in range(slices):
+            base = ((s * batches + b) * warps + w) * experts
+            out[t] += part[base: base + experts]
+    return out, batches * slices
+
+
+@pytest.mark.parametrize("experts,warps,hidden,tokens", [
+    (256, 8, 200, 1), (256, 8, 136, 8), (64, 8, 96, 19), (16, 8, 64, 40), (8, 8, 72, 2)])
+def test_sliced_router_covers_every_product_once(experts, warps, hidden, tokens, monkeypatch):
+    """Hidden slices over the grid (few tokens): every x[t, h] wg[h, e] exactly once, the
+    partials within the state buffer's scratch."""
+    from flashmoe_gen import render
+
+    monkeypatch.setattr(render, "ROUTER_SLICE_MIN_ROWS", 8)  # several slices of small H
+    rng = np.random.default_rng(experts + hidden + tokens)
+    x = rng.standard_normal((tokens, hidden))
+    wg = rng.standard_normal((hidden, experts))
+    got, items = emulate_sliced(x, wg, warps)
+    np.testing.assert_allclose(got, x @ wg, rtol=1e-12, atol=1e-12)
+    assert router_slices(-(-tokens // warps), hidden) > 1 or tokens > 8 * warps
+    p = MoEProblem(hidden, 32, experts, 2, world_size=2, tokens_per_rank=tokens)
+    assert 2 * render.router_scratch_words(p, warps) >= items * warps * experts
+
+
+def test_slices_per_batch():
+    """Many slices while batches are few, one at large batch counts, none below 64 rows."""
+    assert router_slices(1, 7168) == 64 and router_slices(16, 7168) == 16
+    assert router_slices(300, 7168) == 1 and router_slices(0, 7168) == 1
+    assert router_slices(1, 512) == 8 and router_slices(1, 100) == 1
+    big = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=16384)
+    assert render_scratch(big, 8) == 2048 * 8 * 64 // 2  # one slice per batch: T x E floats
+    assert render_scratch(big.replace(experts=60), 8) == 0  # no split router: no scratch
+
+
+def render_scratch(p, warps):
+    from flashmoe_gen.render import router_scratch_words
+
+    return router_scratch_words(p, warps)
+
+
 def test_layouts_fit_the_hardware():
     for experts in (8, 16, 24, 40, 64, 128, 160, 256, 384, 512):
         for warps in (4, 8, 16):
@@ -89,7 +150,7 @@ def test_the_template_runs_the_emulated_loops():
 
     p = MoEProblem(7168, 2048, 256, 8, world_size=4, tokens_per_rank=128)
     code = render(p, KernelConfig.default(p)).code
-    for line in ("for (int h = warp * V_LANES_H + vh; h < HIDDEN; h += ROUTER_WARPS * V_LANES_H)",
+    for line in ("for (int h = h0 + warp * V_LANES_H + vh; h < h1; h += ROUTER_WARPS * V_LANES_H)",
                  "const uint4 w = wrow[ve + v * V_LANES_E];",
                  "for (int off = V_LANES_E; off < 32; off <<= 1)",
                  "for (int w = 0; w < ROUTER_WARPS; ++w) {",  # warps add in order 0, 1, ...
@@ -97,5 +158,23 @@ def test_the_template_runs_the_emulated_loops():
                  "s_logit[(tb + k) * EXPERTS + (ve + v * V_LANES_E) * 8 + i] += a[k][v][i];",
                  "constexpr int V_LANES_E = 32;", "constexpr int R_TB = 8;"):
         assert line in code, line
+    # The persistent kernel's slices (emulate_sliced), router.cu.j2 and persistent.cu.j2.
+    nvl = render(p, KernelConfig.persistent_default(p)).code
+    for line in ("return (HIDDEN + slices - 1) / slices;",
+                 "return batches > 0 ? max(1, min(R_SLICES_MAX, R_ITEMS / batches)) : 1;",
+                 f"constexpr int R_ITEMS = {ROUTER_ITEMS};", "constexpr int R_SLICES_MAX = 64;",
+                 "const int b = item / slices, s = item % slices, rows = "
+                 "router_slice_rows(slices);",
+                 "split_logits(b, s * rows, min(HIDDEN, (s + 1) * rows), x, wg, tokens);",
+                 "float* dst = part + (static_cast<long long>(s) * batches + b) * ROUTER_WARPS "
+                 "* EXPERTS;",
+                 "for (int s = 0; s < slices; ++s) {",
+                 "const float* row = part + ((static_cast<long long>(s) * batches + block) * "
+                 "ROUTER_WARPS + w) * EXPERTS;",
+                 "float* part = reinterpret_cast<float*>(state + ST_WORDS);",
+                 "for (int i = blockIdx.x; i < batches * slices; i += grid)",
+                 "router_partial(i, slices, x, wg, tokens, part);",
+                 "router_block(b, x, wg, bias, tokens, topk_idx, topk_w, part, slices);"):
+        assert line in nvl, line
     odd = MoEProblem(1024, 512, 60, 4, world_size=4, tokens_per_rank=64)
     assert "s_logit" not in render(odd, KernelConfig.default(odd)).code  # warp per token
