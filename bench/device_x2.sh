@@ -8,6 +8,8 @@
 #   2: graph mode with expert slots on 2 ranks with stack dumps, the 2-rank decode table with
 #      nvlink (seed, DeepSeek-V3-like), then the GEMM bench (~540 s)
 #   m: part 1's 2-GPU nvlink and 2-rank tests alone (~330 s)
+#   t: issue 13's preset tunes on 2 ranks, 24 trials each, tuned vs default (~500 s)
+# Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
 # Usage: bash bench/device_x2.sh COMMIT 1|2|m
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -64,5 +66,16 @@ if [ "$PART" = 2 ]; then
     --out "$O/gemm.md" --json "$O/gemm.json" > "$O/gemm.log" 2>&1
   echo "gemm bench rc=$?"; cat "$O/gemm.md" 2>/dev/null | tail -8
   tail -30 "$O/decode.txt"
+fi
+if [ "$PART" = t ]; then  # issue 13: preset tunes, tuned vs the heuristic default
+  export FLASHMOE_DB="sqlite:///$O/winners.db" FLASHMOE_STUDIES="sqlite:///$O/studies.db"
+  for m in "deepseek-v3 128" "deepseek-v2-lite 512" "qwen3-30b-a3b 512" "mixtral-8x7b 1024"; do
+    set -- $m
+    S=$(date +%s)
+    timeout -k 10 "${TUNE_TIMEOUT:-120}" flashmoe-tune tune --gpus 2 --model "$1" --tokens "$2" \
+      --trials "${TRIALS:-24}" > "$O/tune_$1.log" 2>&1
+    echo "tune $1 T=$2 rc=$? $(( $(date +%s) - S )) s"
+    sed 's/\x1b\[[0-9;]*m//g' "$O/tune_$1.log" | grep -E "heuristic default|trial 1/.* done|ok, .* failed|winner stored" | cut -c1-160
+  done
 fi
 true

@@ -36,7 +36,7 @@ from .plan import (
     Wait,
 )
 from .problem import round_up
-from .render import MOVE_WARPS, POS_THREADS
+from .render import MOVE_WARPS, POS_THREADS, router_grid
 from .signatures import COMBINE, GEMM, KINDS, PERMUTE, POSITIONS, ROUTER, SLOT_OFFSETS
 
 ELEM_BYTES = 2
@@ -136,9 +136,10 @@ class Run:
         k, main = layer.kernels, layer.stream
         if t:
             rw = layer.config.router_tokens_per_block
-            layer._launch(k.router, ROUTER, -(-t // rw), 32 * rw, main, x=self.x,
-                          wg=layer.w_gate, bias=layer.weights.expert_bias, tokens=t,
-                          topk_idx=b.topk_idx, topk_w=b.topk_w)
+            layer._launch(k.router, ROUTER, router_grid(layer.problem, layer.config, t),
+                          32 * rw, main, x=self.x, wg=layer.w_gate,
+                          bias=layer.weights.expert_bias, tokens=t, topk_idx=b.topk_idx,
+                          topk_w=b.topk_w, part=layer._router_part, done=layer._router_done)
         layer._launch(k.positions, POSITIONS, layer.problem.experts, POS_THREADS, main,
                       topk_idx=b.topk_idx, tokens=t, pos=b.pos,
                       counts=layer.counts[layer.rank])

@@ -22,7 +22,14 @@ from .persistent import HeapLayout, state_words
 from .plan import fixed_slots
 from .plan_cpp import call_args, forward_lines
 from .problem import MoEProblem
-from .render import CPP_BOOL, MOVE_WARPS, POS_THREADS, render_template, to_template_vars
+from .render import (
+    CPP_BOOL,
+    MOVE_WARPS,
+    POS_THREADS,
+    render_template,
+    router_part_floats,
+    to_template_vars,
+)
 from .signatures import (
     COMBINE,
     GEMM,
@@ -99,6 +106,8 @@ def export_vars(layer: CompiledLayer) -> dict:
         has_shared=CPP_BOOL[bool(w)],
         router_tokens_per_block=cfg.router_tokens_per_block,
         router_threads=32 * cfg.router_tokens_per_block,
+        router_part_floats=max(1, router_part_floats(p, cfg.router_tokens_per_block)[0]),
+        router_done=max(1, router_part_floats(p, cfg.router_tokens_per_block)[1]),
         pos_threads=POS_THREADS,
         move_warps=MOVE_WARPS,
         move_threads=32 * MOVE_WARPS,
@@ -133,7 +142,8 @@ def export_vars(layer: CompiledLayer) -> dict:
         gemm_params=GEMM.host_declaration(),
         gemm_args=", ".join(GEMM.names),
         router_args=call_args(ROUTER, x="x", wg="L->gate", bias="L->expert_bias",
-                              tokens="tokens", topk_idx="L->topk_idx", topk_w="L->topk_w"),
+                              tokens="tokens", topk_idx="L->topk_idx", topk_w="L->topk_w",
+                              part="L->router_part", done="L->router_done"),
         positions_args=call_args(POSITIONS, topk_idx="L->topk_idx", tokens="tokens",
                                  pos="L->pos", counts="L->counts + L->rank * EXPERTS"),
         permute_args=call_args(PERMUTE, x="x", topk_idx="L->topk_idx", pos="L->pos",

@@ -154,27 +154,58 @@ def router_split(experts: int, warps: int) -> dict[str, int | str] | None:
 ROUTER_ITEMS = 256
 #: Fewest hidden rows a slice keeps (enough loads in flight per block).
 ROUTER_SLICE_MIN_ROWS = 64
+#: Gate weights below this many bytes are read whole by each block (a split would cost more
+#: in its second pass than one block's read).
+ROUTER_SLICE_MIN_BYTES = 512 * 1024
 
 
-def router_slices_max(hidden: int) -> int:
-    """Most slices the persistent kernel's router splits the hidden dimension into."""
+def router_slices_max(hidden: int, experts: int) -> int:
+    """Most slices the router splits the hidden dimension into (1: no split)."""
+    if hidden * experts * 2 < ROUTER_SLICE_MIN_BYTES:
+        return 1
     return max(1, min(64, hidden // ROUTER_SLICE_MIN_ROWS))
 
 
-def router_slices(batches: int, hidden: int) -> int:
+def router_slices(batches: int, hidden: int, experts: int) -> int:
     """Slices per token batch (templates/router.cu.j2 router_slices spells the same)."""
-    return max(1, min(router_slices_max(hidden), ROUTER_ITEMS // batches)) if batches else 1
+    if not batches:
+        return 1
+    return max(1, min(router_slices_max(hidden, experts), ROUTER_ITEMS // batches))
+
+
+def router_grid(problem: MoEProblem, config: KernelConfig, tokens: int) -> int:
+    """Blocks of the router kernel for ``tokens``: one per token batch, times the hidden
+    slices where the split router applies."""
+    warps = config.router_tokens_per_block
+    batches = -(-tokens // warps)
+    if router_split(problem.experts, warps) is None:
+        return batches
+    return batches * router_slices(batches, problem.hidden, problem.experts)
+
+
+def router_part_floats(problem: MoEProblem, warps: int) -> tuple[int, int]:
+    """The router kernel's (partial-logit floats, batch counters) for any token count: a
+    split happens only while batches x slices <= ROUTER_ITEMS."""
+    if router_split(problem.experts, warps) is None:
+        return 0, 0
+    split = [b for b in range(1, ROUTER_ITEMS + 1)
+             if router_slices(b, problem.hidden, problem.experts) > 1]
+    if not split:
+        return 0, 0
+    items = max(b * router_slices(b, problem.hidden, problem.experts) for b in split)
+    return items * warps * problem.experts, max(split)
 
 
 def router_scratch_words(problem: MoEProblem, warps: int) -> int:
     """uint64 words after the persistent kernel's state for its router's partial logits
     (float [slices][batches][warps][experts]) at up to ``problem.tokens_per_rank`` tokens;
-    0 where the router does not split the hidden dimension."""
+    0 where the router never splits the hidden dimension (one slice: read directly)."""
     if router_split(problem.experts, warps) is None:
         return 0
     batches = -(-problem.tokens_per_rank // warps)
-    items = max((router_slices(b, problem.hidden) * b for b in range(1, batches + 1)),
-                default=0)
+    items = max((router_slices(b, problem.hidden, problem.experts) * b
+                 for b in range(1, batches + 1)
+                 if router_slices(b, problem.hidden, problem.experts) > 1), default=0)
     return -(-items * warps * problem.experts // 2)
 
 
@@ -216,7 +247,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_warps": config.router_tokens_per_block,
         "router_split_h": CPP_BOOL[split is not None],
         "router_items": ROUTER_ITEMS,
-        "router_slices_max": router_slices_max(problem.hidden),
+        "router_slices_max": router_slices_max(problem.hidden, problem.experts),
         **(split or {"router_vec_lanes_e": 0, "router_vec_per_lane": 0,
                      "router_token_batch": 0}),
         "router_lanes_e": lanes_e,

@@ -32,6 +32,7 @@ from .plan import (
     fixed_slots,
 )
 from .problem import MoEProblem
+from .render import router_part_floats
 from .signatures import GEMM
 from .tma import Operand, TmaMaps
 from .weights import MoEWeights
@@ -187,6 +188,11 @@ class FlashMoE:
         # experts' map does not change with every caller's array.
         self._tma = TmaMaps() if config.uses_tma else None
         self._x_static = None
+        # The split router's partial logits and per-batch counters (zero; the kernel resets
+        # them), for any token count (render.router_part_floats).
+        part, batches = router_part_floats(problem, config.router_tokens_per_block)
+        self._router_part = cupy.empty(max(part, 1), np.float32)
+        self._router_done = cupy.zeros(max(batches, 1), np.uint32)
         self.counts = cupy.zeros((problem.world_size, problem.experts), np.int32)
         self._counts_host = cupy.cuda.alloc_pinned_memory(self.counts.nbytes)
         # row_off[s][e]: first row of global expert e in source s's slot (layout.row_offsets)

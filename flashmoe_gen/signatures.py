@@ -27,6 +27,7 @@ KINDS: dict[str, tuple[str, type | None]] = {
     "const void*": ("const void* __restrict__", None),
     "u64*": ("unsigned long long* __restrict__", None),
     "const u64*": ("const unsigned long long* __restrict__", None),
+    "u32*": ("unsigned int* __restrict__", None),
 }
 
 
@@ -101,8 +102,11 @@ def _sig(*pairs: tuple[str, str]) -> KernelSignature:
 
 
 #: One warp per token: gate logits, scores, top-k (``bias``: the expert bias or null).
+#: ``part``/``done``: where the hidden dimension is split over blocks (few tokens), the
+#: partial logits and each token batch's count of finished slices (render.router_grid).
 ROUTER = _sig(("x", "const elem*"), ("wg", "const elem*"), ("bias", "const float*"),
-              ("tokens", "int"), ("topk_idx", "int*"), ("topk_w", "float*"))
+              ("tokens", "int"), ("topk_idx", "int*"), ("topk_w", "float*"),
+              ("part", "float*"), ("done", "u32*"))
 #: One block per expert: positions in token order and this rank's counts.
 POSITIONS = _sig(("topk_idx", "const int*"), ("tokens", "int"), ("pos", "int*"),
                  ("counts", "int*"))

@@ -106,6 +106,7 @@ def _layer(problem: MoEProblem, cfg: KernelConfig, log: list) -> FlashMoE:
                                                     "gate")}, expert_bias=None,
                               shared_gate=None)
     layer.weights, layer.w_gate = w, w.gate
+    layer._router_part, layer._router_done = _Arr(), _Arr()
     layer._weight_ptrs = dict.fromkeys(("w1", "w3", "w2", "sw1", "sw3", "sw2"), 8192)
     layer.stream, layer.shared_stream = _Stream(log, "main"), _Stream(log, "shared")
     layer.counts = _Counts((p.world_size, p.experts))

@@ -382,3 +382,27 @@ def test_wgmma_export_built_for_sm90_stops_with_the_flag_to_use(tmp_path):
     assert res.returncode != 0
     assert "build with -gencode arch=compute_90a,code=sm_90a" in res.stderr
     assert "Ptx assembly aborted" not in res.stderr  # stopped before ptxas
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_router_grid_in_cpp_matches_python(tmp_path):
+    """The exported launcher's router_grid (C++) gives render.router_grid's blocks for every
+    token count (the split router: several blocks per token batch while batches are few)."""
+    from flashmoe_gen.render import router_grid
+
+    p = MoEProblem(7168, 2048, 256, 8, world_size=2, tokens_per_rank=64)
+    cfg = KernelConfig.default(p)
+    text = export_cu(p, cfg)
+    consts = re.findall(r"^constexpr (?:int|bool|long long) (?:ROUTER_\w+) = [^;]+;", text, re.M)
+    body = text[text.index("inline int ceil_div"):text.index("// Host twin of fmoe::slot_offset")]
+    src = tmp_path / "grid.cpp"
+    src.write_text("#include <cstdio>\n" + "\n".join(consts) + "\n" + body + """
+int main() { for (int t = 0; t <= 3000; ++t) printf("%d\\n", router_grid(t)); }
+""")
+    exe = tmp_path / "grid"
+    subprocess.run(["g++", "-O1", "-o", str(exe), str(src)], check=True)
+    got = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True,
+                                          check=True).stdout.split()]
+    want = [router_grid(p, cfg, t) for t in range(3001)]
+    assert got == want
+    assert want[1] == 64 and want[8 * 16] == 16 * 16 and want[3000] == 375  # few: split

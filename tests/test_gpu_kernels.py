@@ -181,6 +181,31 @@ def test_nvlink_persistent_kernel_one_rank():
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 5), w)
 
 
+@pytest.mark.parametrize("transport", ["nccl", "nvlink"])
+def test_split_router_few_and_many_tokens(transport):
+    """The split router (gate weights >= 512 KB): several blocks per token batch while
+    batches are few (standalone kernel: the last slice to finish sums; persistent kernel:
+    items, a barrier, then the sums), one block per batch at many tokens. Right experts and
+    output at each count, the same bits on a second call (the sums run in a fixed order)."""
+    import cupy
+
+    from flashmoe_gen.render import router_grid
+
+    p = DSV3_LIKE
+    cfg = (KernelConfig.persistent_default(p) if transport == "nvlink"
+           else KernelConfig.default(p))
+    w = MoEWeights.random(p, seed=71)
+    layer = _layer(p, cfg, weights=w)
+    counts = (1, 5, 64, 300) if transport == "nvlink" else (1, 5, 64, 300, 2100)
+    assert router_grid(p, cfg, 1) > 1 and router_grid(p, cfg, 2100) == 2100 // 8 + 1
+    for t in counts:
+        x = random_tokens(t, p.hidden, seed=t + 70)
+        _run_checked(layer, x, w)
+        a = layer.forward(cupy.asarray(x)).get()
+        b = layer.forward(cupy.asarray(x)).get()
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["exact", "capped"])
 def test_layer_packed_slots_one_rank(capacity_factor):
     """Packed slots on one GPU: the row-offset table drives permute, both GEMMs and combine."""

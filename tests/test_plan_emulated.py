@@ -160,6 +160,8 @@ class Layer:
         self._weight_ptrs = {n: addr(a) for n, a in zip(("w1", "w3", "w2", "sw1", "sw3", "sw2"),
                                                           self.keep, strict=True)}
         self.w_gate, self.gate_bits = Arr(w.gate.copy()), w.gate
+        self._router_part, self._router_done = Arr(np.zeros(1, np.float32)), \
+            Arr(np.zeros(1, np.uint32))  # the split router's (the router is emulated whole)
         self.weights = type("W", (), {"expert_bias": None, "shared_gate": None})()
         self.stream, self.shared_stream = Stream(), Stream()
         self.counts = Arr(np.zeros((p.world_size, p.experts), np.int32))
@@ -200,7 +202,7 @@ class Layer:
         fn(**{n: (v if n in ("tokens", "capacity", "self_rank", "world", "packed") else addr(v))
               for n, v in args.items()})
 
-    def _router(self, x, wg, bias, tokens, topk_idx, topk_w) -> None:
+    def _router(self, x, wg, bias, tokens, topk_idx, topk_w, part, done) -> None:
         p = self.problem
         rt = route(p, at(x, np.uint16, tokens * p.hidden).reshape(tokens, p.hidden),
                    self.gate_bits)

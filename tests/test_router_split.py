@@ -76,7 +76,7 @@ def emulate_sliced(x: np.ndarray, wg: np.ndarray, warps: int) -> np.ndarray:
     tokens, hidden = x.shape
     experts = wg.shape[1]
     batches = -(-tokens // warps)
-    slices = router_slices(batches, hidden)
+    slices = router_slices(batches, hidden, experts)
     rows = -(-hidden // slices)  # router_slice_rows
     part = np.full(slices * batches * warps * experts, np.nan)
     for item in range(batches * slices):
@@ -101,24 +101,27 @@ def test_sliced_router_covers_every_product_once(experts, warps, hidden, tokens,
     from flashmoe_gen import render
 
     monkeypatch.setattr(render, "ROUTER_SLICE_MIN_ROWS", 8)  # several slices of small H
+    monkeypatch.setattr(render, "ROUTER_SLICE_MIN_BYTES", 0)
     rng = np.random.default_rng(experts + hidden + tokens)
     x = rng.standard_normal((tokens, hidden))
     wg = rng.standard_normal((hidden, experts))
     got, items = emulate_sliced(x, wg, warps)
     np.testing.assert_allclose(got, x @ wg, rtol=1e-12, atol=1e-12)
-    assert router_slices(-(-tokens // warps), hidden) > 1 or tokens > 8 * warps
+    assert router_slices(-(-tokens // warps), hidden, experts) > 1 or tokens > 8 * warps
     p = MoEProblem(hidden, 32, experts, 2, world_size=2, tokens_per_rank=tokens)
     assert 2 * render.router_scratch_words(p, warps) >= items * warps * experts
 
 
 def test_slices_per_batch():
     """Many slices while batches are few, one at large batch counts, none below 64 rows."""
-    assert router_slices(1, 7168) == 64 and router_slices(16, 7168) == 16
-    assert router_slices(300, 7168) == 1 and router_slices(0, 7168) == 1
-    assert router_slices(1, 512) == 8 and router_slices(1, 100) == 1
+    assert router_slices(1, 7168, 256) == 64 and router_slices(16, 7168, 256) == 16
+    assert router_slices(300, 7168, 256) == 1 and router_slices(0, 7168, 256) == 1
+    assert router_slices(1, 2048, 128) == 32 and router_slices(1, 512, 8) == 1  # 8 KB: whole
     big = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=16384)
-    assert render_scratch(big, 8) == 2048 * 8 * 64 // 2  # one slice per batch: T x E floats
-    assert render_scratch(big.replace(experts=60), 8) == 0  # no split router: no scratch
+    assert render_scratch(big, 8) == 0  # 256 KB of gate weights: one block per batch reads
+    v3 = MoEProblem(7168, 2048, 256, 8, world_size=2, tokens_per_rank=16384)
+    assert render_scratch(v3, 8) == 256 * 8 * 256 // 2  # <= ROUTER_ITEMS items, any T
+    assert render_scratch(v3.replace(experts=260), 8) == 0  # no split router: no scratch
 
 
 def render_scratch(p, warps):
