@@ -7,7 +7,7 @@ from flashmoe_gen.tuner.tune_cmd import GpuBackend
 
 
 class _Comm:
-    rank = 0
+    rank, world_size = 0, 2
 
 
 def test_one_rank_auto_includes_nvlink_and_nccl_only_means_nccl():
@@ -26,3 +26,15 @@ def test_probe_decides_for_several_ranks(monkeypatch, capsys):
     assert "nvlink left out of the search: the ranks span 2 nodes" in capsys.readouterr().out
     with pytest.raises(CommError, match="--transport nvlink: the ranks span 2 nodes"):
         GpuBackend().transports(_Comm(), "nvlink")
+
+
+def test_a_sweep_probes_once(monkeypatch):
+    """A --tokens sweep asks per token count; the probe (a collective) runs once."""
+    import flashmoe_gen.persistent as persistent
+
+    calls = []
+    monkeypatch.setattr(persistent, "probe_ipc", lambda comm: calls.append(comm) or None)
+    backend = GpuBackend()
+    for _ in range(3):
+        assert backend.transports(_Comm(), "auto") == ("nccl", "nvlink")
+    assert len(calls) == 1

@@ -56,7 +56,14 @@ class GpuBackend:
             return ("nccl",)
         from flashmoe_gen.persistent import probe_ipc
 
-        reason = None if comm is None else probe_ipc(comm)  # one rank: no peers to open
+        # One probe per rank count for the run (a --tokens sweep builds a Communicator per
+        # count; whether the ranks open each other's memory does not change): every rank
+        # caches alike, so all probe or none.
+        cache = self.__dict__.setdefault("_ipc", {})
+        key = 1 if comm is None else comm.world_size
+        if key not in cache:
+            cache[key] = None if comm is None else probe_ipc(comm)  # one rank: no peers
+        reason = cache[key]
         if reason is None:
             return ("nccl", "nvlink") if requested == "auto" else ("nvlink",)
         if requested == "nvlink":
