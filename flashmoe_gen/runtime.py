@@ -187,6 +187,7 @@ class FlashMoE:
         # The tma kernel's tensor maps, and (mode "host") a static copy of x so the shared
         # experts' map does not change with every caller's array.
         self._tma = TmaMaps() if config.uses_tma else None
+        self._weight_ops: dict[tuple[int, int], Operand] = {}
         self._x_static = None
         # The split router's partial logits and per-batch counters (zero; the kernel resets
         # them), for any token count (render.router_part_floats).
@@ -327,13 +328,22 @@ class FlashMoE:
         grid = tile.grid(n, rows, groups, int(args[_INNER_GROUPS]), self._sms)
         if tile.mma == "tma":
             k = int(args[_K])
-            b1 = Operand.at(_address(args[_B1]), k) if gated else None
+            b1 = self._weight_operand(_address(args[_B1]), k) if gated else None
             args = (*args, self._tma.launch(Operand.at(_address(args[_A]), k),
-                                            Operand.at(_address(args[_B0]), k), b1, groups,
-                                            tile.bm, tile.bn, stream))
+                                            self._weight_operand(_address(args[_B0]), k), b1,
+                                            groups, tile.bm, tile.bn, stream))
         with stream:
             self.module[name](grid, (tile.threads,), args,
                               shared_mem=self.compiled.dynamic_smem[name])
+
+    def _weight_operand(self, ptr: int, k: int) -> Operand:
+        """A weight's tensor-map operand: B operands are the layer's own weights, which live
+        and stay put as long as it does, so their allocation is looked up once (the A
+        operand, a buffer that may be reallocated, is looked up every launch)."""
+        op = self._weight_ops.get((ptr, k))
+        if op is None:
+            op = self._weight_ops[(ptr, k)] = Operand.at(ptr, k)
+        return op
 
     def _launch(self, kernel: str, signature, grid: int, threads: int, stream, **args) -> None:
         with stream:
