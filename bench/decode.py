@@ -194,6 +194,9 @@ def measure(key: str, p, dw, comm, a) -> dict:
         if mode == "nvlink":  # GEMM cycles / all cycles of the persistent kernel's blocks
             busy = allgather(comm.mpi, layer._persistent.measure_sm_busy(x), "SM busy")
             row["sm_busy_nvlink"] = round(float(np.mean(busy)), 3)
+            # Where that call's time went (per phase, the slowest rank's critical path).
+            phases = allgather(comm.mpi, layer._persistent.phase_us(), "phase times")
+            row["phases_us_nvlink"] = {k: max(ph[k] for ph in phases) for k in phases[0]}
     row["floor_ms"] = round(floor_for(p, TorchEP(ours["host"]), xt, comm), 4)
     row["floor_tbs"] = peak_bytes() / 1e12
     if "ours_graph_ms" in row:
@@ -306,8 +309,14 @@ def report(rows: list[dict], a) -> None:
     notes = "".join(f"- {r['shape']} T={r['tokens']}: {r['note']}\n" for r in rows
                     if r.get("note"))
     configs = "".join(f"- {r['problem']}: `{r['config']}`\n" for r in rows if r.get("config"))
+    phases = "".join(f"- {r['shape']} T={r['tokens']}: " + ", ".join(
+        f"{k} {v}" for k, v in r["phases_us_nvlink"].items()) + "\n"
+        for r in rows if r.get("phases_us_nvlink"))
     text = head + table + ("\nnotes:\n" + notes if notes else "") + \
-        ("\nconfigs (host mode; graph mode adds __graph):\n" + configs if configs else "")
+        ("\nconfigs (host mode; graph mode adds __graph):\n" + configs if configs else "") + \
+        ("\nnvlink phases, us at the nominal SM clock (the persistent kernel's own clocks; "
+         "per phase the latest block, slowest rank; one extra call):\n" + phases
+         if phases else "")
     emit(text, rows, a.out, a.json)
     if a.plot:
         plot(rows, a.plot, title)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import CommError, CommTimeout, ConfigError
 from .layout import SymmetricLayout
-from .render import router_scratch_words
+from .render import PERSISTENT_PHASES, PERSISTENT_STATS_WORDS, router_scratch_words
 from .signatures import PERSISTENT
 from .watchdog import allgather, comm_timeout  # allgather: with the collectives' deadline
 
@@ -234,11 +234,12 @@ class PersistentForward:
         self.grid = persistent_grid(per_sm, layer._sms, cfg.blocks_per_sm)  # read at build
         self._launch = None  # (kernel, grid, block, shared memory), packed on first use
         self._static: list = []
-        self.stats = None  # cupy [grid][2] uint64 once enable_stats() was called
+        self.stats = None  # cupy [grid][PERSISTENT_STATS_WORDS] uint64 after enable_stats()
         timeout = layer.comm.timeout_s if layer.comm is not None else comm_timeout()
         # kHz -> cycles; CUDA 13 may not report the clock: 2 GHz bounds every current part.
         clock_khz = cupy.cuda.Device().attributes.get("ClockRate", 2_000_000)
         self.spin_limit = int(timeout * clock_khz * 1e3)
+        self.clock_khz = clock_khz
 
     def arguments(self, x, tokens: int, out) -> dict:
         """The kernel's arguments by name (``signatures.PERSISTENT``)."""
@@ -276,20 +277,33 @@ class PersistentForward:
 
     def enable_stats(self) -> None:
         """Have every following call record, per block, the cycles spent in GEMM tiles and
-        in the whole kernel (``sm_busy``)."""
+        in the whole kernel (``sm_busy``), and when each phase ended (``phase_us``)."""
         import cupy
 
         if self.stats is None:
-            self.stats = cupy.zeros((self.grid, 2), np.uint64)
+            self.stats = cupy.zeros((self.grid, PERSISTENT_STATS_WORDS), np.uint64)
             self._launch = None  # the packed arguments now carry the buffer
+
+    def _stats(self, what: str) -> np.ndarray:
+        if self.stats is None:
+            raise ConfigError("stats", None, f"call enable_stats() before the forward whose "
+                              f"{what} you want")
+        return self.stats.get().astype(np.float64)
 
     def sm_busy(self) -> float:
         """The last call's share of the blocks' cycles spent in GEMM tiles (synchronises)."""
-        if self.stats is None:
-            raise ConfigError("stats", None, "call enable_stats() before the forward whose SM "
-                              "busy share you want")
-        busy, total = self.stats.get().astype(np.float64).sum(axis=0)
+        busy, total = self._stats("SM busy share")[:, :2].sum(axis=0)
         return float(busy / total) if total else 0.0
+
+    def phase_us(self) -> dict[str, float]:
+        """The last call's phases (render.PERSISTENT_PHASES, then "combine": the rest) in
+        microseconds at the SM's nominal clock: per phase, the latest block's end minus the
+        latest block's end of the phase before (each phase ends at a barrier or a wait every
+        block passes, so that is the phase's length on the critical path)."""
+        st = self._stats("phase times")
+        ends = np.concatenate([st[:, 2:].max(axis=0), st[:, 1:2].max(axis=0)])
+        spans = np.diff(np.concatenate([[0.0], ends])) / (self.clock_khz * 1e-3)
+        return dict(zip((*PERSISTENT_PHASES, "combine"), spans.round(2).tolist(), strict=True))
 
     def measure_sm_busy(self, x) -> float:
         """One more forward of ``x`` with stats on (collective like any forward): this

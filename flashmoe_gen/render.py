@@ -149,6 +149,14 @@ def router_split(experts: int, warps: int) -> dict[str, int | str] | None:
             "router_token_batch": max(1, min(warps, 64 // (8 * per_lane)))}
 
 
+#: The persistent kernel's phase marks in its stats (after each phase, per block, cycles
+#: since the kernel's start): route, positions, dispatch (its barrier and flags), this
+#: block's tasks, the tasks' barrier (every block's), the wait for every combine flag.
+PERSISTENT_PHASES = ("route", "positions", "dispatch", "own_tasks", "all_tasks",
+                     "combine_wait")
+#: Stats words per block: GEMM cycles, all cycles, then the phase marks.
+PERSISTENT_STATS_WORDS = 2 + len(PERSISTENT_PHASES)
+
 #: The persistent kernel's router items to aim for, (token batch, hidden slice) pairs: about
 #: two per SM of an H100/H200, so a decode batch's gate-weight read is spread over the grid.
 ROUTER_ITEMS = 256
@@ -266,6 +274,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         # Transport "nvlink": the persistent kernel and the tiles it computes with.
         "persistent_template": "persistent.cu.j2" if config.transport == "nvlink" else "",
         "persistent_threads": PERSISTENT_THREADS,
+        "persistent_stats_words": PERSISTENT_STATS_WORDS,
         "persistent_fused": CPP_BOOL[config.transport == "nvlink" and config.fuse_sources],
         "pgu": _task_gemm(config.gate_up, True),
         "pdn": _task_gemm(config.down, False),

@@ -90,9 +90,27 @@ def test_sm_busy_is_the_gemm_share_of_all_block_cycles():
     pf.stats = None
     with pytest.raises(ConfigError, match="enable_stats"):
         pf.sm_busy()
-    per_block = np.array([[30, 100], [90, 100], [0, 0]], np.uint64)  # busy, total cycles
+    # busy, total cycles, then the phase marks (cycles since the start, per block)
+    per_block = np.array([[30, 100, 10, 20, 40, 60, 70, 80],
+                          [90, 100, 12, 20, 40, 50, 70, 85],
+                          [0, 0, 11, 20, 40, 65, 70, 80]], np.uint64)
     pf.stats = types.SimpleNamespace(get=lambda: per_block)
     assert pf.sm_busy() == pytest.approx(120 / 200)
+    pf.clock_khz = 1000  # 1 cycle per us
+    assert pf.phase_us() == {"route": 12, "positions": 8, "dispatch": 20, "own_tasks": 25,
+                             "all_tasks": 5, "combine_wait": 15, "combine": 15}
+
+
+def test_stats_words_follow_the_template():
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.problem import MoEProblem
+    from flashmoe_gen.render import PERSISTENT_PHASES, PERSISTENT_STATS_WORDS, render
+
+    p = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=64)
+    code = render(p, KernelConfig.persistent_default(p)).code
+    assert f"constexpr int STATS_WORDS = {PERSISTENT_STATS_WORDS};" in code
+    assert [f"mark({i});" in code for i in range(len(PERSISTENT_PHASES))] == \
+        [True] * len(PERSISTENT_PHASES) and f"mark({len(PERSISTENT_PHASES)});" not in code
 
 
 def test_collected_shared_heaps_wait_for_a_point_every_rank_reaches():
