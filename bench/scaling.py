@@ -85,6 +85,8 @@ def measure_one(p, cfg, comm, a) -> dict:
         extra["config_nvlink"] = nvl.config.name
         busy = comm.mpi.allgather(nvl._persistent.measure_sm_busy(x))
         extra["sm_busy_nvlink"] = round(float(np.mean(busy)), 3)  # GEMM cycles / all
+        phases = comm.mpi.allgather(nvl._persistent.phase_us())  # that call's critical path
+        extra["phases_us_nvlink"] = {k: max(ph[k] for ph in phases) for k in phases[0]}
         del nvl
     n = comm.world_size * p.tokens_per_rank
     return dict(ours_ms=round(ms, 4), **base, speedup=round(ms_t / ms, 3),
