@@ -6,7 +6,7 @@
 #   1: the whole one-GPU suite in three lanes (device_final.sh gpu4), then the 4-rank
 #      ws/tma/nvlink/graph tests with a log per rank (~550 s)
 #   2: the 4-rank decode table with nvlink, one call at a time and 8 back to back (~450 s)
-# Usage: bash bench/device_next.sh COMMIT 1|2
+# Usage: bash bench/device_next.sh COMMIT 1|2   (COMMIT literally: the device's git metadata may lag)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
