@@ -69,7 +69,7 @@ if [ "$PART" = 2 ]; then
 fi
 if [ "$PART" = t ]; then  # issue 13: preset tunes, tuned vs the heuristic default
   export FLASHMOE_DB="sqlite:///$O/winners.db" FLASHMOE_STUDIES="sqlite:///$O/studies.db"
-  for m in "deepseek-v3 128" "deepseek-v2-lite 512" "qwen3-30b-a3b 512" "mixtral-8x7b 1024"; do
+  for m in "deepseek-v3 128" "deepseek-v2-lite 512" "qwen3-30b-a3b 512" "mixtral-8x7b 4096"; do
     set -- $m
     S=$(date +%s)
     timeout -k 10 "${TUNE_TIMEOUT:-120}" flashmoe-tune tune --gpus 2 --model "$1" --tokens "$2" \
