@@ -102,12 +102,13 @@ def export_vars(layer: CompiledLayer) -> dict:
     h, i, w = p.hidden, p.intermediate, p.shared_width
     fixed = fixed_slots(p, cfg)
     tv = to_template_vars(p, cfg)
+    part_floats, part_batches = router_part_floats(p, cfg.router_tokens_per_block)
     tv.update(
         has_shared=CPP_BOOL[bool(w)],
         router_tokens_per_block=cfg.router_tokens_per_block,
         router_threads=32 * cfg.router_tokens_per_block,
-        router_part_floats=max(1, router_part_floats(p, cfg.router_tokens_per_block)[0]),
-        router_done=max(1, router_part_floats(p, cfg.router_tokens_per_block)[1]),
+        router_part_floats=max(1, part_floats),
+        router_done=max(1, part_batches),
         pos_threads=POS_THREADS,
         move_warps=MOVE_WARPS,
         move_threads=32 * MOVE_WARPS,

@@ -157,8 +157,9 @@ PERSISTENT_PHASES = ("route", "positions", "dispatch", "own_tasks", "all_tasks",
 #: Stats words per block: GEMM cycles, all cycles, then the phase marks.
 PERSISTENT_STATS_WORDS = 2 + len(PERSISTENT_PHASES)
 
-#: The persistent kernel's router items to aim for, (token batch, hidden slice) pairs: about
-#: two per SM of an H100/H200, so a decode batch's gate-weight read is spread over the grid.
+#: The split router's items to aim for, (token batch, hidden slice) pairs (the router
+#: kernel's blocks, or the persistent kernel's router phase): about two per SM of an
+#: H100/H200, so a decode batch's gate-weight read is spread over the GPU.
 ROUTER_ITEMS = 256
 #: Fewest hidden rows a slice keeps (enough loads in flight per block).
 ROUTER_SLICE_MIN_ROWS = 64
@@ -191,17 +192,22 @@ def router_grid(problem: MoEProblem, config: KernelConfig, tokens: int) -> int:
     return batches * router_slices(batches, problem.hidden, problem.experts)
 
 
+def _split_items(problem: MoEProblem, max_batches: int) -> tuple[int, int]:
+    """The most (batch, slice) items of a split router call with up to ``max_batches``
+    token batches, and the most batches such a call has ((0, 0): none splits)."""
+    split = [(b, router_slices(b, problem.hidden, problem.experts))
+             for b in range(1, max_batches + 1)]
+    split = [(b, s) for b, s in split if s > 1]
+    return max((b * s for b, s in split), default=0), max((b for b, _ in split), default=0)
+
+
 def router_part_floats(problem: MoEProblem, warps: int) -> tuple[int, int]:
     """The router kernel's (partial-logit floats, batch counters) for any token count: a
     split happens only while batches x slices <= ROUTER_ITEMS."""
     if router_split(problem.experts, warps) is None:
         return 0, 0
-    split = [b for b in range(1, ROUTER_ITEMS + 1)
-             if router_slices(b, problem.hidden, problem.experts) > 1]
-    if not split:
-        return 0, 0
-    items = max(b * router_slices(b, problem.hidden, problem.experts) for b in split)
-    return items * warps * problem.experts, max(split)
+    items, batches = _split_items(problem, ROUTER_ITEMS)
+    return items * warps * problem.experts, batches
 
 
 def router_scratch_words(problem: MoEProblem, warps: int) -> int:
@@ -210,10 +216,8 @@ def router_scratch_words(problem: MoEProblem, warps: int) -> int:
     0 where the router never splits the hidden dimension (one slice: read directly)."""
     if router_split(problem.experts, warps) is None:
         return 0
-    batches = -(-problem.tokens_per_rank // warps)
-    items = max((router_slices(b, problem.hidden, problem.experts) * b
-                 for b in range(1, batches + 1)
-                 if router_slices(b, problem.hidden, problem.experts) > 1), default=0)
+    batches = min(-(-problem.tokens_per_rank // warps), ROUTER_ITEMS)  # more never split
+    items, _ = _split_items(problem, batches)
     return -(-items * warps * problem.experts // 2)
 
 
