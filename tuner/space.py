@@ -51,6 +51,16 @@ def _pick(choices, *values) -> tuple:
     return values
 
 
+def _group(params: dict, prefix: str) -> dict:
+    """A tile group's knobs (``gu_*`` or ``dn_*``) of ``params``."""
+    return {k: v for k, v in params.items() if k.startswith(prefix + "_")}
+
+
+def _nearest(tiles: list[dict], mine: dict) -> dict:
+    """The tile with the most knob values in common with ``mine`` (ties: the first)."""
+    return max(tiles, key=lambda t: sum(t[k] == mine.get(k) for k in t))
+
+
 def _grids(*grids: str) -> tuple[str, ...]:
     """Warp grids "MxN"; each M and N must be one of tiles.WARP_CHOICES."""
     for g in grids:
@@ -267,9 +277,9 @@ class SearchSpace:
             if not tiles:
                 raise ConfigError(which, self.problem.name, "no tile of this search space fits "
                                   "the problem on " + self.limits.arch + "; try --space full")
-            mine = {k: v for k, v in params.items() if k.startswith(prefix + "_")}
+            mine = _group(params, prefix)
             if mine not in tiles:
-                out |= max(tiles, key=lambda t: sum(t[k] == mine.get(k) for k in t))
+                out |= _nearest(tiles, mine)
         out = self.canonical(out)
         if self.check(out) is not None and out.get("transport") == "nvlink":
             out = self._persistent_tiles(out, params)
@@ -288,9 +298,8 @@ class SearchSpace:
                      if KernelConfig.persistent_takes(self._tile(t, prefix))]
             if out.get("fuse"):
                 tiles = [t for t in tiles if t.get(f"{prefix}_mma") == "ws"] or tiles
-            mine = {k: v for k, v in params.items() if k.startswith(prefix + "_")}
-            if tiles and {k: out[k] for k in mine} not in tiles:
-                out = out | max(tiles, key=lambda t: sum(t[k] == mine.get(k) for k in t))
+            if tiles and _group(out, prefix) not in tiles:
+                out = out | _nearest(tiles, _group(params, prefix))
         if self.check(out) is not None and out.get("fuse"):
             out = out | {"fuse": False}  # fused sources need _ws on both GEMMs
         return out

@@ -25,6 +25,10 @@ class GpuBackend:
     """What a tune measures on: this GPU's limits and environment, and the layer evaluator.
     Tests pass a CPU stand-in (tests/mpi/tune_cpu.py) to run the real command without one."""
 
+    def __init__(self):
+        #: Per rank count, the IPC probe's answer (None: every rank opens every peer's memory).
+        self._ipc: dict[int, str | None] = {}
+
     def limits(self):
         from flashmoe_gen.arch import current_device_limits
         return current_device_limits()
@@ -59,11 +63,10 @@ class GpuBackend:
         # One probe per rank count for the run (a --tokens sweep builds a Communicator per
         # count; whether the ranks open each other's memory does not change): every rank
         # caches alike, so all probe or none.
-        cache = self.__dict__.setdefault("_ipc", {})
         key = 1 if comm is None else comm.world_size
-        if key not in cache:
-            cache[key] = None if comm is None else probe_ipc(comm)  # one rank: no peers
-        reason = cache[key]
+        if key not in self._ipc:
+            self._ipc[key] = None if comm is None else probe_ipc(comm)  # one rank: no peers
+        reason = self._ipc[key]
         if reason is None:
             return ("nccl", "nvlink") if requested == "auto" else ("nvlink",)
         if requested == "nvlink":
@@ -152,8 +155,7 @@ def _tune_study(a, backend, world, P, rank, problem, limits, storage, pool, swee
         progress.stage(f"setting up weights and inputs on {P} rank(s)", trial=False)
     backend.stage = progress.stage if progress is not None else None
     evaluate, comm = backend.evaluator(problem, world, space, a)
-    pick = getattr(backend, "transports", None)  # CPU stand-ins of the tests: nccl only
-    transports = pick(comm, getattr(a, "transport", "nccl")) if pick else ("nccl",)
+    transports = backend.transports(comm, getattr(a, "transport", "nccl"))
     if transports != ("nccl",):
         space = SearchSpace.for_problem(problem, limits, a.space, transports)
     mine = getattr(evaluate, "memory", None)
