@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overlap import floor_note, peak_bytes  # noqa: E402
+from overlap import floor_note, nvlink_stats, peak_bytes  # noqa: E402
 from report import emit, md_table  # noqa: E402
 
 SHAPES = {
@@ -191,12 +191,8 @@ def measure(key: str, p, dw, comm, a) -> dict:
         row[f"host_us_{mode}"] = round(host_us(lambda layer=layer: layer(x), comm,
                                                a.host_iters), 1)
         row[f"agree_{mode}"] = float(f"{diff:.2e}")
-        if mode == "nvlink":  # GEMM cycles / all cycles of the persistent kernel's blocks
-            busy = allgather(comm.mpi, layer._persistent.measure_sm_busy(x), "SM busy")
-            row["sm_busy_nvlink"] = round(float(np.mean(busy)), 3)
-            # Where that call's time went (per phase, the slowest rank's critical path).
-            phases = allgather(comm.mpi, layer._persistent.phase_us(), "phase times")
-            row["phases_us_nvlink"] = {k: max(ph[k] for ph in phases) for k in phases[0]}
+        if mode == "nvlink":
+            row.update(nvlink_stats(layer, x, comm))
     row["floor_ms"] = round(floor_for(p, TorchEP(ours["host"]), xt, comm), 4)
     row["floor_tbs"] = peak_bytes() / 1e12
     if "ours_graph_ms" in row:

@@ -46,6 +46,19 @@ def floor_note(tbs: float | None) -> str:
     tbs = PEAK_BYTES["H100"] / 1e12 if tbs is None else tbs
     return f"max(FLOPs/{PEAK_FLOPS / 1e12:.0f} TFLOP/s, bytes/{tbs:.1f} TB/s)"
 
+def nvlink_stats(layer, x, comm) -> dict:
+    """One more transport-nvlink forward with the kernel's own clocks on (collective): SM
+    busy (GEMM cycles / all, mean over ranks) and where the time went (per phase, the
+    slowest rank's critical path)."""
+    from flashmoe_gen.comm import allgather
+
+    pf = layer._persistent
+    busy = allgather(comm.mpi, pf.measure_sm_busy(x), "SM busy")
+    phases = allgather(comm.mpi, pf.phase_us(), "phase times")
+    return {"sm_busy_nvlink": round(float(np.mean(busy)), 3),
+            "phases_us_nvlink": {k: max(ph[k] for ph in phases) for k in phases[0]}}
+
+
 PROBLEMS = {
     "seed": dict(hidden=512, intermediate=2048, experts=8, top_k=2, shared_experts=1,
                  tokens_per_rank=256),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overlap import floor_note, peak_bytes  # noqa: E402
+from overlap import floor_note, nvlink_stats, peak_bytes  # noqa: E402
 from report import md_table  # noqa: E402
 
 EXPERTS = (8, 32, 64, 128)
@@ -83,10 +83,7 @@ def measure_one(p, cfg, comm, a) -> dict:
         nvl = FlashMoE(p, KernelConfig.persistent_default(p), weights=layer.weights, comm=comm)
         variant(nvl, "nvlink", "agree_nvlink")
         extra["config_nvlink"] = nvl.config.name
-        busy = comm.mpi.allgather(nvl._persistent.measure_sm_busy(x))
-        extra["sm_busy_nvlink"] = round(float(np.mean(busy)), 3)  # GEMM cycles / all
-        phases = comm.mpi.allgather(nvl._persistent.phase_us())  # that call's critical path
-        extra["phases_us_nvlink"] = {k: max(ph[k] for ph in phases) for k in phases[0]}
+        extra.update(nvlink_stats(nvl, x, comm))
         del nvl
     n = comm.world_size * p.tokens_per_rank
     return dict(ours_ms=round(ms, 4), **base, speedup=round(ms_t / ms, 3),
