@@ -35,6 +35,10 @@ MODE_CHOICES = ("host", "graph")
 TRANSPORT_CHOICES = ("nccl", "nvlink")
 #: The persistent kernel's block (router, positions, combine and its GEMM tiles share it).
 PERSISTENT_THREADS = 256
+#: The schedule it runs, field -> value: one block of PERSISTENT_THREADS routes a token per
+#: warp; no chunks, streams or packed slots (rows are stored straight into expert slots).
+PERSISTENT_SCHEDULE = {"router_tokens_per_block": PERSISTENT_THREADS // 32,
+                       "chunks_per_peer": 1, "comm_streams": 1, "packed_slots": False}
 #: Its blocks per SM ("processors"): 0 = as many as fit (the occupancy); fewer cut the cost
 #: of its grid barriers and task queue where tiles are small.
 BLOCKS_PER_SM_CHOICES = (0, 1, 2, 4)
@@ -202,14 +206,13 @@ class KernelConfig:
                                   f"weight-streaming or mma.sync tiles of {warps} warps (e.g. "
                                   f"bm32_bn128_bk64_w{warps}x1_s4_ws for few rows per expert, "
                                   f"bm128_bn128_bk64_w4x2_s3 for many)", name)
-        if self.router_tokens_per_block != warps:
-            raise ConfigError("router_tokens_per_block", self.router_tokens_per_block,
-                              f"transport 'nvlink': {warps} (one block of "
-                              f"{PERSISTENT_THREADS} threads routes {warps} tokens)", name)
-        for f, want in (("chunks_per_peer", 1), ("comm_streams", 1), ("packed_slots", False)):
-            if getattr(self, f) != want:
-                raise ConfigError(f, getattr(self, f), f"transport 'nvlink' has no such "
-                                  f"schedule: use {want}", name)
+        for f, want in PERSISTENT_SCHEDULE.items():
+            if getattr(self, f) == want:
+                continue
+            why = (f"transport 'nvlink': {want} (one block of {PERSISTENT_THREADS} threads "
+                   f"routes {want} tokens)" if f == "router_tokens_per_block" else
+                   f"transport 'nvlink' has no such schedule: use {want}")
+            raise ConfigError(f, getattr(self, f), why, name)
         if self.fuse_sources and "sync" in (self.gate_up.mma, self.down.mma):
             raise ConfigError("fuse_sources", True, "transport 'nvlink' fuses sources with "
                               "weight-streaming tiles only (_ws on both GEMMs)", name)

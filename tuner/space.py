@@ -19,7 +19,7 @@ from flashmoe_gen.config import (
     CHUNK_RANGE,
     COMM_STREAM_CHOICES,
     MODE_CHOICES,
-    PERSISTENT_THREADS,
+    PERSISTENT_SCHEDULE,
     ROUTER_CHOICES,
     TRANSPORT_CHOICES,
     KernelConfig,
@@ -121,8 +121,9 @@ SPACES = {"full": FULL, "small": SMALL, "steep": STEEP}
 #: Transport "nvlink" runs one persistent kernel: its schedule knobs take these values
 #: whatever was sampled (config_from_params), so its candidates differ in tiles, fusion and
 #: mode only.
-NVLINK_FORCED = {"router": PERSISTENT_THREADS // 32, "chunks": 1, "streams": 1,
-                 "packed": False}
+NVLINK_FORCED = {knob: PERSISTENT_SCHEDULE[f] for knob, f in (
+    ("router", "router_tokens_per_block"), ("chunks", "chunks_per_peer"),
+    ("streams", "comm_streams"), ("packed", "packed_slots"))}
 #: Knobs of the persistent kernel alone: nccl configs take the first value.
 NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES}
 
