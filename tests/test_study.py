@@ -391,6 +391,35 @@ def test_an_ordinary_launch_error_is_a_failed_trial_and_the_run_goes_on():
     assert len(res.trials) == 4 and sum(not r.outcome.ok for r in res.trials) == 1
 
 
+def test_a_config_the_build_refuses_is_a_failed_trial_the_database_keeps():
+    # Found on 2 x H200 (grid over the steep space): a persistent kernel that fits no SM is
+    # refused with a ConfigError at build, after the space allowed it. It was classified
+    # "invalid", which the database refuses, and the whole tune ended.
+    from flashmoe_gen.db.models import STATUSES
+    from flashmoe_gen.status import TrialStatus
+
+    class Refusing(FakeEvaluator):
+        def __call__(self, cfg):
+            if self.calls == 1:
+                self.calls += 1
+                raise ConfigError("transport", "nvlink", "the persistent kernel does not fit "
+                                  "one SM", cfg.name)
+            return super().__call__(cfg)
+
+    recorded = []
+
+    def record(res):
+        assert res.outcome.status in STATUSES, res.outcome
+        recorded.append(res.outcome)
+
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    res = run_study(P1, Refusing(), space=space, study_name="c", n_trials=3, record=record)
+    assert len(res.trials) == 3 and len(recorded) == 3
+    bad = [o for o in recorded if not o.ok]
+    assert len(bad) == 1 and bad[0].status == TrialStatus.FAILED
+    assert bad[0].reason.startswith("refused when built: ") and "ConfigError" in bad[0].reason
+
+
 def test_space_with_transport_nvlink():
     """With nvlink among the transports, its forced schedule knobs make one parameter set
     per config: the grid holds each nvlink config once, samplers canonicalise, a tile nvlink

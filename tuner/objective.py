@@ -49,10 +49,12 @@ class Outcome:
 
 
 def classify(exc: BaseException) -> str:
+    """The status of a candidate whose evaluation raised ``exc``. A ConfigError here is not
+    INVALID: the space let the config through, and the build refused it for what it found
+    on this GPU (a kernel that fits no SM, buffers over its memory), which is a failed trial
+    the database keeps."""
     if isinstance(exc, CompileError):
         return COMPILE_FAILED
-    if isinstance(exc, (ConfigError, ProblemError)):
-        return INVALID
     if isinstance(exc, CommTimeout):
         return TIMEOUT
     if isinstance(exc, CommError):
@@ -101,12 +103,16 @@ STICKY_ERRORS = (
     "CUDA_ERROR_ASSERT")
 #: How a failed trial's reason starts when its error lost the CUDA context.
 CONTEXT_LOST = "context lost: "
+#: How it starts when the build refused a config the search space allowed.
+REFUSED_AT_BUILD = "refused when built: "
 
 
 def failure_outcome(exc: BaseException) -> Outcome:
     tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
     if any(name in tb for name in STICKY_ERRORS):
         tb = CONTEXT_LOST + tb
+    elif isinstance(exc, (ConfigError, ProblemError)):
+        tb = REFUSED_AT_BUILD + tb
     return Outcome(classify(exc), reason=tb[:1500])
 
 
