@@ -286,8 +286,11 @@ class LoadedModule:
         except Exception as e:
             raise DeviceError(
                 f"cannot load {compiled.name} ({compiled.arch}) on this GPU: {e}") from e
+        # Every kernel opts in to its dynamic shared memory: the 48 KB allowed without it
+        # count the static bytes too (on 2 x H200 the persistent kernel with exactly 48 KB
+        # dynamic and 2 KB static fit no SM until it opted in).
         for k, nbytes in compiled.dynamic_smem.items():
-            if nbytes > 48 * 1024:  # above 48 KB a kernel must opt in
+            if nbytes > 0:
                 self.functions[k].max_dynamic_shared_size_bytes = nbytes
         self.compiled = compiled
 

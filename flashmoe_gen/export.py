@@ -69,10 +69,6 @@ def nvcc_arch_flags(config: KernelConfig, arch: str = "sm_90") -> str:
     return f"-arch={target}"
 
 
-#: Dynamic shared memory a kernel may use without ``cudaFuncSetAttribute``.
-DEFAULT_DYNAMIC_SMEM = 48 * 1024
-
-
 def grid_cpp(tile: GemmTile, prefix: str) -> str:
     """The C++ launch grid of a GEMM wrapper (``GemmTile.grid`` spelled over the wrapper's
     ``N``, ``rows``, ``groups``, ``inner_groups`` and the tile constants ``{prefix}_BN/BM``)."""
@@ -91,7 +87,7 @@ def _tile_vars(tile: GemmTile, kernel: str, b_operands: int, prefix: str) -> dic
                 f"{b1}, K, groups, {prefix}_BM, {prefix}_BN, &tma));\n  "
                 if tile.mma == "tma" else "")
     return {"kernel": kernel, "bm": tile.bm, "bn": tile.bn, "threads": tile.threads,
-            "smem": smem, "smem_optin": smem > DEFAULT_DYNAMIC_SMEM,
+            "smem": smem,
             "grid": grid_cpp(tile, prefix), "prologue": prologue,
             "extra_args": ", tma" if tile.mma == "tma" else ""}
 

@@ -181,6 +181,19 @@ def test_nvlink_persistent_kernel_one_rank():
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 5), w)
 
 
+def test_persistent_kernel_with_48kb_dynamic_and_static_shared_memory():
+    """Exactly 48 KB of dynamic shared memory plus the router's static array: over the
+    default limit, which counts both (2 x H200: "does not fit one SM" until every kernel
+    opted in to its dynamic size)."""
+    p = MoEProblem(2048, 1408, 64, 6, shared_experts=2, tokens_per_rank=96)
+    cfg = KernelConfig(GemmTile(64, 64, 64, 4, 2, 2), GemmTile(128, 128, 32, 2, 4, 3),
+                       router_tokens_per_block=8, transport="nvlink", blocks_per_sm=1)
+    assert cfg.persistent_smem() == 48 * 1024
+    w = MoEWeights.random(p, seed=67)
+    layer = _layer(p, cfg, weights=w)
+    _run_checked(layer, random_tokens(96, p.hidden, seed=68), w)
+
+
 @pytest.mark.parametrize("transport", ["nccl", "nvlink"])
 def test_split_router_few_and_many_tokens(transport):
     """The split router (gate weights >= 512 KB): several blocks per token batch while
