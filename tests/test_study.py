@@ -483,3 +483,14 @@ def test_study_chooses_between_transports(sampler):
     assert {c.transport for c in seen} == {"nccl", "nvlink"}
     assert len({c.name for c in seen}) == len(seen)  # no config measured twice
     assert all(space.contains(c) for c in seen)
+
+
+def test_combined_failures_name_each_rank_once():
+    from flashmoe_gen.tuner.objective import FAILED, OK, Outcome, combine
+
+    once = combine([Outcome(OK, 1.0), Outcome(FAILED, reason="no fit")])
+    assert once.status == FAILED and once.reason == "rank 1: no fit"
+    # What the study gathers after the objective's gate: every rank returns the same.
+    assert combine([once, once]) == once
+    both = combine([Outcome(FAILED, reason="a"), Outcome(FAILED, reason="b")])
+    assert both.reason == "rank 0: a; rank 1: b"

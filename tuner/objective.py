@@ -67,8 +67,10 @@ def classify(exc: BaseException) -> str:
 def combine(outcomes: list[Outcome]) -> Outcome:
     """Every rank's outcome -> the candidate's: the first failure wins, named by rank."""
     bad = [(r, o) for r, o in enumerate(outcomes) if not o.ok]
-    if not bad:
-        return outcomes[0]  # timings are already the max over ranks, equal everywhere
+    if not bad or all(o == outcomes[0] for o in outcomes):
+        # Timings are already the max over ranks; a failure every rank returns alike was
+        # combined by ``gate`` (naming its ranks again would read "rank 0: rank 0: ...").
+        return outcomes[0]
     r, o = bad[0]
     reasons = "; ".join(f"rank {r}: {o.reason}" for r, o in bad)
     return Outcome(o.status, reason=reasons[:2000])
