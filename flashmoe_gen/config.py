@@ -151,7 +151,7 @@ class KernelConfig:
             if not isinstance(getattr(self, which), GemmTile):
                 raise ConfigError(which, getattr(self, which), "must be a GemmTile")
         name = self.name
-        for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams"):
+        for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams", "blocks_per_sm"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
@@ -179,8 +179,7 @@ class KernelConfig:
         if self.transport not in TRANSPORT_CHOICES:
             raise ConfigError("transport", self.transport,
                               f"choose one of {list(TRANSPORT_CHOICES)}", name)
-        if self.blocks_per_sm not in BLOCKS_PER_SM_CHOICES or isinstance(self.blocks_per_sm,
-                                                                          bool):
+        if self.blocks_per_sm not in BLOCKS_PER_SM_CHOICES:
             raise ConfigError("blocks_per_sm", self.blocks_per_sm,
                               f"choose one of {list(BLOCKS_PER_SM_CHOICES)} (0: as many as fit)",
                               name)

@@ -91,13 +91,16 @@ class Run:
         return max(self.rows_list[src][mine.start + e0:mine.start + e1], default=0)
 
     def max_remote_rows(self) -> int:
-        me, mine = self.layer.rank, self.mine
-        return max((max(r[mine], default=0) for s, r in enumerate(self.rows_list) if s != me),
-                   default=0)
+        return self._max_over_sources(skip=self.layer.rank)
 
     def max_all_rows(self) -> int:
+        return self._max_over_sources(skip=None)
+
+    def _max_over_sources(self, skip: int | None) -> int:
+        """The most rows any of this rank's experts gets from one source (but ``skip``)."""
         mine = self.mine
-        return max((max(r[mine], default=0) for r in self.rows_list), default=0)
+        return max((max(r[mine], default=0) for s, r in enumerate(self.rows_list)
+                    if s != skip), default=0)
 
     def stream(self, s):
         if s.kind == "main":

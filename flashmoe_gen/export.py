@@ -17,7 +17,6 @@ from . import __version__
 from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import KernelConfig, expert_chunks
-from .layout import SymmetricLayout
 from .persistent import HeapLayout, state_words
 from .plan import fixed_slots
 from .plan_cpp import call_args, forward_lines
@@ -166,7 +165,7 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
     offsets as flashmoe_gen.persistent lays them out)."""
     p, cfg = layer.problem, layer.config
     capacity = fixed_slots(p, cfg).capacity
-    heap = HeapLayout(SymmetricLayout(p.world_size, p.local_experts, capacity, p.hidden))
+    heap = HeapLayout.of(p, capacity)
     args = call_args(
         PERSISTENT, x="x", wg="L->gate", bias="L->expert_bias", tokens="tokens",
         topk_idx="L->topk_idx", topk_w="L->topk_w", pos="L->pos", counts="L->pcounts",

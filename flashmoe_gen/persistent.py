@@ -52,6 +52,12 @@ class HeapLayout:
 
     layout: SymmetricLayout
 
+    @classmethod
+    def of(cls, problem, capacity: int) -> HeapLayout:
+        """The heap of ``problem``'s layer with ``capacity`` rows per (source, expert)."""
+        return cls(SymmetricLayout(problem.world_size, problem.local_experts, capacity,
+                                   problem.hidden))
+
     @property
     def counts_off(self) -> int:
         return _align(self.layout.elements * 2)
@@ -209,8 +215,7 @@ class PersistentForward:
 
         p, cfg = layer.problem, layer.config
         self.layer, self.capacity = layer, capacity
-        self.heap_layout = HeapLayout(SymmetricLayout(p.world_size, p.local_experts, capacity,
-                                                      p.hidden))
+        self.heap_layout = HeapLayout.of(p, capacity)
         self.heap = PeerHeap(layer.comm, self.heap_layout.nbytes)
         self.peers = cupy.asarray(np.array(self.heap.peers, np.uint64))
         self.act = cupy.empty((p.world_size, p.local_experts, capacity, p.intermediate),

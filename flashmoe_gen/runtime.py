@@ -190,8 +190,10 @@ class FlashMoE:
         self._weight_ops: dict[tuple[int, int], Operand] = {}
         self._x_static = None
         # The split router's partial logits and per-batch counters (zero; the kernel resets
-        # them), for any token count (render.router_part_floats).
-        part, batches = router_part_floats(problem, config.router_tokens_per_block)
+        # them), for any token count (render.router_part_floats). Transport "nvlink" routes
+        # in the persistent kernel, which has its own scratch.
+        part, batches = ((0, 0) if config.transport == "nvlink" else
+                         router_part_floats(problem, config.router_tokens_per_block))
         self._router_part = cupy.empty(max(part, 1), np.float32)
         self._router_done = cupy.zeros(max(batches, 1), np.uint32)
         self.counts = cupy.zeros((problem.world_size, problem.experts), np.int32)

@@ -640,7 +640,7 @@ def test_blocks_per_sm_names_parses_and_bounds_the_grid():
                                    if k != "blocks_per_sm"}).blocks_per_sm == 0  # older JSON
     assert persistent_grid(3, 132, 0) == 3 * 132 and persistent_grid(3, 132, 2) == 2 * 132
     assert persistent_grid(1, 132, 4) == 132  # never more than fit: all resident
-    for bad, text in ((3, "choose one of"), (True, "choose one of")):
+    for bad, text in ((3, "choose one of"), (True, "must be an integer")):
         with pytest.raises(ConfigError, match=text):
             replace(cfg, blocks_per_sm=bad).validate(DSV3_DECODE)
     with pytest.raises(ConfigError, match="only transport 'nvlink'"):
