@@ -494,3 +494,27 @@ def test_combined_failures_name_each_rank_once():
     assert combine([once, once]) == once
     both = combine([Outcome(FAILED, reason="a"), Outcome(FAILED, reason="b")])
     assert both.reason == "rank 0: a; rank 1: b"
+
+
+def test_the_heuristic_default_is_the_first_trial_of_every_preset():
+    # 2 x H200: the DeepSeek-V3 preset tune never measured its default (the decode default's
+    # 4x1 weight-streaming down tile lay outside the full space), so "tuned / default" had
+    # nothing to compare with.
+    from flashmoe_gen.errors import ProblemError
+    from flashmoe_gen.presets import PRESETS, get_preset
+    from flashmoe_gen.tuner.study import study_seeds
+
+    n = 0
+    for name in PRESETS:
+        for world in (1, 2, 4):
+            for tokens in (1, 32, 512, 8192):
+                try:
+                    p = get_preset(name).problem(world_size=world, tokens_per_rank=tokens)
+                except ProblemError:
+                    continue  # experts not divisible by the world size
+                for transports in (("nccl",), ("nccl", "nvlink")):
+                    space = SearchSpace.for_problem(p, "sm_90", "full", transports)
+                    assert study_seeds(space)[0] == KernelConfig.default(p, "sm_90"), \
+                        (name, world, tokens, transports)
+                    n += 1
+    assert n > 100

@@ -178,6 +178,14 @@ class SearchSpace:
             for k in ("gu_mma", "dn_mma"):
                 if k in choices:
                     choices[k] = tuple(m for m in choices[k] if m not in HOPPER_KINDS)
+        default = KernelConfig.default(problem, limits.arch)
+        if size == "full" and default.transport in transports:
+            # The heuristic default is always a candidate (the first trial, and what "tuned /
+            # default" compares with); its values may lie outside the ranges, e.g. the
+            # decode default's 4x1 weight-streaming down tile.
+            for k, v in cls.params_from_config(default).items():
+                if v not in choices[k]:
+                    choices[k] = (*choices[k], v)
         return cls(problem, limits, choices, nvlink_only)
 
     # -- params <-> config ---------------------------------------------------------------
