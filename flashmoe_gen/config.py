@@ -226,8 +226,9 @@ class KernelConfig:
         fused = rows <= WS_MAX_ROWS
         if fused:  # every source's rows in one task: each weight byte read once
             gu = dn = GemmTile(32, 128, 64, warps, 1, 4, "ws")
-        else:
-            gu, dn = GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4)
+        else:  # the winners' tiles of the DeepSeek-V2-Lite and Qwen3-30B-A3B preset tunes
+            # at T=512 (2 x H200, bench/results/2026-11-26_gpu_checks_2xH200_session8.md)
+            gu, dn = GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 64, 2, 4, 4)
         cfg = cls(gu, dn, router_tokens_per_block=warps, transport="nvlink",
                   fuse_sources=fused and problem.world_size > 1)
         cfg.validate(problem, arch)
