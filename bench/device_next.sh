@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The next device session's checks in two calls (nvidia-h100-x4, carry .whl), for the work
-# of 2026-11-26's sixth session that only ran on the CPU (router split, fused sources with
-# this rank's tokens and NCCL groups, fused nvlink tasks, graph release at close, _tma
-# default, SM busy). Logs under $OUT, summaries last.
+# The next 4-GPU device session (nvidia-h100-x4, carry .whl): the checks and the numbers the
+# open issues ask for on 4 GPUs, in three calls. Logs under $OUT, summaries last.
 #   1: the whole one-GPU suite in three lanes (device_final.sh gpu4), then the 4-rank
 #      ws/tma/nvlink/graph tests with a log per rank (~550 s)
-#   2: the 4-rank decode table with nvlink, one call at a time and 8 back to back (~450 s)
-# Usage: bash bench/device_next.sh COMMIT 1|2   (COMMIT literally: the device's git metadata may lag)
+#   2: issue 15/16/12 numbers: the decode table on 4 ranks with nvlink, 8 forwards back to
+#      back (seed, DeepSeek-V2-Lite, DeepSeek-V3-like); the overlap table (seed T=256,
+#      DeepSeek-V2-Lite T=512, Mixtral T=4096); FlashDMoE's setting (E=64) with nvlink on 2
+#      then 4 ranks in the same call, for weak scaling (~540 s)
+#   3: issue 13: preset tunes on 4 ranks, tuned vs the heuristic default, DeepSeek-V3 T=128
+#      with 32 trials (first trial <= 30 s, 32 trials <= 5 min) (~540 s)
+# Usage: bash bench/device_next.sh COMMIT 1|2|3   (COMMIT literally: the device's git metadata
+# may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
@@ -15,15 +19,35 @@ if [ "$PART" = 1 ]; then
   cat "$O/gpu4.txt" | tail -30
   MULTI_TIMEOUT=200 bash bench/device_ws.sh "$COMMIT" c > "$O/ws_c.txt" 2>&1
   grep -E "rc=|PASSED|FAILED|passed|failed" "$O/ws_c.txt" | tail -30
+  exit 0
 fi
+source bench/device_setup.sh
+MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
+source bench/device_lib.sh
+nvidia-smi --query-gpu=index,name --format=csv,noheader | tee "$O/cards.txt"
 if [ "$PART" = 2 ]; then
-  source bench/device_setup.sh
-  MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
-  source bench/device_lib.sh
-  DECODE_TIMEOUT=220 run_decode 4 "$COMMIT" --problems seed,dsv3 --nvlink \
-    > "$O/decode.txt" 2>&1
-  DECODE_TAG=chain8 DECODE_TIMEOUT=220 run_decode 4 "$COMMIT" --problems seed,dsv3 --nvlink \
-    --chain 8 > "$O/decode_chain8.txt" 2>&1
-  tail -20 "$O/decode.txt"; tail -20 "$O/decode_chain8.txt"
+  DECODE_TAG=chain8 DECODE_TIMEOUT=250 run_decode 4 "$COMMIT" --problems seed,dsv2lite,dsv3 \
+    --nvlink --chain 8 > "$O/decode.txt" 2>&1
+  run_overlap 4 "$COMMIT" --problems seed,dsv2lite_t512,mixtral_t4096 > "$O/overlap.txt" 2>&1
+  for p in 2 4; do  # weak scaling: the same tokens per GPU on 2 and 4 GPUs, one machine
+    timeout -k 10 90 $MPI -np $p python3 bench/scaling.py --experts 64 --tokens 1024,16384 \
+      --nvlink --commit "$COMMIT" --json "$O/scaling.json" --out "$O/scaling_p$p" \
+      > "$O/scaling_p$p.log" 2>&1
+    echo "scaling $p ranks rc=$?"
+  done
+  rm -f "$O"/*.png
+  tail -12 "$O/scaling_p4.log"; tail -14 "$O/overlap.txt"; tail -30 "$O/decode.txt"
+fi
+if [ "$PART" = 3 ]; then
+  export FLASHMOE_DB="sqlite:///$O/winners.db" FLASHMOE_STUDIES="sqlite:///$O/studies.db"
+  for m in "deepseek-v3 128 32" "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" \
+           "mixtral-8x7b 4096 16"; do
+    set -- $m
+    S=$(date +%s)
+    timeout -k 10 "${TUNE_TIMEOUT:-125}" flashmoe-tune tune --gpus 4 --model "$1" --tokens "$2" \
+      --trials "$3" > "$O/tune_$1.log" 2>&1
+    echo "tune $1 T=$2 rc=$? $(( $(date +%s) - S )) s"
+    sed 's/\x1b\[[0-9;]*m//g' "$O/tune_$1.log" | grep -E "heuristic default|trial 1/.* done|ok, .* failed|winner stored" | cut -c1-160
+  done
 fi
 true
