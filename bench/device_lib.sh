@@ -25,3 +25,17 @@ run_decode() {  # P COMMIT (may be empty) [more bench/decode.py arguments]; tabl
   fi
   cat "$stem.md" 2>/dev/null || tail -30 "$stem.log"
 }
+run_preset_tunes() {  # GPUS "MODEL TOKENS TRIALS"...: each preset tuned, summary lines after each
+  local gpus=$1; shift
+  export FLASHMOE_DB="sqlite:///$O/winners.db" FLASHMOE_STUDIES="sqlite:///$O/studies.db"
+  local m S
+  for m in "$@"; do
+    set -- $m
+    S=$(date +%s)
+    timeout -k 10 "${TUNE_TIMEOUT:-120}" flashmoe-tune tune --gpus "$gpus" --model "$1" \
+      --tokens "$2" --trials "$3" > "$O/tune_$1.log" 2>&1
+    echo "tune $1 T=$2 rc=$? $(( $(date +%s) - S )) s"
+    sed 's/\x1b\[[0-9;]*m//g' "$O/tune_$1.log" | cut -c1-160 |
+      grep -E "heuristic default|trial 1/.* done|ok, .* failed|winner stored"
+  done
+}

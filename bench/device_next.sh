@@ -39,15 +39,7 @@ if [ "$PART" = 2 ]; then
   tail -12 "$O/scaling_p4.log"; tail -14 "$O/overlap.txt"; tail -30 "$O/decode.txt"
 fi
 if [ "$PART" = 3 ]; then
-  export FLASHMOE_DB="sqlite:///$O/winners.db" FLASHMOE_STUDIES="sqlite:///$O/studies.db"
-  for m in "deepseek-v3 128 32" "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" \
-           "mixtral-8x7b 4096 16"; do
-    set -- $m
-    S=$(date +%s)
-    timeout -k 10 "${TUNE_TIMEOUT:-125}" flashmoe-tune tune --gpus 4 --model "$1" --tokens "$2" \
-      --trials "$3" > "$O/tune_$1.log" 2>&1
-    echo "tune $1 T=$2 rc=$? $(( $(date +%s) - S )) s"
-    sed 's/\x1b\[[0-9;]*m//g' "$O/tune_$1.log" | grep -E "heuristic default|trial 1/.* done|ok, .* failed|winner stored" | cut -c1-160
-  done
+  TUNE_TIMEOUT=${TUNE_TIMEOUT:-125} run_preset_tunes 4 "deepseek-v3 128 32" \
+    "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" "mixtral-8x7b 4096 16"
 fi
 true

@@ -69,14 +69,8 @@ if [ "$PART" = 2 ]; then
   tail -30 "$O/decode.txt"
 fi
 if [ "$PART" = t ]; then  # issue 13: preset tunes, tuned vs the heuristic default
-  export FLASHMOE_DB="sqlite:///$O/winners.db" FLASHMOE_STUDIES="sqlite:///$O/studies.db"
-  for m in "deepseek-v3 128" "deepseek-v2-lite 512" "qwen3-30b-a3b 512" "mixtral-8x7b 4096"; do
-    set -- $m
-    S=$(date +%s)
-    timeout -k 10 "${TUNE_TIMEOUT:-120}" flashmoe-tune tune --gpus 2 --model "$1" --tokens "$2" \
-      --trials "${TRIALS:-24}" > "$O/tune_$1.log" 2>&1
-    echo "tune $1 T=$2 rc=$? $(( $(date +%s) - S )) s"
-    sed 's/\x1b\[[0-9;]*m//g' "$O/tune_$1.log" | grep -E "heuristic default|trial 1/.* done|ok, .* failed|winner stored" | cut -c1-160
-  done
+  N=${TRIALS:-24}
+  run_preset_tunes 2 "deepseek-v3 128 $N" "deepseek-v2-lite 512 $N" "qwen3-30b-a3b 512 $N" \
+    "mixtral-8x7b 4096 $N"
 fi
 true
