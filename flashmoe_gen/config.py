@@ -14,8 +14,8 @@ from .tiles import (
     BN_CHOICES,
     HOPPER_KINDS,
     TMA_MAX_GROUPS,
-    WS_TOKEN_CHOICES,
     GemmTile,
+    ws_token_tile,
 )
 
 ROUTER_CHOICES = (1, 2, 4, 8, 16, 32)
@@ -225,7 +225,7 @@ class KernelConfig:
         rows = problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
         fused = rows <= WS_MAX_ROWS
         if fused:  # every source's rows in one task: each weight byte read once
-            gu = dn = GemmTile(32, 128, 64, warps, 1, 4, "ws")
+            gu = dn = GemmTile(ws_token_tile(rows, 32), 128, 64, warps, 1, 4, "ws")
         else:  # the winners' tiles of the DeepSeek-V2-Lite and Qwen3-30B-A3B preset tunes
             # at T=512 (2 x H200, bench/results/2026-11-26_gpu_checks_2xH200_session8.md)
             gu, dn = GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 64, 2, 4, 4)
@@ -290,8 +290,7 @@ class KernelConfig:
         None when rows are more or a dimension is below the tiles."""
         if rows > WS_MAX_ROWS:
             return None
-        tt = next(t for t in WS_TOKEN_CHOICES if t >= min(rows, WS_TOKEN_CHOICES[-1]))
-        tt = max(tt, 32) if problem.shared_experts else tt  # shared rows: T per pass
+        tt = ws_token_tile(rows, 32 if problem.shared_experts else 16)  # shared: T per pass
         cfg = cls(GemmTile(tt, 64, 64, 4, 1, 4, "ws"), GemmTile(tt, 128, 64, 4, 1, 4, "ws"),
                   fuse_sources=problem.world_size > 1, **knobs)
         try:

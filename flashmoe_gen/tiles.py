@@ -3,6 +3,7 @@ checks that it fits a problem's GEMM and a GPU (registers, shared memory, divisi
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 
@@ -37,6 +38,10 @@ TMA_SPIN_CYCLES = 1 << 34
 #: Weight-streaming tiles: token tiles and K steps it takes.
 WS_TOKEN_CHOICES = (16, 32, 64)
 WS_BK_CHOICES = (32, 64)
+#: Weight bandwidth of one pass relative to the 16-token tile (1 x H200, GEMM bench at
+#: 448dea2: 8 rows per expert 3.83 vs 3.61 TB/s for 16 vs 32 tokens, 32 rows 4.18 vs 3.68
+#: TB/s for 32 vs 64 tokens).
+WS_TILE_SPEED = {16: 1.0, 32: 0.94, 64: 0.83}
 WGMMA_BK, WGMMA_ROWS_PER_WARPGROUP, WGMMA_MAX_N = 64, 64, 256
 #: Extra dynamic shared memory a wgmma kernel takes to align its tiles to 1024 bytes.
 WGMMA_ALIGN = 1024
@@ -229,3 +234,28 @@ class GemmTile:
         *ints, suffix = m.groups()
         mma = {v: k for k, v in MMA_SUFFIX.items()}[suffix or ""]
         return cls(*map(int, ints), mma=mma)
+
+
+def ws_token_tile(mean_rows: float, smallest: int = WS_TOKEN_CHOICES[0]) -> int:
+    """The weight-streaming token tile for experts that get ``mean_rows`` rows on average
+    (all sources together). Rows past the tile re-stream the expert's weights, and routed
+    counts vary around their mean (2 x H200, DeepSeek-V3-like T=512: 32 rows on average, the
+    32-token tile, expert tasks at 62% of the copy bandwidth), so the tile minimises the
+    expected passes over a Poisson count divided by the tile's speed (``WS_TILE_SPEED``)."""
+    def passes(t: int) -> float:
+        return 1.0 + sum(_poisson_above(j * t, mean_rows) for j in range(1, 64))
+
+    tiles = [t for t in WS_TOKEN_CHOICES if t >= smallest]
+    return min(tiles, key=lambda t: passes(t) / WS_TILE_SPEED[t])
+
+
+def _poisson_above(k: int, mean: float) -> float:
+    """P(X > k) for X ~ Poisson(mean)."""
+    if mean <= 0:
+        return 0.0
+    term = math.exp(-mean)  # P(X = 0); underflows only for means far past any tile
+    below = term
+    for i in range(1, k + 1):
+        term *= mean / i
+        below += term
+    return max(0.0, 1.0 - below)

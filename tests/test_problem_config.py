@@ -853,3 +853,21 @@ def test_sizes_have_upper_bounds_that_fit_int32(field, limit):
     assert max(ints) < 2**31
     assert big.experts * big.fixed_capacity(256) * big.hidden * 2 < 2**63
     assert big.experts * big.hidden * big.intermediate * 3 < 2**63
+
+
+def test_weight_streaming_token_tile_covers_the_spread_of_routed_rows():
+    # 2 x H200, DeepSeek-V3-like T=512: 32 rows per expert on average with the 32-token tile,
+    # so about half the experts took a second pass over their weights (expert tasks at 62% of
+    # the copy bandwidth). The tile now weighs the expected passes against its speed.
+    from flashmoe_gen.tiles import WS_TOKEN_CHOICES, ws_token_tile
+
+    tiles = [ws_token_tile(m) for m in (0.5, 2, 4, 8, 12, 16, 24, 28, 32, 48, 64)]
+    assert tiles == sorted(tiles) and set(tiles) <= set(WS_TOKEN_CHOICES)
+    assert ws_token_tile(1) == 16 and ws_token_tile(8) == 16 and ws_token_tile(32) == 64
+    assert ws_token_tile(1, smallest=32) == 32 and ws_token_tile(24, smallest=32) == 32
+    p = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=2, tokens_per_rank=512)
+    for cfg in (KernelConfig.default(p), KernelConfig.persistent_default(p)):
+        assert cfg.gate_up.mma == cfg.down.mma == "ws" and cfg.gate_up.bm == cfg.down.bm == 64
+    small = p.replace(tokens_per_rank=128)  # 8 rows per expert: as measured before
+    assert KernelConfig.persistent_default(small).gate_up.bm == 32
+    assert KernelConfig.default(small).gate_up.bm == 32  # shared experts: T rows per pass
