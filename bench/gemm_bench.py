@@ -43,7 +43,9 @@ TMA = ["gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma",
 WS = ["gu_bm16_bn64_bk64_w4x1_s4_ws__dn_bm16_bn128_bk64_w4x1_s4_ws",
       "gu_bm32_bn64_bk64_w4x1_s4_ws__dn_bm32_bn128_bk64_w4x1_s4_ws",
       "gu_bm32_bn64_bk64_w4x1_s6_ws__dn_bm32_bn64_bk64_w4x1_s6_ws",
-      "gu_bm64_bn128_bk64_w8x1_s4_ws__dn_bm64_bn128_bk64_w8x1_s4_ws"]
+      "gu_bm64_bn128_bk64_w8x1_s4_ws__dn_bm64_bn128_bk64_w8x1_s4_ws",
+      # the nccl default's tiles where experts average ~28-32 rows (tiles.ws_token_tile)
+      "gu_bm64_bn64_bk64_w4x1_s4_ws__dn_bm64_bn128_bk64_w4x1_s4_ws"]
 WS_ROWS = 64
 
 
