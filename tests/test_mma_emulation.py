@@ -239,3 +239,18 @@ def test_weight_streaming_block_gathers_sources_and_swaps_operands(gated, counts
         ws_block(sources, B0, B1, tt, bn, bk, warps, n, outs)
     for (a, _), got in zip(sources, outs, strict=True):
         np.testing.assert_allclose(got, _ref(a, B0, B1), rtol=1e-10, atol=1e-10)
+
+
+def test_weight_streaming_block_with_64_token_passes():
+    """The 64-token tile the defaults now take at ~28-32 rows per expert (tiles.ws_token_tile):
+    eight token groups per pass, a second pass past 64 rows."""
+    rng = np.random.default_rng(3)
+    K, N = 72, 64
+    B0, B1 = rng.standard_normal((N, K)), rng.standard_normal((N, K))
+    counts = (70, 3)
+    sources = [(rng.standard_normal((c, K)), c) for c in counts]
+    outs = [np.full((c, N), np.nan) for c in counts]
+    for n in range(N // 32):
+        ws_block(sources, B0, B1, 64, 32, 32, 2, n, outs)
+    for (a, _), got in zip(sources, outs, strict=True):
+        np.testing.assert_allclose(got, _ref(a, B0, B1), rtol=1e-10, atol=1e-10)
