@@ -48,17 +48,17 @@ def floor_note(tbs: float | None) -> str:
     tbs = PEAK_BYTES["H100"] / 1e12 if tbs is None else tbs
     return f"max(FLOPs/{PEAK_FLOPS / 1e12:.0f} TFLOP/s, bytes/{tbs:.1f} TB/s)"
 
-def nvlink_stats(layer, x, comm) -> dict:
-    """One more transport-nvlink forward with the kernel's own clocks on (collective): SM
-    busy (GEMM cycles / all, mean over ranks) and where the time went (per phase, the
-    slowest rank's critical path)."""
+def nvlink_stats(layer, x, comm, chain: int = 8) -> dict:
+    """Transport nvlink's own clocks (collective): the last of ``chain`` forwards back to
+    back, median of 5 chains: SM busy (GEMM cycles / all, mean over ranks), the kernel's
+    time and where it went (per phase, the slowest rank's critical path)."""
     from flashmoe_gen.comm import allgather
 
-    pf = layer._persistent
-    busy = allgather(comm.mpi, pf.measure_sm_busy(x), "SM busy")
-    phases = allgather(comm.mpi, pf.phase_us(), "phase times")
-    return {"sm_busy_nvlink": round(float(np.mean(busy)), 3),
-            "phases_us_nvlink": {k: max(ph[k] for ph in phases) for k in phases[0]}}
+    got = allgather(comm.mpi, layer._persistent.measure(x, chain=chain), "kernel clocks")
+    busy = float(np.mean([g.pop("sm_busy") for g in got]))
+    kernel = max(g.pop("kernel_us") for g in got)
+    return {"sm_busy_nvlink": round(busy, 3), "kernel_us_nvlink": kernel,
+            "phases_us_nvlink": {k: max(g[k] for g in got) for k in got[0]}}
 
 
 PROBLEMS = {

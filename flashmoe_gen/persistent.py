@@ -288,6 +288,9 @@ class PersistentForward:
         if self.stats is None:
             self.stats = cupy.zeros((self.grid, PERSISTENT_STATS_WORDS), np.uint64)
             self._launch = None  # the packed arguments now carry the buffer
+            cache = getattr(self.layer, "_graph_cache", None)
+            if cache is not None:  # graphs captured so far launch without it
+                cache.release()
 
     def _stats(self, what: str) -> np.ndarray:
         if self.stats is None:
@@ -310,12 +313,31 @@ class PersistentForward:
         spans = np.diff(np.concatenate([[0.0], ends])) / (self.clock_khz * 1e-3)
         return dict(zip((*PERSISTENT_PHASES, "combine"), spans.round(2).tolist(), strict=True))
 
+    def kernel_us(self) -> float:
+        """The last call's time in the kernel: its latest block's cycles, at the nominal
+        clock (a forward's time minus this is launch and host time)."""
+        return round(float(self._stats("kernel time")[:, 1].max()) / (self.clock_khz * 1e-3), 2)
+
     def measure_sm_busy(self, x) -> float:
         """One more forward of ``x`` with stats on (collective like any forward): this
         rank's share of the blocks' cycles spent in GEMM tiles."""
         self.enable_stats()
         self.layer.forward(x)
         return self.sm_busy()
+
+    def measure(self, x, chain: int = 8, repeats: int = 5) -> dict:
+        """SM busy, kernel time and phases of the last of ``chain`` forwards of ``x`` back to
+        back, median over ``repeats`` chains (collective like any forward). One lone call
+        would count the ranks' launch skew into the first wait on a peer; inside a chain the
+        previous call's waits have lined the ranks up, as in steady decoding."""
+        self.enable_stats()
+        runs = []
+        for _ in range(repeats):
+            for _ in range(chain):
+                self.layer.forward(x)
+            runs.append({"sm_busy": self.sm_busy(), "kernel_us": self.kernel_us(),
+                         **self.phase_us()})
+        return {k: round(float(np.median([r[k] for r in runs])), 3) for k in runs[0]}
 
     def stall(self) -> CommTimeout | None:
         """What the watchdog recorded (after the kernel trapped), as the error to raise."""

@@ -101,6 +101,43 @@ def test_sm_busy_is_the_gemm_share_of_all_block_cycles():
                              "all_tasks": 5, "combine_wait": 15, "combine": 15}
 
 
+def test_measure_reads_the_last_call_of_each_chain():
+    pf = object.__new__(PersistentForward)
+    pf.clock_khz = 1000  # 1 cycle per us
+    calls = []
+
+    # chain i's last call: kernel time 100 + i, GEMM share 0.5; earlier calls (which a lone
+    # measurement would read: the peers' launch skew) are much slower.
+    def forward(x):
+        calls.append(x)
+        n = len(calls)
+        last = n % 3 == 0
+        total = 100 + n // 3 if last else 10_000
+        pf.stats = types.SimpleNamespace(get=lambda: np.array(
+            [[total // 2, total, 1, 2, 3, 4, 5, 6], [0, total, 1, 2, 3, 4, 5, 6]], np.uint64))
+
+    pf.layer = types.SimpleNamespace(forward=forward, _graph_cache=None)
+    pf.stats = None
+    pf.enable_stats = lambda: None
+    got = pf.measure("x", chain=3, repeats=5)
+    assert len(calls) == 15
+    assert got["kernel_us"] == 103 and got["sm_busy"] == pytest.approx(0.25, abs=0.01)
+    assert got["route"] == 1 and got["combine"] == pytest.approx(103 - 6)
+
+
+def test_enable_stats_drops_captured_graphs(monkeypatch):
+    import sys
+
+    released = []
+    pf = object.__new__(PersistentForward)
+    pf.stats, pf.grid = None, 4
+    pf.layer = types.SimpleNamespace(_graph_cache=types.SimpleNamespace(
+        release=lambda: released.append(1)))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(zeros=np.zeros))
+    pf.enable_stats()
+    assert released == [1] and pf.stats.shape[0] == 4 and pf._launch is None
+
+
 def test_stats_words_follow_the_template():
     from flashmoe_gen.config import KernelConfig
     from flashmoe_gen.problem import MoEProblem
