@@ -39,6 +39,9 @@ TMA_SPIN_CYCLES = 1 << 34
 #: Weight-streaming tiles: token tiles and K steps it takes.
 WS_TOKEN_CHOICES = (16, 32, 64)
 WS_BK_CHOICES = (32, 64)
+#: Weight-streaming pipeline depths: deeper than the row tiles' (a block alone on its SM at
+#: decode streams at about bytes in flight / memory latency).
+WS_STAGE_RANGE = range(2, 9)
 #: Weight bandwidth of one pass relative to the 16-token tile (1 x H200, GEMM bench at
 #: 448dea2: 8 rows per expert 3.83 vs 3.61 TB/s for 16 vs 32 tokens, 32 rows 4.18 vs 3.68
 #: TB/s for 32 vs 64 tokens).
@@ -161,8 +164,9 @@ class GemmTile:
         if self.bn not in BN_CHOICES or self.bn % (self.warps_m * MMA_M):
             raise err("bn", self.bn, f"ws: one of {list(BN_CHOICES)} and a multiple of "
                       f"16 x warps_m = {16 * self.warps_m}")
-        if self.stages not in STAGE_RANGE:
-            raise err("stages", self.stages, f"choose {STAGE_RANGE.start}..{STAGE_RANGE.stop - 1}")
+        if self.stages not in WS_STAGE_RANGE:
+            raise err("stages", self.stages,
+                      f"ws: choose {WS_STAGE_RANGE.start}..{WS_STAGE_RANGE.stop - 1}")
 
     def _validate_tma(self, err, limits: DeviceLimits) -> None:
         if limits.major_minor != (9, 0):

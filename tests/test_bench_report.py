@@ -22,3 +22,20 @@ def test_emit_writes_markdown_and_json(tmp_path, capsys):
     assert "# title" in capsys.readouterr().out
     emit("only printed\n", [], None, None)
     assert "only printed" in capsys.readouterr().out
+
+
+def test_nvlink_sweep_variants_cover_every_combination():
+    import pytest
+    from nvlink_sweep import variants
+
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.problem import MoEProblem
+
+    p = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=1)
+    base = KernelConfig.persistent_default(p)
+    assert variants(base, "") == [base]
+    got = variants(base, "dn_s=4,8;gu_bk=32,64")
+    assert len(got) == 4 and base in got
+    assert {(c.down.stages, c.gate_up.bk) for c in got} == {(4, 32), (4, 64), (8, 32), (8, 64)}
+    with pytest.raises(SystemExit, match="gu_|dn_"):
+        variants(base, "xx_s=4")

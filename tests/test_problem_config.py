@@ -548,9 +548,9 @@ def test_weight_streaming_tile_name_parse_and_grid():
     (GemmTile(32, 64, 16, 4, 1, 4, "ws"), "bk", "ws: choose one of [32, 64]"),
     (GemmTile(32, 64, 64, 2, 2, 4, "ws"), "warps_n", "use 1"),
     (GemmTile(32, 32, 64, 4, 1, 4, "ws"), "bn", "multiple of 16 x warps_m = 64"),
-    (GemmTile(32, 64, 64, 4, 1, 7, "ws"), "stages", "choose 2..6"),
+    (GemmTile(32, 64, 64, 4, 1, 9, "ws"), "stages", "choose 2..8"),
     (GemmTile(64, 256, 64, 2, 1, 6, "ws"), "stages", "shared memory"),
-], ids=["bm8", "bm128", "bk16", "warps_n2", "bn_split", "stages7", "smem"])
+], ids=["bm8", "bm128", "bk16", "warps_n2", "bn_split", "stages9", "smem"])
 def test_weight_streaming_tile_refusals(tile, field, text):
     _refused(KernelConfig(tile, GemmTile(32, 128, 64, 4, 1, 4, "ws")), DSV3_DECODE, field, text)
 
