@@ -6,9 +6,9 @@ against the NCCL path's graph-mode default on the same weights and tokens.
     mpirun -np 2 python bench/nvlink_sweep.py --problems seed --tokens 1,8 \\
         --vary "dn_s=4,8;gu_s=4,6" --out sweep.md --json sweep.json
 
-``--vary`` changes the persistent default's tiles: ``gu_``/``dn_`` + a GemmTile field
-(bm, bn, bk, stages as ``s``), values comma-separated; every combination is timed (configs
-the build refuses are reported, not fatal).
+``--vary`` changes the persistent default: ``gu_``/``dn_`` + a GemmTile field (bm, bn, bk,
+stages as ``s``), ``b`` (blocks per SM), ``ks`` (K splits, ``GxD``), values comma-separated;
+every combination is timed (configs the build refuses are reported, not fatal).
 """
 
 from __future__ import annotations
@@ -32,21 +32,32 @@ FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 
 
 def variants(base, vary: str) -> list:
-    """The persistent default ``base`` with every combination of ``vary``'s values."""
+    """The persistent default ``base`` with every combination of ``vary``'s values: tile
+    fields (``gu_``/``dn_`` + bm, bn, bk, s), ``b`` (blocks per SM) and ``ks`` (K splits,
+    ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):
         knob, values = part.split("=")
-        gemm, field = knob.split("_", 1)
+        if knob == "b":
+            axes.append([{"blocks_per_sm": int(v)} for v in values.split(",")])
+            continue
+        if knob == "ks":
+            axes.append([{"gu_splits": int(v.split("x")[0]), "dn_splits": int(v.split("x")[1])}
+                         for v in values.split(",")])
+            continue
+        gemm, _, field = knob.partition("_")
         if gemm not in ("gu", "dn") or field not in FIELDS:
-            raise SystemExit(f"--vary {knob}: use gu_|dn_ + one of {list(FIELDS)}")
-        axes.append([(gemm, FIELDS[field], int(v)) for v in values.split(",")])
+            raise SystemExit(f"--vary {knob}: use b, ks, or gu_|dn_ + one of {list(FIELDS)}")
+        attr = "gate_up" if gemm == "gu" else "down"
+        axes.append([{attr: (FIELDS[field], int(v))} for v in values.split(",")])
     out = []
     for combo in itertools.product(*axes):
         cfg = base
-        for gemm, field, v in combo:
-            attr = "gate_up" if gemm == "gu" else "down"
-            cfg = dataclasses.replace(cfg, **{attr: dataclasses.replace(getattr(cfg, attr),
-                                                                       **{field: v})})
+        for change in combo:
+            for k, v in change.items():
+                if isinstance(v, tuple):  # a tile field
+                    v = dataclasses.replace(getattr(cfg, k), **{v[0]: v[1]})
+                cfg = dataclasses.replace(cfg, **{k: v})
         out.append(cfg)
     return list(dict.fromkeys(out)) or [base]
 

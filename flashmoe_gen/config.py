@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from .arch import DEFAULT_ARCH, DeviceLimits, limits_for
 from .errors import ArgumentError, ConfigError
 from .problem import MoEProblem
+from .splitk import MAX_SCRATCH_BYTES, SplitK, default_splits
 from .tiles import (
     BK_CHOICES,
     BN_CHOICES,
@@ -42,6 +43,12 @@ PERSISTENT_SCHEDULE = {"router_tokens_per_block": PERSISTENT_THREADS // 32,
 #: Its blocks per SM ("processors"): 0 = as many as fit (the occupancy); fewer cut the cost
 #: of its grid barriers and task queue where tiles are small.
 BLOCKS_PER_SM_CHOICES = (0, 1, 2, 4)
+#: K splits of its fused weight-streaming tasks (``gu_splits``, ``dn_splits``): a tile's K
+#: range over that many blocks, fp32 partials summed in a fixed order by the last to finish.
+#: One block streams only ~27 GB/s (2 x H200, seed T=1: 768 KB of gate/up + down tile on
+#: the critical path took 28 us, whatever the pipeline depth), so at decode, where tiles are
+#: fewer than SMs, more blocks per tile shorten the critical path.
+K_SPLIT_CHOICES = (1, 2, 4, 8)
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
@@ -76,6 +83,8 @@ class KernelConfig:
     mode: str = "host"
     transport: str = "nccl"
     blocks_per_sm: int = 0  # transport "nvlink" only (BLOCKS_PER_SM_CHOICES)
+    gu_splits: int = 1  # transport "nvlink", fused ws tiles only (K_SPLIT_CHOICES)
+    dn_splits: int = 1
 
     @property
     def uses_wgmma(self) -> bool:
@@ -116,6 +125,8 @@ class KernelConfig:
             parts.append(self.transport)
         if self.blocks_per_sm:
             parts.append(f"b{self.blocks_per_sm}")
+        if self.gu_splits > 1 or self.dn_splits > 1:
+            parts.append(f"ks{self.gu_splits}x{self.dn_splits}")
         return "__".join(parts)
 
     @classmethod
@@ -124,15 +135,16 @@ class KernelConfig:
             raise ConfigError("name", name, "expected a config name (str) as "
                               "KernelConfig.name prints it")
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
-                         r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?", name)
+                         r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
+                         r"(?:__ks(\d+)x(\d+))?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
-        gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps = m.groups()
+        gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
-                   transport or "nccl", int(bps or 0))
+                   transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1))
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -151,7 +163,8 @@ class KernelConfig:
             if not isinstance(getattr(self, which), GemmTile):
                 raise ConfigError(which, getattr(self, which), "must be a GemmTile")
         name = self.name
-        for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams", "blocks_per_sm"):
+        for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams", "blocks_per_sm",
+                  "gu_splits", "dn_splits"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
@@ -183,8 +196,17 @@ class KernelConfig:
             raise ConfigError("blocks_per_sm", self.blocks_per_sm,
                               f"choose one of {list(BLOCKS_PER_SM_CHOICES)} (0: as many as fit)",
                               name)
+        for f in ("gu_splits", "dn_splits"):
+            v = getattr(self, f)
+            if v not in K_SPLIT_CHOICES:
+                raise ConfigError(f, v, f"choose one of {list(K_SPLIT_CHOICES)}", name)
+            if v > 1 and not (self.transport == "nvlink" and self.fuses_own_tokens):
+                raise ConfigError(f, v, "only transport 'nvlink' with fused weight-streaming "
+                                  "tiles (fuse_sources, _ws) splits a tile's K range: use 1",
+                                  name)
         if self.transport == "nvlink":
             self._validate_persistent(name)
+            SplitK.of(problem, self).check(name)
         elif self.blocks_per_sm:
             raise ConfigError("blocks_per_sm", self.blocks_per_sm, "only transport 'nvlink' "
                               "runs a persistent kernel: use 0", name)
@@ -219,8 +241,9 @@ class KernelConfig:
     @classmethod
     def persistent_default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
         """A transport "nvlink" config: 8-warp weight-streaming tiles with fused sources when
-        an expert averages at most ``WS_MAX_ROWS`` rows from all sources, else 8-warp mma.sync
-        row tiles per source."""
+        an expert averages at most ``WS_MAX_ROWS`` rows from all sources (K split where the
+        active experts' tiles are fewer than SMs: splitk.default_splits), else 8-warp
+        mma.sync row tiles per source."""
         warps = PERSISTENT_THREADS // 32
         rows = problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
         fused = rows <= WS_MAX_ROWS
@@ -231,6 +254,12 @@ class KernelConfig:
             gu, dn = GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 64, 2, 4, 4)
         cfg = cls(gu, dn, router_tokens_per_block=warps, transport="nvlink",
                   fuse_sources=fused and problem.world_size > 1)
+        if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
+            gs, ds = default_splits(problem, gu, dn, K_SPLIT_CHOICES)
+            split = cls(gu, dn, router_tokens_per_block=warps, transport="nvlink",
+                        fuse_sources=True, gu_splits=gs, dn_splits=ds)
+            if SplitK.of(problem, split).words * 8 <= MAX_SCRATCH_BYTES:
+                cfg = split
         cfg.validate(problem, arch)
         return cfg
 

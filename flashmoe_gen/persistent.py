@@ -19,8 +19,15 @@ import numpy as np
 
 from .errors import CommError, CommTimeout, ConfigError
 from .layout import SymmetricLayout
-from .render import PERSISTENT_PHASES, PERSISTENT_STATS_WORDS, router_scratch_words
+from .render import (
+    PERSISTENT_PHASES,
+    PERSISTENT_ST_DEP,
+    PERSISTENT_STATS_WORDS,
+    persistent_split_base,
+    router_scratch_words,
+)
 from .signatures import PERSISTENT
+from .splitk import SplitK
 from .watchdog import allgather, comm_timeout  # allgather: with the collectives' deadline
 
 if TYPE_CHECKING:
@@ -31,15 +38,15 @@ if TYPE_CHECKING:
 _X, _TOKENS, _OUT = (PERSISTENT.names.index(n) for n in ("x", "tokens", "out"))
 #: Heap sections start on this boundary (flags need 8 bytes, vector stores 16).
 ALIGN = 256
-#: state[] words of the kernel: ST_DEP + P * E_local + 1 (templates/persistent.cu.j2).
-ST_DEP = 4
-
-
 def state_words(problem: MoEProblem, config: KernelConfig) -> int:
-    """The persistent kernel's state buffer in uint64 words: its counters, then the router's
-    partial logits for up to ``problem.tokens_per_rank`` tokens (zeroed once)."""
-    return (ST_DEP + problem.world_size * problem.local_experts + 1
-            + router_scratch_words(problem, config.router_tokens_per_block))
+    """The persistent kernel's state buffer in uint64 words: its counters, the router's
+    partial logits (zeroed once), then the split tiles' scratch (flashmoe_gen.splitk) for
+    up to ``problem.tokens_per_rank`` tokens."""
+    sk = SplitK.of(problem, config)
+    if not sk.splits:
+        return (PERSISTENT_ST_DEP + problem.world_size * problem.local_experts + 1
+                + router_scratch_words(problem, config.router_tokens_per_block))
+    return persistent_split_base(problem, config) + sk.words
 
 
 def _align(n: int) -> int:

@@ -11,6 +11,7 @@ from . import __version__
 from .config import PERSISTENT_THREADS, KernelConfig
 from .problem import MoEProblem
 from .signatures import ALL as SIGNATURES
+from .splitk import SplitK
 from .tiles import HOPPER_KINDS, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile
 
 #: C++ spellings per dtype (CUTLASS-style tag tables).
@@ -282,7 +283,29 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_fused": CPP_BOOL[config.transport == "nvlink" and config.fuse_sources],
         "pgu": _task_gemm(config.gate_up, True),
         "pdn": _task_gemm(config.down, False),
+        **_split_vars(problem, config),
     }
+
+
+#: The persistent kernel's state[] before its dependency counters: epoch, barrier count and
+#: generation, task counter (templates/persistent.cu.j2 ST_DEP).
+PERSISTENT_ST_DEP = 4
+
+
+def persistent_split_base(problem: MoEProblem, config: KernelConfig) -> int:
+    """uint64 word of the persistent kernel's state where the split tiles' scratch starts:
+    after its counters (ST_WORDS) and the router's partial logits at any token count."""
+    counters = PERSISTENT_ST_DEP + problem.world_size * problem.local_experts + 1
+    return counters + -(-router_part_floats(problem, config.router_tokens_per_block)[0] // 2)
+
+
+def _split_vars(problem: MoEProblem, config: KernelConfig) -> dict[str, int]:
+    """The split tiles' constants (flashmoe_gen.splitk; independent of tokens_per_rank)."""
+    sk = SplitK.of(problem, config)
+    return {"split_gu": sk.gu_splits, "split_dn": sk.dn_splits, "split_gu_area": sk.gu_area,
+            "split_dn_area": sk.dn_area, "split_shared_words": sk.shared_words,
+            "split_slot_words": sk.slot_words,
+            "split_base": persistent_split_base(problem, config) if sk.splits else 0}
 
 
 def _task_gemm(tile: GemmTile, gated: bool) -> dict[str, int | str]:

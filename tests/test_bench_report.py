@@ -25,6 +25,8 @@ def test_emit_writes_markdown_and_json(tmp_path, capsys):
 
 
 def test_nvlink_sweep_variants_cover_every_combination():
+    import dataclasses
+
     import pytest
     from nvlink_sweep import variants
 
@@ -32,10 +34,13 @@ def test_nvlink_sweep_variants_cover_every_combination():
     from flashmoe_gen.problem import MoEProblem
 
     p = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=1)
-    base = KernelConfig.persistent_default(p)
+    base = dataclasses.replace(KernelConfig.persistent_default(p), gu_splits=1, dn_splits=1)
     assert variants(base, "") == [base]
     got = variants(base, "dn_s=4,8;gu_bk=32,64")
     assert len(got) == 4 and base in got
     assert {(c.down.stages, c.gate_up.bk) for c in got} == {(4, 32), (4, 64), (8, 32), (8, 64)}
+    got = variants(base, "b=1,2;ks=1x1,2x8")
+    assert {(c.blocks_per_sm, c.gu_splits, c.dn_splits) for c in got} == \
+        {(1, 1, 1), (2, 1, 1), (1, 2, 8), (2, 2, 8)}
     with pytest.raises(SystemExit, match="gu_|dn_"):
         variants(base, "xx_s=4")

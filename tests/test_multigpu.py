@@ -132,21 +132,26 @@ def _nvl_cfg(**knobs):
 
 
 @pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph", "row_tiles",
-                                  "fused", "fused_dsv2lite_graph", "fused_capped_skewed"])
+                                  "fused", "fused_dsv2lite_graph", "fused_capped_skewed",
+                                  "fused_split_k"])
 def test_nvlink_persistent_kernel(comm, case):
     """Ragged ranks (one sends nothing), shared experts, capacity drops under skew, and the
     graph-captured launch; each layer is called again with other token counts (the flags'
     epochs advance, nothing is reset between calls). Fused: tasks over every source's rows,
-    results stored into each source's heap."""
+    results stored into each source's heap; split K: tiles whose rows fit one pass summed
+    from parts (the split counters' epochs advance too)."""
     p = {"seed": SEED.replace(tokens_per_rank=300), "dsv2lite": DSV2.replace(tokens_per_rank=96),
          "capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
          "graph": SEED.replace(tokens_per_rank=300),
          "row_tiles": SEED.replace(tokens_per_rank=1000),
          "fused": SEED.replace(tokens_per_rank=300),
          "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
-         "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300)}[case]
+         "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
+         "fused_split_k": SEED.replace(tokens_per_rank=300)}[case]
     knobs = dict(fuse_sources=case.startswith("fused"))
     cfg = _nvl_cfg(mode="graph", **knobs) if case.endswith("graph") else _nvl_cfg(**knobs)
+    if case == "fused_split_k":  # K over parts where rows fit one pass (the later calls)
+        cfg = dataclasses.replace(cfg, gu_splits=2, dn_splits=4)
     if case == "row_tiles":  # mma.sync row tiles: several 64-row tiles per (source, expert)
         cfg = KernelConfig(GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4),
                            transport="nvlink")

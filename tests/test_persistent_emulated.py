@@ -16,6 +16,7 @@ from flashmoe_gen.plan import fixed_slots
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.reference import moe_reference, relative_error, route
 from flashmoe_gen.render import render
+from flashmoe_gen.splitk import SplitK
 from flashmoe_gen.tiles import GemmTile
 from flashmoe_gen.weights import MoEWeights, random_tokens
 
@@ -40,13 +41,36 @@ class Ptr:
 def ws_gemm(gated, bn, n_block, g, A, a_group_stride, B0, B1, b_group_stride, C,
             c_group_stride, counts, count_cap, rows_fixed, N, K, inner_groups, a_outer_stride,
             c_outer_stride, counts_outer_stride, skip_outer, a_row_off, c_row_off,
-            c_bases=None, c_base_off=0, sources=1):
+            c_bases=None, c_base_off=0, split=0, splits=1, scratch=None, sources=1, tt=32,
+            bk=64):
     """templates/gemm.cu.j2 ws_gemm: output columns [bn n_block, bn n_block + bn) of group g
-    over the rows of every outer group (source) it gathers."""
+    over the rows of every outer group (source) it gathers. Split K: part ``split`` of the
+    K steps when the rows fit one pass; ``scratch`` (a list) collects the parts, the last to
+    arrive sums them in part order. Returns whether this call completed the tile."""
     n_outer = sources if inner_groups > 0 else 1
     cols = slice(n_block * bn, min((n_block + 1) * bn, N))
     b0 = f64(B0.rows(N, K)[cols])  # g = 0 here: B0 and B1 point at the expert already
     b1 = f64(B1.rows(N, K)[cols]) if gated else None
+    row_n = [0 if (inner_groups > 0 and o == skip_outer) else
+             (min(int(counts.a[counts.off + o * counts_outer_stride + g]), count_cap)
+              if counts is not None else rows_fixed) for o in range(n_outer)]
+    rows = sum(max(n, 0) for n in row_n)
+    if rows == 0:
+        return split == 0
+    split_k = splits > 1 and rows <= tt
+    if not split_k and split != 0:
+        return False
+    kt = -(-K // bk)
+    ks = slice(split * kt // splits * bk, (split + 1) * kt // splits * bk) if split_k \
+        else slice(0, K)
+    if split_k:  # this part's K range; the last arrival sums every part in order
+        scratch.append((split, ks))
+        if len(scratch) < splits:
+            return False
+        parts = [k for _, k in sorted(scratch)]
+        scratch.clear()
+    else:
+        parts = [ks]
     for o in range(n_outer):
         gi = o * counts_outer_stride + g
         n = 0 if (inner_groups > 0 and o == skip_outer) else \
@@ -58,10 +82,11 @@ def ws_gemm(gated, bn, n_block, g, A, a_group_stride, B0, B1, b_group_stride, C,
             dst = c_o + (c_row_off[gi] * N if c_row_off is not None else g * c_group_stride) \
                 + lr * N
             x = f64(src.rows(1, K)[0])
-            v = b0 @ x
+            v = sum(b0[:, k] @ x[k] for k in parts)
             if gated:
-                v = v / (1 + np.exp(-v)) * (b1 @ x)
+                v = v / (1 + np.exp(-v)) * sum(b1[:, k] @ x[k] for k in parts)
             dst.a[dst.off + cols.start:dst.off + cols.stop] = bf16.to_bits(v.astype(np.float32))
+    return True
 
 
 def run(p: MoEProblem, cfg: KernelConfig, w: MoEWeights, xs: list[np.ndarray]):
@@ -100,6 +125,8 @@ def run(p: MoEProblem, cfg: KernelConfig, w: MoEWeights, xs: list[np.ndarray]):
     w2 = [np.ascontiguousarray(w.w2[d * el:(d + 1) * el].transpose(0, 2, 1)).ravel()
           for d in range(P)]
     ngu, ndn = -(-I // cfg.gate_up.bn), -(-H // cfg.down.bn)
+    sk = SplitK.of(p, cfg)
+    rng = np.random.default_rng(7)
     for me in range(P):  # tasks, in queue order (their dependencies hold in this order)
         layout, act, my_counts = Ptr(heaps[me]), Ptr(acts[me]), Ptr(heap_counts[me])
         peers = [Ptr(h) for h in heaps]
@@ -109,20 +136,34 @@ def run(p: MoEProblem, cfg: KernelConfig, w: MoEWeights, xs: list[np.ndarray]):
             active = [e for e in range(el) if sum(heap_counts[me][s * el + e]
                                                   for s in range(P)) > 0]
             na = len(active)
-            for r in range(na * (ngu + ndn)):
-                gate_up = r < na * ngu
-                e = active[r // ngu if gate_up else (r - na * ngu) // ndn]
-                n = r % ngu if gate_up else (r - na * ngu) % ndn
+            gs, ds = sk.gu_splits, sk.dn_splits
+            gu_tasks = na * ngu * gs
+            scratch: dict = {}
+            # Parts of a tile finish in any order: the gate/up tasks in a random order, then
+            # the down tasks (which wait for their expert's gate/up tiles) likewise.
+            order = [*rng.permutation(gu_tasks),
+                     *(gu_tasks + rng.permutation(na * (ndn * ds)))]
+            for r in order:
+                r = int(r)
+                gate_up = r < gu_tasks
+                q = r if gate_up else r - gu_tasks
+                per, parts = (ngu * gs, gs) if gate_up else (ndn * ds, ds)
+                a = q // per
+                e = active[a]
+                n, part = q % per // parts, q % per % parts
+                acc = scratch.setdefault((a, gate_up, n), [])
                 act_e = act + e * cap * I
                 if gate_up:
                     ws_gemm(True, cfg.gate_up.bn, n, 0, layout + slot_row(0, 0, 1, e * cap), 0,
                             Ptr(w1[me]) + e * I * H, Ptr(w3[me]) + e * I * H, 0, act_e, 0,
                             my_counts + e, cap, 0, I, H, 1, a_outer, act_outer, el, -1, None,
-                            None, sources=P)
+                            None, None, 0, part, gs, acc, sources=P, tt=cfg.gate_up.bm,
+                            bk=cfg.gate_up.bk)
                 else:
                     ws_gemm(False, cfg.down.bn, n, 0, act_e, 0, Ptr(w2[me]) + e * H * I, None,
                             0, None, 0, my_counts + e, cap, 0, H, I, 1, act_outer, 0, el, -1,
-                            None, None, peers, slot_row(me, 1, 1, e * cap), sources=P)
+                            None, None, peers, slot_row(me, 1, 1, e * cap), part, ds, acc,
+                            sources=P, tt=cfg.down.bm, bk=cfg.down.bk)
             continue
         per_source = el * (ngu + ndn)
         for r in range(P * per_source):  # per source, in ring order
@@ -160,15 +201,18 @@ def run(p: MoEProblem, cfg: KernelConfig, w: MoEWeights, xs: list[np.ndarray]):
 TILE = GemmTile(32, 128, 64, 8, 1, 4, "ws")  # two n-tiles of each GEMM below
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["per_source", "fused"])
+@pytest.mark.parametrize("fused,splits", [(False, (1, 1)), (True, (1, 1)), (True, (2, 4))],
+                         ids=["per_source", "fused", "fused_split_k"])
 @pytest.mark.parametrize("capacity_factor,tokens", [(None, (24, 9, 0, 17)),
                                                     (1.0, (24, 9, 0, 17)), (None, (1, 0, 2, 0))],
                          ids=["exact", "capped", "decode_most_experts_idle"])
-def test_persistent_data_flow_matches_the_reference(fused, capacity_factor, tokens):
+def test_persistent_data_flow_matches_the_reference(fused, splits, capacity_factor, tokens):
+    # Split K with 24 tokens per rank: tiles with up to 32 rows split, larger ones (several
+    # passes) run whole in part 0.
     p = MoEProblem(256, 256, 16, 2, world_size=4, tokens_per_rank=24,
                    capacity_factor=capacity_factor)
     cfg = KernelConfig(TILE, TILE, router_tokens_per_block=8, transport="nvlink",
-                       fuse_sources=fused)
+                       fuse_sources=fused, gu_splits=splits[0], dn_splits=splits[1])
     w = MoEWeights.random(p, 5)
     xs = [random_tokens(t, p.hidden, seed=60 + r) for r, t in enumerate(tokens)]
     outs, cap = run(p, cfg, w, xs)
@@ -186,20 +230,27 @@ def test_the_template_passes_the_mirrored_arguments():
     for text in (
             "for (int s = 0; s < SOURCES; ++s) rows += my_counts[s * el + e]; "
             "if (rows > 0) active[na++] = e;",
-            "const bool gate_up = r < n_active * NGU; const int e = active[gate_up ? r / NGU : "
-            "(r - n_active * NGU) / NDN]; const int n = gate_up ? r % NGU : "
-            "(r - n_active * NGU) % NDN;",
+            "const int gu_tasks = n_active * NGU * GU_S; const bool gate_up = r < gu_tasks; "
+            "const int q = gate_up ? r : r - gu_tasks; const int per = gate_up ? NGU * GU_S : "
+            "NDN * DN_S, parts = gate_up ? GU_S : DN_S; const int a = q / per, e = active[a]; "
+            "const int n = q % per / parts, part = q % per % parts;",
             "const long long a_outer = slot_row(1, 0, 1, 0, capacity) - slot_row(0, 0, 1, 0, "
             "capacity);",
             "const long long act_outer = static_cast<long long>(el) * capacity * INTERMEDIATE;",
             "n, 0, layout + slot_row(0, 0, 1, static_cast<long long>(e) * capacity, capacity), "
             "0, w1 + static_cast<long long>(e) * INTERMEDIATE * HIDDEN, w3 + static_cast<long "
             "long>(e) * INTERMEDIATE * HIDDEN, 0, act_e, 0, my_counts + e, capacity, 0, "
-            "INTERMEDIATE, HIDDEN, 1, a_outer, act_outer, el, -1, nullptr, nullptr);",
+            "INTERMEDIATE, HIDDEN, 1, a_outer, act_outer, el, -1, nullptr, nullptr, nullptr, 0, "
+            "part, GU_S, st.scratch, st.arrivals, epoch);",
             "n, 0, act_e, 0, w2 + static_cast<long long>(e) * HIDDEN * INTERMEDIATE, nullptr, 0,"
             " nullptr, 0, my_counts + e, capacity, 0, HIDDEN, INTERMEDIATE, 1, act_outer, 0, el,"
             " -1, nullptr, nullptr, peers, slot_row(self_rank, 1, 1, static_cast<long long>(e) *"
-            " capacity, capacity));",
+            " capacity, capacity), part, DN_S, st.scratch, st.arrivals, epoch);",
+            "const SplitTile st = split_tile(state, a, gate_up, n);",
+            "const bool split_k = splits > 1 && rows <= TT; if (!split_k && split != 0) return "
+            "false;",
+            "const int kt_lo = split_k ? split * KT / splits : 0;",
+            "const int NK = (split_k ? (split + 1) * KT / splits : KT) - kt_lo;",
             "elem_t* const c_o = c_bases != nullptr ? reinterpret_cast<elem_t*>(c_bases[o]) + "
             "c_base_off : C + o * c_outer_stride;"):
         assert text in code, text

@@ -142,6 +142,8 @@ CONFIG_CHANGES = {
     "mode": "graph",
     "transport": "nvlink",
     "blocks_per_sm": 1,
+    "gu_splits": 2,
+    "dn_splits": 4,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -819,7 +821,8 @@ def test_search_spaces_take_their_values_from_config():
     valid = {"bm": c.BM_CHOICES, "bn": c.BN_CHOICES, "bk": c.BK_CHOICES, "s": c.STAGE_RANGE,
              "mma": c.MMA_CHOICES, "router": cfg.ROUTER_CHOICES, "chunks": cfg.CHUNK_RANGE,
              "streams": cfg.COMM_STREAM_CHOICES, "mode": cfg.MODE_CHOICES,
-             "transport": cfg.TRANSPORT_CHOICES}
+             "transport": cfg.TRANSPORT_CHOICES, "blocks": cfg.BLOCKS_PER_SM_CHOICES,
+             "ksplit_gu": cfg.K_SPLIT_CHOICES, "ksplit_dn": cfg.K_SPLIT_CHOICES}
     for choices in space.SPACES.values():
         for knob, values in choices.items():
             kind = knob.split("_", 1)[-1] if knob.startswith(("gu_", "dn_")) else knob
@@ -871,3 +874,55 @@ def test_weight_streaming_token_tile_covers_the_spread_of_routed_rows():
     small = p.replace(tokens_per_rank=128)  # 8 rows per expert: as measured before
     assert KernelConfig.persistent_default(small).gate_up.bm == 32
     assert KernelConfig.default(small).gate_up.bm == 32  # shared experts: T rows per pass
+
+
+# -- split K of the persistent kernel's fused weight-streaming tiles -----------------------
+def test_k_splits_need_fused_ws_tiles_on_nvlink_and_bounded_scratch():
+    p = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=1)
+    base = KernelConfig.persistent_default(p)
+    assert base.gu_splits > 1 and base.dn_splits > 1  # decode: fewer tiles than SMs
+    assert KernelConfig.from_name(base.name) == base
+    with pytest.raises(ConfigError, match="choose one of") as e:
+        replace(base, dn_splits=3).validate(p)
+    assert e.value.field == "dn_splits"
+    for other in (replace(base, fuse_sources=False), replace(base, transport="nccl"),
+                  KernelConfig.default(p)):
+        with pytest.raises(ConfigError, match="fused weight-streaming"):
+            replace(other, gu_splits=2).validate(p)
+    big = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=2, tokens_per_rank=8)
+    with pytest.raises(ConfigError, match="MiB of scratch"):
+        replace(KernelConfig.persistent_default(big), dn_splits=4).validate(big)
+    # The default never exceeds the scratch bound, and splits only where tiles are few.
+    assert KernelConfig.persistent_default(big).dn_splits == 1
+    assert KernelConfig.persistent_default(p.replace(tokens_per_rank=512)).dn_splits == 1
+
+
+def test_split_scratch_fits_the_state_and_is_token_independent_in_the_code():
+    from flashmoe_gen.persistent import state_words
+    from flashmoe_gen.render import (
+        persistent_split_base,
+        render,
+        router_part_floats,
+        router_scratch_words,
+    )
+    from flashmoe_gen.splitk import SplitK
+
+    p = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=2, tokens_per_rank=4)
+    cfg = replace(KernelConfig.persistent_default(p), gu_splits=2, dn_splits=4)
+    cfg.validate(p)
+    sk = SplitK.of(p, cfg)
+    assert sk.slots == min(p.local_experts, 2 * 4 * 6)
+    # the router's partials at any token count end before the split region
+    for t in (1, 8, 4096):
+        q = p.replace(tokens_per_rank=t)
+        assert 5 + 2 * 32 + router_scratch_words(q, 8) <= persistent_split_base(q, cfg)
+    big = MoEProblem(7168, 2048, 256, 8, world_size=2)  # a router that splits H
+    assert router_part_floats(big, 8)[0] > 0
+    assert 5 + 2 * 128 + router_scratch_words(big.replace(tokens_per_rank=4096), 8) <= \
+        persistent_split_base(big, cfg)
+    assert state_words(p, cfg) == persistent_split_base(p, cfg) + sk.shared_words + \
+        sk.slots * sk.slot_words
+    # one slot: counters for every n-tile, then every tile's parts x B operands x bn x tokens
+    assert sk.slot_words == 11 + 16 + -(-(11 * 2 * 2 * 128 * 32 + 16 * 4 * 128 * 32) // 2)
+    # the generated code is the same at every token bound (one compile serves them all)
+    assert render(p, cfg).code == render(p.replace(tokens_per_rank=64), cfg).code

@@ -518,3 +518,19 @@ def test_the_heuristic_default_is_the_first_trial_of_every_preset():
                         (name, world, tokens, transports)
                     n += 1
     assert n > 100
+
+
+def test_k_split_knobs_mean_something_only_for_fused_ws_nvlink_tiles():
+    p = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=1)
+    space = SearchSpace.for_problem(p, "sm_90", "full", ("nccl", "nvlink"))
+    assert set(space.choices["ksplit_dn"]) == {1, 2, 4, 8}
+    dflt = KernelConfig.persistent_default(p)
+    assert dflt.dn_splits > 1 and space.contains(dflt)
+    params = space.params_from_config(dflt)
+    assert space.config_from_params(params) == dflt and space.canonical(params) == params
+    # not fused, or nccl: the split knobs are forced to 1 (one config, one parameter set)
+    for change in ({"fuse": False}, {"transport": "nccl"}):
+        q = space.canonical(params | change)
+        assert q["ksplit_gu"] == q["ksplit_dn"] == 1
+        cfg = space.config_from_params(params | change)
+        assert cfg.gu_splits == cfg.dn_splits == 1

@@ -18,6 +18,7 @@ from flashmoe_gen.config import (
     BLOCKS_PER_SM_CHOICES,
     CHUNK_RANGE,
     COMM_STREAM_CHOICES,
+    K_SPLIT_CHOICES,
     MODE_CHOICES,
     PERSISTENT_SCHEDULE,
     ROUTER_CHOICES,
@@ -91,6 +92,7 @@ FULL = {
     "fuse": (False, True), "packed": (True, False), "mode": MODE_CHOICES,
     "transport": ("nccl",),  # for_problem(transports=...) adds "nvlink"
     "blocks": (0,),  # the persistent kernel's blocks per SM: nvlink adds its choices
+    "ksplit_gu": (1,), "ksplit_dn": (1,),  # its fused ws tiles' K splits: likewise
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -104,6 +106,7 @@ SMALL = {
     "router": _within(ROUTER_CHOICES, 8, 8), "chunks": _within(CHUNK_RANGE, 1, 1),
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
+    "ksplit_gu": (1,), "ksplit_dn": (1,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -125,7 +128,16 @@ NVLINK_FORCED = {knob: PERSISTENT_SCHEDULE[f] for knob, f in (
     ("router", "router_tokens_per_block"), ("chunks", "chunks_per_peer"),
     ("streams", "comm_streams"), ("packed", "packed_slots"))}
 #: Knobs of the persistent kernel alone: nccl configs take the first value.
-NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES}
+NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
+                "ksplit_dn": K_SPLIT_CHOICES}
+#: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
+SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
+
+
+def _splits_apply(params: dict) -> bool:
+    """Whether the K-split knobs mean anything: transport nvlink, fused ws tiles."""
+    return (params.get("transport") == "nvlink" and params.get("fuse", False)
+            and params.get("gu_mma") == "ws" and params.get("dn_mma") == "ws")
 
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
@@ -201,18 +213,24 @@ class SearchSpace:
         transport = params.get("transport", "nccl")  # studies from before the knob: nccl
         if transport == "nvlink":
             params = params | NVLINK_FORCED
+        if not _splits_apply(params):
+            params = params | {k: 1 for k in SPLIT_KNOBS}
         return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
                             params["streams"], params["shared_stream"],
                             fuse_sources=params.get("fuse", False),
                             packed_slots=params.get("packed", False),
                             mode=params.get("mode", "host"), transport=transport,
-                            blocks_per_sm=params.get("blocks", 0))
+                            blocks_per_sm=params.get("blocks", 0),
+                            gu_splits=params.get("ksplit_gu", 1),
+                            dn_splits=params.get("ksplit_dn", 1))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
         config has one parameter set (a repeat is seen as one)."""
         if params.get("transport") != "nvlink":
             return params | {k: v[0] for k, v in NVLINK_KNOBS.items() if k in params}
+        if not _splits_apply(params):
+            params = params | {k: 1 for k in SPLIT_KNOBS if k in params}
         return params | NVLINK_FORCED
 
     @staticmethod
@@ -225,7 +243,8 @@ class SearchSpace:
         return p | {"router": cfg.router_tokens_per_block, "chunks": cfg.chunks_per_peer,
                     "streams": cfg.comm_streams, "shared_stream": cfg.shared_stream,
                     "fuse": cfg.fuse_sources, "packed": cfg.packed_slots, "mode": cfg.mode,
-                    "transport": cfg.transport, "blocks": cfg.blocks_per_sm}
+                    "transport": cfg.transport, "blocks": cfg.blocks_per_sm,
+                    "ksplit_gu": cfg.gu_splits, "ksplit_dn": cfg.dn_splits}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
