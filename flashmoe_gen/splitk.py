@@ -107,19 +107,18 @@ SPLIT_MIN_STEPS = 4
 
 
 def default_splits(problem: MoEProblem, gate_up, down, choices: tuple[int, ...]) -> tuple[int, int]:
-    """K splits of the persistent default's fused ws tiles: per GEMM the most parts with
-    which the tiles of the experts a decode step activates still fit one wave
-    (``SPLIT_TARGET_TASKS``), each part keeping ``SPLIT_MIN_STEPS`` K steps. Active experts
-    per rank are expected under uniform routing: ``E_local (1 - (1 - 1/E)^(P T k))``."""
+    """K splits of the persistent default's fused ws tiles: gate/up whole; down in the most
+    parts with which the down tiles of the experts a decode step activates still fit one
+    wave (``SPLIT_TARGET_TASKS``), each part keeping ``SPLIT_MIN_STEPS`` K steps. Active
+    experts per rank are expected under uniform routing: ``E_local (1 - (1 - 1/E)^(P T k))``.
+    (2 x H200, seed example, kernel us at T=1 / T=8: splits 1x1 48.7 / 50.1, 1x4 38.9 / 40.4,
+    1x8 38.9 / 44.7, 2x4 40.1 / 47.5: splitting gate/up did not pay; bench/results
+    2026-11-26_nvlink_splitk_2xH200_d3d0d4f.md.)"""
     draws = problem.world_size * problem.tokens_per_rank * problem.top_k
     active = problem.local_experts * (1 - (1 - 1 / problem.experts) ** draws)
     sw = problem.shared_width
-    narrow = min(problem.intermediate, sw or problem.intermediate)
-    out = []
-    for tile, n, n_shared, k in ((gate_up, problem.intermediate, sw, problem.hidden),
-                                 (down, problem.hidden, problem.hidden if sw else 0, narrow)):
-        tasks = active * _cdiv(n, tile.bn) + _cdiv(n_shared, tile.bn)
-        fit = [s for s in choices
-               if tasks * s <= SPLIT_TARGET_TASKS and _cdiv(k, tile.bk) >= s * SPLIT_MIN_STEPS]
-        out.append(max(fit, default=1))
-    return out[0], out[1]
+    k = min(problem.intermediate, sw or problem.intermediate)
+    tasks = active * _cdiv(problem.hidden, down.bn) + (_cdiv(problem.hidden, down.bn) if sw else 0)
+    fit = [s for s in choices
+           if tasks * s <= SPLIT_TARGET_TASKS and _cdiv(k, down.bk) >= s * SPLIT_MIN_STEPS]
+    return 1, max(fit, default=1)

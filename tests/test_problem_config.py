@@ -880,7 +880,7 @@ def test_weight_streaming_token_tile_covers_the_spread_of_routed_rows():
 def test_k_splits_need_fused_ws_tiles_on_nvlink_and_bounded_scratch():
     p = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=1)
     base = KernelConfig.persistent_default(p)
-    assert base.gu_splits > 1 and base.dn_splits > 1  # decode: fewer tiles than SMs
+    assert base.gu_splits == 1 and base.dn_splits == 8  # decode: fewer down tiles than SMs
     assert KernelConfig.from_name(base.name) == base
     with pytest.raises(ConfigError, match="choose one of") as e:
         replace(base, dn_splits=3).validate(p)
