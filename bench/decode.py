@@ -314,7 +314,9 @@ def report(rows: list[dict], a) -> None:
     table = md_table(COLS, [["—" if r.get(c) is None else r[c] for c in COLS] for r in rows])
     notes = "".join(f"- {r['shape']} T={r['tokens']}: {r['note']}\n" for r in rows
                     if r.get("note"))
-    configs = "".join(f"- {r['problem']}: `{r['config']}`\n" for r in rows if r.get("config"))
+    configs = "".join(f"- {r['problem']}: `{r['config']}`"
+                      + (f"; nvlink `{r['config_nvlink']}`" if r.get("config_nvlink") else "")
+                      + "\n" for r in rows if r.get("config"))
     phases = "".join(f"- {r['shape']} T={r['tokens']}: " + ", ".join(
         f"{k} {v}" for k, v in r["phases_us_nvlink"].items()) + "\n"
         for r in rows if r.get("phases_us_nvlink"))
