@@ -44,3 +44,22 @@ def test_nvlink_sweep_variants_cover_every_combination():
         {(1, 1, 1), (2, 1, 1), (1, 2, 8), (2, 2, 8)}
     with pytest.raises(SystemExit, match="gu_|dn_"):
         variants(base, "xx_s=4")
+
+
+def test_sm_stream_kernels_compile_for_hopper():
+    """bench/sm_stream.py's kernels (cp.async ring, 1D bulk copies with mbarriers, plain
+    loads) build for sm_90, and every variant's ring fits an H100's shared memory."""
+    import sm_stream
+    from cupy.cuda import nvrtc
+
+    from flashmoe_gen.compile import cuda_include_dirs
+
+    prog = nvrtc.createProgram(sm_stream.SOURCE, "sm_stream.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, ["--std=c++17", "-arch=sm_90",
+                                    *(f"-I{d}" for d in cuda_include_dirs())])
+        assert nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    assert max(sm_stream.smem_bytes(v) for v in sm_stream.VARIANTS) <= 227 * 1024
+    assert len(sm_stream.VARIANTS) == sm_stream.SOURCE.count("case ") + 1  # + default
