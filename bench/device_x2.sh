@@ -10,8 +10,11 @@
 #      DeepSeek-V3-like), then the weight-streaming GEMMs alone at 16/32/64 rows (~400 s)
 #   m: part 1's 2-GPU nvlink and 2-rank tests alone (~330 s)
 #   t: issue 13's preset tunes on 2 ranks, 24 trials each, tuned vs default (~500 s)
+#   n: the next decode levers (branch decode-next: solo front, direct graphs): one block's
+#      streaming rate (bench/sm_stream.py, GPU 0), the 2-rank nvlink tests, then decode on
+#      all three shapes at T = 1, 8, 32 with nvlink (~330 s)
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
-# Usage: bash bench/device_x2.sh COMMIT 1|2|m
+# Usage: bash bench/device_x2.sh COMMIT 1|2|m|t|n
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
@@ -57,6 +60,24 @@ if [ "$PART" = 2 ]; then
     --out "$O/gemm.md" --json "$O/gemm.json" > "$O/gemm.log" 2>&1
   echo "gemm bench rc=$?"; cat "$O/gemm.md" 2>/dev/null | tail -8
   tail -30 "$O/decode.txt"
+fi
+if [ "$PART" = n ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 60 python3 bench/sm_stream.py --commit "$COMMIT" \
+    --out "$O/sm_stream.md" --json "$O/sm_stream.json" > "$O/sm_stream.log" 2>&1
+  echo "sm_stream rc=$?"
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 200 $MPI -x FLASHMOE_COMM_TIMEOUT -np 2 \
+    --output-filename "$O/ranks" python3 -m pytest -m multigpu tests/test_multigpu.py -v \
+    -k nvlink --no-header -p no:cacheprovider > "$O/multigpu.log" 2>&1
+  echo "multigpu nvlink 2 ranks rc=$?"
+  for r in 0 1; do echo "== rank $r"; grep -E "PASSED|FAILED|ERROR|passed|failed" \
+    "$O/ranks/1/rank.$r/stdout" 2>/dev/null | tail -14; done > "$O/ranks_tail.txt"
+  rm -rf "$O/ranks"
+  grep -E "== rank|FAILED|ERROR|passed|failed" "$O/ranks_tail.txt" | cut -c1-200
+  DECODE_TAG=next DECODE_TIMEOUT=150 run_decode 2 "$COMMIT" --problems seed,dsv2lite,dsv3 \
+    --tokens 1,8,32 --nvlink --chain 8 > "$O/decode.txt" 2>&1
+  rm -f "$O"/*.png
+  grep -E "^\| (seed|dsv)" "$O/decode.txt" | cut -d'|' -f2-3,6-7,10,14,19 | head -12
+  grep -E "^\| cp.async|^\| bulk|^\| ld" "$O/sm_stream.md" | head -24
 fi
 if [ "$PART" = t ]; then  # issue 13: preset tunes, tuned vs the heuristic default
   N=${TRIALS:-24}
