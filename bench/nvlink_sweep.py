@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import SHAPES, collective, device_weights, release  # noqa: E402
 from overlap import nvlink_stats  # noqa: E402
-from report import emit, md_table  # noqa: E402
+from report import add_output_args, emit, int_list, md_table  # noqa: E402
 
 FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 
@@ -144,13 +144,10 @@ def report(rows: list[dict], a) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=lambda s: s.split(","), default=["seed"])
-    ap.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8])
+    ap.add_argument("--tokens", type=int_list, default=[1, 8])
     ap.add_argument("--vary", default="", help='e.g. "dn_s=4,8;gu_s=4,6"')
-    ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--out")
-    ap.add_argument("--json")
+    add_output_args(ap, iters=30)
     a = ap.parse_args()
     rows = run(a)
     from mpi4py import MPI

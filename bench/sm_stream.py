@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import emit, md_table  # noqa: E402
+from report import add_output_args, emit, int_list, md_table  # noqa: E402
 
 THREADS = 256
 #: (variant, stages, bytes per stage)
@@ -185,13 +185,9 @@ def run(a) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blocks", type=lambda s: [int(v) for v in s.split(",")],
-                    default=[1, 8, 66, 132])
+    ap.add_argument("--blocks", type=int_list, default=[1, 8, 66, 132])
     ap.add_argument("--mb-per-block", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--out")
-    ap.add_argument("--json")
+    add_output_args(ap, iters=20)
     a = ap.parse_args()
     rows = run(a)
     cols = ["variant", "stages", "stage_kb", "blocks", "us", "gbs_per_block", "total_tbs"]
