@@ -125,21 +125,26 @@ def test_the_model_catches_a_missing_back_pressure():
 
 
 def run_tasks(world: int, el: int, ngu: int, ndn: int, shared: bool, blocks: int,
-              seed: int, fused: bool = False) -> None:
+              seed: int, fused: bool = False, parts: tuple[int, int] = (1, 1)) -> None:
     """Inside one rank: ``blocks`` resident blocks take tasks from the queue in its fixed
     order (shared gate/up, shared down, then per source in ring order gate/up then down), a
     source's tiles wait for its dispatch flag (raised at a random moment), a down tile for
     every gate/up tile of its (source, expert). Fused: one gate/up then one down tile list
-    over all sources ("all"), a gate/up tile waiting for every flag. No deadlock; every down
-    tile runs after all its gate/up tiles."""
+    over all sources ("all"), a gate/up tile waiting for every flag. Split K (``parts``,
+    fused only): each tile is that many consecutive tasks, and a gate/up tile counts as done
+    for its down tiles once its last part is. No deadlock; every down tile runs after all
+    its gate/up tiles."""
     rng = random.Random(seed)
     me = rng.randrange(world)
+    gp, dp = parts
     tasks = []
     if shared:
-        tasks += [("gu", "shared", 0)] * ngu + [("dn", "shared", 0)] * ndn
+        tasks += [("gu", "shared", 0, n) for n in range(ngu) for _ in range(gp)]
+        tasks += [("dn", "shared", 0, n) for n in range(ndn) for _ in range(dp)]
     for s in ["all"] if fused else [(me + q) % world for q in range(world)]:
-        tasks += [("gu", s, e) for e in range(el) for _ in range(ngu)]
-        tasks += [("dn", s, e) for e in range(el) for _ in range(ndn)]
+        tasks += [("gu", s, e, n) for e in range(el) for n in range(ngu) for _ in range(gp)]
+        tasks += [("dn", s, e, n) for e in range(el) for n in range(ndn) for _ in range(dp)]
+    arrived: dict = {}  # parts of a gate/up tile finished so far
     flags = {s: s == me for s in range(world)}  # this rank's own flag is set before tasks
     dep = {}
     queue = 0
@@ -158,13 +163,15 @@ def run_tasks(world: int, el: int, ngu: int, ndn: int, shared: bool, blocks: int
                 continue
             held[b] = tasks[queue]
             queue += 1
-        kind, s, e = held[b]
+        kind, s, e, n = held[b]
         if kind == "gu":
             if s == "all" and not all(flags.values()):
                 continue
             if s not in ("shared", "all") and not flags[s]:
                 continue
-            dep[(s, e)] = dep.get((s, e), 0) + 1
+            arrived[(s, e, n)] = arrived.get((s, e, n), 0) + 1
+            if arrived[(s, e, n)] == gp:  # the tile's last part: its results are in
+                dep[(s, e)] = dep.get((s, e), 0) + 1
         else:
             if dep.get((s, e), 0) < ngu:
                 continue
@@ -178,3 +185,14 @@ def test_task_queue_never_deadlocks(seed):
     run_tasks(world=rng.choice([1, 2, 4]), el=rng.choice([1, 2, 8]), ngu=rng.choice([1, 3]),
               ndn=rng.choice([1, 2]), shared=rng.random() < 0.5,
               blocks=rng.choice([1, 2, 7, 132]), seed=seed, fused=rng.random() < 0.5)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_split_tiles_never_deadlock(seed):
+    """Split K: a tile's parts are held by different blocks (or one block, one after the
+    other); the last part to finish completes it."""
+    rng = random.Random(seed)
+    run_tasks(world=rng.choice([1, 2, 4]), el=rng.choice([1, 2, 8]), ngu=rng.choice([1, 3]),
+              ndn=rng.choice([1, 2]), shared=rng.random() < 0.5,
+              blocks=rng.choice([1, 2, 7, 132]), seed=seed, fused=True,
+              parts=(rng.choice([1, 2, 4]), rng.choice([1, 4, 8])))
