@@ -10,9 +10,9 @@
 #      DeepSeek-V3-like), then the weight-streaming GEMMs alone at 16/32/64 rows (~400 s)
 #   m: part 1's 2-GPU nvlink and 2-rank tests alone (~330 s)
 #   t: issue 13's preset tunes on 2 ranks, 24 trials each, tuned vs default (~500 s)
-#   n: the next decode levers (branch decode-next: solo front, direct graphs): one block's
+#   n: the next levers (branch decode-next: solo front, direct graphs, row tasks): one block's
 #      streaming rate (bench/sm_stream.py, GPU 0), the 2-rank nvlink tests, then decode on
-#      all three shapes at T = 1, 8, 32 with nvlink (~330 s)
+#      all three shapes at T = 1, 8, 32, 512 with nvlink (~330 s)
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
 # Usage: bash bench/device_x2.sh COMMIT 1|2|m|t|n
 set -u
@@ -73,8 +73,8 @@ if [ "$PART" = n ]; then
     "$O/ranks/1/rank.$r/stdout" 2>/dev/null | tail -14; done > "$O/ranks_tail.txt"
   rm -rf "$O/ranks"
   grep -E "== rank|FAILED|ERROR|passed|failed" "$O/ranks_tail.txt" | cut -c1-200
-  DECODE_TAG=next DECODE_TIMEOUT=150 run_decode 2 "$COMMIT" --problems seed,dsv2lite,dsv3 \
-    --tokens 1,8,32 --nvlink --chain 8 > "$O/decode.txt" 2>&1
+  DECODE_TAG=next DECODE_TIMEOUT=200 run_decode 2 "$COMMIT" --problems seed,dsv2lite,dsv3 \
+    --tokens 1,8,32,512 --nvlink --chain 8 > "$O/decode.txt" 2>&1
   rm -f "$O"/*.png
   grep -E "^\| (seed|dsv)" "$O/decode.txt" | cut -d'|' -f2-3,6-7,10,14,19 | head -12
   grep -E "^\| cp.async|^\| bulk|^\| ld" "$O/sm_stream.md" | head -24
