@@ -7,6 +7,9 @@ its depth). This measures, for G blocks each streaming its own region into share
 - ``bulk``: one thread issues a 1D ``cp.async.bulk`` (TMA) per stage, completion counted by
   an mbarrier,
 - ``ld``: plain 16-byte ``ld.global.nc`` into registers (no shared memory),
+- ``tile-cp.async`` / ``tile-tma``: the weight-streaming tile's own pattern: 128 rows x 64
+  columns (128 bytes of each row, rows ``--k`` elements apart) per stage, by cp.async as
+  ``load_tile`` does, or by one 2D TMA box (128-byte swizzle, as the ``_tma`` kernel loads),
 reporting GB/s per block and the total. CUDA events, median of ``--iters`` after a warm-up.
 
     python bench/sm_stream.py [--blocks 1,8,66,132] [--mb-per-block 1] [--out t.md]
@@ -28,7 +31,11 @@ from report import add_output_args, emit, int_list, md_table  # noqa: E402
 THREADS = 256
 #: (variant, stages, bytes per stage)
 VARIANTS = (("cp.async", 4, 32768), ("cp.async", 8, 16384), ("cp.async", 3, 65536),
-            ("bulk", 2, 32768), ("bulk", 4, 32768), ("bulk", 4, 49152), ("ld", 0, 0))
+            ("bulk", 2, 32768), ("bulk", 4, 32768), ("bulk", 4, 49152), ("ld", 0, 0),
+            ("tile-cp.async", 4, 16384), ("tile-cp.async", 8, 16384), ("tile-tma", 4, 16384),
+            ("tile-tma", 8, 16384))
+#: The tile variants: rows per stage (the tile's BN) and K elements per stage (its BK).
+TILE_ROWS, TILE_K = 128, 64
 
 SOURCE = r"""
 extern "C" __device__ __forceinline__ unsigned smem_u32(const void* p) {
@@ -119,8 +126,84 @@ __device__ void stream_ld(const char* src, long long bytes, unsigned* sink) {
   if (acc == 0x12345678u) *sink = acc;
 }
 
+// The weight-streaming tile's pattern: block b reads rows [128 b, 128 b + 128) of a
+// [rows, k] bf16 matrix, 64 columns (128 bytes of each row) per stage.
+template <int STAGES>
+__device__ void tile_cp_async(const char* m, int k, unsigned* sink) {
+  extern __shared__ __align__(128) char ring[];
+  const char* rows = m + static_cast<long long>(blockIdx.x) * 128 * k * 2;
+  const int n = k / 64;
+  unsigned acc = 0;
+  auto issue = [&](int c) {
+    if (c < n) {
+      char* d = ring + (c % STAGES) * 16384;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // 1024 chunks of 16 bytes: 128 rows x 8
+        const int chunk = i * 256 + threadIdx.x, r = chunk / 8, ch = chunk % 8;
+        const char* s = rows + (static_cast<long long>(r) * k + c * 64) * 2 + ch * 16;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                         smem_u32(d + r * 128 + ((ch ^ (r % 8)) * 16))), "l"(s));
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  for (int s = 0; s < STAGES - 1; ++s) issue(s);
+  for (int c = 0; c < n; ++c) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+    __syncthreads();
+    issue(c + STAGES - 1);
+    acc += reinterpret_cast<const unsigned*>(ring + (c % STAGES) * 16384)[threadIdx.x];
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::);
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+// The same tiles by one 2D TMA box each (map: the matrix, box 64 x 128, 128-byte swizzle).
+template <int STAGES>
+__device__ void tile_tma(const void* map, int k, unsigned* sink) {
+  extern __shared__ __align__(1024) char ring_raw[];
+  char* ring = ring_raw + ((1024 - (smem_u32(ring_raw) & 1023)) & 1023);  // swizzle atoms
+  __shared__ __align__(8) unsigned long long bar[STAGES];
+  const int n = k / 64, row0 = blockIdx.x * 128;
+  if (threadIdx.x == 0) {
+    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(map)
+                 : "memory");
+    for (int s = 0; s < STAGES; ++s)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(&bar[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::);
+  }
+  __syncthreads();
+  auto issue = [&](int c) {
+    if (threadIdx.x == 0 && c < n) {
+      const unsigned b = smem_u32(&bar[c % STAGES]);
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(b),
+                   "r"(16384));
+      asm volatile(
+          "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+          "[%0], [%1, { %3, %4 }], [%2];\n" ::"r"(smem_u32(ring + (c % STAGES) * 16384)),
+          "l"(map), "r"(b), "r"(c * 64), "r"(row0) : "memory");
+    }
+  };
+  for (int s = 0; s < STAGES; ++s) issue(s);
+  unsigned acc = 0;
+  for (int c = 0; c < n; ++c) {
+    const unsigned b = smem_u32(&bar[c % STAGES]);
+    const unsigned parity = static_cast<unsigned>((c / STAGES) & 1);
+    unsigned done = 0;
+    while (!done)
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+          " selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(b), "r"(parity) : "memory");
+    acc += reinterpret_cast<const unsigned*>(ring + (c % STAGES) * 16384)[threadIdx.x];
+    __syncthreads();
+    issue(c + STAGES);
+  }
+  if (acc == 0x12345678u) *sink = acc;
+}
+
 extern "C" __global__ void __launch_bounds__(256)
-stream_kernel(const char* src, long long bytes_per_block, unsigned* sink, int variant) {
+stream_kernel(const char* src, long long bytes_per_block, unsigned* sink, int variant,
+              const void* map, int k) {
   const char* mine = src + blockIdx.x * bytes_per_block;
   switch (variant) {
     case 0: stream_cp_async<4, 32768>(mine, bytes_per_block, sink); break;
@@ -129,15 +212,19 @@ stream_kernel(const char* src, long long bytes_per_block, unsigned* sink, int va
     case 3: stream_bulk<2, 32768>(mine, bytes_per_block, sink); break;
     case 4: stream_bulk<4, 32768>(mine, bytes_per_block, sink); break;
     case 5: stream_bulk<4, 49152>(mine, bytes_per_block, sink); break;
-    default: stream_ld(mine, bytes_per_block, sink); break;
+    case 6: stream_ld(mine, bytes_per_block, sink); break;
+    case 7: tile_cp_async<4>(src, k, sink); break;
+    case 8: tile_cp_async<8>(src, k, sink); break;
+    case 9: tile_tma<4>(map, k, sink); break;
+    default: tile_tma<8>(map, k, sink); break;
   }
 }
 """
 
 
 def smem_bytes(variant: tuple[str, int, int]) -> int:
-    _, stages, chunk = variant
-    return stages * chunk
+    kind, stages, chunk = variant
+    return stages * chunk + (1024 if kind == "tile-tma" else 0)  # TMA: 1024-byte alignment
 
 
 def run(a) -> list[dict]:
@@ -154,11 +241,24 @@ def run(a) -> list[dict]:
     blocks_max = max(a.blocks)
     src = cupy.ones(blocks_max * per_block // 4, np.uint32)
     sink = cupy.zeros(1, np.uint32)
+    # The tile variants read a [blocks x 128, k] bf16 matrix in src: per block 128 rows.
+    k = per_block // (TILE_ROWS * 2)
+    tile_map = None
+    try:
+        from flashmoe_gen.tma import encode_map
+
+        tile_map = cupy.asarray(np.frombuffer(
+            encode_map(src.data.ptr, blocks_max * TILE_ROWS, k, TILE_ROWS), np.uint8))
+    except Exception as e:  # no driver entry point: the TMA rows are skipped
+        print(f"tile-tma skipped: {e}", flush=True)
     rows = []
     for vi, v in enumerate(VARIANTS):
         smem = smem_bytes(v)
+        if v[0] == "tile-tma" and tile_map is None:
+            continue
         for g in a.blocks:
-            args = (src, np.int64(per_block), sink, np.int32(vi))
+            args = (src, np.int64(per_block), sink, np.int32(vi),
+                    tile_map if tile_map is not None else src, np.int32(k))
 
             def launch(g=g, args=args, smem=smem):
                 kernel((g,), (THREADS,), args, shared_mem=smem)
