@@ -255,7 +255,7 @@ class KernelConfig:
         cfg = cls(gu, dn, router_tokens_per_block=warps, transport="nvlink",
                   fuse_sources=fused and problem.world_size > 1)
         if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
-            gs, ds = default_splits(problem, gu, dn, K_SPLIT_CHOICES)
+            gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
             split = cls(gu, dn, router_tokens_per_block=warps, transport="nvlink",
                         fuse_sources=True, gu_splits=gs, dn_splits=ds)
             if SplitK.of(problem, split).words * 8 <= MAX_SCRATCH_BYTES:

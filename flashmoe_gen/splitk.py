@@ -106,10 +106,11 @@ SPLIT_TARGET_TASKS = 132
 SPLIT_MIN_STEPS = 4
 
 
-def default_splits(problem: MoEProblem, gate_up, down, choices: tuple[int, ...]) -> tuple[int, int]:
-    """K splits of the persistent default's fused ws tiles: gate/up whole; down in the most
-    parts with which the down tiles of the experts a decode step activates still fit one
-    wave (``SPLIT_TARGET_TASKS``), each part keeping ``SPLIT_MIN_STEPS`` K steps. Active
+def default_splits(problem: MoEProblem, down, choices: tuple[int, ...]) -> tuple[int, int]:
+    """K splits (gate/up, down) of the persistent default's fused ws tiles, ``down`` being
+    its down tile: gate/up whole; down in the most parts with which the down tiles of the
+    experts a decode step activates still fit one wave (``SPLIT_TARGET_TASKS``), each part
+    keeping ``SPLIT_MIN_STEPS`` K steps. Active
     experts per rank are expected under uniform routing: ``E_local (1 - (1 - 1/E)^(P T k))``.
     (2 x H200, seed example, kernel us at T=1 / T=8: splits 1x1 48.7 / 50.1, 1x4 38.9 / 40.4,
     1x8 38.9 / 44.7, 2x4 40.1 / 47.5: splitting gate/up did not pay; bench/results
