@@ -42,6 +42,15 @@ extern "C" __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
+// Until the mbarrier at `bar` completes the phase of this parity.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+
 // Every thread: 16-byte cp.async into a ring of STAGES stages of CHUNK bytes.
 template <int STAGES, int CHUNK>
 __device__ void stream_cp_async(const char* src, long long bytes, unsigned* sink) {
@@ -99,13 +108,7 @@ __device__ void stream_bulk(const char* src, long long bytes, unsigned* sink) {
   for (int s = 0; s < STAGES; ++s) issue(s);
   unsigned acc = 0;
   for (long long c = 0; c < n; ++c) {
-    const unsigned b = smem_u32(&bar[c % STAGES]);
-    const unsigned parity = static_cast<unsigned>((c / STAGES) & 1);
-    unsigned done = 0;
-    while (!done)
-      asm volatile(
-          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-          " selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(b), "r"(parity) : "memory");
+    mbar_wait(smem_u32(&bar[c % STAGES]), static_cast<unsigned>((c / STAGES) & 1));
     acc += reinterpret_cast<const unsigned*>(ring + (c % STAGES) * CHUNK)[threadIdx.x];
     __syncthreads();  // every thread read stage c: it may be refilled
     issue(c + STAGES);
@@ -187,13 +190,7 @@ __device__ void tile_tma(const void* map, int k, unsigned* sink) {
   for (int s = 0; s < STAGES; ++s) issue(s);
   unsigned acc = 0;
   for (int c = 0; c < n; ++c) {
-    const unsigned b = smem_u32(&bar[c % STAGES]);
-    const unsigned parity = static_cast<unsigned>((c / STAGES) & 1);
-    unsigned done = 0;
-    while (!done)
-      asm volatile(
-          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-          " selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(b), "r"(parity) : "memory");
+    mbar_wait(smem_u32(&bar[c % STAGES]), static_cast<unsigned>((c / STAGES) & 1));
     acc += reinterpret_cast<const unsigned*>(ring + (c % STAGES) * 16384)[threadIdx.x];
     __syncthreads();
     issue(c + STAGES);
