@@ -77,7 +77,7 @@ if [ "$PART" = n ]; then
     --tokens 1,8,32,512 --nvlink --chain 8 > "$O/decode.txt" 2>&1
   rm -f "$O"/*.png
   grep -E "^\| (seed|dsv)" "$O/decode.txt" | cut -d'|' -f2-3,6-7,10,14,19 | head -12
-  grep -E "^\| cp.async|^\| bulk|^\| ld" "$O/sm_stream.md" | head -24
+  grep -E "^\| (cp.async|bulk|ld|tile)" "$O/sm_stream.md" | head -40
 fi
 if [ "$PART" = t ]; then  # issue 13: preset tunes, tuned vs the heuristic default
   N=${TRIALS:-24}
