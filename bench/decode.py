@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overlap import floor_note, nvlink_stats, peak_bytes  # noqa: E402
+from overlap import floor_note, nvlink_stats, peak_bytes, phases_text  # noqa: E402
 from report import emit, md_table  # noqa: E402
 
 SHAPES = {
@@ -163,28 +163,20 @@ def measure(key: str, p, dw, comm, a) -> dict:
         return row | {"note": err}
     cfg = ours["host"].config
     row["config"] = cfg.name
-    ours["graph"], err = collective(
-        comm, "our layer (graph mode)",
-        lambda: FlashMoE(p, dataclasses.replace(cfg, mode="graph"), comm=comm, weights=dw))
-    if err:
-        row["note"] = err
-        del ours["graph"]
-    if a.nvlink:  # transport "nvlink": one persistent kernel per forward
-        nvl = KernelConfig.persistent_default(p)
+    others = [("graph", "graph mode", dataclasses.replace(cfg, mode="graph"))]
+    if a.nvlink:  # transport "nvlink": one persistent kernel per forward, launched by Python
+        nvl = KernelConfig.persistent_default(p)  # and from a CUDA graph (less host time)
         row["config_nvlink"] = nvl.name
-        ours["nvlink"], err = collective(comm, "our layer (nvlink)",
-                                         lambda: FlashMoE(p, nvl, comm=comm, weights=dw))
+        others += [("nvlink", "nvlink", nvl),
+                   ("nvlink_graph", "nvlink, graph", dataclasses.replace(nvl, mode="graph"))]
+    for mode, label, c in others:
+        if mode == "nvlink_graph" and "nvlink" not in ours:
+            continue  # the kernel did not build
+        ours[mode], err = collective(comm, f"our layer ({label})",
+                                     lambda c=c: FlashMoE(p, c, comm=comm, weights=dw))
         if err:
             row["note"] = (row.get("note", "") + " " + err).strip()
-            del ours["nvlink"]
-        else:  # the same kernel launched from a CUDA graph: less host time per forward
-            ours["nvlink_graph"], err = collective(
-                comm, "our layer (nvlink, graph)",
-                lambda: FlashMoE(p, dataclasses.replace(nvl, mode="graph"), comm=comm,
-                                 weights=dw))
-            if err:
-                row["note"] = (row.get("note", "") + " " + err).strip()
-                del ours["nvlink_graph"]
+            del ours[mode]
     x = cupy.asarray(random_tokens(t, p.hidden, seed=100 + comm.rank))
     xt = torch.from_dlpack(x).view(torch.bfloat16)
     base = time_baselines(ours["host"], xt, comm, warmup=a.warmup, iters=a.iters,
@@ -317,9 +309,8 @@ def report(rows: list[dict], a) -> None:
     configs = "".join(f"- {r['problem']}: `{r['config']}`"
                       + (f"; nvlink `{r['config_nvlink']}`" if r.get("config_nvlink") else "")
                       + "\n" for r in rows if r.get("config"))
-    phases = "".join(f"- {r['shape']} T={r['tokens']}: " + ", ".join(
-        f"{k} {v}" for k, v in r["phases_us_nvlink"].items()) + "\n"
-        for r in rows if r.get("phases_us_nvlink"))
+    phases = "".join(f"- {r['shape']} T={r['tokens']}: {phases_text(r)}\n"
+                     for r in rows if r.get("phases_us_nvlink"))
     text = head + table + ("\nnotes:\n" + notes if notes else "") + \
         ("\nconfigs (host mode; graph mode adds __graph):\n" + configs if configs else "") + \
         ("\nnvlink phases, us at the nominal SM clock (the persistent kernel's own clocks; "

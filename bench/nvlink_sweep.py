@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import SHAPES, collective, device_weights, release  # noqa: E402
-from overlap import nvlink_stats  # noqa: E402
+from overlap import nvlink_stats, phases_text  # noqa: E402
 from report import add_output_args, emit, int_list, md_table  # noqa: E402
 
 FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
@@ -133,8 +133,7 @@ def report(rows: list[dict], a) -> None:
             "to the NCCL path's graph-mode default.\n\n"
             + md_table(cols, [[r.get(c, "—") for c in cols] for r in rows])
             + "\nphases (us):\n" + "".join(
-                f"- {r['shape']} T={r['tokens']} `{r['config']}`: "
-                + ", ".join(f"{k} {v}" for k, v in r["phases_us_nvlink"].items()) + "\n"
+                f"- {r['shape']} T={r['tokens']} `{r['config']}`: {phases_text(r)}\n"
                 for r in rows if r.get("phases_us_nvlink"))
             + "".join(f"- {r.get('shape')} {r.get('config', '')}: {r['note']}\n"
                       for r in rows if r.get("note")))

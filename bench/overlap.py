@@ -48,6 +48,7 @@ def floor_note(tbs: float | None) -> str:
     tbs = PEAK_BYTES["H100"] / 1e12 if tbs is None else tbs
     return f"max(FLOPs/{PEAK_FLOPS / 1e12:.0f} TFLOP/s, bytes/{tbs:.1f} TB/s)"
 
+
 def nvlink_stats(layer, x, comm, chain: int = 8) -> dict:
     """Transport nvlink's own clocks (collective): the last of ``chain`` forwards back to
     back, median of 5 chains: SM busy (GEMM cycles / all, mean over ranks), the kernel's
@@ -59,6 +60,11 @@ def nvlink_stats(layer, x, comm, chain: int = 8) -> dict:
     kernel = max(g.pop("kernel_us") for g in got)
     return {"sm_busy_nvlink": round(busy, 3), "kernel_us_nvlink": kernel,
             "phases_us_nvlink": {k: max(g[k] for g in got) for k in got[0]}}
+
+
+def phases_text(row: dict) -> str:
+    """A row's nvlink phases as "route 6.3, positions 2.1, ..." (microseconds)."""
+    return ", ".join(f"{k} {v}" for k, v in row["phases_us_nvlink"].items())
 
 
 PROBLEMS = {

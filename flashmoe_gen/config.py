@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from .arch import DEFAULT_ARCH, DeviceLimits, limits_for
 from .errors import ArgumentError, ConfigError
 from .problem import MoEProblem
-from .splitk import MAX_SCRATCH_BYTES, SplitK, default_splits
+from .splitk import SplitK, default_splits
 from .tiles import (
     BK_CHOICES,
     BN_CHOICES,
@@ -256,9 +256,8 @@ class KernelConfig:
                   fuse_sources=fused and problem.world_size > 1)
         if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
             gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
-            split = cls(gu, dn, router_tokens_per_block=warps, transport="nvlink",
-                        fuse_sources=True, gu_splits=gs, dn_splits=ds)
-            if SplitK.of(problem, split).words * 8 <= MAX_SCRATCH_BYTES:
+            split = replace(cfg, gu_splits=gs, dn_splits=ds)
+            if SplitK.of(problem, split).fits:
                 cfg = split
         cfg.validate(problem, arch)
         return cfg

@@ -21,8 +21,8 @@ from .errors import CommError, CommTimeout, ConfigError
 from .layout import SymmetricLayout
 from .render import (
     PERSISTENT_PHASES,
-    PERSISTENT_ST_DEP,
     PERSISTENT_STATS_WORDS,
+    persistent_counter_words,
     persistent_split_base,
     router_scratch_words,
 )
@@ -38,13 +38,15 @@ if TYPE_CHECKING:
 _X, _TOKENS, _OUT = (PERSISTENT.names.index(n) for n in ("x", "tokens", "out"))
 #: Heap sections start on this boundary (flags need 8 bytes, vector stores 16).
 ALIGN = 256
+
+
 def state_words(problem: MoEProblem, config: KernelConfig) -> int:
     """The persistent kernel's state buffer in uint64 words: its counters, the router's
     partial logits (zeroed once), then the split tiles' scratch (flashmoe_gen.splitk) for
     up to ``problem.tokens_per_rank`` tokens."""
     sk = SplitK.of(problem, config)
     if not sk.splits:
-        return (PERSISTENT_ST_DEP + problem.world_size * problem.local_experts + 1
+        return (persistent_counter_words(problem)
                 + router_scratch_words(problem, config.router_tokens_per_block))
     return persistent_split_base(problem, config) + sk.words
 
@@ -307,30 +309,19 @@ class PersistentForward:
 
     def sm_busy(self) -> float:
         """The last call's share of the blocks' cycles spent in GEMM tiles (synchronises)."""
-        busy, total = self._stats("SM busy share")[:, :2].sum(axis=0)
-        return float(busy / total) if total else 0.0
+        return _sm_busy(self._stats("SM busy share"))
 
     def phase_us(self) -> dict[str, float]:
         """The last call's phases (render.PERSISTENT_PHASES, then "combine": the rest) in
         microseconds at the SM's nominal clock: per phase, the latest block's end minus the
         latest block's end of the phase before (each phase ends at a barrier or a wait every
         block passes, so that is the phase's length on the critical path)."""
-        st = self._stats("phase times")
-        ends = np.concatenate([st[:, 2:].max(axis=0), st[:, 1:2].max(axis=0)])
-        spans = np.diff(np.concatenate([[0.0], ends])) / (self.clock_khz * 1e-3)
-        return dict(zip((*PERSISTENT_PHASES, "combine"), spans.round(2).tolist(), strict=True))
+        return _phase_us(self._stats("phase times"), self.clock_khz)
 
     def kernel_us(self) -> float:
         """The last call's time in the kernel: its latest block's cycles, at the nominal
         clock (a forward's time minus this is launch and host time)."""
-        return round(float(self._stats("kernel time")[:, 1].max()) / (self.clock_khz * 1e-3), 2)
-
-    def measure_sm_busy(self, x) -> float:
-        """One more forward of ``x`` with stats on (collective like any forward): this
-        rank's share of the blocks' cycles spent in GEMM tiles."""
-        self.enable_stats()
-        self.layer.forward(x)
-        return self.sm_busy()
+        return _kernel_us(self._stats("kernel time"), self.clock_khz)
 
     def measure(self, x, chain: int = 8, repeats: int = 5) -> dict:
         """SM busy, kernel time and phases of the last of ``chain`` forwards of ``x`` back to
@@ -342,8 +333,9 @@ class PersistentForward:
         for _ in range(repeats):
             for _ in range(chain):
                 self.layer.forward(x)
-            runs.append({"sm_busy": self.sm_busy(), "kernel_us": self.kernel_us(),
-                         **self.phase_us()})
+            st = self._stats("clocks")  # one copy per chain serves all three figures
+            runs.append({"sm_busy": _sm_busy(st), "kernel_us": _kernel_us(st, self.clock_khz),
+                         **_phase_us(st, self.clock_khz)})
         return {k: round(float(np.median([r[k] for r in runs])), 3) for k in runs[0]}
 
     def stall(self) -> CommTimeout | None:
@@ -365,6 +357,21 @@ class PersistentForward:
     def resources(self) -> _Resources:
         """What must be released with the layer (holds no reference back to it)."""
         return _Resources(self.heap, self._status_host)
+
+
+def _sm_busy(st: np.ndarray) -> float:
+    busy, total = st[:, :2].sum(axis=0)
+    return float(busy / total) if total else 0.0
+
+
+def _phase_us(st: np.ndarray, clock_khz: float) -> dict[str, float]:
+    ends = np.concatenate([st[:, 2:].max(axis=0), st[:, 1:2].max(axis=0)])
+    spans = np.diff(np.concatenate([[0.0], ends])) / (clock_khz * 1e-3)
+    return dict(zip((*PERSISTENT_PHASES, "combine"), spans.round(2).tolist(), strict=True))
+
+
+def _kernel_us(st: np.ndarray, clock_khz: float) -> float:
+    return round(float(st[:, 1].max()) / (clock_khz * 1e-3), 2)
 
 
 class _Resources:

@@ -292,11 +292,17 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
 PERSISTENT_ST_DEP = 4
 
 
+def persistent_counter_words(problem: MoEProblem) -> int:
+    """The persistent kernel's counter words (templates/persistent.cu.j2 ST_WORDS): epoch,
+    barrier, queue, one dependency counter per (source, local expert), the shared experts'."""
+    return PERSISTENT_ST_DEP + problem.world_size * problem.local_experts + 1
+
+
 def persistent_split_base(problem: MoEProblem, config: KernelConfig) -> int:
     """uint64 word of the persistent kernel's state where the split tiles' scratch starts:
     after its counters (ST_WORDS) and the router's partial logits at any token count."""
-    counters = PERSISTENT_ST_DEP + problem.world_size * problem.local_experts + 1
-    return counters + -(-router_part_floats(problem, config.router_tokens_per_block)[0] // 2)
+    return (persistent_counter_words(problem)
+            + -(-router_part_floats(problem, config.router_tokens_per_block)[0] // 2))
 
 
 def _split_vars(problem: MoEProblem, config: KernelConfig) -> dict[str, int]:

@@ -90,8 +90,13 @@ class SplitK:
     def words(self) -> int:
         return self.shared_words + self.slots * self.slot_words
 
+    @property
+    def fits(self) -> bool:
+        """Whether the scratch stays within ``MAX_SCRATCH_BYTES``."""
+        return self.words * 8 <= MAX_SCRATCH_BYTES
+
     def check(self, config_name: str) -> None:
-        if self.words * 8 > MAX_SCRATCH_BYTES:
+        if not self.fits:
             raise ConfigError("dn_splits" if self.dn_splits > 1 else "gu_splits",
                               max(self.gu_splits, self.dn_splits),
                               f"split tiles need {self.words * 8 / 2**20:.0f} MiB of "
