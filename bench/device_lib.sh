@@ -7,7 +7,7 @@ run_multigpu() {  # P
 }
 run_overlap() {  # P COMMIT (may be empty) [more bench/overlap.py arguments]
   local p=$1 commit=$2; shift 2
-  timeout 400 $MPI -np "$p" python3 bench/overlap.py ${commit:+--commit "$commit"} "$@" \
+  timeout -k 10 "${OVERLAP_TIMEOUT:-400}" $MPI -np "$p" python3 bench/overlap.py ${commit:+--commit "$commit"} "$@" \
     --out "$O/overlap_$p.md" --json "$O/overlap_$p.json" > "$O/overlap_$p.log" 2>&1
   echo "overlap rc=$?"; cat "$O/overlap_$p.md" 2>/dev/null || tail -20 "$O/overlap_$p.log"
 }

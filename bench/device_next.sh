@@ -26,15 +26,16 @@ MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x F
 source bench/device_lib.sh
 nvidia-smi --query-gpu=index,name --format=csv,noheader | tee "$O/cards.txt"
 if [ "$PART" = 2 ]; then
-  DECODE_TAG=chain8 DECODE_TIMEOUT=250 run_decode 4 "$COMMIT" --problems seed,dsv2lite,dsv3 \
+  DECODE_TAG=chain8 DECODE_TIMEOUT=${DECODE_TIMEOUT:-240} run_decode 4 "$COMMIT" --problems seed,dsv2lite,dsv3 \
     --nvlink --chain 8 > "$O/decode.txt" 2>&1
-  run_overlap 4 "$COMMIT" --problems seed,dsv2lite_t512,mixtral_t4096 > "$O/overlap.txt" 2>&1
   for p in 2 4; do  # weak scaling: the same tokens per GPU on 2 and 4 GPUs, one machine
-    timeout -k 10 90 $MPI -np $p python3 bench/scaling.py --experts 64 --tokens 1024,16384 \
+    timeout -k 10 80 $MPI -np $p python3 bench/scaling.py --experts 64 --tokens 1024,16384 \
       --nvlink --commit "$COMMIT" --json "$O/scaling.json" --out "$O/scaling_p$p" \
       > "$O/scaling_p$p.log" 2>&1
     echo "scaling $p ranks rc=$?"
   done
+  OVERLAP_TIMEOUT=${OVERLAP_TIMEOUT:-150} run_overlap 4 "$COMMIT" \
+    --problems seed,dsv2lite_t512,mixtral_t4096 > "$O/overlap.txt" 2>&1
   rm -f "$O"/*.png
   tail -12 "$O/scaling_p4.log"; tail -14 "$O/overlap.txt"; tail -30 "$O/decode.txt"
 fi
