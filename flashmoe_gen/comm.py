@@ -134,15 +134,17 @@ class Communicator:
         self.check_usable()
         self.nccl[which].recv(ptr, nbytes, nccl.NCCL_UINT8, peer, stream.ptr)
 
-    def wait(self, event, what: str) -> None:
-        """Wait for ``event`` on the host; a peer that never answers becomes CommError.
+    def wait(self, event, what: str, seconds: float | None = None) -> None:
+        """Wait for ``event`` on the host, at most ``seconds`` (default the communicator's
+        timeout); a peer that never answers becomes CommError.
 
         Spins for the first ``SPIN_S`` (the count exchange is on every forward's critical
         path, and a sleep costs ~0.1 ms), then polls with short sleeps.
         """
         self.check_usable()
         now = time.monotonic()
-        spin_until, until = now + SPIN_S, now + self.timeout_s
+        bound = self.timeout_s if seconds is None else seconds
+        spin_until, until = now + SPIN_S, now + bound
         polls = 0
         while not event.done:
             polls += 1
@@ -152,7 +154,7 @@ class Communicator:
                 if now > until:
                     self.abort()
                     raise CommTimeout(f"rank {self.rank}: {what} did not finish in "
-                                    f"{self.timeout_s:.0f} s (a peer died or hangs); NCCL aborted")
+                                      f"{bound:.0f} s (a peer died or hangs); NCCL aborted")
                 if now > spin_until:
                     time.sleep(1e-4)
             now = time.monotonic()

@@ -272,6 +272,16 @@ class Run:
             ops = ((comm.send, frm, me, lay.slot_offset(frm, COMBINE_ROUND, STAGING), frm),
                    (comm.recv, me, to, lay.slot_offset(to, COMBINE_ROUND, INCOMING), to))
         cs, which = self.stream(op.stream), op.stream.index
+        # Step 0, this rank's own rows: slot to slot by a device copy, not NCCL send/recv to
+        # self. With expert slots that was one self pair per expert in the fused combine's
+        # group, and on 4 ranks (DeepSeek-V3-like, 64 local experts) it never finished.
+        if to == me:
+            (_, src, dst, s_slot, _), (_, _, _, d_slot, _) = ops
+            cols = slice(dst * el + op.e0, dst * el + op.e1)
+            for r0, n in contiguous_runs(self.offs_list[src][cols], self.rows_list[src][cols]):
+                layer._copy(base + (d_slot + r0 * p.hidden) * ELEM_BYTES,
+                            base + (s_slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, cs)
+            return
         with comm.group():
             for fn, src, dst, slot, peer in ops:  # (source, destination) rows of the slot
                 cols = slice(dst * el + op.e0, dst * el + op.e1)

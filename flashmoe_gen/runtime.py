@@ -347,6 +347,13 @@ class FlashMoE:
             op = self._weight_ops[(ptr, k)] = Operand.at(ptr, k)
         return op
 
+    def _copy(self, dst: int, src: int, nbytes: int, stream) -> None:
+        """Device-to-device copy of ``nbytes`` on ``stream`` (a forward's own rows)."""
+        import cupy
+
+        rt = cupy.cuda.runtime
+        rt.memcpyAsync(dst, src, nbytes, rt.memcpyDeviceToDevice, stream.ptr)
+
     def _launch(self, kernel: str, signature, grid: int, threads: int, stream, **args) -> None:
         with stream:
             self.module[kernel]((grid,), (threads,), signature.packer(**args))

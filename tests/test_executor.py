@@ -122,6 +122,7 @@ def _layer(problem: MoEProblem, cfg: KernelConfig, log: list) -> FlashMoE:
                               _Arr(), _Arr())
     layer._slot_buffers = lambda need: layer._buf
     layer._dropped_host, layer.capacity = 0, 0
+    layer._copy = lambda dst, src, nbytes, stream: log.append(("copy", nbytes))
     return layer
 
 
@@ -165,8 +166,12 @@ def test_every_operation_runs_as_planned(problem, kind):
         assert rows == {want}, (cfg.name, rows)
         sends = [e for e in log if e[0] == "send"]
         recvs = [e for e in log if e[0] == "recv"]
+        copies = [e for e in log if e[0] == "copy"]  # own rows (host mode), not NCCL
         transfers = layer.plan.transfers()  # those of NCCL groups too
-        assert len(sends) == len(recvs) >= len(transfers)
+        assert len(sends) == len(recvs)
+        assert len(sends) + len(copies) >= len(transfers)
+        own = [op for op in transfers if op.step == 0]
+        assert bool(copies) == (mode == "host" and bool(own)), cfg.name
         if mode == "graph":  # one send and one receive of a fixed region per transfer
             row_bytes = problem.hidden * 2
             assert sorted(e[2] for e in sends) == sorted(op.rows * row_bytes

@@ -111,6 +111,17 @@ def test_weight_streaming_sources(comm, mode, fuse, packed):
     _check(comm, WS_DECODE, [24, 3, 0, 17], config=cfg, seed=31)
 
 
+def test_weight_streaming_fused_expert_slots_many_experts(comm):
+    """Fused sources with expert slots and many local experts (256 experts, top 8): the
+    combine moves this rank's own rows in one piece per expert. As NCCL send/recv to self,
+    one group of ~300 pieces never finished on 4 ranks (a DeepSeek-V3 tune, session 10)."""
+    ws = GemmTile(32, 128, 32, 8, 1, 4, "ws")
+    cfg = KernelConfig(ws, dataclasses.replace(ws, bm=64, bk=64, stages=3),
+                       router_tokens_per_block=16, fuse_sources=True, packed_slots=False)
+    _check(comm, MoEProblem(512, 256, 256, 8, tokens_per_rank=128), [128, 97, 128, 5],
+           config=cfg, seed=33)
+
+
 @pytest.mark.parametrize("mode,fuse", [("host", True), ("host", False), ("graph", True)],
                          ids=["host_fused", "host_per_source", "graph_fused"])
 def test_tma_kernel_sources(comm, mode, fuse):

@@ -194,6 +194,9 @@ class Layer:
                                      Arr(np.full(act, 0xFFFF, np.uint16)))
         return self._buf
 
+    def _copy(self, dst: int, src: int, nbytes: int, stream) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
     # -- kernels ---------------------------------------------------------------------------
     def _launch(self, kernel: str, signature, grid, threads, stream, **args) -> None:
         k = self.kernels

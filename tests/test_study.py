@@ -384,6 +384,39 @@ def test_a_kernel_fault_is_recorded_then_ends_the_run_and_resume_goes_on(tmp_pat
     assert res.best is not None
 
 
+def test_a_hung_candidate_is_recorded_as_timeout_then_ends_the_run_and_resume_goes_on(
+        tmp_path):
+    # Found on 4 x H200 (DeepSeek-V3 tune): a candidate whose forward never ended blocked
+    # every rank for good. The objective now waits for it with a bound, aborts NCCL and
+    # returns a timeout outcome; the study records it, ends the run (the communicator is
+    # gone) and a resumed run goes on past it instead of trying it again.
+    from flashmoe_gen.errors import DeviceError
+    from flashmoe_gen.status import TrialStatus
+    from flashmoe_gen.tuner.objective import COMM_LOST, TIMEOUT, Outcome
+
+    class Hanging(FakeEvaluator):
+        def __call__(self, cfg):
+            if self.calls == 1:
+                self.calls += 1
+                return Outcome(TIMEOUT, reason=COMM_LOST + "rank 0: the checked forward did "
+                               "not finish in 25 s (a peer died or hangs); NCCL aborted")
+            return super().__call__(cfg)
+
+    url = f"sqlite:///{tmp_path}/h.db"
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    with pytest.raises(DeviceError, match="left the GPU or NCCL unusable"):
+        run_study(P1, Hanging(), space=space, study_name="h", n_trials=5, storage=url)
+    study = optuna.load_study(study_name="h", storage=url)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["status"] == TrialStatus.TIMEOUT
+    hung = failed[0].params
+    run_study(P1, FakeEvaluator(), space=space, study_name="h", n_trials=5, storage=url,
+              resume=True)
+    study = optuna.load_study(study_name="h", storage=url)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 4
+    assert sum(t.params == hung for t in study.trials) == 1  # not tried again
+
+
 def test_an_ordinary_launch_error_is_a_failed_trial_and_the_run_goes_on():
     space = SearchSpace.for_problem(P1, "sm_90", "small")
     bad = _failing_at(1, "cudaErrorInvalidConfiguration: too many resources requested")

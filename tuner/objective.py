@@ -105,6 +105,8 @@ STICKY_ERRORS = (
     "CUDA_ERROR_ASSERT")
 #: How a failed trial's reason starts when its error lost the CUDA context.
 CONTEXT_LOST = "context lost: "
+#: How it starts when the candidate's forward never finished and NCCL was aborted.
+COMM_LOST = "hung, NCCL aborted: "
 #: How it starts when the build refused a config the search space allowed.
 REFUSED_AT_BUILD = "refused when built: "
 
@@ -119,8 +121,10 @@ def failure_outcome(exc: BaseException) -> Outcome:
 
 
 def context_lost(outcome: Outcome) -> bool:
-    """Whether a (combined) failed outcome left some rank without a usable CUDA context."""
-    return not outcome.ok and CONTEXT_LOST in (outcome.reason or "")
+    """Whether a (combined) failed outcome left some rank without a usable CUDA context or
+    communicator: the run ends once the trial is recorded (a resumed run goes on past it)."""
+    reason = outcome.reason or ""
+    return not outcome.ok and (CONTEXT_LOST in reason or COMM_LOST in reason)
 
 
 #: ``--check``: "sampled" (default) checks a few rows per rank on the GPU against the
@@ -217,6 +221,8 @@ class LayerEvaluator:
                     failed = Outcome(WRONG_ANSWER, rel_error=rel, reason=(
                         f"rel err {res.rel_error:.3e} (tol {TOLERANCE}), finite={res.finite}, "
                         f"routing mismatches {res.routing_mismatches}"))
+            except CommTimeout as e:  # this candidate's forward never ended: NCCL aborted
+                failed = Outcome(TIMEOUT, reason=(COMM_LOST + str(e))[:1500])
             except Exception as e:
                 if is_fatal(e):
                     raise
@@ -232,6 +238,8 @@ class LayerEvaluator:
         try:
             t = time_callable(lambda: layer.forward(self.x), warmup=self.warmup,
                               iters=self.iters, comm=self.comm)
+        except CommTimeout as e:  # every rank waits on the same forwards, so all time out
+            return Outcome(TIMEOUT, reason=(COMM_LOST + str(e))[:1500])
         except Exception as e:
             # time_callable's only collective is its last one, so a rank that raised
             # before it could strand the others: end the whole run instead of hanging.

@@ -232,8 +232,8 @@ def _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_
             results.append(res)
             if context_lost(outcome):  # recorded; every later candidate would fail as well
                 raise DeviceError(
-                    f"candidate {cfg.name} faulted on the GPU ({outcome.reason[:300]}); the "
-                    f"CUDA context is unusable. Trial {res.number} is recorded as "
+                    f"candidate {cfg.name} left the GPU or NCCL unusable "
+                    f"({outcome.reason[:300]}). Trial {res.number} is recorded as "
                     f"{outcome.status}: run the same command again to resume with the next "
                     "candidates")
             if outcome.ok and (best is None or outcome.value < best.outcome.value):
