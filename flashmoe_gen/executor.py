@@ -272,9 +272,10 @@ class Run:
             ops = ((comm.send, frm, me, lay.slot_offset(frm, COMBINE_ROUND, STAGING), frm),
                    (comm.recv, me, to, lay.slot_offset(to, COMBINE_ROUND, INCOMING), to))
         cs, which = self.stream(op.stream), op.stream.index
-        # Step 0, this rank's own rows: slot to slot by a device copy, not NCCL send/recv to
-        # self. With expert slots that was one self pair per expert in the fused combine's
-        # group, and on 4 ranks (DeepSeek-V3-like, 64 local experts) it never finished.
+        # Step 0, this rank's own rows: slot to slot by a device copy (copy engine), not an
+        # NCCL send/recv to self per run (with expert slots, one per expert in the fused
+        # combine's group). Tried as the fix of a hung DeepSeek-V3 candidate on 4 ranks; it
+        # was not the cause (bench/results/2026-11-26_gpu_checks_4xH200_session10.md).
         if to == me:
             (_, src, dst, s_slot, _), (_, _, _, d_slot, _) = ops
             cols = slice(dst * el + op.e0, dst * el + op.e1)

@@ -112,9 +112,10 @@ def test_weight_streaming_sources(comm, mode, fuse, packed):
 
 
 def test_weight_streaming_fused_expert_slots_many_experts(comm):
-    """Fused sources with expert slots and many local experts (256 experts, top 8): the
-    combine moves this rank's own rows in one piece per expert. As NCCL send/recv to self,
-    one group of ~300 pieces never finished on 4 ranks (a DeepSeek-V3 tune, session 10)."""
+    """Fused sources with expert slots and many local experts (256 experts, top 8, the
+    DeepSeek-V3 tune's stuck candidate's tiles): one piece per (peer, expert) in each
+    group, this rank's own rows copied per expert. Passes on 4 ranks, where the same config
+    on the DeepSeek-V3-like shape (H=7168, shared expert) hangs: that cause is still open."""
     ws = GemmTile(32, 128, 32, 8, 1, 4, "ws")
     cfg = KernelConfig(ws, dataclasses.replace(ws, bm=64, bk=64, stages=3),
                        router_tokens_per_block=16, fuse_sources=True, packed_slots=False)
