@@ -39,3 +39,8 @@ run_preset_tunes() {  # GPUS "MODEL TOKENS TRIALS"...: each preset tuned, summar
       grep -E "heuristic default|trial 1/.* done|ok, .* failed|winner stored"
   done
 }
+bundle() {  # every file under $O but the summaries into one archive: the device tool
+  # brings back a limited number of files per call (session 10 lost the scaling logs)
+  (cd "$O" && find . -maxdepth 1 -type f ! -name '*.md' ! -name '*.txt' ! -name '*.png' \
+     ! -name bundle.tgz -printf '%P\n' | tar czf bundle.tgz --remove-files -T -)
+}

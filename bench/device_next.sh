@@ -37,10 +37,12 @@ if [ "$PART" = 2 ]; then
   OVERLAP_TIMEOUT=${OVERLAP_TIMEOUT:-150} run_overlap 4 "$COMMIT" \
     --problems seed,dsv2lite_t512,mixtral_t4096 > "$O/overlap.txt" 2>&1
   rm -f "$O"/*.png
-  tail -12 "$O/scaling_p4.log"; tail -14 "$O/overlap.txt"; tail -30 "$O/decode.txt"
+  tail -12 "$O/scaling_p2.log" "$O/scaling_p4.log"; bundle
+  tail -14 "$O/overlap.txt"; tail -30 "$O/decode.txt"
 fi
 if [ "$PART" = 3 ]; then
-  TUNE_TIMEOUT=${TUNE_TIMEOUT:-125} run_preset_tunes 4 "deepseek-v3 128 32" \
+  TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
     "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" "mixtral-8x7b 4096 16"
+  bundle
 fi
 true
