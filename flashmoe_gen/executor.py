@@ -9,10 +9,13 @@ and streams; ``graphs.GraphCache`` captures a ``Run`` of mode "graph" as a CUDA 
 
 from __future__ import annotations
 
+import os
 import re
+from collections import defaultdict
 
 import numpy as np
 
+from .errors import ArgumentError
 from .layout import (
     COMBINE as COMBINE_ROUND,
 )
@@ -178,11 +181,32 @@ class Run:
             self.transfer(op)
 
     def transfer_group(self, op: TransferGroup) -> None:
-        """One NCCL group around the transfers (each its own group inside: groups nest)."""
+        """One NCCL group around all the transfers' operations."""
         if self.communicate:
-            with self.layer.comm.group():
-                for t in op.transfers:
-                    self.transfer(t)
+            self.issue([o for t in op.transfers for o in self.transfer_ops(t)])
+
+    def issue(self, ops: list[tuple]) -> None:
+        """``(fn, ptr, nbytes, peer, stream, which)`` NCCL operations as one group, or, with
+        ``$FLASHMOE_MAX_GROUP_OPS`` = n > 0, as several: the i-th operation of a (peer,
+        direction) goes to group i // n. Every rank splits alike, so a send and the receive
+        it matches land in groups of the same index."""
+        if not ops:
+            return
+        comm, limit = self.layer.comm, max_group_ops()
+        if not limit:
+            groups = [ops]
+        else:
+            seen: dict = defaultdict(int)
+            split: dict = defaultdict(list)
+            for o in ops:
+                key = (o[0], o[3])
+                split[seen[key] // limit].append(o)
+                seen[key] += 1
+            groups = [split[g] for g in sorted(split)]
+        for group in groups:
+            with comm.group():
+                for fn, *args in group:
+                    fn(*args)
 
     def exchange_counts(self) -> None:
         """Count exchange: every rank learns counts[source][expert], so the capacity C and
@@ -244,9 +268,12 @@ class Run:
         self.env.update(cap=cap, layout=slots.tensor.data.ptr, act=slots.act.data.ptr)
 
     def transfer(self, op: Transfer) -> None:
-        """One grouped send/recv of local experts [e0, e1) with the peers at ``op.step``;
-        every rank holds the same row tables (or the same fixed regions), so sends and
-        receives match."""
+        self.issue(self.transfer_ops(op))
+
+    def transfer_ops(self, op: Transfer) -> list[tuple]:
+        """The NCCL operations of one send/recv of local experts [e0, e1) with the peers at
+        ``op.step``; every rank holds the same row tables (or the same fixed regions), so
+        sends and receives match. Step 0's own rows are copied here and give none."""
         layer = self.layer
         p, comm, me = layer.problem, layer.comm, layer.rank
         P, el, lay = p.world_size, p.local_experts, layer._buf.lay
@@ -260,11 +287,8 @@ class Run:
                 slots = ((comm.send, lay.slot_offset(frm, COMBINE_ROUND, STAGING), frm),
                          (comm.recv, lay.slot_offset(to, COMBINE_ROUND, INCOMING), to))
             cs, which = self.stream(op.stream), op.stream.index
-            with comm.group():
-                for fn, slot, peer in slots:
-                    fn(base + (slot + op.base * p.hidden) * ELEM_BYTES, op.rows * row_bytes,
-                       peer, cs, which)
-            return
+            return [(fn, base + (slot + op.base * p.hidden) * ELEM_BYTES, op.rows * row_bytes,
+                     peer, cs, which) for fn, slot, peer in slots]
         if op.round == DISPATCH:  # my tokens to `to`; `frm`'s tokens to me
             ops = ((comm.send, me, to, lay.slot_offset(to, DISPATCH, STAGING), to),
                    (comm.recv, frm, me, lay.slot_offset(frm, DISPATCH, INCOMING), frm))
@@ -282,13 +306,29 @@ class Run:
             for r0, n in contiguous_runs(self.offs_list[src][cols], self.rows_list[src][cols]):
                 layer._copy(base + (d_slot + r0 * p.hidden) * ELEM_BYTES,
                             base + (s_slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, cs)
-            return
-        with comm.group():
-            for fn, src, dst, slot, peer in ops:  # (source, destination) rows of the slot
-                cols = slice(dst * el + op.e0, dst * el + op.e1)
-                for r0, n in contiguous_runs(self.offs_list[src][cols], self.rows_list[src][cols]):
-                    fn(base + (slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, peer, cs,
-                       which)
+            return []
+        out = []
+        for fn, src, dst, slot, peer in ops:  # (source, destination) rows of the slot
+            cols = slice(dst * el + op.e0, dst * el + op.e1)
+            for r0, n in contiguous_runs(self.offs_list[src][cols], self.rows_list[src][cols]):
+                out.append((fn, base + (slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, peer,
+                            cs, which))
+        return out
+
+
+#: Diagnostic: at most this many NCCL operations per (peer, direction) in one group (unset
+#: or 0: no limit). Off by default; for the stuck DeepSeek-V3 candidate (docs/reliability.md).
+MAX_GROUP_OPS_ENV = "FLASHMOE_MAX_GROUP_OPS"
+
+
+def max_group_ops() -> int:
+    """``$FLASHMOE_MAX_GROUP_OPS`` (read per call), 0 when unset; ArgumentError if invalid."""
+    raw = os.environ.get(MAX_GROUP_OPS_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        raise ArgumentError(MAX_GROUP_OPS_ENV, raw, "a non-negative integer (0: no limit)")
+    return int(raw)
 
 
 #: Operation type -> the Run method that executes it (one lookup per operation).

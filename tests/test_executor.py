@@ -9,6 +9,7 @@ from the counts (host mode) or the fixed capacity (graph mode), and the benchmar
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import types
@@ -188,3 +189,55 @@ def test_benchmark_splits_skip_what_they_say():
         launched = [e[1] for e in log if e[0] == "launch"]
         assert (layer.kernels.gate_up in launched) == gemms
         assert any(e[0] == "send" for e in log) == transfers
+
+
+def test_max_group_ops_splits_groups_alike_for_sends_and_receives(monkeypatch):
+    """``$FLASHMOE_MAX_GROUP_OPS`` = n: the same operations, in groups holding at most n per
+    (peer, direction), the i-th send to a peer in group i // n (so is the receive it matches
+    on that peer, which splits by the same rule)."""
+    from flashmoe_gen.errors import ArgumentError
+
+    cfg = dataclasses.replace(KernelConfig.default(P4), fuse_sources=True, packed_slots=False)
+
+    def groups_of(limit: str | None) -> list[list[tuple]]:
+        if limit is None:
+            monkeypatch.delenv("FLASHMOE_MAX_GROUP_OPS", raising=False)
+        else:
+            monkeypatch.setenv("FLASHMOE_MAX_GROUP_OPS", limit)
+        log: list = []
+        layer = _layer(P4, cfg, log)
+        layer.comm.group = lambda: _Group(log)
+        layer._run_plan(_Arr(), 100, _Arr(), "all")
+        out, cur = [], None
+        for e in log:
+            if e == ("group_start",):
+                cur = []
+            elif e == ("group_end",):
+                out.append(cur)
+            elif e[0] in ("send", "recv"):
+                cur.append(e)
+        return out
+
+    whole, split = groups_of(None), groups_of("2")
+    assert sorted(o for g in whole for o in g) == sorted(o for g in split for o in g)
+    assert max(len(g) for g in whole) > 2 * 2 * (P4.world_size - 1)  # big groups exist
+    assert len(split) > len(whole)
+    for g in split:  # at most 2 per (peer, direction)
+        per = collections.Counter((kind, peer) for kind, peer, _ in g)
+        assert max(per.values()) <= 2, per
+    monkeypatch.setenv("FLASHMOE_MAX_GROUP_OPS", "two")
+    with pytest.raises(ArgumentError, match="FLASHMOE_MAX_GROUP_OPS"):
+        layer = _layer(P4, cfg, [])  # built fine: the forward reads the variable
+        layer._run_plan(_Arr(), 100, _Arr(), "all")
+
+
+class _Group:
+    def __init__(self, log):
+        self.log = log
+
+    def __enter__(self):
+        self.log.append(("group_start",))
+
+    def __exit__(self, *exc):
+        self.log.append(("group_end",))
+        return False
