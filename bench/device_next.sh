@@ -4,7 +4,7 @@
 #   1: the whole one-GPU suite in three lanes (device_final.sh gpu4), then the 4-rank
 #      ws/tma/nvlink/graph tests with a log per rank (~550 s)
 #   2: issue 15/16/12 numbers: the decode table on 4 ranks with nvlink, 8 forwards back to
-#      back (seed, DeepSeek-V2-Lite, DeepSeek-V3-like); the overlap table (seed T=256,
+#      back (seed, DeepSeek-V2-Lite, DeepSeek-V3-like; T=256 too: the seed example's count); the overlap table (seed T=256,
 #      DeepSeek-V2-Lite T=512, Mixtral T=4096); FlashDMoE's setting (E=64) with nvlink on 2
 #      then 4 ranks in the same call, for weak scaling (~540 s)
 #   3: issue 13: preset tunes on 4 ranks, tuned vs the heuristic default, DeepSeek-V3 T=128
@@ -27,7 +27,7 @@ source bench/device_lib.sh
 nvidia-smi --query-gpu=index,name --format=csv,noheader | tee "$O/cards.txt"
 if [ "$PART" = 2 ]; then
   DECODE_TAG=chain8 DECODE_TIMEOUT=${DECODE_TIMEOUT:-240} run_decode 4 "$COMMIT" --problems seed,dsv2lite,dsv3 \
-    --nvlink --chain 8 > "$O/decode.txt" 2>&1
+    --tokens 1,8,32,128,256,512 --nvlink --chain 8 > "$O/decode.txt" 2>&1
   for p in 2 4; do  # weak scaling: the same tokens per GPU on 2 and 4 GPUs, one machine
     timeout -k 10 80 $MPI -np $p python3 bench/scaling.py --experts 64 --tokens 1024,16384 \
       --nvlink --commit "$COMMIT" --json "$O/scaling.json" --out "$O/scaling_p$p" \
