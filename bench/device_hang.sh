@@ -11,9 +11,7 @@
 set -u
 COMMIT=${1:-unknown}; PART=${2:-a}
 source bench/device_setup.sh
-O=${OUT:-/tmp/out}; mkdir -p "$O"
-MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
-source bench/device_lib.sh
+source bench/device_lib.sh  # $O, $MPI, the shared steps
 nvidia-smi --query-gpu=index,name --format=csv,noheader | tee "$O/cards.txt"
 HANG=gu_bm32_bn128_bk32_w8x1_s4_ws__dn_bm64_bn128_bk64_w8x1_s3_ws__r16__c1__cs1__ss1
 if [ "$PART" = x ]; then

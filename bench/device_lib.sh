@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Shared steps of the device scripts (source after bench/device_setup.sh; needs $O and $MPI).
+# Shared steps of the device scripts (source after bench/device_setup.sh). $O (the output
+# folder) and $MPI (mpirun with NVLink multicast off) default here when the script set none.
+O=${O:-${OUT:-/tmp/out}}; mkdir -p "$O"
+MPI=${MPI:-"mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"}
 run_multigpu() {  # P
   timeout 420 $MPI -np "$1" python3 -m pytest -m multigpu tests/test_multigpu.py -q \
     --no-header -p no:cacheprovider > "$O/multigpu_$1.log" 2>&1
