@@ -355,7 +355,8 @@ def _fused_schedule(p: MoEProblem, cfg: KernelConfig, steps, chunks, ev, transfe
     """Fused sources: each communication stream's dispatch transfers as one NCCL group;
     this rank's tokens meanwhile (unless they join the fused launch, ``fuses_own_tokens``);
     the one launch once everything landed; then each stream's combine transfers as one
-    group (with this rank's own results, staging -> incoming, when they joined)."""
+    group (with this rank's own results, staging -> incoming, when they joined: a device
+    copy in host mode, a send/recv to self in graph mode)."""
     ns, with_self = cfg.comm_streams, cfg.fuses_own_tokens
     mine = [[s for j, s in enumerate(steps) if j % ns == c] for c in range(ns)]
     ops: list[Op] = []
@@ -380,7 +381,7 @@ def _fused_schedule(p: MoEProblem, cfg: KernelConfig, steps, chunks, ev, transfe
     ops.append(Record(done, MAIN))
     for c in range(ns):
         back = [transfer(COMBINE, s, e0, e1, comm(c)) for s, e0, e1 in mine[c]]
-        if with_self and c == 0:  # own results: staging -> incoming (a send/recv to self)
+        if with_self and c == 0:  # own results: staging -> incoming (step 0, to self)
             back += [transfer(COMBINE, 0, e0, e1, comm(0)) for e0, e1 in chunks]
         if back:
             ops += [Wait(comm(c), done), TransferGroup(tuple(back))]

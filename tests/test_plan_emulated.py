@@ -336,7 +336,7 @@ KNOBS = list(itertools.product(("host", "graph"), (False, True), (True, False), 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["exact", "capped"])
 def test_every_schedule_matches_the_reference(tiles, capacity_factor):
     """All knob combinations (mode, fused sources — with weight-streaming tiles this rank's
-    tokens join the launch and its results move by a send/recv to itself —, overlap,
+    tokens join the launch and its results move to itself by copy or send/recv —, overlap,
     chunks, streams, packed slots) on ragged ranks, one with no tokens."""
     p = P4.replace(capacity_factor=capacity_factor)
     w = MoEWeights.random(p, 3)
