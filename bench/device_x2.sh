@@ -10,11 +10,14 @@
 #      DeepSeek-V3-like), then the weight-streaming GEMMs alone at 16/32/64 rows (~400 s)
 #   m: part 1's 2-GPU nvlink and 2-rank tests alone (~330 s)
 #   t: issue 13's preset tunes on 2 ranks, 24 trials each, tuned vs default (~500 s)
+#   w: branch ws-fused-64 on 2 ranks: the rows its rule changes there (64 and 48 rows per
+#      expert: DeepSeek-V3-like T=1024, DeepSeek-V2-Lite T=256) and a neighbour each, then
+#      the 2-rank weight-streaming tests (~300 s)
 #   n: the next levers (branch decode-next: solo front, direct graphs, row tasks): one block's
 #      streaming rate (bench/sm_stream.py, GPU 0), the 2-rank nvlink tests, then decode on
 #      all three shapes at T = 1, 8, 32, 512 with nvlink (~330 s)
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
-# Usage: bash bench/device_x2.sh COMMIT 1|2|m|t|n
+# Usage: bash bench/device_x2.sh COMMIT 1|2|m|t|n|w
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
@@ -78,6 +81,18 @@ if [ "$PART" = n ]; then
   rm -f "$O"/*.png
   grep -E "^\| (seed|dsv)" "$O/decode.txt" | cut -d'|' -f2-3,6-7,10,14,19 | head -12
   grep -E "^\| (cp.async|bulk|ld|tile)" "$O/sm_stream.md" | head -40
+fi
+if [ "$PART" = w ]; then
+  DECODE_TAG=ws64 DECODE_TIMEOUT=200 run_decode 2 "$COMMIT" --problems dsv2lite \
+    --tokens 128,256 --nvlink --chain 8 > "$O/decode_dsv2lite.txt" 2>&1
+  DECODE_TAG=ws64_dsv3 DECODE_TIMEOUT=200 run_decode 2 "$COMMIT" --problems dsv3 \
+    --tokens 512,1024 --nvlink --chain 8 > "$O/decode_dsv3.txt" 2>&1
+  rm -f "$O"/*.png
+  timeout -k 10 120 $MPI -np 2 python3 -m pytest -m multigpu tests/test_multigpu.py -q \
+    -k weight_streaming --no-header -p no:cacheprovider > "$O/multigpu_ws.log" 2>&1
+  echo "multigpu weight_streaming 2 ranks rc=$?"; grep -E "passed|failed" "$O/multigpu_ws.log"
+  bundle
+  grep -hE "^\| (dsv)" "$O/decode_dsv2lite.txt" "$O/decode_dsv3.txt" | cut -d'|' -f2-3,4-5,6-7,10
 fi
 if [ "$PART" = t ]; then  # issue 13: preset tunes, tuned vs the heuristic default
   N=${TRIALS:-24}
