@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import bf16
+from .comm import wait_gpu
 from .reference import Routing, drop_mask, moe_reference, relative_error, route, routing_weights
 from .weights import MoEWeights
 
@@ -53,21 +54,6 @@ def _mismatches(problem, own: Routing, topk_idx: np.ndarray, margin: float) -> i
                .any(axis=1).sum())
 
 
-def wait_forward(layer) -> None:
-    """Wait for the forward just launched on the current stream. With a communicator the
-    wait is bounded (``Communicator.wait``, half the timeout, so a rank that waited it out
-    still meets the others' next collective in time): a forward that never finishes (a
-    stuck candidate, a peer gone) aborts NCCL and raises CommTimeout instead of blocking."""
-    import cupy
-
-    stream = cupy.cuda.get_current_stream()
-    comm = getattr(layer, "comm", None)
-    if comm is None:
-        stream.synchronize()
-    else:
-        comm.wait(stream.record(), "the checked forward", comm.timeout_s / 2)
-
-
 def check_layer(layer, x_bits: np.ndarray, weights: MoEWeights, comm=None,
                 seed: int = 0, cache: dict | None = None) -> CheckResult:
     """Run ``layer`` once on ``x_bits`` (poisoned output) and compare on this rank.
@@ -83,7 +69,7 @@ def check_layer(layer, x_bits: np.ndarray, weights: MoEWeights, comm=None,
     x = cupy.asarray(x_bits)
     out = cupy.full((x_bits.shape[0], p.hidden), POISON, np.uint16)
     layer.forward(x, out=out)
-    wait_forward(layer)
+    wait_gpu(getattr(layer, "comm", None), "the checked forward")
     got = bf16.from_bits(out.get()).astype(np.float64)
     idx = layer.last_routing()[0].get().astype(np.int64)
 
@@ -191,7 +177,7 @@ def check_layer_sampled(layer, x, x_bits: np.ndarray, seed: int, comm=None,
     t = x_bits.shape[0]
     out = cupy.full((t, p.hidden), POISON, np.uint16)
     layer.forward(x, out=out)
-    wait_forward(layer)
+    wait_gpu(getattr(layer, "comm", None), "the checked forward")
     finite = not bool(((out & 0x7F80) == 0x7F80).any())  # exponent all ones: NaN or Inf
     rows = sample_rows(t, seed, layer.rank, n_rows)
     err, mismatches = 0.0, 0

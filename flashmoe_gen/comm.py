@@ -27,6 +27,19 @@ from .watchdog import (
 SPIN_S = 0.005
 
 
+def wait_gpu(comm, what: str, event=None) -> None:
+    """Wait for ``event`` (else all work so far on the current CuPy stream). With a
+    communicator the wait is bounded at half its timeout (so a rank that waited it out still
+    meets the others' next collective in time): work that never ends (a stuck candidate, a
+    peer gone) aborts NCCL and raises CommTimeout instead of blocking for good."""
+    import cupy
+
+    if comm is None:
+        (event or cupy.cuda.get_current_stream()).synchronize()
+    else:
+        comm.wait(event or cupy.cuda.get_current_stream().record(), what, comm.timeout_s / 2)
+
+
 def mpi_world():
     """MPI.COMM_WORLD (imported lazily: mpi4py initialises MPI on import)."""
     from mpi4py import MPI

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flashmoe_gen.comm import wait_gpu
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -31,15 +33,6 @@ class Timing:
         return cls(inf, inf, inf, 0, ())
 
 
-def _sync(stream, comm, what: str, event=None) -> None:
-    """Wait for ``event`` (else all work so far) on ``stream``; bounded with a communicator,
-    so a forward that never ends aborts NCCL and raises CommTimeout instead of blocking."""
-    if comm is None:
-        (event or stream).synchronize()
-    else:
-        comm.wait(event or stream.record(), what, comm.timeout_s / 2)
-
-
 def time_callable(fn, *, warmup: int = 5, iters: int = 20, comm=None,
                   chain: int = 1) -> Timing:
     """Time ``fn()`` (which launches GPU work on the current stream) on every rank; per
@@ -52,7 +45,7 @@ def time_callable(fn, *, warmup: int = 5, iters: int = 20, comm=None,
     stream = cupy.cuda.get_current_stream()
     for _ in range(warmup):
         fn()
-    _sync(stream, comm, "the warm-up forwards")
+    wait_gpu(comm, "the warm-up forwards")
     mine = np.empty(iters)
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     for i in range(iters):
@@ -63,7 +56,7 @@ def time_callable(fn, *, warmup: int = 5, iters: int = 20, comm=None,
         for _ in range(chain):
             fn()
         end.record(stream)
-        _sync(stream, comm, "a timed forward", end)
+        wait_gpu(comm, "a timed forward", end)
         mine[i] = cupy.cuda.get_elapsed_time(start, end) / chain
     if comm is not None:
         from flashmoe_gen.watchdog import allgather

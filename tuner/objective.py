@@ -120,6 +120,12 @@ def failure_outcome(exc: BaseException) -> Outcome:
     return Outcome(classify(exc), reason=tb[:1500])
 
 
+def hung_outcome(exc: CommTimeout) -> Outcome:
+    """A candidate whose forward never ended (the bounded wait aborted NCCL): a timeout
+    trial whose reason makes ``context_lost`` end the run once it is recorded."""
+    return Outcome(TIMEOUT, reason=(COMM_LOST + str(exc))[:1500])
+
+
 def context_lost(outcome: Outcome) -> bool:
     """Whether a (combined) failed outcome left some rank without a usable CUDA context or
     communicator: the run ends once the trial is recorded (a resumed run goes on past it)."""
@@ -222,7 +228,7 @@ class LayerEvaluator:
                         f"rel err {res.rel_error:.3e} (tol {TOLERANCE}), finite={res.finite}, "
                         f"routing mismatches {res.routing_mismatches}"))
             except CommTimeout as e:  # this candidate's forward never ended: NCCL aborted
-                failed = Outcome(TIMEOUT, reason=(COMM_LOST + str(e))[:1500])
+                failed = hung_outcome(e)
             except Exception as e:
                 if is_fatal(e):
                     raise
@@ -239,7 +245,7 @@ class LayerEvaluator:
             t = time_callable(lambda: layer.forward(self.x), warmup=self.warmup,
                               iters=self.iters, comm=self.comm)
         except CommTimeout as e:  # every rank waits on the same forwards, so all time out
-            return Outcome(TIMEOUT, reason=(COMM_LOST + str(e))[:1500])
+            return hung_outcome(e)
         except Exception as e:
             # time_callable's only collective is its last one, so a rank that raised
             # before it could strand the others: end the whole run instead of hanging.
