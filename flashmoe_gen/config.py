@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -17,6 +18,7 @@ from .tiles import (
     TMA_MAX_GROUPS,
     GemmTile,
     ws_token_tile,
+    ws_weight_reads,
 )
 
 ROUTER_CHOICES = (1, 2, 4, 8, 16, 32)
@@ -25,6 +27,16 @@ COMM_STREAM_CHOICES = (1, 2, 4)
 CHUNK_RANGE = range(1, 17)
 #: The default streams weights when an expert's rows from all sources average at most this.
 WS_MAX_ROWS = 32
+#: ... and on several ranks up to this many, where per-source tiles would read each expert's
+#: weights once per source that sends it rows (4 x H200, DeepSeek-V3-like T=512 = 64 rows:
+#: 4 x 5.6 GB per rank, 0.53x PyTorch EP) while the fused weight-streaming launch reads them
+#: ``ws_weight_reads`` times (1 x H200 GEMMs at 64 rows: the 64-token tile 3.77 TB/s, the
+#: TMA kernel 3.96 TB/s for one source), if that saves at least WS_MIN_SAVING_S of reads at
+#: WS_MODEL_BYTES_PER_S (an H100's copy bandwidth: the lower of the two cards).
+WS_MAX_ROWS_FUSED = 64
+WS_MIN_SAVING_S = 50e-6
+WS_MODEL_BYTES_PER_S = 3.0e12
+WEIGHT_BYTES = 2  # bf16
 #: How a forward runs: "host" reads the exchanged counts on the host and sizes every
 #: transfer and launch from them (one host synchronisation per call); "graph" keeps counts
 #: and row offsets on the device, moves fixed-size blocks (sized when the layer is built) and
@@ -246,7 +258,7 @@ class KernelConfig:
         mma.sync row tiles per source."""
         warps = PERSISTENT_THREADS // 32
         rows = problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
-        fused = rows <= WS_MAX_ROWS
+        fused = cls.streams_weights(problem)
         if fused:  # every source's rows in one task: each weight byte read once
             gu = dn = GemmTile(ws_token_tile(rows, 32), 128, 64, warps, 1, 4, "ws")
         else:  # the winners' tiles of the DeepSeek-V2-Lite and Qwen3-30B-A3B preset tunes
@@ -267,6 +279,23 @@ class KernelConfig:
         return max(self.gate_up.smem_bytes(2), self.down.smem_bytes(1))
 
     # -- defaults and serialisation -----------------------------------------------------
+    @staticmethod
+    def streams_weights(problem: MoEProblem) -> bool:
+        """Whether the defaults stream weights (every source fused, each byte read about
+        once): an expert averages at most ``WS_MAX_ROWS`` rows from all sources, or at most
+        ``WS_MAX_ROWS_FUSED`` on several ranks where that saves enough weight reads."""
+        p = problem
+        rows = p.world_size * p.tokens_per_rank * p.top_k / p.experts
+        if rows <= WS_MAX_ROWS:
+            return True
+        if p.world_size == 1 or rows > WS_MAX_ROWS_FUSED:
+            return False
+        # Sources that send an expert at least one row (Poisson rows per source).
+        sources = p.world_size * (1.0 - math.exp(-rows / p.world_size))
+        fused = ws_weight_reads(ws_token_tile(rows, 32), rows)
+        weight_bytes = p.local_experts * 3 * p.hidden * p.intermediate * WEIGHT_BYTES
+        return weight_bytes * (sources - fused) / WS_MODEL_BYTES_PER_S >= WS_MIN_SAVING_S
+
     @classmethod
     def default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
         """A sound starting point: weight-streaming tiles when experts get few rows (decode),
@@ -316,7 +345,7 @@ class KernelConfig:
         sources together (decode): the GEMMs are bound by reading the weights, so each is
         read once (all sources in one launch) with the tokens on the MMA's narrow side.
         None when rows are more or a dimension is below the tiles."""
-        if rows > WS_MAX_ROWS:
+        if not cls.streams_weights(problem):
             return None
         tt = ws_token_tile(rows, 32 if problem.shared_experts else 16)  # shared: T per pass
         cfg = cls(GemmTile(tt, 64, 64, 4, 1, 4, "ws"), GemmTile(tt, 128, 64, 4, 1, 4, "ws"),

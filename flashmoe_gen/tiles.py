@@ -248,15 +248,19 @@ def ws_token_tile(mean_rows: float, smallest: int = WS_TOKEN_CHOICES[0]) -> int:
     counts vary around their mean (2 x H200, DeepSeek-V3-like T=512: 32 rows on average, the
     32-token tile, expert tasks at 62% of the copy bandwidth), so the tile minimises the
     expected passes over a Poisson count divided by the tile's speed (``WS_TILE_SPEED``)."""
+    tiles = [t for t in WS_TOKEN_CHOICES if t >= smallest]
+    return min(tiles, key=lambda t: ws_weight_reads(t, mean_rows))
+
+
+def ws_weight_reads(tile: int, mean_rows: float) -> float:
+    """Expected passes over an expert's weights with the ``tile``-token weight-streaming
+    tile at ``mean_rows`` Poisson rows, divided by the tile's relative speed: the cost of
+    its weight reads in units of one pass at the 16-token tile's speed."""
     # Past mean + 12 standard deviations (+12) a Poisson tail is below 1e-12.
     last = mean_rows + 12 * math.sqrt(max(mean_rows, 0.0)) + 12
-
-    def passes(t: int) -> float:
-        return 1.0 + sum(_poisson_above(j * t, mean_rows)
-                         for j in range(1, int(last // t) + 2))
-
-    tiles = [t for t in WS_TOKEN_CHOICES if t >= smallest]
-    return min(tiles, key=lambda t: passes(t) / WS_TILE_SPEED[t])
+    passes = 1.0 + sum(_poisson_above(j * tile, mean_rows)
+                       for j in range(1, int(last // tile) + 2))
+    return passes / WS_TILE_SPEED[tile]
 
 
 def _poisson_above(k: int, mean: float) -> float:

@@ -699,7 +699,9 @@ def test_default_config_validates_over_grid():
         rows = w * t * k / e  # an expert's rows from all sources, on average
         kind = cfg.gate_up.mma
         seen_kind.add(kind)
-        assert (kind == "ws") == (rows <= WS_MAX_ROWS), (p.name, cfg.name)
+        assert (kind == "ws") == KernelConfig.streams_weights(p), (p.name, cfg.name)
+        if rows <= WS_MAX_ROWS:
+            assert kind == "ws", (p.name, cfg.name)
         assert cfg.fuse_sources == (kind == "ws" and w > 1)  # weights read once
         assert cfg.gate_up.bn <= i and cfg.down.bn <= h
         seen_bm.add(cfg.block_m)
@@ -708,6 +710,35 @@ def test_default_config_validates_over_grid():
     assert seen_bm == {16, 32, 64, 128}  # every row regime was exercised
     assert seen_kind == {"ws", "sync"}  # weight streaming for decode, mma.sync elsewhere
     assert seen_mma == {True, False}  # wgmma where a launch fills the GPU, mma.sync elsewhere
+
+
+@pytest.mark.parametrize("model,gpus,tokens,streams", [
+    ("deepseek-v3", 4, 512, True),   # 64 rows/expert: 4 reads of 5.6 GB per source-wise pass
+    ("deepseek-v2-lite", 4, 128, True),   # 48 rows, 0.28 GB of weights per rank
+    ("qwen3-30b-a3b", 4, 256, True),
+    ("deepseek-v2-lite", 4, 512, False),  # 192 rows: past WS_MAX_ROWS_FUSED
+    ("mixtral-8x7b", 1, 256, False),  # 64 rows from one source: nothing read twice
+])
+def test_defaults_stream_weights_where_per_source_tiles_reread_them(model, gpus, tokens,
+                                                                    streams):
+    """Past WS_MAX_ROWS the defaults still stream weights (every source fused) where the
+    per-source tiles would read each expert's weights once per source and that costs more
+    than WS_MIN_SAVING_S (4 x H200: DeepSeek-V3-like T=512 at 0.53x PyTorch EP that way)."""
+    from flashmoe_gen.presets import get_preset
+
+    p = get_preset(model).problem(world_size=gpus, tokens_per_rank=tokens)
+    assert KernelConfig.streams_weights(p) == streams
+    for cfg in (KernelConfig.default(p, "sm_90"), KernelConfig.persistent_default(p, "sm_90")):
+        assert (cfg.gate_up.mma == "ws") == streams, cfg.name
+        assert cfg.fuse_sources == (streams and gpus > 1), cfg.name
+
+
+def test_tiny_weights_keep_per_source_tiles_past_ws_max_rows():
+    """The seed shape at 64 rows per expert on 2 ranks: its 25 MB of weights per rank cost
+    ~2 us to read twice, below WS_MIN_SAVING_S: no change from per-source tiles."""
+    p = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=128)
+    assert not KernelConfig.streams_weights(p)
+    assert KernelConfig.default(p, "sm_90").gate_up.mma != "ws"
 
 
 @pytest.mark.parametrize("arch", sorted(KNOWN_ARCHS))
