@@ -66,6 +66,11 @@ K_SPLIT_CHOICES = (1, 2, 4, 8)
 WGMMA_MIN_BLOCKS = 132
 
 
+def expert_rows(problem: MoEProblem) -> float:
+    """Rows an expert gets from all sources on average (the defaults' decode measure)."""
+    return problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Every tunable knob of the generated layer.
@@ -257,7 +262,7 @@ class KernelConfig:
         active experts' tiles are fewer than SMs: splitk.default_splits), else 8-warp
         mma.sync row tiles per source."""
         warps = PERSISTENT_THREADS // 32
-        rows = problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
+        rows = expert_rows(problem)
         fused = cls.streams_weights(problem)
         if fused:  # every source's rows in one task: each weight byte read once
             gu = dn = GemmTile(ws_token_tile(rows, 32), 128, 64, warps, 1, 4, "ws")
@@ -284,8 +289,7 @@ class KernelConfig:
         """Whether the defaults stream weights (every source fused, each byte read about
         once): an expert averages at most ``WS_MAX_ROWS`` rows from all sources, or at most
         ``WS_MAX_ROWS_FUSED`` on several ranks where that saves enough weight reads."""
-        p = problem
-        rows = p.world_size * p.tokens_per_rank * p.top_k / p.experts
+        p, rows = problem, expert_rows(problem)
         if rows <= WS_MAX_ROWS:
             return True
         if p.world_size == 1 or rows > WS_MAX_ROWS_FUSED:
@@ -307,7 +311,7 @@ class KernelConfig:
                      shared_stream=True, packed_slots=problem.world_size > 1)
         slot_rows = problem.tokens_per_rank * problem.top_k / problem.experts
         n_gu = cls.gemm_shapes(problem)["gate_up"][0]
-        ws = cls._weight_streaming(problem, problem.world_size * slot_rows, knobs, arch)
+        ws = cls._weight_streaming(problem, knobs, arch)
         if ws is not None:
             return ws
         blocks = problem.local_experts * -(-n_gu // 128) * max(1, -(-int(slot_rows) // 128))
@@ -323,7 +327,7 @@ class KernelConfig:
                     return cfg
                 except ConfigError:  # a dimension below the 128-wide tiles: mma.sync below
                     pass
-        rows = problem.world_size * slot_rows
+        rows = expert_rows(problem)
         bm = 64 if rows <= 96 else 128
 
         def fit(limit: int, cap: int, choices=BN_CHOICES) -> int:
@@ -339,7 +343,7 @@ class KernelConfig:
         return cfg
 
     @classmethod
-    def _weight_streaming(cls, problem: MoEProblem, rows: float, knobs: dict,
+    def _weight_streaming(cls, problem: MoEProblem, knobs: dict,
                           arch: str) -> KernelConfig | None:
         """Weight-streaming tiles when an expert gets at most ``WS_MAX_ROWS`` rows from all
         sources together (decode): the GEMMs are bound by reading the weights, so each is
@@ -347,7 +351,8 @@ class KernelConfig:
         None when rows are more or a dimension is below the tiles."""
         if not cls.streams_weights(problem):
             return None
-        tt = ws_token_tile(rows, 32 if problem.shared_experts else 16)  # shared: T per pass
+        smallest = 32 if problem.shared_experts else 16  # shared experts: T rows per pass
+        tt = ws_token_tile(expert_rows(problem), smallest)
         cfg = cls(GemmTile(tt, 64, 64, 4, 1, 4, "ws"), GemmTile(tt, 128, 64, 4, 1, 4, "ws"),
                   fuse_sources=problem.world_size > 1, **knobs)
         try:
