@@ -175,9 +175,12 @@ def test_nvlink_persistent_kernel(comm, case):
         return  # the layer's gate is the skewed one: the calls below use plain weights
     q = p.replace(world_size=comm.world_size)
     w = MoEWeights.random(q, 51)
-    for i, t in enumerate([13, p.tokens_per_rank, 0]):
+    # (odd ranks, even ranks): at most 8 tokens take the solo front (no grid barrier before
+    # the tasks), on one rank or on all.
+    for i, (t_odd, t_even) in enumerate([(13, 40), (p.tokens_per_rank, 40), (0, 40), (3, 1),
+                                         (8, 0)]):
         layer.poison()
-        res = check_layer(layer, random_tokens(t if comm.rank % 2 else 40, q.hidden,
+        res = check_layer(layer, random_tokens(t_odd if comm.rank % 2 else t_even, q.hidden,
                                                seed=700 + i + 10 * comm.rank), w, comm)
         assert res.max_rel_error <= 1e-2 and res.routing_mismatches == 0, (i, res)
 
