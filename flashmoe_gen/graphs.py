@@ -6,6 +6,12 @@ captured as a CUDA graph — kernels, events across the layer's streams and the 
 operations — and replayed. Inputs and outputs go through static buffers sized for the
 problem's token bound: a call copies ``x`` in, launches the graph and copies the result out,
 all on the layer's stream ordered after the caller's, so each replay sees only its own input.
+
+Transport "nvlink" (one kernel, no NCCL) also replays *direct* graphs: a caller that passes
+the same ``x`` and ``out`` buffers on two calls in a row (a decode loop) gets, from the
+second on, a graph captured with its own pointers, so a replay costs one launch and no
+copies. Keyed by (tokens, x, out) addresses: a replay reads whatever those addresses hold
+then, which is the caller's current input.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ class GraphCache:
         self.out = cupy.empty((max(max_tokens, 1), h), np.uint16)
         self.graphs: OrderedDict[int, _Entry] = OrderedDict()
         self.captures = 0  # how many graphs were captured (tests: replays do not recapture)
+        # Direct graphs (nvlink only: no NCCL op may register a caller's buffer).
+        self.direct: OrderedDict[tuple[int, int, int], object] = OrderedDict()
+        self.direct_captures = 0
+        self._direct_ok = getattr(layer, "_persistent", None) is not None
+        self._last_key: tuple[int, int, int] | None = None
         # The tma kernel encodes its tensor maps on first use, which capture forbids: one
         # plain forward first (every rank alike: each one's first call).
         self._plain_run_first = getattr(layer, "_tma", None) is not None
@@ -55,6 +66,8 @@ class GraphCache:
     def release(self) -> None:
         """Drop every captured graph (the next call captures again)."""
         self.graphs.clear()
+        self.direct.clear()
+        self._last_key = None
 
     def _capture(self, run_plan, tokens: int, stream) -> _Entry:
         xs, os_ = self.x[:tokens], self.out[:tokens]
@@ -80,6 +93,13 @@ class GraphCache:
         s, caller = self.layer.stream, get_current_stream()
         self._ev_in.record(caller)
         s.wait_event(self._ev_in)
+        if self._direct_ok:
+            graph = self._direct(run_plan, x, out, s)
+            if graph is not None:
+                graph.launch(stream=s)
+                self._ev_out.record(s)
+                caller.wait_event(self._ev_out)
+                return out
         entry = self.graphs.get(tokens)
         if entry is None and self._plain_run_first:
             xs = self.x[:tokens]
@@ -103,6 +123,26 @@ class GraphCache:
         self._ev_out.record(s)
         caller.wait_event(self._ev_out)
         return out
+
+    def _direct(self, run_plan, x, out, stream):
+        """The direct graph of this call's (tokens, x, out), captured on the second call in a
+        row with them; None (copy through the static buffers) otherwise."""
+        key = (x.shape[0], x.data.ptr, out.data.ptr)
+        graph = self.direct.get(key)
+        if graph is None and key == self._last_key:
+            stream.begin_capture()
+            try:
+                run_plan(x, key[0], out)
+            finally:
+                graph = stream.end_capture()
+            self.direct[key] = graph
+            self.direct_captures += 1
+            while len(self.direct) > MAX_GRAPHS:
+                self.direct.popitem(last=False)
+        elif graph is not None:
+            self.direct.move_to_end(key)
+        self._last_key = key
+        return graph
 
     def poison(self, bits: int) -> None:
         self.x.fill(bits)

@@ -123,3 +123,42 @@ def test_graph_memory_grows_with_the_token_bound():
     assert 3.5 < big / small < 4.5
     # the symmetric tensor dominates: 4 * P * E_local * C * H bf16 values
     assert big > 4 * 4 * 16 * 512 * 2048 * 2
+
+
+def test_direct_graphs_are_captured_on_the_second_call_with_the_same_buffers():
+    """Transport nvlink: a caller reusing its x and out buffers (a decode loop) gets a graph
+    captured with its own pointers from the second call on; other calls copy through the
+    static buffers (None here)."""
+    import types
+
+    from flashmoe_gen.graphs import MAX_GRAPHS, GraphCache
+
+    gc = object.__new__(GraphCache)
+    gc.direct, gc.direct_captures, gc._last_key = __import__("collections").OrderedDict(), 0, None
+    ran = []
+
+    class Stream:
+        def begin_capture(self):
+            ran.append("begin")
+
+        def end_capture(self):
+            return f"graph{len(ran)}"
+
+    def buf(ptr, rows=3):
+        return types.SimpleNamespace(shape=(rows, 8), data=types.SimpleNamespace(ptr=ptr))
+
+    def run_plan(x, tokens, out):
+        ran.append((x.data.ptr, tokens, out.data.ptr))
+
+    s = Stream()
+    assert gc._direct(run_plan, buf(100), buf(200), s) is None  # first sight: static path
+    g = gc._direct(run_plan, buf(100), buf(200), s)  # second in a row: captured
+    assert g is not None and ran == ["begin", (100, 3, 200)] and gc.direct_captures == 1
+    assert gc._direct(run_plan, buf(100), buf(200), s) is g and gc.direct_captures == 1
+    assert gc._direct(run_plan, buf(100), buf(300), s) is None  # another out buffer
+    assert gc._direct(run_plan, buf(100, rows=1), buf(200), s) is None  # another T
+    assert gc._direct(run_plan, buf(100), buf(200), s) is g  # kept
+    for i in range(MAX_GRAPHS + 3):  # bounded, oldest first
+        gc._direct(run_plan, buf(1000 + i), buf(200), s)
+        gc._direct(run_plan, buf(1000 + i), buf(200), s)
+    assert len(gc.direct) == MAX_GRAPHS and (3, 100, 200) not in gc.direct
