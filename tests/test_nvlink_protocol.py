@@ -125,15 +125,18 @@ def test_the_model_catches_a_missing_back_pressure():
 
 
 def run_tasks(world: int, el: int, ngu: int, ndn: int, shared: bool, blocks: int,
-              seed: int, fused: bool = False, parts: tuple[int, int] = (1, 1)) -> None:
+              seed: int, fused: bool = False, parts: tuple[int, int] = (1, 1),
+              solo_front: int = 0) -> None:
     """Inside one rank: ``blocks`` resident blocks take tasks from the queue in its fixed
     order (shared gate/up, shared down, then per source in ring order gate/up then down), a
     source's tiles wait for its dispatch flag (raised at a random moment), a down tile for
     every gate/up tile of its (source, expert). Fused: one gate/up then one down tile list
     over all sources ("all"), a gate/up tile waiting for every flag. Split K (``parts``,
     fused only): each tile is that many consecutive tasks, and a gate/up tile counts as done
-    for its down tiles once its last part is. No deadlock; every down tile runs after all
-    its gate/up tiles."""
+    for its down tiles once its last part is. Solo front (``solo_front`` steps): block 0
+    routes and dispatches first, this rank's own flag rises only then, and the other blocks
+    take tasks from the start (no barrier). No deadlock; every down tile runs after all its
+    gate/up tiles."""
     rng = random.Random(seed)
     me = rng.randrange(world)
     gp, dp = parts
@@ -145,7 +148,9 @@ def run_tasks(world: int, el: int, ngu: int, ndn: int, shared: bool, blocks: int
         tasks += [("gu", s, e, n) for e in range(el) for n in range(ngu) for _ in range(gp)]
         tasks += [("dn", s, e, n) for e in range(el) for n in range(ndn) for _ in range(dp)]
     arrived: dict = {}  # parts of a gate/up tile finished so far
-    flags = {s: s == me for s in range(world)}  # this rank's own flag is set before tasks
+    # this rank's own flag is set before the tasks, or by block 0's solo front
+    flags = {s: s == me and not solo_front for s in range(world)}
+    front = solo_front
     dep = {}
     queue = 0
     held = [None] * blocks  # the task a block waits on
@@ -158,6 +163,10 @@ def run_tasks(world: int, el: int, ngu: int, ndn: int, shared: bool, blocks: int
             if not flags[s] and rng.random() < 0.05:
                 flags[s] = True
         b = rng.randrange(blocks)
+        if b == 0 and front:  # block 0 still routing and dispatching
+            front -= 1
+            flags[me] = front == 0
+            continue
         if held[b] is None:
             if queue == len(tasks):
                 continue
@@ -196,3 +205,14 @@ def test_split_tiles_never_deadlock(seed):
               ndn=rng.choice([1, 2]), shared=rng.random() < 0.5,
               blocks=rng.choice([1, 2, 7, 132]), seed=seed, fused=True,
               parts=(rng.choice([1, 2, 4]), rng.choice([1, 4, 8])))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_solo_front_never_deadlocks(seed):
+    """Few tokens: block 0 routes and dispatches while the others already take tasks; every
+    block may end up waiting on this rank's flag, which block 0 alone raises."""
+    rng = random.Random(seed)
+    run_tasks(world=rng.choice([1, 2, 4]), el=rng.choice([1, 2, 8]), ngu=rng.choice([1, 3]),
+              ndn=rng.choice([1, 2]), shared=rng.random() < 0.5,
+              blocks=rng.choice([1, 2, 7, 132]), seed=seed, fused=rng.random() < 0.5,
+              parts=(1, rng.choice([1, 4])), solo_front=rng.choice([1, 5, 50]))
