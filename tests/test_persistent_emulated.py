@@ -254,3 +254,32 @@ def test_the_template_passes_the_mirrored_arguments():
             "elem_t* const c_o = c_bases != nullptr ? reinterpret_cast<elem_t*>(c_bases[o]) + "
             "c_base_off : C + o * c_outer_stride;"):
         assert text in code, text
+
+
+def test_task_loop_runs_every_task_once_with_the_active_list_built_late():
+    """The fused loop's head, ported: a block builds the active list (and so learns how many
+    routed tasks there are) on its first routed task; before that no bound on the routed
+    tasks exists, and no shared task may be cut off (the first solo-front run ended the loop
+    one shared task early: a bound read as shared_tasks - 1)."""
+    p = MoEProblem(256, 256, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=4)
+    cfg = KernelConfig(TILE, TILE, router_tokens_per_block=8, transport="nvlink",
+                       fuse_sources=True)
+    code = " ".join(render(p, cfg).code.split())
+    for text in ("if (t >= shared_tasks) {",
+                 "if (routed_tasks < 0) load_active();",
+                 "if (t >= shared_tasks + routed_tasks) break; }",
+                 "routed_tasks = n_active * (NGU * GU_S + NDN * DN_S);"):
+        assert text in code, text
+    rng = np.random.default_rng(3)
+    for shared_tasks, routed in ((3, 0), (3, 5), (0, 4), (20, 17)):
+        queue, seen = iter(range(10**6)), []
+        for _ in range(int(rng.integers(1, 6))):  # blocks, one after the other
+            routed_tasks = -1
+            for t in queue:  # the atomic counter
+                if t >= shared_tasks:
+                    if routed_tasks < 0:
+                        routed_tasks = routed
+                    if t >= shared_tasks + routed_tasks:
+                        break
+                seen.append(t)
+        assert sorted(seen) == list(range(shared_tasks + routed))
