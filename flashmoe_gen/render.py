@@ -315,15 +315,17 @@ def _split_vars(problem: MoEProblem, config: KernelConfig) -> dict[str, int]:
 
 
 def _task_gemm(tile: GemmTile, gated: bool) -> dict[str, int | str]:
-    """The persistent kernel's GEMM of one task (all rows of a group, one n-tile): the
-    weight-streaming device function or mma.sync row tiles."""
+    """The persistent kernel's GEMM of one task: the weight-streaming device function (one
+    n-tile of a group over all its rows) or mma.sync row tiles (one n-tile of one row tile:
+    ``row_tasks``)."""
     if tile.mma == "ws":
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages]
         fn = "ws_gemm"
     else:
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages]
         fn = "sync_gemm_rows"
-    return {"bn": tile.bn, "fn": f"{fn}<{', '.join(map(str, args))}, {CPP_BOOL[gated]}>"}
+    return {"bn": tile.bn, "bm": tile.bm, "row_tasks": CPP_BOOL[tile.mma != "ws"],
+            "fn": f"{fn}<{', '.join(map(str, args))}, {CPP_BOOL[gated]}>"}
 
 
 def kernel_names(config: KernelConfig) -> KernelNames:

@@ -42,7 +42,7 @@ def ws_gemm(gated, bn, n_block, g, A, a_group_stride, B0, B1, b_group_stride, C,
             c_group_stride, counts, count_cap, rows_fixed, N, K, inner_groups, a_outer_stride,
             c_outer_stride, counts_outer_stride, skip_outer, a_row_off, c_row_off,
             c_bases=None, c_base_off=0, split=0, splits=1, scratch=None, sources=1, tt=32,
-            bk=64):
+            bk=64, bm=None):
     """templates/gemm.cu.j2 ws_gemm: output columns [bn n_block, bn n_block + bn) of group g
     over the rows of every outer group (source) it gathers. Split K: part ``split`` of the
     K steps when the rows fit one pass; ``scratch`` (a list) collects the parts, the last to
@@ -86,6 +86,29 @@ def ws_gemm(gated, bn, n_block, g, A, a_group_stride, B0, B1, b_group_stride, C,
             if gated:
                 v = v / (1 + np.exp(-v)) * sum(b1[:, k] @ x[k] for k in parts)
             dst.a[dst.off + cols.start:dst.off + cols.stop] = bf16.to_bits(v.astype(np.float32))
+    return True
+
+
+def sync_rows(gated, bn, n_block, g, A, a_group_stride, B0, B1, b_group_stride, C,
+              c_group_stride, counts, count_cap, rows_fixed, N, K, inner_groups, a_outer_stride,
+              c_outer_stride, counts_outer_stride, skip_outer, a_row_off, c_row_off,
+              c_bases=None, c_base_off=0, part=0, parts=1, scratch=None, bm=64):
+    """templates/gemm.cu.j2 sync_gemm_rows (one group, expert slots): with ``parts`` > 1 row
+    tile ``part`` alone, else every row; returns whether it computed rows."""
+    rows = min(int(counts.a[counts.off]), count_cap) if counts is not None else rows_fixed
+    lo, hi = (part * bm, min((part + 1) * bm, rows)) if parts > 1 else (0, rows)
+    if lo >= hi:
+        return False
+    cols = slice(n_block * bn, min((n_block + 1) * bn, N))
+    b0 = f64(B0.rows(N, K)[cols])
+    b1 = f64(B1.rows(N, K)[cols]) if gated else None
+    for lr in range(lo, hi):
+        x = f64((A + lr * K).rows(1, K)[0])
+        v = b0 @ x
+        if gated:
+            v = v / (1 + np.exp(-v)) * (b1 @ x)
+        dst = C + lr * N
+        dst.a[dst.off + cols.start:dst.off + cols.stop] = bf16.to_bits(v.astype(np.float32))
     return True
 
 
@@ -165,23 +188,54 @@ def run(p: MoEProblem, cfg: KernelConfig, w: MoEWeights, xs: list[np.ndarray]):
                             None, None, peers, slot_row(me, 1, 1, e * cap), part, ds, acc,
                             sources=P, tt=cfg.down.bm, bk=cfg.down.bk)
             continue
-        per_source = el * (ngu + ndn)
-        for r in range(P * per_source):  # per source, in ring order
-            s = (me + r // per_source) % P
-            i = r % per_source
-            gate_up = i < el * ngu
-            e = i // ngu if gate_up else (i - el * ngu) // ndn
-            n = i % ngu if gate_up else (i - el * ngu) % ndn
+        # Per source (mirrored): row tasks (mma.sync tiles) are one (n-tile, row tile) each,
+        # weight-streaming tasks one n-tile over all rows; tasks run in a random order that
+        # respects the kernel's waits (a down task waits for gu_completions of its group),
+        # so a target that is too low lets a down tile read unwritten rows (poison).
+        gu_rows, dn_rows = cfg.gate_up.mma != "ws", cfg.down.mma != "ws"
+        pgu = -(-cap // cfg.gate_up.bm) if gu_rows else 1
+        pdn = -(-cap // cfg.down.bm) if dn_rows else 1
+
+        def gu_completions(rows, tiles, gu_rows=gu_rows):
+            return tiles * -(-rows // cfg.gate_up.bm) if gu_rows else tiles
+
+        per_source = el * (ngu * pgu + ndn * pdn)
+        pending = list(range(P * per_source))
+        dep: dict = {}
+        while pending:
+            runnable = []
+            for r in pending:
+                s = (me + r // per_source) % P
+                i = r % per_source
+                gate_up = i < el * ngu * pgu
+                q = i if gate_up else i - el * ngu * pgu
+                per, parts = (ngu * pgu, pgu) if gate_up else (ndn * pdn, pdn)
+                e, n, part = q // per, q % per // parts, q % per % parts
+                n_rows = min(int(heap_counts[me][s * el + e]), cap)
+                empty = (gu_rows if gate_up else dn_rows) and \
+                    part * (cfg.gate_up.bm if gate_up else cfg.down.bm) >= n_rows
+                if empty or gate_up or dep.get((s, e), 0) >= gu_completions(n_rows, ngu):
+                    runnable.append((r, s, e, n, part, parts, gate_up, empty))
+            assert runnable, "deadlock: down tasks wait for completions that never come"
+            r, s, e, n, part, parts, gate_up, empty = runnable[rng.integers(len(runnable))]
+            pending.remove(r)
+            if empty:
+                continue
             rows = my_counts + s * el + e
             act_se = act + (s * el + e) * cap * I
+            tile = cfg.gate_up if gate_up else cfg.down
+            gemm = ws_gemm if tile.mma == "ws" else sync_rows
             if gate_up:
-                ws_gemm(True, cfg.gate_up.bn, n, 0, layout + slot_row(s, 0, 1, e * cap), 0,
-                        Ptr(w1[me]) + e * I * H, Ptr(w3[me]) + e * I * H, 0, act_se, 0, rows,
-                        cap, 0, I, H, 0, 0, 0, 0, -1, None, None)
+                done = gemm(True, tile.bn, n, 0, layout + slot_row(s, 0, 1, e * cap), 0,
+                            Ptr(w1[me]) + e * I * H, Ptr(w3[me]) + e * I * H, 0, act_se, 0,
+                            rows, cap, 0, I, H, 0, 0, 0, 0, -1, None, None, None, 0, part,
+                            parts, None, bm=tile.bm)
+                dep[(s, e)] = dep.get((s, e), 0) + bool(done)
             else:
                 back = peers[s] + slot_row(me, 1, 1, e * cap)
-                ws_gemm(False, cfg.down.bn, n, 0, act_se, 0, Ptr(w2[me]) + e * H * I, None, 0,
-                        back, 0, rows, cap, 0, H, I, 0, 0, 0, 0, -1, None, None)
+                gemm(False, tile.bn, n, 0, act_se, 0, Ptr(w2[me]) + e * H * I, None, 0, back, 0,
+                     rows, cap, 0, H, I, 0, 0, 0, 0, -1, None, None, None, 0, part, parts, None,
+                     bm=tile.bm)
     outs = []
     for r, x in enumerate(xs):  # combine (expert slots: row_off null)
         idx, pos = routing[r]
@@ -201,8 +255,9 @@ def run(p: MoEProblem, cfg: KernelConfig, w: MoEWeights, xs: list[np.ndarray]):
 TILE = GemmTile(32, 128, 64, 8, 1, 4, "ws")  # two n-tiles of each GEMM below
 
 
-@pytest.mark.parametrize("fused,splits", [(False, (1, 1)), (True, (1, 1)), (True, (2, 4))],
-                         ids=["per_source", "fused", "fused_split_k"])
+@pytest.mark.parametrize("fused,splits", [(False, (1, 1)), (True, (1, 1)), (True, (2, 4)),
+                                          (False, "rows")],
+                         ids=["per_source", "fused", "fused_split_k", "per_source_row_tasks"])
 @pytest.mark.parametrize("capacity_factor,tokens", [(None, (24, 9, 0, 17)),
                                                     (1.0, (24, 9, 0, 17)), (None, (1, 0, 2, 0))],
                          ids=["exact", "capped", "decode_most_experts_idle"])
@@ -211,8 +266,15 @@ def test_persistent_data_flow_matches_the_reference(fused, splits, capacity_fact
     # passes) run whole in part 0.
     p = MoEProblem(256, 256, 16, 2, world_size=4, tokens_per_rank=24,
                    capacity_factor=capacity_factor)
-    cfg = KernelConfig(TILE, TILE, router_tokens_per_block=8, transport="nvlink",
-                       fuse_sources=fused, gu_splits=splits[0], dn_splits=splits[1])
+    if splits == "rows":  # mma.sync row tiles of 16 rows: several row tasks per group
+        p = MoEProblem(256, 256, 4, 2, world_size=4, tokens_per_rank=48,
+                       capacity_factor=capacity_factor)
+        tokens = tuple(2 * t for t in tokens)  # ~24 rows per (source, expert)
+        cfg = KernelConfig(GemmTile(16, 128, 64, 1, 8, 3), GemmTile(32, 128, 64, 1, 8, 3),
+                           router_tokens_per_block=8, transport="nvlink")
+    else:
+        cfg = KernelConfig(TILE, TILE, router_tokens_per_block=8, transport="nvlink",
+                           fuse_sources=fused, gu_splits=splits[0], dn_splits=splits[1])
     w = MoEWeights.random(p, 5)
     xs = [random_tokens(t, p.hidden, seed=60 + r) for r, t in enumerate(tokens)]
     outs, cap = run(p, cfg, w, xs)
@@ -247,6 +309,19 @@ def test_the_template_passes_the_mirrored_arguments():
             " -1, nullptr, nullptr, peers, slot_row(self_rank, 1, 1, static_cast<long long>(e) *"
             " capacity, capacity), part, DN_S, st.scratch, st.arrivals, epoch);",
             "const SplitTile st = split_tile(state, a, gate_up, n);",
+            # per source: row tasks, completions, empty row tiles
+            "const int pgu_src = GU_ROWS ? (capacity + GU_BM - 1) / GU_BM : GU_S;",
+            "const int pdn_src = DN_ROWS ? (capacity + DN_BM - 1) / DN_BM : DN_S;",
+            "return GU_ROWS ? tiles * ((rows + GU_BM - 1) / GU_BM) : tiles;",
+            "const int per_source = el * (NGU * pgu_src + NDN * pdn_src);",
+            "const bool gate_up = i < el * NGU * pgu_src; const int q = gate_up ? i : i - el * "
+            "NGU * pgu_src; const int per = gate_up ? NGU * pgu_src : NDN * pdn_src, parts = "
+            "gate_up ? pgu_src : pdn_src; const int e = q / per, n = q % per / parts, part = q %"
+            " per % parts;",
+            "const int n_rows = min(*rows, capacity); if ((gate_up ? GU_ROWS : DN_ROWS) && part *"
+            " (gate_up ? GU_BM : DN_BM) >= n_rows) {",
+            "const unsigned long long need = gu_completions(n_rows, NGU);",
+            "if (parts > 1) { if (part * BM >= rows) return false;",
             "const bool split_k = splits > 1 && rows <= TT; if (!split_k && split != 0) return "
             "false;",
             "const int kt_lo = split_k ? split * KT / splits : 0;",
