@@ -7,7 +7,8 @@ against the NCCL path's graph-mode default on the same weights and tokens.
         --vary "dn_s=4,8;gu_s=4,6" --out sweep.md --json sweep.json
 
 ``--vary`` changes the persistent default: ``gu_``/``dn_`` + a GemmTile field (bm, bn, bk,
-stages as ``s``), ``b`` (blocks per SM), ``ks`` (K splits, ``GxD``), values comma-separated;
+stages as ``s``), ``b`` (blocks per SM), ``d`` (dispatch blocks), ``ks`` (K splits,
+``GxD``), values comma-separated;
 every combination is timed (configs the build refuses are reported, not fatal).
 """
 
@@ -33,13 +34,14 @@ FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 
 def variants(base, vary: str) -> list:
     """The persistent default ``base`` with every combination of ``vary``'s values: tile
-    fields (``gu_``/``dn_`` + bm, bn, bk, s), ``b`` (blocks per SM) and ``ks`` (K splits,
-    ``GxD``)."""
+    fields (``gu_``/``dn_`` + bm, bn, bk, s), ``b`` (blocks per SM), ``d`` (dispatch
+    blocks) and ``ks`` (K splits, ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):
         knob, values = part.split("=")
-        if knob == "b":
-            axes.append([{"blocks_per_sm": int(v)} for v in values.split(",")])
+        if knob in ("b", "d"):
+            field = "blocks_per_sm" if knob == "b" else "dispatch_blocks"
+            axes.append([{field: int(v)} for v in values.split(",")])
             continue
         if knob == "ks":
             axes.append([{"gu_splits": int(v.split("x")[0]), "dn_splits": int(v.split("x")[1])}
@@ -47,7 +49,7 @@ def variants(base, vary: str) -> list:
             continue
         gemm, _, field = knob.partition("_")
         if gemm not in ("gu", "dn") or field not in FIELDS:
-            raise SystemExit(f"--vary {knob}: use b, ks, or gu_|dn_ + one of {list(FIELDS)}")
+            raise SystemExit(f"--vary {knob}: use b, d, ks, or gu_|dn_ + one of {list(FIELDS)}")
         attr = "gate_up" if gemm == "gu" else "down"
         axes.append([{attr: (FIELDS[field], int(v))} for v in values.split(",")])
     out = []

@@ -61,6 +61,11 @@ BLOCKS_PER_SM_CHOICES = (0, 1, 2, 4)
 #: the critical path took 28 us, whatever the pipeline depth), so at decode, where tiles are
 #: fewer than SMs, more blocks per tile shorten the critical path.
 K_SPLIT_CHOICES = (1, 2, 4, 8)
+#: Blocks that route, place and dispatch a call's tokens (``dispatch_blocks``): 1 = one
+#: block while the others start on the shared experts (where the tokens fit one router
+#: batch and one block reads the gate weights whole; else as 0), 0 = every block, with a
+#: grid barrier after each phase.
+DISPATCH_BLOCK_CHOICES = (1, 0)
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
@@ -102,6 +107,7 @@ class KernelConfig:
     blocks_per_sm: int = 0  # transport "nvlink" only (BLOCKS_PER_SM_CHOICES)
     gu_splits: int = 1  # transport "nvlink", fused ws tiles only (K_SPLIT_CHOICES)
     dn_splits: int = 1
+    dispatch_blocks: int = 1  # transport "nvlink" only (DISPATCH_BLOCK_CHOICES)
 
     @property
     def uses_wgmma(self) -> bool:
@@ -144,6 +150,8 @@ class KernelConfig:
             parts.append(f"b{self.blocks_per_sm}")
         if self.gu_splits > 1 or self.dn_splits > 1:
             parts.append(f"ks{self.gu_splits}x{self.dn_splits}")
+        if self.dispatch_blocks != 1:
+            parts.append(f"d{self.dispatch_blocks}")
         return "__".join(parts)
 
     @classmethod
@@ -153,15 +161,16 @@ class KernelConfig:
                               "KernelConfig.name prints it")
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
-                         r"(?:__ks(\d+)x(\d+))?", name)
+                         r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
-        gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd = m.groups()
+        gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
-                   transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1))
+                   transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
+                   int(dsp or 1))
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -181,7 +190,7 @@ class KernelConfig:
                 raise ConfigError(which, getattr(self, which), "must be a GemmTile")
         name = self.name
         for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams", "blocks_per_sm",
-                  "gu_splits", "dn_splits"):
+                  "gu_splits", "dn_splits", "dispatch_blocks"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
@@ -227,6 +236,13 @@ class KernelConfig:
         elif self.blocks_per_sm:
             raise ConfigError("blocks_per_sm", self.blocks_per_sm, "only transport 'nvlink' "
                               "runs a persistent kernel: use 0", name)
+        if self.dispatch_blocks not in DISPATCH_BLOCK_CHOICES:
+            raise ConfigError("dispatch_blocks", self.dispatch_blocks,
+                              f"choose one of {list(DISPATCH_BLOCK_CHOICES)} (1: one block for "
+                              "a handful of tokens, 0: every block)", name)
+        if self.dispatch_blocks != 1 and self.transport != "nvlink":
+            raise ConfigError("dispatch_blocks", self.dispatch_blocks, "only transport "
+                              "'nvlink' runs a persistent kernel: use 1", name)
 
     @staticmethod
     def persistent_takes(tile: GemmTile) -> bool:

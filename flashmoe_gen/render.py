@@ -284,6 +284,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "pgu": _task_gemm(config.gate_up, True),
         "pdn": _task_gemm(config.down, False),
         **_split_vars(problem, config),
+        "solo_front": CPP_BOOL[config.dispatch_blocks == 1],
     }
 
 

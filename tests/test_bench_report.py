@@ -39,6 +39,7 @@ def test_nvlink_sweep_variants_cover_every_combination():
     got = variants(base, "dn_s=4,8;gu_bk=32,64")
     assert len(got) == 4 and base in got
     assert {(c.down.stages, c.gate_up.bk) for c in got} == {(4, 32), (4, 64), (8, 32), (8, 64)}
+    assert {c.dispatch_blocks for c in variants(base, "d=0,1")} == {0, 1}
     got = variants(base, "b=1,2;ks=1x1,2x8")
     assert {(c.blocks_per_sm, c.gu_splits, c.dn_splits) for c in got} == \
         {(1, 1, 1), (2, 1, 1), (1, 2, 8), (2, 2, 8)}

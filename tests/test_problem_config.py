@@ -144,6 +144,7 @@ CONFIG_CHANGES = {
     "blocks_per_sm": 1,
     "gu_splits": 2,
     "dn_splits": 4,
+    "dispatch_blocks": 0,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -853,7 +854,8 @@ def test_search_spaces_take_their_values_from_config():
              "mma": c.MMA_CHOICES, "router": cfg.ROUTER_CHOICES, "chunks": cfg.CHUNK_RANGE,
              "streams": cfg.COMM_STREAM_CHOICES, "mode": cfg.MODE_CHOICES,
              "transport": cfg.TRANSPORT_CHOICES, "blocks": cfg.BLOCKS_PER_SM_CHOICES,
-             "ksplit_gu": cfg.K_SPLIT_CHOICES, "ksplit_dn": cfg.K_SPLIT_CHOICES}
+             "ksplit_gu": cfg.K_SPLIT_CHOICES, "ksplit_dn": cfg.K_SPLIT_CHOICES,
+             "dispatch": cfg.DISPATCH_BLOCK_CHOICES}
     for choices in space.SPACES.values():
         for knob, values in choices.items():
             kind = knob.split("_", 1)[-1] if knob.startswith(("gu_", "dn_")) else knob
@@ -957,3 +959,21 @@ def test_split_scratch_fits_the_state_and_is_token_independent_in_the_code():
     assert sk.slot_words == 11 + 16 + -(-(11 * 2 * 2 * 128 * 32 + 16 * 4 * 128 * 32) // 2)
     # the generated code is the same at every token bound (one compile serves them all)
     assert render(p, cfg).code == render(p.replace(tokens_per_rank=64), cfg).code
+
+
+def test_dispatch_blocks_is_a_persistent_kernel_knob():
+    from flashmoe_gen.render import render
+
+    p = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=1)
+    nvl = KernelConfig.persistent_default(p)
+    assert nvl.dispatch_blocks == 1
+    grid = replace(nvl, dispatch_blocks=0)
+    grid.validate(p)
+    assert grid.name.endswith("__d0") and KernelConfig.from_name(grid.name) == grid
+    for bad, why in ((replace(nvl, dispatch_blocks=2), "choose one of"),
+                     (replace(KernelConfig.default(p), dispatch_blocks=0), "only transport")):
+        with pytest.raises(ConfigError, match=why):
+            bad.validate(p)
+    code = {c.dispatch_blocks: " ".join(render(p, c).code.split()) for c in (nvl, grid)}
+    assert "constexpr bool SOLO_FRONT = true && 1 == 1;" in code[1]
+    assert "constexpr bool SOLO_FRONT = false && 1 == 1;" in code[0]

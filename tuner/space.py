@@ -18,6 +18,7 @@ from flashmoe_gen.config import (
     BLOCKS_PER_SM_CHOICES,
     CHUNK_RANGE,
     COMM_STREAM_CHOICES,
+    DISPATCH_BLOCK_CHOICES,
     K_SPLIT_CHOICES,
     MODE_CHOICES,
     PERSISTENT_SCHEDULE,
@@ -93,6 +94,7 @@ FULL = {
     "transport": ("nccl",),  # for_problem(transports=...) adds "nvlink"
     "blocks": (0,),  # the persistent kernel's blocks per SM: nvlink adds its choices
     "ksplit_gu": (1,), "ksplit_dn": (1,),  # its fused ws tiles' K splits: likewise
+    "dispatch": (1,),  # its blocks that route and dispatch: likewise
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -106,7 +108,7 @@ SMALL = {
     "router": _within(ROUTER_CHOICES, 8, 8), "chunks": _within(CHUNK_RANGE, 1, 1),
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
-    "ksplit_gu": (1,), "ksplit_dn": (1,),
+    "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -129,7 +131,7 @@ NVLINK_FORCED = {knob: PERSISTENT_SCHEDULE[f] for knob, f in (
     ("streams", "comm_streams"), ("packed", "packed_slots"))}
 #: Knobs of the persistent kernel alone: nccl configs take the first value.
 NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
-                "ksplit_dn": K_SPLIT_CHOICES}
+                "ksplit_dn": K_SPLIT_CHOICES, "dispatch": DISPATCH_BLOCK_CHOICES}
 #: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
 SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
 
@@ -222,7 +224,8 @@ class SearchSpace:
                             mode=params.get("mode", "host"), transport=transport,
                             blocks_per_sm=params.get("blocks", 0),
                             gu_splits=params.get("ksplit_gu", 1),
-                            dn_splits=params.get("ksplit_dn", 1))
+                            dn_splits=params.get("ksplit_dn", 1),
+                            dispatch_blocks=params.get("dispatch", 1))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -244,7 +247,8 @@ class SearchSpace:
                     "streams": cfg.comm_streams, "shared_stream": cfg.shared_stream,
                     "fuse": cfg.fuse_sources, "packed": cfg.packed_slots, "mode": cfg.mode,
                     "transport": cfg.transport, "blocks": cfg.blocks_per_sm,
-                    "ksplit_gu": cfg.gu_splits, "ksplit_dn": cfg.dn_splits}
+                    "ksplit_gu": cfg.gu_splits, "ksplit_dn": cfg.dn_splits,
+                    "dispatch": cfg.dispatch_blocks}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
