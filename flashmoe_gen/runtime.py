@@ -208,6 +208,10 @@ class FlashMoE:
         self._last: int | None = None  # token count of the last call
         self._graph_cache = None
         self._persistent = None
+        # The caller's stream -> the layer's and back, events reused by every call (creating
+        # one per call costs host time a decode step should not pay).
+        self._ev_in = cupy.cuda.Event(disable_timing=True)
+        self._ev_out = cupy.cuda.Event(disable_timing=True)
         if config.transport == "nvlink":
             self._setup_nvlink(graphs)
         elif config.mode == "graph":
@@ -391,12 +395,14 @@ class FlashMoE:
         if self._graph_cache is not None and parts == "all":
             out = self._graph_cache.forward(self._run_plan, x, out)
         else:
-            s = self.stream
-            s.wait_event(cupy.cuda.get_current_stream().record())
+            s, caller = self.stream, cupy.cuda.get_current_stream()
+            self._ev_in.record(caller)
+            s.wait_event(self._ev_in)
             if self._tma is not None and tokens:
                 x = self._static_input(x, s)
             self._run_plan(x, tokens, out, parts)
-            cupy.cuda.get_current_stream().wait_event(s.record())
+            self._ev_out.record(s)
+            caller.wait_event(self._ev_out)
         self._last = tokens  # last_routing() slices on demand: a replay should not pay it
         return out
 
