@@ -15,8 +15,8 @@
 #      the 2-rank weight-streaming tests (~300 s)
 #   n: the next levers (branch decode-next: solo front, direct graphs, row tasks): one block's
 #      streaming rate (bench/sm_stream.py, GPU 0), the 2-rank nvlink tests, the solo front
-#      against grid barriers (nvlink_sweep d=0,1), then decode on all three shapes at
-#      T = 1, 8, 32, 512 with nvlink (~400 s)
+#      against grid barriers and TMA weight loads (nvlink_sweep d=0,1;wt=0,1), then decode at
+#      T = 1, 8, 32, 512 on all three shapes with nvlink (~450 s)
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
 # Usage: bash bench/device_x2.sh COMMIT 1|2|m|t|n|w
 set -u
@@ -78,9 +78,9 @@ if [ "$PART" = n ]; then
   rm -rf "$O/ranks"
   grep -E "== rank|FAILED|ERROR|passed|failed" "$O/ranks_tail.txt" | cut -c1-200
   timeout -k 10 150 $MPI -np 2 python3 bench/nvlink_sweep.py --commit "$COMMIT" \
-    --problems seed,dsv2lite --tokens 1,8 --vary "d=0,1" --iters 20 --out "$O/sweep.md" \
+    --problems seed,dsv2lite --tokens 1,8 --vary "d=0,1;wt=0,1" --iters 20 --out "$O/sweep.md" \
     --json "$O/sweep.json" > "$O/sweep.log" 2>&1
-  echo "sweep (solo front vs grid barriers) rc=$?"
+  echo "sweep (solo front vs grid barriers, TMA weight loads) rc=$?"
   grep -E "^\| (seed|dsv)" "$O/sweep.md" | cut -d'|' -f2-3,5-6,8 | sed 's/gu_bm[^ ]*__//'
   DECODE_TAG=next DECODE_TIMEOUT=200 run_decode 2 "$COMMIT" --problems seed,dsv2lite,dsv3 \
     --tokens 1,8,32,512 --nvlink --chain 8 > "$O/decode.txt" 2>&1

@@ -35,13 +35,14 @@ FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 def variants(base, vary: str) -> list:
     """The persistent default ``base`` with every combination of ``vary``'s values: tile
     fields (``gu_``/``dn_`` + bm, bn, bk, s), ``b`` (blocks per SM), ``d`` (dispatch
-    blocks) and ``ks`` (K splits, ``GxD``)."""
+    blocks), ``wt`` (TMA weight loads, 0/1) and ``ks`` (K splits, ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):
         knob, values = part.split("=")
-        if knob in ("b", "d"):
-            field = "blocks_per_sm" if knob == "b" else "dispatch_blocks"
-            axes.append([{field: int(v)} for v in values.split(",")])
+        if knob in ("b", "d", "wt"):
+            field = {"b": "blocks_per_sm", "d": "dispatch_blocks", "wt": "ws_tma"}[knob]
+            cast = bool if knob == "wt" else (lambda v: v)
+            axes.append([{field: cast(int(v))} for v in values.split(",")])
             continue
         if knob == "ks":
             axes.append([{"gu_splits": int(v.split("x")[0]), "dn_splits": int(v.split("x")[1])}
@@ -49,7 +50,8 @@ def variants(base, vary: str) -> list:
             continue
         gemm, _, field = knob.partition("_")
         if gemm not in ("gu", "dn") or field not in FIELDS:
-            raise SystemExit(f"--vary {knob}: use b, d, ks, or gu_|dn_ + one of {list(FIELDS)}")
+            raise SystemExit(f"--vary {knob}: use b, d, wt, ks, or gu_|dn_ + one of "
+                             f"{list(FIELDS)}")
         attr = "gate_up" if gemm == "gu" else "down"
         axes.append([{attr: (FIELDS[field], int(v))} for v in values.split(",")])
     out = []

@@ -108,6 +108,7 @@ class KernelConfig:
     gu_splits: int = 1  # transport "nvlink", fused ws tiles only (K_SPLIT_CHOICES)
     dn_splits: int = 1
     dispatch_blocks: int = 1  # transport "nvlink" only (DISPATCH_BLOCK_CHOICES)
+    ws_tma: bool = False  # transport "nvlink", _ws tiles, BK 64, Hopper: weights by TMA
 
     @property
     def uses_wgmma(self) -> bool:
@@ -152,6 +153,8 @@ class KernelConfig:
             parts.append(f"ks{self.gu_splits}x{self.dn_splits}")
         if self.dispatch_blocks != 1:
             parts.append(f"d{self.dispatch_blocks}")
+        if self.ws_tma:
+            parts.append("wt")
         return "__".join(parts)
 
     @classmethod
@@ -161,16 +164,17 @@ class KernelConfig:
                               "KernelConfig.name prints it")
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
-                         r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?", name)
+                         r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
-        gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp = m.groups()
+        (gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp,
+         wt) = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
                    transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
-                   int(dsp or 1))
+                   int(dsp or 1), wt is not None)
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -194,7 +198,7 @@ class KernelConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
-        for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots"):
+        for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -240,9 +244,24 @@ class KernelConfig:
             raise ConfigError("dispatch_blocks", self.dispatch_blocks,
                               f"choose one of {list(DISPATCH_BLOCK_CHOICES)} (1: one block for "
                               "a handful of tokens, 0: every block)", name)
+        if self.ws_tma:
+            self._validate_ws_tma(limits, name)
         if self.dispatch_blocks != 1 and self.transport != "nvlink":
             raise ConfigError("dispatch_blocks", self.dispatch_blocks, "only transport "
                               "'nvlink' runs a persistent kernel: use 1", name)
+
+    def _validate_ws_tma(self, limits: DeviceLimits, name: str) -> None:
+        """Weights of the persistent kernel's weight-streaming tiles loaded by TMA boxes
+        (the 128-byte swizzle is load_tile's layout at BK 64)."""
+        if self.transport != "nvlink" or self.gate_up.mma != "ws" or self.down.mma != "ws":
+            raise ConfigError("ws_tma", True, "TMA weight loads are for transport 'nvlink' "
+                              "with weight-streaming tiles (_ws on both GEMMs)", name)
+        if self.gate_up.bk != 64 or self.down.bk != 64:
+            raise ConfigError("ws_tma", True, "TMA weight loads take BK 64 (one 128-byte "
+                              "swizzle atom per row): use bk64 tiles", name)
+        if limits.major_minor != (9, 0):
+            raise ConfigError("ws_tma", True, f"TMA needs sm_90 (Hopper), target is "
+                              f"{limits.arch}", name)
 
     @staticmethod
     def persistent_takes(tile: GemmTile) -> bool:
@@ -296,8 +315,10 @@ class KernelConfig:
         return cfg
 
     def persistent_smem(self) -> int:
-        """Dynamic shared memory of the persistent kernel: the larger of its two GEMMs'."""
-        return max(self.gate_up.smem_bytes(2), self.down.smem_bytes(1))
+        """Dynamic shared memory of the persistent kernel: the larger of its two GEMMs', and
+        1024 bytes to align TMA boxes to the swizzle's atoms (``ws_tma``)."""
+        return max(self.gate_up.smem_bytes(2), self.down.smem_bytes(1)) + \
+            (1024 if self.ws_tma else 0)
 
     # -- defaults and serialisation -----------------------------------------------------
     @staticmethod

@@ -17,6 +17,7 @@ from . import __version__
 from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import KernelConfig, expert_chunks
+from .errors import ConfigError
 from .persistent import HeapLayout, state_words
 from .plan import fixed_slots
 from .plan_cpp import call_args, forward_lines
@@ -164,6 +165,10 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
     """Constants and the launch of transport "nvlink"'s persistent kernel (the heap's
     offsets as flashmoe_gen.persistent lays them out)."""
     p, cfg = layer.problem, layer.config
+    if cfg.ws_tma:
+        raise ConfigError("ws_tma", True, "the exported harness does not encode tensor maps "
+                          "for the weight-streaming tiles yet: export the config without "
+                          "__wt", cfg.name)
     capacity = fixed_slots(p, cfg).capacity
     heap = HeapLayout.of(p, capacity)
     args = call_args(
@@ -174,7 +179,7 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
         shared_out="L->shared_out", out="out", layout="reinterpret_cast<elem*>(L->heap)",
         peers="L->peers", counts_off="NVL_COUNTS_OFF", flags_off="NVL_FLAGS_OFF",
         state="L->pstate", capacity="NVL_CAPACITY", self_rank="L->rank",
-        spin_limit="L->spin_limit", status="L->status_host", stats="nullptr")
+        spin_limit="L->spin_limit", status="L->status_host", stats="nullptr", wmaps="nullptr")
     return {"capacity": capacity, "threads": cfg.gate_up.threads, "smem": cfg.persistent_smem(),
             "blocks_per_sm": cfg.blocks_per_sm,
             "heap_bytes": heap.nbytes, "counts_off": heap.counts_off,

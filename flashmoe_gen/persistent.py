@@ -215,6 +215,29 @@ def probe_ipc(comm) -> str | None:
     return next((e for e in errs if e), None)
 
 
+def weight_maps(layer):
+    """``ws_tma``: the tensor maps of w1, w3, w2, sw1, sw3, sw2 (128 bytes each, in that
+    order, on the device) as [rows, K] matrices read in boxes of the tiles' BN rows x 64
+    with the 128-byte swizzle: a routed expert e's gate/up tile n starts at row
+    ``e I + n BN`` (down: ``e H + n BN``). Without shared experts their maps repeat w1's."""
+    import cupy
+
+    from .runtime import _address
+    from .tma import encode_map
+
+    p, cfg, w = layer.problem, layer.config, layer.weights
+    el, h, i, sw = p.local_experts, p.hidden, p.intermediate, p.shared_width
+    gu, dn = cfg.gate_up.bn, cfg.down.bn
+    maps = [encode_map(_address(w.w1), el * i, h, gu), encode_map(_address(w.w3), el * i, h, gu),
+            encode_map(_address(w.w2), el * h, i, dn)]
+    if sw:
+        maps += [encode_map(_address(w.sw1), sw, h, gu), encode_map(_address(w.sw3), sw, h, gu),
+                 encode_map(_address(w.sw2), h, sw, dn)]
+    else:
+        maps += maps[:1] * 3
+    return cupy.asarray(np.frombuffer(b"".join(maps), np.uint8))
+
+
 class PersistentForward:
     """The buffers and the launch of one layer's persistent kernel."""
 
@@ -254,6 +277,7 @@ class PersistentForward:
         clock_khz = cupy.cuda.Device().attributes.get("ClockRate", 2_000_000)
         self.spin_limit = int(timeout * clock_khz * 1e3)
         self.clock_khz = clock_khz
+        self.wmaps = weight_maps(layer) if cfg.ws_tma else None
 
     def arguments(self, x, tokens: int, out) -> dict:
         """The kernel's arguments by name (``signatures.PERSISTENT``)."""
@@ -267,7 +291,7 @@ class PersistentForward:
             layout=self.heap.base, peers=self.peers, counts_off=self.heap_layout.counts_off,
             flags_off=self.heap_layout.flags_off, state=self.state, capacity=self.capacity,
             self_rank=layer.rank, spin_limit=self.spin_limit, status=self.status_dev,
-            stats=self.stats)
+            stats=self.stats, wmaps=self.wmaps)
 
     def launch(self, x, tokens: int, out, stream) -> None:
         """One forward: one launch. Every argument but ``x``, ``tokens`` and ``out`` is fixed

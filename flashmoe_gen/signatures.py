@@ -154,7 +154,7 @@ PERSISTENT = _sig(("x", "const elem*"), ("wg", "const elem*"), ("bias", "const f
                   ("layout", "elem*"), ("peers", "const u64*"), ("counts_off", "long long"),
                   ("flags_off", "long long"), ("state", "u64*"), ("capacity", "int"),
                   ("self_rank", "int"), ("spin_limit", "long long"), ("status", "int*"),
-                  ("stats", "u64*"))
+                  ("stats", "u64*"), ("wmaps", "const void*"))
 
 ALL = {"router": ROUTER, "positions": POSITIONS, "permute": PERMUTE, "combine": COMBINE,
        "slot_offsets": SLOT_OFFSETS, "gemm": GEMM, "gemm_tma": GEMM_TMA,

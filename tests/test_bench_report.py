@@ -40,6 +40,7 @@ def test_nvlink_sweep_variants_cover_every_combination():
     assert len(got) == 4 and base in got
     assert {(c.down.stages, c.gate_up.bk) for c in got} == {(4, 32), (4, 64), (8, 32), (8, 64)}
     assert {c.dispatch_blocks for c in variants(base, "d=0,1")} == {0, 1}
+    assert {c.ws_tma for c in variants(base, "wt=0,1")} == {False, True}
     got = variants(base, "b=1,2;ks=1x1,2x8")
     assert {(c.blocks_per_sm, c.gu_splits, c.dn_splits) for c in got} == \
         {(1, 1, 1), (2, 1, 1), (1, 2, 8), (2, 2, 8)}

@@ -145,7 +145,7 @@ def _nvl_cfg(**knobs):
 
 @pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph", "row_tiles",
                                   "fused", "fused_dsv2lite_graph", "fused_capped_skewed",
-                                  "fused_split_k"])
+                                  "fused_split_k", "fused_ws_tma"])
 def test_nvlink_persistent_kernel(comm, case):
     """Ragged ranks (one sends nothing), shared experts, capacity drops under skew, and the
     graph-captured launch; each layer is called again with other token counts (the flags'
@@ -159,11 +159,14 @@ def test_nvlink_persistent_kernel(comm, case):
          "fused": SEED.replace(tokens_per_rank=300),
          "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
          "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
-         "fused_split_k": SEED.replace(tokens_per_rank=300)}[case]
+         "fused_split_k": SEED.replace(tokens_per_rank=300),
+         "fused_ws_tma": DSV2.replace(tokens_per_rank=96)}[case]
     knobs = dict(fuse_sources=case.startswith("fused"))
     cfg = _nvl_cfg(mode="graph", **knobs) if case.endswith("graph") else _nvl_cfg(**knobs)
     if case == "fused_split_k":  # K over parts where rows fit one pass (the later calls)
         cfg = dataclasses.replace(cfg, gu_splits=2, dn_splits=4)
+    if case == "fused_ws_tma":  # weights by TMA boxes, K split too, shared experts
+        cfg = dataclasses.replace(cfg, ws_tma=True, dn_splits=2)
     if case == "row_tiles":  # mma.sync row tiles: several 64-row tiles per (source, expert)
         cfg = KernelConfig(GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4),
                            transport="nvlink")

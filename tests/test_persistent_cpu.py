@@ -36,6 +36,7 @@ def test_launch_arguments_name_every_parameter():
     pf.heap = types.SimpleNamespace(base=4096)
     pf.heap_layout, pf.capacity, pf.spin_limit, pf.status_dev = lay, 16, 10**9, 8192
     pf.stats = None  # SM-busy recording off: a null pointer
+    pf.wmaps = None  # no TMA weight loads: a null pointer
     args = pf.arguments(arr, 7, arr)
     assert set(args) == set(PERSISTENT.names)
     packed = PERSISTENT.pack(args)

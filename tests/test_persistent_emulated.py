@@ -303,11 +303,12 @@ def test_the_template_passes_the_mirrored_arguments():
             "0, w1 + static_cast<long long>(e) * INTERMEDIATE * HIDDEN, w3 + static_cast<long "
             "long>(e) * INTERMEDIATE * HIDDEN, 0, act_e, 0, my_counts + e, capacity, 0, "
             "INTERMEDIATE, HIDDEN, 1, a_outer, act_outer, el, -1, nullptr, nullptr, nullptr, 0, "
-            "part, GU_S, st.scratch, st.arrivals, epoch);",
+            "part, GU_S, st.scratch, st.arrivals, epoch, wm(0), wm(1), e * INTERMEDIATE);",
             "n, 0, act_e, 0, w2 + static_cast<long long>(e) * HIDDEN * INTERMEDIATE, nullptr, 0,"
             " nullptr, 0, my_counts + e, capacity, 0, HIDDEN, INTERMEDIATE, 1, act_outer, 0, el,"
             " -1, nullptr, nullptr, peers, slot_row(self_rank, 1, 1, static_cast<long long>(e) *"
-            " capacity, capacity), part, DN_S, st.scratch, st.arrivals, epoch);",
+            " capacity, capacity), part, DN_S, st.scratch, st.arrivals, epoch, wm(2), nullptr, "
+            "e * HIDDEN);",
             "const SplitTile st = split_tile(state, a, gate_up, n);",
             # per source: row tasks, completions, empty row tiles
             "const int pgu_src = GU_ROWS ? (capacity + GU_BM - 1) / GU_BM : GU_S;",

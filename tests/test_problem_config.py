@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import types
 from dataclasses import asdict, fields, replace
 from fractions import Fraction
 
@@ -145,6 +146,7 @@ CONFIG_CHANGES = {
     "gu_splits": 2,
     "dn_splits": 4,
     "dispatch_blocks": 0,
+    "ws_tma": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -977,3 +979,23 @@ def test_dispatch_blocks_is_a_persistent_kernel_knob():
     code = {c.dispatch_blocks: " ".join(render(p, c).code.split()) for c in (nvl, grid)}
     assert "constexpr bool SOLO_FRONT = true && 1 == 1;" in code[1]
     assert "constexpr bool SOLO_FRONT = false && 1 == 1;" in code[0]
+
+
+def test_ws_tma_needs_nvlink_ws_tiles_of_bk64_on_hopper():
+    from flashmoe_gen.export import _nvlink_vars
+
+    p = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=1)
+    nvl = replace(KernelConfig.persistent_default(p), ws_tma=True)
+    nvl.validate(p, "sm_90")
+    assert nvl.name.endswith("__wt") and KernelConfig.from_name(nvl.name) == nvl
+    assert nvl.persistent_smem() == replace(nvl, ws_tma=False).persistent_smem() + 1024
+    ws32 = GemmTile(32, 128, 32, 8, 1, 4, "ws")
+    for bad, why in ((replace(KernelConfig.default(p), ws_tma=True), "transport 'nvlink'"),
+                     (replace(nvl, gate_up=ws32, down=ws32), "BK 64")):
+        with pytest.raises(ConfigError, match=why):
+            bad.validate(p, "sm_90")
+    with pytest.raises(ConfigError, match="sm_90"):
+        nvl.validate(p, "sm_80")
+    layer = types.SimpleNamespace(problem=p, config=nvl)
+    with pytest.raises(ConfigError, match="tensor maps"):
+        _nvlink_vars(layer)
