@@ -81,7 +81,8 @@ if [ "$PART" = n ]; then
     --problems seed,dsv2lite --tokens 1,8 --vary "d=0,1;wt=0,1" --iters 20 --out "$O/sweep.md" \
     --json "$O/sweep.json" > "$O/sweep.log" 2>&1
   echo "sweep (solo front vs grid barriers, TMA weight loads) rc=$?"
-  grep -E "^\| (seed|dsv)" "$O/sweep.md" | cut -d'|' -f2-3,5-6,8 | sed 's/gu_bm[^ ]*__//'
+  grep -E "^\| (seed|dsv)" "$O/sweep.md" |
+    awk -F'|' '{c = $4; sub(/.*nvlink/, "nvlink", c); print $2, $3, c, $5, $6, $8}'
   DECODE_TAG=next DECODE_TIMEOUT=200 run_decode 2 "$COMMIT" --problems seed,dsv2lite,dsv3 \
     --tokens 1,8,32,512 --nvlink --chain 8 > "$O/decode.txt" 2>&1
   rm -f "$O"/*.png
