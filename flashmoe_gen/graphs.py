@@ -55,10 +55,8 @@ class GraphCache:
         # The tma kernel encodes its tensor maps on first use, which capture forbids: one
         # plain forward first (every rank alike: each one's first call).
         self._plain_run_first = getattr(layer, "_tma", None) is not None
-        # Two events reused by every call (creating one per call costs host time): the
-        # caller's stream -> the layer's stream, and back.
-        self._ev_in = cupy.cuda.Event(disable_timing=True)
-        self._ev_out = cupy.cuda.Event(disable_timing=True)
+        # The caller's stream -> the layer's and back: the layer's two reused events.
+        self._ev_in, self._ev_out = layer._ev_in, layer._ev_out
         track = getattr(getattr(layer, "comm", None), "track_graphs", None)
         if track is not None:
             track(self)

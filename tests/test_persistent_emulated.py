@@ -292,10 +292,12 @@ def test_the_template_passes_the_mirrored_arguments():
     for text in (
             "for (int s = 0; s < SOURCES; ++s) rows += my_counts[s * el + e]; "
             "if (rows > 0) active[na++] = e;",
-            "const int gu_tasks = n_active * NGU * GU_S; const bool gate_up = r < gu_tasks; "
-            "const int q = gate_up ? r : r - gu_tasks; const int per = gate_up ? NGU * GU_S : "
-            "NDN * DN_S, parts = gate_up ? GU_S : DN_S; const int a = q / per, e = active[a]; "
-            "const int n = q % per / parts, part = q % per % parts;",
+            "const bool gate_up = i < groups * NGU * pgu; const int q = gate_up ? i : i - "
+            "groups * NGU * pgu; const int per = gate_up ? NGU * pgu : NDN * pdn, parts = "
+            "gate_up ? pgu : pdn; return {gate_up, q / per, q % per / parts, q % per % parts, "
+            "parts};",
+            "const TaskPos tp = task_pos(r, n_active, GU_S, DN_S); const bool gate_up = "
+            "tp.gate_up; const int a = tp.group, e = active[a], n = tp.n, part = tp.part;",
             "const long long a_outer = slot_row(1, 0, 1, 0, capacity) - slot_row(0, 0, 1, 0, "
             "capacity);",
             "const long long act_outer = static_cast<long long>(el) * capacity * INTERMEDIATE;",
@@ -315,10 +317,9 @@ def test_the_template_passes_the_mirrored_arguments():
             "const int pdn_src = DN_ROWS ? (capacity + DN_BM - 1) / DN_BM : DN_S;",
             "return GU_ROWS ? tiles * ((rows + GU_BM - 1) / GU_BM) : tiles;",
             "const int per_source = el * (NGU * pgu_src + NDN * pdn_src);",
-            "const bool gate_up = i < el * NGU * pgu_src; const int q = gate_up ? i : i - el * "
-            "NGU * pgu_src; const int per = gate_up ? NGU * pgu_src : NDN * pdn_src, parts = "
-            "gate_up ? pgu_src : pdn_src; const int e = q / per, n = q % per / parts, part = q %"
-            " per % parts;",
+            "const TaskPos tp = task_pos(r % per_source, el, pgu_src, pdn_src); const bool "
+            "gate_up = tp.gate_up; const int e = tp.group, n = tp.n, part = tp.part, parts = "
+            "tp.parts;",
             "const int n_rows = min(*rows, capacity); if ((gate_up ? GU_ROWS : DN_ROWS) && part *"
             " (gate_up ? GU_BM : DN_BM) >= n_rows) {",
             "const unsigned long long need = gu_completions(n_rows, NGU);",
