@@ -186,10 +186,10 @@ class Run:
             self.issue([o for t in op.transfers for o in self.transfer_ops(t)])
 
     def issue(self, ops: list[tuple]) -> None:
-        """``(fn, ptr, nbytes, peer, stream, which)`` NCCL operations as one group, or, with
-        ``$FLASHMOE_MAX_GROUP_OPS`` = n > 0, as several: the i-th operation of a (peer,
-        direction) goes to group i // n. Every rank splits alike, so a send and the receive
-        it matches land in groups of the same index."""
+        """``(fn, ptr, nbytes, peer, stream, which)`` NCCL operations as groups of at most
+        n per (peer, direction) (``max_group_ops``; 0: one group): the i-th operation of a
+        (peer, direction) goes to group i // n. Every rank splits alike, so a send and the
+        receive it matches land in groups of the same index."""
         if not ops:
             return
         comm, limit = self.layer.comm, max_group_ops()
@@ -316,16 +316,21 @@ class Run:
         return out
 
 
-#: Diagnostic: at most this many NCCL operations per (peer, direction) in one group (unset
-#: or 0: no limit). Off by default; for the stuck DeepSeek-V3 candidate (docs/reliability.md).
+#: At most this many NCCL operations per (peer, direction) in one group; 0: no limit.
+#: Groups of ~60 operations per peer and direction (expert slots, fused sources) never
+#: finished on 4 x H200 at H=7168 (NCCL 2.28.9; H=2048 and 2 ranks passed), split to 8 they
+#: did (bench/results/2026-11-26_gpu_checks_4xH200_session11.md). Packed slots give one
+#: operation per peer, so the split only touches expert-slot configs.
 MAX_GROUP_OPS_ENV = "FLASHMOE_MAX_GROUP_OPS"
+DEFAULT_MAX_GROUP_OPS = 8
 
 
 def max_group_ops() -> int:
-    """``$FLASHMOE_MAX_GROUP_OPS`` (read per call), 0 when unset; ArgumentError if invalid."""
+    """``$FLASHMOE_MAX_GROUP_OPS`` (read per call; 0: no limit), else
+    DEFAULT_MAX_GROUP_OPS; ArgumentError if invalid."""
     raw = os.environ.get(MAX_GROUP_OPS_ENV, "").strip()
     if not raw:
-        return 0
+        return DEFAULT_MAX_GROUP_OPS
     if not raw.isdigit():
         raise ArgumentError(MAX_GROUP_OPS_ENV, raw, "a non-negative integer (0: no limit)")
     return int(raw)

@@ -194,7 +194,8 @@ def test_benchmark_splits_skip_what_they_say():
 def test_max_group_ops_splits_groups_alike_for_sends_and_receives(monkeypatch):
     """``$FLASHMOE_MAX_GROUP_OPS`` = n: the same operations, in groups holding at most n per
     (peer, direction), the i-th send to a peer in group i // n (so is the receive it matches
-    on that peer, which splits by the same rule)."""
+    on that peer, which splits by the same rule); 0 is one group; unset is the default cap."""
+    from flashmoe_gen import executor
     from flashmoe_gen.errors import ArgumentError
 
     cfg = dataclasses.replace(KernelConfig.default(P4), fuse_sources=True, packed_slots=False)
@@ -218,13 +219,16 @@ def test_max_group_ops_splits_groups_alike_for_sends_and_receives(monkeypatch):
                 cur.append(e)
         return out
 
-    whole, split = groups_of(None), groups_of("2")
+    whole, split = groups_of("0"), groups_of("2")
+    monkeypatch.setattr(executor, "DEFAULT_MAX_GROUP_OPS", 2)
+    default = groups_of(None)  # unset: the default cap (2 here, so it splits these)
     assert sorted(o for g in whole for o in g) == sorted(o for g in split for o in g)
     assert max(len(g) for g in whole) > 2 * 2 * (P4.world_size - 1)  # big groups exist
     assert len(split) > len(whole)
     for g in split:  # at most 2 per (peer, direction)
         per = collections.Counter((kind, peer) for kind, peer, _ in g)
         assert max(per.values()) <= 2, per
+    assert default == split
     monkeypatch.setenv("FLASHMOE_MAX_GROUP_OPS", "two")
     with pytest.raises(ArgumentError, match="FLASHMOE_MAX_GROUP_OPS"):
         layer = _layer(P4, cfg, [])  # built fine: the forward reads the variable
