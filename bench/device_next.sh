@@ -9,7 +9,10 @@
 #      then 4 ranks in the same call, for weak scaling (~540 s)
 #   3: issue 13: preset tunes on 4 ranks, tuned vs the heuristic default, DeepSeek-V3 T=128
 #      with 32 trials (first trial <= 30 s, 32 trials <= 5 min) (~540 s)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3   (COMMIT literally: the device's git metadata
+#   4: after merging ws-fused-64 and decode-next: the once-stuck DeepSeek-V3 candidate with
+#      the default NCCL group cap (no variable set), the 4-rank decode table, then the
+#      4-rank nvlink and weight-streaming tests (~550 s)
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -39,6 +42,25 @@ if [ "$PART" = 2 ]; then
   rm -f "$O"/*.png
   tail -12 "$O/scaling_p2.log" "$O/scaling_p4.log"; bundle
   tail -14 "$O/overlap.txt"; tail -30 "$O/decode.txt"
+fi
+if [ "$PART" = 4 ]; then
+  HANG=gu_bm32_bn128_bk32_w8x1_s4_ws__dn_bm64_bn128_bk64_w8x1_s3_ws__r16__c1__cs1__ss1__fs
+  S=$(date +%s)
+  timeout -k 5 70 $MPI -np 4 flashmoe-tune run --gpus 4 --model deepseek-v3 --tokens 128 \
+    --config "$HANG" --iters 5 > "$O/hang_default.log" 2>&1
+  echo "stuck candidate, default group cap: rc=$? $(( $(date +%s) - S )) s"
+  grep -E "latency|check vs|CommTimeout" "$O/hang_default.log" | sort | uniq -c | head -4
+  DECODE_TAG=chain8 DECODE_TIMEOUT=${DECODE_TIMEOUT:-280} run_decode 4 "$COMMIT" --problems seed,dsv2lite,dsv3 \
+    --tokens 1,8,32,128,256,512 --nvlink --chain 8 > "$O/decode.txt" 2>&1
+  rm -f "$O"/*.png
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 ${MULTI_TIMEOUT:-170} $MPI -x FLASHMOE_COMM_TIMEOUT -np 4 \
+    python3 -m pytest -m multigpu tests/test_multigpu.py -q -k "nvlink or weight_streaming" \
+    --no-header -p no:cacheprovider > "$O/multigpu_4.log" 2>&1
+  echo "multigpu nvlink/ws 4 ranks rc=$?"
+  echo "== $(tr -cd '.' < "$O/multigpu_4.log" | wc -c) pass marks, $(tr -cd 'F' < "$O/multigpu_4.log" | wc -c) F"
+  grep -E "passed|failed|FAILED" "$O/multigpu_4.log" | tail -8
+  bundle
+  tail -n 30 "$O/decode.txt"
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
