@@ -279,10 +279,13 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         # Transport "nvlink": the persistent kernel and the tiles it computes with.
         "persistent_template": "persistent.cu.j2" if config.transport == "nvlink" else "",
         "persistent_threads": PERSISTENT_THREADS,
+        # ws_tma: at most one block per SM, or ptxas caps the kernel at 128 registers and
+        # spills (NVRTC 13.0, DeepSeek-V3's tiles); 163 registers without the cap.
+        "persistent_bounds": "fmoe::P_THREADS, 1" if config.ws_tma else "fmoe::P_THREADS",
         "persistent_stats_words": PERSISTENT_STATS_WORDS,
         "persistent_fused": CPP_BOOL[config.transport == "nvlink" and config.fuse_sources],
-        "pgu": _task_gemm(config.gate_up, True),
-        "pdn": _task_gemm(config.down, False),
+        "pgu": _task_gemm(config.gate_up, True, config.ws_tma),
+        "pdn": _task_gemm(config.down, False, config.ws_tma),
         **_split_vars(problem, config),
         "solo_front": CPP_BOOL[config.dispatch_blocks == 1],
     }
@@ -315,18 +318,20 @@ def _split_vars(problem: MoEProblem, config: KernelConfig) -> dict[str, int]:
             "split_base": persistent_split_base(problem, config) if sk.splits else 0}
 
 
-def _task_gemm(tile: GemmTile, gated: bool) -> dict[str, int | str]:
+def _task_gemm(tile: GemmTile, gated: bool, tma: bool) -> dict[str, int | str]:
     """The persistent kernel's GEMM of one task: the weight-streaming device function (one
-    n-tile of a group over all its rows) or mma.sync row tiles (one n-tile of one row tile:
-    ``row_tasks``)."""
+    n-tile of a group over all its rows; ``tma``: weights by TMA boxes) or mma.sync row tiles
+    (one n-tile of one row tile: ``row_tasks``)."""
     if tile.mma == "ws":
-        args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages]
+        args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages, CPP_BOOL[gated],
+                CPP_BOOL[tma]]
         fn = "ws_gemm"
     else:
-        args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages]
+        args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages,
+                CPP_BOOL[gated]]
         fn = "sync_gemm_rows"
     return {"bn": tile.bn, "bm": tile.bm, "row_tasks": CPP_BOOL[tile.mma != "ws"],
-            "fn": f"{fn}<{', '.join(map(str, args))}, {CPP_BOOL[gated]}>"}
+            "fn": f"{fn}<{', '.join(map(str, args))}>"}
 
 
 def kernel_names(config: KernelConfig) -> KernelNames:

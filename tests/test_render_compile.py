@@ -214,9 +214,13 @@ def test_compile_persistent_kernel(arch, fused, private_cache):
     mod = compile_source(gen, arch, use_cache=False)
     check_module(mod, gen, arch)
     assert mod.dynamic_smem["moe_persistent"] == cfg.persistent_smem()
-    assert "ws_gemm<32, 128, 64, 8, 4, true>(" in gen.code
+    assert "ws_gemm<32, 128, 64, 8, 4, true, false>(" in gen.code  # no TMA path compiled in
     assert ("n_active" in gen.code) == fused  # fused: the tasks of the active experts
     assert (", peers," in gen.code) == fused  # the fused down tiles' per-source outputs
+    if fused:  # ws_tma: the weight tiles by TMA boxes, compiled in only then
+        tma = render(p, replace(cfg, ws_tma=True), arch=arch)
+        assert "ws_gemm<32, 128, 64, 8, 4, true, true>(" in tma.code
+        check_module(compile_source(tma, arch, use_cache=False), tma, arch)
 
 
 def test_compile_persistent_kernel_with_row_tiles(private_cache):
