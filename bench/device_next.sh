@@ -12,7 +12,11 @@
 #   4: after merging ws-fused-64 and decode-next: the once-stuck DeepSeek-V3 candidate with
 #      the default NCCL group cap (no variable set), the 4-rank decode table, then the
 #      4-rank nvlink and weight-streaming tests (~550 s)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4   (COMMIT literally: the device's git metadata
+#   5: what session 11 left: the 4-rank nvlink tests its bounds cut (fused_dsv2lite_graph,
+#      fused_capped_skewed, fused_split_k, fused_ws_tma, direct graph replays), then the
+#      DeepSeek-V3-like decode rows (1d026c8: the TMA weight path compiled in only for
+#      ws_tma; expect ~1.72 ms at T=128 as on cb443a7, not 1.80-1.83) (~450 s)
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -61,6 +65,20 @@ if [ "$PART" = 4 ]; then
   grep -E "passed|failed|FAILED" "$O/multigpu_4.log" | tail -8
   bundle
   tail -n 30 "$O/decode.txt"
+fi
+if [ "$PART" = 5 ]; then
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 ${MULTI_TIMEOUT:-240} $MPI -x FLASHMOE_COMM_TIMEOUT -np 4 \
+    python3 -m pytest -m multigpu tests/test_multigpu.py -v --no-header -p no:cacheprovider \
+    -k "fused_dsv2lite_graph or fused_capped_skewed or fused_split_k or fused_ws_tma or direct_graph" \
+    > "$O/multigpu_4c.log" 2>&1
+  echo "multigpu 4 ranks (the rest) rc=$?"
+  sed 's/\x1b\[[0-9;]*m//g' "$O/multigpu_4c.log" | grep -E "PASSED|FAILED|ERROR|passed|failed" |
+    sort | uniq -c | cut -c1-160 | tail -12
+  DECODE_TAG=dsv3 DECODE_TIMEOUT=${DECODE_TIMEOUT:-180} run_decode 4 "$COMMIT" --problems dsv3 \
+    --tokens 1,8,128,512 --nvlink --chain 8 > "$O/decode.txt" 2>&1
+  rm -f "$O"/*.png
+  bundle
+  grep -E "^\| dsv3" "$O/decode.txt" | cut -d'|' -f2-3,7,10,14,18
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
