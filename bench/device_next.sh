@@ -16,7 +16,11 @@
 #      fused_capped_skewed, fused_split_k, fused_ws_tma, direct graph replays), then the
 #      DeepSeek-V3-like decode rows (1d026c8: the TMA weight path compiled in only for
 #      ws_tma; expect ~1.72 ms at T=128 as on cb443a7, not 1.80-1.83) (~450 s)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5   (COMMIT literally: the device's git metadata
+#   k: where the large-batch forwards' GPU time goes, kernel by kernel (bench/kernel_breakdown.py,
+#      torch.profiler): Mixtral T=4096 and H=I=2048 E=64 T=4096 on 4 ranks, the whole forward
+#      and its compute alone (Mixtral's compute took 5.70 ms where its GEMMs alone run
+#      4.06 ms on 1 x H200) (~200 s)
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|k   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -79,6 +83,13 @@ if [ "$PART" = 5 ]; then
   rm -f "$O"/*.png
   bundle
   grep -E "^\| dsv3" "$O/decode.txt" | cut -d'|' -f2-3,7,10,14,18
+fi
+if [ "$PART" = k ]; then
+  timeout -k 10 ${KB_TIMEOUT:-240} $MPI -np 4 python3 bench/kernel_breakdown.py \
+    --problems mixtral_t4096,flashdmoe_e64_t4096 --commit "$COMMIT" --out "$O/kb.md" \
+    --json "$O/kb.json" > "$O/kb.log" 2>&1
+  echo "kernel breakdown rc=$?"; bundle
+  grep -E "^### |^\| [^-k]" "$O/kb.md" 2>/dev/null | cut -c1-150 | head -60 || tail -20 "$O/kb.log"
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

@@ -65,3 +65,21 @@ def test_sm_stream_kernels_compile_for_hopper():
         nvrtc.destroyProgram(prog)
     assert max(sm_stream.smem_bytes(v) for v in sm_stream.VARIANTS) <= 227 * 1024
     assert len(sm_stream.VARIANTS) == sm_stream.SOURCE.count("case ") + 1  # + default
+
+
+def test_kernel_breakdown_takes_each_kernels_slowest_rank_largest_first():
+    import kernel_breakdown as kb
+
+    ranks = [{"gemm": {"calls": 2.0, "us": 4000.0}, "nccl": {"calls": 6.0, "us": 900.0}},
+             {"gemm": {"calls": 2.0, "us": 4100.0}}]
+    row = {"problem": "p", "config": "c",
+           "parts": {"all": {"forward_ms": 6.5, "ranks": ranks}}}
+    lines = kb.table(row).splitlines()
+    assert lines[0].startswith("### p, all: forward 6.5000 ms, kernels 4.9000 ms")
+    assert lines[-2:] == ["| gemm | 2.0 | 4100.0 | 63.1 |", "| nccl | 6.0 | 900.0 | 13.8 |"]
+    assert len(kb.short("k" * 100)) == kb.NAME_CHARS and kb.short("a  b") == "a b"
+
+    class Avg:  # torch renamed the attribute: either is read
+        cuda_time_total = 7.0
+
+    assert kb.device_us(Avg()) == 7.0
