@@ -20,7 +20,16 @@
 #      torch.profiler): Mixtral T=4096 and H=I=2048 E=64 T=4096 on 4 ranks, the whole forward
 #      and its compute alone (Mixtral's compute took 5.70 ms where its GEMMs alone run
 #      4.06 ms on 1 x H200) (~200 s)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|k   (COMMIT literally: the device's git metadata
+#   r: branch router-staged (the persistent kernel's gate rows through shared memory): the
+#      2-GPU nvlink tests, the 2-rank nvlink suite, then the route phase in the decode table
+#      (DeepSeek-V2-Lite, DeepSeek-V3-like, 4 ranks) and at E=64 T=16384 (~540 s); compare
+#      with 12e9902's phases (bench/results/2026-11-26_decode_nvlink_4xH200_12e9902.md:
+#      route 29.6 us dsv2lite T=1, 68.3 us dsv3 T=128; 471 us at T=16384 on cb443a7)
+#   s: branch comm-sms (SMs the tma kernel leaves to NCCL): Mixtral T=4096 and H=I=2048 E=64
+#      T=16384 on 4 ranks, each config by `flashmoe-tune run` (checked, then timed): the tma
+#      default and with comm_sms 8 / 16, per-source and fused sources, host and graph
+#      (~500 s). Merge if a comm_sms row beats comm_sms 0 beside it; the tuner samples it.
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|k|r|s   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -90,6 +99,40 @@ if [ "$PART" = k ]; then
     --json "$O/kb.json" > "$O/kb.log" 2>&1
   echo "kernel breakdown rc=$?"; bundle
   grep -E "^### |^\| [^-k]" "$O/kb.md" 2>/dev/null | cut -c1-150 | head -60 || tail -20 "$O/kb.log"
+fi
+if [ "$PART" = r ]; then
+  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -q \
+    --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1
+  echo "gpu nvlink (2 GPUs) rc=$?"; grep -E "passed|failed|FAILED" "$O/gpu_nvlink.log" | tail -4
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 170 $MPI -x FLASHMOE_COMM_TIMEOUT -np 2 \
+    python3 -m pytest -m multigpu tests/test_multigpu.py -q -k nvlink --no-header \
+    -p no:cacheprovider > "$O/multigpu_2.log" 2>&1
+  echo "multigpu nvlink 2 ranks rc=$?"; grep -E "passed|failed|FAILED" "$O/multigpu_2.log" | tail -4
+  DECODE_TAG=staged DECODE_TIMEOUT=${DECODE_TIMEOUT:-150} run_decode 4 "$COMMIT" \
+    --problems dsv2lite,dsv3 --tokens 1,8,128,512 --nvlink --chain 8 > "$O/decode.txt" 2>&1
+  timeout -k 10 60 $MPI -np 4 python3 bench/scaling.py --experts 64 --tokens 16384 --nvlink \
+    --commit "$COMMIT" --json "$O/scaling.json" --out "$O/scaling_p4" > "$O/scaling_p4.log" 2>&1
+  echo "scaling 4 ranks rc=$?"
+  rm -f "$O"/*.png; bundle
+  grep -E "^- (dsv|T=)|route" "$O/decode.txt" | cut -c1-150 | head -12
+  grep -E "^\| dsv" "$O/decode.txt" | cut -d'|' -f2-3,7,10,14,18
+fi
+if [ "$PART" = s ]; then
+  T2=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn128_bk64_w8x1_s4_tma__r8__c1__cs1__ss1
+  row() {  # LABEL CONFIG PROBLEM-ARGS...
+    local label=$1 cfg=$2; shift 2
+    timeout -k 5 75 $MPI -np 4 flashmoe-tune run --gpus 4 --config "$cfg" --iters 20 "$@" \
+      > "$O/s_$label.log" 2>&1
+    echo "$label rc=$? $(sed 's/\x1b\[[0-9;]*m//g' "$O/s_$label.log" |
+      grep -oE "median [0-9.]+ ms|max rel err [0-9.e-]+|FAIL[A-Z]*|Error.*" | tr '\n' ' ')"
+  }
+  MIX="--model mixtral-8x7b --tokens 4096"
+  E64="--hidden 2048 --intermediate 2048 --experts 64 --top-k 2 --shared-experts 0 --tokens 16384"
+  for v in "" __fs; do for m in "" __graph; do for c in "" __cm8 __cm16; do
+    row "mixtral${v}${m}${c}" "${T2}${v}__pk${m}${c}" $MIX
+  done; done; done
+  for c in "" __cm8 __cm16; do row "e64${c}" "${T2}__pk${c}" $E64; done
+  bundle
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
