@@ -84,20 +84,27 @@ class GraphCache:
     def forward(self, run_plan, x, out):
         """Copy ``x`` in, replay (or first capture) the graph of its token count, copy out.
         ``run_plan(x, tokens, out)`` issues the plan's operations on the layer's streams."""
-        from cupy.cuda import runtime
         from cupy.cuda.stream import get_current_stream
 
-        tokens = x.shape[0]
         s, caller = self.layer.stream, get_current_stream()
         self._ev_in.record(caller)
         s.wait_event(self._ev_in)
-        if self._direct_ok:
-            graph = self._direct(run_plan, x, out, s)
-            if graph is not None:
-                graph.launch(stream=s)
-                self._ev_out.record(s)
-                caller.wait_event(self._ev_out)
-                return out
+        graph = self._direct(run_plan, x, out, s) if self._direct_ok else None
+        if graph is not None:
+            graph.launch(stream=s)
+        else:
+            self._through_static(run_plan, x, out, s)
+        self._ev_out.record(s)
+        caller.wait_event(self._ev_out)
+        return out
+
+    def _through_static(self, run_plan, x, out, s) -> None:
+        """This token count's graph over the static buffers, ``x`` copied in and the result
+        copied out on ``s`` (captured on first use, after one plain run where the tma
+        kernel must encode its maps)."""
+        from cupy.cuda import runtime
+
+        tokens = x.shape[0]
         entry = self.graphs.get(tokens)
         if entry is None and self._plain_run_first:
             xs = self.x[:tokens]
@@ -118,9 +125,6 @@ class GraphCache:
         if tokens:
             runtime.memcpyAsync(out.data.ptr, entry.out_ptr, entry.nbytes,
                                 runtime.memcpyDeviceToDevice, s.ptr)
-        self._ev_out.record(s)
-        caller.wait_event(self._ev_out)
-        return out
 
     def _direct(self, run_plan, x, out, stream):
         """The direct graph of this call's (tokens, x, out), captured on the second call in a
