@@ -66,6 +66,11 @@ K_SPLIT_CHOICES = (1, 2, 4, 8)
 #: batch and one block reads the gate weights whole; else as 0), 0 = every block, with a
 #: grid barrier after each phase.
 DISPATCH_BLOCK_CHOICES = (1, 0)
+#: SMs the tma kernel's persistent grid leaves free (``comm_sms``; transport nccl, P > 1):
+#: one block per SM with ~200 KB of shared memory and every register leaves NCCL's kernels
+#: no room, so transfers wait for a launch to end (overlap efficiency 0.015-0.024 on
+#: Mixtral T=4096, 4 x H200, against 0.36 with the non-persistent tiles on 4 x H100).
+COMM_SMS_CHOICES = (0, 4, 8, 16, 32)
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
@@ -109,6 +114,7 @@ class KernelConfig:
     dn_splits: int = 1
     dispatch_blocks: int = 1  # transport "nvlink" only (DISPATCH_BLOCK_CHOICES)
     ws_tma: bool = False  # transport "nvlink", _ws tiles, BK 64, Hopper: weights by TMA
+    comm_sms: int = 0  # transport "nccl", tma tiles, P > 1 (COMM_SMS_CHOICES)
 
     @property
     def uses_wgmma(self) -> bool:
@@ -155,6 +161,8 @@ class KernelConfig:
             parts.append(f"d{self.dispatch_blocks}")
         if self.ws_tma:
             parts.append("wt")
+        if self.comm_sms:
+            parts.append(f"cm{self.comm_sms}")
         return "__".join(parts)
 
     @classmethod
@@ -164,17 +172,17 @@ class KernelConfig:
                               "KernelConfig.name prints it")
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
-                         r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?", name)
+                         r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
         (gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp,
-         wt) = m.groups()
+         wt, cm) = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
                    transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
-                   int(dsp or 1), wt is not None)
+                   int(dsp or 1), wt is not None, int(cm or 0))
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -194,7 +202,7 @@ class KernelConfig:
                 raise ConfigError(which, getattr(self, which), "must be a GemmTile")
         name = self.name
         for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams", "blocks_per_sm",
-                  "gu_splits", "dn_splits", "dispatch_blocks"):
+                  "gu_splits", "dn_splits", "dispatch_blocks", "comm_sms"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
@@ -249,6 +257,21 @@ class KernelConfig:
         if self.dispatch_blocks != 1 and self.transport != "nvlink":
             raise ConfigError("dispatch_blocks", self.dispatch_blocks, "only transport "
                               "'nvlink' runs a persistent kernel: use 1", name)
+        if self.comm_sms:
+            self._validate_comm_sms(problem, name)
+
+    def _validate_comm_sms(self, problem: MoEProblem, name: str) -> None:
+        """SMs left to NCCL: only the tma kernel's grid is sized to the SMs (other tiles'
+        blocks retire one by one and let NCCL's in), only where NCCL moves tokens."""
+        v = self.comm_sms
+        if v not in COMM_SMS_CHOICES:
+            raise ConfigError("comm_sms", v, f"choose one of {list(COMM_SMS_CHOICES)}", name)
+        if not self.uses_tma:
+            raise ConfigError("comm_sms", v, "only the tma kernel (_tma tiles) takes every "
+                              "SM; other tiles leave room for NCCL as they go: use 0", name)
+        if self.transport != "nccl" or problem.world_size == 1:
+            raise ConfigError("comm_sms", v, "SMs are left to NCCL only where it moves "
+                              "tokens (transport 'nccl', world_size > 1): use 0", name)
 
     def _validate_ws_tma(self, limits: DeviceLimits, name: str) -> None:
         """Weights of the persistent kernel's weight-streaming tiles loaded by TMA boxes

@@ -69,17 +69,20 @@ def nvcc_arch_flags(config: KernelConfig, arch: str = "sm_90") -> str:
     return f"-arch={target}"
 
 
-def grid_cpp(tile: GemmTile, prefix: str) -> str:
+def grid_cpp(tile: GemmTile, prefix: str, comm_sms: int = 0) -> str:
     """The C++ launch grid of a GEMM wrapper (``GemmTile.grid`` spelled over the wrapper's
-    ``N``, ``rows``, ``groups``, ``inner_groups`` and the tile constants ``{prefix}_BN/BM``)."""
+    ``N``, ``rows``, ``groups``, ``inner_groups`` and the tile constants ``{prefix}_BN/BM``;
+    the tma kernel's leaves ``comm_sms`` SMs to NCCL)."""
     if tile.mma == "tma":
-        return (f"dim3(fmoe_host::tma_grid(N, rows, groups, {prefix}_BM, {prefix}_BN), 1, 1)")
+        return (f"dim3(fmoe_host::tma_grid(N, rows, groups, {prefix}_BM, {prefix}_BN, "
+                f"{comm_sms}), 1, 1)")
     if tile.mma == "ws":
         return f"dim3(ceil_div(N, {prefix}_BN), 1, inner_groups > 0 ? inner_groups : groups)"
     return f"dim3(ceil_div(N, {prefix}_BN), ceil_div(rows, {prefix}_BM), groups)"
 
 
-def _tile_vars(tile: GemmTile, kernel: str, b_operands: int, prefix: str) -> dict:
+def _tile_vars(tile: GemmTile, kernel: str, b_operands: int, prefix: str,
+               comm_sms: int = 0) -> dict:
     smem = tile.smem_bytes(b_operands)
     # The tma kernel takes one more argument: its launch's tensor maps (made on first use).
     b1 = "B1" if b_operands == 2 else "nullptr"
@@ -88,7 +91,7 @@ def _tile_vars(tile: GemmTile, kernel: str, b_operands: int, prefix: str) -> dic
                 if tile.mma == "tma" else "")
     return {"kernel": kernel, "bm": tile.bm, "bn": tile.bn, "threads": tile.threads,
             "smem": smem,
-            "grid": grid_cpp(tile, prefix), "prologue": prologue,
+            "grid": grid_cpp(tile, prefix, comm_sms), "prologue": prologue,
             "extra_args": ", tma" if tile.mma == "tma" else ""}
 
 
@@ -111,8 +114,8 @@ def export_vars(layer: CompiledLayer) -> dict:
         block_m=cfg.block_m,
         fixed_capacity=p.fixed_capacity(cfg.block_m) or 0,
         packed_slots=CPP_BOOL[cfg.packed_slots],
-        gu=_tile_vars(cfg.gate_up, gen.kernels.gate_up, 2, "GU"),
-        dn=_tile_vars(cfg.down, gen.kernels.down, 1, "DN"),
+        gu=_tile_vars(cfg.gate_up, gen.kernels.gate_up, 2, "GU", cfg.comm_sms),
+        dn=_tile_vars(cfg.down, gen.kernels.down, 1, "DN", cfg.comm_sms),
         chunks=expert_chunks(p, cfg),
         gate_elems=h * p.experts,
         w13_elems=i * h,

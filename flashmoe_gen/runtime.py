@@ -91,6 +91,16 @@ def _address(arg) -> int:
     return int(data.ptr) if data is not None else int(arg)
 
 
+def gemm_sms(sms: int, config: KernelConfig) -> int:
+    """SMs the tma kernel's grid may take: all but ``config.comm_sms`` (left to NCCL's
+    kernels); ConfigError where that leaves fewer than half of the GPU's ``sms``."""
+    left = sms - config.comm_sms
+    if left < sms // 2 or left < 1:
+        raise ConfigError("comm_sms", config.comm_sms, f"this GPU has {sms} SMs; leave at "
+                          f"most half of them to NCCL", config.name)
+    return left
+
+
 class FlashMoE:
     """One rank's share of a distributed MoE layer (expert parallel, symmetric layout).
 
@@ -184,6 +194,7 @@ class FlashMoE:
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.shared_stream = cupy.cuda.Stream(non_blocking=True)
         self._sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        self._gemm_sms = gemm_sms(self._sms, config)
         # The tma kernel's tensor maps, and (mode "host") a static copy of x so the shared
         # experts' map does not change with every caller's array.
         self._tma = TmaMaps() if config.uses_tma else None
@@ -331,7 +342,7 @@ class FlashMoE:
             return
         tile = self.config.gate_up if gated else self.config.down
         name = self.kernels.gate_up if gated else self.kernels.down
-        grid = tile.grid(n, rows, groups, int(args[_INNER_GROUPS]), self._sms)
+        grid = tile.grid(n, rows, groups, int(args[_INNER_GROUPS]), self._gemm_sms)
         if tile.mma == "tma":
             k = int(args[_K])
             b1 = self._weight_operand(_address(args[_B1]), k) if gated else None

@@ -92,7 +92,7 @@ def _layer(problem: MoEProblem, cfg: KernelConfig, log: list) -> FlashMoE:
     layer.kernel, layer.problem, layer.config, layer.plan = k, problem, cfg, k.plan
     layer.kernels = k.kernels
     layer.compiled = types.SimpleNamespace(dynamic_smem=dict.fromkeys(k.kernels.all(), 0))
-    layer._sms, layer._tma, layer._persistent = 132, None, None
+    layer._sms, layer._gemm_sms, layer._tma, layer._persistent = 132, 132, None, None
 
     def kernel(name):
         return lambda grid, block, args, **kw: log.append(("launch", name, grid))

@@ -147,6 +147,7 @@ CONFIG_CHANGES = {
     "dn_splits": 4,
     "dispatch_blocks": 0,
     "ws_tma": True,
+    "comm_sms": 8,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -857,7 +858,7 @@ def test_search_spaces_take_their_values_from_config():
              "streams": cfg.COMM_STREAM_CHOICES, "mode": cfg.MODE_CHOICES,
              "transport": cfg.TRANSPORT_CHOICES, "blocks": cfg.BLOCKS_PER_SM_CHOICES,
              "ksplit_gu": cfg.K_SPLIT_CHOICES, "ksplit_dn": cfg.K_SPLIT_CHOICES,
-             "dispatch": cfg.DISPATCH_BLOCK_CHOICES}
+             "dispatch": cfg.DISPATCH_BLOCK_CHOICES, "comm_sms": cfg.COMM_SMS_CHOICES}
     for choices in space.SPACES.values():
         for knob, values in choices.items():
             kind = knob.split("_", 1)[-1] if knob.startswith(("gu_", "dn_")) else knob

@@ -17,6 +17,7 @@ from flashmoe_gen.arch import DeviceLimits, limits_for
 from flashmoe_gen.config import (
     BLOCKS_PER_SM_CHOICES,
     CHUNK_RANGE,
+    COMM_SMS_CHOICES,
     COMM_STREAM_CHOICES,
     DISPATCH_BLOCK_CHOICES,
     K_SPLIT_CHOICES,
@@ -95,6 +96,8 @@ FULL = {
     "blocks": (0,),  # the persistent kernel's blocks per SM: nvlink adds its choices
     "ksplit_gu": (1,), "ksplit_dn": (1,),  # its fused ws tiles' K splits: likewise
     "dispatch": (1,),  # its blocks that route and dispatch: likewise
+    # SMs the tma kernel leaves to NCCL (nccl transport with a tma tile; else forced to 0)
+    "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -108,7 +111,7 @@ SMALL = {
     "router": _within(ROUTER_CHOICES, 8, 8), "chunks": _within(CHUNK_RANGE, 1, 1),
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
-    "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,),
+    "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -134,6 +137,13 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "ksplit_dn": K_SPLIT_CHOICES, "dispatch": DISPATCH_BLOCK_CHOICES}
 #: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
 SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
+
+
+def _comm_sms_apply(params: dict) -> bool:
+    """Whether the comm_sms knob means anything: NCCL moves tokens, a tile is the tma kernel
+    (the only grid sized to the SMs)."""
+    return (params.get("transport", "nccl") == "nccl"
+            and "tma" in (params.get("gu_mma"), params.get("dn_mma")))
 
 
 def _splits_apply(params: dict) -> bool:
@@ -185,6 +195,7 @@ class SearchSpace:
                     choices[k], nvlink_only[k] = (*choices[k], *extra), extra
         if problem.world_size == 1:  # nothing to chunk, stream or fuse across peers
             choices["chunks"], choices["streams"], choices["fuse"] = (1,), (1,), (False,)
+            choices["comm_sms"] = (0,)  # nor SMs to leave to NCCL
             choices["packed"] = (False,)  # no sends: where rows sit in a slot is moot
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
@@ -217,6 +228,8 @@ class SearchSpace:
             params = params | NVLINK_FORCED
         if not _splits_apply(params):
             params = params | {k: 1 for k in SPLIT_KNOBS}
+        if not _comm_sms_apply(params):
+            params = params | {"comm_sms": 0}
         return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
                             params["streams"], params["shared_stream"],
                             fuse_sources=params.get("fuse", False),
@@ -225,11 +238,14 @@ class SearchSpace:
                             blocks_per_sm=params.get("blocks", 0),
                             gu_splits=params.get("ksplit_gu", 1),
                             dn_splits=params.get("ksplit_dn", 1),
-                            dispatch_blocks=params.get("dispatch", 1))
+                            dispatch_blocks=params.get("dispatch", 1),
+                            comm_sms=params.get("comm_sms", 0))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
         config has one parameter set (a repeat is seen as one)."""
+        if "comm_sms" in params and not _comm_sms_apply(params):
+            params = params | {"comm_sms": 0}
         if params.get("transport") != "nvlink":
             return params | {k: v[0] for k, v in NVLINK_KNOBS.items() if k in params}
         if not _splits_apply(params):
@@ -248,7 +264,7 @@ class SearchSpace:
                     "fuse": cfg.fuse_sources, "packed": cfg.packed_slots, "mode": cfg.mode,
                     "transport": cfg.transport, "blocks": cfg.blocks_per_sm,
                     "ksplit_gu": cfg.gu_splits, "ksplit_dn": cfg.dn_splits,
-                    "dispatch": cfg.dispatch_blocks}
+                    "dispatch": cfg.dispatch_blocks, "comm_sms": cfg.comm_sms}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
