@@ -71,6 +71,8 @@ DISPATCH_BLOCK_CHOICES = (1, 0)
 #: no room, so transfers wait for a launch to end (overlap efficiency 0.015-0.024 on
 #: Mixtral T=4096, 4 x H200, against 0.36 with the non-persistent tiles on 4 x H100).
 COMM_SMS_CHOICES = (0, 4, 8, 16, 32)
+#: The heuristic default's comm_sms for the tma kernel on several ranks (8 beat 0 and 16).
+DEFAULT_COMM_SMS = 8
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
@@ -378,10 +380,15 @@ class KernelConfig:
         if limits_for(arch).major_minor == (9, 0) and blocks >= WGMMA_MIN_BLOCKS:
             # The persistent TMA kernel first (1.07-1.16x torch._grouped_mm where wgmma
             # 128 x 128 reaches 0.64-0.90x, 1 x H200, bench/results 2026-11-26_gemm_decode);
-            # wgmma where it does not fit (too many groups per launch).
+            # wgmma where it does not fit (too many groups per launch). The tma kernel holds
+            # every SM until it ends, so NCCL's transfers of the next source wait for it:
+            # leaving DEFAULT_COMM_SMS to NCCL took Mixtral T=4096 on 4 x H200 from 6.29 to
+            # 5.75 ms and H=I=2048 E=64 T=16384 from 4.22 to 3.70 ms (bench/results
+            # 2026-11-27_comm_sms_4xH200_11eaab5).
             for mma in ("tma", "wgmma"):
+                cm = DEFAULT_COMM_SMS if mma == "tma" and problem.world_size > 1 else 0
                 cfg = cls(GemmTile(128, 128, 64, 8, 1, 4, mma),
-                          GemmTile(128, 128, 64, 8, 1, 4, mma), **knobs)
+                          GemmTile(128, 128, 64, 8, 1, 4, mma), comm_sms=cm, **knobs)
                 try:
                     cfg.validate(problem, arch)
                     return cfg

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from flashmoe_gen.config import COMM_SMS_CHOICES, KernelConfig
+from flashmoe_gen.config import COMM_SMS_CHOICES, DEFAULT_COMM_SMS, KernelConfig
 from flashmoe_gen.errors import ConfigError
 from flashmoe_gen.export import grid_cpp
 from flashmoe_gen.problem import MoEProblem
@@ -19,12 +19,22 @@ MIXTRAL = MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096)
 
 
 def _tma() -> KernelConfig:
-    cfg = KernelConfig.default(MIXTRAL)
-    assert cfg.uses_tma and cfg.comm_sms == 0
+    cfg = replace(KernelConfig.default(MIXTRAL), comm_sms=0)
+    assert cfg.uses_tma
     return cfg
 
 
-def test_name_round_trips_and_the_default_leaves_none():
+def test_the_default_leaves_sms_to_nccl_on_several_ranks_only():
+    cfg = KernelConfig.default(MIXTRAL)
+    assert cfg.uses_tma and cfg.comm_sms == DEFAULT_COMM_SMS == 8
+    cfg.validate(MIXTRAL)
+    one = KernelConfig.default(MIXTRAL.replace(world_size=1))
+    assert one.uses_tma and one.comm_sms == 0
+    one.validate(MIXTRAL.replace(world_size=1))
+    assert KernelConfig.default(MIXTRAL.replace(tokens_per_rank=16)).comm_sms == 0  # ws tiles
+
+
+def test_name_round_trips():
     cfg = replace(_tma(), comm_sms=8)
     cfg.validate(MIXTRAL)
     assert cfg.name.endswith("__pk__cm8") and "cm" not in _tma().name

@@ -60,7 +60,7 @@ def configs_for(p: MoEProblem) -> list[KernelConfig]:
            replace(d, router_tokens_per_block=32)]
     if min(p.hidden, p.intermediate) >= 64:  # mma.sync tiles with bk 32
         out.append(replace(d, gate_up=GemmTile(64, 64, 32, 2, 2, 4),
-                           down=GemmTile(64, 64, 32, 2, 2, 2)))
+                           down=GemmTile(64, 64, 32, 2, 2, 2), comm_sms=0))
     for c in out:
         c.validate(p)
     return out
