@@ -29,7 +29,11 @@
 #      T=16384 on 4 ranks, each config by `flashmoe-tune run` (checked, then timed): the tma
 #      default and with comm_sms 8 / 16, per-source and fused sources, host and graph
 #      (~500 s). Merge if a comm_sms row beats comm_sms 0 beside it; the tuner samples it.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|k|r|s   (COMMIT literally: the device's git metadata
+#   6: session 12's follow-up (4 GPUs, ~520 s): nvlink config sweeps with PyTorch EP in the
+#      same run (seed T=1 over gate/up K splits and blocks per SM; DeepSeek-V3-like T=128 over
+#      stages and TMA weight loads), the overlap table with the comm_sms 8 default (Mixtral
+#      T=4096 against PyTorch EP), and fused_ws_tma alone on 4 ranks (cut at 240 s before)
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|k|r|s   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -92,6 +96,26 @@ if [ "$PART" = 5 ]; then
   rm -f "$O"/*.png
   bundle
   grep -E "^\| dsv3" "$O/decode.txt" | cut -d'|' -f2-3,7,10,14,18
+fi
+if [ "$PART" = 6 ]; then
+  sweep() {  # TAG TIMEOUT ARGS...
+    local tag=$1 t=$2; shift 2
+    timeout -k 10 "$t" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+      "$@" --out "$O/sweep_$tag.md" --json "$O/sweep_$tag.json" > "$O/sweep_$tag.log" 2>&1
+    echo "sweep $tag rc=$?"
+  }
+  sweep seed 100 --problems seed --tokens 1 --vary "ks=1x8,2x8,4x8;b=0,1"
+  sweep dsv3 200 --problems dsv3 --tokens 128 --vary "gu_s=4,6;dn_s=4,6;wt=0,1"
+  OVERLAP_TIMEOUT=150 run_overlap 4 "$COMMIT" --problems seed,dsv2lite_t512,mixtral_t4096 \
+    > "$O/overlap.txt" 2>&1
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 ${MULTI_TIMEOUT:-90} $MPI -x FLASHMOE_COMM_TIMEOUT -np 4 \
+    python3 -m pytest -m multigpu tests/test_multigpu.py -v --no-header -p no:cacheprovider \
+    -k "fused_ws_tma" --durations=5 > "$O/multigpu_wt.log" 2>&1
+  echo "fused_ws_tma 4 ranks rc=$?"
+  sed 's/\x1b\[[0-9;]*m//g' "$O/multigpu_wt.log" | grep -E "passed|failed|FAILED|s call" | sort -u | head -6
+  rm -f "$O"/*.png; bundle
+  tail -n 12 "$O/overlap.txt" | cut -c1-200
+  grep -hE "^\| (seed|dsv3) " "$O"/sweep_*.md | cut -d'|' -f3-9
 fi
 if [ "$PART" = k ]; then
   timeout -k 10 ${KB_TIMEOUT:-240} $MPI -np 4 python3 bench/kernel_breakdown.py \

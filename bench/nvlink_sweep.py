@@ -86,6 +86,18 @@ def measure(p, cfg, x, ref, dw, comm, a) -> dict:
     return row
 
 
+def torch_ep(layer, x, comm, a) -> dict:
+    """PyTorch EP on ``layer``'s weights and ``x`` in the same run: the faster of the
+    host-synced and the graph-captured padded baselines, 8 forwards back to back as ours."""
+    import torch
+    from torch_ep_graph import time_baselines
+
+    base = time_baselines(layer, torch.from_dlpack(x).view(torch.bfloat16), comm,
+                          warmup=a.warmup, iters=a.iters, chain=8)
+    base.pop("out")
+    return base
+
+
 def run(a) -> list[dict]:
     import cupy
 
@@ -113,12 +125,16 @@ def run(a) -> list[dict]:
             nccl = FlashMoE(p, dataclasses.replace(KernelConfig.default(p), mode="graph"),
                             comm=comm, weights=dw)
             ref = bf16.from_bits(nccl(x).get()).astype(np.float64)
+            base = torch_ep(nccl, x, comm, a) if a.torch else {}
             del nccl
             release()
             for cfg in variants(KernelConfig.persistent_default(p), a.vary):
                 row = dict(shape=key, tokens=t, card=card, gpus=comm.world_size,
-                           commit=a.commit, date=str(datetime.date.today()))
-                rows.append(row | measure(p, cfg, x, ref, dw, comm, a))
+                           commit=a.commit, date=str(datetime.date.today())) | base
+                row |= measure(p, cfg, x, ref, dw, comm, a)
+                if base and "ms" in row:  # < 1: ours faster
+                    row["vs_torch"] = round(row["ms"] / base["torch_ep_ms"], 3)
+                rows.append(row)
                 release()  # the layer and its IPC heap go before the next config's
                 if comm.rank == 0:
                     print(json.dumps(rows[-1]), flush=True)
@@ -130,6 +146,8 @@ def run(a) -> list[dict]:
 def report(rows: list[dict], a) -> None:
     r0 = next((r for r in rows if "card" in r), {})
     cols = ["shape", "tokens", "config", "ms", "kernel_us_nvlink", "sm_busy_nvlink", "err"]
+    if any("torch_ep_ms" in r for r in rows):
+        cols[4:4] = ["torch_ep_ms", "vs_torch"]
     text = (f"# nvlink configs: {r0.get('gpus', '?')} x {r0.get('card', '?')}, "
             f"{r0.get('date')}, commit {a.commit}\n\nGraph-launched persistent kernel, "
             f"median of {a.iters} iterations of 8 forwards back to back; kernel time, SM busy "
@@ -150,6 +168,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int_list, default=[1, 8])
     ap.add_argument("--vary", default="", help='e.g. "dn_s=4,8;gu_s=4,6"')
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--torch", action="store_true",
+                    help="time PyTorch EP (the faster baseline) per shape and T, same run")
     add_output_args(ap, iters=30)
     a = ap.parse_args()
     rows = run(a)
