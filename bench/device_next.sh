@@ -106,15 +106,18 @@ if [ "$PART" = 6 ]; then
   }
   sweep seed 100 --problems seed --tokens 1 --vary "ks=1x8,2x8,4x8;b=0,1"
   sweep dsv3 200 --problems dsv3 --tokens 128 --vary "gu_s=4,6;dn_s=4,6;wt=0,1"
-  OVERLAP_TIMEOUT=150 run_overlap 4 "$COMMIT" --problems seed,dsv2lite_t512,mixtral_t4096 \
-    > "$O/overlap.txt" 2>&1
+  if [ -z "${NO_OVERLAP:-}" ]; then
+    OVERLAP_TIMEOUT=150 run_overlap 4 "$COMMIT" --problems seed,dsv2lite_t512,mixtral_t4096 \
+      > "$O/overlap.txt" 2>&1
+  fi
+  # fused_ws_tma never finished on 4 ranks: every rank's Python stack after 60 s says where
   FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 ${MULTI_TIMEOUT:-90} $MPI -x FLASHMOE_COMM_TIMEOUT -np 4 \
     python3 -m pytest -m multigpu tests/test_multigpu.py -v --no-header -p no:cacheprovider \
-    -k "fused_ws_tma" --durations=5 > "$O/multigpu_wt.log" 2>&1
+    -k "fused_ws_tma" --durations=5 -o faulthandler_timeout=60 > "$O/multigpu_wt.log" 2>&1
   echo "fused_ws_tma 4 ranks rc=$?"
   sed 's/\x1b\[[0-9;]*m//g' "$O/multigpu_wt.log" | grep -E "passed|failed|FAILED|s call" | sort -u | head -6
   rm -f "$O"/*.png; bundle
-  tail -n 12 "$O/overlap.txt" | cut -c1-200
+  tail -n 12 "$O/overlap.txt" 2>/dev/null | cut -c1-200
   grep -hE "^\| (seed|dsv3) " "$O"/sweep_*.md | cut -d'|' -f3-9
 fi
 if [ "$PART" = k ]; then

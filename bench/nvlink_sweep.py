@@ -109,6 +109,9 @@ def run(a) -> list[dict]:
     from flashmoe_gen.weights import random_tokens
 
     comm = Communicator(n_streams=1)
+    if a.torch:  # the baselines' all_to_all runs on torch.distributed's NCCL
+        from torch_ep import init_torch_dist
+        init_torch_dist(comm.mpi, comm.device.id)
     card = cupy.cuda.runtime.getDeviceProperties(comm.device.id)["name"].decode()
     rows = []
     for key in a.problems:
@@ -138,8 +141,14 @@ def run(a) -> list[dict]:
                 release()  # the layer and its IPC heap go before the next config's
                 if comm.rank == 0:
                     print(json.dumps(rows[-1]), flush=True)
+                    if a.json:  # row by row: a run cut short by a timeout still reports
+                        Path(a.json).write_text(json.dumps(rows, indent=1))
         del dw
         release()
+    if a.torch:
+        import torch.distributed as dist
+        comm.barrier()
+        dist.destroy_process_group()
     return rows
 
 
