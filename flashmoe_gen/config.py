@@ -73,6 +73,9 @@ DISPATCH_BLOCK_CHOICES = (1, 0)
 COMM_SMS_CHOICES = (0, 4, 8, 16, 32)
 #: The heuristic default's comm_sms for the tma kernel on several ranks (8 beat 0 and 16).
 DEFAULT_COMM_SMS = 8
+#: Local expert weights from which the persistent default streams them through a 6-stage
+#: ring of TMA boxes (``ws_tma``) instead of 4 stages of cp.async.
+DEEP_RING_MIN_BYTES = 1 << 30
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
@@ -336,8 +339,23 @@ class KernelConfig:
             split = replace(cfg, gu_splits=gs, dn_splits=ds)
             if SplitK.of(problem, split).fits:
                 cfg = split
+        if fused and cls._local_weight_bytes(problem) >= DEEP_RING_MIN_BYTES:
+            # HBM-bound on GBs of weights: a 6-deep ring fed by TMA boxes keeps more bytes in
+            # flight (DeepSeek-V3-like T=128, 4 x H200: 1.734 -> 1.658 ms, 0.609x -> 0.582x
+            # PyTorch EP; bench/results/2026-11-27_sweep_dsv3_4xH200_746ceec.md)
+            deep = replace(cfg, gate_up=replace(cfg.gate_up, stages=6),
+                           down=replace(cfg.down, stages=6), ws_tma=True)
+            try:
+                deep.validate(problem, arch)
+                cfg = deep
+            except ConfigError:  # wider token tiles: the ring does not fit shared memory
+                pass
         cfg.validate(problem, arch)
         return cfg
+
+    @staticmethod
+    def _local_weight_bytes(problem: MoEProblem) -> int:
+        return problem.local_experts * 3 * problem.hidden * problem.intermediate * WEIGHT_BYTES
 
     def persistent_smem(self) -> int:
         """Dynamic shared memory of the persistent kernel: the larger of its two GEMMs', and
@@ -359,7 +377,7 @@ class KernelConfig:
         # Sources that send an expert at least one row (Poisson rows per source).
         sources = p.world_size * (1.0 - math.exp(-rows / p.world_size))
         fused = ws_weight_reads(ws_token_tile(rows, 32), rows)
-        weight_bytes = p.local_experts * 3 * p.hidden * p.intermediate * WEIGHT_BYTES
+        weight_bytes = KernelConfig._local_weight_bytes(p)
         return weight_bytes * (sources - fused) / WS_MODEL_BYTES_PER_S >= WS_MIN_SAVING_S
 
     @classmethod
