@@ -666,6 +666,29 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert big.gate_up.threads == big.down.threads == 256
 
 
+def test_persistent_default_deepens_the_ring_for_gigabytes_of_weights():
+    """>= DEEP_RING_MIN_BYTES of local experts: 6 stages fed by TMA boxes on Hopper (the
+    sweep's winner on DeepSeek-V3-like T=128); 4 stages of cp.async elsewhere."""
+    from flashmoe_gen.config import DEEP_RING_MIN_BYTES
+
+    assert KernelConfig._local_weight_bytes(DSV3_DECODE) >= DEEP_RING_MIN_BYTES
+    deep = KernelConfig.persistent_default(DSV3_DECODE, "sm_90")
+    assert deep.ws_tma and deep.gate_up.stages == deep.down.stages == 6
+    assert deep.name.endswith("_s6_ws__r8__c1__cs1__ss1__fs__nvlink__wt")
+    assert deep.persistent_smem() <= 227 * 1024
+    # sm_80 has no TMA: the 4-stage cp.async ring
+    plain = KernelConfig.persistent_default(DSV3_DECODE, "sm_80")
+    assert not plain.ws_tma and plain.gate_up.stages == 4
+    # 64-row token tiles: 6 stages do not fit shared memory, so 4 stay
+    wide = KernelConfig.persistent_default(DSV3_DECODE.replace(tokens_per_rank=512), "sm_90")
+    assert wide.gate_up.bm == 64 and wide.gate_up.stages == 4 and not wide.ws_tma
+    # small weights (DeepSeek-V2-Lite, 277 MB per rank): unchanged
+    lite = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=4, tokens_per_rank=8)
+    assert KernelConfig._local_weight_bytes(lite) < DEEP_RING_MIN_BYTES
+    small = KernelConfig.persistent_default(lite, "sm_90")
+    assert not small.ws_tma and small.gate_up.stages == 4
+
+
 @pytest.mark.parametrize("changes,field,text", [
     (dict(transport="ib"), "transport", "choose one of ['nccl', 'nvlink']"),
     (dict(gate_up=GemmTile(64, 64, 64, 2, 2, 3)), "gate_up.mma", "tiles of 8 warps"),
