@@ -567,3 +567,22 @@ def test_k_split_knobs_mean_something_only_for_fused_ws_nvlink_tiles():
         assert q["ksplit_gu"] == q["ksplit_dn"] == 1
         cfg = space.config_from_params(params | change)
         assert cfg.gu_splits == cfg.dn_splits == 1
+
+
+def test_ws_tma_knob_and_the_persistent_defaults_deep_ring_are_in_the_space():
+    """The persistent default for GBs of weights (6 stages, TMA weight loads) is a seed the
+    full space holds; ws_tma means something only for nvlink ws tiles of BK 64 on Hopper."""
+    p = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=4, tokens_per_rank=128)
+    space = SearchSpace.for_problem(p, "sm_90", "full", ("nccl", "nvlink"))
+    dflt = KernelConfig.persistent_default(p, "sm_90")
+    assert dflt.ws_tma and 6 in space.choices["gu_s"] and space.choices["ws_tma"] == (False, True)
+    assert space.contains(dflt) and dflt in space.seeds("sm_90")
+    params = space.params_from_config(dflt)
+    assert space.config_from_params(params) == dflt and space.canonical(params) == params
+    for change in ({"transport": "nccl"}, {"gu_bk": 32}, {"dn_mma": "sync"}):
+        q = space.canonical(params | change)
+        assert q["ws_tma"] is False and not space.config_from_params(params | change).ws_tma
+    assert SearchSpace.for_problem(p, "sm_80", "full", ("nccl", "nvlink")).choices["ws_tma"] \
+        == (False,)
+    nccl_only = SearchSpace.for_problem(p, "sm_90", "full")
+    assert nccl_only.choices["ws_tma"] == (False,) and 6 not in nccl_only.choices["gu_s"]

@@ -96,6 +96,7 @@ FULL = {
     "blocks": (0,),  # the persistent kernel's blocks per SM: nvlink adds its choices
     "ksplit_gu": (1,), "ksplit_dn": (1,),  # its fused ws tiles' K splits: likewise
     "dispatch": (1,),  # its blocks that route and dispatch: likewise
+    "ws_tma": (False,),  # its TMA weight loads: likewise
     # SMs the tma kernel leaves to NCCL (nccl transport with a tma tile; else forced to 0)
     "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
 }
@@ -112,6 +113,7 @@ SMALL = {
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
+    "ws_tma": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -134,7 +136,8 @@ NVLINK_FORCED = {knob: PERSISTENT_SCHEDULE[f] for knob, f in (
     ("streams", "comm_streams"), ("packed", "packed_slots"))}
 #: Knobs of the persistent kernel alone: nccl configs take the first value.
 NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
-                "ksplit_dn": K_SPLIT_CHOICES, "dispatch": DISPATCH_BLOCK_CHOICES}
+                "ksplit_dn": K_SPLIT_CHOICES, "dispatch": DISPATCH_BLOCK_CHOICES,
+                "ws_tma": (False, True)}
 #: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
 SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
 
@@ -144,6 +147,14 @@ def _comm_sms_apply(params: dict) -> bool:
     (the only grid sized to the SMs)."""
     return (params.get("transport", "nccl") == "nccl"
             and "tma" in (params.get("gu_mma"), params.get("dn_mma")))
+
+
+def _ws_tma_apply(params: dict) -> bool:
+    """Whether TMA weight loads mean anything: transport nvlink, ws tiles of BK 64 on both
+    GEMMs (Hopper: for_problem drops the value elsewhere)."""
+    return (params.get("transport") == "nvlink"
+            and params.get("gu_mma") == params.get("dn_mma") == "ws"
+            and params.get("gu_bk") == params.get("dn_bk") == 64)
 
 
 def _splits_apply(params: dict) -> bool:
@@ -199,18 +210,29 @@ class SearchSpace:
             choices["packed"] = (False,)  # no sends: where rows sit in a slot is moot
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
-        if limits.major_minor != (9, 0):  # warpgroup MMA is Hopper's
+        if limits.major_minor != (9, 0):  # warpgroup MMA and TMA are Hopper's
             for k in ("gu_mma", "dn_mma"):
                 if k in choices:
                     choices[k] = tuple(m for m in choices[k] if m not in HOPPER_KINDS)
-        default = KernelConfig.default(problem, limits.arch)
-        if size == "full" and default.transport in transports:
-            # The heuristic default is always a candidate (the first trial, and what "tuned /
-            # default" compares with); its values may lie outside the ranges, e.g. the
-            # decode default's 4x1 weight-streaming down tile.
-            for k, v in cls.params_from_config(default).items():
-                if v not in choices[k]:
-                    choices[k] = (*choices[k], v)
+            if "ws_tma" in choices:
+                choices["ws_tma"] = (False,)
+        if size == "full":
+            # The heuristic defaults are always candidates (the first trials, and what "tuned
+            # / default" compares with); their values may lie outside the ranges, e.g. the
+            # decode default's 4x1 weight-streaming down tile, or the persistent default's
+            # 6-stage ring for GBs of weights.
+            defaults = [KernelConfig.default(problem, limits.arch)]
+            if "nvlink" in transports:
+                try:
+                    defaults.append(KernelConfig.persistent_default(problem, limits.arch))
+                except ConfigError:
+                    pass
+            for default in defaults:
+                if default.transport not in transports:
+                    continue
+                for k, v in cls.params_from_config(default).items():
+                    if k in choices and v not in choices[k]:
+                        choices[k] = (*choices[k], v)
         return cls(problem, limits, choices, nvlink_only)
 
     # -- params <-> config ---------------------------------------------------------------
@@ -230,6 +252,8 @@ class SearchSpace:
             params = params | {k: 1 for k in SPLIT_KNOBS}
         if not _comm_sms_apply(params):
             params = params | {"comm_sms": 0}
+        if not _ws_tma_apply(params):
+            params = params | {"ws_tma": False}
         return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
                             params["streams"], params["shared_stream"],
                             fuse_sources=params.get("fuse", False),
@@ -239,7 +263,8 @@ class SearchSpace:
                             gu_splits=params.get("ksplit_gu", 1),
                             dn_splits=params.get("ksplit_dn", 1),
                             dispatch_blocks=params.get("dispatch", 1),
-                            comm_sms=params.get("comm_sms", 0))
+                            comm_sms=params.get("comm_sms", 0),
+                            ws_tma=params.get("ws_tma", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -250,6 +275,8 @@ class SearchSpace:
             return params | {k: v[0] for k, v in NVLINK_KNOBS.items() if k in params}
         if not _splits_apply(params):
             params = params | {k: 1 for k in SPLIT_KNOBS if k in params}
+        if "ws_tma" in params and not _ws_tma_apply(params):
+            params = params | {"ws_tma": False}
         return params | NVLINK_FORCED
 
     @staticmethod
@@ -264,7 +291,8 @@ class SearchSpace:
                     "fuse": cfg.fuse_sources, "packed": cfg.packed_slots, "mode": cfg.mode,
                     "transport": cfg.transport, "blocks": cfg.blocks_per_sm,
                     "ksplit_gu": cfg.gu_splits, "ksplit_dn": cfg.dn_splits,
-                    "dispatch": cfg.dispatch_blocks, "comm_sms": cfg.comm_sms}
+                    "dispatch": cfg.dispatch_blocks, "comm_sms": cfg.comm_sms,
+                    "ws_tma": cfg.ws_tma}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
