@@ -33,7 +33,10 @@
 #      same run (seed T=1 over gate/up K splits and blocks per SM; DeepSeek-V3-like T=128 over
 #      stages and TMA weight loads), the overlap table with the comm_sms 8 default (Mixtral
 #      T=4096 against PyTorch EP), and fused_ws_tma alone on 4 ranks (cut at 240 s before)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|k|r|s   (COMMIT literally: the device's git metadata
+#   w: branch export-wt (the exported nvlink harness encodes ws_tma's weight maps): on 2 GPUs
+#      the exported harness with and without __wt (same bits expected), the other exported
+#      harness tests beside it (~200 s); merge if they pass
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|k|r|s|w   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -119,6 +122,15 @@ if [ "$PART" = 6 ]; then
   rm -f "$O"/*.png; bundle
   tail -n 12 "$O/overlap.txt" 2>/dev/null | cut -c1-200
   grep -hE "^\| (seed|dsv3) " "$O"/sweep_*.md | cut -d'|' -f3-9
+fi
+if [ "$PART" = w ]; then
+  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 ${EXPORT_TIMEOUT:-300} python3 -m pytest -m gpu \
+    tests/test_export.py -v --no-header -p no:cacheprovider \
+    -k "ws_tma_matches or two_ranks_matches or forward_local" > "$O/export_gpu.log" 2>&1
+  echo "exported harness tests (2 GPUs) rc=$?"
+  sed 's/\x1b\[[0-9;]*m//g' "$O/export_gpu.log" | grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" |
+    cut -c1-160 | tail -12
+  bundle
 fi
 if [ "$PART" = k ]; then
   timeout -k 10 ${KB_TIMEOUT:-240} $MPI -np 4 python3 bench/kernel_breakdown.py \
