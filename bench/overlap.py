@@ -107,7 +107,10 @@ def measure(p, comm, a) -> dict:
     from flashmoe_gen.tuner.bench import time_callable
     from flashmoe_gen.weights import random_tokens
 
-    cfg = KernelConfig.default(p)
+    # --config: one config for every problem (host mode; (a) in graph mode is its twin)
+    cfg = dataclasses.replace(KernelConfig.parse(a.config), mode="host") if a.config else \
+        KernelConfig.default(p)
+    cfg.validate(p)
     serial = dataclasses.replace(cfg, overlap=False, shared_stream=False)
     layer = FlashMoE(p, cfg, comm=comm, seed=1)
     layer_s = FlashMoE(p, serial, comm=comm, seed=1, weights=layer.weights)
@@ -168,6 +171,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", default="seed,dsv2lite_t512,dsv2lite_t4096,mixtral_t4096",
                     help=f"comma list of {sorted(PROBLEMS)}")
+    ap.add_argument("--config", default=None,
+                    help="a config name for every problem (default: the heuristic default)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=None, help="markdown table to write (rank 0)")
@@ -216,7 +221,8 @@ def main() -> int:
                 "agree_torch", "agree_graph_mode", "agree_baselines"]
         table = md_table(cols, [[r[c] for c in cols] for r in rows])
         configs = "\n".join(f"- {r['problem']}: `{r['config']}`" for r in rows)
-        emit(head + table + "\nconfigs (heuristic defaults):\n" + configs + "\n", rows, a.out,
+        which = "--config" if a.config else "heuristic defaults"
+        emit(head + table + f"\nconfigs ({which}):\n" + configs + "\n", rows, a.out,
              a.json)
     comm.barrier()
     import torch.distributed as dist
