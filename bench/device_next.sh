@@ -20,7 +20,8 @@
 #      torch.profiler): Mixtral T=4096 and H=I=2048 E=64 T=4096 on 4 ranks, the whole forward
 #      and its compute alone (Mixtral's compute took 5.70 ms where its GEMMs alone run
 #      4.06 ms on 1 x H200) (~200 s)
-#   r: branch router-staged (the persistent kernel's gate rows through shared memory): the
+#   r: branch router-staged (the persistent kernel's gate rows through shared memory; since
+#      session 12 only in calls where a block streams >= 1 MB of gate rows): the
 #      2-GPU nvlink tests, the 2-rank nvlink suite, then the route phase in the decode table
 #      (DeepSeek-V2-Lite, DeepSeek-V3-like, 4 ranks) and at E=64 T=16384 (~540 s); compare
 #      with 12e9902's phases (bench/results/2026-11-26_decode_nvlink_4xH200_12e9902.md:
