@@ -40,8 +40,9 @@
 #   f: branch fused-chunks (fused sources pipelined by chunk of local experts): the 4-rank tma
 #      kernel tests (fused chunks 2/4, host and graph, packed and expert slots), Mixtral
 #      T=4096 rows by `flashmoe-tune run` (fused c1 / c2, comm_sms 0 / 8, host / graph; the
-#      per-source cm8 default beside them), then the overlap table on the best-guess config
-#      with PyTorch EP in the same run (~450 s). Merge if the tests pass and a chunked row
+#      per-source cm8 default beside them; E=64 T=16384 per-source / fused c1 / fused c4),
+#      then the overlap table on the best-guess config with PyTorch EP in the same run
+#      (~500 s). Merge if the tests pass and a chunked row
 #      beats fused c1 and per-source cm8; issue 12's Mixtral target is <= 0.8x PyTorch EP
 # Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|f|k|r|s|w   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
@@ -131,24 +132,27 @@ if [ "$PART" = 6 ]; then
   grep -hE "^\| (seed|dsv3) " "$O"/sweep_*.md | cut -d'|' -f3-9
 fi
 if [ "$PART" = f ]; then
-  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 ${MULTI_TIMEOUT:-200} $MPI -x FLASHMOE_COMM_TIMEOUT -np 4 \
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 ${MULTI_TIMEOUT:-170} $MPI -x FLASHMOE_COMM_TIMEOUT -np 4 \
     python3 -m pytest -m multigpu tests/test_multigpu.py -q --no-header -p no:cacheprovider \
     -k "tma_kernel_sources" > "$O/multigpu_tma.log" 2>&1
   echo "multigpu tma sources 4 ranks rc=$?"
   sed 's/\x1b\[[0-9;]*m//g' "$O/multigpu_tma.log" | grep -E "passed|failed|FAILED" | sort -u | head -8
   T2=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn128_bk64_w8x1_s4_tma__r8
-  row() {  # LABEL CONFIG
-    timeout -k 5 75 $MPI -np 4 flashmoe-tune run --gpus 4 --config "$2" --iters 20 \
-      --model mixtral-8x7b --tokens 4096 > "$O/f_$1.log" 2>&1
-    echo "$1 rc=$? $(sed 's/\x1b\[[0-9;]*m//g' "$O/f_$1.log" |
+  row() {  # LABEL CONFIG [PROBLEM ARGS] (default: Mixtral T=4096)
+    local label=$1 cfg=$2; shift 2
+    [ $# -gt 0 ] || set -- --model mixtral-8x7b --tokens 4096
+    timeout -k 5 75 $MPI -np 4 flashmoe-tune run --gpus 4 --config "$cfg" --iters 20 \
+      "$@" > "$O/f_$label.log" 2>&1
+    echo "$label rc=$? $(sed 's/\x1b\[[0-9;]*m//g' "$O/f_$label.log" |
       grep -oE "median [0-9.]+ ms|max rel err [0-9.e-]+|FAIL[A-Z]*|Error.*" | tr '\n' ' ')"
   }
   row per_source_cm8 "${T2}__c1__cs1__ss1__pk__cm8"
   row fused_c1 "${T2}__c1__cs1__ss1__fs__pk"
-  for c in 2; do for m in "" __graph; do for cm in "" __cm8; do
-    row "fused_c${c}${m}${cm}" "${T2}__c${c}__cs1__ss1__fs__pk${m}${cm}"
-  done; done; done
-  row fused_c2_cs2__cm8 "${T2}__c2__cs2__ss1__fs__pk__cm8"
+  for v in "" __cm8 __graph__cm8; do row "fused_c2${v}" "${T2}__c2__cs1__ss1__fs__pk${v}"; done
+  E64="--hidden 2048 --intermediate 2048 --experts 64 --top-k 2 --shared-experts 0 --tokens 16384"
+  row e64_per_source_cm8 "${T2}__c1__cs1__ss1__pk__cm8" $E64
+  row e64_fused_c1 "${T2}__c1__cs1__ss1__fs__pk" $E64
+  row e64_fused_c4_cm8 "${T2}__c4__cs1__ss1__fs__pk__cm8" $E64
   OVERLAP_TIMEOUT=120 run_overlap 4 "$COMMIT" --problems mixtral_t4096 \
     --config "${T2}__c2__cs1__ss1__fs__pk__cm8" > "$O/overlap.txt" 2>&1
   bundle
