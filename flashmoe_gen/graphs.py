@@ -55,8 +55,6 @@ class GraphCache:
         # The tma kernel encodes its tensor maps on first use, which capture forbids: one
         # plain forward first (every rank alike: each one's first call).
         self._plain_run_first = getattr(layer, "_tma", None) is not None
-        # The caller's stream -> the layer's and back: the layer's two reused events.
-        self._ev_in, self._ev_out = layer._ev_in, layer._ev_out
         track = getattr(getattr(layer, "comm", None), "track_graphs", None)
         if track is not None:
             track(self)
@@ -81,22 +79,16 @@ class GraphCache:
             self.graphs.popitem(last=False)
         return entry
 
-    def forward(self, run_plan, x, out):
-        """Copy ``x`` in, replay (or first capture) the graph of its token count, copy out.
+    def forward(self, run_plan, x, out) -> None:
+        """Copy ``x`` in, replay (or first capture) the graph of its token count, copy out,
+        on the layer's stream (the caller orders it after its own and back, FlashMoE.forward).
         ``run_plan(x, tokens, out)`` issues the plan's operations on the layer's streams."""
-        from cupy.cuda.stream import get_current_stream
-
-        s, caller = self.layer.stream, get_current_stream()
-        self._ev_in.record(caller)
-        s.wait_event(self._ev_in)
+        s = self.layer.stream
         graph = self._direct(run_plan, x, out, s) if self._direct_ok else None
         if graph is not None:
             graph.launch(stream=s)
         else:
             self._through_static(run_plan, x, out, s)
-        self._ev_out.record(s)
-        caller.wait_event(self._ev_out)
-        return out
 
     def _through_static(self, run_plan, x, out, s) -> None:
         """This token count's graph over the static buffers, ``x`` copied in and the result

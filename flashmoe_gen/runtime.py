@@ -403,17 +403,18 @@ class FlashMoE:
                                f"built for at most "
                                f"{p.tokens_per_rank} tokens per rank (the fixed transfer "
                                "sizes); build the layer with a larger tokens_per_rank")
+        # The layer's stream runs after the caller's, and the caller's after it.
+        s, caller = self.stream, cupy.cuda.get_current_stream()
+        self._ev_in.record(caller)
+        s.wait_event(self._ev_in)
         if self._graph_cache is not None and parts == "all":
-            out = self._graph_cache.forward(self._run_plan, x, out)
+            self._graph_cache.forward(self._run_plan, x, out)
         else:
-            s, caller = self.stream, cupy.cuda.get_current_stream()
-            self._ev_in.record(caller)
-            s.wait_event(self._ev_in)
             if self._tma is not None and tokens:
                 x = self._static_input(x, s)
             self._run_plan(x, tokens, out, parts)
-            self._ev_out.record(s)
-            caller.wait_event(self._ev_out)
+        self._ev_out.record(s)
+        caller.wait_event(self._ev_out)
         self._last = tokens  # last_routing() slices on demand: a replay should not pay it
         return out
 
