@@ -15,6 +15,7 @@ from .tiles import (
     BK_CHOICES,
     BN_CHOICES,
     HOPPER_KINDS,
+    SWIZZLE_ALIGN,
     TMA_MAX_GROUPS,
     GemmTile,
     ws_token_tile,
@@ -257,11 +258,11 @@ class KernelConfig:
             raise ConfigError("dispatch_blocks", self.dispatch_blocks,
                               f"choose one of {list(DISPATCH_BLOCK_CHOICES)} (1: one block for "
                               "a handful of tokens, 0: every block)", name)
-        if self.ws_tma:
-            self._validate_ws_tma(limits, name)
         if self.dispatch_blocks != 1 and self.transport != "nvlink":
             raise ConfigError("dispatch_blocks", self.dispatch_blocks, "only transport "
                               "'nvlink' runs a persistent kernel: use 1", name)
+        if self.ws_tma:
+            self._validate_ws_tma(limits, name)
         if self.comm_sms:
             self._validate_comm_sms(problem, name)
 
@@ -359,9 +360,9 @@ class KernelConfig:
 
     def persistent_smem(self) -> int:
         """Dynamic shared memory of the persistent kernel: the larger of its two GEMMs', and
-        1024 bytes to align TMA boxes to the swizzle's atoms (``ws_tma``)."""
+        SWIZZLE_ALIGN bytes to align TMA boxes to the swizzle's atoms (``ws_tma``)."""
         return max(self.gate_up.smem_bytes(2), self.down.smem_bytes(1)) + \
-            (1024 if self.ws_tma else 0)
+            (SWIZZLE_ALIGN if self.ws_tma else 0)
 
     # -- defaults and serialisation -----------------------------------------------------
     @staticmethod

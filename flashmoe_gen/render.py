@@ -12,7 +12,7 @@ from .config import PERSISTENT_THREADS, KernelConfig
 from .problem import MoEProblem
 from .signatures import ALL as SIGNATURES
 from .splitk import SplitK
-from .tiles import HOPPER_KINDS, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile
+from .tiles import HOPPER_KINDS, SWIZZLE_ALIGN, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile
 
 #: C++ spellings per dtype (CUTLASS-style tag tables).
 DTYPE_TAG = {"bf16": "__nv_bfloat16"}
@@ -240,6 +240,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "elem_tag": DTYPE_TAG[dt],
         "elem_to_f32": DTYPE_TO_F32[dt],
         "f32_to_elem": DTYPE_FROM_F32[dt],
+        "swizzle_align": SWIZZLE_ALIGN,
         "f32x2_to_elem2": DTYPE_FROM_F32X2[dt],
         "mma_ab_type": DTYPE_MMA[dt],
         "hidden": problem.hidden,

@@ -47,8 +47,11 @@ WS_STAGE_RANGE = range(2, 9)
 #: TB/s for 32 vs 64 tokens).
 WS_TILE_SPEED = {16: 1.0, 32: 0.94, 64: 0.83}
 WGMMA_BK, WGMMA_ROWS_PER_WARPGROUP, WGMMA_MAX_N = 64, 64, 256
-#: Extra dynamic shared memory a wgmma kernel takes to align its tiles to 1024 bytes.
-WGMMA_ALIGN = 1024
+#: 128-byte-swizzled tiles (wgmma operands, TMA boxes) repeat every 8 rows x 128 B, so they
+#: start on a boundary of this many bytes: the extra dynamic shared memory a wgmma kernel, or
+#: the persistent kernel with TMA weight loads, takes to align them (common.cuh.j2
+#: swizzle_aligned).
+SWIZZLE_ALIGN = 1024
 #: Rough per-thread register use besides accumulators and fragments (addresses, loop state).
 REG_OVERHEAD = 40
 #: mma.sync.m16n8k16: a warp's tile must be a multiple of 16 rows and 16 columns
@@ -82,7 +85,7 @@ class GemmTile:
     def smem_bytes(self, b_operands: int) -> int:
         """Dynamic shared memory: ``stages`` copies of the A tile and ``b_operands`` B tiles."""
         tiles = self.stages * (self.bm * self.bk + b_operands * self.bn * self.bk) * 2
-        return tiles + (WGMMA_ALIGN if self.mma in HOPPER_KINDS else 0)
+        return tiles + (SWIZZLE_ALIGN if self.mma in HOPPER_KINDS else 0)
 
     def grid(self, n: int, rows: int, groups: int, inner_groups: int,
              sms: int = 132) -> tuple[int, int, int]:
