@@ -162,6 +162,19 @@ def _splits_apply(params: dict) -> bool:
     return (params.get("transport") == "nvlink" and params.get("fuse", False)
             and params.get("gu_mma") == "ws" and params.get("dn_mma") == "ws")
 
+
+def _without_moot(params: dict) -> dict:
+    """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma) at
+    their neutral values, where present (an absent one reads as that value anyway)."""
+    out = dict(params)
+    if not _splits_apply(out):
+        out |= {k: 1 for k in SPLIT_KNOBS if k in out}
+    if "comm_sms" in out and not _comm_sms_apply(out):
+        out["comm_sms"] = 0
+    if "ws_tma" in out and not _ws_tma_apply(out):
+        out["ws_tma"] = False
+    return out
+
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
 KNOWN_GOOD = (
@@ -248,12 +261,7 @@ class SearchSpace:
         transport = params.get("transport", "nccl")  # studies from before the knob: nccl
         if transport == "nvlink":
             params = params | NVLINK_FORCED
-        if not _splits_apply(params):
-            params = params | {k: 1 for k in SPLIT_KNOBS}
-        if not _comm_sms_apply(params):
-            params = params | {"comm_sms": 0}
-        if not _ws_tma_apply(params):
-            params = params | {"ws_tma": False}
+        params = _without_moot(params)
         return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
                             params["streams"], params["shared_stream"],
                             fuse_sources=params.get("fuse", False),
@@ -269,14 +277,9 @@ class SearchSpace:
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
         config has one parameter set (a repeat is seen as one)."""
-        if "comm_sms" in params and not _comm_sms_apply(params):
-            params = params | {"comm_sms": 0}
+        params = _without_moot(params)
         if params.get("transport") != "nvlink":
             return params | {k: v[0] for k, v in NVLINK_KNOBS.items() if k in params}
-        if not _splits_apply(params):
-            params = params | {k: 1 for k in SPLIT_KNOBS if k in params}
-        if "ws_tma" in params and not _ws_tma_apply(params):
-            params = params | {"ws_tma": False}
         return params | NVLINK_FORCED
 
     @staticmethod
