@@ -8,6 +8,14 @@ run_multigpu() {  # P
     --no-header -p no:cacheprovider > "$O/multigpu_$1.log" 2>&1
   echo "multigpu $1 ranks rc=$?"; grep -E "passed|failed|FAILED" "$O/multigpu_$1.log" | tail -8
 }
+tune_row() {  # LABEL CONFIG PROBLEM-ARGS...: one config on 4 ranks by `flashmoe-tune run`
+  # (checked against the reference, then timed); one line: label, rc, median, max rel err
+  local label=$1 cfg=$2; shift 2
+  timeout -k 5 75 $MPI -np 4 flashmoe-tune run --gpus 4 --config "$cfg" --iters 20 "$@" \
+    > "$O/$label.log" 2>&1
+  echo "$label rc=$? $(sed 's/\x1b\[[0-9;]*m//g' "$O/$label.log" |
+    grep -oE "median [0-9.]+ ms|max rel err [0-9.e-]+|FAIL[A-Z]*|Error.*" | tr '\n' ' ')"
+}
 run_overlap() {  # P COMMIT (may be empty) [more bench/overlap.py arguments]
   local p=$1 commit=$2; shift 2
   timeout -k 10 "${OVERLAP_TIMEOUT:-400}" $MPI -np "$p" python3 bench/overlap.py ${commit:+--commit "$commit"} "$@" \

@@ -59,6 +59,10 @@ fi
 source bench/device_setup.sh
 MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
 source bench/device_lib.sh
+# Problems and tiles of the large-batch rows (parts s, f): the tma kernel's 128 x 128 tiles
+TMA128=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn128_bk64_w8x1_s4_tma
+MIX="--model mixtral-8x7b --tokens 4096"
+E64="--hidden 2048 --intermediate 2048 --experts 64 --top-k 2 --shared-experts 0 --tokens 16384"
 nvidia-smi --query-gpu=index,name --format=csv,noheader | tee "$O/cards.txt"
 if [ "$PART" = 2 ]; then
   DECODE_TAG=chain8 DECODE_TIMEOUT=${DECODE_TIMEOUT:-240} run_decode 4 "$COMMIT" --problems seed,dsv2lite,dsv3 \
@@ -137,22 +141,15 @@ if [ "$PART" = f ]; then
     -k "tma_kernel_sources" > "$O/multigpu_tma.log" 2>&1
   echo "multigpu tma sources 4 ranks rc=$?"
   sed 's/\x1b\[[0-9;]*m//g' "$O/multigpu_tma.log" | grep -E "passed|failed|FAILED" | sort -u | head -8
-  T2=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn128_bk64_w8x1_s4_tma__r8
-  row() {  # LABEL CONFIG [PROBLEM ARGS] (default: Mixtral T=4096)
-    local label=$1 cfg=$2; shift 2
-    [ $# -gt 0 ] || set -- --model mixtral-8x7b --tokens 4096
-    timeout -k 5 75 $MPI -np 4 flashmoe-tune run --gpus 4 --config "$cfg" --iters 20 \
-      "$@" > "$O/f_$label.log" 2>&1
-    echo "$label rc=$? $(sed 's/\x1b\[[0-9;]*m//g' "$O/f_$label.log" |
-      grep -oE "median [0-9.]+ ms|max rel err [0-9.e-]+|FAIL[A-Z]*|Error.*" | tr '\n' ' ')"
-  }
-  row per_source_cm8 "${T2}__c1__cs1__ss1__pk__cm8"
-  row fused_c1 "${T2}__c1__cs1__ss1__fs__pk"
-  for v in "" __cm8 __graph__cm8; do row "fused_c2${v}" "${T2}__c2__cs1__ss1__fs__pk${v}"; done
-  E64="--hidden 2048 --intermediate 2048 --experts 64 --top-k 2 --shared-experts 0 --tokens 16384"
-  row e64_per_source_cm8 "${T2}__c1__cs1__ss1__pk__cm8" $E64
-  row e64_fused_c1 "${T2}__c1__cs1__ss1__fs__pk" $E64
-  row e64_fused_c4_cm8 "${T2}__c4__cs1__ss1__fs__pk__cm8" $E64
+  T2=${TMA128}__r8
+  tune_row f_per_source_cm8 "${T2}__c1__cs1__ss1__pk__cm8" $MIX
+  tune_row f_fused_c1 "${T2}__c1__cs1__ss1__fs__pk" $MIX
+  for v in "" __cm8 __graph__cm8; do
+    tune_row "f_fused_c2${v}" "${T2}__c2__cs1__ss1__fs__pk${v}" $MIX
+  done
+  tune_row f_e64_per_source_cm8 "${T2}__c1__cs1__ss1__pk__cm8" $E64
+  tune_row f_e64_fused_c1 "${T2}__c1__cs1__ss1__fs__pk" $E64
+  tune_row f_e64_fused_c4_cm8 "${T2}__c4__cs1__ss1__fs__pk__cm8" $E64
   OVERLAP_TIMEOUT=120 run_overlap 4 "$COMMIT" --problems mixtral_t4096 \
     --config "${T2}__c2__cs1__ss1__fs__pk__cm8" > "$O/overlap.txt" 2>&1
   bundle
@@ -192,20 +189,11 @@ if [ "$PART" = r ]; then
   grep -E "^\| dsv" "$O/decode.txt" | cut -d'|' -f2-3,7,10,14,18
 fi
 if [ "$PART" = s ]; then
-  T2=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn128_bk64_w8x1_s4_tma__r8__c1__cs1__ss1
-  row() {  # LABEL CONFIG PROBLEM-ARGS...
-    local label=$1 cfg=$2; shift 2
-    timeout -k 5 75 $MPI -np 4 flashmoe-tune run --gpus 4 --config "$cfg" --iters 20 "$@" \
-      > "$O/s_$label.log" 2>&1
-    echo "$label rc=$? $(sed 's/\x1b\[[0-9;]*m//g' "$O/s_$label.log" |
-      grep -oE "median [0-9.]+ ms|max rel err [0-9.e-]+|FAIL[A-Z]*|Error.*" | tr '\n' ' ')"
-  }
-  MIX="--model mixtral-8x7b --tokens 4096"
-  E64="--hidden 2048 --intermediate 2048 --experts 64 --top-k 2 --shared-experts 0 --tokens 16384"
+  T2=${TMA128}__r8__c1__cs1__ss1
   for v in "" __fs; do for m in "" __graph; do for c in "" __cm8 __cm16; do
-    row "mixtral${v}${m}${c}" "${T2}${v}__pk${m}${c}" $MIX
+    tune_row "s_mixtral${v}${m}${c}" "${T2}${v}__pk${m}${c}" $MIX
   done; done; done
-  for c in "" __cm8 __cm16; do row "e64${c}" "${T2}__pk${c}" $E64; done
+  for c in "" __cm8 __cm16; do tune_row "s_e64${c}" "${T2}__pk${c}" $E64; done
   bundle
 fi
 if [ "$PART" = 3 ]; then
