@@ -215,26 +215,32 @@ def probe_ipc(comm) -> str | None:
     return next((e for e in errs if e), None)
 
 
+def weight_map_specs(problem: MoEProblem, config: KernelConfig
+                     ) -> list[tuple[str, int, int, int]]:
+    """``ws_tma``: the six tensor maps the kernel reads (``wmaps``, 128 bytes each, in this
+    order) as (weight, rows, K, box rows): w1, w3, w2, sw1, sw3, sw2 as [rows, K] matrices
+    read in boxes of the tiles' BN rows x 64 with the 128-byte swizzle: a routed expert e's
+    gate/up tile n starts at row ``e I + n BN`` (down: ``e H + n BN``). Without shared
+    experts their maps repeat w1's."""
+    p = problem
+    el, h, i, sw = p.local_experts, p.hidden, p.intermediate, p.shared_width
+    gu, dn = config.gate_up.bn, config.down.bn
+    specs = [("w1", el * i, h, gu), ("w3", el * i, h, gu), ("w2", el * h, i, dn)]
+    if sw:
+        return specs + [("sw1", sw, h, gu), ("sw3", sw, h, gu), ("sw2", h, sw, dn)]
+    return specs + specs[:1] * 3
+
+
 def weight_maps(layer):
-    """``ws_tma``: the tensor maps of w1, w3, w2, sw1, sw3, sw2 (128 bytes each, in that
-    order, on the device) as [rows, K] matrices read in boxes of the tiles' BN rows x 64
-    with the 128-byte swizzle: a routed expert e's gate/up tile n starts at row
-    ``e I + n BN`` (down: ``e H + n BN``). Without shared experts their maps repeat w1's."""
+    """The maps of ``weight_map_specs`` encoded over the layer's weights, on the device."""
     import cupy
 
     from .runtime import _address
     from .tma import encode_map
 
-    p, cfg, w = layer.problem, layer.config, layer.weights
-    el, h, i, sw = p.local_experts, p.hidden, p.intermediate, p.shared_width
-    gu, dn = cfg.gate_up.bn, cfg.down.bn
-    maps = [encode_map(_address(w.w1), el * i, h, gu), encode_map(_address(w.w3), el * i, h, gu),
-            encode_map(_address(w.w2), el * h, i, dn)]
-    if sw:
-        maps += [encode_map(_address(w.sw1), sw, h, gu), encode_map(_address(w.sw3), sw, h, gu),
-                 encode_map(_address(w.sw2), h, sw, dn)]
-    else:
-        maps += maps[:1] * 3
+    w = layer.weights
+    maps = [encode_map(_address(getattr(w, name)), rows, k, box)
+            for name, rows, k, box in weight_map_specs(layer.problem, layer.config)]
     return cupy.asarray(np.frombuffer(b"".join(maps), np.uint8))
 
 
