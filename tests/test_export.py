@@ -237,7 +237,8 @@ class _Layer(ctypes.Structure):
 
     _fields_ = [(n, ctypes.c_void_p) for n in (
         "gate", "w1t", "w3t", "w2t", "sw1t", "sw3t", "sw2t", "expert_bias", "shared_gate", "x",
-        "topk_idx", "topk_w", "pos", "shared_act", "shared_out")] + [
+        "router_part", "router_done", "topk_idx", "topk_w", "pos", "shared_act",
+        "shared_out")] + [
         ("token_alloc", ctypes.c_int)] + [
         (n, ctypes.c_void_p) for n in ("counts", "counts_host", "layout", "act")] + [
         (n, ctypes.c_int) for n in ("capacity", "dropped_tokens", "rank", "world")] + [
@@ -245,6 +246,28 @@ class _Layer(ctypes.Structure):
                                        "dropped_dev")] + [
         ("events", ctypes.c_void_p * 8),  # NUM_EVENTS or fewer
         ("nvlink_fields", ctypes.c_byte * 256)]  # transport nvlink's pointers (the tail)
+
+
+@needs_nvcc
+def test_layer_mirror_matches_struct(tmp_path):
+    """_Layer's offsets are FmoeLayer's as nvcc lays it out (the GPU tests read pointers
+    through it; a field added to the struct alone shifts every later one)."""
+    src = tmp_path / "layer.cu"
+    export_cu(SHARED, None, src)
+    names = [n for n, _ in _Layer._fields_ if n != "nvlink_fields"] + ["heap"]
+    probe = tmp_path / "probe.cu"
+    probe.write_text(f'#include <cstdio>\n#include <cstddef>\n#include "{src.name}"\n'
+                     "int main() {\n" + "".join(
+                         f'  printf("%zu\\n", offsetof(FmoeLayer, {n}));\n' for n in names)
+                     + '  printf("%zu\\n", sizeof(FmoeLayer));\n}\n')
+    exe = tmp_path / "probe"
+    _nvcc(probe, "-o", str(exe))
+    *got, size = (int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True,
+                                                  check=True).stdout.split())
+    *got, heap = got  # events hold NUM_EVENTS (<= 8) here: the tail may start earlier
+    assert dict(zip(names[:-1], got, strict=True)) == {n: getattr(_Layer, n).offset
+                                                       for n in names[:-1]}
+    assert heap <= _Layer.nvlink_fields.offset and size <= ctypes.sizeof(_Layer)
 
 
 def _download(ptr: int, shape: tuple[int, ...], dtype) -> np.ndarray:
