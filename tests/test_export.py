@@ -377,17 +377,24 @@ def _nccl_lib(include_dir: str) -> list[str]:
     return [f"-L{libdir}", f"-l:{os.path.basename(libs[0])}", f"-Xlinker=-rpath={libdir}"]
 
 
-@pytest.mark.gpu
-@needs_nvcc
-@pytest.mark.parametrize("packed", [True, False], ids=["packed_slots", "expert_slots"])
-def test_gpu_harness_two_ranks_matches_one(tmp_path, packed):
-    """P=2 with the NCCL exchange gives rank 0 the bits P=1 gives for the same tokens."""
+def _two_rank_harness_includes() -> dict[str, str]:
+    """mpi.h's and nccl.h's directories for a 2-rank harness build (skips without 2 GPUs,
+    mpirun or the headers)."""
     import cupy
     if cupy.cuda.runtime.getDeviceCount() < 2 or not shutil.which("mpirun"):
         pytest.skip("needs 2 GPUs and mpirun")
     incs = {h: _find_include(h) for h in ("mpi.h", "nccl.h")}
     if None in incs.values():
         pytest.skip("mpi.h or nccl.h not found")
+    return incs
+
+
+@pytest.mark.gpu
+@needs_nvcc
+@pytest.mark.parametrize("packed", [True, False], ids=["packed_slots", "expert_slots"])
+def test_gpu_harness_two_ranks_matches_one(tmp_path, packed):
+    """P=2 with the NCCL exchange gives rank 0 the bits P=1 gives for the same tokens."""
+    incs = _two_rank_harness_includes()
     p2 = MoEProblem(1024, 512, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=300)
     cfg = dataclasses.replace(KernelConfig.default(p2), chunks_per_peer=2, comm_streams=2,
                               packed_slots=packed)
@@ -413,12 +420,7 @@ def test_gpu_harness_two_ranks_matches_one(tmp_path, packed):
 def test_gpu_nvlink_harness_ws_tma_matches_cp_async(tmp_path):
     """The exported nvlink harness on 2 ranks: weights by the harness's TMA maps give every
     rank the bits the cp.async ring gives (same tiles, same sums), all finite."""
-    import cupy
-    if cupy.cuda.runtime.getDeviceCount() < 2 or not shutil.which("mpirun"):
-        pytest.skip("needs 2 GPUs and mpirun")
-    incs = {h: _find_include(h) for h in ("mpi.h", "nccl.h")}
-    if None in incs.values():
-        pytest.skip("mpi.h or nccl.h not found")
+    incs = _two_rank_harness_includes()
     p = MoEProblem(1024, 512, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=64)
     ws = GemmTile(32, 128, 64, 8, 1, 6, "ws")
     base = KernelConfig(ws, ws, router_tokens_per_block=8, transport="nvlink",
