@@ -17,7 +17,6 @@ from . import __version__
 from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import KernelConfig, expert_chunks
-from .errors import ConfigError
 from .persistent import HeapLayout, state_words
 from .plan import fixed_slots
 from .plan_cpp import call_args, forward_lines
