@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import types
 from dataclasses import asdict, fields, replace
 from fractions import Fraction
 
@@ -1021,6 +1020,10 @@ def test_ws_tma_needs_nvlink_ws_tiles_of_bk64_on_hopper():
             bad.validate(p, "sm_90")
     with pytest.raises(ConfigError, match="sm_90"):
         nvl.validate(p, "sm_80")
-    layer = types.SimpleNamespace(problem=p, config=nvl)
-    with pytest.raises(ConfigError, match="tensor maps"):
-        _nvlink_vars(layer)
+    from flashmoe_gen.build import build
+
+    nv = _nvlink_vars(build(p, nvl))  # the export encodes the six weight maps at attach
+    assert [m["ptr"] for m in nv["wmaps"]] == ["L->w1t", "L->w3t", "L->w2t", "L->sw1t",
+                                               "L->sw3t", "L->sw2t"]
+    assert nv["args"].rstrip().endswith("L->wmaps")
+    assert _nvlink_vars(build(p, replace(nvl, ws_tma=False)))["wmaps"] == []
