@@ -17,7 +17,7 @@ from . import __version__
 from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import KernelConfig, expert_chunks
-from .persistent import HeapLayout, state_words
+from .persistent import HeapLayout, state_words, weight_map_specs
 from .plan import fixed_slots
 from .plan_cpp import call_args, forward_lines
 from .problem import MoEProblem
@@ -188,15 +188,10 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
 
 
 def _weight_maps_cpp(p: MoEProblem, cfg: KernelConfig) -> list[dict]:
-    """``ws_tma``: the six maps flashmoe_gen.persistent.weight_maps encodes, as the harness
-    spells them (the same order; without shared experts w1's map fills the last three)."""
-    el, h, i, sw = p.local_experts, p.hidden, p.intermediate, p.shared_width
-    gu, dn = cfg.gate_up.bn, cfg.down.bn
-    maps = [("L->w1t", el * i, h, gu), ("L->w3t", el * i, h, gu), ("L->w2t", el * h, i, dn)]
-    maps += ([("L->sw1t", sw, h, gu), ("L->sw3t", sw, h, gu), ("L->sw2t", h, sw, dn)]
-             if sw else maps[:1] * 3)
-    return [{"ptr": ptr, "rows": f"{rows}ull", "k": k, "box": box}
-            for ptr, rows, k, box in maps]
+    """``ws_tma``: persistent.weight_map_specs as the harness spells them (its weights are
+    the N x K copies ``L->w1t`` ...)."""
+    return [{"ptr": f"L->{name}t", "rows": f"{rows}ull", "k": k, "box": box}
+            for name, rows, k, box in weight_map_specs(p, cfg)]
 
 
 def _header(layer: CompiledLayer, with_main: bool) -> str:
