@@ -284,6 +284,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         # spills (NVRTC 13.0, DeepSeek-V3's tiles); 163 registers without the cap.
         "persistent_bounds": "fmoe::P_THREADS, 1" if config.ws_tma else "fmoe::P_THREADS",
         "persistent_stats_words": PERSISTENT_STATS_WORDS,
+        "persistent_st_dep": PERSISTENT_ST_DEP,
         "persistent_fused": CPP_BOOL[config.transport == "nvlink" and config.fuse_sources],
         "pgu": _task_gemm(config.gate_up, True, config.ws_tma),
         "pdn": _task_gemm(config.down, False, config.ws_tma),
@@ -293,13 +294,14 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
 
 
 #: The persistent kernel's state[] before its dependency counters: epoch, barrier count and
-#: generation, task counter (templates/persistent.cu.j2 ST_DEP).
-PERSISTENT_ST_DEP = 4
+#: generation, task counter, blocks out of the task loop (templates/persistent.cu.j2 ST_DEP).
+PERSISTENT_ST_DEP = 5
 
 
 def persistent_counter_words(problem: MoEProblem) -> int:
     """The persistent kernel's counter words (templates/persistent.cu.j2 ST_WORDS): epoch,
-    barrier, queue, one dependency counter per (source, local expert), the shared experts'."""
+    barrier, queue, exits, one dependency counter per (source, local expert), the shared
+    experts'."""
     return PERSISTENT_ST_DEP + problem.world_size * problem.local_experts + 1
 
 
