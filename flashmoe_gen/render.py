@@ -285,7 +285,6 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_bounds": "fmoe::P_THREADS, 1" if config.ws_tma else "fmoe::P_THREADS",
         "persistent_stats_words": PERSISTENT_STATS_WORDS,
         "persistent_st_dep": PERSISTENT_ST_DEP,
-        "persistent_dyn_smem": config.persistent_smem() if config.transport == "nvlink" else 0,
         "persistent_fused": CPP_BOOL[config.transport == "nvlink" and config.fuse_sources],
         "pgu": _task_gemm(config.gate_up, True, config.ws_tma),
         "pdn": _task_gemm(config.down, False, config.ws_tma),
