@@ -3,41 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 from .arch import DEFAULT_ARCH, DeviceLimits, limits_for
 from .errors import ArgumentError, ConfigError
 from .problem import MoEProblem
-from .splitk import SplitK, default_splits
-from .tiles import (
-    BK_CHOICES,
-    BN_CHOICES,
-    HOPPER_KINDS,
-    SWIZZLE_ALIGN,
-    TMA_MAX_GROUPS,
-    GemmTile,
-    ws_token_tile,
-    ws_weight_reads,
-)
+from .splitk import SplitK
+from .tiles import HOPPER_KINDS, SWIZZLE_ALIGN, TMA_MAX_GROUPS, GemmTile
 
 ROUTER_CHOICES = (1, 2, 4, 8, 16, 32)
 COMM_STREAM_CHOICES = (1, 2, 4)
 #: Expert chunks per peer (each exchanged as it is computed).
 CHUNK_RANGE = range(1, 17)
-#: The default streams weights when an expert's rows from all sources average at most this.
-WS_MAX_ROWS = 32
-#: ... and on several ranks up to this many, where per-source tiles would read each expert's
-#: weights once per source that sends it rows (4 x H200, DeepSeek-V3-like T=512 = 64 rows:
-#: 4 x 5.6 GB per rank, 0.53x PyTorch EP) while the fused weight-streaming launch reads them
-#: ``ws_weight_reads`` times (1 x H200 GEMMs at 64 rows: the 64-token tile 3.77 TB/s, the
-#: TMA kernel 3.96 TB/s for one source), if that saves at least WS_MIN_SAVING_S of reads at
-#: WS_MODEL_BYTES_PER_S (an H100's copy bandwidth: the lower of the two cards).
-WS_MAX_ROWS_FUSED = 64
-WS_MIN_SAVING_S = 50e-6
-WS_MODEL_BYTES_PER_S = 3.0e12
-WEIGHT_BYTES = 2  # bf16
 #: How a forward runs: "host" reads the exchanged counts on the host and sizes every
 #: transfer and launch from them (one host synchronisation per call); "graph" keeps counts
 #: and row offsets on the device, moves fixed-size blocks (sized when the layer is built) and
@@ -72,19 +50,6 @@ DISPATCH_BLOCK_CHOICES = (1, 0)
 #: no room, so transfers wait for a launch to end (overlap efficiency 0.015-0.024 on
 #: Mixtral T=4096, 4 x H200, against 0.36 with the non-persistent tiles on 4 x H100).
 COMM_SMS_CHOICES = (0, 4, 8, 16, 32)
-#: The heuristic default's comm_sms for the tma kernel on several ranks (8 beat 0 and 16).
-DEFAULT_COMM_SMS = 8
-#: Local expert weights from which the persistent default streams them through a 6-stage
-#: ring of TMA boxes (``ws_tma``) instead of 4 stages of cp.async.
-DEEP_RING_MIN_BYTES = 1 << 30
-#: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
-#: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
-WGMMA_MIN_BLOCKS = 132
-
-
-def expert_rows(problem: MoEProblem) -> float:
-    """Rows an expert gets from all sources on average (the defaults' decode measure)."""
-    return problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
 
 
 @dataclass(frozen=True)
@@ -319,133 +284,24 @@ class KernelConfig:
             raise ConfigError("fuse_sources", True, "transport 'nvlink' fuses sources with "
                               "weight-streaming tiles only (_ws on both GEMMs)", name)
 
-    @classmethod
-    def persistent_default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
-        """A transport "nvlink" config: 8-warp weight-streaming tiles with fused sources when
-        an expert averages at most ``WS_MAX_ROWS`` rows from all sources (K split where the
-        active experts' tiles are fewer than SMs: splitk.default_splits), else 8-warp
-        mma.sync row tiles per source."""
-        warps = PERSISTENT_THREADS // 32
-        rows = expert_rows(problem)
-        fused = cls.streams_weights(problem)
-        if fused:  # every source's rows in one task: each weight byte read once
-            gu = dn = GemmTile(ws_token_tile(rows, 32), 128, 64, warps, 1, 4, "ws")
-        else:  # the winners' tiles of the DeepSeek-V2-Lite and Qwen3-30B-A3B preset tunes
-            # at T=512 (2 x H200, bench/results/2026-11-26_gpu_checks_2xH200_session8.md)
-            gu, dn = GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 64, 2, 4, 4)
-        cfg = cls(gu, dn, router_tokens_per_block=warps, transport="nvlink",
-                  fuse_sources=fused and problem.world_size > 1)
-        if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
-            gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
-            split = replace(cfg, gu_splits=gs, dn_splits=ds)
-            if SplitK.of(problem, split).fits:
-                cfg = split
-        if fused and cls._local_weight_bytes(problem) >= DEEP_RING_MIN_BYTES:
-            # HBM-bound on GBs of weights: a 6-deep ring fed by TMA boxes keeps more bytes in
-            # flight (DeepSeek-V3-like T=128, 4 x H200: 1.734 -> 1.658 ms, 0.609x -> 0.582x
-            # PyTorch EP; bench/results/2026-11-27_sweep_dsv3_4xH200_746ceec.md)
-            deep = replace(cfg, gate_up=replace(cfg.gate_up, stages=6),
-                           down=replace(cfg.down, stages=6), ws_tma=True)
-            try:
-                deep.validate(problem, arch)
-                cfg = deep
-            except ConfigError:  # wider token tiles: the ring does not fit shared memory
-                pass
-        cfg.validate(problem, arch)
-        return cfg
-
-    @staticmethod
-    def _local_weight_bytes(problem: MoEProblem) -> int:
-        return problem.local_experts * 3 * problem.hidden * problem.intermediate * WEIGHT_BYTES
-
     def persistent_smem(self) -> int:
         """Dynamic shared memory of the persistent kernel: the larger of its two GEMMs', and
         SWIZZLE_ALIGN bytes to align TMA boxes to the swizzle's atoms (``ws_tma``)."""
         return max(self.gate_up.smem_bytes(2), self.down.smem_bytes(1)) + \
             (SWIZZLE_ALIGN if self.ws_tma else 0)
 
-    # -- defaults and serialisation -----------------------------------------------------
-    @staticmethod
-    def streams_weights(problem: MoEProblem) -> bool:
-        """Whether the defaults stream weights (every source fused, each byte read about
-        once): an expert averages at most ``WS_MAX_ROWS`` rows from all sources, or at most
-        ``WS_MAX_ROWS_FUSED`` on several ranks where that saves enough weight reads."""
-        p, rows = problem, expert_rows(problem)
-        if rows <= WS_MAX_ROWS:
-            return True
-        if p.world_size == 1 or rows > WS_MAX_ROWS_FUSED:
-            return False
-        # Sources that send an expert at least one row (Poisson rows per source).
-        sources = p.world_size * (1.0 - math.exp(-rows / p.world_size))
-        fused = ws_weight_reads(ws_token_tile(rows, 32), rows)
-        weight_bytes = KernelConfig._local_weight_bytes(p)
-        return weight_bytes * (sources - fused) / WS_MODEL_BYTES_PER_S >= WS_MIN_SAVING_S
-
+    # -- defaults (flashmoe_gen.defaults) and serialisation --------------------------------
     @classmethod
     def default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
-        """A sound starting point: weight-streaming tiles when experts get few rows (decode),
-        the persistent TMA kernel (else wgmma) with 128 x 128 tiles on Hopper when one launch
-        fills the GPU, else mma.sync tiles sized by the rows an expert gets on average
-        (smaller tiles, more blocks)."""
-        # Packed slots: one NCCL op per peer instead of one per (peer, expert).
-        knobs = dict(router_tokens_per_block=8, chunks_per_peer=1, comm_streams=1,
-                     shared_stream=True, packed_slots=problem.world_size > 1)
-        slot_rows = problem.tokens_per_rank * problem.top_k / problem.experts
-        n_gu = cls.gemm_shapes(problem)["gate_up"][0]
-        ws = cls._weight_streaming(problem, knobs, arch)
-        if ws is not None:
-            return ws
-        blocks = problem.local_experts * -(-n_gu // 128) * max(1, -(-int(slot_rows) // 128))
-        if limits_for(arch).major_minor == (9, 0) and blocks >= WGMMA_MIN_BLOCKS:
-            # The persistent TMA kernel first (1.07-1.16x torch._grouped_mm where wgmma
-            # 128 x 128 reaches 0.64-0.90x, 1 x H200, bench/results 2026-11-26_gemm_decode);
-            # wgmma where it does not fit (too many groups per launch). The tma kernel holds
-            # every SM until it ends, so NCCL's transfers of the next source wait for it:
-            # leaving DEFAULT_COMM_SMS to NCCL took Mixtral T=4096 on 4 x H200 from 6.29 to
-            # 5.75 ms and H=I=2048 E=64 T=16384 from 4.22 to 3.70 ms (bench/results
-            # 2026-11-27_comm_sms_4xH200_11eaab5).
-            for mma in ("tma", "wgmma"):
-                cm = DEFAULT_COMM_SMS if mma == "tma" and problem.world_size > 1 else 0
-                cfg = cls(GemmTile(128, 128, 64, 8, 1, 4, mma),
-                          GemmTile(128, 128, 64, 8, 1, 4, mma), comm_sms=cm, **knobs)
-                try:
-                    cfg.validate(problem, arch)
-                    return cfg
-                except ConfigError:  # a dimension below the 128-wide tiles: mma.sync below
-                    pass
-        rows = expert_rows(problem)
-        bm = 64 if rows <= 96 else 128
-
-        def fit(limit: int, cap: int, choices=BN_CHOICES) -> int:
-            return max(c for c in choices if c <= min(limit, cap))
-
-        bn_gu, bk_gu = fit(n_gu, 64), fit(problem.hidden, 64, BK_CHOICES)
-        bn_dn, bk_dn = fit(problem.hidden, 128), fit(n_gu, 64, BK_CHOICES)
-        gate_up = GemmTile(bm, bn_gu, bk_gu, warps_m=bm // 32, warps_n=min(2, bn_gu // 16),
-                           stages=3)
-        down = GemmTile(bm, bn_dn, bk_dn, warps_m=2, warps_n=min(4, bn_dn // 16), stages=3)
-        cfg = cls(gate_up, down, **knobs)
-        cfg.validate(problem, arch)
-        return cfg
+        """The heuristic default for transport "nccl" (``defaults.heuristic_default``)."""
+        from .defaults import heuristic_default
+        return heuristic_default(problem, arch)
 
     @classmethod
-    def _weight_streaming(cls, problem: MoEProblem, knobs: dict,
-                          arch: str) -> KernelConfig | None:
-        """Weight-streaming tiles when an expert gets at most ``WS_MAX_ROWS`` rows from all
-        sources together (decode): the GEMMs are bound by reading the weights, so each is
-        read once (all sources in one launch) with the tokens on the MMA's narrow side.
-        None when rows are more or a dimension is below the tiles."""
-        if not cls.streams_weights(problem):
-            return None
-        smallest = 32 if problem.shared_experts else 16  # shared experts: T rows per pass
-        tt = ws_token_tile(expert_rows(problem), smallest)
-        cfg = cls(GemmTile(tt, 64, 64, 4, 1, 4, "ws"), GemmTile(tt, 128, 64, 4, 1, 4, "ws"),
-                  fuse_sources=problem.world_size > 1, **knobs)
-        try:
-            cfg.validate(problem, arch)
-        except ConfigError:
-            return None
-        return cfg
+    def persistent_default(cls, problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
+        """The heuristic default for transport "nvlink" (``defaults.persistent_default``)."""
+        from .defaults import persistent_default
+        return persistent_default(problem, arch)
 
     def to_dict(self) -> dict:
         return asdict(self)

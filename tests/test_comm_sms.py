@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from flashmoe_gen.config import COMM_SMS_CHOICES, DEFAULT_COMM_SMS, KernelConfig
+from flashmoe_gen.config import COMM_SMS_CHOICES, KernelConfig
+from flashmoe_gen.defaults import DEFAULT_COMM_SMS
 from flashmoe_gen.errors import ConfigError
 from flashmoe_gen.export import grid_cpp
 from flashmoe_gen.problem import MoEProblem

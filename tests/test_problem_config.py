@@ -11,7 +11,8 @@ from fractions import Fraction
 import pytest
 
 from flashmoe_gen.arch import KNOWN_ARCHS, limits_for
-from flashmoe_gen.config import COMM_STREAM_CHOICES, ROUTER_CHOICES, WS_MAX_ROWS, KernelConfig
+from flashmoe_gen.config import COMM_STREAM_CHOICES, ROUTER_CHOICES, KernelConfig
+from flashmoe_gen.defaults import WS_MAX_ROWS, local_weight_bytes, streams_weights
 from flashmoe_gen.errors import ConfigError, FlashMoEError, ProblemError
 from flashmoe_gen.problem import MoEProblem, round_up
 from flashmoe_gen.tiles import BK_CHOICES, BM_CHOICES, BN_CHOICES, WARP_CHOICES, GemmTile
@@ -668,9 +669,9 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
 def test_persistent_default_deepens_the_ring_for_gigabytes_of_weights():
     """>= DEEP_RING_MIN_BYTES of local experts: 6 stages fed by TMA boxes on Hopper (the
     sweep's winner on DeepSeek-V3-like T=128); 4 stages of cp.async elsewhere."""
-    from flashmoe_gen.config import DEEP_RING_MIN_BYTES
+    from flashmoe_gen.defaults import DEEP_RING_MIN_BYTES
 
-    assert KernelConfig._local_weight_bytes(DSV3_DECODE) >= DEEP_RING_MIN_BYTES
+    assert local_weight_bytes(DSV3_DECODE) >= DEEP_RING_MIN_BYTES
     deep = KernelConfig.persistent_default(DSV3_DECODE, "sm_90")
     assert deep.ws_tma and deep.gate_up.stages == deep.down.stages == 6
     assert deep.name.endswith("_s6_ws__r8__c1__cs1__ss1__fs__nvlink__wt")
@@ -683,7 +684,7 @@ def test_persistent_default_deepens_the_ring_for_gigabytes_of_weights():
     assert wide.gate_up.bm == 64 and wide.gate_up.stages == 4 and not wide.ws_tma
     # small weights (DeepSeek-V2-Lite, 277 MB per rank): unchanged
     lite = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=4, tokens_per_rank=8)
-    assert KernelConfig._local_weight_bytes(lite) < DEEP_RING_MIN_BYTES
+    assert local_weight_bytes(lite) < DEEP_RING_MIN_BYTES
     small = KernelConfig.persistent_default(lite, "sm_90")
     assert not small.ws_tma and small.gate_up.stages == 4
 
@@ -726,7 +727,7 @@ def test_default_config_validates_over_grid():
         rows = w * t * k / e  # an expert's rows from all sources, on average
         kind = cfg.gate_up.mma
         seen_kind.add(kind)
-        assert (kind == "ws") == KernelConfig.streams_weights(p), (p.name, cfg.name)
+        assert (kind == "ws") == streams_weights(p), (p.name, cfg.name)
         if rows <= WS_MAX_ROWS:
             assert kind == "ws", (p.name, cfg.name)
         assert cfg.fuse_sources == (kind == "ws" and w > 1)  # weights read once
@@ -754,7 +755,7 @@ def test_defaults_stream_weights_where_per_source_tiles_reread_them(model, gpus,
     from flashmoe_gen.presets import get_preset
 
     p = get_preset(model).problem(world_size=gpus, tokens_per_rank=tokens)
-    assert KernelConfig.streams_weights(p) == streams
+    assert streams_weights(p) == streams
     for cfg in (KernelConfig.default(p, "sm_90"), KernelConfig.persistent_default(p, "sm_90")):
         assert (cfg.gate_up.mma == "ws") == streams, cfg.name
         assert cfg.fuse_sources == (streams and gpus > 1), cfg.name
@@ -764,7 +765,7 @@ def test_tiny_weights_keep_per_source_tiles_past_ws_max_rows():
     """The seed shape at 64 rows per expert on 2 ranks: its 25 MB of weights per rank cost
     ~2 us to read twice, below WS_MIN_SAVING_S: no change from per-source tiles."""
     p = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=128)
-    assert not KernelConfig.streams_weights(p)
+    assert not streams_weights(p)
     assert KernelConfig.default(p, "sm_90").gate_up.mma != "ws"
 
 
