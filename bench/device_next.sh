@@ -20,6 +20,11 @@
 #      torch.profiler): Mixtral T=4096 and H=I=2048 E=64 T=4096 on 4 ranks, the whole forward
 #      and its compute alone (Mixtral's compute took 5.70 ms where its GEMMs alone run
 #      4.06 ms on 1 x H200) (~200 s)
+#   n: where Mixtral T=4096's 1.7 ms above its GEMMs goes (issue 12, <= 0.8x PyTorch EP needs
+#      <= ~5.0 ms; session 13: fused sources 5.81 ms, per-source 5.93, compute alone 5.85):
+#      on 1 GPU the expert GEMMs alone at the 4-rank layer's per-rank shapes (one fused
+#      launch: 2 experts x 4096 rows; one per-source launch: 2 x 1024) beside torch, then on
+#      4 ranks the kernel breakdown of the fused-sources config and of the default (~300 s)
 #   r: branch router-staged (the persistent kernel's gate rows through shared memory; since
 #      session 12 only in calls where a block streams >= 1 MB of gate rows): the
 #      2-GPU nvlink tests, the 2-rank nvlink suite, then the route phase in the decode table
@@ -34,6 +39,8 @@
 #      same run (seed T=1 over gate/up K splits and blocks per SM; DeepSeek-V3-like T=128 over
 #      stages and TMA weight loads), the overlap table with the comm_sms 8 default (Mixtral
 #      T=4096 against PyTorch EP), and fused_ws_tma alone on 4 ranks (cut at 240 s before)
+#   (session 13: r measured, not merged -- route -18% at two shapes, forwards not better;
+#   f measured, not merged -- no chunked row beat one chunk; w merged after it passed)
 #   w: branch export-wt (the exported nvlink harness encodes ws_tma's weight maps): on 2 GPUs
 #      the exported harness with and without __wt (same bits expected), the other exported
 #      harness tests beside it (~200 s); merge if they pass
@@ -44,7 +51,7 @@
 #      then the overlap table on the best-guess config with PyTorch EP in the same run
 #      (~500 s). Merge if the tests pass and a chunked row
 #      beats fused c1 and per-source cm8; issue 12's Mixtral target is <= 0.8x PyTorch EP
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|f|k|r|s|w   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|f|k|n|r|s|w   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -170,6 +177,21 @@ if [ "$PART" = k ]; then
     --json "$O/kb.json" > "$O/kb.log" 2>&1
   echo "kernel breakdown rc=$?"; bundle
   grep -E "^### |^\| [^-k]" "$O/kb.md" 2>/dev/null | cut -c1-150 | head -60 || tail -20 "$O/kb.log"
+fi
+if [ "$PART" = n ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
+    --cases mixtral_t4096,mixtral_p4_fused,mixtral_p4_source --out "$O/gemm_mixtral.md" \
+    --json "$O/gemm_mixtral.json" > "$O/gemm_mixtral.log" 2>&1
+  echo "gemm bench rc=$?"
+  for v in fused default; do
+    cfg=(); [ $v = fused ] && cfg=(--config "${TMA128}__r8__c1__cs1__ss1__fs__pk")
+    timeout -k 10 120 $MPI -np 4 python3 bench/kernel_breakdown.py --problems mixtral_t4096 \
+      "${cfg[@]}" --commit "$COMMIT" --out "$O/kb_$v.md" --json "$O/kb_$v.json" > "$O/kb_$v.log" 2>&1
+    echo "kernel breakdown $v rc=$?"
+  done
+  bundle
+  grep -E "^\| mixtral" "$O/gemm_mixtral.md" | cut -c1-220
+  grep -hE "^### |expert_gemm|SendRecv|AllGather" "$O"/kb_*.md | cut -c1-120
 fi
 if [ "$PART" = r ]; then
   CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -q \

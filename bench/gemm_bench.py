@@ -25,9 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, md_table  # noqa: E402
 
 #: (label, hidden, intermediate, local experts, rows per expert): large batches at 2 ranks,
-#: the FlashDMoE setting (E=64, k=2, T=16384 per rank at 4 ranks) and decode shapes
-#: (DeepSeek-V3-like at 4 ranks: 64 local experts; DeepSeek-V2-Lite at 2 ranks).
-CASES = [("mixtral_t4096", 4096, 14336, 4, 2048), ("dsv2lite_t4096", 2048, 1408, 32, 768),
+#: Mixtral T=4096 as one rank of 4 computes it (fused: every source's 1024 rows per expert
+#: in one launch; per source: one of the four launches), the FlashDMoE setting (E=64, k=2,
+#: T=16384 per rank at 4 ranks) and decode shapes (DeepSeek-V3-like at 4 ranks: 64 local
+#: experts; DeepSeek-V2-Lite at 2 ranks).
+CASES = [("mixtral_t4096", 4096, 14336, 4, 2048), ("mixtral_p4_fused", 4096, 14336, 2, 4096),
+         ("mixtral_p4_source", 4096, 14336, 2, 1024), ("dsv2lite_t4096", 2048, 1408, 32, 768),
          ("dsv2lite_t512", 2048, 1408, 32, 96), ("flashdmoe_e64", 2048, 2048, 32, 256),
          ("flashdmoe_t16384", 2048, 2048, 16, 2048),
          ("dsv3_decode_r16", 7168, 2048, 64, 16), ("dsv3_decode_r32", 7168, 2048, 64, 32),
