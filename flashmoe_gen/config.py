@@ -105,6 +105,12 @@ class KernelConfig:
         return "tma" in (self.gate_up.mma, self.down.mma)
 
     @property
+    def encodes_tensor_maps(self) -> bool:
+        """Whether the layer encodes TMA tensor maps (the tma kernel's, or the weight tiles'
+        with ``ws_tma``): an exported build then calls the driver API (-lcuda)."""
+        return self.uses_tma or self.ws_tma
+
+    @property
     def block_m(self) -> int:
         """Row granularity of capacity: both GEMMs tile the same expert rows."""
         return max(self.gate_up.bm, self.down.bm)

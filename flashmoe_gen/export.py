@@ -55,7 +55,7 @@ EXPORT_NVCC_HINT = (
 def nvcc_hint(config: KernelConfig, arch: str = "sm_90") -> str:
     """Build commands for an exported file (wgmma tiles need the sm_90a target)."""
     # tma tiles encode their tensor maps through the driver API.
-    libs = " -lcuda" if config.uses_tma or config.ws_tma else ""
+    libs = " -lcuda" if config.encodes_tensor_maps else ""
     return EXPORT_NVCC_HINT.format(arch_flags=nvcc_arch_flags(config, arch), libs=libs)
 
 
@@ -155,7 +155,7 @@ def export_vars(layer: CompiledLayer) -> dict:
                                x="L->x", sgate_w="L->shared_gate", out="out"),
         bias_scale=repr(0.1 if p.scoring == "sigmoid" else 1 / p.experts),
         nvlink=CPP_BOOL[cfg.transport == "nvlink"],
-        tma_export=cfg.uses_tma or cfg.ws_tma,
+        tma_export=cfg.encodes_tensor_maps,
         tma_map_bytes=MAP_BYTES,
         tma_box_k=BOX_K,
         nvl=_nvlink_vars(layer) if cfg.transport == "nvlink" else {},
