@@ -142,7 +142,7 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
         # at T=512 (2 x H200, bench/results/2026-11-26_gpu_checks_2xH200_session8.md)
         gu, dn = GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 64, 2, 4, 4)
     cfg = KernelConfig(gu, dn, router_tokens_per_block=warps, transport="nvlink",
-                      fuse_sources=fused and problem.world_size > 1)
+                       fuse_sources=fused and problem.world_size > 1)
     if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
         gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
         split = replace(cfg, gu_splits=gs, dn_splits=ds)
