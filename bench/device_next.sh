@@ -25,6 +25,11 @@
 #      on 1 GPU the expert GEMMs alone at the 4-rank layer's per-rank shapes (one fused
 #      launch: 2 experts x 4096 rows; one per-source launch: 2 x 1024) beside torch, then on
 #      4 ranks the kernel breakdown of the fused-sources config and of the default (~300 s)
+#   a: branch router-nt (the split router's lane sums for the batch's tokens only): the router
+#      GPU tests (split router, both transports, T = 1..2100, bit-equal repeats) on 1 GPU, the
+#      2-GPU nvlink tests, then seed and DeepSeek-V2-Lite at T=1 and 8 on 4 ranks with their
+#      kernel clocks (~250 s). Session 13's route phase on main, same card: seed T=1 7.75-8.22
+#      us, DeepSeek-V2-Lite T=1 28.9-30.5 us. Merge if the tests pass and route drops
 #   r: branch router-staged (the persistent kernel's gate rows through shared memory; since
 #      session 12 only in calls where a block streams >= 1 MB of gate rows): the
 #      2-GPU nvlink tests, the 2-rank nvlink suite, then the route phase in the decode table
@@ -51,7 +56,7 @@
 #      then the overlap table on the best-guess config with PyTorch EP in the same run
 #      (~500 s). Merge if the tests pass and a chunked row
 #      beats fused c1 and per-source cm8; issue 12's Mixtral target is <= 0.8x PyTorch EP
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|f|k|n|r|s|w   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|a|f|k|n|r|s|w   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -177,6 +182,21 @@ if [ "$PART" = k ]; then
     --json "$O/kb.json" > "$O/kb.log" 2>&1
   echo "kernel breakdown rc=$?"; bundle
   grep -E "^### |^\| [^-k]" "$O/kb.md" 2>/dev/null | cut -c1-150 | head -60 || tail -20 "$O/kb.log"
+fi
+if [ "$PART" = a ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q \
+    --no-header -p no:cacheprovider -k "split_router or router_and_positions" \
+    > "$O/gpu_router.log" 2>&1
+  echo "router GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_router.log" | tail -2
+  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 100 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -q \
+    --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1
+  echo "gpu nvlink (2 GPUs) rc=$?"; grep -E "passed|failed" "$O/gpu_nvlink.log" | tail -1
+  timeout -k 10 150 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+    --problems seed,dsv2lite --tokens 1,8 --out "$O/sweep_router.md" \
+    --json "$O/sweep_router.json" > "$O/sweep_router.log" 2>&1
+  echo "sweep rc=$?"; bundle
+  grep -hE "^\| (seed|dsv2lite) " "$O/sweep_router.md" | cut -d'|' -f2,3,5,6,8,9
+  grep -hE "^- (seed|dsv2lite) T" "$O/sweep_router.md" | cut -c1-170
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
