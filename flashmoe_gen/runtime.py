@@ -403,8 +403,14 @@ class FlashMoE:
                                f"built for at most "
                                f"{p.tokens_per_rank} tokens per rank (the fixed transfer "
                                "sizes); build the layer with a larger tokens_per_rank")
-        # The layer's stream runs after the caller's, and the caller's after it.
         s, caller = self.stream, cupy.cuda.get_current_stream()
+        direct = self._graph_cache.captured_direct(x, out) \
+            if self._graph_cache is not None and parts == "all" else None
+        if direct is not None:  # transport nvlink's steady decode step: on the caller's stream
+            direct.launch(stream=caller)
+            self._last = tokens
+            return out
+        # The layer's stream runs after the caller's, and the caller's after it.
         self._ev_in.record(caller)
         s.wait_event(self._ev_in)
         if self._graph_cache is not None and parts == "all":

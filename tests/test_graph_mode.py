@@ -158,6 +158,13 @@ def test_direct_graphs_are_captured_on_the_second_call_with_the_same_buffers():
     assert gc._direct(run_plan, buf(100), buf(300), s) is None  # another out buffer
     assert gc._direct(run_plan, buf(100, rows=1), buf(200), s) is None  # another T
     assert gc._direct(run_plan, buf(100), buf(200), s) is g  # kept
+    # A captured direct graph is found without capturing (FlashMoE.forward launches it on
+    # the caller's stream); anything else is left to the layer stream's path.
+    gc._direct_ok = True
+    assert gc.captured_direct(buf(100), buf(200)) is g and gc._last_key == (3, 100, 200)
+    assert gc.captured_direct(buf(100), buf(300)) is None and gc.direct_captures == 1
+    gc._direct_ok = False  # transport nccl: never
+    assert gc.captured_direct(buf(100), buf(200)) is None
     for i in range(MAX_GRAPHS + 3):  # bounded, oldest first
         gc._direct(run_plan, buf(1000 + i), buf(200), s)
         gc._direct(run_plan, buf(1000 + i), buf(200), s)
