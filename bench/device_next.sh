@@ -25,14 +25,15 @@
 #      on 1 GPU the expert GEMMs alone at the 4-rank layer's per-rank shapes (one fused
 #      launch: 2 experts x 4096 rows; one per-source launch: 2 x 1024) beside torch, then on
 #      4 ranks the kernel breakdown of the fused-sources config and of the default (~300 s)
-#   a: branch caller-stream (on router-nt: the split router's lane sums for the batch's
-#      tokens only; direct graphs replayed on the caller's stream, no event hops): the router
+#   a: branch splitk-unroll (on caller-stream, on router-nt: the split router's lane sums for
+#      the batch's tokens only; direct graphs replayed on the caller's stream, no event hops;
+#      the last split-K part loads four parts at a time, seed own_tasks 20.5-21.6 us): the router
 #      GPU tests (split router, both transports, T = 1..2100, bit-equal repeats) on 1 GPU, the
 #      2-GPU nvlink tests (direct graph replays among them), then seed and DeepSeek-V2-Lite
 #      at T=1 and 8 on 4 ranks with their kernel clocks (~250 s). Session 13 on main, same
 #      card: seed T=1 route 7.75-8.22 us, forward minus kernel 6-11 us (39.7-45 vs 33-34.2);
 #      DeepSeek-V2-Lite T=1 route 28.9-30.5 us. Merge router-nt if route drops, caller-stream
-#      if forward minus kernel does (tests passing)
+#      if forward minus kernel does, splitk-unroll if own_tasks does (tests passing)
 #   r: branch router-staged (the persistent kernel's gate rows through shared memory; since
 #      session 12 only in calls where a block streams >= 1 MB of gate rows): the
 #      2-GPU nvlink tests, the 2-rank nvlink suite, then the route phase in the decode table
@@ -196,7 +197,8 @@ if [ "$PART" = a ]; then
   echo "gpu nvlink (2 GPUs) rc=$?"; grep -E "passed|failed" "$O/gpu_nvlink.log" | tail -1
   FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 120 $MPI -x FLASHMOE_COMM_TIMEOUT -np 2 python3 -m \
     pytest -m multigpu tests/test_multigpu.py -q --no-header -p no:cacheprovider \
-    -k "direct_graph or persistent_kernel and (seed or graph)" > "$O/multigpu_2.log" 2>&1
+    -k "direct_graph or persistent_kernel and (seed or graph or split_k)" \
+    > "$O/multigpu_2.log" 2>&1
   echo "multigpu 2 ranks (direct graphs, seed, graph) rc=$?"
   grep -E "passed|failed" "$O/multigpu_2.log" | tail -1
   timeout -k 10 150 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
