@@ -195,7 +195,7 @@ if [ "$PART" = a ]; then
   CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 100 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -q \
     --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1
   echo "gpu nvlink (2 GPUs) rc=$?"; grep -E "passed|failed" "$O/gpu_nvlink.log" | tail -1
-  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 120 $MPI -x FLASHMOE_COMM_TIMEOUT -np 2 python3 -m \
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 150 $MPI -x FLASHMOE_COMM_TIMEOUT -np 2 python3 -m \
     pytest -m multigpu tests/test_multigpu.py -q --no-header -p no:cacheprovider \
     -k "direct_graph or persistent_kernel and (seed or graph or split_k)" \
     > "$O/multigpu_2.log" 2>&1
