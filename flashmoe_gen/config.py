@@ -265,9 +265,12 @@ class KernelConfig:
 
     @staticmethod
     def persistent_takes(tile: GemmTile) -> bool:
-        """Whether transport "nvlink"'s persistent kernel can compute with ``tile``."""
-        return tile.mma in ("ws", "sync") and tile.warps_m * tile.warps_n == \
-            PERSISTENT_THREADS // 32
+        """Whether transport "nvlink"'s persistent kernel can compute with ``tile``: its
+        block's warps as weight-streaming or mma.sync warps, or as two warpgroups of a
+        128-row wgmma tile."""
+        if tile.warps_m * tile.warps_n != PERSISTENT_THREADS // 32:
+            return False
+        return tile.mma in ("ws", "sync") or (tile.mma == "wgmma" and tile.bm == 128)
 
     def _validate_persistent(self, name: str) -> None:
         """Transport "nvlink" runs one persistent kernel whose blocks serve every phase."""
@@ -276,9 +279,10 @@ class KernelConfig:
             t = getattr(self, which)
             if not self.persistent_takes(t):
                 raise ConfigError(f"{which}.mma", t.mma, f"transport 'nvlink' computes with "
-                                  f"weight-streaming or mma.sync tiles of {warps} warps (e.g. "
-                                  f"bm32_bn128_bk64_w{warps}x1_s4_ws for few rows per expert, "
-                                  f"bm128_bn128_bk64_w4x2_s3 for many)", name)
+                                  f"weight-streaming, mma.sync or 128-row wgmma tiles of "
+                                  f"{warps} warps (e.g. bm32_bn128_bk64_w{warps}x1_s4_ws for "
+                                  f"few rows per expert, bm128_bn128_bk64_w4x2_s3 or, on "
+                                  f"Hopper, bm128_bn128_bk64_w8x1_s4_wg for many)", name)
         for f, want in PERSISTENT_SCHEDULE.items():
             if getattr(self, f) == want:
                 continue
@@ -286,7 +290,7 @@ class KernelConfig:
                    f"routes {want} tokens)" if f == "router_tokens_per_block" else
                    f"transport 'nvlink' has no such schedule: use {want}")
             raise ConfigError(f, getattr(self, f), why, name)
-        if self.fuse_sources and "sync" in (self.gate_up.mma, self.down.mma):
+        if self.fuse_sources and {"sync", "wgmma"} & {self.gate_up.mma, self.down.mma}:
             raise ConfigError("fuse_sources", True, "transport 'nvlink' fuses sources with "
                               "weight-streaming tiles only (_ws on both GEMMs)", name)
 

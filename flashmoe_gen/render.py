@@ -323,12 +323,15 @@ def _split_vars(problem: MoEProblem, config: KernelConfig) -> dict[str, int]:
 
 def _task_gemm(tile: GemmTile, gated: bool, tma: bool) -> dict[str, int | str]:
     """The persistent kernel's GEMM of one task: the weight-streaming device function (one
-    n-tile of a group over all its rows; ``tma``: weights by TMA boxes) or mma.sync row tiles
-    (one n-tile of one row tile: ``row_tasks``)."""
+    n-tile of a group over all its rows; ``tma``: weights by TMA boxes) or row tiles, mma.sync
+    or warpgroup MMA (one n-tile of one row tile: ``row_tasks``)."""
     if tile.mma == "ws":
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages, CPP_BOOL[gated],
                 CPP_BOOL[tma]]
         fn = "ws_gemm"
+    elif tile.mma == "wgmma":  # two warpgroups: one (n-tile, 128-row tile) per task
+        args = [tile.bm, tile.bn, tile.stages, CPP_BOOL[gated]]
+        fn = "wg_gemm_rows"
     else:
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages,
                 CPP_BOOL[gated]]

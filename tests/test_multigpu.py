@@ -144,8 +144,8 @@ def _nvl_cfg(**knobs):
 
 
 @pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph", "row_tiles",
-                                  "fused", "fused_dsv2lite_graph", "fused_capped_skewed",
-                                  "fused_split_k", "fused_ws_tma"])
+                                  "row_tiles_wgmma", "fused", "fused_dsv2lite_graph",
+                                  "fused_capped_skewed", "fused_split_k", "fused_ws_tma"])
 def test_nvlink_persistent_kernel(comm, case):
     """Ragged ranks (one sends nothing), shared experts, capacity drops under skew, and the
     graph-captured launch; each layer is called again with other token counts (the flags'
@@ -156,6 +156,7 @@ def test_nvlink_persistent_kernel(comm, case):
          "capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
          "graph": SEED.replace(tokens_per_rank=300),
          "row_tiles": SEED.replace(tokens_per_rank=1000),
+         "row_tiles_wgmma": SEED.replace(tokens_per_rank=1000),
          "fused": SEED.replace(tokens_per_rank=300),
          "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
          "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
@@ -170,6 +171,9 @@ def test_nvlink_persistent_kernel(comm, case):
     if case == "row_tiles":  # mma.sync row tiles: several 64-row tiles per (source, expert)
         cfg = KernelConfig(GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4),
                            transport="nvlink")
+    if case == "row_tiles_wgmma":  # two warpgroups per 128-row tile (Hopper, as tma above)
+        wg = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
+        cfg = KernelConfig(wg, dataclasses.replace(wg, stages=3), transport="nvlink")
     tokens = [p.tokens_per_rank, 77, 0, 5]
     skewed = case.endswith("capped_skewed")
     layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=skewed)

@@ -692,20 +692,34 @@ def test_persistent_default_deepens_the_ring_for_gigabytes_of_weights():
 @pytest.mark.parametrize("changes,field,text", [
     (dict(transport="ib"), "transport", "choose one of ['nccl', 'nvlink']"),
     (dict(gate_up=GemmTile(64, 64, 64, 2, 2, 3)), "gate_up.mma", "tiles of 8 warps"),
-    (dict(gate_up=GemmTile(128, 128, 64, 8, 1, 4, "wgmma")), "gate_up.mma",
-     "weight-streaming or mma.sync"),
+    (dict(gate_up=GemmTile(64, 128, 64, 4, 1, 4, "wgmma")), "gate_up.mma",
+     "128-row wgmma tiles of 8 warps"),
     (dict(down=GemmTile(32, 128, 64, 4, 1, 4, "ws")), "down.mma", "of 8 warps"),
     (dict(router_tokens_per_block=4), "router_tokens_per_block", "transport 'nvlink': 8"),
     (dict(chunks_per_peer=2), "chunks_per_peer", "no such schedule"),
     (dict(packed_slots=True), "packed_slots", "no such schedule"),
     (dict(fuse_sources=True, gate_up=GemmTile(64, 128, 64, 2, 4, 4)), "fuse_sources",
      "weight-streaming tiles only"),
-], ids=["unknown", "sync_4_warps", "wgmma", "warps", "router", "chunks", "packed", "fused"])
+    (dict(fuse_sources=True, gate_up=GemmTile(128, 128, 64, 8, 1, 4, "wgmma")), "fuse_sources",
+     "weight-streaming tiles only"),
+], ids=["unknown", "sync_4_warps", "wgmma_64_rows", "warps", "router", "chunks", "packed",
+        "fused", "fused_wgmma"])
 def test_nvlink_transport_refusals(changes, field, text):
     cfg = replace(KernelConfig(NVL_TILE, NVL_TILE, transport="nvlink"), **changes)
     with pytest.raises(ConfigError) as ei:
         cfg.validate(DSV3_DECODE)
     assert ei.value.field == field and text in str(ei.value), str(ei.value)
+
+
+def test_nvlink_takes_128_row_wgmma_tiles_on_hopper_only():
+    """Two warpgroups of a 128-row wgmma tile are the persistent block's 8 warps: row tasks
+    per source on sm_90; elsewhere the tile itself is refused."""
+    wg = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
+    cfg = KernelConfig(wg, wg, transport="nvlink")
+    cfg.validate(DSV3_DECODE, "sm_90")
+    assert cfg.uses_wgmma and KernelConfig.from_name(cfg.name) == cfg
+    with pytest.raises(ConfigError, match="wgmma"):
+        cfg.validate(DSV3_DECODE, "sm_80")
 
 
 # ---- defaults ---------------------------------------------------------------------------------

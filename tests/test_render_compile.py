@@ -235,6 +235,20 @@ def test_compile_persistent_kernel_with_row_tiles(private_cache):
     check_module(compile_source(gen, "sm_90", use_cache=False), gen, "sm_90")
 
 
+def test_compile_persistent_kernel_with_wgmma_row_tiles(private_cache):
+    """Transport "nvlink" with 128-row wgmma tiles (two warpgroups per task) on Hopper:
+    built for sm_90a, no spills; the nccl path's wgmma kernel is the same tile function."""
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    t = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
+    cfg = KernelConfig(t, t, transport="nvlink")
+    gen = render(p, cfg)
+    assert "wg_gemm_rows<128, 128, 4, true>(" in gen.code
+    assert "wg_gemm_rows<128, 128, 4, false>(" in gen.code
+    mod = compile_source(gen, "sm_90a", use_cache=False)
+    check_module(mod, gen, "sm_90a")
+    assert mod.dynamic_smem["moe_persistent"] == cfg.persistent_smem()
+
+
 def test_compile_tma_kernel(private_cache):
     """The persistent TMA kernel compiles for sm_90a without spills; only configs with tma
     tiles carry its code."""
