@@ -34,6 +34,11 @@
 #      card: seed T=1 route 7.75-8.22 us, forward minus kernel 6-11 us (39.7-45 vs 33-34.2);
 #      DeepSeek-V2-Lite T=1 route 28.9-30.5 us. Merge router-nt if route drops, caller-stream
 #      if forward minus kernel does, splitk-unroll if own_tasks does (tests passing)
+#   g: branch persistent-wg (the persistent kernel's row tasks as 128-row wgmma tiles): the
+#      row-tile nvlink tests on 2 then 4 ranks (mma.sync and wgmma), then H=I=2048 E=64
+#      T=16384 and T=4096 on 4 ranks: the nvlink default (mma.sync row tiles) beside two wgmma
+#      configs, the NCCL path and PyTorch EP in the same run (~450 s). Merge if the tests
+#      pass and a wgmma row beats the mma.sync one; issue 16 asks <= 1.25x the floor
 #   r: branch router-staged (the persistent kernel's gate rows through shared memory; since
 #      session 12 only in calls where a block streams >= 1 MB of gate rows): the
 #      2-GPU nvlink tests, the 2-rank nvlink suite, then the route phase in the decode table
@@ -60,7 +65,7 @@
 #      then the overlap table on the best-guess config with PyTorch EP in the same run
 #      (~500 s). Merge if the tests pass and a chunked row
 #      beats fused c1 and per-source cm8; issue 12's Mixtral target is <= 0.8x PyTorch EP
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|a|f|k|n|r|s|w   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|a|f|g|k|n|r|s|w   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -207,6 +212,29 @@ if [ "$PART" = a ]; then
   echo "sweep rc=$?"; bundle
   grep -hE "^\| (seed|dsv2lite) " "$O/sweep_router.md" | cut -d'|' -f2,3,5,6,8,9
   grep -hE "^- (seed|dsv2lite) T" "$O/sweep_router.md" | cut -c1-170
+fi
+if [ "$PART" = g ]; then
+  for p in 2 4; do
+    FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 120 $MPI -x FLASHMOE_COMM_TIMEOUT -np $p \
+      python3 -m pytest -m multigpu tests/test_multigpu.py -v --no-header -p no:cacheprovider \
+      -k "persistent_kernel and row_tiles" > "$O/multigpu_rows_$p.log" 2>&1
+    echo "row-tile nvlink tests $p ranks rc=$?"
+    sed 's/\x1b\[[0-9;]*m//g' "$O/multigpu_rows_$p.log" | grep -oE "row_tiles\w*\] (PASSED|FAILED)" |
+      sort | uniq -c
+  done
+  WG=gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn128_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink
+  WG2=gu_bm128_bn128_bk64_w8x1_s3_wg__dn_bm128_bn256_bk64_w8x1_s3_wg__r8__c1__cs1__ss1__nvlink
+  timeout -k 10 200 $MPI -np 4 python3 bench/scaling.py --experts 64 --tokens 4096,16384 \
+    --nvlink --nvlink-config "$WG" --nvlink-config "$WG2" --commit "$COMMIT" \
+    --json "$O/scaling_wg.json" --out "$O/scaling_wg" > "$O/scaling_wg.log" 2>&1
+  echo "scaling (E=64, 4 ranks, wgmma row tiles) rc=$?"
+  rm -f "$O"/*.png
+  python3 -c "import json; [print(r['tokens_per_gpu'], 'floor', r['floor_ms'], 'torch', \
+r['torch_ep_ms'], 'nccl', r['ours_ms'], 'nvlink', r.get('ours_nvlink_ms'), 'wg', \
+r.get('ours_nvlink_1_ms'), 'wg2', r.get('ours_nvlink_2_ms'), 'busy', r.get('sm_busy_nvlink'), \
+r.get('sm_busy_nvlink_1'), 'agree', r.get('agree_nvlink_1'), r.get('agree_nvlink_2')) \
+for r in json.load(open('$O/scaling_wg.json'))]"
+  bundle  # after the summary: the archive takes the json with it
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

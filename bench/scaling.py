@@ -85,6 +85,13 @@ def measure_one(p, cfg, comm, a) -> dict:
         extra["config_nvlink"] = nvl.config.name
         extra.update(nvlink_stats(nvl, x, comm))
         del nvl
+    for i, name in enumerate(a.nvlink_config or [], 1):  # other nvlink configs, same inputs
+        nvl = FlashMoE(p, KernelConfig.parse(name), weights=layer.weights, comm=comm)
+        variant(nvl, f"nvlink_{i}", f"agree_nvlink_{i}")
+        extra[f"config_nvlink_{i}"] = nvl.config.name
+        extra.update({k.replace("_nvlink", f"_nvlink_{i}"): v
+                      for k, v in nvlink_stats(nvl, x, comm).items()})
+        del nvl
     n = comm.world_size * p.tokens_per_rank
     return dict(ours_ms=round(ms, 4), **base, speedup=round(ms_t / ms, 3),
                 ours_mtok_s=round(n / ms / 1e3, 3), torch_mtok_s=round(n / ms_t / 1e3, 3),
@@ -220,6 +227,9 @@ def main() -> int:
                     help="also time the same config with fuse_sources=True")
     ap.add_argument("--nvlink", action="store_true",
                     help="also time transport 'nvlink' (one persistent kernel per forward)")
+    ap.add_argument("--nvlink-config", action="append", metavar="NAME",
+                    help="also time this transport 'nvlink' config (a name; repeatable): "
+                         "keys ours_nvlink_1_ms, ... in the JSON")
     ap.add_argument("--json", default="scaling.json", help="rows are appended here")
     ap.add_argument("--plot", default=None, help="JSON file to plot instead of measuring")
     ap.add_argument("--out", default="scaling", help="plot/table path stem")
