@@ -34,6 +34,12 @@ DEEP_RING_MIN_BYTES = 1 << 30
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
+#: The persistent default takes 128-row wgmma row tiles on Hopper when an expert averages
+#: at least this many rows per source (one whole tile): H=I=2048 E=64 on 4 x H200 at
+#: T=4096 (128 rows) 2.10 -> 1.49 ms, T=16384 4.63 -> 3.44 ms over the mma.sync row tiles
+#: (bench/results/2026-11-27_scaling_wgmma_rows_4xH200_adbc4c8.md). Below, most of a
+#: 128-row tile would be padding; the mma.sync tiles keep 64 rows.
+WGMMA_PERSISTENT_MIN_ROWS = 128
 
 
 def expert_rows(problem: MoEProblem) -> float:
@@ -131,8 +137,9 @@ def _weight_streaming(problem: MoEProblem, knobs: dict, arch: str) -> KernelConf
 def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
     """A transport "nvlink" config: 8-warp weight-streaming tiles with fused sources when
     an expert averages at most ``WS_MAX_ROWS`` rows from all sources (K split where the
-    active experts' tiles are fewer than SMs: splitk.default_splits), else 8-warp
-    mma.sync row tiles per source."""
+    active experts' tiles are fewer than SMs: splitk.default_splits), else row tiles per
+    source: 128-row wgmma on Hopper from ``WGMMA_PERSISTENT_MIN_ROWS`` rows per source,
+    8-warp mma.sync otherwise."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
     fused = streams_weights(problem)
@@ -143,6 +150,17 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
         gu, dn = GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 64, 2, 4, 4)
     cfg = KernelConfig(gu, dn, router_tokens_per_block=warps, transport="nvlink",
                        fuse_sources=fused and problem.world_size > 1)
+    if not fused and limits_for(arch).major_minor == (9, 0) and \
+            problem.tokens_per_rank * problem.top_k / problem.experts >= \
+            WGMMA_PERSISTENT_MIN_ROWS:
+        # Two warpgroups per 128-row tile, a 256-wide down tile (3 stages fit shared memory)
+        wg = replace(cfg, gate_up=GemmTile(128, 128, 64, warps, 1, 3, "wgmma"),
+                     down=GemmTile(128, 256, 64, warps, 1, 3, "wgmma"))
+        try:
+            wg.validate(problem, arch)
+            cfg = wg
+        except ConfigError:  # a dimension below the 128/256-wide tiles: mma.sync rows
+            pass
     if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
         gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
         split = replace(cfg, gu_splits=gs, dn_splits=ds)

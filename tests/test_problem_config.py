@@ -660,10 +660,20 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert decode.fuse_sources == (DSV3_DECODE.world_size > 1)  # weights read once
     four = KernelConfig.persistent_default(DSV3_DECODE.replace(world_size=4))
     assert four.fuse_sources and KernelConfig.from_name(four.name) == four
-    big = KernelConfig.persistent_default(MoEProblem(2048, 2048, 64, 2, world_size=4,
-                                                     tokens_per_rank=16384))
-    assert big.gate_up.mma == big.down.mma == "sync" and not big.fuse_sources
+    big_p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    # Hopper, 512 rows per source: 128-row wgmma tiles (two warpgroups), 256-wide down
+    big = KernelConfig.persistent_default(big_p, "sm_90")
+    assert big.gate_up.mma == big.down.mma == "wgmma" and not big.fuse_sources
+    assert (big.gate_up.bm, big.down.bn) == (128, 256)
     assert big.gate_up.threads == big.down.threads == 256
+    # Ampere has no wgmma; on Hopper below WGMMA_PERSISTENT_MIN_ROWS rows per source a
+    # 128-row tile would be mostly padding: mma.sync row tiles in both
+    from flashmoe_gen.defaults import WGMMA_PERSISTENT_MIN_ROWS
+    fewer = big_p.replace(tokens_per_rank=WGMMA_PERSISTENT_MIN_ROWS * 64 // 2 - 64)
+    for p, arch in ((big_p, "sm_80"), (fewer, "sm_90")):
+        cfg = KernelConfig.persistent_default(p, arch)
+        assert cfg.gate_up.mma == cfg.down.mma == "sync" and not cfg.fuse_sources
+        assert cfg.gate_up.threads == cfg.down.threads == 256
 
 
 def test_persistent_default_deepens_the_ring_for_gigabytes_of_weights():
