@@ -65,7 +65,13 @@
 #      then the overlap table on the best-guess config with PyTorch EP in the same run
 #      (~500 s). Merge if the tests pass and a chunked row
 #      beats fused c1 and per-source cm8; issue 12's Mixtral target is <= 0.8x PyTorch EP
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|a|f|g|k|n|r|s|w   (COMMIT literally: the device's git metadata
+#   m: after merging a and g (session 14): the 2-rank persistent-kernel tests on the merged
+#      code (seed, graph, split K, row tiles, direct graphs), then Mixtral T=4096 on 4 ranks:
+#      the persistent kernel with 128-row wgmma tiles (the new default, down 256 and 128 wide)
+#      beside PyTorch EP in the same run, and the NCCL path's tma kernel with the 256-wide
+#      down tile that ran 0.983 ms per source alone (v4 in 2026-11-27_gemm_mixtral_layer_shapes),
+#      per source and fused (~420 s). Issue 12 asks <= 0.8x PyTorch EP (~6.4 ms there)
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|a|f|g|k|m|n|r|s|w   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -235,6 +241,25 @@ r.get('ours_nvlink_1_ms'), 'wg2', r.get('ours_nvlink_2_ms'), 'busy', r.get('sm_b
 r.get('sm_busy_nvlink_1'), 'agree', r.get('agree_nvlink_1'), r.get('agree_nvlink_2')) \
 for r in json.load(open('$O/scaling_wg.json'))]"
   bundle  # after the summary: the archive takes the json with it
+fi
+if [ "$PART" = m ]; then
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 150 $MPI -x FLASHMOE_COMM_TIMEOUT -np 2 python3 -m \
+    pytest -m multigpu tests/test_multigpu.py -q --no-header -p no:cacheprovider \
+    -k "direct_graph or persistent_kernel and (seed or graph or split_k or row_tiles)" \
+    > "$O/multigpu_2.log" 2>&1
+  echo "multigpu 2 ranks (persistent kernel subset) rc=$?"
+  grep -E "passed|failed" "$O/multigpu_2.log" | tail -1
+  timeout -k 10 200 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+    --problems mixtral --tokens 4096 --vary "dn_bn=256,128" --iters 10 \
+    --out "$O/sweep_mixtral.md" --json "$O/sweep_mixtral.json" > "$O/sweep_mixtral.log" 2>&1
+  echo "sweep mixtral rc=$?"
+  V4=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma__r8__c1__cs1__ss1
+  tune_row m_mixtral_v4_per_source_cm8 "${V4}__pk__cm8" $MIX
+  tune_row m_mixtral_v4_fused "${V4}__fs__pk" $MIX
+  bundle
+  grep -hE "^\| mixtral " "$O/sweep_mixtral.md" | cut -d'|' -f2-9
+  grep -hE "^- mixtral" "$O/sweep_mixtral.md" | cut -c1-250
+  grep -E "Error|error" "$O/sweep_mixtral.log" | tail -3
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

@@ -30,6 +30,12 @@ from overlap import nvlink_stats, phases_text  # noqa: E402
 from report import add_output_args, emit, int_list, md_table  # noqa: E402
 
 FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
+#: Large-batch shapes beside decode's (issue 12's Mixtral, FlashDMoE's E=64 setting): the
+#: persistent kernel's row tiles at thousands of tokens per rank.
+SHAPES = SHAPES | {
+    "mixtral": dict(hidden=4096, intermediate=14336, experts=8, top_k=2, shared_experts=0),
+    "e64": dict(hidden=2048, intermediate=2048, experts=64, top_k=2, shared_experts=0),
+}
 
 
 def variants(base, vary: str) -> list:
