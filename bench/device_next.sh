@@ -71,7 +71,14 @@
 #      beside PyTorch EP in the same run, and the NCCL path's tma kernel with the 256-wide
 #      down tile that ran 0.983 ms per source alone (v4 in 2026-11-27_gemm_mixtral_layer_shapes),
 #      per source and fused (~420 s). Issue 12 asks <= 0.8x PyTorch EP (~6.4 ms there)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|a|f|g|k|m|n|r|s|w   (COMMIT literally: the device's git metadata
+#   o: own_split (this rank's tokens half before the fused launch, half after it, hiding
+#      the combine as the first half hides the dispatch): the tma sources tests with it on 2
+#      ranks, the tma tiles' down 256 vs 128 at the E=64 / DeepSeek-V2-Lite GEMM shapes on
+#      1 GPU, then Mixtral T=4096 and E=64 T=16384 rows on 4 ranks by `flashmoe-tune run`
+#      (fused down-256 without / with own_split, comm_sms 0 / 8; the default beside them)
+#      and the overlap table for Mixtral with own_split against PyTorch EP (~560 s).
+#      Session 14 part m: fused down-256 5.468 ms, per-source 5.860, PyTorch EP ~6.43
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|a|f|g|k|m|n|o|r|s|w   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -260,6 +267,29 @@ if [ "$PART" = m ]; then
   grep -hE "^\| mixtral " "$O/sweep_mixtral.md" | cut -d'|' -f2-9
   grep -hE "^- mixtral" "$O/sweep_mixtral.md" | cut -c1-250
   grep -E "Error|error" "$O/sweep_mixtral.log" | tail -3
+fi
+if [ "$PART" = o ]; then
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 100 $MPI -x FLASHMOE_COMM_TIMEOUT -np 2 python3 -m \
+    pytest -m multigpu tests/test_multigpu.py -q --no-header -p no:cacheprovider \
+    -k "tma_kernel_sources and (own_split or host_fused)" > "$O/multigpu_os.log" 2>&1
+  echo "tma sources tests (own_split) 2 ranks rc=$?"
+  grep -E "passed|failed" "$O/multigpu_os.log" | tail -1
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 90 python3 bench/gemm_bench.py --commit "$COMMIT" \
+    --cases flashdmoe_t16384,flashdmoe_e64,dsv2lite_t4096 --out "$O/gemm_e64.md" \
+    --json "$O/gemm_e64.json" > "$O/gemm_e64.log" 2>&1
+  echo "gemm bench rc=$?"
+  V4=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma__r8__c1__cs1__ss1__fs__pk
+  tune_row o_mixtral_fused "$V4" $MIX
+  tune_row o_mixtral_fused_os "${V4}__os" $MIX
+  tune_row o_mixtral_fused_os_cm8 "${V4}__cm8__os" $MIX
+  tune_row o_e64_default "${TMA128}__r8__c1__cs1__ss1__pk__cm8" $E64
+  tune_row o_e64_fused "$V4" $E64
+  tune_row o_e64_fused_os "${V4}__os" $E64
+  OVERLAP_TIMEOUT=130 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --config "${V4}__os" \
+    > "$O/overlap.txt" 2>&1
+  bundle
+  grep -E "^\| (flashdmoe|dsv2)" "$O/gemm_e64.md" | cut -d'|' -f2,5,10-12
+  grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

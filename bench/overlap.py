@@ -111,7 +111,8 @@ def measure(p, comm, a) -> dict:
     cfg = dataclasses.replace(KernelConfig.parse(a.config), mode="host") if a.config else \
         KernelConfig.default(p)
     cfg.validate(p)
-    serial = dataclasses.replace(cfg, overlap=False, shared_stream=False)
+    # serialized: nothing in flight to hide, so no own_split either
+    serial = dataclasses.replace(cfg, overlap=False, shared_stream=False, own_split=False)
     layer = FlashMoE(p, cfg, comm=comm, seed=1)
     layer_s = FlashMoE(p, serial, comm=comm, seed=1, weights=layer.weights)
     # The same config with expert slots (one NCCL op per (peer, expert)) for comparison.

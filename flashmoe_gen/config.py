@@ -65,6 +65,9 @@ class KernelConfig:
     local experts' rows sit back to back (offsets from the exchanged counts) instead of at
     ``e * C``, so a peer's chunk is one contiguous NCCL send/recv instead of one per expert.
     Same tensor, same single writer per slot; only the rows' place inside the slot moves.
+    ``own_split`` (fused sources): this rank's tokens for the first half of the local experts
+    are computed while the dispatch is in flight, the second half while the combine is
+    (instead of all before the fused launch, leaving the combine exposed).
     ``mode`` (``MODE_CHOICES``): "host" plans each call on the host from the exchanged
     counts; "graph" runs with no host synchronisation and replays a CUDA graph.
     """
@@ -86,6 +89,7 @@ class KernelConfig:
     dispatch_blocks: int = 1  # transport "nvlink" only (DISPATCH_BLOCK_CHOICES)
     ws_tma: bool = False  # transport "nvlink", _ws tiles, BK 64, Hopper: weights by TMA
     comm_sms: int = 0  # transport "nccl", tma tiles, P > 1 (COMM_SMS_CHOICES)
+    own_split: bool = False  # fused sources (not _ws), P > 1, >= 2 local experts
 
     @property
     def uses_wgmma(self) -> bool:
@@ -140,6 +144,8 @@ class KernelConfig:
             parts.append("wt")
         if self.comm_sms:
             parts.append(f"cm{self.comm_sms}")
+        if self.own_split:
+            parts.append("os")
         return "__".join(parts)
 
     @classmethod
@@ -149,17 +155,17 @@ class KernelConfig:
                               "KernelConfig.name prints it")
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
-                         r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?", name)
+                         r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?(__os)?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
         (gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp,
-         wt, cm) = m.groups()
+         wt, cm, os_) = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
                    transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
-                   int(dsp or 1), wt is not None, int(cm or 0))
+                   int(dsp or 1), wt is not None, int(cm or 0), os_ is not None)
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -183,7 +189,8 @@ class KernelConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
-        for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma"):
+        for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
+                  "own_split"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -236,6 +243,25 @@ class KernelConfig:
             self._validate_ws_tma(limits, name)
         if self.comm_sms:
             self._validate_comm_sms(problem, name)
+        if self.own_split:
+            self._validate_own_split(problem, name)
+
+    def _validate_own_split(self, problem: MoEProblem, name: str) -> None:
+        """This rank's tokens split around the fused launch: there must be a fused launch of
+        peers' tokens only (not _ws, which takes this rank's in too), peers, and two halves
+        of local experts."""
+        why = None
+        if not self.fuse_sources or self.fuses_own_tokens:
+            why = ("only fused sources without _ws tiles (whose launch takes this rank's "
+                   "tokens in) compute this rank's tokens apart: use fs with sync, wgmma or "
+                   "tma tiles")
+        elif self.transport != "nccl" or problem.world_size == 1 or not self.overlap:
+            why = "only an overlapped NCCL forward over several ranks has transfers to hide"
+        elif problem.local_experts < 2:
+            why = (f"{problem.local_experts} local expert: nothing to put after the fused "
+                   f"launch")
+        if why:
+            raise ConfigError("own_split", True, why + " (or leave own_split off)", name)
 
     def _validate_comm_sms(self, problem: MoEProblem, name: str) -> None:
         """SMs left to NCCL: only the tma kernel's grid is sized to the SMs (other tiles'

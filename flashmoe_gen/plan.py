@@ -319,6 +319,16 @@ class _Events:
         return len(self.names) - 1
 
 
+def own_halves(chunks: list[tuple[int, int]]) -> tuple[list, list]:
+    """The local experts' chunks in two halves for ``own_split``: the first half of the
+    chunks and the rest, or one chunk cut at its middle expert."""
+    if len(chunks) >= 2:
+        return chunks[:len(chunks) // 2], chunks[len(chunks) // 2:]
+    (e0, e1), = chunks
+    mid = (e0 + e1) // 2
+    return [(e0, mid)], [(mid, e1)]
+
+
 def _per_source_schedule(p: MoEProblem, cfg: KernelConfig, steps, chunks, ev, transfer,
                          local_blocks, bound) -> list[Op]:
     """Each (step, chunk) dispatched on its own, computed as soon as it lands, its results
@@ -370,8 +380,8 @@ def _fused_schedule(p: MoEProblem, cfg: KernelConfig, steps, chunks, ev, transfe
     waits = [Wait(MAIN, a) for a in arrived]
     if not cfg.overlap:  # serialized baseline: all traffic lands before any compute
         ops += waits
-    if not with_self:
-        ops += local_blocks()
+    if not with_self:  # this rank's tokens (own_split: the first half) hide the dispatch
+        ops += local_blocks(0 if cfg.own_split else None)
     if cfg.overlap:
         ops += waits
     what = "every source's tokens, this rank's too" if with_self else "every peer's tokens"
@@ -385,6 +395,8 @@ def _fused_schedule(p: MoEProblem, cfg: KernelConfig, steps, chunks, ev, transfe
             back += [transfer(COMBINE, 0, e0, e1, comm(0)) for e0, e1 in chunks]
         if back:
             ops += [Wait(comm(c), done), TransferGroup(tuple(back))]
+    if cfg.own_split:  # the second half of this rank's tokens while the combine is in flight
+        ops += local_blocks(1)
     return ops
 
 
@@ -410,9 +422,10 @@ def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
             shared_done = ev.new("shared_done")
             ops.append(Record(shared_done, stream))
 
-    def local_blocks() -> list[Op]:
+    def local_blocks(half: int | None = None) -> list[Op]:
+        spans = chunks if half is None else own_halves(chunks)[half]
         return [Gemms(f"experts [{e0}, {e1}) of this rank's tokens", 0, MAIN,
-                      _expert_launches(p, e0, e1, True, bound)) for e0, e1 in chunks]
+                      _expert_launches(p, e0, e1, True, bound)) for e0, e1 in spans]
 
     def transfer(round_: int, step: int, e0: int, e1: int, stream: Stream) -> Transfer:
         base, rows = regions.get((e0, e1), (None, None))

@@ -395,3 +395,24 @@ def test_split_groups_give_the_same_outputs(monkeypatch):
     for out, want in zip(outs, ref.out, strict=True):
         if len(want):
             assert relative_error(_f64(out), want) < 2e-2
+
+
+@pytest.mark.parametrize("mode", ["host", "graph"])
+def test_own_split_matches_the_reference(mode):
+    """own_split: this rank's tokens for half the local experts before the fused launch,
+    half after it (while the combine is in flight); same outputs, chunked or not."""
+    p = P4
+    w = MoEWeights.random(p, 5)
+    xs = [random_tokens(t, p.hidden, seed=60 + r) for r, t in enumerate((24, 7, 0, 13))]
+    ref = moe_reference(p, xs, w)
+    for chunks, streams, packed in itertools.product((1, 2), (1, 2), (True, False)):
+        cfg = KernelConfig(*SYNC, router_tokens_per_block=8, chunks_per_peer=chunks,
+                           comm_streams=streams, fuse_sources=True, packed_slots=packed,
+                           mode=mode, own_split=True)
+        outs, layers = emulate(p, cfg, w, xs)
+        own = [op for op in layers[0].plan.ops if isinstance(op, Gemms) and op.step == 0]
+        assert len(own) == 2 and "[0, 1)" in own[0].what and "[1, 2)" in own[1].what
+        for r, (out, want) in enumerate(zip(outs, ref.out, strict=True)):
+            if len(want):
+                err = relative_error(_f64(out), want)
+                assert err < 2e-2, (cfg.name, r, err)

@@ -99,6 +99,8 @@ FULL = {
     "ws_tma": (False,),  # its TMA weight loads: likewise
     # SMs the tma kernel leaves to NCCL (nccl transport with a tma tile; else forced to 0)
     "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
+    # this rank's tokens split around the fused launch (fused nccl sources, not _ws)
+    "own_split": (False, True),
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -113,7 +115,7 @@ SMALL = {
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
-    "ws_tma": (False,),
+    "ws_tma": (False,), "own_split": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -157,6 +159,14 @@ def _ws_tma_apply(params: dict) -> bool:
             and params.get("gu_bk") == params.get("dn_bk") == 64)
 
 
+def _own_split_apply(params: dict) -> bool:
+    """Whether own_split means anything: fused NCCL sources whose launch leaves this rank's
+    tokens apart (not _ws); for_problem drops it where there are no peers or one local
+    expert."""
+    return (params.get("transport", "nccl") == "nccl" and params.get("fuse", False)
+            and params.get("gu_mma") != "ws")
+
+
 def _splits_apply(params: dict) -> bool:
     """Whether the K-split knobs mean anything: transport nvlink, fused ws tiles."""
     return (params.get("transport") == "nvlink" and params.get("fuse", False)
@@ -173,6 +183,8 @@ def _without_moot(params: dict) -> dict:
         out["comm_sms"] = 0
     if "ws_tma" in out and not _ws_tma_apply(out):
         out["ws_tma"] = False
+    if "own_split" in out and not _own_split_apply(out):
+        out["own_split"] = False
     return out
 
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
@@ -220,6 +232,8 @@ class SearchSpace:
         if problem.world_size == 1:  # nothing to chunk, stream or fuse across peers
             choices["chunks"], choices["streams"], choices["fuse"] = (1,), (1,), (False,)
             choices["comm_sms"] = (0,)  # nor SMs to leave to NCCL
+        if problem.world_size == 1 or problem.local_experts < 2:
+            choices["own_split"] = (False,)  # no transfers to hide, or no second half
             choices["packed"] = (False,)  # no sends: where rows sit in a slot is moot
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
@@ -272,7 +286,8 @@ class SearchSpace:
                             dn_splits=params.get("ksplit_dn", 1),
                             dispatch_blocks=params.get("dispatch", 1),
                             comm_sms=params.get("comm_sms", 0),
-                            ws_tma=params.get("ws_tma", False))
+                            ws_tma=params.get("ws_tma", False),
+                            own_split=params.get("own_split", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -295,7 +310,7 @@ class SearchSpace:
                     "transport": cfg.transport, "blocks": cfg.blocks_per_sm,
                     "ksplit_gu": cfg.gu_splits, "ksplit_dn": cfg.dn_splits,
                     "dispatch": cfg.dispatch_blocks, "comm_sms": cfg.comm_sms,
-                    "ws_tma": cfg.ws_tma}
+                    "ws_tma": cfg.ws_tma, "own_split": cfg.own_split}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())

@@ -1,0 +1,73 @@
+"""The own_split knob (CPU): this rank's tokens split around the fused launch (half the
+local experts while the dispatch is in flight, half while the combine is): its name,
+validation, plan order and place in the search space. Outputs: test_plan_emulated."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.errors import ConfigError
+from flashmoe_gen.plan import Gemms, TransferGroup, build_plan, own_halves
+from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.tiles import GemmTile
+from flashmoe_gen.tuner.space import SearchSpace
+
+MIXTRAL = MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096)
+TMA = GemmTile(128, 128, 64, 8, 1, 4, "tma")
+
+
+def _split() -> KernelConfig:
+    return KernelConfig(TMA, replace(TMA, bn=256, stages=3), fuse_sources=True,
+                        packed_slots=True, own_split=True)
+
+
+def test_name_round_trips():
+    cfg = _split()
+    cfg.validate(MIXTRAL, "sm_90")
+    assert cfg.name.endswith("__fs__pk__os")
+    assert KernelConfig.from_name(cfg.name) == cfg
+    assert KernelConfig.from_dict(cfg.to_dict()) == cfg
+    assert "os" not in replace(cfg, own_split=False).name.split("__")
+
+
+@pytest.mark.parametrize("change,problem,why", [
+    (dict(fuse_sources=False), MIXTRAL, "only fused sources"),
+    (dict(gate_up=GemmTile(32, 64, 64, 4, 1, 4, "ws"), down=GemmTile(32, 128, 64, 4, 1, 4, "ws")),
+     MIXTRAL.replace(tokens_per_rank=8), "only fused sources"),
+    (dict(overlap=False), MIXTRAL, "overlapped"),
+    (dict(packed_slots=False), MIXTRAL.replace(world_size=1), "overlapped"),
+    (dict(), MIXTRAL.replace(world_size=8), "1 local expert"),
+])
+def test_invalid_uses_say_what_to_change(change, problem, why):
+    cfg = replace(_split(), **change)
+    if problem.world_size == 1:
+        cfg = replace(cfg, fuse_sources=True)
+    with pytest.raises(ConfigError, match=why) as e:
+        cfg.validate(problem, "sm_90")
+    assert e.value.field == "own_split" and "leave own_split off" in str(e.value)
+
+
+def test_the_second_half_runs_after_the_combine_is_enqueued():
+    ops = build_plan(MIXTRAL, _split()).ops
+    own = [i for i, op in enumerate(ops) if isinstance(op, Gemms) and op.step == 0]
+    fused = next(i for i, op in enumerate(ops) if isinstance(op, Gemms) and op.step is None
+                 and "fused" in op.what)
+    combine = max(i for i, op in enumerate(ops) if isinstance(op, TransferGroup))
+    assert len(own) == 2 and own[0] < fused < combine < own[1]
+    assert "[0, 1)" in ops[own[0]].what and "[1, 2)" in ops[own[1]].what
+    assert own_halves([(0, 4)]) == ([(0, 2)], [(2, 4)])
+    assert own_halves([(0, 1), (1, 2), (2, 3)]) == ([(0, 1)], [(1, 2), (2, 3)])
+
+
+def test_search_space_samples_it_only_where_it_applies():
+    space = SearchSpace.for_problem(MIXTRAL, "sm_90", "full")
+    assert space.choices["own_split"] == (False, True)
+    params = space.params_from_config(_split())
+    assert space.config_from_params(params).own_split and space.check(params) is None
+    assert not space.canonical(params | {"fuse": False})["own_split"]  # moot: no fused launch
+    for p in (MIXTRAL.replace(world_size=1), MIXTRAL.replace(world_size=8)):
+        assert SearchSpace.for_problem(p, "sm_90", "full").choices["own_split"] == (False,)
+    assert SearchSpace.for_problem(MIXTRAL, "sm_90", "small").choices["own_split"] == (False,)
