@@ -78,7 +78,11 @@
 #      (fused down-256 without / with own_split, comm_sms 0 / 8; the default beside them)
 #      and the overlap table for Mixtral with own_split against PyTorch EP (~560 s).
 #      Session 14 part m: fused down-256 5.468 ms, per-source 5.860, PyTorch EP ~6.43
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|a|f|g|k|m|n|o|r|s|w   (COMMIT literally: the device's git metadata
+#   p: the new large-batch defaults (tma down 256; fused sources + own_split on several ranks;
+#      the persistent default's wgmma rows): the 2-rank shape, tma and graph tests on them,
+#      the overlap table (seed, DeepSeek-V2-Lite T=4096, Mixtral T=4096) against PyTorch EP,
+#      then E=64 T=16384 on 4 ranks with the nvlink default beside (~500 s)
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|4|5|6|a|f|g|k|m|n|o|p|r|s|w   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -289,6 +293,24 @@ if [ "$PART" = o ]; then
     > "$O/overlap.txt" 2>&1
   bundle
   grep -E "^\| (flashdmoe|dsv2)" "$O/gemm_e64.md" | cut -d'|' -f2,5,10-12
+  grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
+fi
+if [ "$PART" = p ]; then
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 150 $MPI -x FLASHMOE_COMM_TIMEOUT -np 2 python3 -m \
+    pytest -m multigpu tests/test_multigpu.py -q --no-header -p no:cacheprovider \
+    -k "test_shapes or tma_kernel_sources or graph_mode_matches" > "$O/multigpu_2.log" 2>&1
+  echo "multigpu 2 ranks (shapes, tma sources, graph mode) rc=$?"
+  grep -E "passed|failed" "$O/multigpu_2.log" | tail -1
+  OVERLAP_TIMEOUT=210 run_overlap 4 "$COMMIT" --problems seed,dsv2lite_t4096,mixtral_t4096 \
+    > "$O/overlap.txt" 2>&1
+  timeout -k 10 100 $MPI -np 4 python3 bench/scaling.py --experts 64 --tokens 16384 --nvlink \
+    --commit "$COMMIT" --json "$O/scaling.json" --out "$O/scaling_p4" > "$O/scaling_p4.log" 2>&1
+  echo "scaling 4 ranks rc=$?"
+  rm -f "$O"/*.png
+  python3 -c "import json; [print(r['tokens_per_gpu'], 'floor', r['floor_ms'], 'torch', \
+r['torch_ep_ms'], 'nccl', r['ours_ms'], r['config'], 'nvlink', r.get('ours_nvlink_ms'), \
+r.get('config_nvlink')) for r in json.load(open('$O/scaling.json'))]"
+  bundle
   grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
 fi
 if [ "$PART" = n ]; then

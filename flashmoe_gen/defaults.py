@@ -90,14 +90,11 @@ def heuristic_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelCo
         # leaving DEFAULT_COMM_SMS to NCCL took Mixtral T=4096 on 4 x H200 from 6.29 to
         # 5.75 ms and H=I=2048 E=64 T=16384 from 4.22 to 3.70 ms (bench/results
         # 2026-11-27_comm_sms_4xH200_11eaab5).
-        for mma in ("tma", "wgmma"):
-            cm = DEFAULT_COMM_SMS if mma == "tma" and problem.world_size > 1 else 0
-            cfg = KernelConfig(GemmTile(128, 128, 64, 8, 1, 4, mma),
-                               GemmTile(128, 128, 64, 8, 1, 4, mma), comm_sms=cm, **knobs)
+        for cfg in _hopper_candidates(problem, knobs):
             try:
                 cfg.validate(problem, arch)
                 return cfg
-            except ConfigError:  # a dimension below the 128-wide tiles: mma.sync below
+            except ConfigError:  # a dimension below the tiles: the next, mma.sync below
                 pass
     rows = expert_rows(problem)
     bm = 64 if rows <= 96 else 128
@@ -113,6 +110,27 @@ def heuristic_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelCo
     cfg = KernelConfig(gate_up, down, **knobs)
     cfg.validate(problem, arch)
     return cfg
+
+
+def _hopper_candidates(problem: MoEProblem, knobs: dict) -> list[KernelConfig]:
+    """The large-batch defaults on Hopper, best first. The tma kernel's down tile 256 wide
+    (3 stages fit shared memory) ran 1.5-3.7% faster than 128 at every large-batch GEMM shape
+    on 1 x H200 (bench/results 2026-11-27_gemm_*_layer_shapes). On several ranks with two or
+    more local experts: fused sources with ``own_split`` (this rank's tokens hide the
+    dispatch and the combine); 4 x H200, same machine, two rounds: Mixtral T=4096 5.66-5.75
+    vs 5.84-5.98 ms per source with comm_sms 8, DeepSeek-V2-Lite T=4096 2.52-2.63 vs
+    2.97-3.04 (2026-11-27_own_split_4xH200_75d16d0). Otherwise per source, leaving
+    DEFAULT_COMM_SMS to NCCL (it moves the next source while the tma kernel holds the
+    SMs)."""
+    tma, tma_dn = GemmTile(128, 128, 64, 8, 1, 4, "tma"), GemmTile(128, 256, 64, 8, 1, 3, "tma")
+    if problem.world_size > 1 and problem.local_experts >= 2:
+        tma_knobs = dict(fuse_sources=True, own_split=True)
+    else:
+        tma_knobs = dict(comm_sms=DEFAULT_COMM_SMS if problem.world_size > 1 else 0)
+    wg = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
+    return [KernelConfig(tma, tma_dn, **knobs, **tma_knobs),
+            KernelConfig(tma, tma, **knobs, **tma_knobs),
+            KernelConfig(wg, wg, **knobs)]
 
 
 def _weight_streaming(problem: MoEProblem, knobs: dict, arch: str) -> KernelConfig | None:

@@ -20,15 +20,22 @@ MIXTRAL = MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096)
 
 
 def _tma() -> KernelConfig:
-    cfg = replace(KernelConfig.default(MIXTRAL), comm_sms=0)
+    cfg = replace(KernelConfig.default(MIXTRAL), comm_sms=0, fuse_sources=False,
+                  own_split=False)
     assert cfg.uses_tma
     return cfg
 
 
 def test_the_default_leaves_sms_to_nccl_on_several_ranks_only():
-    cfg = KernelConfig.default(MIXTRAL)
-    assert cfg.uses_tma and cfg.comm_sms == DEFAULT_COMM_SMS == 8
-    cfg.validate(MIXTRAL)
+    # per source (one local expert: no own_split), NCCL moves the next source meanwhile
+    one_local = MIXTRAL.replace(world_size=8)
+    cfg = KernelConfig.default(one_local)
+    assert cfg.uses_tma and not cfg.fuse_sources and cfg.comm_sms == DEFAULT_COMM_SMS == 8
+    cfg.validate(one_local)
+    # two local experts: fused sources with own_split, nothing in flight during the launch
+    fused = KernelConfig.default(MIXTRAL)
+    assert fused.uses_tma and fused.fuse_sources and fused.own_split and fused.comm_sms == 0
+    fused.validate(MIXTRAL)
     one = KernelConfig.default(MIXTRAL.replace(world_size=1))
     assert one.uses_tma and one.comm_sms == 0
     one.validate(MIXTRAL.replace(world_size=1))

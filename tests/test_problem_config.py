@@ -65,8 +65,8 @@ def test_tile_and_config_name_exact():
         "gu_bm64_bn64_bk64_w2x2_s3__dn_bm64_bn128_bk64_w2x4_s3__r8__c1__cs1__ss1")
     assert KernelConfig.default(SEED, "sm_90") == KernelConfig.default(SEED, "sm_80")  # 64 blocks
     assert KernelConfig.default(DSV2_LITE, "sm_90").name == (  # 16 x 11 blocks
-        "gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn128_bk64_w8x1_s4_tma__r8__c1__cs1__ss1__pk"
-        "__cm8")  # the tma kernel leaves 8 SMs to NCCL on several ranks
+        "gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma__r8__c1__cs1__ss1__fs"
+        "__pk__os")  # the tma kernel, fused sources, this rank's tokens around the launch
     # More groups than one tma launch takes (2048 local experts): wgmma tiles instead.
     many = MoEProblem(1024, 1024, 2048, 2, tokens_per_rank=1 << 17)
     assert KernelConfig.default(many, "sm_90").gate_up.mma == "wgmma"
@@ -149,6 +149,7 @@ CONFIG_CHANGES = {
     "dispatch_blocks": 0,
     "ws_tma": True,
     "comm_sms": 8,
+    "own_split": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -574,7 +575,7 @@ def test_weight_streaming_default_for_decode_only():
     assert ws.gate_up.mma == ws.down.mma == "ws" and ws.fuse_sources
     assert ws.block_m == 32  # 16 rows per expert, 32 with the shared expert's T rows
     big = KernelConfig.default(DSV3_DECODE.replace(tokens_per_rank=4096))
-    assert big.gate_up.mma != "ws" and not big.fuse_sources
+    assert big.gate_up.mma != "ws" and not big.fuses_own_tokens  # own tokens apart
     one = KernelConfig.default(DSV3_DECODE.replace(world_size=1, shared_experts=0,
                                                    tokens_per_rank=64))
     assert one.gate_up.bm == 16 and not one.fuse_sources  # 2 rows per expert, no peers
@@ -782,7 +783,10 @@ def test_defaults_stream_weights_where_per_source_tiles_reread_them(model, gpus,
     assert streams_weights(p) == streams
     for cfg in (KernelConfig.default(p, "sm_90"), KernelConfig.persistent_default(p, "sm_90")):
         assert (cfg.gate_up.mma == "ws") == streams, cfg.name
-        assert cfg.fuse_sources == (streams and gpus > 1), cfg.name
+        if streams:
+            assert cfg.fuse_sources == (gpus > 1), cfg.name
+        else:  # own tokens apart from any fused launch (the tma default's own_split)
+            assert not cfg.fuses_own_tokens, cfg.name
 
 
 def test_tiny_weights_keep_per_source_tiles_past_ws_max_rows():

@@ -56,7 +56,7 @@ def configs_for(p: MoEProblem) -> list[KernelConfig]:
     d = KernelConfig.default(p)
     out = [d,
            replace(d, router_tokens_per_block=1, chunks_per_peer=4, comm_streams=2,
-                   shared_stream=False, overlap=False),
+                   shared_stream=False, overlap=False, own_split=False),
            replace(d, router_tokens_per_block=32)]
     if min(p.hidden, p.intermediate) >= 64:  # mma.sync tiles with bk 32
         out.append(replace(d, gate_up=GemmTile(64, 64, 32, 2, 2, 4),
