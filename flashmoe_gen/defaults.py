@@ -114,14 +114,14 @@ def heuristic_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelCo
 
 def _hopper_candidates(problem: MoEProblem, knobs: dict) -> list[KernelConfig]:
     """The large-batch defaults on Hopper, best first. The tma kernel's down tile 256 wide
-    (3 stages fit shared memory) ran 1.5-3.7% faster than 128 at every large-batch GEMM shape
-    on 1 x H200 (bench/results 2026-11-27_gemm_*_layer_shapes). On several ranks with two or
-    more local experts: fused sources with ``own_split`` (this rank's tokens hide the
-    dispatch and the combine); 4 x H200, same machine, two rounds: Mixtral T=4096 5.66-5.75
-    vs 5.84-5.98 ms per source with comm_sms 8, DeepSeek-V2-Lite T=4096 2.52-2.63 vs
-    2.97-3.04 (2026-11-27_own_split_4xH200_75d16d0). Otherwise per source, leaving
-    DEFAULT_COMM_SMS to NCCL (it moves the next source while the tma kernel holds the
-    SMs)."""
+    (3 stages fit shared memory) ran 1.5-3.7% faster than 128 at every large-batch GEMM
+    shape on 1 x H200 (bench/results/2026-11-27_gemm_{mixtral,e64}_layer_shapes_*). On
+    several ranks with two or more local experts: fused sources with ``own_split`` (this
+    rank's tokens hide the dispatch and the combine); 4 x H200, same machine, two rounds:
+    Mixtral T=4096 5.66-5.75 vs 5.84-5.98 ms per source with comm_sms 8, DeepSeek-V2-Lite
+    T=4096 2.52-2.63 vs 2.97-3.04 (bench/results/2026-11-27_own_split_4xH200_75d16d0.md).
+    Otherwise per source, leaving DEFAULT_COMM_SMS to NCCL (it moves the next source while
+    the tma kernel holds the SMs)."""
     tma, tma_dn = GemmTile(128, 128, 64, 8, 1, 4, "tma"), GemmTile(128, 256, 64, 8, 1, 3, "tma")
     if problem.world_size > 1 and problem.local_experts >= 2:
         tma_knobs = dict(fuse_sources=True, own_split=True)
