@@ -8,6 +8,16 @@ run_multigpu() {  # P
     --no-header -p no:cacheprovider > "$O/multigpu_$1.log" 2>&1
   echo "multigpu $1 ranks rc=$?"; grep -E "passed|failed|FAILED" "$O/multigpu_$1.log" | tail -8
 }
+multigpu_k() {  # P TIMEOUT TAG K-EXPRESSION: the multigpu tests -k selects on P ranks;
+  # per-test verdicts (every rank) and the summary line, log in $O/multigpu_TAG.log
+  local p=$1 t=$2 tag=$3 k=$4
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 "$t" $MPI -x FLASHMOE_COMM_TIMEOUT -np "$p" python3 \
+    -m pytest -m multigpu tests/test_multigpu.py -v --no-header -p no:cacheprovider -k "$k" \
+    > "$O/multigpu_$tag.log" 2>&1
+  echo "multigpu $p ranks ($k) rc=$?"
+  sed 's/\x1b\[[0-9;]*m//g' "$O/multigpu_$tag.log" |
+    grep -oE "test_\w+(\[[^]]*\])? (PASSED|FAILED|ERROR)|[0-9]+ (passed|failed).*" | sort | uniq -c
+}
 tune_row() {  # LABEL CONFIG PROBLEM-ARGS...: one config on 4 ranks by `flashmoe-tune run`
   # (checked against the reference, then timed); one line: label, rc, median, max rel err
   local label=$1 cfg=$2; shift 2
