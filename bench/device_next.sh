@@ -28,7 +28,14 @@
 #      then E=64 T=16384 on 4 ranks with the nvlink default beside (~500 s)
 #   (done and measured: parts 4, 5, a, f, g, m, o, r, s, w; their commands are in the git history
 #   and named by the bench/results files of the sessions that ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p   (COMMIT literally: the device's git metadata
+#   h: main (H_ROWS_ONLY=1: the rows only), then branch tma-half-skip (the tma kernel's warpgroup whose 64 rows lie past a group's
+#      rows issues no MMAs): the 2-rank tma/shape tests, the 1-GPU tma tests, GEMMs alone at
+#      Mixtral one source (1024 rows) and ragged (1088 = 8 tiles + 64 rows; today ~9/8 of
+#      1024's time, expect ~8.5/8), then the Mixtral / DeepSeek-V2-Lite T=4096 / Qwen3 T=512
+#      defaults by `flashmoe-tune run` (~400 s). Run the same rows on main first on the same
+#      machine (`H_ROWS_ONLY=1`; session 14: Mixtral 5.66-5.75 ms, DeepSeek-V2-Lite
+#      2.52-2.63, Qwen3 1.33-1.46)
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|h|k|n|p   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -106,6 +113,27 @@ r['torch_ep_ms'], 'nccl', r['ours_ms'], r['config'], 'nvlink', r.get('ours_nvlin
 r.get('config_nvlink')) for r in json.load(open('$O/scaling.json'))]"
   bundle
   grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
+fi
+if [ "$PART" = h ]; then
+  if [ -z "${H_ROWS_ONLY:-}" ]; then
+    multigpu_k 2 200 tma "tma_kernel_sources or test_shapes"
+    CUDA_VISIBLE_DEVICES=0 timeout -k 10 120 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+      -q --no-header -p no:cacheprovider -k tma > "$O/gpu_tma.log" 2>&1
+    echo "tma GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_tma.log" | tail -1
+  fi
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 100 python3 bench/gemm_bench.py --commit "$COMMIT" \
+    --cases mixtral_p4_source,mixtral_p4_ragged --out "$O/gemm_ragged.md" \
+    --json "$O/gemm_ragged.json" > "$O/gemm_ragged.log" 2>&1
+  echo "gemm bench rc=$?"
+  for m in "mixtral-8x7b 4096" "deepseek-v2-lite 4096" "qwen3-30b-a3b 512"; do
+    set -- $m
+    tune_row "h_$1" "$(python3 -c "from flashmoe_gen.presets import get_preset as g; \
+from flashmoe_gen.config import KernelConfig as K; \
+print(K.default(g('$1').problem(world_size=4, tokens_per_rank=$2), 'sm_90').name)")" \
+      --model "$1" --tokens "$2"
+  done
+  bundle
+  grep -E "^\| mixtral" "$O/gemm_ragged.md" | cut -d'|' -f2,3,5,10-12
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
