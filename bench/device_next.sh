@@ -35,7 +35,12 @@
 #      defaults by `flashmoe-tune run` (~400 s). Run the same rows on main first on the same
 #      machine (`H_ROWS_ONLY=1`; session 14: Mixtral 5.66-5.75 ms, DeepSeek-V2-Lite
 #      2.52-2.63, Qwen3 1.33-1.46)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|h|k|n|p   (COMMIT literally: the device's git metadata
+#   t: main (T_ROWS_ONLY=1: the sweep only), then branch router-mma (the split router's
+#      logits on the tensor cores): the router GPU tests (1 GPU), the nvlink tests on 2 GPUs
+#      and the 2-rank persistent-kernel subset, then DeepSeek-V2-Lite / DeepSeek-V3-like at
+#      T=1, 128 and E=64 at T=16384 on 4 ranks with their phases beside PyTorch EP (~420 s).
+#      Session 14 (other machines): route 28.4 us DeepSeek-V2-Lite T=1, 456 us E=64 T=16384
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|h|k|n|p|t   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -134,6 +139,27 @@ print(K.default(g('$1').problem(world_size=4, tokens_per_rank=$2), 'sm_90').name
   done
   bundle
   grep -E "^\| mixtral" "$O/gemm_ragged.md" | cut -d'|' -f2,3,5,10-12
+fi
+if [ "$PART" = t ]; then
+  if [ -z "${T_ROWS_ONLY:-}" ]; then
+    CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+      -q --no-header -p no:cacheprovider -k "router" > "$O/gpu_router.log" 2>&1
+    echo "router GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_router.log" | tail -1
+    CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 100 python3 -m pytest -m gpu tests/test_gpu_nvlink.py \
+      -q --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1
+    echo "gpu nvlink (2 GPUs) rc=$?"; grep -E "passed|failed" "$O/gpu_nvlink.log" | tail -1
+    multigpu_k 2 150 nvl "persistent_kernel and (dsv2lite or graph or fused or row_tiles)"
+  fi
+  for s in "dsv2lite,dsv3 1,128" "e64 16384"; do
+    set -- $s
+    timeout -k 10 150 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+      --problems "$1" --tokens "$2" --iters 10 --out "$O/sweep_${1%%,*}.md" \
+      --json "$O/sweep_${1%%,*}.json" > "$O/sweep_${1%%,*}.log" 2>&1
+    echo "sweep $1 rc=$?"
+  done
+  bundle
+  grep -hE "^\| (dsv|e64)" "$O"/sweep_*.md | cut -d'|' -f2,3,5,6,8,9
+  grep -hE "^- (dsv|e64)" "$O"/sweep_*.md | sed 's/`[^`]*`//' | cut -c1-150
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
