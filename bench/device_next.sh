@@ -28,8 +28,9 @@
 #      then E=64 T=16384 on 4 ranks with the nvlink default beside (~500 s)
 #   (done and measured: parts 4, 5, a, f, g, m, o, r, s, w; their commands are in the git history
 #   and named by the bench/results files of the sessions that ran them)
-#   h: main (H_ROWS_ONLY=1: the rows only), then branch tma-half-skip (the tma kernel's warpgroup whose 64 rows lie past a group's
-#      rows issues no MMAs): the 2-rank tma/shape tests, the 1-GPU tma tests, GEMMs alone at
+#   h: main (H_ROWS_ONLY=1: the rows only), then branch tma-half-skip (a tma or wgmma
+#      warpgroup whose 64 rows lie past a group's rows issues no MMAs): the 2-rank
+#      tma/shape/row-tile tests, the 1-GPU tma and wgmma tests, GEMMs alone at
 #      Mixtral one source (1024 rows) and ragged (1088 = 8 tiles + 64 rows; today ~9/8 of
 #      1024's time, expect ~8.5/8), then the Mixtral / DeepSeek-V2-Lite T=4096 / Qwen3 T=512
 #      defaults by `flashmoe-tune run` (~400 s). Run the same rows on main first on the same
@@ -121,10 +122,10 @@ r.get('config_nvlink')) for r in json.load(open('$O/scaling.json'))]"
 fi
 if [ "$PART" = h ]; then
   if [ -z "${H_ROWS_ONLY:-}" ]; then
-    multigpu_k 2 200 tma "tma_kernel_sources or test_shapes"
-    CUDA_VISIBLE_DEVICES=0 timeout -k 10 120 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-      -q --no-header -p no:cacheprovider -k tma > "$O/gpu_tma.log" 2>&1
-    echo "tma GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_tma.log" | tail -1
+    multigpu_k 2 200 tma "tma_kernel_sources or test_shapes or row_tiles"
+    CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+      -q --no-header -p no:cacheprovider -k "tma or wgmma" > "$O/gpu_tma.log" 2>&1
+    echo "tma/wgmma GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_tma.log" | tail -1
   fi
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 100 python3 bench/gemm_bench.py --commit "$COMMIT" \
     --cases mixtral_p4_source,mixtral_p4_ragged --out "$O/gemm_ragged.md" \
