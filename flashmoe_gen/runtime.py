@@ -39,6 +39,8 @@ from .weights import MoEWeights
 
 #: Mode "graph" takes its fixed buffers only when they fit this share of the free memory.
 GRAPH_MEMORY_SHARE = 0.9
+#: The kernels read x and store out rows as vectors of this many bytes (permute, combine).
+VECTOR_BYTES = 16
 #: Positions in a packed GEMM launch that the launch grid and the tma kernel's maps need.
 _INNER_GROUPS = GEMM.names.index("inner_groups")
 _A, _B0, _B1, _K = (GEMM.names.index(n) for n in ("A", "B0", "B1", "K"))
@@ -389,14 +391,19 @@ class FlashMoE:
         if x.dtype != np.uint16 or x.ndim != 2 or x.shape[1] != p.hidden:
             raise ProblemError("x", f"{x.dtype}{tuple(x.shape)}",
                                f"expected uint16 (bf16 bits) [tokens, {p.hidden}]")
-        if not x.flags.c_contiguous:
-            x = cupy.ascontiguousarray(x)
+        if not x.flags.c_contiguous or x.data.ptr % VECTOR_BYTES:
+            x = x.copy()  # contiguous, on a fresh (aligned) allocation
         tokens = x.shape[0]
         if out is None:
             out = cupy.empty((tokens, p.hidden), np.uint16)
         elif out.dtype != np.uint16 or tuple(out.shape) != (tokens, p.hidden):
             raise ProblemError("out", f"{out.dtype}{tuple(out.shape)}",
                                f"expected uint16 [{tokens}, {p.hidden}]")
+        elif not out.flags.c_contiguous or out.data.ptr % VECTOR_BYTES:
+            raise ProblemError("out", f"address {out.data.ptr:#x}, contiguous "
+                               f"{out.flags.c_contiguous}", f"the combine stores rows as "
+                               f"{VECTOR_BYTES}-byte vectors: pass a contiguous array that "
+                               f"starts on a {VECTOR_BYTES}-byte boundary (a fresh one does)")
         if (self.config.mode == "graph" or self._persistent is not None) and \
                 tokens > p.tokens_per_rank:
             raise ProblemError("tokens", tokens, f"mode 'graph' and transport 'nvlink' were "

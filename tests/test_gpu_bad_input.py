@@ -79,3 +79,26 @@ def test_non_contiguous_input_is_made_contiguous(layer_and_weights):
     idx = layer.last_routing()[0].get().astype(np.int64)
     ref = moe_reference(P, [bits], w, topk_idx=[idx]).out[0]
     assert relative_error(bf16.from_bits(out.get()).astype(np.float64), ref) <= 1e-2
+
+
+def test_misaligned_tensors_copied_or_refused(layer_and_weights):
+    """The kernels read x and store out as 16-byte vectors: an x that starts off that
+    boundary (a view one row element in) is copied; such an out is a typed error that says
+    what to pass, not a misaligned-address fault that kills the context."""
+    import cupy
+
+    layer, w = layer_and_weights
+    bits = random_tokens(32, P.hidden, seed=8)
+    flat = cupy.zeros(32 * P.hidden + 1, np.uint16)
+    flat[1:] = cupy.asarray(bits).ravel()
+    x = flat[1:].reshape(32, P.hidden)  # contiguous, 2 bytes past a 16-byte boundary
+    assert x.flags.c_contiguous and x.data.ptr % 16
+    out = layer.forward(x)
+    idx = layer.last_routing()[0].get().astype(np.int64)
+    ref = moe_reference(P, [bits], w, topk_idx=[idx]).out[0]
+    assert relative_error(bf16.from_bits(out.get()).astype(np.float64), ref) <= 1e-2
+    bad_out = cupy.zeros(32 * P.hidden + 1, np.uint16)[1:].reshape(32, P.hidden)
+    with pytest.raises(ProblemError, match="16-byte"):
+        layer.forward(cupy.asarray(bits), out=bad_out)
+    layer.forward(cupy.asarray(bits))  # the context lives on
+    cupy.cuda.Device().synchronize()
