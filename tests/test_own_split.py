@@ -13,7 +13,7 @@ from flashmoe_gen.errors import ConfigError
 from flashmoe_gen.plan import Gemms, TransferGroup, build_plan, own_halves
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.tiles import GemmTile
-from flashmoe_gen.tuner.space import SearchSpace
+from flashmoe_gen.tuner.space import FULL, SearchSpace
 
 MIXTRAL = MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096)
 TMA = GemmTile(128, 128, 64, 8, 1, 4, "tma")
@@ -70,4 +70,7 @@ def test_search_space_samples_it_only_where_it_applies():
     assert not space.canonical(params | {"fuse": False})["own_split"]  # moot: no fused launch
     for p in (MIXTRAL.replace(world_size=1), MIXTRAL.replace(world_size=8)):
         assert SearchSpace.for_problem(p, "sm_90", "full").choices["own_split"] == (False,)
+    # one local expert on 8 ranks: still sends, so both slot layouts stay in the space
+    one_local = SearchSpace.for_problem(MIXTRAL.replace(world_size=8), "sm_90", "full")
+    assert one_local.choices["packed"] == FULL["packed"]
     assert SearchSpace.for_problem(MIXTRAL, "sm_90", "small").choices["own_split"] == (False,)

@@ -232,9 +232,9 @@ class SearchSpace:
         if problem.world_size == 1:  # nothing to chunk, stream or fuse across peers
             choices["chunks"], choices["streams"], choices["fuse"] = (1,), (1,), (False,)
             choices["comm_sms"] = (0,)  # nor SMs to leave to NCCL
+            choices["packed"] = (False,)  # no sends: where rows sit in a slot is moot
         if problem.world_size == 1 or problem.local_experts < 2:
             choices["own_split"] = (False,)  # no transfers to hide, or no second half
-            choices["packed"] = (False,)  # no sends: where rows sit in a slot is moot
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
         if limits.major_minor != (9, 0):  # warpgroup MMA and TMA are Hopper's
