@@ -47,6 +47,11 @@ def expert_rows(problem: MoEProblem) -> float:
     return problem.world_size * problem.tokens_per_rank * problem.top_k / problem.experts
 
 
+def source_rows(problem: MoEProblem) -> float:
+    """Rows an expert gets from one source on average (one per-source launch's groups)."""
+    return problem.tokens_per_rank * problem.top_k / problem.experts
+
+
 def local_weight_bytes(problem: MoEProblem) -> int:
     """Bytes of this rank's routed experts' weights (gate, up and down)."""
     return problem.local_experts * 3 * problem.hidden * problem.intermediate * WEIGHT_BYTES
@@ -76,7 +81,7 @@ def heuristic_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelCo
     # Packed slots: one NCCL op per peer instead of one per (peer, expert).
     knobs = dict(router_tokens_per_block=8, chunks_per_peer=1, comm_streams=1,
                  shared_stream=True, packed_slots=problem.world_size > 1)
-    slot_rows = problem.tokens_per_rank * problem.top_k / problem.experts
+    slot_rows = source_rows(problem)
     n_gu = KernelConfig.gemm_shapes(problem)["gate_up"][0]
     ws = _weight_streaming(problem, knobs, arch)
     if ws is not None:
@@ -169,8 +174,7 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     cfg = KernelConfig(gu, dn, router_tokens_per_block=warps, transport="nvlink",
                        fuse_sources=fused and problem.world_size > 1)
     if not fused and limits_for(arch).major_minor == (9, 0) and \
-            problem.tokens_per_rank * problem.top_k / problem.experts >= \
-            WGMMA_PERSISTENT_MIN_ROWS:
+            source_rows(problem) >= WGMMA_PERSISTENT_MIN_ROWS:
         # Two warpgroups per 128-row tile, a 256-wide down tile (3 stages fit shared memory)
         wg = replace(cfg, gate_up=GemmTile(128, 128, 64, warps, 1, 3, "wgmma"),
                      down=GemmTile(128, 256, 64, warps, 1, 3, "wgmma"))
