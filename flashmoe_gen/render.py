@@ -150,6 +150,19 @@ def router_split(experts: int, warps: int) -> dict[str, int | str] | None:
             "router_token_batch": max(1, min(warps, 64 // (8 * per_lane)))}
 
 
+def router_mma_experts(problem: MoEProblem, warps: int) -> int:
+    """Experts per pass of the split router's tensor-core logits (templates/router.cu.j2,
+    split_logits): 64 or 32 where the split layout applies, the experts are a multiple of 32
+    (four n tiles of 8 from one 16-byte weight load per lane) and the hidden size of 16 (one
+    k step); 0 elsewhere (the FMA path). A warp per 16 hidden rows of mma.sync instead of
+    FMAs per (token, expert, hidden row): the route phase of the persistent kernel took 456
+    us of 3.1 ms at H=I=2048 E=64 T=16384 (4 x H200), bound by its FMA and load issue."""
+    if router_split(problem.experts, warps) is None or problem.experts % 32 \
+            or problem.hidden % 16:
+        return 0
+    return 64 if problem.experts % 64 == 0 else 32
+
+
 #: The persistent kernel's phase marks in its stats (after each phase, per block, cycles
 #: since the kernel's start): route, positions, dispatch (its barrier and flags), this
 #: block's tasks, the tasks' barrier (every block's), the wait for every combine flag.
@@ -262,6 +275,8 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_split_h": CPP_BOOL[split is not None],
         "router_items": ROUTER_ITEMS,
         "router_slices_max": router_slices_max(problem.hidden, problem.experts),
+        "router_mma": CPP_BOOL[router_mma_experts(problem, config.router_tokens_per_block) > 0],
+        "router_mma_experts": router_mma_experts(problem, config.router_tokens_per_block),
         **(split or {"router_vec_lanes_e": 0, "router_vec_per_lane": 0,
                      "router_token_batch": 0}),
         "router_lanes_e": lanes_e,

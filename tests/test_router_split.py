@@ -151,8 +151,10 @@ def test_the_template_runs_the_emulated_loops():
     from flashmoe_gen.problem import MoEProblem
     from flashmoe_gen.render import render
 
-    p = MoEProblem(7168, 2048, 256, 8, world_size=4, tokens_per_rank=128)
+    # hidden not a multiple of 16: the FMA layout (render.router_mma_experts 0)
+    p = MoEProblem(7176, 2048, 256, 8, world_size=4, tokens_per_rank=128)
     code = render(p, KernelConfig.default(p)).code
+    assert "constexpr bool R_MMA = false;" in code
     for line in ("for (int h = h0 + warp * V_LANES_H + vh; h < h1; h += ROUTER_WARPS * V_LANES_H)",
                  "const uint4 w = wrow[ve + v * V_LANES_E];",
                  "for (int off = V_LANES_E; off < 32; off <<= 1)",
@@ -163,7 +165,8 @@ def test_the_template_runs_the_emulated_loops():
         assert line in code, line
     # The persistent kernel's slices (emulate_sliced), router.cu.j2 and persistent.cu.j2.
     nvl = render(p, KernelConfig.persistent_default(p)).code
-    for line in ("return (HIDDEN + slices - 1) / slices;",
+    for line in ("const int rows = (HIDDEN + slices - 1) / slices;",
+                 "return R_MMA ? (rows + 15) / 16 * 16 : rows;",
                  "return batches > 0 ? max(1, min(R_SLICES_MAX, R_ITEMS / batches)) : 1;",
                  f"constexpr int R_ITEMS = {ROUTER_ITEMS};", "constexpr int R_SLICES_MAX = 64;",
                  "const int b = item / slices, s = item % slices, rows = "
@@ -181,3 +184,27 @@ def test_the_template_runs_the_emulated_loops():
         assert line in nvl, line
     odd = MoEProblem(1024, 512, 60, 4, world_size=4, tokens_per_rank=64)
     assert "s_logit" not in render(odd, KernelConfig.default(odd)).code  # warp per token
+
+
+def test_the_template_runs_the_emulated_tensor_core_loops():
+    """The lines tests/test_router_mma_emulation.py mirrors, as the generated router spells
+    them on the DeepSeek-V3-like shape (256 experts, hidden 7168: the tensor-core layout)."""
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.problem import MoEProblem
+    from flashmoe_gen.render import render
+
+    p = MoEProblem(7168, 2048, 256, 8, world_size=4, tokens_per_rank=128)
+    for cfg in (KernelConfig.default(p), KernelConfig.persistent_default(p)):
+        code = render(p, cfg).code
+        for line in ("constexpr bool R_MMA = true;", "constexpr int R_MMA_E = 64;",
+                     "movmatrix.sync.aligned.m8n8.trans.b16",
+                     "const int ksteps = (h1 - h0) / 16;",
+                     "for (int ks = warp; ks < ksteps; ks += ROUTER_WARPS) {",
+                     "a[0] = r0 < nt ? *reinterpret_cast<const unsigned*>(x0 + h) : 0u;",
+                     "a[2] = r0 < nt ? *reinterpret_cast<const unsigned*>(x0 + h + 8) : 0u;",
+                     "const elem_t* w = wg + static_cast<long long>(h + g) * EXPERTS + e0 + 8 * c;",
+                     "const uint4 hi = *reinterpret_cast<const uint4*>(w + 8 * EXPERTS + 32 * q);",
+                     "mma_16816(d[q][j], a, movmatrix_trans(wl[j]), movmatrix_trans(wh[j]));",
+                     "const int e = e0 + 32 * q + 8 * c + 2 * j + b;",
+                     "if (r1 < nt) s_logit[r1 * EXPERTS + e] += d[q][j][2 + b];"):
+            assert line in code, line

@@ -1,0 +1,102 @@
+"""Lane-exact emulation, on the CPU, of the split router's tensor-core logits
+(templates/router.cu.j2, split_logits where render.router_mma_experts > 0), transcribed
+statement by statement: each lane's A fragment from the tokens, its two 16-byte weight
+loads, movmatrix.trans (PTX ISA: lane t holds row t // 4, elements 2 (t % 4) and + 1 of an
+8 x 8 matrix; after .trans, of its transpose) into B fragments, mma.m16n8k16 (the emulator
+of test_mma_emulation, whose control kernel passed its GPU tests), and the lanes' writes to
+s_logit by the permuted expert columns. Compared with a float64 product."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_mma_emulation import mma_16816
+
+from flashmoe_gen.presets import get_preset
+from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.render import router_mma_experts
+
+
+def movmatrix_trans(regs: list[np.ndarray]) -> list[np.ndarray]:
+    """movmatrix.sync.aligned.m8n8.trans.b16 over a warp's 32 registers (2 elements each)."""
+    m = np.zeros((8, 8))
+    for t in range(32):
+        m[t // 4, 2 * (t % 4):2 * (t % 4) + 2] = regs[t]
+    mt = m.T
+    return [mt[t // 4, 2 * (t % 4):2 * (t % 4) + 2].copy() for t in range(32)]
+
+
+def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: int,
+                 warps: int, mma_e: int) -> np.ndarray:
+    """s_logit of one block: tokens [t0, t0 + nt), hidden rows [h0, h1)."""
+    experts = wg.shape[1]
+    s_logit = np.zeros((warps, experts))
+    groups = mma_e // 32
+    ksteps = (h1 - h0) // 16
+    for m0 in range(0, nt, 16):
+        for e0 in range(0, experts, mma_e):
+            d = {w: [[np.zeros((32, 4)) for _ in range(4)] for _ in range(groups)]
+                 for w in range(warps)}
+            for w in range(warps):
+                for ks in range(w, ksteps, warps):
+                    h = h0 + ks * 16
+                    a = []
+                    for t in range(32):
+                        g, c = t // 4, t % 4
+                        r0, r1 = m0 + g, m0 + g + 8
+
+                        def pair(r, col):
+                            return x[t0 + r, col:col + 2] if r < nt else np.zeros(2)
+                        a.append([pair(r0, h + 2 * c), pair(r1, h + 2 * c),
+                                  pair(r0, h + 2 * c + 8), pair(r1, h + 2 * c + 8)])
+                    for q in range(groups):
+                        # lane (g, c): 16 bytes of rows h + g and h + g + 8, experts
+                        # e0 + 32 q + 8 c .. + 7; word j = experts + 2 j, + 2 j + 1
+                        lo = [wg[h + t // 4, e0 + 32 * q + 8 * (t % 4):][:8] for t in range(32)]
+                        hi = [wg[h + t // 4 + 8, e0 + 32 * q + 8 * (t % 4):][:8]
+                              for t in range(32)]
+                        for j in range(4):
+                            b0 = movmatrix_trans([v[2 * j:2 * j + 2] for v in lo])
+                            b1 = movmatrix_trans([v[2 * j:2 * j + 2] for v in hi])
+                            mma_16816(d[w][q][j], a, b0, b1)
+            for w in range(warps):  # the fixed warp order
+                for t in range(32):
+                    g, c = t // 4, t % 4
+                    r0, r1 = m0 + g, m0 + g + 8
+                    for q in range(groups):
+                        for j in range(4):
+                            for b in range(2):
+                                e = e0 + 32 * q + 8 * c + 2 * j + b
+                                if r0 < nt:
+                                    s_logit[r0, e] += d[w][q][j][t, b]
+                                if r1 < nt:
+                                    s_logit[r1, e] += d[w][q][j][t, 2 + b]
+    return s_logit[:nt]
+
+
+@pytest.mark.parametrize("experts,warps,nt,h0,h1", [
+    (64, 8, 8, 0, 256),     # E=64 (two groups per pass), a full batch
+    (64, 8, 3, 48, 160),    # a slice, 3 tokens (rows past nt are zero)
+    (96, 4, 4, 0, 128),     # 32 experts per pass, three passes
+    (256, 32, 20, 0, 64),   # 32 tokens a block: two m tiles, the second partial
+    (32, 1, 1, 16, 48),     # one warp, one token
+])
+def test_tensor_core_logits_are_the_product(experts, warps, nt, h0, h1):
+    rng = np.random.default_rng(experts + nt)
+    hidden = 256
+    x = rng.standard_normal((40, hidden)).astype(np.float32).astype(np.float64)
+    wg = rng.standard_normal((hidden, experts))
+    mma_e = 64 if experts % 64 == 0 else 32
+    t0 = 5
+    got = split_logits(x, wg, t0, nt, h0, h1, warps, mma_e)
+    want = x[t0:t0 + nt, h0:h1] @ wg[h0:h1]
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-9)
+
+
+def test_router_mma_applies_where_the_layout_fits():
+    assert router_mma_experts(MoEProblem(2048, 2048, 64, 2), 8) == 64
+    assert router_mma_experts(get_preset("deepseek-v3").problem(), 8) == 64
+    assert router_mma_experts(MoEProblem(2048, 2048, 96, 2), 8) == 32
+    assert router_mma_experts(MoEProblem(512, 2048, 8, 2), 8) == 0   # 8 experts: FMA path
+    assert router_mma_experts(MoEProblem(520, 344, 32, 4), 8) == 0   # hidden not by 16
+    assert router_mma_experts(MoEProblem(2048, 1408, 60, 4), 8) == 0  # no split layout
