@@ -150,15 +150,23 @@ def router_split(experts: int, warps: int) -> dict[str, int | str] | None:
             "router_token_batch": max(1, min(warps, 64 // (8 * per_lane)))}
 
 
+#: The most experts the split router's tensor-core logits take (router_mma_experts). 4 x
+#: H200, persistent kernel, route phase FMA -> mma: E=64 (H=2048) 30.0 -> 17.2 us at
+#: DeepSeek-V2-Lite T=1 and 459 -> 224 us at E=64 T=16384; E=256 (H=7168, DeepSeek-V3-like)
+#: 33.1 -> 43.3 us at T=1 and 71.3 -> 73.9 at T=128 (four passes of 64 experts). E=128 is
+#: unmeasured and keeps the FMA path until a run says otherwise.
+ROUTER_MMA_MAX_EXPERTS = 64
+
+
 def router_mma_experts(problem: MoEProblem, warps: int) -> int:
     """Experts per pass of the split router's tensor-core logits (templates/router.cu.j2,
     split_logits): 64 or 32 where the split layout applies, the experts are a multiple of 32
-    (four n tiles of 8 from one 16-byte weight load per lane) and the hidden size of 16 (one
-    k step); 0 elsewhere (the FMA path). A warp per 16 hidden rows of mma.sync instead of
-    FMAs per (token, expert, hidden row): the route phase of the persistent kernel took 456
-    us of 3.1 ms at H=I=2048 E=64 T=16384 (4 x H200), bound by its FMA and load issue."""
+    (four n tiles of 8 from one 16-byte weight load per lane) and at most
+    ROUTER_MMA_MAX_EXPERTS, and the hidden size a multiple of 16 (one k step); 0 elsewhere
+    (the FMA path). A warp per 16 hidden rows of mma.sync instead of FMAs per (token,
+    expert, hidden row)."""
     if router_split(problem.experts, warps) is None or problem.experts % 32 \
-            or problem.hidden % 16:
+            or problem.experts > ROUTER_MMA_MAX_EXPERTS or problem.hidden % 16:
         return 0
     return 64 if problem.experts % 64 == 0 else 32
 

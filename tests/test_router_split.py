@@ -188,12 +188,12 @@ def test_the_template_runs_the_emulated_loops():
 
 def test_the_template_runs_the_emulated_tensor_core_loops():
     """The lines tests/test_router_mma_emulation.py mirrors, as the generated router spells
-    them on the DeepSeek-V3-like shape (256 experts, hidden 7168: the tensor-core layout)."""
+    them on DeepSeek-V2-Lite's shape (64 experts, hidden 2048: the tensor-core layout)."""
     from flashmoe_gen.config import KernelConfig
     from flashmoe_gen.problem import MoEProblem
     from flashmoe_gen.render import render
 
-    p = MoEProblem(7168, 2048, 256, 8, world_size=4, tokens_per_rank=128)
+    p = MoEProblem(2048, 1408, 64, 6, world_size=4, tokens_per_rank=128)
     for cfg in (KernelConfig.default(p), KernelConfig.persistent_default(p)):
         code = render(p, cfg).code
         for line in ("constexpr bool R_MMA = true;", "constexpr int R_MMA_E = 64;",
