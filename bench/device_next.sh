@@ -41,7 +41,13 @@
 #      and the 2-rank persistent-kernel subset, then DeepSeek-V2-Lite / DeepSeek-V3-like at
 #      T=1, 128 and E=64 at T=16384 on 4 ranks with their phases beside PyTorch EP (~420 s).
 #      Session 14 (other machines): route 28.4 us DeepSeek-V2-Lite T=1, 456 us E=64 T=16384
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|h|k|n|p|t   (COMMIT literally: the device's git metadata
+#   q: branch own-stream (own_split's halves on the shared stream beside the fused launches,
+#      so each persistent tma grid's partly idle last wave is filled by the other's blocks):
+#      the 2-rank tma sources tests (own_stream host and graph among them), then Mixtral
+#      T=4096, DeepSeek-V2-Lite T=4096 and E=64 T=16384 by `flashmoe-tune run`, the default
+#      (fused, own_split) and with __ost alternating twice, and down 128 vs 256 with it
+#      (~420 s). Merge and make it the default if __ost wins beside the default
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|h|k|n|p|q|t   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -161,6 +167,21 @@ if [ "$PART" = t ]; then
   bundle
   grep -hE "^\| (dsv|e64)" "$O"/sweep_*.md | cut -d'|' -f2,3,5,6,8,9
   grep -hE "^- (dsv|e64)" "$O"/sweep_*.md | sed 's/`[^`]*`//' | cut -c1-150
+fi
+if [ "$PART" = q ]; then
+  multigpu_k 2 240 own "tma_kernel_sources"
+  F=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma__r8__c1__cs1__ss1__fs__pk__os
+  F128=${TMA128}__r8__c1__cs1__ss1__fs__pk__os
+  for r in 1 2; do
+    for v in "" __ost; do
+      tune_row "q${r}_mixtral${v}" "${F}${v}" $MIX
+      tune_row "q${r}_dsv2lite${v}" "${F}${v}" --model deepseek-v2-lite --tokens 4096
+      tune_row "q${r}_e64${v}" "${F}${v}" $E64
+    done
+  done
+  tune_row q_mixtral_dn128_ost "${F128}__ost" $MIX
+  tune_row q_mixtral_dn128 "${F128}" $MIX
+  bundle
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

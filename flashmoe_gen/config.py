@@ -67,7 +67,10 @@ class KernelConfig:
     Same tensor, same single writer per slot; only the rows' place inside the slot moves.
     ``own_split`` (fused sources): this rank's tokens for the first half of the local experts
     are computed while the dispatch is in flight, the second half while the combine is
-    (instead of all before the fused launch, leaving the combine exposed).
+    (instead of all before the fused launch, leaving the combine exposed). ``own_stream``
+    (with ``own_split``): those two halves run on the shared-experts stream beside the fused
+    launch, so each persistent GEMM grid's last, partly idle wave is filled by the other's
+    blocks instead of waiting for it.
     ``mode`` (``MODE_CHOICES``): "host" plans each call on the host from the exchanged
     counts; "graph" runs with no host synchronisation and replays a CUDA graph.
     """
@@ -90,6 +93,7 @@ class KernelConfig:
     ws_tma: bool = False  # transport "nvlink", _ws tiles, BK 64, Hopper: weights by TMA
     comm_sms: int = 0  # transport "nccl", tma tiles, P > 1 (COMM_SMS_CHOICES)
     own_split: bool = False  # fused sources (not _ws), P > 1, >= 2 local experts
+    own_stream: bool = False  # own_split's halves on the shared-experts stream
 
     @property
     def uses_wgmma(self) -> bool:
@@ -146,6 +150,8 @@ class KernelConfig:
             parts.append(f"cm{self.comm_sms}")
         if self.own_split:
             parts.append("os")
+        if self.own_stream:
+            parts.append("ost")
         return "__".join(parts)
 
     @classmethod
@@ -155,17 +161,19 @@ class KernelConfig:
                               "KernelConfig.name prints it")
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
-                         r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?(__os)?", name)
+                         r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?(__os)?"
+                         r"(__ost)?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
         (gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp,
-         wt, cm, os_) = m.groups()
+         wt, cm, os_, ost) = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
                    transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
-                   int(dsp or 1), wt is not None, int(cm or 0), os_ is not None)
+                   int(dsp or 1), wt is not None, int(cm or 0), os_ is not None,
+                   ost is not None)
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -190,7 +198,7 @@ class KernelConfig:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
-                  "own_split"):
+                  "own_split", "own_stream"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -245,6 +253,9 @@ class KernelConfig:
             self._validate_comm_sms(problem, name)
         if self.own_split:
             self._validate_own_split(problem, name)
+        if self.own_stream and not self.own_split:
+            raise ConfigError("own_stream", True, "moves own_split's halves to the shared "
+                              "stream: turn own_split on too (__os__ost) or leave it off", name)
 
     def _validate_own_split(self, problem: MoEProblem, name: str) -> None:
         """This rank's tokens split around the fused launch: there must be a fused launch of

@@ -238,9 +238,12 @@ def fixed_slots(problem: MoEProblem, config: KernelConfig) -> FixedSlots:
 
 
 def _expert_launches(p: MoEProblem, e0: int, e1: int, self_source: bool,
-                     rows: Expr | None = None) -> tuple[GemmLaunch, ...]:
+                     rows: Expr | None = None, own_region: bool = False
+                     ) -> tuple[GemmLaunch, ...]:
     """Gate/up then down of local experts [e0, e1) on the rows from ``src``; ``rows``: the
-    grid's row bound (default: the counted rows, read on the host)."""
+    grid's row bound (default: the counted rows, read on the host); ``own_region``: the
+    activations in this rank's region of the fused launch's per-source ``act`` (which that
+    launch skips), so both may run at once (``own_stream``)."""
     h, i, el, e = p.hidden, p.intermediate, p.local_experts, p.experts
     src, cap, me = Var("src"), Var("cap"), Var("me")
 
@@ -249,7 +252,7 @@ def _expert_launches(p: MoEProblem, e0: int, e1: int, self_source: bool,
 
     idx = src * e + me * el + e0
     counts, row_off = Ptr("counts", idx), Ptr("row_off", idx)
-    act = Ptr("act", e0 * cap * i)
+    act = Ptr("act", (me * el + e0) * cap * i) if own_region else Ptr("act", e0 * cap * i)
     rows = rows if rows is not None else Call("max_rows", (src, Lit(e0), Lit(e1)))
     common = dict(counts=counts, count_cap=cap, rows_fixed=0, inner_groups=0,
                   a_outer_stride=0, c_outer_stride=0, counts_outer_stride=0, skip_outer=-1)
@@ -380,13 +383,25 @@ def _fused_schedule(p: MoEProblem, cfg: KernelConfig, steps, chunks, ev, transfe
     waits = [Wait(MAIN, a) for a in arrived]
     if not cfg.overlap:  # serialized baseline: all traffic lands before any compute
         ops += waits
+    own = SHARED if cfg.own_stream else MAIN
+    if cfg.own_stream:  # this rank's rows are permuted: the shared stream may start on them
+        ready = ev.new("own_ready")
+        ops += [Record(ready, MAIN), Wait(SHARED, ready)]
     if not with_self:  # this rank's tokens (own_split: the first half) hide the dispatch
-        ops += local_blocks(0 if cfg.own_split else None)
+        ops += local_blocks(0 if cfg.own_split else None, own)
     if cfg.overlap:
         ops += waits
     what = "every source's tokens, this rank's too" if with_self else "every peer's tokens"
-    ops.append(Gemms(f"experts of {what} (fused)", None, MAIN,
-                     _fused_launches(p, bound, with_self)))
+    fused = _fused_launches(p, bound, with_self)
+    own_done = None
+    if cfg.own_stream:  # the second half beside the fused down launch, then the combine
+        ops.append(Gemms(f"experts of {what} (fused, gate/up)", None, MAIN, fused[:1]))
+        gate_up_done, own_done = ev.new("fused_gate_up"), ev.new("own_done")
+        ops += [Record(gate_up_done, MAIN), Wait(SHARED, gate_up_done)]
+        ops += local_blocks(1, SHARED) + [Record(own_done, SHARED)]
+        ops.append(Gemms(f"experts of {what} (fused, down)", None, MAIN, fused[1:]))
+    else:
+        ops.append(Gemms(f"experts of {what} (fused)", None, MAIN, fused))
     done = ev.new("computed")
     ops.append(Record(done, MAIN))
     for c in range(ns):
@@ -395,8 +410,10 @@ def _fused_schedule(p: MoEProblem, cfg: KernelConfig, steps, chunks, ev, transfe
             back += [transfer(COMBINE, 0, e0, e1, comm(0)) for e0, e1 in chunks]
         if back:
             ops += [Wait(comm(c), done), TransferGroup(tuple(back))]
-    if cfg.own_split:  # the second half of this rank's tokens while the combine is in flight
+    if cfg.own_split and not cfg.own_stream:  # the second half while the combine is in flight
         ops += local_blocks(1)
+    if own_done is not None:
+        ops.append(Wait(MAIN, own_done))
     return ops
 
 
@@ -422,10 +439,11 @@ def build_plan(problem: MoEProblem, config: KernelConfig) -> ForwardPlan:
             shared_done = ev.new("shared_done")
             ops.append(Record(shared_done, stream))
 
-    def local_blocks(half: int | None = None) -> list[Op]:
+    def local_blocks(half: int | None = None, stream: Stream = MAIN) -> list[Op]:
         spans = chunks if half is None else own_halves(chunks)[half]
-        return [Gemms(f"experts [{e0}, {e1}) of this rank's tokens", 0, MAIN,
-                      _expert_launches(p, e0, e1, True, bound)) for e0, e1 in spans]
+        return [Gemms(f"experts [{e0}, {e1}) of this rank's tokens", 0, stream,
+                      _expert_launches(p, e0, e1, True, bound, cfg.own_stream))
+                for e0, e1 in spans]
 
     def transfer(round_: int, step: int, e0: int, e1: int, stream: Stream) -> Transfer:
         base, rows = regions.get((e0, e1), (None, None))

@@ -252,6 +252,21 @@ def test_nvcc_compiles_tma_export(tmp_path):
     assert "template __global__ void fmoe::expert_gemm_tma<128, 128, 4, true>(" in text
 
 
+@needs_nvcc
+@pytest.mark.parametrize("mode", ["host", "graph"])
+def test_nvcc_compiles_own_stream_harness(tmp_path, mode):
+    """own_split on the shared stream: this rank's halves beside the fused launches, ordered
+    by the plan's events (fork after the permute and the fused gate/up, join before the
+    combine), their activations in this rank's region of act."""
+    t = GemmTile(128, 128, 64, 8, 1, 4, "tma")
+    cfg = KernelConfig(t, dataclasses.replace(t, bn=256, stages=3), fuse_sources=True,
+                       packed_slots=True, own_split=True, own_stream=True, mode=mode)
+    p = CAPPED.replace(world_size=2, hidden=512, intermediate=512)
+    cfg.validate(p, "sm_90")
+    text = _compile_harness(tmp_path, cfg, p)
+    assert "own_ready" in text and "fused_gate_up" in text and "own_done" in text
+
+
 # -- GPU ----------------------------------------------------------------------------------
 class _Layer(ctypes.Structure):
     """Mirror of struct FmoeLayer in templates/export_host.cu.j2."""

@@ -10,7 +10,16 @@ import pytest
 
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import ConfigError
-from flashmoe_gen.plan import Gemms, TransferGroup, build_plan, own_halves
+from flashmoe_gen.plan import (
+    MAIN,
+    SHARED,
+    Gemms,
+    Record,
+    TransferGroup,
+    Wait,
+    build_plan,
+    own_halves,
+)
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.tiles import GemmTile
 from flashmoe_gen.tuner.space import FULL, SearchSpace
@@ -74,3 +83,34 @@ def test_search_space_samples_it_only_where_it_applies():
     one_local = SearchSpace.for_problem(MIXTRAL.replace(world_size=8), "sm_90", "full")
     assert one_local.choices["packed"] == FULL["packed"]
     assert SearchSpace.for_problem(MIXTRAL, "sm_90", "small").choices["own_split"] == (False,)
+
+
+def test_own_stream_runs_both_halves_beside_the_fused_launches():
+    """own_stream: the halves on the shared stream (the first once the rows are permuted, the
+    second once the fused gate/up is done, beside the fused down), their activations in this
+    rank's region of the per-source act (the fused launch skips it), joined before the end."""
+    cfg = replace(_split(), own_stream=True)
+    cfg.validate(MIXTRAL, "sm_90")
+    assert cfg.name.endswith("__fs__pk__os__ost") and KernelConfig.from_name(cfg.name) == cfg
+    ops = build_plan(MIXTRAL, cfg).ops
+    own = [i for i, op in enumerate(ops) if isinstance(op, Gemms) and op.step == 0]
+    fused = [i for i, op in enumerate(ops) if isinstance(op, Gemms) and "fused" in op.what]
+    assert len(own) == 2 and all(ops[i].stream == SHARED for i in own)
+    assert len(fused) == 2 and all(ops[i].stream == MAIN for i in fused)
+    assert "gate/up" in ops[fused[0]].what and "down" in ops[fused[1]].what
+    # the second half waits for the fused gate/up's event, on the shared stream
+    gu_event = next(op.event for op in ops[fused[0]:] if isinstance(op, Record))
+    assert any(isinstance(op, Wait) and op.stream == SHARED and op.event == gu_event
+               for op in ops[fused[0]:own[1]])
+    done = next(op.event for op in ops[own[1]:] if isinstance(op, Record))
+    assert any(isinstance(op, Wait) and op.stream == MAIN and op.event == done
+               for op in ops[own[1]:])
+    act = [dict(la.args)["C"] for la in ops[own[0]].launches[:1]]
+    assert "me" in str(act[0])  # this rank's region of act
+    with pytest.raises(ConfigError, match="turn own_split on") as e:
+        replace(cfg, own_split=False).validate(MIXTRAL, "sm_90")
+    assert e.value.field == "own_stream"
+    space = SearchSpace.for_problem(MIXTRAL, "sm_90", "full")
+    params = space.params_from_config(cfg)
+    assert space.config_from_params(params).own_stream
+    assert not space.canonical(params | {"own_split": False})["own_stream"]

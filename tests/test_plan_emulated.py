@@ -397,8 +397,9 @@ def test_split_groups_give_the_same_outputs(monkeypatch):
             assert relative_error(_f64(out), want) < 2e-2
 
 
+@pytest.mark.parametrize("own_stream", [False, True], ids=["main_stream", "own_stream"])
 @pytest.mark.parametrize("mode", ["host", "graph"])
-def test_own_split_matches_the_reference(mode):
+def test_own_split_matches_the_reference(mode, own_stream):
     """own_split: this rank's tokens for half the local experts before the fused launch,
     half after it (while the combine is in flight); same outputs, chunked or not."""
     p = P4
@@ -408,7 +409,7 @@ def test_own_split_matches_the_reference(mode):
     for chunks, streams, packed in itertools.product((1, 2), (1, 2), (True, False)):
         cfg = KernelConfig(*SYNC, router_tokens_per_block=8, chunks_per_peer=chunks,
                            comm_streams=streams, fuse_sources=True, packed_slots=packed,
-                           mode=mode, own_split=True)
+                           mode=mode, own_split=True, own_stream=own_stream)
         outs, layers = emulate(p, cfg, w, xs)
         own = [op for op in layers[0].plan.ops if isinstance(op, Gemms) and op.step == 0]
         assert len(own) == 2 and "[0, 1)" in own[0].what and "[1, 2)" in own[1].what

@@ -150,6 +150,7 @@ CONFIG_CHANGES = {
     "ws_tma": True,
     "comm_sms": 8,
     "own_split": True,
+    "own_stream": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}

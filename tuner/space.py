@@ -101,6 +101,7 @@ FULL = {
     "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
     # this rank's tokens split around the fused launch (fused nccl sources, not _ws)
     "own_split": (False, True),
+    "own_stream": (False, True),  # own_split's halves beside the fused launch
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -115,7 +116,7 @@ SMALL = {
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
-    "ws_tma": (False,), "own_split": (False,),
+    "ws_tma": (False,), "own_split": (False,), "own_stream": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -185,6 +186,8 @@ def _without_moot(params: dict) -> dict:
         out["ws_tma"] = False
     if "own_split" in out and not _own_split_apply(out):
         out["own_split"] = False
+    if "own_stream" in out and not out.get("own_split", False):
+        out["own_stream"] = False
     return out
 
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
@@ -235,6 +238,7 @@ class SearchSpace:
             choices["packed"] = (False,)  # no sends: where rows sit in a slot is moot
         if problem.world_size == 1 or problem.local_experts < 2:
             choices["own_split"] = (False,)  # no transfers to hide, or no second half
+            choices["own_stream"] = (False,)
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
         if limits.major_minor != (9, 0):  # warpgroup MMA and TMA are Hopper's
@@ -287,7 +291,8 @@ class SearchSpace:
                             dispatch_blocks=params.get("dispatch", 1),
                             comm_sms=params.get("comm_sms", 0),
                             ws_tma=params.get("ws_tma", False),
-                            own_split=params.get("own_split", False))
+                            own_split=params.get("own_split", False),
+                            own_stream=params.get("own_stream", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -310,7 +315,8 @@ class SearchSpace:
                     "transport": cfg.transport, "blocks": cfg.blocks_per_sm,
                     "ksplit_gu": cfg.gu_splits, "ksplit_dn": cfg.dn_splits,
                     "dispatch": cfg.dispatch_blocks, "comm_sms": cfg.comm_sms,
-                    "ws_tma": cfg.ws_tma, "own_split": cfg.own_split}
+                    "ws_tma": cfg.ws_tma, "own_split": cfg.own_split,
+                    "own_stream": cfg.own_stream}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
