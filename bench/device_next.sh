@@ -36,6 +36,11 @@
 #      defaults by `flashmoe-tune run` (~400 s). Run the same rows on main first on the same
 #      machine (`H_ROWS_ONLY=1`; session 14: Mixtral 5.66-5.75 ms, DeepSeek-V2-Lite
 #      2.52-2.63, Qwen3 1.33-1.46)
+#   v: merged main after session 15's calls 1-4 (router-mma up to 64 experts, own_stream as
+#      a knob): the 1-GPU bad-input and router tests, the 2-rank tma-source tests, then the
+#      overlap table (seed, DeepSeek-V2-Lite T=4096, Mixtral T=4096) against PyTorch EP and
+#      Mixtral's fused + own_split config with down tile 256 vs 128, three rounds alternated
+#      (call 4: dn128 5.45 ms vs dn256 5.66-5.72 in one round) (~420 s)
 #   t: main (T_ROWS_ONLY=1: the sweep only), then branch router-mma (the split router's
 #      logits on the tensor cores): the router GPU tests (1 GPU), the nvlink tests on 2 GPUs
 #      and the 2-rank persistent-kernel subset, then DeepSeek-V2-Lite / DeepSeek-V3-like at
@@ -47,7 +52,7 @@
 #      T=4096, DeepSeek-V2-Lite T=4096 and E=64 T=16384 by `flashmoe-tune run`, the default
 #      (fused, own_split) and with __ost alternating twice, and down 128 vs 256 with it
 #      (~420 s). Merge and make it the default if __ost wins beside the default
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|h|k|n|p|q|t   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|h|k|n|p|q|t|v   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -182,6 +187,22 @@ if [ "$PART" = q ]; then
   tune_row q_mixtral_dn128_ost "${F128}__ost" $MIX
   tune_row q_mixtral_dn128 "${F128}" $MIX
   bundle
+fi
+if [ "$PART" = v ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 120 python3 -m pytest -m gpu tests/test_gpu_bad_input.py \
+    tests/test_gpu_kernels.py -k "bad_input or misaligned or router" -q --no-header \
+    -p no:cacheprovider > "$O/gpu_bad_router.log" 2>&1
+  echo "bad-input + router GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_bad_router.log" | tail -1
+  multigpu_k 2 150 own "tma_kernel_sources and (own or fused)"
+  OVERLAP_TIMEOUT=210 run_overlap 4 "$COMMIT" --problems seed,dsv2lite_t4096,mixtral_t4096 \
+    > "$O/overlap.txt" 2>&1
+  F=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma__r8__c1__cs1__ss1__fs__pk__os
+  for r in 1 2 3; do
+    tune_row "v${r}_mixtral_dn256" "$F" $MIX
+    tune_row "v${r}_mixtral_dn128" "${TMA128}__r8__c1__cs1__ss1__fs__pk__os" $MIX
+  done
+  bundle
+  grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
