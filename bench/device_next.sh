@@ -41,6 +41,10 @@
 #      overlap table (seed, DeepSeek-V2-Lite T=4096, Mixtral T=4096) against PyTorch EP and
 #      Mixtral's fused + own_split config with down tile 256 vs 128, three rounds alternated
 #      (call 4: dn128 5.45 ms vs dn256 5.66-5.72 in one round) (~420 s)
+#   w: the tma down tile in the layer: each large-batch default beside the same config with
+#      down 128x128 (4 stages), two rounds alternated (DeepSeek-V2-Lite T=4096, E=64 T=16384,
+#      Qwen3 T=512; part v: Mixtral 5.43-5.45 ms with 128 vs 5.50-5.60 with 256), then
+#      Mixtral T=4096's overlap row with down 128 against PyTorch EP (~280 s)
 #   t: main (T_ROWS_ONLY=1: the sweep only), then branch router-mma (the split router's
 #      logits on the tensor cores): the router GPU tests (1 GPU), the nvlink tests on 2 GPUs
 #      and the 2-rank persistent-kernel subset, then DeepSeek-V2-Lite / DeepSeek-V3-like at
@@ -52,7 +56,7 @@
 #      T=4096, DeepSeek-V2-Lite T=4096 and E=64 T=16384 by `flashmoe-tune run`, the default
 #      (fused, own_split) and with __ost alternating twice, and down 128 vs 256 with it
 #      (~420 s). Merge and make it the default if __ost wins beside the default
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|h|k|n|p|q|t|v   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|h|k|n|p|q|t|v|w   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -201,6 +205,27 @@ if [ "$PART" = v ]; then
     tune_row "v${r}_mixtral_dn256" "$F" $MIX
     tune_row "v${r}_mixtral_dn128" "${TMA128}__r8__c1__cs1__ss1__fs__pk__os" $MIX
   done
+  bundle
+  grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
+fi
+if [ "$PART" = w ]; then
+  DN256=dn_bm128_bn256_bk64_w8x1_s3_tma; DN128=dn_bm128_bn128_bk64_w8x1_s4_tma
+  for m in "deepseek-v2-lite 4096" "qwen3-30b-a3b 512" "E64"; do
+    set -- $m
+    if [ "$1" = E64 ]; then args=($E64); p="MoEProblem(2048, 2048, 64, 2, 0, world_size=4, \
+tokens_per_rank=16384)"; tag=e64; else args=(--model "$1" --tokens "$2"); tag=${1%%-*}
+      p="get_preset('$1').problem(world_size=4, tokens_per_rank=$2)"; fi
+    d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
+from flashmoe_gen.problem import MoEProblem; from flashmoe_gen.config import KernelConfig as K; \
+print(K.default($p, 'sm_90').name)")
+    for r in 1 2; do
+      tune_row "w${r}_${tag}_default" "$d" "${args[@]}"
+      tune_row "w${r}_${tag}_dn128" "${d/$DN256/$DN128}" "${args[@]}"
+    done
+  done
+  F128=${TMA128}__r8__c1__cs1__ss1__fs__pk__os
+  OVERLAP_TIMEOUT=120 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --config "$F128" \
+    > "$O/overlap.txt" 2>&1
   bundle
   grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
 fi
