@@ -128,6 +128,8 @@ def export_vars(layer: CompiledLayer) -> dict:
         tokens_per_rank=p.tokens_per_rank,
         flops_per_token=repr(float(p.flops(1))),
         fuse_sources=CPP_BOOL[cfg.fuse_sources],
+        # fused launches (and own_stream's own rows) address one act slot per source
+        act_sources=p.world_size if cfg.fuse_sources else 1,
         graph_mode=CPP_BOOL[cfg.mode == "graph"],
         graph_capacity=fixed.capacity if cfg.mode == "graph" else 0,
         graph_region=", ".join(f"{first}, {row}" for first, row in fixed.region),

@@ -125,6 +125,11 @@ def test_packed_slots_and_fused_sources_mirrored():
     assert "not mirrored" not in text
     assert re.search(r"// op \d+: experts of every peer's tokens \(fused\)", text)
     assert "gemm_gate_up(max_remote_rows(L), 16, s," in text  # P * E_local groups at once
+    # ... which write one act slot per source: the allocation holds P of them (it held one
+    # before, so a fused export's launches wrote past it for every source but the first)
+    assert f"constexpr int ACT_SOURCES = {CAPPED.world_size};" in text
+    assert "sizeof(elem) * ACT_SOURCES * LOCAL_EXPERTS * capacity" in text
+    assert "constexpr int ACT_SOURCES = 1;" in export_cu(CAPPED, KernelConfig.default(CAPPED))
 
 
 def test_weight_streaming_grid_mirrored():
@@ -406,17 +411,20 @@ def _two_rank_harness_includes() -> dict[str, str]:
 
 @pytest.mark.gpu
 @needs_nvcc
-@pytest.mark.parametrize("packed", [True, False], ids=["packed_slots", "expert_slots"])
-def test_gpu_harness_two_ranks_matches_one(tmp_path, packed):
-    """P=2 with the NCCL exchange gives rank 0 the bits P=1 gives for the same tokens."""
+@pytest.mark.parametrize("packed,fuse", [(True, False), (False, False), (True, True)],
+                         ids=["packed_slots", "expert_slots", "fused_packed"])
+def test_gpu_harness_two_ranks_matches_one(tmp_path, packed, fuse):
+    """P=2 with the NCCL exchange gives rank 0 the bits P=1 gives for the same tokens
+    (fused: the peer's rows in the one launch's second act slot)."""
     incs = _two_rank_harness_includes()
     p2 = MoEProblem(1024, 512, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=300)
     cfg = dataclasses.replace(KernelConfig.default(p2), chunks_per_peer=2, comm_streams=2,
-                              packed_slots=packed)
+                              packed_slots=packed, fuse_sources=fuse)
     lines = {}
     for p in (p2, p2.replace(world_size=1)):
         src = tmp_path / f"moe_p{p.world_size}.cu"
-        export_cu(p, cfg, src, with_main=True)
+        export_cu(p, cfg if p.world_size > 1 else dataclasses.replace(cfg, fuse_sources=False),
+                  src, with_main=True)
         exe = tmp_path / f"flash_moe_p{p.world_size}"
         _nvcc(src, "-ccbin", "mpicxx", *{f"-I{d}" for d in incs.values()},
               *_nccl_lib(incs["nccl.h"]), "-o", str(exe))
