@@ -26,37 +26,10 @@
 #      the persistent default's wgmma rows): the 2-rank shape, tma and graph tests on them,
 #      the overlap table (seed, DeepSeek-V2-Lite T=4096, Mixtral T=4096) against PyTorch EP,
 #      then E=64 T=16384 on 4 ranks with the nvlink default beside (~500 s)
-#   (done and measured: parts 4, 5, a, f, g, m, o, r, s, w; their commands are in the git history
-#   and named by the bench/results files of the sessions that ran them)
-#   h: main (H_ROWS_ONLY=1: the rows only), then branch tma-half-skip (a tma or wgmma
-#      warpgroup whose 64 rows lie past a group's rows issues no MMAs): the 2-rank
-#      tma/shape/row-tile tests, the 1-GPU tma and wgmma tests, GEMMs alone at
-#      Mixtral one source (1024 rows) and ragged (1088 = 8 tiles + 64 rows; today ~9/8 of
-#      1024's time, expect ~8.5/8), then the Mixtral / DeepSeek-V2-Lite T=4096 / Qwen3 T=512
-#      defaults by `flashmoe-tune run` (~400 s). Run the same rows on main first on the same
-#      machine (`H_ROWS_ONLY=1`; session 14: Mixtral 5.66-5.75 ms, DeepSeek-V2-Lite
-#      2.52-2.63, Qwen3 1.33-1.46)
-#   v: merged main after session 15's calls 1-4 (router-mma up to 64 experts, own_stream as
-#      a knob): the 1-GPU bad-input and router tests, the 2-rank tma-source tests, then the
-#      overlap table (seed, DeepSeek-V2-Lite T=4096, Mixtral T=4096) against PyTorch EP and
-#      Mixtral's fused + own_split config with down tile 256 vs 128, three rounds alternated
-#      (call 4: dn128 5.45 ms vs dn256 5.66-5.72 in one round) (~420 s)
-#   w: the tma down tile in the layer: each large-batch default beside the same config with
-#      down 128x128 (4 stages), two rounds alternated (DeepSeek-V2-Lite T=4096, E=64 T=16384,
-#      Qwen3 T=512; part v: Mixtral 5.43-5.45 ms with 128 vs 5.50-5.60 with 256), then
-#      Mixtral T=4096's overlap row with down 128 against PyTorch EP (~280 s)
-#   t: main (T_ROWS_ONLY=1: the sweep only), then branch router-mma (the split router's
-#      logits on the tensor cores): the router GPU tests (1 GPU), the nvlink tests on 2 GPUs
-#      and the 2-rank persistent-kernel subset, then DeepSeek-V2-Lite / DeepSeek-V3-like at
-#      T=1, 128 and E=64 at T=16384 on 4 ranks with their phases beside PyTorch EP (~420 s).
-#      Session 14 (other machines): route 28.4 us DeepSeek-V2-Lite T=1, 456 us E=64 T=16384
-#   q: branch own-stream (own_split's halves on the shared stream beside the fused launches,
-#      so each persistent tma grid's partly idle last wave is filled by the other's blocks):
-#      the 2-rank tma sources tests (own_stream host and graph among them), then Mixtral
-#      T=4096, DeepSeek-V2-Lite T=4096 and E=64 T=16384 by `flashmoe-tune run`, the default
-#      (fused, own_split) and with __ost alternating twice, and down 128 vs 256 with it
-#      (~420 s). Merge and make it the default if __ost wins beside the default
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|h|k|n|p|q|t|v|w   (COMMIT literally: the device's git metadata
+#   (done and measured: parts 4, 5, a, f, g, h, m, o, q, r, s, t, v, w (sessions 14-15); their
+#   commands are in the git history and named by the bench/results files of the sessions that
+#   ran them)
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -132,100 +105,6 @@ if [ "$PART" = p ]; then
   python3 -c "import json; [print(r['tokens_per_gpu'], 'floor', r['floor_ms'], 'torch', \
 r['torch_ep_ms'], 'nccl', r['ours_ms'], r['config'], 'nvlink', r.get('ours_nvlink_ms'), \
 r.get('config_nvlink')) for r in json.load(open('$O/scaling.json'))]"
-  bundle
-  grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
-fi
-if [ "$PART" = h ]; then
-  if [ -z "${H_ROWS_ONLY:-}" ]; then
-    multigpu_k 2 200 tma "tma_kernel_sources or test_shapes or row_tiles"
-    CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-      -q --no-header -p no:cacheprovider -k "tma or wgmma" > "$O/gpu_tma.log" 2>&1
-    echo "tma/wgmma GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_tma.log" | tail -1
-  fi
-  CUDA_VISIBLE_DEVICES=0 timeout -k 10 100 python3 bench/gemm_bench.py --commit "$COMMIT" \
-    --cases mixtral_p4_source,mixtral_p4_ragged --out "$O/gemm_ragged.md" \
-    --json "$O/gemm_ragged.json" > "$O/gemm_ragged.log" 2>&1
-  echo "gemm bench rc=$?"
-  for m in "mixtral-8x7b 4096" "deepseek-v2-lite 4096" "qwen3-30b-a3b 512"; do
-    set -- $m
-    tune_row "h_$1" "$(python3 -c "from flashmoe_gen.presets import get_preset as g; \
-from flashmoe_gen.config import KernelConfig as K; \
-print(K.default(g('$1').problem(world_size=4, tokens_per_rank=$2), 'sm_90').name)")" \
-      --model "$1" --tokens "$2"
-  done
-  bundle
-  grep -E "^\| mixtral" "$O/gemm_ragged.md" | cut -d'|' -f2,3,5,10-12
-fi
-if [ "$PART" = t ]; then
-  if [ -z "${T_ROWS_ONLY:-}" ]; then
-    CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-      -q --no-header -p no:cacheprovider -k "router" > "$O/gpu_router.log" 2>&1
-    echo "router GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_router.log" | tail -1
-    CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 100 python3 -m pytest -m gpu tests/test_gpu_nvlink.py \
-      -q --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1
-    echo "gpu nvlink (2 GPUs) rc=$?"; grep -E "passed|failed" "$O/gpu_nvlink.log" | tail -1
-    multigpu_k 2 150 nvl "persistent_kernel and (dsv2lite or graph or fused or row_tiles)"
-  fi
-  for s in "dsv2lite,dsv3 1,128" "e64 16384"; do
-    set -- $s
-    timeout -k 10 150 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
-      --problems "$1" --tokens "$2" --iters 10 --out "$O/sweep_${1%%,*}.md" \
-      --json "$O/sweep_${1%%,*}.json" > "$O/sweep_${1%%,*}.log" 2>&1
-    echo "sweep $1 rc=$?"
-  done
-  bundle
-  grep -hE "^\| (dsv|e64)" "$O"/sweep_*.md | cut -d'|' -f2,3,5,6,8,9
-  grep -hE "^- (dsv|e64)" "$O"/sweep_*.md | sed 's/`[^`]*`//' | cut -c1-150
-fi
-if [ "$PART" = q ]; then
-  multigpu_k 2 240 own "tma_kernel_sources"
-  F=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma__r8__c1__cs1__ss1__fs__pk__os
-  F128=${TMA128}__r8__c1__cs1__ss1__fs__pk__os
-  for r in 1 2; do
-    for v in "" __ost; do
-      tune_row "q${r}_mixtral${v}" "${F}${v}" $MIX
-      tune_row "q${r}_dsv2lite${v}" "${F}${v}" --model deepseek-v2-lite --tokens 4096
-      tune_row "q${r}_e64${v}" "${F}${v}" $E64
-    done
-  done
-  tune_row q_mixtral_dn128_ost "${F128}__ost" $MIX
-  tune_row q_mixtral_dn128 "${F128}" $MIX
-  bundle
-fi
-if [ "$PART" = v ]; then
-  CUDA_VISIBLE_DEVICES=0 timeout -k 10 120 python3 -m pytest -m gpu tests/test_gpu_bad_input.py \
-    tests/test_gpu_kernels.py -k "bad_input or misaligned or router" -q --no-header \
-    -p no:cacheprovider > "$O/gpu_bad_router.log" 2>&1
-  echo "bad-input + router GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_bad_router.log" | tail -1
-  multigpu_k 2 150 own "tma_kernel_sources and (own or fused)"
-  OVERLAP_TIMEOUT=210 run_overlap 4 "$COMMIT" --problems seed,dsv2lite_t4096,mixtral_t4096 \
-    > "$O/overlap.txt" 2>&1
-  F=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma__r8__c1__cs1__ss1__fs__pk__os
-  for r in 1 2 3; do
-    tune_row "v${r}_mixtral_dn256" "$F" $MIX
-    tune_row "v${r}_mixtral_dn128" "${TMA128}__r8__c1__cs1__ss1__fs__pk__os" $MIX
-  done
-  bundle
-  grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
-fi
-if [ "$PART" = w ]; then
-  DN256=dn_bm128_bn256_bk64_w8x1_s3_tma; DN128=dn_bm128_bn128_bk64_w8x1_s4_tma
-  for m in "deepseek-v2-lite 4096" "qwen3-30b-a3b 512" "E64"; do
-    set -- $m
-    if [ "$1" = E64 ]; then args=($E64); p="MoEProblem(2048, 2048, 64, 2, 0, world_size=4, \
-tokens_per_rank=16384)"; tag=e64; else args=(--model "$1" --tokens "$2"); tag=${1%%-*}
-      p="get_preset('$1').problem(world_size=4, tokens_per_rank=$2)"; fi
-    d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
-from flashmoe_gen.problem import MoEProblem; from flashmoe_gen.config import KernelConfig as K; \
-print(K.default($p, 'sm_90').name)")
-    for r in 1 2; do
-      tune_row "w${r}_${tag}_default" "$d" "${args[@]}"
-      tune_row "w${r}_${tag}_dn128" "${d/$DN256/$DN128}" "${args[@]}"
-    done
-  done
-  F128=${TMA128}__r8__c1__cs1__ss1__fs__pk__os
-  OVERLAP_TIMEOUT=120 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --config "$F128" \
-    > "$O/overlap.txt" 2>&1
   bundle
   grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
 fi
