@@ -165,6 +165,9 @@ def test_config_change_tables_cover_every_field():
 def test_every_config_knob_changes_the_name(field):
     changed = replace(CFG, **{field: CONFIG_CHANGES[field]})
     assert changed != CFG and changed.name != CFG.name
+    # the name and the dict give the knob back (a knob the name forgets is lost in the DB)
+    assert KernelConfig.from_name(changed.name) == changed
+    assert KernelConfig.from_dict(changed.to_dict()) == changed
 
 
 @pytest.mark.parametrize("which", ["gate_up", "down"])
