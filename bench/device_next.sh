@@ -26,10 +26,15 @@
 #      the persistent default's wgmma rows): the 2-rank shape, tma and graph tests on them,
 #      the overlap table (seed, DeepSeek-V2-Lite T=4096, Mixtral T=4096) against PyTorch EP,
 #      then E=64 T=16384 on 4 ranks with the nvlink default beside (~500 s)
+#   y: the router's route phase (nvlink sweep, DeepSeek-V3-like and DeepSeek-V2-Lite at
+#      T=1 and 128, phases beside PyTorch EP) after the router GPU tests; run it on main,
+#      then on branch router-mma-passes (256 experts on the tensor cores, four passes side
+#      by side) on the same machine. Session 15: E=256 route 33.1 us (FMA) vs 43.3 (mma,
+#      passes one after another) at T=1 (~200 s)
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, r, s, t, v, w (sessions 14-15); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|y   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -107,6 +112,18 @@ r['torch_ep_ms'], 'nccl', r['ours_ms'], r['config'], 'nvlink', r.get('ours_nvlin
 r.get('config_nvlink')) for r in json.load(open('$O/scaling.json'))]"
   bundle
   grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
+fi
+if [ "$PART" = y ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+    -q --no-header -p no:cacheprovider -k "router" > "$O/gpu_router.log" 2>&1
+  echo "router GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_router.log" | tail -1
+  timeout -k 10 150 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+    --problems dsv3,dsv2lite --tokens 1,128 --iters 10 --out "$O/sweep_route.md" \
+    --json "$O/sweep_route.json" > "$O/sweep_route.log" 2>&1
+  echo "sweep rc=$?"
+  bundle
+  grep -hE "^\| (dsv)" "$O"/sweep_route.md | cut -d'|' -f2,3,5,6,8,9
+  grep -hE "^- (dsv)" "$O"/sweep_route.md | sed 's/`[^`]*`//' | cut -c1-150
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
