@@ -18,7 +18,7 @@ from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import KernelConfig, expert_chunks
 from .persistent import HeapLayout, state_words, weight_map_specs
-from .plan import fixed_slots
+from .plan import act_slots, fixed_slots
 from .plan_cpp import call_args, forward_lines
 from .problem import MoEProblem
 from .render import (
@@ -128,8 +128,7 @@ def export_vars(layer: CompiledLayer) -> dict:
         tokens_per_rank=p.tokens_per_rank,
         flops_per_token=repr(float(p.flops(1))),
         fuse_sources=CPP_BOOL[cfg.fuse_sources],
-        # fused launches (and own_stream's own rows) address one act slot per source
-        act_sources=p.world_size if cfg.fuse_sources else 1,
+        act_sources=act_slots(p, cfg),
         graph_mode=CPP_BOOL[cfg.mode == "graph"],
         graph_capacity=fixed.capacity if cfg.mode == "graph" else 0,
         graph_region=", ".join(f"{first}, {row}" for first, row in fixed.region),

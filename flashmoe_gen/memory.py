@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .config import KernelConfig
 from .layout import SymmetricLayout
+from .plan import act_slots
 from .problem import MoEProblem
 
 BF16 = 2  # bytes per element of every weight and activation (bf16)
@@ -44,7 +45,7 @@ def host_buffer_bytes(problem: MoEProblem, config: KernelConfig,
             round_up(p.tokens_per_rank, config.block_m), config.block_m)
     el, t = p.local_experts, max(p.tokens_per_rank, 1)
     slots = SymmetricLayout(p.world_size, el, capacity, p.hidden).elements * BF16
-    act = (p.world_size if config.fuse_sources else 1) * el * capacity * p.intermediate * BF16
+    act = act_slots(p, config) * el * capacity * p.intermediate * BF16
     per_token = 3 * 4 * p.top_k + ((p.shared_width + p.hidden) * BF16
                                    if p.shared_experts else 0)
     counts = 2 * p.world_size * p.experts * 4  # counts and row offsets, int32

@@ -237,6 +237,14 @@ def fixed_slots(problem: MoEProblem, config: KernelConfig) -> FixedSlots:
     return FixedSlots(cap, tuple(base), tuple(rows), tuple(region))
 
 
+def act_slots(p: MoEProblem, config: KernelConfig) -> int:
+    """Source slots of the expert activations ``act`` ([slots][E_local][C][I]) the launches
+    address: one per source where fused sources compute every source's rows in one launch
+    (``own_stream``'s own rows take this rank's), else one. The runtime, the memory table
+    and the export allocate this many."""
+    return p.world_size if config.fuse_sources else 1
+
+
 def _expert_launches(p: MoEProblem, e0: int, e1: int, self_source: bool,
                      rows: Expr | None = None, own_region: bool = False
                      ) -> tuple[GemmLaunch, ...]:

@@ -29,6 +29,7 @@ from .layout import (
 from .persistent import PersistentForward
 from .plan import (
     Gemms,
+    act_slots,
     fixed_slots,
 )
 from .problem import MoEProblem
@@ -52,7 +53,7 @@ def graph_memory_bytes(problem: MoEProblem, config: KernelConfig) -> int:
     p, cap = problem, fixed_slots(problem, config).capacity
     el, t = p.local_experts, max(p.tokens_per_rank, 1)
     slots = SymmetricLayout(p.world_size, el, cap, p.hidden).elements * ELEM_BYTES
-    act = (p.world_size if config.fuse_sources else 1) * el * cap * p.intermediate * ELEM_BYTES
+    act = act_slots(p, config) * el * cap * p.intermediate * ELEM_BYTES
     per_token = 3 * 4 * p.top_k + ((p.shared_width + p.hidden) * ELEM_BYTES
                                    if p.shared_experts else 0) + 2 * p.hidden * ELEM_BYTES
     return slots + act + t * per_token
@@ -325,9 +326,8 @@ class FlashMoE:
         self._buf = _SlotBuffers(
             lay=lay,
             tensor=cupy.empty(lay.shape, np.uint16),
-            # Fused sources compute every peer's tokens in one launch: one act slot each.
-            act=cupy.empty((p.world_size if self.config.fuse_sources else 1,
-                            p.local_experts, capacity, p.intermediate), np.uint16),
+            act=cupy.empty((act_slots(p, self.config), p.local_experts, capacity,
+                            p.intermediate), np.uint16),
         )
         return self._buf
 
