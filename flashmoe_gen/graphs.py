@@ -126,7 +126,7 @@ class GraphCache:
         forward) are not needed."""
         if not self._direct_ok:
             return None
-        key = (x.shape[0], x.data.ptr, out.data.ptr)
+        key = _direct_key(x, out)
         graph = self.direct.get(key)
         if graph is not None:
             self.direct.move_to_end(key)
@@ -136,7 +136,7 @@ class GraphCache:
     def _direct(self, run_plan, x, out, stream):
         """The direct graph of this call's (tokens, x, out), captured on the second call in a
         row with them; None (copy through the static buffers) otherwise."""
-        key = (x.shape[0], x.data.ptr, out.data.ptr)
+        key = _direct_key(x, out)
         graph = self.direct.get(key)
         if graph is None and key == self._last_key:
             stream.begin_capture()
@@ -156,3 +156,9 @@ class GraphCache:
     def poison(self, bits: int) -> None:
         self.x.fill(bits)
         self.out.fill(bits)
+
+
+def _direct_key(x, out) -> tuple[int, int, int]:
+    """What a direct graph is captured for: the token count and the caller's x and out
+    (their addresses are baked into the graph's kernel node)."""
+    return x.shape[0], x.data.ptr, out.data.ptr
