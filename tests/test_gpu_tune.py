@@ -10,16 +10,19 @@ P = MoEProblem(512, 1024, 8, 2, shared_experts=1, tokens_per_rank=200)
 
 
 def test_evaluator_times_good_and_reports_bad_configs():
-    from flashmoe_gen.tuner.objective import LayerEvaluator
+    from flashmoe_gen.tuner.objective import FAILED, REFUSED_AT_BUILD, LayerEvaluator
 
     ev = LayerEvaluator(P, None, seed=1, warmup=1, iters=5)
     good = ev(KernelConfig.default(P))
     assert good.ok and 0 < good.p20_ms <= good.median_ms <= good.p80_ms
     assert good.rel_error < 1e-2
-    # Shared memory over the limit is rejected before any compile or launch.
+    # Shared memory over the limit is refused by the build before any compile or launch: a
+    # failed trial the database keeps, named as refused (0822adb; "invalid" is only for
+    # configs the space itself rejects, which never reach the evaluator).
     huge = KernelConfig(GemmTile(256, 128, 64, 4, 2, 6), KernelConfig.default(P).down)
     bad = ev(huge)
-    assert bad.status == "invalid" and "shared memory" in bad.reason
+    assert bad.status == FAILED and bad.reason.startswith(REFUSED_AT_BUILD)
+    assert "shared memory" in bad.reason
 
 
 def test_short_study_records_winner_and_lookup_returns_it(tmp_path):
