@@ -302,6 +302,11 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_mma_experts": router_mma_experts(problem, config.router_tokens_per_block),
         "router_mma_pass_warps": max(1, router_mma_pass_warps(
             problem, config.router_tokens_per_block)),
+        # Several passes: the k-step loop rolled (unrolled, the standalone router spilled 64
+        # bytes at E=256; rolled: 78 registers, no spills). One pass keeps the unrolled
+        # loop measured in session 15.
+        "router_mma_ks_serial": CPP_BOOL[router_mma_experts(
+            problem, config.router_tokens_per_block) not in (0, problem.experts)],
         **(split or {"router_vec_lanes_e": 0, "router_vec_per_lane": 0,
                      "router_token_batch": 0}),
         "router_lanes_e": lanes_e,
