@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import jinja2
@@ -153,9 +154,10 @@ def router_split(experts: int, warps: int) -> dict[str, int | str] | None:
 #: The most experts the split router's tensor-core logits take (router_mma_experts). 4 x
 #: H200, persistent kernel, route phase FMA -> mma: E=64 (H=2048) 30.0 -> 17.2 us at
 #: DeepSeek-V2-Lite T=1 and 459 -> 224 us at E=64 T=16384; E=256 (H=7168, DeepSeek-V3-like)
-#: 33.1 -> 43.3 us at T=1 and 71.3 -> 73.9 at T=128 (four passes of 64 experts). E=128 is
-#: unmeasured and keeps the FMA path until a run says otherwise.
-ROUTER_MMA_MAX_EXPERTS = 64
+#: 33.1 -> 43.3 us at T=1 and 71.3 -> 73.9 at T=128 when the passes of 64 experts ran one
+#: after another, each with all the warps' serial sums (32 barriers a slice). With the warps
+#: split between passes (router_mma_pass_warps: 2 barriers) E=256 is to be measured again.
+ROUTER_MMA_MAX_EXPERTS = 256
 
 
 def router_mma_experts(problem: MoEProblem, warps: int) -> int:
@@ -169,6 +171,19 @@ def router_mma_experts(problem: MoEProblem, warps: int) -> int:
             or problem.experts > ROUTER_MMA_MAX_EXPERTS or problem.hidden % 16:
         return 0
     return 64 if problem.experts % 64 == 0 else 32
+
+
+def router_mma_pass_warps(problem: MoEProblem, warps: int) -> int:
+    """Warps of a router block that work on different passes of ``router_mma_experts``
+    experts at once (each pass's k steps then split among warps // this many): the largest
+    power of two dividing both the passes and the warps. The passes' experts are disjoint,
+    so their sums meet in s_logit without waiting on each other: warps // this many serial
+    rounds (barriers) instead of passes x warps."""
+    per = router_mma_experts(problem, warps)
+    if not per:
+        return 0
+    passes = problem.experts // per
+    return math.gcd(passes, warps)
 
 
 #: The persistent kernel's phase marks in its stats (after each phase, per block, cycles
@@ -285,6 +300,13 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_slices_max": router_slices_max(problem.hidden, problem.experts),
         "router_mma": CPP_BOOL[router_mma_experts(problem, config.router_tokens_per_block) > 0],
         "router_mma_experts": router_mma_experts(problem, config.router_tokens_per_block),
+        "router_mma_pass_warps": max(1, router_mma_pass_warps(
+            problem, config.router_tokens_per_block)),
+        # Several passes: the k-step loop rolled (unrolled, the standalone router spilled 64
+        # bytes at E=256; rolled: 78 registers, no spills). One pass keeps the unrolled
+        # loop measured in session 15.
+        "router_mma_ks_serial": CPP_BOOL[router_mma_experts(
+            problem, config.router_tokens_per_block) not in (0, problem.experts)],
         **(split or {"router_vec_lanes_e": 0, "router_vec_per_lane": 0,
                      "router_token_batch": 0}),
         "router_lanes_e": lanes_e,

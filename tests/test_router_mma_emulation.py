@@ -14,7 +14,7 @@ from test_mma_emulation import mma_16816
 
 from flashmoe_gen.presets import get_preset
 from flashmoe_gen.problem import MoEProblem
-from flashmoe_gen.render import router_mma_experts
+from flashmoe_gen.render import router_mma_experts, router_mma_pass_warps
 
 
 def movmatrix_trans(regs: list[np.ndarray]) -> list[np.ndarray]:
@@ -27,18 +27,24 @@ def movmatrix_trans(regs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: int,
-                 warps: int, mma_e: int) -> np.ndarray:
-    """s_logit of one block: tokens [t0, t0 + nt), hidden rows [h0, h1)."""
+                 warps: int, mma_e: int, pass_warps: int = 1) -> np.ndarray:
+    """s_logit of one block: tokens [t0, t0 + nt), hidden rows [h0, h1); ``pass_warps``
+    (render.router_mma_pass_warps): warp w takes passes w % pass_warps + k pass_warps and
+    k steps w // pass_warps + k (warps // pass_warps)."""
     experts = wg.shape[1]
     s_logit = np.zeros((warps, experts))
     groups = mma_e // 32
     ksteps = (h1 - h0) // 16
+    npass, kw_n = experts // mma_e, warps // pass_warps
+    assert npass % pass_warps == 0 and warps % pass_warps == 0
     for m0 in range(0, nt, 16):
-        for e0 in range(0, experts, mma_e):
+        for p in range(npass):
+            e0 = p * mma_e
+            mine = [w for w in range(warps) if w % pass_warps == p % pass_warps]
             d = {w: [[np.zeros((32, 4)) for _ in range(4)] for _ in range(groups)]
-                 for w in range(warps)}
-            for w in range(warps):
-                for ks in range(w, ksteps, warps):
+                 for w in mine}
+            for w in mine:
+                for ks in range(w // pass_warps, ksteps, kw_n):
                     h = h0 + ks * 16
                     a = []
                     for t in range(32):
@@ -59,7 +65,7 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
                             b0 = movmatrix_trans([v[2 * j:2 * j + 2] for v in lo])
                             b1 = movmatrix_trans([v[2 * j:2 * j + 2] for v in hi])
                             mma_16816(d[w][q][j], a, b0, b1)
-            for w in range(warps):  # the fixed warp order
+            for w in sorted(mine, key=lambda w: w // pass_warps):  # the fixed k-lane order
                 for t in range(32):
                     g, c = t // 4, t % 4
                     r0, r1 = m0 + g, m0 + g + 8
@@ -74,21 +80,23 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
     return s_logit[:nt]
 
 
-@pytest.mark.parametrize("experts,warps,nt,h0,h1", [
-    (64, 8, 8, 0, 256),     # E=64 (two groups per pass), a full batch
-    (64, 8, 3, 48, 160),    # a slice, 3 tokens (rows past nt are zero)
-    (96, 4, 4, 0, 128),     # 32 experts per pass, three passes
-    (256, 32, 20, 0, 64),   # 32 tokens a block: two m tiles, the second partial
-    (32, 1, 1, 16, 48),     # one warp, one token
+@pytest.mark.parametrize("experts,warps,nt,h0,h1,pass_warps", [
+    (64, 8, 8, 0, 256, 1),     # E=64 (two groups per pass), a full batch
+    (64, 8, 3, 48, 160, 1),    # a slice, 3 tokens (rows past nt are zero)
+    (96, 4, 4, 0, 128, 1),     # 32 experts per pass, three passes one after another
+    (256, 32, 20, 0, 64, 4),   # 32 tokens a block: two m tiles, the second partial
+    (32, 1, 1, 16, 48, 1),     # one warp, one token
+    (256, 8, 5, 0, 112, 4),    # four passes side by side, two k lanes (DeepSeek-V3's T=1)
+    (512, 4, 4, 16, 64, 4),    # more passes than warps: each warp takes two, one k lane
 ])
-def test_tensor_core_logits_are_the_product(experts, warps, nt, h0, h1):
+def test_tensor_core_logits_are_the_product(experts, warps, nt, h0, h1, pass_warps):
     rng = np.random.default_rng(experts + nt)
     hidden = 256
     x = rng.standard_normal((40, hidden)).astype(np.float32).astype(np.float64)
     wg = rng.standard_normal((hidden, experts))
     mma_e = 64 if experts % 64 == 0 else 32
     t0 = 5
-    got = split_logits(x, wg, t0, nt, h0, h1, warps, mma_e)
+    got = split_logits(x, wg, t0, nt, h0, h1, warps, mma_e, pass_warps)
     want = x[t0:t0 + nt, h0:h1] @ wg[h0:h1]
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-9)
 
@@ -97,9 +105,19 @@ def test_router_mma_applies_where_the_layout_fits():
     assert router_mma_experts(MoEProblem(2048, 2048, 64, 2), 8) == 64
     assert router_mma_experts(get_preset("deepseek-v2-lite").problem(), 8) == 64
     assert router_mma_experts(MoEProblem(2048, 2048, 32, 2), 8) == 32
-    # 256 experts: measured slower on the tensor cores (render.ROUTER_MMA_MAX_EXPERTS)
-    assert router_mma_experts(get_preset("deepseek-v3").problem(), 8) == 0
-    assert router_mma_experts(MoEProblem(2048, 2048, 96, 2), 8) == 0
+    assert router_mma_experts(get_preset("deepseek-v3").problem(), 8) == 64
+    assert router_mma_experts(MoEProblem(2048, 2048, 96, 2), 8) == 32
+    assert router_mma_experts(MoEProblem(2048, 2048, 512, 2), 8) == 0  # past the maximum
+
+
+def test_pass_warps_divide_the_passes_and_the_warps():
+    dsv3 = get_preset("deepseek-v3").problem()
+    assert router_mma_pass_warps(dsv3, 8) == 4      # 4 passes side by side, 2 k lanes
+    assert router_mma_pass_warps(dsv3, 2) == 2
+    assert router_mma_pass_warps(MoEProblem(2048, 2048, 64, 2), 8) == 1   # one pass
+    assert router_mma_pass_warps(MoEProblem(2048, 2048, 96, 2), 8) == 1   # 3 passes
+    assert router_mma_pass_warps(MoEProblem(2048, 2048, 128, 2), 16) == 2
+    assert router_mma_pass_warps(MoEProblem(512, 2048, 8, 2), 8) == 0     # FMA path
     assert router_mma_experts(MoEProblem(512, 2048, 8, 2), 8) == 0   # 8 experts: FMA path
     assert router_mma_experts(MoEProblem(520, 344, 32, 4), 8) == 0   # hidden not by 16
     assert router_mma_experts(MoEProblem(2048, 1408, 60, 4), 8) == 0  # no split layout

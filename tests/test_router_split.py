@@ -188,18 +188,29 @@ def test_the_template_runs_the_emulated_loops():
 
 def test_the_template_runs_the_emulated_tensor_core_loops():
     """The lines tests/test_router_mma_emulation.py mirrors, as the generated router spells
-    them on DeepSeek-V2-Lite's shape (64 experts, hidden 2048: the tensor-core layout)."""
+    them on DeepSeek-V2-Lite's shape (64 experts, hidden 2048: one pass) and the
+    DeepSeek-V3-like one (256 experts: four passes side by side)."""
     from flashmoe_gen.config import KernelConfig
     from flashmoe_gen.problem import MoEProblem
     from flashmoe_gen.render import render
 
-    p = MoEProblem(2048, 1408, 64, 6, world_size=4, tokens_per_rank=128)
-    for cfg in (KernelConfig.default(p), KernelConfig.persistent_default(p)):
+    lite = MoEProblem(2048, 1408, 64, 6, world_size=4, tokens_per_rank=128)
+    v3 = MoEProblem(7168, 2048, 256, 8, world_size=4, tokens_per_rank=128)
+    for p, cfg in ((lite, KernelConfig.default(lite)),
+                   (lite, KernelConfig.persistent_default(lite)),
+                   (v3, KernelConfig.persistent_default(v3))):
         code = render(p, cfg).code
+        pw = 1 if p.experts == 64 else 4
         for line in ("constexpr bool R_MMA = true;", "constexpr int R_MMA_E = 64;",
+                     f"constexpr int R_MMA_PW = {pw};",
+                     "constexpr int NPASS = EXPERTS / R_MMA_E, KW = ROUTER_WARPS / R_MMA_PW;",
+                     "const int pl = warp % R_MMA_PW, kw = warp / R_MMA_PW;",
+                     "for (int i = 0; i < NPASS / R_MMA_PW; ++i) {",
+                     "const int e0 = (pl + i * R_MMA_PW) * R_MMA_E;",
+                     "for (int r = 0; r < KW; ++r) {", "if (kw == r)",
                      "movmatrix.sync.aligned.m8n8.trans.b16",
                      "const int ksteps = (h1 - h0) / 16;",
-                     "for (int ks = warp; ks < ksteps; ks += ROUTER_WARPS) {",
+                     "for (int ks = kw; ks < ksteps; ks += KW) {",
                      "a[0] = r0 < nt ? *reinterpret_cast<const unsigned*>(x0 + h) : 0u;",
                      "a[2] = r0 < nt ? *reinterpret_cast<const unsigned*>(x0 + h + 8) : 0u;",
                      "const elem_t* w = wg + static_cast<long long>(h + g) * EXPERTS + e0 + 8 * c;",
