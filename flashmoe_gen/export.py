@@ -17,7 +17,6 @@ from . import __version__
 from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import KernelConfig, expert_chunks
-from .errors import ConfigError
 from .persistent import HeapLayout, state_words, weight_map_specs
 from .plan import act_slots, fixed_slots
 from .plan_cpp import call_args, forward_lines
@@ -130,6 +129,7 @@ def export_vars(layer: CompiledLayer) -> dict:
         flops_per_token=repr(float(p.flops(1))),
         fuse_sources=CPP_BOOL[cfg.fuse_sources],
         act_sources=act_slots(p, cfg),
+        gather_experts=CPP_BOOL[cfg.gather_experts],
         graph_mode=CPP_BOOL[cfg.mode == "graph"],
         graph_capacity=fixed.capacity if cfg.mode == "graph" else 0,
         graph_region=", ".join(f"{first}, {row}" for first, row in fixed.region),
@@ -243,10 +243,6 @@ def export_cu(problem: MoEProblem, config: KernelConfig | None = None,
     ``with_main`` the file also holds an MPI + NCCL benchmark ``main`` (see
     ``nvcc_hint``).
     """
-    if config is not None and config.gather_experts:
-        raise ConfigError("gather_experts", True, "the exported host code lands each peer's "
-                          "rows in its slot (no gathered runs yet): export the same config "
-                          "without __ge (same kernels, same results)", config.name)
     layer = build(problem, config)  # render and plan only: NVRTC runs on first use
     tv = export_vars(layer)
     parts = [_header(layer, with_main), layer.source.code, "\n", gemm_instantiations(layer),

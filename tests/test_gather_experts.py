@@ -124,7 +124,14 @@ def test_the_search_space_gathers_only_where_it_applies():
     assert one.choices["gather"] == (False,)
 
 
-def test_export_refuses_with_what_to_change():
-    with pytest.raises(ConfigError, match="without __ge") as e:
-        export_cu(MIXTRAL, _gathered())
-    assert e.value.field == "gather_experts"
+def test_the_export_mirrors_the_gathered_runs():
+    """The exported host code plans the same runs (C++ twin of Run.plan_gathered), splits
+    its NCCL operations per expert and launches one group per expert."""
+    text = export_cu(MIXTRAL, _gathered(), with_main=True)
+    assert "constexpr bool GATHER_EXPERTS = true;" in text
+    assert "gathered = L->gathered;" in text  # rebound after the capacity may have grown
+    assert f"gemm_gate_up(max_gathered_rows(L), {MIXTRAL.local_experts}, s," in text
+    assert "nsend = expert_runs(L, ssrc, sdst, e0, e1, send_slot, send_ptr, send_rows);" in text
+    plain = export_cu(MIXTRAL, replace(_gathered(), gather_experts=False))
+    assert "constexpr bool GATHER_EXPERTS = false;" in plain
+    assert "max_gathered_rows(L)," not in plain and "gathered = L->gathered;" not in plain
