@@ -36,9 +36,10 @@
 #   ran them)
 #   x: branch gather-experts (each local expert's peer rows landed back to back: one group
 #      per expert in the fused launch, no partial m tile per peer): the 2-rank tma-source
-#      tests with gather, the 2-rank exported harness (fused and gathered cases), then each large-batch default beside the same config + __ge, two
-#      rounds alternated (Mixtral and DeepSeek-V2-Lite T=4096, E=64 T=16384, Qwen3 T=512),
-#      then Mixtral's overlap row with __ge against PyTorch EP (~420 s). Session 15: a
+#      tests with gather, the 2-rank exported harness (fused and gathered cases), then each
+#      large-batch default beside the same config + __ge, two rounds alternated (Mixtral and
+#      DeepSeek-V2-Lite T=4096, E=64 T=16384, Qwen3 T=512), then Mixtral's overlap row with
+#      __ge against PyTorch EP (~420 s). Session 15: a
 #      1088-row group cost 26% more than a 1024-row one; the model says ~35 -> ~32 m tiles
 #      per expert at Mixtral, layer ~4.8-5.2 ms
 # Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|y|x   (COMMIT literally: the device's git metadata

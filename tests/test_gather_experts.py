@@ -29,13 +29,10 @@ def _gathered(**change) -> KernelConfig:
                    **change)
 
 
-def test_name_round_trips():
+def test_the_name_ends_in_ge():
     cfg = _gathered()
     cfg.validate(MIXTRAL, "sm_90")
-    assert cfg.name.endswith("__fs__pk__os__ge")
-    assert KernelConfig.from_name(cfg.name) == cfg
-    assert KernelConfig.from_dict(cfg.to_dict()) == cfg
-    assert "ge" not in replace(cfg, gather_experts=False).name.split("__")
+    assert cfg.name.endswith("__fs__pk__os__ge")  # round trips: test_problem_config
 
 
 @pytest.mark.parametrize("change,problem,why", [
