@@ -40,8 +40,8 @@
 #      large-batch default beside the same config + __ge, two rounds alternated (Mixtral and
 #      DeepSeek-V2-Lite T=4096, E=64 T=16384, Qwen3 T=512), then Mixtral's overlap row with
 #      __ge against PyTorch EP (~420 s). Session 15: a
-#      1088-row group cost 26% more than a 1024-row one; the model says ~35 -> ~32 m tiles
-#      per expert at Mixtral, layer ~4.8-5.2 ms
+#      1088-row group cost 26% more than a 1024-row one; a wave model of Mixtral's six
+#      launches: 95 -> 89.5 units (one launch over all rows: 83), ~0.3 ms
 # Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|y|x   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
