@@ -474,3 +474,19 @@ def test_gathered_runs_stay_apart_from_the_slots():
         executor.Run.gathered_runs = original
     ref = moe_reference(P4, xs, w)
     assert not relative_error(_f64(outs[0]), ref.out[0]) < 2e-2
+
+
+def test_gathered_runs_split_into_groups_alike(monkeypatch):
+    """gather_experts with 4 local experts and every NCCL operation its own group
+    (``$FLASHMOE_MAX_GROUP_OPS`` = 1): the per-(peer, expert) operations still pair up."""
+    monkeypatch.setenv("FLASHMOE_MAX_GROUP_OPS", "1")
+    p = P4.replace(experts=16)
+    w = MoEWeights.random(p, 9)
+    xs = [random_tokens(t, p.hidden, seed=90 + r) for r, t in enumerate((24, 9, 0, 17))]
+    cfg = KernelConfig(*SYNC, router_tokens_per_block=8, fuse_sources=True, packed_slots=True,
+                       own_split=True, gather_experts=True, comm_streams=2)
+    outs, _ = emulate(p, cfg, w, xs)
+    ref = moe_reference(p, xs, w)
+    for r, (out, want) in enumerate(zip(outs, ref.out, strict=True)):
+        if len(want):
+            assert relative_error(_f64(out), want) < 2e-2, r
