@@ -216,8 +216,7 @@ class FlashMoE:
         # row_off[s][e]: first row of global expert e in source s's slot (layout.row_offsets)
         self.row_off = cupy.zeros((problem.world_size, problem.experts), np.int32)
         self._row_off_host = cupy.cuda.alloc_pinned_memory(self.row_off.nbytes)
-        # gather_experts: rows per local expert's run, planned on the host each call
-        self.gcounts = cupy.zeros(problem.local_experts, np.int32)
+        self.gcounts = cupy.zeros(problem.local_experts, np.int32)  # gather_experts' runs
         self._gcounts_host = cupy.cuda.alloc_pinned_memory(self.gcounts.nbytes)
         self._tok: _TokenBuffers | None = None
         self._buf: _SlotBuffers | None = None
@@ -332,7 +331,6 @@ class FlashMoE:
             tensor=cupy.empty(lay.shape, np.uint16),
             act=cupy.empty((act_slots(p, self.config), p.local_experts, capacity,
                             p.intermediate), np.uint16),
-            # gather_experts: each local expert's peer rows in one run of P x C rows
             gathered=cupy.empty((p.local_experts, p.world_size * capacity, p.hidden),
                                 np.uint16) if self.config.gather_experts else None,
         )
