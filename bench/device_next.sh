@@ -34,7 +34,15 @@
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, r, s, t, v, w (sessions 14-15); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|y   (COMMIT literally: the device's git metadata
+#   x: branch gather-experts (each local expert's peer rows landed back to back: one group
+#      per expert in the fused launch, no partial m tile per peer): the 2-rank tma-source
+#      tests with gather, the 2-rank exported harness (fused and gathered cases), then each
+#      large-batch default beside the same config + __ge, two rounds alternated (Mixtral and
+#      DeepSeek-V2-Lite T=4096, E=64 T=16384, Qwen3 T=512), then Mixtral's overlap row with
+#      __ge against PyTorch EP (~420 s). Session 15: a
+#      1088-row group cost 26% more than a 1024-row one; a wave model of Mixtral's six
+#      launches: 95 -> 89.5 units (one launch over all rows: 83), ~0.3 ms
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|y|x   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -124,6 +132,30 @@ if [ "$PART" = y ]; then
   bundle
   grep -hE "^\| (dsv)" "$O"/sweep_route.md | cut -d'|' -f2,3,5,6,8,9
   grep -hE "^- (dsv)" "$O"/sweep_route.md | sed 's/`[^`]*`//' | cut -c1-150
+fi
+if [ "$PART" = x ]; then
+  multigpu_k 2 200 gather "tma_kernel_sources and (gather or host_fused)"
+  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 200 python3 -m pytest -m gpu tests/test_export.py \
+    -k "two_ranks" -q --no-header -p no:cacheprovider > "$O/export_2r.log" 2>&1
+  echo "exported 2-rank harness (fused, gathered) rc=$?"; grep -E "passed|failed" "$O/export_2r.log" | tail -1
+  for m in "mixtral-8x7b 4096" "deepseek-v2-lite 4096" "qwen3-30b-a3b 512" "E64"; do
+    set -- $m
+    if [ "$1" = E64 ]; then args=($E64); p="MoEProblem(2048, 2048, 64, 2, 0, world_size=4, \
+tokens_per_rank=16384)"; tag=e64; else args=(--model "$1" --tokens "$2"); tag=${1%%-*}
+      p="get_preset('$1').problem(world_size=4, tokens_per_rank=$2)"; fi
+    d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
+from flashmoe_gen.problem import MoEProblem; from flashmoe_gen.config import KernelConfig as K; \
+print(K.default($p, 'sm_90').name)")
+    for r in 1 2; do
+      tune_row "x${r}_${tag}_default" "$d" "${args[@]}"
+      tune_row "x${r}_${tag}_ge" "${d}__ge" "${args[@]}"
+    done
+  done
+  F=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma__r8__c1__cs1__ss1__fs__pk__os
+  OVERLAP_TIMEOUT=120 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --config "${F}__ge" \
+    > "$O/overlap.txt" 2>&1
+  bundle
+  grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

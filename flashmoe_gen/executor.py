@@ -48,7 +48,7 @@ ELEM_BYTES = 2
 #: The forward's symbols a plan expression may name (``plan`` module docstring).
 SYMBOLS = ("me", "src", "cap", "tokens", "layout", "act", "w1", "w3", "w2", "sw1", "sw3", "sw2",
            "x", "shared_act", "shared_out", "counts", "row_off", "max_rows", "max_remote_rows",
-           "max_all_rows")
+           "max_all_rows", "gathered", "gcounts", "max_gathered_rows")
 
 
 def python_launcher(launch: GemmLaunch):
@@ -78,6 +78,8 @@ class Run:
         el, me = p.local_experts, layer.rank
         self.mine = slice(me * el, (me + 1) * el)
         self.rows = self.offs = None
+        self.goffs_list: list[list[int]] | None = None  # gather_experts: [source][expert]
+        self.gcounts_list: list[int] = []
 
         def ptr(a) -> int:
             return 0 if a is None else a.data.ptr
@@ -86,7 +88,9 @@ class Run:
                         act=0, x=ptr(x), shared_act=ptr(b.shared_act),
                         shared_out=ptr(b.shared_out), counts=layer.counts.data.ptr,
                         row_off=layer.row_off.data.ptr, max_rows=self.max_rows,
-                        max_remote_rows=self.max_remote_rows, max_all_rows=self.max_all_rows)
+                        max_remote_rows=self.max_remote_rows, max_all_rows=self.max_all_rows,
+                        gathered=0, gcounts=ptr(getattr(layer, "gcounts", None)),
+                        max_gathered_rows=self.max_gathered_rows)
 
     # -- the count-table helpers the plan's expressions call ----------------------------------
     def max_rows(self, src: int, e0: int, e1: int) -> int:
@@ -98,6 +102,9 @@ class Run:
 
     def max_all_rows(self) -> int:
         return self._max_over_sources(skip=None)
+
+    def max_gathered_rows(self) -> int:
+        return max(self.gcounts_list, default=0)
 
     def _max_over_sources(self, skip: int | None) -> int:
         """The most rows any of this rank's experts gets from one source (but ``skip``)."""
@@ -238,7 +245,23 @@ class Run:
         self.rows_list, self.offs_list = self.rows.tolist(), self.offs.tolist()
         layer.row_off.data.copy_from_host_async(off_host.ctypes.data, self.offs.nbytes,
                                                 stream=s)
+        if cfg.gather_experts:
+            self.plan_gathered(layer, s)
         self.bind_slots(cap, slots)
+
+    def plan_gathered(self, layer, s) -> None:
+        """``gather_experts``: where each peer's rows for each local expert land in that
+        expert's run of ``gathered`` (peers in rank order), and the runs' lengths, which
+        go to the device for the fused launch (``gcounts``)."""
+        me, el = layer.rank, layer.problem.local_experts
+        mine = self.rows[:, me * el:(me + 1) * el].copy()
+        mine[me] = 0  # this rank's own rows are computed apart (not in the fused launch)
+        goffs = np.cumsum(mine, axis=0) - mine
+        self.goffs_list = goffs.tolist()
+        self.gcounts_list = mine.sum(axis=0).tolist()
+        g_host = np.frombuffer(layer._gcounts_host, np.int32, el)
+        g_host[:] = self.gcounts_list
+        layer.gcounts.data.copy_from_host_async(g_host.ctypes.data, g_host.nbytes, stream=s)
 
     def exchange_counts_on_device(self) -> None:
         """Mode "graph": all ranks' counts into device memory, then the row offsets and this
@@ -265,7 +288,8 @@ class Run:
         """The capacity and the slot buffers this call's operations address."""
         layer = self.layer
         self.my_row_off = layer.row_off.data.ptr + layer.rank * layer.problem.experts * 4
-        self.env.update(cap=cap, layout=slots.tensor.data.ptr, act=slots.act.data.ptr)
+        self.env.update(cap=cap, layout=slots.tensor.data.ptr, act=slots.act.data.ptr,
+                        gathered=0 if slots.gathered is None else slots.gathered.data.ptr)
 
     def transfer(self, op: Transfer) -> None:
         self.issue(self.transfer_ops(op))
@@ -307,12 +331,37 @@ class Run:
                 layer._copy(base + (d_slot + r0 * p.hidden) * ELEM_BYTES,
                             base + (s_slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, cs)
             return []
+        if self.goffs_list is not None:
+            return [(fn, ptr, nbytes, peer, cs, which) for fn, src, dst, slot, peer in ops
+                    for ptr, nbytes in self.gathered_runs(src, dst, slot, op.e0, op.e1)]
         out = []
         for fn, src, dst, slot, peer in ops:  # (source, destination) rows of the slot
             cols = slice(dst * el + op.e0, dst * el + op.e1)
             for r0, n in contiguous_runs(self.offs_list[src][cols], self.rows_list[src][cols]):
                 out.append((fn, base + (slot + r0 * p.hidden) * ELEM_BYTES, n * row_bytes, peer,
                             cs, which))
+        return out
+
+    def gathered_runs(self, src: int, dst: int, slot: int, e0: int, e1: int) -> list[tuple]:
+        """``gather_experts``: one (address, bytes) per local expert of [e0, e1) with rows
+        from ``src`` to ``dst`` -- never merged, since the other side keeps them apart too:
+        rows on this rank's experts (dispatch received, results sent back) sit in the
+        expert's run of ``gathered``; rows on a peer's experts in the layout's slot."""
+        layer = self.layer
+        p = layer.problem
+        el, row_bytes = p.local_experts, p.hidden * ELEM_BYTES
+        cap, rows = self.env["cap"], self.rows_list[src]
+        out = []
+        for j in range(e0, e1):
+            n = rows[dst * el + j]
+            if n <= 0:
+                continue
+            if dst == layer.rank:
+                row = j * p.world_size * cap + self.goffs_list[src][j]
+                out.append((self.env["gathered"] + row * row_bytes, n * row_bytes))
+            else:
+                row = slot + self.offs_list[src][dst * el + j] * p.hidden
+                out.append((layer._buf.tensor.data.ptr + row * ELEM_BYTES, n * row_bytes))
         return out
 
 

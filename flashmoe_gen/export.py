@@ -129,6 +129,7 @@ def export_vars(layer: CompiledLayer) -> dict:
         flops_per_token=repr(float(p.flops(1))),
         fuse_sources=CPP_BOOL[cfg.fuse_sources],
         act_sources=act_slots(p, cfg),
+        gather_experts=CPP_BOOL[cfg.gather_experts],
         graph_mode=CPP_BOOL[cfg.mode == "graph"],
         graph_capacity=fixed.capacity if cfg.mode == "graph" else 0,
         graph_region=", ".join(f"{first}, {row}" for first, row in fixed.region),

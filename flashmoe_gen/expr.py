@@ -114,7 +114,8 @@ class Ptr:
     Buffers: ``layout`` (symmetric tensor), ``act`` (expert activations), ``w1``/``w3``/``w2``
     (this rank's experts), ``sw1``/``sw3``/``sw2`` (fused shared experts), ``x``,
     ``shared_act``/``shared_out`` (per token), ``counts``/``row_off`` (int32 ``[P][E]``),
-    ``null``.
+    ``gathered``/``gcounts`` (``gather_experts``: each local expert's peer rows, int32
+    ``[E_local]`` of them), ``null``.
     """
 
     buffer: str
@@ -123,7 +124,7 @@ class Ptr:
     def py(self) -> str:
         if self.buffer == "null":
             return "0"
-        size = 4 if self.buffer in ("counts", "row_off") else 2
+        size = 4 if self.buffer in ("counts", "row_off", "gcounts") else 2
         return f"({self.buffer} + {size} * {self.offset.py()})"
 
     def cpp(self) -> str:

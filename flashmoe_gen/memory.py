@@ -46,10 +46,13 @@ def host_buffer_bytes(problem: MoEProblem, config: KernelConfig,
     el, t = p.local_experts, max(p.tokens_per_rank, 1)
     slots = SymmetricLayout(p.world_size, el, capacity, p.hidden).elements * BF16
     act = act_slots(p, config) * el * capacity * p.intermediate * BF16
+    # gather_experts: each local expert's run of P x C rows, and its row count
+    gathered = el * p.world_size * capacity * p.hidden * BF16 + 4 * el \
+        if config.gather_experts else 0
     per_token = 3 * 4 * p.top_k + ((p.shared_width + p.hidden) * BF16
                                    if p.shared_experts else 0)
     counts = 2 * p.world_size * p.experts * 4  # counts and row offsets, int32
-    return slots + act + t * per_token + counts
+    return slots + act + gathered + t * per_token + counts
 
 
 def buffer_bytes(problem: MoEProblem, config: KernelConfig) -> int:

@@ -13,7 +13,10 @@ Symbols an expression may use: ``me`` (this rank), ``src`` (the operation's sour
 ``cap`` (capacity C of this call), ``tokens`` (T of this call); functions ``max_rows(src,
 e0, e1)`` (rows ``src`` sends to local experts [e0, e1), clipped to C) and
 ``max_remote_rows()`` (the same over every other source and all local experts),
-``max_all_rows()`` (over every source, this rank included).
+``max_all_rows()`` (over every source, this rank included), ``max_gathered_rows()`` (the
+most peer rows one local expert gets, ``gather_experts``). Buffers: ``gathered`` (with
+``gather_experts``: [local expert][P x cap][H], each expert's peer rows back to back, source
+order; its down results in place of its inputs) and ``gcounts`` (those rows per expert).
 """
 
 from __future__ import annotations
@@ -301,6 +304,27 @@ def _fused_launches(p: MoEProblem, rows: Expr | None = None, with_self: bool = F
     return (_launch(True, rows, P * el, gate_up), _launch(False, rows, P * el, down))
 
 
+def _gathered_launches(p: MoEProblem) -> tuple[GemmLaunch, ...]:
+    """``gather_experts``: every peer's rows for all local experts, one group per expert
+    (its rows from every peer back to back in ``gathered``, ``gcounts`` of them), so an m
+    tile may span two peers' rows and only an expert's last tile is partial. The down
+    results overwrite the expert's inputs there (the gate/up launch before it on the same
+    stream has read them); the combine transfers send them from there."""
+    h, i, el, P = p.hidden, p.intermediate, p.local_experts, p.world_size
+    cap = Var("cap")
+    run = P * cap  # rows of one expert's run: at most P - 1 peers' capacity
+    common = dict(counts=Ptr("gcounts"), count_cap=run, rows_fixed=0, inner_groups=0,
+                  counts_outer_stride=0, skip_outer=-1, a_outer_stride=0, c_outer_stride=0,
+                  a_row_off=NULL, c_row_off=NULL)
+    gate_up = dict(common, A=Ptr("gathered"), a_group_stride=run * h, B0=Ptr("w1"),
+                   B1=Ptr("w3"), b_group_stride=i * h, C=Ptr("act"), c_group_stride=run * i,
+                   N=i, K=h)
+    down = dict(common, A=Ptr("act"), a_group_stride=run * i, B0=Ptr("w2"), B1=NULL,
+                b_group_stride=h * i, C=Ptr("gathered"), c_group_stride=run * h, N=h, K=i)
+    rows = Call("max_gathered_rows")
+    return (_launch(True, rows, el, gate_up), _launch(False, rows, el, down))
+
+
 def _shared_launches(p: MoEProblem) -> tuple[GemmLaunch, ...]:
     """The fused shared experts on this rank's tokens (no counts: ``tokens`` rows)."""
     h, w, tokens = p.hidden, p.shared_width, Var("tokens")
@@ -400,7 +424,8 @@ def _fused_schedule(p: MoEProblem, cfg: KernelConfig, steps, chunks, ev, transfe
     if cfg.overlap:
         ops += waits
     what = "every source's tokens, this rank's too" if with_self else "every peer's tokens"
-    fused = _fused_launches(p, bound, with_self)
+    fused = _gathered_launches(p) if cfg.gather_experts else \
+        _fused_launches(p, bound, with_self)
     own_done = None
     if cfg.own_stream:  # the second half beside the fused down launch, then the combine
         ops.append(Gemms(f"experts of {what} (fused, gate/up)", None, MAIN, fused[:1]))

@@ -4,7 +4,7 @@ operation, so the export follows the runtime's schedule by construction.
 The generated function sees: ``L`` (the ``FmoeLayer``), ``X`` (the harness's NCCL
 communicators and streams, world size > 1), ``x``/``tokens``/``out``, the main stream ``s``;
 the helpers it calls (``route``, ``plan_capacity``, ``permute``, ``combine``, ``exchange``,
-``max_rows``, ``max_remote_rows``, ``gemm_gate_up``/``gemm_down``) are in
+``max_rows``, ``max_remote_rows``, ``max_gathered_rows``, ``gemm_gate_up``/``gemm_down``) are in
 templates/export_host.cu.j2 and export_main.cu.j2.
 """
 
@@ -44,8 +44,9 @@ PROLOGUE = (
     ("src", "long long src = me;"),
     ("cap", "long long cap = L->capacity;"),
     *((n, f"const elem* {n} = L->{n}t;") for n in ("w1", "w3", "w2", "sw1", "sw3", "sw2")),
-    *((n, f"elem* {n} = L->{n};") for n in ("shared_act", "shared_out", "layout", "act")),
-    *((n, f"const int* {n} = L->{n};") for n in ("counts", "row_off")),
+    *((n, f"elem* {n} = L->{n};") for n in ("shared_act", "shared_out", "layout", "act",
+                                              "gathered")),
+    *((n, f"const int* {n} = L->{n};") for n in ("counts", "row_off", "gcounts")),
 )
 
 
@@ -62,8 +63,9 @@ def _statements(op, plan: ForwardPlan) -> list[str]:
                 "local_counts_device(L, s, counts_host)"
         else:
             call = "exchange_counts(L, X, s)" if world > 1 else "local_counts(L, s, counts_host)"
+        rebind = ["gathered = L->gathered;"] if plan.config.gather_experts else []
         return [f"FMOE_CHECK({call});",
-                "cap = L->capacity;", "layout = L->layout;", "act = L->act;"]
+                "cap = L->capacity;", "layout = L->layout;", "act = L->act;", *rebind]
     if isinstance(op, Permute):
         return ["FMOE_CHECK(permute(L, x, tokens, s));"]
     if isinstance(op, Record):

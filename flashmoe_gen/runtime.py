@@ -82,6 +82,7 @@ class _SlotBuffers:
     lay: SymmetricLayout  # index arithmetic of ``tensor`` (built once per capacity)
     tensor: object  # L[P][2][2][E_local][C][H], bf16 bits
     act: object
+    gathered: object = None  # gather_experts: [E_local][P x C][H], bf16 bits
 
     @property
     def capacity(self) -> int:
@@ -215,6 +216,8 @@ class FlashMoE:
         # row_off[s][e]: first row of global expert e in source s's slot (layout.row_offsets)
         self.row_off = cupy.zeros((problem.world_size, problem.experts), np.int32)
         self._row_off_host = cupy.cuda.alloc_pinned_memory(self.row_off.nbytes)
+        self.gcounts = cupy.zeros(problem.local_experts, np.int32)  # gather_experts' runs
+        self._gcounts_host = cupy.cuda.alloc_pinned_memory(self.gcounts.nbytes)
         self._tok: _TokenBuffers | None = None
         self._buf: _SlotBuffers | None = None
         self._dropped_host = 0
@@ -328,6 +331,8 @@ class FlashMoE:
             tensor=cupy.empty(lay.shape, np.uint16),
             act=cupy.empty((act_slots(p, self.config), p.local_experts, capacity,
                             p.intermediate), np.uint16),
+            gathered=cupy.empty((p.local_experts, p.world_size * capacity, p.hidden),
+                                np.uint16) if self.config.gather_experts else None,
         )
         return self._buf
 

@@ -245,6 +245,17 @@ def _compile_harness(tmp_path, cfg: KernelConfig, problem: MoEProblem = CAPPED) 
 
 
 @needs_nvcc
+def test_nvcc_compiles_gathered_harness(tmp_path):
+    """gather_experts: the runs planned on the host, NCCL operations per expert, one GEMM
+    group per local expert."""
+    sync = KernelConfig.default(CAPPED, "sm_80")
+    cfg = dataclasses.replace(sync, fuse_sources=True, packed_slots=True, own_split=True,
+                              gather_experts=True)
+    text = _compile_harness(tmp_path, cfg)
+    assert "expert_runs(L, ssrc, sdst" in text and "plan_gathered(L);" in text
+
+
+@needs_nvcc
 def test_nvcc_compiles_tma_export(tmp_path):
     """tma tiles: the maps are encoded through the driver API in the launcher (cached per
     launch key), the grid is one block per SM at most, the build links -lcuda."""
@@ -411,20 +422,22 @@ def _two_rank_harness_includes() -> dict[str, str]:
 
 @pytest.mark.gpu
 @needs_nvcc
-@pytest.mark.parametrize("packed,fuse", [(True, False), (False, False), (True, True)],
-                         ids=["packed_slots", "expert_slots", "fused_packed"])
-def test_gpu_harness_two_ranks_matches_one(tmp_path, packed, fuse):
+@pytest.mark.parametrize("packed,fuse,gather", [(True, False, False), (False, False, False),
+                                                (True, True, False), (True, True, True)],
+                         ids=["packed_slots", "expert_slots", "fused_packed", "fused_gathered"])
+def test_gpu_harness_two_ranks_matches_one(tmp_path, packed, fuse, gather):
     """P=2 with the NCCL exchange gives rank 0 the bits P=1 gives for the same tokens
-    (fused: the peer's rows in the one launch's second act slot)."""
+    (fused: the peer's rows in the one launch's second act slot; gathered: in its expert's
+    run)."""
     incs = _two_rank_harness_includes()
     p2 = MoEProblem(1024, 512, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=300)
     cfg = dataclasses.replace(KernelConfig.default(p2), chunks_per_peer=2, comm_streams=2,
-                              packed_slots=packed, fuse_sources=fuse)
+                              packed_slots=packed, fuse_sources=fuse, gather_experts=gather)
     lines = {}
     for p in (p2, p2.replace(world_size=1)):
         src = tmp_path / f"moe_p{p.world_size}.cu"
-        export_cu(p, cfg if p.world_size > 1 else dataclasses.replace(cfg, fuse_sources=False),
-                  src, with_main=True)
+        one = dataclasses.replace(cfg, fuse_sources=False, gather_experts=False)
+        export_cu(p, cfg if p.world_size > 1 else one, src, with_main=True)
         exe = tmp_path / f"flash_moe_p{p.world_size}"
         _nvcc(src, "-ccbin", "mpicxx", *{f"-I{d}" for d in incs.values()},
               *_nccl_lib(incs["nccl.h"]), "-o", str(exe))

@@ -4,6 +4,7 @@ tests/test_gpu_gen_weights.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -237,6 +238,10 @@ def test_host_buffer_bytes_mirror_the_runtime_allocations():
     assert buffer_bytes(p, cfg) == want
     cf = p.replace(capacity_factor=1.0)
     assert host_buffer_bytes(cf, cfg) == host_buffer_bytes(cf, cfg, cf.fixed_capacity(bm))
+    gathered = dataclasses.replace(cfg, fuse_sources=True, gather_experts=True)
+    fused = dataclasses.replace(gathered, gather_experts=False)
+    assert host_buffer_bytes(p, gathered) - host_buffer_bytes(p, fused) == \
+        8 * 2 * cap * 1024 * 2 + 8 * 4  # [E/P][P x C][H] and a row count per expert
 
 
 def test_memory_use_headroom_and_table():

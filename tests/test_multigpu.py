@@ -125,18 +125,21 @@ def test_weight_streaming_fused_expert_slots_many_experts(comm):
 
 @pytest.mark.parametrize("mode,fuse,own", [
     ("host", True, ""), ("host", False, ""), ("graph", True, ""), ("host", True, "split"),
-    ("graph", True, "split"), ("host", True, "stream"), ("graph", True, "stream")],
+    ("graph", True, "split"), ("host", True, "stream"), ("graph", True, "stream"),
+    ("host", True, "gather"), ("host", True, "split_gather")],
     ids=["host_fused", "host_per_source", "graph_fused", "host_fused_own_split",
-         "graph_fused_own_split", "host_fused_own_stream", "graph_fused_own_stream"])
+         "graph_fused_own_split", "host_fused_own_stream", "graph_fused_own_stream",
+         "host_fused_gather", "host_fused_own_split_gather"])
 def test_tma_kernel_sources(comm, mode, fuse, own):
     """The persistent TMA kernel over every source's slot (fused: one launch for all peers,
     this rank's slot skipped; own_split: this rank's tokens half before, half after it;
-    own_stream: those halves on the shared stream beside the fused launches), ragged and
-    empty ranks."""
+    own_stream: those halves on the shared stream beside the fused launches; gather: each
+    expert's peer rows in one run, one group per expert), ragged and empty ranks."""
     t = GemmTile(128, 128, 64, 8, 1, 4, "tma")
     cfg = KernelConfig(t, dataclasses.replace(t, bn=256, stages=3), router_tokens_per_block=4,
-                       fuse_sources=fuse, packed_slots=True, mode=mode, own_split=bool(own),
-                       own_stream=own == "stream")
+                       fuse_sources=fuse, packed_slots=True, mode=mode,
+                       own_split=own in ("split", "stream", "split_gather"),
+                       own_stream=own == "stream", gather_experts="gather" in own)
     _check(comm, DSV2.replace(tokens_per_rank=700), [700, 333, 0, 64], config=cfg, seed=41)
 
 

@@ -22,10 +22,10 @@ P4 = MoEProblem(64, 96, 8, 2, shared_experts=1, shared_intermediate=64, world_si
                 tokens_per_rank=24)
 SYNC = GemmTile(64, 64, 64, 2, 2, 3)
 WS = GemmTile(32, 64, 64, 4, 1, 4, "ws")
-BUFFERS = ("layout", "act", "w1", "w3", "w2", "sw1", "sw3", "sw2", "x",
-           "shared_act", "shared_out", "counts", "row_off")
+BUFFERS = ("layout", "act", "gathered", "w1", "w3", "w2", "sw1", "sw3", "sw2", "x",
+           "shared_act", "shared_out", "counts", "row_off", "gcounts")
 SHIFT = 40  # buffer k starts at (k + 1) << SHIFT: an offset never reaches the next base
-INT32 = ("counts", "row_off")
+INT32 = ("counts", "row_off", "gcounts")
 
 
 def sizes(p: MoEProblem, cfg: KernelConfig, cap: int, tokens: int) -> dict[str, int]:
@@ -34,6 +34,7 @@ def sizes(p: MoEProblem, cfg: KernelConfig, cap: int, tokens: int) -> dict[str, 
     P, el, h, i, w = p.world_size, p.local_experts, p.hidden, p.intermediate, p.shared_width
     return {"layout": 4 * P * el * cap * h,
             "act": (P if cfg.fuse_sources else 1) * el * cap * i,
+            "gathered": el * P * cap * h if cfg.gather_experts else 0,
             "w1": el * i * h, "w3": el * i * h, "w2": el * h * i,
             "sw1": w * h, "sw3": w * h, "sw2": h * w,
             "x": tokens * h, "shared_act": tokens * w, "shared_out": tokens * h,
@@ -57,7 +58,7 @@ def check_launches(p: MoEProblem, cfg: KernelConfig, allocated=sizes) -> int:
     size = allocated(p, cfg, cap, tokens)
     env = {n: (k + 1) << SHIFT for k, n in enumerate(BUFFERS)}
     env |= dict(cap=cap, tokens=tokens, max_rows=lambda *a: cap, max_remote_rows=lambda: cap,
-                max_all_rows=lambda: cap)
+                max_all_rows=lambda: cap, max_gathered_rows=lambda: (P - 1) * cap)
     assert set(SYMBOLS) <= set(env) | {"me", "src"}
     checked = 0
     for op in build_plan(p, cfg).ops:
@@ -110,6 +111,8 @@ def _configs():
     yield "fused_ws", KernelConfig(WS, WS, fuse_sources=True)
     yield "own_split", dataclasses.replace(fused, own_split=True)
     yield "own_stream", dataclasses.replace(fused, own_split=True, own_stream=True)
+    yield "gather", dataclasses.replace(fused, gather_experts=True)
+    yield "gather_own_split", dataclasses.replace(fused, own_split=True, gather_experts=True)
 
 
 @pytest.mark.parametrize("name,cfg", list(_configs()), ids=[n for n, _ in _configs()])

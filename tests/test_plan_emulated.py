@@ -168,6 +168,8 @@ class Layer:
         self.row_off = Arr(np.zeros((p.world_size, p.experts), np.int32))
         self._counts_host = np.zeros(self.counts.a.nbytes, np.uint8)
         self._row_off_host = np.zeros(self.row_off.a.nbytes, np.uint8)
+        self.gcounts = Arr(np.zeros(p.local_experts, np.int32))
+        self._gcounts_host = np.zeros(self.gcounts.a.nbytes, np.uint8)
         self._dropped_host, self.capacity, self._buf = 0, 0, None
         self.fixed = fixed_slots(p, cfg)
         self._region = Arr(np.array(self.fixed.region, np.int32))
@@ -190,8 +192,11 @@ class Layer:
             lay = SymmetricLayout(p.world_size, p.local_experts, capacity, p.hidden)
             act = (p.world_size if self.config.fuse_sources else 1, p.local_experts, capacity,
                    p.intermediate)
+            gathered = (p.local_experts, p.world_size * capacity, p.hidden)
             self._buf = _SlotBuffers(lay, Arr(np.full(lay.shape, 0xFFFF, np.uint16)),
-                                     Arr(np.full(act, 0xFFFF, np.uint16)))
+                                     Arr(np.full(act, 0xFFFF, np.uint16)),
+                                     Arr(np.full(gathered, 0xFFFF, np.uint16))
+                                     if self.config.gather_experts else None)
         return self._buf
 
     def _copy(self, dst: int, src: int, nbytes: int, stream) -> None:
@@ -417,3 +422,71 @@ def test_own_split_matches_the_reference(mode, own_stream):
             if len(want):
                 err = relative_error(_f64(out), want)
                 assert err < 2e-2, (cfg.name, r, err)
+
+
+def test_gathered_experts_match_the_reference():
+    """gather_experts: each local expert's peer rows land back to back (one group per
+    expert; NCCL operations per (peer, expert) on both sides), the down results leave from
+    there; with own_split or not, chunked or not, one or two streams, packed or expert
+    slots, capped or exact, on ragged ranks, one with no tokens."""
+    w = MoEWeights.random(P4, 7)
+    xs = [random_tokens(t, P4.hidden, seed=80 + r) for r, t in enumerate((24, 7, 0, 13))]
+    for own_split, chunks, streams, packed, factor in itertools.product(
+            (False, True), (1, 2), (1, 2), (True, False), (None, 1.0)):
+        p = P4.replace(capacity_factor=factor)
+        cfg = KernelConfig(*SYNC, router_tokens_per_block=8, chunks_per_peer=chunks,
+                           comm_streams=streams, fuse_sources=True, packed_slots=packed,
+                           own_split=own_split, gather_experts=True)
+        outs, layers = emulate(p, cfg, w, xs)
+        fused = [g for op in layers[0].plan.ops if isinstance(op, Gemms) and op.step is None
+                 and "fused" in op.what for g in op.launches]
+        assert [g.groups for g in fused] == [P4.local_experts] * 2
+        ref = moe_reference(p, xs, w, capacity=layers[0].capacity if factor else None)
+        for r, (out, want) in enumerate(zip(outs, ref.out, strict=True)):
+            if len(want):
+                err = relative_error(_f64(out), want)
+                assert err < 2e-2, (cfg.name, r, err)
+
+
+def test_gathered_runs_stay_apart_from_the_slots():
+    """Control: landing the peers' rows at their slot offsets instead of their expert's run
+    (what gather_experts replaces) leaves the fused launch reading poison."""
+    from flashmoe_gen import executor
+
+    w = MoEWeights.random(P4, 7)
+    xs = [random_tokens(t, P4.hidden, seed=80 + r) for r, t in enumerate((24, 7, 0, 13))]
+    cfg = KernelConfig(*SYNC, router_tokens_per_block=8, fuse_sources=True, packed_slots=True,
+                       gather_experts=True)
+    original = executor.Run.gathered_runs
+
+    def slots_only(self, src, dst, slot, e0, e1):
+        rank = self.layer.rank
+        self.layer.rank = -1  # no rank's experts: every run at its slot offset
+        try:
+            return original(self, src, dst, slot, e0, e1)
+        finally:
+            self.layer.rank = rank
+
+    executor.Run.gathered_runs = slots_only
+    try:
+        outs, _ = emulate(P4, cfg, w, xs)
+    finally:
+        executor.Run.gathered_runs = original
+    ref = moe_reference(P4, xs, w)
+    assert not relative_error(_f64(outs[0]), ref.out[0]) < 2e-2
+
+
+def test_gathered_runs_split_into_groups_alike(monkeypatch):
+    """gather_experts with 4 local experts and every NCCL operation its own group
+    (``$FLASHMOE_MAX_GROUP_OPS`` = 1): the per-(peer, expert) operations still pair up."""
+    monkeypatch.setenv("FLASHMOE_MAX_GROUP_OPS", "1")
+    p = P4.replace(experts=16)
+    w = MoEWeights.random(p, 9)
+    xs = [random_tokens(t, p.hidden, seed=90 + r) for r, t in enumerate((24, 9, 0, 17))]
+    cfg = KernelConfig(*SYNC, router_tokens_per_block=8, fuse_sources=True, packed_slots=True,
+                       own_split=True, gather_experts=True, comm_streams=2)
+    outs, _ = emulate(p, cfg, w, xs)
+    ref = moe_reference(p, xs, w)
+    for r, (out, want) in enumerate(zip(outs, ref.out, strict=True)):
+        if len(want):
+            assert relative_error(_f64(out), want) < 2e-2, r

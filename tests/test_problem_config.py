@@ -151,6 +151,7 @@ CONFIG_CHANGES = {
     "comm_sms": 8,
     "own_split": True,
     "own_stream": True,
+    "gather_experts": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}

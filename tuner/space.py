@@ -102,6 +102,8 @@ FULL = {
     # this rank's tokens split around the fused launch (fused nccl sources, not _ws)
     "own_split": (False, True),
     "own_stream": (False, True),  # own_split's halves beside the fused launch
+    # each local expert's peer rows in one run (fused nccl sources, not _ws, mode host)
+    "gather": (False, True),
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -116,7 +118,7 @@ SMALL = {
     "streams": _within(COMM_STREAM_CHOICES, 1, 1), "shared_stream": (True,), "fuse": (False,),
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
-    "ws_tma": (False,), "own_split": (False,), "own_stream": (False,),
+    "ws_tma": (False,), "own_split": (False,), "own_stream": (False,), "gather": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -175,8 +177,9 @@ def _splits_apply(params: dict) -> bool:
 
 
 def _without_moot(params: dict) -> dict:
-    """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma) at
-    their neutral values, where present (an absent one reads as that value anyway)."""
+    """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
+    own_split/own_stream, gather) at their neutral values, where present (an absent one
+    reads as that value anyway)."""
     out = dict(params)
     if not _splits_apply(out):
         out |= {k: 1 for k in SPLIT_KNOBS if k in out}
@@ -188,6 +191,9 @@ def _without_moot(params: dict) -> dict:
         out["own_split"] = False
     if "own_stream" in out and not out.get("own_split", False):
         out["own_stream"] = False
+    if "gather" in out and not (_own_split_apply(out) and out.get("mode", "host") == "host"
+                                and not out.get("own_stream", False)):
+        out["gather"] = False
     return out
 
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
@@ -239,6 +245,8 @@ class SearchSpace:
         if problem.world_size == 1 or problem.local_experts < 2:
             choices["own_split"] = (False,)  # no transfers to hide, or no second half
             choices["own_stream"] = (False,)
+        if problem.world_size == 1:
+            choices["gather"] = (False,)  # no peers' rows to gather
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
         if limits.major_minor != (9, 0):  # warpgroup MMA and TMA are Hopper's
@@ -292,7 +300,8 @@ class SearchSpace:
                             comm_sms=params.get("comm_sms", 0),
                             ws_tma=params.get("ws_tma", False),
                             own_split=params.get("own_split", False),
-                            own_stream=params.get("own_stream", False))
+                            own_stream=params.get("own_stream", False),
+                            gather_experts=params.get("gather", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -316,7 +325,7 @@ class SearchSpace:
                     "ksplit_gu": cfg.gu_splits, "ksplit_dn": cfg.dn_splits,
                     "dispatch": cfg.dispatch_blocks, "comm_sms": cfg.comm_sms,
                     "ws_tma": cfg.ws_tma, "own_split": cfg.own_split,
-                    "own_stream": cfg.own_stream}
+                    "own_stream": cfg.own_stream, "gather": cfg.gather_experts}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
