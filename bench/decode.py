@@ -139,7 +139,6 @@ def floor_for(p, base, xt, comm) -> float:
 
 def measure(key: str, p, dw, comm, a) -> dict:
     """One (shape, T) row; every rank calls it."""
-    import dataclasses
 
     import cupy
     import torch
@@ -163,12 +162,12 @@ def measure(key: str, p, dw, comm, a) -> dict:
         return row | {"note": err}
     cfg = ours["host"].config
     row["config"] = cfg.name
-    others = [("graph", "graph mode", dataclasses.replace(cfg, mode="graph"))]
+    others = [("graph", "graph mode", cfg.graph_mode())]
     if a.nvlink:  # transport "nvlink": one persistent kernel per forward, launched by Python
         nvl = KernelConfig.persistent_default(p)  # and from a CUDA graph (less host time)
         row["config_nvlink"] = nvl.name
         others += [("nvlink", "nvlink", nvl),
-                   ("nvlink_graph", "nvlink, graph", dataclasses.replace(nvl, mode="graph"))]
+                   ("nvlink_graph", "nvlink, graph", nvl.graph_mode())]
     for mode, label, c in others:
         if mode == "nvlink_graph" and "nvlink" not in ours:
             continue  # the kernel did not build

@@ -81,7 +81,7 @@ def measure(p, cfg, x, ref, dw, comm, a) -> dict:
 
     row = dict(config=cfg.name)
     layer, err = collective(comm, "building", lambda: FlashMoE(
-        p, dataclasses.replace(cfg, mode="graph"), comm=comm, weights=dw))
+        p, cfg.graph_mode(), comm=comm, weights=dw))
     if err:
         return row | {"note": err}
     out = bf16.from_bits(layer(x).get()).astype(np.float64)
@@ -131,7 +131,7 @@ def run(a) -> list[dict]:
         for t in a.tokens:
             p = p0.replace(tokens_per_rank=t)
             x = cupy.asarray(random_tokens(t, p.hidden, seed=100 + comm.rank))
-            nccl = FlashMoE(p, dataclasses.replace(KernelConfig.default(p), mode="graph"),
+            nccl = FlashMoE(p, KernelConfig.default(p).graph_mode(),
                             comm=comm, weights=dw)
             ref = bf16.from_bits(nccl(x).get()).astype(np.float64)
             base = torch_ep(nccl, x, comm, a) if a.torch else {}

@@ -161,7 +161,7 @@ def graph_layer(p, cfg, comm, weights):
     from flashmoe_gen.runtime import FlashMoE
 
     try:
-        return FlashMoE(p, dataclasses.replace(cfg, mode="graph"), comm=comm, weights=weights)
+        return FlashMoE(p, cfg.graph_mode(), comm=comm, weights=weights)
     except FlashMoEError as e:
         if comm.rank == 0:
             print(f"graph mode skipped for {p.name}: {e}", flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from .arch import DEFAULT_ARCH, DeviceLimits, limits_for
 from .errors import ArgumentError, ConfigError
@@ -365,6 +365,11 @@ class KernelConfig:
         SWIZZLE_ALIGN bytes to align TMA boxes to the swizzle's atoms (``ws_tma``)."""
         return max(self.gate_up.smem_bytes(2), self.down.smem_bytes(1)) + \
             (SWIZZLE_ALIGN if self.ws_tma else 0)
+
+    def graph_mode(self) -> KernelConfig:
+        """The same config in mode "graph", without the knobs only mode "host" has
+        (``gather_experts``: the host plans the gathered offsets from the counts it read)."""
+        return replace(self, mode="graph", gather_experts=False)
 
     # -- defaults (flashmoe_gen.defaults) and serialisation --------------------------------
     @classmethod
