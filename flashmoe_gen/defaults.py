@@ -40,6 +40,14 @@ WGMMA_MIN_BLOCKS = 132
 #: (bench/results/2026-11-27_scaling_wgmma_rows_4xH200_adbc4c8.md). Below, most of a
 #: 128-row tile would be padding; the mma.sync tiles keep 64 rows.
 WGMMA_PERSISTENT_MIN_ROWS = 128
+#: The large-batch default gathers each local expert's peer rows into one group
+#: (``gather_experts``) with at most this many local experts. 4 x H200, two rounds each
+#: beside the same config without it: Mixtral T=4096 (2 local experts) 5.56 -> 5.22 and
+#: 5.51 -> 5.39 ms; with 16 or 32 local experts it lost every round (DeepSeek-V2-Lite T=4096
+#: 2.65/2.91 -> 2.88/2.96, H=I=2048 E=64 T=16384 3.27/3.36 -> 3.82/3.87, Qwen3-30B-A3B T=512
+#: 1.25/1.26 -> 2.46/2.12 ms): its NCCL operations are one per (peer, expert), and those
+#: rows are few (bench/results/2026-11-27_gather_experts_4xH200_8649e86.md).
+GATHER_MAX_LOCAL_EXPERTS = 2
 
 
 def expert_rows(problem: MoEProblem) -> float:
@@ -124,16 +132,21 @@ def _hopper_candidates(problem: MoEProblem, knobs: dict) -> list[KernelConfig]:
     several ranks with two or more local experts: fused sources with ``own_split`` (this
     rank's tokens hide the dispatch and the combine); 4 x H200, same machine, two rounds:
     Mixtral T=4096 5.66-5.75 vs 5.84-5.98 ms per source with comm_sms 8, DeepSeek-V2-Lite
-    T=4096 2.52-2.63 vs 2.97-3.04 (bench/results/2026-11-27_own_split_4xH200_75d16d0.md).
-    Otherwise per source, leaving DEFAULT_COMM_SMS to NCCL (it moves the next source while
-    the tma kernel holds the SMs)."""
+    T=4096 2.52-2.63 vs 2.97-3.04 (bench/results/2026-11-27_own_split_4xH200_75d16d0.md);
+    with at most GATHER_MAX_LOCAL_EXPERTS local experts, gathered as well. Otherwise per
+    source, leaving DEFAULT_COMM_SMS to NCCL (it moves the next source while the tma kernel
+    holds the SMs)."""
     tma, tma_dn = GemmTile(128, 128, 64, 8, 1, 4, "tma"), GemmTile(128, 256, 64, 8, 1, 3, "tma")
     if problem.world_size > 1 and problem.local_experts >= 2:
         tma_knobs = dict(fuse_sources=True, own_split=True)
     else:
         tma_knobs = dict(comm_sms=DEFAULT_COMM_SMS if problem.world_size > 1 else 0)
     wg = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
-    return [KernelConfig(tma, tma_dn, **knobs, **tma_knobs),
+    gathered = []
+    if tma_knobs.get("fuse_sources") and problem.local_experts <= GATHER_MAX_LOCAL_EXPERTS:
+        # Mode "graph" refuses gathering: the candidate after it is the same without.
+        gathered = [KernelConfig(tma, tma_dn, **knobs, **tma_knobs, gather_experts=True)]
+    return [*gathered, KernelConfig(tma, tma_dn, **knobs, **tma_knobs),
             KernelConfig(tma, tma, **knobs, **tma_knobs),
             KernelConfig(wg, wg, **knobs)]
 

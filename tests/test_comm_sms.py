@@ -21,7 +21,7 @@ MIXTRAL = MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096)
 
 def _tma() -> KernelConfig:
     cfg = replace(KernelConfig.default(MIXTRAL), comm_sms=0, fuse_sources=False,
-                  own_split=False)
+                  own_split=False, gather_experts=False)
     assert cfg.uses_tma
     return cfg
 

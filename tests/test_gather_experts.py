@@ -51,6 +51,25 @@ def test_invalid_uses_say_what_to_change(change, problem, why):
     assert e.value.field == "gather_experts" and "leave gather_experts off" in str(e.value)
 
 
+def test_the_default_gathers_with_few_local_experts_only():
+    from flashmoe_gen.defaults import GATHER_MAX_LOCAL_EXPERTS
+
+    assert MIXTRAL.local_experts <= GATHER_MAX_LOCAL_EXPERTS
+    assert KernelConfig.default(MIXTRAL).gather_experts
+    many = MoEProblem(2048, 1408, 64, 6, world_size=4, tokens_per_rank=4096)
+    assert not KernelConfig.default(many).gather_experts  # 16 local experts: lost (4 x H200)
+    assert not KernelConfig.default(MIXTRAL.replace(world_size=2)).gather_experts
+    assert not KernelConfig.default(MIXTRAL.replace(tokens_per_rank=16)).gather_experts
+
+
+def test_graph_mode_drops_gathering():
+    graph = KernelConfig.default(MIXTRAL).graph_mode()
+    assert graph.mode == "graph" and not graph.gather_experts
+    graph.validate(MIXTRAL, "sm_90")
+    with pytest.raises(ConfigError, match="mode 'graph'"):
+        replace(KernelConfig.default(MIXTRAL), mode="graph").validate(MIXTRAL, "sm_90")
+
+
 def test_the_fused_launch_has_one_group_per_expert():
     """Gate/up reads each expert's run of ``gathered`` (P x cap rows, ``gcounts`` of them)
     and writes ``act`` alike; down writes back over the run; the transfers in the plan are
