@@ -31,6 +31,9 @@
 #      then on branch router-mma-passes (256 experts on the tensor cores, four passes side
 #      by side) on the same machine. Session 15: E=256 route 33.1 us (FMA) vs 43.3 (mma,
 #      passes one after another) at T=1 (~200 s)
+#   z: merged main with the gathered Mixtral default: test_gpu_tune (fixed), the 4-rank tma
+#      gather tests, Mixtral T=4096 default vs the same without __ge (two rounds), the
+#      overlap table (Mixtral, DeepSeek-V2-Lite T=4096) against PyTorch EP (~400 s)
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, r, s, t, v, w (sessions 14-15); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
@@ -42,7 +45,7 @@
 #      __ge against PyTorch EP (~420 s). Session 15: a
 #      1088-row group cost 26% more than a 1024-row one; a wave model of Mixtral's six
 #      launches: 95 -> 89.5 units (one launch over all rows: 83), ~0.3 ms
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|y|x   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|y|x|z   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -153,6 +156,24 @@ print(K.default($p, 'sm_90').name)")
   done
   F=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma__r8__c1__cs1__ss1__fs__pk__os
   OVERLAP_TIMEOUT=120 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --config "${F}__ge" \
+    > "$O/overlap.txt" 2>&1
+  bundle
+  grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
+fi
+if [ "$PART" = z ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_tune.py \
+    -q --no-header -p no:cacheprovider > "$O/gpu_tune.log" 2>&1
+  echo "test_gpu_tune rc=$?"; grep -E "passed|failed" "$O/gpu_tune.log" | tail -1
+  multigpu_k 4 200 gather4 "tma_kernel_sources and gather"
+  d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
+from flashmoe_gen.config import KernelConfig as K; \
+print(K.default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank=4096), 'sm_90').name)")
+  echo "Mixtral default: $d"
+  for r in 1 2; do
+    tune_row "z${r}_mixtral_default" "$d" --model mixtral-8x7b --tokens 4096
+    tune_row "z${r}_mixtral_no_ge" "${d%__ge}" --model mixtral-8x7b --tokens 4096
+  done
+  OVERLAP_TIMEOUT=240 run_overlap 4 "$COMMIT" --problems mixtral_t4096,dsv2lite_t4096 \
     > "$O/overlap.txt" 2>&1
   bundle
   grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
