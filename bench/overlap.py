@@ -124,11 +124,21 @@ def measure(p, comm, a) -> dict:
     x = cupy.asarray(x_bits)
     ours = layer.forward(x)
     xt = torch.from_dlpack(x).view(torch.bfloat16)
-    base = time_baselines(layer, xt, comm, warmup=a.warmup, iters=a.iters)
-    theirs = to_f64(base.pop("out"))
-    agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64), theirs)
     kw = dict(warmup=a.warmup, iters=a.iters, comm=comm)
-    t = {"a_layer": time_callable(lambda: layer.forward(x), **kw),
+    rounds = []
+    for r in range(a.rounds):
+        # Odd rounds time ours first, so a drift between the two (clocks, the order's
+        # after-effects) shows as rounds that disagree instead of a bias of one side.
+        if r % 2:
+            t_a = time_callable(lambda: layer.forward(x), **kw)
+        base = time_baselines(layer, xt, comm, warmup=a.warmup, iters=a.iters)
+        if not r % 2:
+            t_a = time_callable(lambda: layer.forward(x), **kw)
+        rounds.append((t_a, base))
+    theirs = to_f64(rounds[0][1].pop("out"))
+    agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64), theirs)
+    t_a, base = rounds[0]
+    t = {"a_layer": t_a,
          "b_serial": time_callable(lambda: layer_s.forward(x), **kw),
          "a_expert_slots": time_callable(lambda: layer_x.forward(x), **kw),
          "c_comm": time_callable(lambda: layer.forward(x, parts="comm"), **kw),
@@ -144,13 +154,37 @@ def measure(p, comm, a) -> dict:
         graph["vs_torch_graph_mode"] = round(g_ms / base["torch_ep_ms"], 3)
     eff = (ms["b_serial"] - ms["a_layer"]) / min(ms["c_comm"], ms["d_compute"])
     floor = floor_ms(p)
+    per_round = round_rows(rounds)
     return dict(problem=p.name, config=cfg.name, **{k: round(v, 4) for k, v in ms.items()},
                 overlap_eff=round(eff, 3), **base, **graph,
-                vs_torch=round(ms["a_layer"] / base["torch_ep_ms"], 3),
+                vs_torch=float(np.median([r["vs_torch"] for r in per_round])),
                 floor_ms=round(floor, 4), floor_tbs=peak_bytes() / 1e12,
                 over_floor=round(ms["a_layer"] / floor, 2),
                 agree_torch=float(f"{agree:.2e}"),
-                p20_p80=(round(t["a_layer"].p20_ms, 4), round(t["a_layer"].p80_ms, 4)))
+                p20_p80=(round(t["a_layer"].p20_ms, 4), round(t["a_layer"].p80_ms, 4)),
+                rounds=per_round)
+
+
+def round_rows(rounds) -> list[dict]:
+    """Per round of (a) and PyTorch EP timed back to back: both medians, (a)'s p20-p80 and
+    the spread of every rank's own median, and the ratio (the row's vs_torch is the median
+    of these ratios)."""
+    out = []
+    for t_a, base in rounds:
+        out.append(dict(a_layer=round(t_a.median_ms, 4),
+                        a_p20_p80=(round(t_a.p20_ms, 4), round(t_a.p80_ms, 4)),
+                        a_rank_medians=[round(m, 4) for m in t_a.per_rank_median_ms],
+                        torch_ep_ms=base["torch_ep_ms"], torch_ep_is=base["torch_ep_is"],
+                        vs_torch=round(t_a.median_ms / base["torch_ep_ms"], 3)))
+    return out
+
+
+def rounds_text(row: dict) -> str:
+    """A row's rounds as "r1 6.39 (5.98-6.74) / 7.09 sync = 0.901; r2 ..." (ms)."""
+    return "; ".join(
+        f"r{i + 1} {r['a_layer']} ({r['a_p20_p80'][0]}-{r['a_p20_p80'][1]}) / "
+        f"{r['torch_ep_ms']} {r['torch_ep_is']} = {r['vs_torch']}"
+        for i, r in enumerate(row.get("rounds", ())))
 
 
 def graph_layer(p, cfg, comm, weights):
@@ -176,10 +210,15 @@ def main() -> int:
                     help="a config name for every problem (default: the heuristic default)")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time (a) and PyTorch EP this many times, alternating which goes "
+                         "first; vs torch is the median of the rounds' ratios")
     ap.add_argument("--out", default=None, help="markdown table to write (rank 0)")
     ap.add_argument("--json", default=None, help="raw numbers as JSON (rank 0)")
     ap.add_argument("--commit", default=None, help="git commit to name in the table")
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error(f"--rounds {a.rounds}: at least one round")
 
     import cupy
     import torch
@@ -213,7 +252,9 @@ def main() -> int:
                 "baselines (all_to_all_single + torch._grouped_mm): torch_sync reads the split "
                 "sizes on the host, torch_graph is padded fixed-size and graph-captured; "
                 "torch_ep = the faster of the two (torch_ep_is names it); vs torch = ours / "
-                "torch_ep (< 1: ours faster); floor = per-rank "
+                f"torch_ep (< 1: ours faster; the median over {a.rounds} round(s) of (a) and "
+                "torch_ep timed back to back, alternating which goes first, listed below "
+                "the table; the other columns are round 1's); floor = per-rank "
                 f"{floor_note(rows[0].get('floor_tbs'))}; agree = rel. diff ours vs torch "
                 "(agree_baselines: graph vs sync baseline, asserted < 1e-2).\n\n")
         cols = ["problem", "a_layer", "a_graph", "a_expert_slots", "b_serial", "c_comm",
@@ -222,6 +263,8 @@ def main() -> int:
                 "agree_torch", "agree_graph_mode", "agree_baselines"]
         table = md_table(cols, [[r[c] for c in cols] for r in rows])
         configs = "\n".join(f"- {r['problem']}: `{r['config']}`" for r in rows)
+        configs += "\n\nrounds ((a) median (p20-p80) / PyTorch EP = ratio, ms):\n" + \
+            "\n".join(f"- {r['problem']}: {rounds_text(r)}" for r in rows)
         which = "--config" if a.config else "heuristic defaults"
         emit(head + table + f"\nconfigs ({which}):\n" + configs + "\n", rows, a.out,
              a.json)

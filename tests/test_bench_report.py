@@ -83,3 +83,20 @@ def test_kernel_breakdown_takes_each_kernels_slowest_rank_largest_first():
         cuda_time_total = 7.0
 
     assert kb.device_us(Avg()) == 7.0
+
+
+def test_overlap_rounds_give_each_ratio_and_the_text_names_them():
+    from overlap import round_rows, rounds_text
+
+    from flashmoe_gen.tuner.bench import Timing
+
+    rounds = [(Timing(6.39, 5.98, 6.74, 30, (6.1, 6.4)),
+               {"torch_ep_ms": 7.09, "torch_ep_is": "sync"}),
+              (Timing(5.50, 5.40, 5.60, 30, (5.5, 5.4)),
+               {"torch_ep_ms": 6.88, "torch_ep_is": "graph"})]
+    rows = round_rows(rounds)
+    assert [r["vs_torch"] for r in rows] == [0.901, 0.799]
+    assert rows[0]["a_rank_medians"] == [6.1, 6.4] and rows[1]["a_p20_p80"] == (5.4, 5.6)
+    text = rounds_text({"rounds": rows})
+    assert text == "r1 6.39 (5.98-6.74) / 7.09 sync = 0.901; r2 5.5 (5.4-5.6) / 6.88 graph = 0.799"
+    assert rounds_text({}) == ""  # rows of older JSON files have no rounds
