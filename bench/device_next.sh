@@ -34,6 +34,11 @@
 #   z: merged main with the gathered Mixtral default: test_gpu_tune (fixed), the 4-rank tma
 #      gather tests, Mixtral T=4096 default vs the same without __ge (two rounds), the
 #      overlap table (Mixtral, DeepSeek-V2-Lite T=4096) against PyTorch EP (~400 s)
+#   r: Mixtral T=4096's two measures (issue 12): session 16 timed the gathered default at
+#      5.33-5.55 ms by `flashmoe-tune run` and 6.39 (p20-p80 5.98-6.74) in the overlap bench
+#      on one machine; here tune run, the overlap row with 3 rounds (ours and PyTorch EP
+#      back to back, alternating which goes first), tune run again, then the kernel
+#      breakdown of the default (~400 s)
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, r, s, t, v, w (sessions 14-15); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
@@ -45,7 +50,7 @@
 #      __ge against PyTorch EP (~420 s). Session 15: a
 #      1088-row group cost 26% more than a 1024-row one; a wave model of Mixtral's six
 #      launches: 95 -> 89.5 units (one launch over all rows: 83), ~0.3 ms
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|y|x|z   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|r|y|x|z   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -177,6 +182,20 @@ print(K.default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank
     > "$O/overlap.txt" 2>&1
   bundle
   grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
+fi
+if [ "$PART" = r ]; then
+  d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
+from flashmoe_gen.config import KernelConfig as K; \
+print(K.default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank=4096), 'sm_90').name)")
+  tune_row "r1_mixtral_default" "$d" --model mixtral-8x7b --tokens 4096
+  OVERLAP_TIMEOUT=300 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --rounds 3 \
+    > "$O/overlap.txt" 2>&1
+  tune_row "r2_mixtral_default" "$d" --model mixtral-8x7b --tokens 4096
+  timeout -k 10 150 $MPI -np 4 python3 bench/kernel_breakdown.py --problems mixtral_t4096 \
+    --commit "$COMMIT" --out "$O/kb.md" --json "$O/kb.json" > "$O/kb.log" 2>&1
+  echo "kernel breakdown rc=$?"; bundle
+  grep -E "^\| moe|^- moe" "$O/overlap.txt" | cut -c1-200
+  grep -E "^### |^\| [^-k]" "$O/kb.md" 2>/dev/null | cut -c1-150 | head -30 || tail -20 "$O/kb.log"
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
