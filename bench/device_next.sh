@@ -26,31 +26,15 @@
 #      the persistent default's wgmma rows): the 2-rank shape, tma and graph tests on them,
 #      the overlap table (seed, DeepSeek-V2-Lite T=4096, Mixtral T=4096) against PyTorch EP,
 #      then E=64 T=16384 on 4 ranks with the nvlink default beside (~500 s)
-#   y: the router's route phase (nvlink sweep, DeepSeek-V3-like and DeepSeek-V2-Lite at
-#      T=1 and 128, phases beside PyTorch EP) after the router GPU tests; run it on main,
-#      then on branch router-mma-passes (256 experts on the tensor cores, four passes side
-#      by side) on the same machine. Session 15: E=256 route 33.1 us (FMA) vs 43.3 (mma,
-#      passes one after another) at T=1 (~200 s)
-#   z: merged main with the gathered Mixtral default: test_gpu_tune (fixed), the 4-rank tma
-#      gather tests, Mixtral T=4096 default vs the same without __ge (two rounds), the
-#      overlap table (Mixtral, DeepSeek-V2-Lite T=4096) against PyTorch EP (~400 s)
 #   r: Mixtral T=4096's two measures (issue 12): session 16 timed the gathered default at
 #      5.33-5.55 ms by `flashmoe-tune run` and 6.39 (p20-p80 5.98-6.74) in the overlap bench
 #      on one machine; here tune run, the overlap row with 3 rounds (ours and PyTorch EP
 #      back to back, alternating which goes first), tune run again, then the kernel
 #      breakdown of the default (~400 s)
-#   (done and measured: parts 4, 5, a, f, g, h, m, o, q, r, s, t, v, w (sessions 14-15); their
+#   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-#   x: branch gather-experts (each local expert's peer rows landed back to back: one group
-#      per expert in the fused launch, no partial m tile per peer): the 2-rank tma-source
-#      tests with gather, the 2-rank exported harness (fused and gathered cases), then each
-#      large-batch default beside the same config + __ge, two rounds alternated (Mixtral and
-#      DeepSeek-V2-Lite T=4096, E=64 T=16384, Qwen3 T=512), then Mixtral's overlap row with
-#      __ge against PyTorch EP (~420 s). Session 15: a
-#      1088-row group cost 26% more than a 1024-row one; a wave model of Mixtral's six
-#      launches: 95 -> 89.5 units (one launch over all rows: 83), ~0.3 ms
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|r|y|x|z   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|r   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -60,6 +44,7 @@ if [ "$PART" = 1 ]; then
   cat "$O/gpu4.txt" | tail -30
   MULTI_TIMEOUT=200 bash bench/device_ws.sh "$COMMIT" c > "$O/ws_c.txt" 2>&1
   grep -E "rc=|PASSED|FAILED|passed|failed" "$O/ws_c.txt" | tail -30
+  source bench/device_lib.sh; bundle  # session 16 lost the per-rank logs: > 8 files
   exit 0
 fi
 source bench/device_setup.sh
@@ -126,60 +111,6 @@ if [ "$PART" = p ]; then
   python3 -c "import json; [print(r['tokens_per_gpu'], 'floor', r['floor_ms'], 'torch', \
 r['torch_ep_ms'], 'nccl', r['ours_ms'], r['config'], 'nvlink', r.get('ours_nvlink_ms'), \
 r.get('config_nvlink')) for r in json.load(open('$O/scaling.json'))]"
-  bundle
-  grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
-fi
-if [ "$PART" = y ]; then
-  CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-    -q --no-header -p no:cacheprovider -k "router" > "$O/gpu_router.log" 2>&1
-  echo "router GPU tests rc=$?"; grep -E "passed|failed" "$O/gpu_router.log" | tail -1
-  timeout -k 10 150 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
-    --problems dsv3,dsv2lite --tokens 1,128 --iters 10 --out "$O/sweep_route.md" \
-    --json "$O/sweep_route.json" > "$O/sweep_route.log" 2>&1
-  echo "sweep rc=$?"
-  bundle
-  grep -hE "^\| (dsv)" "$O"/sweep_route.md | cut -d'|' -f2,3,5,6,8,9
-  grep -hE "^- (dsv)" "$O"/sweep_route.md | sed 's/`[^`]*`//' | cut -c1-150
-fi
-if [ "$PART" = x ]; then
-  multigpu_k 2 200 gather "tma_kernel_sources and (gather or host_fused)"
-  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 200 python3 -m pytest -m gpu tests/test_export.py \
-    -k "two_ranks" -q --no-header -p no:cacheprovider > "$O/export_2r.log" 2>&1
-  echo "exported 2-rank harness (fused, gathered) rc=$?"; grep -E "passed|failed" "$O/export_2r.log" | tail -1
-  for m in "mixtral-8x7b 4096" "deepseek-v2-lite 4096" "qwen3-30b-a3b 512" "E64"; do
-    set -- $m
-    if [ "$1" = E64 ]; then args=($E64); p="MoEProblem(2048, 2048, 64, 2, 0, world_size=4, \
-tokens_per_rank=16384)"; tag=e64; else args=(--model "$1" --tokens "$2"); tag=${1%%-*}
-      p="get_preset('$1').problem(world_size=4, tokens_per_rank=$2)"; fi
-    d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
-from flashmoe_gen.problem import MoEProblem; from flashmoe_gen.config import KernelConfig as K; \
-print(K.default($p, 'sm_90').name)")
-    for r in 1 2; do
-      tune_row "x${r}_${tag}_default" "$d" "${args[@]}"
-      tune_row "x${r}_${tag}_ge" "${d}__ge" "${args[@]}"
-    done
-  done
-  F=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn256_bk64_w8x1_s3_tma__r8__c1__cs1__ss1__fs__pk__os
-  OVERLAP_TIMEOUT=120 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --config "${F}__ge" \
-    > "$O/overlap.txt" 2>&1
-  bundle
-  grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
-fi
-if [ "$PART" = z ]; then
-  CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_tune.py \
-    -q --no-header -p no:cacheprovider > "$O/gpu_tune.log" 2>&1
-  echo "test_gpu_tune rc=$?"; grep -E "passed|failed" "$O/gpu_tune.log" | tail -1
-  multigpu_k 4 200 gather4 "tma_kernel_sources and gather"
-  d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
-from flashmoe_gen.config import KernelConfig as K; \
-print(K.default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank=4096), 'sm_90').name)")
-  echo "Mixtral default: $d"
-  for r in 1 2; do
-    tune_row "z${r}_mixtral_default" "$d" --model mixtral-8x7b --tokens 4096
-    tune_row "z${r}_mixtral_no_ge" "${d%__ge}" --model mixtral-8x7b --tokens 4096
-  done
-  OVERLAP_TIMEOUT=240 run_overlap 4 "$COMMIT" --problems mixtral_t4096,dsv2lite_t4096 \
-    > "$O/overlap.txt" 2>&1
   bundle
   grep -E "^\| moe" "$O/overlap.txt" | cut -d'|' -f2-9,11-14
 fi
