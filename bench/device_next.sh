@@ -31,10 +31,15 @@
 #      on one machine; here tune run, the overlap row with 3 rounds (ours and PyTorch EP
 #      back to back, alternating which goes first), tune run again, then the kernel
 #      breakdown of the default (~400 s)
+#   u: the persistent kernel's wgmma row tasks at E=64 (issue 16: T=16384 at 2.9x its
+#      floor, tasks 2206 of 2851 us at ~375 TFLOP/s): gate/up and down stages 3 or 4 (with
+#      3 a tile's loads run one k-tile ahead, with 4 two; gu s4 + dn s4 spills 116 bytes at
+#      255 registers, either alone compiles clean), T=4096 and 16384 beside PyTorch EP
+#      (~400 s)
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|r   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|r|u   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -127,6 +132,15 @@ print(K.default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank
   echo "kernel breakdown rc=$?"; bundle
   grep -E "^\| moe|^- moe" "$O/overlap.txt" | cut -c1-200
   grep -E "^### |^\| [^-k]" "$O/kb.md" 2>/dev/null | cut -c1-150 | head -30 || tail -20 "$O/kb.log"
+fi
+if [ "$PART" = u ]; then
+  timeout -k 10 ${U_TIMEOUT:-420} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
+    --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "gu_s=3,4;dn_s=3,4" \
+    --iters 10 --out "$O/sweep_stages.md" --json "$O/sweep_stages.json" \
+    > "$O/sweep_stages.log" 2>&1
+  echo "sweep rc=$?"; bundle
+  grep -hE "^\| e64" "$O"/sweep_stages.md | cut -d'|' -f2-9
+  grep -hE "^- e64" "$O"/sweep_stages.md | sed 's/`[^`]*`//' | cut -c1-160
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
