@@ -157,7 +157,7 @@ def measure(p, comm, a) -> dict:
     per_round = round_rows(rounds)
     return dict(problem=p.name, config=cfg.name, **{k: round(v, 4) for k, v in ms.items()},
                 overlap_eff=round(eff, 3), **base, **graph,
-                vs_torch=float(np.median([r["vs_torch"] for r in per_round])),
+                vs_torch=round(float(np.median([r["vs_torch"] for r in per_round])), 3),
                 floor_ms=round(floor, 4), floor_tbs=peak_bytes() / 1e12,
                 over_floor=round(ms["a_layer"] / floor, 2),
                 agree_torch=float(f"{agree:.2e}"),
