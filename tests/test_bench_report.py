@@ -85,6 +85,32 @@ def test_kernel_breakdown_takes_each_kernels_slowest_rank_largest_first():
     assert kb.device_us(Avg()) == 7.0
 
 
+def test_kernel_breakdown_measures_how_long_some_kernel_ran():
+    import types
+
+    import kernel_breakdown as kb
+
+    # Two streams overlapping (0-4 and 2-6), a gap, one more kernel (8-9): busy 7 of 9.
+    assert kb.coverage([(8.0, 9.0), (0.0, 4.0), (2.0, 6.0)]) == (7.0, 9.0)
+    assert kb.coverage([]) == (0.0, 0.0)
+    assert kb.coverage([(1.0, 3.0), (3.0, 4.0)]) == (3.0, 3.0)  # touching: no gap
+
+    def ev(name, device, start, end):
+        return types.SimpleNamespace(name=name, device_type=f"DeviceType.{device}",
+                                     time_range=types.SimpleNamespace(start=start, end=end))
+
+    events = [ev("gemm", "CUDA", 0, 4), ev("aten::mm", "CPU", 0, 50),
+              ev("Memcpy DtoH", "CUDA", 4, 40), ev("nccl", "CUDA", 2, 6), ev("x", "CUDA", 5, 5)]
+    assert kb.kernel_intervals(events) == [(0.0, 4.0), (2.0, 6.0)]
+    cover = [{"busy_us": 5000.0, "span_us": 5500.0}, {"busy_us": 4000.0, "span_us": 5600.0}]
+    assert kb.cover_text(cover) == ("; some kernel running 4.00 of 5.60 ms per forward "
+                                    "(idle 29%, the idlest rank)")
+    row = {"problem": "p", "config": "c",
+           "parts": {"all": {"forward_ms": 6.0, "ranks": [{"g": {"calls": 1, "us": 1.0}}],
+                             "cover": cover}}}
+    assert kb.table(row).splitlines()[0].endswith("(idle 29%, the idlest rank)")
+
+
 def test_overlap_rounds_give_each_ratio_and_the_text_names_them():
     from overlap import round_rows, rounds_text
 
