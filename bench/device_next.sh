@@ -30,7 +30,8 @@
 #      5.33-5.55 ms by `flashmoe-tune run` and 6.39 (p20-p80 5.98-6.74) in the overlap bench
 #      on one machine; here tune run, the overlap row with 3 rounds (ours and PyTorch EP
 #      back to back, alternating which goes first), tune run again, then the kernel
-#      breakdown of the default (~400 s)
+#      breakdown of the default in host and in graph mode, with how long the GPU idles per
+#      forward (~450 s)
 #   u: the persistent kernel's wgmma row tasks at E=64 (issue 16: T=16384 at 2.9x its
 #      floor, tasks 2206 of 2851 us at ~375 TFLOP/s): gate/up and down stages 3 or 4 (with
 #      3 a tile's loads run one k-tile ahead, with 4 two; gu s4 + dn s4 spills 116 bytes at
@@ -127,11 +128,17 @@ print(K.default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank
   OVERLAP_TIMEOUT=300 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --rounds 3 \
     > "$O/overlap.txt" 2>&1
   tune_row "r2_mixtral_default" "$d" --model mixtral-8x7b --tokens 4096
-  timeout -k 10 150 $MPI -np 4 python3 bench/kernel_breakdown.py --problems mixtral_t4096 \
-    --commit "$COMMIT" --out "$O/kb.md" --json "$O/kb.json" > "$O/kb.log" 2>&1
-  echo "kernel breakdown rc=$?"; bundle
+  for m in host graph; do
+    timeout -k 10 120 $MPI -np 4 python3 bench/kernel_breakdown.py --problems mixtral_t4096 \
+      --mode $m --commit "$COMMIT" --out "$O/kb_$m.md" --json "$O/kb_$m.json" \
+      > "$O/kb_$m.log" 2>&1
+    echo "kernel breakdown ($m) rc=$?"
+  done
+  bundle
   grep -E "^\| moe|^- moe" "$O/overlap.txt" | cut -c1-200
-  grep -E "^### |^\| [^-k]" "$O/kb.md" 2>/dev/null | cut -c1-150 | head -30 || tail -20 "$O/kb.log"
+  for m in host graph; do
+    grep -E "^### |^\| [^-k]" "$O/kb_$m.md" 2>/dev/null | cut -c1-200 | head -12 || tail -5 "$O/kb_$m.log"
+  done
 fi
 if [ "$PART" = u ]; then
   timeout -k 10 ${U_TIMEOUT:-420} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \

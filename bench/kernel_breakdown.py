@@ -110,7 +110,9 @@ def measure(key: str, p, comm, a) -> dict:
     from flashmoe_gen.weights import random_tokens
 
     cfg = KernelConfig.from_name(a.config) if a.config else KernelConfig.default(p)
-    if a.mode:
+    if a.mode == "graph":  # without the knobs only mode "host" has (gather_experts)
+        cfg = cfg.graph_mode()
+    elif a.mode:
         cfg = dataclasses.replace(cfg, mode=a.mode)
     layer = FlashMoE(p, cfg, comm=comm, seed=1)
     x = cupy.asarray(random_tokens(p.tokens_per_rank, p.hidden, seed=100 + comm.rank))
