@@ -155,8 +155,9 @@ def router_split(experts: int, warps: int) -> dict[str, int | str] | None:
 #: H200, persistent kernel, route phase FMA -> mma: E=64 (H=2048) 30.0 -> 17.2 us at
 #: DeepSeek-V2-Lite T=1 and 459 -> 224 us at E=64 T=16384; E=256 (H=7168, DeepSeek-V3-like)
 #: 33.1 -> 43.3 us at T=1 and 71.3 -> 73.9 at T=128 when the passes of 64 experts ran one
-#: after another, each with all the warps' serial sums (32 barriers a slice). With the warps
-#: split between passes (router_mma_pass_warps: 2 barriers) E=256 is to be measured again.
+#: after another, each with all the warps' serial sums (32 barriers a slice); with the warps
+#: split between passes (router_mma_pass_warps: 2 barriers) 33.0 -> 28.1 us at T=1 and
+#: 73.2 -> 32.6 us at T=128 against the FMAs (session 16).
 ROUTER_MMA_MAX_EXPERTS = 256
 
 
@@ -175,8 +176,8 @@ def router_mma_experts(problem: MoEProblem, warps: int) -> int:
 
 def router_mma_pass_warps(problem: MoEProblem, warps: int) -> int:
     """Warps of a router block that work on different passes of ``router_mma_experts``
-    experts at once (each pass's k steps then split among warps // this many): the largest
-    power of two dividing both the passes and the warps. The passes' experts are disjoint,
+    experts at once (each pass's k steps then split among warps // this many): the greatest
+    common divisor of the passes and the warps. The passes' experts are disjoint,
     so their sums meet in s_logit without waiting on each other: warps // this many serial
     rounds (barriers) instead of passes x warps."""
     per = router_mma_experts(problem, warps)
@@ -268,6 +269,7 @@ def device_problem(problem: MoEProblem) -> MoEProblem:
 def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
     lanes_e, lanes_h, epl = router_lanes(problem.experts)
     split = router_split(problem.experts, config.router_tokens_per_block)
+    mma_experts = router_mma_experts(problem, config.router_tokens_per_block)
     dt = problem.dtype
     return {
         "version": __version__,
@@ -298,15 +300,14 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_split_h": CPP_BOOL[split is not None],
         "router_items": ROUTER_ITEMS,
         "router_slices_max": router_slices_max(problem.hidden, problem.experts),
-        "router_mma": CPP_BOOL[router_mma_experts(problem, config.router_tokens_per_block) > 0],
-        "router_mma_experts": router_mma_experts(problem, config.router_tokens_per_block),
+        "router_mma": CPP_BOOL[mma_experts > 0],
+        "router_mma_experts": mma_experts,
         "router_mma_pass_warps": max(1, router_mma_pass_warps(
             problem, config.router_tokens_per_block)),
         # Several passes: the k-step loop rolled (unrolled, the standalone router spilled 64
         # bytes at E=256; rolled: 78 registers, no spills). One pass keeps the unrolled
         # loop measured in session 15.
-        "router_mma_ks_serial": CPP_BOOL[router_mma_experts(
-            problem, config.router_tokens_per_block) not in (0, problem.experts)],
+        "router_mma_ks_serial": CPP_BOOL[mma_experts not in (0, problem.experts)],
         **(split or {"router_vec_lanes_e": 0, "router_vec_per_lane": 0,
                      "router_token_batch": 0}),
         "router_lanes_e": lanes_e,
