@@ -37,6 +37,7 @@ from .plan import (
     Transfer,
     TransferGroup,
     Wait,
+    gathered_shape,
 )
 from .problem import round_up
 from .render import MOVE_WARPS, POS_THREADS, router_grid
@@ -350,18 +351,18 @@ class Run:
         layer = self.layer
         p = layer.problem
         el, row_bytes = p.local_experts, p.hidden * ELEM_BYTES
-        cap, rows = self.env["cap"], self.rows_list[src]
+        run, rows = gathered_shape(p, self.env["cap"])[1], self.rows_list[src]
         out = []
         for j in range(e0, e1):
             n = rows[dst * el + j]
             if n <= 0:
                 continue
             if dst == layer.rank:
-                row = j * p.world_size * cap + self.goffs_list[src][j]
+                row = j * run + self.goffs_list[src][j]
                 out.append((self.env["gathered"] + row * row_bytes, n * row_bytes))
             else:
                 row = slot + self.offs_list[src][dst * el + j] * p.hidden
-                out.append((layer._buf.tensor.data.ptr + row * ELEM_BYTES, n * row_bytes))
+                out.append((self.env["layout"] + row * ELEM_BYTES, n * row_bytes))
         return out
 
 

@@ -9,11 +9,12 @@ bound. The tuner prints ``MemoryUse`` per rank before the first trial.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import KernelConfig
 from .layout import SymmetricLayout
-from .plan import act_slots
+from .plan import act_slots, gathered_shape
 from .problem import MoEProblem
 
 BF16 = 2  # bytes per element of every weight and activation (bf16)
@@ -47,7 +48,7 @@ def host_buffer_bytes(problem: MoEProblem, config: KernelConfig,
     slots = SymmetricLayout(p.world_size, el, capacity, p.hidden).elements * BF16
     act = act_slots(p, config) * el * capacity * p.intermediate * BF16
     # gather_experts: each local expert's run of P x C rows, and its row count
-    gathered = el * p.world_size * capacity * p.hidden * BF16 + 4 * el \
+    gathered = math.prod(gathered_shape(p, capacity)) * BF16 + 4 * el \
         if config.gather_experts else 0
     per_token = 3 * 4 * p.top_k + ((p.shared_width + p.hidden) * BF16
                                    if p.shared_experts else 0)

@@ -248,6 +248,13 @@ def act_slots(p: MoEProblem, config: KernelConfig) -> int:
     return p.world_size if config.fuse_sources else 1
 
 
+def gathered_shape(p: MoEProblem, cap: int) -> tuple[int, int, int]:
+    """``gather_experts``' buffer ``gathered``: per local expert a run of P x C rows of H
+    (its peers' rows back to back; at most P - 1 peers' capacity). The runtime, the memory
+    table and the gathered launches' strides use this run length."""
+    return p.local_experts, p.world_size * cap, p.hidden
+
+
 def _expert_launches(p: MoEProblem, e0: int, e1: int, self_source: bool,
                      rows: Expr | None = None, own_region: bool = False
                      ) -> tuple[GemmLaunch, ...]:
@@ -310,9 +317,8 @@ def _gathered_launches(p: MoEProblem) -> tuple[GemmLaunch, ...]:
     tile may span two peers' rows and only an expert's last tile is partial. The down
     results overwrite the expert's inputs there (the gate/up launch before it on the same
     stream has read them); the combine transfers send them from there."""
-    h, i, el, P = p.hidden, p.intermediate, p.local_experts, p.world_size
-    cap = Var("cap")
-    run = P * cap  # rows of one expert's run: at most P - 1 peers' capacity
+    h, i = p.hidden, p.intermediate
+    el, run, _ = gathered_shape(p, Var("cap"))  # rows of one expert's run
     common = dict(counts=Ptr("gcounts"), count_cap=run, rows_fixed=0, inner_groups=0,
                   counts_outer_stride=0, skip_outer=-1, a_outer_stride=0, c_outer_stride=0,
                   a_row_off=NULL, c_row_off=NULL)

@@ -31,6 +31,7 @@ from .plan import (
     Gemms,
     act_slots,
     fixed_slots,
+    gathered_shape,
 )
 from .problem import MoEProblem
 from .render import router_part_floats
@@ -331,8 +332,8 @@ class FlashMoE:
             tensor=cupy.empty(lay.shape, np.uint16),
             act=cupy.empty((act_slots(p, self.config), p.local_experts, capacity,
                             p.intermediate), np.uint16),
-            gathered=cupy.empty((p.local_experts, p.world_size * capacity, p.hidden),
-                                np.uint16) if self.config.gather_experts else None,
+            gathered=cupy.empty(gathered_shape(p, capacity), np.uint16)
+            if self.config.gather_experts else None,
         )
         return self._buf
 

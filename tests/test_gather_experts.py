@@ -97,8 +97,6 @@ class _Layer:
 
     def __init__(self, rank: int):
         self.problem, self.rank = MIXTRAL, rank
-        self._buf = type("B", (), {"tensor": type("T", (), {"data": type("D", (), {
-            "ptr": 1 << 20})()})()})()
 
 
 def test_runs_per_expert_land_in_the_expert_run_and_match_the_peer():
@@ -112,7 +110,7 @@ def test_runs_per_expert_land_in_the_expert_run_and_match_the_peer():
     run = Run.__new__(Run)
     run.layer = _Layer(rank=1)
     cap, gathered = 64, 1 << 30
-    run.env = {"cap": cap, "gathered": gathered}
+    run.env = {"cap": cap, "gathered": gathered, "layout": 1 << 20}  # as bind_slots sets
     run.rows_list = rows.tolist()
     run.offs_list = (np.cumsum(rows.reshape(P, P, el), 2) - rows.reshape(P, P, el)).reshape(
         P, -1).tolist()
