@@ -217,8 +217,9 @@ class FlashMoE:
         # row_off[s][e]: first row of global expert e in source s's slot (layout.row_offsets)
         self.row_off = cupy.zeros((problem.world_size, problem.experts), np.int32)
         self._row_off_host = cupy.cuda.alloc_pinned_memory(self.row_off.nbytes)
-        self.gcounts = cupy.zeros(problem.local_experts, np.int32)  # gather_experts' runs
-        self._gcounts_host = cupy.cuda.alloc_pinned_memory(self.gcounts.nbytes)
+        gather, el = config.gather_experts, problem.local_experts  # its run lengths, only then
+        self.gcounts = cupy.zeros(el, np.int32) if gather else None
+        self._gcounts_host = cupy.cuda.alloc_pinned_memory(4 * el) if gather else None
         self._tok: _TokenBuffers | None = None
         self._buf: _SlotBuffers | None = None
         self._dropped_host = 0
