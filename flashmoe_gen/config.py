@@ -95,7 +95,9 @@ class KernelConfig:
     gu_splits: int = 1  # transport "nvlink", fused ws tiles only (K_SPLIT_CHOICES)
     dn_splits: int = 1
     dispatch_blocks: int = 1  # transport "nvlink" only (DISPATCH_BLOCK_CHOICES)
-    ws_tma: bool = False  # transport "nvlink", _ws tiles, BK 64, Hopper: weights by TMA
+    # transport "nvlink", Hopper, BK 64, both tiles _ws (their weights by TMA) or both
+    # wgmma (a routed row task's rows and weights by TMA)
+    ws_tma: bool = False
     comm_sms: int = 0  # transport "nccl", tma tiles, P > 1 (COMM_SMS_CHOICES)
     own_split: bool = False  # fused sources (not _ws), P > 1, >= 2 local experts
     own_stream: bool = False  # own_split's halves on the shared-experts stream
@@ -317,13 +319,16 @@ class KernelConfig:
                               "tokens (transport 'nccl', world_size > 1): use 0", name)
 
     def _validate_ws_tma(self, limits: DeviceLimits, name: str) -> None:
-        """Weights of the persistent kernel's weight-streaming tiles loaded by TMA boxes
-        (the 128-byte swizzle is load_tile's layout at BK 64)."""
-        if self.transport != "nvlink" or self.gate_up.mma != "ws" or self.down.mma != "ws":
-            raise ConfigError("ws_tma", True, "TMA weight loads are for transport 'nvlink' "
-                              "with weight-streaming tiles (_ws on both GEMMs)", name)
+        """The persistent kernel's tiles loaded by TMA boxes: a weight-streaming tile's
+        weights, a wgmma row task's rows and weights (the 128-byte swizzle is load_tile's
+        layout at BK 64)."""
+        kinds = {self.gate_up.mma, self.down.mma}
+        if self.transport != "nvlink" or kinds not in ({"ws"}, {"wgmma"}):
+            raise ConfigError("ws_tma", True, "TMA loads are for transport 'nvlink' with "
+                              "weight-streaming tiles (_ws on both GEMMs) or wgmma row tiles "
+                              "(_wg on both)", name)
         if self.gate_up.bk != 64 or self.down.bk != 64:
-            raise ConfigError("ws_tma", True, "TMA weight loads take BK 64 (one 128-byte "
+            raise ConfigError("ws_tma", True, "TMA loads take BK 64 (one 128-byte "
                               "swizzle atom per row): use bk64 tiles", name)
         if limits.major_minor != (9, 0):
             raise ConfigError("ws_tma", True, f"TMA needs sm_90 (Hopper), target is "

@@ -17,7 +17,7 @@ from . import __version__
 from .build import CompiledLayer, build
 from .compile import target_arch, write_if_changed
 from .config import KernelConfig, expert_chunks
-from .persistent import HeapLayout, state_words, weight_map_specs
+from .persistent import HeapLayout, state_words, tile_map_specs
 from .plan import act_slots, fixed_slots
 from .plan_cpp import call_args, forward_lines
 from .problem import MoEProblem
@@ -186,14 +186,15 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
             "heap_bytes": heap.nbytes, "counts_off": heap.counts_off,
             "flags_off": heap.flags_off, "state_words": state_words(p, cfg),
             "timeout_s": repr(float(comm_timeout())), "kernel": layer.kernels.persistent,
-            "args": args, "wmaps": _weight_maps_cpp(p, cfg) if cfg.ws_tma else []}
+            "args": args, "wmaps": _tile_maps_cpp(p, cfg, capacity) if cfg.ws_tma else []}
 
 
-def _weight_maps_cpp(p: MoEProblem, cfg: KernelConfig) -> list[dict]:
-    """``ws_tma``: persistent.weight_map_specs as the harness spells them (its weights are
-    the N x K copies ``L->w1t`` ...)."""
-    return [{"ptr": f"L->{name}t", "rows": f"{rows}ull", "k": k, "box": box}
-            for name, rows, k, box in weight_map_specs(p, cfg)]
+def _tile_maps_cpp(p: MoEProblem, cfg: KernelConfig, capacity: int) -> list[dict]:
+    """``ws_tma``: persistent.tile_map_specs as the harness spells them (its weights are
+    the N x K copies ``L->w1t`` ...; its heap and act buffers ``L->heap``, ``L->pact``)."""
+    where = {"heap": "reinterpret_cast<elem*>(L->heap)", "act": "L->pact"}
+    return [{"ptr": where.get(name, f"L->{name}t"), "rows": f"{rows}ull", "k": k, "box": box}
+            for name, rows, k, box in tile_map_specs(p, cfg, capacity)]
 
 
 def _header(layer: CompiledLayer, with_main: bool) -> str:

@@ -215,32 +215,42 @@ def probe_ipc(comm) -> str | None:
     return next((e for e in errs if e), None)
 
 
-def weight_map_specs(problem: MoEProblem, config: KernelConfig
-                     ) -> list[tuple[str, int, int, int]]:
-    """``ws_tma``: the six tensor maps the kernel reads (``wmaps``, 128 bytes each, in this
-    order) as (weight, rows, K, box rows): w1, w3, w2, sw1, sw3, sw2 as [rows, K] matrices
-    read in boxes of the tiles' BN rows x 64 with the 128-byte swizzle: a routed expert e's
-    gate/up tile n starts at row ``e I + n BN`` (down: ``e H + n BN``). Without shared
-    experts their maps repeat w1's."""
+def tile_map_specs(problem: MoEProblem, config: KernelConfig, capacity: int
+                   ) -> list[tuple[str, int, int, int]]:
+    """``ws_tma``: the tensor maps the kernel reads (``wmaps``, 128 bytes each, in this
+    order) as (operand, rows, K, box rows), each a [rows, K] matrix read in boxes of box
+    rows x 64 with the 128-byte swizzle: w1, w3, w2, sw1, sw3, sw2 in boxes of the tiles' BN
+    rows (a routed expert e's gate/up tile n starts at row ``e I + n BN``, down ``e H + n
+    BN``; without shared experts their maps repeat w1's); then, for wgmma row tiles, the A
+    operands of a routed row task: ``heap`` (this rank's symmetric heap as rows of H: a
+    source's dispatched rows) and ``act`` (rows of I), in boxes of the tiles' BM rows."""
     p = problem
     el, h, i, sw = p.local_experts, p.hidden, p.intermediate, p.shared_width
-    gu, dn = config.gate_up.bn, config.down.bn
-    specs = [("w1", el * i, h, gu), ("w3", el * i, h, gu), ("w2", el * h, i, dn)]
+    gu, dn = config.gate_up, config.down
+    specs = [("w1", el * i, h, gu.bn), ("w3", el * i, h, gu.bn), ("w2", el * h, i, dn.bn)]
     if sw:
-        return specs + [("sw1", sw, h, gu), ("sw3", sw, h, gu), ("sw2", h, sw, dn)]
-    return specs + specs[:1] * 3
+        specs += [("sw1", sw, h, gu.bn), ("sw3", sw, h, gu.bn), ("sw2", h, sw, dn.bn)]
+    else:
+        specs += specs[:1] * 3
+    if gu.mma == "wgmma":
+        heap_rows = HeapLayout.of(p, capacity).layout.elements // h
+        specs += [("heap", heap_rows, h, gu.bm),
+                  ("act", p.world_size * el * capacity, i, dn.bm)]
+    return specs
 
 
-def weight_maps(layer):
-    """The maps of ``weight_map_specs`` encoded over the layer's weights, on the device."""
+def tile_maps(layer, addresses: dict[str, int], capacity: int):
+    """The maps of ``tile_map_specs`` encoded over the layer's weights and the buffers in
+    ``addresses`` (operand name -> device address), on the device."""
     import cupy
 
     from .runtime import _address
     from .tma import encode_map
 
     w = layer.weights
-    maps = [encode_map(_address(getattr(w, name)), rows, k, box)
-            for name, rows, k, box in weight_map_specs(layer.problem, layer.config)]
+    maps = [encode_map(addresses[name] if name in addresses else _address(getattr(w, name)),
+                       rows, k, box)
+            for name, rows, k, box in tile_map_specs(layer.problem, layer.config, capacity)]
     return cupy.asarray(np.frombuffer(b"".join(maps), np.uint8))
 
 
@@ -283,7 +293,8 @@ class PersistentForward:
         clock_khz = cupy.cuda.Device().attributes.get("ClockRate", 2_000_000)
         self.spin_limit = int(timeout * clock_khz * 1e3)
         self.clock_khz = clock_khz
-        self.wmaps = weight_maps(layer) if cfg.ws_tma else None
+        self.wmaps = tile_maps(layer, {"heap": self.heap.base, "act": self.act.data.ptr},
+                               capacity) if cfg.ws_tma else None
 
     def arguments(self, x, tokens: int, out) -> dict:
         """The kernel's arguments by name (``signatures.PERSISTENT``)."""

@@ -370,7 +370,9 @@ def _split_vars(problem: MoEProblem, config: KernelConfig) -> dict[str, int]:
 def _task_gemm(tile: GemmTile, gated: bool, tma: bool) -> dict[str, int | str]:
     """The persistent kernel's GEMM of one task: the weight-streaming device function (one
     n-tile of a group over all its rows; ``tma``: weights by TMA boxes) or row tiles, mma.sync
-    or warpgroup MMA (one n-tile of one row tile: ``row_tasks``)."""
+    or warpgroup MMA (one n-tile of one row tile: ``row_tasks``; ``tma``: a routed task's
+    rows and weights by TMA boxes, ``tma_fn``)."""
+    tma_fn = ""
     if tile.mma == "ws":
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages, CPP_BOOL[gated],
                 CPP_BOOL[tma]]
@@ -378,12 +380,14 @@ def _task_gemm(tile: GemmTile, gated: bool, tma: bool) -> dict[str, int | str]:
     elif tile.mma == "wgmma":  # two warpgroups: one (n-tile, 128-row tile) per task
         args = [tile.bm, tile.bn, tile.stages, CPP_BOOL[gated]]
         fn = "wg_gemm_rows"
+        if tma:  # routed row tasks read both operands by TMA (the shared experts' stay)
+            tma_fn = f"wt_gemm_tile<{', '.join(map(str, args))}>"
     else:
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages,
                 CPP_BOOL[gated]]
         fn = "sync_gemm_rows"
     return {"bn": tile.bn, "bm": tile.bm, "row_tasks": CPP_BOOL[tile.mma != "ws"],
-            "fn": f"{fn}<{', '.join(map(str, args))}>"}
+            "fn": f"{fn}<{', '.join(map(str, args))}>", "tma_fn": tma_fn}
 
 
 def kernel_names(config: KernelConfig) -> KernelNames:

@@ -24,6 +24,7 @@ import pytest
 from flashmoe_gen import __version__, bf16
 from flashmoe_gen.config import GemmTile, KernelConfig
 from flashmoe_gen.export import export_cu, nvcc_hint
+from flashmoe_gen.persistent import HeapLayout
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.render import render
 
@@ -230,6 +231,28 @@ def test_nvcc_compiles_nvlink_ws_tma_harness(tmp_path, shared):
     assert "cudaMemcpy(L->wmaps, maps" in text and "-lcuda" in text
     launch = re.search(r"moe_persistent<<<L->pgrid.*?;", text, re.S).group(0)
     assert launch.rstrip(");").endswith("L->wmaps")
+
+
+@needs_nvcc
+def test_nvcc_compiles_nvlink_tma_row_tiles_harness(tmp_path):
+    """ws_tma on wgmma row tiles: the six weight maps, then the heap's rows (of H, in boxes
+    of the gate/up tile's rows) and act's (of I, the down tile's), as
+    flashmoe_gen.persistent.tile_maps encodes them for the runtime."""
+    wg = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
+    cfg = KernelConfig(wg, dataclasses.replace(wg, bn=256, stages=3), router_tokens_per_block=8,
+                       transport="nvlink", ws_tma=True)
+    p = CAPPED.replace(world_size=2, tokens_per_rank=512)
+    text = _compile_harness(tmp_path, cfg, p)
+    got = re.findall(r"tma_encode_rows\(&maps\[(\d)\], ([^,]+), (\d+)ull, (\d+), (\d+)\)",
+                     text)
+    assert [int(n) for n, *_ in got] == list(range(8))
+    heap, act = got[6], got[7]
+    cap = int(re.search(r"NVL_CAPACITY = (\d+)", text).group(1))
+    assert heap[1:] == ("reinterpret_cast<elem*>(L->heap)",
+                        str(HeapLayout.of(p, cap).layout.elements // p.hidden), str(p.hidden),
+                        "128")
+    assert act[1:] == ("L->pact", str(2 * p.local_experts * cap), str(p.intermediate), "128")
+    assert [g[4] for g in got[:3]] == ["128", "128", "256"]  # the weights' boxes: BN rows
 
 
 def _compile_harness(tmp_path, cfg: KernelConfig, problem: MoEProblem = CAPPED) -> str:

@@ -153,7 +153,8 @@ def _nvl_cfg(**knobs):
 
 
 @pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph", "row_tiles",
-                                  "row_tiles_wgmma", "fused", "fused_dsv2lite_graph",
+                                  "row_tiles_wgmma", "row_tiles_wgmma_tma",
+                                  "dsv2lite_wgmma_tma_graph", "fused", "fused_dsv2lite_graph",
                                   "fused_capped_skewed", "fused_split_k", "fused_ws_tma"])
 def test_nvlink_persistent_kernel(comm, case):
     """Ragged ranks (one sends nothing), shared experts, capacity drops under skew, and the
@@ -166,6 +167,8 @@ def test_nvlink_persistent_kernel(comm, case):
          "graph": SEED.replace(tokens_per_rank=300),
          "row_tiles": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma": SEED.replace(tokens_per_rank=1000),
+         "row_tiles_wgmma_tma": SEED.replace(tokens_per_rank=1000),
+         "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
          "fused": SEED.replace(tokens_per_rank=300),
          "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
          "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
@@ -183,6 +186,13 @@ def test_nvlink_persistent_kernel(comm, case):
     if case == "row_tiles_wgmma":  # two warpgroups per 128-row tile (Hopper, as tma above)
         wg = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
         cfg = KernelConfig(wg, dataclasses.replace(wg, stages=3), transport="nvlink")
+    if "wgmma_tma" in case:  # routed row tasks fed by TMA (the shared experts' by cp.async):
+        # the default's 256-wide down tile, and a 3-stage gate/up ring under graph capture
+        gu = GemmTile(128, 128, 64, 8, 1, 4 if case.startswith("row") else 3, "wgmma")
+        dn = GemmTile(128, 256, 64, 8, 1, 3, "wgmma") if case.startswith("row") else \
+            dataclasses.replace(gu, stages=4)
+        cfg = KernelConfig(gu, dn, transport="nvlink", ws_tma=True,
+                           mode="graph" if case.endswith("graph") else "host")
     tokens = [p.tokens_per_rank, 77, 0, 5]
     skewed = case.endswith("capped_skewed")
     layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=skewed)

@@ -155,10 +155,11 @@ def _comm_sms_apply(params: dict) -> bool:
 
 
 def _ws_tma_apply(params: dict) -> bool:
-    """Whether TMA weight loads mean anything: transport nvlink, ws tiles of BK 64 on both
+    """Whether TMA loads mean anything: transport nvlink, ws or wgmma tiles of BK 64 on both
     GEMMs (Hopper: for_problem drops the value elsewhere)."""
     return (params.get("transport") == "nvlink"
-            and params.get("gu_mma") == params.get("dn_mma") == "ws"
+            and params.get("gu_mma") == params.get("dn_mma")
+            and params.get("gu_mma") in ("ws", "wgmma")
             and params.get("gu_bk") == params.get("dn_bk") == 64)
 
 
