@@ -40,6 +40,11 @@ WGMMA_MIN_BLOCKS = 132
 #: (bench/results/2026-11-27_scaling_wgmma_rows_4xH200_adbc4c8.md). Below, most of a
 #: 128-row tile would be padding; the mma.sync tiles keep 64 rows.
 WGMMA_PERSISTENT_MIN_ROWS = 128
+#: ... with both operands of a routed row task loaded by TMA (``ws_tma``) into a ring of this
+#: many stages. 2 x H200, H=I=2048 E=64, per forward (cp.async 3 stages -> TMA 4 stages):
+#: T=4096 1.362 -> 1.036 ms, T=16384 2.971 -> 2.523 ms (cp.async 4 stages 1.229 / 2.829, TMA
+#: 3 stages 1.127 / 2.598; bench/results/2026-11-27_sweep_row_tma_2xH200_454f460.md).
+WGMMA_PERSISTENT_STAGES = 4
 #: The large-batch default gathers each local expert's peer rows into one group
 #: (``gather_experts``) with at most this many local experts. 4 x H200, two rounds each
 #: beside the same config without it: Mixtral T=4096 (2 local experts) 5.56 -> 5.22 and
@@ -188,9 +193,12 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
                        fuse_sources=fused and problem.world_size > 1)
     if not fused and limits_for(arch).major_minor == (9, 0) and \
             source_rows(problem) >= WGMMA_PERSISTENT_MIN_ROWS:
-        # Two warpgroups per 128-row tile, a 256-wide down tile (3 stages fit shared memory)
-        wg = replace(cfg, gate_up=GemmTile(128, 128, 64, warps, 1, 3, "wgmma"),
-                     down=GemmTile(128, 256, 64, warps, 1, 3, "wgmma"))
+        # Two warpgroups per 128-row tile, a 256-wide down tile, both operands of a routed
+        # task by TMA into a 4-stage ring (WGMMA_PERSISTENT_STAGES)
+        wg = replace(cfg, gate_up=GemmTile(128, 128, 64, warps, 1, WGMMA_PERSISTENT_STAGES,
+                                           "wgmma"),
+                     down=GemmTile(128, 256, 64, warps, 1, WGMMA_PERSISTENT_STAGES, "wgmma"),
+                     ws_tma=True)
         try:
             wg.validate(problem, arch)
             cfg = wg

@@ -672,6 +672,9 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert big.gate_up.mma == big.down.mma == "wgmma" and not big.fuse_sources
     assert (big.gate_up.bm, big.down.bn) == (128, 256)
     assert big.gate_up.threads == big.down.threads == 256
+    # ... both operands of a routed task by TMA boxes into a 4-stage ring
+    assert big.ws_tma and big.gate_up.stages == big.down.stages == 4
+    assert big.name.endswith("__nvlink__wt") and KernelConfig.from_name(big.name) == big
     # Ampere has no wgmma; on Hopper below WGMMA_PERSISTENT_MIN_ROWS rows per source a
     # 128-row tile would be mostly padding: mma.sync row tiles in both
     from flashmoe_gen.defaults import WGMMA_PERSISTENT_MIN_ROWS
@@ -679,7 +682,7 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     for p, arch in ((big_p, "sm_80"), (fewer, "sm_90")):
         cfg = KernelConfig.persistent_default(p, arch)
         assert cfg.gate_up.mma == cfg.down.mma == "sync" and not cfg.fuse_sources
-        assert cfg.gate_up.threads == cfg.down.threads == 256
+        assert cfg.gate_up.threads == cfg.down.threads == 256 and not cfg.ws_tma
 
 
 def test_persistent_default_deepens_the_ring_for_gigabytes_of_weights():
