@@ -20,8 +20,12 @@
 #   r: issue 16's TMA-fed wgmma row tasks (ws_tma on _wg tiles): the 2-rank nvlink row-tile
 #      tests, then H=I=2048 E=64 at T=4096/16384 on 2 ranks beside PyTorch EP, cp.async vs
 #      TMA rows at 3 and at 4 stages (~500 s)
+#   s: send_blocks (a subset of the persistent kernel's blocks sends the peers' rows while
+#      the others start this rank's own tasks) and the 4-stage TMA row default: the 2-rank
+#      tests, then E=64 T=4096/16384 on 2 ranks over sb = 0, 8, 16, 32, 64 beside PyTorch EP
+#      (~450 s)
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
-# Usage: bash bench/device_x2.sh COMMIT 1|2|m|t|n|w|r
+# Usage: bash bench/device_x2.sh COMMIT 1|2|m|t|n|w|r|s
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
@@ -105,11 +109,15 @@ if [ "$PART" = t ]; then  # issue 13: preset tunes, tuned vs the heuristic defau
   run_preset_tunes 2 "deepseek-v3 128 $N" "deepseek-v2-lite 512 $N" "qwen3-30b-a3b 512 $N" \
     "mixtral-8x7b 4096 $N"
 fi
-if [ "$PART" = r ]; then  # issue 16: the persistent kernel's row tasks fed by TMA
-  multigpu_k 2 240 rowtma "row_tiles_wgmma or wgmma_tma"
-  for v in "wt=0,1" "gu_s=4;dn_s=4;wt=0,1"; do
+if [ "$PART" = r ] || [ "$PART" = s ]; then  # issue 16: the persistent kernel's tasks
+  if [ "$PART" = r ]; then  # row tasks fed by TMA
+    multigpu_k 2 240 rowtma "row_tiles_wgmma or wgmma_tma"; VARY=("wt=0,1" "gu_s=4;dn_s=4;wt=0,1")
+  else  # send_blocks, on the default (TMA rows, 4 stages)
+    multigpu_k 2 240 send "wgmma_tma or send_blocks"; VARY=("sb=0,8,16,32,64")
+  fi
+  for v in "${VARY[@]}"; do
     tag=$(echo "$v" | tr -c 'a-z0-9\n' '_')
-    timeout -k 10 ${R_TIMEOUT:-200} $MPI -np 2 python3 bench/nvlink_sweep.py --torch \
+    timeout -k 10 ${R_TIMEOUT:-260} $MPI -np 2 python3 bench/nvlink_sweep.py --torch \
       --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "$v" --iters 10 \
       --out "$O/sweep_$tag.md" --json "$O/sweep_$tag.json" > "$O/sweep_$tag.log" 2>&1
     echo "sweep $v rc=$?"

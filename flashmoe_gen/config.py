@@ -45,6 +45,12 @@ K_SPLIT_CHOICES = (1, 2, 4, 8)
 #: batch and one block reads the gate weights whole; else as 0), 0 = every block, with a
 #: grid barrier after each phase.
 DISPATCH_BLOCK_CHOICES = (1, 0)
+#: Blocks that store the peers' rows over NVLink (``send_blocks``, several ranks, per-source
+#: tasks): 0 = every block, then a grid barrier before any task; N = every block first
+#: places its share of this rank's own rows (the last raises this rank's own dispatch flag),
+#: then only the first N blocks send the peers' rows while the others start this rank's
+#: own tasks: the NVLink-bound sends (~200 us of E=64 T=16384's forward) overlap GEMMs.
+SEND_BLOCK_CHOICES = (0, 8, 16, 32, 64)
 #: SMs the tma kernel's persistent grid leaves free (``comm_sms``; transport nccl, P > 1):
 #: one block per SM with ~200 KB of shared memory and every register leaves NCCL's kernels
 #: no room, so transfers wait for a launch to end (overlap efficiency 0.015-0.024 on
@@ -102,6 +108,7 @@ class KernelConfig:
     own_split: bool = False  # fused sources (not _ws), P > 1, >= 2 local experts
     own_stream: bool = False  # own_split's halves on the shared-experts stream
     gather_experts: bool = False  # fused sources, mode host: one group per local expert
+    send_blocks: int = 0  # transport "nvlink", P > 1, per-source tasks (SEND_BLOCK_CHOICES)
 
     @property
     def uses_wgmma(self) -> bool:
@@ -162,6 +169,8 @@ class KernelConfig:
             parts.append("ost")
         if self.gather_experts:
             parts.append("ge")
+        if self.send_blocks:
+            parts.append(f"sb{self.send_blocks}")
         return "__".join(parts)
 
     @classmethod
@@ -172,18 +181,18 @@ class KernelConfig:
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
                          r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?(__os)?"
-                         r"(__ost)?(__ge)?", name)
+                         r"(__ost)?(__ge)?(?:__sb(\d+))?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
         (gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp,
-         wt, cm, os_, ost, ge) = m.groups()
+         wt, cm, os_, ost, ge, sb) = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
                    transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
                    int(dsp or 1), wt is not None, int(cm or 0), os_ is not None,
-                   ost is not None, ge is not None)
+                   ost is not None, ge is not None, int(sb or 0))
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -203,7 +212,7 @@ class KernelConfig:
                 raise ConfigError(which, getattr(self, which), "must be a GemmTile")
         name = self.name
         for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams", "blocks_per_sm",
-                  "gu_splits", "dn_splits", "dispatch_blocks", "comm_sms"):
+                  "gu_splits", "dn_splits", "dispatch_blocks", "comm_sms", "send_blocks"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
@@ -259,6 +268,8 @@ class KernelConfig:
                               "'nvlink' runs a persistent kernel: use 1", name)
         if self.ws_tma:
             self._validate_ws_tma(limits, name)
+        if self.send_blocks:
+            self._validate_send_blocks(problem, name)
         if self.comm_sms:
             self._validate_comm_sms(problem, name)
         if self.own_split:
@@ -333,6 +344,21 @@ class KernelConfig:
         if limits.major_minor != (9, 0):
             raise ConfigError("ws_tma", True, f"TMA needs sm_90 (Hopper), target is "
                               f"{limits.arch}", name)
+
+    def _validate_send_blocks(self, problem: MoEProblem, name: str) -> None:
+        """A subset of the persistent kernel's blocks sends the peers' rows while the
+        others start this rank's own tasks."""
+        v = self.send_blocks
+        if v not in SEND_BLOCK_CHOICES:
+            raise ConfigError("send_blocks", v, f"choose one of {list(SEND_BLOCK_CHOICES)} "
+                              "(0: every block sends, then a grid barrier)", name)
+        why = ("only transport 'nvlink' stores rows into peers' heaps"
+               if self.transport != "nvlink" else
+               "one rank has no peers to send to" if problem.world_size == 1 else
+               "fused tasks wait for every source's rows, so nothing starts early"
+               if self.fuse_sources else "")
+        if why:
+            raise ConfigError("send_blocks", v, why + ": use 0", name)
 
     @staticmethod
     def persistent_takes(tile: GemmTile) -> bool:

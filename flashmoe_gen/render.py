@@ -336,12 +336,14 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "pdn": _task_gemm(config.down, False, config.ws_tma),
         **_split_vars(problem, config),
         "solo_front": CPP_BOOL[config.dispatch_blocks == 1],
+        "send_blocks": config.send_blocks,
     }
 
 
 #: The persistent kernel's state[] before its dependency counters: epoch, barrier count and
-#: generation, task counter, blocks out of the task loop (templates/persistent.cu.j2 ST_DEP).
-PERSISTENT_ST_DEP = 5
+#: generation, task counter, blocks out of the task loop, send_blocks' two dispatch counters
+#: (templates/persistent.cu.j2 ST_DEP).
+PERSISTENT_ST_DEP = 7
 
 
 def persistent_counter_words(problem: MoEProblem) -> int:

@@ -154,7 +154,8 @@ def _nvl_cfg(**knobs):
 
 @pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph", "row_tiles",
                                   "row_tiles_wgmma", "row_tiles_wgmma_tma",
-                                  "dsv2lite_wgmma_tma_graph", "fused", "fused_dsv2lite_graph",
+                                  "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks", "fused",
+                                  "fused_dsv2lite_graph",
                                   "fused_capped_skewed", "fused_split_k", "fused_ws_tma"])
 def test_nvlink_persistent_kernel(comm, case):
     """Ragged ranks (one sends nothing), shared experts, capacity drops under skew, and the
@@ -169,6 +170,7 @@ def test_nvlink_persistent_kernel(comm, case):
          "row_tiles_wgmma": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
+         "row_tiles_send_blocks": SEED.replace(tokens_per_rank=1000),
          "fused": SEED.replace(tokens_per_rank=300),
          "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
          "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
@@ -180,9 +182,11 @@ def test_nvlink_persistent_kernel(comm, case):
         cfg = dataclasses.replace(cfg, gu_splits=2, dn_splits=4)
     if case == "fused_ws_tma":  # weights by TMA boxes, K split too, shared experts
         cfg = dataclasses.replace(cfg, ws_tma=True, dn_splits=2)
-    if case == "row_tiles":  # mma.sync row tiles: several 64-row tiles per (source, expert)
+    if case.startswith("row_tiles") and "wgmma" not in case:  # mma.sync row tiles: several
+        # 64-row tiles per (source, expert); send_blocks: 8 blocks send the peers' rows while
+        # the others start this rank's own tasks (no grid barrier after the dispatch)
         cfg = KernelConfig(GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4),
-                           transport="nvlink")
+                           transport="nvlink", send_blocks=8 if "send" in case else 0)
     if case == "row_tiles_wgmma":  # two warpgroups per 128-row tile (Hopper, as tma above)
         wg = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
         cfg = KernelConfig(wg, dataclasses.replace(wg, stages=3), transport="nvlink")
@@ -192,7 +196,8 @@ def test_nvlink_persistent_kernel(comm, case):
         dn = GemmTile(128, 256, 64, 8, 1, 3, "wgmma") if case.startswith("row") else \
             dataclasses.replace(gu, stages=4)
         cfg = KernelConfig(gu, dn, transport="nvlink", ws_tma=True,
-                           mode="graph" if case.endswith("graph") else "host")
+                           mode="graph" if case.endswith("graph") else "host",
+                           send_blocks=16 if case.endswith("graph") else 0)
     tokens = [p.tokens_per_rank, 77, 0, 5]
     skewed = case.endswith("capped_skewed")
     layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=skewed)

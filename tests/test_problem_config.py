@@ -152,6 +152,7 @@ CONFIG_CHANGES = {
     "own_split": True,
     "own_stream": True,
     "gather_experts": True,
+    "send_blocks": 16,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -658,6 +659,28 @@ def test_blocks_per_sm_names_parses_and_bounds_the_grid():
             replace(cfg, blocks_per_sm=bad).validate(DSV3_DECODE)
     with pytest.raises(ConfigError, match="only transport 'nvlink'"):
         replace(KernelConfig.default(DSV3_DECODE), blocks_per_sm=1).validate(DSV3_DECODE)
+
+
+def test_send_blocks_needs_peers_and_per_source_tasks():
+    """send_blocks: a subset of the persistent kernel's blocks sends the peers' rows; only
+    with peers, per-source tasks and one of SEND_BLOCK_CHOICES, each refusal says why."""
+    from flashmoe_gen.config import SEND_BLOCK_CHOICES
+
+    p = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
+    base = KernelConfig.persistent_default(p, "sm_90")
+    for n in SEND_BLOCK_CHOICES:
+        cfg = replace(base, send_blocks=n)
+        cfg.validate(p, "sm_90")
+        assert KernelConfig.from_name(cfg.name) == cfg and ("__sb" in cfg.name) == (n > 0)
+    for cfg, q, text in (
+            (replace(base, send_blocks=12), p, "choose one of"),
+            (replace(KernelConfig.default(p, "sm_90"), send_blocks=8), p, "only transport"),
+            (replace(base, send_blocks=8), p.replace(world_size=1), "no peers"),
+            (replace(KernelConfig.persistent_default(DSV3_DECODE), send_blocks=8),
+             DSV3_DECODE, "fused tasks wait")):
+        with pytest.raises(ConfigError, match=text) as e:
+            cfg.validate(q, "sm_90")
+        assert e.value.field == "send_blocks"
 
 
 def test_persistent_default_picks_tiles_by_rows_per_expert():

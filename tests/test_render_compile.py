@@ -249,18 +249,21 @@ def test_compile_persistent_kernel_with_wgmma_row_tiles(private_cache):
     assert mod.dynamic_smem["moe_persistent"] == cfg.persistent_smem()
 
 
-@pytest.mark.parametrize("stages", [(3, 3), (4, 4)], ids=["s3", "s4"])
+@pytest.mark.parametrize("stages", [(3, 3), (4, 4)], ids=["s3", "s4_send_blocks"])
 def test_compile_persistent_kernel_with_tma_row_tiles(stages, private_cache):
     """``ws_tma`` on wgmma row tiles: a routed task's rows and weights come by TMA boxes
     (wt_gemm_tile, maps 6 and 7 for the heap's and act's rows), the shared experts' tasks
     keep cp.async; the persistent default's tiles (gate/up 128 x 128, down 128 x 256)
-    compile without spills for sm_90a at 3 and at 4 stages."""
+    compile without spills for sm_90a at 3 and at 4 stages (there with send_blocks: 16
+    blocks send the peers' rows)."""
     p = MoEProblem(2048, 2048, 64, 2, shared_experts=1, world_size=4, tokens_per_rank=16384)
     gu, dn = (GemmTile(128, 128, 64, 8, 1, stages[0], "wgmma"),
               GemmTile(128, 256, 64, 8, 1, stages[1], "wgmma"))
-    cfg = KernelConfig(gu, dn, transport="nvlink", ws_tma=True)
-    assert cfg.name.endswith("__nvlink__wt")
+    sb = 16 if stages[0] == 4 else 0
+    cfg = KernelConfig(gu, dn, transport="nvlink", ws_tma=True, send_blocks=sb)
+    assert cfg.name.endswith("__nvlink__wt" + (f"__sb{sb}" if sb else ""))
     gen = render(p, cfg)
+    assert f"constexpr int SEND_BLOCKS = {sb};" in gen.code
     assert f"wt_gemm_tile<128, 128, {stages[0]}, true>(" in gen.code
     assert f"wt_gemm_tile<128, 256, {stages[1]}, false>(" in gen.code
     assert f"wg_gemm_rows<128, 128, {stages[0]}, true>(" in gen.code  # the shared experts'

@@ -24,6 +24,7 @@ from flashmoe_gen.config import (
     MODE_CHOICES,
     PERSISTENT_SCHEDULE,
     ROUTER_CHOICES,
+    SEND_BLOCK_CHOICES,
     TRANSPORT_CHOICES,
     KernelConfig,
 )
@@ -97,6 +98,7 @@ FULL = {
     "ksplit_gu": (1,), "ksplit_dn": (1,),  # its fused ws tiles' K splits: likewise
     "dispatch": (1,),  # its blocks that route and dispatch: likewise
     "ws_tma": (False,),  # its TMA weight loads: likewise
+    "senders": (0,),  # its blocks that send the peers' rows: likewise
     # SMs the tma kernel leaves to NCCL (nccl transport with a tma tile; else forced to 0)
     "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
     # this rank's tokens split around the fused launch (fused nccl sources, not _ws)
@@ -119,6 +121,7 @@ SMALL = {
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
     "ws_tma": (False,), "own_split": (False,), "own_stream": (False,), "gather": (False,),
+    "senders": (0,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -142,7 +145,7 @@ NVLINK_FORCED = {knob: PERSISTENT_SCHEDULE[f] for knob, f in (
 #: Knobs of the persistent kernel alone: nccl configs take the first value.
 NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "ksplit_dn": K_SPLIT_CHOICES, "dispatch": DISPATCH_BLOCK_CHOICES,
-                "ws_tma": (False, True)}
+                "ws_tma": (False, True), "senders": SEND_BLOCK_CHOICES}
 #: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
 SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
 
@@ -161,6 +164,12 @@ def _ws_tma_apply(params: dict) -> bool:
             and params.get("gu_mma") == params.get("dn_mma")
             and params.get("gu_mma") in ("ws", "wgmma")
             and params.get("gu_bk") == params.get("dn_bk") == 64)
+
+
+def _senders_apply(params: dict) -> bool:
+    """Whether send_blocks means anything: transport nvlink with per-source tasks (fused
+    tasks wait for every source; for_problem drops it on one rank)."""
+    return params.get("transport") == "nvlink" and not params.get("fuse", False)
 
 
 def _own_split_apply(params: dict) -> bool:
@@ -188,6 +197,8 @@ def _without_moot(params: dict) -> dict:
         out["comm_sms"] = 0
     if "ws_tma" in out and not _ws_tma_apply(out):
         out["ws_tma"] = False
+    if "senders" in out and not _senders_apply(out):
+        out["senders"] = 0
     if "own_split" in out and not _own_split_apply(out):
         out["own_split"] = False
     if "own_stream" in out and not out.get("own_split", False):
@@ -248,6 +259,7 @@ class SearchSpace:
             choices["own_stream"] = (False,)
         if problem.world_size == 1:
             choices["gather"] = (False,)  # no peers' rows to gather
+            choices["senders"] = (0,)  # nor to send
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
         if limits.major_minor != (9, 0):  # warpgroup MMA and TMA are Hopper's
@@ -302,7 +314,8 @@ class SearchSpace:
                             ws_tma=params.get("ws_tma", False),
                             own_split=params.get("own_split", False),
                             own_stream=params.get("own_stream", False),
-                            gather_experts=params.get("gather", False))
+                            gather_experts=params.get("gather", False),
+                            send_blocks=params.get("senders", 0))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -326,7 +339,8 @@ class SearchSpace:
                     "ksplit_gu": cfg.gu_splits, "ksplit_dn": cfg.dn_splits,
                     "dispatch": cfg.dispatch_blocks, "comm_sms": cfg.comm_sms,
                     "ws_tma": cfg.ws_tma, "own_split": cfg.own_split,
-                    "own_stream": cfg.own_stream, "gather": cfg.gather_experts}
+                    "own_stream": cfg.own_stream, "gather": cfg.gather_experts,
+                    "senders": cfg.send_blocks}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
