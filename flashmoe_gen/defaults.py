@@ -45,6 +45,14 @@ WGMMA_PERSISTENT_MIN_ROWS = 128
 #: T=4096 1.362 -> 1.036 ms, T=16384 2.971 -> 2.523 ms (cp.async 4 stages 1.229 / 2.829, TMA
 #: 3 stages 1.127 / 2.598; bench/results/2026-11-27_sweep_row_tma_2xH200_454f460.md).
 WGMMA_PERSISTENT_STAGES = 4
+#: ... and on several ranks this many blocks send the peers' rows (``send_blocks``) while the
+#: others start this rank's own tasks. 2 x H200, E=64, per forward (0 / 8 / 16 / 32 blocks):
+#: T=4096 1.037 / 0.989 / 0.996 / 1.004 ms, T=16384 2.520 / 2.416 / 2.430 / 2.409 ms
+#: (bench/results/2026-11-27_sweep_send_blocks_2xH200_d6b4145.md). 32, not 8: on P ranks the
+#: peers' share of the rows is (P - 1) / P, and 8 blocks move ~150 GB/s where NVLink takes
+#: ~350, so on 4 ranks 8 senders would leave the own tasks (a quarter) done long before the
+#: peers' rows are in.
+DEFAULT_SEND_BLOCKS = 32
 #: The large-batch default gathers each local expert's peer rows into one group
 #: (``gather_experts``) with at most this many local experts. 4 x H200, two rounds each
 #: beside the same config without it: Mixtral T=4096 (2 local experts) 5.56 -> 5.22 and
@@ -198,7 +206,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
         wg = replace(cfg, gate_up=GemmTile(128, 128, 64, warps, 1, WGMMA_PERSISTENT_STAGES,
                                            "wgmma"),
                      down=GemmTile(128, 256, 64, warps, 1, WGMMA_PERSISTENT_STAGES, "wgmma"),
-                     ws_tma=True)
+                     ws_tma=True, send_blocks=DEFAULT_SEND_BLOCKS if problem.world_size > 1
+                     else 0)
         try:
             wg.validate(problem, arch)
             cfg = wg

@@ -697,7 +697,9 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert big.gate_up.threads == big.down.threads == 256
     # ... both operands of a routed task by TMA boxes into a 4-stage ring
     assert big.ws_tma and big.gate_up.stages == big.down.stages == 4
-    assert big.name.endswith("__nvlink__wt") and KernelConfig.from_name(big.name) == big
+    assert big.name.endswith("__nvlink__wt__sb32") and KernelConfig.from_name(big.name) == big
+    # ... 32 blocks send the peers' rows on several ranks; one rank has none to send
+    assert KernelConfig.persistent_default(big_p.replace(world_size=1), "sm_90").send_blocks == 0
     # Ampere has no wgmma; on Hopper below WGMMA_PERSISTENT_MIN_ROWS rows per source a
     # 128-row tile would be mostly padding: mma.sync row tiles in both
     from flashmoe_gen.defaults import WGMMA_PERSISTENT_MIN_ROWS
