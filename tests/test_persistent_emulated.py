@@ -7,6 +7,8 @@ match the float64 reference; the template must spell the arguments mirrored here
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -193,34 +195,39 @@ def run(p: MoEProblem, cfg: KernelConfig, w: MoEWeights, xs: list[np.ndarray]):
         # respects the kernel's waits (a down task waits for gu_completions of its group),
         # so a target that is too low lets a down tile read unwritten rows (poison).
         gu_rows, dn_rows = cfg.gate_up.mma != "ws", cfg.down.mma != "ws"
-        pgu = -(-cap // cfg.gate_up.bm) if gu_rows else 1
-        pdn = -(-cap // cfg.down.bm) if dn_rows else 1
 
         def gu_completions(rows, tiles, gu_rows=gu_rows):
             return tiles * -(-rows // cfg.gate_up.bm) if gu_rows else tiles
 
-        per_source = el * (ngu * pgu + ndn * pdn)
-        pending = list(range(P * per_source))
+        def n_parts(rows, bm, row_tasks):  # the kernel's gu_parts / dn_parts
+            return 0 if rows <= 0 else -(-rows // bm) if row_tasks else 1
+
+        # The dense lists (learn): per ring source, each expert's gate/up tasks, then each
+        # expert's down tasks, only as many as its rows need; every index is a real task.
+        tasks = []
+        for q in range(P):
+            s = (me + q) % P
+            rows_of = [min(int(heap_counts[me][s * el + e]), cap) for e in range(el)]
+            for gate_up, nt, bm, rt in ((True, ngu, cfg.gate_up.bm, gu_rows),
+                                        (False, ndn, cfg.down.bm, dn_rows)):
+                for e in range(el):
+                    parts = n_parts(rows_of[e], bm, rt)
+                    tasks += [(s, e, i // parts, i % parts, parts, gate_up)
+                              for i in range(nt * parts)]
+        pending = list(range(len(tasks)))
         dep: dict = {}
         while pending:
             runnable = []
             for r in pending:
-                s = (me + r // per_source) % P
-                i = r % per_source
-                gate_up = i < el * ngu * pgu
-                q = i if gate_up else i - el * ngu * pgu
-                per, parts = (ngu * pgu, pgu) if gate_up else (ndn * pdn, pdn)
-                e, n, part = q // per, q % per // parts, q % per % parts
+                s, e, n, part, parts, gate_up = tasks[r]
                 n_rows = min(int(heap_counts[me][s * el + e]), cap)
-                empty = (gu_rows if gate_up else dn_rows) and \
-                    part * (cfg.gate_up.bm if gate_up else cfg.down.bm) >= n_rows
-                if empty or gate_up or dep.get((s, e), 0) >= gu_completions(n_rows, ngu):
-                    runnable.append((r, s, e, n, part, parts, gate_up, empty))
+                assert n_rows > part * (cfg.gate_up.bm if gate_up else cfg.down.bm) or \
+                    not (gu_rows if gate_up else dn_rows), "an empty row task in the list"
+                if gate_up or dep.get((s, e), 0) >= gu_completions(n_rows, ngu):
+                    runnable.append((r, s, e, n, part, parts, gate_up))
             assert runnable, "deadlock: down tasks wait for completions that never come"
-            r, s, e, n, part, parts, gate_up, empty = runnable[rng.integers(len(runnable))]
+            r, s, e, n, part, parts, gate_up = runnable[rng.integers(len(runnable))]
             pending.remove(r)
-            if empty:
-                continue
             rows = my_counts + s * el + e
             act_se = act + (s * el + e) * cap * I
             tile = cfg.gate_up if gate_up else cfg.down
@@ -288,7 +295,8 @@ def test_the_template_passes_the_mirrored_arguments():
     p = MoEProblem(256, 256, 8, 2, world_size=4, tokens_per_rank=24)
     cfg = KernelConfig(TILE, TILE, router_tokens_per_block=8, transport="nvlink",
                        fuse_sources=True)
-    code = " ".join(render(p, cfg).code.split())
+    per_source = dataclasses.replace(cfg, fuse_sources=False)  # the per-source lists' code
+    code = " ".join((render(p, cfg).code + render(p, per_source).code).split())
     for text in (
             "for (int s = 0; s < SOURCES; ++s) rows += my_counts[s * el + e]; "
             "if (rows > 0) active[na++] = e;",
@@ -312,16 +320,15 @@ def test_the_template_passes_the_mirrored_arguments():
             " capacity, capacity), part, DN_S, st.scratch, st.arrivals, epoch, wm(2), nullptr, "
             "e * HIDDEN);",
             "const SplitTile st = split_tile(state, a, gate_up, n);",
-            # per source: row tasks, completions, empty row tiles
-            "const int pgu_src = GU_ROWS ? (capacity + GU_BM - 1) / GU_BM : GU_S;",
-            "const int pdn_src = DN_ROWS ? (capacity + DN_BM - 1) / DN_BM : DN_S;",
+            # per source: the dense lists, row tasks, completions
+            "return rows <= 0 ? 0 : GU_ROWS ? (rows + GU_BM - 1) / GU_BM : GU_S;",
             "return GU_ROWS ? tiles * ((rows + GU_BM - 1) / GU_BM) : tiles;",
-            "const int per_source = el * (NGU * pgu_src + NDN * pdn_src);",
-            "const TaskPos tp = task_pos(r % per_source, el, pgu_src, pdn_src); const bool "
-            "gate_up = tp.gate_up; const int e = tp.group, n = tp.n, part = tp.part, parts = "
-            "tp.parts;",
-            "const int n_rows = min(*rows, capacity); if ((gate_up ? GU_ROWS : DN_ROWS) && part *"
-            " (gate_up ? GU_BM : DN_BM) >= n_rows) {",
+            "for (int e = 0; e < el; ++e) { gu_first[q][e] = i; i += NGU * gu_parts(min("
+            "my_counts[s * el + e], capacity)); }",
+            "for (int e = 0; e <= el; ++e) { dn_first[q][e] = i; if (e < el) i += NDN * "
+            "dn_parts(min(my_counts[s * el + e], capacity)); }",
+            "const int parts = gate_up ? gu_parts(n_rows) : dn_parts(n_rows); const int n = (r "
+            "- first[e]) / parts, part = (r - first[e]) % parts;",
             "const unsigned long long need = gu_completions(n_rows, NGU);",
             "if (parts > 1) { if (part * BM >= rows) return false;",
             "const bool split_k = splits > 1 && rows <= TT; if (!split_k && split != 0) return "
