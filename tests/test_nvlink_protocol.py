@@ -17,14 +17,19 @@ import pytest
 class Rank:
     """One rank's forwards as a list of steps; ``pc`` is the next step, blocked on a wait."""
 
-    def __init__(self, r: int, world: int, calls: int, heap, fused: bool = False):
+    def __init__(self, r: int, world: int, calls: int, heap, fused: bool = False,
+                 senders: bool = False):
         self.r, self.world, self.calls, self.heap = r, world, calls, heap
+        self.marks: dict[str, int] = {}  # this rank's blocks' counters (send_blocks)
         self.steps = []
         ring = [(r + q) % world for q in range(world)]
         for n in range(1, calls + 1):
-            # dispatch: rows and counts into every rank's heap, then the dispatch flags
-            self.steps += [("write_rows", n, d) for d in range(world)]
-            self.steps += [("flag", "dispatch", n, d) for d in range(world)]
+            if senders:  # send_blocks: own rows and flag; the peers' are the Senders'
+                self.steps += [("write_rows", n, r), ("flag", "dispatch", n, r),
+                               ("mark", "own", n)]
+            else:  # dispatch: rows and counts into every rank's heap, then the flags
+                self.steps += [("write_rows", n, d) for d in range(world)]
+                self.steps += [("flag", "dispatch", n, d) for d in range(world)]
             if fused:  # gate/up tiles wait every source's flag, read all; then down tiles
                 self.steps += [("wait", "dispatch", n, s) for s in ring]
                 self.steps += [("read_rows", n, s) for s in ring]
@@ -33,6 +38,8 @@ class Rank:
                 for s in ring:
                     self.steps += [("wait", "dispatch", n, s), ("read_rows", n, s),
                                    ("write_back", n, s)]
+            if senders:  # the senders join the task loop: the last block out is after them
+                self.steps.append(("await", "sent", n))
             self.steps += [("flag", "combine", n, d) for d in range(world)]
             self.steps += [("wait", "combine", n, d) for d in range(world)]
             self.steps += [("read_back", n, d) for d in range(world)]
@@ -75,6 +82,11 @@ class Rank:
             _, n, d = st
             assert h[self.r]["back"][d] == n, f"rank {self.r} reads stale results from {d}"
             self.reading_back[d] = 0
+        elif st[0] == "mark":
+            self.marks[st[1]] = st[2]
+        elif st[0] == "await":
+            if self.marks.get(st[1], 0) < st[2]:
+                return False
         elif st[0] == "end":
             pass
         # reading spans: from the flag's wait until the read step
@@ -86,42 +98,66 @@ class Rank:
         return True
 
 
+class Senders(Rank):
+    """send_blocks: the blocks of rank ``owner`` that store the peers' rows, a process beside
+    its other blocks: after every block placed this rank's own rows (mark "own") they write
+    each peer's rows and raise its dispatch flag, then join the task loop (mark "sent"). The
+    next call's senders start only once that call's own rows are placed, i.e. after this
+    call's kernel ended (one stream)."""
+
+    def __init__(self, owner: Rank, calls: int):
+        r, world = owner.r, owner.world
+        self.r, self.world, self.calls, self.heap = r, world, calls, owner.heap
+        self.marks = owner.marks  # the same rank's counters
+        self.reading_rows, self.reading_back = {}, {}  # senders read nothing
+        self.steps = []
+        for n in range(1, calls + 1):
+            self.steps.append(("await", "own", n))
+            self.steps += [("write_rows", n, d) for d in range(world) if d != r]
+            self.steps += [("flag", "dispatch", n, d) for d in range(world) if d != r]
+            self.steps.append(("mark", "sent", n))
+        self.pc = 0
+
+
 def run(world: int, calls: int, seed: int, combine_wait: bool = True,
-        fused: bool = False) -> None:
+        fused: bool = False, senders: bool = False) -> None:
     """All ranks' calls interleaved at random (``combine_wait=False``: the model without the
-    back-pressure, to show the checks can fail)."""
+    back-pressure, to show the checks can fail; ``senders``: send_blocks, each rank's
+    senders a process of their own)."""
     rng = random.Random(seed)
     heap = [{"rows": [0] * world, "back": [0] * world,
              "flags": {"dispatch": [0] * world, "combine": [0] * world}}
             for _ in range(world)]
-    ranks = [Rank(r, world, calls, heap, fused) for r in range(world)]
+    ranks = [Rank(r, world, calls, heap, fused, senders) for r in range(world)]
+    procs = ranks + ([Senders(r, calls) for r in ranks] if senders else [])
     if not combine_wait:
         for r in ranks:
             r.steps = [s for s in r.steps if not (s[0] == "wait" and s[1] == "combine")]
-    while not all(r.done() for r in ranks):
-        live = [r for r in ranks if not r.done()]
+    while not all(r.done() for r in procs):
+        live = [r for r in procs if not r.done()]
         rng.shuffle(live)
         assert any(r.step(ranks) for r in live), "deadlock"
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["per_source", "fused"])
+@pytest.mark.parametrize("fused,senders", [(False, False), (True, False), (False, True)],
+                         ids=["per_source", "fused", "per_source_send_blocks"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("seed", range(25))
-def test_epochs_and_back_pressure(world, seed, fused):
-    run(world, calls=4, seed=seed, fused=fused)
+def test_epochs_and_back_pressure(world, seed, fused, senders):
+    run(world, calls=4, seed=seed, fused=fused, senders=senders)
 
 
 def test_the_model_catches_a_missing_back_pressure():
     """Without the combine wait (a rank racing ahead into its next call), a peer's rows or
     results get overwritten while it reads them, for some interleaving."""
-    for fused in (False, True):
+    for fused, senders in ((False, False), (True, False), (False, True)):
         failures = 0
         for seed in range(200):
             try:
-                run(2, 3, seed, combine_wait=False, fused=fused)
+                run(2, 3, seed, combine_wait=False, fused=fused, senders=senders)
             except AssertionError:
                 failures += 1
-        assert failures > 0, fused
+        assert failures > 0, (fused, senders)
 
 
 def run_tasks(world: int, el: int, ngu: int, ndn: int, shared: bool, blocks: int,
