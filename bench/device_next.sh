@@ -32,15 +32,11 @@
 #      back to back, alternating which goes first), tune run again, then the kernel
 #      breakdown of the default in host and in graph mode, with how long the GPU idles per
 #      forward (~450 s)
-#   u: the persistent kernel's wgmma row tasks at E=64 (issue 16: T=16384 at 2.9x its
-#      floor, tasks 2206 of 2851 us at ~375 TFLOP/s): gate/up and down stages 3 or 4 (with
-#      3 a tile's loads run one k-tile ahead, with 4 two; gu s4 + dn s4 spills 116 bytes at
-#      255 registers, either alone compiles clean), T=4096 and 16384 beside PyTorch EP
-#      (~400 s)
-#   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16); their
+#   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
+#   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|k|n|p|r|u   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|d|k|n|p|r   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -140,14 +136,22 @@ print(K.default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank
     grep -E "^### |^\| [^-k]" "$O/kb_$m.md" 2>/dev/null | cut -c1-200 | head -12 || tail -5 "$O/kb_$m.log"
   done
 fi
-if [ "$PART" = u ]; then
-  timeout -k 10 ${U_TIMEOUT:-420} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
-    --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "gu_s=3,4;dn_s=3,4" \
-    --iters 10 --out "$O/sweep_stages.md" --json "$O/sweep_stages.json" \
-    > "$O/sweep_stages.log" 2>&1
-  echo "sweep rc=$?"; bundle
-  grep -hE "^\| e64" "$O"/sweep_stages.md | cut -d'|' -f2-9
-  grep -hE "^- e64" "$O"/sweep_stages.md | sed 's/`[^`]*`//' | cut -c1-160
+if [ "$PART" = d ]; then
+  multigpu_k 4 200 dense "nvlink_persistent_kernel and (capped or dsv2lite or graph or row_tiles or fused) or nvlink_direct"
+  timeout -k 10 ${D_TIMEOUT:-200} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
+    --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "sb=0,8,32" --iters 10 \
+    --out "$O/sweep_sb_p4.md" --json "$O/sweep_sb_p4.json" > "$O/sweep_sb_p4.log" 2>&1
+  echo "sweep rc=$?"
+  for p in 2 4; do  # weak scaling: the same tokens per GPU on 2 and 4 GPUs, one machine
+    timeout -k 10 70 $MPI -np $p python3 bench/scaling.py --experts 64 --tokens 1024,16384 \
+      --nvlink --commit "$COMMIT" --json "$O/scaling.json" --out "$O/scaling_p$p" \
+      > "$O/scaling_p$p.log" 2>&1
+    echo "scaling $p ranks rc=$?"
+  done
+  rm -f "$O"/*.png; bundle
+  grep -hE "^\| e64" "$O"/sweep_sb_p4.md | cut -d'|' -f3-9
+  python3 -c "import json; [print(r['gpus'], r['tokens_per_gpu'], 'floor', r['floor_ms'], \
+'torch', r['torch_ep_ms'], 'nvlink', r.get('ours_nvlink_ms')) for r in json.load(open('$O/scaling.json'))]"
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
