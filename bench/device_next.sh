@@ -32,6 +32,10 @@
 #      back to back, alternating which goes first), tune run again, then the kernel
 #      breakdown of the default in host and in graph mode, with how long the GPU idles per
 #      forward (~450 s)
+#   d: session 17's persistent-kernel changes on 4 ranks (issue 16): the nvlink tests not yet
+#      run after the dense per-source task lists (8048769), then H=I=2048 E=64 at
+#      T=4096/16384 over send_blocks 0, 8, 32 beside PyTorch EP (32 is the default, chosen
+#      on 2 ranks), then weak scaling 2 -> 4 ranks at T=1024/16384 (~540 s)
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
