@@ -35,12 +35,15 @@
 #   d: session 17's persistent-kernel changes on 4 ranks (issue 16): the nvlink tests not yet
 #      run after the dense per-source task lists (8048769), then H=I=2048 E=64 at
 #      T=4096/16384 over send_blocks 0, 8, 32 beside PyTorch EP (32 is the default, chosen
-#      on 2 ranks), then weak scaling 2 -> 4 ranks at T=1024/16384 (~540 s)
+#      on 2 ranks) (~400 s)
+#   e: Mixtral T=4096 with transport nvlink (its persistent default: TMA row tasks, 32
+#      senders, dense lists; session 14's cp.async rows took 7.44 ms) beside PyTorch EP, for
+#      issue 12's <= 0.8x; then weak scaling 2 -> 4 ranks at E=64 T=1024/16384 (~300 s)
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|d|k|n|p|r   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|d|e|k|n|p|r   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -145,7 +148,14 @@ if [ "$PART" = d ]; then
   timeout -k 10 ${D_TIMEOUT:-200} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
     --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "sb=0,8,32" --iters 10 \
     --out "$O/sweep_sb_p4.md" --json "$O/sweep_sb_p4.json" > "$O/sweep_sb_p4.log" 2>&1
-  echo "sweep rc=$?"
+  echo "sweep rc=$?"; bundle
+  grep -hE "^\| e64" "$O"/sweep_sb_p4.md | cut -d'|' -f3-9
+fi
+if [ "$PART" = e ]; then
+  timeout -k 10 ${E_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
+    --commit "$COMMIT" --problems mixtral --tokens 4096 --iters 10 \
+    --out "$O/sweep_mixtral_p4.md" --json "$O/sweep_mixtral_p4.json" > "$O/sweep_mixtral_p4.log" 2>&1
+  echo "mixtral nvlink rc=$?"
   for p in 2 4; do  # weak scaling: the same tokens per GPU on 2 and 4 GPUs, one machine
     timeout -k 10 70 $MPI -np $p python3 bench/scaling.py --experts 64 --tokens 1024,16384 \
       --nvlink --commit "$COMMIT" --json "$O/scaling.json" --out "$O/scaling_p$p" \
@@ -153,7 +163,7 @@ if [ "$PART" = d ]; then
     echo "scaling $p ranks rc=$?"
   done
   rm -f "$O"/*.png; bundle
-  grep -hE "^\| e64" "$O"/sweep_sb_p4.md | cut -d'|' -f3-9
+  grep -hE "^\| mixtral|^- mixtral" "$O"/sweep_mixtral_p4.md | cut -c1-220
   python3 -c "import json; [print(r['gpus'], r['tokens_per_gpu'], 'floor', r['floor_ms'], \
 'torch', r['torch_ep_ms'], 'nvlink', r.get('ours_nvlink_ms')) for r in json.load(open('$O/scaling.json'))]"
 fi
