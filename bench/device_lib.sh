@@ -60,6 +60,16 @@ run_preset_tunes() {  # GPUS "MODEL TOKENS TRIALS"...: each preset tuned, summar
       grep -E "heuristic default|trial 1/.* done|ok, .* failed|winner stored"
   done
 }
+weak_scaling() {  # COMMIT TIMEOUT: H=I=2048 E=64 with nvlink at T=1024/16384 per GPU on 2
+  # then 4 ranks of one machine (the same tokens per GPU); rows appended to $O/scaling.json
+  local commit=$1 t=$2 p
+  for p in 2 4; do
+    timeout -k 10 "$t" $MPI -np $p python3 bench/scaling.py --experts 64 --tokens 1024,16384 \
+      --nvlink --commit "$commit" --json "$O/scaling.json" --out "$O/scaling_p$p" \
+      > "$O/scaling_p$p.log" 2>&1
+    echo "scaling $p ranks rc=$?"
+  done
+}
 bundle() {  # every file under $O but the summaries into one archive: the device tool
   # brings back a limited number of files per call (session 10 lost the scaling logs)
   (cd "$O" && find . -maxdepth 1 -type f ! -name '*.md' ! -name '*.txt' ! -name '*.png' \

@@ -67,12 +67,7 @@ nvidia-smi --query-gpu=index,name --format=csv,noheader | tee "$O/cards.txt"
 if [ "$PART" = 2 ]; then
   DECODE_TAG=chain8 DECODE_TIMEOUT=${DECODE_TIMEOUT:-240} run_decode 4 "$COMMIT" --problems seed,dsv2lite,dsv3 \
     --tokens 1,8,32,128,256,512 --nvlink --chain 8 > "$O/decode.txt" 2>&1
-  for p in 2 4; do  # weak scaling: the same tokens per GPU on 2 and 4 GPUs, one machine
-    timeout -k 10 80 $MPI -np $p python3 bench/scaling.py --experts 64 --tokens 1024,16384 \
-      --nvlink --commit "$COMMIT" --json "$O/scaling.json" --out "$O/scaling_p$p" \
-      > "$O/scaling_p$p.log" 2>&1
-    echo "scaling $p ranks rc=$?"
-  done
+  weak_scaling "$COMMIT" 80
   OVERLAP_TIMEOUT=${OVERLAP_TIMEOUT:-150} run_overlap 4 "$COMMIT" \
     --problems seed,dsv2lite_t512,mixtral_t4096 > "$O/overlap.txt" 2>&1
   rm -f "$O"/*.png
@@ -156,12 +151,7 @@ if [ "$PART" = e ]; then
     --commit "$COMMIT" --problems mixtral --tokens 4096 --iters 10 \
     --out "$O/sweep_mixtral_p4.md" --json "$O/sweep_mixtral_p4.json" > "$O/sweep_mixtral_p4.log" 2>&1
   echo "mixtral nvlink rc=$?"
-  for p in 2 4; do  # weak scaling: the same tokens per GPU on 2 and 4 GPUs, one machine
-    timeout -k 10 70 $MPI -np $p python3 bench/scaling.py --experts 64 --tokens 1024,16384 \
-      --nvlink --commit "$COMMIT" --json "$O/scaling.json" --out "$O/scaling_p$p" \
-      > "$O/scaling_p$p.log" 2>&1
-    echo "scaling $p ranks rc=$?"
-  done
+  weak_scaling "$COMMIT" 70
   rm -f "$O"/*.png; bundle
   grep -hE "^\| mixtral|^- mixtral" "$O"/sweep_mixtral_p4.md | cut -c1-220
   python3 -c "import json; [print(r['gpus'], r['tokens_per_gpu'], 'floor', r['floor_ms'], \
