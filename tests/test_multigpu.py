@@ -154,7 +154,8 @@ def _nvl_cfg(**knobs):
 
 @pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph", "row_tiles",
                                   "row_tiles_wgmma", "row_tiles_wgmma_tma",
-                                  "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks", "fused",
+                                  "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks",
+                                  "dsv2lite_default_many_batches", "fused",
                                   "fused_dsv2lite_graph",
                                   "fused_capped_skewed", "fused_split_k", "fused_ws_tma"])
 def test_nvlink_persistent_kernel(comm, case):
@@ -171,6 +172,7 @@ def test_nvlink_persistent_kernel(comm, case):
          "row_tiles_wgmma_tma": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
          "row_tiles_send_blocks": SEED.replace(tokens_per_rank=1000),
+         "dsv2lite_default_many_batches": DSV2.replace(tokens_per_rank=2200),
          "fused": SEED.replace(tokens_per_rank=300),
          "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
          "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
@@ -198,6 +200,11 @@ def test_nvlink_persistent_kernel(comm, case):
         cfg = KernelConfig(gu, dn, transport="nvlink", ws_tma=True,
                            mode="graph" if case.endswith("graph") else "host",
                            send_blocks=16 if case.endswith("graph") else 0)
+    if case == "dsv2lite_default_many_batches":  # the persistent default at 2200 tokens:
+        # TMA row tiles, senders, dense lists, shared experts, and a router that takes two
+        # 8-token batches per tensor-core tile (275 batches: no hidden slices)
+        cfg = KernelConfig.persistent_default(p.replace(world_size=comm.world_size))
+        assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
     tokens = [p.tokens_per_rank, 77, 0, 5]
     skewed = case.endswith("capped_skewed")
     layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=skewed)

@@ -14,7 +14,13 @@ from test_mma_emulation import mma_16816
 
 from flashmoe_gen.presets import get_preset
 from flashmoe_gen.problem import MoEProblem
-from flashmoe_gen.render import router_mma_experts, router_mma_pass_warps
+from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.render import (
+    render,
+    router_logit_batches,
+    router_mma_experts,
+    router_mma_pass_warps,
+)
 
 
 def movmatrix_trans(regs: list[np.ndarray]) -> list[np.ndarray]:
@@ -32,7 +38,7 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
     (render.router_mma_pass_warps): warp w takes passes w % pass_warps + k pass_warps and
     k steps w // pass_warps + k (warps // pass_warps)."""
     experts = wg.shape[1]
-    s_logit = np.zeros((warps, experts))
+    s_logit = np.zeros((max(warps, nt), experts))  # nb * ROUTER_WARPS rows for nb batches
     groups = mma_e // 32
     ksteps = (h1 - h0) // 16
     npass, kw_n = experts // mma_e, warps // pass_warps
@@ -83,6 +89,8 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
 @pytest.mark.parametrize("experts,warps,nt,h0,h1,pass_warps", [
     (64, 8, 8, 0, 256, 1),     # E=64 (two groups per pass), a full batch
     (64, 8, 3, 48, 160, 1),    # a slice, 3 tokens (rows past nt are zero)
+    (64, 8, 16, 0, 256, 1),    # two batches of 8 (router_logit_batches): the whole m tile
+    (32, 8, 13, 0, 256, 1),    # two batches, the second partial
     (96, 4, 4, 0, 128, 1),     # 32 experts per pass, three passes one after another
     (256, 32, 20, 0, 64, 4),   # 32 tokens a block: two m tiles, the second partial
     (32, 1, 1, 16, 48, 1),     # one warp, one token
@@ -121,3 +129,20 @@ def test_pass_warps_divide_the_passes_and_the_warps():
     assert router_mma_experts(MoEProblem(512, 2048, 8, 2), 8) == 0   # 8 experts: FMA path
     assert router_mma_experts(MoEProblem(520, 344, 32, 4), 8) == 0   # hidden not by 16
     assert router_mma_experts(MoEProblem(2048, 1408, 60, 4), 8) == 0  # no split layout
+
+
+def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
+    """The persistent kernel's router fills the m16 tile with two 8-token batches where the
+    tensor cores take every expert in one pass (32 or 64 experts); with several passes, the
+    FMA path or 16 tokens a block, one batch."""
+    e64 = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    assert router_logit_batches(e64, 8) == 2
+    assert router_logit_batches(MoEProblem(2048, 2048, 32, 2), 8) == 2
+    assert router_logit_batches(get_preset("deepseek-v3").problem(), 8) == 1  # 4 passes
+    assert router_logit_batches(MoEProblem(512, 2048, 8, 2), 8) == 1   # FMA path
+    assert router_logit_batches(e64, 16) == 1                          # 16 tokens a block
+    code = render(e64, KernelConfig.persistent_default(e64)).code
+    assert "constexpr int R_BATCHES = 2;" in code
+    assert "__shared__ float s_logit[R_BATCHES * ROUTER_WARPS * EXPERTS];" in code
+    assert "split_logits(b, 0, HIDDEN, x, wg, tokens, R_BATCHES);" in code
+    assert "const int nt = min(nb * ROUTER_WARPS, tokens - t0);" in code
