@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from test_mma_emulation import mma_16816
 
+from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.presets import get_preset
 from flashmoe_gen.problem import MoEProblem
-from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.render import (
     render,
     router_logit_batches,
