@@ -39,10 +39,10 @@
 #   e: Mixtral T=4096 with transport nvlink (its persistent default: TMA row tasks, 32
 #      senders, dense lists; session 14's cp.async rows took 7.44 ms) beside PyTorch EP, for
 #      issue 12's <= 0.8x; then weak scaling 2 -> 4 ranks at E=64 T=1024/16384 (~300 s)
-#   b: branch router-pairs (run from a checkout of it, after part d on main on the same
-#      machine): the 4-rank nvlink cases that route many batches on the tensor cores (the
-#      persistent default at DeepSeek-V2-Lite T=2200, E=64 rows) and E=64 T=4096/16384 with
-#      the default beside PyTorch EP: the route phase against part d's (~300 s)
+#   b: router_batches (the persistent kernel's router takes two 8-token batches per
+#      tensor-core logit tile; off by default until measured): the 4-rank nvlink cases that
+#      route many batches (the persistent default at DeepSeek-V2-Lite T=2200 with it) and
+#      E=64 T=4096/16384 over rb = 1, 2 beside PyTorch EP: route phase and forward (~300 s)
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
@@ -153,7 +153,7 @@ fi
 if [ "$PART" = b ]; then
   multigpu_k 4 150 pairs "nvlink_persistent_kernel and (many_batches or seed or row_tiles_wgmma_tma)"
   timeout -k 10 ${B_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
-    --commit "$COMMIT" --problems e64 --tokens 4096,16384 --iters 10 \
+    --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "rb=1,2" --iters 10 \
     --out "$O/sweep_pairs_p4.md" --json "$O/sweep_pairs_p4.json" > "$O/sweep_pairs_p4.log" 2>&1
   echo "sweep rc=$?"; bundle
   grep -hE "^\| e64|^- e64" "$O"/sweep_pairs_p4.md | cut -c1-220

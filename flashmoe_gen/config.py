@@ -51,6 +51,10 @@ DISPATCH_BLOCK_CHOICES = (1, 0)
 #: then only the first N blocks send the peers' rows while the others start this rank's
 #: own tasks: the NVLink-bound sends (~200 us of E=64 T=16384's forward) overlap GEMMs.
 SEND_BLOCK_CHOICES = (0, 8, 16, 32, 64)
+#: Token batches of the persistent kernel's router per tensor-core logit tile
+#: (``router_batches``): 2 fills the m16 tile with two 8-token batches and reads the gate
+#: weights once per 16 tokens (where one pass of the tensor-core logits takes every expert).
+ROUTER_BATCH_CHOICES = (1, 2)
 #: SMs the tma kernel's persistent grid leaves free (``comm_sms``; transport nccl, P > 1):
 #: one block per SM with ~200 KB of shared memory and every register leaves NCCL's kernels
 #: no room, so transfers wait for a launch to end (overlap efficiency 0.015-0.024 on
@@ -109,6 +113,7 @@ class KernelConfig:
     own_stream: bool = False  # own_split's halves on the shared-experts stream
     gather_experts: bool = False  # fused sources, mode host: one group per local expert
     send_blocks: int = 0  # transport "nvlink", P > 1, per-source tasks (SEND_BLOCK_CHOICES)
+    router_batches: int = 1  # transport "nvlink", 32 or 64 experts (ROUTER_BATCH_CHOICES)
 
     @property
     def uses_wgmma(self) -> bool:
@@ -171,6 +176,8 @@ class KernelConfig:
             parts.append("ge")
         if self.send_blocks:
             parts.append(f"sb{self.send_blocks}")
+        if self.router_batches != 1:
+            parts.append(f"rb{self.router_batches}")
         return "__".join(parts)
 
     @classmethod
@@ -181,18 +188,18 @@ class KernelConfig:
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
                          r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?(__os)?"
-                         r"(__ost)?(__ge)?(?:__sb(\d+))?", name)
+                         r"(__ost)?(__ge)?(?:__sb(\d+))?(?:__rb(\d+))?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
         (gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp,
-         wt, cm, os_, ost, ge, sb) = m.groups()
+         wt, cm, os_, ost, ge, sb, rb) = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
                    transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
                    int(dsp or 1), wt is not None, int(cm or 0), os_ is not None,
-                   ost is not None, ge is not None, int(sb or 0))
+                   ost is not None, ge is not None, int(sb or 0), int(rb or 1))
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -212,7 +219,8 @@ class KernelConfig:
                 raise ConfigError(which, getattr(self, which), "must be a GemmTile")
         name = self.name
         for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams", "blocks_per_sm",
-                  "gu_splits", "dn_splits", "dispatch_blocks", "comm_sms", "send_blocks"):
+                  "gu_splits", "dn_splits", "dispatch_blocks", "comm_sms", "send_blocks",
+                  "router_batches"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
@@ -270,6 +278,8 @@ class KernelConfig:
             self._validate_ws_tma(limits, name)
         if self.send_blocks:
             self._validate_send_blocks(problem, name)
+        if self.router_batches != 1:
+            self._validate_router_batches(problem, name)
         if self.comm_sms:
             self._validate_comm_sms(problem, name)
         if self.own_split:
@@ -359,6 +369,21 @@ class KernelConfig:
                if self.fuse_sources else "")
         if why:
             raise ConfigError("send_blocks", v, why + ": use 0", name)
+
+    def _validate_router_batches(self, problem: MoEProblem, name: str) -> None:
+        """Two token batches per tensor-core logit tile in the persistent kernel's router."""
+        from .render import router_pairs_fit  # render imports this module
+
+        v = self.router_batches
+        if v not in ROUTER_BATCH_CHOICES:
+            raise ConfigError("router_batches", v, f"choose one of "
+                              f"{list(ROUTER_BATCH_CHOICES)}", name)
+        why = ("only transport 'nvlink' has a router phase" if self.transport != "nvlink"
+               else "" if router_pairs_fit(problem, self.router_tokens_per_block) else
+               f"the router's tensor cores take {problem.experts} experts in one pass only "
+               f"for 32 or 64 experts (and a hidden size a multiple of 16)")
+        if why:
+            raise ConfigError("router_batches", v, why + ": use 1", name)
 
     @staticmethod
     def persistent_takes(tile: GemmTile) -> bool:

@@ -174,14 +174,15 @@ def router_mma_experts(problem: MoEProblem, warps: int) -> int:
     return 64 if problem.experts % 64 == 0 else 32
 
 
-def router_logit_batches(problem: MoEProblem, warps: int) -> int:
-    """Token batches (of ``warps`` tokens) whose logits one split_logits call takes in the
-    persistent kernel's router phase where many batches route: 2 where the tensor cores
-    take every expert in one pass (32 or 64 experts; s_logit doubles, 8 KB at 64), else 1.
-    A batch of 8 tokens filled half of the m16 tile and read all H x E gate weights per 8
-    tokens (E=64 T=16384's route phase: 217 us of a 2.25 ms forward on 4 x H200)."""
+def router_pairs_fit(problem: MoEProblem, warps: int) -> bool:
+    """Whether the persistent kernel's router can take two batches (of ``warps`` tokens)
+    per split_logits call (config ``router_batches`` 2): where the tensor cores take every
+    expert in one pass (32 or 64 experts; s_logit doubles, 8 KB at 64) and two batches fill
+    at most the m16 tile. One 8-token batch filled half the tile and read all H x E gate
+    weights per 8 tokens (E=64 T=16384's route phase: 217 us of a 2.25 ms forward on
+    4 x H200)."""
     per = router_mma_experts(problem, warps)
-    return 2 if per and per == problem.experts and 2 * warps <= 16 else 1
+    return bool(per) and per == problem.experts and 2 * warps <= 16
 
 
 def router_mma_pass_warps(problem: MoEProblem, warps: int) -> int:
@@ -318,7 +319,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         # bytes at E=256; rolled: 78 registers, no spills). One pass keeps the unrolled
         # loop measured in session 15.
         "router_mma_ks_serial": CPP_BOOL[mma_experts not in (0, problem.experts)],
-        "router_logit_batches": router_logit_batches(problem, config.router_tokens_per_block),
+        "router_logit_batches": config.router_batches,
         **(split or {"router_vec_lanes_e": 0, "router_vec_per_lane": 0,
                      "router_token_batch": 0}),
         "router_lanes_e": lanes_e,

@@ -203,7 +203,8 @@ def test_nvlink_persistent_kernel(comm, case):
     if case == "dsv2lite_default_many_batches":  # the persistent default at 2200 tokens:
         # TMA row tiles, senders, dense lists, shared experts, and a router that takes two
         # 8-token batches per tensor-core tile (275 batches: no hidden slices)
-        cfg = KernelConfig.persistent_default(p.replace(world_size=comm.world_size))
+        cfg = dataclasses.replace(KernelConfig.persistent_default(
+            p.replace(world_size=comm.world_size)), router_batches=2)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
     tokens = [p.tokens_per_rank, 77, 0, 5]
     skewed = case.endswith("capped_skewed")

@@ -153,6 +153,7 @@ CONFIG_CHANGES = {
     "own_stream": True,
     "gather_experts": True,
     "send_blocks": 16,
+    "router_batches": 2,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}

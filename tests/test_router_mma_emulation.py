@@ -17,9 +17,9 @@ from flashmoe_gen.presets import get_preset
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.render import (
     render,
-    router_logit_batches,
     router_mma_experts,
     router_mma_pass_warps,
+    router_pairs_fit,
 )
 
 
@@ -89,7 +89,7 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
 @pytest.mark.parametrize("experts,warps,nt,h0,h1,pass_warps", [
     (64, 8, 8, 0, 256, 1),     # E=64 (two groups per pass), a full batch
     (64, 8, 3, 48, 160, 1),    # a slice, 3 tokens (rows past nt are zero)
-    (64, 8, 16, 0, 256, 1),    # two batches of 8 (router_logit_batches): the whole m tile
+    (64, 8, 16, 0, 256, 1),    # two batches of 8 (router_batches 2): the whole m tile
     (32, 8, 13, 0, 256, 1),    # two batches, the second partial
     (96, 4, 4, 0, 128, 1),     # 32 experts per pass, three passes one after another
     (256, 32, 20, 0, 64, 4),   # 32 tokens a block: two m tiles, the second partial
@@ -132,16 +132,32 @@ def test_pass_warps_divide_the_passes_and_the_warps():
 
 
 def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
-    """The persistent kernel's router fills the m16 tile with two 8-token batches where the
-    tensor cores take every expert in one pass (32 or 64 experts); with several passes, the
-    FMA path or 16 tokens a block, one batch."""
+    """router_batches 2: the persistent kernel's router fills the m16 tile with two 8-token
+    batches, only where the tensor cores take every expert in one pass (32 or 64 experts);
+    with several passes, the FMA path or 16 tokens a block the config is refused."""
+    from dataclasses import replace
+
+    from flashmoe_gen.errors import ConfigError
+
     e64 = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
-    assert router_logit_batches(e64, 8) == 2
-    assert router_logit_batches(MoEProblem(2048, 2048, 32, 2), 8) == 2
-    assert router_logit_batches(get_preset("deepseek-v3").problem(), 8) == 1  # 4 passes
-    assert router_logit_batches(MoEProblem(512, 2048, 8, 2), 8) == 1   # FMA path
-    assert router_logit_batches(e64, 16) == 1                          # 16 tokens a block
-    code = render(e64, KernelConfig.persistent_default(e64)).code
+    assert router_pairs_fit(e64, 8) and router_pairs_fit(MoEProblem(2048, 2048, 32, 2), 8)
+    assert not router_pairs_fit(get_preset("deepseek-v3").problem(), 8)  # 4 passes
+    assert not router_pairs_fit(MoEProblem(512, 2048, 8, 2), 8)          # FMA path
+    assert not router_pairs_fit(e64, 16)                                 # 16 tokens a block
+    cfg = replace(KernelConfig.persistent_default(e64), router_batches=2)
+    cfg.validate(e64)
+    assert cfg.name.endswith("__rb2") and KernelConfig.from_name(cfg.name) == cfg
+    dsv3 = get_preset("deepseek-v3").problem(world_size=4, tokens_per_rank=128)
+    for bad, p, text in ((replace(cfg, router_batches=4), e64, "choose one of"),
+                         (replace(KernelConfig.default(e64), router_batches=2), e64,
+                          "only transport 'nvlink'"),
+                         (replace(KernelConfig.persistent_default(dsv3), router_batches=2),
+                          dsv3, "in one pass only")):
+        with pytest.raises(ConfigError, match=text):
+            bad.validate(p)
+    assert "constexpr int R_BATCHES = 1;" in render(e64, KernelConfig.persistent_default(
+        e64)).code  # off by default until measured
+    code = render(e64, cfg).code
     assert "constexpr int R_BATCHES = 2;" in code
     assert "__shared__ float s_logit[R_BATCHES * ROUTER_WARPS * EXPERTS];" in code
     assert "split_logits(b, 0, HIDDEN, x, wg, tokens, R_BATCHES);" in code

@@ -23,6 +23,7 @@ from flashmoe_gen.config import (
     K_SPLIT_CHOICES,
     MODE_CHOICES,
     PERSISTENT_SCHEDULE,
+    ROUTER_BATCH_CHOICES,
     ROUTER_CHOICES,
     SEND_BLOCK_CHOICES,
     TRANSPORT_CHOICES,
@@ -30,6 +31,7 @@ from flashmoe_gen.config import (
 )
 from flashmoe_gen.errors import ConfigError
 from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.render import router_pairs_fit
 from flashmoe_gen.tiles import (
     BK_CHOICES,
     BM_CHOICES,
@@ -99,6 +101,7 @@ FULL = {
     "dispatch": (1,),  # its blocks that route and dispatch: likewise
     "ws_tma": (False,),  # its TMA weight loads: likewise
     "senders": (0,),  # its blocks that send the peers' rows: likewise
+    "router_batches": (1,),  # its router's token batches per tensor-core tile: likewise
     # SMs the tma kernel leaves to NCCL (nccl transport with a tma tile; else forced to 0)
     "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
     # this rank's tokens split around the fused launch (fused nccl sources, not _ws)
@@ -121,7 +124,7 @@ SMALL = {
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
     "ws_tma": (False,), "own_split": (False,), "own_stream": (False,), "gather": (False,),
-    "senders": (0,),
+    "senders": (0,), "router_batches": (1,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -145,7 +148,8 @@ NVLINK_FORCED = {knob: PERSISTENT_SCHEDULE[f] for knob, f in (
 #: Knobs of the persistent kernel alone: nccl configs take the first value.
 NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "ksplit_dn": K_SPLIT_CHOICES, "dispatch": DISPATCH_BLOCK_CHOICES,
-                "ws_tma": (False, True), "senders": SEND_BLOCK_CHOICES}
+                "ws_tma": (False, True), "senders": SEND_BLOCK_CHOICES,
+                "router_batches": ROUTER_BATCH_CHOICES}
 #: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
 SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
 
@@ -199,6 +203,8 @@ def _without_moot(params: dict) -> dict:
         out["ws_tma"] = False
     if "senders" in out and not _senders_apply(out):
         out["senders"] = 0
+    if "router_batches" in out and out.get("transport") != "nvlink":
+        out["router_batches"] = 1  # only the persistent kernel's router takes pairs
     if "own_split" in out and not _own_split_apply(out):
         out["own_split"] = False
     if "own_stream" in out and not out.get("own_split", False):
@@ -260,6 +266,9 @@ class SearchSpace:
         if problem.world_size == 1:
             choices["gather"] = (False,)  # no peers' rows to gather
             choices["senders"] = (0,)  # nor to send
+        if "router_batches" in choices and not router_pairs_fit(
+                problem, PERSISTENT_SCHEDULE["router_tokens_per_block"]):
+            choices["router_batches"] = (1,)  # not one tensor-core pass over every expert
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
         if limits.major_minor != (9, 0):  # warpgroup MMA and TMA are Hopper's
@@ -315,7 +324,8 @@ class SearchSpace:
                             own_split=params.get("own_split", False),
                             own_stream=params.get("own_stream", False),
                             gather_experts=params.get("gather", False),
-                            send_blocks=params.get("senders", 0))
+                            send_blocks=params.get("senders", 0),
+                            router_batches=params.get("router_batches", 1))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -340,7 +350,7 @@ class SearchSpace:
                     "dispatch": cfg.dispatch_blocks, "comm_sms": cfg.comm_sms,
                     "ws_tma": cfg.ws_tma, "own_split": cfg.own_split,
                     "own_stream": cfg.own_stream, "gather": cfg.gather_experts,
-                    "senders": cfg.send_blocks}
+                    "senders": cfg.send_blocks, "router_batches": cfg.router_batches}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
