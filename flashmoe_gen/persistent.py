@@ -354,15 +354,17 @@ class PersistentForward:
 
     def phase_us(self) -> dict[str, float]:
         """The last call's phases (render.PERSISTENT_PHASES, then "combine": the rest) in
-        microseconds at the SM's nominal clock: per phase, the latest block's end minus the
-        latest block's end of the phase before (each phase ends at a barrier or a wait every
-        block passes, so that is the phase's length on the critical path)."""
-        return _phase_us(self._stats("phase times"), self.clock_khz)
+        microseconds on the GPU's global timer: per phase, the latest block's end minus the
+        latest block's end of the phase before (the route: minus the first block's start;
+        each phase ends at a barrier or a wait every block passes, so that is the phase's
+        length on the critical path)."""
+        return _phase_us(self._stats("phase times"))
 
     def kernel_us(self) -> float:
-        """The last call's time in the kernel: its latest block's cycles, at the nominal
-        clock (a forward's time minus this is launch and host time)."""
-        return _kernel_us(self._stats("kernel time"), self.clock_khz)
+        """The last call's time in the kernel on the GPU's global timer, from its first
+        block's start to its last block's end (a forward's time minus this is launch and
+        host time)."""
+        return _kernel_us(self._stats("kernel time"))
 
     def measure(self, x, chain: int = 8, repeats: int = 5) -> dict:
         """SM busy, kernel time and phases of the last of ``chain`` forwards of ``x`` back to
@@ -375,8 +377,8 @@ class PersistentForward:
             for _ in range(chain):
                 self.layer.forward(x)
             st = self._stats("clocks")  # one copy per chain serves all three figures
-            runs.append({"sm_busy": _sm_busy(st), "kernel_us": _kernel_us(st, self.clock_khz),
-                         **_phase_us(st, self.clock_khz)})
+            runs.append({"sm_busy": _sm_busy(st), "kernel_us": _kernel_us(st),
+                         **_phase_us(st)})
         return {k: round(float(np.median([r[k] for r in runs])), 3) for k in runs[0]}
 
     def stall(self) -> CommTimeout | None:
@@ -405,14 +407,19 @@ def _sm_busy(st: np.ndarray) -> float:
     return float(busy / total) if total else 0.0
 
 
-def _phase_us(st: np.ndarray, clock_khz: float) -> dict[str, float]:
-    ends = np.concatenate([st[:, 2:].max(axis=0), st[:, 1:2].max(axis=0)])
-    spans = np.diff(np.concatenate([[0.0], ends])) / (clock_khz * 1e-3)
+def _phase_us(st: np.ndarray) -> dict[str, float]:
+    """Each phase's span in us: from the previous phase's last block (the first block's
+    start for the route) to this phase's last block, on the global ns timer."""
+    t = st[:, 2:].astype(np.int64)  # start, the phase marks, end
+    ends = t[:, 1:].max(axis=0) - t[:, 0].min()
+    spans = np.diff(np.concatenate([[0], ends])) / 1e3
     return dict(zip((*PERSISTENT_PHASES, "combine"), spans.round(2).tolist(), strict=True))
 
 
-def _kernel_us(st: np.ndarray, clock_khz: float) -> float:
-    return round(float(st[:, 1].max()) / (clock_khz * 1e-3), 2)
+def _kernel_us(st: np.ndarray) -> float:
+    """From the first block's start to the last block's end, in us."""
+    return round(float(st[:, -1].astype(np.int64).max() - st[:, 2].astype(np.int64).min())
+                 / 1e3, 2)
 
 
 class _Resources:

@@ -198,13 +198,16 @@ def router_mma_pass_warps(problem: MoEProblem, warps: int) -> int:
     return math.gcd(passes, warps)
 
 
-#: The persistent kernel's phase marks in its stats (after each phase, per block, cycles
-#: since the kernel's start): route, positions, dispatch (its barrier and flags), this
+#: The persistent kernel's phase marks in its stats (after each phase, per block, the GPU's
+#: global nanosecond timer): route, positions, dispatch (its barrier and flags), this
 #: block's tasks, the tasks' barrier (every block's), the wait for every combine flag.
 PERSISTENT_PHASES = ("route", "positions", "dispatch", "own_tasks", "all_tasks",
                      "combine_wait")
-#: Stats words per block: GEMM cycles, all cycles, then the phase marks.
-PERSISTENT_STATS_WORDS = 2 + len(PERSISTENT_PHASES)
+#: Stats words per block: GEMM cycles, all cycles (their ratio: SM busy), the block's start
+#: (ns), the phase marks (ns), its end (ns). Times in ns, not cycles over the nominal clock:
+#: under tensor-core load the SMs clock below it, and cycles / ClockRate read ~10% short
+#: (E=64 T=16384 on 4 x H200: kernel 2015 "us" in a 2249 us forward).
+PERSISTENT_STATS_WORDS = 4 + len(PERSISTENT_PHASES)
 
 #: The split router's items to aim for, (token batch, hidden slice) pairs (the router
 #: kernel's blocks, or the persistent kernel's router phase): about two per SM of an

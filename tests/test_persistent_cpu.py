@@ -91,15 +91,20 @@ def test_sm_busy_is_the_gemm_share_of_all_block_cycles():
     pf.stats = None
     with pytest.raises(ConfigError, match="enable_stats"):
         pf.sm_busy()
-    # busy, total cycles, then the phase marks (cycles since the start, per block)
-    per_block = np.array([[30, 100, 10, 20, 40, 60, 70, 80],
-                          [90, 100, 12, 20, 40, 50, 70, 85],
-                          [0, 0, 11, 20, 40, 65, 70, 80]], np.uint64)
+    # busy, total cycles, then start, the phase marks and end (global ns, per block; the
+    # blocks start 0-2 us apart)
+    us = 1000
+    per_block = np.array([[30, 100, *(us * np.array([1000, 1010, 1020, 1040, 1060, 1070,
+                                                      1080, 1100]))],
+                          [90, 100, *(us * np.array([1002, 1012, 1020, 1040, 1050, 1070,
+                                                      1085, 1098]))],
+                          [0, 0, *(us * np.array([1001, 1011, 1020, 1040, 1065, 1070, 1080,
+                                                  1095]))]], np.uint64)
     pf.stats = types.SimpleNamespace(get=lambda: per_block)
     assert pf.sm_busy() == pytest.approx(120 / 200)
-    pf.clock_khz = 1000  # 1 cycle per us
     assert pf.phase_us() == {"route": 12, "positions": 8, "dispatch": 20, "own_tasks": 25,
                              "all_tasks": 5, "combine_wait": 15, "combine": 15}
+    assert pf.kernel_us() == 100  # first start to last end, not one block's own span
 
 
 def test_measure_reads_the_last_call_of_each_chain():
@@ -114,8 +119,9 @@ def test_measure_reads_the_last_call_of_each_chain():
         n = len(calls)
         last = n % 3 == 0
         total = 100 + n // 3 if last else 10_000
+        marks = [5_000, *(5_000 + 1_000 * np.arange(1, 7)), 5_000 + 1_000 * total]  # ns
         pf.stats = types.SimpleNamespace(get=lambda: np.array(
-            [[total // 2, total, 1, 2, 3, 4, 5, 6], [0, total, 1, 2, 3, 4, 5, 6]], np.uint64))
+            [[total // 2, total, *marks], [0, total, *marks]], np.uint64))
 
     pf.layer = types.SimpleNamespace(forward=forward, _graph_cache=None)
     pf.stats = None
