@@ -142,21 +142,23 @@ print(K.default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank
     grep -E "^### |^\| [^-k]" "$O/kb_$m.md" 2>/dev/null | cut -c1-200 | head -12 || tail -5 "$O/kb_$m.log"
   done
 fi
-if [ "$PART" = d ]; then
-  multigpu_k 4 200 dense "nvlink_persistent_kernel and (capped or dsv2lite or graph or row_tiles or fused) or nvlink_direct"
-  timeout -k 10 ${D_TIMEOUT:-200} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
-    --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "sb=0,8,32" --iters 10 \
-    --out "$O/sweep_sb_p4.md" --json "$O/sweep_sb_p4.json" > "$O/sweep_sb_p4.log" 2>&1
+tests_and_e64_sweep() {  # TAG TEST-TIMEOUT K-EXPRESSION VARY: the 4-rank tests -k selects,
+  # then H=I=2048 E=64 at T=4096/16384 over the nvlink_sweep variants VARY beside PyTorch EP
+  multigpu_k 4 "$2" "$1" "$3"
+  timeout -k 10 "${SWEEP_TIMEOUT:-200}" $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
+    --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "$4" --iters 10 \
+    --out "$O/sweep_$1.md" --json "$O/sweep_$1.json" > "$O/sweep_$1.log" 2>&1
   echo "sweep rc=$?"; bundle
-  grep -hE "^\| e64" "$O"/sweep_sb_p4.md | cut -d'|' -f3-9
+  grep -hE "^\| e64|^- e64" "$O/sweep_$1.md" | cut -c1-220
+}
+if [ "$PART" = d ]; then
+  tests_and_e64_sweep dense 200 \
+    "nvlink_persistent_kernel and (capped or dsv2lite or graph or row_tiles or fused) or nvlink_direct" \
+    "sb=0,8,32"
 fi
 if [ "$PART" = b ]; then
-  multigpu_k 4 150 pairs "nvlink_persistent_kernel and (many_batches or seed or row_tiles_wgmma_tma)"
-  timeout -k 10 ${B_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
-    --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "rb=1,2" --iters 10 \
-    --out "$O/sweep_pairs_p4.md" --json "$O/sweep_pairs_p4.json" > "$O/sweep_pairs_p4.log" 2>&1
-  echo "sweep rc=$?"; bundle
-  grep -hE "^\| e64|^- e64" "$O"/sweep_pairs_p4.md | cut -c1-220
+  SWEEP_TIMEOUT=150 tests_and_e64_sweep pairs 150 \
+    "nvlink_persistent_kernel and (many_batches or seed or row_tiles_wgmma_tma)" "rb=1,2"
 fi
 if [ "$PART" = e ]; then
   timeout -k 10 ${E_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
