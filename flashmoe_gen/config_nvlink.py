@@ -1,0 +1,123 @@
+"""Transport "nvlink"'s knobs: the persistent kernel's value sets and the checks
+``KernelConfig.validate`` runs on them (each refusal a ConfigError saying what to use)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .arch import DeviceLimits
+from .errors import ConfigError
+from .problem import MoEProblem
+from .tiles import GemmTile
+
+if TYPE_CHECKING:
+    from .config import KernelConfig
+
+#: The persistent kernel's block (router, positions, combine and its GEMM tiles share it).
+PERSISTENT_THREADS = 256
+#: The schedule it runs, field -> value: one block of PERSISTENT_THREADS routes a token per
+#: warp; no chunks, streams or packed slots (rows are stored straight into expert slots).
+PERSISTENT_SCHEDULE = {"router_tokens_per_block": PERSISTENT_THREADS // 32,
+                       "chunks_per_peer": 1, "comm_streams": 1, "packed_slots": False}
+#: Its blocks per SM ("processors"): 0 = as many as fit (the occupancy); fewer cut the cost
+#: of its grid barriers and task queue where tiles are small.
+BLOCKS_PER_SM_CHOICES = (0, 1, 2, 4)
+#: K splits of its fused weight-streaming tasks (``gu_splits``, ``dn_splits``): a tile's K
+#: range over that many blocks, fp32 partials summed in a fixed order by the last to finish.
+#: One block streams only ~27 GB/s (2 x H200, seed T=1: 768 KB of gate/up + down tile on
+#: the critical path took 28 us, whatever the pipeline depth), so at decode, where tiles are
+#: fewer than SMs, more blocks per tile shorten the critical path.
+K_SPLIT_CHOICES = (1, 2, 4, 8)
+#: Blocks that route, place and dispatch a call's tokens (``dispatch_blocks``): 1 = one
+#: block while the others start on the shared experts (where the tokens fit one router
+#: batch and one block reads the gate weights whole; else as 0), 0 = every block, with a
+#: grid barrier after each phase.
+DISPATCH_BLOCK_CHOICES = (1, 0)
+#: Blocks that store the peers' rows over NVLink (``send_blocks``, several ranks, per-source
+#: tasks): 0 = every block, then a grid barrier before any task; N = every block first
+#: places its share of this rank's own rows (the last raises this rank's own dispatch flag),
+#: then only the first N blocks send the peers' rows while the others start this rank's
+#: own tasks: the NVLink-bound sends (~200 us of E=64 T=16384's forward) overlap GEMMs.
+SEND_BLOCK_CHOICES = (0, 8, 16, 32, 64)
+#: Token batches of the persistent kernel's router per tensor-core logit tile
+#: (``router_batches``): 2 fills the m16 tile with two 8-token batches and reads the gate
+#: weights once per 16 tokens (where one pass of the tensor-core logits takes every expert).
+ROUTER_BATCH_CHOICES = (1, 2)
+
+
+def check_ws_tma(cfg: KernelConfig, limits: DeviceLimits, name: str) -> None:
+    """The persistent kernel's tiles loaded by TMA boxes: a weight-streaming tile's
+    weights, a wgmma row task's rows and weights (the 128-byte swizzle is load_tile's
+    layout at BK 64)."""
+    kinds = {cfg.gate_up.mma, cfg.down.mma}
+    if cfg.transport != "nvlink" or kinds not in ({"ws"}, {"wgmma"}):
+        raise ConfigError("ws_tma", True, "TMA loads are for transport 'nvlink' with "
+                          "weight-streaming tiles (_ws on both GEMMs) or wgmma row tiles "
+                          "(_wg on both)", name)
+    if cfg.gate_up.bk != 64 or cfg.down.bk != 64:
+        raise ConfigError("ws_tma", True, "TMA loads take BK 64 (one 128-byte "
+                          "swizzle atom per row): use bk64 tiles", name)
+    if limits.major_minor != (9, 0):
+        raise ConfigError("ws_tma", True, f"TMA needs sm_90 (Hopper), target is "
+                          f"{limits.arch}", name)
+
+def check_send_blocks(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
+    """A subset of the persistent kernel's blocks sends the peers' rows while the
+    others start this rank's own tasks."""
+    v = cfg.send_blocks
+    if v not in SEND_BLOCK_CHOICES:
+        raise ConfigError("send_blocks", v, f"choose one of {list(SEND_BLOCK_CHOICES)} "
+                          "(0: every block sends, then a grid barrier)", name)
+    why = ("only transport 'nvlink' stores rows into peers' heaps"
+           if cfg.transport != "nvlink" else
+           "one rank has no peers to send to" if problem.world_size == 1 else
+           "fused tasks wait for every source's rows, so nothing starts early"
+           if cfg.fuse_sources else "")
+    if why:
+        raise ConfigError("send_blocks", v, why + ": use 0", name)
+
+def check_router_batches(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
+    """Two token batches per tensor-core logit tile in the persistent kernel's router."""
+    from .render import router_pairs_fit  # render imports config
+
+    v = cfg.router_batches
+    if v not in ROUTER_BATCH_CHOICES:
+        raise ConfigError("router_batches", v, f"choose one of "
+                          f"{list(ROUTER_BATCH_CHOICES)}", name)
+    why = ("only transport 'nvlink' has a router phase" if cfg.transport != "nvlink"
+           else "" if router_pairs_fit(problem, cfg.router_tokens_per_block) else
+           f"the router's tensor cores take {problem.experts} experts in one pass only "
+           f"for 32 or 64 experts (and a hidden size a multiple of 16)")
+    if why:
+        raise ConfigError("router_batches", v, why + ": use 1", name)
+
+def persistent_takes(tile: GemmTile) -> bool:
+    """Whether transport "nvlink"'s persistent kernel can compute with ``tile``: its
+    block's warps as weight-streaming or mma.sync warps, or as two warpgroups of a
+    128-row wgmma tile."""
+    if tile.warps_m * tile.warps_n != PERSISTENT_THREADS // 32:
+        return False
+    return tile.mma in ("ws", "sync") or (tile.mma == "wgmma" and tile.bm == 128)
+
+def check_persistent(cfg: KernelConfig, name: str) -> None:
+    """Transport "nvlink" runs one persistent kernel whose blocks serve every phase."""
+    warps = PERSISTENT_THREADS // 32
+    for which in ("gate_up", "down"):
+        t = getattr(cfg, which)
+        if not persistent_takes(t):
+            raise ConfigError(f"{which}.mma", t.mma, f"transport 'nvlink' computes with "
+                              f"weight-streaming, mma.sync or 128-row wgmma tiles of "
+                              f"{warps} warps (e.g. bm32_bn128_bk64_w{warps}x1_s4_ws for "
+                              f"few rows per expert, bm128_bn128_bk64_w4x2_s3 or, on "
+                              f"Hopper, bm128_bn128_bk64_w8x1_s4_wg for many)", name)
+    for f, want in PERSISTENT_SCHEDULE.items():
+        if getattr(cfg, f) == want:
+            continue
+        why = (f"transport 'nvlink': {want} (one block of {PERSISTENT_THREADS} threads "
+               f"routes {want} tokens)" if f == "router_tokens_per_block" else
+               f"transport 'nvlink' has no such schedule: use {want}")
+        raise ConfigError(f, getattr(cfg, f), why, name)
+    if cfg.fuse_sources and {"sync", "wgmma"} & {cfg.gate_up.mma, cfg.down.mma}:
+        raise ConfigError("fuse_sources", True, "transport 'nvlink' fuses sources with "
+                          "weight-streaming tiles only (_ws on both GEMMs)", name)
+
