@@ -1,0 +1,140 @@
+"""The persistent kernel's TMA row tasks' mbarrier ring (templates/gemm.cu.j2, wt_gemm_tile),
+model-checked on the CPU over random interleavings of the 8 warps and the TMA copies: thread
+0 (warp 0's lane 0) fills STAGES - 1 k-tiles ahead and refills a stage once its empty
+barrier says all 8 warps retired the wgmma group that read it; each warp waits a stage's
+full barrier, issues its group, retires the previous one (wgmma_wait<1>) and arrives on that
+stage's empty barrier. Barriers are initialised per task. Checked: no deadlock, no stage
+refilled while a warp's unretired group reads it, no stage read before its k-tile landed;
+and the model fails when the refill skips the empty wait."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+WARPS = 8
+
+
+def passed(done: int, parity: int) -> bool:
+    """mbarrier try_wait.parity: the phase of this parity completed (phases complete in
+    order; the latest completed is done - 1; a fresh barrier's 'previous' phase, parity 1,
+    counts as completed)."""
+    return (done - 1) % 2 == parity if done > 0 else parity == 1
+
+
+def run_task(stages: int, kt_total: int, rng: random.Random,
+             skip_empty_wait: bool = False) -> None:
+    full_done, empty_done, arrivals = [0] * stages, [0] * stages, [0] * stages
+    landed: list[int | None] = [None] * stages  # the k-tile whose bytes are in a stage
+    inflight: list[tuple[int, int]] = []        # TMA copies issued, not landed: (stage, f)
+    readers: list[set[int]] = [set() for _ in range(stages)]  # unretired groups' warps
+
+    def issue(f: int) -> None:
+        s = f % stages
+        assert not readers[s], f"k-tile {f} refills stage {s} while {readers[s]} read it"
+        inflight.append((s, f))
+
+    for f in range(min(stages - 1, kt_total)):  # thread 0's first fills (no waits: f < S)
+        issue(f)
+    # per warp: the next k-tile, and where it is in the iteration
+    warps = [{"kt": 0, "at": "wait_full"} for _ in range(WARPS)]
+    steps = 0
+    while any(w["at"] != "done" for w in warps) or inflight:
+        steps += 1
+        assert steps < 100_000, "deadlock"
+        actors = list(range(WARPS)) + (["tma"] if inflight else [])
+        rng.shuffle(actors)
+        moved = False
+        for a in actors:  # the first that can take a step takes one: any warp may run ahead
+            if moved:
+                break
+            if a == "tma":  # one copy lands: its bytes complete the stage's full phase
+                s, f = inflight.pop(rng.randrange(len(inflight)))
+                assert not readers[s], f"k-tile {f} landed in stage {s} while it was read"
+                landed[s] = f
+                full_done[s] += 1
+                moved = True
+                continue
+            w = warps[a]
+            if w["at"] == "done":
+                continue
+            kt = w["kt"]
+            s = kt % stages
+            if w["at"] == "wait_full":
+                if not passed(full_done[s], (kt // stages) & 1):
+                    continue
+                assert landed[s] == kt, f"warp {a} reads stage {s} before k-tile {kt}"
+                readers[s].add(a)  # the group of k-tile kt, in flight
+                if kt > 0:  # wgmma_wait<1>: k-tile kt - 1's group retired; arrive
+                    p = (kt - 1) % stages
+                    readers[p].discard(a)
+                    arrivals[p] += 1
+                    if arrivals[p] == WARPS:
+                        arrivals[p], empty_done[p] = 0, empty_done[p] + 1
+                w["at"] = "fill" if a == 0 else "next"
+                moved = True
+            elif w["at"] == "fill":  # thread 0: k-tile kt + S - 1 into the stage of kt - 1
+                f = kt + stages - 1
+                if f < kt_total:
+                    if f >= stages and not skip_empty_wait and \
+                            not passed(empty_done[f % stages], (f // stages - 1) & 1):
+                        continue
+                    issue(f)
+                w["at"] = "next"
+                moved = True
+            else:  # "next"
+                w["kt"] += 1
+                if w["kt"] == kt_total:  # wgmma_wait<0>, the epilogue, the block barrier
+                    readers[s].discard(a)
+                    w["at"] = "done"
+                else:
+                    w["at"] = "wait_full"
+                moved = True
+        assert moved, "deadlock: nobody can move"
+
+
+def run(stages: int, tasks: list[int], seed: int, skip_empty_wait: bool = False) -> None:
+    """Tasks one after another (barriers re-initialised: the block barrier at a task's end
+    orders it after every warp's last group)."""
+    rng = random.Random(seed)
+    for kt_total in tasks:
+        run_task(stages, kt_total, rng, skip_empty_wait)
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+@pytest.mark.parametrize("seed", range(8))
+def test_ring_never_deadlocks_or_races(stages, seed):
+    rng = random.Random(100 * stages + seed)
+    tasks = [rng.choice([1, 2, 3, 5, 8, 32]) for _ in range(rng.randint(1, 4))]
+    run(stages, tasks, seed)
+
+
+def test_the_model_catches_a_refill_without_the_empty_wait():
+    failures = 0
+    for seed in range(100):
+        try:
+            run(3, [16], seed, skip_empty_wait=True)
+        except AssertionError:
+            failures += 1
+    assert failures > 0
+
+
+def test_the_template_spells_the_modelled_waits():
+    """The lines the model mirrors, as the generated code spells them."""
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.problem import MoEProblem
+    from flashmoe_gen.render import render
+
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    code = " ".join(render(p, KernelConfig.persistent_default(p, "sm_90")).code.split())
+    for line in (
+            "if (f >= STAGES) mbar_wait(smem_u32(&empty[s]), (f / STAGES - 1) & 1);",
+            "for (int f = 0; f < STAGES - 1 && f < KT; ++f) fill(f);",
+            "mbar_wait(smem_u32(&full[stage]), (kt / STAGES) & 1);",
+            "wgmma_wait<1>(); // this warp's group of tile kt - 1 retired: its stage may be "
+            "refilled if (kt > 0 && (threadIdx.x & 31) == 0) mbar_arrive(smem_u32(&empty[(kt "
+            "- 1) % STAGES]));",
+            "if (threadIdx.x == 0 && kt + STAGES - 1 < KT) fill(kt + STAGES - 1);",
+            "mbar_init(smem_u32(&empty[s]), WARPS);"):
+        assert line in code, line
