@@ -40,9 +40,10 @@
 #      senders, dense lists; session 14's cp.async rows took 7.44 ms) beside PyTorch EP, for
 #      issue 12's <= 0.8x; then weak scaling 2 -> 4 ranks at E=64 T=1024/16384 (~300 s)
 #   b: router_batches (the persistent kernel's router takes two 8-token batches per
-#      tensor-core logit tile; off by default until measured): the 4-rank nvlink cases that
-#      route many batches (the persistent default at DeepSeek-V2-Lite T=2200 with it) and
-#      E=64 T=4096/16384 over rb = 1, 2 beside PyTorch EP: route phase and forward (~300 s)
+#      tensor-core logit tile) and task_tiles (two row tiles per TMA row task through one
+#      ring), both off by default until measured: the 4-rank nvlink cases that use them
+#      (the persistent default at DeepSeek-V2-Lite T=2200 with rb2; TMA rows with tt2) and
+#      E=64 T=4096/16384 over rb = 1, 2 x tt = 1, 2 beside PyTorch EP (~420 s)
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
@@ -157,8 +158,8 @@ if [ "$PART" = d ]; then
     "sb=0,8,32"
 fi
 if [ "$PART" = b ]; then
-  SWEEP_TIMEOUT=150 tests_and_e64_sweep pairs 150 \
-    "nvlink_persistent_kernel and (many_batches or seed or row_tiles_wgmma_tma)" "rb=1,2"
+  SWEEP_TIMEOUT=260 tests_and_e64_sweep pairs 150 \
+    "nvlink_persistent_kernel and (many_batches or seed or row_tiles_wgmma_tma)" "rb=1,2;tt=1,2"
 fi
 if [ "$PART" = e ]; then
   timeout -k 10 ${E_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \

@@ -43,6 +43,10 @@ SEND_BLOCK_CHOICES = (0, 8, 16, 32, 64)
 #: (``router_batches``): 2 fills the m16 tile with two 8-token batches and reads the gate
 #: weights once per 16 tokens (where one pass of the tensor-core logits takes every expert).
 ROUTER_BATCH_CHOICES = (1, 2)
+#: Row tiles per routed row task fed by TMA (``task_tiles``): 2 runs two consecutive row
+#: tiles of an (expert, n-tile) through one mbarrier ring, the second's first loads in
+#: flight during the first's epilogue, and halves the task fetches.
+TASK_TILE_CHOICES = (1, 2)
 
 
 def check_ws_tma(cfg: KernelConfig, limits: DeviceLimits, name: str) -> None:
@@ -98,6 +102,18 @@ def persistent_takes(tile: GemmTile) -> bool:
     if tile.warps_m * tile.warps_n != PERSISTENT_THREADS // 32:
         return False
     return tile.mma in ("ws", "sync") or (tile.mma == "wgmma" and tile.bm == 128)
+
+def check_task_tiles(cfg: KernelConfig, name: str) -> None:
+    """Several row tiles per task: only the TMA row tasks (``ws_tma`` on wgmma tiles) carry
+    their ring from one row tile on to the next."""
+    v = cfg.task_tiles
+    if v not in TASK_TILE_CHOICES:
+        raise ConfigError("task_tiles", v, f"choose one of {list(TASK_TILE_CHOICES)}", name)
+    if not (cfg.transport == "nvlink" and cfg.ws_tma and cfg.gate_up.mma == "wgmma"):
+        raise ConfigError("task_tiles", v, "only the persistent kernel's TMA row tasks "
+                          "(transport 'nvlink', wgmma tiles, ws_tma) take several row "
+                          "tiles per task: use 1", name)
+
 
 def check_persistent(cfg: KernelConfig, name: str) -> None:
     """Transport "nvlink" runs one persistent kernel whose blocks serve every phase."""

@@ -321,7 +321,9 @@ def test_the_template_passes_the_mirrored_arguments():
             "e * HIDDEN);",
             "const SplitTile st = split_tile(state, a, gate_up, n);",
             # per source: the dense lists, row tasks, completions
-            "return rows <= 0 ? 0 : GU_ROWS ? (rows + GU_BM - 1) / GU_BM : GU_S;",
+            "const int tiles = (rows + GU_BM - 1) / GU_BM; return rows <= 0 ? 0 : GU_ROWS ? "
+            "(tiles + TASK_TILES - 1) / TASK_TILES : GU_S;",
+            "constexpr int TASK_TILES = 1;",  # mma.sync row tasks: one row tile each
             "return GU_ROWS ? tiles * ((rows + GU_BM - 1) / GU_BM) : tiles;",
             "for (int e = 0; e < el; ++e) { gu_first[q][e] = i; i += NGU * gu_parts(min("
             "my_counts[s * el + e], capacity)); }",

@@ -154,6 +154,7 @@ CONFIG_CHANGES = {
     "gather_experts": True,
     "send_blocks": 16,
     "router_batches": 2,
+    "task_tiles": 2,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -682,6 +683,22 @@ def test_send_blocks_needs_peers_and_per_source_tasks():
         with pytest.raises(ConfigError, match=text) as e:
             cfg.validate(q, "sm_90")
         assert e.value.field == "send_blocks"
+
+
+def test_task_tiles_only_for_tma_row_tasks():
+    """task_tiles 2: two row tiles per task through one ring, only for the TMA row tasks."""
+    p = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
+    base = KernelConfig.persistent_default(p, "sm_90")
+    cfg = replace(base, task_tiles=2)
+    cfg.validate(p, "sm_90")
+    assert cfg.name.endswith("__tt2") and KernelConfig.from_name(cfg.name) == cfg
+    for bad, text in ((replace(base, task_tiles=3), "choose one of"),
+                      (replace(base, task_tiles=2, ws_tma=False), "only the persistent"),
+                      (replace(KernelConfig.default(p, "sm_90"), task_tiles=2),
+                       "only the persistent")):
+        with pytest.raises(ConfigError, match=text) as e:
+            bad.validate(p, "sm_90")
+        assert e.value.field == "task_tiles"
 
 
 def test_persistent_default_picks_tiles_by_rows_per_expert():

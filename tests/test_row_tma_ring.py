@@ -3,7 +3,9 @@ model-checked on the CPU over random interleavings of the 8 warps and the TMA co
 0 (warp 0's lane 0) fills STAGES - 1 k-tiles ahead and refills a stage once its empty
 barrier says all 8 warps retired the wgmma group that read it; each warp waits a stage's
 full barrier, issues its group, retires the previous one (wgmma_wait<1>) and arrives on that
-stage's empty barrier. Barriers are initialised per task. Checked: no deadlock, no stage
+stage's empty barrier; with several row tiles per task (task_tiles) the ring runs on from
+one row tile into the next, each tile's last group retired and its stage released at its
+epilogue. Barriers are initialised per task. Checked: no deadlock, no stage
 refilled while a warp's unretired group reads it, no stage read before its k-tile landed;
 and the model fails when the refill skips the empty wait."""
 
@@ -23,8 +25,10 @@ def passed(done: int, parity: int) -> bool:
     return (done - 1) % 2 == parity if done > 0 else parity == 1
 
 
-def run_task(stages: int, kt_total: int, rng: random.Random,
-             skip_empty_wait: bool = False) -> None:
+def run_task(stages: int, kt: int, rng: random.Random, skip_empty_wait: bool = False,
+             m_tiles: int = 1) -> None:
+    """One task: ``m_tiles`` row tiles of ``kt`` k-tiles each through one ring."""
+    kt_per_tile, kt_total = kt, kt * m_tiles
     full_done, empty_done, arrivals = [0] * stages, [0] * stages, [0] * stages
     landed: list[int | None] = [None] * stages  # the k-tile whose bytes are in a stage
     inflight: list[tuple[int, int]] = []        # TMA copies issued, not landed: (stage, f)
@@ -66,7 +70,7 @@ def run_task(stages: int, kt_total: int, rng: random.Random,
                     continue
                 assert landed[s] == kt, f"warp {a} reads stage {s} before k-tile {kt}"
                 readers[s].add(a)  # the group of k-tile kt, in flight
-                if kt > 0:  # wgmma_wait<1>: k-tile kt - 1's group retired; arrive
+                if kt % kt_per_tile:  # wgmma_wait<1>: k-tile kt - 1's group retired; arrive
                     p = (kt - 1) % stages
                     readers[p].discard(a)
                     arrivals[p] += 1
@@ -84,37 +88,42 @@ def run_task(stages: int, kt_total: int, rng: random.Random,
                 w["at"] = "next"
                 moved = True
             else:  # "next"
+                if kt % kt_per_tile == kt_per_tile - 1:  # the row tile's epilogue:
+                    readers[s].discard(a)  # wgmma_wait<0>, then the stage released
+                    if kt + 1 < kt_total:
+                        arrivals[s] += 1
+                        if arrivals[s] == WARPS:
+                            arrivals[s], empty_done[s] = 0, empty_done[s] + 1
                 w["kt"] += 1
-                if w["kt"] == kt_total:  # wgmma_wait<0>, the epilogue, the block barrier
-                    readers[s].discard(a)
-                    w["at"] = "done"
-                else:
-                    w["at"] = "wait_full"
+                w["at"] = "done" if w["kt"] == kt_total else "wait_full"
                 moved = True
         assert moved, "deadlock: nobody can move"
 
 
-def run(stages: int, tasks: list[int], seed: int, skip_empty_wait: bool = False) -> None:
+def run(stages: int, tasks: list[int], seed: int, skip_empty_wait: bool = False,
+        m_tiles: int = 1) -> None:
     """Tasks one after another (barriers re-initialised: the block barrier at a task's end
     orders it after every warp's last group)."""
     rng = random.Random(seed)
-    for kt_total in tasks:
-        run_task(stages, kt_total, rng, skip_empty_wait)
+    for kt in tasks:
+        run_task(stages, kt, rng, skip_empty_wait, m_tiles)
 
 
+@pytest.mark.parametrize("m_tiles", [1, 2, 3])
 @pytest.mark.parametrize("stages", [2, 3, 4, 6])
 @pytest.mark.parametrize("seed", range(8))
-def test_ring_never_deadlocks_or_races(stages, seed):
+def test_ring_never_deadlocks_or_races(stages, seed, m_tiles):
     rng = random.Random(100 * stages + seed)
     tasks = [rng.choice([1, 2, 3, 5, 8, 32]) for _ in range(rng.randint(1, 4))]
-    run(stages, tasks, seed)
+    run(stages, tasks, seed, m_tiles=m_tiles)
 
 
-def test_the_model_catches_a_refill_without_the_empty_wait():
+@pytest.mark.parametrize("m_tiles", [1, 2])
+def test_the_model_catches_a_refill_without_the_empty_wait(m_tiles):
     failures = 0
     for seed in range(100):
         try:
-            run(3, [16], seed, skip_empty_wait=True)
+            run(3, [16], seed, skip_empty_wait=True, m_tiles=m_tiles)
         except AssertionError:
             failures += 1
     assert failures > 0
@@ -130,11 +139,14 @@ def test_the_template_spells_the_modelled_waits():
     code = " ".join(render(p, KernelConfig.persistent_default(p, "sm_90")).code.split())
     for line in (
             "if (f >= STAGES) mbar_wait(smem_u32(&empty[s]), (f / STAGES - 1) & 1);",
-            "for (int f = 0; f < STAGES - 1 && f < KT; ++f) fill(f);",
+            "for (int f = 0; f < STAGES - 1 && f < KK; ++f) fill(f);",
             "mbar_wait(smem_u32(&full[stage]), (kt / STAGES) & 1);",
-            "wgmma_wait<1>(); // this warp's group of tile kt - 1 retired: its stage may be "
-            "refilled if (kt > 0 && (threadIdx.x & 31) == 0) mbar_arrive(smem_u32(&empty[(kt "
-            "- 1) % STAGES]));",
-            "if (threadIdx.x == 0 && kt + STAGES - 1 < KT) fill(kt + STAGES - 1);",
+            "const int kt = i * KT + k, stage = kt % STAGES;",
+            "if (k > 0 && (threadIdx.x & 31) == 0) mbar_arrive(smem_u32(&empty[(kt - 1) % "
+            "STAGES]));",
+            "if (threadIdx.x == 0 && kt + STAGES - 1 < KK) fill(kt + STAGES - 1);",
+            "wgmma_wait<0>(); if (i + 1 < m_tiles) { // the ring runs on into the next row "
+            "tile: release this stage if ((threadIdx.x & 31) == 0) mbar_arrive(smem_u32(&empty"
+            "[((i + 1) * KT - 1) % STAGES])); }",
             "mbar_init(smem_u32(&empty[s]), WARPS);"):
         assert line in code, line

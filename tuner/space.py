@@ -26,6 +26,7 @@ from flashmoe_gen.config import (
     ROUTER_BATCH_CHOICES,
     ROUTER_CHOICES,
     SEND_BLOCK_CHOICES,
+    TASK_TILE_CHOICES,
     TRANSPORT_CHOICES,
     KernelConfig,
 )
@@ -102,6 +103,7 @@ FULL = {
     "ws_tma": (False,),  # its TMA weight loads: likewise
     "senders": (0,),  # its blocks that send the peers' rows: likewise
     "router_batches": (1,),  # its router's token batches per tensor-core tile: likewise
+    "task_tiles": (1,),  # its TMA row tasks' row tiles per task: likewise
     # SMs the tma kernel leaves to NCCL (nccl transport with a tma tile; else forced to 0)
     "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
     # this rank's tokens split around the fused launch (fused nccl sources, not _ws)
@@ -124,7 +126,7 @@ SMALL = {
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
     "ws_tma": (False,), "own_split": (False,), "own_stream": (False,), "gather": (False,),
-    "senders": (0,), "router_batches": (1,),
+    "senders": (0,), "router_batches": (1,), "task_tiles": (1,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -149,7 +151,7 @@ NVLINK_FORCED = {knob: PERSISTENT_SCHEDULE[f] for knob, f in (
 NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "ksplit_dn": K_SPLIT_CHOICES, "dispatch": DISPATCH_BLOCK_CHOICES,
                 "ws_tma": (False, True), "senders": SEND_BLOCK_CHOICES,
-                "router_batches": ROUTER_BATCH_CHOICES}
+                "router_batches": ROUTER_BATCH_CHOICES, "task_tiles": TASK_TILE_CHOICES}
 #: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
 SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
 
@@ -205,6 +207,9 @@ def _without_moot(params: dict) -> dict:
         out["senders"] = 0
     if "router_batches" in out and out.get("transport") != "nvlink":
         out["router_batches"] = 1  # only the persistent kernel's router takes pairs
+    if "task_tiles" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "wgmma"
+                                    and out.get("transport") == "nvlink"):
+        out["task_tiles"] = 1  # only the TMA row tasks carry their ring across row tiles
     if "own_split" in out and not _own_split_apply(out):
         out["own_split"] = False
     if "own_stream" in out and not out.get("own_split", False):
@@ -325,7 +330,8 @@ class SearchSpace:
                             own_stream=params.get("own_stream", False),
                             gather_experts=params.get("gather", False),
                             send_blocks=params.get("senders", 0),
-                            router_batches=params.get("router_batches", 1))
+                            router_batches=params.get("router_batches", 1),
+                            task_tiles=params.get("task_tiles", 1))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -350,7 +356,8 @@ class SearchSpace:
                     "dispatch": cfg.dispatch_blocks, "comm_sms": cfg.comm_sms,
                     "ws_tma": cfg.ws_tma, "own_split": cfg.own_split,
                     "own_stream": cfg.own_stream, "gather": cfg.gather_experts,
-                    "senders": cfg.send_blocks, "router_batches": cfg.router_batches}
+                    "senders": cfg.send_blocks, "router_batches": cfg.router_batches,
+                    "task_tiles": cfg.task_tiles}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
