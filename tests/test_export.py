@@ -237,10 +237,11 @@ def test_nvcc_compiles_nvlink_ws_tma_harness(tmp_path, shared):
 def test_nvcc_compiles_nvlink_tma_row_tiles_harness(tmp_path):
     """ws_tma on wgmma row tiles: the six weight maps, then the heap's rows (of H, in boxes
     of the gate/up tile's rows) and act's (of I, the down tile's), as
-    flashmoe_gen.persistent.tile_maps encodes them for the runtime."""
+    flashmoe_gen.persistent.tile_maps encodes them for the runtime; with senders and two
+    row tiles per task, which the exported kernel compiles in as well."""
     wg = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
-    cfg = KernelConfig(wg, dataclasses.replace(wg, bn=256, stages=3), router_tokens_per_block=8,
-                       transport="nvlink", ws_tma=True)
+    cfg = KernelConfig(wg, dataclasses.replace(wg, bn=256), router_tokens_per_block=8,
+                       transport="nvlink", ws_tma=True, send_blocks=8, task_tiles=2)
     p = CAPPED.replace(world_size=2, tokens_per_rank=512)
     text = _compile_harness(tmp_path, cfg, p)
     got = re.findall(r"tma_encode_rows\(&maps\[(\d)\], ([^,]+), (\d+)ull, (\d+), (\d+)\)",
@@ -253,6 +254,7 @@ def test_nvcc_compiles_nvlink_tma_row_tiles_harness(tmp_path):
                         "128")
     assert act[1:] == ("L->pact", str(2 * p.local_experts * cap), str(p.intermediate), "128")
     assert [g[4] for g in got[:3]] == ["128", "128", "256"]  # the weights' boxes: BN rows
+    assert "constexpr int SEND_BLOCKS = 8;" in text and "constexpr int TASK_TILES = 2;" in text
 
 
 def _compile_harness(tmp_path, cfg: KernelConfig, problem: MoEProblem = CAPPED) -> str:
