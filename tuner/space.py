@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flashmoe_gen.arch import DeviceLimits, limits_for
 from flashmoe_gen.config import (
@@ -219,6 +219,10 @@ def _without_moot(params: dict) -> dict:
         out["gather"] = False
     return out
 
+#: The persistent kernel's knobs that landed off by default until a GPU run measures them:
+#: a tune with transport nvlink tries the persistent default with each of them early, right
+#: after the default itself (where valid for the problem).
+PENDING_NVLINK_KNOBS = {"router_batches": 2, "task_tiles": 2}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
 KNOWN_GOOD = (
@@ -459,9 +463,18 @@ class SearchSpace:
         names = list(KNOWN_GOOD)
         if "nvlink" in self.choices["transport"]:
             try:  # the persistent kernel's default, measured early like the nccl one
-                names.insert(0, KernelConfig.persistent_default(self.problem, arch).name)
+                pd = KernelConfig.persistent_default(self.problem, arch)
             except ConfigError:
-                pass
+                pd = None
+            if pd is not None:
+                pending = []
+                for f, v in PENDING_NVLINK_KNOBS.items():  # then its not-yet-default knobs
+                    try:
+                        (var := replace(pd, **{f: v})).validate(self.problem, arch)
+                        pending.append(var.name)
+                    except ConfigError:
+                        pass
+                names[:0] = [pd.name, *pending]
         for name in names:
             cfg = KernelConfig.from_name(name)
             if cfg not in out and self.contains(cfg) and \
