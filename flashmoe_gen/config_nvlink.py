@@ -49,52 +49,6 @@ ROUTER_BATCH_CHOICES = (1, 2)
 TASK_TILE_CHOICES = (1, 2)
 
 
-def check_ws_tma(cfg: KernelConfig, limits: DeviceLimits, name: str) -> None:
-    """The persistent kernel's tiles loaded by TMA boxes: a weight-streaming tile's
-    weights, a wgmma row task's rows and weights (the 128-byte swizzle is load_tile's
-    layout at BK 64)."""
-    kinds = {cfg.gate_up.mma, cfg.down.mma}
-    if cfg.transport != "nvlink" or kinds not in ({"ws"}, {"wgmma"}):
-        raise ConfigError("ws_tma", True, "TMA loads are for transport 'nvlink' with "
-                          "weight-streaming tiles (_ws on both GEMMs) or wgmma row tiles "
-                          "(_wg on both)", name)
-    if cfg.gate_up.bk != 64 or cfg.down.bk != 64:
-        raise ConfigError("ws_tma", True, "TMA loads take BK 64 (one 128-byte "
-                          "swizzle atom per row): use bk64 tiles", name)
-    if limits.major_minor != (9, 0):
-        raise ConfigError("ws_tma", True, f"TMA needs sm_90 (Hopper), target is "
-                          f"{limits.arch}", name)
-
-def check_send_blocks(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
-    """A subset of the persistent kernel's blocks sends the peers' rows while the
-    others start this rank's own tasks."""
-    v = cfg.send_blocks
-    if v not in SEND_BLOCK_CHOICES:
-        raise ConfigError("send_blocks", v, f"choose one of {list(SEND_BLOCK_CHOICES)} "
-                          "(0: every block sends, then a grid barrier)", name)
-    why = ("only transport 'nvlink' stores rows into peers' heaps"
-           if cfg.transport != "nvlink" else
-           "one rank has no peers to send to" if problem.world_size == 1 else
-           "fused tasks wait for every source's rows, so nothing starts early"
-           if cfg.fuse_sources else "")
-    if why:
-        raise ConfigError("send_blocks", v, why + ": use 0", name)
-
-def check_router_batches(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
-    """Two token batches per tensor-core logit tile in the persistent kernel's router."""
-    from .render import router_pairs_fit  # render imports config
-
-    v = cfg.router_batches
-    if v not in ROUTER_BATCH_CHOICES:
-        raise ConfigError("router_batches", v, f"choose one of "
-                          f"{list(ROUTER_BATCH_CHOICES)}", name)
-    why = ("only transport 'nvlink' has a router phase" if cfg.transport != "nvlink"
-           else "" if router_pairs_fit(problem, cfg.router_tokens_per_block) else
-           f"the router's tensor cores take {problem.experts} experts in one pass only "
-           f"for 32 or 64 experts (and a hidden size a multiple of 16)")
-    if why:
-        raise ConfigError("router_batches", v, why + ": use 1", name)
-
 def persistent_takes(tile: GemmTile) -> bool:
     """Whether transport "nvlink"'s persistent kernel can compute with ``tile``: its
     block's warps as weight-streaming or mma.sync warps, or as two warpgroups of a
@@ -102,17 +56,6 @@ def persistent_takes(tile: GemmTile) -> bool:
     if tile.warps_m * tile.warps_n != PERSISTENT_THREADS // 32:
         return False
     return tile.mma in ("ws", "sync") or (tile.mma == "wgmma" and tile.bm == 128)
-
-def check_task_tiles(cfg: KernelConfig, name: str) -> None:
-    """Several row tiles per task: only the TMA row tasks (``ws_tma`` on wgmma tiles) carry
-    their ring from one row tile on to the next."""
-    v = cfg.task_tiles
-    if v not in TASK_TILE_CHOICES:
-        raise ConfigError("task_tiles", v, f"choose one of {list(TASK_TILE_CHOICES)}", name)
-    if not (cfg.transport == "nvlink" and cfg.ws_tma and cfg.gate_up.mma == "wgmma"):
-        raise ConfigError("task_tiles", v, "only the persistent kernel's TMA row tasks "
-                          "(transport 'nvlink', wgmma tiles, ws_tma) take several row "
-                          "tiles per task: use 1", name)
 
 
 def check_persistent(cfg: KernelConfig, name: str) -> None:
@@ -137,3 +80,63 @@ def check_persistent(cfg: KernelConfig, name: str) -> None:
         raise ConfigError("fuse_sources", True, "transport 'nvlink' fuses sources with "
                           "weight-streaming tiles only (_ws on both GEMMs)", name)
 
+
+def check_ws_tma(cfg: KernelConfig, limits: DeviceLimits, name: str) -> None:
+    """The persistent kernel's tiles loaded by TMA boxes: a weight-streaming tile's
+    weights, a wgmma row task's rows and weights (the 128-byte swizzle is load_tile's
+    layout at BK 64)."""
+    kinds = {cfg.gate_up.mma, cfg.down.mma}
+    if cfg.transport != "nvlink" or kinds not in ({"ws"}, {"wgmma"}):
+        raise ConfigError("ws_tma", True, "TMA loads are for transport 'nvlink' with "
+                          "weight-streaming tiles (_ws on both GEMMs) or wgmma row tiles "
+                          "(_wg on both)", name)
+    if cfg.gate_up.bk != 64 or cfg.down.bk != 64:
+        raise ConfigError("ws_tma", True, "TMA loads take BK 64 (one 128-byte "
+                          "swizzle atom per row): use bk64 tiles", name)
+    if limits.major_minor != (9, 0):
+        raise ConfigError("ws_tma", True, f"TMA needs sm_90 (Hopper), target is "
+                          f"{limits.arch}", name)
+
+
+def check_send_blocks(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
+    """A subset of the persistent kernel's blocks sends the peers' rows while the
+    others start this rank's own tasks."""
+    v = cfg.send_blocks
+    if v not in SEND_BLOCK_CHOICES:
+        raise ConfigError("send_blocks", v, f"choose one of {list(SEND_BLOCK_CHOICES)} "
+                          "(0: every block sends, then a grid barrier)", name)
+    why = ("only transport 'nvlink' stores rows into peers' heaps"
+           if cfg.transport != "nvlink" else
+           "one rank has no peers to send to" if problem.world_size == 1 else
+           "fused tasks wait for every source's rows, so nothing starts early"
+           if cfg.fuse_sources else "")
+    if why:
+        raise ConfigError("send_blocks", v, why + ": use 0", name)
+
+
+def check_router_batches(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
+    """Two token batches per tensor-core logit tile in the persistent kernel's router."""
+    from .render import router_pairs_fit  # render imports config
+
+    v = cfg.router_batches
+    if v not in ROUTER_BATCH_CHOICES:
+        raise ConfigError("router_batches", v, f"choose one of "
+                          f"{list(ROUTER_BATCH_CHOICES)}", name)
+    why = ("only transport 'nvlink' has a router phase" if cfg.transport != "nvlink"
+           else "" if router_pairs_fit(problem, cfg.router_tokens_per_block) else
+           f"the router's tensor cores take {problem.experts} experts in one pass only "
+           f"for 32 or 64 experts (and a hidden size a multiple of 16)")
+    if why:
+        raise ConfigError("router_batches", v, why + ": use 1", name)
+
+
+def check_task_tiles(cfg: KernelConfig, name: str) -> None:
+    """Several row tiles per task: only the TMA row tasks (``ws_tma`` on wgmma tiles) carry
+    their ring from one row tile on to the next."""
+    v = cfg.task_tiles
+    if v not in TASK_TILE_CHOICES:
+        raise ConfigError("task_tiles", v, f"choose one of {list(TASK_TILE_CHOICES)}", name)
+    if not (cfg.transport == "nvlink" and cfg.ws_tma and cfg.gate_up.mma == "wgmma"):
+        raise ConfigError("task_tiles", v, "only the persistent kernel's TMA row tasks "
+                          "(transport 'nvlink', wgmma tiles, ws_tma) take several row "
+                          "tiles per task: use 1", name)

@@ -292,7 +292,6 @@ class PersistentForward:
         # kHz -> cycles; CUDA 13 may not report the clock: 2 GHz bounds every current part.
         clock_khz = cupy.cuda.Device().attributes.get("ClockRate", 2_000_000)
         self.spin_limit = int(timeout * clock_khz * 1e3)
-        self.clock_khz = clock_khz
         self.wmaps = tile_maps(layer, {"heap": self.heap.base, "act": self.act.data.ptr},
                                capacity) if cfg.ws_tma else None
 

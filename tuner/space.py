@@ -194,8 +194,8 @@ def _splits_apply(params: dict) -> bool:
 
 def _without_moot(params: dict) -> dict:
     """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
-    own_split/own_stream, gather) at their neutral values, where present (an absent one
-    reads as that value anyway)."""
+    senders, router batches, task tiles, own_split/own_stream, gather) at their neutral
+    values, where present (an absent one reads as that value anyway)."""
     out = dict(params)
     if not _splits_apply(out):
         out |= {k: 1 for k in SPLIT_KNOBS if k in out}
@@ -207,9 +207,9 @@ def _without_moot(params: dict) -> dict:
         out["senders"] = 0
     if "router_batches" in out and out.get("transport") != "nvlink":
         out["router_batches"] = 1  # only the persistent kernel's router takes pairs
-    if "task_tiles" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "wgmma"
-                                    and out.get("transport") == "nvlink"):
-        out["task_tiles"] = 1  # only the TMA row tasks carry their ring across row tiles
+    if "task_tiles" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "wgmma"):
+        out["task_tiles"] = 1  # only the TMA row tasks (ws_tma, kept above only where it
+        # applies: nvlink) carry their ring across row tiles
     if "own_split" in out and not _own_split_apply(out):
         out["own_split"] = False
     if "own_stream" in out and not out.get("own_split", False):
