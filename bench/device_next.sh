@@ -44,11 +44,16 @@
 #      ring), both off by default until measured: the 4-rank nvlink cases that use them
 #      (the persistent default at DeepSeek-V2-Lite T=2200 with rb2; TMA rows with tt2) and
 #      E=64 T=4096/16384 over rb = 1, 2 x tt = 1, 2 beside PyTorch EP (~420 s)
+#   f: the 4-rank nvlink tests the 200 s cut of part d left (b017160), then H=I=2048 E=64 at
+#      T=1024/2048 on 4 ranks and T=1024 on 2 (issue 16's >= 3x PyTorch EP, and weak
+#      scaling: 2 ranks pick fused weight-streaming, 4 ranks mma.sync rows per source): the
+#      default with router_batches 1/2 beside fused weight-streaming (64-token tiles, with and
+#      without TMA weights) and TMA wgmma rows per source (~480 s)
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|k|n|p|r   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|f|k|n|p|r   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -160,6 +165,24 @@ fi
 if [ "$PART" = b ]; then
   SWEEP_TIMEOUT=260 tests_and_e64_sweep pairs 150 \
     "nvlink_persistent_kernel and (many_batches or seed or row_tiles_wgmma_tma)" "rb=1,2;tt=1,2"
+fi
+if [ "$PART" = f ]; then
+  multigpu_k 4 "${TEST_TIMEOUT:-260}" rest "nvlink_persistent_kernel and (fused or \
+dsv2lite_wgmma_tma_graph or send_blocks) or nvlink_direct"
+  WS64=gu_bm64_bn128_bk64_w8x1_s4_ws__dn_bm64_bn128_bk64_w8x1_s4_ws__r8__c1__cs1__ss1__fs__nvlink
+  WG=gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt
+  SYNC=gu_bm64_bn128_bk64_w2x4_s4__dn_bm128_bn128_bk64_w2x4_s4__r8__c1__cs1__ss1__nvlink
+  for np_t in "4 1024,2048" "2 1024"; do
+    set -- $np_t
+    timeout -k 10 "${SWEEP_TIMEOUT:-170}" $MPI -np $1 python3 bench/nvlink_sweep.py --torch \
+      --commit "$COMMIT" --problems e64 --tokens $2 --vary "rb=1,2" --iters 20 \
+      --config $SYNC --config ${SYNC}__rb2 --config $WS64 --config ${WS64}__wt --config ${WS64}__wt__rb2 \
+      --config ${WG}__sb32__rb2 --out "$O/sweep_small_p$1.md" --json "$O/sweep_small_p$1.json" \
+      > "$O/sweep_small_p$1.log" 2>&1
+    echo "sweep $1 ranks rc=$?"
+  done
+  bundle
+  grep -hE "^\| e64|^- e64" "$O"/sweep_small_p*.md | cut -c1-200
 fi
 if [ "$PART" = e ]; then
   timeout -k 10 ${E_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \

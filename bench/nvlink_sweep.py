@@ -11,7 +11,9 @@ stages as ``s``), ``b`` (blocks per SM), ``d`` (dispatch blocks), ``wt`` (TMA lo
 ``sb`` (blocks that send the peers' rows), ``rb`` (router batches per logit tile), ``tt``
 (row tiles per TMA row task), ``ks`` (K splits, ``GxD``), values
 comma-separated;
-every combination is timed (configs the build refuses are reported, not fatal).
+every combination is timed (configs the build refuses are reported, not fatal). ``--config``
+adds named configs (repeatable; a name per shape as ``shape:name``, else every shape) after
+the variants, to compare other tiles or fused sources with the default in one run.
 """
 
 from __future__ import annotations
@@ -141,7 +143,10 @@ def run(a) -> list[dict]:
             base = torch_ep(nccl, x, comm, a) if a.torch else {}
             del nccl
             release()
-            for cfg in variants(KernelConfig.persistent_default(p), a.vary):
+            named = [KernelConfig.parse(n.partition(":")[2] or n) for n in a.config
+                     if ":" not in n or n.partition(":")[0] == key]
+            for cfg in list(dict.fromkeys(
+                    [*variants(KernelConfig.persistent_default(p), a.vary), *named])):
                 row = dict(shape=key, tokens=t, card=card, gpus=comm.world_size,
                            commit=a.commit, date=str(datetime.date.today())) | base
                 row |= measure(p, cfg, x, ref, dw, comm, a)
@@ -186,6 +191,8 @@ def main() -> int:
     ap.add_argument("--problems", type=lambda s: s.split(","), default=["seed"])
     ap.add_argument("--tokens", type=int_list, default=[1, 8])
     ap.add_argument("--vary", default="", help='e.g. "dn_s=4,8;gu_s=4,6"')
+    ap.add_argument("--config", action="append", default=[], metavar="[SHAPE:]NAME",
+                    help="also time this transport 'nvlink' config (repeatable)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--torch", action="store_true",
                     help="time PyTorch EP (the faster baseline) per shape and T, same run")
