@@ -49,11 +49,15 @@
 #      scaling: 2 ranks pick fused weight-streaming, 4 ranks mma.sync rows per source): the
 #      default with router_batches 1/2 beside fused weight-streaming (64-token tiles, with and
 #      without TMA weights) and TMA wgmma rows per source (~480 s)
+#   g: the persistent defaults part f chose (fused 64-token weight-streaming with TMA weights
+#      up to 128 rows per expert, wgmma rows from 64 per source, router pairs from 2048
+#      tokens): their 4-rank cases, then weak scaling 2 -> 4 ranks at E=64 T=1024/16384
+#      (~300 s)
 #   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|f|k|n|p|r   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|f|g|k|n|p|r   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -183,6 +187,15 @@ dsv2lite_wgmma_tma_graph or send_blocks) or nvlink_direct"
   done
   bundle
   grep -hE "^\| e64|^- e64" "$O"/sweep_small_p*.md | cut -c1-200
+fi
+if [ "$PART" = g ]; then
+  multigpu_k 4 "${TEST_TIMEOUT:-170}" defaults \
+    "nvlink_persistent_kernel and (dsv2lite_default_fused or dsv2lite_default_many_batches)"
+  weak_scaling "$COMMIT" 80
+  rm -f "$O"/*.png; cp "$O/scaling.json" "$O/scaling_json.txt" 2>/dev/null; bundle
+  python3 -c "import json; [print(r['gpus'], r['tokens_per_gpu'], 'floor', r['floor_ms'], \
+'torch', r['torch_ep_ms'], 'nvlink', r.get('ours_nvlink_ms'), r.get('speedup_nvlink'), \
+r.get('config_nvlink')) for r in json.load(open('$O/scaling_json.txt'))]"
 fi
 if [ "$PART" = e ]; then
   timeout -k 10 ${E_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \

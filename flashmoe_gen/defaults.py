@@ -35,11 +35,31 @@ DEEP_RING_MIN_BYTES = 1 << 30
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
 #: The persistent default takes 128-row wgmma row tiles on Hopper when an expert averages
-#: at least this many rows per source (one whole tile): H=I=2048 E=64 on 4 x H200 at
-#: T=4096 (128 rows) 2.10 -> 1.49 ms, T=16384 4.63 -> 3.44 ms over the mma.sync row tiles
-#: (bench/results/2026-11-27_scaling_wgmma_rows_4xH200_adbc4c8.md). Below, most of a
-#: 128-row tile would be padding; the mma.sync tiles keep 64 rows.
-WGMMA_PERSISTENT_MIN_ROWS = 128
+#: at least this many rows per source: H=I=2048 E=64 on 4 x H200 at T=4096 (128 rows) 2.10
+#: -> 1.49 ms, T=16384 4.63 -> 3.44 ms over the mma.sync row tiles
+#: (bench/results/2026-11-27_scaling_wgmma_rows_4xH200_adbc4c8.md); at T=2048 (64 rows, the
+#: tile half padding, TMA rows) 0.774 -> 0.524 ms (fused weight-streaming 0.669;
+#: bench/results/2026-11-27_sweep_small_batches_4xH200_ba92653.md). Below, the mma.sync
+#: tiles keep 64 rows.
+WGMMA_PERSISTENT_MIN_ROWS = 64
+#: On several ranks the persistent default fuses every source's rows into weight-streaming
+#: tasks up to this many rows per expert, past the NCCL path's ``WS_MAX_ROWS_FUSED``: its
+#: tasks need no launch per source. H=I=2048 E=64, same runs: 4 x H200 T=1024 (128 rows,
+#: 32 per source) 0.592 ms with mma.sync rows per source -> 0.409 fused (wgmma rows per
+#: source 0.501); 2 x H200 T=1024 (64 rows) fused 0.452 vs wgmma rows 0.496. Not measured
+#: on 2 ranks between 64 and 128 rows (there a source sends 64-128 rows, wgmma's regime).
+PERSISTENT_WS_MAX_ROWS = 128
+#: ... and that 64-token weight-streaming tile takes its weights by TMA boxes (``ws_tma``, 4
+#: stages), same runs: 4 x H200 T=1024 0.409 -> 0.401 ms, T=2048 0.692 -> 0.669; 2 x H200
+#: T=1024 0.452 -> 0.451. (Narrower decode tiles keep cp.async below DEEP_RING_MIN_BYTES.)
+PERSISTENT_WS_TMA_TOKENS = 64
+#: The persistent router takes two token batches per tensor-core logit tile
+#: (``router_batches`` 2, where the experts fit one pass) from this many tokens per rank:
+#: 4 x H200, E=64, route phase / forward: T=2048 31.7 -> 21.0 us / 0.774 -> 0.749 ms,
+#: T=4096 0.747 -> 0.737 ms, T=16384 255 -> 169 us / 2.344 -> 2.233 ms; at T=1024 it lost
+#: (17 -> 20 us; bench/results/2026-11-27_sweep_router_pairs_4xH200_b017160.md and the
+#: small-batch sweep above).
+ROUTER_PAIRS_MIN_TOKENS = 2048
 #: ... with both operands of a routed row task loaded by TMA (``ws_tma``) into a ring of this
 #: many stages. 2 x H200, H=I=2048 E=64, per forward (cp.async 3 stages -> TMA 4 stages):
 #: T=4096 1.362 -> 1.036 ms, T=16384 2.971 -> 2.523 ms (cp.async 4 stages 1.229 / 2.829, TMA
@@ -185,13 +205,15 @@ def _weight_streaming(problem: MoEProblem, knobs: dict, arch: str) -> KernelConf
 
 def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
     """A transport "nvlink" config: 8-warp weight-streaming tiles with fused sources when
-    an expert averages at most ``WS_MAX_ROWS`` rows from all sources (K split where the
-    active experts' tiles are fewer than SMs: splitk.default_splits), else row tiles per
-    source: 128-row wgmma on Hopper from ``WGMMA_PERSISTENT_MIN_ROWS`` rows per source,
-    8-warp mma.sync otherwise."""
+    an expert averages at most ``PERSISTENT_WS_MAX_ROWS`` rows from all sources on several
+    ranks (``streams_weights`` on one; K split where the active experts' tiles are fewer
+    than SMs: splitk.default_splits), else row tiles per source: 128-row wgmma on Hopper
+    from ``WGMMA_PERSISTENT_MIN_ROWS`` rows per source, 8-warp mma.sync otherwise; the
+    router's batch pairs from ``ROUTER_PAIRS_MIN_TOKENS``."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
-    fused = streams_weights(problem)
+    fused = (rows <= PERSISTENT_WS_MAX_ROWS if problem.world_size > 1
+             else streams_weights(problem))
     if fused:  # every source's rows in one task: each weight byte read once
         gu = dn = GemmTile(ws_token_tile(rows, 32), 128, 64, warps, 1, 4, "ws")
     else:  # the winners' tiles of the DeepSeek-V2-Lite and Qwen3-30B-A3B preset tunes
@@ -208,26 +230,33 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
                      down=GemmTile(128, 256, 64, warps, 1, WGMMA_PERSISTENT_STAGES, "wgmma"),
                      ws_tma=True, send_blocks=DEFAULT_SEND_BLOCKS if problem.world_size > 1
                      else 0)
-        try:
-            wg.validate(problem, arch)
-            cfg = wg
-        except ConfigError:  # a dimension below the 128/256-wide tiles: mma.sync rows
-            pass
+        cfg = _if_valid(wg, cfg, problem, arch)  # a dimension below 128/256: mma.sync rows
     if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
         gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
         split = replace(cfg, gu_splits=gs, dn_splits=ds)
         if SplitK.of(problem, split).fits:
             cfg = split
+    if cfg.fuse_sources and cfg.gate_up.bm == PERSISTENT_WS_TMA_TOKENS and not cfg.ws_tma:
+        cfg = _if_valid(replace(cfg, ws_tma=True), cfg, problem, arch)
+    if problem.tokens_per_rank >= ROUTER_PAIRS_MIN_TOKENS:  # where the experts fit one pass
+        cfg = _if_valid(replace(cfg, router_batches=2), cfg, problem, arch)
     if fused and local_weight_bytes(problem) >= DEEP_RING_MIN_BYTES:
         # HBM-bound on GBs of weights: a 6-deep ring fed by TMA boxes keeps more bytes in
         # flight (DeepSeek-V3-like T=128, 4 x H200: 1.734 -> 1.658 ms, 0.609x -> 0.582x
         # PyTorch EP; bench/results/2026-11-27_sweep_dsv3_4xH200_746ceec.md)
-        deep = replace(cfg, gate_up=replace(cfg.gate_up, stages=6),
-                       down=replace(cfg.down, stages=6), ws_tma=True)
-        try:
-            deep.validate(problem, arch)
-            cfg = deep
-        except ConfigError:  # wider token tiles: the ring does not fit shared memory
-            pass
+        # (wider token tiles: the ring may not fit shared memory)
+        cfg = _if_valid(replace(cfg, gate_up=replace(cfg.gate_up, stages=6),
+                                down=replace(cfg.down, stages=6), ws_tma=True),
+                        cfg, problem, arch)
     cfg.validate(problem, arch)
+    return cfg
+
+
+def _if_valid(cfg: KernelConfig, otherwise: KernelConfig, problem: MoEProblem,
+              arch: str) -> KernelConfig:
+    """``cfg`` where the build takes it on ``problem``, else ``otherwise``."""
+    try:
+        cfg.validate(problem, arch)
+    except ConfigError:
+        return otherwise
     return cfg

@@ -12,7 +12,7 @@ import pytest
 
 from flashmoe_gen.arch import KNOWN_ARCHS, limits_for
 from flashmoe_gen.config import COMM_STREAM_CHOICES, ROUTER_CHOICES, KernelConfig
-from flashmoe_gen.defaults import WS_MAX_ROWS, local_weight_bytes, streams_weights
+from flashmoe_gen.defaults import WS_MAX_ROWS, expert_rows, local_weight_bytes, streams_weights
 from flashmoe_gen.errors import ConfigError, FlashMoEError, ProblemError
 from flashmoe_gen.problem import MoEProblem, round_up
 from flashmoe_gen.tiles import BK_CHOICES, BM_CHOICES, BN_CHOICES, WARP_CHOICES, GemmTile
@@ -715,17 +715,41 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert big.gate_up.threads == big.down.threads == 256
     # ... both operands of a routed task by TMA boxes into a 4-stage ring
     assert big.ws_tma and big.gate_up.stages == big.down.stages == 4
-    assert big.name.endswith("__nvlink__wt__sb32") and KernelConfig.from_name(big.name) == big
+    # ... and the router's batch pairs (64 experts fit one pass, thousands of tokens)
+    assert big.name.endswith("__nvlink__wt__sb32__rb2")
+    assert KernelConfig.from_name(big.name) == big
     # ... 32 blocks send the peers' rows on several ranks; one rank has none to send
     assert KernelConfig.persistent_default(big_p.replace(world_size=1), "sm_90").send_blocks == 0
-    # Ampere has no wgmma; on Hopper below WGMMA_PERSISTENT_MIN_ROWS rows per source a
-    # 128-row tile would be mostly padding: mma.sync row tiles in both
-    from flashmoe_gen.defaults import WGMMA_PERSISTENT_MIN_ROWS
-    fewer = big_p.replace(tokens_per_rank=WGMMA_PERSISTENT_MIN_ROWS * 64 // 2 - 64)
+    # Ampere has no wgmma; on Hopper below WGMMA_PERSISTENT_MIN_ROWS rows per source (and
+    # past PERSISTENT_WS_MAX_ROWS from all sources) mma.sync row tiles in both
+    from flashmoe_gen.defaults import (
+        PERSISTENT_WS_MAX_ROWS,
+        ROUTER_PAIRS_MIN_TOKENS,
+        WGMMA_PERSISTENT_MIN_ROWS,
+    )
+    fewer = big_p.replace(experts=128, tokens_per_rank=WGMMA_PERSISTENT_MIN_ROWS * 128 // 2 - 64)
+    assert expert_rows(fewer) > PERSISTENT_WS_MAX_ROWS
     for p, arch in ((big_p, "sm_80"), (fewer, "sm_90")):
         cfg = KernelConfig.persistent_default(p, arch)
         assert cfg.gate_up.mma == cfg.down.mma == "sync" and not cfg.fuse_sources
         assert cfg.gate_up.threads == cfg.down.threads == 256 and not cfg.ws_tma
+    # 64 rows per source: wgmma rows already (4 x H200 T=2048: 0.774 -> 0.524 ms)
+    at_min = big_p.replace(tokens_per_rank=WGMMA_PERSISTENT_MIN_ROWS * 64 // 2)
+    assert KernelConfig.persistent_default(at_min, "sm_90").gate_up.mma == "wgmma"
+    # Up to PERSISTENT_WS_MAX_ROWS from all sources on several ranks: every source fused
+    # into 64-token weight-streaming tasks with TMA weights; below the router's pair bound
+    # one batch per logit tile
+    small = big_p.replace(tokens_per_rank=PERSISTENT_WS_MAX_ROWS * 64 // (2 * 4))
+    assert expert_rows(small) == PERSISTENT_WS_MAX_ROWS < ROUTER_PAIRS_MIN_TOKENS
+    cfg = KernelConfig.persistent_default(small, "sm_90")
+    assert cfg.gate_up.mma == "ws" and cfg.fuse_sources and cfg.gate_up.bm == 64
+    assert cfg.ws_tma and cfg.router_batches == 1
+    # ... one rank keeps the decode rule (streams_weights) and cp.async weights
+    one = KernelConfig.persistent_default(small.replace(world_size=1), "sm_90")
+    assert not one.fuse_sources and not one.ws_tma
+    # Experts the router's tensor cores cannot take in one pass: no pairs at any T
+    mixtral = MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096)
+    assert KernelConfig.persistent_default(mixtral, "sm_90").router_batches == 1
 
 
 def test_persistent_default_deepens_the_ring_for_gigabytes_of_weights():
@@ -741,9 +765,10 @@ def test_persistent_default_deepens_the_ring_for_gigabytes_of_weights():
     # sm_80 has no TMA: the 4-stage cp.async ring
     plain = KernelConfig.persistent_default(DSV3_DECODE, "sm_80")
     assert not plain.ws_tma and plain.gate_up.stages == 4
-    # 64-row token tiles: 6 stages do not fit shared memory, so 4 stay
+    # 64-row token tiles: 6 stages do not fit shared memory, so 4 stay (TMA boxes, as
+    # every fused 64-token tile: PERSISTENT_WS_TMA_TOKENS)
     wide = KernelConfig.persistent_default(DSV3_DECODE.replace(tokens_per_rank=512), "sm_90")
-    assert wide.gate_up.bm == 64 and wide.gate_up.stages == 4 and not wide.ws_tma
+    assert wide.gate_up.bm == 64 and wide.gate_up.stages == 4 and wide.ws_tma
     # small weights (DeepSeek-V2-Lite, 277 MB per rank): unchanged
     lite = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=4, tokens_per_rank=8)
     assert local_weight_bytes(lite) < DEEP_RING_MIN_BYTES
