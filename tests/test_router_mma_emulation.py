@@ -144,7 +144,8 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
     assert not router_pairs_fit(get_preset("deepseek-v3").problem(), 8)  # 4 passes
     assert not router_pairs_fit(MoEProblem(512, 2048, 8, 2), 8)          # FMA path
     assert not router_pairs_fit(e64, 16)                                 # 16 tokens a block
-    cfg = replace(KernelConfig.persistent_default(e64), router_batches=2)
+    cfg = KernelConfig.persistent_default(e64)  # 16384 tokens: pairs by default
+    assert cfg.router_batches == 2
     cfg.validate(e64)
     assert cfg.name.endswith("__rb2") and KernelConfig.from_name(cfg.name) == cfg
     dsv3 = get_preset("deepseek-v3").problem(world_size=4, tokens_per_rank=128)
@@ -155,8 +156,7 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
                           dsv3, "in one pass only")):
         with pytest.raises(ConfigError, match=text):
             bad.validate(p)
-    assert "constexpr int R_BATCHES = 1;" in render(e64, KernelConfig.persistent_default(
-        e64)).code  # off by default until measured
+    assert "constexpr int R_BATCHES = 1;" in render(e64, replace(cfg, router_batches=1)).code
     code = render(e64, cfg).code
     assert "constexpr int R_BATCHES = 2;" in code
     assert "__shared__ float s_logit[R_BATCHES * ROUTER_WARPS * EXPERTS];" in code

@@ -485,18 +485,16 @@ def test_space_with_transport_nvlink():
         SearchSpace.for_problem(P2, "sm_90", "small", ("ib",))
 
 
-def test_nvlink_seeds_try_the_pending_knobs_early():
-    """The persistent default's knobs that are off until measured (router_batches,
-    task_tiles) are tried right after it, where the problem allows them."""
+def test_nvlink_seeds_try_the_close_knobs_flipped_early():
+    """The persistent default's knobs measured close (router_batches, task_tiles) are tried
+    flipped right after it, where the problem allows them."""
     from dataclasses import replace
-
-    from tuner.space import PENDING_NVLINK_KNOBS
 
     e64 = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
     seeds = SearchSpace.for_problem(e64, "sm_90", "full", ("nccl", "nvlink")).seeds()
     pd = KernelConfig.persistent_default(e64, "sm_90")
-    assert seeds[1:4] == [pd, *(replace(pd, **{f: v}) for f, v in
-                                PENDING_NVLINK_KNOBS.items())]
+    assert pd.router_batches == 2 and pd.task_tiles == 1  # 4096 tokens: pairs by default
+    assert seeds[1:4] == [pd, replace(pd, router_batches=1), replace(pd, task_tiles=2)]
     # fused weight-streaming decode: neither applies (no TMA rows, 256 experts)
     dsv3 = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=2, tokens_per_rank=8)
     seeds = SearchSpace.for_problem(dsv3, "sm_90", "full", ("nccl", "nvlink")).seeds()

@@ -219,10 +219,12 @@ def _without_moot(params: dict) -> dict:
         out["gather"] = False
     return out
 
-#: The persistent kernel's knobs that landed off by default until a GPU run measures them:
-#: a tune with transport nvlink tries the persistent default with each of them early, right
-#: after the default itself (where valid for the problem).
-PENDING_NVLINK_KNOBS = {"router_batches": 2, "task_tiles": 2}
+#: The persistent kernel's two-valued knobs whose measured effect is a few percent either
+#: way and turns with the problem (4 x H200, E=64: router pairs won from T=2048 and lost at
+#: 1024; two row tiles per task lost 1-16% at T=4096/16384, unmeasured elsewhere): a tune
+#: with transport nvlink tries the persistent default with each flipped early, right after
+#: the default itself (where valid for the problem).
+NVLINK_SEED_FLIPS = {"router_batches": (1, 2), "task_tiles": (1, 2)}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
 KNOWN_GOOD = (
@@ -467,14 +469,15 @@ class SearchSpace:
             except ConfigError:
                 pd = None
             if pd is not None:
-                pending = []
-                for f, v in PENDING_NVLINK_KNOBS.items():  # then its not-yet-default knobs
+                flips = []
+                for f, (a, b) in NVLINK_SEED_FLIPS.items():  # then its close neighbours
                     try:
-                        (var := replace(pd, **{f: v})).validate(self.problem, arch)
-                        pending.append(var.name)
+                        var = replace(pd, **{f: b if getattr(pd, f) == a else a})
+                        var.validate(self.problem, arch)
+                        flips.append(var.name)
                     except ConfigError:
                         pass
-                names[:0] = [pd.name, *pending]
+                names[:0] = [pd.name, *flips]
         for name in names:
             cfg = KernelConfig.from_name(name)
             if cfg not in out and self.contains(cfg) and \
