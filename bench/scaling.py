@@ -167,14 +167,22 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
             if any(r.get("ours_graph_ms") for r in sel):
                 axes[0].plot(ts, [r.get("ours_graph_ms") for r in sel], "s:", color=c,
                              label=f"ours graph E={e}")
+            if any(r.get("ours_nvlink_ms") for r in sel):  # --nvlink: the persistent kernel
+                axes[0].plot(ts, [r.get("ours_nvlink_ms") for r in sel], "D-", color=c,
+                             lw=2, label=f"ours nvlink E={e}")
+            axes[0].plot(ts, [r["floor_ms"] for r in sel], "_:", color=c, alpha=0.6,
+                         label=f"floor E={e}")
     styles = ("o-", "s--", "^:", "d-.")
     for e in experts:
         for i, t in enumerate(sorted({r["tokens_per_gpu"] for r in rows})):
             sel = sorted((r for r in rows if r["experts"] == e and r["tokens_per_gpu"] == t),
                          key=lambda r: r["gpus"])
             if len(sel) > 1:
-                axes[2].plot([r["gpus"] for r in sel], [r["ours_ms"] for r in sel],
-                             styles[i % len(styles)], color=colour[e], label=f"E={e}, T={t}")
+                nvl = all(r.get("ours_nvlink_ms") for r in sel)  # the persistent kernel's
+                key = "ours_nvlink_ms" if nvl else "ours_ms"
+                axes[2].plot([r["gpus"] for r in sel], [r[key] for r in sel],
+                             styles[i % len(styles)], color=colour[e],
+                             label=f"E={e}, T={t}" + (" nvlink" if nvl else ""))
     if len(gpus) < 2:
         axes[2].text(0.5, 0.5, "needs runs at several GPU counts\n(this file has "
                      f"{gpus[0]} only)", ha="center", va="center", transform=axes[2].transAxes)
