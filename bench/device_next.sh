@@ -53,11 +53,15 @@
 #      up to 128 rows per expert, wgmma rows from 64 per source, router pairs from 2048
 #      tokens): their 4-rank cases, then weak scaling 2 -> 4 ranks at E=64 T=1024/16384
 #      (~300 s)
-#   (done and measured: parts 4, 5, a, f, g, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
+#   i: the TMA row tiles' anatomy (prologue / k-loop / epilogue per tile, from the kernel's
+#      own clocks, in each sweep row's phase line): E=64 T=4096/16384 (default, and task_tiles
+#      2) and Mixtral T=4096 on 4 ranks beside PyTorch EP, to see which part of a tile (27
+#      us at E=64 where its MMAs alone take ~18) to attack next (~300 s)
+#   (done and measured: parts 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|f|g|k|n|p|r   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|f|g|i|k|n|p|r   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -159,7 +163,7 @@ tests_and_e64_sweep() {  # TAG TEST-TIMEOUT K-EXPRESSION VARY: the 4-rank tests 
     --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "$4" --iters 10 \
     --out "$O/sweep_$1.md" --json "$O/sweep_$1.json" > "$O/sweep_$1.log" 2>&1
   echo "sweep rc=$?"; bundle
-  grep -hE "^\| e64|^- e64" "$O/sweep_$1.md" | cut -c1-220
+  grep -hE "^\| e64|^- e64" "$O/sweep_$1.md" | cut -c1-420
 }
 if [ "$PART" = d ]; then
   tests_and_e64_sweep dense 200 \
@@ -196,6 +200,14 @@ if [ "$PART" = g ]; then
   python3 -c "import json; [print(r['gpus'], r['tokens_per_gpu'], 'floor', r['floor_ms'], \
 'torch', r['torch_ep_ms'], 'nvlink', r.get('ours_nvlink_ms'), r.get('speedup_nvlink'), \
 r.get('config_nvlink')) for r in json.load(open('$O/scaling_json.txt'))]"
+fi
+if [ "$PART" = i ]; then
+  SWEEP_TIMEOUT=170 tests_and_e64_sweep anatomy 60 "nvlink_persistent_kernel and seed" "tt=1,2"
+  timeout -k 10 120 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+    --problems mixtral --tokens 4096 --iters 10 --out "$O/sweep_mixtral_anatomy.md" \
+    --json "$O/sweep_mixtral_anatomy.json" > "$O/sweep_mixtral_anatomy.log" 2>&1
+  echo "mixtral rc=$?"; bundle
+  grep -hE "^\| mixtral|^- mixtral" "$O/sweep_mixtral_anatomy.md" | cut -c1-400
 fi
 if [ "$PART" = e ]; then
   timeout -k 10 ${E_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \

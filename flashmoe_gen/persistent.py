@@ -21,6 +21,8 @@ from .errors import CommError, CommTimeout, ConfigError
 from .layout import SymmetricLayout
 from .render import (
     PERSISTENT_PHASES,
+    PERSISTENT_ROW_CLOCKS,
+    PERSISTENT_STAT_END,
     PERSISTENT_STATS_WORDS,
     persistent_counter_words,
     persistent_split_base,
@@ -366,10 +368,11 @@ class PersistentForward:
         return _kernel_us(self._stats("kernel time"))
 
     def measure(self, x, chain: int = 8, repeats: int = 5) -> dict:
-        """SM busy, kernel time and phases of the last of ``chain`` forwards of ``x`` back to
-        back, median over ``repeats`` chains (collective like any forward). One lone call
-        would count the ranks' launch skew into the first wait on a peer; inside a chain the
-        previous call's waits have lined the ranks up, as in steady decoding."""
+        """SM busy, kernel time, phases and the TMA row tiles' anatomy (``row_*``) of the
+        last of ``chain`` forwards of ``x`` back to back, median over ``repeats`` chains
+        (collective like any forward). One lone call would count the ranks' launch skew into
+        the first wait on a peer; inside a chain the previous call's waits have lined the
+        ranks up, as in steady decoding."""
         self.enable_stats()
         runs = []
         for _ in range(repeats):
@@ -377,7 +380,7 @@ class PersistentForward:
                 self.layer.forward(x)
             st = self._stats("clocks")  # one copy per chain serves all three figures
             runs.append({"sm_busy": _sm_busy(st), "kernel_us": _kernel_us(st),
-                         **_phase_us(st)})
+                         **_phase_us(st), **_row_anatomy(st)})
         return {k: round(float(np.median([r[k] for r in runs])), 3) for k in runs[0]}
 
     def stall(self) -> CommTimeout | None:
@@ -409,7 +412,7 @@ def _sm_busy(st: np.ndarray) -> float:
 def _phase_us(st: np.ndarray) -> dict[str, float]:
     """Each phase's span in us: from the previous phase's last block (the first block's
     start for the route) to this phase's last block, on the global ns timer."""
-    t = st[:, 2:].astype(np.int64)  # start, the phase marks, end
+    t = st[:, 2:PERSISTENT_STAT_END + 1].astype(np.int64)  # start, the phase marks, end
     ends = t[:, 1:].max(axis=0) - t[:, 0].min()
     spans = np.diff(np.concatenate([[0], ends])) / 1e3
     return dict(zip((*PERSISTENT_PHASES, "combine"), spans.round(2).tolist(), strict=True))
@@ -417,8 +420,26 @@ def _phase_us(st: np.ndarray) -> dict[str, float]:
 
 def _kernel_us(st: np.ndarray) -> float:
     """From the first block's start to the last block's end, in us."""
-    return round(float(st[:, -1].astype(np.int64).max() - st[:, 2].astype(np.int64).min())
-                 / 1e3, 2)
+    return round(float(st[:, PERSISTENT_STAT_END].astype(np.int64).max()
+                       - st[:, 2].astype(np.int64).min()) / 1e3, 2)
+
+
+def _row_anatomy(st: np.ndarray) -> dict[str, float]:
+    """The TMA row tiles' time per tile in us (mean over the grid's tiles): prologue, loop,
+    epilogue (render.PERSISTENT_ROW_CLOCKS), each block's cycles at its own clock rate (its
+    cycles over its span on the ns timer); zeros where the config has no TMA row tiles."""
+    n = len(PERSISTENT_ROW_CLOCKS)
+    clocks = st[:, PERSISTENT_STAT_END + 1:PERSISTENT_STAT_END + 1 + n].astype(np.float64)
+    tiles = st[:, PERSISTENT_STAT_END + 1 + n]
+    span_ns = st[:, PERSISTENT_STAT_END].astype(np.int64) - st[:, 2].astype(np.int64)
+    ghz = np.divide(st[:, 1].astype(np.float64), span_ns, out=np.zeros(len(st)),
+                    where=span_ns > 0)
+    us = np.divide(clocks, ghz[:, None] * 1e3, out=np.zeros_like(clocks), where=ghz[:, None] > 0)
+    total = tiles.sum()
+    per_tile = us.sum(axis=0) / total if total else np.zeros(n)
+    return {"row_tiles": int(total), **{f"row_{k}_us": round(float(v), 3)
+                                        for k, v in zip(PERSISTENT_ROW_CLOCKS, per_tile,
+                                                        strict=True)}}
 
 
 class _Resources:

@@ -204,10 +204,18 @@ def router_mma_pass_warps(problem: MoEProblem, warps: int) -> int:
 PERSISTENT_PHASES = ("route", "positions", "dispatch", "own_tasks", "all_tasks",
                      "combine_wait")
 #: Stats words per block: GEMM cycles, all cycles (their ratio: SM busy), the block's start
-#: (ns), the phase marks (ns), its end (ns). Times in ns, not cycles over the nominal clock:
-#: under tensor-core load the SMs clock below it, and cycles / ClockRate read ~10% short
-#: (E=64 T=16384 on 4 x H200: kernel 2015 "us" in a 2249 us forward).
-PERSISTENT_STATS_WORDS = 4 + len(PERSISTENT_PHASES)
+#: (ns), the phase marks (ns), its end (ns) (word PERSISTENT_STAT_END); then the TMA row
+#: tiles' anatomy (PERSISTENT_ROW_CLOCKS, cycles summed over the block's tiles, and its
+#: tile count). Times in ns, not cycles over the nominal clock: under tensor-core load the
+#: SMs clock below it, and cycles / ClockRate read ~10% short (E=64 T=16384 on 4 x H200:
+#: kernel 2015 "us" in a 2249 us forward); the anatomy's cycles convert at each block's own
+#: rate (its cycles over its ns).
+PERSISTENT_STAT_END = 3 + len(PERSISTENT_PHASES)
+#: A TMA row tile (wt_gemm_tile, thread 0's clock): entry to its first k-tile landed
+#: (barrier set-up, the ring's first loads), the k-loop, the epilogues (stores, and the
+#: block barrier after the last).
+PERSISTENT_ROW_CLOCKS = ("prologue", "loop", "epilogue")
+PERSISTENT_STATS_WORDS = PERSISTENT_STAT_END + 1 + len(PERSISTENT_ROW_CLOCKS) + 1
 
 #: The split router's items to aim for, (token batch, hidden slice) pairs (the router
 #: kernel's blocks, or the persistent kernel's router phase): about two per SM of an
@@ -345,6 +353,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         # spills (NVRTC 13.0, DeepSeek-V3's tiles); 163 registers without the cap.
         "persistent_bounds": "fmoe::P_THREADS, 1" if config.ws_tma else "fmoe::P_THREADS",
         "persistent_stats_words": PERSISTENT_STATS_WORDS,
+        "persistent_stat_end": PERSISTENT_STAT_END,
         "persistent_st_dep": PERSISTENT_ST_DEP,
         "persistent_fused": CPP_BOOL[config.transport == "nvlink" and config.fuse_sources],
         "pgu": _task_gemm(config.gate_up, True, config.ws_tma, config.task_tiles),

@@ -120,7 +120,8 @@ def test_measure_reads_the_last_call_of_each_chain():
         total = 100 + n // 3 if last else 10_000
         marks = [5_000, *(5_000 + 1_000 * np.arange(1, 7)), 5_000 + 1_000 * total]  # ns
         pf.stats = types.SimpleNamespace(get=lambda: np.array(
-            [[total // 2, total, *marks], [0, total, *marks]], np.uint64))
+            [[total // 2, total, *marks, 0, 0, 0, 0], [0, total, *marks, 0, 0, 0, 0]],
+            np.uint64))
 
     pf.layer = types.SimpleNamespace(forward=forward, _graph_cache=None)
     pf.stats = None
@@ -129,6 +130,43 @@ def test_measure_reads_the_last_call_of_each_chain():
     assert len(calls) == 15
     assert got["kernel_us"] == 103 and got["sm_busy"] == pytest.approx(0.25, abs=0.01)
     assert got["route"] == 1 and got["combine"] == pytest.approx(103 - 6)
+    assert got["row_tiles"] == 0 and got["row_loop_us"] == 0  # no TMA row tiles
+
+
+def test_row_anatomy_converts_each_blocks_cycles_at_its_own_rate():
+    """TMA row tiles' prologue, loop and epilogue cycles (summed per block) as us per tile:
+    each block's cycles over its span on the ns timer give its clock rate."""
+    from flashmoe_gen.persistent import _row_anatomy
+    from flashmoe_gen.render import PERSISTENT_STAT_END, PERSISTENT_STATS_WORDS
+
+    st = np.zeros((3, PERSISTENT_STATS_WORDS), np.uint64)
+    st[:, 2], st[:, PERSISTENT_STAT_END] = 5_000, 6_000  # 1000 ns each
+    st[:, 1] = [2000, 1000, 1500]  # 2, 1 and 1.5 GHz
+    anatomy = PERSISTENT_STAT_END + 1
+    st[0, anatomy:anatomy + 4] = [200, 1600, 200, 2]  # two tiles
+    st[1, anatomy:anatomy + 4] = [100, 800, 100, 1]
+    # the third block ran no row tile
+    got = _row_anatomy(st)
+    assert got["row_tiles"] == 3
+    assert got["row_prologue_us"] == pytest.approx(0.2 / 3, abs=1e-3)
+    assert got["row_loop_us"] == pytest.approx(1.6 / 3, abs=1e-3)
+    assert got["row_epilogue_us"] == pytest.approx(0.2 / 3, abs=1e-3)
+
+
+def test_row_anatomy_words_follow_the_template():
+    """The kernel writes the block's end at STAT_END and the row tiles' four words after it;
+    the TMA row task passes its clocks."""
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.problem import MoEProblem
+    from flashmoe_gen.render import PERSISTENT_ROW_CLOCKS, PERSISTENT_STAT_END, render
+
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    code = " ".join(render(p, KernelConfig.persistent_default(p, "sm_90")).code.split())
+    assert f"constexpr int STAT_END = {PERSISTENT_STAT_END};" in code
+    assert "stats[STATS_WORDS * blockIdx.x + STAT_END] = global_ns();" in code
+    assert f"for (int i = 0; i < {len(PERSISTENT_ROW_CLOCKS) + 1}; ++i) " \
+           "stats[STATS_WORDS * blockIdx.x + STAT_END + 1 + i] =" in code
+    assert code.count("m_tiles, row_clk); });") == 2  # gate/up and down tasks
 
 
 def test_enable_stats_drops_captured_graphs(monkeypatch):
