@@ -54,9 +54,11 @@
 #      tokens): their 4-rank cases, then weak scaling 2 -> 4 ranks at E=64 T=1024/16384
 #      (~300 s)
 #   i: the TMA row tiles' anatomy (prologue / k-loop / epilogue per tile, from the kernel's
-#      own clocks, in each sweep row's phase line): E=64 T=4096/16384 (default, and task_tiles
-#      2) and Mixtral T=4096 on 4 ranks beside PyTorch EP, to see which part of a tile (27
-#      us at E=64 where its MMAs alone take ~18) to attack next (~300 s)
+#      own clocks, in each sweep row's phase line) and deferred refills (defer_refill: thread
+#      0 refills the ring without waiting for the slowest warp where it can), first GPU run
+#      of both: the 4-rank case with deferred refills, E=64 T=4096/16384 over task_tiles 1/2
+#      x defer_refill 0/1 and Mixtral T=4096 on 4 ranks beside PyTorch EP, to see which part
+#      of a tile (27 us at E=64 where its MMAs alone take ~18) to attack next (~380 s)
 #   (done and measured: parts 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
@@ -202,7 +204,8 @@ if [ "$PART" = g ]; then
 r.get('config_nvlink')) for r in json.load(open('$O/scaling_json.txt'))]"
 fi
 if [ "$PART" = i ]; then
-  SWEEP_TIMEOUT=170 tests_and_e64_sweep anatomy 60 "nvlink_persistent_kernel and seed" "tt=1,2"
+  SWEEP_TIMEOUT=200 tests_and_e64_sweep anatomy 100 \
+    "nvlink_persistent_kernel and row_tiles_wgmma_tma_deferred" "tt=1,2;dr=0,1"
   timeout -k 10 120 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
     --problems mixtral --tokens 4096 --iters 10 --out "$O/sweep_mixtral_anatomy.md" \
     --json "$O/sweep_mixtral_anatomy.json" > "$O/sweep_mixtral_anatomy.log" 2>&1

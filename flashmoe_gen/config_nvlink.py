@@ -130,6 +130,15 @@ def check_router_batches(cfg: KernelConfig, problem: MoEProblem, name: str) -> N
         raise ConfigError("router_batches", v, why + ": use 1", name)
 
 
+def check_defer_refill(cfg: KernelConfig, name: str) -> None:
+    """Refills that never block the k-loop: only the TMA row tasks have the ring whose
+    thread 0 both computes and refills."""
+    if not (cfg.transport == "nvlink" and cfg.ws_tma and cfg.gate_up.mma == "wgmma"):
+        raise ConfigError("defer_refill", True, "only the persistent kernel's TMA row tasks "
+                          "(transport 'nvlink', wgmma tiles, ws_tma) refill a ring from a "
+                          "computing thread: use False", name)
+
+
 def check_task_tiles(cfg: KernelConfig, name: str) -> None:
     """Several row tiles per task: only the TMA row tasks (``ws_tma`` on wgmma tiles) carry
     their ring from one row tile on to the next."""

@@ -155,6 +155,7 @@ def _nvl_cfg(**knobs):
 @pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph", "row_tiles",
                                   "row_tiles_wgmma", "row_tiles_wgmma_tma",
                                   "row_tiles_wgmma_tma_pairs",
+                                  "row_tiles_wgmma_tma_deferred",
                                   "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks",
                                   "dsv2lite_default_many_batches",
                                   "dsv2lite_default_fused", "fused",
@@ -173,6 +174,7 @@ def test_nvlink_persistent_kernel(comm, case):
          "row_tiles_wgmma": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma_pairs": SEED.replace(tokens_per_rank=1000),
+         "row_tiles_wgmma_tma_deferred": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
          "row_tiles_send_blocks": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_default_many_batches": DSV2.replace(tokens_per_rank=2200),
@@ -204,8 +206,10 @@ def test_nvlink_persistent_kernel(comm, case):
         cfg = KernelConfig(gu, dn, transport="nvlink", ws_tma=True,
                            mode="graph" if case.endswith("graph") else "host",
                            send_blocks=16 if case.endswith("graph") else 0,
-                           task_tiles=2 if case.endswith("pairs") else 1)  # ~250 rows:
-        # one task of two row tiles per (source, expert, n-tile), ragged ones of one
+                           task_tiles=2 if case.endswith("pairs") else 1,  # ~250 rows:
+                           # one task of two row tiles per (source, expert, n-tile), ragged
+                           # ones of one; deferred: refills that wait only where they must
+                           defer_refill=case.endswith("deferred"))
     if case == "dsv2lite_default_many_batches":  # the persistent default at 2200 tokens:
         # TMA row tiles, senders, dense lists, shared experts, and a router that takes two
         # 8-token batches per tensor-core tile (275 batches: no hidden slices)

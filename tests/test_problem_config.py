@@ -155,6 +155,7 @@ CONFIG_CHANGES = {
     "send_blocks": 16,
     "router_batches": 2,
     "task_tiles": 2,
+    "defer_refill": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -699,6 +700,23 @@ def test_task_tiles_only_for_tma_row_tasks():
         with pytest.raises(ConfigError, match=text) as e:
             bad.validate(p, "sm_90")
         assert e.value.field == "task_tiles"
+
+
+def test_defer_refill_only_for_tma_row_tasks():
+    """defer_refill: thread 0 refills the TMA row tasks' ring without waiting where it can;
+    other tiles have no such ring. The name round-trips after every other knob."""
+    p = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
+    base = KernelConfig.persistent_default(p, "sm_90")
+    cfg = replace(base, defer_refill=True, task_tiles=2)
+    cfg.validate(p, "sm_90")
+    assert cfg.name.endswith("__tt2__dr") and KernelConfig.from_name(cfg.name) == cfg
+    for bad in (replace(base, defer_refill=True, ws_tma=False),
+                replace(KernelConfig.default(p, "sm_90"), defer_refill=True),
+                replace(KernelConfig.persistent_default(p.replace(tokens_per_rank=64)),
+                        defer_refill=True)):  # fused weight-streaming tiles
+        with pytest.raises(ConfigError, match="only the persistent kernel's TMA row") as e:
+            bad.validate(p, "sm_90")
+        assert e.value.field == "defer_refill"
 
 
 def test_persistent_default_picks_tiles_by_rows_per_expert():

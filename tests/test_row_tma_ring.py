@@ -5,9 +5,11 @@ barrier says all 8 warps retired the wgmma group that read it; each warp waits a
 full barrier, issues its group, retires the previous one (wgmma_wait<1>) and arrives on that
 stage's empty barrier; with several row tiles per task (task_tiles) the ring runs on from
 one row tile into the next, each tile's last group retired and its stage released at its
-epilogue. Barriers are initialised per task. Checked: no deadlock, no stage
-refilled while a warp's unretired group reads it, no stage read before its k-tile landed;
-and the model fails when the refill skips the empty wait."""
+epilogue. Barriers are initialised per task. Deferred refills (config defer_refill): thread
+0 fills every k-tile up to STAGES - 1 ahead whose stage is already free (an mbarrier test,
+no wait) and waits only for the next k-tile's stage when that k-tile was never requested.
+Checked: no deadlock, no stage refilled while a warp's unretired group reads it, no stage
+read before its k-tile landed; and the model fails when the refill skips the empty wait."""
 
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ def passed(done: int, parity: int) -> bool:
 
 
 def run_task(stages: int, kt: int, rng: random.Random, skip_empty_wait: bool = False,
-             m_tiles: int = 1) -> None:
-    """One task: ``m_tiles`` row tiles of ``kt`` k-tiles each through one ring."""
+             m_tiles: int = 1, defer: bool = False) -> int:
+    """One task: ``m_tiles`` row tiles of ``kt`` k-tiles each through one ring. Returns how
+    often a deferred refill found its stage busy and moved on."""
     kt_per_tile, kt_total = kt, kt * m_tiles
     full_done, empty_done, arrivals = [0] * stages, [0] * stages, [0] * stages
     landed: list[int | None] = [None] * stages  # the k-tile whose bytes are in a stage
@@ -41,6 +44,7 @@ def run_task(stages: int, kt: int, rng: random.Random, skip_empty_wait: bool = F
 
     for f in range(min(stages - 1, kt_total)):  # thread 0's first fills (no waits: f < S)
         issue(f)
+    nf, deferred = min(stages - 1, kt_total), 0  # defer: thread 0's next k-tile to fill
     # per warp: the next k-tile, and where it is in the iteration
     warps = [{"kt": 0, "at": "wait_full"} for _ in range(WARPS)]
     steps = 0
@@ -78,6 +82,23 @@ def run_task(stages: int, kt: int, rng: random.Random, skip_empty_wait: bool = F
                         arrivals[p], empty_done[p] = 0, empty_done[p] + 1
                 w["at"] = "fill" if a == 0 else "next"
                 moved = True
+            elif w["at"] == "fill" and defer:  # thread 0: each free stage, up to S - 1 ahead
+                blocked = False
+                while nf < kt_total and nf < kt + stages:
+                    free = nf < stages or skip_empty_wait or \
+                        passed(empty_done[nf % stages], (nf // stages - 1) & 1)
+                    if not free:
+                        if nf > kt + 1:  # k-tile kt + 1 is in flight: try at the next k-tile
+                            deferred += 1
+                            break
+                        blocked = True  # the next k-tile's stage: wait for it
+                        break
+                    issue(nf)
+                    nf += 1
+                if blocked:
+                    continue
+                w["at"] = "next"
+                moved = True
             elif w["at"] == "fill":  # thread 0: k-tile kt + S - 1 into the stage of kt - 1
                 f = kt + stages - 1
                 if f < kt_total:
@@ -98,32 +119,40 @@ def run_task(stages: int, kt: int, rng: random.Random, skip_empty_wait: bool = F
                 w["at"] = "done" if w["kt"] == kt_total else "wait_full"
                 moved = True
         assert moved, "deadlock: nobody can move"
+    return deferred
 
 
 def run(stages: int, tasks: list[int], seed: int, skip_empty_wait: bool = False,
-        m_tiles: int = 1) -> None:
+        m_tiles: int = 1, defer: bool = False) -> int:
     """Tasks one after another (barriers re-initialised: the block barrier at a task's end
-    orders it after every warp's last group)."""
+    orders it after every warp's last group); the deferred refills' count."""
     rng = random.Random(seed)
-    for kt in tasks:
-        run_task(stages, kt, rng, skip_empty_wait, m_tiles)
+    return sum(run_task(stages, kt, rng, skip_empty_wait, m_tiles, defer) for kt in tasks)
 
 
+@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("m_tiles", [1, 2, 3])
 @pytest.mark.parametrize("stages", [2, 3, 4, 6])
 @pytest.mark.parametrize("seed", range(8))
-def test_ring_never_deadlocks_or_races(stages, seed, m_tiles):
+def test_ring_never_deadlocks_or_races(stages, seed, m_tiles, defer):
     rng = random.Random(100 * stages + seed)
     tasks = [rng.choice([1, 2, 3, 5, 8, 32]) for _ in range(rng.randint(1, 4))]
-    run(stages, tasks, seed, m_tiles=m_tiles)
+    run(stages, tasks, seed, m_tiles=m_tiles, defer=defer)
 
 
+def test_deferred_refills_do_move_on():
+    """The deferred path is exercised: a busy stage past the next k-tile is left for later
+    (otherwise the model would only ever check the blocking path)."""
+    assert sum(run(4, [32], seed, defer=True) for seed in range(20)) > 0
+
+
+@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("m_tiles", [1, 2])
-def test_the_model_catches_a_refill_without_the_empty_wait(m_tiles):
+def test_the_model_catches_a_refill_without_the_empty_wait(m_tiles, defer):
     failures = 0
     for seed in range(100):
         try:
-            run(3, [16], seed, skip_empty_wait=True, m_tiles=m_tiles)
+            run(3, [16], seed, skip_empty_wait=True, m_tiles=m_tiles, defer=defer)
         except AssertionError:
             failures += 1
     assert failures > 0
@@ -138,15 +167,29 @@ def test_the_template_spells_the_modelled_waits():
     p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
     code = " ".join(render(p, KernelConfig.persistent_default(p, "sm_90")).code.split())
     for line in (
-            "if (f >= STAGES) mbar_wait(smem_u32(&empty[s]), (f / STAGES - 1) & 1);",
+            "if (f >= STAGES && !waited) mbar_wait(smem_u32(&empty[s]), (f / STAGES - 1) & "
+            "1);",
             "for (int f = 0; f < STAGES - 1 && f < KK; ++f) fill(f);",
             "mbar_wait(smem_u32(&full[stage]), (kt / STAGES) & 1);",
             "const int kt = i * KT + k, stage = kt % STAGES;",
             "if (k > 0 && (threadIdx.x & 31) == 0) mbar_arrive(smem_u32(&empty[(kt - 1) % "
             "STAGES]));",
-            "if (threadIdx.x == 0 && kt + STAGES - 1 < KK) fill(kt + STAGES - 1);",
+            "if (!DEFER && threadIdx.x == 0 && kt + STAGES - 1 < KK) fill(kt + STAGES - 1);",
             "wgmma_wait<0>(); if (i + 1 < m_tiles) { // the ring runs on into the next row "
             "tile: release this stage if ((threadIdx.x & 31) == 0) mbar_arrive(smem_u32(&empty"
             "[((i + 1) * KT - 1) % STAGES])); }",
             "mbar_init(smem_u32(&empty[s]), WARPS);"):
         assert line in code, line
+    assert "false>(" in code and "wt_gemm_tile<128, 128, 4, true, 1, false>" in code
+    # deferred refills (defer_refill): the loop the model's defer branch mirrors
+    from dataclasses import replace
+    deferred = " ".join(render(p, replace(KernelConfig.persistent_default(p, "sm_90"),
+                                          defer_refill=True)).code.split())
+    assert "wt_gemm_tile<128, 128, 4, true, 1, true>" in deferred
+    for line in (
+            "int nf = min(STAGES - 1, KK);",
+            "for (; nf < KK && nf < kt + STAGES; ++nf) { const bool free = nf < STAGES || "
+            "mbar_test(smem_u32(&empty[nf % STAGES]), (nf / STAGES - 1) & 1); if (!free && nf "
+            "> kt + 1) break;",
+            "fill(nf, free);"):
+        assert line in deferred, line

@@ -104,6 +104,7 @@ FULL = {
     "senders": (0,),  # its blocks that send the peers' rows: likewise
     "router_batches": (1,),  # its router's token batches per tensor-core tile: likewise
     "task_tiles": (1,),  # its TMA row tasks' row tiles per task: likewise
+    "defer_refill": (False,),  # its TMA row tasks' refills without a wait: likewise
     # SMs the tma kernel leaves to NCCL (nccl transport with a tma tile; else forced to 0)
     "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
     # this rank's tokens split around the fused launch (fused nccl sources, not _ws)
@@ -126,7 +127,7 @@ SMALL = {
     "packed": (True,), "mode": MODE_CHOICES[:1], "transport": ("nccl",), "blocks": (0,),
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
     "ws_tma": (False,), "own_split": (False,), "own_stream": (False,), "gather": (False,),
-    "senders": (0,), "router_batches": (1,), "task_tiles": (1,),
+    "senders": (0,), "router_batches": (1,), "task_tiles": (1,), "defer_refill": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -151,7 +152,8 @@ NVLINK_FORCED = {knob: PERSISTENT_SCHEDULE[f] for knob, f in (
 NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "ksplit_dn": K_SPLIT_CHOICES, "dispatch": DISPATCH_BLOCK_CHOICES,
                 "ws_tma": (False, True), "senders": SEND_BLOCK_CHOICES,
-                "router_batches": ROUTER_BATCH_CHOICES, "task_tiles": TASK_TILE_CHOICES}
+                "router_batches": ROUTER_BATCH_CHOICES, "task_tiles": TASK_TILE_CHOICES,
+                "defer_refill": (False, True)}
 #: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
 SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
 
@@ -194,8 +196,8 @@ def _splits_apply(params: dict) -> bool:
 
 def _without_moot(params: dict) -> dict:
     """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
-    senders, router batches, task tiles, own_split/own_stream, gather) at their neutral
-    values, where present (an absent one reads as that value anyway)."""
+    senders, router batches, task tiles, deferred refills, own_split/own_stream, gather) at
+    their neutral values, where present (an absent one reads as that value anyway)."""
     out = dict(params)
     if not _splits_apply(out):
         out |= {k: 1 for k in SPLIT_KNOBS if k in out}
@@ -207,9 +209,12 @@ def _without_moot(params: dict) -> dict:
         out["senders"] = 0
     if "router_batches" in out and out.get("transport") != "nvlink":
         out["router_batches"] = 1  # only the persistent kernel's router takes pairs
-    if "task_tiles" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "wgmma"):
+    rows_tma = out.get("ws_tma", False) and out.get("gu_mma") == "wgmma"
+    if "task_tiles" in out and not rows_tma:
         out["task_tiles"] = 1  # only the TMA row tasks (ws_tma, kept above only where it
         # applies: nvlink) carry their ring across row tiles
+    if "defer_refill" in out and not rows_tma:
+        out["defer_refill"] = False  # ... and refill it from a computing thread
     if "own_split" in out and not _own_split_apply(out):
         out["own_split"] = False
     if "own_stream" in out and not out.get("own_split", False):
@@ -221,10 +226,12 @@ def _without_moot(params: dict) -> dict:
 
 #: The persistent kernel's two-valued knobs whose measured effect is a few percent either
 #: way and turns with the problem (4 x H200, E=64: router pairs won from T=2048 and lost at
-#: 1024; two row tiles per task lost 1-16% at T=4096/16384, unmeasured elsewhere): a tune
+#: 1024; two row tiles per task lost 1-16% at T=4096/16384, unmeasured elsewhere; deferred
+#: refills not yet measured): a tune
 #: with transport nvlink tries the persistent default with each flipped early, right after
 #: the default itself (where valid for the problem).
-NVLINK_SEED_FLIPS = {"router_batches": (1, 2), "task_tiles": (1, 2)}
+NVLINK_SEED_FLIPS = {"router_batches": (1, 2), "task_tiles": (1, 2),
+                     "defer_refill": (False, True)}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
 KNOWN_GOOD = (
@@ -337,7 +344,8 @@ class SearchSpace:
                             gather_experts=params.get("gather", False),
                             send_blocks=params.get("senders", 0),
                             router_batches=params.get("router_batches", 1),
-                            task_tiles=params.get("task_tiles", 1))
+                            task_tiles=params.get("task_tiles", 1),
+                            defer_refill=params.get("defer_refill", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -363,7 +371,7 @@ class SearchSpace:
                     "ws_tma": cfg.ws_tma, "own_split": cfg.own_split,
                     "own_stream": cfg.own_stream, "gather": cfg.gather_experts,
                     "senders": cfg.send_blocks, "router_batches": cfg.router_batches,
-                    "task_tiles": cfg.task_tiles}
+                    "task_tiles": cfg.task_tiles, "defer_refill": cfg.defer_refill}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
