@@ -55,10 +55,11 @@
 #      (~300 s)
 #   i: the TMA row tiles' anatomy (prologue / k-loop / epilogue per tile, from the kernel's
 #      own clocks, in each sweep row's phase line) and deferred refills (defer_refill: thread
-#      0 refills the ring without waiting for the slowest warp where it can), first GPU run
-#      of both: the 4-rank case with deferred refills, E=64 T=4096/16384 over task_tiles 1/2
-#      x defer_refill 0/1 and Mixtral T=4096 on 4 ranks beside PyTorch EP, to see which part
-#      of a tile (27 us at E=64 where its MMAs alone take ~18) to attack next (~380 s)
+#      0 refills the ring without waiting for the slowest warp where it can) and router
+#      quads (router_batches 4: two m16 tiles per gate-weight fragment), first GPU run of all
+#      three: their 4-rank cases, E=64 T=4096/16384 over defer_refill 0/1 x router_batches
+#      2/4 and Mixtral T=4096 on 4 ranks beside PyTorch EP, to see which part of a tile (27
+#      us at E=64 where its MMAs alone take ~18) to attack next (~420 s)
 #   (done and measured: parts 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
@@ -204,8 +205,9 @@ if [ "$PART" = g ]; then
 r.get('config_nvlink')) for r in json.load(open('$O/scaling_json.txt'))]"
 fi
 if [ "$PART" = i ]; then
-  SWEEP_TIMEOUT=200 tests_and_e64_sweep anatomy 100 \
-    "nvlink_persistent_kernel and row_tiles_wgmma_tma_deferred" "tt=1,2;dr=0,1"
+  SWEEP_TIMEOUT=200 tests_and_e64_sweep anatomy 150 \
+    "nvlink_persistent_kernel and (row_tiles_wgmma_tma_deferred or quad_batches)" \
+    "dr=0,1;rb=2,4"
   timeout -k 10 120 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
     --problems mixtral --tokens 4096 --iters 10 --out "$O/sweep_mixtral_anatomy.md" \
     --json "$O/sweep_mixtral_anatomy.json" > "$O/sweep_mixtral_anatomy.log" 2>&1

@@ -39,10 +39,11 @@ DISPATCH_BLOCK_CHOICES = (1, 0)
 #: then only the first N blocks send the peers' rows while the others start this rank's
 #: own tasks: the NVLink-bound sends (~200 us of E=64 T=16384's forward) overlap GEMMs.
 SEND_BLOCK_CHOICES = (0, 8, 16, 32, 64)
-#: Token batches of the persistent kernel's router per tensor-core logit tile
+#: Token batches of the persistent kernel's router per split_logits call
 #: (``router_batches``): 2 fills the m16 tile with two 8-token batches and reads the gate
-#: weights once per 16 tokens (where one pass of the tensor-core logits takes every expert).
-ROUTER_BATCH_CHOICES = (1, 2)
+#: weights once per 16 tokens; 4 takes two m16 tiles per weight fragment, once per 32
+#: tokens (where one pass of the tensor-core logits takes every expert).
+ROUTER_BATCH_CHOICES = (1, 2, 4)
 #: Row tiles per routed row task fed by TMA (``task_tiles``): 2 runs two consecutive row
 #: tiles of an (expert, n-tile) through one mbarrier ring, the second's first loads in
 #: flight during the first's epilogue, and halves the task fetches.
@@ -123,9 +124,10 @@ def check_router_batches(cfg: KernelConfig, problem: MoEProblem, name: str) -> N
         raise ConfigError("router_batches", v, f"choose one of "
                           f"{list(ROUTER_BATCH_CHOICES)}", name)
     why = ("only transport 'nvlink' has a router phase" if cfg.transport != "nvlink"
-           else "" if router_pairs_fit(problem, cfg.router_tokens_per_block) else
+           else "" if router_pairs_fit(problem, cfg.router_tokens_per_block, v) else
            f"the router's tensor cores take {problem.experts} experts in one pass only "
-           f"for 32 or 64 experts (and a hidden size a multiple of 16)")
+           f"for 32 or 64 experts (and a hidden size a multiple of 16), and {v} batches of "
+           f"{cfg.router_tokens_per_block} tokens in at most two 16-row tiles")
     if why:
         raise ConfigError("router_batches", v, why + ": use 1", name)
 

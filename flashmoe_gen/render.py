@@ -174,15 +174,25 @@ def router_mma_experts(problem: MoEProblem, warps: int) -> int:
     return 64 if problem.experts % 64 == 0 else 32
 
 
-def router_pairs_fit(problem: MoEProblem, warps: int) -> bool:
-    """Whether the persistent kernel's router can take two batches (of ``warps`` tokens)
-    per split_logits call (config ``router_batches`` 2): where the tensor cores take every
-    expert in one pass (32 or 64 experts; s_logit doubles, 8 KB at 64) and two batches fill
-    at most the m16 tile. One 8-token batch filled half the tile and read all H x E gate
-    weights per 8 tokens (E=64 T=16384's route phase: 217 us of a 2.25 ms forward on
-    4 x H200)."""
+#: The most m16 tiles of tokens one split_logits call takes per weight fragment.
+ROUTER_MAX_MTILES = 2
+
+
+def router_pairs_fit(problem: MoEProblem, warps: int, batches: int = 2) -> bool:
+    """Whether the persistent kernel's router can take ``batches`` batches (of ``warps``
+    tokens) per split_logits call (config ``router_batches``): where the tensor cores take
+    every expert in one pass (32 or 64 experts; s_logit grows by 4 KB per batch at 64) and
+    the batches fill at most ROUTER_MAX_MTILES m16 tiles, each weight fragment feeding all
+    of them. One 8-token batch filled half a tile and read all H x E gate weights per 8
+    tokens (E=64 T=16384's route phase: 217 us of a 2.25 ms forward on 4 x H200; pairs:
+    169 us)."""
     per = router_mma_experts(problem, warps)
-    return bool(per) and per == problem.experts and 2 * warps <= 16
+    return bool(per) and per == problem.experts and batches * warps <= 16 * ROUTER_MAX_MTILES
+
+
+def router_mtiles(batches: int, warps: int) -> int:
+    """m16 tiles of tokens split_logits keeps per weight fragment: its calls' rows."""
+    return max(1, -(-batches * warps // 16))
 
 
 def router_mma_pass_warps(problem: MoEProblem, warps: int) -> int:
@@ -331,6 +341,13 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         # loop measured in session 15.
         "router_mma_ks_serial": CPP_BOOL[mma_experts not in (0, problem.experts)],
         "router_logit_batches": config.router_batches,
+        "router_mma_mtiles": router_mtiles(config.router_batches,
+                                           config.router_tokens_per_block),
+        # k steps unrolled: four for one m16 tile (E=64 T=16384 route 226 -> 217 us over
+        # one); two m16 tiles keep as many loads in flight with two (and spilled 16 bytes
+        # with shared experts at four)
+        "router_mma_unroll": 4 // router_mtiles(config.router_batches,
+                                                config.router_tokens_per_block),
         **(split or {"router_vec_lanes_e": 0, "router_vec_per_lane": 0,
                      "router_token_batch": 0}),
         "router_lanes_e": lanes_e,

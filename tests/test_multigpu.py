@@ -158,6 +158,7 @@ def _nvl_cfg(**knobs):
                                   "row_tiles_wgmma_tma_deferred",
                                   "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks",
                                   "dsv2lite_default_many_batches",
+                                  "dsv2lite_default_quad_batches",
                                   "dsv2lite_default_fused", "fused",
                                   "fused_dsv2lite_graph",
                                   "fused_capped_skewed", "fused_split_k", "fused_ws_tma"])
@@ -178,6 +179,7 @@ def test_nvlink_persistent_kernel(comm, case):
          "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
          "row_tiles_send_blocks": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_default_many_batches": DSV2.replace(tokens_per_rank=2200),
+         "dsv2lite_default_quad_batches": DSV2.replace(tokens_per_rank=2200),
          "dsv2lite_default_fused": DSV2.replace(tokens_per_rank=300),
          "fused": SEED.replace(tokens_per_rank=300),
          "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
@@ -210,11 +212,13 @@ def test_nvlink_persistent_kernel(comm, case):
                            # one task of two row tiles per (source, expert, n-tile), ragged
                            # ones of one; deferred: refills that wait only where they must
                            defer_refill=case.endswith("deferred"))
-    if case == "dsv2lite_default_many_batches":  # the persistent default at 2200 tokens:
-        # TMA row tiles, senders, dense lists, shared experts, and a router that takes two
-        # 8-token batches per tensor-core tile (275 batches: no hidden slices)
+    if case.startswith("dsv2lite_default_") and case.endswith("batches"):  # the persistent
+        # default at 2200 tokens: TMA row tiles, senders, dense lists, shared experts, and a
+        # router that takes two 8-token batches per tensor-core tile (275 batches: no hidden
+        # slices), or four, two m16 tiles per weight fragment (the last call's three)
         cfg = dataclasses.replace(KernelConfig.persistent_default(
-            p.replace(world_size=comm.world_size)), router_batches=2)
+            p.replace(world_size=comm.world_size)),
+            router_batches=4 if case.endswith("quad_batches") else 2)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
     if case == "dsv2lite_default_fused":  # the persistent default at 56 (2 ranks) or 112
         # (4 ranks) rows per expert: every source in 64-token weight-streaming tasks, their

@@ -19,6 +19,7 @@ from flashmoe_gen.render import (
     render,
     router_mma_experts,
     router_mma_pass_warps,
+    router_mtiles,
     router_pairs_fit,
 )
 
@@ -33,34 +34,38 @@ def movmatrix_trans(regs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: int,
-                 warps: int, mma_e: int, pass_warps: int = 1) -> np.ndarray:
+                 warps: int, mma_e: int, pass_warps: int = 1, mtiles: int = 1) -> np.ndarray:
     """s_logit of one block: tokens [t0, t0 + nt), hidden rows [h0, h1); ``pass_warps``
     (render.router_mma_pass_warps): warp w takes passes w % pass_warps + k pass_warps and
-    k steps w // pass_warps + k (warps // pass_warps)."""
+    k steps w // pass_warps + k (warps // pass_warps); ``mtiles`` (render.router_mtiles):
+    m16 tiles of tokens fed by each weight fragment (tiles past nt skip their MMAs)."""
     experts = wg.shape[1]
     s_logit = np.zeros((max(warps, nt), experts))  # nb * ROUTER_WARPS rows for nb batches
     groups = mma_e // 32
     ksteps = (h1 - h0) // 16
     npass, kw_n = experts // mma_e, warps // pass_warps
     assert npass % pass_warps == 0 and warps % pass_warps == 0
-    for m0 in range(0, nt, 16):
+    for m0 in range(0, nt, 16 * mtiles):
         for p in range(npass):
             e0 = p * mma_e
             mine = [w for w in range(warps) if w % pass_warps == p % pass_warps]
-            d = {w: [[np.zeros((32, 4)) for _ in range(4)] for _ in range(groups)]
-                 for w in mine}
+            d = {w: [[[np.zeros((32, 4)) for _ in range(4)] for _ in range(groups)]
+                     for _ in range(mtiles)] for w in mine}
             for w in mine:
                 for ks in range(w // pass_warps, ksteps, kw_n):
                     h = h0 + ks * 16
-                    a = []
-                    for t in range(32):
-                        g, c = t // 4, t % 4
-                        r0, r1 = m0 + g, m0 + g + 8
+                    a = []  # a[mt]: the tile's lanes' fragments
+                    for mt in range(mtiles):
+                        a.append([])
+                        for t in range(32):
+                            g, c = t // 4, t % 4
+                            r0 = m0 + 16 * mt + g
+                            r1 = r0 + 8
 
-                        def pair(r, col):
-                            return x[t0 + r, col:col + 2] if r < nt else np.zeros(2)
-                        a.append([pair(r0, h + 2 * c), pair(r1, h + 2 * c),
-                                  pair(r0, h + 2 * c + 8), pair(r1, h + 2 * c + 8)])
+                            def pair(r, col):
+                                return x[t0 + r, col:col + 2] if r < nt else np.zeros(2)
+                            a[mt].append([pair(r0, h + 2 * c), pair(r1, h + 2 * c),
+                                          pair(r0, h + 2 * c + 8), pair(r1, h + 2 * c + 8)])
                     for q in range(groups):
                         # lane (g, c): 16 bytes of rows h + g and h + g + 8, experts
                         # e0 + 32 q + 8 c .. + 7; word j = experts + 2 j, + 2 j + 1
@@ -70,41 +75,48 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
                         for j in range(4):
                             b0 = movmatrix_trans([v[2 * j:2 * j + 2] for v in lo])
                             b1 = movmatrix_trans([v[2 * j:2 * j + 2] for v in hi])
-                            mma_16816(d[w][q][j], a, b0, b1)
+                            for mt in range(mtiles):
+                                if m0 + 16 * mt < nt:
+                                    mma_16816(d[w][mt][q][j], a[mt], b0, b1)
             for w in sorted(mine, key=lambda w: w // pass_warps):  # the fixed k-lane order
-                for t in range(32):
-                    g, c = t // 4, t % 4
-                    r0, r1 = m0 + g, m0 + g + 8
-                    for q in range(groups):
-                        for j in range(4):
-                            for b in range(2):
-                                e = e0 + 32 * q + 8 * c + 2 * j + b
-                                if r0 < nt:
-                                    s_logit[r0, e] += d[w][q][j][t, b]
-                                if r1 < nt:
-                                    s_logit[r1, e] += d[w][q][j][t, 2 + b]
+                for mt in range(mtiles):
+                    for t in range(32):
+                        g, c = t // 4, t % 4
+                        r0 = m0 + 16 * mt + g
+                        r1 = r0 + 8
+                        for q in range(groups):
+                            for j in range(4):
+                                for b in range(2):
+                                    e = e0 + 32 * q + 8 * c + 2 * j + b
+                                    if r0 < nt:
+                                        s_logit[r0, e] += d[w][mt][q][j][t, b]
+                                    if r1 < nt:
+                                        s_logit[r1, e] += d[w][mt][q][j][t, 2 + b]
     return s_logit[:nt]
 
 
-@pytest.mark.parametrize("experts,warps,nt,h0,h1,pass_warps", [
-    (64, 8, 8, 0, 256, 1),     # E=64 (two groups per pass), a full batch
-    (64, 8, 3, 48, 160, 1),    # a slice, 3 tokens (rows past nt are zero)
-    (64, 8, 16, 0, 256, 1),    # two batches of 8 (router_batches 2): the whole m tile
-    (32, 8, 13, 0, 256, 1),    # two batches, the second partial
-    (96, 4, 4, 0, 128, 1),     # 32 experts per pass, three passes one after another
-    (256, 32, 20, 0, 64, 4),   # 32 tokens a block: two m tiles, the second partial
-    (32, 1, 1, 16, 48, 1),     # one warp, one token
-    (256, 8, 5, 0, 112, 4),    # four passes side by side, two k lanes (DeepSeek-V3's T=1)
-    (512, 4, 4, 16, 64, 4),    # more passes than warps: each warp takes two, one k lane
+@pytest.mark.parametrize("experts,warps,nt,h0,h1,pass_warps,mtiles", [
+    (64, 8, 32, 0, 256, 1, 2),   # four batches of 8 (router_batches 4): two tiles a fragment
+    (64, 8, 27, 0, 256, 1, 2),   # ... the second tile partial
+    (32, 8, 11, 16, 128, 1, 2),  # ... the second tile past nt: its MMAs skipped
+    (64, 8, 8, 0, 256, 1, 1),     # E=64 (two groups per pass), a full batch
+    (64, 8, 3, 48, 160, 1, 1),    # a slice, 3 tokens (rows past nt are zero)
+    (64, 8, 16, 0, 256, 1, 1),    # two batches of 8 (router_batches 2): the whole m tile
+    (32, 8, 13, 0, 256, 1, 1),    # two batches, the second partial
+    (96, 4, 4, 0, 128, 1, 1),     # 32 experts per pass, three passes one after another
+    (256, 32, 20, 0, 64, 4, 1),   # 32 tokens a block: two m tiles, the second partial
+    (32, 1, 1, 16, 48, 1, 1),     # one warp, one token
+    (256, 8, 5, 0, 112, 4, 1),    # four passes side by side, two k lanes (DeepSeek-V3's T=1)
+    (512, 4, 4, 16, 64, 4, 1),    # more passes than warps: each warp takes two, one k lane
 ])
-def test_tensor_core_logits_are_the_product(experts, warps, nt, h0, h1, pass_warps):
+def test_tensor_core_logits_are_the_product(experts, warps, nt, h0, h1, pass_warps, mtiles):
     rng = np.random.default_rng(experts + nt)
     hidden = 256
     x = rng.standard_normal((40, hidden)).astype(np.float32).astype(np.float64)
     wg = rng.standard_normal((hidden, experts))
     mma_e = 64 if experts % 64 == 0 else 32
     t0 = 5
-    got = split_logits(x, wg, t0, nt, h0, h1, warps, mma_e, pass_warps)
+    got = split_logits(x, wg, t0, nt, h0, h1, warps, mma_e, pass_warps, mtiles)
     want = x[t0:t0 + nt, h0:h1] @ wg[h0:h1]
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-9)
 
@@ -133,8 +145,9 @@ def test_pass_warps_divide_the_passes_and_the_warps():
 
 def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
     """router_batches 2: the persistent kernel's router fills the m16 tile with two 8-token
-    batches, only where the tensor cores take every expert in one pass (32 or 64 experts);
-    with several passes, the FMA path or 16 tokens a block the config is refused."""
+    batches, 4: two m16 tiles per weight fragment, only where the tensor cores take every
+    expert in one pass (32 or 64 experts); with several passes, the FMA path or more than
+    two m16 tiles of tokens the config is refused."""
     from dataclasses import replace
 
     from flashmoe_gen.errors import ConfigError
@@ -143,13 +156,13 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
     assert router_pairs_fit(e64, 8) and router_pairs_fit(MoEProblem(2048, 2048, 32, 2), 8)
     assert not router_pairs_fit(get_preset("deepseek-v3").problem(), 8)  # 4 passes
     assert not router_pairs_fit(MoEProblem(512, 2048, 8, 2), 8)          # FMA path
-    assert not router_pairs_fit(e64, 16)                                 # 16 tokens a block
+    assert router_pairs_fit(e64, 16) and not router_pairs_fit(e64, 16, 4)  # <= 2 m tiles
     cfg = KernelConfig.persistent_default(e64)  # 16384 tokens: pairs by default
     assert cfg.router_batches == 2
     cfg.validate(e64)
     assert cfg.name.endswith("__rb2") and KernelConfig.from_name(cfg.name) == cfg
     dsv3 = get_preset("deepseek-v3").problem(world_size=4, tokens_per_rank=128)
-    for bad, p, text in ((replace(cfg, router_batches=4), e64, "choose one of"),
+    for bad, p, text in ((replace(cfg, router_batches=3), e64, "choose one of"),
                          (replace(KernelConfig.default(e64), router_batches=2), e64,
                           "only transport 'nvlink'"),
                          (replace(KernelConfig.persistent_default(dsv3), router_batches=2),
@@ -162,3 +175,15 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
     assert "__shared__ float s_logit[R_BATCHES * ROUTER_WARPS * EXPERTS];" in code
     assert "split_logits(b, 0, HIDDEN, x, wg, tokens, R_BATCHES);" in code
     assert "const int nt = min(nb * ROUTER_WARPS, tokens - t0);" in code
+    assert "constexpr int R_MT = 1;" in code  # two batches: one m16 tile
+    # router_batches 4: four batches, two m16 tiles per weight fragment
+    quad = " ".join(render(e64, replace(cfg, router_batches=4)).code.split())
+    assert "constexpr int R_BATCHES = 4;" in quad and "constexpr int R_MT = 2;" in quad
+    for line in ("for (int m0 = 0; m0 < nt; m0 += 16 * R_MT) {",
+                 "const int r0 = m0 + 16 * mt + g, r1 = r0 + 8;",
+                 "const unsigned b0 = movmatrix_trans(wl[j]), b1 = movmatrix_trans(wh[j]);",
+                 "if (m0 + 16 * mt < nt) mma_16816(d[mt][q][j], a[mt], b0, b1);",
+                 "if (r0 < nt) s_logit[r0 * EXPERTS + e] += d[mt][q][j][b];"):
+        assert line in quad, line
+    assert router_mtiles(4, 8) == 2 and router_mtiles(2, 8) == router_mtiles(1, 8) == 1
+    assert router_pairs_fit(e64, 8, 4) and not router_pairs_fit(e64, 16, 4)

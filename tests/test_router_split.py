@@ -199,7 +199,7 @@ def test_the_template_runs_the_emulated_tensor_core_loops():
     for p, cfg in ((lite, KernelConfig.default(lite)),
                    (lite, KernelConfig.persistent_default(lite)),
                    (v3, KernelConfig.persistent_default(v3))):
-        code = render(p, cfg).code
+        code = " ".join(render(p, cfg).code.split())
         pw = 1 if p.experts == 64 else 4
         for line in ("constexpr bool R_MMA = true;", "constexpr int R_MMA_E = 64;",
                      f"constexpr int R_MMA_PW = {pw};",
@@ -211,11 +211,13 @@ def test_the_template_runs_the_emulated_tensor_core_loops():
                      "movmatrix.sync.aligned.m8n8.trans.b16",
                      "const int ksteps = (h1 - h0) / 16;",
                      "for (int ks = kw; ks < ksteps; ks += KW) {",
-                     "a[0] = r0 < nt ? *reinterpret_cast<const unsigned*>(x0 + h) : 0u;",
-                     "a[2] = r0 < nt ? *reinterpret_cast<const unsigned*>(x0 + h + 8) : 0u;",
+                     "for (int m0 = 0; m0 < nt; m0 += 16 * R_MT) {",
+                     "const elem_t* x0 = xb + 16 * mt * HIDDEN + h;",
+                     "a[mt][0] = r0 < nt ? *reinterpret_cast<const unsigned*>(x0) : 0u;",
+                     "a[mt][3] = r1 < nt ? *reinterpret_cast<const unsigned*>(x1 + 8) : 0u;",
                      "const elem_t* w = wg + static_cast<long long>(h + g) * EXPERTS + e0 + 8 * c;",
                      "const uint4 hi = *reinterpret_cast<const uint4*>(w + 8 * EXPERTS + 32 * q);",
-                     "mma_16816(d[q][j], a, movmatrix_trans(wl[j]), movmatrix_trans(wh[j]));",
+                     "if (m0 + 16 * mt < nt) mma_16816(d[mt][q][j], a[mt], b0, b1);",
                      "const int e = e0 + 32 * q + 8 * c + 2 * j + b;",
-                     "if (r1 < nt) s_logit[r1 * EXPERTS + e] += d[q][j][2 + b];"):
+                     "if (r1 < nt) s_logit[r1 * EXPERTS + e] += d[mt][q][j][2 + b];"):
             assert line in code, line
