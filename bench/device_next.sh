@@ -59,7 +59,8 @@
 #      quads (router_batches 4: two m16 tiles per gate-weight fragment), first GPU run of all
 #      three: their 4-rank cases, E=64 T=4096/16384 over defer_refill 0/1 x router_batches
 #      2/4 and Mixtral T=4096 on 4 ranks beside PyTorch EP, to see which part of a tile (27
-#      us at E=64 where its MMAs alone take ~18) to attack next (~420 s)
+#      us at E=64 where its MMAs alone take ~18) to attack next; first the one-GPU routing
+#      tests (the router's loop changed for every config) (~520 s)
 #   (done and measured: parts 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
@@ -205,6 +206,10 @@ if [ "$PART" = g ]; then
 r.get('config_nvlink')) for r in json.load(open('$O/scaling_json.txt'))]"
 fi
 if [ "$PART" = i ]; then
+  # the router's m-tile loop (043bb97) runs in every default too: the one-GPU routing tests
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_routing.py \
+    -q --no-header -p no:cacheprovider > "$O/routing.log" 2>&1
+  echo "routing rc=$?"; grep -E "passed|failed" "$O/routing.log" | tail -2
   SWEEP_TIMEOUT=200 tests_and_e64_sweep anatomy 150 \
     "nvlink_persistent_kernel and (row_tiles_wgmma_tma_deferred or quad_batches)" \
     "dr=0,1;rb=2,4"
