@@ -321,10 +321,11 @@ def test_the_template_passes_the_mirrored_arguments():
             "e * HIDDEN);",
             "const SplitTile st = split_tile(state, a, gate_up, n);",
             # per source: the dense lists, row tasks, completions
-            "const int tiles = (rows + GU_BM - 1) / GU_BM; return rows <= 0 ? 0 : GU_ROWS ? "
+            "const int tiles = row_tiles<GU_BM>(rows); return rows <= 0 ? 0 : GU_ROWS ? "
             "(tiles + TASK_TILES - 1) / TASK_TILES : GU_S;",
+            "__device__ __forceinline__ int row_tiles(int rows) { return (rows + BM - 1) / BM; }",
             "constexpr int TASK_TILES = 1;",  # mma.sync row tasks: one row tile each
-            "return GU_ROWS ? tiles * ((rows + GU_BM - 1) / GU_BM) : tiles;",
+            "return GU_ROWS ? tiles * row_tiles<GU_BM>(rows) : tiles;",
             "for (int e = 0; e < el; ++e) { gu_first[q][e] = i; i += NGU * gu_parts(min("
             "my_counts[s * el + e], capacity)); }",
             "for (int e = 0; e <= el; ++e) { dn_first[q][e] = i; if (e < el) i += NDN * "
