@@ -61,11 +61,15 @@
 #      2/4 and Mixtral T=4096 on 4 ranks beside PyTorch EP, to see which part of a tile (27
 #      us at E=64 where its MMAs alone take ~18) to attack next; first the one-GPU routing
 #      tests (the router's loop changed for every config) (~520 s)
+#   j: issue 16's table over FlashDMoE's whole setting: H=I=2048 k=2, E = 8, 32, 64 at
+#      T=1024 and 16384 per GPU, on 2 then 4 ranks of one machine: nccl (host and graph),
+#      nvlink, PyTorch EP and the floor, same run, with the plot (scaling.py --plot on the
+#      development machine: the device returns few files) (~450 s)
 #   (done and measured: parts 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|f|g|i|k|n|p|r   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|f|g|i|j|k|n|p|r   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -218,6 +222,19 @@ if [ "$PART" = i ]; then
     --json "$O/sweep_mixtral_anatomy.json" > "$O/sweep_mixtral_anatomy.log" 2>&1
   echo "mixtral rc=$?"; bundle
   grep -hE "^\| mixtral|^- mixtral" "$O/sweep_mixtral_anatomy.md" | cut -c1-400
+fi
+if [ "$PART" = j ]; then
+  for p in 2 4; do
+    timeout -k 10 "${J_TIMEOUT:-210}" $MPI -np $p python3 bench/scaling.py --experts 8,32,64 \
+      --tokens 1024,16384 --nvlink --commit "$COMMIT" --json "$O/scaling.json" \
+      --out "$O/scaling_p$p" > "$O/scaling_p$p.log" 2>&1
+    echo "scaling $p ranks rc=$?"
+  done
+  rm -f "$O"/*.png; cp "$O/scaling.json" "$O/scaling_json.txt" 2>/dev/null; bundle
+  python3 -c "import json; [print(r['gpus'], r['experts'], r['tokens_per_gpu'], 'floor', \
+r['floor_ms'], 'torch', r['torch_ep_ms'], 'nccl', r['ours_ms'], 'graph', r.get('ours_graph_ms'), \
+'nvlink', r.get('ours_nvlink_ms'), r.get('speedup_nvlink')) \
+for r in json.load(open('$O/scaling_json.txt'))]"
 fi
 if [ "$PART" = e ]; then
   timeout -k 10 ${E_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
