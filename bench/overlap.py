@@ -58,22 +58,27 @@ def nvlink_stats(layer, x, comm, chain: int = 8) -> dict:
     got = allgather(comm.mpi, layer._persistent.measure(x, chain=chain), "kernel clocks")
     busy = float(np.mean([g.pop("sm_busy") for g in got]))
     kernel = max(g.pop("kernel_us") for g in got)
-    rows = [{k: g.pop(k) for k in list(g) if k.startswith("row_")} for g in got]
-    out = {"sm_busy_nvlink": round(busy, 3), "kernel_us_nvlink": kernel,
-           "phases_us_nvlink": {k: max(g[k] for g in got) for k in got[0]}}
-    if rows[0].get("row_tiles"):  # TMA row tiles: their anatomy, mean over ranks
-        out["row_tile_us_nvlink"] = {k[4:]: round(float(np.mean([r[k] for r in rows])), 3)
-                                     for k in rows[0]}
-    return out
+    tasks = [{k: g.pop(k) for k in list(g) if k.startswith("row_")} for g in got]
+    return {"sm_busy_nvlink": round(busy, 3), "kernel_us_nvlink": kernel,
+            "phases_us_nvlink": {k: max(g[k] for g in got) for k in got[0]},
+            # the TMA row tiles' time per tile and the waits per block, mean over ranks
+            "tasks_us_nvlink": {k[4:]: round(float(np.mean([t[k] for t in tasks])), 3)
+                                for k in tasks[0]}}
 
 
 def phases_text(row: dict) -> str:
-    """A row's nvlink phases as "route 6.3, positions 2.1, ..." (microseconds), then the TMA
-    row tiles' time per tile where it has them."""
+    """A row's nvlink phases as "route 6.3, positions 2.1, ..." (microseconds), then the
+    task loop's clocks: the TMA row tiles' time per tile where it has them, and the waits
+    per block."""
     text = ", ".join(f"{k} {v}" for k, v in row["phases_us_nvlink"].items())
-    tile = row.get("row_tile_us_nvlink")
-    if tile:
-        text += "; per TMA row tile: " + ", ".join(f"{k} {v}" for k, v in tile.items())
+    tasks = dict(row.get("tasks_us_nvlink") or {})
+    tiles = tasks.pop("tiles", 0)
+    per_tile = [f"{k} {tasks.pop(k)}" for k in ("prologue_us", "loop_us", "epilogue_us")
+                if k in tasks]
+    if tiles:
+        text += f"; per TMA row tile ({int(tiles)}): " + ", ".join(per_tile)
+    if tasks:
+        text += "; waits per block: " + ", ".join(f"{k} {v}" for k, v in tasks.items())
     return text
 
 

@@ -24,6 +24,7 @@ from .render import (
     PERSISTENT_ROW_CLOCKS,
     PERSISTENT_STAT_END,
     PERSISTENT_STATS_WORDS,
+    PERSISTENT_TASK_CLOCKS,
     persistent_counter_words,
     persistent_split_base,
     router_scratch_words,
@@ -424,22 +425,34 @@ def _kernel_us(st: np.ndarray) -> float:
                        - st[:, 2].astype(np.int64).min()) / 1e3, 2)
 
 
-def _row_anatomy(st: np.ndarray) -> dict[str, float]:
-    """The TMA row tiles' time per tile in us (mean over the grid's tiles): prologue, loop,
-    epilogue (render.PERSISTENT_ROW_CLOCKS), each block's cycles at its own clock rate (its
-    cycles over its span on the ns timer); zeros where the config has no TMA row tiles."""
-    n = len(PERSISTENT_ROW_CLOCKS)
-    clocks = st[:, PERSISTENT_STAT_END + 1:PERSISTENT_STAT_END + 1 + n].astype(np.float64)
-    tiles = st[:, PERSISTENT_STAT_END + 1 + n]
+def _task_clocks_us(st: np.ndarray) -> dict[str, np.ndarray]:
+    """Per block, the task loop's words (render.PERSISTENT_TASK_CLOCKS) in us, each block's
+    cycles at its own clock rate (its cycles over its span on the ns timer); the row tile
+    count as is."""
+    w = st[:, PERSISTENT_STAT_END + 1:PERSISTENT_STAT_END + 1 + len(PERSISTENT_TASK_CLOCKS)]
     span_ns = st[:, PERSISTENT_STAT_END].astype(np.int64) - st[:, 2].astype(np.int64)
     ghz = np.divide(st[:, 1].astype(np.float64), span_ns, out=np.zeros(len(st)),
                     where=span_ns > 0)
-    us = np.divide(clocks, ghz[:, None] * 1e3, out=np.zeros_like(clocks), where=ghz[:, None] > 0)
-    total = tiles.sum()
-    per_tile = us.sum(axis=0) / total if total else np.zeros(n)
-    return {"row_tiles": int(total), **{f"row_{k}_us": round(float(v), 3)
-                                        for k, v in zip(PERSISTENT_ROW_CLOCKS, per_tile,
-                                                        strict=True)}}
+    out = {}
+    for i, k in enumerate(PERSISTENT_TASK_CLOCKS):
+        v = w[:, i].astype(np.float64)
+        out[k] = v if k == "row_tiles" else np.divide(v, ghz * 1e3, out=np.zeros(len(st)),
+                                                       where=ghz > 0)
+    return out
+
+
+def _row_anatomy(st: np.ndarray) -> dict[str, float]:
+    """The TMA row tiles' time per tile in us (mean over the grid's tiles): prologue, loop,
+    epilogue (render.PERSISTENT_ROW_CLOCKS), zeros where the config has none; and the task
+    loop's waits per block in us (mean over blocks): on dependencies (a down tile's gate/up
+    tiles) and on sources' dispatch flags."""
+    c = _task_clocks_us(st)
+    total = c["row_tiles"].sum()
+    per_tile = {f"row_{k}_us": round(float(c[k].sum() / total), 3) if total else 0.0
+                for k in PERSISTENT_ROW_CLOCKS}
+    return {"row_tiles": int(total), **per_tile,
+            "row_dep_wait_us": round(float(c["dep_wait"].mean()), 3),
+            "row_flag_wait_us": round(float(c["flag_wait"].mean()), 3)}
 
 
 class _Resources:

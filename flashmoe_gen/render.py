@@ -225,7 +225,11 @@ PERSISTENT_STAT_END = 3 + len(PERSISTENT_PHASES)
 #: (barrier set-up, the ring's first loads), the k-loop, the epilogues (stores, and the
 #: block barrier after the last).
 PERSISTENT_ROW_CLOCKS = ("prologue", "loop", "epilogue")
-PERSISTENT_STATS_WORDS = PERSISTENT_STAT_END + 1 + len(PERSISTENT_ROW_CLOCKS) + 1
+#: The task loop's words after the block's end: the row tiles' clocks and count, then
+#: thread 0's cycles waiting on a dependency (a down tile's gate/up tiles) and on sources'
+#: dispatch flags.
+PERSISTENT_TASK_CLOCKS = (*PERSISTENT_ROW_CLOCKS, "row_tiles", "dep_wait", "flag_wait")
+PERSISTENT_STATS_WORDS = PERSISTENT_STAT_END + 1 + len(PERSISTENT_TASK_CLOCKS)
 
 #: The split router's items to aim for, (token batch, hidden slice) pairs (the router
 #: kernel's blocks, or the persistent kernel's router phase): about two per SM of an
@@ -371,6 +375,9 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_bounds": "fmoe::P_THREADS, 1" if config.ws_tma else "fmoe::P_THREADS",
         "persistent_stats_words": PERSISTENT_STATS_WORDS,
         "persistent_stat_end": PERSISTENT_STAT_END,
+        "persistent_task_clocks": len(PERSISTENT_TASK_CLOCKS),
+        "persistent_dep_wait": PERSISTENT_TASK_CLOCKS.index("dep_wait"),
+        "persistent_flag_wait": PERSISTENT_TASK_CLOCKS.index("flag_wait"),
         "persistent_st_dep": PERSISTENT_ST_DEP,
         "persistent_fused": CPP_BOOL[config.transport == "nvlink" and config.fuse_sources],
         "pgu": _task_gemm(config.gate_up, True, config.ws_tma, config.task_tiles,

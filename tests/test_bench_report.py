@@ -126,3 +126,21 @@ def test_overlap_rounds_give_each_ratio_and_the_text_names_them():
     text = rounds_text({"rounds": rows})
     assert text == "r1 6.39 (5.98-6.74) / 7.09 sync = 0.901; r2 5.5 (5.4-5.6) / 6.88 graph = 0.799"
     assert rounds_text({}) == ""  # rows of older JSON files have no rounds
+
+
+def test_phases_text_adds_the_task_loops_clocks():
+    """A sweep row's phase line: the phases, then (where the config has TMA row tiles) the
+    time per tile, then the waits per block."""
+    from overlap import phases_text
+
+    row = {"phases_us_nvlink": {"route": 160.0, "combine": 60.0},
+           "tasks_us_nvlink": {"tiles": 4000.0, "prologue_us": 1.2, "loop_us": 22.0,
+                               "epilogue_us": 2.5, "dep_wait_us": 30.0, "flag_wait_us": 5.0}}
+    assert phases_text(row) == ("route 160.0, combine 60.0; per TMA row tile (4000): "
+                                "prologue_us 1.2, loop_us 22.0, epilogue_us 2.5; waits per "
+                                "block: dep_wait_us 30.0, flag_wait_us 5.0")
+    row["tasks_us_nvlink"] = {"tiles": 0, "prologue_us": 0.0, "loop_us": 0.0,
+                              "epilogue_us": 0.0, "dep_wait_us": 3.0, "flag_wait_us": 1.0}
+    assert phases_text(row) == ("route 160.0, combine 60.0; waits per block: dep_wait_us 3.0, "
+                                "flag_wait_us 1.0")
+    assert phases_text({"phases_us_nvlink": {"route": 1.0}}) == "route 1.0"

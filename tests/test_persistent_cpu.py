@@ -119,9 +119,9 @@ def test_measure_reads_the_last_call_of_each_chain():
         last = n % 3 == 0
         total = 100 + n // 3 if last else 10_000
         marks = [5_000, *(5_000 + 1_000 * np.arange(1, 7)), 5_000 + 1_000 * total]  # ns
+        clocks = [0] * 6  # no TMA row tiles, no waits
         pf.stats = types.SimpleNamespace(get=lambda: np.array(
-            [[total // 2, total, *marks, 0, 0, 0, 0], [0, total, *marks, 0, 0, 0, 0]],
-            np.uint64))
+            [[total // 2, total, *marks, *clocks], [0, total, *marks, *clocks]], np.uint64))
 
     pf.layer = types.SimpleNamespace(forward=forward, _graph_cache=None)
     pf.stats = None
@@ -143,14 +143,17 @@ def test_row_anatomy_converts_each_blocks_cycles_at_its_own_rate():
     st[:, 2], st[:, PERSISTENT_STAT_END] = 5_000, 6_000  # 1000 ns each
     st[:, 1] = [2000, 1000, 1500]  # 2, 1 and 1.5 GHz
     anatomy = PERSISTENT_STAT_END + 1
-    st[0, anatomy:anatomy + 4] = [200, 1600, 200, 2]  # two tiles
-    st[1, anatomy:anatomy + 4] = [100, 800, 100, 1]
-    # the third block ran no row tile
+    st[0, anatomy:anatomy + 6] = [200, 1600, 200, 2, 600, 0]  # two tiles
+    st[1, anatomy:anatomy + 6] = [100, 800, 100, 1, 0, 300]
+    st[2, anatomy + 4:anatomy + 6] = [1500, 0]  # the third block ran no row tile
     got = _row_anatomy(st)
     assert got["row_tiles"] == 3
     assert got["row_prologue_us"] == pytest.approx(0.2 / 3, abs=1e-3)
     assert got["row_loop_us"] == pytest.approx(1.6 / 3, abs=1e-3)
     assert got["row_epilogue_us"] == pytest.approx(0.2 / 3, abs=1e-3)
+    # waits per block: 0.3, 0 and 1.0 us on dependencies; 0, 0.3 and 0 on flags
+    assert got["row_dep_wait_us"] == pytest.approx(1.3 / 3, abs=1e-3)
+    assert got["row_flag_wait_us"] == pytest.approx(0.1, abs=1e-3)
 
 
 def test_row_anatomy_words_follow_the_template():
@@ -158,15 +161,22 @@ def test_row_anatomy_words_follow_the_template():
     the TMA row task passes its clocks."""
     from flashmoe_gen.config import KernelConfig
     from flashmoe_gen.problem import MoEProblem
-    from flashmoe_gen.render import PERSISTENT_ROW_CLOCKS, PERSISTENT_STAT_END, render
+    from flashmoe_gen.render import PERSISTENT_STAT_END, PERSISTENT_TASK_CLOCKS, render
 
     p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
     code = " ".join(render(p, KernelConfig.persistent_default(p, "sm_90")).code.split())
     assert f"constexpr int STAT_END = {PERSISTENT_STAT_END};" in code
+    assert f"constexpr int TASK_CLOCKS = {len(PERSISTENT_TASK_CLOCKS)};" in code
+    assert (f"constexpr int DEP_WAIT = {PERSISTENT_TASK_CLOCKS.index('dep_wait')}, "
+            f"FLAG_WAIT = {PERSISTENT_TASK_CLOCKS.index('flag_wait')};") in code
     assert "stats[STATS_WORDS * blockIdx.x + STAT_END] = global_ns();" in code
-    assert f"for (int i = 0; i < {len(PERSISTENT_ROW_CLOCKS) + 1}; ++i) " \
+    assert "for (int i = 0; i < TASK_CLOCKS; ++i) " \
            "stats[STATS_WORDS * blockIdx.x + STAT_END + 1 + i] =" in code
     assert code.count("m_tiles, row_clk); });") == 2  # gate/up and down tasks
+    # per source: the list's flag wait and the down tasks' dependency waits are timed
+    assert code.count("timed_wait(task_clk + FLAG_WAIT,") == 1
+    assert code.count("timed_wait(task_clk + DEP_WAIT,") == 2  # shared and routed down
+    assert " wait_until([&] { return ld_acquire_gpu(dep" not in code
 
 
 def test_enable_stats_drops_captured_graphs(monkeypatch):
