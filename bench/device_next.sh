@@ -58,13 +58,14 @@
 #      0 refills the ring without waiting for the slowest warp where it can) and router
 #      quads (router_batches 4: two m16 tiles per gate-weight fragment), first GPU run of all
 #      three: their 4-rank cases, E=64 T=4096/16384 over defer_refill 0/1 x router_batches
-#      2/4 and Mixtral T=4096 on 4 ranks beside PyTorch EP, to see which part of a tile (27
-#      us at E=64 where its MMAs alone take ~18) to attack next; first the one-GPU routing
-#      tests (the router's loop changed for every config) (~520 s)
-#   j: issue 16's table over FlashDMoE's whole setting: H=I=2048 k=2, E = 8, 32, 64 at
+#      2/4 beside PyTorch EP, to see which part of a tile (27 us at E=64 where its MMAs
+#      alone take ~18) and which waits to attack next; first the one-GPU routing tests (the
+#      router's loop changed for every config) (~500 s)
+#   j: Mixtral T=4096 on 4 ranks with the task-loop clocks (issue 12's <= 0.8x: 0.869x at
+#      b017160), then issue 16's table over FlashDMoE's whole setting: H=I=2048 k=2, E = 8, 32, 64 at
 #      T=1024 and 16384 per GPU, on 2 then 4 ranks of one machine: nccl (host and graph),
 #      nvlink, PyTorch EP and the floor, same run, with the plot (scaling.py --plot on the
-#      development machine: the device returns few files) (~450 s)
+#      development machine: the device returns few files) (~560 s)
 #   (done and measured: parts 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
@@ -214,18 +215,18 @@ if [ "$PART" = i ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_routing.py \
     -q --no-header -p no:cacheprovider > "$O/routing.log" 2>&1
   echo "routing rc=$?"; grep -E "passed|failed" "$O/routing.log" | tail -2
-  SWEEP_TIMEOUT=200 tests_and_e64_sweep anatomy 150 \
+  SWEEP_TIMEOUT=220 tests_and_e64_sweep anatomy 150 \
     "nvlink_persistent_kernel and (row_tiles_wgmma_tma_deferred or quad_batches)" \
     "dr=0,1;rb=2,4"
-  timeout -k 10 120 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
-    --problems mixtral --tokens 4096 --iters 10 --out "$O/sweep_mixtral_anatomy.md" \
-    --json "$O/sweep_mixtral_anatomy.json" > "$O/sweep_mixtral_anatomy.log" 2>&1
-  echo "mixtral rc=$?"; bundle
-  grep -hE "^\| mixtral|^- mixtral" "$O/sweep_mixtral_anatomy.md" | cut -c1-400
 fi
 if [ "$PART" = j ]; then
+  timeout -k 10 110 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+    --problems mixtral --tokens 4096 --iters 10 --out "$O/sweep_mixtral_anatomy.md" \
+    --json "$O/sweep_mixtral_anatomy.json" > "$O/sweep_mixtral_anatomy.log" 2>&1
+  echo "mixtral rc=$?"
+  grep -hE "^\| mixtral|^- mixtral" "$O/sweep_mixtral_anatomy.md" | cut -c1-400
   for p in 2 4; do
-    timeout -k 10 "${J_TIMEOUT:-210}" $MPI -np $p python3 bench/scaling.py --experts 8,32,64 \
+    timeout -k 10 "${J_TIMEOUT:-200}" $MPI -np $p python3 bench/scaling.py --experts 8,32,64 \
       --tokens 1024,16384 --nvlink --commit "$COMMIT" --json "$O/scaling.json" \
       --out "$O/scaling_p$p" > "$O/scaling_p$p.log" 2>&1
     echo "scaling $p ranks rc=$?"
