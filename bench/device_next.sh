@@ -66,11 +66,16 @@
 #      T=1024 and 16384 per GPU, on 2 then 4 ranks of one machine: nccl (host and graph),
 #      nvlink, PyTorch EP and the floor, same run, with the plot (scaling.py --plot on the
 #      development machine: the device returns few files) (~560 s)
+#   l: the 128-token weight-streaming tile (a tuner choice, not yet run): its 4-rank case,
+#      then H=I=2048 E=64 at T=1024 on 4 ranks (128 rows per expert: the 64-token default
+#      reads the weights ~2.5 times) and on 2 over gu_bm/dn_bm 64/128 beside PyTorch EP;
+#      where 128 wins, give it a WS_TILE_SPEED entry (the defaults pick it from the expected
+#      passes) (~330 s)
 #   (done and measured: parts 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|f|g|i|j|k|n|p|r   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|f|g|i|j|k|l|n|p|r   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -236,6 +241,19 @@ if [ "$PART" = j ]; then
 r['floor_ms'], 'torch', r['torch_ep_ms'], 'nccl', r['ours_ms'], 'graph', r.get('ours_graph_ms'), \
 'nvlink', r.get('ours_nvlink_ms'), r.get('speedup_nvlink')) \
 for r in json.load(open('$O/scaling_json.txt'))]"
+fi
+if [ "$PART" = l ]; then
+  multigpu_k 4 "${TEST_TIMEOUT:-120}" ws128 "nvlink_persistent_kernel and fused_ws128"
+  for np_t in "4 1024" "2 1024"; do
+    set -- $np_t
+    timeout -k 10 "${SWEEP_TIMEOUT:-90}" $MPI -np $1 python3 bench/nvlink_sweep.py --torch \
+      --commit "$COMMIT" --problems e64 --tokens $2 --vary "gu_bm=64,128;dn_bm=64,128" \
+      --iters 20 --out "$O/sweep_ws128_p$1.md" --json "$O/sweep_ws128_p$1.json" \
+      > "$O/sweep_ws128_p$1.log" 2>&1
+    echo "sweep $1 ranks rc=$?"
+  done
+  bundle
+  grep -hE "^\| e64|^- e64" "$O"/sweep_ws128_p*.md | cut -c1-420
 fi
 if [ "$PART" = e ]; then
   timeout -k 10 ${E_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \

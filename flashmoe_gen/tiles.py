@@ -36,8 +36,11 @@ TMA_PRODUCER_THREADS = 128
 TMA_MAX_GROUPS = 1024
 TMA_STATIC_SMEM = 4 * (TMA_MAX_GROUPS + 1) + 16 * 8
 TMA_SPIN_CYCLES = 1 << 34
-#: Weight-streaming tiles: token tiles and K steps it takes.
-WS_TOKEN_CHOICES = (16, 32, 64)
+#: Weight-streaming tiles: token tiles and K steps it takes. 128 (one pass where experts
+#: get up to 128 rows: E=64 T=1024 on 4 ranks read weights ~2.5 times with 64) is a tuner
+#: choice only until a GPU run gives its speed (WS_TILE_SPEED; the defaults pick among
+#: the tiles there).
+WS_TOKEN_CHOICES = (16, 32, 64, 128)
 WS_BK_CHOICES = (32, 64)
 #: Weight-streaming pipeline depths: deeper than the row tiles' (a block alone on its SM at
 #: decode streams at about bytes in flight / memory latency).
@@ -251,7 +254,7 @@ def ws_token_tile(mean_rows: float, smallest: int = WS_TOKEN_CHOICES[0]) -> int:
     counts vary around their mean (2 x H200, DeepSeek-V3-like T=512: 32 rows on average, the
     32-token tile, expert tasks at 62% of the copy bandwidth), so the tile minimises the
     expected passes over a Poisson count divided by the tile's speed (``WS_TILE_SPEED``)."""
-    tiles = [t for t in WS_TOKEN_CHOICES if t >= smallest]
+    tiles = [t for t in WS_TOKEN_CHOICES if t >= smallest and t in WS_TILE_SPEED]
     return min(tiles, key=lambda t: ws_weight_reads(t, mean_rows))
 
 

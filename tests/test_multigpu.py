@@ -159,7 +159,7 @@ def _nvl_cfg(**knobs):
                                   "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks",
                                   "dsv2lite_default_many_batches",
                                   "dsv2lite_default_quad_batches",
-                                  "dsv2lite_default_fused", "fused",
+                                  "dsv2lite_default_fused", "dsv2lite_fused_ws128", "fused",
                                   "fused_dsv2lite_graph",
                                   "fused_capped_skewed", "fused_split_k", "fused_ws_tma"])
 def test_nvlink_persistent_kernel(comm, case):
@@ -181,6 +181,7 @@ def test_nvlink_persistent_kernel(comm, case):
          "dsv2lite_default_many_batches": DSV2.replace(tokens_per_rank=2200),
          "dsv2lite_default_quad_batches": DSV2.replace(tokens_per_rank=2200),
          "dsv2lite_default_fused": DSV2.replace(tokens_per_rank=300),
+         "dsv2lite_fused_ws128": DSV2.replace(tokens_per_rank=300),
          "fused": SEED.replace(tokens_per_rank=300),
          "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
          "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
@@ -220,11 +221,14 @@ def test_nvlink_persistent_kernel(comm, case):
             p.replace(world_size=comm.world_size)),
             router_batches=4 if case.endswith("quad_batches") else 2)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
-    if case == "dsv2lite_default_fused":  # the persistent default at 56 (2 ranks) or 112
-        # (4 ranks) rows per expert: every source in 64-token weight-streaming tasks, their
-        # weights by TMA boxes, shared experts
+    if case.startswith("dsv2lite_") and "fused" in case:  # the persistent default at 56 (2
+        # ranks) or 112 (4 ranks) rows per expert: every source in 64-token weight-streaming
+        # tasks, their weights by TMA boxes, shared experts; ws128: one 128-token pass
         cfg = KernelConfig.persistent_default(p.replace(world_size=comm.world_size))
         assert cfg.fuse_sources and cfg.ws_tma and cfg.gate_up.bm == 64, cfg.name
+        if case.endswith("ws128"):
+            cfg = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, bm=128),
+                                      down=dataclasses.replace(cfg.down, bm=128))
     tokens = [p.tokens_per_rank, 77, 0, 5]
     skewed = case.endswith("capped_skewed")
     layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=skewed)

@@ -561,13 +561,13 @@ def test_weight_streaming_tile_name_parse_and_grid():
 
 @pytest.mark.parametrize("tile,field,text", [
     (GemmTile(8, 64, 64, 4, 1, 4, "ws"), "bm", "tokens per pass"),
-    (GemmTile(128, 64, 64, 4, 1, 4, "ws"), "bm", "tokens per pass"),
+    (GemmTile(256, 64, 64, 4, 1, 4, "ws"), "bm", "tokens per pass"),
     (GemmTile(32, 64, 16, 4, 1, 4, "ws"), "bk", "ws: choose one of [32, 64]"),
     (GemmTile(32, 64, 64, 2, 2, 4, "ws"), "warps_n", "use 1"),
     (GemmTile(32, 32, 64, 4, 1, 4, "ws"), "bn", "multiple of 16 x warps_m = 64"),
     (GemmTile(32, 64, 64, 4, 1, 9, "ws"), "stages", "choose 2..8"),
     (GemmTile(64, 256, 64, 2, 1, 6, "ws"), "stages", "shared memory"),
-], ids=["bm8", "bm128", "bk16", "warps_n2", "bn_split", "stages9", "smem"])
+], ids=["bm8", "bm256", "bk16", "warps_n2", "bn_split", "stages9", "smem"])
 def test_weight_streaming_tile_refusals(tile, field, text):
     _refused(KernelConfig(tile, GemmTile(32, 128, 64, 4, 1, 4, "ws")), DSV3_DECODE, field, text)
 
@@ -1050,6 +1050,13 @@ def test_weight_streaming_token_tile_covers_the_spread_of_routed_rows():
     assert tiles == sorted(tiles) and set(tiles) <= set(WS_TOKEN_CHOICES)
     assert ws_token_tile(1) == 16 and ws_token_tile(8) == 16 and ws_token_tile(32) == 64
     assert ws_token_tile(1, smallest=32) == 32 and ws_token_tile(24, smallest=32) == 32
+    # the 128-token tile is a tuner choice until a GPU run gives its speed: never a default
+    from flashmoe_gen.tiles import WS_TILE_SPEED
+    assert 128 in WS_TOKEN_CHOICES and 128 not in WS_TILE_SPEED
+    assert ws_token_tile(128) == ws_token_tile(500) == 64
+    from flashmoe_gen.arch import limits_for
+    GemmTile(128, 128, 64, 8, 1, 4, "ws").validate("gate_up", 2048, 2048, 2,
+                                                   limits_for("sm_90"), None)
     p = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=2, tokens_per_rank=512)
     for cfg in (KernelConfig.default(p), KernelConfig.persistent_default(p)):
         assert cfg.gate_up.mma == cfg.down.mma == "ws" and cfg.gate_up.bm == cfg.down.bm == 64
