@@ -32,27 +32,6 @@
 #      back to back, alternating which goes first), tune run again, then the kernel
 #      breakdown of the default in host and in graph mode, with how long the GPU idles per
 #      forward (~450 s)
-#   d: session 17's persistent-kernel changes on 4 ranks (issue 16): the nvlink tests not yet
-#      run after the dense per-source task lists (8048769), then H=I=2048 E=64 at
-#      T=4096/16384 over send_blocks 0, 8, 32 beside PyTorch EP (32 is the default, chosen
-#      on 2 ranks) (~400 s)
-#   e: Mixtral T=4096 with transport nvlink (its persistent default: TMA row tasks, 32
-#      senders, dense lists; session 14's cp.async rows took 7.44 ms) beside PyTorch EP, for
-#      issue 12's <= 0.8x; then weak scaling 2 -> 4 ranks at E=64 T=1024/16384 (~300 s)
-#   b: router_batches (the persistent kernel's router takes two 8-token batches per
-#      tensor-core logit tile) and task_tiles (two row tiles per TMA row task through one
-#      ring), both off by default until measured: the 4-rank nvlink cases that use them
-#      (the persistent default at DeepSeek-V2-Lite T=2200 with rb2; TMA rows with tt2) and
-#      E=64 T=4096/16384 over rb = 1, 2 x tt = 1, 2 beside PyTorch EP (~420 s)
-#   f: the 4-rank nvlink tests the 200 s cut of part d left (b017160), then H=I=2048 E=64 at
-#      T=1024/2048 on 4 ranks and T=1024 on 2 (issue 16's >= 3x PyTorch EP, and weak
-#      scaling: 2 ranks pick fused weight-streaming, 4 ranks mma.sync rows per source): the
-#      default with router_batches 1/2 beside fused weight-streaming (64-token tiles, with and
-#      without TMA weights) and TMA wgmma rows per source (~480 s)
-#   g: the persistent defaults part f chose (fused 64-token weight-streaming with TMA weights
-#      up to 128 rows per expert, wgmma rows from 64 per source, router pairs from 2048
-#      tokens): their 4-rank cases, then weak scaling 2 -> 4 ranks at E=64 T=1024/16384
-#      (~300 s)
 #   i: the TMA row tiles' anatomy (prologue / k-loop / epilogue per tile, from the kernel's
 #      own clocks, in each sweep row's phase line) and deferred refills (defer_refill: thread
 #      0 refills the ring without waiting for the slowest warp where it can) and router
@@ -71,11 +50,12 @@
 #      reads the weights ~2.5 times) and on 2 over gu_bm/dn_bm 64/128 beside PyTorch EP;
 #      where 128 wins, give it a WS_TILE_SPEED entry (the defaults pick it from the expected
 #      passes) (~330 s)
-#   (done and measured: parts 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
+#   (done and measured: parts b, d, e, f, g (session 18: bench/results/
+#   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|b|d|e|f|g|i|j|k|l|n|p|r   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|i|j|k|l|n|p|r   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -179,42 +159,6 @@ tests_and_e64_sweep() {  # TAG TEST-TIMEOUT K-EXPRESSION VARY: the 4-rank tests 
   echo "sweep rc=$?"; bundle
   grep -hE "^\| e64|^- e64" "$O/sweep_$1.md" | cut -c1-420
 }
-if [ "$PART" = d ]; then
-  tests_and_e64_sweep dense 200 \
-    "nvlink_persistent_kernel and (capped or dsv2lite or graph or row_tiles or fused) or nvlink_direct" \
-    "sb=0,8,32"
-fi
-if [ "$PART" = b ]; then
-  SWEEP_TIMEOUT=260 tests_and_e64_sweep pairs 150 \
-    "nvlink_persistent_kernel and (many_batches or seed or row_tiles_wgmma_tma)" "rb=1,2;tt=1,2"
-fi
-if [ "$PART" = f ]; then
-  multigpu_k 4 "${TEST_TIMEOUT:-260}" rest "nvlink_persistent_kernel and (fused or \
-dsv2lite_wgmma_tma_graph or send_blocks) or nvlink_direct"
-  WS64=gu_bm64_bn128_bk64_w8x1_s4_ws__dn_bm64_bn128_bk64_w8x1_s4_ws__r8__c1__cs1__ss1__fs__nvlink
-  WG=gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt
-  SYNC=gu_bm64_bn128_bk64_w2x4_s4__dn_bm128_bn128_bk64_w2x4_s4__r8__c1__cs1__ss1__nvlink
-  for np_t in "4 1024,2048" "2 1024"; do
-    set -- $np_t
-    timeout -k 10 "${SWEEP_TIMEOUT:-170}" $MPI -np $1 python3 bench/nvlink_sweep.py --torch \
-      --commit "$COMMIT" --problems e64 --tokens $2 --vary "rb=1,2" --iters 20 \
-      --config $SYNC --config ${SYNC}__rb2 --config $WS64 --config ${WS64}__wt --config ${WS64}__wt__rb2 \
-      --config ${WG}__sb32__rb2 --out "$O/sweep_small_p$1.md" --json "$O/sweep_small_p$1.json" \
-      > "$O/sweep_small_p$1.log" 2>&1
-    echo "sweep $1 ranks rc=$?"
-  done
-  bundle
-  grep -hE "^\| e64|^- e64" "$O"/sweep_small_p*.md | cut -c1-200
-fi
-if [ "$PART" = g ]; then
-  multigpu_k 4 "${TEST_TIMEOUT:-170}" defaults \
-    "nvlink_persistent_kernel and (dsv2lite_default_fused or dsv2lite_default_many_batches)"
-  weak_scaling "$COMMIT" 80
-  rm -f "$O"/*.png; cp "$O/scaling.json" "$O/scaling_json.txt" 2>/dev/null; bundle
-  python3 -c "import json; [print(r['gpus'], r['tokens_per_gpu'], 'floor', r['floor_ms'], \
-'torch', r['torch_ep_ms'], 'nvlink', r.get('ours_nvlink_ms'), r.get('speedup_nvlink'), \
-r.get('config_nvlink')) for r in json.load(open('$O/scaling_json.txt'))]"
-fi
 if [ "$PART" = i ]; then
   # the router's m-tile loop (043bb97) runs in every default too: the one-GPU routing tests
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_routing.py \
@@ -254,17 +198,6 @@ if [ "$PART" = l ]; then
   done
   bundle
   grep -hE "^\| e64|^- e64" "$O"/sweep_ws128_p*.md | cut -c1-420
-fi
-if [ "$PART" = e ]; then
-  timeout -k 10 ${E_TIMEOUT:-150} $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
-    --commit "$COMMIT" --problems mixtral --tokens 4096 --iters 10 \
-    --out "$O/sweep_mixtral_p4.md" --json "$O/sweep_mixtral_p4.json" > "$O/sweep_mixtral_p4.log" 2>&1
-  echo "mixtral nvlink rc=$?"
-  weak_scaling "$COMMIT" 70
-  rm -f "$O"/*.png; bundle
-  grep -hE "^\| mixtral|^- mixtral" "$O"/sweep_mixtral_p4.md | cut -c1-220
-  python3 -c "import json; [print(r['gpus'], r['tokens_per_gpu'], 'floor', r['floor_ms'], \
-'torch', r['torch_ep_ms'], 'nvlink', r.get('ours_nvlink_ms')) for r in json.load(open('$O/scaling.json'))]"
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
