@@ -117,7 +117,7 @@ def check_send_blocks(cfg: KernelConfig, problem: MoEProblem, name: str) -> None
 
 def check_router_batches(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
     """Two token batches per tensor-core logit tile in the persistent kernel's router."""
-    from .render import router_pairs_fit  # render imports config
+    from .render import ROUTER_MAX_MTILES, router_pairs_fit  # render imports config
 
     v = cfg.router_batches
     if v not in ROUTER_BATCH_CHOICES:
@@ -127,15 +127,22 @@ def check_router_batches(cfg: KernelConfig, problem: MoEProblem, name: str) -> N
            else "" if router_pairs_fit(problem, cfg.router_tokens_per_block, v) else
            f"the router's tensor cores take {problem.experts} experts in one pass only "
            f"for 32 or 64 experts (and a hidden size a multiple of 16), and {v} batches of "
-           f"{cfg.router_tokens_per_block} tokens in at most two 16-row tiles")
+           f"{cfg.router_tokens_per_block} tokens in at most {ROUTER_MAX_MTILES} 16-row "
+           f"tiles")
     if why:
         raise ConfigError("router_batches", v, why + ": use 1", name)
+
+
+def tma_row_tasks(cfg: KernelConfig) -> bool:
+    """Whether the persistent kernel's routed row tasks load both operands by TMA into an
+    mbarrier ring (wt_gemm_tile): ``ws_tma`` on wgmma tiles."""
+    return cfg.transport == "nvlink" and cfg.ws_tma and cfg.gate_up.mma == "wgmma"
 
 
 def check_defer_refill(cfg: KernelConfig, name: str) -> None:
     """Refills that never block the k-loop: only the TMA row tasks have the ring whose
     thread 0 both computes and refills."""
-    if not (cfg.transport == "nvlink" and cfg.ws_tma and cfg.gate_up.mma == "wgmma"):
+    if not tma_row_tasks(cfg):
         raise ConfigError("defer_refill", True, "only the persistent kernel's TMA row tasks "
                           "(transport 'nvlink', wgmma tiles, ws_tma) refill a ring from a "
                           "computing thread: use False", name)
@@ -147,7 +154,7 @@ def check_task_tiles(cfg: KernelConfig, name: str) -> None:
     v = cfg.task_tiles
     if v not in TASK_TILE_CHOICES:
         raise ConfigError("task_tiles", v, f"choose one of {list(TASK_TILE_CHOICES)}", name)
-    if not (cfg.transport == "nvlink" and cfg.ws_tma and cfg.gate_up.mma == "wgmma"):
+    if not tma_row_tasks(cfg):
         raise ConfigError("task_tiles", v, "only the persistent kernel's TMA row tasks "
                           "(transport 'nvlink', wgmma tiles, ws_tma) take several row "
                           "tiles per task: use 1", name)

@@ -379,7 +379,7 @@ class PersistentForward:
         for _ in range(repeats):
             for _ in range(chain):
                 self.layer.forward(x)
-            st = self._stats("clocks")  # one copy per chain serves all three figures
+            st = self._stats("clocks")  # one copy per chain serves every figure
             runs.append({"sm_busy": _sm_busy(st), "kernel_us": _kernel_us(st),
                          **_phase_us(st), **_row_anatomy(st)})
         return {k: round(float(np.median([r[k] for r in runs])), 3) for k in runs[0]}

@@ -214,12 +214,13 @@ def router_mma_pass_warps(problem: MoEProblem, warps: int) -> int:
 PERSISTENT_PHASES = ("route", "positions", "dispatch", "own_tasks", "all_tasks",
                      "combine_wait")
 #: Stats words per block: GEMM cycles, all cycles (their ratio: SM busy), the block's start
-#: (ns), the phase marks (ns), its end (ns) (word PERSISTENT_STAT_END); then the TMA row
-#: tiles' anatomy (PERSISTENT_ROW_CLOCKS, cycles summed over the block's tiles, and its
-#: tile count). Times in ns, not cycles over the nominal clock: under tensor-core load the
-#: SMs clock below it, and cycles / ClockRate read ~10% short (E=64 T=16384 on 4 x H200:
-#: kernel 2015 "us" in a 2249 us forward); the anatomy's cycles convert at each block's own
-#: rate (its cycles over its ns).
+#: (ns), the phase marks (ns), its end (ns) (word PERSISTENT_STAT_END); then the task loop's
+#: clocks (PERSISTENT_TASK_CLOCKS: the TMA row tiles' cycles summed over the block's tiles
+#: and their count, the cycles waiting on dependencies and flags). Times in ns, not cycles
+#: over the nominal clock: under tensor-core load the SMs clock below it, and cycles /
+#: ClockRate read ~10% short (E=64 T=16384 on 4 x H200: kernel 2015 "us" in a 2249 us
+#: forward); the task loop's cycles convert at each block's own rate (its cycles over its
+#: ns).
 PERSISTENT_STAT_END = 3 + len(PERSISTENT_PHASES)
 #: A TMA row tile (wt_gemm_tile, thread 0's clock): entry to its first k-tile landed
 #: (barrier set-up, the ring's first loads), the k-loop, the epilogues (stores, and the
@@ -306,6 +307,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
     lanes_e, lanes_h, epl = router_lanes(problem.experts)
     split = router_split(problem.experts, config.router_tokens_per_block)
     mma_experts = router_mma_experts(problem, config.router_tokens_per_block)
+    mtiles = router_mtiles(config.router_batches, config.router_tokens_per_block)
     dt = problem.dtype
     return {
         "version": __version__,
@@ -345,13 +347,11 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         # loop measured in session 15.
         "router_mma_ks_serial": CPP_BOOL[mma_experts not in (0, problem.experts)],
         "router_logit_batches": config.router_batches,
-        "router_mma_mtiles": router_mtiles(config.router_batches,
-                                           config.router_tokens_per_block),
+        "router_mma_mtiles": mtiles,
         # k steps unrolled: four for one m16 tile (E=64 T=16384 route 226 -> 217 us over
         # one); two m16 tiles keep as many loads in flight with two (and spilled 16 bytes
         # with shared experts at four)
-        "router_mma_unroll": 4 // router_mtiles(config.router_batches,
-                                                config.router_tokens_per_block),
+        "router_mma_unroll": 4 // mtiles,
         **(split or {"router_vec_lanes_e": 0, "router_vec_per_lane": 0,
                      "router_token_batch": 0}),
         "router_lanes_e": lanes_e,

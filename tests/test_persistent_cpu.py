@@ -172,7 +172,7 @@ def test_row_anatomy_words_follow_the_template():
     assert "stats[STATS_WORDS * blockIdx.x + STAT_END] = global_ns();" in code
     assert "for (int i = 0; i < TASK_CLOCKS; ++i) " \
            "stats[STATS_WORDS * blockIdx.x + STAT_END + 1 + i] =" in code
-    assert code.count("m_tiles, row_clk); });") == 2  # gate/up and down tasks
+    assert code.count("m_tiles, task_clk); });") == 2  # gate/up and down tasks
     # per source: the list's flag wait and the down tasks' dependency waits are timed
     assert code.count("timed_wait(task_clk + FLAG_WAIT,") == 1
     assert code.count("timed_wait(task_clk + DEP_WAIT,") == 2  # shared and routed down

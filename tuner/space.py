@@ -227,9 +227,8 @@ def _without_moot(params: dict) -> dict:
 #: The persistent kernel's two-valued knobs whose measured effect is a few percent either
 #: way and turns with the problem (4 x H200, E=64: router pairs won from T=2048 and lost at
 #: 1024; two row tiles per task lost 1-16% at T=4096/16384, unmeasured elsewhere; deferred
-#: refills not yet measured): a tune
-#: with transport nvlink tries the persistent default with each flipped early, right after
-#: the default itself (where valid for the problem).
+#: refills not yet measured): a tune with transport nvlink tries the persistent default
+#: with each flipped early, right after the default itself (where valid for the problem).
 NVLINK_SEED_FLIPS = {"router_batches": (1, 2), "task_tiles": (1, 2),
                      "defer_refill": (False, True)}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
