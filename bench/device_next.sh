@@ -50,12 +50,16 @@
 #      reads the weights ~2.5 times) and on 2 over gu_bm/dn_bm 64/128 beside PyTorch EP;
 #      where 128 wins, give it a WS_TILE_SPEED entry (the defaults pick it from the expected
 #      passes) (~330 s)
+#   s: the staged epilogue (stage_epilogue, not yet run): the TMA row tiles' results through
+#      the ring's shared memory in 16-byte stores (a peer took the 4-byte stores as 16-byte
+#      NVLink writes): its 4-rank cases, E=64 T=4096/16384 over se 0/1 x rb 2/4 and Mixtral
+#      T=4096 over se 0/1, beside PyTorch EP (~500 s)
 #   (done and measured: parts b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|i|j|k|l|n|p|r   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|i|j|k|l|n|p|r|s   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -198,6 +202,20 @@ if [ "$PART" = l ]; then
   done
   bundle
   grep -hE "^\| e64|^- e64" "$O"/sweep_ws128_p*.md | cut -c1-420
+fi
+if [ "$PART" = s ]; then
+  # the staged epilogue (stage_epilogue): the tiles' epilogues took 4.9 (T=4096) and 8.6 us
+  # (T=16384) of E=64's ~32 us tile, 6.0 of Mixtral's ~74 (session 19, part i/j)
+  multigpu_k 4 "${TEST_TIMEOUT:-150}" staged "nvlink_persistent_kernel and staged"
+  for shape in "e64 4096,16384 se=0,1;rb=2,4 240" "mixtral 4096 se=0,1 150"; do
+    set -- $shape
+    timeout -k 10 "$4" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+      --problems $1 --tokens $2 --vary "$3" --iters 10 --out "$O/sweep_se_$1.md" \
+      --json "$O/sweep_se_$1.json" > "$O/sweep_se_$1.log" 2>&1
+    echo "sweep $1 rc=$?"
+  done
+  bundle
+  grep -hE "^\| (e64|mixtral)|^- (e64|mixtral)" "$O"/sweep_se_*.md | cut -c1-420
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

@@ -20,6 +20,7 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     check_persistent,
     check_router_batches,
     check_send_blocks,
+    check_stage_epilogue,
     check_task_tiles,
     check_ws_tma,
     persistent_takes,
@@ -103,6 +104,7 @@ class KernelConfig:
     router_batches: int = 1  # transport "nvlink", 32 or 64 experts (ROUTER_BATCH_CHOICES)
     task_tiles: int = 1  # transport "nvlink", TMA row tiles (TASK_TILE_CHOICES)
     defer_refill: bool = False  # transport "nvlink", TMA row tiles: refills never block
+    stage_epilogue: bool = False  # transport "nvlink", TMA row tiles: 16-byte stores
 
     @property
     def uses_wgmma(self) -> bool:
@@ -171,6 +173,8 @@ class KernelConfig:
             parts.append(f"tt{self.task_tiles}")
         if self.defer_refill:
             parts.append("dr")
+        if self.stage_epilogue:
+            parts.append("se")
         return "__".join(parts)
 
     @classmethod
@@ -181,19 +185,20 @@ class KernelConfig:
         m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
                          r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?(__os)?"
-                         r"(__ost)?(__ge)?(?:__sb(\d+))?(?:__rb(\d+))?(?:__tt(\d+))?(__dr)?", name)
+                         r"(__ost)?(__ge)?(?:__sb(\d+))?(?:__rb(\d+))?(?:__tt(\d+))?(__dr)?"
+                         r"(__se)?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
         (gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp,
-         wt, cm, os_, ost, ge, sb, rb, tt, dr) = m.groups()
+         wt, cm, os_, ost, ge, sb, rb, tt, dr, se) = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
                    transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
                    int(dsp or 1), wt is not None, int(cm or 0), os_ is not None,
                    ost is not None, ge is not None, int(sb or 0), int(rb or 1),
-                   int(tt or 1), dr is not None)
+                   int(tt or 1), dr is not None, se is not None)
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -219,7 +224,8 @@ class KernelConfig:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
-                  "own_split", "own_stream", "gather_experts", "defer_refill"):
+                  "own_split", "own_stream", "gather_experts", "defer_refill",
+                  "stage_epilogue"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -278,6 +284,8 @@ class KernelConfig:
             check_task_tiles(self, name)
         if self.defer_refill:
             check_defer_refill(self, name)
+        if self.stage_epilogue:
+            check_stage_epilogue(self, name)
         if self.comm_sms:
             self._validate_comm_sms(problem, name)
         if self.own_split:

@@ -148,6 +148,17 @@ def check_defer_refill(cfg: KernelConfig, name: str) -> None:
                           "computing thread: use False", name)
 
 
+def check_stage_epilogue(cfg: KernelConfig, name: str) -> None:
+    """Results through shared memory in 16-byte stores: the TMA row tasks' ring is free at
+    the epilogue only with one row tile per task (with more, the next one's loads fly)."""
+    why = ("only the persistent kernel's TMA row tasks (transport 'nvlink', wgmma tiles, "
+           "ws_tma) stage their results" if not tma_row_tasks(cfg) else
+           f"the ring still loads the next row tile with task_tiles {cfg.task_tiles}"
+           if cfg.task_tiles != 1 else "")
+    if why:
+        raise ConfigError("stage_epilogue", True, why + ": use False", name)
+
+
 def check_task_tiles(cfg: KernelConfig, name: str) -> None:
     """Several row tiles per task: only the TMA row tasks (``ws_tma`` on wgmma tiles) carry
     their ring from one row tile on to the next."""

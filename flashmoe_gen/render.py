@@ -380,10 +380,8 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_flag_wait": PERSISTENT_TASK_CLOCKS.index("flag_wait"),
         "persistent_st_dep": PERSISTENT_ST_DEP,
         "persistent_fused": CPP_BOOL[config.transport == "nvlink" and config.fuse_sources],
-        "pgu": _task_gemm(config.gate_up, True, config.ws_tma, config.task_tiles,
-                          config.defer_refill),
-        "pdn": _task_gemm(config.down, False, config.ws_tma, config.task_tiles,
-                          config.defer_refill),
+        "pgu": _task_gemm(config.gate_up, True, config),
+        "pdn": _task_gemm(config.down, False, config),
         **_split_vars(problem, config),
         "solo_front": CPP_BOOL[config.dispatch_blocks == 1],
         "send_blocks": config.send_blocks,
@@ -420,13 +418,13 @@ def _split_vars(problem: MoEProblem, config: KernelConfig) -> dict[str, int]:
             "split_base": persistent_split_base(problem, config) if sk.splits else 0}
 
 
-def _task_gemm(tile: GemmTile, gated: bool, tma: bool, task_tiles: int = 1,
-               defer: bool = False) -> dict[str, int | str]:
+def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, int | str]:
     """The persistent kernel's GEMM of one task: the weight-streaming device function (one
-    n-tile of a group over all its rows; ``tma``: weights by TMA boxes) or row tiles, mma.sync
-    or warpgroup MMA (one n-tile of one row tile: ``row_tasks``; ``tma``: a routed task's
-    rows and weights by TMA boxes, ``tma_fn``)."""
-    tma_fn = ""
+    n-tile of a group over all its rows; ``ws_tma``: weights by TMA boxes) or row tiles,
+    mma.sync or warpgroup MMA (one n-tile of one row tile: ``row_tasks``; ``ws_tma``: a
+    routed task's rows and weights by TMA boxes, ``tma_fn``, with the config's task tiles,
+    deferred refills and staged epilogue)."""
+    tma, tma_fn = config.ws_tma, ""
     if tile.mma == "ws":
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages, CPP_BOOL[gated],
                 CPP_BOOL[tma]]
@@ -435,8 +433,9 @@ def _task_gemm(tile: GemmTile, gated: bool, tma: bool, task_tiles: int = 1,
         args = [tile.bm, tile.bn, tile.stages, CPP_BOOL[gated]]
         fn = "wg_gemm_rows"
         if tma:  # routed row tasks read both operands by TMA (the shared experts' stay)
-            tma_fn = (f"wt_gemm_tile<{', '.join(map(str, [*args, task_tiles]))}, "
-                      f"{CPP_BOOL[defer]}>")
+            tma_fn = "wt_gemm_tile<{}>".format(", ".join(map(str, [
+                *args, config.task_tiles, CPP_BOOL[config.defer_refill],
+                CPP_BOOL[config.stage_epilogue]])))
     else:
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages,
                 CPP_BOOL[gated]]

@@ -156,9 +156,11 @@ def _nvl_cfg(**knobs):
                                   "row_tiles_wgmma", "row_tiles_wgmma_tma",
                                   "row_tiles_wgmma_tma_pairs",
                                   "row_tiles_wgmma_tma_deferred",
+                                  "row_tiles_wgmma_tma_staged",
                                   "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks",
                                   "dsv2lite_default_many_batches",
                                   "dsv2lite_default_quad_batches",
+                                  "dsv2lite_default_staged",
                                   "dsv2lite_default_fused", "dsv2lite_fused_ws128", "fused",
                                   "fused_dsv2lite_graph",
                                   "fused_capped_skewed", "fused_split_k", "fused_ws_tma"])
@@ -176,10 +178,12 @@ def test_nvlink_persistent_kernel(comm, case):
          "row_tiles_wgmma_tma": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma_pairs": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma_deferred": SEED.replace(tokens_per_rank=1000),
+         "row_tiles_wgmma_tma_staged": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
          "row_tiles_send_blocks": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_default_many_batches": DSV2.replace(tokens_per_rank=2200),
          "dsv2lite_default_quad_batches": DSV2.replace(tokens_per_rank=2200),
+         "dsv2lite_default_staged": DSV2.replace(tokens_per_rank=2200),
          "dsv2lite_default_fused": DSV2.replace(tokens_per_rank=300),
          "dsv2lite_fused_ws128": DSV2.replace(tokens_per_rank=300),
          "fused": SEED.replace(tokens_per_rank=300),
@@ -211,8 +215,10 @@ def test_nvlink_persistent_kernel(comm, case):
                            send_blocks=16 if case.endswith("graph") else 0,
                            task_tiles=2 if case.endswith("pairs") else 1,  # ~250 rows:
                            # one task of two row tiles per (source, expert, n-tile), ragged
-                           # ones of one; deferred: refills that wait only where they must
-                           defer_refill=case.endswith("deferred"))
+                           # ones of one; deferred: refills that wait only where they must;
+                           # staged: results in 16-byte stores through the ring
+                           defer_refill=case.endswith("deferred"),
+                           stage_epilogue=case.endswith("staged"))
     if case.startswith("dsv2lite_default_") and case.endswith("batches"):  # the persistent
         # default at 2200 tokens: TMA row tiles, senders, dense lists, shared experts, and a
         # router that takes two 8-token batches per tensor-core tile (275 batches: no hidden
@@ -220,6 +226,11 @@ def test_nvlink_persistent_kernel(comm, case):
         cfg = dataclasses.replace(KernelConfig.persistent_default(
             p.replace(world_size=comm.world_size)),
             router_batches=4 if case.endswith("quad_batches") else 2)
+        assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
+    if case == "dsv2lite_default_staged":  # the default at 2200 tokens, results staged
+        # (I = 1408: 11 gate/up n-tiles; ragged row tiles; shared experts' tiles unstaged)
+        cfg = dataclasses.replace(KernelConfig.persistent_default(
+            p.replace(world_size=comm.world_size)), stage_epilogue=True)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
     if case.startswith("dsv2lite_") and "fused" in case:  # the persistent default at 56 (2
         # ranks) or 112 (4 ranks) rows per expert: every source in 64-token weight-streaming

@@ -156,6 +156,7 @@ CONFIG_CHANGES = {
     "router_batches": 2,
     "task_tiles": 2,
     "defer_refill": True,
+    "stage_epilogue": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -717,6 +718,23 @@ def test_defer_refill_only_for_tma_row_tasks():
         with pytest.raises(ConfigError, match="only the persistent kernel's TMA row") as e:
             bad.validate(p, "sm_90")
         assert e.value.field == "defer_refill"
+
+
+def test_stage_epilogue_only_for_single_tma_row_tiles():
+    """stage_epilogue: the TMA row tasks' results through the ring's shared memory, free
+    only with one row tile per task. The name round-trips after every other knob."""
+    p = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
+    base = KernelConfig.persistent_default(p, "sm_90")
+    cfg = replace(base, defer_refill=True, stage_epilogue=True)
+    cfg.validate(p, "sm_90")
+    assert cfg.name.endswith("__dr__se") and KernelConfig.from_name(cfg.name) == cfg
+    for bad, text in ((replace(base, stage_epilogue=True, ws_tma=False), "only the persistent"),
+                      (replace(KernelConfig.default(p, "sm_90"), stage_epilogue=True),
+                       "only the persistent"),
+                      (replace(base, stage_epilogue=True, task_tiles=2), "task_tiles 2")):
+        with pytest.raises(ConfigError, match=text) as e:
+            bad.validate(p, "sm_90")
+        assert e.value.field == "stage_epilogue" and "use False" in str(e.value)
 
 
 def test_persistent_default_picks_tiles_by_rows_per_expert():

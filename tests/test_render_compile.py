@@ -255,7 +255,8 @@ def test_compile_persistent_kernel_with_tma_row_tiles(stages, private_cache):
     (wt_gemm_tile, maps 6 and 7 for the heap's and act's rows), the shared experts' tasks
     keep cp.async; the persistent default's tiles (gate/up 128 x 128, down 128 x 256)
     compile without spills for sm_90a at 3 and at 4 stages (there with send_blocks: 16
-    blocks send the peers' rows, and deferred refills); two row tiles per task (task_tiles)
+    blocks send the peers' rows, deferred refills and the staged epilogue); two row tiles per
+    task (task_tiles)
     without spills where no shared experts add their cp.async tiles (with them, 16 bytes
     spill)."""
     p = MoEProblem(2048, 2048, 64, 2, shared_experts=1, world_size=4, tokens_per_rank=16384)
@@ -263,23 +264,24 @@ def test_compile_persistent_kernel_with_tma_row_tiles(stages, private_cache):
               GemmTile(128, 256, 64, 8, 1, stages[1], "wgmma"))
     sb = 16 if stages[0] == 4 else 0
     cfg = KernelConfig(gu, dn, transport="nvlink", ws_tma=True, send_blocks=sb,
-                       defer_refill=bool(sb))
-    assert cfg.name.endswith("__nvlink__wt" + (f"__sb{sb}__dr" if sb else ""))
+                       defer_refill=bool(sb), stage_epilogue=bool(sb))
+    assert cfg.name.endswith("__nvlink__wt" + (f"__sb{sb}__dr__se" if sb else ""))
     gen = render(p, cfg)
     assert f"constexpr int SEND_BLOCKS = {sb};" in gen.code
     defer = "true" if sb else "false"
-    assert f"wt_gemm_tile<128, 128, {stages[0]}, true, 1, {defer}>(" in gen.code
-    assert f"wt_gemm_tile<128, 256, {stages[1]}, false, 1, {defer}>(" in gen.code
+    assert f"wt_gemm_tile<128, 128, {stages[0]}, true, 1, {defer}, {defer}>(" in gen.code
+    assert f"wt_gemm_tile<128, 256, {stages[1]}, false, 1, {defer}, {defer}>(" in gen.code
     assert f"wg_gemm_rows<128, 128, {stages[0]}, true>(" in gen.code  # the shared experts'
     assert "wm(6)" in gen.code and "wm(7)" in gen.code
-    assert "wt_gemm_tile<" not in render(p, replace(cfg, ws_tma=False, defer_refill=False)).code
+    assert "wt_gemm_tile<" not in render(p, replace(cfg, ws_tma=False, defer_refill=False,
+                                                    stage_epilogue=False)).code
     mod = compile_source(gen, "sm_90a", use_cache=False)
     check_module(mod, gen, "sm_90a")
     assert mod.dynamic_smem["moe_persistent"] == cfg.persistent_smem()
     if sb:  # two row tiles per task, routed experts only
         routed = p.replace(shared_experts=0)
-        pairs = render(routed, replace(cfg, task_tiles=2))
-        assert "wt_gemm_tile<128, 256, 4, false, 2, true>(" in pairs.code
+        pairs = render(routed, replace(cfg, task_tiles=2, stage_epilogue=False))
+        assert "wt_gemm_tile<128, 256, 4, false, 2, true, false>(" in pairs.code
         assert "constexpr int TASK_TILES = 2;" in pairs.code
         check_module(compile_source(pairs, "sm_90a", use_cache=False), pairs, "sm_90a")
 
