@@ -54,12 +54,14 @@
 #      the ring's shared memory in 16-byte stores (a peer took the 4-byte stores as 16-byte
 #      NVLink writes): its 4-rank cases, E=64 T=4096/16384 over se 0/1 x rb 2/4 and Mixtral
 #      T=4096 over se 0/1, beside PyTorch EP (~500 s)
+#   t: the staged epilogue per GEMM (se 0/1/2) with the router quads: E=64 T=4096/16384, E=8
+#      and 32 at T=16384, Mixtral T=4096, then the 4-rank down-only case (~420 s)
 #   (done and measured: parts b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|i|j|k|l|n|p|r|s   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|i|j|k|l|n|p|r|s|t   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -216,6 +218,23 @@ if [ "$PART" = s ]; then
   done
   bundle
   grep -hE "^\| (e64|mixtral)|^- (e64|mixtral)" "$O"/sweep_se_*.md | cut -c1-420
+fi
+if [ "$PART" = t ]; then
+  # the staged epilogue per GEMM (1: the down GEMM's, whose results go to the peers; 2:
+  # both): part s staged both, which won at T=16384 (2.26 -> 2.08 ms) and lost at T=4096
+  # (0.728 -> 0.751); with the router quads now the default
+  for shape in "e64 4096,16384 se=0,1,2 150" "e8,e32 16384 se=0,1 120" "mixtral 4096 se=0,1 110"
+  do
+    set -- $shape
+    timeout -k 10 "$4" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+      --problems $1 --tokens $2 --vary "$3" --iters 10 --out "$O/sweep_t_${1/,/_}.md" \
+      --json "$O/sweep_t_${1/,/_}.json" > "$O/sweep_t_${1/,/_}.log" 2>&1
+    echo "sweep $1 rc=$?"
+  done
+  multigpu_k 4 "${TEST_TIMEOUT:-150}" staged "nvlink_persistent_kernel and default_staged"
+  bundle
+  grep -hE "^\| (e64|e8|e32|mixtral) " "$O"/sweep_t_*.md | cut -d'|' -f2-8
+  grep -hoE "^- \S+ T=[0-9]+|per TMA row tile.*" "$O"/sweep_t_*.md | paste -d' ' - - | cut -c1-160
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

@@ -9,8 +9,8 @@ against the NCCL path's graph-mode default on the same weights and tokens.
 ``--vary`` changes the persistent default: ``gu_``/``dn_`` + a GemmTile field (bm, bn, bk,
 stages as ``s``), ``b`` (blocks per SM), ``d`` (dispatch blocks), ``wt`` (TMA loads),
 ``sb`` (blocks that send the peers' rows), ``rb`` (router batches per logit tile), ``tt``
-(row tiles per TMA row task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue,
-0/1), ``ks`` (K splits, ``GxD``),
+(row tiles per TMA row task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue:
+0 none, 1 down, 2 both), ``ks`` (K splits, ``GxD``),
 values
 comma-separated;
 every combination is timed (configs the build refuses are reported, not fatal). ``--config``
@@ -37,10 +37,12 @@ from report import add_output_args, emit, int_list, md_table  # noqa: E402
 
 FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 #: Large-batch shapes beside decode's (issue 12's Mixtral, FlashDMoE's E=64 setting): the
-#: persistent kernel's row tiles at thousands of tokens per rank.
+#: persistent kernel's row tiles at thousands of tokens per rank (FlashDMoE's E = 8, 32 too).
 SHAPES = SHAPES | {
     "mixtral": dict(hidden=4096, intermediate=14336, experts=8, top_k=2, shared_experts=0),
     "e64": dict(hidden=2048, intermediate=2048, experts=64, top_k=2, shared_experts=0),
+    "e32": dict(hidden=2048, intermediate=2048, experts=32, top_k=2, shared_experts=0),
+    "e8": dict(hidden=2048, intermediate=2048, experts=8, top_k=2, shared_experts=0),
 }
 
 
@@ -48,7 +50,7 @@ def variants(base, vary: str) -> list:
     """The persistent default ``base`` with every combination of ``vary``'s values: tile
     fields (``gu_``/``dn_`` + bm, bn, bk, s), ``b`` (blocks per SM), ``d`` (dispatch
     blocks), ``wt`` (TMA loads, 0/1), ``sb`` (send blocks), ``rb`` (router batches), ``tt``
-    (row tiles per task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue, 0/1) and
+    (row tiles per task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue, 0-2) and
     ``ks`` (K splits, ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):
@@ -57,7 +59,7 @@ def variants(base, vary: str) -> list:
             field = {"b": "blocks_per_sm", "d": "dispatch_blocks", "wt": "ws_tma",
                      "sb": "send_blocks", "rb": "router_batches", "tt": "task_tiles",
                      "dr": "defer_refill", "se": "stage_epilogue"}[knob]
-            cast = bool if knob in ("wt", "dr", "se") else (lambda v: v)
+            cast = bool if knob in ("wt", "dr") else (lambda v: v)
             axes.append([{field: cast(int(v))} for v in values.split(",")])
             continue
         if knob == "ks":

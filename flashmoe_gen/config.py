@@ -15,6 +15,7 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     PERSISTENT_THREADS,
     ROUTER_BATCH_CHOICES,
     SEND_BLOCK_CHOICES,
+    STAGE_EPILOGUE_CHOICES,
     TASK_TILE_CHOICES,
     check_defer_refill,
     check_persistent,
@@ -104,7 +105,7 @@ class KernelConfig:
     router_batches: int = 1  # transport "nvlink", 32 or 64 experts (ROUTER_BATCH_CHOICES)
     task_tiles: int = 1  # transport "nvlink", TMA row tiles (TASK_TILE_CHOICES)
     defer_refill: bool = False  # transport "nvlink", TMA row tiles: refills never block
-    stage_epilogue: bool = False  # transport "nvlink", TMA row tiles: 16-byte stores
+    stage_epilogue: int = 0  # transport "nvlink", TMA row tiles (STAGE_EPILOGUE_CHOICES)
 
     @property
     def uses_wgmma(self) -> bool:
@@ -174,7 +175,7 @@ class KernelConfig:
         if self.defer_refill:
             parts.append("dr")
         if self.stage_epilogue:
-            parts.append("se")
+            parts.append(f"se{self.stage_epilogue}")
         return "__".join(parts)
 
     @classmethod
@@ -186,7 +187,7 @@ class KernelConfig:
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
                          r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?(__os)?"
                          r"(__ost)?(__ge)?(?:__sb(\d+))?(?:__rb(\d+))?(?:__tt(\d+))?(__dr)?"
-                         r"(__se)?", name)
+                         r"(?:__se(\d+))?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
@@ -198,7 +199,7 @@ class KernelConfig:
                    transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
                    int(dsp or 1), wt is not None, int(cm or 0), os_ is not None,
                    ost is not None, ge is not None, int(sb or 0), int(rb or 1),
-                   int(tt or 1), dr is not None, se is not None)
+                   int(tt or 1), dr is not None, int(se or 0))
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -219,13 +220,12 @@ class KernelConfig:
         name = self.name
         for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams", "blocks_per_sm",
                   "gu_splits", "dn_splits", "dispatch_blocks", "comm_sms", "send_blocks",
-                  "router_batches", "task_tiles"):
+                  "router_batches", "task_tiles", "stage_epilogue"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
-                  "own_split", "own_stream", "gather_experts", "defer_refill",
-                  "stage_epilogue"):
+                  "own_split", "own_stream", "gather_experts", "defer_refill"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():

@@ -48,6 +48,10 @@ ROUTER_BATCH_CHOICES = (1, 2, 4)
 #: tiles of an (expert, n-tile) through one mbarrier ring, the second's first loads in
 #: flight during the first's epilogue, and halves the task fetches.
 TASK_TILE_CHOICES = (1, 2)
+#: The TMA row tasks' results through the ring's shared memory in 16-byte stores
+#: (``stage_epilogue``): 0 none (4-byte stores from the accumulators), 1 the down GEMM's
+#: (they go straight to the source rank over NVLink), 2 both GEMMs'.
+STAGE_EPILOGUE_CHOICES = (0, 1, 2)
 
 
 def persistent_takes(tile: GemmTile) -> bool:
@@ -149,14 +153,19 @@ def check_defer_refill(cfg: KernelConfig, name: str) -> None:
 
 
 def check_stage_epilogue(cfg: KernelConfig, name: str) -> None:
-    """Results through shared memory in 16-byte stores: the TMA row tasks' ring is free at
+    """Results through shared memory in 16-byte stores (STAGE_EPILOGUE_CHOICES: none, the
+    down GEMM's, which go to the peers, or both GEMMs'): the TMA row tasks' ring is free at
     the epilogue only with one row tile per task (with more, the next one's loads fly)."""
+    v = cfg.stage_epilogue
+    if v not in STAGE_EPILOGUE_CHOICES:
+        raise ConfigError("stage_epilogue", v, f"choose one of {list(STAGE_EPILOGUE_CHOICES)}"
+                          " (0 none, 1 the down GEMM, 2 both GEMMs)", name)
     why = ("only the persistent kernel's TMA row tasks (transport 'nvlink', wgmma tiles, "
            "ws_tma) stage their results" if not tma_row_tasks(cfg) else
            f"the ring still loads the next row tile with task_tiles {cfg.task_tiles}"
            if cfg.task_tiles != 1 else "")
     if why:
-        raise ConfigError("stage_epilogue", True, why + ": use False", name)
+        raise ConfigError("stage_epilogue", v, why + ": use 0", name)
 
 
 def check_task_tiles(cfg: KernelConfig, name: str) -> None:

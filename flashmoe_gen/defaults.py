@@ -58,7 +58,11 @@ PERSISTENT_WS_TMA_TOKENS = 64
 #: 4 x H200, E=64, route phase / forward: T=2048 31.7 -> 21.0 us / 0.774 -> 0.749 ms,
 #: T=4096 0.747 -> 0.737 ms, T=16384 255 -> 169 us / 2.344 -> 2.233 ms; at T=1024 it lost
 #: (17 -> 20 us; bench/results/2026-11-27_sweep_router_pairs_4xH200_b017160.md and the
-#: small-batch sweep above).
+#: small-batch sweep above). Four batches (two m16 token tiles per gate-weight fragment)
+#: where they fit, same machine kind, two runs each: route 42.5 -> 38.7 us and 164 -> 146
+#: us, T=4096 0.7273 -> 0.7200 and 0.7284 -> 0.7219 ms, T=16384 2.2605 -> 2.2377 and
+#: 2.2623 -> 2.2368 ms (bench/results/2026-11-27_sweep_anatomy_4xH200_f73b9ac.md,
+#: ..._sweep_staged_epilogue_4xH200_56a872c.md).
 ROUTER_PAIRS_MIN_TOKENS = 2048
 #: ... with both operands of a routed row task loaded by TMA (``ws_tma``) into a ring of this
 #: many stages. 2 x H200, H=I=2048 E=64, per forward (cp.async 3 stages -> TMA 4 stages):
@@ -209,7 +213,7 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     ranks (``streams_weights`` on one; K split where the active experts' tiles are fewer
     than SMs: splitk.default_splits), else row tiles per source: 128-row wgmma on Hopper
     from ``WGMMA_PERSISTENT_MIN_ROWS`` rows per source, 8-warp mma.sync otherwise; the
-    router's batch pairs from ``ROUTER_PAIRS_MIN_TOKENS``."""
+    router's batch quads (else pairs) from ``ROUTER_PAIRS_MIN_TOKENS``."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
     fused = (rows <= PERSISTENT_WS_MAX_ROWS if problem.world_size > 1
@@ -239,7 +243,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     if cfg.fuse_sources and cfg.gate_up.bm == PERSISTENT_WS_TMA_TOKENS and not cfg.ws_tma:
         cfg = _if_valid(replace(cfg, ws_tma=True), cfg, problem, arch)
     if problem.tokens_per_rank >= ROUTER_PAIRS_MIN_TOKENS:  # where the experts fit one pass
-        cfg = _if_valid(replace(cfg, router_batches=2), cfg, problem, arch)
+        cfg = _if_valid(replace(cfg, router_batches=4), _if_valid(
+            replace(cfg, router_batches=2), cfg, problem, arch), problem, arch)
     if fused and local_weight_bytes(problem) >= DEEP_RING_MIN_BYTES:
         # HBM-bound on GBs of weights: a 6-deep ring fed by TMA boxes keeps more bytes in
         # flight (DeepSeek-V3-like T=128, 4 x H200: 1.734 -> 1.658 ms, 0.609x -> 0.582x

@@ -423,7 +423,8 @@ def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, i
     n-tile of a group over all its rows; ``ws_tma``: weights by TMA boxes) or row tiles,
     mma.sync or warpgroup MMA (one n-tile of one row tile: ``row_tasks``; ``ws_tma``: a
     routed task's rows and weights by TMA boxes, ``tma_fn``, with the config's task tiles,
-    deferred refills and staged epilogue)."""
+    deferred refills and staged epilogue: the down GEMM's from ``stage_epilogue`` 1, the
+    gate/up GEMM's at 2)."""
     tma, tma_fn = config.ws_tma, ""
     if tile.mma == "ws":
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages, CPP_BOOL[gated],
@@ -433,9 +434,9 @@ def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, i
         args = [tile.bm, tile.bn, tile.stages, CPP_BOOL[gated]]
         fn = "wg_gemm_rows"
         if tma:  # routed row tasks read both operands by TMA (the shared experts' stay)
+            staged = config.stage_epilogue >= (2 if gated else 1)  # 1: the down GEMM's
             tma_fn = "wt_gemm_tile<{}>".format(", ".join(map(str, [
-                *args, config.task_tiles, CPP_BOOL[config.defer_refill],
-                CPP_BOOL[config.stage_epilogue]])))
+                *args, config.task_tiles, CPP_BOOL[config.defer_refill], CPP_BOOL[staged]])))
     else:
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages,
                 CPP_BOOL[gated]]

@@ -156,7 +156,7 @@ CONFIG_CHANGES = {
     "router_batches": 2,
     "task_tiles": 2,
     "defer_refill": True,
-    "stage_epilogue": True,
+    "stage_epilogue": 2,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -721,20 +721,24 @@ def test_defer_refill_only_for_tma_row_tasks():
 
 
 def test_stage_epilogue_only_for_single_tma_row_tiles():
-    """stage_epilogue: the TMA row tasks' results through the ring's shared memory, free
-    only with one row tile per task. The name round-trips after every other knob."""
+    """stage_epilogue: the TMA row tasks' results (1: the down GEMM's, 2: both GEMMs')
+    through the ring's shared memory, free only with one row tile per task. The name
+    round-trips after every other knob."""
     p = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
     base = KernelConfig.persistent_default(p, "sm_90")
-    cfg = replace(base, defer_refill=True, stage_epilogue=True)
-    cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__dr__se") and KernelConfig.from_name(cfg.name) == cfg
-    for bad, text in ((replace(base, stage_epilogue=True, ws_tma=False), "only the persistent"),
-                      (replace(KernelConfig.default(p, "sm_90"), stage_epilogue=True),
+    for v in (1, 2):
+        cfg = replace(base, defer_refill=True, stage_epilogue=v)
+        cfg.validate(p, "sm_90")
+        assert cfg.name.endswith(f"__dr__se{v}") and KernelConfig.from_name(cfg.name) == cfg
+    for bad, text in ((replace(base, stage_epilogue=1, ws_tma=False), "only the persistent"),
+                      (replace(KernelConfig.default(p, "sm_90"), stage_epilogue=2),
                        "only the persistent"),
-                      (replace(base, stage_epilogue=True, task_tiles=2), "task_tiles 2")):
+                      (replace(base, stage_epilogue=1, task_tiles=2), "task_tiles 2"),
+                      (replace(base, stage_epilogue=3), "choose one of"),
+                      (replace(base, stage_epilogue=True), "must be an integer")):
         with pytest.raises(ConfigError, match=text) as e:
             bad.validate(p, "sm_90")
-        assert e.value.field == "stage_epilogue" and "use False" in str(e.value)
+        assert e.value.field == "stage_epilogue"
 
 
 def test_persistent_default_picks_tiles_by_rows_per_expert():
@@ -751,8 +755,8 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert big.gate_up.threads == big.down.threads == 256
     # ... both operands of a routed task by TMA boxes into a 4-stage ring
     assert big.ws_tma and big.gate_up.stages == big.down.stages == 4
-    # ... and the router's batch pairs (64 experts fit one pass, thousands of tokens)
-    assert big.name.endswith("__nvlink__wt__sb32__rb2")
+    # ... and the router's batch quads (64 experts fit one pass, thousands of tokens)
+    assert big.name.endswith("__nvlink__wt__sb32__rb4")
     assert KernelConfig.from_name(big.name) == big
     # ... 32 blocks send the peers' rows on several ranks; one rank has none to send
     assert KernelConfig.persistent_default(big_p.replace(world_size=1), "sm_90").send_blocks == 0

@@ -264,8 +264,8 @@ def test_compile_persistent_kernel_with_tma_row_tiles(stages, private_cache):
               GemmTile(128, 256, 64, 8, 1, stages[1], "wgmma"))
     sb = 16 if stages[0] == 4 else 0
     cfg = KernelConfig(gu, dn, transport="nvlink", ws_tma=True, send_blocks=sb,
-                       defer_refill=bool(sb), stage_epilogue=bool(sb))
-    assert cfg.name.endswith("__nvlink__wt" + (f"__sb{sb}__dr__se" if sb else ""))
+                       defer_refill=bool(sb), stage_epilogue=2 if sb else 0)
+    assert cfg.name.endswith("__nvlink__wt" + (f"__sb{sb}__dr__se2" if sb else ""))
     gen = render(p, cfg)
     assert f"constexpr int SEND_BLOCKS = {sb};" in gen.code
     defer = "true" if sb else "false"
@@ -274,13 +274,13 @@ def test_compile_persistent_kernel_with_tma_row_tiles(stages, private_cache):
     assert f"wg_gemm_rows<128, 128, {stages[0]}, true>(" in gen.code  # the shared experts'
     assert "wm(6)" in gen.code and "wm(7)" in gen.code
     assert "wt_gemm_tile<" not in render(p, replace(cfg, ws_tma=False, defer_refill=False,
-                                                    stage_epilogue=False)).code
+                                                    stage_epilogue=0)).code
     mod = compile_source(gen, "sm_90a", use_cache=False)
     check_module(mod, gen, "sm_90a")
     assert mod.dynamic_smem["moe_persistent"] == cfg.persistent_smem()
     if sb:  # two row tiles per task, routed experts only
         routed = p.replace(shared_experts=0)
-        pairs = render(routed, replace(cfg, task_tiles=2, stage_epilogue=False))
+        pairs = render(routed, replace(cfg, task_tiles=2, stage_epilogue=0))
         assert "wt_gemm_tile<128, 256, 4, false, 2, true, false>(" in pairs.code
         assert "constexpr int TASK_TILES = 2;" in pairs.code
         check_module(compile_source(pairs, "sm_90a", use_cache=False), pairs, "sm_90a")

@@ -157,10 +157,10 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
     assert not router_pairs_fit(get_preset("deepseek-v3").problem(), 8)  # 4 passes
     assert not router_pairs_fit(MoEProblem(512, 2048, 8, 2), 8)          # FMA path
     assert router_pairs_fit(e64, 16) and not router_pairs_fit(e64, 16, 4)  # <= 2 m tiles
-    cfg = KernelConfig.persistent_default(e64)  # 16384 tokens: pairs by default
-    assert cfg.router_batches == 2
+    cfg = KernelConfig.persistent_default(e64)  # 16384 tokens: quads by default (8-token
+    assert cfg.router_batches == 4  # batches: two m16 tiles), pairs where quads don't fit
     cfg.validate(e64)
-    assert cfg.name.endswith("__rb2") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__rb4") and KernelConfig.from_name(cfg.name) == cfg
     dsv3 = get_preset("deepseek-v3").problem(world_size=4, tokens_per_rank=128)
     for bad, p, text in ((replace(cfg, router_batches=3), e64, "choose one of"),
                          (replace(KernelConfig.default(e64), router_batches=2), e64,
@@ -170,7 +170,7 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
         with pytest.raises(ConfigError, match=text):
             bad.validate(p)
     assert "constexpr int R_BATCHES = 1;" in render(e64, replace(cfg, router_batches=1)).code
-    code = render(e64, cfg).code
+    code = render(e64, replace(cfg, router_batches=2)).code
     assert "constexpr int R_BATCHES = 2;" in code
     assert "__shared__ float s_logit[R_BATCHES * ROUTER_WARPS * EXPERTS];" in code
     assert "split_logits(b, 0, HIDDEN, x, wg, tokens, R_BATCHES);" in code

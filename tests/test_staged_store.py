@@ -46,7 +46,7 @@ def test_template_matches_the_mirror():
     p = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
     cfg = KernelConfig.persistent_default(p, "sm_90")
     from dataclasses import replace
-    code = " ".join(render(p, replace(cfg, stage_epilogue=True)).code.split())
+    code = " ".join(render(p, replace(cfg, stage_epilogue=1)).code.split())
     for line in (
             "constexpr int STAGED_ELEMS = BM * (BN + 8);",
             "constexpr int NB = GATED ? 2 : 1, LD = BN + 8, THREADS = BM / 64 * 128, "
@@ -57,5 +57,8 @@ def test_template_matches_the_mirror():
             "for (int i = threadIdx.x; i < BM * CHUNKS; i += THREADS) { const int r = i / "
             "CHUNKS, c = i % CHUNKS * 8; if (m0 + r < rows && n0 + c < N)",
             "if constexpr (STAGE) wg_store_staged<BM, BN, GATED>(acc, sA, C, m0, n0, rows, N);",
-            "wt_gemm_tile<128, 256, 4, false, 1, false, true>("):
+            "wt_gemm_tile<128, 256, 4, false, 1, false, true>(",  # 1: the down GEMM's only
+            "wt_gemm_tile<128, 128, 4, true, 1, false, false>("):
         assert line in code, line
+    both = " ".join(render(p, replace(cfg, stage_epilogue=2)).code.split())
+    assert "wt_gemm_tile<128, 128, 4, true, 1, false, true>(" in both

@@ -26,6 +26,7 @@ from flashmoe_gen.config import (
     ROUTER_BATCH_CHOICES,
     ROUTER_CHOICES,
     SEND_BLOCK_CHOICES,
+    STAGE_EPILOGUE_CHOICES,
     TASK_TILE_CHOICES,
     TRANSPORT_CHOICES,
     KernelConfig,
@@ -105,7 +106,7 @@ FULL = {
     "router_batches": (1,),  # its router's token batches per tensor-core tile: likewise
     "task_tiles": (1,),  # its TMA row tasks' row tiles per task: likewise
     "defer_refill": (False,),  # its TMA row tasks' refills without a wait: likewise
-    "stage_epilogue": (False,),  # its TMA row tasks' results in 16-byte stores: likewise
+    "stage_epilogue": (0,),  # its TMA row tasks' results in 16-byte stores: likewise
     # SMs the tma kernel leaves to NCCL (nccl transport with a tma tile; else forced to 0)
     "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
     # this rank's tokens split around the fused launch (fused nccl sources, not _ws)
@@ -129,7 +130,7 @@ SMALL = {
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
     "ws_tma": (False,), "own_split": (False,), "own_stream": (False,), "gather": (False,),
     "senders": (0,), "router_batches": (1,), "task_tiles": (1,), "defer_refill": (False,),
-    "stage_epilogue": (False,),
+    "stage_epilogue": (0,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -155,7 +156,7 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "ksplit_dn": K_SPLIT_CHOICES, "dispatch": DISPATCH_BLOCK_CHOICES,
                 "ws_tma": (False, True), "senders": SEND_BLOCK_CHOICES,
                 "router_batches": ROUTER_BATCH_CHOICES, "task_tiles": TASK_TILE_CHOICES,
-                "defer_refill": (False, True), "stage_epilogue": (False, True)}
+                "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES}
 #: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
 SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
 
@@ -218,7 +219,7 @@ def _without_moot(params: dict) -> dict:
     if "defer_refill" in out and not rows_tma:
         out["defer_refill"] = False  # ... and refill it from a computing thread
     if "stage_epilogue" in out and not (rows_tma and out.get("task_tiles", 1) == 1):
-        out["stage_epilogue"] = False  # ... and, one row tile per task, stage in it
+        out["stage_epilogue"] = 0  # ... and, one row tile per task, stage in it
     if "own_split" in out and not _own_split_apply(out):
         out["own_split"] = False
     if "own_stream" in out and not out.get("own_split", False):
@@ -228,13 +229,13 @@ def _without_moot(params: dict) -> dict:
         out["gather"] = False
     return out
 
-#: The persistent kernel's two-valued knobs whose measured effect is a few percent either
-#: way and turns with the problem (4 x H200, E=64: router pairs won from T=2048 and lost at
-#: 1024; two row tiles per task lost 1-16% at T=4096/16384, unmeasured elsewhere; deferred
-#: refills not yet measured): a tune with transport nvlink tries the persistent default
-#: with each flipped early, right after the default itself (where valid for the problem).
-NVLINK_SEED_FLIPS = {"router_batches": (1, 2), "task_tiles": (1, 2),
-                     "defer_refill": (False, True)}
+#: The persistent kernel's knobs whose measured effect is a few percent either way and turns
+#: with the problem (4 x H200, E=64: router pairs won from T=2048 and lost at 1024, quads
+#: beat pairs by ~1%; two row tiles per task lost 1-16% at T=4096/16384, unmeasured
+#: elsewhere): a tune with transport nvlink tries the persistent default with each flipped
+#: (to the pair's other value, or its first) early, right after the default itself (where
+#: valid for the problem). Deferred refills lost 1-3% at both T: searched, not seeded.
+NVLINK_SEED_FLIPS = {"router_batches": (2, 4), "task_tiles": (1, 2)}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
 KNOWN_GOOD = (
@@ -349,7 +350,7 @@ class SearchSpace:
                             router_batches=params.get("router_batches", 1),
                             task_tiles=params.get("task_tiles", 1),
                             defer_refill=params.get("defer_refill", False),
-                            stage_epilogue=params.get("stage_epilogue", False))
+                            stage_epilogue=params.get("stage_epilogue", 0))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
