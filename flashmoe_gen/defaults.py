@@ -62,8 +62,16 @@ PERSISTENT_WS_TMA_TOKENS = 64
 #: where they fit, same machine kind, two runs each: route 42.5 -> 38.7 us and 164 -> 146
 #: us, T=4096 0.7273 -> 0.7200 and 0.7284 -> 0.7219 ms, T=16384 2.2605 -> 2.2377 and
 #: 2.2623 -> 2.2368 ms (bench/results/2026-11-27_sweep_anatomy_4xH200_f73b9ac.md,
-#: ..._sweep_staged_epilogue_4xH200_56a872c.md).
+#: ..._sweep_staged_epilogue_4xH200_56a872c.md). Pairs only with shared experts: there
+#: quads spill 16 bytes (NVRTC 13.0, DeepSeek-V2-Lite's shape), unmeasured.
 ROUTER_PAIRS_MIN_TOKENS = 2048
+#: The TMA row tasks' down results, which go straight to the source rank, leave through the
+#: ring's shared memory in 16-byte stores (``stage_epilogue`` 1; the gate/up results, local,
+#: keep their 4-byte stores: staging both lost). 4 x H200, H=I=2048 k=2, per forward, same
+#: run (bench/results/2026-11-27_sweep_staged_epilogue_4xH200_44b77eb.md): T=16384 E=8
+#: 2.071 -> 1.819 ms, E=32 2.080 -> 1.895, E=64 2.224 -> 2.061 (the tiles' epilogue 8.7 ->
+#: 4.5 us), E=64 T=4096 0.721 -> 0.716; Mixtral T=4096 5.492 -> 5.431.
+PERSISTENT_STAGE_EPILOGUE = 1
 #: ... with both operands of a routed row task loaded by TMA (``ws_tma``) into a ring of this
 #: many stages. 2 x H200, H=I=2048 E=64, per forward (cp.async 3 stages -> TMA 4 stages):
 #: T=4096 1.362 -> 1.036 ms, T=16384 2.971 -> 2.523 ms (cp.async 4 stages 1.229 / 2.829, TMA
@@ -213,7 +221,9 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     ranks (``streams_weights`` on one; K split where the active experts' tiles are fewer
     than SMs: splitk.default_splits), else row tiles per source: 128-row wgmma on Hopper
     from ``WGMMA_PERSISTENT_MIN_ROWS`` rows per source, 8-warp mma.sync otherwise; the
-    router's batch quads (else pairs) from ``ROUTER_PAIRS_MIN_TOKENS``."""
+    router's batch quads (pairs with shared experts or where quads don't fit) from
+    ``ROUTER_PAIRS_MIN_TOKENS``; the TMA row tasks' down results staged
+    (``PERSISTENT_STAGE_EPILOGUE``)."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
     fused = (rows <= PERSISTENT_WS_MAX_ROWS if problem.world_size > 1
@@ -233,7 +243,7 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
                                            "wgmma"),
                      down=GemmTile(128, 256, 64, warps, 1, WGMMA_PERSISTENT_STAGES, "wgmma"),
                      ws_tma=True, send_blocks=DEFAULT_SEND_BLOCKS if problem.world_size > 1
-                     else 0)
+                     else 0, stage_epilogue=PERSISTENT_STAGE_EPILOGUE)
         cfg = _if_valid(wg, cfg, problem, arch)  # a dimension below 128/256: mma.sync rows
     if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
         gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
@@ -243,8 +253,9 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     if cfg.fuse_sources and cfg.gate_up.bm == PERSISTENT_WS_TMA_TOKENS and not cfg.ws_tma:
         cfg = _if_valid(replace(cfg, ws_tma=True), cfg, problem, arch)
     if problem.tokens_per_rank >= ROUTER_PAIRS_MIN_TOKENS:  # where the experts fit one pass
-        cfg = _if_valid(replace(cfg, router_batches=4), _if_valid(
-            replace(cfg, router_batches=2), cfg, problem, arch), problem, arch)
+        pairs = _if_valid(replace(cfg, router_batches=2), cfg, problem, arch)
+        cfg = pairs if problem.shared_experts else \
+            _if_valid(replace(cfg, router_batches=4), pairs, problem, arch)
     if fused and local_weight_bytes(problem) >= DEEP_RING_MIN_BYTES:
         # HBM-bound on GBs of weights: a 6-deep ring fed by TMA boxes keeps more bytes in
         # flight (DeepSeek-V3-like T=128, 4 x H200: 1.734 -> 1.658 ms, 0.609x -> 0.582x

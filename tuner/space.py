@@ -487,6 +487,10 @@ class SearchSpace:
                 for f, (a, b) in NVLINK_SEED_FLIPS.items():  # then its close neighbours
                     try:
                         var = replace(pd, **{f: b if getattr(pd, f) == a else a})
+                        # knobs the flip makes moot back to neutral (two row tiles per
+                        # task: no staged epilogue)
+                        var = self.config_from_params(
+                            _without_moot(self.params_from_config(var)))
                         var.validate(self.problem, arch)
                         flips.append(var.name)
                     except ConfigError:
