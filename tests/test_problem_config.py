@@ -688,9 +688,10 @@ def test_send_blocks_needs_peers_and_per_source_tasks():
 
 
 def test_task_tiles_only_for_tma_row_tasks():
-    """task_tiles 2: two row tiles per task through one ring, only for the TMA row tasks."""
+    """task_tiles 2: two row tiles per task through one ring, only for the TMA row tasks
+    (and without the default's staged epilogue, which takes the ring at the row's end)."""
     p = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
-    base = KernelConfig.persistent_default(p, "sm_90")
+    base = replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=0)
     cfg = replace(base, task_tiles=2)
     cfg.validate(p, "sm_90")
     assert cfg.name.endswith("__tt2") and KernelConfig.from_name(cfg.name) == cfg
@@ -707,7 +708,7 @@ def test_defer_refill_only_for_tma_row_tasks():
     """defer_refill: thread 0 refills the TMA row tasks' ring without waiting where it can;
     other tiles have no such ring. The name round-trips after every other knob."""
     p = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
-    base = KernelConfig.persistent_default(p, "sm_90")
+    base = replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=0)
     cfg = replace(base, defer_refill=True, task_tiles=2)
     cfg.validate(p, "sm_90")
     assert cfg.name.endswith("__tt2__dr") and KernelConfig.from_name(cfg.name) == cfg
@@ -755,8 +756,9 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert big.gate_up.threads == big.down.threads == 256
     # ... both operands of a routed task by TMA boxes into a 4-stage ring
     assert big.ws_tma and big.gate_up.stages == big.down.stages == 4
-    # ... and the router's batch quads (64 experts fit one pass, thousands of tokens)
-    assert big.name.endswith("__nvlink__wt__sb32__rb4")
+    # ... the router's batch quads (64 experts fit one pass, thousands of tokens) and the
+    # down results staged (16-byte stores to the source rank)
+    assert big.name.endswith("__nvlink__wt__sb32__rb4__se1")
     assert KernelConfig.from_name(big.name) == big
     # ... 32 blocks send the peers' rows on several ranks; one rank has none to send
     assert KernelConfig.persistent_default(big_p.replace(world_size=1), "sm_90").send_blocks == 0

@@ -494,7 +494,8 @@ def test_nvlink_seeds_try_the_close_knobs_flipped_early():
     seeds = SearchSpace.for_problem(e64, "sm_90", "full", ("nccl", "nvlink")).seeds()
     pd = KernelConfig.persistent_default(e64, "sm_90")
     assert pd.router_batches == 4 and pd.task_tiles == 1  # 4096 tokens: quads by default
-    assert seeds[1:4] == [pd, replace(pd, router_batches=2), replace(pd, task_tiles=2)]
+    assert seeds[1:4] == [pd, replace(pd, router_batches=2),  # two row tiles per task: the
+                          replace(pd, task_tiles=2, stage_epilogue=0)]  # ring unstaged
     # fused weight-streaming decode: neither applies (no TMA rows, 256 experts)
     dsv3 = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=2, tokens_per_rank=8)
     seeds = SearchSpace.for_problem(dsv3, "sm_90", "full", ("nccl", "nvlink")).seeds()
