@@ -68,15 +68,23 @@ def nvlink_stats(layer, x, comm, chain: int = 8) -> dict:
 
 def phases_text(row: dict) -> str:
     """A row's nvlink phases as "route 6.3, positions 2.1, ..." (microseconds), then the
-    task loop's clocks: the TMA row tiles' time per tile where it has them, and the waits
-    per block."""
+    task loop's clocks: the TMA row tiles' time per tile where it has them (and per GEMM
+    where the row has them: prologue / loop / epilogue), and the waits per block."""
     text = ", ".join(f"{k} {v}" for k, v in row["phases_us_nvlink"].items())
     tasks = dict(row.get("tasks_us_nvlink") or {})
     tiles = tasks.pop("tiles", 0)
-    per_tile = [f"{k} {tasks.pop(k)}" for k in ("prologue_us", "loop_us", "epilogue_us")
-                if k in tasks]
+    parts = ("prologue_us", "loop_us", "epilogue_us")
+    per_tile = [f"{k} {tasks.pop(k)}" for k in parts if k in tasks]
+    per_gemm = []
+    for g, label in (("gu", "gate/up"), ("dn", "down")):
+        n = tasks.pop(f"{g}_tiles", 0)
+        clocks = [str(tasks.pop(f"{g}_{k}", 0.0)) for k in parts]
+        if n:
+            per_gemm.append(f"{label} ({int(n)}) " + " / ".join(clocks))
     if tiles:
         text += f"; per TMA row tile ({int(tiles)}): " + ", ".join(per_tile)
+        if per_gemm:
+            text += " (prologue / loop / epilogue: " + ", ".join(per_gemm) + ")"
     if tasks:
         text += "; waits per block: " + ", ".join(f"{k} {v}" for k, v in tasks.items())
     return text

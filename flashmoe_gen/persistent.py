@@ -22,6 +22,7 @@ from .layout import SymmetricLayout
 from .render import (
     PERSISTENT_PHASES,
     PERSISTENT_ROW_CLOCKS,
+    PERSISTENT_ROW_GEMMS,
     PERSISTENT_STAT_END,
     PERSISTENT_STATS_WORDS,
     PERSISTENT_TASK_CLOCKS,
@@ -436,23 +437,33 @@ def _task_clocks_us(st: np.ndarray) -> dict[str, np.ndarray]:
     out = {}
     for i, k in enumerate(PERSISTENT_TASK_CLOCKS):
         v = w[:, i].astype(np.float64)
-        out[k] = v if k == "row_tiles" else np.divide(v, ghz * 1e3, out=np.zeros(len(st)),
-                                                       where=ghz > 0)
+        out[k] = v if k.endswith("row_tiles") else np.divide(
+            v, ghz * 1e3, out=np.zeros(len(st)), where=ghz > 0)
     return out
 
 
 def _row_anatomy(st: np.ndarray) -> dict[str, float]:
     """The TMA row tiles' time per tile in us (mean over the grid's tiles): prologue, loop,
-    epilogue (render.PERSISTENT_ROW_CLOCKS), zeros where the config has none; and the task
-    loop's waits per block in us (mean over blocks): on dependencies (a down tile's gate/up
-    tiles) and on sources' dispatch flags."""
+    epilogue (render.PERSISTENT_ROW_CLOCKS), over both GEMMs and per GEMM (``row_gu_*``,
+    ``row_dn_*``), zeros where the config has none; and the task loop's waits per block in
+    us (mean over blocks): on dependencies (a down tile's gate/up tiles), on sources'
+    dispatch flags and in grid barriers."""
     c = _task_clocks_us(st)
-    total = c["row_tiles"].sum()
-    per_tile = {f"row_{k}_us": round(float(c[k].sum() / total), 3) if total else 0.0
+    tiles = {g: float(c[f"{g}_row_tiles"].sum()) for g in PERSISTENT_ROW_GEMMS}
+    total = sum(tiles.values())
+
+    def per_tile(n: float, keys: list[str]) -> float:
+        return round(sum(float(c[k].sum()) for k in keys) / n, 3) if n else 0.0
+
+    out = {"row_tiles": int(total)}
+    out |= {f"row_{k}_us": per_tile(total, [f"{g}_{k}" for g in PERSISTENT_ROW_GEMMS])
+            for k in PERSISTENT_ROW_CLOCKS}
+    for g in PERSISTENT_ROW_GEMMS:
+        out[f"row_{g}_tiles"] = int(tiles[g])
+        out |= {f"row_{g}_{k}_us": per_tile(tiles[g], [f"{g}_{k}"])
                 for k in PERSISTENT_ROW_CLOCKS}
-    return {"row_tiles": int(total), **per_tile,
-            "row_dep_wait_us": round(float(c["dep_wait"].mean()), 3),
-            "row_flag_wait_us": round(float(c["flag_wait"].mean()), 3)}
+    return out | {f"row_{k}_us": round(float(c[k].mean()), 3)
+                  for k in ("dep_wait", "flag_wait", "barrier_wait")}
 
 
 class _Resources:

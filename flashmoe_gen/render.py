@@ -226,10 +226,16 @@ PERSISTENT_STAT_END = 3 + len(PERSISTENT_PHASES)
 #: (barrier set-up, the ring's first loads), the k-loop, the epilogues (stores, and the
 #: block barrier after the last).
 PERSISTENT_ROW_CLOCKS = ("prologue", "loop", "epilogue")
-#: The task loop's words after the block's end: the row tiles' clocks and count, then
-#: thread 0's cycles waiting on a dependency (a down tile's gate/up tiles) and on sources'
-#: dispatch flags.
-PERSISTENT_TASK_CLOCKS = (*PERSISTENT_ROW_CLOCKS, "row_tiles", "dep_wait", "flag_wait")
+#: ... kept apart for the gate/up GEMM's row tiles and the down GEMM's (their epilogues
+#: differ: local and gated, or stored to the source rank).
+PERSISTENT_ROW_GEMMS = ("gu", "dn")
+#: The task loop's words after the block's end: per GEMM the row tiles' clocks and count,
+#: then thread 0's cycles waiting on a dependency (a down tile's gate/up tiles), on sources'
+#: dispatch flags and in grid barriers (after the route and positions phases: a block that
+#: routed fast waits there for the slowest).
+PERSISTENT_TASK_CLOCKS = (*(f"{g}_{k}" for g in PERSISTENT_ROW_GEMMS
+                            for k in (*PERSISTENT_ROW_CLOCKS, "row_tiles")),
+                          "dep_wait", "flag_wait", "barrier_wait")
 PERSISTENT_STATS_WORDS = PERSISTENT_STAT_END + 1 + len(PERSISTENT_TASK_CLOCKS)
 
 #: The split router's items to aim for, (token batch, hidden slice) pairs (the router
@@ -378,6 +384,9 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_task_clocks": len(PERSISTENT_TASK_CLOCKS),
         "persistent_dep_wait": PERSISTENT_TASK_CLOCKS.index("dep_wait"),
         "persistent_flag_wait": PERSISTENT_TASK_CLOCKS.index("flag_wait"),
+        "persistent_barrier_wait": PERSISTENT_TASK_CLOCKS.index("barrier_wait"),
+        "persistent_gu_clk": PERSISTENT_TASK_CLOCKS.index("gu_prologue"),
+        "persistent_dn_clk": PERSISTENT_TASK_CLOCKS.index("dn_prologue"),
         "persistent_st_dep": PERSISTENT_ST_DEP,
         "persistent_fused": CPP_BOOL[config.transport == "nvlink" and config.fuse_sources],
         "pgu": _task_gemm(config.gate_up, True, config),

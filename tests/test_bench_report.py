@@ -144,3 +144,15 @@ def test_phases_text_adds_the_task_loops_clocks():
     assert phases_text(row) == ("route 160.0, combine 60.0; waits per block: dep_wait_us 3.0, "
                                 "flag_wait_us 1.0")
     assert phases_text({"phases_us_nvlink": {"route": 1.0}}) == "route 1.0"
+    # per GEMM (newer rows) and the barrier waits
+    row["tasks_us_nvlink"] = {"tiles": 3, "prologue_us": 2.0, "loop_us": 21.0,
+                              "epilogue_us": 4.0, "gu_tiles": 2, "gu_prologue_us": 2.1,
+                              "gu_loop_us": 20.0, "gu_epilogue_us": 4.5, "dn_tiles": 1,
+                              "dn_prologue_us": 1.8, "dn_loop_us": 23.0,
+                              "dn_epilogue_us": 3.0, "dep_wait_us": 3.0,
+                              "flag_wait_us": 1.0, "barrier_wait_us": 40.0}
+    assert phases_text(row) == (
+        "route 160.0, combine 60.0; per TMA row tile (3): prologue_us 2.0, loop_us 21.0, "
+        "epilogue_us 4.0 (prologue / loop / epilogue: gate/up (2) 2.1 / 20.0 / 4.5, down (1) "
+        "1.8 / 23.0 / 3.0); waits per block: dep_wait_us 3.0, flag_wait_us 1.0, "
+        "barrier_wait_us 40.0")

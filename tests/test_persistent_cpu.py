@@ -9,6 +9,7 @@ import pytest
 
 from flashmoe_gen.layout import SymmetricLayout
 from flashmoe_gen.persistent import ALIGN, HeapLayout, PersistentForward
+from flashmoe_gen.render import PERSISTENT_TASK_CLOCKS
 from flashmoe_gen.signatures import PERSISTENT
 
 
@@ -119,7 +120,7 @@ def test_measure_reads_the_last_call_of_each_chain():
         last = n % 3 == 0
         total = 100 + n // 3 if last else 10_000
         marks = [5_000, *(5_000 + 1_000 * np.arange(1, 7)), 5_000 + 1_000 * total]  # ns
-        clocks = [0] * 6  # no TMA row tiles, no waits
+        clocks = [0] * len(PERSISTENT_TASK_CLOCKS)  # no TMA row tiles, no waits
         pf.stats = types.SimpleNamespace(get=lambda: np.array(
             [[total // 2, total, *marks, *clocks], [0, total, *marks, *clocks]], np.uint64))
 
@@ -134,26 +135,43 @@ def test_measure_reads_the_last_call_of_each_chain():
 
 
 def test_row_anatomy_converts_each_blocks_cycles_at_its_own_rate():
-    """TMA row tiles' prologue, loop and epilogue cycles (summed per block) as us per tile:
-    each block's cycles over its span on the ns timer give its clock rate."""
+    """TMA row tiles' prologue, loop and epilogue cycles (summed per block, per GEMM) as us
+    per tile, over both GEMMs and per GEMM: each block's cycles over its span on the ns
+    timer give its clock rate; the waits as us per block."""
     from flashmoe_gen.persistent import _row_anatomy
-    from flashmoe_gen.render import PERSISTENT_STAT_END, PERSISTENT_STATS_WORDS
+    from flashmoe_gen.render import (
+        PERSISTENT_STAT_END,
+        PERSISTENT_STATS_WORDS,
+        PERSISTENT_TASK_CLOCKS,
+    )
 
     st = np.zeros((3, PERSISTENT_STATS_WORDS), np.uint64)
     st[:, 2], st[:, PERSISTENT_STAT_END] = 5_000, 6_000  # 1000 ns each
     st[:, 1] = [2000, 1000, 1500]  # 2, 1 and 1.5 GHz
-    anatomy = PERSISTENT_STAT_END + 1
-    st[0, anatomy:anatomy + 6] = [200, 1600, 200, 2, 600, 0]  # two tiles
-    st[1, anatomy:anatomy + 6] = [100, 800, 100, 1, 0, 300]
-    st[2, anatomy + 4:anatomy + 6] = [1500, 0]  # the third block ran no row tile
+    at = {k: PERSISTENT_STAT_END + 1 + i for i, k in enumerate(PERSISTENT_TASK_CLOCKS)}
+
+    def put(block, **words):
+        for k, v in words.items():
+            st[block, at[k]] = v
+
+    # block 0: two gate/up tiles at 2 GHz; block 1: one down tile at 1 GHz
+    put(0, gu_prologue=200, gu_loop=1600, gu_epilogue=200, gu_row_tiles=2, dep_wait=600)
+    put(1, dn_prologue=100, dn_loop=800, dn_epilogue=400, dn_row_tiles=1, flag_wait=300,
+        barrier_wait=1000)
+    put(2, dep_wait=1500, barrier_wait=3000)  # the third block ran no row tile
     got = _row_anatomy(st)
-    assert got["row_tiles"] == 3
+    assert got["row_tiles"] == 3 and (got["row_gu_tiles"], got["row_dn_tiles"]) == (2, 1)
     assert got["row_prologue_us"] == pytest.approx(0.2 / 3, abs=1e-3)
     assert got["row_loop_us"] == pytest.approx(1.6 / 3, abs=1e-3)
-    assert got["row_epilogue_us"] == pytest.approx(0.2 / 3, abs=1e-3)
-    # waits per block: 0.3, 0 and 1.0 us on dependencies; 0, 0.3 and 0 on flags
+    assert got["row_epilogue_us"] == pytest.approx(0.5 / 3, abs=1e-3)
+    assert got["row_gu_epilogue_us"] == pytest.approx(0.05, abs=1e-3)
+    assert got["row_dn_epilogue_us"] == pytest.approx(0.4, abs=1e-3)
+    assert got["row_dn_loop_us"] == pytest.approx(0.8, abs=1e-3)
+    # waits per block: 0.3, 0 and 1.0 us on dependencies; 0, 0.3 and 0 on flags; 0, 1.0
+    # and 2.0 in grid barriers
     assert got["row_dep_wait_us"] == pytest.approx(1.3 / 3, abs=1e-3)
     assert got["row_flag_wait_us"] == pytest.approx(0.1, abs=1e-3)
+    assert got["row_barrier_wait_us"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_row_anatomy_words_follow_the_template():
@@ -169,10 +187,19 @@ def test_row_anatomy_words_follow_the_template():
     assert f"constexpr int TASK_CLOCKS = {len(PERSISTENT_TASK_CLOCKS)};" in code
     assert (f"constexpr int DEP_WAIT = {PERSISTENT_TASK_CLOCKS.index('dep_wait')}, "
             f"FLAG_WAIT = {PERSISTENT_TASK_CLOCKS.index('flag_wait')};") in code
+    assert (f"constexpr int BARRIER_WAIT = "
+            f"{PERSISTENT_TASK_CLOCKS.index('barrier_wait')};") in code
+    assert (f"constexpr int GU_CLK = {PERSISTENT_TASK_CLOCKS.index('gu_prologue')}, "
+            f"DN_CLK = {PERSISTENT_TASK_CLOCKS.index('dn_prologue')};") in code
+    # wt_gemm_tile's clk[0..3]: prologue, loop, epilogue, tiles, as the words' order per GEMM
+    assert PERSISTENT_TASK_CLOCKS[:8] == tuple(f"{g}_{k}" for g in ("gu", "dn") for k in (
+        "prologue", "loop", "epilogue", "row_tiles"))
+    assert code.count("grid_sync(state, spin_limit, status, task_clk + BARRIER_WAIT);") >= 2
     assert "stats[STATS_WORDS * blockIdx.x + STAT_END] = global_ns();" in code
     assert "for (int i = 0; i < TASK_CLOCKS; ++i) " \
            "stats[STATS_WORDS * blockIdx.x + STAT_END + 1 + i] =" in code
-    assert code.count("m_tiles, task_clk); });") == 2  # gate/up and down tasks
+    assert code.count("m_tiles, task_clk + GU_CLK); });") == 1  # gate/up tasks
+    assert code.count("m_tiles, task_clk + DN_CLK); });") == 1  # down tasks
     # per source: the list's flag wait and the down tasks' dependency waits are timed
     assert code.count("timed_wait(task_clk + FLAG_WAIT,") == 1
     assert code.count("timed_wait(task_clk + DEP_WAIT,") == 2  # shared and routed down
