@@ -385,6 +385,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_dep_wait": PERSISTENT_TASK_CLOCKS.index("dep_wait"),
         "persistent_flag_wait": PERSISTENT_TASK_CLOCKS.index("flag_wait"),
         "persistent_barrier_wait": PERSISTENT_TASK_CLOCKS.index("barrier_wait"),
+        "persistent_tile_maps": persistent_tile_maps(config),
         "persistent_gu_clk": PERSISTENT_TASK_CLOCKS.index("gu_prologue"),
         "persistent_dn_clk": PERSISTENT_TASK_CLOCKS.index("dn_prologue"),
         "persistent_st_dep": PERSISTENT_ST_DEP,
@@ -402,6 +403,13 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
 #: generation, task counter, blocks out of the task loop, send_blocks' two dispatch counters
 #: (templates/persistent.cu.j2 ST_DEP).
 PERSISTENT_ST_DEP = 7
+
+
+def persistent_tile_maps(config: KernelConfig) -> int:
+    """How many tensor maps the persistent kernel reads with ``ws_tma`` (the order of
+    persistent.tile_map_specs: w1, w3, w2, sw1, sw3, sw2, then with wgmma row tiles the
+    heap's rows and act's), 0 without."""
+    return 6 + 2 * (config.gate_up.mma == "wgmma") if config.ws_tma else 0
 
 
 def persistent_counter_words(problem: MoEProblem) -> int:

@@ -266,3 +266,30 @@ def test_collected_shared_heaps_wait_for_a_point_every_rank_reaches():
     _Resources(Heap("c", True), 0).collected()
     release_pending(comm, collective=False)  # Communicator.close: no barrier
     assert log == [("close_imports", "c"), ("free", "c")]
+
+
+def test_tensor_maps_acquired_once_per_launch():
+    """ws_tma: the persistent kernel's thread 0 (which issues every TMA box) acquires each
+    of the maps tile_map_specs lists once at its start; no task acquires them again."""
+    from dataclasses import replace
+
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.persistent import tile_map_specs
+    from flashmoe_gen.problem import MoEProblem
+    from flashmoe_gen.render import persistent_tile_maps, render
+
+    rows = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    fused = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=4, tokens_per_rank=300)
+    for p in (rows, fused):
+        cfg = KernelConfig.persistent_default(p, "sm_90")
+        assert cfg.ws_tma
+        n = persistent_tile_maps(cfg)
+        assert n == len(tile_map_specs(p, cfg, 512)) == (8 if p is rows else 6)
+        code = " ".join(render(p, cfg).code.split())
+        assert f"constexpr int TILE_MAPS = {n};" in code
+        assert ("if (wmaps != nullptr && threadIdx.x == 0) for (int i = 0; i < TILE_MAPS; "
+                "++i) tensormap_acquire(wm(i));") in code
+        assert code.count("tensormap_acquire(") == 2  # its definition and that loop
+        off = replace(cfg, ws_tma=False, stage_epilogue=0)
+        assert persistent_tile_maps(off) == 0
+        assert "constexpr int TILE_MAPS = 0;" in render(p, off).code
