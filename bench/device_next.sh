@@ -32,36 +32,24 @@
 #      back to back, alternating which goes first), tune run again, then the kernel
 #      breakdown of the default in host and in graph mode, with how long the GPU idles per
 #      forward (~450 s)
-#   i: the TMA row tiles' anatomy (prologue / k-loop / epilogue per tile, from the kernel's
-#      own clocks, in each sweep row's phase line) and deferred refills (defer_refill: thread
-#      0 refills the ring without waiting for the slowest warp where it can) and router
-#      quads (router_batches 4: two m16 tiles per gate-weight fragment), first GPU run of all
-#      three: their 4-rank cases, E=64 T=4096/16384 over defer_refill 0/1 x router_batches
-#      2/4 beside PyTorch EP, to see which part of a tile (27 us at E=64 where its MMAs
-#      alone take ~18) and which waits to attack next; first the one-GPU routing tests (the
-#      router's loop changed for every config) (~500 s)
 #   j: Mixtral T=4096 on 4 ranks with the task-loop clocks (issue 12's <= 0.8x: 0.869x at
 #      b017160), then issue 16's table over FlashDMoE's whole setting: H=I=2048 k=2, E = 8, 32, 64 at
 #      T=1024 and 16384 per GPU, on 2 then 4 ranks of one machine: nccl (host and graph),
 #      nvlink, PyTorch EP and the floor, same run, with the plot (scaling.py --plot on the
 #      development machine: the device returns few files) (~560 s)
-#   l: the 128-token weight-streaming tile (a tuner choice, not yet run): its 4-rank case,
-#      then H=I=2048 E=64 at T=1024 on 4 ranks (128 rows per expert: the 64-token default
-#      reads the weights ~2.5 times) and on 2 over gu_bm/dn_bm 64/128 beside PyTorch EP;
-#      where 128 wins, give it a WS_TILE_SPEED entry (the defaults pick it from the expected
-#      passes) (~330 s)
-#   s: the staged epilogue (stage_epilogue, not yet run): the TMA row tiles' results through
-#      the ring's shared memory in 16-byte stores (a peer took the 4-byte stores as 16-byte
-#      NVLink writes): its 4-rank cases, E=64 T=4096/16384 over se 0/1 x rb 2/4 and Mixtral
-#      T=4096 over se 0/1, beside PyTorch EP (~500 s)
-#   t: the staged epilogue per GEMM (se 0/1/2) with the router quads: E=64 T=4096/16384, E=8
-#      and 32 at T=16384, Mixtral T=4096, then the 4-rank down-only case (~420 s)
-#   (done and measured: parts b, d, e, f, g (session 18: bench/results/
+#   v: session 19's changes not yet run on a GPU: each tensor map acquired once per launch
+#      (every ws_tma config), the task-loop clocks per GEMM and in grid barriers. The 4-rank
+#      cases over TMA rows, the staged default and fused TMA weights; then E=64 T=4096/16384
+#      and Mixtral T=4096 with the defaults beside PyTorch EP (session 19, 44b77eb: 0.716 /
+#      2.061 / 5.431 ms), the phase lines saying per GEMM where a tile's prologue and
+#      epilogue go and how long blocks wait in the route's barrier (~450 s)
+#   (done and measured: parts i, l, s, t (session 19: bench/results/
+#   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|i|j|k|l|n|p|r|s|t   (COMMIT literally: the device's git metadata
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|j|k|n|p|r|v   (COMMIT literally: the device's git metadata
 # may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -156,24 +144,6 @@ print(K.default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank
     grep -E "^### |^\| [^-k]" "$O/kb_$m.md" 2>/dev/null | cut -c1-200 | head -12 || tail -5 "$O/kb_$m.log"
   done
 fi
-tests_and_e64_sweep() {  # TAG TEST-TIMEOUT K-EXPRESSION VARY: the 4-rank tests -k selects,
-  # then H=I=2048 E=64 at T=4096/16384 over the nvlink_sweep variants VARY beside PyTorch EP
-  multigpu_k 4 "$2" "$1" "$3"
-  timeout -k 10 "${SWEEP_TIMEOUT:-200}" $MPI -np 4 python3 bench/nvlink_sweep.py --torch \
-    --commit "$COMMIT" --problems e64 --tokens 4096,16384 --vary "$4" --iters 10 \
-    --out "$O/sweep_$1.md" --json "$O/sweep_$1.json" > "$O/sweep_$1.log" 2>&1
-  echo "sweep rc=$?"; bundle
-  grep -hE "^\| e64|^- e64" "$O/sweep_$1.md" | cut -c1-420
-}
-if [ "$PART" = i ]; then
-  # the router's m-tile loop (043bb97) runs in every default too: the one-GPU routing tests
-  CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_routing.py \
-    -q --no-header -p no:cacheprovider > "$O/routing.log" 2>&1
-  echo "routing rc=$?"; grep -E "passed|failed" "$O/routing.log" | tail -2
-  SWEEP_TIMEOUT=220 tests_and_e64_sweep anatomy 150 \
-    "nvlink_persistent_kernel and (row_tiles_wgmma_tma_deferred or quad_batches)" \
-    "dr=0,1;rb=2,4"
-fi
 if [ "$PART" = j ]; then
   if [ -z "${NO_MIX:-}" ]; then  # NO_MIX=1: the scaling table alone
     timeout -k 10 110 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
@@ -194,49 +164,19 @@ r['floor_ms'], 'torch', r['torch_ep_ms'], 'nccl', r['ours_ms'], 'graph', r.get('
 'nvlink', r.get('ours_nvlink_ms'), r.get('speedup_nvlink')) \
 for r in json.load(open('$O/scaling_json.txt'))]"
 fi
-if [ "$PART" = l ]; then
-  multigpu_k 4 "${TEST_TIMEOUT:-120}" ws128 "nvlink_persistent_kernel and fused_ws128"
-  for np_t in "4 1024" "2 1024"; do
-    set -- $np_t
-    timeout -k 10 "${SWEEP_TIMEOUT:-90}" $MPI -np $1 python3 bench/nvlink_sweep.py --torch \
-      --commit "$COMMIT" --problems e64 --tokens $2 --vary "gu_bm=64,128;dn_bm=64,128" \
-      --iters 20 --out "$O/sweep_ws128_p$1.md" --json "$O/sweep_ws128_p$1.json" \
-      > "$O/sweep_ws128_p$1.log" 2>&1
-    echo "sweep $1 ranks rc=$?"
-  done
-  bundle
-  grep -hE "^\| e64|^- e64" "$O"/sweep_ws128_p*.md | cut -c1-420
-fi
-if [ "$PART" = s ]; then
-  # the staged epilogue (stage_epilogue): the tiles' epilogues took 4.9 (T=4096) and 8.6 us
-  # (T=16384) of E=64's ~32 us tile, 6.0 of Mixtral's ~74 (session 19, part i/j)
-  multigpu_k 4 "${TEST_TIMEOUT:-150}" staged "nvlink_persistent_kernel and staged"
-  for shape in "e64 4096,16384 se=0,1;rb=2,4 240" "mixtral 4096 se=0,1 150"; do
+if [ "$PART" = v ]; then
+  multigpu_k 4 "${TEST_TIMEOUT:-240}" v "nvlink_persistent_kernel and \
+(row_tiles_wgmma_tma_staged or default_staged or default_fused or fused_ws_tma or wgmma_tma_graph)"
+  for shape in "e64 4096,16384 130" "mixtral 4096 110"; do
     set -- $shape
-    timeout -k 10 "$4" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
-      --problems $1 --tokens $2 --vary "$3" --iters 10 --out "$O/sweep_se_$1.md" \
-      --json "$O/sweep_se_$1.json" > "$O/sweep_se_$1.log" 2>&1
+    timeout -k 10 "$3" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+      --problems $1 --tokens $2 --iters 10 --out "$O/sweep_v_$1.md" \
+      --json "$O/sweep_v_$1.json" > "$O/sweep_v_$1.log" 2>&1
     echo "sweep $1 rc=$?"
   done
   bundle
-  grep -hE "^\| (e64|mixtral)|^- (e64|mixtral)" "$O"/sweep_se_*.md | cut -c1-420
-fi
-if [ "$PART" = t ]; then
-  # the staged epilogue per GEMM (1: the down GEMM's, whose results go to the peers; 2:
-  # both): part s staged both, which won at T=16384 (2.26 -> 2.08 ms) and lost at T=4096
-  # (0.728 -> 0.751); with the router quads now the default
-  for shape in "e64 4096,16384 se=0,1,2 150" "e8,e32 16384 se=0,1 120" "mixtral 4096 se=0,1 110"
-  do
-    set -- $shape
-    timeout -k 10 "$4" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
-      --problems $1 --tokens $2 --vary "$3" --iters 10 --out "$O/sweep_t_${1/,/_}.md" \
-      --json "$O/sweep_t_${1/,/_}.json" > "$O/sweep_t_${1/,/_}.log" 2>&1
-    echo "sweep $1 rc=$?"
-  done
-  multigpu_k 4 "${TEST_TIMEOUT:-150}" staged "nvlink_persistent_kernel and default_staged"
-  bundle
-  grep -hE "^\| (e64|e8|e32|mixtral) " "$O"/sweep_t_*.md | cut -d'|' -f2-8
-  grep -hoE "^- \S+ T=[0-9]+|per TMA row tile.*" "$O"/sweep_t_*.md | paste -d' ' - - | cut -c1-160
+  grep -hE "^\| (e64|mixtral) " "$O"/sweep_v_*.md | cut -d'|' -f2-8
+  grep -hE "^- (e64|mixtral)" "$O"/sweep_v_*.md | cut -c1-700
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
