@@ -49,8 +49,8 @@
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|j|k|n|p|r|v   (COMMIT literally: the device's git metadata
-# may lag the working tree it runs)
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|j|k|n|p|r|v
+# (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
