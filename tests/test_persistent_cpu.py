@@ -293,3 +293,25 @@ def test_tensor_maps_acquired_once_per_launch():
         off = replace(cfg, ws_tma=False, stage_epilogue=0)
         assert persistent_tile_maps(off) == 0
         assert "constexpr int TILE_MAPS = 0;" in render(p, off).code
+
+
+def test_router_prefetches_each_calls_rows_into_l2():
+    """The persistent router's many-batch loop asks L2 for a call's token rows (one bulk
+    request per row, a thread each) before its logits, and for the next call's while it
+    computes; a hint only before Hopper."""
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.problem import MoEProblem
+    from flashmoe_gen.render import render
+
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    code = " ".join(render(p, KernelConfig.persistent_default(p, "sm_90")).code.split())
+    for line in (
+            'asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\\n" ::"l"(p), "r"(bytes) '
+            ': "memory");',
+            "if (b0 < batches && threadIdx.x < R_BATCHES * ROUTER_WARPS && r < tokens) "
+            "prefetch_l2(x + static_cast<long long>(r) * HIDDEN, HIDDEN * sizeof(elem_t));",
+            "prefetch_rows(R_BATCHES * blockIdx.x); for (int b = R_BATCHES * blockIdx.x; b < "
+            "batches; b += R_BATCHES * grid) { prefetch_rows(b + R_BATCHES * grid); "
+            "split_logits(b, 0, HIDDEN, x, wg, tokens, R_BATCHES);"):
+        assert line in code, line
+    assert "#if __CUDA_ARCH__ >= 900 asm volatile(\"cp.async.bulk.prefetch" in code
