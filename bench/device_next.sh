@@ -44,13 +44,15 @@
 #      2.061 / 5.431 ms), the phase lines saying per GEMM where a tile's prologue and
 #      epilogue go and how long blocks wait in the route's barrier; E=32 T=1024 beside
 #      fused 64/128-token weight-streaming tasks (~540 s)
+#   w: E=64 T=16384 over the down tile's width (128 / 256: is the k-loop L2-bound?) and 32 /
+#      64 senders, with the per-GEMM clocks (~200 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|j|k|n|p|r|v
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|j|k|n|p|r|v|w
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -184,6 +186,19 @@ if [ "$PART" = v ]; then
   bundle
   grep -hE "^\| (e64|e32|mixtral) " "$O"/sweep_v_*.md | cut -d'|' -f2-8
   grep -hE "^- (e64|e32|mixtral)" "$O"/sweep_v_*.md | cut -c1-700
+fi
+if [ "$PART" = w ]; then
+  # Is the row tiles' k-loop (~83% of peak at E=64) bound by L2 bandwidth? A 128 x 256 down
+  # tile reads 48 KB per 4.2-MFLOP k-tile (~11 TB/s over 132 SMs at the dense peak); a
+  # 128 x 128 one reads 32 KB per 2.1 MFLOP: if the loop's us per MFLOP rises with it, L2
+  # it is (then TMA multicast in 2-CTA clusters). And 64 senders beside 32 (the dispatch
+  # took ~320 us at T=16384, ~314 GB/s of NVLink's ~357 measured)
+  timeout -k 10 200 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+    --problems e64 --tokens 16384 --vary "dn_bn=128,256;sb=32,64" --iters 10 \
+    --out "$O/sweep_w.md" --json "$O/sweep_w.json" > "$O/sweep_w.log" 2>&1
+  echo "sweep rc=$?"; bundle
+  grep -hE "^\| e64 " "$O/sweep_w.md" | cut -d'|' -f2-8
+  grep -hE "^- e64" "$O/sweep_w.md" | cut -c1-700
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
