@@ -52,14 +52,17 @@ def floor_note(tbs: float | None) -> str:
 def nvlink_stats(layer, x, comm, chain: int = 8) -> dict:
     """Transport nvlink's own clocks (collective): the last of ``chain`` forwards back to
     back, median of 5 chains: SM busy (GEMM cycles / all, mean over ranks), the kernel's
-    time and where it went (per phase, the slowest rank's critical path)."""
+    time and where it went (per phase, the slowest rank's critical path), the SMs' clock
+    (mean over ranks: under tensor-core load below the boost clock)."""
     from flashmoe_gen.comm import allgather
 
     got = allgather(comm.mpi, layer._persistent.measure(x, chain=chain), "kernel clocks")
     busy = float(np.mean([g.pop("sm_busy") for g in got]))
+    ghz = float(np.mean([g.pop("sm_ghz", 0.0) for g in got]))
     kernel = max(g.pop("kernel_us") for g in got)
     tasks = [{k: g.pop(k) for k in list(g) if k.startswith("row_")} for g in got]
-    return {"sm_busy_nvlink": round(busy, 3), "kernel_us_nvlink": kernel,
+    return {"sm_busy_nvlink": round(busy, 3), "sm_ghz_nvlink": round(ghz, 3),
+            "kernel_us_nvlink": kernel,
             "phases_us_nvlink": {k: max(g[k] for g in got) for k in got[0]},
             # the TMA row tiles' time per tile and the waits per block, mean over ranks
             "tasks_us_nvlink": {k[4:]: round(float(np.mean([t[k] for t in tasks])), 3)
@@ -69,7 +72,8 @@ def nvlink_stats(layer, x, comm, chain: int = 8) -> dict:
 def phases_text(row: dict) -> str:
     """A row's nvlink phases as "route 6.3, positions 2.1, ..." (microseconds), then the
     task loop's clocks: the TMA row tiles' time per tile where it has them (and per GEMM
-    where the row has them: prologue / loop / epilogue), and the waits per block."""
+    where the row has them: prologue / loop / epilogue), the waits per block and the SMs'
+    clock."""
     text = ", ".join(f"{k} {v}" for k, v in row["phases_us_nvlink"].items())
     tasks = dict(row.get("tasks_us_nvlink") or {})
     tiles = tasks.pop("tiles", 0)
@@ -87,6 +91,8 @@ def phases_text(row: dict) -> str:
             text += " (prologue / loop / epilogue: " + ", ".join(per_gemm) + ")"
     if tasks:
         text += "; waits per block: " + ", ".join(f"{k} {v}" for k, v in tasks.items())
+    if row.get("sm_ghz_nvlink"):
+        text += f"; SM clock {row['sm_ghz_nvlink']} GHz"
     return text
 
 

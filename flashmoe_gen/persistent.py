@@ -370,7 +370,9 @@ class PersistentForward:
         return _kernel_us(self._stats("kernel time"))
 
     def measure(self, x, chain: int = 8, repeats: int = 5) -> dict:
-        """SM busy, kernel time, phases and the TMA row tiles' anatomy (``row_*``) of the
+        """SM busy, the SMs' clock (``sm_ghz``: under tensor-core load they run below the
+        boost clock, and the peak a k-loop can reach with them), kernel time, phases and the
+        TMA row tiles' anatomy (``row_*``) of the
         last of ``chain`` forwards of ``x`` back to back, median over ``repeats`` chains
         (collective like any forward). One lone call would count the ranks' launch skew into
         the first wait on a peer; inside a chain the previous call's waits have lined the
@@ -381,8 +383,8 @@ class PersistentForward:
             for _ in range(chain):
                 self.layer.forward(x)
             st = self._stats("clocks")  # one copy per chain serves every figure
-            runs.append({"sm_busy": _sm_busy(st), "kernel_us": _kernel_us(st),
-                         **_phase_us(st), **_row_anatomy(st)})
+            runs.append({"sm_busy": _sm_busy(st), "sm_ghz": _sm_ghz(st),
+                         "kernel_us": _kernel_us(st), **_phase_us(st), **_row_anatomy(st)})
         return {k: round(float(np.median([r[k] for r in runs])), 3) for k in runs[0]}
 
     def stall(self) -> CommTimeout | None:
@@ -426,14 +428,24 @@ def _kernel_us(st: np.ndarray) -> float:
                        - st[:, 2].astype(np.int64).min()) / 1e3, 2)
 
 
+def _block_ghz(st: np.ndarray) -> np.ndarray:
+    """Each block's clock rate in GHz: its cycles over its span on the ns timer."""
+    span_ns = st[:, PERSISTENT_STAT_END].astype(np.int64) - st[:, 2].astype(np.int64)
+    return np.divide(st[:, 1].astype(np.float64), span_ns, out=np.zeros(len(st)),
+                     where=span_ns > 0)
+
+
+def _sm_ghz(st: np.ndarray) -> float:
+    """The blocks' mean clock rate in GHz (blocks that ran at all)."""
+    ghz = _block_ghz(st)
+    return round(float(ghz[ghz > 0].mean()), 3) if (ghz > 0).any() else 0.0
+
+
 def _task_clocks_us(st: np.ndarray) -> dict[str, np.ndarray]:
     """Per block, the task loop's words (render.PERSISTENT_TASK_CLOCKS) in us, each block's
-    cycles at its own clock rate (its cycles over its span on the ns timer); the row tile
-    count as is."""
+    cycles at its own clock rate (_block_ghz); the row tile count as is."""
     w = st[:, PERSISTENT_STAT_END + 1:PERSISTENT_STAT_END + 1 + len(PERSISTENT_TASK_CLOCKS)]
-    span_ns = st[:, PERSISTENT_STAT_END].astype(np.int64) - st[:, 2].astype(np.int64)
-    ghz = np.divide(st[:, 1].astype(np.float64), span_ns, out=np.zeros(len(st)),
-                    where=span_ns > 0)
+    ghz = _block_ghz(st)
     out = {}
     for i, k in enumerate(PERSISTENT_TASK_CLOCKS):
         v = w[:, i].astype(np.float64)

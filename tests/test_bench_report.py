@@ -156,3 +156,5 @@ def test_phases_text_adds_the_task_loops_clocks():
         "epilogue_us 4.0 (prologue / loop / epilogue: gate/up (2) 2.1 / 20.0 / 4.5, down (1) "
         "1.8 / 23.0 / 3.0); waits per block: dep_wait_us 3.0, flag_wait_us 1.0, "
         "barrier_wait_us 40.0")
+    row["sm_ghz_nvlink"] = 1.755
+    assert phases_text(row).endswith("barrier_wait_us 40.0; SM clock 1.755 GHz")

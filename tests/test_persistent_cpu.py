@@ -132,6 +132,8 @@ def test_measure_reads_the_last_call_of_each_chain():
     assert got["kernel_us"] == 103 and got["sm_busy"] == pytest.approx(0.25, abs=0.01)
     assert got["route"] == 1 and got["combine"] == pytest.approx(103 - 6)
     assert got["row_tiles"] == 0 and got["row_loop_us"] == 0  # no TMA row tiles
+    # each block ran `total` cycles over 1000 x total ns: 0.001 GHz
+    assert got["sm_ghz"] == pytest.approx(1e-3, abs=1e-4)
 
 
 def test_row_anatomy_converts_each_blocks_cycles_at_its_own_rate():
@@ -160,6 +162,8 @@ def test_row_anatomy_converts_each_blocks_cycles_at_its_own_rate():
         barrier_wait=1000)
     put(2, dep_wait=1500, barrier_wait=3000)  # the third block ran no row tile
     got = _row_anatomy(st)
+    from flashmoe_gen.persistent import _sm_ghz
+    assert _sm_ghz(st) == pytest.approx(1.5)  # the blocks' mean clock
     assert got["row_tiles"] == 3 and (got["row_gu_tiles"], got["row_dn_tiles"]) == (2, 1)
     assert got["row_prologue_us"] == pytest.approx(0.2 / 3, abs=1e-3)
     assert got["row_loop_us"] == pytest.approx(1.6 / 3, abs=1e-3)
