@@ -42,10 +42,11 @@
 #      cases over TMA rows, the staged default and fused TMA weights; then E=64 T=4096/16384
 #      and Mixtral T=4096 with the defaults beside PyTorch EP (session 19, 44b77eb: 0.716 /
 #      2.061 / 5.431 ms), the phase lines saying per GEMM where a tile's prologue and
-#      epilogue go and how long blocks wait in the route's barrier; E=32 T=1024 beside
-#      fused 64/128-token weight-streaming tasks (~540 s)
+#      epilogue go and how long blocks wait in the route's barrier (~480 s)
 #   w: E=64 T=16384 over the down tile's width (128 / 256: is the k-loop L2-bound?) and 32 /
-#      64 senders, with the per-GEMM clocks (~200 s)
+#      64 senders, with the per-GEMM clocks; T=1024 on 4 ranks at E=32 and 8 over phased
+#      task lists (not yet run), E=32 also beside fused 64/128-token weight-streaming tasks
+#      (~380 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
@@ -169,23 +170,18 @@ for r in json.load(open('$O/scaling_json.txt'))]"
 fi
 if [ "$PART" = v ]; then
   multigpu_k 4 "${TEST_TIMEOUT:-240}" v "nvlink_persistent_kernel and \
-(row_tiles_wgmma_tma_staged or default_staged or default_fused or fused_ws_tma or wgmma_tma_graph)"
-  # E=32 T=1024 (64 rows per source and expert: half-empty wgmma row tiles, 2.87x PyTorch
-  # EP where issue 16 asks 3x) beside every source fused into 64- and 128-token
-  # weight-streaming tasks (256 rows per expert, past PERSISTENT_WS_MAX_ROWS)
-  WS=_bk64_w8x1_s4_ws; FS=__r8__c1__cs1__ss1__fs__nvlink__wt
-  for shape in "e64 4096,16384 130" "mixtral 4096 110" "e32 1024 90"; do
+(row_tiles_wgmma_tma_staged or default_staged or default_fused or fused_ws_tma or \
+wgmma_tma_graph or phased)"
+  for shape in "e64 4096,16384 130" "mixtral 4096 110"; do
     set -- $shape
-    cfg=(); [ $1 = e32 ] && cfg=(--config "gu_bm64_bn128${WS}__dn_bm64_bn128${WS}${FS}" \
-      --config "gu_bm128_bn128${WS}__dn_bm128_bn128${WS}${FS}")
     timeout -k 10 "$3" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
-      --problems $1 --tokens $2 --iters 10 "${cfg[@]}" --out "$O/sweep_v_$1.md" \
+      --problems $1 --tokens $2 --iters 10 --out "$O/sweep_v_$1.md" \
       --json "$O/sweep_v_$1.json" > "$O/sweep_v_$1.log" 2>&1
     echo "sweep $1 rc=$?"
   done
   bundle
-  grep -hE "^\| (e64|e32|mixtral) " "$O"/sweep_v_*.md | cut -d'|' -f2-8
-  grep -hE "^- (e64|e32|mixtral)" "$O"/sweep_v_*.md | cut -c1-700
+  grep -hE "^\| (e64|mixtral) " "$O"/sweep_v_*.md | cut -d'|' -f2-8
+  grep -hE "^- (e64|mixtral)" "$O"/sweep_v_*.md | cut -c1-700
 fi
 if [ "$PART" = w ]; then
   # Is the row tiles' k-loop (~83% of peak at E=64) bound by L2 bandwidth? A 128 x 256 down
@@ -193,12 +189,25 @@ if [ "$PART" = w ]; then
   # 128 x 128 one reads 32 KB per 2.1 MFLOP: if the loop's us per MFLOP rises with it, L2
   # it is (then TMA multicast in 2-CTA clusters). And 64 senders beside 32 (the dispatch
   # took ~320 us at T=16384, ~314 GB/s of NVLink's ~357 measured)
-  timeout -k 10 200 $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
-    --problems e64 --tokens 16384 --vary "dn_bn=128,256;sb=32,64" --iters 10 \
-    --out "$O/sweep_w.md" --json "$O/sweep_w.json" > "$O/sweep_w.log" 2>&1
-  echo "sweep rc=$?"; bundle
-  grep -hE "^\| e64 " "$O/sweep_w.md" | cut -d'|' -f2-8
-  grep -hE "^- e64" "$O/sweep_w.md" | cut -c1-700
+  # Then T=1024 on 4 ranks, where down tasks waited 17-22 us per block on their gate/up
+  # tiles (E=8, 32): phased task lists (every source's gate/up first) 0/1; E=32 (64 rows
+  # per source and expert: half-empty wgmma row tiles, 2.87x PyTorch EP where issue 16 asks
+  # 3x) also beside every source fused into 64- and 128-token weight-streaming tasks (256
+  # rows per expert, past PERSISTENT_WS_MAX_ROWS)
+  WS=_bk64_w8x1_s4_ws; FS=__r8__c1__cs1__ss1__fs__nvlink__wt
+  for shape in "e64 16384 dn_bn=128,256;sb=32,64 200" "e32 1024 ph=0,1 100" \
+      "e8 1024 ph=0,1 70"; do
+    set -- $shape
+    cfg=(); [ $1 = e32 ] && cfg=(--config "gu_bm64_bn128${WS}__dn_bm64_bn128${WS}${FS}" \
+      --config "gu_bm128_bn128${WS}__dn_bm128_bn128${WS}${FS}")
+    timeout -k 10 "$4" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+      --problems $1 --tokens $2 --vary "$3" --iters 10 "${cfg[@]}" \
+      --out "$O/sweep_w_$1.md" --json "$O/sweep_w_$1.json" > "$O/sweep_w_$1.log" 2>&1
+    echo "sweep $1 rc=$?"
+  done
+  bundle
+  grep -hE "^\| (e64|e32|e8) " "$O"/sweep_w_*.md | cut -d'|' -f2-8
+  grep -hE "^- (e64|e32|e8)" "$O"/sweep_w_*.md | cut -c1-700
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

@@ -10,7 +10,7 @@ against the NCCL path's graph-mode default on the same weights and tokens.
 stages as ``s``), ``b`` (blocks per SM), ``d`` (dispatch blocks), ``wt`` (TMA loads),
 ``sb`` (blocks that send the peers' rows), ``rb`` (router batches per logit tile), ``tt``
 (row tiles per TMA row task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue:
-0 none, 1 down, 2 both), ``ks`` (K splits, ``GxD``),
+0 none, 1 down, 2 both), ``ph`` (phased task lists, 0/1), ``ks`` (K splits, ``GxD``),
 values
 comma-separated;
 every combination is timed (configs the build refuses are reported, not fatal). ``--config``
@@ -50,16 +50,17 @@ def variants(base, vary: str) -> list:
     """The persistent default ``base`` with every combination of ``vary``'s values: tile
     fields (``gu_``/``dn_`` + bm, bn, bk, s), ``b`` (blocks per SM), ``d`` (dispatch
     blocks), ``wt`` (TMA loads, 0/1), ``sb`` (send blocks), ``rb`` (router batches), ``tt``
-    (row tiles per task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue, 0-2) and
-    ``ks`` (K splits, ``GxD``)."""
+    (row tiles per task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue, 0-2),
+    ``ph`` (phased task lists, 0/1) and ``ks`` (K splits, ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):
         knob, values = part.split("=")
-        if knob in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se"):
+        if knob in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph"):
             field = {"b": "blocks_per_sm", "d": "dispatch_blocks", "wt": "ws_tma",
                      "sb": "send_blocks", "rb": "router_batches", "tt": "task_tiles",
-                     "dr": "defer_refill", "se": "stage_epilogue"}[knob]
-            cast = bool if knob in ("wt", "dr") else (lambda v: v)
+                     "dr": "defer_refill", "se": "stage_epilogue",
+                     "ph": "phased_tasks"}[knob]
+            cast = bool if knob in ("wt", "dr", "ph") else (lambda v: v)
             axes.append([{field: cast(int(v))} for v in values.split(",")])
             continue
         if knob == "ks":
@@ -68,8 +69,8 @@ def variants(base, vary: str) -> list:
             continue
         gemm, _, field = knob.partition("_")
         if gemm not in ("gu", "dn") or field not in FIELDS:
-            raise SystemExit(f"--vary {knob}: use b, d, wt, sb, rb, tt, dr, se, ks, or gu_|dn_ + "
-                             f"one of {list(FIELDS)}")
+            raise SystemExit(f"--vary {knob}: use b, d, wt, sb, rb, tt, dr, se, ph, ks, or "
+                             f"gu_|dn_ + one of {list(FIELDS)}")
         attr = "gate_up" if gemm == "gu" else "down"
         axes.append([{attr: (FIELDS[field], int(v))} for v in values.split(",")])
     out = []

@@ -19,6 +19,7 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     TASK_TILE_CHOICES,
     check_defer_refill,
     check_persistent,
+    check_phased_tasks,
     check_router_batches,
     check_send_blocks,
     check_stage_epilogue,
@@ -106,6 +107,7 @@ class KernelConfig:
     task_tiles: int = 1  # transport "nvlink", TMA row tiles (TASK_TILE_CHOICES)
     defer_refill: bool = False  # transport "nvlink", TMA row tiles: refills never block
     stage_epilogue: int = 0  # transport "nvlink", TMA row tiles (STAGE_EPILOGUE_CHOICES)
+    phased_tasks: bool = False  # transport "nvlink", per-source lists: all gate/up first
 
     @property
     def uses_wgmma(self) -> bool:
@@ -176,6 +178,8 @@ class KernelConfig:
             parts.append("dr")
         if self.stage_epilogue:
             parts.append(f"se{self.stage_epilogue}")
+        if self.phased_tasks:
+            parts.append("ph")
         return "__".join(parts)
 
     @classmethod
@@ -187,19 +191,19 @@ class KernelConfig:
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
                          r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?(__os)?"
                          r"(__ost)?(__ge)?(?:__sb(\d+))?(?:__rb(\d+))?(?:__tt(\d+))?(__dr)?"
-                         r"(?:__se(\d+))?", name)
+                         r"(?:__se(\d+))?(__ph)?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
         (gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp,
-         wt, cm, os_, ost, ge, sb, rb, tt, dr, se) = m.groups()
+         wt, cm, os_, ost, ge, sb, rb, tt, dr, se, ph) = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
                    transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
                    int(dsp or 1), wt is not None, int(cm or 0), os_ is not None,
                    ost is not None, ge is not None, int(sb or 0), int(rb or 1),
-                   int(tt or 1), dr is not None, int(se or 0))
+                   int(tt or 1), dr is not None, int(se or 0), ph is not None)
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -225,7 +229,8 @@ class KernelConfig:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f, v, "must be an integer", name)
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
-                  "own_split", "own_stream", "gather_experts", "defer_refill"):
+                  "own_split", "own_stream", "gather_experts", "defer_refill",
+                  "phased_tasks"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -286,6 +291,8 @@ class KernelConfig:
             check_defer_refill(self, name)
         if self.stage_epilogue:
             check_stage_epilogue(self, name)
+        if self.phased_tasks:
+            check_phased_tasks(self, problem, name)
         if self.comm_sms:
             self._validate_comm_sms(problem, name)
         if self.own_split:

@@ -168,6 +168,18 @@ def check_stage_epilogue(cfg: KernelConfig, name: str) -> None:
         raise ConfigError("stage_epilogue", v, why + ": use 0", name)
 
 
+def check_phased_tasks(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
+    """Every source's gate/up tasks before any down task: only the persistent kernel's
+    per-source task lists (fused sources have one list), and only with several sources."""
+    why = ("only transport 'nvlink' has a task queue" if cfg.transport != "nvlink" else
+           "fused sources keep one list (every source's rows in each task)"
+           if cfg.fuse_sources else
+           "one rank has one source: its list is already phased" if problem.world_size < 2
+           else "")
+    if why:
+        raise ConfigError("phased_tasks", True, why + ": use False", name)
+
+
 def check_task_tiles(cfg: KernelConfig, name: str) -> None:
     """Several row tiles per task: only the TMA row tasks (``ws_tma`` on wgmma tiles) carry
     their ring from one row tile on to the next."""

@@ -396,6 +396,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "solo_front": CPP_BOOL[config.dispatch_blocks == 1],
         "send_blocks": config.send_blocks,
         "task_tiles": config.task_tiles,
+        "phased_tasks": CPP_BOOL[config.phased_tasks],
     }
 
 

@@ -157,6 +157,7 @@ def _nvl_cfg(**knobs):
                                   "row_tiles_wgmma_tma_pairs",
                                   "row_tiles_wgmma_tma_deferred",
                                   "row_tiles_wgmma_tma_staged",
+                                  "row_tiles_wgmma_tma_phased", "row_tiles_phased",
                                   "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks",
                                   "dsv2lite_default_many_batches",
                                   "dsv2lite_default_quad_batches",
@@ -179,6 +180,8 @@ def test_nvlink_persistent_kernel(comm, case):
          "row_tiles_wgmma_tma_pairs": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma_deferred": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma_staged": SEED.replace(tokens_per_rank=1000),
+         "row_tiles_wgmma_tma_phased": SEED.replace(tokens_per_rank=1000),
+         "row_tiles_phased": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
          "row_tiles_send_blocks": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_default_many_batches": DSV2.replace(tokens_per_rank=2200),
@@ -200,8 +203,10 @@ def test_nvlink_persistent_kernel(comm, case):
     if case.startswith("row_tiles") and "wgmma" not in case:  # mma.sync row tiles: several
         # 64-row tiles per (source, expert); send_blocks: 8 blocks send the peers' rows while
         # the others start this rank's own tasks (no grid barrier after the dispatch)
+        # phased: every source's gate/up tasks before any down task
         cfg = KernelConfig(GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4),
-                           transport="nvlink", send_blocks=8 if "send" in case else 0)
+                           transport="nvlink", send_blocks=8 if "send" in case else 0,
+                           phased_tasks=case.endswith("phased"))
     if case == "row_tiles_wgmma":  # two warpgroups per 128-row tile (Hopper, as tma above)
         wg = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
         cfg = KernelConfig(wg, dataclasses.replace(wg, stages=3), transport="nvlink")
@@ -218,7 +223,8 @@ def test_nvlink_persistent_kernel(comm, case):
                            # ones of one; deferred: refills that wait only where they must;
                            # staged: both GEMMs' results in 16-byte stores through the ring
                            defer_refill=case.endswith("deferred"),
-                           stage_epilogue=2 if case.endswith("staged") else 0)
+                           stage_epilogue=2 if case.endswith("staged") else 0,
+                           phased_tasks=case.endswith("phased"))
     if case.startswith("dsv2lite_default_") and case.endswith("batches"):  # the persistent
         # default at 2200 tokens: TMA row tiles, senders, dense lists, shared experts, and a
         # router that takes two 8-token batches per tensor-core tile (275 batches: no hidden

@@ -157,6 +157,7 @@ CONFIG_CHANGES = {
     "task_tiles": 2,
     "defer_refill": True,
     "stage_epilogue": 2,
+    "phased_tasks": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -740,6 +741,27 @@ def test_stage_epilogue_only_for_single_tma_row_tiles():
         with pytest.raises(ConfigError, match=text) as e:
             bad.validate(p, "sm_90")
         assert e.value.field == "stage_epilogue"
+
+
+def test_phased_tasks_only_for_per_source_lists():
+    """phased_tasks: every source's gate/up tasks before any down task, for the persistent
+    kernel's per-source lists on several ranks. The name round-trips after every other
+    knob."""
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=4096)
+    base = KernelConfig.persistent_default(p, "sm_90")
+    cfg = replace(base, phased_tasks=True)
+    cfg.validate(p, "sm_90")
+    assert cfg.name.endswith("__se1__ph") and KernelConfig.from_name(cfg.name) == cfg
+    fused_p = p.replace(tokens_per_rank=256)
+    for bad, prob, text in (
+            (replace(KernelConfig.default(p, "sm_90"), phased_tasks=True), p, "task queue"),
+            (replace(KernelConfig.persistent_default(fused_p, "sm_90"), phased_tasks=True),
+             fused_p, "fused sources"),
+            (replace(cfg, send_blocks=0), p.replace(world_size=1), "one rank"),
+            (replace(base, phased_tasks=1), p, "must be a bool")):
+        with pytest.raises(ConfigError, match=text) as e:
+            bad.validate(prob, "sm_90")
+        assert e.value.field == "phased_tasks"
 
 
 def test_persistent_default_picks_tiles_by_rows_per_expert():

@@ -107,6 +107,7 @@ FULL = {
     "task_tiles": (1,),  # its TMA row tasks' row tiles per task: likewise
     "defer_refill": (False,),  # its TMA row tasks' refills without a wait: likewise
     "stage_epilogue": (0,),  # its TMA row tasks' results in 16-byte stores: likewise
+    "phased_tasks": (False,),  # its per-source lists' gate/up tasks all first: likewise
     # SMs the tma kernel leaves to NCCL (nccl transport with a tma tile; else forced to 0)
     "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
     # this rank's tokens split around the fused launch (fused nccl sources, not _ws)
@@ -130,7 +131,7 @@ SMALL = {
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
     "ws_tma": (False,), "own_split": (False,), "own_stream": (False,), "gather": (False,),
     "senders": (0,), "router_batches": (1,), "task_tiles": (1,), "defer_refill": (False,),
-    "stage_epilogue": (0,),
+    "stage_epilogue": (0,), "phased_tasks": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -156,7 +157,8 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "ksplit_dn": K_SPLIT_CHOICES, "dispatch": DISPATCH_BLOCK_CHOICES,
                 "ws_tma": (False, True), "senders": SEND_BLOCK_CHOICES,
                 "router_batches": ROUTER_BATCH_CHOICES, "task_tiles": TASK_TILE_CHOICES,
-                "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES}
+                "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES,
+                "phased_tasks": (False, True)}
 #: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
 SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
 
@@ -220,6 +222,8 @@ def _without_moot(params: dict) -> dict:
         out["defer_refill"] = False  # ... and refill it from a computing thread
     if "stage_epilogue" in out and not (rows_tma and out.get("task_tiles", 1) == 1):
         out["stage_epilogue"] = 0  # ... and, one row tile per task, stage in it
+    if "phased_tasks" in out and (out.get("transport") != "nvlink" or out.get("fuse")):
+        out["phased_tasks"] = False  # per-source lists only (fused sources: one list)
     if "own_split" in out and not _own_split_apply(out):
         out["own_split"] = False
     if "own_stream" in out and not out.get("own_split", False):
@@ -350,7 +354,8 @@ class SearchSpace:
                             router_batches=params.get("router_batches", 1),
                             task_tiles=params.get("task_tiles", 1),
                             defer_refill=params.get("defer_refill", False),
-                            stage_epilogue=params.get("stage_epilogue", 0))
+                            stage_epilogue=params.get("stage_epilogue", 0),
+                            phased_tasks=params.get("phased_tasks", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -377,7 +382,7 @@ class SearchSpace:
                     "own_stream": cfg.own_stream, "gather": cfg.gather_experts,
                     "senders": cfg.send_blocks, "router_batches": cfg.router_batches,
                     "task_tiles": cfg.task_tiles, "defer_refill": cfg.defer_refill,
-                    "stage_epilogue": cfg.stage_epilogue}
+                    "stage_epilogue": cfg.stage_epilogue, "phased_tasks": cfg.phased_tasks}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())

@@ -1,0 +1,142 @@
+"""The persistent kernel's per-source task lists on the CPU (templates/persistent.cu.j2
+`learn` and the task decode): a port of their index arithmetic, tied to the template's
+text, checks that every task index decodes to one (source, expert, n-tile, part, GEMM) and
+every such task has one index, for the ring-source order (each source's gate/up then down
+tasks) and the phased one (config phased_tasks: every source's gate/up tasks, then every
+source's down tasks); that a block decodes an index knowing only the sources the kernel
+made it wait for; and, phased, that no down task precedes a gate/up task."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from flashmoe_gen.config import KernelConfig
+from flashmoe_gen.problem import MoEProblem
+from flashmoe_gen.render import render
+
+
+def learn_all(rows, ngu, ndn, bm, phased):
+    """learn(q) for q = 0, 1, ...: list_end, gu_first, dn_first as the kernel fills them;
+    rows[q][e]: ring source q's rows of local expert e; a group's tasks: n-tiles x row
+    tiles (gu_parts / dn_parts with one row tile per task)."""
+    P, el = len(rows), len(rows[0])
+    parts = [[-(-r // bm) if r > 0 else 0 for r in rq] for rq in rows]
+    list_end = [0] * P
+    gu_first = [[0] * (el + 1) for _ in range(P)]
+    dn_first = [[0] * (el + 1) for _ in range(P)]
+    for q in range(P):
+        i = list_end[q - 1] if q > 0 else 0
+        for e in range(el):
+            gu_first[q][e] = i
+            i += ngu * parts[q][e]
+        if phased:
+            gu_first[q][el] = i
+            list_end[q] = i
+            if q == P - 1:
+                for qd in range(P):
+                    for e in range(el + 1):
+                        dn_first[qd][e] = i
+                        if e < el:
+                            i += ndn * parts[qd][e]
+        else:
+            for e in range(el + 1):
+                dn_first[q][e] = i
+                if e < el:
+                    i += ndn * parts[q][e]
+            gu_first[q][el] = dn_first[q][0]
+            list_end[q] = i
+    end = dn_first[P - 1][el] if phased else list_end[P - 1]
+    return list_end, gu_first, dn_first, parts, end
+
+
+def known_for(r, list_end, P):
+    """The sources a block has learned when it decodes index r: the kernel's
+    `while (known < SOURCES && r >= (known > 0 ? list_end[known - 1] : 0)) learn(known++)`."""
+    known = 0
+    while known < P and r >= (list_end[known - 1] if known > 0 else 0):
+        known += 1
+    return known
+
+
+def decode(r, known, lists, el, ngu, ndn, phased):
+    list_end, gu_first, dn_first, parts, _ = lists
+    q = 0
+    if phased and r >= list_end[known - 1]:
+        while r >= dn_first[q][el]:
+            q += 1
+    else:
+        while r >= list_end[q]:
+            q += 1
+    gate_up = r < gu_first[q][el]
+    first = gu_first[q] if gate_up else dn_first[q]
+    e, hi = 0, el
+    while hi - e > 1:
+        mid = (e + hi) // 2
+        if first[mid] <= r:
+            e = mid
+        else:
+            hi = mid
+    p = parts[q][e]
+    return q, gate_up, e, (r - first[e]) // p, (r - first[e]) % p
+
+
+@pytest.mark.parametrize("phased", [False, True])
+@pytest.mark.parametrize("P,el", [(2, 1), (2, 5), (4, 2), (4, 8)])
+def test_every_task_has_one_index(P, el, phased):
+    rng = np.random.default_rng(P * 100 + el + phased)
+    ngu, ndn, bm = 3, 2, 128
+    for trial in range(20):
+        rows = rng.integers(0, 400, size=(P, el))
+        rows[rng.random((P, el)) < 0.3] = 0  # experts without rows
+        if trial % 5 == 0:
+            rows[rng.integers(P)] = 0  # a source that sends nothing
+        rows = rows.tolist()
+        lists = learn_all(rows, ngu, ndn, bm, phased)
+        list_end, _, _, parts, end = lists
+        want = {(q, g, e, n, part) for q in range(P) for e in range(el)
+                for g, nt in ((True, ngu), (False, ndn))
+                for n in range(nt) for part in range(parts[q][e])}
+        got = []
+        for r in range(end):
+            known = known_for(r, list_end, P)
+            task = decode(r, known, lists, el, ngu, ndn, phased)
+            q, gate_up = task[0], task[1]
+            assert q < known  # its source's flag was waited for (learn) before
+            if phased and gate_up:
+                assert known == known_for(list_end[q] - 1, list_end, P)  # no later source
+            got.append(task)
+        assert len(got) == len(set(got)) and set(got) == want
+        kinds = [g for _, g, *_ in got]
+        if phased:  # every gate/up task before any down task
+            assert kinds == sorted(kinds, reverse=True)
+        else:  # per source: its gate/up tasks, then its down tasks
+            for q in range(P):
+                mine = [g for (qq, g, *_) in got if qq == q]
+                assert mine == sorted(mine, reverse=True)
+
+
+def test_template_matches_the_port():
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    cfg = replace(KernelConfig.persistent_default(p, "sm_90"), phased_tasks=True)
+    code = " ".join(render(p, cfg).code.split())
+    for line in (
+            "constexpr bool PHASED = true;",
+            "int i = q > 0 ? list_end[q - 1] : 0; for (int e = 0; e < el; ++e) { "
+            "gu_first[q][e] = i; i += NGU * gu_parts(min(my_counts[s * el + e], capacity)); }",
+            "if constexpr (PHASED) { gu_first[q][el] = i; list_end[q] = i; if (q == SOURCES - 1)",
+            "for (int qd = 0; qd < SOURCES; ++qd) { const int sd = (self_rank + qd) % SOURCES;"
+            " for (int e = 0; e <= el; ++e) { dn_first[qd][e] = i; if (e < el) i += NDN * "
+            "dn_parts(min(my_counts[sd * el + e], capacity)); } } } else { for (int e = 0; e <= "
+            "el; ++e) { dn_first[q][e] = i; if (e < el) i += NDN * dn_parts(min(my_counts[s * "
+            "el + e], capacity)); } gu_first[q][el] = dn_first[q][0]; list_end[q] = i; }",
+            "return PHASED ? dn_first[SOURCES - 1][el] : list_end[SOURCES - 1];",
+            "while (known < SOURCES && t - shared_tasks >= (known > 0 ? list_end[known - 1] : "
+            "0)) learn(known++); if (known == SOURCES && t - shared_tasks >= routed_end())",
+            "int q = 0; if (PHASED && r >= list_end[known - 1])",
+            "while (r >= dn_first[q][el]) ++q; else while (r >= list_end[q]) ++q; const int s = "
+            "(self_rank + q) % SOURCES; const bool gate_up = r < gu_first[q][el];",
+            "const int* first = gate_up ? gu_first[q] : dn_first[q]; int e = 0, hi = el;",
+            "while (hi - e > 1) { const int mid = (e + hi) / 2; if (first[mid] <= r) e = mid; "
+            "else hi = mid; }"):
+        assert line in code, line
+    assert "constexpr bool PHASED = false;" in render(p, replace(cfg, phased_tasks=False)).code
