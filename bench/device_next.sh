@@ -168,17 +168,20 @@ r['floor_ms'], 'torch', r['torch_ep_ms'], 'nccl', r['ours_ms'], 'graph', r.get('
 'nvlink', r.get('ours_nvlink_ms'), r.get('speedup_nvlink')) \
 for r in json.load(open('$O/scaling_json.txt'))]"
 fi
+nvl_sweep() {  # TAG SHAPE TOKENS TIMEOUT [nvlink_sweep ARGS...]: one 4-rank sweep beside
+  # PyTorch EP into $O/sweep_TAG_SHAPE.{md,json,log}
+  local tag=$1 shape=$2 tokens=$3 t=$4; shift 4
+  timeout -k 10 "$t" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+    --problems "$shape" --tokens "$tokens" --iters 10 "$@" --out "$O/sweep_${tag}_$shape.md" \
+    --json "$O/sweep_${tag}_$shape.json" > "$O/sweep_${tag}_$shape.log" 2>&1
+  echo "sweep $shape rc=$?"
+}
 if [ "$PART" = v ]; then
   multigpu_k 4 "${TEST_TIMEOUT:-240}" v "nvlink_persistent_kernel and \
 (row_tiles_wgmma_tma_staged or default_staged or default_fused or fused_ws_tma or \
 wgmma_tma_graph or phased)"
-  for shape in "e64 4096,16384 130" "mixtral 4096 110"; do
-    set -- $shape
-    timeout -k 10 "$3" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
-      --problems $1 --tokens $2 --iters 10 --out "$O/sweep_v_$1.md" \
-      --json "$O/sweep_v_$1.json" > "$O/sweep_v_$1.log" 2>&1
-    echo "sweep $1 rc=$?"
-  done
+  nvl_sweep v e64 4096,16384 130
+  nvl_sweep v mixtral 4096 110
   bundle
   grep -hE "^\| (e64|mixtral) " "$O"/sweep_v_*.md | cut -d'|' -f2-8
   grep -hE "^- (e64|mixtral)" "$O"/sweep_v_*.md | cut -c1-700
@@ -195,16 +198,11 @@ if [ "$PART" = w ]; then
   # 3x) also beside every source fused into 64- and 128-token weight-streaming tasks (256
   # rows per expert, past PERSISTENT_WS_MAX_ROWS)
   WS=_bk64_w8x1_s4_ws; FS=__r8__c1__cs1__ss1__fs__nvlink__wt
-  for shape in "e64 16384 dn_bn=128,256;sb=32,64 200" "e32 1024 ph=0,1 100" \
-      "e8 1024 ph=0,1 70"; do
-    set -- $shape
-    cfg=(); [ $1 = e32 ] && cfg=(--config "gu_bm64_bn128${WS}__dn_bm64_bn128${WS}${FS}" \
-      --config "gu_bm128_bn128${WS}__dn_bm128_bn128${WS}${FS}")
-    timeout -k 10 "$4" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
-      --problems $1 --tokens $2 --vary "$3" --iters 10 "${cfg[@]}" \
-      --out "$O/sweep_w_$1.md" --json "$O/sweep_w_$1.json" > "$O/sweep_w_$1.log" 2>&1
-    echo "sweep $1 rc=$?"
-  done
+  nvl_sweep w e64 16384 200 --vary "dn_bn=128,256;sb=32,64"
+  nvl_sweep w e32 1024 100 --vary "ph=0,1" \
+    --config "gu_bm64_bn128${WS}__dn_bm64_bn128${WS}${FS}" \
+    --config "gu_bm128_bn128${WS}__dn_bm128_bn128${WS}${FS}"
+  nvl_sweep w e8 1024 70 --vary "ph=0,1"
   bundle
   grep -hE "^\| (e64|e32|e8) " "$O"/sweep_w_*.md | cut -d'|' -f2-8
   grep -hE "^- (e64|e32|e8)" "$O"/sweep_w_*.md | cut -c1-700
