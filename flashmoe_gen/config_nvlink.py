@@ -137,6 +137,11 @@ def check_router_batches(cfg: KernelConfig, problem: MoEProblem, name: str) -> N
         raise ConfigError("router_batches", v, why + ": use 1", name)
 
 
+#: The configs tma_row_tasks admits, as the errors of the knobs only they take name them.
+_TMA_ROW_TASKS = ("only the persistent kernel's TMA row tasks (transport 'nvlink', wgmma "
+                  "tiles, ws_tma)")
+
+
 def tma_row_tasks(cfg: KernelConfig) -> bool:
     """Whether the persistent kernel's routed row tasks load both operands by TMA into an
     mbarrier ring (wt_gemm_tile): ``ws_tma`` on wgmma tiles."""
@@ -147,8 +152,7 @@ def check_defer_refill(cfg: KernelConfig, name: str) -> None:
     """Refills that never block the k-loop: only the TMA row tasks have the ring whose
     thread 0 both computes and refills."""
     if not tma_row_tasks(cfg):
-        raise ConfigError("defer_refill", True, "only the persistent kernel's TMA row tasks "
-                          "(transport 'nvlink', wgmma tiles, ws_tma) refill a ring from a "
+        raise ConfigError("defer_refill", True, f"{_TMA_ROW_TASKS} refill a ring from a "
                           "computing thread: use False", name)
 
 
@@ -160,8 +164,7 @@ def check_stage_epilogue(cfg: KernelConfig, name: str) -> None:
     if v not in STAGE_EPILOGUE_CHOICES:
         raise ConfigError("stage_epilogue", v, f"choose one of {list(STAGE_EPILOGUE_CHOICES)}"
                           " (0 none, 1 the down GEMM, 2 both GEMMs)", name)
-    why = ("only the persistent kernel's TMA row tasks (transport 'nvlink', wgmma tiles, "
-           "ws_tma) stage their results" if not tma_row_tasks(cfg) else
+    why = (f"{_TMA_ROW_TASKS} stage their results" if not tma_row_tasks(cfg) else
            f"the ring still loads the next row tile with task_tiles {cfg.task_tiles}"
            if cfg.task_tiles != 1 else "")
     if why:
@@ -187,6 +190,5 @@ def check_task_tiles(cfg: KernelConfig, name: str) -> None:
     if v not in TASK_TILE_CHOICES:
         raise ConfigError("task_tiles", v, f"choose one of {list(TASK_TILE_CHOICES)}", name)
     if not tma_row_tasks(cfg):
-        raise ConfigError("task_tiles", v, "only the persistent kernel's TMA row tasks "
-                          "(transport 'nvlink', wgmma tiles, ws_tma) take several row "
-                          "tiles per task: use 1", name)
+        raise ConfigError("task_tiles", v, f"{_TMA_ROW_TASKS} take several row tiles per "
+                          "task: use 1", name)

@@ -140,3 +140,20 @@ def test_template_matches_the_port():
             "else hi = mid; }"):
         assert line in code, line
     assert "constexpr bool PHASED = false;" in render(p, replace(cfg, phased_tasks=False)).code
+
+
+def test_the_search_space_keeps_phased_lists_where_they_mean_something():
+    """The tuner draws phased_tasks only where there are per-source lists: transport nvlink,
+    sources not fused, several ranks (one rank's one source is already phased)."""
+    from flashmoe_gen.tuner.space import SearchSpace
+
+    p = MoEProblem(2048, 2048, 32, 2, world_size=4, tokens_per_rank=1024)
+    space = SearchSpace.for_problem(p, "sm_90", "full", ("nccl", "nvlink"))
+    assert space.choices["phased_tasks"] == (False, True)
+    one = SearchSpace.for_problem(p.replace(world_size=1), "sm_90", "full", ("nccl", "nvlink"))
+    assert one.choices["phased_tasks"] == (False,)
+    params = space.params_from_config(replace(KernelConfig.persistent_default(p, "sm_90"),
+                                              phased_tasks=True))
+    assert space.canonical(params)["phased_tasks"] is True
+    for moot in ({"fuse": True}, {"transport": "nccl"}):
+        assert space.canonical(params | moot)["phased_tasks"] is False

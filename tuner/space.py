@@ -179,9 +179,10 @@ def _ws_tma_apply(params: dict) -> bool:
             and params.get("gu_bk") == params.get("dn_bk") == 64)
 
 
-def _senders_apply(params: dict) -> bool:
-    """Whether send_blocks means anything: transport nvlink with per-source tasks (fused
-    tasks wait for every source; for_problem drops it on one rank)."""
+def _per_source_tasks(params: dict) -> bool:
+    """Whether the persistent kernel keeps per-source task lists, where send_blocks and
+    phased_tasks mean anything: transport nvlink, sources not fused (fused tasks wait for
+    every source; for_problem drops both on one rank)."""
     return params.get("transport") == "nvlink" and not params.get("fuse", False)
 
 
@@ -201,8 +202,9 @@ def _splits_apply(params: dict) -> bool:
 
 def _without_moot(params: dict) -> dict:
     """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
-    senders, router batches, task tiles, deferred refills, own_split/own_stream, gather) at
-    their neutral values, where present (an absent one reads as that value anyway)."""
+    senders, router batches, task tiles, deferred refills, staged epilogue, phased tasks,
+    own_split/own_stream, gather) at their neutral values, where present (an absent one
+    reads as that value anyway)."""
     out = dict(params)
     if not _splits_apply(out):
         out |= {k: 1 for k in SPLIT_KNOBS if k in out}
@@ -210,7 +212,7 @@ def _without_moot(params: dict) -> dict:
         out["comm_sms"] = 0
     if "ws_tma" in out and not _ws_tma_apply(out):
         out["ws_tma"] = False
-    if "senders" in out and not _senders_apply(out):
+    if "senders" in out and not _per_source_tasks(out):
         out["senders"] = 0
     if "router_batches" in out and out.get("transport") != "nvlink":
         out["router_batches"] = 1  # only the persistent kernel's router takes pairs
@@ -222,7 +224,7 @@ def _without_moot(params: dict) -> dict:
         out["defer_refill"] = False  # ... and refill it from a computing thread
     if "stage_epilogue" in out and not (rows_tma and out.get("task_tiles", 1) == 1):
         out["stage_epilogue"] = 0  # ... and, one row tile per task, stage in it
-    if "phased_tasks" in out and (out.get("transport") != "nvlink" or out.get("fuse")):
+    if "phased_tasks" in out and not _per_source_tasks(out):
         out["phased_tasks"] = False  # per-source lists only (fused sources: one list)
     if "own_split" in out and not _own_split_apply(out):
         out["own_split"] = False
@@ -292,6 +294,7 @@ class SearchSpace:
         if problem.world_size == 1:
             choices["gather"] = (False,)  # no peers' rows to gather
             choices["senders"] = (0,)  # nor to send
+            choices["phased_tasks"] = (False,)  # one source: its list is already phased
         if "router_batches" in choices and not router_pairs_fit(
                 problem, PERSISTENT_SCHEDULE["router_tokens_per_block"]):
             choices["router_batches"] = (1,)  # not one tensor-core pass over every expert
