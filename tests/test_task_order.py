@@ -124,11 +124,11 @@ def test_template_matches_the_port():
             "int i = q > 0 ? list_end[q - 1] : 0; for (int e = 0; e < el; ++e) { "
             "gu_first[q][e] = i; i += NGU * gu_parts(min(my_counts[s * el + e], capacity)); }",
             "if constexpr (PHASED) { gu_first[q][el] = i; list_end[q] = i; if (q == SOURCES - 1)",
-            "for (int qd = 0; qd < SOURCES; ++qd) { const int sd = (self_rank + qd) % SOURCES;"
-            " for (int e = 0; e <= el; ++e) { dn_first[qd][e] = i; if (e < el) i += NDN * "
-            "dn_parts(min(my_counts[sd * el + e], capacity)); } } } else { for (int e = 0; e <= "
-            "el; ++e) { dn_first[q][e] = i; if (e < el) i += NDN * dn_parts(min(my_counts[s * "
-            "el + e], capacity)); } gu_first[q][el] = dn_first[q][0]; list_end[q] = i; }",
+            "for (int qd = 0; qd < SOURCES; ++qd) down_list(qd, i); } else { down_list(q, i); "
+            "gu_first[q][el] = dn_first[q][0]; list_end[q] = i; }",
+            "const int s = (self_rank + q) % SOURCES; for (int e = 0; e <= el; ++e) { "
+            "dn_first[q][e] = i; if (e < el) i += NDN * dn_parts(min(my_counts[s * el + e], "
+            "capacity)); } };",
             "return PHASED ? dn_first[SOURCES - 1][el] : list_end[SOURCES - 1];",
             "while (known < SOURCES && t - shared_tasks >= (known > 0 ? list_end[known - 1] : "
             "0)) learn(known++); if (known == SOURCES && t - shared_tasks >= routed_end())",
