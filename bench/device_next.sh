@@ -47,13 +47,16 @@
 #      64 senders, with the per-GEMM clocks; T=1024 on 4 ranks at E=32 and 8 over phased
 #      task lists (not yet run), E=32 also beside fused 64/128-token weight-streaming tasks
 #      (~380 s)
+#   g: gate and up in one m64n256 wgmma (default) against two m64n128 (split_gated_mma):
+#      one-GPU Hopper kernel cases and 4-rank TMA row cases, then E=64 T=16384 and Mixtral
+#      T=4096 both ways (~480 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|j|k|n|p|r|v|w
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|j|k|n|p|r|v|w
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -67,7 +70,10 @@ if [ "$PART" = 1 ]; then
   exit 0
 fi
 source bench/device_setup.sh
-MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
+# BLAS threads per rank: four ranks' float64 references, each with every core's threads,
+# took > 100 s per DeepSeek-V2-Lite test on 4 x H200 (session 20)
+MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE \
+  -x OMP_NUM_THREADS=8 -x OPENBLAS_NUM_THREADS=8"
 source bench/device_lib.sh
 # Problems and tiles of the large-batch rows (`tune_row`): the tma kernel's 128 x 128 tiles
 TMA128=gu_bm128_bn128_bk64_w8x1_s4_tma__dn_bm128_bn128_bk64_w8x1_s4_tma
@@ -206,6 +212,27 @@ if [ "$PART" = w ]; then
   bundle
   grep -hE "^\| (e64|e32|e8) " "$O"/sweep_w_*.md | cut -d'|' -f2-8
   grep -hE "^- (e64|e32|e8)" "$O"/sweep_w_*.md | cut -c1-700
+fi
+if [ "$PART" = g ]; then
+  # Gate and up in one m64n256 wgmma (the default) or two m64n128 (split_gated_mma, as
+  # before): the one-GPU Hopper kernels' cases (wgmma and tma tiles, both ways) beside the
+  # 4-rank TMA row cases, then E=64 T=16384 and Mixtral T=4096 both ways in one run (the
+  # two-MMA gate/up k-loop ran at 86% of the clock's peak, the one-MMA down loop at 98%)
+  for g in 0 1 2; do
+    k=("tile_configs and (wgmma or tma)" "split_gated or kernels_alone"
+       "tma_kernel_persistent_loop or nvlink_persistent_kernel_one_rank")
+    CUDA_VISIBLE_DEVICES=$g timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+      -q --no-header -p no:cacheprovider -k "${k[$g]}" > "$O/gpu1_$g.log" 2>&1 &
+  done
+  multigpu_k 4 "${TEST_TIMEOUT:-240}" g "nvlink_persistent_kernel and \
+(row_tiles_wgmma_tma_staged or dsv2lite_wgmma_tma_graph or dsv2lite_default_staged)"
+  wait
+  for g in 0 1 2; do echo "one GPU lane $g: $(tail -1 "$O/gpu1_$g.log")"; done
+  nvl_sweep g e64 16384 150 --vary "g2=0,1"
+  nvl_sweep g mixtral 4096 220 --vary "g2=0,1"
+  bundle
+  grep -hE "^\| (e64|mixtral) " "$O"/sweep_g_*.md | cut -d'|' -f2-8
+  grep -hE "^- (e64|mixtral)" "$O"/sweep_g_*.md | cut -c1-800
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

@@ -55,12 +55,12 @@ def variants(base, vary: str) -> list:
     axes = []
     for part in filter(None, vary.split(";")):
         knob, values = part.split("=")
-        if knob in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph"):
+        if knob in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "g2"):
             field = {"b": "blocks_per_sm", "d": "dispatch_blocks", "wt": "ws_tma",
                      "sb": "send_blocks", "rb": "router_batches", "tt": "task_tiles",
                      "dr": "defer_refill", "se": "stage_epilogue",
-                     "ph": "phased_tasks"}[knob]
-            cast = bool if knob in ("wt", "dr", "ph") else (lambda v: v)
+                     "ph": "phased_tasks", "g2": "split_gated_mma"}[knob]
+            cast = bool if knob in ("wt", "dr", "ph", "g2") else (lambda v: v)
             axes.append([{field: cast(int(v))} for v in values.split(",")])
             continue
         if knob == "ks":

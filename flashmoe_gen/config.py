@@ -108,6 +108,8 @@ class KernelConfig:
     defer_refill: bool = False  # transport "nvlink", TMA row tiles: refills never block
     stage_epilogue: int = 0  # transport "nvlink", TMA row tiles (STAGE_EPILOGUE_CHOICES)
     phased_tasks: bool = False  # transport "nvlink", per-source lists: all gate/up first
+    # wgmma or tma gate/up tiles: gate and up in two MMAs of BN (default: one of 2 BN)
+    split_gated_mma: bool = False
 
     @property
     def uses_wgmma(self) -> bool:
@@ -180,6 +182,8 @@ class KernelConfig:
             parts.append(f"se{self.stage_epilogue}")
         if self.phased_tasks:
             parts.append("ph")
+        if self.split_gated_mma:
+            parts.append("g2")
         return "__".join(parts)
 
     @classmethod
@@ -191,19 +195,20 @@ class KernelConfig:
                          r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
                          r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?(__os)?"
                          r"(__ost)?(__ge)?(?:__sb(\d+))?(?:__rb(\d+))?(?:__tt(\d+))?(__dr)?"
-                         r"(?:__se(\d+))?(__ph)?", name)
+                         r"(?:__se(\d+))?(__ph)?(__g2)?", name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
         (gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp,
-         wt, cm, os_, ost, ge, sb, rb, tt, dr, se, ph) = m.groups()
+         wt, cm, os_, ost, ge, sb, rb, tt, dr, se, ph, g2) = m.groups()
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
                    ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
                    transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
                    int(dsp or 1), wt is not None, int(cm or 0), os_ is not None,
                    ost is not None, ge is not None, int(sb or 0), int(rb or 1),
-                   int(tt or 1), dr is not None, int(se or 0), ph is not None)
+                   int(tt or 1), dr is not None, int(se or 0), ph is not None,
+                   g2 is not None)
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -230,7 +235,7 @@ class KernelConfig:
                 raise ConfigError(f, v, "must be an integer", name)
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
                   "own_split", "own_stream", "gather_experts", "defer_refill",
-                  "phased_tasks"):
+                  "phased_tasks", "split_gated_mma"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -293,6 +298,9 @@ class KernelConfig:
             check_stage_epilogue(self, name)
         if self.phased_tasks:
             check_phased_tasks(self, problem, name)
+        if self.split_gated_mma and self.gate_up.mma not in HOPPER_KINDS:
+            raise ConfigError("split_gated_mma", True, "only wgmma or tma gate/up tiles "
+                              "compute gate and up in one MMA: use False", name)
         if self.comm_sms:
             self._validate_comm_sms(problem, name)
         if self.own_split:

@@ -110,10 +110,24 @@ def wgmma_asm(n: int, ab_type: str) -> str:
             f'      : {outs}\n      : "l"(desc_a), "l"(desc_b));')
 
 
+def wgmma_ns(config: KernelConfig) -> list[int]:
+    """The wgmma N each GEMM issues: its tile's BN, or for gate/up of BN <= 128 twice that
+    (gate and up in one MMA, unless ``split_gated_mma``)."""
+    gu, dn = config.gate_up, config.down
+    ns = {2 * gu.bn if one_gated_mma(config) else gu.bn} if gu.mma in HOPPER_KINDS else set()
+    return sorted(ns | ({dn.bn} if dn.mma in HOPPER_KINDS else set()))
+
+
+def one_gated_mma(config: KernelConfig) -> bool:
+    """Whether the gate/up tile computes gate and up in one wgmma (templates/gemm.cu.j2
+    ONE_GATED_MMA)."""
+    gu = config.gate_up
+    return gu.mma in HOPPER_KINDS and 2 * gu.bn <= 256 and not config.split_gated_mma
+
+
 def wgmma_variants(config: KernelConfig, ab_type: str) -> list[dict]:
     """One wrapper per distinct wgmma N of this config (the template defines each once)."""
-    ns = sorted({t.bn for t in (config.gate_up, config.down) if t.mma in HOPPER_KINDS})
-    return [{"n": n, "regs": n // 2, "asm": wgmma_asm(n, ab_type)} for n in ns]
+    return [{"n": n, "regs": n // 2, "asm": wgmma_asm(n, ab_type)} for n in wgmma_ns(config)]
 
 
 def cpp_float(v: float) -> str:
@@ -369,6 +383,8 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "signatures": {k: sig.declaration() for k, sig in SIGNATURES.items()},
         "signature_args": {k: ", ".join(sig.names) for k, sig in SIGNATURES.items()},
         "wgmma_variants": wgmma_variants(config, DTYPE_MMA[dt]),
+        "wgmma_n_test": " || ".join(f"BN == {n}" for n in wgmma_ns(config)) or "false",
+        "split_gated_mma": CPP_BOOL[config.split_gated_mma],
         # The persistent TMA kernel's code: only in modules that launch it.
         "tma_template": "gemm_tma.cu.j2" if config.uses_tma else "",
         "tma_max_groups": TMA_MAX_GROUPS,

@@ -134,6 +134,18 @@ def test_layer_tile_configs(gu, dn):
     _run_checked(layer, random_tokens(333, p.hidden, seed=12), w)
 
 
+@pytest.mark.parametrize("mma", ["wgmma", "tma"])
+def test_layer_split_gated_mma(mma):
+    """Gate and up in two MMAs of BN (config split_gated_mma; the tile cases above issue
+    one of 2 BN) on both Hopper kernels, N = 704 ragged for bn 128."""
+    gu = GemmTile(128, 128, 64, 8, 1, 4, mma)
+    cfg = KernelConfig(gu, dataclasses.replace(gu, bn=256, stages=3),
+                       router_tokens_per_block=4, split_gated_mma=True)
+    w = MoEWeights.random(RAGGED, seed=13)
+    layer = _layer(RAGGED, cfg, weights=w)
+    _run_checked(layer, random_tokens(333, RAGGED.hidden, seed=14), w)
+
+
 @pytest.mark.parametrize("tokens", [1, 5, 24, 97], ids=lambda t: f"t{t}")
 def test_weight_streaming_rows_per_expert(tokens):
     """The decode kernel from 1 row per expert up to several passes, on a shape whose K and

@@ -158,6 +158,7 @@ CONFIG_CHANGES = {
     "defer_refill": True,
     "stage_epilogue": 2,
     "phased_tasks": True,
+    "split_gated_mma": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -762,6 +763,24 @@ def test_phased_tasks_only_for_per_source_lists():
         with pytest.raises(ConfigError, match=text) as e:
             bad.validate(prob, "sm_90")
         assert e.value.field == "phased_tasks"
+
+
+def test_split_gated_mma_only_for_wgmma_gate_up_tiles():
+    """split_gated_mma: gate and up in two MMAs of BN (the default is one of 2 BN), only
+    where one would be issued: a wgmma or tma gate/up tile (bn <= 128: wider gated tiles
+    need more registers than a thread has), on any path."""
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=4096)
+    cfg = replace(KernelConfig.persistent_default(p, "sm_90"), split_gated_mma=True)
+    cfg.validate(p, "sm_90")
+    assert cfg.name.endswith("__se1__g2") and KernelConfig.from_name(cfg.name) == cfg
+    tma = GemmTile(128, 128, 64, 8, 1, 4, "tma")
+    replace(KernelConfig(tma, replace(tma, bn=256)), split_gated_mma=True).validate(p, "sm_90")
+    for bad, text in ((replace(KernelConfig.default(p.replace(world_size=1), "sm_80"),
+                               split_gated_mma=True), "wgmma or tma"),
+                      (replace(cfg, split_gated_mma=1), "must be a bool")):
+        with pytest.raises(ConfigError, match=text) as e:
+            bad.validate(p, "sm_90")
+        assert e.value.field == "split_gated_mma"
 
 
 def test_persistent_default_picks_tiles_by_rows_per_expert():

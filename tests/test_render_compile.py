@@ -543,19 +543,27 @@ def test_gemm_expression_wgmma():
 
 
 def test_wgmma_asm_is_computed_once_per_width():
-    cfg = KernelConfig(WG_GU, WG_DN)
-    gen = render(MIXTRAL, cfg)
-    for n in (128, 256):
-        assert gen.code.count(f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16") == 1
-        assert f'"+f"(d[{n // 2 - 1}])' in gen.code
+    """One wrapper per width issued: the 128-wide gate/up tile's gate and up in one MMA of
+    256 (the down tile's width too), or split_gated_mma's two of 128."""
+    for split, widths in ((False, (256,)), (True, (128, 256))):
+        gen = render(MIXTRAL, KernelConfig(WG_GU, WG_DN, split_gated_mma=split))
+        for n in (64, 128, 256):
+            mma = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16"
+            assert gen.code.count(mma) == (n in widths), (split, n)
+        assert f"constexpr bool SPLIT_GATED_MMA = {str(split).lower()};" in gen.code
+        assert "static_assert(" + " || ".join(f"BN == {n}" for n in widths) in gen.code
+    # a 64-wide gate/up tile with a sync down tile: one wrapper, of 128
+    gen = render(MIXTRAL, KernelConfig(replace(WG_GU, bn=64), GemmTile(128, 128, 64, 2, 4, 3)))
+    assert "m64n128k16" in gen.code and "m64n64k16" not in gen.code
     sync_only = render(MIXTRAL, KernelConfig.default(MIXTRAL, "sm_80"))
     assert "wgmma" not in sync_only.code  # the Hopper block is not emitted at all
 
 
-@pytest.mark.parametrize("gu,dn", [(WG_GU, WG_DN), (WG_GU, GemmTile(128, 128, 64, 2, 4, 3))],
-                         ids=["both_wgmma", "mixed"])
-def test_compile_wgmma_targets_sm90a(gu, dn, private_cache):
-    gen = render(MIXTRAL, KernelConfig(gu, dn))
+@pytest.mark.parametrize("gu,dn,split", [(WG_GU, WG_DN, False), (WG_GU, WG_DN, True),
+                                         (WG_GU, GemmTile(128, 128, 64, 2, 4, 3), False)],
+                         ids=["both_wgmma", "both_wgmma_split_gated", "mixed"])
+def test_compile_wgmma_targets_sm90a(gu, dn, split, private_cache):
+    gen = render(MIXTRAL, KernelConfig(gu, dn, split_gated_mma=split))
     mod = compile_source(gen, "sm_90", use_cache=False)
     assert mod.arch == "sm_90a"
     assert any("sm_90a" in o for o in mod.options)
