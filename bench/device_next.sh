@@ -209,9 +209,11 @@ if [ "$PART" = w ]; then
     --config "gu_bm64_bn128${WS}__dn_bm64_bn128${WS}${FS}" \
     --config "gu_bm128_bn128${WS}__dn_bm128_bn128${WS}${FS}"
   nvl_sweep w e8 1024 70 --vary "ph=0,1"
+  # Mixtral's 164-us down tasks (K = 14336) end in a ragged last wave: half-width ones
+  nvl_sweep w mixtral 4096 150 --vary "dn_bn=128,256"
   bundle
-  grep -hE "^\| (e64|e32|e8) " "$O"/sweep_w_*.md | cut -d'|' -f2-8
-  grep -hE "^- (e64|e32|e8)" "$O"/sweep_w_*.md | cut -c1-700
+  grep -hE "^\| (e64|e32|e8|mixtral) " "$O"/sweep_w_*.md | cut -d'|' -f2-8
+  grep -hE "^- (e64|e32|e8|mixtral)" "$O"/sweep_w_*.md | cut -c1-700
 fi
 if [ "$PART" = g ]; then
   # Gate and up in one m64n256 wgmma (the default) or two m64n128 (split_gated_mma, as
