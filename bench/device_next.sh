@@ -50,13 +50,15 @@
 #   g: gate and up in one m64n256 wgmma (default) against two m64n128 (split_gated_mma):
 #      one-GPU Hopper kernel cases and 4-rank TMA row cases, then E=64 T=16384 and Mixtral
 #      T=4096 both ways (~480 s)
+#   h: phased task lists (the new default) at E=64 T=4096/16384 and Mixtral T=4096 both
+#      ways, then issue 16's table on 4 ranks (part j, J_RANKS=4 NO_MIX=1) (~450 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|j|k|n|p|r|v|w
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|p|r|v|w
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -162,7 +164,7 @@ if [ "$PART" = j ]; then
     echo "mixtral rc=$?"
     grep -hE "^\| mixtral|^- mixtral" "$O/sweep_mixtral_anatomy.md" | cut -c1-400
   fi
-  for p in 2 4; do
+  for p in ${J_RANKS:-2 4}; do  # J_RANKS=4: the 4-rank half alone
     timeout -k 10 "${J_TIMEOUT:-200}" $MPI -np $p python3 bench/scaling.py --experts 8,32,64 \
       --tokens 1024,16384 --nvlink --commit "$COMMIT" --json "$O/scaling.json" \
       --out "$O/scaling_p$p" > "$O/scaling_p$p.log" 2>&1
@@ -235,6 +237,16 @@ if [ "$PART" = g ]; then
   bundle
   grep -hE "^\| (e64|mixtral) " "$O"/sweep_g_*.md | cut -d'|' -f2-8
   grep -hE "^- (e64|mixtral)" "$O"/sweep_g_*.md | cut -c1-800
+fi
+if [ "$PART" = h ]; then
+  # Phased task lists (the default on several ranks since they won at T=1024, E=8 and 32)
+  # at the large batches: E=64 T=4096/16384 and Mixtral T=4096 both ways in one run; then
+  # issue 16's table on 4 ranks with the defaults (one MMA for gate and up, phased lists)
+  nvl_sweep h e64 4096,16384 150 --vary "ph=0,1"
+  nvl_sweep h mixtral 4096 150 --vary "ph=0,1"
+  grep -hE "^\| (e64|mixtral) " "$O"/sweep_h_*.md | cut -d'|' -f2-8
+  grep -hE "^- (e64|mixtral)" "$O"/sweep_h_*.md | cut -c1-800
+  J_RANKS=4 NO_MIX=1 bash bench/device_next.sh "$COMMIT" j
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

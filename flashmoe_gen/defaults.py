@@ -72,6 +72,13 @@ ROUTER_PAIRS_MIN_TOKENS = 2048
 #: 2.071 -> 1.819 ms, E=32 2.080 -> 1.895, E=64 2.224 -> 2.061 (the tiles' epilogue 8.7 ->
 #: 4.5 us), E=64 T=4096 0.721 -> 0.716; Mixtral T=4096 5.492 -> 5.431.
 PERSISTENT_STAGE_EPILOGUE = 1
+#: ... and on several ranks their per-source task lists hold every source's gate/up tasks
+#: before any down task (``phased_tasks``): in source order a block's first wave held a
+#: source's gate/up and down tasks, and the down tasks waited on their gate/up tiles. 4 x
+#: H200, H=I=2048 k=2, T=1024, same run (bench/results/
+#: 2026-11-27_sweep_phased_4xH200_6b86047.md): E=8 0.2037 -> 0.1688 ms, E=32 0.2959 ->
+#: 0.2749 (dependency waits 20.0 -> 0.4 and 16.6 -> 0.7 us per block).
+PERSISTENT_PHASED_TASKS = True
 #: ... with both operands of a routed row task loaded by TMA (``ws_tma``) into a ring of this
 #: many stages. 2 x H200, H=I=2048 E=64, per forward (cp.async 3 stages -> TMA 4 stages):
 #: T=4096 1.362 -> 1.036 ms, T=16384 2.971 -> 2.523 ms (cp.async 4 stages 1.229 / 2.829, TMA
@@ -223,7 +230,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     from ``WGMMA_PERSISTENT_MIN_ROWS`` rows per source, 8-warp mma.sync otherwise; the
     router's batch quads (pairs with shared experts or where quads don't fit) from
     ``ROUTER_PAIRS_MIN_TOKENS``; the TMA row tasks' down results staged
-    (``PERSISTENT_STAGE_EPILOGUE``)."""
+    (``PERSISTENT_STAGE_EPILOGUE``) and, on several ranks, their lists phased
+    (``PERSISTENT_PHASED_TASKS``)."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
     fused = (rows <= PERSISTENT_WS_MAX_ROWS if problem.world_size > 1
@@ -245,6 +253,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
                      ws_tma=True, send_blocks=DEFAULT_SEND_BLOCKS if problem.world_size > 1
                      else 0, stage_epilogue=PERSISTENT_STAGE_EPILOGUE)
         cfg = _if_valid(wg, cfg, problem, arch)  # a dimension below 128/256: mma.sync rows
+        if cfg.ws_tma and problem.world_size > 1:
+            cfg = replace(cfg, phased_tasks=PERSISTENT_PHASED_TASKS)
     if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
         gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
         split = replace(cfg, gu_splits=gs, dn_splits=ds)
