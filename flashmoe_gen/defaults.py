@@ -77,7 +77,9 @@ PERSISTENT_STAGE_EPILOGUE = 1
 #: source's gate/up and down tasks, and the down tasks waited on their gate/up tiles. 4 x
 #: H200, H=I=2048 k=2, T=1024, same run (bench/results/
 #: 2026-11-27_sweep_phased_4xH200_6b86047.md): E=8 0.2037 -> 0.1688 ms, E=32 0.2959 ->
-#: 0.2749 (dependency waits 20.0 -> 0.4 and 16.6 -> 0.7 us per block).
+#: 0.2749 (dependency waits 20.0 -> 0.4 and 16.6 -> 0.7 us per block). Within 1% either
+#: way at the large batches (..._sweep_phased_large_4xH200_79a9dda.md): E=64 T=4096
+#: 0.6932 -> 0.7005, T=16384 2.0205 -> 2.0230, Mixtral T=4096 5.2578 -> 5.2201.
 PERSISTENT_PHASED_TASKS = True
 #: ... with both operands of a routed row task loaded by TMA (``ws_tma``) into a ring of this
 #: many stages. 2 x H200, H=I=2048 E=64, per forward (cp.async 3 stages -> TMA 4 stages):

@@ -696,7 +696,7 @@ def test_task_tiles_only_for_tma_row_tasks():
     base = replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=0)
     cfg = replace(base, task_tiles=2)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__tt2") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__tt2__ph") and KernelConfig.from_name(cfg.name) == cfg
     for bad, text in ((replace(base, task_tiles=3), "choose one of"),
                       (replace(base, task_tiles=2, ws_tma=False), "only the persistent"),
                       (replace(KernelConfig.default(p, "sm_90"), task_tiles=2),
@@ -713,7 +713,7 @@ def test_defer_refill_only_for_tma_row_tasks():
     base = replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=0)
     cfg = replace(base, defer_refill=True, task_tiles=2)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__tt2__dr") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__tt2__dr__ph") and KernelConfig.from_name(cfg.name) == cfg
     for bad in (replace(base, defer_refill=True, ws_tma=False),
                 replace(KernelConfig.default(p, "sm_90"), defer_refill=True),
                 replace(KernelConfig.persistent_default(p.replace(tokens_per_rank=64)),
@@ -732,7 +732,7 @@ def test_stage_epilogue_only_for_single_tma_row_tiles():
     for v in (1, 2):
         cfg = replace(base, defer_refill=True, stage_epilogue=v)
         cfg.validate(p, "sm_90")
-        assert cfg.name.endswith(f"__dr__se{v}") and KernelConfig.from_name(cfg.name) == cfg
+        assert cfg.name.endswith(f"__dr__se{v}__ph") and KernelConfig.from_name(cfg.name) == cfg
     for bad, text in ((replace(base, stage_epilogue=1, ws_tma=False), "only the persistent"),
                       (replace(KernelConfig.default(p, "sm_90"), stage_epilogue=2),
                        "only the persistent"),
@@ -772,7 +772,7 @@ def test_split_gated_mma_only_for_wgmma_gate_up_tiles():
     p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=4096)
     cfg = replace(KernelConfig.persistent_default(p, "sm_90"), split_gated_mma=True)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__se1__g2") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__se1__ph__g2") and KernelConfig.from_name(cfg.name) == cfg
     tma = GemmTile(128, 128, 64, 8, 1, 4, "tma")
     replace(KernelConfig(tma, replace(tma, bn=256)), split_gated_mma=True).validate(p, "sm_90")
     for bad, text in ((replace(KernelConfig.default(p.replace(world_size=1), "sm_80"),
@@ -797,12 +797,15 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert big.gate_up.threads == big.down.threads == 256
     # ... both operands of a routed task by TMA boxes into a 4-stage ring
     assert big.ws_tma and big.gate_up.stages == big.down.stages == 4
-    # ... the router's batch quads (64 experts fit one pass, thousands of tokens) and the
-    # down results staged (16-byte stores to the source rank)
-    assert big.name.endswith("__nvlink__wt__sb32__rb4__se1")
+    # ... the router's batch quads (64 experts fit one pass, thousands of tokens), the
+    # down results staged (16-byte stores to the source rank), every source's gate/up
+    # tasks before any down task
+    assert big.name.endswith("__nvlink__wt__sb32__rb4__se1__ph")
     assert KernelConfig.from_name(big.name) == big
-    # ... 32 blocks send the peers' rows on several ranks; one rank has none to send
-    assert KernelConfig.persistent_default(big_p.replace(world_size=1), "sm_90").send_blocks == 0
+    # ... 32 blocks send the peers' rows on several ranks; one rank has none to send, and
+    # one source's list is already phased
+    one_rank = KernelConfig.persistent_default(big_p.replace(world_size=1), "sm_90")
+    assert one_rank.send_blocks == 0 and not one_rank.phased_tasks
     # Ampere has no wgmma; on Hopper below WGMMA_PERSISTENT_MIN_ROWS rows per source (and
     # past PERSISTENT_WS_MAX_ROWS from all sources) mma.sync row tiles in both
     from flashmoe_gen.defaults import (

@@ -241,7 +241,10 @@ def _without_moot(params: dict) -> dict:
 #: elsewhere): a tune with transport nvlink tries the persistent default with each flipped
 #: (to the pair's other value, or its first) early, right after the default itself (where
 #: valid for the problem). Deferred refills lost 1-3% at both T: searched, not seeded.
-NVLINK_SEED_FLIPS = {"router_batches": (2, 4), "task_tiles": (1, 2)}
+#: Phased task lists won 7-17% at T=1024 (E=8, 32) and were within 1% either way at
+#: T=4096/16384 and on Mixtral: flipped too.
+NVLINK_SEED_FLIPS = {"router_batches": (2, 4), "task_tiles": (1, 2),
+                     "phased_tasks": (True, False)}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
 KNOWN_GOOD = (
