@@ -144,46 +144,16 @@ class KernelConfig:
         parts = [f"gu_{self.gate_up.name}", f"dn_{self.down.name}",
                  f"r{self.router_tokens_per_block}", f"c{self.chunks_per_peer}",
                  f"cs{self.comm_streams}", "ss1" if self.shared_stream else "ss0"]
-        if not self.overlap:
-            parts.append("serial")
-        if self.fuse_sources:
-            parts.append("fs")
-        if self.packed_slots:
-            parts.append("pk")
-        if self.mode != "host":
-            parts.append(self.mode)
-        if self.transport != "nccl":
-            parts.append(self.transport)
-        if self.blocks_per_sm:
-            parts.append(f"b{self.blocks_per_sm}")
-        if self.gu_splits > 1 or self.dn_splits > 1:
-            parts.append(f"ks{self.gu_splits}x{self.dn_splits}")
-        if self.dispatch_blocks != 1:
-            parts.append(f"d{self.dispatch_blocks}")
-        if self.ws_tma:
-            parts.append("wt")
-        if self.comm_sms:
-            parts.append(f"cm{self.comm_sms}")
-        if self.own_split:
-            parts.append("os")
-        if self.own_stream:
-            parts.append("ost")
-        if self.gather_experts:
-            parts.append("ge")
-        if self.send_blocks:
-            parts.append(f"sb{self.send_blocks}")
-        if self.router_batches != 1:
-            parts.append(f"rb{self.router_batches}")
-        if self.task_tiles != 1:
-            parts.append(f"tt{self.task_tiles}")
-        if self.defer_refill:
-            parts.append("dr")
-        if self.stage_epilogue:
-            parts.append(f"se{self.stage_epilogue}")
-        if self.phased_tasks:
-            parts.append("ph")
-        if self.split_gated_mma:
-            parts.append("g2")
+        for f, tag in _SUFFIXES:  # a knob at its default adds nothing
+            v = getattr(self, f)
+            if f == "gu_splits":  # both K splits in one suffix
+                if (v, self.dn_splits) != (1, 1):
+                    parts.append(f"{tag}{v}x{self.dn_splits}")
+            elif isinstance(_DEFAULTS[f], bool):
+                if bool(v) != _DEFAULTS[f]:
+                    parts.append(tag)
+            elif v != _DEFAULTS[f]:
+                parts.append(f"{tag}{v}")  # a word knob's tag is empty: its value
         return "__".join(parts)
 
     @classmethod
@@ -191,24 +161,22 @@ class KernelConfig:
         if not isinstance(name, str):
             raise ConfigError("name", name, "expected a config name (str) as "
                               "KernelConfig.name prints it")
-        m = re.fullmatch(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])(__serial)?"
-                         r"(__fs)?(__pk)?(?:__(graph))?(?:__(nvlink))?(?:__b(\d+))?"
-                         r"(?:__ks(\d+)x(\d+))?(?:__d(\d+))?(__wt)?(?:__cm(\d+))?(__os)?"
-                         r"(__ost)?(__ge)?(?:__sb(\d+))?(?:__rb(\d+))?(?:__tt(\d+))?(__dr)?"
-                         r"(?:__se(\d+))?(__ph)?(__g2)?", name)
+        m = _NAME_RE.fullmatch(name)
         if not m:
             raise ConfigError("name", name, "expected a name as KernelConfig.name prints it, "
                               "e.g. gu_bm128_bn64_bk64_w4x2_s3__dn_bm128_bn128_bk64_w2x4_s3"
                               "__r8__c1__cs1__ss1")
-        (gu, dn, r, c, cs, ss, serial, fs, pk, mode, transport, bps, ksg, ksd, dsp,
-         wt, cm, os_, ost, ge, sb, rb, tt, dr, se, ph, g2) = m.groups()
+        gu, dn, r, c, cs, ss, *rest = m.groups()
+        groups, knobs = iter(rest), {}
+        for f, _ in _SUFFIXES:
+            d, v = _DEFAULTS[f], next(groups)
+            if f == "gu_splits":
+                knobs["gu_splits"], knobs["dn_splits"] = int(v or 1), int(next(groups) or 1)
+            else:
+                knobs[f] = (d if v is None else not d if isinstance(d, bool)
+                            else v if isinstance(d, str) else int(v))
         return cls(GemmTile.parse(gu), GemmTile.parse(dn), int(r), int(c), int(cs),
-                   ss == "1", serial is None, fs is not None, pk is not None, mode or "host",
-                   transport or "nccl", int(bps or 0), int(ksg or 1), int(ksd or 1),
-                   int(dsp or 1), wt is not None, int(cm or 0), os_ is not None,
-                   ost is not None, ge is not None, int(sb or 0), int(rb or 1),
-                   int(tt or 1), dr is not None, int(se or 0), ph is not None,
-                   g2 is not None)
+                   ss == "1", **knobs)
 
     # -- validation -------------------------------------------------------------------
     @staticmethod
@@ -439,6 +407,36 @@ class KernelConfig:
                               "e.g. KernelConfig.default(problem).name")
         text = text.strip()
         return cls.from_json(text) if text.startswith(("{", "[")) else cls.from_name(text)
+
+
+#: The name's optional suffixes in order, one per knob: a knob at its default adds
+#: nothing; else a bool adds its tag, a number the tag and its value, a word knob (mode,
+#: transport; empty tag) its value, and the K splits ``ks{gu_splits}x{dn_splits}``. One
+#: table spells ``name`` (the cache and DB key) and parses it back (``from_name``).
+_SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk"),
+             ("mode", ""), ("transport", ""), ("blocks_per_sm", "b"), ("gu_splits", "ks"),
+             ("dispatch_blocks", "d"), ("ws_tma", "wt"), ("comm_sms", "cm"),
+             ("own_split", "os"), ("own_stream", "ost"), ("gather_experts", "ge"),
+             ("send_blocks", "sb"), ("router_batches", "rb"), ("task_tiles", "tt"),
+             ("defer_refill", "dr"), ("stage_epilogue", "se"), ("phased_tasks", "ph"),
+             ("split_gated_mma", "g2"))
+_DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
+_WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
+
+
+def _suffix_pattern(field_name: str, tag: str) -> str:
+    default = _DEFAULTS[field_name]
+    if field_name == "gu_splits":
+        return rf"(?:__{tag}(\d+)x(\d+))?"
+    if isinstance(default, bool):
+        return f"(__{tag})?"
+    if isinstance(default, str):
+        return "(?:__(" + "|".join(w for w in _WORDS[field_name] if w != default) + "))?"
+    return rf"(?:__{tag}(\d+))?"
+
+
+_NAME_RE = re.compile(r"gu_(\S+?)__dn_(\S+?)__r(\d+)__c(\d+)__cs(\d+)__ss([01])"
+                      + "".join(_suffix_pattern(f, t) for f, t in _SUFFIXES))
 
 
 def expert_chunks(problem: MoEProblem, config: KernelConfig) -> list[tuple[int, int]]:

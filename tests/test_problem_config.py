@@ -166,6 +166,12 @@ TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stage
 
 def test_config_change_tables_cover_every_field():
     assert set(CONFIG_CHANGES) | {"gate_up", "down"} == {f.name for f in fields(KernelConfig)}
+    # every knob past the name's fixed head has one suffix (dn_splits rides on gu_splits')
+    from flashmoe_gen.config import _SUFFIXES
+    head = {"gate_up", "down", "router_tokens_per_block", "chunks_per_peer", "comm_streams",
+            "shared_stream", "dn_splits"}
+    assert [f for f, _ in _SUFFIXES if f in head] == []
+    assert {f for f, _ in _SUFFIXES} | head == {f.name for f in fields(KernelConfig)}
     assert set(TILE_CHANGES) == {f.name for f in fields(GemmTile)}
 
 
