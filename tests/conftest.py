@@ -2,7 +2,17 @@
 
 import os
 
-import pytest
+# Under mpirun every rank's float64 reference would start one BLAS thread per core: four
+# ranks' DeepSeek-V2-Lite checks took > 100 s per test on a 64-core host (4 x H200, session
+# 20), 30-50 s with the cores shared out. Set before numpy loads (cupy imports it below),
+# and only where the launcher left them unset.
+_LOCAL_RANKS = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+                   or os.environ.get("MPI_LOCALNRANKS") or 1)
+if _LOCAL_RANKS > 1:
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _LOCAL_RANKS)))
+
+import pytest  # noqa: E402
 
 
 def _gpu_count() -> int:
