@@ -72,8 +72,8 @@ def nvlink_stats(layer, x, comm, chain: int = 8) -> dict:
 def phases_text(row: dict) -> str:
     """A row's nvlink phases as "route 6.3, positions 2.1, ..." (microseconds), then the
     task loop's clocks: the TMA row tiles' time per tile where it has them (and per GEMM
-    where the row has them: prologue / loop / epilogue), the waits per block and the SMs'
-    clock."""
+    where the row has them: prologue / loop / epilogue), the waits per block, the router's
+    time per block (logits, then scores and choices) and the SMs' clock."""
     text = ", ".join(f"{k} {v}" for k, v in row["phases_us_nvlink"].items())
     tasks = dict(row.get("tasks_us_nvlink") or {})
     tiles = tasks.pop("tiles", 0)
@@ -89,8 +89,12 @@ def phases_text(row: dict) -> str:
         text += f"; per TMA row tile ({int(tiles)}): " + ", ".join(per_tile)
         if per_gemm:
             text += " (prologue / loop / epilogue: " + ", ".join(per_gemm) + ")"
+    route = [f"{k[6:]} {v}" for k in ("route_logits_us", "route_select_us")
+             if (v := tasks.pop(k, 0.0))]  # zero: a router without that loop
     if tasks:
         text += "; waits per block: " + ", ".join(f"{k} {v}" for k, v in tasks.items())
+    if route:
+        text += "; router per block: " + ", ".join(route)
     if row.get("sm_ghz_nvlink"):
         text += f"; SM clock {row['sm_ghz_nvlink']} GHz"
     return text

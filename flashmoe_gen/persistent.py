@@ -21,6 +21,7 @@ from .errors import CommError, CommTimeout, ConfigError
 from .layout import SymmetricLayout
 from .render import (
     PERSISTENT_PHASES,
+    PERSISTENT_ROUTE_CLOCKS,
     PERSISTENT_ROW_CLOCKS,
     PERSISTENT_ROW_GEMMS,
     PERSISTENT_STAT_END,
@@ -459,7 +460,7 @@ def _row_anatomy(st: np.ndarray) -> dict[str, float]:
     epilogue (render.PERSISTENT_ROW_CLOCKS), over both GEMMs and per GEMM (``row_gu_*``,
     ``row_dn_*``), zeros where the config has none; and the task loop's waits per block in
     us (mean over blocks): on dependencies (a down tile's gate/up tiles), on sources'
-    dispatch flags and in grid barriers."""
+    dispatch flags and in grid barriers; and the router's logits and choices per block."""
     c = _task_clocks_us(st)
     tiles = {g: float(c[f"{g}_row_tiles"].sum()) for g in PERSISTENT_ROW_GEMMS}
     total = sum(tiles.values())
@@ -475,7 +476,7 @@ def _row_anatomy(st: np.ndarray) -> dict[str, float]:
         out |= {f"row_{g}_{k}_us": per_tile(tiles[g], [f"{g}_{k}"])
                 for k in PERSISTENT_ROW_CLOCKS}
     return out | {f"row_{k}_us": round(float(c[k].mean()), 3)
-                  for k in ("dep_wait", "flag_wait", "barrier_wait")}
+                  for k in ("dep_wait", "flag_wait", "barrier_wait", *PERSISTENT_ROUTE_CLOCKS)}
 
 
 class _Resources:

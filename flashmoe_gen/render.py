@@ -246,10 +246,12 @@ PERSISTENT_ROW_GEMMS = ("gu", "dn")
 #: The task loop's words after the block's end: per GEMM the row tiles' clocks and count,
 #: then thread 0's cycles waiting on a dependency (a down tile's gate/up tiles), on sources'
 #: dispatch flags and in grid barriers (after the route and positions phases: a block that
-#: routed fast waits there for the slowest).
+#: routed fast waits there for the slowest), then in the router's tensor-core logits and in
+#: its tokens' scores and choices (the route phase grew with T: 150 us at E=64 T=16384).
+PERSISTENT_ROUTE_CLOCKS = ("route_logits", "route_select")
 PERSISTENT_TASK_CLOCKS = (*(f"{g}_{k}" for g in PERSISTENT_ROW_GEMMS
                             for k in (*PERSISTENT_ROW_CLOCKS, "row_tiles")),
-                          "dep_wait", "flag_wait", "barrier_wait")
+                          "dep_wait", "flag_wait", "barrier_wait", *PERSISTENT_ROUTE_CLOCKS)
 PERSISTENT_STATS_WORDS = PERSISTENT_STAT_END + 1 + len(PERSISTENT_TASK_CLOCKS)
 
 #: The split router's items to aim for, (token batch, hidden slice) pairs (the router
@@ -401,6 +403,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_dep_wait": PERSISTENT_TASK_CLOCKS.index("dep_wait"),
         "persistent_flag_wait": PERSISTENT_TASK_CLOCKS.index("flag_wait"),
         "persistent_barrier_wait": PERSISTENT_TASK_CLOCKS.index("barrier_wait"),
+        "persistent_route_clk": PERSISTENT_TASK_CLOCKS.index("route_logits"),
         "persistent_tile_maps": persistent_tile_maps(config),
         "persistent_gu_clk": PERSISTENT_TASK_CLOCKS.index("gu_prologue"),
         "persistent_dn_clk": PERSISTENT_TASK_CLOCKS.index("dn_prologue"),

@@ -158,3 +158,9 @@ def test_phases_text_adds_the_task_loops_clocks():
         "barrier_wait_us 40.0")
     row["sm_ghz_nvlink"] = 1.755
     assert phases_text(row).endswith("barrier_wait_us 40.0; SM clock 1.755 GHz")
+    # the router's clocks (newer rows; zero where its loop did not run)
+    row["tasks_us_nvlink"] |= {"route_logits_us": 90.0, "route_select_us": 12.5}
+    assert phases_text(row).endswith("barrier_wait_us 40.0; router per block: logits_us "
+                                     "90.0, select_us 12.5; SM clock 1.755 GHz")
+    row["tasks_us_nvlink"] |= {"route_logits_us": 0.0, "route_select_us": 0.0}
+    assert phases_text(row).endswith("barrier_wait_us 40.0; SM clock 1.755 GHz")

@@ -160,7 +160,7 @@ def test_row_anatomy_converts_each_blocks_cycles_at_its_own_rate():
     put(0, gu_prologue=200, gu_loop=1600, gu_epilogue=200, gu_row_tiles=2, dep_wait=600)
     put(1, dn_prologue=100, dn_loop=800, dn_epilogue=400, dn_row_tiles=1, flag_wait=300,
         barrier_wait=1000)
-    put(2, dep_wait=1500, barrier_wait=3000)  # the third block ran no row tile
+    put(2, dep_wait=1500, barrier_wait=3000, route_logits=1500)  # no row tile
     got = _row_anatomy(st)
     from flashmoe_gen.persistent import _sm_ghz
     assert _sm_ghz(st) == pytest.approx(1.5)  # the blocks' mean clock
@@ -176,6 +176,9 @@ def test_row_anatomy_converts_each_blocks_cycles_at_its_own_rate():
     assert got["row_dep_wait_us"] == pytest.approx(1.3 / 3, abs=1e-3)
     assert got["row_flag_wait_us"] == pytest.approx(0.1, abs=1e-3)
     assert got["row_barrier_wait_us"] == pytest.approx(1.0, abs=1e-3)
+    # the router's logits: 1.0 us on the third block (1.5 GHz), none on the others
+    assert got["row_route_logits_us"] == pytest.approx(1.0 / 3, abs=1e-3)
+    assert got["row_route_select_us"] == 0
 
 
 def test_row_anatomy_words_follow_the_template():
@@ -316,6 +319,7 @@ def test_router_prefetches_each_calls_rows_into_l2():
             "prefetch_l2(x + static_cast<long long>(r) * HIDDEN, HIDDEN * sizeof(elem_t));",
             "prefetch_rows(R_BATCHES * blockIdx.x); for (int b = R_BATCHES * blockIdx.x; b < "
             "batches; b += R_BATCHES * grid) { prefetch_rows(b + R_BATCHES * grid); "
-            "split_logits(b, 0, HIDDEN, x, wg, tokens, R_BATCHES);"):
+            "const long long c0 = clock64(); split_logits(b, 0, HIDDEN, x, wg, tokens, "
+            "R_BATCHES);"):
         assert line in code, line
     assert "#if __CUDA_ARCH__ >= 900 asm volatile(\"cp.async.bulk.prefetch" in code
