@@ -52,13 +52,16 @@
 #      T=4096 both ways (~480 s)
 #   h: phased task lists (the new default) at E=64 T=4096/16384 and Mixtral T=4096 both
 #      ways, then issue 16's table on 4 ranks (part j, J_RANKS=4 NO_MIX=1) (~450 s)
+#   next: session 20's changes not yet run on a GPU (SiLU's approximate divide, the
+#      router's clocks): one-GPU gated kernel cases and 4-rank defaults, then E=64
+#      T=1024/4096/16384 and Mixtral T=4096 with the router's logits / choices (~500 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|p|r|v|w
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|next|p|r|v|w
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -247,6 +250,29 @@ if [ "$PART" = h ]; then
   grep -hE "^\| (e64|mixtral) " "$O"/sweep_h_*.md | cut -d'|' -f2-8
   grep -hE "^- (e64|mixtral)" "$O"/sweep_h_*.md | cut -c1-800
   J_RANKS=4 NO_MIX=1 bash bench/device_next.sh "$COMMIT" j
+fi
+if [ "$PART" = next ]; then
+  # Session 20's changes not yet run on a GPU: SiLU's approximate divide in every gated
+  # epilogue (59ceb57) and the router's own clocks (09e2bb2). One-GPU gated kernel cases
+  # (mma.sync, wgmma, tma, weight streaming) beside the 4-rank defaults, then E=64
+  # T=1024/4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda: 0.457 (the
+  # scaling bench) / 0.700 / 2.023 / 5.220 ms; gate/up epilogue 5.3-5.5 us per E=64 tile,
+  # 6.2 on Mixtral) with the router's logits / choices per block
+  for g in 0 1 2; do
+    k=("tile_configs" "split_gated or kernels_alone or weight_streaming_rows"
+       "tma_kernel_persistent_loop or nvlink_persistent_kernel_one_rank or world_size_1")
+    CUDA_VISIBLE_DEVICES=$g timeout -k 10 300 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+      -q --no-header -p no:cacheprovider -k "${k[$g]}" > "$O/gpu1_$g.log" 2>&1 &
+  done
+  multigpu_k 4 "${TEST_TIMEOUT:-300}" next "nvlink_persistent_kernel and \
+(row_tiles_wgmma_tma_staged or dsv2lite_default_staged or dsv2lite_default_fused or fused_ws_tma)"
+  wait
+  for g in 0 1 2; do echo "one GPU lane $g: $(tail -1 "$O/gpu1_$g.log")"; done
+  nvl_sweep next e64 1024,4096,16384 200
+  nvl_sweep next mixtral 4096 150
+  bundle
+  grep -hE "^\| (e64|mixtral) " "$O"/sweep_next_*.md | cut -d'|' -f2-8
+  grep -hE "^- (e64|mixtral)" "$O"/sweep_next_*.md | cut -c1-900
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
