@@ -187,6 +187,22 @@ nvl_sweep() {  # TAG SHAPE TOKENS TIMEOUT [nvlink_sweep ARGS...]: one 4-rank swe
     --json "$O/sweep_${tag}_$shape.json" > "$O/sweep_${tag}_$shape.log" 2>&1
   echo "sweep $shape rc=$?"
 }
+sweep_report() {  # TAG SHAPES-REGEX WIDTH: the sweeps' table rows, then their phase lines
+  grep -hE "^\| ($2) " "$O"/sweep_"$1"_*.md | cut -d'|' -f2-8
+  grep -hE "^- ($2)" "$O"/sweep_"$1"_*.md | cut -c1-"$3"
+}
+gpu1_lanes() {  # TIMEOUT K...: tests/test_gpu_kernels.py -k K on GPU 0, 1, ... in the
+  # background (`wait`, then gpu1_report)
+  local t=$1 g=0; shift
+  for k in "$@"; do
+    CUDA_VISIBLE_DEVICES=$g timeout -k 10 "$t" python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+      -q --no-header -p no:cacheprovider -k "$k" > "$O/gpu1_$g.log" 2>&1 &
+    g=$((g + 1))
+  done
+}
+gpu1_report() {
+  for f in "$O"/gpu1_*.log; do echo "one GPU lane $(basename "$f" .log): $(tail -1 "$f")"; done
+}
 if [ "$PART" = v ]; then
   multigpu_k 4 "${TEST_TIMEOUT:-240}" v "nvlink_persistent_kernel and \
 (row_tiles_wgmma_tma_staged or default_staged or default_fused or fused_ws_tma or \
@@ -194,8 +210,7 @@ wgmma_tma_graph or phased)"
   nvl_sweep v e64 4096,16384 130
   nvl_sweep v mixtral 4096 110
   bundle
-  grep -hE "^\| (e64|mixtral) " "$O"/sweep_v_*.md | cut -d'|' -f2-8
-  grep -hE "^- (e64|mixtral)" "$O"/sweep_v_*.md | cut -c1-700
+  sweep_report v "e64|mixtral" 700
 fi
 if [ "$PART" = w ]; then
   # Is the row tiles' k-loop (~83% of peak at E=64) bound by L2 bandwidth? A 128 x 256 down
@@ -217,29 +232,22 @@ if [ "$PART" = w ]; then
   # Mixtral's 164-us down tasks (K = 14336) end in a ragged last wave: half-width ones
   nvl_sweep w mixtral 4096 150 --vary "dn_bn=128,256"
   bundle
-  grep -hE "^\| (e64|e32|e8|mixtral) " "$O"/sweep_w_*.md | cut -d'|' -f2-8
-  grep -hE "^- (e64|e32|e8|mixtral)" "$O"/sweep_w_*.md | cut -c1-700
+  sweep_report w "e64|e32|e8|mixtral" 700
 fi
 if [ "$PART" = g ]; then
   # Gate and up in one m64n256 wgmma (the default) or two m64n128 (split_gated_mma, as
   # before): the one-GPU Hopper kernels' cases (wgmma and tma tiles, both ways) beside the
   # 4-rank TMA row cases, then E=64 T=16384 and Mixtral T=4096 both ways in one run (the
   # two-MMA gate/up k-loop ran at 86% of the clock's peak, the one-MMA down loop at 98%)
-  for g in 0 1 2; do
-    k=("tile_configs and (wgmma or tma)" "split_gated or kernels_alone"
-       "tma_kernel_persistent_loop or nvlink_persistent_kernel_one_rank")
-    CUDA_VISIBLE_DEVICES=$g timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-      -q --no-header -p no:cacheprovider -k "${k[$g]}" > "$O/gpu1_$g.log" 2>&1 &
-  done
+  gpu1_lanes 240 "tile_configs and (wgmma or tma)" "split_gated or kernels_alone" \
+    "tma_kernel_persistent_loop or nvlink_persistent_kernel_one_rank"
   multigpu_k 4 "${TEST_TIMEOUT:-240}" g "nvlink_persistent_kernel and \
 (row_tiles_wgmma_tma_staged or dsv2lite_wgmma_tma_graph or dsv2lite_default_staged)"
-  wait
-  for g in 0 1 2; do echo "one GPU lane $g: $(tail -1 "$O/gpu1_$g.log")"; done
+  wait; gpu1_report
   nvl_sweep g e64 16384 150 --vary "g2=0,1"
   nvl_sweep g mixtral 4096 220 --vary "g2=0,1"
   bundle
-  grep -hE "^\| (e64|mixtral) " "$O"/sweep_g_*.md | cut -d'|' -f2-8
-  grep -hE "^- (e64|mixtral)" "$O"/sweep_g_*.md | cut -c1-800
+  sweep_report g "e64|mixtral" 800
 fi
 if [ "$PART" = h ]; then
   # Phased task lists (the default on several ranks since they won at T=1024, E=8 and 32)
@@ -247,8 +255,7 @@ if [ "$PART" = h ]; then
   # issue 16's table on 4 ranks with the defaults (one MMA for gate and up, phased lists)
   nvl_sweep h e64 4096,16384 150 --vary "ph=0,1"
   nvl_sweep h mixtral 4096 150 --vary "ph=0,1"
-  grep -hE "^\| (e64|mixtral) " "$O"/sweep_h_*.md | cut -d'|' -f2-8
-  grep -hE "^- (e64|mixtral)" "$O"/sweep_h_*.md | cut -c1-800
+  sweep_report h "e64|mixtral" 800
   J_RANKS=4 NO_MIX=1 bash bench/device_next.sh "$COMMIT" j
 fi
 if [ "$PART" = next ]; then
@@ -258,21 +265,15 @@ if [ "$PART" = next ]; then
   # T=1024/4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda: 0.457 (the
   # scaling bench) / 0.700 / 2.023 / 5.220 ms; gate/up epilogue 5.3-5.5 us per E=64 tile,
   # 6.2 on Mixtral) with the router's logits / choices per block
-  for g in 0 1 2; do
-    k=("tile_configs" "split_gated or kernels_alone or weight_streaming_rows"
-       "tma_kernel_persistent_loop or nvlink_persistent_kernel_one_rank or world_size_1")
-    CUDA_VISIBLE_DEVICES=$g timeout -k 10 300 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-      -q --no-header -p no:cacheprovider -k "${k[$g]}" > "$O/gpu1_$g.log" 2>&1 &
-  done
+  gpu1_lanes 300 "tile_configs" "split_gated or kernels_alone or weight_streaming_rows" \
+    "tma_kernel_persistent_loop or nvlink_persistent_kernel_one_rank or world_size_1"
   multigpu_k 4 "${TEST_TIMEOUT:-300}" next "nvlink_persistent_kernel and \
 (row_tiles_wgmma_tma_staged or dsv2lite_default_staged or dsv2lite_default_fused or fused_ws_tma)"
-  wait
-  for g in 0 1 2; do echo "one GPU lane $g: $(tail -1 "$O/gpu1_$g.log")"; done
+  wait; gpu1_report
   nvl_sweep next e64 1024,4096,16384 200
   nvl_sweep next mixtral 4096 150
   bundle
-  grep -hE "^\| (e64|mixtral) " "$O"/sweep_next_*.md | cut -d'|' -f2-8
-  grep -hE "^- (e64|mixtral)" "$O"/sweep_next_*.md | cut -c1-900
+  sweep_report next "e64|mixtral" 900
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
