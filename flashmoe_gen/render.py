@@ -119,8 +119,9 @@ def wgmma_ns(config: KernelConfig) -> list[int]:
 
 
 def one_gated_mma(config: KernelConfig) -> bool:
-    """Whether the gate/up tile computes gate and up in one wgmma (templates/gemm.cu.j2
-    ONE_GATED_MMA)."""
+    """Whether the gate/up tile computes gate and up in one wgmma of twice its BN
+    (templates/gemm.cu.j2 ONE_GATED_MMA): a wgmma or tma tile whose doubled width is a
+    valid N, unless ``split_gated_mma``."""
     gu = config.gate_up
     return gu.mma in HOPPER_KINDS and 2 * gu.bn <= 256 and not config.split_gated_mma
 
@@ -386,7 +387,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "signature_args": {k: ", ".join(sig.names) for k, sig in SIGNATURES.items()},
         "wgmma_variants": wgmma_variants(config, DTYPE_MMA[dt]),
         "wgmma_n_test": " || ".join(f"BN == {n}" for n in wgmma_ns(config)) or "false",
-        "split_gated_mma": CPP_BOOL[config.split_gated_mma],
+        "one_gated_mma": CPP_BOOL[one_gated_mma(config)],
         # The persistent TMA kernel's code: only in modules that launch it.
         "tma_template": "gemm_tma.cu.j2" if config.uses_tma else "",
         "tma_max_groups": TMA_MAX_GROUPS,

@@ -550,7 +550,7 @@ def test_wgmma_asm_is_computed_once_per_width():
         for n in (64, 128, 256):
             mma = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16"
             assert gen.code.count(mma) == (n in widths), (split, n)
-        assert f"constexpr bool SPLIT_GATED_MMA = {str(split).lower()};" in gen.code
+        assert f"constexpr bool ONE_GATED_MMA = {str(not split).lower()};" in gen.code
         assert "static_assert(" + " || ".join(f"BN == {n}" for n in widths) in gen.code
     # a 64-wide gate/up tile with a sync down tile: one wrapper, of 128
     gen = render(MIXTRAL, KernelConfig(replace(WG_GU, bn=64), GemmTile(128, 128, 64, 2, 4, 3)))
