@@ -207,6 +207,12 @@ def test_row_anatomy_words_follow_the_template():
            "stats[STATS_WORDS * blockIdx.x + STAT_END + 1 + i] =" in code
     assert code.count("m_tiles, task_clk + GU_CLK); });") == 1  # gate/up tasks
     assert code.count("m_tiles, task_clk + DN_CLK); });") == 1  # down tasks
+    # the router's two words, logits then choices, next to each other
+    route = PERSISTENT_TASK_CLOCKS.index("route_logits")
+    assert PERSISTENT_TASK_CLOCKS[route + 1] == "route_select"
+    assert f"constexpr int ROUTE_CLK = {route};" in code
+    assert ("task_clk[ROUTE_CLK] += c1 - c0, task_clk[ROUTE_CLK + 1] += clock64() - c1;"
+            in code)
     # per source: the list's flag wait and the down tasks' dependency waits are timed
     assert code.count("timed_wait(task_clk + FLAG_WAIT,") == 1
     assert code.count("timed_wait(task_clk + DEP_WAIT,") == 2  # shared and routed down
