@@ -54,7 +54,8 @@
 #      ways, then issue 16's table on 4 ranks (part j, J_RANKS=4 NO_MIX=1) (~450 s)
 #   next: session 20's changes not yet run on a GPU (SiLU's approximate divide, the
 #      router's clocks): one-GPU gated kernel cases and 4-rank defaults, then E=64
-#      T=1024/4096/16384 and Mixtral T=4096 with the router's logits / choices (~500 s)
+#      T=4096/16384 and Mixtral T=4096 with the router's logits / choices, and E=64 T=1024
+#      fused weight streaming (default) beside phased wgmma row tasks (~500 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
@@ -188,8 +189,9 @@ nvl_sweep() {  # TAG SHAPE TOKENS TIMEOUT [nvlink_sweep ARGS...]: one 4-rank swe
   echo "sweep $shape rc=$?"
 }
 sweep_report() {  # TAG SHAPES-REGEX WIDTH: the sweeps' table rows, then their phase lines
-  grep -hE "^\| ($2) " "$O"/sweep_"$1"_*.md | cut -d'|' -f2-8
-  grep -hE "^- ($2)" "$O"/sweep_"$1"_*.md | cut -c1-"$3"
+  # (TAG may be a glob: next*)
+  grep -hE "^\| ($2) " "$O"/sweep_$1_*.md | cut -d'|' -f2-8
+  grep -hE "^- ($2)" "$O"/sweep_$1_*.md | cut -c1-"$3"
 }
 gpu1_lanes() {  # TIMEOUT K...: tests/test_gpu_kernels.py -k K on GPU 0, 1, ... in the
   # background (`wait`, then gpu1_report)
@@ -270,10 +272,15 @@ if [ "$PART" = next ]; then
   multigpu_k 4 "${TEST_TIMEOUT:-300}" next "nvlink_persistent_kernel and \
 (row_tiles_wgmma_tma_staged or dsv2lite_default_staged or dsv2lite_default_fused or fused_ws_tma)"
   wait; gpu1_report
-  nvl_sweep next e64 1024,4096,16384 200
+  nvl_sweep next e64 4096,16384 150
   nvl_sweep next mixtral 4096 150
+  # E=64 T=1024 (issue 16's 3x: 2.56x): the fused weight-streaming default beside wgmma row
+  # tasks, which lost there in session 18 (0.501 vs 0.401 ms) before phased lists, the
+  # staged epilogue and one gated MMA (E=32 T=1024: phased rows 0.275 vs fused 0.369)
+  nvl_sweep nextk e64 1024 90 --config "gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64\
+_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se1__ph"
   bundle
-  sweep_report next "e64|mixtral" 900
+  sweep_report "next*" "e64|mixtral" 900
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
