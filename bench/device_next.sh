@@ -53,9 +53,10 @@
 #   h: phased task lists (the new default) at E=64 T=4096/16384 and Mixtral T=4096 both
 #      ways, then issue 16's table on 4 ranks (part j, J_RANKS=4 NO_MIX=1) (~450 s)
 #   next: session 20's changes not yet run on a GPU (SiLU's approximate divide, the
-#      router's clocks): one-GPU gated kernel cases and 4-rank defaults, then E=64
-#      T=4096/16384 and Mixtral T=4096 with the router's logits / choices, and E=64 T=1024
-#      fused weight streaming (default) beside phased wgmma row tasks (~500 s)
+#      router's clocks, weight-streaming tasks on warpgroup MMAs): one-GPU gated kernel
+#      cases and 4-rank defaults and ws_wgmma cases, then E=64 T=4096/16384 and Mixtral
+#      T=4096 with the router's logits / choices, and E=64 / E=32 T=1024: the defaults
+#      beside phased wgmma row tasks and fused ws_wgmma tasks (~550 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
@@ -268,19 +269,28 @@ if [ "$PART" = next ]; then
   # scaling bench) / 0.700 / 2.023 / 5.220 ms; gate/up epilogue 5.3-5.5 us per E=64 tile,
   # 6.2 on Mixtral) with the router's logits / choices per block
   gpu1_lanes 300 "tile_configs" "split_gated or kernels_alone or weight_streaming_rows" \
-    "tma_kernel_persistent_loop or nvlink_persistent_kernel_one_rank or world_size_1"
+    "tma_kernel_persistent_loop or nvlink_persistent_kernel_one_rank or world_size_1 or \
+ws_wgmma"
   multigpu_k 4 "${TEST_TIMEOUT:-300}" next "nvlink_persistent_kernel and \
-(row_tiles_wgmma_tma_staged or dsv2lite_default_staged or dsv2lite_default_fused or fused_ws_tma)"
+(row_tiles_wgmma_tma_staged or dsv2lite_default_staged or dsv2lite_default_fused or fused_ws_tma \
+or ws_wgmma)"
   wait; gpu1_report
   nvl_sweep next e64 4096,16384 150
   nvl_sweep next mixtral 4096 150
   # E=64 T=1024 (issue 16's 3x: 2.56x): the fused weight-streaming default beside wgmma row
   # tasks, which lost there in session 18 (0.501 vs 0.401 ms) before phased lists, the
-  # staged epilogue and one gated MMA (E=32 T=1024: phased rows 0.275 vs fused 0.369)
-  nvl_sweep nextk e64 1024 90 --config "gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64\
-_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se1__ph"
+  # staged epilogue and one gated MMA (E=32 T=1024: phased rows 0.275 vs fused 0.369), and
+  # fused 128-token weight-streaming tasks on warpgroup MMAs (ws_wgmma, not yet run: the
+  # mma.sync ones ran at ~155 TFLOP/s there), down 128 and 256 wide; E=32 T=1024 (256 rows
+  # per expert, two passes) the same beside its phased row default
+  ws_tiles=gu_bm128_bn128_bk64_w8x1_s4_ws__dn_bm128_bn
+  fused_wsg=_bk64_w8x1_s4_ws__r8__c1__cs1__ss1__fs__nvlink__wt__wsg
+  nvl_sweep nextk e64 1024 120 --config "gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64\
+_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se1__ph" \
+    --config "${ws_tiles}128$fused_wsg" --config "${ws_tiles}256$fused_wsg"
+  nvl_sweep nextk e32 1024 90 --config "${ws_tiles}256$fused_wsg"
   bundle
-  sweep_report "next*" "e64|mixtral" 900
+  sweep_report "next*" "e64|e32|mixtral" 900
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \

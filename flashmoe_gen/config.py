@@ -25,6 +25,7 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     check_stage_epilogue,
     check_task_tiles,
     check_ws_tma,
+    check_ws_wgmma,
     persistent_takes,
 )
 from .errors import ArgumentError, ConfigError
@@ -110,11 +111,14 @@ class KernelConfig:
     phased_tasks: bool = False  # transport "nvlink", per-source lists: all gate/up first
     # wgmma or tma gate/up tiles: gate and up in two MMAs of BN (default: one of 2 BN)
     split_gated_mma: bool = False
+    # transport "nvlink", Hopper, both tiles _ws of 128 tokens with TMA weights: warpgroup
+    # MMAs with the tokens on the 64-row side (check_ws_wgmma)
+    ws_wgmma: bool = False
 
     @property
     def uses_wgmma(self) -> bool:
         """Whether a tile issues Hopper-only instructions (wgmma; the tma kernel too)."""
-        return any(t.mma in HOPPER_KINDS for t in (self.gate_up, self.down))
+        return self.ws_wgmma or any(t.mma in HOPPER_KINDS for t in (self.gate_up, self.down))
 
     @property
     def fuses_own_tokens(self) -> bool:
@@ -123,6 +127,10 @@ class KernelConfig:
         the dispatch is in flight, reads every weight twice where decode is bound by
         reading weights.)"""
         return self.fuse_sources and self.gate_up.mma == "ws"
+
+    def wgmma_tile(self, tile: GemmTile) -> bool:
+        """Whether ``tile`` (one of this config's) multiplies with warpgroup MMAs."""
+        return tile.mma in HOPPER_KINDS or (self.ws_wgmma and tile.mma == "ws")
 
     @property
     def uses_tma(self) -> bool:
@@ -203,7 +211,7 @@ class KernelConfig:
                 raise ConfigError(f, v, "must be an integer", name)
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
                   "own_split", "own_stream", "gather_experts", "defer_refill",
-                  "phased_tasks", "split_gated_mma"):
+                  "phased_tasks", "split_gated_mma", "ws_wgmma"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -266,9 +274,12 @@ class KernelConfig:
             check_stage_epilogue(self, name)
         if self.phased_tasks:
             check_phased_tasks(self, problem, name)
-        if self.split_gated_mma and self.gate_up.mma not in HOPPER_KINDS:
+        if self.split_gated_mma and not self.wgmma_tile(self.gate_up):
             raise ConfigError("split_gated_mma", True, "only wgmma or tma gate/up tiles "
-                              "compute gate and up in one MMA: use False", name)
+                              "(or ws with ws_wgmma) compute gate and up in one MMA: use "
+                              "False", name)
+        if self.ws_wgmma:
+            check_ws_wgmma(self, limits, name)
         if self.comm_sms:
             self._validate_comm_sms(problem, name)
         if self.own_split:
@@ -419,7 +430,7 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("own_split", "os"), ("own_stream", "ost"), ("gather_experts", "ge"),
              ("send_blocks", "sb"), ("router_batches", "rb"), ("task_tiles", "tt"),
              ("defer_refill", "dr"), ("stage_epilogue", "se"), ("phased_tasks", "ph"),
-             ("split_gated_mma", "g2"))
+             ("split_gated_mma", "g2"), ("ws_wgmma", "wsg"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
 

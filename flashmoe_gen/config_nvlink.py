@@ -103,6 +103,25 @@ def check_ws_tma(cfg: KernelConfig, limits: DeviceLimits, name: str) -> None:
                           f"{limits.arch}", name)
 
 
+def check_ws_wgmma(cfg: KernelConfig, limits: DeviceLimits, name: str) -> None:
+    """Weight-streaming tasks on warpgroup MMAs (templates/gemm.cu.j2 ws_gemm WG): the
+    tokens are the A side, 64 per warpgroup (128-token tiles over the block's 8 warps), the
+    weights come by TMA boxes (``ws_tma``) as the B side, one K range per task (the gated
+    tile's gate and up, bn <= 128 wherever its registers fit, are one MMA of 2 bn)."""
+    gu, dn = cfg.gate_up, cfg.down
+    why = ("only transport 'nvlink' runs weight-streaming tasks" if cfg.transport != "nvlink"
+           else "both tiles must be _ws" if gu.mma != "ws" or dn.mma != "ws"
+           else "needs the weights by TMA (ws_tma=True)" if not cfg.ws_tma
+           else f"wgmma needs sm_90 (Hopper), target is {limits.arch}"
+           if limits.major_minor != (9, 0)
+           else "128 tokens per pass over two warpgroups: bm128 tiles of warps 8x1"
+           if (gu.bm, gu.warps_m, dn.bm, dn.warps_m) != (128, 8, 128, 8)
+           else "no K splits (gu_splits = dn_splits = 1)"
+           if cfg.gu_splits != 1 or cfg.dn_splits != 1 else "")
+    if why:
+        raise ConfigError("ws_wgmma", True, why + ": use False", name)
+
+
 def check_send_blocks(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
     """A subset of the persistent kernel's blocks sends the peers' rows while the
     others start this rank's own tasks."""

@@ -13,7 +13,7 @@ from .config import PERSISTENT_THREADS, KernelConfig
 from .problem import MoEProblem
 from .signatures import ALL as SIGNATURES
 from .splitk import SplitK
-from .tiles import HOPPER_KINDS, SWIZZLE_ALIGN, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile
+from .tiles import SWIZZLE_ALIGN, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile
 
 #: C++ spellings per dtype (CUTLASS-style tag tables).
 DTYPE_TAG = {"bf16": "__nv_bfloat16"}
@@ -114,8 +114,8 @@ def wgmma_ns(config: KernelConfig) -> list[int]:
     """The wgmma N each GEMM issues: its tile's BN, or for gate/up of BN <= 128 twice that
     (gate and up in one MMA, unless ``split_gated_mma``)."""
     gu, dn = config.gate_up, config.down
-    ns = {2 * gu.bn if one_gated_mma(config) else gu.bn} if gu.mma in HOPPER_KINDS else set()
-    return sorted(ns | ({dn.bn} if dn.mma in HOPPER_KINDS else set()))
+    ns = {2 * gu.bn if one_gated_mma(config) else gu.bn} if config.wgmma_tile(gu) else set()
+    return sorted(ns | ({dn.bn} if config.wgmma_tile(dn) else set()))
 
 
 def one_gated_mma(config: KernelConfig) -> bool:
@@ -123,7 +123,7 @@ def one_gated_mma(config: KernelConfig) -> bool:
     (templates/gemm.cu.j2 ONE_GATED_MMA): a wgmma or tma tile whose doubled width is a
     valid N, unless ``split_gated_mma``."""
     gu = config.gate_up
-    return gu.mma in HOPPER_KINDS and 2 * gu.bn <= 256 and not config.split_gated_mma
+    return config.wgmma_tile(gu) and 2 * gu.bn <= 256 and not config.split_gated_mma
 
 
 def wgmma_variants(config: KernelConfig, ab_type: str) -> list[dict]:
@@ -466,7 +466,7 @@ def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, i
     tma, tma_fn = config.ws_tma, ""
     if tile.mma == "ws":
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages, CPP_BOOL[gated],
-                CPP_BOOL[tma]]
+                CPP_BOOL[tma], *([CPP_BOOL[True]] if config.ws_wgmma else [])]
         fn = "ws_gemm"
     elif tile.mma == "wgmma":  # two warpgroups: one (n-tile, 128-row tile) per task
         args = [tile.bm, tile.bn, tile.stages, CPP_BOOL[gated]]

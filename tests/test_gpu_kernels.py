@@ -193,6 +193,21 @@ def test_nvlink_persistent_kernel_one_rank():
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 5), w)
 
 
+def test_nvlink_ws_wgmma_one_rank():
+    """Weight-streaming tasks on warpgroup MMAs (ws_wgmma) on one GPU: 300 tokens x 2 of 8
+    experts (~75 rows: one warpgroup's tokens hold rows, the other's not always), then
+    1000 (~250: two passes), 1 and 0; shared experts over every token; outputs poisoned
+    and checked against the float64 reference."""
+    p = SEED_EXAMPLE.replace(tokens_per_rank=1000)
+    ws = GemmTile(128, 128, 64, 8, 1, 4, "ws")
+    cfg = KernelConfig(ws, ws, router_tokens_per_block=8, transport="nvlink", ws_tma=True,
+                       ws_wgmma=True)
+    w = MoEWeights.random(p, seed=63)
+    layer = _layer(p, cfg, weights=w)
+    for t in (300, 1000, 1, 0):
+        _run_checked(layer, random_tokens(t, p.hidden, seed=t + 7), w)
+
+
 def test_persistent_kernel_with_48kb_dynamic_and_static_shared_memory():
     """Exactly 48 KB of dynamic shared memory plus the router's static array: over the
     default limit, which counts both (2 x H200: "does not fit one SM" until every kernel

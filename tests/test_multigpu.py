@@ -164,7 +164,8 @@ def _nvl_cfg(**knobs):
                                   "dsv2lite_default_staged",
                                   "dsv2lite_default_fused", "dsv2lite_fused_ws128", "fused",
                                   "fused_dsv2lite_graph",
-                                  "fused_capped_skewed", "fused_split_k", "fused_ws_tma"])
+                                  "fused_capped_skewed", "fused_split_k", "fused_ws_tma",
+                                  "fused_ws_wgmma", "dsv2lite_fused_ws_wgmma"])
 def test_nvlink_persistent_kernel(comm, case):
     """Ragged ranks (one sends nothing), shared experts, capacity drops under skew, and the
     graph-captured launch; each layer is called again with other token counts (the flags'
@@ -193,13 +194,20 @@ def test_nvlink_persistent_kernel(comm, case):
          "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
          "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
          "fused_split_k": SEED.replace(tokens_per_rank=300),
-         "fused_ws_tma": DSV2.replace(tokens_per_rank=96)}[case]
+         "fused_ws_tma": DSV2.replace(tokens_per_rank=96),
+         "fused_ws_wgmma": SEED.replace(tokens_per_rank=1000),
+         "dsv2lite_fused_ws_wgmma": DSV2.replace(tokens_per_rank=300)}[case]
     knobs = dict(fuse_sources=case.startswith("fused"))
     cfg = _nvl_cfg(mode="graph", **knobs) if case.endswith("graph") else _nvl_cfg(**knobs)
     if case == "fused_split_k":  # K over parts where rows fit one pass (the later calls)
         cfg = dataclasses.replace(cfg, gu_splits=2, dn_splits=4)
     if case == "fused_ws_tma":  # weights by TMA boxes, K split too, shared experts
         cfg = dataclasses.replace(cfg, ws_tma=True, dn_splits=2)
+    if case == "fused_ws_wgmma":  # weight streaming on warpgroup MMAs, tokens on the
+        # 64-row side: ~270 rows per expert, three 128-token passes (the last part-empty)
+        ws = GemmTile(128, 128, 64, 8, 1, 4, "ws")
+        cfg = KernelConfig(ws, ws, transport="nvlink", fuse_sources=True, ws_tma=True,
+                           ws_wgmma=True)
     if case.startswith("row_tiles") and "wgmma" not in case:  # mma.sync row tiles: several
         # 64-row tiles per (source, expert); send_blocks: 8 blocks send the peers' rows while
         # the others start this rank's own tasks (no grid barrier after the dispatch)
@@ -243,9 +251,12 @@ def test_nvlink_persistent_kernel(comm, case):
         # tasks, their weights by TMA boxes, shared experts; ws128: one 128-token pass
         cfg = KernelConfig.persistent_default(p.replace(world_size=comm.world_size))
         assert cfg.fuse_sources and cfg.ws_tma and cfg.gate_up.bm == 64, cfg.name
-        if case.endswith("ws128"):
+        if case.endswith(("ws128", "ws_wgmma")):  # ws_wgmma: on warpgroup MMAs (one K
+            # range per task; most experts' second warpgroup has no rows)
             cfg = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, bm=128),
                                       down=dataclasses.replace(cfg.down, bm=128))
+        if case.endswith("ws_wgmma"):
+            cfg = dataclasses.replace(cfg, ws_wgmma=True, gu_splits=1, dn_splits=1)
     tokens = [p.tokens_per_rank, 77, 0, 5]
     skewed = case.endswith("capped_skewed")
     layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=skewed)

@@ -336,8 +336,8 @@ def test_the_template_passes_the_mirrored_arguments():
             "- first[e]) / parts, part = (r - first[e]) % parts;",
             "const unsigned long long need = gu_completions(n_rows, NGU);",
             "if (parts > 1) { if (part * BM >= rows) return false;",
-            "const bool split_k = splits > 1 && rows <= TT; if (!split_k && split != 0) return "
-            "false;",
+            "const bool split_k = !WG && splits > 1 && rows <= TT; if (!split_k && split != 0) "
+            "return false;",
             "const int kt_lo = split_k ? split * KT / splits : 0;",
             "const int NK = (split_k ? (split + 1) * KT / splits : KT) - kt_lo;",
             "elem_t* const c_o = c_bases != nullptr ? reinterpret_cast<elem_t*>(c_bases[o]) + "

@@ -159,6 +159,7 @@ CONFIG_CHANGES = {
     "stage_epilogue": 2,
     "phased_tasks": True,
     "split_gated_mma": True,
+    "ws_wgmma": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
@@ -787,6 +788,32 @@ def test_split_gated_mma_only_for_wgmma_gate_up_tiles():
         with pytest.raises(ConfigError, match=text) as e:
             bad.validate(p, "sm_90")
         assert e.value.field == "split_gated_mma"
+
+
+def test_ws_wgmma_only_for_128_token_ws_tiles_with_tma_weights():
+    """ws_wgmma: weight-streaming tasks on warpgroup MMAs, tokens on the 64-row side (two
+    warpgroups: 128-token tiles of 8 warps), weights by TMA boxes, one K range per task;
+    the config then builds for sm_90a."""
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=1024)
+    ws = GemmTile(128, 128, 64, 8, 1, 4, "ws")
+    cfg = KernelConfig(ws, replace(ws, bn=256), transport="nvlink", fuse_sources=True,
+                       ws_tma=True, ws_wgmma=True)
+    cfg.validate(p, "sm_90")
+    assert cfg.name.endswith("__fs__nvlink__wt__wsg") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.uses_wgmma and not replace(cfg, ws_wgmma=False).uses_wgmma
+    half = replace(ws, bm=64, warps_m=8)
+    for bad, arch, text in (
+            (replace(cfg, ws_tma=False), "sm_90", "ws_tma=True"),
+            (replace(cfg, gate_up=half, down=half), "sm_90", "bm128 tiles"),
+            (replace(cfg, dn_splits=2), "sm_90", "no K splits"),
+            (replace(cfg, transport="nccl", ws_tma=False), "sm_90", "transport 'nvlink'"),
+            (replace(cfg, ws_wgmma=1), "sm_90", "must be a bool")):
+        with pytest.raises(ConfigError, match=text) as e:
+            bad.validate(p, arch)
+        assert e.value.field == "ws_wgmma", e.value
+    small = replace(ws, stages=2)  # (fits sm_80's shared memory)
+    with pytest.raises(ConfigError, match="sm_90"):
+        replace(cfg, gate_up=small, down=small).validate(p, "sm_80")
 
 
 def test_persistent_default_picks_tiles_by_rows_per_expert():

@@ -556,7 +556,31 @@ def test_wgmma_asm_is_computed_once_per_width():
     gen = render(MIXTRAL, KernelConfig(replace(WG_GU, bn=64), GemmTile(128, 128, 64, 2, 4, 3)))
     assert "m64n128k16" in gen.code and "m64n64k16" not in gen.code
     sync_only = render(MIXTRAL, KernelConfig.default(MIXTRAL, "sm_80"))
-    assert "wgmma" not in sync_only.code  # the Hopper block is not emitted at all
+    # the Hopper block is not emitted at all (ws_gemm only declares its WG helper)
+    assert "wgmma." not in sync_only.code and "wgmma_desc" not in sync_only.code
+    assert "wg_mma_ktile(" not in sync_only.code
+
+
+def test_ws_wgmma_tasks_compile_without_spills(private_cache):
+    """Weight-streaming tasks on warpgroup MMAs (ws_wgmma): the persistent kernel's ws
+    tasks pass WG, gate and up take one m64n256 MMA, the down tile its own width; sm_90a,
+    no spills (E=64 T=1024 on 4 ranks, ~128 rows per expert from all sources)."""
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=1024)
+    ws = GemmTile(128, 128, 64, 8, 1, 4, "ws")
+    cfg = KernelConfig(ws, ws, transport="nvlink", fuse_sources=True, ws_tma=True,
+                       ws_wgmma=True)
+    gen = render(p, cfg)
+    code = " ".join(gen.code.split())
+    assert "ws_gemm<128, 128, 64, 8, 4, true, true, true>" in code  # gate/up
+    assert "ws_gemm<128, 128, 64, 8, 4, false, true, true>" in code  # down
+    assert "m64n256k16" in code and "m64n128k16" in code
+    assert "constexpr bool ONE_GATED_MMA = true;" in code
+    mod = compile_source(gen, "sm_90", use_cache=False)
+    assert mod.arch == "sm_90a"
+    res = mod.resources["moe_persistent"]
+    assert res.spill_stores == 0 and res.stack_bytes == 0, res
+    plain = " ".join(render(p, replace(cfg, ws_wgmma=False)).code.split())
+    assert "ws_gemm<128, 128, 64, 8, 4, true, true>" in plain and "m64n" not in plain
 
 
 @pytest.mark.parametrize("gu,dn,split", [(WG_GU, WG_DN, False), (WG_GU, WG_DN, True),
