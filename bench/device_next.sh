@@ -54,16 +54,17 @@
 #      ways, then issue 16's table on 4 ranks (part j, J_RANKS=4 NO_MIX=1) (~450 s)
 #   next: session 20's changes not yet run on a GPU (SiLU's approximate divide, the
 #      router's clocks, weight-streaming tasks on warpgroup MMAs): one-GPU gated kernel
-#      cases and 4-rank defaults and ws_wgmma cases, then E=64 T=4096/16384 and Mixtral
-#      T=4096 with the router's logits / choices, and E=64 / E=32 T=1024: the defaults
-#      beside phased wgmma row tasks and fused ws_wgmma tasks (~550 s)
+#      cases, 4-rank defaults and ws_wgmma cases, then E=64 / E=32 T=1024: the defaults
+#      beside phased wgmma row tasks and fused ws_wgmma tasks (~400 s)
+#   next2: E=64 T=4096/16384 and Mixtral T=4096 with the router's logits / choices and
+#      the gate/up epilogue after SiLU's approximate divide (~150 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|next|p|r|v|w
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|next|next2|p|r|v|w
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -263,11 +264,15 @@ if [ "$PART" = h ]; then
 fi
 if [ "$PART" = next ]; then
   # Session 20's changes not yet run on a GPU: SiLU's approximate divide in every gated
-  # epilogue (59ceb57) and the router's own clocks (09e2bb2). One-GPU gated kernel cases
-  # (mma.sync, wgmma, tma, weight streaming) beside the 4-rank defaults, then E=64
-  # T=1024/4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda: 0.457 (the
-  # scaling bench) / 0.700 / 2.023 / 5.220 ms; gate/up epilogue 5.3-5.5 us per E=64 tile,
-  # 6.2 on Mixtral) with the router's logits / choices per block
+  # epilogue (59ceb57), the router's own clocks (09e2bb2), weight-streaming tasks on
+  # warpgroup MMAs (ws_wgmma, 4522a5d). One-GPU gated kernel cases (mma.sync, wgmma, tma,
+  # weight streaming, ws_wgmma on one rank) beside the 4-rank defaults and ws_wgmma cases;
+  # then E=64 T=1024 (issue 16's 3x: 2.56x): the fused weight-streaming default beside
+  # wgmma row tasks, which lost there in session 18 (0.501 vs 0.401 ms) before phased
+  # lists, the staged epilogue and one gated MMA (E=32 T=1024: phased rows 0.275 vs fused
+  # 0.369), and fused 128-token ws_wgmma tasks (the mma.sync ones ran at ~155 TFLOP/s
+  # there), down 128 and 256 wide; E=32 T=1024 (256 rows per expert, two passes) the same
+  # beside its phased row default (~400 s)
   gpu1_lanes 300 "tile_configs" "split_gated or kernels_alone or weight_streaming_rows" \
     "tma_kernel_persistent_loop or nvlink_persistent_kernel_one_rank or world_size_1 or \
 ws_wgmma"
@@ -275,22 +280,23 @@ ws_wgmma"
 (row_tiles_wgmma_tma_staged or dsv2lite_default_staged or dsv2lite_default_fused or fused_ws_tma \
 or ws_wgmma)"
   wait; gpu1_report
-  nvl_sweep next e64 4096,16384 150
-  nvl_sweep next mixtral 4096 150
-  # E=64 T=1024 (issue 16's 3x: 2.56x): the fused weight-streaming default beside wgmma row
-  # tasks, which lost there in session 18 (0.501 vs 0.401 ms) before phased lists, the
-  # staged epilogue and one gated MMA (E=32 T=1024: phased rows 0.275 vs fused 0.369), and
-  # fused 128-token weight-streaming tasks on warpgroup MMAs (ws_wgmma, not yet run: the
-  # mma.sync ones ran at ~155 TFLOP/s there), down 128 and 256 wide; E=32 T=1024 (256 rows
-  # per expert, two passes) the same beside its phased row default
   ws_tiles=gu_bm128_bn128_bk64_w8x1_s4_ws__dn_bm128_bn
   fused_wsg=_bk64_w8x1_s4_ws__r8__c1__cs1__ss1__fs__nvlink__wt__wsg
-  nvl_sweep nextk e64 1024 120 --config "gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64\
+  nvl_sweep next e64 1024 120 --config "gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64\
 _w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se1__ph" \
     --config "${ws_tiles}128$fused_wsg" --config "${ws_tiles}256$fused_wsg"
-  nvl_sweep nextk e32 1024 90 --config "${ws_tiles}256$fused_wsg"
+  nvl_sweep next e32 1024 90 --config "${ws_tiles}256$fused_wsg"
   bundle
-  sweep_report "next*" "e64|e32|mixtral" 900
+  sweep_report next "e64|e32" 900
+fi
+if [ "$PART" = next2 ]; then
+  # ... and E=64 T=4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda:
+  # 0.700 / 2.023 / 5.220 ms; gate/up epilogue 5.3-5.5 us per E=64 tile, 6.2 on Mixtral)
+  # with the router's logits / choices per block (the route phase: 150 us at T=16384)
+  nvl_sweep next2 e64 4096,16384 150
+  nvl_sweep next2 mixtral 4096 150
+  bundle
+  sweep_report next2 "e64|mixtral" 900
 fi
 if [ "$PART" = n ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 bench/gemm_bench.py --commit "$COMMIT" \
