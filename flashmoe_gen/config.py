@@ -118,7 +118,7 @@ class KernelConfig:
     @property
     def uses_wgmma(self) -> bool:
         """Whether a tile issues Hopper-only instructions (wgmma; the tma kernel too)."""
-        return self.ws_wgmma or any(t.mma in HOPPER_KINDS for t in (self.gate_up, self.down))
+        return any(self.wgmma_tile(t) for t in (self.gate_up, self.down))
 
     @property
     def fuses_own_tokens(self) -> bool:

@@ -499,9 +499,8 @@ class SearchSpace:
                     try:
                         var = replace(pd, **{f: b if getattr(pd, f) == a else a})
                         # knobs the flip makes moot back to neutral (two row tiles per
-                        # task: no staged epilogue)
-                        var = self.config_from_params(
-                            _without_moot(self.params_from_config(var)))
+                        # task: no staged epilogue; config_from_params drops them)
+                        var = self.config_from_params(self.params_from_config(var))
                         var.validate(self.problem, arch)
                         flips.append(var.name)
                     except ConfigError:
