@@ -29,8 +29,8 @@ def learn_all(rows, ngu, ndn, bm, phased):
         for e in range(el):
             gu_first[q][e] = i
             i += ngu * parts[q][e]
+        gu_first[q][el] = i  # the end of its gate/up tasks
         if phased:
-            gu_first[q][el] = i
             list_end[q] = i
             if q == P - 1:
                 for qd in range(P):
@@ -43,7 +43,6 @@ def learn_all(rows, ngu, ndn, bm, phased):
                 dn_first[q][e] = i
                 if e < el:
                     i += ndn * parts[q][e]
-            gu_first[q][el] = dn_first[q][0]
             list_end[q] = i
     end = dn_first[P - 1][el] if phased else list_end[P - 1]
     return list_end, gu_first, dn_first, parts, end
@@ -123,9 +122,10 @@ def test_template_matches_the_port():
             "constexpr bool PHASED = true;",
             "int i = q > 0 ? list_end[q - 1] : 0; for (int e = 0; e < el; ++e) { "
             "gu_first[q][e] = i; i += NGU * gu_parts(min(my_counts[s * el + e], capacity)); }",
-            "if constexpr (PHASED) { gu_first[q][el] = i; list_end[q] = i; if (q == SOURCES - 1)",
+            "gu_first[q][el] = i; // the end of its gate/up tasks if constexpr (PHASED) { "
+            "list_end[q] = i; if (q == SOURCES - 1)",
             "for (int qd = 0; qd < SOURCES; ++qd) down_list(qd, i); } else { down_list(q, i); "
-            "gu_first[q][el] = dn_first[q][0]; list_end[q] = i; }",
+            "list_end[q] = i; }",
             "const int s = (self_rank + q) % SOURCES; for (int e = 0; e <= el; ++e) { "
             "dn_first[q][e] = i; if (e < el) i += NDN * dn_parts(min(my_counts[s * el + e], "
             "capacity)); } };",
