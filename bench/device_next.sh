@@ -58,13 +58,16 @@
 #      beside phased wgmma row tasks and fused ws_wgmma tasks (~400 s)
 #   next2: E=64 T=4096/16384 and Mixtral T=4096 with the router's logits / choices and
 #      the gate/up epilogue after SiLU's approximate divide (~150 s)
+#   wsg: fused ws_wgmma tasks the default from 96 rows per expert: every 4-rank sweep shape
+#      whose default changed (E=64 T=1024, E=32 T=512, DeepSeek-V2-Lite T=256/320,
+#      DeepSeek-V3-like T=1024), new default beside the old (~330 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|next|next2|p|r|v|w
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|next|next2|p|r|v|w|wsg
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -288,6 +291,19 @@ _w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se1__ph" \
   nvl_sweep next e32 1024 90 --config "${ws_tiles}256$fused_wsg"
   bundle
   sweep_report next "e64|e32" 900
+fi
+if [ "$PART" = wsg ]; then
+  # Fused weight-streaming tasks on warpgroup MMAs (ws_wgmma) the default from 96 rows per
+  # expert on Hopper (E=64 T=1024: 0.3933 -> 0.2823 ms in part next): every 4-rank shape of
+  # the sweeps whose default it changed, new default beside the old (64-token mma.sync
+  # tiles), with the NCCL path's error (~330 s)
+  OLD=gu_bm64_bn128_bk64_w8x1_s4_ws__dn_bm64_bn128_bk64_w8x1_s4_ws__r8__c1__cs1__ss1__fs__nvlink__wt
+  nvl_sweep wsg e64 1024 80 --config "$OLD"
+  nvl_sweep wsg e32 512 80 --config "$OLD"
+  nvl_sweep wsg dsv2lite 256,320 110 --config "$OLD"
+  nvl_sweep wsg dsv3 1024 150 --config "$OLD"
+  bundle
+  sweep_report wsg "e64|e32|dsv2lite|dsv3" 600
 fi
 if [ "$PART" = next2 ]; then
   # ... and E=64 T=4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda:

@@ -53,6 +53,15 @@ PERSISTENT_WS_MAX_ROWS = 128
 #: stages), same runs: 4 x H200 T=1024 0.409 -> 0.401 ms, T=2048 0.692 -> 0.669; 2 x H200
 #: T=1024 0.452 -> 0.451. (Narrower decode tiles keep cp.async below DEEP_RING_MIN_BYTES.)
 PERSISTENT_WS_TMA_TOKENS = 64
+#: On Hopper those fused tasks run on warpgroup MMAs (``ws_wgmma``: 128-token tiles, the
+#: tokens the wgmma A side, gate and up one MMA; a 256-wide down tile) from this many rows
+#: per expert, where 64-token mma.sync tiles take two passes on most experts and are
+#: compute-bound. 4 x H200, H=I=2048 E=64 T=1024 (128 rows), same run (bench/results/
+#: 2026-11-27_sweep_ws_wgmma_4xH200_a877941.md): 0.3933 -> 0.2823 ms (down 128 wide 0.2902),
+#: 3.99x PyTorch EP's 1.1271. At E=32 T=1024 (256 rows) wgmma row tasks per source beat them
+#: (0.2656 vs 0.2942), so the regime stays capped by PERSISTENT_WS_MAX_ROWS; below 96 rows
+#: (unmeasured) the tile's second warpgroup would mostly idle.
+WS_WGMMA_MIN_ROWS = 96
 #: The persistent router takes two token batches per tensor-core logit tile
 #: (``router_batches`` 2, where the experts fit one pass) from this many tokens per rank:
 #: 4 x H200, E=64, route phase / forward: T=2048 31.7 -> 21.0 us / 0.774 -> 0.749 ms,
@@ -231,7 +240,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     than SMs: splitk.default_splits), else row tiles per source: 128-row wgmma on Hopper
     from ``WGMMA_PERSISTENT_MIN_ROWS`` rows per source, 8-warp mma.sync otherwise; the
     router's batch quads (pairs with shared experts or where quads don't fit) from
-    ``ROUTER_PAIRS_MIN_TOKENS``; the TMA row tasks' down results staged
+    ``ROUTER_PAIRS_MIN_TOKENS``; fused tasks on warpgroup MMAs from
+    ``WS_WGMMA_MIN_ROWS`` rows on Hopper; the TMA row tasks' down results staged
     (``PERSISTENT_STAGE_EPILOGUE``) and, on several ranks, their lists phased
     (``PERSISTENT_PHASED_TASKS``)."""
     warps = PERSISTENT_THREADS // 32
@@ -264,6 +274,12 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
             cfg = split
     if cfg.fuse_sources and cfg.gate_up.bm == PERSISTENT_WS_TMA_TOKENS and not cfg.ws_tma:
         cfg = _if_valid(replace(cfg, ws_tma=True), cfg, problem, arch)
+    if cfg.fuse_sources and rows >= WS_WGMMA_MIN_ROWS and cfg.gu_splits == cfg.dn_splits == 1:
+        # (split tiles: fewer tiles than SMs, where halving the tasks would idle more SMs)
+        wsg = replace(cfg, gate_up=GemmTile(128, 128, 64, warps, 1, 4, "ws"),
+                      down=GemmTile(128, 256, 64, warps, 1, 4, "ws"), ws_tma=True,
+                      ws_wgmma=True)
+        cfg = _if_valid(wsg, cfg, problem, arch)
     if problem.tokens_per_rank >= ROUTER_PAIRS_MIN_TOKENS:  # where the experts fit one pass
         pairs = _if_valid(replace(cfg, router_batches=2), cfg, problem, arch)
         cfg = pairs if problem.shared_experts else \

@@ -845,6 +845,7 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
         PERSISTENT_WS_MAX_ROWS,
         ROUTER_PAIRS_MIN_TOKENS,
         WGMMA_PERSISTENT_MIN_ROWS,
+        WS_WGMMA_MIN_ROWS,
     )
     fewer = big_p.replace(experts=128, tokens_per_rank=WGMMA_PERSISTENT_MIN_ROWS * 128 // 2 - 64)
     assert expert_rows(fewer) > PERSISTENT_WS_MAX_ROWS
@@ -856,13 +857,29 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     at_min = big_p.replace(tokens_per_rank=WGMMA_PERSISTENT_MIN_ROWS * 64 // 2)
     assert KernelConfig.persistent_default(at_min, "sm_90").gate_up.mma == "wgmma"
     # Up to PERSISTENT_WS_MAX_ROWS from all sources on several ranks: every source fused
-    # into 64-token weight-streaming tasks with TMA weights; below the router's pair bound
-    # one batch per logit tile
+    # into weight-streaming tasks with TMA weights; below the router's pair bound one batch
+    # per logit tile. From WS_WGMMA_MIN_ROWS on Hopper: 128-token tiles on warpgroup MMAs
+    # (E=64 T=1024 on 4 x H200: 0.393 -> 0.282 ms), a 256-wide down tile
     small = big_p.replace(tokens_per_rank=PERSISTENT_WS_MAX_ROWS * 64 // (2 * 4))
     assert expert_rows(small) == PERSISTENT_WS_MAX_ROWS < ROUTER_PAIRS_MIN_TOKENS
     cfg = KernelConfig.persistent_default(small, "sm_90")
-    assert cfg.gate_up.mma == "ws" and cfg.fuse_sources and cfg.gate_up.bm == 64
+    assert cfg.gate_up.mma == "ws" and cfg.fuse_sources and cfg.ws_wgmma
+    assert (cfg.gate_up.bm, cfg.down.bm, cfg.down.bn) == (128, 128, 256)
     assert cfg.ws_tma and cfg.router_batches == 1
+    assert cfg.name.endswith("__fs__nvlink__wt__wsg") and KernelConfig.from_name(cfg.name) == cfg
+    # ... below WS_WGMMA_MIN_ROWS (and on sm_80, where a 64-token tile streams the
+    # weights by cp.async) 64-token mma.sync tiles
+    below = big_p.replace(tokens_per_rank=(WS_WGMMA_MIN_ROWS - 8) * 64 // (2 * 4))
+    cfg = KernelConfig.persistent_default(below, "sm_90")
+    assert cfg.fuse_sources and cfg.gate_up.bm == 64 and cfg.ws_tma and not cfg.ws_wgmma
+    ampere = KernelConfig.persistent_default(small, "sm_80")
+    assert ampere.fuse_sources and ampere.gate_up.bm == 64 and not ampere.ws_wgmma
+    # ... nor where the fused tiles' K is split (fewer tiles than SMs: seed T=128 on 4
+    # ranks, 128 rows per expert), since 128-token tiles halve the tasks
+    seed = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=4, tokens_per_rank=128)
+    assert expert_rows(seed) >= WS_WGMMA_MIN_ROWS
+    cfg = KernelConfig.persistent_default(seed, "sm_90")
+    assert cfg.fuse_sources and not cfg.ws_wgmma and cfg.dn_splits > 1
     # ... one rank keeps the decode rule (streams_weights) and cp.async weights
     one = KernelConfig.persistent_default(small.replace(world_size=1), "sm_90")
     assert not one.fuse_sources and not one.ws_tma

@@ -157,3 +157,28 @@ def test_the_search_space_keeps_phased_lists_where_they_mean_something():
     assert space.canonical(params)["phased_tasks"] is True
     for moot in ({"fuse": True}, {"transport": "nccl"}):
         assert space.canonical(params | moot)["phased_tasks"] is False
+
+
+def test_the_search_space_carries_ws_wgmma_and_one_gated_mma():
+    """ws_wgmma (fused weight-streaming tasks on warpgroup MMAs) is an nvlink knob on Hopper,
+    moot but for ws tiles with TMA weights; split_gated_mma is not searched but survives a
+    seeded config's round trip through the tuner's parameters."""
+    from flashmoe_gen.tuner.space import SearchSpace
+
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=1024)
+    space = SearchSpace.for_problem(p, "sm_90", "full", ("nccl", "nvlink"))
+    assert space.choices["ws_wgmma"] == (False, True)
+    assert space.choices["split_gated"] == (False,)
+    default = KernelConfig.persistent_default(p, "sm_90")
+    assert default.ws_wgmma and space.contains(default)
+    params = space.params_from_config(default)
+    assert space.config_from_params(params) == default
+    for moot in ({"ws_tma": False}, {"transport": "nccl"}, {"gu_mma": "sync"}):
+        assert space.canonical(params | moot)["ws_wgmma"] is False
+    big = p.replace(tokens_per_rank=16384)
+    split = replace(KernelConfig.persistent_default(big, "sm_90"), split_gated_mma=True)
+    assert space.config_from_params(space.params_from_config(split)) == split
+    assert space.canonical(space.params_from_config(split) | {"gu_mma": "sync"})[
+        "split_gated"] is False
+    ampere = SearchSpace.for_problem(p, "sm_80", "full", ("nccl", "nvlink"))
+    assert ampere.choices["ws_wgmma"] == ampere.choices["split_gated"] == (False,)

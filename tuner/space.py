@@ -108,6 +108,9 @@ FULL = {
     "defer_refill": (False,),  # its TMA row tasks' refills without a wait: likewise
     "stage_epilogue": (0,),  # its TMA row tasks' results in 16-byte stores: likewise
     "phased_tasks": (False,),  # its per-source lists' gate/up tasks all first: likewise
+    "ws_wgmma": (False,),  # its fused weight-streaming tasks on warpgroup MMAs: likewise
+    # gate and up in two wgmmas, not one (lost 2.5-4%: carried for seeded configs only)
+    "split_gated": (False,),
     # SMs the tma kernel leaves to NCCL (nccl transport with a tma tile; else forced to 0)
     "comm_sms": _pick(COMM_SMS_CHOICES, 0, 8, 16),
     # this rank's tokens split around the fused launch (fused nccl sources, not _ws)
@@ -131,7 +134,8 @@ SMALL = {
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
     "ws_tma": (False,), "own_split": (False,), "own_stream": (False,), "gather": (False,),
     "senders": (0,), "router_batches": (1,), "task_tiles": (1,), "defer_refill": (False,),
-    "stage_epilogue": (0,), "phased_tasks": (False,),
+    "stage_epilogue": (0,), "phased_tasks": (False,), "ws_wgmma": (False,),
+    "split_gated": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -158,7 +162,7 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "ws_tma": (False, True), "senders": SEND_BLOCK_CHOICES,
                 "router_batches": ROUTER_BATCH_CHOICES, "task_tiles": TASK_TILE_CHOICES,
                 "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES,
-                "phased_tasks": (False, True)}
+                "phased_tasks": (False, True), "ws_wgmma": (False, True)}
 #: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
 SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
 
@@ -226,6 +230,12 @@ def _without_moot(params: dict) -> dict:
         out["stage_epilogue"] = 0  # ... and, one row tile per task, stage in it
     if "phased_tasks" in out and not _per_source_tasks(out):
         out["phased_tasks"] = False  # per-source lists only (fused sources: one list)
+    if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):
+        out["ws_wgmma"] = False  # weight-streaming tiles with TMA weights only (ws_tma
+        # above is kept only where it applies: nvlink, ws or wgmma tiles on both GEMMs)
+    if "split_gated" in out and not (out.get("gu_mma") in HOPPER_KINDS
+                                     or out.get("ws_wgmma", False)):
+        out["split_gated"] = False  # a gate/up tile on warpgroup MMAs only
     if "own_split" in out and not _own_split_apply(out):
         out["own_split"] = False
     if "own_stream" in out and not out.get("own_split", False):
@@ -307,8 +317,9 @@ class SearchSpace:
             for k in ("gu_mma", "dn_mma"):
                 if k in choices:
                     choices[k] = tuple(m for m in choices[k] if m not in HOPPER_KINDS)
-            if "ws_tma" in choices:
-                choices["ws_tma"] = (False,)
+            for k in ("ws_tma", "ws_wgmma", "split_gated"):
+                if k in choices:
+                    choices[k] = (False,)
         if size == "full":
             # The heuristic defaults are always candidates (the first trials, and what "tuned
             # / default" compares with); their values may lie outside the ranges, e.g. the
@@ -361,7 +372,9 @@ class SearchSpace:
                             task_tiles=params.get("task_tiles", 1),
                             defer_refill=params.get("defer_refill", False),
                             stage_epilogue=params.get("stage_epilogue", 0),
-                            phased_tasks=params.get("phased_tasks", False))
+                            phased_tasks=params.get("phased_tasks", False),
+                            ws_wgmma=params.get("ws_wgmma", False),
+                            split_gated_mma=params.get("split_gated", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -388,7 +401,8 @@ class SearchSpace:
                     "own_stream": cfg.own_stream, "gather": cfg.gather_experts,
                     "senders": cfg.send_blocks, "router_batches": cfg.router_batches,
                     "task_tiles": cfg.task_tiles, "defer_refill": cfg.defer_refill,
-                    "stage_epilogue": cfg.stage_epilogue, "phased_tasks": cfg.phased_tasks}
+                    "stage_epilogue": cfg.stage_epilogue, "phased_tasks": cfg.phased_tasks,
+                    "ws_wgmma": cfg.ws_wgmma, "split_gated": cfg.split_gated_mma}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
