@@ -61,13 +61,15 @@
 #   wsg: fused ws_wgmma tasks the default from 96 rows per expert: every 4-rank sweep shape
 #      whose default changed (E=64 T=1024, E=32 T=512, DeepSeek-V2-Lite T=256/320,
 #      DeepSeek-V3-like T=1024), new default beside the old (~330 s)
+#   rs: the router's staged logits: one-GPU and 4-rank cases, E=64 T=4096/16384 staged /
+#      split_logits / staged in one run (~330 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|next|next2|p|r|v|w|wsg
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|next|next2|p|r|rs|v|w|wsg
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -304,6 +306,22 @@ if [ "$PART" = wsg ]; then
   nvl_sweep wsg dsv3 1024 150 --config "$OLD"
   bundle
   sweep_report wsg "e64|e32|dsv2lite|dsv3" 600
+fi
+if [ "$PART" = rs ]; then
+  # The router's staged logits (flashmoe_gen.router_staged: a call's token rows and the
+  # gate weights through a cp.async ring, whole units per warp; split_logits' logits took
+  # 131 of the 153-us route phase at E=64 T=16384): the one-GPU case, the 4-rank quad-batch
+  # case (shared experts) beside the TMA row and ws_wgmma defaults, then E=64 T=4096/16384
+  # staged, split_logits, staged again (an A/B in one run: --split-logits) (~330 s)
+  gpu1_lanes 200 "staged_router or nvlink_persistent_kernel_one_rank or ws_wgmma"
+  multigpu_k 4 240 rs "nvlink_persistent_kernel and (dsv2lite_default_quad_batches or \
+row_tiles_wgmma_tma_staged or fused_ws_wgmma)"
+  wait; gpu1_report
+  nvl_sweep rs1 e64 4096,16384 120
+  nvl_sweep rs0 e64 4096,16384 120 --split-logits
+  nvl_sweep rs2 e64 4096,16384 120
+  bundle
+  for t in rs1 rs0 rs2; do echo "$t"; sweep_report "$t" e64 900; done
 fi
 if [ "$PART" = next2 ]; then
   # ... and E=64 T=4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda:

@@ -183,7 +183,9 @@ def report(rows: list[dict], a) -> None:
             f"{r0.get('date')}, commit {a.commit}\n\nGraph-launched persistent kernel, "
             f"median of {a.iters} iterations of 8 forwards back to back; kernel time, SM busy "
             "and phases from its own clocks (last of 8, median of 5 chains); err: relative "
-            "to the NCCL path's graph-mode default.\n\n"
+            "to the NCCL path's graph-mode default."
+            + (" Router logits by split_logits (--split-logits: the staged logits off)."
+               if a.split_logits else "") + "\n\n"
             + md_table(cols, [[r.get(c, "—") for c in cols] for r in rows])
             + "\nphases (us):\n" + "".join(
                 f"- {r['shape']} T={r['tokens']} `{r['config']}`: {phases_text(r)}\n"
@@ -203,8 +205,14 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--torch", action="store_true",
                     help="time PyTorch EP (the faster baseline) per shape and T, same run")
+    ap.add_argument("--split-logits", action="store_true",
+                    help="every config's router with split_logits (the staged logits off: "
+                         "an A/B of flashmoe_gen.router_staged, not a config knob)")
     add_output_args(ap, iters=30)
     a = ap.parse_args()
+    if a.split_logits:  # before anything renders: the generated code, and its cache key
+        from flashmoe_gen import router_staged
+        router_staged.STAGED_MAX_STAGES = 0
     rows = run(a)
     from mpi4py import MPI
     if MPI.COMM_WORLD.rank == 0:

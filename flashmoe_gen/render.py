@@ -11,6 +11,7 @@ import jinja2
 from . import __version__
 from .config import PERSISTENT_THREADS, KernelConfig
 from .problem import MoEProblem
+from .router_staged import STAGED_KC, router_staged_stages
 from .signatures import ALL as SIGNATURES
 from .splitk import SplitK
 from .tiles import SWIZZLE_ALIGN, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile
@@ -371,6 +372,9 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_mma_ks_serial": CPP_BOOL[mma_experts not in (0, problem.experts)],
         "router_logit_batches": config.router_batches,
         "router_mma_mtiles": mtiles,
+        # the persistent router's logits through a shared-memory ring (0: split_logits)
+        "router_staged_stages": router_staged_stages(problem, config, mma_experts, mtiles),
+        "router_staged_kc": STAGED_KC,
         # k steps unrolled: four for one m16 tile (E=64 T=16384 route 226 -> 217 us over
         # one); two m16 tiles keep as many loads in flight with two (and spilled 16 bytes
         # with shared experts at four)

@@ -208,6 +208,24 @@ def test_nvlink_ws_wgmma_one_rank():
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 7), w)
 
 
+def test_nvlink_staged_router_one_rank():
+    """The persistent router's staged logits (32-token calls through a shared-memory ring,
+    flashmoe_gen.router_staged) on one GPU: E=64 with router quads, a ragged last call
+    (2100 = 65 x 32 + 20 tokens), then 2048 and 45 (a call of 13 tokens: its second token
+    tile empty); routing and outputs checked against the float64 reference."""
+    from flashmoe_gen.render import router_mma_experts, router_mtiles
+    from flashmoe_gen.router_staged import router_staged_stages
+
+    p = MoEProblem(512, 1024, 64, 2, tokens_per_rank=2100)
+    cfg = KernelConfig.persistent_default(p, "sm_90")
+    assert cfg.router_batches == 4
+    assert router_staged_stages(p, cfg, router_mma_experts(p, 8), router_mtiles(4, 8)) >= 3
+    w = MoEWeights.random(p, seed=71)
+    layer = _layer(p, cfg, weights=w)
+    for t in (2100, 2048, 45):
+        _run_checked(layer, random_tokens(t, p.hidden, seed=t + 9), w)
+
+
 def test_persistent_kernel_with_48kb_dynamic_and_static_shared_memory():
     """Exactly 48 KB of dynamic shared memory plus the router's static array: over the
     default limit, which counts both (2 x H200: "does not fit one SM" until every kernel
