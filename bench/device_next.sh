@@ -63,13 +63,15 @@
 #      DeepSeek-V3-like T=1024), new default beside the old (~330 s)
 #   rs: the router's staged logits: one-GPU and 4-rank cases, E=64 T=4096/16384 staged /
 #      split_logits / staged in one run (~330 s)
+#   fin: DeepSeek-V2-Lite's fused cases on 4 and 2 ranks, Mixtral T=4096, issue 16's table
+#      on 4 ranks (~330 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|next|next2|p|r|rs|v|w|wsg
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|fin|next|next2|p|r|rs|v|w|wsg
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -322,6 +324,16 @@ row_tiles_wgmma_tma_staged or fused_ws_wgmma)"
   nvl_sweep rs2 e64 4096,16384 120
   bundle
   for t in rs1 rs0 rs2; do echo "$t"; sweep_report "$t" e64 900; done
+fi
+if [ "$PART" = fin ]; then
+  # The DeepSeek-V2-Lite fused cases against the new defaults (4 ranks: 112 rows per expert,
+  # ws_wgmma; 2 ranks: 56, 64-token tasks), Mixtral T=4096 beside PyTorch EP once more
+  # (issue 12), then issue 16's table on 4 ranks with the staged router (~330 s)
+  multigpu_k 4 200 fin4 "nvlink_persistent_kernel and dsv2lite and fused"
+  multigpu_k 2 150 fin2 "nvlink_persistent_kernel and dsv2lite and fused"
+  nvl_sweep fin mixtral 4096 120
+  sweep_report fin mixtral 900
+  J_RANKS=4 NO_MIX=1 bash bench/device_next.sh "$COMMIT" j
 fi
 if [ "$PART" = next2 ]; then
   # ... and E=64 T=4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda:

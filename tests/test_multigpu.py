@@ -246,17 +246,23 @@ def test_nvlink_persistent_kernel(comm, case):
         cfg = dataclasses.replace(KernelConfig.persistent_default(
             p.replace(world_size=comm.world_size)), stage_epilogue=1)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
-    if case.startswith("dsv2lite_") and "fused" in case:  # the persistent default at 56 (2
-        # ranks) or 112 (4 ranks) rows per expert: every source in 64-token weight-streaming
-        # tasks, their weights by TMA boxes, shared experts; ws128: one 128-token pass
-        cfg = KernelConfig.persistent_default(p.replace(world_size=comm.world_size))
-        assert cfg.fuse_sources and cfg.ws_tma and cfg.gate_up.bm == 64, cfg.name
-        if case.endswith(("ws128", "ws_wgmma")):  # ws_wgmma: on warpgroup MMAs (one K
-            # range per task; most experts' second warpgroup has no rows)
-            cfg = dataclasses.replace(cfg, gate_up=dataclasses.replace(cfg.gate_up, bm=128),
-                                      down=dataclasses.replace(cfg.down, bm=128))
-        if case.endswith("ws_wgmma"):
-            cfg = dataclasses.replace(cfg, ws_wgmma=True, gu_splits=1, dn_splits=1)
+    if case.startswith("dsv2lite_") and "fused" in case:  # the persistent default at 56
+        # (2 ranks: 64-token weight-streaming tasks) or 112 (4 ranks: from WS_WGMMA_MIN_ROWS,
+        # 128-token tasks on warpgroup MMAs, a 256-wide down tile) rows per expert: every
+        # source fused, the weights by TMA boxes, shared experts
+        from flashmoe_gen.defaults import WS_WGMMA_MIN_ROWS, expert_rows
+
+        q = p.replace(world_size=comm.world_size)
+        cfg = KernelConfig.persistent_default(q)
+        assert cfg.fuse_sources and cfg.ws_tma, cfg.name
+        assert cfg.ws_wgmma == (expert_rows(q) >= WS_WGMMA_MIN_ROWS), cfg.name
+        assert cfg.gate_up.bm == (128 if cfg.ws_wgmma else 64), cfg.name
+        if case.endswith(("ws128", "ws_wgmma")):  # 128-token tiles, the down tile 128 wide:
+            # on mma.sync (ws128) or warpgroup MMAs (one K range per task; most experts'
+            # second warpgroup has no rows)
+            ws = GemmTile(128, 128, 64, 8, 1, 4, "ws")
+            cfg = dataclasses.replace(cfg, gate_up=ws, down=ws, gu_splits=1, dn_splits=1,
+                                      ws_wgmma=case.endswith("ws_wgmma"))
     tokens = [p.tokens_per_rank, 77, 0, 5]
     skewed = case.endswith("capped_skewed")
     layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=skewed)
