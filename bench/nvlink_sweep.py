@@ -73,6 +73,7 @@ def variants(base, vary: str) -> list:
                              f"gu_|dn_ + one of {list(FIELDS)}")
         attr = "gate_up" if gemm == "gu" else "down"
         axes.append([{attr: (FIELDS[field], int(v))} for v in values.split(",")])
+    varied = {k for axis in axes for change in axis for k in change}
     out = []
     for combo in itertools.product(*axes):
         cfg = base
@@ -81,6 +82,11 @@ def variants(base, vary: str) -> list:
                 if isinstance(v, tuple):  # a tile field
                     v = dataclasses.replace(getattr(cfg, k), **{v[0]: v[1]})
                 cfg = dataclasses.replace(cfg, **{k: v})
+        if cfg.task_tiles > 1 and cfg.stage_epilogue and "stage_epilogue" not in varied:
+            # the staged epilogue needs the ring free at a tile's end (one row tile per
+            # task): a variant that asks for two drops the default's staging, as the
+            # tuner's moot-knob rule does
+            cfg = dataclasses.replace(cfg, stage_epilogue=0)
         out.append(cfg)
     return list(dict.fromkeys(out)) or [base]
 

@@ -46,6 +46,17 @@ def test_nvlink_sweep_variants_cover_every_combination():
         {(1, 1, 1), (2, 1, 1), (1, 2, 8), (2, 2, 8)}
     with pytest.raises(SystemExit, match="gu_|dn_"):
         variants(base, "xx_s=4")
+    # two row tiles per task on a default with a staged epilogue (Mixtral's): the variant
+    # drops the staging, which needs the ring free at a tile's end, unless se is varied too
+    mix = MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096)
+    staged = KernelConfig.persistent_default(mix, "sm_90")
+    assert staged.stage_epilogue
+    got = variants(staged, "tt=1,2")
+    assert {(c.task_tiles, c.stage_epilogue) for c in got} == {(1, staged.stage_epilogue),
+                                                                (2, 0)}
+    for c in got:
+        c.validate(mix, "sm_90")
+    assert len(variants(staged, "tt=1,2;se=0,1")) == 4
 
 
 def test_sm_stream_kernels_compile_for_hopper():
