@@ -65,13 +65,16 @@
 #      split_logits / staged in one run (~330 s)
 #   fin: DeepSeek-V2-Lite's fused cases on 4 and 2 ranks, Mixtral T=4096, issue 16's table
 #      on 4 ranks (~330 s)
+#   rs2: the staged router logits beyond the measured regime (STAGED_ALL, not yet run on a
+#      GPU): one-GPU cases, then E=8 / E=32 T=16384, Mixtral T=4096, E=64 T=1024 with and
+#      without (~300 s)
 #   (done and measured: parts i, l, s, t (session 19: bench/results/
 #   2026-11-27_gpu_checks_session19.md), b, d, e, f, g (session 18: bench/results/
 #   2026-11-27_gpu_checks_session18.md), 4, 5, a, h, m, o, q, s, t, v, w, x, y, z (sessions 14-16), u
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|fin|next|next2|p|r|rs|v|w|wsg
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|fin|next|next2|p|r|rs|rs2|v|w|wsg
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -337,6 +340,23 @@ if [ "$PART" = fin ]; then
   nvl_sweep fin mixtral 4096 160 --vary "tt=1,2"
   sweep_report fin mixtral 900
   J_RANKS=4 NO_MIX=1 bash bench/device_next.sh "$COMMIT" j
+fi
+if [ "$PART" = rs2 ]; then
+  # The staged router logits beyond the measured regime (router_staged.STAGED_ALL: k lanes
+  # adding in turn, 8-expert units, 8-token calls; landed in session 21, not yet run on a
+  # GPU): the one-GPU cases (E=8 with shared experts, E=32, E=128), then default /
+  # --staged-all / default where the route phase is long: E=8 and E=32 T=16384 (route 148
+  # and 95 us in session 19, FMA and split_logits), Mixtral T=4096 (60 us, FMA), E=64
+  # T=1024 (8-token calls) (~300 s)
+  gpu1_lanes 200 "staged_router"
+  wait; gpu1_report
+  for s in "e8 16384" "e32 16384" "mixtral 4096" "e64 1024"; do
+    set -- $s
+    nvl_sweep rsa0 "$1" "$2" 100
+    nvl_sweep rsb "$1" "$2" 100 --staged-all
+  done
+  bundle
+  for t in rsa0 rsb; do echo "$t"; sweep_report "$t" "e8|e32|mixtral|e64" 700; done
 fi
 if [ "$PART" = next2 ]; then
   # ... and E=64 T=4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda:

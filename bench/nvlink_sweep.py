@@ -191,7 +191,9 @@ def report(rows: list[dict], a) -> None:
             "and phases from its own clocks (last of 8, median of 5 chains); err: relative "
             "to the NCCL path's graph-mode default."
             + (" Router logits by split_logits (--split-logits: the staged logits off)."
-               if a.split_logits else "") + "\n\n"
+               if a.split_logits else "")
+            + (" Staged router logits wherever they apply (--staged-all)."
+               if a.staged_all else "") + "\n\n"
             + md_table(cols, [[r.get(c, "—") for c in cols] for r in rows])
             + "\nphases (us):\n" + "".join(
                 f"- {r['shape']} T={r['tokens']} `{r['config']}`: {phases_text(r)}\n"
@@ -214,11 +216,15 @@ def main() -> int:
     ap.add_argument("--split-logits", action="store_true",
                     help="every config's router with split_logits (the staged logits off: "
                          "an A/B of flashmoe_gen.router_staged, not a config knob)")
+    ap.add_argument("--staged-all", action="store_true",
+                    help="the staged logits wherever they apply, not only where measured "
+                         "(router_staged.STAGED_ALL: k lanes, 8-expert units, 8-token calls)")
     add_output_args(ap, iters=30)
     a = ap.parse_args()
-    if a.split_logits:  # before anything renders: the generated code, and its cache key
-        from flashmoe_gen import router_staged
+    from flashmoe_gen import router_staged  # set before anything renders: the generated
+    if a.split_logits:                      # code, and with it the compile cache's key
         router_staged.STAGED_MAX_STAGES = 0
+    router_staged.STAGED_ALL = a.staged_all
     rows = run(a)
     from mpi4py import MPI
     if MPI.COMM_WORLD.rank == 0:

@@ -11,7 +11,7 @@ import jinja2
 from . import __version__
 from .config import PERSISTENT_THREADS, KernelConfig
 from .problem import MoEProblem
-from .router_staged import STAGED_KC, router_staged_stages
+from .router_staged import STAGED_KC, staged_plan
 from .signatures import ALL as SIGNATURES
 from .splitk import SplitK
 from .tiles import SWIZZLE_ALIGN, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile
@@ -332,6 +332,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
     split = router_split(problem.experts, config.router_tokens_per_block)
     mma_experts = router_mma_experts(problem, config.router_tokens_per_block)
     mtiles = router_mtiles(config.router_batches, config.router_tokens_per_block)
+    staged = staged_plan(problem, config, mtiles, mma_experts, split is not None)
     dt = problem.dtype
     return {
         "version": __version__,
@@ -373,7 +374,9 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_logit_batches": config.router_batches,
         "router_mma_mtiles": mtiles,
         # the persistent router's logits through a shared-memory ring (0: split_logits)
-        "router_staged_stages": router_staged_stages(problem, config, mma_experts, mtiles),
+        "router_staged_stages": staged.stages if staged else 0,
+        "router_staged_unit": staged.unit if staged else 0,
+        "router_staged_block": staged.block if staged else 0,
         "router_staged_kc": STAGED_KC,
         # k steps unrolled: four for one m16 tile (E=64 T=16384 route 226 -> 217 us over
         # one); two m16 tiles keep as many loads in flight with two (and spilled 16 bytes

@@ -1,14 +1,18 @@
 """The persistent router's staged logits (templates/router_staged.cu.j2): where many token
 batches route, each call's token rows and the gate weights come into shared memory by
-cp.async, a ring of hidden-dimension stages, and every warp computes whole (token tile, 16
+cp.async, a ring of hidden-dimension stages, and the warps compute (m16 token tile, 8 or 16
 experts) units on the tensor cores from ldmatrix fragments.
 
 The fragment loads of ``split_logits`` (4-byte token loads, 16-byte weight loads, both from
 global memory, a few k steps in flight per warp) kept few bytes in flight: its logits took
 131 of the 153 us route phase at H=I=2048 E=64 T=16384 on 4 x H200, ~12 GB/s per block where
 reading x alone takes ~15 us (bench/results/2026-11-27_sweep_router_clocks_4xH200_a877941.md).
+Staged: 59 us, the route 87 us, the forward 1.987 -> 1.934-1.958 ms
+(bench/results/2026-11-27_sweep_staged_router_4xH200_dcc2808.md).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .config import KernelConfig
 from .problem import MoEProblem
@@ -21,8 +25,24 @@ STAGED_KC = 64
 STAGED_MAX_STAGES = 8
 #: ... and the fewest worth a ring.
 STAGED_MIN_STAGES = 3
-#: m16 token tiles per call it takes (two: 32 tokens, each weight byte read per 32 tokens)
-STAGED_MTILES = 2
+#: Experts per column block of the ring's weight tile (its rows, 128 bytes, are the
+#: swizzle's span); fewer experts take one block of their own width.
+STAGED_BLOCK = 64
+#: The regime measured on a GPU (4 x H200, E=64 32-token calls: route 153 -> 87 us) is the
+#: only one taken unless this is set: fewer units than warps (k lanes adding their sums in
+#: turn: E=8 and 32, calls of 8 or 16 tokens), 8-expert units (E=8, the FMA router's
+#: problems such as Mixtral), 8-token calls over 64-expert blocks (E=128 and 256). Those
+#: are emulated lane by lane (tests/test_router_staged.py), not yet run on a GPU;
+#: ``bench/nvlink_sweep.py --staged-router all`` sets it for an A/B.
+STAGED_ALL = False
+
+
+@dataclass(frozen=True)
+class StagedPlan:
+    """The ring's stages, the experts per unit (8 or 16) and per weight column block."""
+    stages: int
+    unit: int
+    block: int
 
 
 def staged_stage_bytes(problem: MoEProblem, mtiles: int) -> int:
@@ -30,20 +50,28 @@ def staged_stage_bytes(problem: MoEProblem, mtiles: int) -> int:
     return (mtiles * 16 + problem.experts) * STAGED_KC * ELEM_BYTES
 
 
-def router_staged_stages(problem: MoEProblem, config: KernelConfig, mma_experts: int,
-                         mtiles: int) -> int:
-    """Stages of the staged logits' ring, 0 where ``split_logits`` keeps them: the
-    persistent kernel (its dynamic shared memory is free while it routes, and the ring
-    takes no more than the tiles'), the tensor-core router (``mma_experts``) over experts
-    in whole 64-wide column blocks (the weight tile's swizzle), the hidden size in
-    STAGED_KC steps, and the (m16 token tile, 16 experts) units of a call shared evenly by
-    the block's warps (no partial sums to add across warps); calls of two m16 token tiles
-    (``router_batches`` 4, where it was measured: E=64 from 2048 tokens per rank)."""
-    warps = config.router_tokens_per_block
-    units = mtiles * problem.experts // 16
-    if (config.transport != "nvlink" or not mma_experts or problem.experts % 64
-            or problem.hidden % STAGED_KC or units % warps or mtiles < STAGED_MTILES):
-        return 0
+def staged_plan(problem: MoEProblem, config: KernelConfig, mtiles: int, mma_experts: int,
+                split_h: bool) -> StagedPlan | None:
+    """How the persistent router stages its logits, None where ``split_logits`` keeps
+    them: the persistent kernel (its dynamic shared memory is free while it routes, and the
+    ring takes no more than the tiles'), the split router's layout (``split_h``: its
+    s_logit; render.router_split), experts in
+    whole column blocks, the hidden size in STAGED_KC steps, units the warps share evenly
+    (whole units per warp, or a unit per k lane); and, unless STAGED_ALL, the measured
+    regime: the tensor-core router (``mma_experts``), 64-expert blocks, 16-expert units, at
+    least one unit per warp, calls of two m16 token tiles (``router_batches`` 4)."""
+    e, warps = problem.experts, config.router_tokens_per_block
+    unit = 16 if e % 16 == 0 else 8 if e % 8 == 0 else 0
+    block = STAGED_BLOCK if e % STAGED_BLOCK == 0 else e if e in (8, 16, 32) else 0
+    if (config.transport != "nvlink" or not unit or not block
+            or not split_h or problem.hidden % STAGED_KC):
+        return None
+    units = mtiles * e // unit
+    if units % warps and warps % units:
+        return None
+    if not STAGED_ALL and (not mma_experts or block != STAGED_BLOCK or unit != 16
+                           or units < warps or mtiles < 2):
+        return None
     stages = min(STAGED_MAX_STAGES,
                  config.persistent_smem() // staged_stage_bytes(problem, mtiles))
-    return stages if stages >= STAGED_MIN_STAGES else 0
+    return StagedPlan(stages, unit, block) if stages >= STAGED_MIN_STAGES else None

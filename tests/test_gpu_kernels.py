@@ -214,16 +214,35 @@ def test_nvlink_staged_router_one_rank():
     (2100 = 65 x 32 + 20 tokens), then 2048 and 45 (a call of 13 tokens: its second token
     tile empty); routing and outputs checked against the float64 reference."""
     from flashmoe_gen.render import router_mma_experts, router_mtiles
-    from flashmoe_gen.router_staged import router_staged_stages
+    from flashmoe_gen.router_staged import staged_plan
 
     p = MoEProblem(512, 1024, 64, 2, tokens_per_rank=2100)
     cfg = KernelConfig.persistent_default(p, "sm_90")
     assert cfg.router_batches == 4
-    assert router_staged_stages(p, cfg, router_mma_experts(p, 8), router_mtiles(4, 8)) >= 3
+    assert staged_plan(p, cfg, router_mtiles(4, 8), router_mma_experts(p, 8), True).stages >= 3
     w = MoEWeights.random(p, seed=71)
     layer = _layer(p, cfg, weights=w)
     for t in (2100, 2048, 45):
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 9), w)
+
+
+@pytest.mark.parametrize("experts,shared", [(8, 1), (32, 0), (128, 0)])
+def test_nvlink_staged_router_all_regimes_one_rank(monkeypatch, experts, shared):
+    """The staged logits beyond the measured regime (router_staged.STAGED_ALL): E=8 (the
+    FMA router's problems: 8-expert units, eight k lanes adding in turn, shared experts),
+    E=32 (router quads: two k lanes), E=128 (8-token calls over two 64-expert blocks);
+    routing and outputs against the float64 reference at ragged counts."""
+    from flashmoe_gen import router_staged
+    from flashmoe_gen.render import render
+
+    monkeypatch.setattr(router_staged, "STAGED_ALL", True)
+    p = MoEProblem(512, 1024, experts, 2, shared_experts=shared, tokens_per_rank=2100)
+    cfg = KernelConfig.persistent_default(p, "sm_90")
+    assert "staged_logits(b, x, wg, tokens);" in render(p, cfg, arch="sm_90").code
+    w = MoEWeights.random(p, seed=73 + experts)
+    layer = _layer(p, cfg, weights=w)
+    for t in (2100, 45):
+        _run_checked(layer, random_tokens(t, p.hidden, seed=t + experts), w)
 
 
 def test_persistent_kernel_with_48kb_dynamic_and_static_shared_memory():

@@ -15,7 +15,7 @@ from test_mma_emulation import mma_16816
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.render import render, router_mma_experts, router_mtiles
-from flashmoe_gen.router_staged import STAGED_KC, router_staged_stages
+from flashmoe_gen.router_staged import STAGED_KC, staged_plan
 
 VEC = 8
 
@@ -39,23 +39,27 @@ def load_tile(s: np.ndarray, g: np.ndarray, rows: int, bk: int, row0: int, row_l
         s[off:off + VEC] = g[gr * k + gk: gr * k + gk + VEC] if ok else 0.0
 
 
-def ldmatrix_x4(s: np.ndarray, addrs: list[int], trans: bool = False) -> list[list[np.ndarray]]:
-    """A warp's ldmatrix.x4: lane l gives the address of row l % 8 of matrix l // 8; each
-    lane's four registers (two elements each)."""
+def ldmatrix(s: np.ndarray, addrs: list[int], n: int = 4,
+             trans: bool = False) -> list[list[np.ndarray]]:
+    """A warp's ldmatrix.xN: lane l (l < 8 n) gives the address of row l % 8 of matrix
+    l // 8; each lane's N registers (two elements each)."""
     mats = [np.stack([s[addrs[8 * m + i]: addrs[8 * m + i] + 8] for i in range(8)])
-            for m in range(4)]
+            for m in range(n)]
     if trans:
         mats = [m.T for m in mats]
-    return [[mats[m][t // 4, 2 * (t % 4): 2 * (t % 4) + 2].copy() for m in range(4)]
+    return [[mats[m][t // 4, 2 * (t % 4): 2 * (t % 4) + 2].copy() for m in range(n)]
             for t in range(32)]
 
 
 def staged_logits(x: np.ndarray, wg: np.ndarray, t0: int, tokens: int, warps: int,
-                  batches: int, mtiles: int, stages: int, kc: int = STAGED_KC) -> np.ndarray:
+                  batches: int, mtiles: int, stages: int, unit: int, block: int,
+                  kc: int = STAGED_KC) -> np.ndarray:
     """s_logit of one block's call (batches x warps token rows), statement by statement."""
     hidden, experts = wg.shape
-    np_units = experts // 16
-    per_warp = mtiles * np_units // warps
+    nj, n_per_tile = unit // 8, experts // unit
+    units = mtiles * n_per_tile
+    kw_n = 1 if units >= warps else warps // units
+    per_warp = 1 if kw_n > 1 else units // warps
     nt = min(batches * warps, tokens - t0)
     ra, rb = mtiles * 16 * kc, kc * experts
     sa, sb = np.full(stages * ra, np.nan), np.full(stages * rb, np.nan)
@@ -64,84 +68,107 @@ def staged_logits(x: np.ndarray, wg: np.ndarray, t0: int, tokens: int, warps: in
 
     def load_stage(stage: int, kt: int) -> None:
         load_tile(sa[stage * ra:(stage + 1) * ra], xt, mtiles * 16, kc, 0, nt, kt * kc, hidden)
-        for eb in range(experts // 64):
-            base = stage * rb + eb * kc * 64
-            # the weights' column block: row pitch EXPERTS, its columns from eb * 64
-            load_tile(sb[base:base + kc * 64], wflat[eb * 64:], kc, 64, kt * kc, hidden,
-                      0, experts)
+        for cb in range(experts // block):
+            base = stage * rb + cb * kc * block
+            # the weights' column block: row pitch EXPERTS, its columns from cb * block
+            load_tile(sb[base:base + kc * block], wflat[cb * block:], kc, block, kt * kc,
+                      hidden, 0, experts)
 
-    acc = np.zeros((warps, per_warp, 2, 32, 4))
+    def unit_of(warp: int, u: int) -> int:
+        return warp % units if kw_n > 1 else warp * per_warp + u
+
+    acc = np.zeros((warps, per_warp, nj, 32, 4))
     kt_n = hidden // kc
-    for s in range(min(stages - 1, kt_n)):
-        load_stage(s, s)
+    for st in range(min(stages - 1, kt_n)):
+        load_stage(st, st)
     for kt in range(kt_n):
         nxt = kt + stages - 1
         if nxt < kt_n:
             load_stage(nxt % stages, nxt)
-        a_s = (kt % stages) * ra
-        b_s = (kt % stages) * rb
+        a_s, b_s = (kt % stages) * ra, (kt % stages) * rb
         for kk in range(kc // 16):
             for warp in range(warps):
+                kw = warp // units if kw_n > 1 else 0
+                if kw_n > 1 and (kt * (kc // 16) + kk) % kw_n != kw:
+                    continue
                 for u in range(per_warp):
-                    unit = warp * per_warp + u
-                    mt, npu = divmod(unit, np_units)
+                    unit_i = unit_of(warp, u)
+                    mt, e0 = unit_i // n_per_tile, (unit_i % n_per_tile) * unit
                     if mt * 16 >= nt:
                         continue
-                    a = ldmatrix_x4(sa, [a_s + swz(kc, mt * 16 + (ln & 15), kk * 2 + (ln >> 4))
-                                         for ln in range(32)])
+                    a = ldmatrix(sa, [a_s + swz(kc, mt * 16 + (ln & 15), kk * 2 + (ln >> 4))
+                                      for ln in range(32)])
                     kr = [kk * 16 + (ln & 7) + ((ln >> 3) & 1) * 8 for ln in range(32)]
-                    b = ldmatrix_x4(sb, [b_s + (npu // 4) * kc * 64 +
-                                         swz(64, kr[ln], (npu % 4) * 2 + (ln >> 4))
-                                         for ln in range(32)], trans=True)
-                    mma_16816(acc[warp, u, 0], a, [b[t][0] for t in range(32)],
-                              [b[t][1] for t in range(32)])
-                    mma_16816(acc[warp, u, 1], a, [b[t][2] for t in range(32)],
-                              [b[t][3] for t in range(32)])
-    for warp in range(warps):
-        for u in range(per_warp):
-            mt, npu = divmod(warp * per_warp + u, np_units)
-            for lane in range(32):
-                g, c = lane >> 2, lane & 3
-                for j in range(2):
-                    for h in range(2):
-                        row, e = mt * 16 + g + 8 * h, npu * 16 + j * 8 + 2 * c
-                        if row < nt:
-                            s_logit[row, e:e + 2] = acc[warp, u, j, lane, 2 * h:2 * h + 2]
+                    b = ldmatrix(sb, [b_s + (e0 // block) * kc * block +
+                                      swz(block, kr[ln], (e0 % block) // 8 + (ln >> 4) * (nj - 1))
+                                      for ln in range(32)], n=2 * nj, trans=True)
+                    for j in range(nj):
+                        mma_16816(acc[warp, u, j], a, [b[t][2 * j] for t in range(32)],
+                                  [b[t][2 * j + 1] for t in range(32)])
+    for r in range(kw_n):  # k lane r stores (r = 0) or adds, in turn
+        for warp in range(warps):
+            if (warp // units if kw_n > 1 else 0) != r:
+                continue
+            for u in range(per_warp):
+                unit_i = unit_of(warp, u)
+                mt, e0 = unit_i // n_per_tile, (unit_i % n_per_tile) * unit
+                for lane in range(32):
+                    g, c = lane >> 2, lane & 3
+                    for j in range(nj):
+                        for h in range(2):
+                            row, e = mt * 16 + g + 8 * h, e0 + j * 8 + 2 * c
+                            if row < nt:
+                                v = acc[warp, u, j, lane, 2 * h:2 * h + 2]
+                                s_logit[row, e:e + 2] = v if r == 0 else s_logit[row, e:e + 2] + v
     return s_logit
 
 
-@pytest.mark.parametrize("experts,tokens,t0", [(64, 100, 64), (64, 90, 64), (128, 40, 0),
-                                              (64, 3, 0)])
-def test_staged_logits_match_a_float64_product(experts, tokens, t0):
-    """Full and ragged calls (90 - 64 = 26 tokens: the second m16 tile part zeros, 3 tokens:
-    its second tile skipped), one and two 64-expert column blocks (two units per warp)."""
+@pytest.mark.parametrize("experts,batches,tokens,t0", [
+    (64, 4, 100, 64), (64, 4, 90, 64), (128, 4, 40, 0), (64, 4, 3, 0),  # whole units
+    (32, 4, 70, 32), (8, 4, 50, 0), (8, 1, 13, 8), (64, 1, 9, 0), (64, 2, 30, 16),  # k lanes
+    (128, 1, 20, 8), (16, 2, 16, 0)])
+def test_staged_logits_match_a_float64_product(experts, batches, tokens, t0):
+    """Full and ragged calls (26 tokens: the second m16 tile part zeros; 3: its second
+    tile skipped), one and two 64-expert column blocks (two units per warp), fewer units
+    than warps (E=32: two k lanes; E=8: 8-expert units, four k lanes; 8- and 16-token
+    calls), narrow column blocks (E=8, 16, 32)."""
     rng = np.random.default_rng(experts + tokens)
-    hidden, warps, batches = 256, 8, 4
+    hidden, warps = 256, 8
     x = rng.standard_normal((tokens, hidden))
     wg = rng.standard_normal((hidden, experts))
     mtiles = router_mtiles(batches, warps)
-    got = staged_logits(x, wg, t0, tokens, warps, batches, mtiles, stages=3)
+    unit = 16 if experts % 16 == 0 else 8
+    block = 64 if experts % 64 == 0 else experts
+    got = staged_logits(x, wg, t0, tokens, warps, batches, mtiles, 3, unit, block)
     nt = min(batches * warps, tokens - t0)
     np.testing.assert_allclose(got[:nt], x[t0:t0 + nt] @ wg, rtol=1e-12, atol=1e-12)
     assert np.isnan(got[nt:]).all()  # rows past the call's tokens: never written
 
 
-def test_which_configs_take_the_staged_logits():
+def test_which_configs_take_the_staged_logits(monkeypatch):
     """E=64 with router quads (32-token calls) on transport nvlink, within the tiles' shared
     memory: H=I=2048 from 2048 tokens per rank. Not below (one 8-token batch per call), not
-    the NCCL path's router kernel, not E=32 (units the warps cannot share evenly)."""
+    the NCCL path's router kernel, not E=32 or E=8 (k lanes, unmeasured) unless STAGED_ALL;
+    with it, Mixtral's FMA router too (8-expert units)."""
+    from flashmoe_gen import router_staged
+
     big = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
     cfg = KernelConfig.persistent_default(big, "sm_90")
     warps = cfg.router_tokens_per_block
     mt = router_mtiles(cfg.router_batches, warps)
-    stages = router_staged_stages(big, cfg, router_mma_experts(big, warps), mt)
-    assert cfg.router_batches == 4 and stages >= 3
+    plan = staged_plan(big, cfg, mt, router_mma_experts(big, warps), True)
+    assert cfg.router_batches == 4 and plan.stages >= 3 and (plan.unit, plan.block) == (16, 64)
     code = render(big, cfg, arch="sm_90").code
-    assert f"constexpr int RS_STAGES = {stages};" in code
+    assert f"constexpr int RS_STAGES = {plan.stages};" in code
     assert f"constexpr int RS_KC = {STAGED_KC};" in code
     assert "staged_logits(b, x, wg, tokens);" in code
-    for p in (big.replace(tokens_per_rank=1024), big.replace(experts=32)):
+    others = (big.replace(tokens_per_rank=1024), big.replace(experts=32),
+              MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096))
+    for p in others:
         c = KernelConfig.persistent_default(p, "sm_90")
         assert "staged_logits" not in render(p, c, arch="sm_90").code, p
-    nccl = KernelConfig.default(big, "sm_90")
-    assert router_staged_stages(big, nccl, 64, 2) == 0
+    assert staged_plan(big, KernelConfig.default(big, "sm_90"), 2, 64, True) is None
+    monkeypatch.setattr(router_staged, "STAGED_ALL", True)
+    for p in others:
+        c = KernelConfig.persistent_default(p, "sm_90")
+        assert "staged_logits(b, x, wg, tokens);" in render(p, c, arch="sm_90").code, p
