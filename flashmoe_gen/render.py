@@ -28,6 +28,15 @@ CPP_BOOL = {True: "true", False: "false"}
 #: move a few MB and are bound by memory, not by their block shape).
 POS_THREADS = 256
 MOVE_WARPS = 8
+#: 16-byte result loads per lane the combine issues before its stores (COMBINE_UNROLL
+#: vectors of TOPK rows each, at most this many: 32 registers).
+COMBINE_LOADS = 8
+
+
+def combine_unroll(top_k: int) -> int:
+    """Vectors per lane the combine loads before storing any (templates/layout.cu.j2)."""
+    return max(1, COMBINE_LOADS // top_k)
+
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("flashmoe_gen.templates", "."),
@@ -389,6 +398,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_experts_per_lane": epl,
         "pos_threads": POS_THREADS,
         "move_warps": MOVE_WARPS,
+        "combine_unroll": combine_unroll(problem.top_k),
         "kernels": kernel_names(config),
         "signatures": {k: sig.declaration() for k, sig in SIGNATURES.items()},
         "signature_args": {k: ", ".join(sig.names) for k, sig in SIGNATURES.items()},
