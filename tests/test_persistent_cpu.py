@@ -303,7 +303,7 @@ def test_tensor_maps_acquired_once_per_launch():
         assert ("if (wmaps != nullptr && threadIdx.x == 0) for (int i = 0; i < TILE_MAPS; "
                 "++i) tensormap_acquire(wm(i));") in code
         assert code.count("tensormap_acquire(") == 2  # its definition and that loop
-        off = replace(cfg, ws_tma=False, stage_epilogue=0)
+        off = replace(cfg, ws_tma=False, stage_epilogue=0, ws_wgmma=False)
         assert persistent_tile_maps(off) == 0
         assert "constexpr int TILE_MAPS = 0;" in render(p, off).code
 
@@ -325,7 +325,11 @@ def test_router_prefetches_each_calls_rows_into_l2():
             "prefetch_l2(x + static_cast<long long>(r) * HIDDEN, HIDDEN * sizeof(elem_t));",
             "prefetch_rows(R_BATCHES * blockIdx.x); for (int b = R_BATCHES * blockIdx.x; b < "
             "batches; b += R_BATCHES * grid) { prefetch_rows(b + R_BATCHES * grid); "
-            "const long long c0 = clock64(); split_logits(b, 0, HIDDEN, x, wg, tokens, "
-            "R_BATCHES);"):
+            "const long long c0 = clock64(); staged_logits(b, x, wg, tokens);"):
         assert line in code, line
+    # (E=32 keeps split_logits there: the staged logits only where measured)
+    p32 = p.replace(experts=32)
+    code = " ".join(render(p32, KernelConfig.persistent_default(p32, "sm_90")).code.split())
+    assert ("const long long c0 = clock64(); split_logits(b, 0, HIDDEN, x, wg, tokens, "
+            "R_BATCHES);") in code
     assert "#if __CUDA_ARCH__ >= 900 asm volatile(\"cp.async.bulk.prefetch" in code
