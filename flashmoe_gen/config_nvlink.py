@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from .arch import DeviceLimits
 from .errors import ConfigError
 from .problem import MoEProblem
+from .router_layout import ROUTER_MAX_MTILES, router_pairs_fit
 from .tiles import GemmTile
 
 if TYPE_CHECKING:
@@ -140,8 +141,6 @@ def check_send_blocks(cfg: KernelConfig, problem: MoEProblem, name: str) -> None
 
 def check_router_batches(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
     """Two token batches per tensor-core logit tile in the persistent kernel's router."""
-    from .render import ROUTER_MAX_MTILES, router_pairs_fit  # render imports config
-
     v = cfg.router_batches
     if v not in ROUTER_BATCH_CHOICES:
         raise ConfigError("router_batches", v, f"choose one of "

@@ -40,7 +40,8 @@ from .plan import (
     gathered_shape,
 )
 from .problem import round_up
-from .render import MOVE_WARPS, POS_THREADS, router_grid
+from .render import MOVE_WARPS, POS_THREADS
+from .router_layout import router_grid
 from .signatures import COMBINE, GEMM, KINDS, PERMUTE, POSITIONS, ROUTER, SLOT_OFFSETS
 
 ELEM_BYTES = 2

@@ -26,9 +26,9 @@ from .render import (
     MOVE_WARPS,
     POS_THREADS,
     render_template,
-    router_part_floats,
     to_template_vars,
 )
+from .router_layout import router_part_floats
 from .signatures import (
     COMBINE,
     GEMM,

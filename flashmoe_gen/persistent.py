@@ -29,8 +29,8 @@ from .render import (
     PERSISTENT_TASK_CLOCKS,
     persistent_counter_words,
     persistent_split_base,
-    router_scratch_words,
 )
+from .router_layout import router_scratch_words
 from .signatures import PERSISTENT
 from .splitk import SplitK
 from .watchdog import allgather, comm_timeout  # allgather: with the collectives' deadline

@@ -55,7 +55,7 @@ def staged_plan(problem: MoEProblem, config: KernelConfig, mtiles: int, mma_expe
     """How the persistent router stages its logits, None where ``split_logits`` keeps
     them: the persistent kernel (its dynamic shared memory is free while it routes, and the
     ring takes no more than the tiles'), the split router's layout (``split_h``: its
-    s_logit; render.router_split), experts in
+    s_logit; router_layout.router_split), experts in
     whole column blocks, the hidden size in STAGED_KC steps, units the warps share evenly
     (whole units per warp, or a unit per k lane); and, unless STAGED_ALL, the measured
     regime: the tensor-core router (``mma_experts``), 64-expert blocks, 16-expert units, at

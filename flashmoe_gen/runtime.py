@@ -34,7 +34,7 @@ from .plan import (
     gathered_shape,
 )
 from .problem import MoEProblem
-from .render import router_part_floats
+from .router_layout import router_part_floats
 from .signatures import GEMM
 from .tma import Operand, TmaMaps
 from .weights import MoEWeights
@@ -206,7 +206,7 @@ class FlashMoE:
         self._weight_ops: dict[tuple[int, int], Operand] = {}
         self._x_static = None
         # The split router's partial logits and per-batch counters (zero; the kernel resets
-        # them), for any token count (render.router_part_floats). Transport "nvlink" routes
+        # them), for any token count (router_layout.router_part_floats). Transport "nvlink" routes
         # in the persistent kernel, which has its own scratch.
         part, batches = ((0, 0) if config.transport == "nvlink" else
                          router_part_floats(problem, config.router_tokens_per_block))

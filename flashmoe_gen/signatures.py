@@ -103,7 +103,7 @@ def _sig(*pairs: tuple[str, str]) -> KernelSignature:
 
 #: One warp per token: gate logits, scores, top-k (``bias``: the expert bias or null).
 #: ``part``/``done``: where the hidden dimension is split over blocks (few tokens), the
-#: partial logits and each token batch's count of finished slices (render.router_grid).
+#: partial logits and each token batch's count of finished slices (router_layout.router_grid).
 ROUTER = _sig(("x", "const elem*"), ("wg", "const elem*"), ("bias", "const float*"),
               ("tokens", "int"), ("topk_idx", "int*"), ("topk_w", "float*"),
               ("part", "float*"), ("done", "u32*"))

@@ -526,9 +526,9 @@ def test_wgmma_export_built_for_sm90_stops_with_the_flag_to_use(tmp_path):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_router_grid_in_cpp_matches_python(tmp_path):
-    """The exported launcher's router_grid (C++) gives render.router_grid's blocks for every
+    """The exported launcher's router_grid (C++) gives router_layout.router_grid's blocks for every
     token count (the split router: several blocks per token batch while batches are few)."""
-    from flashmoe_gen.render import router_grid
+    from flashmoe_gen.router_layout import router_grid
 
     p = MoEProblem(7168, 2048, 256, 8, world_size=2, tokens_per_rank=64)
     cfg = KernelConfig.default(p)

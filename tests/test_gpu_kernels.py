@@ -213,7 +213,7 @@ def test_nvlink_staged_router_one_rank():
     flashmoe_gen.router_staged) on one GPU: E=64 with router quads, a ragged last call
     (2100 = 65 x 32 + 20 tokens), then 2048 and 45 (a call of 13 tokens: its second token
     tile empty); routing and outputs checked against the float64 reference."""
-    from flashmoe_gen.render import router_mma_experts, router_mtiles
+    from flashmoe_gen.router_layout import router_mma_experts, router_mtiles
     from flashmoe_gen.router_staged import staged_plan
 
     p = MoEProblem(512, 1024, 64, 2, tokens_per_rank=2100)
@@ -266,7 +266,7 @@ def test_split_router_few_and_many_tokens(transport):
     output at each count, the same bits on a second call (the sums run in a fixed order)."""
     import cupy
 
-    from flashmoe_gen.render import router_grid
+    from flashmoe_gen.router_layout import router_grid
 
     p = DSV3_LIKE
     cfg = (KernelConfig.persistent_default(p) if transport == "nvlink"

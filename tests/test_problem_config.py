@@ -1209,9 +1209,8 @@ def test_split_scratch_fits_the_state_and_is_token_independent_in_the_code():
     from flashmoe_gen.render import (
         persistent_split_base,
         render,
-        router_part_floats,
-        router_scratch_words,
     )
+    from flashmoe_gen.router_layout import router_part_floats, router_scratch_words
     from flashmoe_gen.splitk import SplitK
 
     p = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=2, tokens_per_rank=4)

@@ -22,9 +22,9 @@ from flashmoe_gen.render import (
     KernelNames,
     gemm_expression,
     render,
-    router_lanes,
     to_template_vars,
 )
+from flashmoe_gen.router_layout import router_lanes
 
 SEED = MoEProblem(512, 2048, 8, 2, shared_experts=1, tokens_per_rank=256)
 DSV2_LITE = MoEProblem(2048, 1408, 64, 6, shared_experts=2, tokens_per_rank=512)

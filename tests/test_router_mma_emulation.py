@@ -1,5 +1,5 @@
 """Lane-exact emulation, on the CPU, of the split router's tensor-core logits
-(templates/router.cu.j2, split_logits where render.router_mma_experts > 0), transcribed
+(templates/router.cu.j2, split_logits where router_layout.router_mma_experts > 0), transcribed
 statement by statement: each lane's A fragment from the tokens, its two 16-byte weight
 loads, movmatrix.trans (PTX ISA: lane t holds row t // 4, elements 2 (t % 4) and + 1 of an
 8 x 8 matrix; after .trans, of its transpose) into B fragments, mma.m16n8k16 (the emulator
@@ -15,8 +15,8 @@ from test_mma_emulation import mma_16816
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.presets import get_preset
 from flashmoe_gen.problem import MoEProblem
-from flashmoe_gen.render import (
-    render,
+from flashmoe_gen.render import render
+from flashmoe_gen.router_layout import (
     router_mma_experts,
     router_mma_pass_warps,
     router_mtiles,
@@ -36,8 +36,8 @@ def movmatrix_trans(regs: list[np.ndarray]) -> list[np.ndarray]:
 def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: int,
                  warps: int, mma_e: int, pass_warps: int = 1, mtiles: int = 1) -> np.ndarray:
     """s_logit of one block: tokens [t0, t0 + nt), hidden rows [h0, h1); ``pass_warps``
-    (render.router_mma_pass_warps): warp w takes passes w % pass_warps + k pass_warps and
-    k steps w // pass_warps + k (warps // pass_warps); ``mtiles`` (render.router_mtiles):
+    (router_layout.router_mma_pass_warps): warp w takes passes w % pass_warps + k pass_warps and
+    k steps w // pass_warps + k (warps // pass_warps); ``mtiles`` (router_layout.router_mtiles):
     m16 tiles of tokens fed by each weight fragment (tiles past nt skip their MMAs)."""
     experts = wg.shape[1]
     s_logit = np.zeros((max(warps, nt), experts))  # nb * ROUTER_WARPS rows for nb batches

@@ -1,4 +1,4 @@
-"""The router's split-H logits (templates/router.cu.j2, render.router_split) emulated on the
+"""The router's split-H logits (templates/router.cu.j2, router_layout.router_split) emulated on the
 CPU: the loops of every (warp, lane) of a block, run as written, must add each
 x[t, h] * wg[h, e] exactly once into the token's logit of expert e."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flashmoe_gen.problem import MoEProblem
-from flashmoe_gen.render import ROUTER_ITEMS, router_slices, router_split
+from flashmoe_gen.router_layout import ROUTER_ITEMS, router_slices, router_split
 
 
 def emulate(x: np.ndarray, wg: np.ndarray, warps: int, block: int, h0: int = 0,
@@ -98,10 +98,10 @@ def emulate_sliced(x: np.ndarray, wg: np.ndarray, warps: int) -> np.ndarray:
 def test_sliced_router_covers_every_product_once(experts, warps, hidden, tokens, monkeypatch):
     """Hidden slices over the grid (few tokens): every x[t, h] wg[h, e] exactly once, the
     partials within the state buffer's scratch."""
-    from flashmoe_gen import render
+    from flashmoe_gen import router_layout
 
-    monkeypatch.setattr(render, "ROUTER_SLICE_MIN_ROWS", 8)  # several slices of small H
-    monkeypatch.setattr(render, "ROUTER_SLICE_MIN_BYTES", 0)
+    monkeypatch.setattr(router_layout, "ROUTER_SLICE_MIN_ROWS", 8)  # several slices of small H
+    monkeypatch.setattr(router_layout, "ROUTER_SLICE_MIN_BYTES", 0)
     rng = np.random.default_rng(experts + hidden + tokens)
     x = rng.standard_normal((tokens, hidden))
     wg = rng.standard_normal((hidden, experts))
@@ -109,7 +109,7 @@ def test_sliced_router_covers_every_product_once(experts, warps, hidden, tokens,
     np.testing.assert_allclose(got, x @ wg, rtol=1e-12, atol=1e-12)
     assert router_slices(-(-tokens // warps), hidden, experts) > 1 or tokens > 8 * warps
     p = MoEProblem(hidden, 32, experts, 2, world_size=2, tokens_per_rank=tokens)
-    assert 2 * render.router_scratch_words(p, warps) >= items * warps * experts
+    assert 2 * router_layout.router_scratch_words(p, warps) >= items * warps * experts
 
 
 def test_slices_per_batch():
@@ -125,7 +125,7 @@ def test_slices_per_batch():
 
 
 def render_scratch(p, warps):
-    from flashmoe_gen.render import router_scratch_words
+    from flashmoe_gen.router_layout import router_scratch_words
 
     return router_scratch_words(p, warps)
 
@@ -151,7 +151,7 @@ def test_the_template_runs_the_emulated_loops():
     from flashmoe_gen.problem import MoEProblem
     from flashmoe_gen.render import render
 
-    # hidden not a multiple of 16: the FMA layout (render.router_mma_experts 0)
+    # hidden not a multiple of 16: the FMA layout (router_layout.router_mma_experts 0)
     p = MoEProblem(7176, 2048, 256, 8, world_size=4, tokens_per_rank=128)
     code = render(p, KernelConfig.default(p)).code
     assert "constexpr bool R_MMA = false;" in code

@@ -14,7 +14,8 @@ from test_mma_emulation import mma_16816
 
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.problem import MoEProblem
-from flashmoe_gen.render import render, router_mma_experts, router_mtiles
+from flashmoe_gen.render import render
+from flashmoe_gen.router_layout import router_mma_experts, router_mtiles
 from flashmoe_gen.router_staged import STAGED_KC, staged_plan
 
 VEC = 8

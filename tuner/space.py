@@ -33,7 +33,7 @@ from flashmoe_gen.config import (
 )
 from flashmoe_gen.errors import ConfigError
 from flashmoe_gen.problem import MoEProblem
-from flashmoe_gen.render import router_pairs_fit
+from flashmoe_gen.router_layout import router_pairs_fit
 from flashmoe_gen.tiles import (
     BK_CHOICES,
     BM_CHOICES,
