@@ -65,6 +65,8 @@
 #      split_logits / staged in one run (~330 s)
 #   fin: DeepSeek-V2-Lite's fused cases on 4 and 2 ranks, Mixtral T=4096, issue 16's table
 #      on 4 ranks (~330 s)
+#   n22: session 21's combine (loads before stores): E=64 T=4096/16384, Mixtral T=4096, the
+#      Mixtral overlap row (issue 12) (~330 s; after part 1)
 #   rs2: the staged router logits beyond the measured regime (STAGED_ALL, not yet run on a
 #      GPU): one-GPU cases, then E=8 / E=32 T=16384, Mixtral T=4096, E=64 T=1024 with and
 #      without (~300 s)
@@ -74,7 +76,7 @@
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|fin|next|next2|p|r|rs|rs2|v|w|wsg
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|fin|n22|next|next2|p|r|rs|rs2|v|w|wsg
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -357,6 +359,24 @@ if [ "$PART" = rs2 ]; then
   done
   bundle
   for t in rsa0 rsb; do echo "$t"; sweep_report "$t" "e8|e32|mixtral|e64" 700; done
+fi
+if [ "$PART" = n22 ]; then
+  # Session 21's untested combine (every row's loads for 4 vectors per lane before a store;
+  # session 21's combine phase: 62-63 us at E=64 T=16384, 14 at T=4096, 27 on Mixtral):
+  # E=64 T=4096/16384 and Mixtral T=4096 beside PyTorch EP, then issue 12's Mixtral row of
+  # the overlap table (3 rounds, ours and PyTorch EP alternating) (~330 s). Run part 1 (the
+  # one-GPU suite and the 4-rank tests) first: the combine is in every forward
+  nvl_sweep n22 e64 4096,16384 130
+  nvl_sweep n22 mixtral 4096 110
+  sweep_report n22 "e64|mixtral" 900
+  d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
+from flashmoe_gen.config import KernelConfig as K; \
+print(K.persistent_default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank=4096), \
+'sm_90').name)")
+  OVERLAP_TIMEOUT=200 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --rounds 3 \
+    --config "$d" > "$O/overlap.txt" 2>&1
+  bundle
+  tail -n 12 "$O/overlap.txt" | cut -c1-220
 fi
 if [ "$PART" = next2 ]; then
   # ... and E=64 T=4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda:
