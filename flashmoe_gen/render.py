@@ -37,6 +37,9 @@ CPP_BOOL = {True: "true", False: "false"}
 #: move a few MB and are bound by memory, not by their block shape).
 POS_THREADS = 256
 MOVE_WARPS = 8
+#: Consecutive tokens each thread of the positions scan takes per chunk (two barriers a
+#: chunk of POS_THREADS x this many tokens).
+POS_TOKENS_PER_THREAD = 8
 #: 16-byte result loads per lane the combine issues before its stores (COMBINE_UNROLL
 #: vectors of TOPK rows each, at most this many: 32 registers).
 COMBINE_LOADS = 8
@@ -256,6 +259,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_lanes_h": lanes_h,
         "router_experts_per_lane": epl,
         "pos_threads": POS_THREADS,
+        "pos_tokens_per_thread": POS_TOKENS_PER_THREAD,
         "move_warps": MOVE_WARPS,
         "combine_unroll": combine_unroll(problem.top_k),
         "kernels": kernel_names(config),
