@@ -65,7 +65,8 @@
 #      split_logits / staged in one run (~330 s)
 #   fin: DeepSeek-V2-Lite's fused cases on 4 and 2 ranks, Mixtral T=4096, issue 16's table
 #      on 4 ranks (~330 s)
-#   n22: session 21's combine (loads before stores): E=64 T=4096/16384, Mixtral T=4096, the
+#   n22: session 21's combine (loads before stores) and positions scan: E=64 T=4096/16384,
+#      Mixtral T=4096, the
 #      Mixtral overlap row (issue 12) (~330 s; after part 1)
 #   rs2: the staged router logits beyond the measured regime (STAGED_ALL, not yet run on a
 #      GPU): one-GPU cases, then E=8 / E=32 T=16384, Mixtral T=4096, E=64 T=1024 with and
@@ -362,7 +363,8 @@ if [ "$PART" = rs2 ]; then
 fi
 if [ "$PART" = n22 ]; then
   # Session 21's untested combine (every row's loads for 4 vectors per lane before a store;
-  # session 21's combine phase: 62-63 us at E=64 T=16384, 14 at T=4096, 27 on Mixtral):
+  # session 21's combine phase: 62-63 us at E=64 T=16384, 14 at T=4096, 27 on Mixtral) and
+  # positions scan (8 tokens per thread; the phase: 27 / 7.4 / 8.2 us):
   # E=64 T=4096/16384 and Mixtral T=4096 beside PyTorch EP, then issue 12's Mixtral row of
   # the overlap table (3 rounds, ours and PyTorch EP alternating) (~330 s). Run part 1 (the
   # one-GPU suite and the 4-rank tests) first: the combine is in every forward
