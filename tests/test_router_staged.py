@@ -1,43 +1,23 @@
 """Lane-exact emulation, on the CPU, of the persistent router's staged logits
 (templates/router_staged.cu.j2, flashmoe_gen.router_staged): the ring's cp.async placement
-(load_tile and the gemm tiles' swizzle swz), ldmatrix .x4 and .x4.trans (PTX ISA: lane t
-holds row t // 4, elements 2 (t % 4) and + 1 of the 8 x 8 matrix its register names; after
-.trans, of its transpose), mma.m16n8k16 (test_mma_emulation's emulator, whose control kernel
-passed its GPU tests) and each warp's writes to s_logit. Compared with a float64 product;
-then which configs take the path."""
+(load_tile and the gemm tiles' swizzle swz, ported in test_mma_emulation), ldmatrix .x2 /
+.x4 and their .trans (PTX ISA: lane t holds row t // 4, elements 2 (t % 4) and + 1 of the
+8 x 8 matrix its register names; after .trans, of its transpose), mma.m16n8k16
+(test_mma_emulation's emulator, whose control kernel passed its GPU tests), the k lanes'
+sums and each warp's writes to s_logit. Compared with a float64 product; then which configs
+take the path."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_mma_emulation import mma_16816
+from test_mma_emulation import load_tile, mma_16816, swz
 
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.render import render
 from flashmoe_gen.router_layout import router_mma_experts, router_mtiles
 from flashmoe_gen.router_staged import STAGED_KC, staged_plan
-
-VEC = 8
-
-
-def swz(bk: int, row: int, chunk: int) -> int:
-    """templates/gemm.cu.j2 swz<BK>: element offset of a 16-byte chunk of a tile row."""
-    cpr = bk // VEC
-    rows_per_128b = 8 // cpr
-    return row * bk + ((chunk ^ ((row // rows_per_128b) % cpr)) * VEC)
-
-
-def load_tile(s: np.ndarray, g: np.ndarray, rows: int, bk: int, row0: int, row_limit: int,
-              k0: int, k: int) -> None:
-    """load_tile<ROWS, BK>: g is a flat row-major array of row pitch k; zeros past the
-    limits (cp.async with 0 source bytes)."""
-    for c in range(rows * (bk // VEC)):
-        r, ch = divmod(c, bk // VEC)
-        gr, gk = row0 + r, k0 + ch * VEC
-        ok = gr < row_limit and gk < k
-        off = swz(bk, r, ch)
-        s[off:off + VEC] = g[gr * k + gk: gr * k + gk + VEC] if ok else 0.0
 
 
 def ldmatrix(s: np.ndarray, addrs: list[int], n: int = 4,
@@ -64,16 +44,15 @@ def staged_logits(x: np.ndarray, wg: np.ndarray, t0: int, tokens: int, warps: in
     nt = min(batches * warps, tokens - t0)
     ra, rb = mtiles * 16 * kc, kc * experts
     sa, sb = np.full(stages * ra, np.nan), np.full(stages * rb, np.nan)
-    xt, wflat = x[t0:].reshape(-1), wg.reshape(-1)
     s_logit = np.full((batches * warps, experts), np.nan)
 
     def load_stage(stage: int, kt: int) -> None:
-        load_tile(sa[stage * ra:(stage + 1) * ra], xt, mtiles * 16, kc, 0, nt, kt * kc, hidden)
+        load_tile(sa[stage * ra:(stage + 1) * ra], x[t0:], 0, nt, kt * kc, mtiles * 16, kc)
         for cb in range(experts // block):
             base = stage * rb + cb * kc * block
-            # the weights' column block: row pitch EXPERTS, its columns from cb * block
-            load_tile(sb[base:base + kc * block], wflat[cb * block:], kc, block, kt * kc,
-                      hidden, 0, experts)
+            # the weights' column block: its rows k, its columns from cb * block
+            load_tile(sb[base:base + kc * block], wg[:, cb * block:], kt * kc, hidden, 0, kc,
+                      block)
 
     def unit_of(warp: int, u: int) -> int:
         return warp % units if kw_n > 1 else warp * per_warp + u
