@@ -9,7 +9,7 @@ from dataclasses import replace
 from .arch import DEFAULT_ARCH, limits_for
 from .config import K_SPLIT_CHOICES, PERSISTENT_THREADS, KernelConfig
 from .errors import ConfigError
-from .problem import MoEProblem
+from .problem import ELEM_BYTES, MoEProblem
 from .splitk import SplitK, default_splits
 from .tiles import BK_CHOICES, BN_CHOICES, GemmTile, ws_token_tile, ws_weight_reads
 
@@ -24,7 +24,6 @@ WS_MAX_ROWS = 32
 WS_MAX_ROWS_FUSED = 64
 WS_MIN_SAVING_S = 50e-6
 WS_MODEL_BYTES_PER_S = 3.0e12
-WEIGHT_BYTES = 2  # bf16
 
 #: The heuristic default's comm_sms for the tma kernel on several ranks (8 beat 0 and 16).
 DEFAULT_COMM_SMS = 8
@@ -125,7 +124,7 @@ def source_rows(problem: MoEProblem) -> float:
 
 def local_weight_bytes(problem: MoEProblem) -> int:
     """Bytes of this rank's routed experts' weights (gate, up and down)."""
-    return problem.local_experts * 3 * problem.hidden * problem.intermediate * WEIGHT_BYTES
+    return problem.local_experts * 3 * problem.hidden * problem.intermediate * ELEM_BYTES
 
 
 def streams_weights(problem: MoEProblem) -> bool:

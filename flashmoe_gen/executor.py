@@ -39,13 +39,10 @@ from .plan import (
     Wait,
     gathered_shape,
 )
-from .problem import round_up
+from .problem import ELEM_BYTES, round_up
 from .render import MOVE_WARPS, POS_THREADS
 from .router_layout import router_grid
 from .signatures import COMBINE, GEMM, KINDS, PERMUTE, POSITIONS, ROUTER, SLOT_OFFSETS
-
-ELEM_BYTES = 2
-
 
 #: The forward's symbols a plan expression may name (``plan`` module docstring).
 SYMBOLS = ("me", "src", "cap", "tokens", "layout", "act", "w1", "w3", "w2", "sw1", "sw3", "sw2",

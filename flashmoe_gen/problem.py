@@ -11,6 +11,8 @@ from .errors import ProblemError
 
 #: dtypes the templates can emit. The C++ spelling lives in ``render.DTYPE_TAG``.
 SUPPORTED_DTYPES = ("bf16",)
+#: Bytes per element of every supported dtype (buffer, weight and shared-memory sizes).
+ELEM_BYTES = 2
 #: Hidden and intermediate sizes must be multiples of this (16-byte vectors of bf16).
 VECTOR_WIDTH = 8
 #: Smallest hidden/intermediate size: one 16-wide tensor-core tile.

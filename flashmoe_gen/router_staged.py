@@ -15,10 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import KernelConfig
-from .problem import MoEProblem
+from .problem import ELEM_BYTES, MoEProblem
 
-#: Bytes per element (bf16, the supported dtype).
-ELEM_BYTES = 2
 #: Hidden rows per stage: 128-byte token rows, the gemm tiles' swizzle (swz<64>).
 STAGED_KC = 64
 #: The most stages (bytes in flight: STAGES - 1 of them).

@@ -21,7 +21,7 @@ from .build import CompiledLayer, build
 from .config import KernelConfig
 from .device_weights import DeviceWeights
 from .errors import CommError, ConfigError, ProblemError
-from .executor import ELEM_BYTES, Run, python_launcher
+from .executor import Run, python_launcher
 from .graphs import GraphCache
 from .layout import (
     SymmetricLayout,
@@ -33,7 +33,7 @@ from .plan import (
     fixed_slots,
     gathered_shape,
 )
-from .problem import MoEProblem
+from .problem import ELEM_BYTES, MoEProblem
 from .router_layout import router_part_floats
 from .signatures import GEMM
 from .tma import Operand, TmaMaps
