@@ -24,8 +24,16 @@
 #      the others start this rank's own tasks) and the 4-stage TMA row default: the 2-rank
 #      tests, then E=64 T=4096/16384 on 2 ranks over sb = 0, 8, 16, 32 beside PyTorch EP
 #      (~450 s)
+#   c: session 21's combine (every row's loads in flight before a store) and positions scan
+#      (8 tokens per thread), in every forward of both transports, first run on a GPU: the
+#      2-rank persistent-kernel cases and NCCL cases, then E=64 T=4096/16384 on 2 ranks, the
+#      commit before them (.old, bench/prepare_old.sh; carry .old) and this one in one call,
+#      beside PyTorch EP (~480 s; run `bash bench/device_final.sh gpu2` first)
+#   rs2: the staged router logits beyond the measured regime (router_staged.STAGED_ALL):
+#      the one-GPU cases, then default / --staged-all at E=8 and E=32 T=16384, Mixtral
+#      T=4096, E=64 T=1024 on 2 ranks (~330 s)
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
-# Usage: bash bench/device_x2.sh COMMIT 1|2|m|t|n|w|r|s
+# Usage: bash bench/device_x2.sh COMMIT 1|2|c|m|t|n|w|r|rs2|s
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
@@ -125,5 +133,45 @@ if [ "$PART" = r ] || [ "$PART" = s ]; then  # issue 16: the persistent kernel's
   bundle
   grep -hE "^\| e64" "$O"/sweep_*.md | cut -d'|' -f2-9
   grep -hE "^- e64" "$O"/sweep_*.md | sed 's/`[^`]*`//' | cut -c1-160
+fi
+if [ "$PART" = c ]; then
+  multigpu_k 2 "${TEST_TIMEOUT:-230}" comb "nvlink_persistent_kernel and (seed or \
+capped_skewed or row_tiles_wgmma_tma_staged or dsv2lite_default_quad or \
+dsv2lite_default_fused or fused_ws_wgmma or fused_split_k) or graph_mode_matches and \
+(seed or fused)"
+  python3 -m pip install -q --no-deps --no-compile --target /tmp/oldsite .old/whl/*.whl ||
+    echo "no .old wheel"
+  R=$PWD; OLD=$(cat .old/COMMIT 2>/dev/null)
+  for side in old new; do
+    if [ $side = old ]; then py=/tmp/oldsite; script=$R/.old/src/bench; c=$OLD
+    else py=; script=$R/bench; c=$COMMIT; fi
+    # from /tmp: the checkout's own flashmoe_gen must not shadow the old wheel
+    (cd /tmp && PYTHONPATH=$py FLASHMOE_CACHE=/tmp/cache_$side timeout -k 10 130 $MPI \
+      -x PYTHONPATH -np 2 python3 "$script/nvlink_sweep.py" --torch --commit "$c" \
+      --problems e64 --tokens 4096,16384 --iters 10 --out "$O/sweep_c_$side.md" \
+      --json "$O/sweep_c_$side.json" > "$O/sweep_c_$side.log" 2>&1)
+    echo "sweep $side ($c) rc=$?"
+  done
+  bundle
+  for side in old new; do echo "== $side"; grep -hE "^\| e64" "$O/sweep_c_$side.md" |
+    cut -d'|' -f2-8; grep -hE "^- e64" "$O/sweep_c_$side.md" | cut -c1-700; done
+fi
+if [ "$PART" = rs2 ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+    -q --no-header -p no:cacheprovider -k staged_router > "$O/gpu1_staged.log" 2>&1
+  echo "one GPU staged_router: $(tail -1 "$O/gpu1_staged.log")"
+  for s in "e8 16384" "e32 16384" "mixtral 4096" "e64 1024"; do
+    set -- $s
+    for a in rsa0 rsb; do
+      timeout -k 10 90 $MPI -np 2 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+        --problems "$1" --tokens "$2" --iters 10 $([ $a = rsb ] && echo --staged-all) \
+        --out "$O/sweep_${a}_$1.md" --json "$O/sweep_${a}_$1.json" \
+        > "$O/sweep_${a}_$1.log" 2>&1
+      echo "sweep $a $1 rc=$?"
+    done
+  done
+  bundle
+  for a in rsa0 rsb; do echo "== $a"; grep -hE "^\| (e8|e32|mixtral|e64) " "$O"/sweep_${a}_*.md |
+    cut -d'|' -f2-8; grep -hE "^- (e8|e32|mixtral|e64)" "$O"/sweep_${a}_*.md | cut -c1-500; done
 fi
 true
