@@ -68,6 +68,8 @@
 #   n22: session 21's combine (loads before stores) and positions scan: E=64 T=4096/16384,
 #      Mixtral T=4096, the
 #      Mixtral overlap row (issue 12) (~330 s; after part 1)
+#   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
+#      rounds), issue 16's table on 4 ranks (~540 s)
 #   rs2: the staged router logits beyond the measured regime (STAGED_ALL, not yet run on a
 #      GPU): one-GPU cases, then E=8 / E=32 T=16384, Mixtral T=4096, E=64 T=1024 with and
 #      without (~300 s)
@@ -77,7 +79,7 @@
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|fin|n22|next|next2|p|r|rs|rs2|v|w|wsg
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|fin|n22|next|next2|p|r|rs|rs2|s22|v|w|wsg
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -379,6 +381,21 @@ print(K.persistent_default(get_preset('mixtral-8x7b').problem(world_size=4, toke
     --config "$d" > "$O/overlap.txt" 2>&1
   bundle
   tail -n 12 "$O/overlap.txt" | cut -c1-220
+fi
+if [ "$PART" = s22 ]; then
+  # Session 22 (4 GPUs came late, ~690 s left): session 21's combine and positions scan on 4
+  # ranks (2 ranks and one GPU passed at 3bc4e5c), Mixtral's overlap row with the
+  # persistent default over 3 alternating rounds (issue 12), issue 16's table on 4 ranks
+  multigpu_k 4 "${TEST_TIMEOUT:-140}" s22 "nvlink_persistent_kernel and (seed or \
+capped_skewed or dsv2lite_default_quad or fused_ws_wgmma or row_tiles_wgmma_tma_staged)"
+  d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
+from flashmoe_gen.config import KernelConfig as K; \
+print(K.persistent_default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank=4096), \
+'sm_90').name)")
+  OVERLAP_TIMEOUT=190 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --rounds 3 \
+    --config "$d" > "$O/overlap.txt" 2>&1
+  tail -n 12 "$O/overlap.txt" | cut -c1-220
+  J_RANKS=4 NO_MIX=1 J_TIMEOUT=200 bash bench/device_next.sh "$COMMIT" j
 fi
 if [ "$PART" = next2 ]; then
   # ... and E=64 T=4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda:
