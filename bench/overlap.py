@@ -140,19 +140,24 @@ def measure(p, comm, a) -> dict:
     from flashmoe_gen.tuner.bench import time_callable
     from flashmoe_gen.weights import random_tokens
 
-    # --config: one config for every problem (host mode; (a) in graph mode is its twin)
+    # --config: one config for every problem (host mode; (a) in graph mode is its twin;
+    # an nvlink config gives (a) and the baselines alone)
     cfg = dataclasses.replace(KernelConfig.parse(a.config), mode="host") if a.config else \
         KernelConfig.default(p)
     cfg.validate(p)
-    # serialized: nothing in flight to hide, so no own_split either
-    serial = dataclasses.replace(cfg, overlap=False, shared_stream=False, own_split=False)
     layer = FlashMoE(p, cfg, comm=comm, seed=1)
-    layer_s = FlashMoE(p, serial, comm=comm, seed=1, weights=layer.weights)
-    # The same config with expert slots (one NCCL op per (peer, expert)) for comparison.
-    layer_x = FlashMoE(p, dataclasses.replace(cfg, packed_slots=False), comm=comm,
-                       weights=layer.weights)
+    # transport nvlink is one persistent kernel per forward: (a) alone, no serialized twin,
+    # parts, expert slots or graph mode to split it into
+    nvlink = cfg.transport == "nvlink"
+    if not nvlink:
+        # serialized: nothing in flight to hide, so no own_split either
+        serial = dataclasses.replace(cfg, overlap=False, shared_stream=False, own_split=False)
+        layer_s = FlashMoE(p, serial, comm=comm, seed=1, weights=layer.weights)
+        # The same config with expert slots (one NCCL op per (peer, expert)) for comparison.
+        layer_x = FlashMoE(p, dataclasses.replace(cfg, packed_slots=False), comm=comm,
+                           weights=layer.weights)
     # The same config in graph mode (device-side counts, one CUDA graph per forward).
-    layer_g = graph_layer(p, cfg, comm, layer.weights)
+    layer_g = None if nvlink else graph_layer(p, cfg, comm, layer.weights)
     x_bits = random_tokens(p.tokens_per_rank, p.hidden, seed=100 + comm.rank)
     x = cupy.asarray(x_bits)
     ours = layer.forward(x)
@@ -171,12 +176,14 @@ def measure(p, comm, a) -> dict:
     theirs = to_f64(rounds[0][1].pop("out"))
     agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64), theirs)
     t_a, base = rounds[0]
-    t = {"a_layer": t_a,
-         "b_serial": time_callable(lambda: layer_s.forward(x), **kw),
-         "a_expert_slots": time_callable(lambda: layer_x.forward(x), **kw),
-         "c_comm": time_callable(lambda: layer.forward(x, parts="comm"), **kw),
-         "d_compute": time_callable(lambda: layer.forward(x, parts="compute"), **kw)}
+    t = {"a_layer": t_a}
+    if not nvlink:
+        t |= {"b_serial": time_callable(lambda: layer_s.forward(x), **kw),
+              "a_expert_slots": time_callable(lambda: layer_x.forward(x), **kw),
+              "c_comm": time_callable(lambda: layer.forward(x, parts="comm"), **kw),
+              "d_compute": time_callable(lambda: layer.forward(x, parts="compute"), **kw)}
     ms = {k: v.median_ms for k, v in t.items()}
+    ms |= {k: None for k in ("b_serial", "a_expert_slots", "c_comm", "d_compute") if nvlink}
     graph = {"a_graph": None, "vs_torch_graph_mode": None, "agree_graph_mode": None}
     if layer_g is not None:
         out_g = layer_g.forward(x)
@@ -185,11 +192,13 @@ def measure(p, comm, a) -> dict:
         g_ms = time_callable(lambda: layer_g.forward(x), **kw).median_ms
         graph["a_graph"] = round(g_ms, 4)
         graph["vs_torch_graph_mode"] = round(g_ms / base["torch_ep_ms"], 3)
-    eff = (ms["b_serial"] - ms["a_layer"]) / min(ms["c_comm"], ms["d_compute"])
+    eff = None if nvlink else \
+        (ms["b_serial"] - ms["a_layer"]) / min(ms["c_comm"], ms["d_compute"])
     floor = floor_ms(p)
     per_round = round_rows(rounds)
-    return dict(problem=p.name, config=cfg.name, **{k: round(v, 4) for k, v in ms.items()},
-                overlap_eff=round(eff, 3), **base, **graph,
+    return dict(problem=p.name, config=cfg.name,
+                **{k: None if v is None else round(v, 4) for k, v in ms.items()},
+                overlap_eff=None if eff is None else round(eff, 3), **base, **graph,
                 vs_torch=round(float(np.median([r["vs_torch"] for r in per_round])), 3),
                 floor_ms=round(floor, 4), floor_tbs=peak_bytes() / 1e12,
                 over_floor=round(ms["a_layer"] / floor, 2),
