@@ -70,6 +70,8 @@
 #      Mixtral overlap row (issue 12) (~330 s; after part 1)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
+#   s22b: the staged logits' widened regime (DeepSeek-V2-Lite T=128/4096, E=32 T=1024)
+#      against split_logits on NP ranks (4), then Mixtral's overlap row on 4 (~330 s)
 #   rs2: the staged router logits beyond the measured regime (STAGED_ALL, not yet run on a
 #      GPU): one-GPU cases, then E=8 / E=32 T=16384, Mixtral T=4096, E=64 T=1024 with and
 #      without (~300 s)
@@ -79,7 +81,7 @@
 #   (its stages, with and without TMA rows: device_x2.sh part r, session 17); their
 #   commands are in the git history and named by the bench/results files of the sessions that
 #   ran them)
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|fin|n22|next|next2|p|r|rs|rs2|s22|v|w|wsg
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|6|g|h|j|k|n|fin|n22|next|next2|p|r|rs|rs2|s22|s22b|v|w|wsg
 # (COMMIT literally: the device's git metadata may lag the working tree it runs)
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
@@ -197,10 +199,10 @@ r['floor_ms'], 'torch', r['torch_ep_ms'], 'nccl', r['ours_ms'], 'graph', r.get('
 'nvlink', r.get('ours_nvlink_ms'), r.get('speedup_nvlink')) \
 for r in json.load(open('$O/scaling_json.txt'))]"
 fi
-nvl_sweep() {  # TAG SHAPE TOKENS TIMEOUT [nvlink_sweep ARGS...]: one 4-rank sweep beside
-  # PyTorch EP into $O/sweep_TAG_SHAPE.{md,json,log}
+nvl_sweep() {  # TAG SHAPE TOKENS TIMEOUT [nvlink_sweep ARGS...]: one sweep on NP ranks (4)
+  # beside PyTorch EP into $O/sweep_TAG_SHAPE.{md,json,log}
   local tag=$1 shape=$2 tokens=$3 t=$4; shift 4
-  timeout -k 10 "$t" $MPI -np 4 python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+  timeout -k 10 "$t" $MPI -np "${NP:-4}" python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
     --problems "$shape" --tokens "$tokens" --iters 10 "$@" --out "$O/sweep_${tag}_$shape.md" \
     --json "$O/sweep_${tag}_$shape.json" > "$O/sweep_${tag}_$shape.log" 2>&1
   echo "sweep $shape rc=$?"
@@ -396,6 +398,28 @@ print(K.persistent_default(get_preset('mixtral-8x7b').problem(world_size=4, toke
     --config "$d" > "$O/overlap.txt" 2>&1
   tail -n 12 "$O/overlap.txt" | cut -c1-220
   J_RANKS=4 NO_MIX=1 J_TIMEOUT=200 bash bench/device_next.sh "$COMMIT" j
+fi
+if [ "$PART" = s22b ]; then
+  # The staged logits' widened regime (E=32, 8-token calls: DeepSeek-V2-Lite's defaults
+  # now stage) against split_logits on NP ranks, then, on 4, Mixtral's overlap row with
+  # the persistent default over 3 alternating rounds (issue 12; bench/overlap.py takes an
+  # nvlink config since 84dde8c) (~330 s)
+  for a in "" --split-logits; do
+    tag=st${a:+sp}
+    nvl_sweep "$tag" dsv2lite 128,4096 90 $a
+    nvl_sweep "$tag" e32 1024 50 $a
+  done
+  if [ "${NP:-4}" = 4 ]; then
+    d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
+from flashmoe_gen.config import KernelConfig as K; \
+print(K.persistent_default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank=4096), \
+'sm_90').name)")
+    OVERLAP_TIMEOUT=170 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --rounds 3 \
+      --config "$d" > "$O/overlap.txt" 2>&1
+  fi
+  bundle
+  for t in st stsp; do echo "== $t"; sweep_report "$t" "dsv2lite|e32" 400; done
+  tail -n 8 "$O/overlap.txt" 2>/dev/null | cut -c1-400
 fi
 if [ "$PART" = next2 ]; then
   # ... and E=64 T=4096/16384 and Mixtral T=4096 beside PyTorch EP (session 20, 79a9dda:

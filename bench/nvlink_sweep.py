@@ -218,7 +218,8 @@ def main() -> int:
                          "an A/B of flashmoe_gen.router_staged, not a config knob)")
     ap.add_argument("--staged-all", action="store_true",
                     help="the staged logits wherever they apply, not only where measured "
-                         "(router_staged.STAGED_ALL: k lanes, 8-expert units, 8-token calls)")
+                         "(router_staged.STAGED_ALL: 8-expert units, 64-expert blocks of "
+                         "more experts)")
     add_output_args(ap, iters=30)
     a = ap.parse_args()
     from flashmoe_gen import router_staged  # set before anything renders: the generated

@@ -8,7 +8,8 @@ global memory, a few k steps in flight per warp) kept few bytes in flight: its l
 131 of the 153 us route phase at H=I=2048 E=64 T=16384 on 4 x H200, ~12 GB/s per block where
 reading x alone takes ~15 us (bench/results/2026-11-27_sweep_router_clocks_4xH200_a877941.md).
 Staged: 59 us, the route 87 us, the forward 1.987 -> 1.934-1.958 ms
-(bench/results/2026-11-27_sweep_staged_router_4xH200_dcc2808.md).
+(bench/results/2026-11-27_sweep_staged_router_4xH200_dcc2808.md); E=32 and E=64's 8-token
+calls on 2 x H200 (bench/results/2026-11-28_sweep_staged_all_2xH200_3bc4e5c.md).
 """
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ STAGED_MIN_STAGES = 3
 #: Experts per column block of the ring's weight tile (its rows, 128 bytes, are the
 #: swizzle's span); fewer experts take one block of their own width.
 STAGED_BLOCK = 64
-#: The regime measured on a GPU (4 x H200, E=64 32-token calls: route 153 -> 87 us) is the
-#: only one taken unless this is set: fewer units than warps (k lanes adding their sums in
-#: turn: E=8 and 32, calls of 8 or 16 tokens), 8-expert units (E=8, the FMA router's
-#: problems such as Mixtral), 8-token calls over 64-expert blocks (E=128 and 256). Those
-#: are emulated lane by lane (tests/test_router_staged.py), not yet run on a GPU;
-#: ``bench/nvlink_sweep.py --staged-router all`` sets it for an A/B.
+#: The regime measured on a GPU is the only one taken unless this is set: the tensor-core
+#: router's 16-expert units with every expert in one column block (E=64 32-token calls:
+#: route 153 -> 87 us on 4 x H200; E=32 T=16384, k lanes: 102 -> 72 us, E=64 T=1024's
+#: 8-token calls 17.4 -> 14.3 us on 2 x H200). Left out: 8-expert units (E=8, the FMA
+#: router's problems: E=8 T=16384 152 -> 168 us, Mixtral T=4096 60 -> 93 us, slower) and
+#: 64-expert blocks of more experts (E=128 and 256, not yet timed). All are emulated lane by
+#: lane (tests/test_router_staged.py); ``bench/nvlink_sweep.py --staged-all`` sets this for
+#: an A/B.
 STAGED_ALL = False
 
 
@@ -56,8 +59,8 @@ def staged_plan(problem: MoEProblem, config: KernelConfig, mtiles: int, mma_expe
     s_logit; router_layout.router_split), experts in
     whole column blocks, the hidden size in STAGED_KC steps, units the warps share evenly
     (whole units per warp, or a unit per k lane); and, unless STAGED_ALL, the measured
-    regime: the tensor-core router (``mma_experts``), 64-expert blocks, 16-expert units, at
-    least one unit per warp, calls of two m16 token tiles (``router_batches`` 4)."""
+    regime: the tensor-core router (``mma_experts``), 16-expert units, every expert in one
+    column block."""
     e, warps = problem.experts, config.router_tokens_per_block
     unit = 16 if e % 16 == 0 else 8 if e % 8 == 0 else 0
     block = STAGED_BLOCK if e % STAGED_BLOCK == 0 else e if e in (8, 16, 32) else 0
@@ -67,8 +70,7 @@ def staged_plan(problem: MoEProblem, config: KernelConfig, mtiles: int, mma_expe
     units = mtiles * e // unit
     if units % warps and warps % units:
         return None
-    if not STAGED_ALL and (not mma_experts or block != STAGED_BLOCK or unit != 16
-                           or units < warps or mtiles < 2):
+    if not STAGED_ALL and (not mma_experts or unit != 16 or block != e):
         return None
     stages = min(STAGED_MAX_STAGES,
                  config.persistent_smem() // staged_stage_bytes(problem, mtiles))

@@ -327,9 +327,9 @@ def test_router_prefetches_each_calls_rows_into_l2():
             "batches; b += R_BATCHES * grid) { prefetch_rows(b + R_BATCHES * grid); "
             "const long long c0 = clock64(); staged_logits(b, x, wg, tokens);"):
         assert line in code, line
-    # (E=32 keeps split_logits there: the staged logits only where measured)
-    p32 = p.replace(experts=32)
-    code = " ".join(render(p32, KernelConfig.persistent_default(p32, "sm_90")).code.split())
+    # (E=8 keeps split_logits there: the staged logits only where measured)
+    p8 = p.replace(experts=8)
+    code = " ".join(render(p8, KernelConfig.persistent_default(p8, "sm_90")).code.split())
     assert ("const long long c0 = clock64(); split_logits(b, 0, HIDDEN, x, wg, tokens, "
             "R_BATCHES);") in code
     assert "#if __CUDA_ARCH__ >= 900 asm volatile(\"cp.async.bulk.prefetch" in code

@@ -126,10 +126,11 @@ def test_staged_logits_match_a_float64_product(experts, batches, tokens, t0):
 
 
 def test_which_configs_take_the_staged_logits(monkeypatch):
-    """E=64 with router quads (32-token calls) on transport nvlink, within the tiles' shared
-    memory: H=I=2048 from 2048 tokens per rank. Not below (one 8-token batch per call), not
-    the NCCL path's router kernel, not E=32 or E=8 (k lanes, unmeasured) unless STAGED_ALL;
-    with it, Mixtral's FMA router too (8-expert units)."""
+    """Transport nvlink's tensor-core router with 16-expert units and every expert in one
+    column block (E=64 and 32: router quads, k lanes, 8-token calls), within the tiles'
+    shared memory; not the NCCL path's router kernel, not E=8 (8-expert units: the FMA
+    router's problems, slower on the GPU) or E=128 (two 64-expert blocks, not yet timed)
+    unless STAGED_ALL."""
     from flashmoe_gen import router_staged
 
     big = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
@@ -142,7 +143,11 @@ def test_which_configs_take_the_staged_logits(monkeypatch):
     assert f"constexpr int RS_STAGES = {plan.stages};" in code
     assert f"constexpr int RS_KC = {STAGED_KC};" in code
     assert "staged_logits(b, x, wg, tokens);" in code
-    others = (big.replace(tokens_per_rank=1024), big.replace(experts=32),
+    for p in (big.replace(tokens_per_rank=1024), big.replace(experts=32),
+              big.replace(experts=32, tokens_per_rank=1024)):
+        c = KernelConfig.persistent_default(p, "sm_90")
+        assert "staged_logits(b, x, wg, tokens);" in render(p, c, arch="sm_90").code, p
+    others = (big.replace(experts=8), big.replace(experts=128, tokens_per_rank=4096),
               MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096))
     for p in others:
         c = KernelConfig.persistent_default(p, "sm_90")
