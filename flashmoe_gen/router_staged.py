@@ -9,7 +9,7 @@ global memory, a few k steps in flight per warp) kept few bytes in flight: its l
 reading x alone takes ~15 us (bench/results/2026-11-27_sweep_router_clocks_4xH200_a877941.md).
 Staged: 59 us, the route 87 us, the forward 1.987 -> 1.934-1.958 ms
 (bench/results/2026-11-27_sweep_staged_router_4xH200_dcc2808.md); E=32 and E=64's 8-token
-calls on 2 x H200 (bench/results/2026-11-28_sweep_staged_all_2xH200_3bc4e5c.md).
+calls on 2 x H200 (bench/results/2026-11-27_sweep_staged_all_2xH200_3bc4e5c.md).
 """
 from __future__ import annotations
 
