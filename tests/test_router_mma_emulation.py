@@ -143,7 +143,7 @@ def test_pass_warps_divide_the_passes_and_the_warps():
     assert router_mma_experts(MoEProblem(2048, 1408, 60, 4), 8) == 0  # no split layout
 
 
-def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
+def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert(monkeypatch):
     """router_batches 2: the persistent kernel's router fills the m16 tile with two 8-token
     batches, 4: two m16 tiles per weight fragment, only where the tensor cores take every
     expert in one pass (32 or 64 experts); with several passes, the FMA path or more than
@@ -173,6 +173,11 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert():
     code = render(e64, replace(cfg, router_batches=2)).code
     assert "constexpr int R_BATCHES = 2;" in code
     assert "__shared__ float s_logit[R_BATCHES * ROUTER_WARPS * EXPERTS];" in code
+    assert "staged_logits(b, x, wg, tokens);" in code  # E=64 pairs stage their logits
+    from flashmoe_gen import router_staged
+
+    monkeypatch.setattr(router_staged, "STAGED_MAX_STAGES", 0)  # no ring: split_logits
+    code = render(e64, replace(cfg, router_batches=2)).code
     assert "split_logits(b, 0, HIDDEN, x, wg, tokens, R_BATCHES);" in code
     assert "const int nt = min(nb * ROUTER_WARPS, tokens - t0);" in code
     assert "constexpr int R_MT = 1;" in code  # two batches: one m16 tile
