@@ -16,8 +16,8 @@
 #      the development machine with scaling.py --plot: the device returns few files)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
-#   s22b: the staged logits' widened regime (DeepSeek-V2-Lite T=128/4096, E=32 T=1024)
-#      against split_logits on NP ranks (4), then Mixtral's overlap row on 4 (~330 s)
+#   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
+#      (DeepSeek-V2-Lite T=128/4096) against split_logits on NP ranks (4) (~330 s)
 # The one-off parts of sessions 12-22 (6, g, h, k, n, n22, next, next2, p, r, rs, rs2, v, w,
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all): the bench/results files of the sessions that ran them name
@@ -115,15 +115,10 @@ print(K.persistent_default(get_preset('mixtral-8x7b').problem(world_size=4, toke
   J_RANKS=4 NO_MIX=1 J_TIMEOUT=200 bash bench/device_next.sh "$COMMIT" j
 fi
 if [ "$PART" = s22b ]; then
-  # The staged logits' widened regime (E=32, 8-token calls: DeepSeek-V2-Lite's defaults
-  # now stage) against split_logits on NP ranks, then, on 4, Mixtral's overlap row with
-  # the persistent default over 3 alternating rounds (issue 12; bench/overlap.py takes an
-  # nvlink config since 84dde8c) (~330 s)
-  for a in "" --split-logits; do
-    tag=st${a:+sp}
-    nvl_sweep "$tag" dsv2lite 128,4096 90 $a
-    nvl_sweep "$tag" e32 1024 50 $a
-  done
+  # On 4 ranks first, Mixtral's overlap row with the persistent default over 3 alternating
+  # rounds (issue 12; bench/overlap.py takes an nvlink config since 84dde8c); then the
+  # staged logits' widened regime (DeepSeek-V2-Lite's defaults now stage; S22B_E32=1: E=32
+  # T=1024 too) against split_logits on NP ranks (~330 s)
   if [ "${NP:-4}" = 4 ]; then
     d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
 from flashmoe_gen.config import KernelConfig as K; \
@@ -131,10 +126,15 @@ print(K.persistent_default(get_preset('mixtral-8x7b').problem(world_size=4, toke
 'sm_90').name)")
     OVERLAP_TIMEOUT=170 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --rounds 3 \
       --config "$d" > "$O/overlap.txt" 2>&1
+    tail -n 8 "$O/overlap.txt" | cut -c1-400
   fi
+  for a in "" --split-logits; do
+    tag=st${a:+sp}
+    nvl_sweep "$tag" dsv2lite 128,4096 80 $a
+    [ -n "${S22B_E32:-}" ] && nvl_sweep "$tag" e32 1024 50 $a
+  done
   bundle
   for t in st stsp; do echo "== $t"; sweep_report "$t" "dsv2lite|e32" 400; done
-  tail -n 8 "$O/overlap.txt" 2>/dev/null | cut -c1-400
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
