@@ -99,19 +99,24 @@ gpu1_lanes() {  # TIMEOUT K...: tests/test_gpu_kernels.py -k K on GPU 0, 1, ... 
 gpu1_report() {
   for f in "$O"/gpu1_*.log; do echo "one GPU lane $(basename "$f" .log): $(tail -1 "$f")"; done
 }
+mixtral_overlap() {  # TIMEOUT: issue 12's overlap row, Mixtral T=4096 on 4 ranks with the
+  # persistent default, 3 rounds (ours and PyTorch EP alternating) into $O/overlap.txt
+  local d
+  d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
+from flashmoe_gen.config import KernelConfig as K; \
+print(K.persistent_default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank=4096), \
+'sm_90').name)")
+  OVERLAP_TIMEOUT=$1 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --rounds 3 \
+    --config "$d" > "$O/overlap.txt" 2>&1
+  tail -n 8 "$O/overlap.txt" | cut -c1-400
+}
 if [ "$PART" = s22 ]; then
   # Session 22 (4 GPUs came late, ~690 s left): session 21's combine and positions scan on 4
   # ranks (2 ranks and one GPU passed at 3bc4e5c), Mixtral's overlap row with the
   # persistent default over 3 alternating rounds (issue 12), issue 16's table on 4 ranks
   multigpu_k 4 "${TEST_TIMEOUT:-140}" s22 "nvlink_persistent_kernel and (seed or \
 capped_skewed or dsv2lite_default_quad or fused_ws_wgmma or row_tiles_wgmma_tma_staged)"
-  d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
-from flashmoe_gen.config import KernelConfig as K; \
-print(K.persistent_default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank=4096), \
-'sm_90').name)")
-  OVERLAP_TIMEOUT=190 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --rounds 3 \
-    --config "$d" > "$O/overlap.txt" 2>&1
-  tail -n 12 "$O/overlap.txt" | cut -c1-220
+  mixtral_overlap 190
   J_RANKS=4 NO_MIX=1 J_TIMEOUT=200 bash bench/device_next.sh "$COMMIT" j
 fi
 if [ "$PART" = s22b ]; then
@@ -120,13 +125,7 @@ if [ "$PART" = s22b ]; then
   # staged logits' widened regime (DeepSeek-V2-Lite's defaults now stage; S22B_E32=1: E=32
   # T=1024 too) against split_logits on NP ranks (~330 s)
   if [ "${NP:-4}" = 4 ]; then
-    d=$(python3 -c "from flashmoe_gen.presets import get_preset; \
-from flashmoe_gen.config import KernelConfig as K; \
-print(K.persistent_default(get_preset('mixtral-8x7b').problem(world_size=4, tokens_per_rank=4096), \
-'sm_90').name)")
-    OVERLAP_TIMEOUT=170 run_overlap 4 "$COMMIT" --problems mixtral_t4096 --rounds 3 \
-      --config "$d" > "$O/overlap.txt" 2>&1
-    tail -n 8 "$O/overlap.txt" | cut -c1-400
+    mixtral_overlap 170
   fi
   for a in "" --split-logits; do
     tag=st${a:+sp}
