@@ -40,15 +40,6 @@ MOVE_WARPS = 8
 #: Consecutive tokens each thread of the positions scan takes per chunk (two barriers a
 #: chunk of POS_THREADS x this many tokens).
 POS_TOKENS_PER_THREAD = 8
-#: 16-byte result loads per lane the combine issues before its stores (COMBINE_UNROLL
-#: vectors of TOPK rows each, at most this many: 32 registers).
-COMBINE_LOADS = 8
-
-
-def combine_unroll(top_k: int) -> int:
-    """Vectors per lane the combine loads before storing any (templates/layout.cu.j2)."""
-    return max(1, COMBINE_LOADS // top_k)
-
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("flashmoe_gen.templates", "."),
@@ -261,7 +252,6 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "pos_threads": POS_THREADS,
         "pos_tokens_per_thread": POS_TOKENS_PER_THREAD,
         "move_warps": MOVE_WARPS,
-        "combine_unroll": combine_unroll(problem.top_k),
         "kernels": kernel_names(config),
         "signatures": {k: sig.declaration() for k, sig in SIGNATURES.items()},
         "signature_args": {k: ", ".join(sig.names) for k, sig in SIGNATURES.items()},
