@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from .problem import MoEProblem
+from .problem import ELEM_BYTES, MoEProblem
 
 if TYPE_CHECKING:
     from .config import KernelConfig
@@ -112,7 +112,7 @@ ROUTER_SLICE_MIN_BYTES = 512 * 1024
 
 def router_slices_max(hidden: int, experts: int) -> int:
     """Most slices the router splits the hidden dimension into (1: no split)."""
-    if hidden * experts * 2 < ROUTER_SLICE_MIN_BYTES:
+    if hidden * experts * ELEM_BYTES < ROUTER_SLICE_MIN_BYTES:
         return 1
     return max(1, min(64, hidden // ROUTER_SLICE_MIN_ROWS))
 
