@@ -744,7 +744,7 @@ def test_stage_epilogue_only_for_single_tma_row_tiles():
                       (replace(KernelConfig.default(p, "sm_90"), stage_epilogue=2),
                        "only the persistent"),
                       (replace(base, stage_epilogue=1, task_tiles=2), "task_tiles 2"),
-                      (replace(base, stage_epilogue=3), "choose one of"),
+                      (replace(base, stage_epilogue=5), "choose one of"),
                       (replace(base, stage_epilogue=True), "must be an integer")):
         with pytest.raises(ConfigError, match=text) as e:
             bad.validate(p, "sm_90")

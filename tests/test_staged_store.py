@@ -49,8 +49,8 @@ def test_template_matches_the_mirror():
     code = " ".join(render(p, replace(cfg, stage_epilogue=1)).code.split())
     for line in (
             "constexpr int STAGED_ELEMS = BM * (BN + 8);",
-            "constexpr int NB = GATED ? 2 : 1, LD = BN + 8, THREADS = BM / 64 * 128, "
-            "CHUNKS = BN / 8;",
+            "constexpr int LD = BN + 8, THREADS = BM / 64 * 128, CHUNKS = BN / 8;",
+            "constexpr int NB = GATED ? 2 : 1, LD = BN + 8;",
             "const int r = wg * 64 + warp * 16 + (lane >> 2) + half * 8;",
             "*reinterpret_cast<unsigned*>(s + r * LD + j * 8 + (lane & 3) * 2) = "
             "out_pair<GATED>(",
@@ -62,3 +62,45 @@ def test_template_matches_the_mirror():
         assert line in code, line
     both = " ".join(render(p, replace(cfg, stage_epilogue=2)).code.split())
     assert "wt_gemm_tile<128, 128, 4, true, 1, false, true>(" in both
+
+
+@pytest.mark.parametrize("se", [3, 4])
+def test_async_buffer_past_the_rings(se):
+    """stage_epilogue 3 / 4: the results' buffer starts past the larger ring (the next
+    task's loads land while the copies read it), 16-byte aligned, its rows (BN + 8
+    elements) 16-byte aligned bulk-copy sources; the down tile (3) or both (4) take it, and
+    the whole fits the kernel's dynamic shared memory. Four-stage rings leave it no room."""
+    from dataclasses import replace
+
+    from flashmoe_gen.config_nvlink import async_buffer, store_kind
+    from flashmoe_gen.errors import ConfigError
+    from flashmoe_gen.tiles import SWIZZLE_ALIGN
+
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    d = KernelConfig.persistent_default(p, "sm_90")
+    with pytest.raises(ConfigError, match="3-stage rings"):
+        replace(d, stage_epilogue=se).validate(p, "sm_90")
+    cfg = replace(d, gate_up=replace(d.gate_up, stages=3), down=replace(d.down, stages=3),
+                  stage_epilogue=se)
+    cfg.validate(p, "sm_90")
+    off, nbytes = async_buffer(cfg)
+    rings = [cfg.gate_up.smem_bytes(2), cfg.down.smem_bytes(1)]
+    assert off == max(rings) - SWIZZLE_ALIGN and off % 16 == 0
+    assert nbytes == 128 * (256 + PAD) * 2  # the down tile's, the larger
+    assert cfg.persistent_smem() >= off + nbytes + SWIZZLE_ALIGN  # (+ the aligning slack)
+    assert all((r * (bn + PAD) * 2) % 16 == 0 for bn in (128, 256) for r in range(128))
+    assert store_kind(cfg, False) == "async"
+    assert store_kind(cfg, True) == ("async" if se == 4 else "direct")
+    code = " ".join(render(p, cfg).code.split())
+    elems = off // 2
+    assert f"wt_gemm_tile<128, 256, 3, false, 1, false, false, {elems}>(" in code
+    gu = f"wt_gemm_tile<128, 128, 3, true, 1, false, false{', ' + str(elems) if se == 4 else ''}>("
+    assert gu in code
+    assert ("constexpr bool GU_ASYNC = true" in code) == (se == 4)
+    assert "constexpr bool GU_ASYNC = false, DN_ASYNC = true" in code or se == 4
+    for line in ("bulk_store(C + static_cast<long long>(m0 + r) * N + n0, smem_u32(s + r * LD), "
+                 "bytes);",
+                 "const unsigned bytes = static_cast<unsigned>(min(BN, N - n0) * "
+                 "sizeof(elem_t));",
+                 "for (int r = threadIdx.x; r < BM && m0 + r < rows; r += 32)"):
+        assert line in code, line
