@@ -32,9 +32,9 @@
 #   rs2: the staged router logits beyond the measured regime (router_staged.STAGED_ALL):
 #      the one-GPU cases, then default / --staged-all at E=8 and E=32 T=16384, Mixtral
 #      T=4096, E=64 T=1024 on 2 ranks (~330 s)
-#   a: results by bulk copies in flight (stage_epilogue 3, 4): the one-GPU and 2-rank async
-#      cases beside the staged ones, then E=64 T=16384 on 2 ranks over se = 1, 3, 4 and 3- or
-#      4-stage rings beside PyTorch EP (~450 s)
+#   a: the gate/up results by TMA stores in flight (stage_epilogue 3): the one-GPU and
+#      2-rank cases beside the staged ones, then E=64 T=4096/16384 on 2 ranks over se = 1, 3
+#      beside PyTorch EP (~400 s)
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
 # Usage: bash bench/device_x2.sh COMMIT 1|2|a|c|m|t|n|w|r|rs2|s
 set -u
@@ -161,13 +161,13 @@ dsv2lite_default_fused or fused_ws_wgmma or fused_split_k) or graph_mode_matches
 fi
 if [ "$PART" = a ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-    -v --no-header -p no:cacheprovider -k async_stores > "$O/gpu1_async.log" 2>&1
-  echo "one GPU async_stores: $(tail -1 "$O/gpu1_async.log")"
-  multigpu_k 2 "${TEST_TIMEOUT:-200}" async "nvlink_persistent_kernel and (async or \
+    -v --no-header -p no:cacheprovider -k tma_stores > "$O/gpu1_tstore.log" 2>&1
+  echo "one GPU tma_stores: $(tail -1 "$O/gpu1_tstore.log")"
+  multigpu_k 2 "${TEST_TIMEOUT:-200}" tstore "nvlink_persistent_kernel and (tstore or \
 row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
   timeout -k 10 "${A_TIMEOUT:-330}" $MPI -np 2 python3 bench/nvlink_sweep.py --torch \
-    --commit "$COMMIT" --problems e64 --tokens "${A_TOKENS:-16384}" \
-    --vary "${A_VARY:-se=1,3,4;gu_s=3,4;dn_s=3,4}" --iters 10 --out "$O/sweep_async.md" \
+    --commit "$COMMIT" --problems e64 --tokens "${A_TOKENS:-4096,16384}" \
+    --vary "${A_VARY:-se=1,3}" --iters 10 --out "$O/sweep_async.md" \
     --json "$O/sweep_async.json" > "$O/sweep_async.log" 2>&1
   echo "sweep async rc=$?"
   bundle

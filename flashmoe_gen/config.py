@@ -17,7 +17,6 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     SEND_BLOCK_CHOICES,
     STAGE_EPILOGUE_CHOICES,
     TASK_TILE_CHOICES,
-    async_buffer,
     check_defer_refill,
     check_persistent,
     check_phased_tasks,
@@ -272,7 +271,7 @@ class KernelConfig:
         if self.defer_refill:
             check_defer_refill(self, name)
         if self.stage_epilogue:
-            check_stage_epilogue(self, limits, name)
+            check_stage_epilogue(self, name)
         if self.phased_tasks:
             check_phased_tasks(self, problem, name)
         if self.split_gated_mma and not self.wgmma_tile(self.gate_up):
@@ -344,10 +343,9 @@ class KernelConfig:
 
     def persistent_smem(self) -> int:
         """Dynamic shared memory of the persistent kernel: the larger of its two GEMMs', and
-        SWIZZLE_ALIGN bytes to align TMA boxes to the swizzle's atoms (``ws_tma``), and the
-        async results' buffer past the rings (``stage_epilogue`` 3, 4)."""
+        SWIZZLE_ALIGN bytes to align TMA boxes to the swizzle's atoms (``ws_tma``)."""
         return max(self.gate_up.smem_bytes(2), self.down.smem_bytes(1)) + \
-            (SWIZZLE_ALIGN if self.ws_tma else 0) + async_buffer(self)[1]
+            (SWIZZLE_ALIGN if self.ws_tma else 0)
 
     def graph_mode(self) -> KernelConfig:
         """The same config in mode "graph", without the knobs only mode "host" has

@@ -9,7 +9,7 @@ from .arch import DeviceLimits
 from .errors import ConfigError
 from .problem import MoEProblem
 from .router_layout import ROUTER_MAX_MTILES, router_pairs_fit
-from .tiles import STAGED_PAD, SWIZZLE_ALIGN, GemmTile
+from .tiles import GemmTile
 
 if TYPE_CHECKING:
     from .config import KernelConfig
@@ -49,18 +49,15 @@ ROUTER_BATCH_CHOICES = (1, 2, 4)
 #: tiles of an (expert, n-tile) through one mbarrier ring, the second's first loads in
 #: flight during the first's epilogue, and halves the task fetches.
 TASK_TILE_CHOICES = (1, 2)
-#: The TMA row tasks' results through shared memory (``stage_epilogue``): 0 none (4-byte
-#: stores from the accumulators), 1 the down GEMM's (they go straight to the source rank over
-#: NVLink) through the ring in 16-byte stores, 2 both GEMMs' so; 3 the down GEMM's through a
-#: buffer of their own past the rings, by bulk copies left in flight while the next task's
-#: first loads land (a gate/up tile is counted once its copies are complete), 4 both GEMMs'
-#: so. 3 and 4 take the buffer from the rings' shared memory (3-stage rings at the default
-#: tiles).
-STAGE_EPILOGUE_CHOICES = (0, 1, 2, 3, 4)
-#: Static shared memory the persistent kernel may declare beside its dynamic rings (ptxas,
-#: NVRTC 13.0: 0.7 to 10.6 KB on the defaults up to 8 ranks x 256 experts): what the fit
-#: check of a buffer past the rings leaves it.
-PERSISTENT_STATIC_SMEM = 12 * 1024
+#: The TMA row tasks' results through the ring's shared memory (``stage_epilogue``): 0 none
+#: (4-byte stores from the accumulators), 1 the down GEMM's (they go straight to the source
+#: rank over NVLink) in 16-byte stores, 2 both GEMMs' so, 3 the down GEMM's so and the
+#: gate/up GEMM's by TMA stores left in flight into the next task (its tile counted once
+#: they are complete). Measured and dropped (2 x H200, E=64 T=16384): both GEMMs' or the
+#: down GEMM's by one bulk copy per row from a buffer past the rings, 1.920 / 2.021 ms
+#: against 1.891 with the same 3-stage rings (the rows' copies queue on the SM's TMA unit:
+#: epilogues 5.5-6.3 us) and 1.777 with the default's 4 stages, which leave no room for it.
+STAGE_EPILOGUE_CHOICES = (0, 1, 2, 3)
 
 
 def persistent_takes(tile: GemmTile) -> bool:
@@ -184,47 +181,34 @@ def check_defer_refill(cfg: KernelConfig, name: str) -> None:
 
 def store_kind(cfg: KernelConfig, gated: bool) -> str:
     """How a TMA row task of the gate/up (``gated``) or down GEMM stores its results:
-    "direct" (4-byte stores), "staged" (16-byte stores through the ring) or "async" (bulk
-    copies from a buffer of their own, left in flight)."""
+    "direct" (4-byte stores), "staged" (16-byte stores through the ring) or "tma" (TMA
+    stores through the ring, left in flight)."""
     v = cfg.stage_epilogue
-    if v >= 3:
-        return "async" if v == 4 or not gated else "direct"
+    if v == 3:
+        return "tma" if gated else "staged"
     return "staged" if v >= (2 if gated else 1) else "direct"
 
 
-def async_buffer(cfg: KernelConfig) -> tuple[int, int]:
-    """(offset, bytes) of the async results' buffer from the rings' aligned start: past the
-    larger ring (the next task's, of either GEMM, fills its ring while the copies read the
-    buffer), as large as the larger async tile's STAGED_ELEMS; (0, 0) without one."""
-    tiles = [t for t, gated in ((cfg.gate_up, True), (cfg.down, False))
-             if store_kind(cfg, gated) == "async"]
-    if not tiles:
-        return 0, 0
-    ring = max(cfg.gate_up.smem_bytes(2), cfg.down.smem_bytes(1)) - SWIZZLE_ALIGN
-    return ring, max(t.bm * (t.bn + STAGED_PAD) * 2 for t in tiles)
-
-
-def check_stage_epilogue(cfg: KernelConfig, limits: DeviceLimits, name: str) -> None:
-    """Results through shared memory (STAGE_EPILOGUE_CHOICES): the TMA row tasks' ring is
-    free at the epilogue only with one row tile per task (with more, the next one's loads
-    fly); the async kinds' buffer must fit beside the rings."""
+def check_stage_epilogue(cfg: KernelConfig, name: str) -> None:
+    """Results through the ring's shared memory (STAGE_EPILOGUE_CHOICES): it is free at the
+    epilogue only with one row tile per task (with more, the next one's loads fly); TMA
+    stores write the gate/up tile in boxes of the act map's (the down tile's BM rows x 64)."""
     v = cfg.stage_epilogue
     if v not in STAGE_EPILOGUE_CHOICES:
         raise ConfigError("stage_epilogue", v, f"choose one of {list(STAGE_EPILOGUE_CHOICES)}"
-                          " (0 none, 1 the down GEMM, 2 both GEMMs, 3 the down GEMM's by "
-                          "bulk copies in flight, 4 both GEMMs' so)", name)
+                          " (0 none, 1 the down GEMM, 2 both GEMMs, 3 the down GEMM and the "
+                          "gate/up GEMM's by TMA stores)", name)
     why = (f"{_TMA_ROW_TASKS} stage their results" if not tma_row_tasks(cfg) else
            f"the ring still loads the next row tile with task_tiles {cfg.task_tiles}"
            if cfg.task_tiles != 1 else "")
     if why:
         raise ConfigError("stage_epilogue", v, why + ": use 0", name)
-    need = cfg.persistent_smem() + PERSISTENT_STATIC_SMEM
-    if v >= 3 and need > limits.smem_per_block_optin:
-        off, nbytes = async_buffer(cfg)
-        raise ConfigError("stage_epilogue", v, f"its {nbytes} B buffer past the {off} B "
-                          f"rings needs {need} B of shared memory with the kernel's own, "
-                          f"{limits.arch} allows {limits.smem_per_block_optin}: 3-stage "
-                          "rings (gate_up and down stages 3), or stage_epilogue 1", name)
+    gu, dn = cfg.gate_up, cfg.down
+    if v == 3 and (gu.bm != dn.bm or gu.bn % 64 or gu.bn > 64 * gu.stages):
+        raise ConfigError("stage_epilogue", v, f"TMA stores take the gate/up tile in boxes "
+                          f"of the down tile's {dn.bm} rows x 64 columns, held in the ring's A "
+                          f"tiles: gate/up bm {dn.bm}, bn a multiple of 64 up to 64 x stages "
+                          f"(have bm{gu.bm} bn{gu.bn} s{gu.stages}); or stage_epilogue 1", name)
 
 
 def check_phased_tasks(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:

@@ -9,8 +9,8 @@ import jinja2
 
 from . import __version__
 from .config import PERSISTENT_THREADS, KernelConfig
-from .config_nvlink import async_buffer, store_kind
-from .problem import ELEM_BYTES, MoEProblem
+from .config_nvlink import store_kind
+from .problem import MoEProblem
 from .router_layout import (
     ROUTER_ITEMS,
     router_lanes,
@@ -332,8 +332,8 @@ def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, i
     n-tile of a group over all its rows; ``ws_tma``: weights by TMA boxes) or row tiles,
     mma.sync or warpgroup MMA (one n-tile of one row tile: ``row_tasks``; ``ws_tma``: a
     routed task's rows and weights by TMA boxes, ``tma_fn``, with the config's task tiles,
-    deferred refills and results' stores: config_nvlink.store_kind, the async buffer at
-    config_nvlink.async_buffer's offset in elements)."""
+    deferred refills and results' stores (config_nvlink.store_kind; with TMA stores in the
+    kernel, every TMA row task waits for and settles them))."""
     tma, tma_fn, kind = config.ws_tma, "", "direct"
     if tile.mma == "ws":
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages, CPP_BOOL[gated],
@@ -344,7 +344,8 @@ def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, i
         fn = "wg_gemm_rows"
         if tma:  # routed row tasks read both operands by TMA (the shared experts' stay)
             kind = store_kind(config, gated)
-            extra = [async_buffer(config)[0] // ELEM_BYTES] if kind == "async" else []
+            extra = [CPP_BOOL[kind == "tma"], CPP_BOOL[True]] if config.stage_epilogue == 3 \
+                else []
             tma_fn = "wt_gemm_tile<{}>".format(", ".join(map(str, [
                 *args, config.task_tiles, CPP_BOOL[config.defer_refill],
                 CPP_BOOL[kind == "staged"], *extra])))
@@ -354,7 +355,7 @@ def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, i
         fn = "sync_gemm_rows"
     return {"bn": tile.bn, "bm": tile.bm, "row_tasks": CPP_BOOL[tile.mma != "ws"],
             "fn": f"{fn}<{', '.join(map(str, args))}>", "tma_fn": tma_fn,
-            "async_stores": CPP_BOOL[kind == "async"]}
+            "tma_store": CPP_BOOL[kind == "tma"]}
 
 
 def kernel_names(config: KernelConfig) -> KernelNames:

@@ -55,9 +55,6 @@ WGMMA_BK, WGMMA_ROWS_PER_WARPGROUP, WGMMA_MAX_N = 64, 64, 256
 #: the persistent kernel with TMA weight loads, takes to align them (common.cuh.j2
 #: swizzle_aligned).
 SWIZZLE_ALIGN = 1024
-#: Elements of padding per row of a staged result tile (templates/gemm.cu.j2 STAGED_ELEMS:
-#: a warp's 4-byte writes over 8 rows fall on 32 different banks).
-STAGED_PAD = 8
 #: Rough per-thread register use besides accumulators and fragments (addresses, loop state).
 REG_OVERHEAD = 40
 #: mma.sync.m16n8k16: a warp's tile must be a multiple of 16 rows and 16 columns

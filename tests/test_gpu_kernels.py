@@ -208,17 +208,13 @@ def test_nvlink_ws_wgmma_one_rank():
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 7), w)
 
 
-@pytest.mark.parametrize("stage_epilogue", [3, 4])
-def test_nvlink_async_stores_one_rank(stage_epilogue):
-    """TMA row tasks whose results leave by bulk copies left in flight into the next task
-    (stage_epilogue 3: the down GEMM's, 4: both, a gate/up tile counted once its copies are
-    complete) on one GPU: 3-stage rings, shared experts, ragged row tiles and a 256-wide
-    down tile, at 1000 tokens (~250 rows per expert), then 77, 1 and 0."""
+def test_nvlink_tma_stores_one_rank():
+    """The gate/up TMA row tasks' results by TMA stores left in flight into the next task
+    (stage_epilogue 3: a tile counted once they are complete, the down tasks' results
+    staged) on one GPU: shared experts, ragged row tiles, a 256-wide down tile, at 1000
+    tokens (~250 rows per expert), then 77, 1 and 0."""
     p = SEED_EXAMPLE.replace(tokens_per_rank=1000)
-    d = KernelConfig.persistent_default(p, "sm_90")
-    cfg = dataclasses.replace(d, gate_up=dataclasses.replace(d.gate_up, stages=3),
-                              down=dataclasses.replace(d.down, stages=3),
-                              stage_epilogue=stage_epilogue)
+    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=3)
     assert cfg.ws_tma and cfg.down.bn == 256, cfg.name
     w = MoEWeights.random(p, seed=67)
     layer = _layer(p, cfg, weights=w)

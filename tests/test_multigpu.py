@@ -157,13 +157,13 @@ def _nvl_cfg(**knobs):
                                   "row_tiles_wgmma_tma_pairs",
                                   "row_tiles_wgmma_tma_deferred",
                                   "row_tiles_wgmma_tma_staged",
-                                  "row_tiles_wgmma_tma_async",
+                                  "row_tiles_wgmma_tma_tstore",
                                   "row_tiles_wgmma_tma_phased", "row_tiles_phased",
                                   "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks",
                                   "dsv2lite_default_many_batches",
                                   "dsv2lite_default_quad_batches",
                                   "dsv2lite_default_staged",
-                                  "dsv2lite_default_async",
+                                  "dsv2lite_default_tstore",
                                   "dsv2lite_default_fused", "dsv2lite_fused_ws128", "fused",
                                   "fused_dsv2lite_graph",
                                   "fused_capped_skewed", "fused_split_k", "fused_ws_tma",
@@ -183,7 +183,7 @@ def test_nvlink_persistent_kernel(comm, case):
          "row_tiles_wgmma_tma_pairs": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma_deferred": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma_staged": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_wgmma_tma_async": SEED.replace(tokens_per_rank=1000),
+         "row_tiles_wgmma_tma_tstore": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma_phased": SEED.replace(tokens_per_rank=1000),
          "row_tiles_phased": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
@@ -191,7 +191,7 @@ def test_nvlink_persistent_kernel(comm, case):
          "dsv2lite_default_many_batches": DSV2.replace(tokens_per_rank=2200),
          "dsv2lite_default_quad_batches": DSV2.replace(tokens_per_rank=2200),
          "dsv2lite_default_staged": DSV2.replace(tokens_per_rank=2200),
-         "dsv2lite_default_async": DSV2.replace(tokens_per_rank=2200),
+         "dsv2lite_default_tstore": DSV2.replace(tokens_per_rank=2200),
          "dsv2lite_default_fused": DSV2.replace(tokens_per_rank=300),
          "dsv2lite_fused_ws128": DSV2.replace(tokens_per_rank=300),
          "fused": SEED.replace(tokens_per_rank=300),
@@ -227,19 +227,18 @@ def test_nvlink_persistent_kernel(comm, case):
         gu = GemmTile(128, 128, 64, 8, 1, 4 if case.startswith("row") else 3, "wgmma")
         dn = GemmTile(128, 256, 64, 8, 1, 3, "wgmma") if case.startswith("row") else \
             dataclasses.replace(gu, stages=4)
-        if case.endswith("async"):  # both GEMMs' results by bulk copies in flight (a gate/up
-            # tile counted once they are complete), 3-stage rings to leave their buffer room
-            gu = dataclasses.replace(gu, stages=3)
         cfg = KernelConfig(gu, dn, transport="nvlink", ws_tma=True,
                            mode="graph" if case.endswith("graph") else "host",
                            send_blocks=16 if case.endswith("graph") else 0,
                            task_tiles=2 if case.endswith("pairs") else 1,  # ~250 rows:
                            # one task of two row tiles per (source, expert, n-tile), ragged
                            # ones of one; deferred: refills that wait only where they must;
-                           # staged: both GEMMs' results in 16-byte stores through the ring
+                           # staged: both GEMMs' results in 16-byte stores through the ring;
+                           # tstore: the gate/up results by TMA stores left in flight (a tile
+                           # counted once they are complete), the down results staged
                            defer_refill=case.endswith("deferred"),
                            stage_epilogue=2 if case.endswith("staged") else
-                           4 if case.endswith("async") else 0,
+                           3 if case.endswith("tstore") else 0,
                            phased_tasks=case.endswith("phased"))
     if case.startswith("dsv2lite_default_") and case.endswith("batches"):  # the persistent
         # default at 2200 tokens: TMA row tiles, senders, dense lists, shared experts, and a
@@ -254,11 +253,10 @@ def test_nvlink_persistent_kernel(comm, case):
         cfg = dataclasses.replace(KernelConfig.persistent_default(
             p.replace(world_size=comm.world_size)), stage_epilogue=1)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
-    if case == "dsv2lite_default_async":  # ... the down GEMM's results by bulk copies in
-        # flight into the source ranks' heaps, 3-stage rings
-        d = KernelConfig.persistent_default(p.replace(world_size=comm.world_size))
-        cfg = dataclasses.replace(d, gate_up=dataclasses.replace(d.gate_up, stages=3),
-                                  down=dataclasses.replace(d.down, stages=3), stage_epilogue=3)
+    if case == "dsv2lite_default_tstore":  # ... and the gate/up results by TMA stores left
+        # in flight (I = 1408: 11 column tiles, ragged row tiles, shared experts unstaged)
+        cfg = dataclasses.replace(KernelConfig.persistent_default(
+            p.replace(world_size=comm.world_size)), stage_epilogue=3)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
     if case.startswith("dsv2lite_") and "fused" in case:  # the persistent default at 56
         # (2 ranks: 64-token weight-streaming tasks) or 112 (4 ranks: from WS_WGMMA_MIN_ROWS,

@@ -64,43 +64,63 @@ def test_template_matches_the_mirror():
     assert "wt_gemm_tile<128, 128, 4, true, 1, false, true>(" in both
 
 
-@pytest.mark.parametrize("se", [3, 4])
-def test_async_buffer_past_the_rings(se):
-    """stage_epilogue 3 / 4: the results' buffer starts past the larger ring (the next
-    task's loads land while the copies read it), 16-byte aligned, its rows (BN + 8
-    elements) 16-byte aligned bulk-copy sources; the down tile (3) or both (4) take it, and
-    the whole fits the kernel's dynamic shared memory. Four-stage rings leave it no room."""
+def _swizzled(bm: int, bn: int):
+    """(thread, element offset) of every pair write of wg_store_tma, as the template forms
+    its byte address (row r's swizzled chunk 0, XOR chunk j % 8 x 16, plus box j // 8),
+    checked against the layout's definition: box j // 8 of BM rows x 64, row r's 16-byte
+    chunk j % 8 at chunk (j % 8) ^ (r % 8)."""
+    for t, r, c, (half, j) in _pairs(bm, bn):
+        lane = t & 31
+        row = (r * 64 + (r % 8) * 8 + (lane & 3) * 2) * 2  # from a 1024-byte aligned base
+        addr = (row ^ (j % 8) * 16) + j // 8 * bm * 64 * 2
+        off = j // 8 * bm * 64 + r * 64 + ((j % 8) ^ (r % 8)) * 8 + c % 8
+        assert addr == off * 2
+        yield t, (half, j), off, (r, c)
+
+
+@pytest.mark.parametrize("bm,bn", [(128, 64), (128, 128), (128, 256)])
+def test_tma_store_boxes_fill_once_without_bank_conflicts(bm, bn):
+    """wg_store_tma's pairs fill BN / 64 boxes in the 128-byte swizzle (the act map's layout,
+    which the down tasks' TMA loads read) once each, a warp's writes on 32 banks."""
+    seen, banks = {}, {}
+    for t, step, off, (r, c) in _swizzled(bm, bn):
+        assert off not in seen
+        seen[off] = (r, c)
+        banks.setdefault((t // 32, step), []).append(off * 2 // 4 % 32)
+    assert sorted(seen) == list(range(0, bm * bn, 2))
+    assert all(len(set(b)) == 32 for b in banks.values())
+    for off, (r, c) in seen.items():  # the swizzle TMA undoes: box, row, chunk back
+        box, rest = divmod(off, bm * 64)
+        row, col = divmod(rest, 64)
+        assert (box, row) == (c // 64, r)
+        assert (col // 8) ^ (row % 8) == c % 64 // 8 and col % 8 == c % 8
+
+
+def test_tma_store_template_matches_the_mirror():
+    """stage_epilogue 3: the gate/up row tasks store by the act map (wmaps[7]) from their
+    group's first row, every TMA row task waits for and settles them; the mirror's lines."""
     from dataclasses import replace
 
-    from flashmoe_gen.config_nvlink import async_buffer, store_kind
+    from flashmoe_gen.config_nvlink import store_kind
     from flashmoe_gen.errors import ConfigError
-    from flashmoe_gen.tiles import SWIZZLE_ALIGN
 
     p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
-    d = KernelConfig.persistent_default(p, "sm_90")
-    with pytest.raises(ConfigError, match="3-stage rings"):
-        replace(d, stage_epilogue=se).validate(p, "sm_90")
-    cfg = replace(d, gate_up=replace(d.gate_up, stages=3), down=replace(d.down, stages=3),
-                  stage_epilogue=se)
+    cfg = replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=3)
     cfg.validate(p, "sm_90")
-    off, nbytes = async_buffer(cfg)
-    rings = [cfg.gate_up.smem_bytes(2), cfg.down.smem_bytes(1)]
-    assert off == max(rings) - SWIZZLE_ALIGN and off % 16 == 0
-    assert nbytes == 128 * (256 + PAD) * 2  # the down tile's, the larger
-    assert cfg.persistent_smem() >= off + nbytes + SWIZZLE_ALIGN  # (+ the aligning slack)
-    assert all((r * (bn + PAD) * 2) % 16 == 0 for bn in (128, 256) for r in range(128))
-    assert store_kind(cfg, False) == "async"
-    assert store_kind(cfg, True) == ("async" if se == 4 else "direct")
+    assert (store_kind(cfg, True), store_kind(cfg, False)) == ("tma", "staged")
     code = " ".join(render(p, cfg).code.split())
-    elems = off // 2
-    assert f"wt_gemm_tile<128, 256, 3, false, 1, false, false, {elems}>(" in code
-    gu = f"wt_gemm_tile<128, 128, 3, true, 1, false, false{', ' + str(elems) if se == 4 else ''}>("
-    assert gu in code
-    assert ("constexpr bool GU_ASYNC = true" in code) == (se == 4)
-    assert "constexpr bool GU_ASYNC = false, DN_ASYNC = true" in code or se == 4
-    for line in ("bulk_store(C + static_cast<long long>(m0 + r) * N + n0, smem_u32(s + r * LD), "
-                 "bytes);",
-                 "const unsigned bytes = static_cast<unsigned>(min(BN, N - n0) * "
-                 "sizeof(elem_t));",
-                 "for (int r = threadIdx.x; r < BM && m0 + r < rows; r += 32)"):
+    for line in (
+            "wt_gemm_tile<128, 256, 4, false, 1, false, true, false, true>(",
+            "wt_gemm_tile<128, 128, 4, true, 1, false, false, true, true>(",
+            "task_clk + GU_CLK, &pend, wm(7), (s * el + e) * capacity); });",
+            "task_clk + DN_CLK, &pend); });",
+            "constexpr bool GU_TSTORE = true;",
+            "const unsigned row = smem_u32(s + r * 64 + (r % 8) * 8 + (lane & 3) * 2);",
+            "st_shared_u32((row ^ (j % 8) * 16) + j / 8 * BOX * sizeof(elem_t),",
+            "tma_store_2d(*cmap, smem_u32(s + b * BOX), n0 + b * 64, *c_row0 + m0);"):
         assert line in code, line
+    assert "constexpr bool GU_TSTORE = false;" in " ".join(
+        render(p, replace(cfg, stage_epilogue=1)).code.split())
+    bad = replace(cfg, gate_up=replace(cfg.gate_up, bn=32))
+    with pytest.raises(ConfigError, match="boxes of the down tile's 128 rows"):
+        bad.validate(p, "sm_90")
