@@ -34,9 +34,12 @@
 #      T=4096, E=64 T=1024 on 2 ranks (~330 s)
 #   a: the gate/up results by TMA stores in flight (stage_epilogue 3): the one-GPU and
 #      2-rank cases beside the staged ones, then E=64 T=4096/16384 on 2 ranks over se = 1, 3
-#      beside PyTorch EP (~400 s)
+#      beside PyTorch EP (~400 s; A_PROBLEMS, A_TOKENS, A_VARY change the sweep)
+#   v: the one-GPU kernel tests in two halves side by side (GPUs 0, 1) with the graph and
+#      routing tests after them, then the 2-rank persistent-kernel, weight-streaming and
+#      graph-mode cases (~580 s): every cp.async- and TMA-fed tile kind
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
-# Usage: bash bench/device_x2.sh COMMIT 1|2|a|c|m|t|n|w|r|rs2|s
+# Usage: bash bench/device_x2.sh COMMIT 1|2|a|c|m|t|n|w|r|rs2|s|v
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
@@ -166,13 +169,31 @@ if [ "$PART" = a ]; then
   multigpu_k 2 "${TEST_TIMEOUT:-200}" tstore "nvlink_persistent_kernel and (tstore or \
 row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
   timeout -k 10 "${A_TIMEOUT:-330}" $MPI -np 2 python3 bench/nvlink_sweep.py --torch \
-    --commit "$COMMIT" --problems e64 --tokens "${A_TOKENS:-4096,16384}" \
+    --commit "$COMMIT" --problems "${A_PROBLEMS:-e64}" --tokens "${A_TOKENS:-4096,16384}" \
     --vary "${A_VARY:-se=1,3}" --iters 10 --out "$O/sweep_async.md" \
     --json "$O/sweep_async.json" > "$O/sweep_async.log" 2>&1
   echo "sweep async rc=$?"
   bundle
-  grep -hE "^\| e64" "$O/sweep_async.md" | cut -d'|' -f2-9
-  grep -hE "^- e64" "$O/sweep_async.md" | sed 's/`[^`]*`//' | cut -c1-400
+  grep -hE "^\| e" "$O/sweep_async.md" | cut -d'|' -f2-9
+  grep -hE "^- e" "$O/sweep_async.md" | sed 's/`[^`]*`//' | cut -c1-400
+fi
+if [ "$PART" = v ]; then
+  python3 -m pytest -m gpu tests/test_gpu_kernels.py --collect-only -q -p no:cacheprovider \
+    2>/dev/null | grep "::" > "$O/kernels_ids.txt"
+  half() {  # N: every other test id from N, then FILES..., on GPU N, one log
+    local n=$1; shift
+    CUDA_VISIBLE_DEVICES=$n timeout -k 10 "${LANE_TIMEOUT:-270}" python3 -m pytest -m gpu \
+      $(awk -v n="$n" 'NR % 2 == n' "$O/kernels_ids.txt") "$@" -q --no-header \
+      -p no:cacheprovider -rs > "$O/gpu_half$n.log" 2>&1
+    echo "gpu half $n rc=$?" > "$O/gpu_half$n.rc"
+  }
+  half 0 tests/test_gpu_graph.py & half 1 tests/test_gpu_routing.py &
+  wait
+  multigpu_k 2 "${MULTI_TIMEOUT:-290}" v2 "nvlink_persistent_kernel and (seed or row_tiles \
+or quad_batches or tstore or fused_ws or fused_split_k) and not (deferred or phased or \
+send_blocks) or graph_mode_matches or weight_streaming_sources"
+  cat "$O"/gpu_half*.rc; summary "$O"/gpu_half*.log
+  bundle
 fi
 if [ "$PART" = rs2 ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
