@@ -78,7 +78,10 @@ ROUTER_PAIRS_MIN_TOKENS = 2048
 #: keep their 4-byte stores: staging both lost). 4 x H200, H=I=2048 k=2, per forward, same
 #: run (bench/results/2026-11-27_sweep_staged_epilogue_4xH200_44b77eb.md): T=16384 E=8
 #: 2.071 -> 1.819 ms, E=32 2.080 -> 1.895, E=64 2.224 -> 2.061 (the tiles' epilogue 8.7 ->
-#: 4.5 us), E=64 T=4096 0.721 -> 0.716; Mixtral T=4096 5.492 -> 5.431.
+#: 4.5 us), E=64 T=4096 0.721 -> 0.716; Mixtral T=4096 5.492 -> 5.431. The gate/up results
+#: by TMA stores (3) won only at E=64 (2 x H200, T=16384, E = 64 / 32 / 8: 1.827 / 1.674 /
+#: 1.703 -> 1.751 / 1.701 / 1.703 ms; bench/results/2026-11-28_sweep_tma_store_2xH200_8c3a866.md):
+#: the tuner's to choose.
 PERSISTENT_STAGE_EPILOGUE = 1
 #: ... and on several ranks their per-source task lists hold every source's gate/up tasks
 #: before any down task (``phased_tasks``): in source order a block's first wave held a
