@@ -10,12 +10,11 @@ against the NCCL path's graph-mode default on the same weights and tokens.
 stages as ``s``), ``b`` (blocks per SM), ``d`` (dispatch blocks), ``wt`` (TMA loads),
 ``sb`` (blocks that send the peers' rows), ``rb`` (router batches per logit tile), ``tt``
 (row tiles per TMA row task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue:
-0 none, 1 down, 2 both), ``ph`` (phased task lists, 0/1), ``ks`` (K splits, ``GxD``),
-values
-comma-separated;
-every combination is timed (configs the build refuses are reported, not fatal). ``--config``
-adds named configs (repeatable; a name per shape as ``shape:name``, else every shape) after
-the variants, to compare other tiles or fused sources with the default in one run.
+0 none, 1 down, 2 both, 3 down staged and gate/up by TMA stores), ``ph`` (phased task
+lists, 0/1), ``ks`` (K splits, ``GxD``), values comma-separated; every combination is
+timed (configs the build refuses are reported, not fatal). ``--config`` adds named configs
+(repeatable; a name per shape as ``shape:name``, else every shape) after the variants, to
+compare other tiles or fused sources with the default in one run.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ def variants(base, vary: str) -> list:
     """The persistent default ``base`` with every combination of ``vary``'s values: tile
     fields (``gu_``/``dn_`` + bm, bn, bk, s), ``b`` (blocks per SM), ``d`` (dispatch
     blocks), ``wt`` (TMA loads, 0/1), ``sb`` (send blocks), ``rb`` (router batches), ``tt``
-    (row tiles per task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue, 0-2),
+    (row tiles per task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue, 0-3),
     ``ph`` (phased task lists, 0/1) and ``ks`` (K splits, ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):
