@@ -50,10 +50,10 @@ def test_template_matches_the_mirror():
     for line in (
             "constexpr int STAGED_ELEMS = BM * (BN + 8);",
             "constexpr int LD = BN + 8, THREADS = BM / 64 * 128, CHUNKS = BN / 8;",
-            "constexpr int NB = GATED ? 2 : 1, LD = BN + 8;",
+            "constexpr int LD = BN + 8; const int q = threadIdx.x & 3;",
             "const int r = wg * 64 + warp * 16 + (lane >> 2) + half * 8;",
-            "*reinterpret_cast<unsigned*>(s + r * LD + j * 8 + (lane & 3) * 2) = "
-            "out_pair<GATED>(",
+            "put(r, j, out_pair<GATED>(acc[0][4 * j + 2 * half], acc[0][4 * j + 2 * half + 1],",
+            "*reinterpret_cast<unsigned*>(s + r * LD + j * 8 + q * 2) = v;",
             "for (int i = threadIdx.x; i < BM * CHUNKS; i += THREADS) { const int r = i / "
             "CHUNKS, c = i % CHUNKS * 8; if (m0 + r < rows && n0 + c < N)",
             "if constexpr (STAGE) wg_store_staged<BM, BN, GATED>(acc, sA, C, m0, n0, rows, N);",
@@ -115,7 +115,7 @@ def test_tma_store_template_matches_the_mirror():
             "task_clk + GU_CLK, &pend, wm(7), (s * el + e) * capacity); });",
             "task_clk + DN_CLK, &pend); });",
             "constexpr bool GU_TSTORE = true;",
-            "const unsigned row = smem_u32(s + r * 64 + (r % 8) * 8 + (lane & 3) * 2);",
+            "const unsigned row = smem_u32(s + r * 64 + (r % 8) * 8 + q * 2);",
             "st_shared_u32((row ^ (j % 8) * 16) + j / 8 * BOX * sizeof(elem_t),",
             "tma_store_2d(*cmap, smem_u32(s + b * BOX), n0 + b * 64, *c_row0 + m0);"):
         assert line in code, line
