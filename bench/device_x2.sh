@@ -170,12 +170,12 @@ if [ "$PART" = a ]; then
 row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
   timeout -k 10 "${A_TIMEOUT:-330}" $MPI -np 2 python3 bench/nvlink_sweep.py --torch \
     --commit "$COMMIT" --problems "${A_PROBLEMS:-e64}" --tokens "${A_TOKENS:-4096,16384}" \
-    --vary "${A_VARY:-se=1,3}" --iters 10 --out "$O/sweep_async.md" \
-    --json "$O/sweep_async.json" > "$O/sweep_async.log" 2>&1
-  echo "sweep async rc=$?"
+    --vary "${A_VARY:-se=1,3}" --iters 10 --out "$O/sweep_tstore.md" \
+    --json "$O/sweep_tstore.json" > "$O/sweep_tstore.log" 2>&1
+  echo "sweep tstore rc=$?"
   bundle
-  grep -hE "^\| e" "$O/sweep_async.md" | cut -d'|' -f2-9
-  grep -hE "^- e" "$O/sweep_async.md" | sed 's/`[^`]*`//' | cut -c1-400
+  grep -hE "^\| e" "$O/sweep_tstore.md" | cut -d'|' -f2-9
+  grep -hE "^- e" "$O/sweep_tstore.md" | sed 's/`[^`]*`//' | cut -c1-400
 fi
 if [ "$PART" = v ]; then
   python3 -m pytest -m gpu tests/test_gpu_kernels.py --collect-only -q -p no:cacheprovider \

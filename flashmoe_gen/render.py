@@ -344,8 +344,9 @@ def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, i
         fn = "wg_gemm_rows"
         if tma:  # routed row tasks read both operands by TMA (the shared experts' stay)
             kind = store_kind(config, gated)
-            extra = [CPP_BOOL[kind == "tma"], CPP_BOOL[True]] if config.stage_epilogue == 3 \
-                else []
+            # TSTORE, BULK: with gate/up TMA stores every TMA row task settles them
+            bulk = store_kind(config, True) == "tma"
+            extra = [CPP_BOOL[kind == "tma"], CPP_BOOL[True]] if bulk else []
             tma_fn = "wt_gemm_tile<{}>".format(", ".join(map(str, [
                 *args, config.task_tiles, CPP_BOOL[config.defer_refill],
                 CPP_BOOL[kind == "staged"], *extra])))
