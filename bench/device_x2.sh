@@ -28,7 +28,9 @@
 #      (8 tokens per thread), in every forward of both transports, first run on a GPU: the
 #      2-rank persistent-kernel cases and NCCL cases, then E=64 T=4096/16384 on 2 ranks, the
 #      commit before them (.old, bench/prepare_old.sh; carry .old) and this one in one call,
-#      beside PyTorch EP (~480 s; run `bash bench/device_final.sh gpu2` first)
+#      beside PyTorch EP (~480 s; run `bash bench/device_final.sh gpu2` first). C_PROBLEMS,
+#      C_TOKENS, C_TESTS (the 2-rank -k), C_GPU1 / C_GPU1_K (one-GPU test files and their
+#      -k, on the last GPU beside them) change it
 #   rs2: the staged router logits beyond the measured regime (router_staged.STAGED_ALL):
 #      the one-GPU cases, then default / --staged-all at E=8 and E=32 T=16384, Mixtral
 #      T=4096, E=64 T=1024 on 2 ranks (~330 s)
@@ -141,10 +143,18 @@ if [ "$PART" = r ] || [ "$PART" = s ]; then  # issue 16: the persistent kernel's
   grep -hE "^- e64" "$O"/sweep_*.md | sed 's/`[^`]*`//' | cut -c1-160
 fi
 if [ "$PART" = c ]; then
-  multigpu_k 2 "${TEST_TIMEOUT:-230}" comb "nvlink_persistent_kernel and (seed or \
+  if [ -n "${C_GPU1:-}" ]; then  # one-GPU tests on the last GPU beside the 2-rank ones
+    K=(); [ -n "${C_GPU1_K:-}" ] && K=(-k "$C_GPU1_K")
+    CUDA_VISIBLE_DEVICES=$(( $(nvidia-smi -L | wc -l) - 1 )) timeout -k 10 "${C_GPU1_TIMEOUT:-240}" \
+      python3 -m pytest -m gpu $C_GPU1 "${K[@]}" -v --no-header -p no:cacheprovider -rs \
+      > "$O/gpu1_c.log" 2>&1 &
+  fi
+  multigpu_k 2 "${TEST_TIMEOUT:-230}" comb "${C_TESTS:-nvlink_persistent_kernel and (seed or \
 capped_skewed or row_tiles_wgmma_tma_staged or dsv2lite_default_quad or \
 dsv2lite_default_fused or fused_ws_wgmma or fused_split_k) or graph_mode_matches and \
-(seed or fused)"
+(seed or fused)}"
+  wait
+  [ -n "${C_GPU1:-}" ] && summary "$O/gpu1_c.log"
   python3 -m pip install -q --no-deps --no-compile --target /tmp/oldsite .old/whl/*.whl ||
     echo "no .old wheel"
   R=$PWD; OLD=$(cat .old/COMMIT 2>/dev/null)
@@ -152,15 +162,18 @@ dsv2lite_default_fused or fused_ws_wgmma or fused_split_k) or graph_mode_matches
     if [ $side = old ]; then py=/tmp/oldsite; script=$R/.old/src/bench; c=$OLD
     else py=; script=$R/bench; c=$COMMIT; fi
     # from /tmp: the checkout's own flashmoe_gen must not shadow the old wheel
-    (cd /tmp && PYTHONPATH=$py FLASHMOE_CACHE=/tmp/cache_$side timeout -k 10 130 $MPI \
+    (cd /tmp && PYTHONPATH=$py FLASHMOE_CACHE=/tmp/cache_$side timeout -k 10 "${C_SWEEP_TIMEOUT:-130}" $MPI \
       -x PYTHONPATH -np 2 python3 "$script/nvlink_sweep.py" --torch --commit "$c" \
-      --problems e64 --tokens 4096,16384 --iters 10 --out "$O/sweep_c_$side.md" \
+      --problems "${C_PROBLEMS:-e64}" --tokens "${C_TOKENS:-4096,16384}" --iters 10 \
+      --out "$O/sweep_c_$side.md" \
       --json "$O/sweep_c_$side.json" > "$O/sweep_c_$side.log" 2>&1)
     echo "sweep $side ($c) rc=$?"
   done
   bundle
-  for side in old new; do echo "== $side"; grep -hE "^\| e64" "$O/sweep_c_$side.md" |
-    cut -d'|' -f2-8; grep -hE "^- e64" "$O/sweep_c_$side.md" | cut -c1-700; done
+  for side in old new; do echo "== $side"; grep -hE "^\| [a-z]" "$O/sweep_c_$side.md" |
+    grep -v "^| shape" | cut -d'|' -f2-8; grep -hE "^- [a-z]" "$O/sweep_c_$side.md" |
+    grep -oE "^- [a-z0-9]+ T=[0-9]+|route [0-9.]+|router per block: logits_us [0-9.]+" |
+    paste -sd' '; done
 fi
 if [ "$PART" = a ]; then
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py \

@@ -56,13 +56,14 @@ def router_mma_experts(problem: MoEProblem, warps: int) -> int:
     """Experts per pass of the split router's tensor-core logits (templates/router.cu.j2,
     split_logits): 64 or 32 where the split layout applies, the experts are a multiple of 32
     (four n tiles of 8 from one 16-byte weight load per lane) and at most
-    ROUTER_MMA_MAX_EXPERTS, and the hidden size a multiple of 16 (one k step); 0 elsewhere
-    (the FMA path). A warp per 16 hidden rows of mma.sync instead of FMAs per (token,
-    expert, hidden row)."""
-    if router_split(problem.experts, warps) is None or problem.experts % 32 \
-            or problem.experts > ROUTER_MMA_MAX_EXPERTS or problem.hidden % 16:
+    ROUTER_MMA_MAX_EXPERTS, 8 at E=8 (one n tile from a 4-byte load), and the hidden size a
+    multiple of 16 (one k step); 0 elsewhere (the FMA path). A warp per 16 hidden rows of
+    mma.sync instead of FMAs per (token, expert, hidden row)."""
+    e = problem.experts
+    if router_split(e, warps) is None or (e % 32 and e != 8) \
+            or e > ROUTER_MMA_MAX_EXPERTS or problem.hidden % 16:
         return 0
-    return 64 if problem.experts % 64 == 0 else 32
+    return 64 if e % 64 == 0 else 32 if e % 32 == 0 else 8
 
 
 #: The most m16 tiles of tokens one split_logits call takes per weight fragment.

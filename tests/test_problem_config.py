@@ -883,9 +883,12 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     # ... one rank keeps the decode rule (streams_weights) and cp.async weights
     one = KernelConfig.persistent_default(small.replace(world_size=1), "sm_90")
     assert not one.fuse_sources and not one.ws_tma
-    # Experts the router's tensor cores cannot take in one pass: no pairs at any T
-    mixtral = MoEProblem(4096, 14336, 8, 2, world_size=4, tokens_per_rank=4096)
-    assert KernelConfig.persistent_default(mixtral, "sm_90").router_batches == 1
+    # Experts the router's tensor cores cannot take in one pass (16: the FMA path): no
+    # pairs at any T; Mixtral's 8 take one n tile, and quads from 2048 tokens
+    e16 = MoEProblem(4096, 14336, 16, 2, world_size=4, tokens_per_rank=4096)
+    assert KernelConfig.persistent_default(e16, "sm_90").router_batches == 1
+    mixtral = e16.replace(experts=8)
+    assert KernelConfig.persistent_default(mixtral, "sm_90").router_batches == 4
 
 
 def test_persistent_default_deepens_the_ring_for_gigabytes_of_weights():

@@ -41,7 +41,9 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
     m16 tiles of tokens fed by each weight fragment (tiles past nt skip their MMAs)."""
     experts = wg.shape[1]
     s_logit = np.zeros((max(warps, nt), experts))  # nb * ROUTER_WARPS rows for nb batches
-    groups = mma_e // 32
+    nj = 4 if mma_e >= 32 else 1  # n tiles per group: a lane's words per weight row
+    gw = 8 * nj
+    groups = mma_e // gw
     ksteps = (h1 - h0) // 16
     npass, kw_n = experts // mma_e, warps // pass_warps
     assert npass % pass_warps == 0 and warps % pass_warps == 0
@@ -49,7 +51,7 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
         for p in range(npass):
             e0 = p * mma_e
             mine = [w for w in range(warps) if w % pass_warps == p % pass_warps]
-            d = {w: [[[np.zeros((32, 4)) for _ in range(4)] for _ in range(groups)]
+            d = {w: [[[np.zeros((32, 4)) for _ in range(nj)] for _ in range(groups)]
                      for _ in range(mtiles)] for w in mine}
             for w in mine:
                 for ks in range(w // pass_warps, ksteps, kw_n):
@@ -67,12 +69,13 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
                             a[mt].append([pair(r0, h + 2 * c), pair(r1, h + 2 * c),
                                           pair(r0, h + 2 * c + 8), pair(r1, h + 2 * c + 8)])
                     for q in range(groups):
-                        # lane (g, c): 16 bytes of rows h + g and h + g + 8, experts
-                        # e0 + 32 q + 8 c .. + 7; word j = experts + 2 j, + 2 j + 1
-                        lo = [wg[h + t // 4, e0 + 32 * q + 8 * (t % 4):][:8] for t in range(32)]
-                        hi = [wg[h + t // 4 + 8, e0 + 32 * q + 8 * (t % 4):][:8]
+                        # lane (g, c): 4 nj bytes of rows h + g and h + g + 8, experts
+                        # e0 + gw q + 2 nj c .. ; word j = experts + 2 j, + 2 j + 1
+                        lo = [wg[h + t // 4, e0 + gw * q + 2 * nj * (t % 4):][:2 * nj]
                               for t in range(32)]
-                        for j in range(4):
+                        hi = [wg[h + t // 4 + 8, e0 + gw * q + 2 * nj * (t % 4):][:2 * nj]
+                              for t in range(32)]
+                        for j in range(nj):
                             b0 = movmatrix_trans([v[2 * j:2 * j + 2] for v in lo])
                             b1 = movmatrix_trans([v[2 * j:2 * j + 2] for v in hi])
                             for mt in range(mtiles):
@@ -85,9 +88,9 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
                         r0 = m0 + 16 * mt + g
                         r1 = r0 + 8
                         for q in range(groups):
-                            for j in range(4):
+                            for j in range(nj):
                                 for b in range(2):
-                                    e = e0 + 32 * q + 8 * c + 2 * j + b
+                                    e = e0 + gw * q + 2 * nj * c + 2 * j + b
                                     if r0 < nt:
                                         s_logit[r0, e] += d[w][mt][q][j][t, b]
                                     if r1 < nt:
@@ -108,13 +111,16 @@ def split_logits(x: np.ndarray, wg: np.ndarray, t0: int, nt: int, h0: int, h1: i
     (32, 1, 1, 16, 48, 1, 1),     # one warp, one token
     (256, 8, 5, 0, 112, 4, 1),    # four passes side by side, two k lanes (DeepSeek-V3's T=1)
     (512, 4, 4, 16, 64, 4, 1),    # more passes than warps: each warp takes two, one k lane
+    (8, 8, 32, 0, 256, 1, 2),     # E=8: one n tile from a word per lane, four batches
+    (8, 8, 13, 16, 128, 1, 1),    # ... a slice, the second half-tile partial
+    (8, 8, 1, 0, 256, 1, 1),      # ... one token
 ])
 def test_tensor_core_logits_are_the_product(experts, warps, nt, h0, h1, pass_warps, mtiles):
     rng = np.random.default_rng(experts + nt)
     hidden = 256
     x = rng.standard_normal((40, hidden)).astype(np.float32).astype(np.float64)
     wg = rng.standard_normal((hidden, experts))
-    mma_e = 64 if experts % 64 == 0 else 32
+    mma_e = 64 if experts % 64 == 0 else 32 if experts % 32 == 0 else 8
     t0 = 5
     got = split_logits(x, wg, t0, nt, h0, h1, warps, mma_e, pass_warps, mtiles)
     want = x[t0:t0 + nt, h0:h1] @ wg[h0:h1]
@@ -128,6 +134,8 @@ def test_router_mma_applies_where_the_layout_fits():
     assert router_mma_experts(get_preset("deepseek-v3").problem(), 8) == 64
     assert router_mma_experts(MoEProblem(2048, 2048, 96, 2), 8) == 32
     assert router_mma_experts(MoEProblem(2048, 2048, 512, 2), 8) == 0  # past the maximum
+    assert router_mma_experts(MoEProblem(2048, 2048, 8, 2), 8) == 8  # one n tile per pass
+    assert router_mma_experts(get_preset("mixtral-8x7b").problem(), 8) == 8
 
 
 def test_pass_warps_divide_the_passes_and_the_warps():
@@ -137,8 +145,9 @@ def test_pass_warps_divide_the_passes_and_the_warps():
     assert router_mma_pass_warps(MoEProblem(2048, 2048, 64, 2), 8) == 1   # one pass
     assert router_mma_pass_warps(MoEProblem(2048, 2048, 96, 2), 8) == 1   # 3 passes
     assert router_mma_pass_warps(MoEProblem(2048, 2048, 128, 2), 16) == 2
-    assert router_mma_pass_warps(MoEProblem(512, 2048, 8, 2), 8) == 0     # FMA path
-    assert router_mma_experts(MoEProblem(512, 2048, 8, 2), 8) == 0   # 8 experts: FMA path
+    assert router_mma_pass_warps(MoEProblem(512, 2048, 16, 2), 8) == 0    # FMA path
+    assert router_mma_pass_warps(MoEProblem(512, 2048, 8, 2), 8) == 1     # E=8: one pass
+    assert router_mma_experts(MoEProblem(512, 2048, 16, 2), 8) == 0  # 16 experts: FMA path
     assert router_mma_experts(MoEProblem(520, 344, 32, 4), 8) == 0   # hidden not by 16
     assert router_mma_experts(MoEProblem(2048, 1408, 60, 4), 8) == 0  # no split layout
 
@@ -155,7 +164,8 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert(monkeypatc
     e64 = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
     assert router_pairs_fit(e64, 8) and router_pairs_fit(MoEProblem(2048, 2048, 32, 2), 8)
     assert not router_pairs_fit(get_preset("deepseek-v3").problem(), 8)  # 4 passes
-    assert not router_pairs_fit(MoEProblem(512, 2048, 8, 2), 8)          # FMA path
+    assert not router_pairs_fit(MoEProblem(512, 2048, 16, 2), 8)         # FMA path
+    assert router_pairs_fit(MoEProblem(512, 2048, 8, 2), 8)              # E=8: one pass
     assert router_pairs_fit(e64, 16) and not router_pairs_fit(e64, 16, 4)  # <= 2 m tiles
     cfg = KernelConfig.persistent_default(e64)  # 16384 tokens: quads by default (8-token
     assert cfg.router_batches == 4  # batches: two m16 tiles), pairs where quads don't fit

@@ -215,9 +215,13 @@ def test_the_template_runs_the_emulated_tensor_core_loops():
                      "const elem_t* x0 = xb + 16 * mt * HIDDEN + h;",
                      "a[mt][0] = r0 < nt ? *reinterpret_cast<const unsigned*>(x0) : 0u;",
                      "a[mt][3] = r1 < nt ? *reinterpret_cast<const unsigned*>(x1 + 8) : 0u;",
-                     "const elem_t* w = wg + static_cast<long long>(h + g) * EXPERTS + e0 + 8 * c;",
-                     "const uint4 hi = *reinterpret_cast<const uint4*>(w + 8 * EXPERTS + 32 * q);",
+                     "constexpr int NJ = R_MMA_E >= 32 ? 4 : 1, GW = 8 * NJ;",
+                     "const elem_t* w = wg + static_cast<long long>(h + g) * EXPERTS + e0 + "
+                     "2 * NJ * c;",
+                     "load_words<NJ>(w + 8 * EXPERTS + GW * q, wh);",
+                     "const uint4 v = *reinterpret_cast<const uint4*>(p);",
+                     "w[0] = *reinterpret_cast<const unsigned*>(p);",
                      "if (m0 + 16 * mt < nt) mma_16816(d[mt][q][j], a[mt], b0, b1);",
-                     "const int e = e0 + 32 * q + 8 * c + 2 * j + b;",
+                     "const int e = e0 + GW * q + 2 * NJ * c + 2 * j + b;",
                      "if (r1 < nt) s_logit[r1 * EXPERTS + e] += d[mt][q][j][2 + b];"):
             assert line in code, line
