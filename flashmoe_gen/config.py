@@ -104,7 +104,7 @@ class KernelConfig:
     own_stream: bool = False  # own_split's halves on the shared-experts stream
     gather_experts: bool = False  # fused sources, mode host: one group per local expert
     send_blocks: int = 0  # transport "nvlink", P > 1, per-source tasks (SEND_BLOCK_CHOICES)
-    router_batches: int = 1  # transport "nvlink", 32 or 64 experts (ROUTER_BATCH_CHOICES)
+    router_batches: int = 1  # transport "nvlink", 8, 32 or 64 experts (ROUTER_BATCH_CHOICES)
     task_tiles: int = 1  # transport "nvlink", TMA row tiles (TASK_TILE_CHOICES)
     defer_refill: bool = False  # transport "nvlink", TMA row tiles: refills never block
     stage_epilogue: int = 0  # transport "nvlink", TMA row tiles (STAGE_EPILOGUE_CHOICES)

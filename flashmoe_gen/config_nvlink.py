@@ -153,7 +153,7 @@ def check_router_batches(cfg: KernelConfig, problem: MoEProblem, name: str) -> N
     why = ("only transport 'nvlink' has a router phase" if cfg.transport != "nvlink"
            else "" if router_pairs_fit(problem, cfg.router_tokens_per_block, v) else
            f"the router's tensor cores take {problem.experts} experts in one pass only "
-           f"for 32 or 64 experts (and a hidden size a multiple of 16), and {v} batches of "
+           f"for 8, 32 or 64 experts (and a hidden size a multiple of 16), and {v} batches of "
            f"{cfg.router_tokens_per_block} tokens in at most {ROUTER_MAX_MTILES} 16-row "
            f"tiles")
     if why:

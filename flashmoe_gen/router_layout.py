@@ -73,7 +73,7 @@ ROUTER_MAX_MTILES = 2
 def router_pairs_fit(problem: MoEProblem, warps: int, batches: int = 2) -> bool:
     """Whether the persistent kernel's router can take ``batches`` batches (of ``warps``
     tokens) per split_logits call (config ``router_batches``): where the tensor cores take
-    every expert in one pass (32 or 64 experts; s_logit grows by 4 KB per batch at 64) and
+    every expert in one pass (8, 32 or 64 experts; s_logit grows by 4 KB per batch at 64) and
     the batches fill at most ROUTER_MAX_MTILES m16 tiles, each weight fragment feeding all
     of them. One 8-token batch filled half a tile and read all H x E gate weights per 8
     tokens (E=64 T=16384's route phase: 217 us of a 2.25 ms forward on 4 x H200; pairs:
