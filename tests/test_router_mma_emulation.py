@@ -1,10 +1,11 @@
 """Lane-exact emulation, on the CPU, of the split router's tensor-core logits
 (templates/router.cu.j2, split_logits where router_layout.router_mma_experts > 0), transcribed
 statement by statement: each lane's A fragment from the tokens, its two weight loads (16
-bytes over four n tiles; 4 bytes of E=8's one), movmatrix.trans (PTX ISA: lane t holds row t // 4, elements 2 (t % 4) and + 1 of an
-8 x 8 matrix; after .trans, of its transpose) into B fragments, mma.m16n8k16 (the emulator
-of test_mma_emulation, whose control kernel passed its GPU tests), and the lanes' writes to
-s_logit by the permuted expert columns. Compared with a float64 product."""
+bytes over four n tiles; 4 bytes of E=8's one), movmatrix.trans (PTX ISA: lane t holds row
+t // 4, elements 2 (t % 4) and + 1 of an 8 x 8 matrix; after .trans, of its transpose) into
+B fragments, mma.m16n8k16 (the emulator of test_mma_emulation, whose control kernel passed
+its GPU tests), and the lanes' writes to s_logit by the permuted expert columns. Compared
+with a float64 product."""
 
 from __future__ import annotations
 
