@@ -453,6 +453,16 @@ def test_a_config_the_build_refuses_is_a_failed_trial_the_database_keeps():
     assert bad[0].reason.startswith("refused when built: ") and "ConfigError" in bad[0].reason
 
 
+def _small_nvlink_space() -> SearchSpace:
+    """P2's small space with transport nvlink, fewer values of the persistent kernel's
+    count knobs (blocks, K splits, senders), every knob kept: the grid walks the product of
+    all knobs, 2.2e8 draws with all of them since E=8's router takes pairs (> 20 min)."""
+    space = SearchSpace.for_problem(P2, "sm_90", "small", ("nccl", "nvlink"))
+    few = {"blocks": (0, 1), "ksplit_gu": (1, 2), "ksplit_dn": (1, 2), "senders": (0, 8)}
+    return SearchSpace(space.problem, space.limits, space.choices | few,
+                       space.nvlink_only | {k: v[1:] for k, v in few.items()})
+
+
 def test_space_with_transport_nvlink():
     """With nvlink among the transports, its forced schedule knobs make one parameter set
     per config: the grid holds each nvlink config once, samplers canonicalise, a tile nvlink
@@ -460,14 +470,9 @@ def test_space_with_transport_nvlink():
     an early seed."""
     from flashmoe_gen.config import GemmTile
 
-    space = SearchSpace.for_problem(P2, "sm_90", "small", ("nccl", "nvlink"))
+    space = _small_nvlink_space()
     assert space.choices["transport"] == ("nccl", "nvlink")
     assert 8 in space.choices["router"] and False in space.choices["packed"]
-    # The grid walks the product of every knob (2.2e8 draws here since E=8's router took
-    # pairs: ~25 min): fewer values of the persistent kernel's counts, each knob kept
-    few = {"blocks": (0, 1), "ksplit_gu": (1, 2), "ksplit_dn": (1, 2), "senders": (0, 8)}
-    space = SearchSpace(space.problem, space.limits, space.choices | few,
-                        space.nvlink_only | {k: v[1:] for k, v in few.items()})
     configs = list(space.valid_configs())
     names = [c.name for c in configs]
     assert len(names) == len(set(names))
@@ -534,7 +539,7 @@ def test_nvlink_only_space_repairs_every_draw_to_a_persistent_config():
 
 @pytest.mark.parametrize("sampler", ["tpe", "grid"])
 def test_study_chooses_between_transports(sampler):
-    space = SearchSpace.for_problem(P2, "sm_90", "small", ("nccl", "nvlink"))
+    space = _small_nvlink_space()
     res = run_study(P2, FakeEvaluator(), space=space, study_name="t" + sampler,
                     sampler=sampler, n_trials=40)
     seen = [r.config for r in res.trials]
