@@ -134,14 +134,23 @@ def test_report_prints_top_configs_default_and_writes_plots(tmp_path, capsys):
     assert f"{res.best.outcome.median_ms:.4f}" in out
 
 
-def test_valid_configs_equal_the_brute_force_filter():
-    """Filtering tiles first must keep exactly the configs a full product + check keeps."""
+@pytest.mark.parametrize("transports", [("nccl",), ("nccl", "nvlink")])
+def test_valid_configs_equal_the_brute_force_filter(transports):
+    """Filtering tiles first and walking the other knobs (a moot value dropped where it
+    stands) must keep exactly the configs a full product + canonical + check keeps; with
+    nvlink, every knob of the persistent kernel over a few tiles."""
     import itertools
 
-    space = SearchSpace.for_problem(P2, "sm_90", "small")
-    space = SearchSpace(space.problem, space.limits,
-                        space.choices | {"gu_mma": ("sync", "wgmma"), "gu_w": ("2x2", "8x1"),
-                                         "gu_bn": (64, 2048)})
+    wide = {"gu_mma": ("sync", "wgmma"), "gu_w": ("2x2", "8x1"), "gu_bn": (64, 2048)}
+    if "nvlink" in transports:  # wgmma and ws tiles of 128 rows, every nvlink knob (the
+        # count knobs with two values each: the brute force walks the whole product)
+        space = _small_nvlink_space()
+        wide = {"gu_mma": ("wgmma", "ws"), "dn_mma": ("wgmma", "ws"), "gu_w": ("8x1",),
+                "dn_w": ("8x1",), "gu_bm": (128,), "dn_bm": (128,), "gu_bn": (128,),
+                "dn_bn": (128,), "gu_s": (4,), "dn_s": (4,)}
+    else:
+        space = SearchSpace.for_problem(P2, "sm_90", "small", transports)
+    space = SearchSpace(space.problem, space.limits, space.choices | wide, space.nvlink_only)
     keys = list(space.choices)
     brute = set()
     for values in itertools.product(*(space.choices[k] for k in keys)):
@@ -150,7 +159,14 @@ def test_valid_configs_equal_the_brute_force_filter():
             brute.add(space.config_from_params(params))
     fast = list(space.valid_configs())
     assert len(fast) == len(set(fast)) == len(brute) and set(fast) == brute
-    assert any(c.gate_up.mma == "wgmma" for c in fast) and any(c.gate_up.bn == 64 for c in fast)
+    assert any(c.gate_up.mma == "wgmma" for c in fast)
+    if "nvlink" in transports:
+        nvl = [c for c in fast if c.transport == "nvlink"]
+        assert any(c.ws_tma and c.task_tiles == 2 for c in nvl)
+        assert any(c.ws_wgmma for c in nvl) and any(c.send_blocks for c in nvl)
+        assert any(c.stage_epilogue == 3 for c in nvl) and any(c.router_batches == 4 for c in nvl)
+    else:
+        assert any(c.gate_up.bn == 64 for c in fast)
 
 
 def test_comm_timeout_is_read_when_used_and_checked(monkeypatch):
@@ -454,9 +470,10 @@ def test_a_config_the_build_refuses_is_a_failed_trial_the_database_keeps():
 
 
 def _small_nvlink_space() -> SearchSpace:
-    """P2's small space with transport nvlink, fewer values of the persistent kernel's
-    count knobs (blocks, K splits, senders), every knob kept: the grid walks the product of
-    all knobs, 2.2e8 draws with all of them since E=8's router takes pairs (> 20 min)."""
+    """P2's small space with transport nvlink, two values of each of the persistent
+    kernel's count knobs (blocks, K splits, senders), every knob kept: small enough for a
+    brute-force walk of the whole product, and for a grid (the whole space holds more than
+    sampling.MAX_GRID valid configs since E=8's router takes pairs)."""
     space = SearchSpace.for_problem(P2, "sm_90", "small", ("nccl", "nvlink"))
     few = {"blocks": (0, 1), "ksplit_gu": (1, 2), "ksplit_dn": (1, 2), "senders": (0, 8)}
     return SearchSpace(space.problem, space.limits, space.choices | few,
@@ -470,7 +487,7 @@ def test_space_with_transport_nvlink():
     an early seed."""
     from flashmoe_gen.config import GemmTile
 
-    space = _small_nvlink_space()
+    space = SearchSpace.for_problem(P2, "sm_90", "small", ("nccl", "nvlink"))
     assert space.choices["transport"] == ("nccl", "nvlink")
     assert 8 in space.choices["router"] and False in space.choices["packed"]
     configs = list(space.valid_configs())
@@ -539,7 +556,7 @@ def test_nvlink_only_space_repairs_every_draw_to_a_persistent_config():
 
 @pytest.mark.parametrize("sampler", ["tpe", "grid"])
 def test_study_chooses_between_transports(sampler):
-    space = _small_nvlink_space()
+    space = _small_nvlink_space()  # (the whole one holds > MAX_GRID valid configs)
     res = run_study(P2, FakeEvaluator(), space=space, study_name="t" + sampler,
                     sampler=sampler, n_trials=40)
     seen = [r.config for r in res.trials]
