@@ -215,7 +215,8 @@ def _without_moot(params: dict) -> dict:
     """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
     senders, router batches, task tiles, deferred refills, staged epilogue, phased tasks,
     own_split/own_stream, gather) at their neutral values, where present (an absent one
-    reads as that value anyway)."""
+    reads as that value anyway). A rule may read only tiles and knobs valid_configs walks
+    before the knob it resets (_WALK_FIRST; the brute-force test checks the walk)."""
     out = dict(params)
     if not _splits_apply(out):
         out |= {k: 1 for k in SPLIT_KNOBS if k in out}
