@@ -45,6 +45,8 @@ from flashmoe_gen.tiles import (
     GemmTile,
 )
 
+from .moot import WALK_FIRST, without_moot
+
 
 def _within(choices, lo, hi) -> tuple:
     """The valid values (config.py declares them) that a space searches: lo..hi."""
@@ -163,96 +165,6 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "router_batches": ROUTER_BATCH_CHOICES, "task_tiles": TASK_TILE_CHOICES,
                 "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES,
                 "phased_tasks": (False, True), "ws_wgmma": (False, True)}
-#: Of those, the K splits apply to fused weight-streaming tiles only (else forced to 1).
-SPLIT_KNOBS = ("ksplit_gu", "ksplit_dn")
-
-
-#: Knobs the moot rules (``_without_moot``, nvlink's forced schedule) read, in the order
-#: SearchSpace.valid_configs walks them before the others: each rule reads only tiles and
-#: knobs walked before the knob it resets.
-_WALK_FIRST = ("transport", "fuse", "mode", "ws_tma", "task_tiles", "ws_wgmma", "own_split",
-               "own_stream")
-
-
-def _comm_sms_apply(params: dict) -> bool:
-    """Whether the comm_sms knob means anything: NCCL moves tokens, a tile is the tma kernel
-    (the only grid sized to the SMs)."""
-    return (params.get("transport", "nccl") == "nccl"
-            and "tma" in (params.get("gu_mma"), params.get("dn_mma")))
-
-
-def _ws_tma_apply(params: dict) -> bool:
-    """Whether TMA loads mean anything: transport nvlink, ws or wgmma tiles of BK 64 on both
-    GEMMs (Hopper: for_problem drops the value elsewhere)."""
-    return (params.get("transport") == "nvlink"
-            and params.get("gu_mma") == params.get("dn_mma")
-            and params.get("gu_mma") in ("ws", "wgmma")
-            and params.get("gu_bk") == params.get("dn_bk") == 64)
-
-
-def _per_source_tasks(params: dict) -> bool:
-    """Whether the persistent kernel keeps per-source task lists, where send_blocks and
-    phased_tasks mean anything: transport nvlink, sources not fused (fused tasks wait for
-    every source; for_problem drops both on one rank)."""
-    return params.get("transport") == "nvlink" and not params.get("fuse", False)
-
-
-def _own_split_apply(params: dict) -> bool:
-    """Whether own_split means anything: fused NCCL sources whose launch leaves this rank's
-    tokens apart (not _ws); for_problem drops it where there are no peers or one local
-    expert."""
-    return (params.get("transport", "nccl") == "nccl" and params.get("fuse", False)
-            and params.get("gu_mma") != "ws")
-
-
-def _splits_apply(params: dict) -> bool:
-    """Whether the K-split knobs mean anything: transport nvlink, fused ws tiles."""
-    return (params.get("transport") == "nvlink" and params.get("fuse", False)
-            and params.get("gu_mma") == "ws" and params.get("dn_mma") == "ws")
-
-
-def _without_moot(params: dict) -> dict:
-    """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
-    senders, router batches, task tiles, deferred refills, staged epilogue, phased tasks,
-    own_split/own_stream, gather) at their neutral values, where present (an absent one
-    reads as that value anyway). A rule may read only tiles and knobs valid_configs walks
-    before the knob it resets (_WALK_FIRST; the brute-force test checks the walk)."""
-    out = dict(params)
-    if not _splits_apply(out):
-        out |= {k: 1 for k in SPLIT_KNOBS if k in out}
-    if "comm_sms" in out and not _comm_sms_apply(out):
-        out["comm_sms"] = 0
-    if "ws_tma" in out and not _ws_tma_apply(out):
-        out["ws_tma"] = False
-    if "senders" in out and not _per_source_tasks(out):
-        out["senders"] = 0
-    if "router_batches" in out and out.get("transport") != "nvlink":
-        out["router_batches"] = 1  # only the persistent kernel's router takes pairs
-    rows_tma = out.get("ws_tma", False) and out.get("gu_mma") == "wgmma"
-    if "task_tiles" in out and not rows_tma:
-        out["task_tiles"] = 1  # only the TMA row tasks (ws_tma, kept above only where it
-        # applies: nvlink) carry their ring across row tiles
-    if "defer_refill" in out and not rows_tma:
-        out["defer_refill"] = False  # ... and refill it from a computing thread
-    if "stage_epilogue" in out and not (rows_tma and out.get("task_tiles", 1) == 1):
-        out["stage_epilogue"] = 0  # ... and, one row tile per task, stage in it
-    if "phased_tasks" in out and not _per_source_tasks(out):
-        out["phased_tasks"] = False  # per-source lists only (fused sources: one list)
-    if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):
-        out["ws_wgmma"] = False  # weight-streaming tiles with TMA weights only (ws_tma
-        # above is kept only where it applies: nvlink, ws or wgmma tiles on both GEMMs)
-    if "split_gated" in out and not (out.get("gu_mma") in HOPPER_KINDS
-                                     or out.get("ws_wgmma", False)):
-        out["split_gated"] = False  # a gate/up tile on warpgroup MMAs only
-    if "own_split" in out and not _own_split_apply(out):
-        out["own_split"] = False
-    if "own_stream" in out and not out.get("own_split", False):
-        out["own_stream"] = False
-    if "gather" in out and not (_own_split_apply(out) and out.get("mode", "host") == "host"
-                                and not out.get("own_stream", False)):
-        out["gather"] = False
-    return out
-
 #: The persistent kernel's knobs whose measured effect is a few percent either way and turns
 #: with the problem (4 x H200, E=64: router pairs won from T=2048 and lost at 1024, quads
 #: beat pairs by ~1%; two row tiles per task lost 1-16% at T=4096/16384, unmeasured
@@ -360,7 +272,7 @@ class SearchSpace:
         transport = params.get("transport", "nccl")  # studies from before the knob: nccl
         if transport == "nvlink":
             params = params | NVLINK_FORCED
-        params = _without_moot(params)
+        params = without_moot(params)
         return KernelConfig(tile("gu"), tile("dn"), params["router"], params["chunks"],
                             params["streams"], params["shared_stream"],
                             fuse_sources=params.get("fuse", False),
@@ -387,7 +299,7 @@ class SearchSpace:
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
         config has one parameter set (a repeat is seen as one)."""
-        params = _without_moot(params)
+        params = without_moot(params)
         if params.get("transport") != "nvlink":
             return params | {k: v[0] for k, v in NVLINK_KNOBS.items() if k in params}
         return params | NVLINK_FORCED
@@ -451,10 +363,10 @@ class SearchSpace:
         """Every valid config: tiles are filtered on their own first, then combined with the
         other knobs by a walk that drops a value as soon as ``canonical`` would change it (a
         knob moot where it stands, away from its neutral value), the knobs the moot rules
-        read walked first (_WALK_FIRST). Walking the whole product and keeping its fixed
+        read walked first (WALK_FIRST). Walking the whole product and keeping its fixed
         points took 2.2e8 draws on the seed problem's small space with transport nvlink."""
-        rest = [k for k in _WALK_FIRST if k in self.choices] + [
-            k for k in self.choices if not k.startswith(("gu_", "dn_")) and k not in _WALK_FIRST]
+        rest = [k for k in WALK_FIRST if k in self.choices] + [
+            k for k in self.choices if not k.startswith(("gu_", "dn_")) and k not in WALK_FIRST]
         neutral = {k: self.choices[k][0] for k in rest}
         for gu, dn in itertools.product(self._valid_tiles("gu", "gate_up"),
                                         self._valid_tiles("dn", "down")):
