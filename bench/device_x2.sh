@@ -37,11 +37,15 @@
 #   a: the gate/up results by TMA stores in flight (stage_epilogue 3): the one-GPU and
 #      2-rank cases beside the staged ones, then E=64 T=4096/16384 on 2 ranks over se = 1, 3
 #      beside PyTorch EP (~400 s; A_PROBLEMS, A_TOKENS, A_VARY change the sweep)
+#   p: the task producer (config task_producer): with 4 GPUs the whole one-GPU suite in two
+#      halves on GPUs 2, 3 beside the producer's tests on GPUs 0, 1 (one GPU; the late / lost
+#      rank watchdog; the 2-rank producer cases), then, alone, E=64/32/8 at T=4096/16384 on 2
+#      ranks with and without it (P_PROBLEMS, P_TOKENS, P_VARY change the sweep) (~560 s)
 #   v: the one-GPU kernel tests in two halves side by side (GPUs 0, 1) with the graph and
 #      routing tests after them, then the 2-rank persistent-kernel, weight-streaming and
 #      graph-mode cases (~580 s): every cp.async- and TMA-fed tile kind
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
-# Usage: bash bench/device_x2.sh COMMIT 1|2|a|c|m|t|n|w|r|rs2|s|v
+# Usage: bash bench/device_x2.sh COMMIT 1|2|a|c|m|t|n|w|p|r|rs2|s|v
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
@@ -189,6 +193,36 @@ row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
   bundle
   grep -hE "^\| e" "$O/sweep_tstore.md" | cut -d'|' -f2-9
   grep -hE "^- e" "$O/sweep_tstore.md" | sed 's/`[^`]*`//' | cut -c1-400
+fi
+if [ "$PART" = p ]; then
+  python3 -m pytest -m gpu tests/test_gpu_kernels.py --collect-only -q -p no:cacheprovider \
+    2>/dev/null | grep "::" > "$O/kernels_ids.txt"
+  suite_half() {  # N GPU: every other one-GPU test id from N, the graph / routing file after
+    local extra=tests/test_gpu_graph.py; [ "$1" = 1 ] && extra=tests/test_gpu_routing.py
+    CUDA_VISIBLE_DEVICES=$2 timeout -k 10 "${P_LANE_TIMEOUT:-330}" python3 -m pytest -m gpu \
+      $(awk -v n="$1" 'NR % 2 == n' "$O/kernels_ids.txt") $extra -q --no-header \
+      -p no:cacheprovider -rs > "$O/gpu_half$1.log" 2>&1
+    echo "gpu half $1 rc=$?" > "$O/gpu_half$1.rc"
+  }
+  if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then suite_half 0 2 & suite_half 1 3 & fi
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+    -v --no-header -p no:cacheprovider -k task_producer > "$O/gpu1_producer.log" 2>&1
+  echo "one GPU task_producer: $(tail -1 "$O/gpu1_producer.log")"
+  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_nvlink.py \
+    -v --no-header -p no:cacheprovider -k late_rank > "$O/gpu_watchdog.log" 2>&1
+  echo "watchdog: $(tail -1 "$O/gpu_watchdog.log")"
+  multigpu_k 2 "${TEST_TIMEOUT:-240}" producer "nvlink_persistent_kernel and (producer or \
+row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
+  wait
+  timeout -k 10 "${P_SWEEP_TIMEOUT:-300}" $MPI -np 2 python3 bench/nvlink_sweep.py \
+    --commit "$COMMIT" --problems "${P_PROBLEMS:-e64,e32,e8}" --tokens "${P_TOKENS:-4096,16384}" \
+    --vary "${P_VARY:-pr=0,1}" --iters 10 --out "$O/sweep_producer.md" \
+    --json "$O/sweep_producer.json" > "$O/sweep_producer.log" 2>&1
+  echo "sweep producer rc=$?"
+  cat "$O"/gpu_half*.rc 2>/dev/null; summary "$O"/gpu_half*.log "$O/gpu1_producer.log"
+  bundle
+  grep -hE "^\| e" "$O/sweep_producer.md" | cut -d'|' -f2-9
+  grep -hE "^- e" "$O/sweep_producer.md" | sed 's/`[^`]*`//' | cut -c1-400
 fi
 if [ "$PART" = v ]; then
   python3 -m pytest -m gpu tests/test_gpu_kernels.py --collect-only -q -p no:cacheprovider \

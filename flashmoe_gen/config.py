@@ -13,6 +13,7 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     K_SPLIT_CHOICES,
     PERSISTENT_SCHEDULE,
     PERSISTENT_THREADS,
+    PRODUCER_THREADS,
     ROUTER_BATCH_CHOICES,
     SEND_BLOCK_CHOICES,
     STAGE_EPILOGUE_CHOICES,
@@ -23,10 +24,12 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     check_router_batches,
     check_send_blocks,
     check_stage_epilogue,
+    check_task_producer,
     check_task_tiles,
     check_ws_tma,
     check_ws_wgmma,
     persistent_takes,
+    producer_ring_bytes,
 )
 from .errors import ArgumentError, ConfigError
 from .problem import MoEProblem
@@ -109,6 +112,9 @@ class KernelConfig:
     defer_refill: bool = False  # transport "nvlink", TMA row tiles: refills never block
     stage_epilogue: int = 0  # transport "nvlink", TMA row tiles (STAGE_EPILOGUE_CHOICES)
     phased_tasks: bool = False  # transport "nvlink", per-source lists: all gate/up first
+    # transport "nvlink", TMA row tasks on both GEMMs: a producer warpgroup claims the tasks
+    # and feeds their ring, the two MMA warpgroups only compute (check_task_producer)
+    task_producer: bool = False
     # wgmma or tma gate/up tiles: gate and up in two MMAs of BN (default: one of 2 BN)
     split_gated_mma: bool = False
     # transport "nvlink", Hopper, both tiles _ws of 128 tokens with TMA weights: warpgroup
@@ -211,7 +217,7 @@ class KernelConfig:
                 raise ConfigError(f, v, "must be an integer", name)
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
                   "own_split", "own_stream", "gather_experts", "defer_refill",
-                  "phased_tasks", "split_gated_mma", "ws_wgmma"):
+                  "phased_tasks", "task_producer", "split_gated_mma", "ws_wgmma"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -274,6 +280,8 @@ class KernelConfig:
             check_stage_epilogue(self, name)
         if self.phased_tasks:
             check_phased_tasks(self, problem, name)
+        if self.task_producer:
+            check_task_producer(self, name)
         if self.split_gated_mma and not self.wgmma_tile(self.gate_up):
             raise ConfigError("split_gated_mma", True, "only wgmma or tma gate/up tiles "
                               "(or ws with ws_wgmma) compute gate and up in one MMA: use "
@@ -343,9 +351,18 @@ class KernelConfig:
 
     def persistent_smem(self) -> int:
         """Dynamic shared memory of the persistent kernel: the larger of its two GEMMs', and
-        SWIZZLE_ALIGN bytes to align TMA boxes to the swizzle's atoms (``ws_tma``)."""
+        SWIZZLE_ALIGN bytes to align TMA boxes to the swizzle's atoms (``ws_tma``); with
+        ``task_producer`` the one ring both GEMMs' tasks share."""
+        if self.task_producer:
+            return producer_ring_bytes(self)
         return max(self.gate_up.smem_bytes(2), self.down.smem_bytes(1)) + \
             (SWIZZLE_ALIGN if self.ws_tma else 0)
+
+    @property
+    def persistent_threads(self) -> int:
+        """The persistent kernel's block: its tiles' warps, and with ``task_producer`` the
+        producer warpgroup."""
+        return self.gate_up.threads + (PRODUCER_THREADS if self.task_producer else 0)
 
     def graph_mode(self) -> KernelConfig:
         """The same config in mode "graph", without the knobs only mode "host" has
@@ -430,7 +447,7 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("own_split", "os"), ("own_stream", "ost"), ("gather_experts", "ge"),
              ("send_blocks", "sb"), ("router_batches", "rb"), ("task_tiles", "tt"),
              ("defer_refill", "dr"), ("stage_epilogue", "se"), ("phased_tasks", "ph"),
-             ("split_gated_mma", "g2"), ("ws_wgmma", "wsg"))
+             ("task_producer", "pr"), ("split_gated_mma", "g2"), ("ws_wgmma", "wsg"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
 

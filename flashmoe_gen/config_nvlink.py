@@ -9,13 +9,19 @@ from .arch import DeviceLimits
 from .errors import ConfigError
 from .problem import MoEProblem
 from .router_layout import ROUTER_MAX_MTILES, router_pairs_fit
-from .tiles import GemmTile
+from .tiles import SWIZZLE_ALIGN, GemmTile
 
 if TYPE_CHECKING:
     from .config import KernelConfig
 
 #: The persistent kernel's block (router, positions, combine and its GEMM tiles share it).
 PERSISTENT_THREADS = 256
+#: With ``task_producer`` its block has one more warpgroup, which only claims tasks and
+#: issues their TMA loads (setmaxnreg moves registers a warpgroup at a time): the 384
+#: threads' launch allocation of 168 registers each becomes 40 for the producer and 232
+#: for the two MMA warpgroups (128 x 40 + 256 x 232 = 384 x 168).
+PRODUCER_THREADS = 128
+PRODUCER_REGS, WORKER_REGS = 40, 232
 #: The schedule it runs, field -> value: one block of PERSISTENT_THREADS routes a token per
 #: warp; no chunks, streams or packed slots (rows are stored straight into expert slots).
 PERSISTENT_SCHEDULE = {"router_tokens_per_block": PERSISTENT_THREADS // 32,
@@ -232,3 +238,31 @@ def check_task_tiles(cfg: KernelConfig, name: str) -> None:
     if not tma_row_tasks(cfg):
         raise ConfigError("task_tiles", v, f"{_TMA_ROW_TASKS} take several row tiles per "
                           "task: use 1", name)
+
+
+def producer_ring_bytes(cfg: KernelConfig) -> int:
+    """Shared memory of ``task_producer``'s ring, which every TMA row task of both GEMMs
+    runs through (its stages and phases carry on from task to task): per stage the A tile
+    and the larger of the two GEMMs' B tiles."""
+    gu, dn = cfg.gate_up, cfg.down
+    b = max(2 * gu.bn, dn.bn) * gu.bk
+    return gu.stages * (gu.bm * gu.bk + b) * 2 + SWIZZLE_ALIGN
+
+
+def check_task_producer(cfg: KernelConfig, name: str) -> None:
+    """A producer warpgroup that claims the tasks, waits for their inputs and feeds one
+    ring kept across tasks: TMA row tasks on both GEMMs (per-source lists: nvlink fuses
+    sources with weight-streaming tiles only; a task's loads are the producer's alone: no
+    deferred refills, no TMA stores holding ring stages across tasks) and one stage count for
+    both GEMMs' tasks (a stage's phase runs on)."""
+    gu, dn = cfg.gate_up, cfg.down
+    why = (f"{_TMA_ROW_TASKS} on both GEMMs have a ring to feed"
+           if not (tma_row_tasks(cfg) and dn.mma == "wgmma") else
+           "deferred refills are a computing thread's (the producer computes nothing)"
+           if cfg.defer_refill else
+           "the TMA stores of stage_epilogue 3 hold ring stages across tasks"
+           if cfg.stage_epilogue == 3 else
+           f"the GEMMs' tasks share one ring: use the same stages (gate/up s{gu.stages}, "
+           f"down s{dn.stages})" if gu.stages != dn.stages else "")
+    if why:  # (the ring needs no more shared memory than the larger GEMM's own ring)
+        raise ConfigError("task_producer", True, why + ": use False", name)

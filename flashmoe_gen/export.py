@@ -181,7 +181,7 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
         state="L->pstate", capacity="NVL_CAPACITY", self_rank="L->rank",
         spin_limit="L->spin_limit", status="L->status_host", stats="nullptr",
         wmaps="L->wmaps" if cfg.ws_tma else "nullptr")
-    return {"capacity": capacity, "threads": cfg.gate_up.threads, "smem": cfg.persistent_smem(),
+    return {"capacity": capacity, "threads": cfg.persistent_threads, "smem": cfg.persistent_smem(),
             "blocks_per_sm": cfg.blocks_per_sm,
             "heap_bytes": heap.nbytes, "counts_off": heap.counts_off,
             "flags_off": heap.flags_off, "state_words": state_words(p, cfg),

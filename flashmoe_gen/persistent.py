@@ -283,10 +283,10 @@ class PersistentForward:
         func = layer.module[layer.kernels.persistent]
         smem = layer.compiled.dynamic_smem[layer.kernels.persistent]
         per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
-            func.kernel.ptr, cfg.gate_up.threads, smem)  # RawKernel -> CUfunction
+            func.kernel.ptr, cfg.persistent_threads, smem)  # RawKernel -> CUfunction
         if per_sm < 1:
             raise ConfigError("transport", "nvlink", f"the persistent kernel does not fit one "
-                              f"SM ({smem} B of shared memory, {cfg.gate_up.threads} threads): "
+                              f"SM ({smem} B of shared memory, {cfg.persistent_threads} threads): "
                               "smaller tiles or fewer stages", cfg.name)
         # Every block resident: the kernel's grid barriers and spins rely on it.
         self.grid = persistent_grid(per_sm, layer._sms, cfg.blocks_per_sm)  # read at build
@@ -326,7 +326,7 @@ class PersistentForward:
             packed = PERSISTENT.pack(self.arguments(None, 0, None))
             self._static = [a.data.ptr if isinstance(a, cupy.ndarray) else a for a in packed]
             self._launch = (layer.module[layer.kernels.persistent], (self.grid,),
-                            (layer.config.gate_up.threads,),
+                            (layer.config.persistent_threads,),
                             layer.compiled.dynamic_smem[layer.kernels.persistent])
         fn, grid, block, smem = self._launch
         args = self._static.copy()

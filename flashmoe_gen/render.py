@@ -9,7 +9,7 @@ import jinja2
 
 from . import __version__
 from .config import PERSISTENT_THREADS, KernelConfig
-from .config_nvlink import store_kind
+from .config_nvlink import PRODUCER_REGS, WORKER_REGS, store_kind
 from .problem import MoEProblem
 from .router_layout import (
     ROUTER_ITEMS,
@@ -268,7 +268,9 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_threads": PERSISTENT_THREADS,
         # ws_tma: at most one block per SM, or ptxas caps the kernel at 128 registers and
         # spills (NVRTC 13.0, DeepSeek-V3's tiles); 163 registers without the cap.
-        "persistent_bounds": "fmoe::P_THREADS, 1" if config.ws_tma else "fmoe::P_THREADS",
+        "persistent_bounds": ("fmoe::P_THREADS + 128, 1" if config.task_producer else
+                              "fmoe::P_THREADS, 1" if config.ws_tma else "fmoe::P_THREADS"),
+        **_producer_vars(config),
         "persistent_stats_words": PERSISTENT_STATS_WORDS,
         "persistent_stat_end": PERSISTENT_STAT_END,
         "persistent_task_clocks": len(PERSISTENT_TASK_CLOCKS),
@@ -327,14 +329,25 @@ def _split_vars(problem: MoEProblem, config: KernelConfig) -> dict[str, int]:
             "split_base": persistent_split_base(problem, config) if sk.splits else 0}
 
 
+def _producer_vars(config: KernelConfig) -> dict[str, int | str]:
+    """``task_producer``'s constants: its registers and the worker warpgroups' after
+    setmaxnreg, its ring's stages and B elements per stage (the larger GEMM's)."""
+    on = config.task_producer
+    gu, dn = config.gate_up, config.down
+    return {"task_producer": CPP_BOOL[on], "producer_regs": PRODUCER_REGS,
+            "worker_regs": WORKER_REGS, "ring_stages": gu.stages if on else 0,
+            "ring_b_elems": max(2 * gu.bn, dn.bn) * gu.bk if on else 0}
+
+
 def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, int | str]:
     """The persistent kernel's GEMM of one task: the weight-streaming device function (one
     n-tile of a group over all its rows; ``ws_tma``: weights by TMA boxes) or row tiles,
     mma.sync or warpgroup MMA (one n-tile of one row tile: ``row_tasks``; ``ws_tma``: a
     routed task's rows and weights by TMA boxes, ``tma_fn``, with the config's task tiles,
     deferred refills and results' stores (config_nvlink.store_kind; with TMA stores in the
-    kernel, every TMA row task waits for and settles them))."""
-    tma, tma_fn, kind = config.ws_tma, "", "direct"
+    kernel, every TMA row task waits for and settles them); ``task_producer``: the workers'
+    side, ``consume_fn``, fed from the producer's ring))."""
+    tma, tma_fn, consume_fn, kind = config.ws_tma, "", "", "direct"
     if tile.mma == "ws":
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.stages, CPP_BOOL[gated],
                 CPP_BOOL[tma], *([CPP_BOOL[True]] if config.ws_wgmma else [])]
@@ -350,12 +363,17 @@ def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, i
             tma_fn = "wt_gemm_tile<{}>".format(", ".join(map(str, [
                 *args, config.task_tiles, CPP_BOOL[config.defer_refill],
                 CPP_BOOL[kind == "staged"], *extra])))
+            if config.task_producer:  # fed by the producer's ring (stages of ring_b_elems)
+                consume_fn = "wt_consume_tile<{}>".format(", ".join(map(str, [
+                    tile.bm, tile.bn, tile.stages, _producer_vars(config)["ring_b_elems"],
+                    CPP_BOOL[gated], CPP_BOOL[kind == "staged"]])))
     else:
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages,
                 CPP_BOOL[gated]]
         fn = "sync_gemm_rows"
     return {"bn": tile.bn, "bm": tile.bm, "row_tasks": CPP_BOOL[tile.mma != "ws"],
             "fn": f"{fn}<{', '.join(map(str, args))}>", "tma_fn": tma_fn,
+            "consume_fn": consume_fn, "staged": CPP_BOOL[kind == "staged"],
             "tma_store": CPP_BOOL[kind == "tma"]}
 
 

@@ -222,6 +222,25 @@ def test_nvlink_tma_stores_one_rank():
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 11), w)
 
 
+@pytest.mark.parametrize("case", ["seed_default", "e32_pairs_unstaged"])
+def test_nvlink_task_producer_one_rank(case):
+    """A producer warpgroup feeding the TMA row tasks (task_producer) on one GPU: the seed
+    example's default at 1000 tokens (shared experts by cp.async through the ring's memory,
+    the down results staged in it: the producer holds off for both), and E=32 at 4096 tokens
+    with two row tiles per task and unstaged results; then fewer tokens (ragged row tiles,
+    one token, none), outputs poisoned and checked against the float64 reference."""
+    p = (SEED_EXAMPLE.replace(tokens_per_rank=1000) if case == "seed_default" else
+         MoEProblem(1024, 1024, 32, 2, tokens_per_rank=4096))
+    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), task_producer=True)
+    if case != "seed_default":
+        cfg = dataclasses.replace(cfg, task_tiles=2, stage_epilogue=0)
+    cfg.validate(p, "sm_90")
+    w = MoEWeights.random(p, seed=69)
+    layer = _layer(p, cfg, weights=w)
+    for t in (p.tokens_per_rank, 333, 1, 0):
+        _run_checked(layer, random_tokens(t, p.hidden, seed=t + 13), w)
+
+
 def test_nvlink_staged_router_one_rank():
     """The persistent router's staged logits (32-token calls through a shared-memory ring,
     flashmoe_gen.router_staged) on one GPU: E=64 with router quads, a ragged last call

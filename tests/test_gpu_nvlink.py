@@ -27,15 +27,17 @@ def _gpus() -> int:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs")]
 
 
-def test_late_rank_is_waited_for_and_a_lost_one_ends_in_an_error():
+@pytest.mark.parametrize("case", ["ws", "producer"])
+def test_late_rank_is_waited_for_and_a_lost_one_ends_in_an_error(case):
     exe = shutil.which("mpirun")
     if exe is None:
         pytest.skip("no mpirun")
     cmd = [exe, "-np", "2", "-x", "NCCL_NVLS_ENABLE=0", "-x", "FLASHMOE_COMM_TIMEOUT",
-           "-x", "PYTHONPATH"]
+           "-x", "PYTHONPATH", "-x", "FLASHMOE_WATCHDOG_CASE"]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     env = dict(os.environ, FLASHMOE_COMM_TIMEOUT=str(TIMEOUT_S), PYTHONUNBUFFERED="1",
+               FLASHMOE_WATCHDOG_CASE=case,
                PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([*cmd, sys.executable, str(HERE / "mpi" / "nvlink_watchdog_gpu.py")],
                        capture_output=True, text=True, timeout=180, env=env)

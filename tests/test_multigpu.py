@@ -159,6 +159,9 @@ def _nvl_cfg(**knobs):
                                   "row_tiles_wgmma_tma_staged",
                                   "row_tiles_wgmma_tma_tstore",
                                   "row_tiles_wgmma_tma_phased", "row_tiles_phased",
+                                  "row_tiles_wgmma_tma_producer",
+                                  "row_tiles_wgmma_tma_producer_pairs",
+                                  "dsv2lite_default_producer",
                                   "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks",
                                   "dsv2lite_default_many_batches",
                                   "dsv2lite_default_quad_batches",
@@ -186,6 +189,9 @@ def test_nvlink_persistent_kernel(comm, case):
          "row_tiles_wgmma_tma_tstore": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma_phased": SEED.replace(tokens_per_rank=1000),
          "row_tiles_phased": SEED.replace(tokens_per_rank=1000),
+         "row_tiles_wgmma_tma_producer": SEED.replace(tokens_per_rank=1000),
+         "row_tiles_wgmma_tma_producer_pairs": SEED.replace(tokens_per_rank=1000),
+         "dsv2lite_default_producer": DSV2.replace(tokens_per_rank=2200),
          "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
          "row_tiles_send_blocks": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_default_many_batches": DSV2.replace(tokens_per_rank=2200),
@@ -240,6 +246,19 @@ def test_nvlink_persistent_kernel(comm, case):
                            stage_epilogue=2 if case.endswith("staged") else
                            3 if case.endswith("tstore") else 0,
                            phased_tasks=case.endswith("phased"))
+    if "producer" in case:  # a producer warpgroup claims the tasks and feeds one ring kept
+        # across them (both GEMMs 4 stages); the down results staged in the ring (the
+        # producer holds off until they are out), the shared experts' tasks by cp.async
+        # through its memory (likewise); pairs: two row tiles per task, results unstaged
+        if case.startswith("row"):
+            gu = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
+            pairs = case.endswith("pairs")
+            cfg = KernelConfig(gu, dataclasses.replace(gu, bn=256), transport="nvlink",
+                               ws_tma=True, task_producer=True, task_tiles=2 if pairs else 1,
+                               stage_epilogue=0 if pairs else 1, phased_tasks=not pairs)
+        else:  # the default at 2200 tokens (I = 1408: 11 column tiles; 2 shared experts)
+            cfg = dataclasses.replace(KernelConfig.persistent_default(
+                p.replace(world_size=comm.world_size)), task_producer=True)
     if case.startswith("dsv2lite_default_") and case.endswith("batches"):  # the persistent
         # default at 2200 tokens: TMA row tiles, senders, dense lists, shared experts, and a
         # router that takes two 8-token batches per tensor-core tile (275 batches: no hidden

@@ -62,7 +62,7 @@ def test_launch_packs_the_fixed_arguments_once():
         module={"k": lambda grid, block, args, shared_mem: calls.append((grid, block, args,
                                                                           shared_mem))},
         kernels=types.SimpleNamespace(persistent="k"),
-        config=types.SimpleNamespace(gate_up=types.SimpleNamespace(threads=256)),
+        config=types.SimpleNamespace(persistent_threads=256),
         compiled=types.SimpleNamespace(dynamic_smem={"k": 99_000}))
     pf.layer = layer
 
@@ -282,8 +282,9 @@ def test_collected_shared_heaps_wait_for_a_point_every_rank_reaches():
 
 
 def test_tensor_maps_acquired_once_per_launch():
-    """ws_tma: the persistent kernel's thread 0 (which issues every TMA box) acquires each
-    of the maps tile_map_specs lists once at its start; no task acquires them again."""
+    """ws_tma: the persistent kernel's thread that issues every TMA box (thread 0, or the
+    producer's first with task_producer) acquires each of the maps tile_map_specs lists once
+    at its start; no task acquires them again."""
     from dataclasses import replace
 
     from flashmoe_gen.config import KernelConfig
@@ -300,8 +301,9 @@ def test_tensor_maps_acquired_once_per_launch():
         assert n == len(tile_map_specs(p, cfg, 512)) == (8 if p is rows else 6)
         code = " ".join(render(p, cfg).code.split())
         assert f"constexpr int TILE_MAPS = {n};" in code
-        assert ("if (wmaps != nullptr && threadIdx.x == 0) for (int i = 0; i < TILE_MAPS; "
-                "++i) tensormap_acquire(wm(i));") in code
+        assert ("if (wmaps != nullptr && threadIdx.x == TMA_THREAD) for (int i = 0; i < "
+                "TILE_MAPS; ++i) tensormap_acquire(wm(i));") in code
+        assert "constexpr int TMA_THREAD = TASK_PRODUCER ? P_THREADS : 0;" in code
         assert code.count("tensormap_acquire(") == 2  # its definition and that loop
         off = replace(cfg, ws_tma=False, stage_epilogue=0, ws_wgmma=False)
         assert persistent_tile_maps(off) == 0

@@ -332,8 +332,8 @@ def test_the_template_passes_the_mirrored_arguments():
             "my_counts[s * el + e], capacity)); }",
             "for (int e = 0; e <= el; ++e) { dn_first[q][e] = i; if (e < el) i += NDN * "
             "dn_parts(min(my_counts[s * el + e], capacity)); }",
-            "const int parts = gate_up ? gu_parts(n_rows) : dn_parts(n_rows); const int n = (r "
-            "- first[e]) / parts, part = (r - first[e]) % parts;",
+            "const int parts = d.gate_up ? gu_parts(d.n_rows) : dn_parts(d.n_rows); d.n = (r "
+            "- first[e]) / parts, d.part = (r - first[e]) % parts;",
             "const unsigned long long need = gu_completions(n_rows, NGU);",
             "if (parts > 1) { if (part * BM >= rows) return false;",
             "const bool split_k = !WG && splits > 1 && rows <= TT; if (!split_k && split != 0) "

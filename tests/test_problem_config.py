@@ -158,6 +158,7 @@ CONFIG_CHANGES = {
     "defer_refill": True,
     "stage_epilogue": 2,
     "phased_tasks": True,
+    "task_producer": True,
     "split_gated_mma": True,
     "ws_wgmma": True,
 }

@@ -133,9 +133,10 @@ def test_template_matches_the_port():
             "while (known < SOURCES && t - shared_tasks >= (known > 0 ? list_end[known - 1] : "
             "0)) learn(known++); if (known == SOURCES && t - shared_tasks >= routed_end())",
             "int q = 0; if (PHASED && r >= list_end[known - 1])",
-            "while (r >= dn_first[q][el]) ++q; else while (r >= list_end[q]) ++q; const int s = "
-            "(self_rank + q) % SOURCES; const bool gate_up = r < gu_first[q][el];",
-            "const int* first = gate_up ? gu_first[q] : dn_first[q]; int e = 0, hi = el;",
+            "while (r >= dn_first[q][el]) ++q; else while (r >= list_end[q]) ++q; TaskDesc d; "
+            "d.s = (self_rank + q) % SOURCES; d.gate_up = r < gu_first[q][el];",
+            "const int* first = d.gate_up ? gu_first[q] : dn_first[q]; int e = 0, hi = el;",
+            "d.n = (r - first[e]) / parts, d.part = (r - first[e]) % parts;",
             "while (hi - e > 1) { const int mid = (e + hi) / 2; if (first[mid] <= r) e = mid; "
             "else hi = mid; }"):
         assert line in code, line

@@ -58,8 +58,8 @@ def _splits_apply(params: dict) -> bool:
 def without_moot(params: dict) -> dict:
     """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
     senders, router batches, task tiles, deferred refills, staged epilogue, phased tasks,
-    own_split/own_stream, gather) at their neutral values, where present (an absent one
-    reads as that value anyway). A rule may read only tiles and knobs valid_configs walks
+    task producer, own_split/own_stream, gather) at their neutral values, where present (an
+    absent one reads as that value anyway). A rule may read only tiles and knobs valid_configs walks
     before the knob it resets (WALK_FIRST; the brute-force test checks the walk)."""
     out = dict(params)
     if not _splits_apply(out):
@@ -82,6 +82,10 @@ def without_moot(params: dict) -> dict:
         out["stage_epilogue"] = 0  # ... and, one row tile per task, stage in it
     if "phased_tasks" in out and not _per_source_tasks(out):
         out["phased_tasks"] = False  # per-source lists only (fused sources: one list)
+    if "task_producer" in out and not (rows_tma and out.get("dn_mma") == "wgmma"
+                                       and _per_source_tasks(out)):
+        out["task_producer"] = False  # a producer feeds both GEMMs' TMA row tasks, taken
+        # from per-source lists
     if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):
         out["ws_wgmma"] = False  # weight-streaming tiles with TMA weights only (ws_tma
         # above is kept only where it applies: nvlink, ws or wgmma tiles on both GEMMs)

@@ -110,6 +110,7 @@ FULL = {
     "defer_refill": (False,),  # its TMA row tasks' refills without a wait: likewise
     "stage_epilogue": (0,),  # its TMA row tasks' results in 16-byte stores: likewise
     "phased_tasks": (False,),  # its per-source lists' gate/up tasks all first: likewise
+    "task_producer": (False,),  # its TMA row tasks fed by a producer warpgroup: likewise
     "ws_wgmma": (False,),  # its fused weight-streaming tasks on warpgroup MMAs: likewise
     # gate and up in two wgmmas, not one (lost 2.5-4%: carried for seeded configs only)
     "split_gated": (False,),
@@ -136,8 +137,8 @@ SMALL = {
     "ksplit_gu": (1,), "ksplit_dn": (1,), "dispatch": (1,), "comm_sms": (0,),
     "ws_tma": (False,), "own_split": (False,), "own_stream": (False,), "gather": (False,),
     "senders": (0,), "router_batches": (1,), "task_tiles": (1,), "defer_refill": (False,),
-    "stage_epilogue": (0,), "phased_tasks": (False,), "ws_wgmma": (False,),
-    "split_gated": (False,),
+    "stage_epilogue": (0,), "phased_tasks": (False,), "task_producer": (False,),
+    "ws_wgmma": (False,), "split_gated": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -164,7 +165,8 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "ws_tma": (False, True), "senders": SEND_BLOCK_CHOICES,
                 "router_batches": ROUTER_BATCH_CHOICES, "task_tiles": TASK_TILE_CHOICES,
                 "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES,
-                "phased_tasks": (False, True), "ws_wgmma": (False, True)}
+                "phased_tasks": (False, True), "task_producer": (False, True),
+                "ws_wgmma": (False, True)}
 #: The persistent kernel's knobs whose measured effect is a few percent either way and turns
 #: with the problem (4 x H200, E=64: router pairs won from T=2048 and lost at 1024, quads
 #: beat pairs by ~1%; two row tiles per task lost 1-16% at T=4096/16384, unmeasured
@@ -293,6 +295,7 @@ class SearchSpace:
                             defer_refill=params.get("defer_refill", False),
                             stage_epilogue=params.get("stage_epilogue", 0),
                             phased_tasks=params.get("phased_tasks", False),
+                            task_producer=params.get("task_producer", False),
                             ws_wgmma=params.get("ws_wgmma", False),
                             split_gated_mma=params.get("split_gated", False))
 
@@ -322,7 +325,8 @@ class SearchSpace:
                     "senders": cfg.send_blocks, "router_batches": cfg.router_batches,
                     "task_tiles": cfg.task_tiles, "defer_refill": cfg.defer_refill,
                     "stage_epilogue": cfg.stage_epilogue, "phased_tasks": cfg.phased_tasks,
-                    "ws_wgmma": cfg.ws_wgmma, "split_gated": cfg.split_gated_mma}
+                    "task_producer": cfg.task_producer, "ws_wgmma": cfg.ws_wgmma,
+                    "split_gated": cfg.split_gated_mma}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())

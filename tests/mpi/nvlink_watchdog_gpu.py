@@ -5,6 +5,9 @@
 2. Rank 1 never calls: rank 0's kernel must end with an error within the watchdog bound
    (FLASHMOE_COMM_TIMEOUT), and the record must name rank 1's dispatch.
 
+FLASHMOE_WATCHDOG_CASE=producer runs both with a producer warpgroup (config task_producer),
+whose thread, not the workers', waits on the peer's flags.
+
 Prints one ``NVLINK ...`` line per result; exits with os._exit (a trapped context cannot
 finalize cleanly).
 """
@@ -27,6 +30,10 @@ rank = comm.rank
 p = MoEProblem(512, 1024, 8, 2, shared_experts=1, world_size=2, tokens_per_rank=200)
 ws = GemmTile(32, 128, 64, 8, 1, 4, "ws")
 cfg = KernelConfig(ws, ws, router_tokens_per_block=8, transport="nvlink")
+if os.environ.get("FLASHMOE_WATCHDOG_CASE") == "producer":  # the producer waits on the flags
+    gu = GemmTile(128, 128, 64, 8, 1, 4, "wgmma")
+    cfg = KernelConfig(gu, GemmTile(128, 256, 64, 8, 1, 4, "wgmma"), transport="nvlink",
+                       ws_tma=True, task_producer=True, stage_epilogue=1, phased_tasks=True)
 w = MoEWeights.random(p, 3)
 layer = FlashMoE(p, cfg, weights=w, comm=comm)
 x_bits = random_tokens(200, p.hidden, seed=10 + rank)
