@@ -39,8 +39,8 @@
 #      beside PyTorch EP (~400 s; A_PROBLEMS, A_TOKENS, A_VARY change the sweep)
 #   p: the task producer (config task_producer): with 4 GPUs the whole one-GPU suite in two
 #      halves on GPUs 2, 3 beside the producer's tests on GPUs 0, 1 (one GPU; the late / lost
-#      rank watchdog; the 2-rank producer cases), then, alone, E=64/32/8 at T=4096/16384 on 2
-#      ranks with and without it (P_PROBLEMS, P_TOKENS, P_VARY change the sweep) (~560 s)
+#      rank watchdog; the 2-rank producer cases), then E=64/32/8 at T=4096/16384 on 2 ranks
+#      with and without it (P_PROBLEMS, P_TOKENS, P_VARY change the sweep) (~500 s)
 #   v: the one-GPU kernel tests in two halves side by side (GPUs 0, 1) with the graph and
 #      routing tests after them, then the 2-rank persistent-kernel, weight-streaming and
 #      graph-mode cases (~580 s): every cp.async- and TMA-fed tile kind
@@ -213,12 +213,13 @@ if [ "$PART" = p ]; then
   echo "watchdog: $(tail -1 "$O/gpu_watchdog.log")"
   multigpu_k 2 "${TEST_TIMEOUT:-240}" producer "nvlink_persistent_kernel and (producer or \
 row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
-  wait
+  # (beside the suite's halves: each shape's variants run back to back, under the same load)
   timeout -k 10 "${P_SWEEP_TIMEOUT:-300}" $MPI -np 2 python3 bench/nvlink_sweep.py \
     --commit "$COMMIT" --problems "${P_PROBLEMS:-e64,e32,e8}" --tokens "${P_TOKENS:-4096,16384}" \
     --vary "${P_VARY:-pr=0,1}" --iters 10 --out "$O/sweep_producer.md" \
     --json "$O/sweep_producer.json" > "$O/sweep_producer.log" 2>&1
   echo "sweep producer rc=$?"
+  wait
   cat "$O"/gpu_half*.rc 2>/dev/null; summary "$O"/gpu_half*.log "$O/gpu1_producer.log"
   bundle
   grep -hE "^\| e" "$O/sweep_producer.md" | cut -d'|' -f2-9
