@@ -41,11 +41,15 @@
 #      halves on GPUs 2, 3 beside the producer's tests on GPUs 0, 1 (one GPU; the late / lost
 #      rank watchdog; the 2-rank producer cases), then E=64/32/8 at T=4096/16384 on 2 ranks
 #      with and without it (P_PROBLEMS, P_TOKENS, P_VARY change the sweep) (~500 s)
+#   pab: the producer's A/B alone on GPUs 0, 1: E=64/32/8 at T=16384 and E=64 at 4096 over
+#      pr = 0, 1 x se = 1, 0, then the same in the reverse order (a variant that always runs
+#      second meets a warmer card), the cards' SM clock, power and throttle reasons sampled
+#      every 250 ms beside it (PAB_VARY, PAB_TOKENS change it) (~400 s)
 #   v: the one-GPU kernel tests in two halves side by side (GPUs 0, 1) with the graph and
 #      routing tests after them, then the 2-rank persistent-kernel, weight-streaming and
 #      graph-mode cases (~580 s): every cp.async- and TMA-fed tile kind
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
-# Usage: bash bench/device_x2.sh COMMIT 1|2|a|c|m|t|n|w|p|r|rs2|s|v
+# Usage: bash bench/device_x2.sh COMMIT 1|2|a|c|m|t|n|w|p|pab|r|rs2|s|v
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
@@ -224,6 +228,32 @@ row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
   bundle
   grep -hE "^\| e" "$O/sweep_producer.md" | cut -d'|' -f2-9
   grep -hE "^- e" "$O/sweep_producer.md" | sed 's/`[^`]*`//' | cut -c1-400
+fi
+if [ "$PART" = pab ]; then
+  nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,enforced.power.limit,\
+temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 250 \
+    > "$O/smi.csv" 2>&1 & SMI=$!
+  i=0
+  for vary in "${PAB_VARY:-pr=0,1;se=1,0}" "${PAB_VARY_REV:-pr=1,0;se=0,1}"; do
+    for spec in "e64,e32,e8:${PAB_TOKENS:-16384}" "e64:4096"; do
+      i=$((i + 1))
+      timeout -k 10 "${PAB_TIMEOUT:-170}" $MPI -np 2 python3 bench/nvlink_sweep.py \
+        --commit "$COMMIT" --problems "${spec%%:*}" --tokens "${spec##*:}" --vary "$vary" \
+        --iters 10 --out "$O/sweep_ab$i.md" --json "$O/sweep_ab$i.json" \
+        > "$O/sweep_ab$i.log" 2>&1
+      echo "sweep $i ($vary; $spec) rc=$? at $(date +%T)"
+    done
+  done
+  kill $SMI
+  # per GPU: samples, median / min SM clock, max power, limit, throttle reasons seen
+  awk -F', ' '$2 < 2 {n[$2]++; c[$2] = c[$2] " " $3 + 0; if ($4 + 0 > p[$2]) p[$2] = $4 + 0;
+    l[$2] = $5; r[$2 " " $7]++} END {for (g in n) print "gpu", g, n[g], "samples, max W",
+    p[g], "limit", l[g]; for (k in r) print "reasons", k, r[k]}' "$O/smi.csv"
+  bundle
+  for f in "$O"/sweep_ab*.md; do grep -hE "^\| e" "$f" | cut -d'|' -f2-4,5-8 |
+    sed -E 's/gu_bm128[^ ]*__wt__sb32/D/'; done
+  grep -hoE "^- e[0-9]+ T=[0-9]+ \`[^\`]*\`|per TMA row tile \([0-9]+\): prologue_us [0-9.]+, loop_us [0-9.]+, epilogue_us [0-9.]+|SM clock [0-9.]+ GHz" \
+    "$O"/sweep_ab*.md | sed -E 's/gu_bm128[^`]*__wt__sb32/D/' | paste -d' ' - - - | cut -c1-200
 fi
 if [ "$PART" = v ]; then
   python3 -m pytest -m gpu tests/test_gpu_kernels.py --collect-only -q -p no:cacheprovider \
