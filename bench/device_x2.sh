@@ -30,7 +30,8 @@
 #      commit before them (.old, bench/prepare_old.sh; carry .old) and this one in one call,
 #      beside PyTorch EP (~480 s; run `bash bench/device_final.sh gpu2` first). C_PROBLEMS,
 #      C_TOKENS, C_TESTS (the 2-rank -k), C_GPU1 / C_GPU1_K (one-GPU test files and their
-#      -k, on the last GPU beside them) change it
+#      -k, on the last GPU beside them), C_SIDES (the sweeps' order, e.g. "old new new old"),
+#      C_NO_TORCH (no PyTorch EP rows) change it
 #   rs2: the staged router logits beyond the measured regime (router_staged.STAGED_ALL):
 #      the one-GPU cases, then default / --staged-all at E=8 and E=32 T=16384, Mixtral
 #      T=4096, E=64 T=1024 on 2 ranks (~330 s)
@@ -166,21 +167,25 @@ dsv2lite_default_fused or fused_ws_wgmma or fused_split_k) or graph_mode_matches
   python3 -m pip install -q --no-deps --no-compile --target /tmp/oldsite .old/whl/*.whl ||
     echo "no .old wheel"
   R=$PWD; OLD=$(cat .old/COMMIT 2>/dev/null)
-  for side in old new; do
+  # C_SIDES: the order (e.g. "old new new old": a side that always runs second meets a
+  # warmer card); each run's files are numbered
+  i=0; TORCH=(--torch); [ -n "${C_NO_TORCH:-}" ] && TORCH=()
+  for side in ${C_SIDES:-old new}; do
+    i=$((i + 1))
     if [ $side = old ]; then py=/tmp/oldsite; script=$R/.old/src/bench; c=$OLD
     else py=; script=$R/bench; c=$COMMIT; fi
     # from /tmp: the checkout's own flashmoe_gen must not shadow the old wheel
     (cd /tmp && PYTHONPATH=$py FLASHMOE_CACHE=/tmp/cache_$side timeout -k 10 "${C_SWEEP_TIMEOUT:-130}" $MPI \
-      -x PYTHONPATH -np 2 python3 "$script/nvlink_sweep.py" --torch --commit "$c" \
+      -x PYTHONPATH -np 2 python3 "$script/nvlink_sweep.py" "${TORCH[@]}" --commit "$c" \
       --problems "${C_PROBLEMS:-e64}" --tokens "${C_TOKENS:-4096,16384}" --iters 10 \
-      --out "$O/sweep_c_$side.md" \
-      --json "$O/sweep_c_$side.json" > "$O/sweep_c_$side.log" 2>&1)
+      --out "$O/sweep_c_$i$side.md" \
+      --json "$O/sweep_c_$i$side.json" > "$O/sweep_c_$i$side.log" 2>&1)
     echo "sweep $side ($c) rc=$?"
   done
   bundle
-  for side in old new; do echo "== $side"; grep -hE "^\| [a-z]" "$O/sweep_c_$side.md" |
-    grep -v "^| shape" | cut -d'|' -f2-8; grep -hE "^- [a-z]" "$O/sweep_c_$side.md" |
-    grep -oE "^- [a-z0-9]+ T=[0-9]+|route [0-9.]+|router per block: logits_us [0-9.]+" |
+  for f in "$O"/sweep_c_*.md; do echo "== $(basename "$f" .md)"; grep -hE "^\| [a-z]" "$f" |
+    grep -v "^| shape" | cut -d'|' -f2-8 | sed -E 's/gu_bm128[^ ]*__wt__sb32/D/'
+    grep -hoE "^- [a-z0-9]+ T=[0-9]+|route [0-9.]+|epilogue: gate/up \([0-9]+\) [0-9.]+ / [0-9.]+ / [0-9.]+|SM clock [0-9.]+ GHz" "$f" |
     paste -sd' '; done
 fi
 if [ "$PART" = a ]; then
