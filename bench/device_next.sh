@@ -12,7 +12,8 @@
 #   j: Mixtral T=4096 on 4 ranks with the task-loop clocks, then issue 16's table over
 #      FlashDMoE's whole setting: H=I=2048 k=2, E = 8, 32, 64 at T=1024 and 16384 per GPU,
 #      on 2 then 4 ranks of one machine: nccl (host and graph), nvlink, PyTorch EP and the
-#      floor, same run (J_RANKS=4: the 4-rank half; NO_MIX=1: the table alone; plot it on
+#      floor, same run (J_RANKS=4: the 4-rank half; NO_MIX=1: the table alone; J_KNOBS:
+#      the persistent default with these knobs too, e.g. task_producer=1; plot it on
 #      the development machine with scaling.py --plot: the device returns few files)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
@@ -63,15 +64,17 @@ if [ "$PART" = j ]; then
     grep -hE "^\| mixtral|^- mixtral" "$O/sweep_mixtral_anatomy.md" | cut -c1-400
   fi
   for p in ${J_RANKS:-2 4}; do  # J_RANKS=4: the 4-rank half alone
+    KN=(); [ -n "${J_KNOBS:-}" ] && KN=(--nvlink-knobs "$J_KNOBS")  # e.g. task_producer=1
     timeout -k 10 "${J_TIMEOUT:-200}" $MPI -np $p python3 bench/scaling.py --experts 8,32,64 \
-      --tokens 1024,16384 --nvlink --commit "$COMMIT" --json "$O/scaling.json" \
+      --tokens 1024,16384 --nvlink "${KN[@]}" --commit "$COMMIT" --json "$O/scaling.json" \
       --out "$O/scaling_p$p" > "$O/scaling_p$p.log" 2>&1
     echo "scaling $p ranks rc=$?"
   done
   rm -f "$O"/*.png; cp "$O/scaling.json" "$O/scaling_json.txt" 2>/dev/null; bundle
   python3 -c "import json; [print(r['gpus'], r['experts'], r['tokens_per_gpu'], 'floor', \
 r['floor_ms'], 'torch', r['torch_ep_ms'], 'nccl', r['ours_ms'], 'graph', r.get('ours_graph_ms'), \
-'nvlink', r.get('ours_nvlink_ms'), r.get('speedup_nvlink')) \
+'nvlink', r.get('ours_nvlink_ms'), r.get('speedup_nvlink'), 'knobs', r.get('ours_nvlink_k_ms'), \
+r.get('config_nvlink_k', '')[-12:], 'busy', r.get('sm_busy_nvlink'), r.get('sm_busy_nvlink_k')) \
 for r in json.load(open('$O/scaling_json.txt'))]"
 fi
 nvl_sweep() {  # TAG SHAPE TOKENS TIMEOUT [nvlink_sweep ARGS...]: one sweep on NP ranks (4)

@@ -26,6 +26,22 @@ EXPERTS = (8, 32, 64, 128)
 TOKENS = (1024, 4096, 16384)
 
 
+def knob_values(text: str) -> dict:
+    """``--nvlink-knobs``' "field=value,...": KernelConfig fields, a bool's value 0/1."""
+    from dataclasses import fields
+
+    from flashmoe_gen.config import KernelConfig
+
+    kinds = {f.name: type(f.default) for f in fields(KernelConfig)}
+    out = {}
+    for part in filter(None, text.split(",")):
+        k, _, v = part.partition("=")
+        if kinds.get(k) not in (bool, int):
+            raise SystemExit(f"--nvlink-knobs {k}: a KernelConfig bool or integer field")
+        out[k] = bool(int(v)) if kinds[k] is bool else int(v)
+    return out
+
+
 def measure_one(p, cfg, comm, a) -> dict:
     """Ours (host and graph mode; with --fuse, ours with fused sources) and both PyTorch
     baselines on the same weights and tokens; every rank calls it."""
@@ -38,6 +54,7 @@ def measure_one(p, cfg, comm, a) -> dict:
 
     from flashmoe_gen import bf16
     from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.errors import ConfigError
     from flashmoe_gen.reference import relative_error
     from flashmoe_gen.runtime import FlashMoE
     from flashmoe_gen.tuner.bench import time_callable
@@ -85,6 +102,20 @@ def measure_one(p, cfg, comm, a) -> dict:
         extra["config_nvlink"] = nvl.config.name
         extra.update(nvlink_stats(nvl, x, comm))
         del nvl
+    if a.nvlink_knobs:  # the persistent default with knobs changed, where valid
+        cfg = dataclasses.replace(KernelConfig.persistent_default(p), **knob_values(
+            a.nvlink_knobs))
+        try:
+            cfg.validate(p)
+        except ConfigError as e:
+            extra["config_nvlink_k"] = f"refused: {e.field}"
+        else:
+            nvl = FlashMoE(p, cfg, weights=layer.weights, comm=comm)
+            variant(nvl, "nvlink_k", "agree_nvlink_k")
+            extra["config_nvlink_k"] = nvl.config.name
+            extra.update({k.replace("_nvlink", "_nvlink_k"): v
+                          for k, v in nvlink_stats(nvl, x, comm).items()})
+            del nvl
     for i, name in enumerate(a.nvlink_config or [], 1):  # other nvlink configs, same inputs
         nvl = FlashMoE(p, KernelConfig.parse(name), weights=layer.weights, comm=comm)
         variant(nvl, f"nvlink_{i}", f"agree_nvlink_{i}")
@@ -238,6 +269,10 @@ def main() -> int:
     ap.add_argument("--nvlink-config", action="append", metavar="NAME",
                     help="also time this transport 'nvlink' config (a name; repeatable): "
                          "keys ours_nvlink_1_ms, ... in the JSON")
+    ap.add_argument("--nvlink-knobs", default=None, metavar="K=V[,K=V]",
+                    help="also time the persistent default with these knobs changed (e.g. "
+                         "task_producer=1), where the build takes it: keys ours_nvlink_k_ms, "
+                         "...")
     ap.add_argument("--json", default="scaling.json", help="rows are appended here")
     ap.add_argument("--plot", default=None, help="JSON file to plot instead of measuring")
     ap.add_argument("--out", default="scaling", help="plot/table path stem")
