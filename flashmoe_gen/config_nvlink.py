@@ -240,13 +240,18 @@ def check_task_tiles(cfg: KernelConfig, name: str) -> None:
                           "task: use 1", name)
 
 
+def producer_ring_b_elems(cfg: KernelConfig) -> int:
+    """B elements per stage of ``task_producer``'s ring: the larger of the two GEMMs' B
+    tiles (the gated one holds two)."""
+    return max(2 * cfg.gate_up.bn, cfg.down.bn) * cfg.gate_up.bk
+
+
 def producer_ring_bytes(cfg: KernelConfig) -> int:
     """Shared memory of ``task_producer``'s ring, which every TMA row task of both GEMMs
     runs through (its stages and phases carry on from task to task): per stage the A tile
-    and the larger of the two GEMMs' B tiles."""
-    gu, dn = cfg.gate_up, cfg.down
-    b = max(2 * gu.bn, dn.bn) * gu.bk
-    return gu.stages * (gu.bm * gu.bk + b) * 2 + SWIZZLE_ALIGN
+    and the larger B tile."""
+    gu = cfg.gate_up
+    return gu.stages * (gu.bm * gu.bk + producer_ring_b_elems(cfg)) * 2 + SWIZZLE_ALIGN
 
 
 def check_task_producer(cfg: KernelConfig, name: str) -> None:

@@ -9,7 +9,13 @@ import jinja2
 
 from . import __version__
 from .config import PERSISTENT_THREADS, KernelConfig
-from .config_nvlink import PRODUCER_REGS, WORKER_REGS, store_kind
+from .config_nvlink import (
+    PRODUCER_REGS,
+    PRODUCER_THREADS,
+    WORKER_REGS,
+    producer_ring_b_elems,
+    store_kind,
+)
 from .problem import MoEProblem
 from .router_layout import (
     ROUTER_ITEMS,
@@ -268,7 +274,8 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_threads": PERSISTENT_THREADS,
         # ws_tma: at most one block per SM, or ptxas caps the kernel at 128 registers and
         # spills (NVRTC 13.0, DeepSeek-V3's tiles); 163 registers without the cap.
-        "persistent_bounds": ("fmoe::P_THREADS + 128, 1" if config.task_producer else
+        "persistent_bounds": (f"fmoe::P_THREADS + {PRODUCER_THREADS}, 1"
+                              if config.task_producer else
                               "fmoe::P_THREADS, 1" if config.ws_tma else "fmoe::P_THREADS"),
         **_producer_vars(config),
         "persistent_stats_words": PERSISTENT_STATS_WORDS,
@@ -333,10 +340,10 @@ def _producer_vars(config: KernelConfig) -> dict[str, int | str]:
     """``task_producer``'s constants: its registers and the worker warpgroups' after
     setmaxnreg, its ring's stages and B elements per stage (the larger GEMM's)."""
     on = config.task_producer
-    gu, dn = config.gate_up, config.down
-    return {"task_producer": CPP_BOOL[on], "producer_regs": PRODUCER_REGS,
-            "worker_regs": WORKER_REGS, "ring_stages": gu.stages if on else 0,
-            "ring_b_elems": max(2 * gu.bn, dn.bn) * gu.bk if on else 0}
+    return {"task_producer": CPP_BOOL[on], "producer_threads": PRODUCER_THREADS,
+            "producer_regs": PRODUCER_REGS, "worker_regs": WORKER_REGS,
+            "ring_stages": config.gate_up.stages if on else 0,
+            "ring_b_elems": producer_ring_b_elems(config) if on else 0}
 
 
 def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, int | str]:
@@ -365,7 +372,7 @@ def _task_gemm(tile: GemmTile, gated: bool, config: KernelConfig) -> dict[str, i
                 CPP_BOOL[kind == "staged"], *extra])))
             if config.task_producer:  # fed by the producer's ring (stages of ring_b_elems)
                 consume_fn = "wt_consume_tile<{}>".format(", ".join(map(str, [
-                    tile.bm, tile.bn, tile.stages, _producer_vars(config)["ring_b_elems"],
+                    tile.bm, tile.bn, tile.stages, producer_ring_b_elems(config),
                     CPP_BOOL[gated], CPP_BOOL[kind == "staged"]])))
     else:
         args = [tile.bm, tile.bn, tile.bk, tile.warps_m, tile.warps_n, tile.stages,
