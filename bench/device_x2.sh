@@ -148,7 +148,7 @@ if [ "$PART" = r ] || [ "$PART" = s ]; then  # issue 16: the persistent kernel's
     echo "sweep $v rc=$?"
   done
   bundle
-  grep -hE "^\| e64" "$O"/sweep_*.md | cut -d'|' -f2-9
+  grep -hE "^\| e64" "$O"/sweep_*.md | cut -d'|' -f2-11
   grep -hE "^- e64" "$O"/sweep_*.md | sed 's/`[^`]*`//' | cut -c1-160
 fi
 if [ "$PART" = c ]; then
@@ -184,7 +184,7 @@ dsv2lite_default_fused or fused_ws_wgmma or fused_split_k) or graph_mode_matches
   done
   bundle
   for f in "$O"/sweep_c_*.md; do echo "== $(basename "$f" .md)"; grep -hE "^\| [a-z]" "$f" |
-    grep -v "^| shape" | cut -d'|' -f2-8 | sed -E 's/gu_bm128[^ ]*__wt__sb32/D/'
+    grep -v "^| shape" | cut -d'|' -f2-10 | sed -E 's/gu_bm128[^ ]*__wt__sb32/D/'
     grep -hoE "^- [a-z0-9]+ T=[0-9]+|route [0-9.]+|epilogue: gate/up \([0-9]+\) [0-9.]+ / [0-9.]+ / [0-9.]+|SM clock [0-9.]+ GHz" "$f" |
     paste -sd' '; done
 fi
@@ -200,7 +200,7 @@ row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
     --json "$O/sweep_tstore.json" > "$O/sweep_tstore.log" 2>&1
   echo "sweep tstore rc=$?"
   bundle
-  grep -hE "^\| e" "$O/sweep_tstore.md" | cut -d'|' -f2-9
+  grep -hE "^\| e" "$O/sweep_tstore.md" | cut -d'|' -f2-11
   grep -hE "^- e" "$O/sweep_tstore.md" | sed 's/`[^`]*`//' | cut -c1-400
 fi
 if [ "$PART" = p ]; then
@@ -231,7 +231,7 @@ row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
   wait
   cat "$O"/gpu_half*.rc 2>/dev/null; summary "$O"/gpu_half*.log "$O/gpu1_producer.log"
   bundle
-  grep -hE "^\| e" "$O/sweep_producer.md" | cut -d'|' -f2-9
+  grep -hE "^\| e" "$O/sweep_producer.md" | cut -d'|' -f2-11
   grep -hE "^- e" "$O/sweep_producer.md" | sed 's/`[^`]*`//' | cut -c1-400
 fi
 if [ "$PART" = pab ]; then
@@ -255,7 +255,7 @@ temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 250 \
     l[$2] = $5; r[$2 " " $7]++} END {for (g in n) print "gpu", g, n[g], "samples, max W",
     p[g], "limit", l[g]; for (k in r) print "reasons", k, r[k]}' "$O/smi.csv"
   bundle
-  for f in "$O"/sweep_ab*.md; do grep -hE "^\| e" "$f" | cut -d'|' -f2-4,5-8 |
+  for f in "$O"/sweep_ab*.md; do grep -hE "^\| e" "$f" | cut -d'|' -f2-11 |
     sed -E 's/gu_bm128[^ ]*__wt__sb32/D/'; done
   grep -hoE "^- e[0-9]+ T=[0-9]+ \`[^\`]*\`|per TMA row tile \([0-9]+\): prologue_us [0-9.]+, loop_us [0-9.]+, epilogue_us [0-9.]+|SM clock [0-9.]+ GHz" \
     "$O"/sweep_ab*.md | sed -E 's/gu_bm128[^`]*__wt__sb32/D/' | paste -d' ' - - - | cut -c1-200
@@ -294,6 +294,6 @@ if [ "$PART" = rs2 ]; then
   done
   bundle
   for a in rsa0 rsb; do echo "== $a"; grep -hE "^\| (e8|e32|mixtral|e64) " "$O"/sweep_${a}_*.md |
-    cut -d'|' -f2-8; grep -hE "^- (e8|e32|mixtral|e64)" "$O"/sweep_${a}_*.md | cut -c1-500; done
+    cut -d'|' -f2-10; grep -hE "^- (e8|e32|mixtral|e64)" "$O"/sweep_${a}_*.md | cut -c1-500; done
 fi
 true

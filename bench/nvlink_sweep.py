@@ -110,6 +110,9 @@ def measure(p, cfg, x, ref, dw, comm, a) -> dict:
     row["ms"] = round(time_callable(lambda: layer(x), warmup=a.warmup, iters=a.iters,
                                     comm=comm, chain=8).median_ms, 4)
     row.update(nvlink_stats(layer, x, comm))
+    if row.get("sm_ghz_nvlink"):  # clock-free: an A/B whose sides ran at other SM clocks
+        # (the cards' power cap under a denser kernel) compares its cycles
+        row["kernel_kcycles"] = round(row["kernel_us_nvlink"] * row["sm_ghz_nvlink"], 1)
     return row
 
 
@@ -184,14 +187,16 @@ def run(a) -> list[dict]:
 
 def report(rows: list[dict], a) -> None:
     r0 = next((r for r in rows if "card" in r), {})
-    cols = ["shape", "tokens", "config", "ms", "kernel_us_nvlink", "sm_busy_nvlink", "err"]
+    cols = ["shape", "tokens", "config", "ms", "kernel_us_nvlink", "sm_ghz_nvlink",
+            "kernel_kcycles", "sm_busy_nvlink", "err"]
     if any("torch_ep_ms" in r for r in rows):
         cols[4:4] = ["torch_ep_ms", "vs_torch"]
     text = (f"# nvlink configs: {r0.get('gpus', '?')} x {r0.get('card', '?')}, "
             f"{r0.get('date')}, commit {a.commit}\n\nGraph-launched persistent kernel, "
             f"median of {a.iters} iterations of 8 forwards back to back; kernel time, SM busy "
-            "and phases from its own clocks (last of 8, median of 5 chains); err: relative "
-            "to the NCCL path's graph-mode default."
+            "and phases from its own clocks (last of 8, median of 5 chains), kernel_kcycles "
+            "its time at the SM clock it ran at (sides of an A/B may run at other clocks: "
+            "the cards' power cap); err: relative to the NCCL path's graph-mode default."
             + (" Router logits by split_logits (--split-logits: the staged logits off)."
                if a.split_logits else "")
             + (" Staged router logits wherever they apply (--staged-all)."
