@@ -46,11 +46,14 @@
 #      pr = 0, 1 x se = 1, 0, then the same in the reverse order (a variant that always runs
 #      second meets a warmer card), the cards' SM clock, power and throttle reasons sampled
 #      every 250 ms beside it (PAB_VARY, PAB_TOKENS change it) (~400 s)
+#   af: rows' slots by atomics as they are routed (atomic_front): its one-GPU tests (last
+#      GPU) beside its 2-rank cases, then E=8/32/64 at T=1024 on 2 ranks with and without it
+#      (AF_TOKENS changes the sweep) (~170 s)
 #   v: the one-GPU kernel tests in two halves side by side (GPUs 0, 1) with the graph and
 #      routing tests after them, then the 2-rank persistent-kernel, weight-streaming and
 #      graph-mode cases (~580 s): every cp.async- and TMA-fed tile kind
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
-# Usage: bash bench/device_x2.sh COMMIT 1|2|a|c|m|t|n|w|p|pab|r|rs2|s|v
+# Usage: bash bench/device_x2.sh COMMIT 1|2|a|af|c|m|t|n|w|p|pab|r|rs2|s|v
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
@@ -259,6 +262,23 @@ temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 250 \
     sed -E 's/gu_bm128[^ ]*__wt__sb32/D/'; done
   grep -hoE "^- e[0-9]+ T=[0-9]+ \`[^\`]*\`|per TMA row tile \([0-9]+\): prologue_us [0-9.]+, loop_us [0-9.]+, epilogue_us [0-9.]+|SM clock [0-9.]+ GHz" \
     "$O"/sweep_ab*.md | sed -E 's/gu_bm128[^`]*__wt__sb32/D/' | paste -d' ' - - - | cut -c1-200
+fi
+if [ "$PART" = af ]; then
+  CUDA_VISIBLE_DEVICES=$(( $(nvidia-smi -L | wc -l) - 1 )) timeout -k 10 "${AF_GPU1_TIMEOUT:-100}" \
+    python3 -m pytest -m gpu tests/test_gpu_kernels.py -v --no-header -p no:cacheprovider \
+    -k atomic_front > "$O/gpu1_atomic.log" 2>&1 &
+  multigpu_k 2 "${TEST_TIMEOUT:-100}" atomic "nvlink_persistent_kernel and atomic"
+  wait
+  echo "one GPU atomic_front: $(tail -1 "$O/gpu1_atomic.log")"
+  timeout -k 10 "${AF_SWEEP_TIMEOUT:-80}" $MPI -np 2 python3 bench/nvlink_sweep.py \
+    --commit "$COMMIT" --problems e8,e32,e64 --tokens "${AF_TOKENS:-1024}" --vary "af=0,1" \
+    --iters 10 --out "$O/sweep_atomic.md" --json "$O/sweep_atomic.json" \
+    > "$O/sweep_atomic.log" 2>&1
+  echo "sweep atomic rc=$?"
+  bundle
+  grep -hE "^\| e" "$O/sweep_atomic.md" | cut -d'|' -f2-11 | sed -E 's/gu_bm[^ ]*__nvlink//'
+  grep -hoE "^- e[0-9]+ T=[0-9]+|route [0-9.]+, positions [0-9.]+, dispatch [0-9.]+" \
+    "$O/sweep_atomic.md" | paste -d' ' - -
 fi
 if [ "$PART" = v ]; then
   python3 -m pytest -m gpu tests/test_gpu_kernels.py --collect-only -q -p no:cacheprovider \

@@ -11,8 +11,9 @@ stages as ``s``), ``b`` (blocks per SM), ``d`` (dispatch blocks), ``wt`` (TMA lo
 ``sb`` (blocks that send the peers' rows), ``rb`` (router batches per logit tile), ``tt``
 (row tiles per TMA row task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue:
 0 none, 1 down, 2 both, 3 down staged and gate/up by TMA stores), ``ph`` (phased task
-lists, 0/1), ``pr`` (a producer warpgroup feeds the TMA row tasks, 0/1), ``ks`` (K splits,
-``GxD``), values comma-separated; every combination is
+lists, 0/1), ``pr`` (a producer warpgroup feeds the TMA row tasks, 0/1), ``af`` (rows'
+slots by atomics as they are routed, 0/1), ``ks`` (K splits, ``GxD``), values
+comma-separated; every combination is
 timed (configs the build refuses are reported, not fatal). ``--config`` adds named configs
 (repeatable; a name per shape as ``shape:name``, else every shape) after the variants, to
 compare other tiles or fused sources with the default in one run.
@@ -51,18 +52,18 @@ def variants(base, vary: str) -> list:
     fields (``gu_``/``dn_`` + bm, bn, bk, s), ``b`` (blocks per SM), ``d`` (dispatch
     blocks), ``wt`` (TMA loads, 0/1), ``sb`` (send blocks), ``rb`` (router batches), ``tt``
     (row tiles per task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue, 0-3),
-    ``ph`` (phased task lists, 0/1), ``pr`` (task producer, 0/1) and ``ks`` (K splits,
-    ``GxD``)."""
+    ``ph`` (phased task lists, 0/1), ``pr`` (task producer, 0/1), ``af`` (atomic front,
+    0/1) and ``ks`` (K splits, ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):
         knob, values = part.split("=")
-        if knob in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "pr", "g2"):
+        if knob in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "pr", "af", "g2"):
             field = {"b": "blocks_per_sm", "d": "dispatch_blocks", "wt": "ws_tma",
                      "sb": "send_blocks", "rb": "router_batches", "tt": "task_tiles",
                      "dr": "defer_refill", "se": "stage_epilogue",
-                     "ph": "phased_tasks", "pr": "task_producer",
+                     "ph": "phased_tasks", "pr": "task_producer", "af": "atomic_front",
                      "g2": "split_gated_mma"}[knob]
-            cast = bool if knob in ("wt", "dr", "ph", "pr", "g2") else (lambda v: v)
+            cast = bool if knob in ("wt", "dr", "ph", "pr", "af", "g2") else (lambda v: v)
             axes.append([{field: cast(int(v))} for v in values.split(",")])
             continue
         if knob == "ks":
@@ -71,7 +72,7 @@ def variants(base, vary: str) -> list:
             continue
         gemm, _, field = knob.partition("_")
         if gemm not in ("gu", "dn") or field not in FIELDS:
-            raise SystemExit(f"--vary {knob}: use b, d, wt, sb, rb, tt, dr, se, ph, pr, ks, or "
+            raise SystemExit(f"--vary {knob}: use b, d, wt, sb, rb, tt, dr, se, ph, pr, af, ks, or "
                              f"gu_|dn_ + one of {list(FIELDS)}")
         attr = "gate_up" if gemm == "gu" else "down"
         axes.append([{attr: (FIELDS[field], int(v))} for v in values.split(",")])

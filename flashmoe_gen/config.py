@@ -115,6 +115,9 @@ class KernelConfig:
     # transport "nvlink", TMA row tasks on both GEMMs: a producer warpgroup claims the tasks
     # and feeds their ring, the two MMA warpgroups only compute (check_task_producer)
     task_producer: bool = False
+    # transport "nvlink": where no row can drop, rows take their slots by atomics as they are
+    # routed (no positions scan, no grid barrier before the dispatch)
+    atomic_front: bool = False
     # wgmma or tma gate/up tiles: gate and up in two MMAs of BN (default: one of 2 BN)
     split_gated_mma: bool = False
     # transport "nvlink", Hopper, both tiles _ws of 128 tokens with TMA weights: warpgroup
@@ -217,7 +220,8 @@ class KernelConfig:
                 raise ConfigError(f, v, "must be an integer", name)
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
                   "own_split", "own_stream", "gather_experts", "defer_refill",
-                  "phased_tasks", "task_producer", "split_gated_mma", "ws_wgmma"):
+                  "phased_tasks", "task_producer", "atomic_front", "split_gated_mma",
+                  "ws_wgmma"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -282,6 +286,9 @@ class KernelConfig:
             check_phased_tasks(self, problem, name)
         if self.task_producer:
             check_task_producer(self, name)
+        if self.atomic_front and self.transport != "nvlink":
+            raise ConfigError("atomic_front", True, "only transport 'nvlink' routes and "
+                              "dispatches in one kernel: use False", name)
         if self.split_gated_mma and not self.wgmma_tile(self.gate_up):
             raise ConfigError("split_gated_mma", True, "only wgmma or tma gate/up tiles "
                               "(or ws with ws_wgmma) compute gate and up in one MMA: use "
@@ -447,7 +454,8 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("own_split", "os"), ("own_stream", "ost"), ("gather_experts", "ge"),
              ("send_blocks", "sb"), ("router_batches", "rb"), ("task_tiles", "tt"),
              ("defer_refill", "dr"), ("stage_epilogue", "se"), ("phased_tasks", "ph"),
-             ("task_producer", "pr"), ("split_gated_mma", "g2"), ("ws_wgmma", "wsg"))
+             ("task_producer", "pr"), ("atomic_front", "af"), ("split_gated_mma", "g2"),
+             ("ws_wgmma", "wsg"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
 

@@ -51,7 +51,7 @@ def state_words(problem: MoEProblem, config: KernelConfig) -> int:
     up to ``problem.tokens_per_rank`` tokens."""
     sk = SplitK.of(problem, config)
     if not sk.splits:
-        return (persistent_counter_words(problem)
+        return (persistent_counter_words(problem, config)
                 + router_scratch_words(problem, config.router_tokens_per_block))
     return persistent_split_base(problem, config) + sk.words
 

@@ -297,6 +297,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "send_blocks": config.send_blocks,
         "task_tiles": config.task_tiles,
         "phased_tasks": CPP_BOOL[config.phased_tasks],
+        "atomic_front": CPP_BOOL[config.atomic_front],
     }
 
 
@@ -313,17 +314,18 @@ def persistent_tile_maps(config: KernelConfig) -> int:
     return 6 + 2 * (config.gate_up.mma == "wgmma") if config.ws_tma else 0
 
 
-def persistent_counter_words(problem: MoEProblem) -> int:
+def persistent_counter_words(problem: MoEProblem, config: KernelConfig | None = None) -> int:
     """The persistent kernel's counter words (templates/persistent.cu.j2 ST_WORDS): epoch,
     barrier, queue, exits, one dependency counter per (source, local expert), the shared
-    experts'."""
-    return PERSISTENT_ST_DEP + problem.world_size * problem.local_experts + 1
+    experts', and with ``atomic_front`` one slot counter per expert."""
+    slots = problem.experts if config is not None and config.atomic_front else 0
+    return PERSISTENT_ST_DEP + problem.world_size * problem.local_experts + 1 + slots
 
 
 def persistent_split_base(problem: MoEProblem, config: KernelConfig) -> int:
     """uint64 word of the persistent kernel's state where the split tiles' scratch starts:
     after its counters (ST_WORDS) and the router's partial logits at any token count."""
-    return (persistent_counter_words(problem)
+    return (persistent_counter_words(problem, config)
             + -(-router_part_floats(problem, config.router_tokens_per_block)[0] // 2))
 
 

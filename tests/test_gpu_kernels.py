@@ -241,6 +241,26 @@ def test_nvlink_task_producer_one_rank(case):
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 13), w)
 
 
+@pytest.mark.parametrize("case", ["seed_rows", "e64_fused"])
+def test_nvlink_atomic_front_one_rank(case):
+    """Rows' slots by atomics as they are routed (atomic_front) on one GPU: the seed
+    example's TMA row default at 1000 tokens (shared experts), and E=64's fused weight
+    streaming at 1024; then fewer tokens (one, none), outputs poisoned and checked against
+    the float64 reference; a capped layer (rows may drop) takes the positions scan."""
+    p = (SEED_EXAMPLE.replace(tokens_per_rank=1000) if case == "seed_rows" else
+         MoEProblem(1024, 1024, 64, 2, tokens_per_rank=1024))
+    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), atomic_front=True)
+    w = MoEWeights.random(p, seed=75)
+    layer = _layer(p, cfg, weights=w)
+    for t in (p.tokens_per_rank, 333, 1, 0):
+        _run_checked(layer, random_tokens(t, p.hidden, seed=t + 17), w)
+    capped = p.replace(capacity_factor=1.0)
+    w = MoEWeights.random(capped, seed=75)
+    layer = _layer(capped, cfg, weights=w)
+    _run_checked(layer, random_tokens(p.tokens_per_rank, p.hidden, seed=19), w,
+                 capacity=layer.capacity)
+
+
 def test_nvlink_staged_router_one_rank():
     """The persistent router's staged logits (32-token calls through a shared-memory ring,
     flashmoe_gen.router_staged) on one GPU: E=64 with router quads, a ragged last call

@@ -162,6 +162,8 @@ def _nvl_cfg(**knobs):
                                   "row_tiles_wgmma_tma_producer",
                                   "row_tiles_wgmma_tma_producer_pairs",
                                   "dsv2lite_default_producer",
+                                  "row_tiles_wgmma_tma_atomic", "fused_atomic",
+                                  "capped_skewed_atomic",
                                   "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks",
                                   "dsv2lite_default_many_batches",
                                   "dsv2lite_default_quad_batches",
@@ -192,6 +194,9 @@ def test_nvlink_persistent_kernel(comm, case):
          "row_tiles_wgmma_tma_producer": SEED.replace(tokens_per_rank=1000),
          "row_tiles_wgmma_tma_producer_pairs": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_default_producer": DSV2.replace(tokens_per_rank=2200),
+         "row_tiles_wgmma_tma_atomic": SEED.replace(tokens_per_rank=1000),
+         "fused_atomic": SEED.replace(tokens_per_rank=300),
+         "capped_skewed_atomic": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
          "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
          "row_tiles_send_blocks": SEED.replace(tokens_per_rank=1000),
          "dsv2lite_default_many_batches": DSV2.replace(tokens_per_rank=2200),
@@ -259,6 +264,11 @@ def test_nvlink_persistent_kernel(comm, case):
         else:  # the default at 2200 tokens (I = 1408: 11 column tiles; 2 shared experts)
             cfg = dataclasses.replace(KernelConfig.persistent_default(
                 p.replace(world_size=comm.world_size)), task_producer=True)
+    if case.endswith("atomic"):  # rows take their slots by atomics as they are routed (no
+        # positions scan, no grid barrier before the tasks) where none can drop; capped:
+        # every call may drop, so the scan runs (the knob's fallback)
+        cfg = dataclasses.replace(KernelConfig.persistent_default(
+            p.replace(world_size=comm.world_size)), atomic_front=True)
     if case.startswith("dsv2lite_default_") and case.endswith("batches"):  # the persistent
         # default at 2200 tokens: TMA row tiles, senders, dense lists, shared experts, and a
         # router that takes two 8-token batches per tensor-core tile (275 batches: no hidden
@@ -295,7 +305,7 @@ def test_nvlink_persistent_kernel(comm, case):
             cfg = dataclasses.replace(cfg, gate_up=ws, down=ws, gu_splits=1, dn_splits=1,
                                       ws_wgmma=case.endswith("ws_wgmma"))
     tokens = [p.tokens_per_rank, 77, 0, 5]
-    skewed = case.endswith("capped_skewed")
+    skewed = "capped_skewed" in case
     layer, _ = _check(comm, p, tokens, config=cfg, seed=51, skew=skewed)
     if skewed:
         assert sum(comm.mpi.allgather(layer.dropped_tokens)) > 0

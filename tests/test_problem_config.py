@@ -159,6 +159,7 @@ CONFIG_CHANGES = {
     "stage_epilogue": 2,
     "phased_tasks": True,
     "task_producer": True,
+    "atomic_front": True,
     "split_gated_mma": True,
     "ws_wgmma": True,
 }

@@ -58,9 +58,10 @@ def _splits_apply(params: dict) -> bool:
 def without_moot(params: dict) -> dict:
     """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
     senders, router batches, task tiles, deferred refills, staged epilogue, phased tasks,
-    task producer, own_split/own_stream, gather) at their neutral values, where present (an
-    absent one reads as that value anyway). A rule may read only tiles and knobs valid_configs walks
-    before the knob it resets (WALK_FIRST; the brute-force test checks the walk)."""
+    task producer, atomic front, own_split/own_stream, gather) at their neutral values,
+    where present (an absent one reads as that value anyway). A rule may read only tiles and
+    knobs valid_configs walks before the knob it resets (WALK_FIRST; the brute-force test
+    checks the walk)."""
     out = dict(params)
     if not _splits_apply(out):
         out |= {k: 1 for k in SPLIT_KNOBS if k in out}
@@ -86,6 +87,8 @@ def without_moot(params: dict) -> dict:
                                        and _per_source_tasks(out)):
         out["task_producer"] = False  # a producer feeds both GEMMs' TMA row tasks, taken
         # from per-source lists
+    if "atomic_front" in out and out.get("transport") != "nvlink":
+        out["atomic_front"] = False  # one kernel routes and dispatches: the persistent one
     if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):
         out["ws_wgmma"] = False  # weight-streaming tiles with TMA weights only (ws_tma
         # above is kept only where it applies: nvlink, ws or wgmma tiles on both GEMMs)

@@ -111,6 +111,7 @@ FULL = {
     "stage_epilogue": (0,),  # its TMA row tasks' results in 16-byte stores: likewise
     "phased_tasks": (False,),  # its per-source lists' gate/up tasks all first: likewise
     "task_producer": (False,),  # its TMA row tasks fed by a producer warpgroup: likewise
+    "atomic_front": (False,),  # its rows' slots by atomics as they are routed: likewise
     "ws_wgmma": (False,),  # its fused weight-streaming tasks on warpgroup MMAs: likewise
     # gate and up in two wgmmas, not one (lost 2.5-4%: carried for seeded configs only)
     "split_gated": (False,),
@@ -138,7 +139,7 @@ SMALL = {
     "ws_tma": (False,), "own_split": (False,), "own_stream": (False,), "gather": (False,),
     "senders": (0,), "router_batches": (1,), "task_tiles": (1,), "defer_refill": (False,),
     "stage_epilogue": (0,), "phased_tasks": (False,), "task_producer": (False,),
-    "ws_wgmma": (False,), "split_gated": (False,),
+    "atomic_front": (False,), "ws_wgmma": (False,), "split_gated": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -166,7 +167,7 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "router_batches": ROUTER_BATCH_CHOICES, "task_tiles": TASK_TILE_CHOICES,
                 "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES,
                 "phased_tasks": (False, True), "task_producer": (False, True),
-                "ws_wgmma": (False, True)}
+                "atomic_front": (False, True), "ws_wgmma": (False, True)}
 #: The persistent kernel's knobs whose measured effect is a few percent either way and turns
 #: with the problem (4 x H200, E=64: router pairs won from T=2048 and lost at 1024, quads
 #: beat pairs by ~1%; two row tiles per task lost 1-16% at T=4096/16384, unmeasured
@@ -297,6 +298,7 @@ class SearchSpace:
                             stage_epilogue=params.get("stage_epilogue", 0),
                             phased_tasks=params.get("phased_tasks", False),
                             task_producer=params.get("task_producer", False),
+                            atomic_front=params.get("atomic_front", False),
                             ws_wgmma=params.get("ws_wgmma", False),
                             split_gated_mma=params.get("split_gated", False))
 
@@ -326,7 +328,8 @@ class SearchSpace:
                     "senders": cfg.send_blocks, "router_batches": cfg.router_batches,
                     "task_tiles": cfg.task_tiles, "defer_refill": cfg.defer_refill,
                     "stage_epilogue": cfg.stage_epilogue, "phased_tasks": cfg.phased_tasks,
-                    "task_producer": cfg.task_producer, "ws_wgmma": cfg.ws_wgmma,
+                    "task_producer": cfg.task_producer, "atomic_front": cfg.atomic_front,
+                    "ws_wgmma": cfg.ws_wgmma,
                     "split_gated": cfg.split_gated_mma}
 
     def contains(self, cfg: KernelConfig) -> bool:
@@ -413,11 +416,24 @@ class SearchSpace:
         out = self.canonical(out)
         if self.check(out) is not None and out.get("transport") == "nvlink":
             out = self._persistent_tiles(out, params)
+        if self.check(out) is not None and out.get("transport") == "nvlink":
+            out = self._neutral_knobs(out)
         if self.check(out) is not None and out.get("transport") == "nvlink" \
                 and "nccl" in self.choices["transport"]:
             return self.repair(out | {"transport": "nccl"})  # no tile nvlink can take
         if (reason := self.check(out)) is not None:  # a constraint across the groups
             raise ConfigError("params", out, f"no repair found: {reason}")
+        return out
+
+    def _neutral_knobs(self, out: dict) -> dict:
+        """``out`` with the persistent kernel's own knobs set back to their first values, one
+        at a time in NVLINK_KNOBS' order, until it is valid (a knob the tiles refuse, e.g.
+        ws_wgmma drawn with 32-row tiles), or all of them."""
+        for k in NVLINK_KNOBS:
+            if self.check(out) is None:
+                break
+            if k in out and k in self.choices:
+                out = out | {k: self.choices[k][0]}
         return out
 
     def _persistent_tiles(self, out: dict, params: dict) -> dict:
