@@ -176,9 +176,11 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
 #: valid for the problem). Deferred refills lost 1-3% at both T: searched, not seeded.
 #: Phased task lists won 7-17% at T=1024 (E=8, 32) and were within 1% either way at
 #: T=4096/16384 and on Mixtral: flipped too. A task producer moved forwards -2.6% to +2% at
-#: T=4096/16384 on 2 x H200 (both orders) and -4% to +15% at 4 ranks: flipped too.
+#: T=4096/16384 on 2 x H200 (both orders) and -4% to +15% at 4 ranks; the atomic front
+#: -1.8% / -3.2% (fused E=64 / E=32) and +3% (E=8's per-source lists) at T=1024: flipped too.
 NVLINK_SEED_FLIPS = {"router_batches": (2, 4), "task_tiles": (1, 2),
-                     "phased_tasks": (True, False), "task_producer": (False, True)}
+                     "phased_tasks": (True, False), "task_producer": (False, True),
+                     "atomic_front": (False, True)}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
 KNOWN_GOOD = (
