@@ -152,66 +152,39 @@ def _nvl_cfg(**knobs):
                         router_tokens_per_block=8, transport="nvlink", **knobs)
 
 
-@pytest.mark.parametrize("case", ["seed", "dsv2lite", "capped_skewed", "graph", "row_tiles",
-                                  "row_tiles_wgmma", "row_tiles_wgmma_tma",
-                                  "row_tiles_wgmma_tma_pairs",
-                                  "row_tiles_wgmma_tma_deferred",
-                                  "row_tiles_wgmma_tma_staged",
-                                  "row_tiles_wgmma_tma_tstore",
-                                  "row_tiles_wgmma_tma_phased", "row_tiles_phased",
-                                  "row_tiles_wgmma_tma_producer",
-                                  "row_tiles_wgmma_tma_producer_pairs",
-                                  "dsv2lite_default_producer",
-                                  "row_tiles_wgmma_tma_atomic", "fused_atomic",
-                                  "capped_skewed_atomic",
-                                  "dsv2lite_wgmma_tma_graph", "row_tiles_send_blocks",
-                                  "dsv2lite_default_many_batches",
-                                  "dsv2lite_default_quad_batches",
-                                  "dsv2lite_default_staged",
-                                  "dsv2lite_default_tstore",
-                                  "dsv2lite_default_fused", "dsv2lite_fused_ws128", "fused",
-                                  "fused_dsv2lite_graph",
-                                  "fused_capped_skewed", "fused_split_k", "fused_ws_tma",
-                                  "fused_ws_wgmma", "dsv2lite_fused_ws_wgmma"])
+#: transport nvlink's cases by the problem each starts with (its tokens per rank: the
+#: first call's)
+NVL_CASES = (
+    (SEED.replace(tokens_per_rank=300),
+     ("seed", "graph", "fused_atomic", "fused", "fused_split_k")),
+    (DSV2.replace(tokens_per_rank=96),
+     ("dsv2lite", "fused_dsv2lite_graph", "fused_ws_tma")),
+    (SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
+     ("capped_skewed", "capped_skewed_atomic", "fused_capped_skewed")),
+    (SEED.replace(tokens_per_rank=1000),
+     ("row_tiles", "row_tiles_wgmma", "row_tiles_wgmma_tma", "row_tiles_wgmma_tma_pairs",
+      "row_tiles_wgmma_tma_deferred", "row_tiles_wgmma_tma_staged", "row_tiles_wgmma_tma_tstore",
+      "row_tiles_wgmma_tma_phased", "row_tiles_phased", "row_tiles_wgmma_tma_producer",
+      "row_tiles_wgmma_tma_producer_pairs", "row_tiles_wgmma_tma_atomic", "row_tiles_send_blocks",
+      "fused_ws_wgmma")),
+    (DSV2.replace(tokens_per_rank=2200),
+     ("dsv2lite_default_producer", "dsv2lite_default_many_batches",
+      "dsv2lite_default_quad_batches", "dsv2lite_default_staged", "dsv2lite_default_tstore")),
+    (DSV2.replace(tokens_per_rank=600),
+     ("dsv2lite_wgmma_tma_graph",)),
+    (DSV2.replace(tokens_per_rank=300),
+     ("dsv2lite_default_fused", "dsv2lite_fused_ws128", "dsv2lite_fused_ws_wgmma")),
+)
+
+
+@pytest.mark.parametrize("case", [c for _, cases in NVL_CASES for c in cases])
 def test_nvlink_persistent_kernel(comm, case):
     """Ragged ranks (one sends nothing), shared experts, capacity drops under skew, and the
     graph-captured launch; each layer is called again with other token counts (the flags'
     epochs advance, nothing is reset between calls). Fused: tasks over every source's rows,
     results stored into each source's heap; split K: tiles whose rows fit one pass summed
     from parts (the split counters' epochs advance too)."""
-    p = {"seed": SEED.replace(tokens_per_rank=300), "dsv2lite": DSV2.replace(tokens_per_rank=96),
-         "capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
-         "graph": SEED.replace(tokens_per_rank=300),
-         "row_tiles": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_wgmma": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_wgmma_tma": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_wgmma_tma_pairs": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_wgmma_tma_deferred": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_wgmma_tma_staged": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_wgmma_tma_tstore": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_wgmma_tma_phased": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_phased": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_wgmma_tma_producer": SEED.replace(tokens_per_rank=1000),
-         "row_tiles_wgmma_tma_producer_pairs": SEED.replace(tokens_per_rank=1000),
-         "dsv2lite_default_producer": DSV2.replace(tokens_per_rank=2200),
-         "row_tiles_wgmma_tma_atomic": SEED.replace(tokens_per_rank=1000),
-         "fused_atomic": SEED.replace(tokens_per_rank=300),
-         "capped_skewed_atomic": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
-         "dsv2lite_wgmma_tma_graph": DSV2.replace(tokens_per_rank=600),
-         "row_tiles_send_blocks": SEED.replace(tokens_per_rank=1000),
-         "dsv2lite_default_many_batches": DSV2.replace(tokens_per_rank=2200),
-         "dsv2lite_default_quad_batches": DSV2.replace(tokens_per_rank=2200),
-         "dsv2lite_default_staged": DSV2.replace(tokens_per_rank=2200),
-         "dsv2lite_default_tstore": DSV2.replace(tokens_per_rank=2200),
-         "dsv2lite_default_fused": DSV2.replace(tokens_per_rank=300),
-         "dsv2lite_fused_ws128": DSV2.replace(tokens_per_rank=300),
-         "fused": SEED.replace(tokens_per_rank=300),
-         "fused_dsv2lite_graph": DSV2.replace(tokens_per_rank=96),
-         "fused_capped_skewed": SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
-         "fused_split_k": SEED.replace(tokens_per_rank=300),
-         "fused_ws_tma": DSV2.replace(tokens_per_rank=96),
-         "fused_ws_wgmma": SEED.replace(tokens_per_rank=1000),
-         "dsv2lite_fused_ws_wgmma": DSV2.replace(tokens_per_rank=300)}[case]
+    p = next(q for q, cases in NVL_CASES if case in cases)
     knobs = dict(fuse_sources=case.startswith("fused"))
     cfg = _nvl_cfg(mode="graph", **knobs) if case.endswith("graph") else _nvl_cfg(**knobs)
     if case == "fused_split_k":  # K over parts where rows fit one pass (the later calls)
