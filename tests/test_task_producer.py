@@ -111,8 +111,13 @@ class Bar:
 @dataclass
 class Task:
     kind: str  # "shared", "gu", "dn"
-    kk: int = 0  # k-tiles (KT x row tiles)
+    kt: int = 0  # k-tiles per row tile
+    m_tiles: int = 1  # row tiles (task_tiles; staged results take one)
     staged: bool = False
+
+    @property
+    def kk(self) -> int:  # the ring's k-tiles of the task
+        return self.kt * self.m_tiles
 
 
 def _run(tasks, stages, seed, warps=8):
@@ -189,22 +194,25 @@ def _run(tasks, stages, seed, warps=8):
                 if w == 0:
                     ring_free.arrive()
                 continue
-            for k in range(task.kk):
-                g = g0 + k
-                st = g % stages
-                while not full[st].done((g // stages) & 1):
-                    yield
-                assert ring[st] == (j, k), (w, ring[st], (j, k))
-                held[st].add(w)
-                seen[w].append((j, k))
-                yield  # wgmma_wait<1>: k-tile g - 1 retired
-                if k > 0:
-                    prev = (g - 1) % stages
-                    held[prev].discard(w)
-                    empty[prev].arrive()
-            last = (g0 + task.kk - 1) % stages
-            held[last].discard(w)
-            empty[last].arrive()
+            for r in range(task.m_tiles):  # row tile r: its k-tiles, then its stores
+                for k in range(task.kt):
+                    g = g0 + r * task.kt + k
+                    st = g % stages
+                    while not full[st].done((g // stages) & 1):
+                        yield
+                    assert ring[st] == (j, r * task.kt + k), (w, ring[st], (j, k))
+                    held[st].add(w)
+                    seen[w].append((j, r * task.kt + k))
+                    yield  # wgmma_wait<1>: k-tile g - 1 retired
+                    if k > 0:
+                        prev = (g - 1) % stages
+                        held[prev].discard(w)
+                        empty[prev].arrive()
+                yield  # wgmma_wait<0>: the row tile's last stage back to the producer
+                last = (g0 + (r + 1) * task.kt - 1) % stages
+                held[last].discard(w)
+                empty[last].arrive()
+                yield  # its stores (registers to global memory)
             if task.staged:  # the results through the ring's A tiles
                 yield from block_sync()
                 memory_busy.add(w)
@@ -240,8 +248,9 @@ def test_protocol_under_random_interleavings(seed):
     tasks = [Task("shared") for _ in range(rng.randrange(3))]
     for _ in range(rng.randrange(1, 9)):
         gu = rng.random() < 0.5
-        tasks.append(Task("gu" if gu else "dn", kk=rng.choice([1, 2, 3, 5, 8, 32]),
-                          staged=rng.random() < 0.5))
+        staged = rng.random() < 0.5
+        tasks.append(Task("gu" if gu else "dn", kt=rng.choice([1, 2, 3, 5, 8, 32]),
+                          m_tiles=1 if staged else rng.choice([1, 2]), staged=staged))
     seen = _run(tasks, stages, seed)
     want = [(j, k) for j, t in enumerate(tasks) if t.kind != "shared" for k in range(t.kk)]
     assert all(s == want for s in seen.values())
