@@ -70,6 +70,18 @@ weak_scaling() {  # COMMIT TIMEOUT: H=I=2048 E=64 with nvlink at T=1024/16384 pe
     echo "scaling $p ranks rc=$?"
   done
 }
+kernel_test_ids() {  # the one-GPU kernel tests' ids into $O/kernels_ids.txt (suite_half)
+  python3 -m pytest -m gpu tests/test_gpu_kernels.py --collect-only -q -p no:cacheprovider \
+    2>/dev/null | grep "::" > "$O/kernels_ids.txt"
+}
+suite_half() {  # N GPU FILES...: every other kernel test id from N, then FILES, on GPU,
+  # one log ($O/gpu_halfN.log) and its rc ($O/gpu_halfN.rc); LANE_TIMEOUT bounds it
+  local n=$1 gpu=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout -k 10 "${LANE_TIMEOUT:-270}" python3 -m pytest -m gpu \
+    $(awk -v n="$n" 'NR % 2 == n' "$O/kernels_ids.txt") "$@" -q --no-header \
+    -p no:cacheprovider -rs > "$O/gpu_half$n.log" 2>&1
+  echo "gpu half $n rc=$?" > "$O/gpu_half$n.rc"
+}
 bundle() {  # every file under $O but the summaries into one archive: the device tool
   # brings back a limited number of files per call (session 10 lost the scaling logs)
   (cd "$O" && find . -maxdepth 1 -type f ! -name '*.md' ! -name '*.txt' ! -name '*.png' \

@@ -207,16 +207,11 @@ row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
   grep -hE "^- e" "$O/sweep_tstore.md" | sed 's/`[^`]*`//' | cut -c1-400
 fi
 if [ "$PART" = p ]; then
-  python3 -m pytest -m gpu tests/test_gpu_kernels.py --collect-only -q -p no:cacheprovider \
-    2>/dev/null | grep "::" > "$O/kernels_ids.txt"
-  suite_half() {  # N GPU: every other one-GPU test id from N, the graph / routing file after
-    local extra=tests/test_gpu_graph.py; [ "$1" = 1 ] && extra=tests/test_gpu_routing.py
-    CUDA_VISIBLE_DEVICES=$2 timeout -k 10 "${P_LANE_TIMEOUT:-330}" python3 -m pytest -m gpu \
-      $(awk -v n="$1" 'NR % 2 == n' "$O/kernels_ids.txt") $extra -q --no-header \
-      -p no:cacheprovider -rs > "$O/gpu_half$1.log" 2>&1
-    echo "gpu half $1 rc=$?" > "$O/gpu_half$1.rc"
-  }
-  if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then suite_half 0 2 & suite_half 1 3 & fi
+  if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
+    kernel_test_ids
+    LANE_TIMEOUT=${P_LANE_TIMEOUT:-330} suite_half 0 2 tests/test_gpu_graph.py &
+    LANE_TIMEOUT=${P_LANE_TIMEOUT:-330} suite_half 1 3 tests/test_gpu_routing.py &
+  fi
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
     -v --no-header -p no:cacheprovider -k task_producer > "$O/gpu1_producer.log" 2>&1
   echo "one GPU task_producer: $(tail -1 "$O/gpu1_producer.log")"
@@ -281,16 +276,8 @@ if [ "$PART" = af ]; then
     "$O/sweep_atomic.md" | paste -d' ' - -
 fi
 if [ "$PART" = v ]; then
-  python3 -m pytest -m gpu tests/test_gpu_kernels.py --collect-only -q -p no:cacheprovider \
-    2>/dev/null | grep "::" > "$O/kernels_ids.txt"
-  half() {  # N: every other test id from N, then FILES..., on GPU N, one log
-    local n=$1; shift
-    CUDA_VISIBLE_DEVICES=$n timeout -k 10 "${LANE_TIMEOUT:-270}" python3 -m pytest -m gpu \
-      $(awk -v n="$n" 'NR % 2 == n' "$O/kernels_ids.txt") "$@" -q --no-header \
-      -p no:cacheprovider -rs > "$O/gpu_half$n.log" 2>&1
-    echo "gpu half $n rc=$?" > "$O/gpu_half$n.rc"
-  }
-  half 0 tests/test_gpu_graph.py & half 1 tests/test_gpu_routing.py &
+  kernel_test_ids
+  suite_half 0 0 tests/test_gpu_graph.py & suite_half 1 1 tests/test_gpu_routing.py &
   wait
   multigpu_k 2 "${MULTI_TIMEOUT:-290}" v2 "nvlink_persistent_kernel and (seed or row_tiles \
 or quad_batches or tstore or fused_ws or fused_split_k) and not (deferred or phased or \
