@@ -13,8 +13,9 @@
 #      FlashDMoE's whole setting: H=I=2048 k=2, E = 8, 32, 64 at T=1024 and 16384 per GPU,
 #      on 2 then 4 ranks of one machine: nccl (host and graph), nvlink, PyTorch EP and the
 #      floor, same run (J_RANKS=4: the 4-rank half; NO_MIX=1: the table alone; J_KNOBS:
-#      the persistent default with these knobs too, e.g. task_producer=1; plot it on
-#      the development machine with scaling.py --plot: the device returns few files)
+#      the persistent default with these knobs too, in nvlink_sweep's spelling, e.g. pr=1;
+#      plot it on the development machine with scaling.py --plot: the device returns few
+#      files)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -64,7 +65,7 @@ if [ "$PART" = j ]; then
     grep -hE "^\| mixtral|^- mixtral" "$O/sweep_mixtral_anatomy.md" | cut -c1-400
   fi
   for p in ${J_RANKS:-2 4}; do  # J_RANKS=4: the 4-rank half alone
-    KN=(); [ -n "${J_KNOBS:-}" ] && KN=(--nvlink-knobs "$J_KNOBS")  # e.g. task_producer=1
+    KN=(); [ -n "${J_KNOBS:-}" ] && KN=(--nvlink-knobs "$J_KNOBS")  # e.g. pr=1
     timeout -k 10 "${J_TIMEOUT:-200}" $MPI -np $p python3 bench/scaling.py --experts 8,32,64 \
       --tokens 1024,16384 --nvlink "${KN[@]}" --commit "$COMMIT" --json "$O/scaling.json" \
       --out "$O/scaling_p$p" > "$O/scaling_p$p.log" 2>&1

@@ -19,27 +19,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nvlink_sweep import variants  # noqa: E402
 from overlap import floor_note, nvlink_stats, peak_bytes  # noqa: E402
 from report import md_table  # noqa: E402
 
 EXPERTS = (8, 32, 64, 128)
 TOKENS = (1024, 4096, 16384)
-
-
-def knob_values(text: str) -> dict:
-    """``--nvlink-knobs``' "field=value,...": KernelConfig fields, a bool's value 0/1."""
-    from dataclasses import fields
-
-    from flashmoe_gen.config import KernelConfig
-
-    kinds = {f.name: type(f.default) for f in fields(KernelConfig)}
-    out = {}
-    for part in filter(None, text.split(",")):
-        k, _, v = part.partition("=")
-        if kinds.get(k) not in (bool, int):
-            raise SystemExit(f"--nvlink-knobs {k}: a KernelConfig bool or integer field")
-        out[k] = bool(int(v)) if kinds[k] is bool else int(v)
-    return out
 
 
 def measure_one(p, cfg, comm, a) -> dict:
@@ -103,8 +88,7 @@ def measure_one(p, cfg, comm, a) -> dict:
         extra.update(nvlink_stats(nvl, x, comm))
         del nvl
     if a.nvlink_knobs:  # the persistent default with knobs changed, where valid
-        cfg = dataclasses.replace(KernelConfig.persistent_default(p), **knob_values(
-            a.nvlink_knobs))
+        cfg = variants(KernelConfig.persistent_default(p), a.nvlink_knobs)[0]
         try:
             cfg.validate(p)
         except ConfigError as e:
@@ -269,15 +253,18 @@ def main() -> int:
     ap.add_argument("--nvlink-config", action="append", metavar="NAME",
                     help="also time this transport 'nvlink' config (a name; repeatable): "
                          "keys ours_nvlink_1_ms, ... in the JSON")
-    ap.add_argument("--nvlink-knobs", default=None, metavar="K=V[,K=V]",
-                    help="also time the persistent default with these knobs changed (e.g. "
-                         "task_producer=1), where the build takes it: keys ours_nvlink_k_ms, "
-                         "...")
+    ap.add_argument("--nvlink-knobs", default=None, metavar="K=V[;K=V]",
+                    help="also time the persistent default with these knobs changed, one "
+                         "value each in nvlink_sweep.py --vary's spelling (e.g. pr=1), where "
+                         "the build takes it: keys ours_nvlink_k_ms, ...")
     ap.add_argument("--json", default="scaling.json", help="rows are appended here")
     ap.add_argument("--plot", default=None, help="JSON file to plot instead of measuring")
     ap.add_argument("--out", default="scaling", help="plot/table path stem")
     ap.add_argument("--commit", default="unknown")
     a = ap.parse_args()
+    if a.nvlink_knobs and any("," in part.partition("=")[2]
+                              for part in a.nvlink_knobs.split(";")):
+        raise SystemExit("--nvlink-knobs: one value per knob (one config)")
     if a.plot:
         plot(json.loads(Path(a.plot).read_text()), a.out, a.commit)
         return 0
