@@ -12,11 +12,11 @@ stages as ``s``), ``b`` (blocks per SM), ``d`` (dispatch blocks), ``wt`` (TMA lo
 (row tiles per TMA row task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue:
 0 none, 1 down, 2 both, 3 down staged and gate/up by TMA stores), ``ph`` (phased task
 lists, 0/1), ``pr`` (a producer warpgroup feeds the TMA row tasks, 0/1), ``af`` (rows'
-slots by atomics as they are routed, 0/1), ``ks`` (K splits, ``GxD``), values
-comma-separated; every combination is
-timed (configs the build refuses are reported, not fatal). ``--config`` adds named configs
-(repeatable; a name per shape as ``shape:name``, else every shape) after the variants, to
-compare other tiles or fused sources with the default in one run.
+slots by atomics as they are routed, 0/1), ``g2`` (gate and up in two MMAs, 0/1), ``ts``
+(silu by tanh.approx, 0/1), ``ks`` (K splits, ``GxD``), values comma-separated; every
+combination is timed (configs the build refuses are reported, not fatal). ``--config``
+adds named configs (repeatable; a name per shape as ``shape:name``, else every shape)
+after the variants, to compare other tiles or fused sources with the default in one run.
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ from overlap import nvlink_stats, phases_text  # noqa: E402
 from report import add_output_args, emit, int_list, md_table  # noqa: E402
 
 FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
+#: --vary's config knobs (besides tile fields and ks) and the ones that take 0/1.
+KNOBS = {"b": "blocks_per_sm", "d": "dispatch_blocks", "wt": "ws_tma", "sb": "send_blocks",
+         "rb": "router_batches", "tt": "task_tiles", "dr": "defer_refill",
+         "se": "stage_epilogue", "ph": "phased_tasks", "pr": "task_producer",
+         "af": "atomic_front", "g2": "split_gated_mma", "ts": "tanh_silu"}
+BOOL_KNOBS = ("wt", "dr", "ph", "pr", "af", "g2", "ts")
 #: Large-batch shapes beside decode's (issue 12's Mixtral, FlashDMoE's E=64 setting): the
 #: persistent kernel's row tiles at thousands of tokens per rank (FlashDMoE's E = 8, 32 too).
 SHAPES = SHAPES | {
@@ -53,17 +59,14 @@ def variants(base, vary: str) -> list:
     blocks), ``wt`` (TMA loads, 0/1), ``sb`` (send blocks), ``rb`` (router batches), ``tt``
     (row tiles per task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue, 0-3),
     ``ph`` (phased task lists, 0/1), ``pr`` (task producer, 0/1), ``af`` (atomic front,
-    0/1) and ``ks`` (K splits, ``GxD``)."""
+    0/1), ``g2`` (two gated MMAs, 0/1), ``ts`` (silu by tanh, 0/1) and ``ks`` (K splits,
+    ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):
         knob, values = part.split("=")
-        if knob in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "pr", "af", "g2"):
-            field = {"b": "blocks_per_sm", "d": "dispatch_blocks", "wt": "ws_tma",
-                     "sb": "send_blocks", "rb": "router_batches", "tt": "task_tiles",
-                     "dr": "defer_refill", "se": "stage_epilogue",
-                     "ph": "phased_tasks", "pr": "task_producer", "af": "atomic_front",
-                     "g2": "split_gated_mma"}[knob]
-            cast = bool if knob in ("wt", "dr", "ph", "pr", "af", "g2") else (lambda v: v)
+        if knob in KNOBS:
+            field = KNOBS[knob]
+            cast = bool if knob in BOOL_KNOBS else (lambda v: v)
             axes.append([{field: cast(int(v))} for v in values.split(",")])
             continue
         if knob == "ks":
@@ -72,7 +75,7 @@ def variants(base, vary: str) -> list:
             continue
         gemm, _, field = knob.partition("_")
         if gemm not in ("gu", "dn") or field not in FIELDS:
-            raise SystemExit(f"--vary {knob}: use b, d, wt, sb, rb, tt, dr, se, ph, pr, af, ks, or "
+            raise SystemExit(f"--vary {knob}: use one of {[*KNOBS, 'ks']}, or "
                              f"gu_|dn_ + one of {list(FIELDS)}")
         attr = "gate_up" if gemm == "gu" else "down"
         axes.append([{attr: (FIELDS[field], int(v))} for v in values.split(",")])

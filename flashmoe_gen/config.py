@@ -123,6 +123,9 @@ class KernelConfig:
     # transport "nvlink", Hopper, both tiles _ws of 128 tokens with TMA weights: warpgroup
     # MMAs with the tokens on the 64-row side (check_ws_wgmma)
     ws_wgmma: bool = False
+    # every gated epilogue: silu(g) = h + h tanh(h), h = g / 2, one tanh.approx (one
+    # special-function op per element, not ex2 and rcp; |sigmoid error| <= 2.5e-4)
+    tanh_silu: bool = False
 
     @property
     def uses_wgmma(self) -> bool:
@@ -221,7 +224,7 @@ class KernelConfig:
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
                   "own_split", "own_stream", "gather_experts", "defer_refill",
                   "phased_tasks", "task_producer", "atomic_front", "split_gated_mma",
-                  "ws_wgmma"):
+                  "ws_wgmma", "tanh_silu"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -455,7 +458,7 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("send_blocks", "sb"), ("router_batches", "rb"), ("task_tiles", "tt"),
              ("defer_refill", "dr"), ("stage_epilogue", "se"), ("phased_tasks", "ph"),
              ("task_producer", "pr"), ("atomic_front", "af"), ("split_gated_mma", "g2"),
-             ("ws_wgmma", "wsg"))
+             ("ws_wgmma", "wsg"), ("tanh_silu", "ts"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
 

@@ -83,6 +83,11 @@ ROUTER_PAIRS_MIN_TOKENS = 2048
 #: 1.703 -> 1.751 / 1.701 / 1.703 ms; bench/results/2026-11-28_sweep_tma_store_2xH200_8c3a866.md):
 #: the tuner's to choose.
 PERSISTENT_STAGE_EPILOGUE = 1
+#: The TMA row tasks' gate/up epilogues take silu by one tanh.approx (``tanh_silu``): two
+#: special-function ops per element (ex2, rcp) were most of it. 1 x H200, E=64 T=16384,
+#: both orders (bench/results/2026-11-28_gpu_checks_session26.md): epilogue 2.90 -> 2.21 us
+#: per tile, the kernel 2628 -> 2589 kcycles; staged as well (``stage_epilogue`` 2) 1.58 us.
+PERSISTENT_TANH_SILU = True
 #: ... and on several ranks their per-source task lists hold every source's gate/up tasks
 #: before any down task (``phased_tasks``): in source order a block's first wave held a
 #: source's gate/up and down tasks, and the down tasks waited on their gate/up tiles. 4 x
@@ -265,7 +270,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
                                            "wgmma"),
                      down=GemmTile(128, 256, 64, warps, 1, WGMMA_PERSISTENT_STAGES, "wgmma"),
                      ws_tma=True, send_blocks=DEFAULT_SEND_BLOCKS if problem.world_size > 1
-                     else 0, stage_epilogue=PERSISTENT_STAGE_EPILOGUE)
+                     else 0, stage_epilogue=PERSISTENT_STAGE_EPILOGUE,
+                     tanh_silu=PERSISTENT_TANH_SILU)
         cfg = _if_valid(wg, cfg, problem, arch)  # a dimension below 128/256: mma.sync rows
         if cfg.ws_tma and problem.world_size > 1:
             cfg = replace(cfg, phased_tasks=PERSISTENT_PHASED_TASKS)

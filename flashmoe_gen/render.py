@@ -265,6 +265,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "wgmma_variants": wgmma_variants(config, DTYPE_MMA[dt]),
         "wgmma_n_test": " || ".join(f"BN == {n}" for n in wgmma_ns(config)) or "false",
         "one_gated_mma": CPP_BOOL[one_gated_mma(config)],
+        "tanh_silu": CPP_BOOL[config.tanh_silu],
         # The persistent TMA kernel's code: only in modules that launch it.
         "tma_template": "gemm_tma.cu.j2" if config.uses_tma else "",
         "tma_max_groups": TMA_MAX_GROUPS,

@@ -518,8 +518,8 @@ def test_space_with_transport_nvlink():
 
 def test_nvlink_seeds_try_the_close_knobs_flipped_early():
     """The persistent default's knobs measured close (router_batches, task_tiles,
-    phased_tasks, task_producer, atomic_front) are tried flipped right after it, where the
-    problem allows them."""
+    phased_tasks, task_producer, atomic_front, tanh_silu) are tried flipped right after it,
+    where the problem allows them."""
     from dataclasses import replace
 
     e64 = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
@@ -527,10 +527,11 @@ def test_nvlink_seeds_try_the_close_knobs_flipped_early():
     pd = KernelConfig.persistent_default(e64, "sm_90")
     assert pd.router_batches == 4 and pd.task_tiles == 1  # 4096 tokens: quads by default
     assert pd.phased_tasks  # several ranks: every source's gate/up tasks first
-    assert seeds[1:7] == [pd, replace(pd, router_batches=2),  # two row tiles per task: the
+    assert pd.tanh_silu  # TMA row tasks: silu by tanh
+    assert seeds[1:8] == [pd, replace(pd, router_batches=2),  # two row tiles per task: the
                           replace(pd, task_tiles=2, stage_epilogue=0),  # ring unstaged
                           replace(pd, phased_tasks=False), replace(pd, task_producer=True),
-                          replace(pd, atomic_front=True)]
+                          replace(pd, atomic_front=True), replace(pd, tanh_silu=False)]
     # fused weight-streaming decode: none applies (no TMA rows, 256 experts)
     dsv3 = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=2, tokens_per_rank=8)
     seeds = SearchSpace.for_problem(dsv3, "sm_90", "full", ("nccl", "nvlink")).seeds()

@@ -33,7 +33,7 @@ def test_registers_split_the_launch_allocation():
 def test_default_tiles_take_a_producer():
     cfg = _producer()
     cfg.validate(BIG, "sm_90")
-    assert cfg.name.endswith("__pr") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__pr__ts") and KernelConfig.from_name(cfg.name) == cfg
     assert cfg.persistent_threads == 256 + PRODUCER_THREADS
     # 4 stages of the A tile (128 x 64) and the larger B tile (the down GEMM's 256 x 64)
     assert cfg.persistent_smem() == 4 * (128 * 64 + 256 * 64) * 2 + 1024

@@ -122,6 +122,7 @@ FULL = {
     "own_stream": (False, True),  # own_split's halves beside the fused launch
     # each local expert's peer rows in one run (fused nccl sources, not _ws, mode host)
     "gather": (False, True),
+    "tanh_silu": (False, True),  # the gated epilogues' silu by one tanh.approx
 }
 #: A smaller space for exhaustive (grid) sweeps and sampler comparisons (mma.sync tiles: the
 #: space measured in bench/results/2026-11-26_grid_dsv2lite_small_2xH100.json).
@@ -140,6 +141,7 @@ SMALL = {
     "senders": (0,), "router_batches": (1,), "task_tiles": (1,), "defer_refill": (False,),
     "stage_epilogue": (0,), "phased_tasks": (False,), "task_producer": (False,),
     "atomic_front": (False,), "ws_wgmma": (False,), "split_gated": (False,),
+    "tanh_silu": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -178,9 +180,10 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
 #: T=4096/16384 and on Mixtral: flipped too. A task producer moved forwards -2.6% to +2% at
 #: T=4096/16384 on 2 x H200 (both orders) and -4% to +15% at 4 ranks; the atomic front
 #: -1.8% / -3.2% (fused E=64 / E=32) and +3% (E=8's per-source lists) at T=1024: flipped too.
+#: silu by tanh (on in the TMA row tasks' default) flipped back to the exact one likewise.
 NVLINK_SEED_FLIPS = {"router_batches": (2, 4), "task_tiles": (1, 2),
                      "phased_tasks": (True, False), "task_producer": (False, True),
-                     "atomic_front": (False, True)}
+                     "atomic_front": (False, True), "tanh_silu": (True, False)}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
 KNOWN_GOOD = (
@@ -302,7 +305,8 @@ class SearchSpace:
                             task_producer=params.get("task_producer", False),
                             atomic_front=params.get("atomic_front", False),
                             ws_wgmma=params.get("ws_wgmma", False),
-                            split_gated_mma=params.get("split_gated", False))
+                            split_gated_mma=params.get("split_gated", False),
+                            tanh_silu=params.get("tanh_silu", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -332,7 +336,7 @@ class SearchSpace:
                     "stage_epilogue": cfg.stage_epilogue, "phased_tasks": cfg.phased_tasks,
                     "task_producer": cfg.task_producer, "atomic_front": cfg.atomic_front,
                     "ws_wgmma": cfg.ws_wgmma,
-                    "split_gated": cfg.split_gated_mma}
+                    "split_gated": cfg.split_gated_mma, "tanh_silu": cfg.tanh_silu}
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())
