@@ -49,8 +49,9 @@ SEND_BLOCK_CHOICES = (0, 8, 16, 32, 64)
 #: Token batches of the persistent kernel's router per split_logits call
 #: (``router_batches``): 2 fills the m16 tile with two 8-token batches and reads the gate
 #: weights once per 16 tokens; 4 takes two m16 tiles per weight fragment, once per 32
-#: tokens (where one pass of the tensor-core logits takes every expert).
-ROUTER_BATCH_CHOICES = (1, 2, 4)
+#: tokens, 8 four, once per 64 (where one pass of the tensor-core logits takes every
+#: expert; 16 spilled 580 bytes at E=64).
+ROUTER_BATCH_CHOICES = (1, 2, 4, 8)
 #: Row tiles per routed row task fed by TMA (``task_tiles``): 2 runs two consecutive row
 #: tiles of an (expert, n-tile) through one mbarrier ring, the second's first loads in
 #: flight during the first's epilogue, and halves the task fetches.

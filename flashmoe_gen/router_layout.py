@@ -67,7 +67,7 @@ def router_mma_experts(problem: MoEProblem, warps: int) -> int:
 
 
 #: The most m16 tiles of tokens one split_logits call takes per weight fragment.
-ROUTER_MAX_MTILES = 2
+ROUTER_MAX_MTILES = 4
 
 
 def router_pairs_fit(problem: MoEProblem, warps: int, batches: int = 2) -> bool:

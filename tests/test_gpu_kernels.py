@@ -261,18 +261,22 @@ def test_nvlink_atomic_front_one_rank(case):
                  capacity=layer.capacity)
 
 
-def test_nvlink_staged_router_one_rank():
-    """The persistent router's staged logits (32-token calls through a shared-memory ring,
-    flashmoe_gen.router_staged) on one GPU: E=64 with router quads, a ragged last call
-    (2100 = 65 x 32 + 20 tokens), then 2048 and 45 (a call of 13 tokens: its second token
-    tile empty); routing and outputs checked against the float64 reference."""
+@pytest.mark.parametrize("batches", [4, 8])
+def test_nvlink_staged_router_one_rank(batches):
+    """The persistent router's staged logits (32- or 64-token calls through a shared-memory
+    ring, flashmoe_gen.router_staged) on one GPU: E=64 with router quads or eights, a ragged
+    last call (2100 = 65 x 32 + 20 tokens = 32 x 64 + 52), then 2048 and 45 (a call of 13
+    tokens: its later token tiles empty); routing and outputs checked against the float64
+    reference."""
     from flashmoe_gen.router_layout import router_mma_experts, router_mtiles
     from flashmoe_gen.router_staged import staged_plan
 
     p = MoEProblem(512, 1024, 64, 2, tokens_per_rank=2100)
     cfg = KernelConfig.persistent_default(p, "sm_90")
     assert cfg.router_batches == 4
-    assert staged_plan(p, cfg, router_mtiles(4, 8), router_mma_experts(p, 8), True).stages >= 3
+    cfg = dataclasses.replace(cfg, router_batches=batches)
+    mtiles = router_mtiles(batches, 8)
+    assert staged_plan(p, cfg, mtiles, router_mma_experts(p, 8), True).stages >= 3
     w = MoEWeights.random(p, seed=71)
     layer = _layer(p, cfg, weights=w)
     for t in (2100, 2048, 45):

@@ -156,8 +156,8 @@ def test_pass_warps_divide_the_passes_and_the_warps():
 def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert(monkeypatch):
     """router_batches 2: the persistent kernel's router fills the m16 tile with two 8-token
     batches, 4: two m16 tiles per weight fragment, only where the tensor cores take every
-    expert in one pass (32 or 64 experts); with several passes, the FMA path or more than
-    two m16 tiles of tokens the config is refused."""
+    expert in one pass (32 or 64 experts), 8 four; with several passes, the FMA path or
+    more than four m16 tiles of tokens the config is refused."""
     from dataclasses import replace
 
     from flashmoe_gen.errors import ConfigError
@@ -167,7 +167,7 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert(monkeypatc
     assert not router_pairs_fit(get_preset("deepseek-v3").problem(), 8)  # 4 passes
     assert not router_pairs_fit(MoEProblem(512, 2048, 16, 2), 8)         # FMA path
     assert router_pairs_fit(MoEProblem(512, 2048, 8, 2), 8)              # E=8: one pass
-    assert router_pairs_fit(e64, 16) and not router_pairs_fit(e64, 16, 4)  # <= 2 m tiles
+    assert router_pairs_fit(e64, 16, 4) and not router_pairs_fit(e64, 16, 8)  # <= 4 m tiles
     cfg = KernelConfig.persistent_default(e64)  # 16384 tokens: quads by default (8-token
     assert cfg.router_batches == 4  # batches: two m16 tiles), pairs where quads don't fit
     cfg.validate(e64)
@@ -202,4 +202,5 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert(monkeypatc
                  "if (r0 < nt) s_logit[r0 * EXPERTS + e] += d[mt][q][j][b];"):
         assert line in quad, line
     assert router_mtiles(4, 8) == 2 and router_mtiles(2, 8) == router_mtiles(1, 8) == 1
-    assert router_pairs_fit(e64, 8, 4) and not router_pairs_fit(e64, 16, 4)
+    assert router_mtiles(8, 8) == 4
+    assert router_pairs_fit(e64, 8, 8) and not router_pairs_fit(e64, 16, 8)

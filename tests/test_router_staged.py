@@ -106,12 +106,14 @@ def staged_logits(x: np.ndarray, wg: np.ndarray, t0: int, tokens: int, warps: in
 @pytest.mark.parametrize("experts,batches,tokens,t0", [
     (64, 4, 100, 64), (64, 4, 90, 64), (128, 4, 40, 0), (64, 4, 3, 0),  # whole units
     (32, 4, 70, 32), (8, 4, 50, 0), (8, 1, 13, 8), (64, 1, 9, 0), (64, 2, 30, 16),  # k lanes
-    (128, 1, 20, 8), (16, 2, 16, 0)])
+    (128, 1, 20, 8), (16, 2, 16, 0),
+    (64, 8, 200, 128), (64, 8, 40, 0), (32, 8, 64, 0)])  # 64-token calls: four m16 tiles
 def test_staged_logits_match_a_float64_product(experts, batches, tokens, t0):
     """Full and ragged calls (26 tokens: the second m16 tile part zeros; 3: its second
     tile skipped), one and two 64-expert column blocks (two units per warp), fewer units
     than warps (E=32: two k lanes; E=8: 8-expert units, four k lanes; 8- and 16-token
-    calls), narrow column blocks (E=8, 16, 32)."""
+    calls), narrow column blocks (E=8, 16, 32), 64-token calls (router_batches 8: E=64 two
+    units per warp, E=32 one)."""
     rng = np.random.default_rng(experts + tokens)
     hidden, warps = 256, 8
     x = rng.standard_normal((tokens, hidden))
