@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# A one-GPU device session's checks and measurements (kind nvidia-h200 / nvidia-h100-x1,
+# carry .whl): the persistent kernel on one rank (transport nvlink, world size 1: every
+# expert local, the same row tasks, epilogues and router as on several ranks, no NVLink).
+#   k: the one-GPU kernel tests K1 selects (-k; default: the expert GEMMs alone, the
+#      nvlink one-rank cases) (~250 s)
+#   ab: nvlink_sweep A/B on one rank: AB_VARY over AB_SPECS ("problems:tokens" ...), then
+#      AB_VARY_REV (the same values reversed: a variant that always runs second meets a
+#      warmer card), the card's SM clock, power and throttle reasons sampled every 250 ms
+#      beside it (~300 s)
+#   kab: k, then ab
+# Usage: bash bench/device_x1.sh COMMIT k|ab|kab
+# (Session 26's silu study, FLASHMOE_EXP_SILU exact / tanh / none, ran this script's
+# first version on branch exp-epilogue, fa1336d.)
+set -u
+COMMIT=${1:-unknown}; PART=${2:-ab}
+source bench/device_setup.sh
+O=${OUT:-/tmp/out}; mkdir -p "$O"
+MPI="mpirun --allow-run-as-root -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
+source bench/device_lib.sh
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$O/cards.txt"
+if [ "$PART" = k ] || [ "$PART" = kab ]; then
+  timeout -k 10 "${K_TIMEOUT:-300}" python3 -m pytest -m gpu tests/test_gpu_kernels.py -v \
+    -k "${K1:-expert_gemm_kernels_alone or nvlink}" --no-header -p no:cacheprovider -rs \
+    > "$O/gpu_k.log" 2>&1
+  echo "one-GPU tests rc=$?"
+  grep -E "PASSED|FAILED|ERROR|SKIPPED" "$O/gpu_k.log" | sed -E 's/^tests\/test_gpu_kernels.py:://' \
+    | cut -c1-110 > "$O/gpu_k_summary.txt"
+  tail -3 "$O/gpu_k.log"
+fi
+if [ "$PART" = ab ] || [ "$PART" = kab ]; then
+  nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,enforced.power.limit,\
+temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 250 \
+    > "$O/smi.csv" 2>&1 & SMI=$!
+  i=0
+  for vary in "${AB_VARY:-ts=0,1}" "${AB_VARY_REV:-ts=1,0}"; do
+    for spec in ${AB_SPECS:-e64:16384}; do
+      i=$((i + 1))
+      timeout -k 10 "${AB_TIMEOUT:-150}" $MPI -np 1 python3 bench/nvlink_sweep.py \
+        --commit "$COMMIT" --problems "${spec%%:*}" --tokens "${spec##*:}" --vary "$vary" \
+        --iters 10 --out "$O/sweep_ab$i.md" --json "$O/sweep_ab$i.json" \
+        > "$O/sweep_ab$i.log" 2>&1
+      echo "sweep $i ($vary; $spec) rc=$? at $(date +%T)"
+    done
+  done
+  kill $SMI
+  awk -F', ' '{n++; if ($4 + 0 > p) p = $4 + 0; l = $5; r[$7]++}
+    END {print n, "samples, max W", p, "limit", l; for (k in r) print "reasons", k, r[k]}' \
+    "$O/smi.csv"
+  # one table of every sweep's rows (the device tool brings back a limited number of files)
+  for f in "$O"/sweep_ab*.md; do echo "== $(basename "$f")"; cat "$f"; done > "$O/ab_all.txt"
+  rm -f "$O"/sweep_ab*.md
+  bundle
+  grep -hE "^\| e" "$O/ab_all.txt" | cut -d'|' -f2-10 | sed -E 's/gu_bm128[^ ]*__nvlink/D/'
+  grep -hoE "^- e[0-9]+ T=[0-9]+ \`[^\`]*\`|route [0-9.]+|gate/up \([0-9]+\) [0-9. /]+|logits_us [0-9.]+, select_us [0-9.]+|SM clock [0-9.]+ GHz" \
+    "$O/ab_all.txt" | sed -E 's/gu_bm128[^`]*__nvlink/D/' | paste -d' ' - - - - - | cut -c1-220
+fi
