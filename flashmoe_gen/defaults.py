@@ -73,6 +73,12 @@ WS_WGMMA_MIN_ROWS = 96
 #: ..._sweep_staged_epilogue_4xH200_56a872c.md). Pairs only with shared experts: there
 #: quads spill 16 bytes (NVRTC 13.0, DeepSeek-V2-Lite's shape), unmeasured.
 ROUTER_PAIRS_MIN_TOKENS = 2048
+#: ... and eight (``router_batches`` 8, 64-token calls: the gate weights read half as often)
+#: from this many: 1 x H200, E=64, both orders, route / kernel kcycles: T=16384 85 -> 76 us
+#: / 2657 -> 2635, T=8192 45 -> 39 us / 1477 -> 1463; E=32 T=16384 70 -> 56 us / 2515 ->
+#: 2481; at T=4096 only 64 of 132 blocks route: 22 -> 35 us, the forward 612 -> 628 us
+#: (bench/results/2026-11-28_gpu_checks_session26.md).
+ROUTER_EIGHTS_MIN_TOKENS = 8192
 #: The TMA row tasks' down results, which go straight to the source rank, leave through the
 #: ring's shared memory in 16-byte stores (``stage_epilogue`` 1; the gate/up results, local,
 #: keep their 4-byte stores: staging both lost). 4 x H200, H=I=2048 k=2, per forward, same
@@ -292,6 +298,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
         pairs = _if_valid(replace(cfg, router_batches=2), cfg, problem, arch)
         cfg = pairs if problem.shared_experts else \
             _if_valid(replace(cfg, router_batches=4), pairs, problem, arch)
+        if cfg.router_batches == 4 and problem.tokens_per_rank >= ROUTER_EIGHTS_MIN_TOKENS:
+            cfg = _if_valid(replace(cfg, router_batches=8), cfg, problem, arch)
     if fused and local_weight_bytes(problem) >= DEEP_RING_MIN_BYTES:
         # HBM-bound on GBs of weights: a 6-deep ring fed by TMA boxes keeps more bytes in
         # flight (DeepSeek-V3-like T=128, 4 x H200: 1.734 -> 1.658 ms, 0.609x -> 0.582x

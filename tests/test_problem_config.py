@@ -833,10 +833,10 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert big.gate_up.threads == big.down.threads == 256
     # ... both operands of a routed task by TMA boxes into a 4-stage ring
     assert big.ws_tma and big.gate_up.stages == big.down.stages == 4
-    # ... the router's batch quads (64 experts fit one pass, thousands of tokens), the
+    # ... the router's batch eights (64 experts fit one pass, 8192 tokens or more), the
     # down results staged (16-byte stores to the source rank), every source's gate/up
-    # tasks before any down task
-    assert big.name.endswith("__nvlink__wt__sb32__rb4__se1__ph__ts")
+    # tasks before any down task, silu by tanh
+    assert big.name.endswith("__nvlink__wt__sb32__rb8__se1__ph__ts")
     assert KernelConfig.from_name(big.name) == big
     # ... 32 blocks send the peers' rows on several ranks; one rank has none to send, and
     # one source's list is already phased

@@ -140,7 +140,7 @@ def test_which_configs_take_the_staged_logits(monkeypatch):
     warps = cfg.router_tokens_per_block
     mt = router_mtiles(cfg.router_batches, warps)
     plan = staged_plan(big, cfg, mt, router_mma_experts(big, warps), True)
-    assert cfg.router_batches == 4 and plan.stages >= 3 and (plan.unit, plan.block) == (16, 64)
+    assert cfg.router_batches == 8 and plan.stages >= 3 and (plan.unit, plan.block) == (16, 64)
     code = render(big, cfg, arch="sm_90").code
     assert f"constexpr int RS_STAGES = {plan.stages};" in code
     assert f"constexpr int RS_KC = {STAGED_KC};" in code

@@ -181,7 +181,9 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
 #: T=4096/16384 on 2 x H200 (both orders) and -4% to +15% at 4 ranks; the atomic front
 #: -1.8% / -3.2% (fused E=64 / E=32) and +3% (E=8's per-source lists) at T=1024: flipped too.
 #: silu by tanh (on in the TMA row tasks' default) flipped back to the exact one likewise.
-NVLINK_SEED_FLIPS = {"router_batches": (2, 4), "task_tiles": (1, 2),
+#: A knob's flip is its value's neighbour in the tuple (the one before it, else after; a
+#: value outside it: the first): router eights -> quads -> pairs -> quads.
+NVLINK_SEED_FLIPS = {"router_batches": (2, 4, 8), "task_tiles": (1, 2),
                      "phased_tasks": (True, False), "task_producer": (False, True),
                      "atomic_front": (False, True), "tanh_silu": (True, False)}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
@@ -192,6 +194,15 @@ KNOWN_GOOD = (
     # bench/gemm_bench.py on H100: the best wgmma pair on the Mixtral shape
     "gu_bm128_bn64_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s3_wg__r8__c1__cs1__ss1__pk",
 )
+
+
+def _neighbour(values: tuple, v):
+    """``v``'s seed flip (NVLINK_SEED_FLIPS): the value before it in ``values``, else the
+    one after; the first where ``v`` is not among them."""
+    if v not in values:
+        return values[0]
+    i = values.index(v)
+    return values[i - 1] if i else values[1]
 
 
 @dataclass(frozen=True)
@@ -475,9 +486,9 @@ class SearchSpace:
                 pd = None
             if pd is not None:
                 flips = []
-                for f, (a, b) in NVLINK_SEED_FLIPS.items():  # then its close neighbours
+                for f, values in NVLINK_SEED_FLIPS.items():  # then its close neighbours
                     try:
-                        var = replace(pd, **{f: b if getattr(pd, f) == a else a})
+                        var = replace(pd, **{f: _neighbour(values, getattr(pd, f))})
                         # knobs the flip makes moot back to neutral (two row tiles per
                         # task: no staged epilogue; config_from_params drops them)
                         var = self.config_from_params(self.params_from_config(var))
