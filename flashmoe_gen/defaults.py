@@ -87,8 +87,12 @@ ROUTER_EIGHTS_MIN_TOKENS = 8192
 #: 4.5 us), E=64 T=4096 0.721 -> 0.716; Mixtral T=4096 5.492 -> 5.431. The gate/up results
 #: by TMA stores (3) won only at E=64 (2 x H200, T=16384, E = 64 / 32 / 8: 1.827 / 1.674 /
 #: 1.703 -> 1.751 / 1.701 / 1.703 ms; bench/results/2026-11-28_sweep_tma_store_2xH200_8c3a866.md):
-#: the tuner's to choose.
-PERSISTENT_STAGE_EPILOGUE = 1
+#: the tuner's to choose. With silu by tanh the gate/up results staged too (2) won on
+#: 1 x H200, both orders (bench/results/2026-11-28_gpu_checks_session26.md): the gate/up
+#: epilogue 2.21 -> 1.51 us, kernel cycles E=64 T=16384 -0.8%, E=32 -0.9%, E=64 T=4096
+#: 612 -> 599 us (-2.2%); on 4 ranks (session 19, exact silu) staging both had lost at
+#: T=4096 (0.716 -> 0.743 ms): not yet A/B'd there again.
+PERSISTENT_STAGE_EPILOGUE = 2
 #: The TMA row tasks' gate/up epilogues take silu by one tanh.approx (``tanh_silu``): two
 #: special-function ops per element (ex2, rcp) were most of it. 1 x H200, E=64 T=16384,
 #: both orders (bench/results/2026-11-28_gpu_checks_session26.md): epilogue 2.90 -> 2.21 us
@@ -254,9 +258,9 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     from ``WGMMA_PERSISTENT_MIN_ROWS`` rows per source, 8-warp mma.sync otherwise; the
     router's batch quads (pairs with shared experts or where quads don't fit) from
     ``ROUTER_PAIRS_MIN_TOKENS``; fused tasks on warpgroup MMAs from
-    ``WS_WGMMA_MIN_ROWS`` rows on Hopper; the TMA row tasks' down results staged
-    (``PERSISTENT_STAGE_EPILOGUE``) and, on several ranks, their lists phased
-    (``PERSISTENT_PHASED_TASKS``)."""
+    ``WS_WGMMA_MIN_ROWS`` rows on Hopper; the TMA row tasks' results staged
+    (``PERSISTENT_STAGE_EPILOGUE``), their silu by tanh and, on several ranks, their lists
+    phased (``PERSISTENT_PHASED_TASKS``)."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
     fused = (rows <= PERSISTENT_WS_MAX_ROWS if problem.world_size > 1

@@ -251,7 +251,7 @@ def test_nvlink_persistent_kernel(comm, case):
             router_batches=4 if case.endswith("quad_batches") else 2)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
     if case == "dsv2lite_default_staged":  # the default at 2200 tokens, the down GEMM's
-        # results staged (ragged row tiles; the shared experts' tiles unstaged)
+        # results alone staged (ragged row tiles; the shared experts' tiles unstaged)
         cfg = dataclasses.replace(KernelConfig.persistent_default(
             p.replace(world_size=comm.world_size)), stage_epilogue=1)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"

@@ -762,7 +762,7 @@ def test_phased_tasks_only_for_per_source_lists():
     base = KernelConfig.persistent_default(p, "sm_90")
     cfg = replace(base, phased_tasks=True)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__se1__ph__ts") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__se2__ph__ts") and KernelConfig.from_name(cfg.name) == cfg
     fused_p = p.replace(tokens_per_rank=256)
     for bad, prob, text in (
             (replace(KernelConfig.default(p, "sm_90"), phased_tasks=True), p, "task queue"),
@@ -782,7 +782,7 @@ def test_split_gated_mma_only_for_wgmma_gate_up_tiles():
     p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=4096)
     cfg = replace(KernelConfig.persistent_default(p, "sm_90"), split_gated_mma=True)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__se1__ph__g2__ts") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__se2__ph__g2__ts") and KernelConfig.from_name(cfg.name) == cfg
     tma = GemmTile(128, 128, 64, 8, 1, 4, "tma")
     replace(KernelConfig(tma, replace(tma, bn=256)), split_gated_mma=True).validate(p, "sm_90")
     for bad, text in ((replace(KernelConfig.default(p.replace(world_size=1), "sm_80"),
@@ -833,10 +833,10 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert big.gate_up.threads == big.down.threads == 256
     # ... both operands of a routed task by TMA boxes into a 4-stage ring
     assert big.ws_tma and big.gate_up.stages == big.down.stages == 4
-    # ... the router's batch eights (64 experts fit one pass, 8192 tokens or more), the
-    # down results staged (16-byte stores to the source rank), every source's gate/up
-    # tasks before any down task, silu by tanh
-    assert big.name.endswith("__nvlink__wt__sb32__rb8__se1__ph__ts")
+    # ... the router's batch eights (64 experts fit one pass, 8192 tokens or more), both
+    # GEMMs' results staged (16-byte stores, the down's to the source rank), every
+    # source's gate/up tasks before any down task, silu by tanh
+    assert big.name.endswith("__nvlink__wt__sb32__rb8__se2__ph__ts")
     assert KernelConfig.from_name(big.name) == big
     # ... 32 blocks send the peers' rows on several ranks; one rank has none to send, and
     # one source's list is already phased

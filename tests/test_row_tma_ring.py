@@ -180,12 +180,12 @@ def test_the_template_spells_the_modelled_waits():
             "[((i + 1) * KT - 1) % STAGES])); }",
             "mbar_init(smem_u32(&empty[s]), WARPS);"):
         assert line in code, line
-    assert "false>(" in code and "wt_gemm_tile<128, 128, 4, true, 1, false, false>" in code
+    assert "false>(" in code and "wt_gemm_tile<128, 128, 4, true, 1, false, true>" in code
     # deferred refills (defer_refill): the loop the model's defer branch mirrors
     from dataclasses import replace
     deferred = " ".join(render(p, replace(KernelConfig.persistent_default(p, "sm_90"),
                                           defer_refill=True)).code.split())
-    assert "wt_gemm_tile<128, 128, 4, true, 1, true, false>" in deferred
+    assert "wt_gemm_tile<128, 128, 4, true, 1, true, true>" in deferred
     for line in (
             "int nf = min(STAGES - 1, KK);",
             "for (; nf < KK && nf < kt + STAGES; ++nf) { const bool free = nf < STAGES || "

@@ -59,7 +59,7 @@ def test_render_feeds_the_tasks_from_the_producer():
     for text in ("constexpr bool TASK_PRODUCER = true;",
                  "__launch_bounds__(fmoe::P_THREADS + 128, 1)",
                  f"regs_dec<{PRODUCER_REGS}>();", f"regs_inc<{WORKER_REGS}>();",
-                 "wt_consume_tile<128, 128, 4, 16384, true, false>(",
+                 "wt_consume_tile<128, 128, 4, 16384, true, true>(",
                  "wt_consume_tile<128, 256, 4, 16384, false, true>(",
                  'asm volatile("bar.sync 1, %0;\\n" ::"n"(WORKERS) : "memory");'):
         assert text in code, text

@@ -180,12 +180,14 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
 #: T=4096/16384 and on Mixtral: flipped too. A task producer moved forwards -2.6% to +2% at
 #: T=4096/16384 on 2 x H200 (both orders) and -4% to +15% at 4 ranks; the atomic front
 #: -1.8% / -3.2% (fused E=64 / E=32) and +3% (E=8's per-source lists) at T=1024: flipped too.
-#: silu by tanh (on in the TMA row tasks' default) flipped back to the exact one likewise.
+#: silu by tanh (on in the TMA row tasks' default) flipped back to the exact one likewise,
+#: and both GEMMs' results staged (the default since session 26) back to the down's alone.
 #: A knob's flip is its value's neighbour in the tuple (the one before it, else after; a
 #: value outside it: the first): router eights -> quads -> pairs -> quads.
 NVLINK_SEED_FLIPS = {"router_batches": (2, 4, 8), "task_tiles": (1, 2),
-                     "phased_tasks": (True, False), "task_producer": (False, True),
-                     "atomic_front": (False, True), "tanh_silu": (True, False)}
+                     "stage_epilogue": (1, 2), "phased_tasks": (True, False),
+                     "task_producer": (False, True), "atomic_front": (False, True),
+                     "tanh_silu": (True, False)}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
 #: shape and the seed example): enqueued first when valid for a problem.
 KNOWN_GOOD = (
