@@ -9,7 +9,10 @@
 #      warmer card), the card's SM clock, power and throttle reasons sampled every 250 ms
 #      beside it (~300 s)
 #   kab: k, then ab
-# Usage: bash bench/device_x1.sh COMMIT k|ab|kab
+#   c: an older commit (.old, bench/prepare_old.sh; carry .old) against this one, each's
+#      persistent default on C_PROBLEMS x C_TOKENS, in the order C_SIDES ("old new new old":
+#      a side that always runs second meets a warmer card) (~300 s)
+# Usage: bash bench/device_x1.sh COMMIT k|ab|kab|c
 # (Session 26's silu study, FLASHMOE_EXP_SILU exact / tanh / none, ran this script's
 # first version on branch exp-epilogue, fa1336d.)
 set -u
@@ -54,4 +57,25 @@ temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 250 \
   grep -hE "^\| e" "$O/ab_all.txt" | cut -d'|' -f2-10 | sed -E 's/gu_bm128[^ ]*__nvlink/D/'
   grep -hoE "^- e[0-9]+ T=[0-9]+ \`[^\`]*\`|route [0-9.]+|gate/up \([0-9]+\) [0-9. /]+|logits_us [0-9.]+, select_us [0-9.]+|SM clock [0-9.]+ GHz" \
     "$O/ab_all.txt" | sed -E 's/gu_bm128[^`]*__nvlink/D/' | paste -d' ' - - - - - | cut -c1-220
+fi
+if [ "$PART" = c ]; then
+  python3 -m pip install -q --no-deps --no-compile --target /tmp/oldsite .old/whl/*.whl ||
+    echo "no .old wheel"
+  R=$PWD; OLD=$(cat .old/COMMIT 2>/dev/null); i=0
+  for side in ${C_SIDES:-old new new old}; do
+    i=$((i + 1))
+    if [ $side = old ]; then py=/tmp/oldsite; script=$R/.old/src/bench; c=$OLD
+    else py=; script=$R/bench; c=$COMMIT; fi
+    # from /tmp: the checkout's own flashmoe_gen must not shadow the old wheel
+    (cd /tmp && PYTHONPATH=$py FLASHMOE_CACHE=/tmp/cache_$side timeout -k 10 \
+      "${C_SWEEP_TIMEOUT:-140}" $MPI -x PYTHONPATH -np 1 python3 "$script/nvlink_sweep.py" \
+      --commit "$c" --problems "${C_PROBLEMS:-e64,e32,e8}" --tokens "${C_TOKENS:-4096,16384}" \
+      --iters 10 --out "$O/sweep_c_$i$side.md" --json "$O/sweep_c_$i$side.json" \
+      > "$O/sweep_c_$i$side.log" 2>&1)
+    echo "sweep $side ($c) rc=$?"
+  done
+  for f in "$O"/sweep_c_*.md; do echo "== $(basename "$f")"; cat "$f"; done > "$O/c_all.txt"
+  rm -f "$O"/sweep_c_*.md
+  bundle
+  grep -E "^== |^\| e" "$O/c_all.txt" | cut -d'|' -f2-9 | sed -E 's/gu_bm128[^ ]*__nvlink/D/'
 fi
