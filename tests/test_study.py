@@ -54,6 +54,25 @@ def test_resume_after_interrupt_loses_no_finished_trial(tmp_path):
     assert len(done_after) == 10
 
 
+def test_resume_over_another_space_says_what_to_do(tmp_path):
+    """A study resumed with other knob values (an upgrade added router_batches 8 and
+    tanh_silu, or another --space) cannot draw from them (Optuna: "dynamic value space"):
+    a ConfigError names the study, a knob and its old and new values, and the way out."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    run_study(P1, FakeEvaluator(), space=space, study_name="v", n_trials=2, storage=url)
+    grown = SearchSpace(space.problem, space.limits,
+                        space.choices | {"router": (*space.choices["router"], 64)},
+                        space.nvlink_only)
+    with pytest.raises(ConfigError, match="--study-name") as e:
+        run_study(P1, FakeEvaluator(), space=grown, study_name="v", n_trials=4, storage=url,
+                  resume=True)
+    assert e.value.field == "study" and "router: " in str(e.value) and "64]" in str(e.value)
+    res = run_study(P1, FakeEvaluator(), space=space, study_name="v", n_trials=4,
+                    storage=url, resume=True)  # the same space resumes
+    assert len(res.trials) == 2
+
+
 def test_existing_study_needs_resume(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     space = SearchSpace.for_problem(P1, "sm_90", "small")
@@ -520,8 +539,8 @@ def test_space_with_transport_nvlink():
 
 def test_nvlink_seeds_try_the_close_knobs_flipped_early():
     """The persistent default's knobs measured close (router_batches, task_tiles,
-    phased_tasks, task_producer, atomic_front, tanh_silu) are tried flipped right after it,
-    where the problem allows them."""
+    stage_epilogue, phased_tasks, task_producer, atomic_front, tanh_silu) are tried flipped
+    right after it, where the problem allows them."""
     from dataclasses import replace
 
     e64 = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=4096)
@@ -530,8 +549,10 @@ def test_nvlink_seeds_try_the_close_knobs_flipped_early():
     assert pd.router_batches == 4 and pd.task_tiles == 1  # 4096 tokens: quads by default
     assert pd.phased_tasks  # several ranks: every source's gate/up tasks first
     assert pd.tanh_silu  # TMA row tasks: silu by tanh
-    assert seeds[1:8] == [pd, replace(pd, router_batches=2),  # two row tiles per task: the
+    assert pd.stage_epilogue == 2  # both GEMMs' results staged
+    assert seeds[1:9] == [pd, replace(pd, router_batches=2),  # two row tiles per task: the
                           replace(pd, task_tiles=2, stage_epilogue=0),  # ring unstaged
+                          replace(pd, stage_epilogue=1),
                           replace(pd, phased_tasks=False), replace(pd, task_producer=True),
                           replace(pd, atomic_front=True), replace(pd, tanh_silu=False)]
     # fused weight-streaming decode: none applies (no TMA rows, 256 experts)

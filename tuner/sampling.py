@@ -43,6 +43,21 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
     return {k: CategoricalDistribution(list(v)) for k, v in space.choices.items()}
 
 
+def space_changes(study, space: SearchSpace) -> dict[str, tuple[tuple, tuple]]:
+    """Knobs whose values the study's trials were drawn from differ from ``space``'s, as
+    {knob: (the study's, the space's)}: Optuna refuses to draw a knob from other values than
+    it recorded (``CategoricalDistribution does not support dynamic value space``), e.g.
+    after an upgrade added a value, or a resume with another ``--space``."""
+    now = distributions(space)
+    out: dict[str, tuple[tuple, tuple]] = {}
+    for t in study.get_trials(deepcopy=False):
+        for k, d in t.distributions.items():
+            if k not in out and k in now and isinstance(d, CategoricalDistribution) \
+                    and tuple(d.choices) != tuple(now[k].choices):
+                out[k] = (tuple(d.choices), tuple(now[k].choices))
+    return out
+
+
 def _tried(study, keys: list[str], exclude: int | None = None) -> set[tuple]:
     """The knob values of the study's trials that ran or run (a repeat would measure a
     config again instead of a new candidate)."""

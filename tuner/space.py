@@ -9,6 +9,7 @@ samplers see independent categorical knobs; a combination that breaks a constrai
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -350,6 +351,12 @@ class SearchSpace:
                     "task_producer": cfg.task_producer, "atomic_front": cfg.atomic_front,
                     "ws_wgmma": cfg.ws_wgmma,
                     "split_gated": cfg.split_gated_mma, "tanh_silu": cfg.tanh_silu}
+
+    @property
+    def fingerprint(self) -> str:
+        """8 hex digits of every knob's values: a default study name carries it, so a space
+        that changed (an upgrade) starts a new study instead of failing to resume one."""
+        return hashlib.sha256(repr(sorted(self.choices.items())).encode()).hexdigest()[:8]
 
     def contains(self, cfg: KernelConfig) -> bool:
         return all(v in self.choices[k] for k, v in self.params_from_config(cfg).items())

@@ -40,7 +40,7 @@ from flashmoe_gen.watchdog import (
 
 from .objective import INVALID, Outcome, combine, context_lost, failure_outcome, is_fatal
 from .prefetch import DEFAULT_DEPTH, CompilePool, Lookahead
-from .sampling import distributions, make_valid_sampler
+from .sampling import distributions, make_valid_sampler, space_changes
 from .space import SearchSpace
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
@@ -187,6 +187,15 @@ def _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_
     with deadline(mpi, "opening the study"):
         smp = make_sampler(sampler, space, seed)
         study = open_study(study_name, storage, smp, resume, heartbeat_s)
+        changed = space_changes(study, space)
+        if changed:
+            k, (old, new) = next(iter(changed.items()))
+            raise ConfigError(
+                "study", study_name,
+                f"was searched over another space ({len(changed)} knob(s) differ, e.g. {k}: "
+                f"{list(old)} then, {list(new)} now; an upgrade or another --space / "
+                "--transport): pass --study-name for a new study (the winners database "
+                "keeps this one's trials, and their winners seed the new one)")
         if sync is not None:
             sync(study)  # before failing stale trials: a recorded trial keeps its number
         _fail_stale(study)

@@ -176,9 +176,11 @@ def _tune_study(a, backend, world, P, rank, problem, limits, storage, pool, swee
             env = backend.environment(P)
             engine = make_engine(a.db)
             seeds = [w.config for w in nearest_winners(engine, problem, env.compute_capability)]
-        # A study's knob values are fixed: one with nvlink in its space is another study.
+        # A study's knob values are fixed: one with nvlink in its space, or whose values
+        # changed (the fingerprint), is another study.
         space_key = a.space + ("" if transports == ("nccl",) else "+" + "+".join(transports))
-        study_name = a.study_name or f"{problem.name}__{space_key}__{env.key}"
+        study_name = a.study_name or \
+            f"{problem.name}__{space_key}__{env.key}__{space.fingerprint}"
         if sweep and a.study_name:
             study_name = f"{a.study_name}__t{problem.tokens_per_rank}"
 
