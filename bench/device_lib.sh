@@ -87,3 +87,23 @@ bundle() {  # every file under $O but the summaries into one archive: the device
   (cd "$O" && find . -maxdepth 1 -type f ! -name '*.md' ! -name '*.txt' ! -name '*.png' \
      ! -name bundle.tgz -printf '%P\n' | tar czf bundle.tgz --remove-files -T -)
 }
+smi_sample() {  # the cards' SM clock, power and throttle reasons every 250 ms into
+  # $O/smi.csv, in the background (SMI: its pid, for `kill $SMI`)
+  nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,enforced.power.limit,\
+temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 250 \
+    > "$O/smi.csv" 2>&1 & SMI=$!
+}
+ab_sweeps() {  # NP TIMEOUT VARY VARY_REV SPEC...: bench/nvlink_sweep.py on NP ranks over each
+  # SPEC ("problems:tokens") with VARY, then again with VARY_REV (the values reversed: a
+  # variant that always runs second meets a warmer card); files $O/sweep_ab<i>.{md,json,log}
+  local np=$1 t=$2 v1=$3 v2=$4 i=0 vary spec; shift 4
+  for vary in "$v1" "$v2"; do
+    for spec in "$@"; do
+      i=$((i + 1))
+      timeout -k 10 "$t" $MPI -np "$np" python3 bench/nvlink_sweep.py --commit "$COMMIT" \
+        --problems "${spec%%:*}" --tokens "${spec##*:}" --vary "$vary" --iters 10 \
+        --out "$O/sweep_ab$i.md" --json "$O/sweep_ab$i.json" > "$O/sweep_ab$i.log" 2>&1
+      echo "sweep $i ($vary; $spec) rc=$? at $(date +%T)"
+    done
+  done
+}

@@ -32,20 +32,10 @@ if [ "$PART" = k ] || [ "$PART" = kab ]; then
   tail -3 "$O/gpu_k.log"
 fi
 if [ "$PART" = ab ] || [ "$PART" = kab ]; then
-  nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,enforced.power.limit,\
-temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 250 \
-    > "$O/smi.csv" 2>&1 & SMI=$!
-  i=0
-  for vary in "${AB_VARY:-ts=0,1}" "${AB_VARY_REV:-ts=1,0}"; do
-    for spec in ${AB_SPECS:-e64:16384}; do
-      i=$((i + 1))
-      timeout -k 10 "${AB_TIMEOUT:-150}" $MPI -np 1 python3 bench/nvlink_sweep.py \
-        --commit "$COMMIT" --problems "${spec%%:*}" --tokens "${spec##*:}" --vary "$vary" \
-        --iters 10 --out "$O/sweep_ab$i.md" --json "$O/sweep_ab$i.json" \
-        > "$O/sweep_ab$i.log" 2>&1
-      echo "sweep $i ($vary; $spec) rc=$? at $(date +%T)"
-    done
-  done
+  smi_sample
+  # shellcheck disable=SC2086  # AB_SPECS: one spec per word
+  ab_sweeps 1 "${AB_TIMEOUT:-150}" "${AB_VARY:-ts=0,1}" "${AB_VARY_REV:-ts=1,0}" \
+    ${AB_SPECS:-e64:16384}
   kill $SMI
   awk -F', ' '{n++; if ($4 + 0 > p) p = $4 + 0; l = $5; r[$7]++}
     END {print n, "samples, max W", p, "limit", l; for (k in r) print "reasons", k, r[k]}' \

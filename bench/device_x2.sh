@@ -233,20 +233,9 @@ row_tiles_wgmma_tma_staged or dsv2lite_default_staged)"
   grep -hE "^- e" "$O/sweep_producer.md" | sed 's/`[^`]*`//' | cut -c1-400
 fi
 if [ "$PART" = pab ]; then
-  nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,enforced.power.limit,\
-temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 250 \
-    > "$O/smi.csv" 2>&1 & SMI=$!
-  i=0
-  for vary in "${PAB_VARY:-pr=0,1;se=1,0}" "${PAB_VARY_REV:-pr=1,0;se=0,1}"; do
-    for spec in "e64,e32,e8:${PAB_TOKENS:-16384}" "e64:4096"; do
-      i=$((i + 1))
-      timeout -k 10 "${PAB_TIMEOUT:-170}" $MPI -np 2 python3 bench/nvlink_sweep.py \
-        --commit "$COMMIT" --problems "${spec%%:*}" --tokens "${spec##*:}" --vary "$vary" \
-        --iters 10 --out "$O/sweep_ab$i.md" --json "$O/sweep_ab$i.json" \
-        > "$O/sweep_ab$i.log" 2>&1
-      echo "sweep $i ($vary; $spec) rc=$? at $(date +%T)"
-    done
-  done
+  smi_sample
+  ab_sweeps 2 "${PAB_TIMEOUT:-170}" "${PAB_VARY:-pr=0,1;se=1,0}" "${PAB_VARY_REV:-pr=1,0;se=0,1}" \
+    "e64,e32,e8:${PAB_TOKENS:-16384}" "e64:4096"
   kill $SMI
   # per GPU: samples, median / min SM clock, max power, limit, throttle reasons seen
   awk -F', ' '$2 < 2 {n[$2]++; c[$2] = c[$2] " " $3 + 0; if ($4 + 0 > p[$2]) p[$2] = $4 + 0;
