@@ -93,8 +93,9 @@ ROUTER_EIGHTS_MIN_TOKENS = 8192
 #: 612 -> 599 us (-2.2%); on 4 ranks (session 19, exact silu) staging both had lost at
 #: T=4096 (0.716 -> 0.743 ms): not yet A/B'd there again.
 PERSISTENT_STAGE_EPILOGUE = 2
-#: The TMA row tasks' gate/up epilogues take silu by one tanh.approx (``tanh_silu``): two
-#: special-function ops per element (ex2, rcp) were most of it. 1 x H200, E=64 T=16384,
+#: The TMA row tasks' gate/up epilogues take silu by one tanh.approx (``tanh_silu``): its
+#: two special-function ops per element (ex2, rcp) were over a third of the epilogue (2.90
+#: us, 1.69 with no silu at all). 1 x H200, E=64 T=16384,
 #: both orders (bench/results/2026-11-28_gpu_checks_session26.md): epilogue 2.90 -> 2.21 us
 #: per tile, the kernel 2628 -> 2589 kcycles; staged as well (``stage_epilogue`` 2) 1.58 us.
 PERSISTENT_TANH_SILU = True
