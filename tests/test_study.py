@@ -73,6 +73,28 @@ def test_resume_over_another_space_says_what_to_do(tmp_path):
     assert len(res.trials) == 2
 
 
+def test_space_fingerprint_follows_the_knobs_values():
+    """Default study names end with it: equal spaces give one fingerprint (in any process:
+    no hash randomisation), a value added or a transport more another."""
+    import os
+    import subprocess
+    import sys
+
+    space = SearchSpace.for_problem(P1, "sm_90", "small")
+    fp = space.fingerprint
+    assert len(fp) == 8 and fp == SearchSpace.for_problem(P1, "sm_90", "small").fingerprint
+    grown = SearchSpace(space.problem, space.limits,
+                        space.choices | {"router": (*space.choices["router"], 64)})
+    assert grown.fingerprint != fp
+    assert SearchSpace.for_problem(P1, "sm_90", "small", ("nccl", "nvlink")).fingerprint != fp
+    code = ("from flashmoe_gen.tuner.space import SearchSpace; from flashmoe_gen.problem import "
+            f"MoEProblem; print(SearchSpace.for_problem(MoEProblem.from_name({P1.name!r}), "
+            "'sm_90', 'small').fingerprint)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONHASHSEED": "7"})
+    assert out.stdout.strip() == fp
+
+
 def test_existing_study_needs_resume(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     space = SearchSpace.for_problem(P1, "sm_90", "small")
