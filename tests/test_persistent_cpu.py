@@ -205,7 +205,7 @@ def test_row_anatomy_words_follow_the_template():
     assert "stats[STATS_WORDS * blockIdx.x + STAT_END] = global_ns();" in code
     assert "for (int i = 0; i < TASK_CLOCKS; ++i) " \
            "stats[STATS_WORDS * blockIdx.x + STAT_END + 1 + i] =" in code
-    assert code.count("task_clk + GU_CLK, &pend, wm(7), (s * el + e) * capacity); });") == 1
+    assert code.count("task_clk + GU_CLK, &pend, wm(7), act_row(s, e)); });") == 1
     assert code.count("m_tiles, task_clk + DN_CLK, &pend); });") == 1  # down tasks
     # the router's two words, logits then choices, next to each other
     route = PERSISTENT_TASK_CLOCKS.index("route_logits")

@@ -112,7 +112,7 @@ def test_tma_store_template_matches_the_mirror():
     for line in (
             "wt_gemm_tile<128, 256, 4, false, 1, false, true, false, true>(",
             "wt_gemm_tile<128, 128, 4, true, 1, false, false, true, true>(",
-            "task_clk + GU_CLK, &pend, wm(7), (s * el + e) * capacity); });",
+            "task_clk + GU_CLK, &pend, wm(7), act_row(s, e)); });",
             "task_clk + DN_CLK, &pend); });",
             "constexpr bool GU_TSTORE = true;",
             "const unsigned row = smem_u32(s + r * 64 + (r % 8) * 8 + q * 2);",
