@@ -107,3 +107,29 @@ ab_sweeps() {  # NP TIMEOUT VARY VARY_REV SPEC...: bench/nvlink_sweep.py on NP r
     done
   done
 }
+smi_summary() {  # GPUS: stop smi_sample; per GPU below GPUS its samples, max power and
+  # limit, and how often each throttle reason was seen
+  kill "$SMI"
+  awk -F', ' -v gpus="$1" '$2 < gpus {n[$2]++; if ($4 + 0 > p[$2]) p[$2] = $4 + 0;
+    l[$2] = $5; r[$2 " " $7]++} END {for (g in n) print "gpu", g, n[g], "samples, max W",
+    p[g], "limit", l[g]; for (k in r) print "reasons", k, r[k]}' "$O/smi.csv"
+}
+old_new_sweeps() {  # NP TIMEOUT SIDES [nvlink_sweep ARGS...]: .old's commit (bench/
+  # prepare_old.sh; carry .old) and this one on NP ranks, in the order SIDES ("old new new
+  # old": a side that always runs second meets a warmer card); files $O/sweep_c_<i><side>.*
+  local np=$1 t=$2 sides=$3 i=0 side py script c; shift 3
+  python3 -m pip install -q --no-deps --no-compile --target /tmp/oldsite .old/whl/*.whl ||
+    echo "no .old wheel"
+  local R=$PWD OLD; OLD=$(cat .old/COMMIT 2>/dev/null)
+  for side in $sides; do
+    i=$((i + 1))
+    if [ "$side" = old ]; then py=/tmp/oldsite; script=$R/.old/src/bench; c=$OLD
+    else py=; script=$R/bench; c=$COMMIT; fi
+    # from /tmp: the checkout's own flashmoe_gen must not shadow the old wheel
+    (cd /tmp && PYTHONPATH=$py FLASHMOE_CACHE=/tmp/cache_$side timeout -k 10 "$t" $MPI \
+      -x PYTHONPATH -np "$np" python3 "$script/nvlink_sweep.py" --commit "$c" "$@" \
+      --iters 10 --out "$O/sweep_c_$i$side.md" --json "$O/sweep_c_$i$side.json" \
+      > "$O/sweep_c_$i$side.log" 2>&1)
+    echo "sweep $side ($c) rc=$?"
+  done
+}

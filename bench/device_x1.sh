@@ -36,10 +36,7 @@ if [ "$PART" = ab ] || [ "$PART" = kab ]; then
   # shellcheck disable=SC2086  # AB_SPECS: one spec per word
   ab_sweeps 1 "${AB_TIMEOUT:-150}" "${AB_VARY:-ts=0,1}" "${AB_VARY_REV:-ts=1,0}" \
     ${AB_SPECS:-e64:16384}
-  kill $SMI
-  awk -F', ' '{n++; if ($4 + 0 > p) p = $4 + 0; l = $5; r[$7]++}
-    END {print n, "samples, max W", p, "limit", l; for (k in r) print "reasons", k, r[k]}' \
-    "$O/smi.csv"
+  smi_summary 1
   # one table of every sweep's rows (the device tool brings back a limited number of files)
   for f in "$O"/sweep_ab*.md; do echo "== $(basename "$f")"; cat "$f"; done > "$O/ab_all.txt"
   rm -f "$O"/sweep_ab*.md
@@ -49,21 +46,8 @@ if [ "$PART" = ab ] || [ "$PART" = kab ]; then
     "$O/ab_all.txt" | sed -E 's/gu_bm128[^`]*__nvlink/D/' | paste -d' ' - - - - - | cut -c1-220
 fi
 if [ "$PART" = c ]; then
-  python3 -m pip install -q --no-deps --no-compile --target /tmp/oldsite .old/whl/*.whl ||
-    echo "no .old wheel"
-  R=$PWD; OLD=$(cat .old/COMMIT 2>/dev/null); i=0
-  for side in ${C_SIDES:-old new new old}; do
-    i=$((i + 1))
-    if [ $side = old ]; then py=/tmp/oldsite; script=$R/.old/src/bench; c=$OLD
-    else py=; script=$R/bench; c=$COMMIT; fi
-    # from /tmp: the checkout's own flashmoe_gen must not shadow the old wheel
-    (cd /tmp && PYTHONPATH=$py FLASHMOE_CACHE=/tmp/cache_$side timeout -k 10 \
-      "${C_SWEEP_TIMEOUT:-140}" $MPI -x PYTHONPATH -np 1 python3 "$script/nvlink_sweep.py" \
-      --commit "$c" --problems "${C_PROBLEMS:-e64,e32,e8}" --tokens "${C_TOKENS:-4096,16384}" \
-      --iters 10 --out "$O/sweep_c_$i$side.md" --json "$O/sweep_c_$i$side.json" \
-      > "$O/sweep_c_$i$side.log" 2>&1)
-    echo "sweep $side ($c) rc=$?"
-  done
+  old_new_sweeps 1 "${C_SWEEP_TIMEOUT:-140}" "${C_SIDES:-old new new old}" \
+    --problems "${C_PROBLEMS:-e64,e32,e8}" --tokens "${C_TOKENS:-4096,16384}"
   for f in "$O"/sweep_c_*.md; do echo "== $(basename "$f")"; cat "$f"; done > "$O/c_all.txt"
   rm -f "$O"/sweep_c_*.md
   bundle

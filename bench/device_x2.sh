@@ -167,24 +167,9 @@ dsv2lite_default_fused or fused_ws_wgmma or fused_split_k) or graph_mode_matches
 (seed or fused)}"
   wait
   [ -n "${C_GPU1:-}" ] && summary "$O/gpu1_c.log"
-  python3 -m pip install -q --no-deps --no-compile --target /tmp/oldsite .old/whl/*.whl ||
-    echo "no .old wheel"
-  R=$PWD; OLD=$(cat .old/COMMIT 2>/dev/null)
-  # C_SIDES: the order (e.g. "old new new old": a side that always runs second meets a
-  # warmer card); each run's files are numbered
-  i=0; TORCH=(--torch); [ -n "${C_NO_TORCH:-}" ] && TORCH=()
-  for side in ${C_SIDES:-old new}; do
-    i=$((i + 1))
-    if [ $side = old ]; then py=/tmp/oldsite; script=$R/.old/src/bench; c=$OLD
-    else py=; script=$R/bench; c=$COMMIT; fi
-    # from /tmp: the checkout's own flashmoe_gen must not shadow the old wheel
-    (cd /tmp && PYTHONPATH=$py FLASHMOE_CACHE=/tmp/cache_$side timeout -k 10 "${C_SWEEP_TIMEOUT:-130}" $MPI \
-      -x PYTHONPATH -np 2 python3 "$script/nvlink_sweep.py" "${TORCH[@]}" --commit "$c" \
-      --problems "${C_PROBLEMS:-e64}" --tokens "${C_TOKENS:-4096,16384}" --iters 10 \
-      --out "$O/sweep_c_$i$side.md" \
-      --json "$O/sweep_c_$i$side.json" > "$O/sweep_c_$i$side.log" 2>&1)
-    echo "sweep $side ($c) rc=$?"
-  done
+  TORCH=(--torch); [ -n "${C_NO_TORCH:-}" ] && TORCH=()
+  old_new_sweeps 2 "${C_SWEEP_TIMEOUT:-130}" "${C_SIDES:-old new}" "${TORCH[@]}" \
+    --problems "${C_PROBLEMS:-e64}" --tokens "${C_TOKENS:-4096,16384}"
   bundle
   for f in "$O"/sweep_c_*.md; do echo "== $(basename "$f" .md)"; grep -hE "^\| [a-z]" "$f" |
     grep -v "^| shape" | cut -d'|' -f2-10 | sed -E 's/gu_bm128[^ ]*__wt__sb32/D/'
@@ -236,11 +221,7 @@ if [ "$PART" = pab ]; then
   smi_sample
   ab_sweeps 2 "${PAB_TIMEOUT:-170}" "${PAB_VARY:-pr=0,1;se=1,0}" "${PAB_VARY_REV:-pr=1,0;se=0,1}" \
     "e64,e32,e8:${PAB_TOKENS:-16384}" "e64:4096"
-  kill $SMI
-  # per GPU: samples, median / min SM clock, max power, limit, throttle reasons seen
-  awk -F', ' '$2 < 2 {n[$2]++; c[$2] = c[$2] " " $3 + 0; if ($4 + 0 > p[$2]) p[$2] = $4 + 0;
-    l[$2] = $5; r[$2 " " $7]++} END {for (g in n) print "gpu", g, n[g], "samples, max W",
-    p[g], "limit", l[g]; for (k in r) print "reasons", k, r[k]}' "$O/smi.csv"
+  smi_summary 2
   bundle
   for f in "$O"/sweep_ab*.md; do grep -hE "^\| e" "$f" | cut -d'|' -f2-11 |
     sed -E 's/gu_bm128[^ ]*__wt__sb32/D/'; done
