@@ -172,6 +172,8 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES,
                 "phased_tasks": (False, True), "task_producer": (False, True),
                 "atomic_front": (False, True), "ws_wgmma": (False, True)}
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     problem: MoEProblem
