@@ -10,13 +10,14 @@ loaded once per GPU on ``load()``.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .arch import DEFAULT_ARCH, DeviceLimits, limits_for
 from .compile import CompiledModule, LoadedModule, compile_source, target_arch
 from .config import KernelConfig
-from .errors import ConfigError
+from .errors import ConfigError, PerformanceWarning
 from .plan import ForwardPlan, build_plan
 from .problem import MoEProblem
 from .render import GeneratedSource, KernelNames, render
@@ -105,8 +106,13 @@ def build(problem: MoEProblem, config: KernelConfig | None = None,
 
 
 def _check_resources(layer: CompiledLayer, mod: CompiledModule) -> None:
-    """What ptxas reports must fit a block (the config's estimate can be off)."""
+    """What ptxas reports must fit a block (the config's estimate can be off); a kernel
+    whose wgmma ptxas serialised is named in a ``PerformanceWarning``."""
     cfg, limits = layer.config, layer.limits
+    for name, res in mod.resources.items():
+        if res.wgmma_serialized:
+            warnings.warn(PerformanceWarning(name, cfg.name, res.wgmma_serialized),
+                          stacklevel=3)
     for which, name, tile in (("gate_up", layer.kernels.gate_up, cfg.gate_up),
                               ("down", layer.kernels.down, cfg.down)):
         res = mod.resources.get(name)

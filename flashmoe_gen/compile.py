@@ -38,6 +38,9 @@ class KernelResources:
     spill_stores: int
     spill_loads: int
     static_smem: int = 0
+    #: ptxas's "Potential Performance Loss" for this kernel's wgmma ("C7514: non wgmma
+    #: instructions reading ..."), or "": serialised warpgroup MMAs run one at a time
+    wgmma_serialized: str = ""
 
     @property
     def spills(self) -> int:
@@ -108,10 +111,15 @@ _ENTRY_RE = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")
 _STACK_RE = re.compile(
     r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS_RE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+_SERIAL_RE = re.compile(r"\((C\d+)\) Potential Performance Loss: wgmma\.mma_async instructions "
+                        r"are serialized due to (.+?) in the function '([^']+)'")
 
 
 def parse_ptxas_log(log: str) -> dict[str, KernelResources]:
-    """Per mangled kernel name: registers, stack, spills, static smem, from ``ptxas -v``."""
+    """Per mangled kernel name: registers, stack, spills, static smem and whether its wgmma
+    were serialised, from ``ptxas -v`` (that note precedes the function's own lines)."""
+    serial = {m.group(3): f"{m.group(1)}: {' '.join(m.group(2).split())}"
+              for m in _SERIAL_RE.finditer(log)}
     out: dict[str, KernelResources] = {}
     current, stack = None, (0, 0, 0)
     for line in log.splitlines():
@@ -120,7 +128,8 @@ def parse_ptxas_log(log: str) -> dict[str, KernelResources]:
         elif (m := _STACK_RE.search(line)) and current:
             stack = tuple(int(v) for v in m.groups())
         elif (m := _REGS_RE.search(line)) and current:
-            out[current] = KernelResources(int(m.group(1)), *stack, int(m.group(2) or 0))
+            out[current] = KernelResources(int(m.group(1)), *stack, int(m.group(2) or 0),
+                                           serial.get(current, ""))
             current = None
     return out
 

@@ -86,3 +86,15 @@ class UsageError(FlashMoEError, ValueError):
 
 class SetupError(FlashMoEError, RuntimeError):
     """A tool or library this command needs is missing: names it and how to install it."""
+
+
+class PerformanceWarning(UserWarning):
+    """Generated code that runs right but slower than it should: ptxas serialised a
+    kernel's warpgroup MMAs (each waits for the one before). Names the kernel, the config
+    and ptxas's reason; worth a bug report with the config name."""
+
+    def __init__(self, kernel: str, config_name: str, reason: str):
+        self.kernel, self.config_name, self.reason = kernel, config_name, reason
+        super().__init__(f"kernel {kernel} of config {config_name}: ptxas serialised its "
+                         f"wgmma ({reason}); it runs correctly, but slower")
+

@@ -97,12 +97,18 @@ def cmd_compile(a: argparse.Namespace) -> int:
     t = Table(title=f"{problem.name}\n{cfg.name}\n{mod.arch}, NVRTC {mod.nvrtc_version}"
               f"{' (cached)' if mod.cache_hit else ''}")
     t.add_column("kernel", overflow="fold", ratio=1)
-    for col in ("registers", "stack B", "spills st/ld B", "smem B", "dyn smem B"):
+    # a column for ptxas's serialised wgmma only where a kernel has them (its reason below)
+    serialised = {k: r.wgmma_serialized for k, r in mod.resources.items() if r.wgmma_serialized}
+    for col in ("registers", "stack B", "spills st/ld B", "smem B", "dyn smem B",
+                *(["wgmma"] if serialised else [])):
         t.add_column(col, justify="right", no_wrap=True)
     for k, r in mod.resources.items():
         t.add_row(k, str(r.registers), str(r.stack_bytes), f"{r.spill_stores}/{r.spill_loads}",
-                  str(r.static_smem), str(mod.dynamic_smem.get(k, 0)))
+                  str(r.static_smem), str(mod.dynamic_smem.get(k, 0)),
+                  *(["serialised" if k in serialised else ""] if serialised else []))
     _console().print(t)
+    for k, why in serialised.items():
+        print(f"ptxas serialised the wgmma of {k}: {why}")
     print(f"cubin: {mod.cubin_path}")
     return 0
 
