@@ -99,8 +99,9 @@ def time_ms(fn, iters: int, warmup: int = 3) -> float:
 
 
 def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int,
-                 copy_bw: float) -> dict:
-    """Torch and every tile variant on one shape; errors are relative to torch's output."""
+                 copy_bw: float, knobs: str = "") -> dict:
+    """Torch and every tile variant on one shape; errors are relative to torch's output.
+    ``knobs``: config-name parts every variant but the default takes (e.g. "__ts")."""
     import cupy
     import torch
 
@@ -117,7 +118,7 @@ def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int,
     variants = {"sync_default": KernelConfig.default(p, "sm_80")}  # the arch-neutral default
     names = (WGMMA + TMA if rows >= 64 else []) + (WS if rows <= WS_ROWS else [])
     for base in names:
-        cfg = KernelConfig.from_name(base + "__r8__c1__cs1__ss1")
+        cfg = KernelConfig.from_name(base + "__r8__c1__cs1__ss1" + knobs)
         try:
             cfg.validate(p, "sm_90")
             variants[base] = cfg
@@ -177,6 +178,8 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--cases", default="", help="comma-separated case labels (default: all)")
+    ap.add_argument("--knobs", default="", help="config-name parts every tile variant "
+                    "takes, e.g. __ts (silu by tanh)")
     a = ap.parse_args()
 
     import cupy
@@ -187,16 +190,17 @@ def main() -> int:
     cases = [c for c in CASES if not a.cases or c[0] in a.cases.split(",")]
     rows_out = []
     for case in cases:
-        rows_out.append(measure_case(*case, iters=a.iters, copy_bw=copy_bw))
+        rows_out.append(measure_case(*case, iters=a.iters, copy_bw=copy_bw, knobs=a.knobs))
         print(json.dumps(rows_out[-1]), flush=True)
 
     names = ["sync_default", *WGMMA, *TMA, *WS]
+    with_knobs = f"; every tile variant with `{a.knobs}`" if a.knobs else ""
     head = (f"# Expert GEMMs alone: 1 x {card}, {datetime.date.today()}, commit {a.commit}\n\n"
             "Gate/up (SiLU*mul) + down over all local experts, full slots; median of "
-            f"{a.iters} (CUDA events). TFLOP/s and effective weight bandwidth (weight bytes "
-            "/ time, TB/s); torch = `torch._grouped_mm` x2 + silu*mul. Copy bandwidth of "
-            f"this card in this run: {copy_bw / 1e12:.2f} TB/s; floor = weights / copy "
-            "bandwidth.\n\n")
+            f"{a.iters} (CUDA events){with_knobs}. TFLOP/s and effective weight bandwidth "
+            "(weight bytes / time, TB/s); torch = `torch._grouped_mm` x2 + silu*mul. Copy "
+            f"bandwidth of this card in this run: {copy_bw / 1e12:.2f} TB/s; floor = weights / "
+            "copy bandwidth.\n\n")
     cols = ["case", "rows", "floor ms", "torch", *[f"v{j}" for j in range(len(names))]]
     cells = []
     for r in rows_out:
