@@ -4,11 +4,16 @@
 # tokens and one NCCL group per stream, fused nvlink tasks over active experts, graph release
 # at close, SM busy. Logs under $OUT, summaries last; each part fits one call.
 #   1: one-GPU kernel tests (GPU 0) beside routing/graph tests (GPU 1) and the 2-GPU nvlink
-#      tests, then the 2-rank ws/tma/nvlink/graph/overlap-knob tests (~580 s; the 2-rank
-#      part took 243-260+ s for its 27 tests on 2 x H200, hence its 310 s limit)
+#      tests, then the 2-rank tests of part m (~580 s; the 2-rank part stops at 310 s, about
+#      26 of its 31 cases on a fresh machine: part m alone runs them all)
 #   2: the 2-rank decode table with nvlink, 8 forwards back to back (seed, DeepSeek-V2-Lite,
 #      DeepSeek-V3-like), then the weight-streaming GEMMs alone at 16/32/64 rows (~400 s)
-#   m: part 1's 2-GPU nvlink and 2-rank tests alone (~330 s)
+#   m: part 1's 2-GPU nvlink tests and the 2-rank tests of the NCCL path (weight streaming,
+#      TMA kernels, graph mode, overlap knobs) and of the seed's persistent kernel (31 cases;
+#      26 of them took ~310 s on a fresh 2 x H200, hence the 400 s limit)
+#   mn: the 2-rank persistent-kernel cases of the defaults' tile kinds (DeepSeek-V2-Lite,
+#      TMA row tiles; 13 cases, 362 s on a fresh 2 x H200: ~28 s each, every kernel
+#      compiled; all 35 nvlink cases need three calls: MN_K picks them)
 #   t: issue 13's preset tunes on 2 ranks, 24 trials each, tuned vs default (~500 s)
 #   w: branch ws-fused-64 on 2 ranks: the rows its rule changes there (64 and 48 rows per
 #      expert: DeepSeek-V3-like T=1024, DeepSeek-V2-Lite T=256) and a neighbour each, then
@@ -53,7 +58,7 @@
 #      routing tests after them, then the 2-rank persistent-kernel, weight-streaming and
 #      graph-mode cases (~580 s): every cp.async- and TMA-fed tile kind
 # Pass COMMIT literally (the device's git metadata lagged the working tree it ran).
-# Usage: bash bench/device_x2.sh COMMIT 1|2|a|af|c|m|t|n|w|p|pab|r|rs2|s|v
+# Usage: bash bench/device_x2.sh COMMIT 1|2|a|af|c|m|mn|t|n|w|p|pab|r|rs2|s|v
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
@@ -67,6 +72,10 @@ summary() {  # LOG...: pytest's last lines, or its progress marks when cut short
     grep -E "passed|failed|FAILED|ERROR|Error" "$f" | tail -8
   done
 }
+if [ "$PART" = mn ]; then
+  multigpu_k 2 "${MN_TIMEOUT:-450}" mn "${MN_K:-nvlink_persistent_kernel and (dsv2lite or \
+row_tiles_wgmma_tma) and not (producer or phased or atomic or pairs or deferred)}"
+fi
 if [ "$PART" = 1 ] || [ "$PART" = m ]; then  # m: the 2-rank tests alone
   T=${LANE_TIMEOUT:-270}
   [ "$PART" = 1 ] && (CUDA_VISIBLE_DEVICES=0 timeout -k 10 "$T" python3 -m pytest -m gpu \
@@ -77,9 +86,11 @@ if [ "$PART" = 1 ] || [ "$PART" = m ]; then  # m: the 2-rank tests alone
   CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_nvlink.py -v \
     --no-header -p no:cacheprovider > "$O/gpu_nvlink.log" 2>&1
   wait
-  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 "${MULTI_TIMEOUT:-310}" $MPI -x FLASHMOE_COMM_TIMEOUT \
+  MT=310; [ "$PART" = m ] && MT=400  # (part 1's one-GPU lanes ran first)
+  FLASHMOE_COMM_TIMEOUT=20 timeout -k 10 "${MULTI_TIMEOUT:-$MT}" $MPI -x FLASHMOE_COMM_TIMEOUT \
     -np 2 --output-filename "$O/ranks" python3 -m pytest -m multigpu tests/test_multigpu.py -v \
-    -k "${MULTI_K:-weight_streaming or tma_kernel or nvlink or graph_mode_matches or overlap_knobs}" \
+    -k "${MULTI_K:-weight_streaming or tma_kernel or graph_mode_matches or overlap_knobs or \
+nvlink_persistent_kernel and (seed or graph or fused) and not (dsv2lite or capped or ws)}" \
     --no-header -p no:cacheprovider > "$O/multigpu.log" 2>&1
   echo "multigpu 2 ranks rc=$?"
   # One file for both ranks (the device tool brings back a limited number of files).
