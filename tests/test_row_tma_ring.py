@@ -110,7 +110,7 @@ def run_task(stages: int, kt: int, rng: random.Random, skip_empty_wait: bool = F
                 moved = True
             else:  # "next"
                 if kt % kt_per_tile == kt_per_tile - 1:  # the row tile's epilogue:
-                    readers[s].discard(a)  # wgmma_wait<0>, then the stage released
+                    readers[s].discard(a)  # wgmma_retire, then the stage released
                     if kt + 1 < kt_total:
                         arrivals[s] += 1
                         if arrivals[s] == WARPS:
@@ -175,9 +175,9 @@ def test_the_template_spells_the_modelled_waits():
             "if (k > 0 && (threadIdx.x & 31) == 0) mbar_arrive(smem_u32(&empty[(kt - 1) % "
             "STAGES]));",
             "if (!DEFER && threadIdx.x == 0 && kt + STAGES - 1 < KK) fill(kt + STAGES - 1);",
-            "wgmma_wait<0>(); if (i + 1 < m_tiles) { // the ring runs on into the next row "
-            "tile: release this stage if ((threadIdx.x & 31) == 0) mbar_arrive(smem_u32(&empty"
-            "[((i + 1) * KT - 1) % STAGES])); }",
+            "wgmma_retire<BN, GATED>(acc); if (i + 1 < m_tiles) { // the ring runs on into the "
+            "next row tile: release this stage if ((threadIdx.x & 31) == 0) "
+            "mbar_arrive(smem_u32(&empty[((i + 1) * KT - 1) % STAGES])); }",
             "mbar_init(smem_u32(&empty[s]), WARPS);"):
         assert line in code, line
     assert "false>(" in code and "wt_gemm_tile<128, 128, 4, true, 1, false, true>" in code

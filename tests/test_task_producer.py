@@ -208,7 +208,7 @@ def _run(tasks, stages, seed, warps=8):
                         prev = (g - 1) % stages
                         held[prev].discard(w)
                         empty[prev].arrive()
-                yield  # wgmma_wait<0>: the row tile's last stage back to the producer
+                yield  # wgmma_retire: the row tile's last stage back to the producer
                 last = (g0 + (r + 1) * task.kt - 1) % stages
                 held[last].discard(w)
                 empty[last].arrive()

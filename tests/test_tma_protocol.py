@@ -105,7 +105,7 @@ def simulate_ring(stages: int, kt_per_tile: list[int], rng: random.Random) -> No
                         _release(c["prev"], who, readers, empty_arrivals, empty_done)
                     c["prev"] = s
                     c["it"] += 1
-                    if _tile_end(c["it"], kt_per_tile):  # wgmma_wait<0>, release the last
+                    if _tile_end(c["it"], kt_per_tile):  # wgmma_retire, release the last
                         _release(c["prev"], who, readers, empty_arrivals, empty_done)
                         c["prev"] = None
                     moved = True
