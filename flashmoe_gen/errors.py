@@ -97,4 +97,3 @@ class PerformanceWarning(UserWarning):
         self.kernel, self.config_name, self.reason = kernel, config_name, reason
         super().__init__(f"kernel {kernel} of config {config_name}: ptxas serialised its "
                          f"wgmma ({reason}); it runs correctly, but slower")
-

@@ -111,3 +111,31 @@ def test_ws_wgmma_tasks_not_serialized():
     mod = compile_source(render(p, cfg, arch="sm_90"), "sm_90", use_cache=False)
     assert mod.resources["moe_persistent"].wgmma_serialized == ""
     assert "Potential Performance Loss" not in mod.log
+
+
+def test_compile_command_names_serialized_kernels(monkeypatch, capsys):
+    """`flashmoe-tune compile` adds a wgmma column and ptxas's reason where a kernel has
+    it (a module whose report says so, as a bad template would make), none otherwise."""
+    from flashmoe_gen import build as build_mod
+    from flashmoe_gen.tuner.cli import main
+
+    real = build_mod.build
+    args = ["compile", "--hidden", "512", "--intermediate", "2048", "--experts", "8",
+            "--top-k", "2", "--tokens", "256", "--arch", "sm_90"]
+    assert main(args) == 0
+    clean = capsys.readouterr().out
+    assert "serialised" not in clean and "wgmma " not in clean
+
+    class Layer:
+        def __init__(self, layer):
+            mod = layer.compiled
+            k = layer.kernels.gate_up
+            res = dict(mod.resources, **{k: replace(mod.resources[k],
+                                                    wgmma_serialized="C7514: reasons")})
+            self.compiled = replace(mod, resources=res)
+
+    monkeypatch.setattr(build_mod, "build", lambda *a, **k: Layer(real(*a, **k)))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "serialised" in out and "ptxas serialised the wgmma of " in out
+    assert "C7514: reasons" in out
