@@ -3,6 +3,9 @@
 # folder) and $MPI (mpirun with NVLink multicast off) default here when the script set none.
 O=${O:-${OUT:-/tmp/out}}; mkdir -p "$O"
 MPI=${MPI:-"mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"}
+cards() {  # the GPUs this call got, into the output and $O/cards.txt (results name the card)
+  nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$O/cards.txt"
+}
 run_multigpu() {  # P
   timeout 420 $MPI -np "$1" python3 -m pytest -m multigpu tests/test_multigpu.py -q \
     --no-header -p no:cacheprovider > "$O/multigpu_$1.log" 2>&1

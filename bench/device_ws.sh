@@ -12,10 +12,8 @@
 set -u
 COMMIT=${1:-unknown}; PART=${2:-a}
 source bench/device_setup.sh
-O=${OUT:-/tmp/out}; mkdir -p "$O"
-MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
-source bench/device_lib.sh
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$O/cards.txt"
+source bench/device_lib.sh  # $O, $MPI and the helpers
+cards
 if [ "$PART" = a ]; then
 (CUDA_VISIBLE_DEVICES=0 timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
    -k "ws or weight_streaming or e256 or h2880 or tma or nvlink" -q --no-header -p no:cacheprovider \

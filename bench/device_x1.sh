@@ -18,10 +18,8 @@
 set -u
 COMMIT=${1:-unknown}; PART=${2:-ab}
 source bench/device_setup.sh
-O=${OUT:-/tmp/out}; mkdir -p "$O"
-MPI="mpirun --allow-run-as-root -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
-source bench/device_lib.sh
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$O/cards.txt"
+source bench/device_lib.sh  # $O, $MPI and the helpers
+cards
 if [ "$PART" = k ] || [ "$PART" = kab ]; then
   timeout -k 10 "${K_TIMEOUT:-300}" python3 -m pytest -m gpu tests/test_gpu_kernels.py -v \
     -k "${K1:-expert_gemm_kernels_alone or nvlink}" --no-header -p no:cacheprovider -rs \

@@ -62,10 +62,8 @@
 set -u
 COMMIT=${1:-unknown}; PART=${2:-1}
 source bench/device_setup.sh
-O=${OUT:-/tmp/out}; mkdir -p "$O"
-MPI="mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE=0 -x PYTHONUNBUFFERED=1 -x FLASHMOE_CACHE"
-source bench/device_lib.sh
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$O/cards.txt"
+source bench/device_lib.sh  # $O, $MPI and the helpers
+cards
 summary() {  # LOG...: pytest's last lines, or its progress marks when cut short
   for f in "$@"; do
     echo "== $(basename "$f"): $(tr -cd '.' < "$f" | wc -c) pass marks, $(tr -cd 'F' < "$f" | wc -c) F"
