@@ -36,13 +36,15 @@ from decode import SHAPES, collective, device_weights, release  # noqa: E402
 from overlap import nvlink_stats, phases_text  # noqa: E402
 from report import add_output_args, emit, int_list, md_table  # noqa: E402
 
+from flashmoe_gen.config import FIELD_OF_TAG, KernelConfig  # noqa: E402
+
 FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
-#: --vary's config knobs (besides tile fields and ks) and the ones that take 0/1.
-KNOBS = {"b": "blocks_per_sm", "d": "dispatch_blocks", "wt": "ws_tma", "sb": "send_blocks",
-         "rb": "router_batches", "tt": "task_tiles", "dr": "defer_refill",
-         "se": "stage_epilogue", "ph": "phased_tasks", "pr": "task_producer",
-         "af": "atomic_front", "g2": "split_gated_mma", "ts": "tanh_silu"}
-BOOL_KNOBS = ("wt", "dr", "ph", "pr", "af", "g2", "ts")
+#: --vary's config knobs (besides tile fields and ks), by the tags of the config name
+#: (``config.FIELD_OF_TAG``), and the ones that take 0/1.
+KNOBS = {t: FIELD_OF_TAG[t]
+         for t in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "pr", "af", "g2", "ts")}
+_DEFAULTS = {d.name: d.default for d in dataclasses.fields(KernelConfig)}
+BOOL_KNOBS = tuple(t for t, f in KNOBS.items() if isinstance(_DEFAULTS[f], bool))
 #: Large-batch shapes beside decode's (issue 12's Mixtral, FlashDMoE's E=64 setting): the
 #: persistent kernel's row tiles at thousands of tokens per rank (FlashDMoE's E = 8, 32 too).
 SHAPES = SHAPES | {

@@ -461,6 +461,8 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("ws_wgmma", "wsg"), ("tanh_silu", "ts"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
+#: The knob a name tag stands for ("ts" -> "tanh_silu"): the benches' short knob names.
+FIELD_OF_TAG = {tag: f for f, tag in _SUFFIXES if tag}
 
 
 def _suffix_pattern(field_name: str, tag: str) -> str:
