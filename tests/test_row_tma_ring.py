@@ -8,8 +8,11 @@ one row tile into the next, each tile's last group retired and its stage release
 epilogue. Barriers are initialised per task. Deferred refills (config defer_refill): thread
 0 fills every k-tile up to STAGES - 1 ahead whose stage is already free (an mbarrier test,
 no wait) and waits only for the next k-tile's stage when that k-tile was never requested.
+A tile that holds at most 64 rows (``idle``): the second warpgroup's warps (4-7) issue no
+MMAs but wait every k-tile and release its stage as the others do (wt_idle_half).
 Checked: no deadlock, no stage refilled while a warp's unretired group reads it, no stage
-read before its k-tile landed; and the model fails when the refill skips the empty wait."""
+read before its k-tile landed; and the model fails when the refill skips the empty wait, or
+when the idle warps release stages without waiting for them."""
 
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ def passed(done: int, parity: int) -> bool:
 
 
 def run_task(stages: int, kt: int, rng: random.Random, skip_empty_wait: bool = False,
-             m_tiles: int = 1, defer: bool = False) -> int:
+             m_tiles: int = 1, defer: bool = False, idle: str = "") -> int:
     """One task: ``m_tiles`` row tiles of ``kt`` k-tiles each through one ring. Returns how
-    often a deferred refill found its stage busy and moved on."""
+    often a deferred refill found its stage busy and moved on. ``idle``: "wait" as
+    wt_idle_half, "nowait" a broken variant that releases without waiting."""
     kt_per_tile, kt_total = kt, kt * m_tiles
     full_done, empty_done, arrivals = [0] * stages, [0] * stages, [0] * stages
     landed: list[int | None] = [None] * stages  # the k-tile whose bytes are in a stage
@@ -69,11 +73,14 @@ def run_task(stages: int, kt: int, rng: random.Random, skip_empty_wait: bool = F
                 continue
             kt = w["kt"]
             s = kt % stages
+            idler = bool(idle) and a >= WARPS // 2
             if w["at"] == "wait_full":
-                if not passed(full_done[s], (kt // stages) & 1):
-                    continue
-                assert landed[s] == kt, f"warp {a} reads stage {s} before k-tile {kt}"
-                readers[s].add(a)  # the group of k-tile kt, in flight
+                if idle != "nowait" or not idler:
+                    if not passed(full_done[s], (kt // stages) & 1):
+                        continue
+                if not idler:
+                    assert landed[s] == kt, f"warp {a} reads stage {s} before k-tile {kt}"
+                    readers[s].add(a)  # the group of k-tile kt, in flight
                 if kt % kt_per_tile:  # wgmma_wait<1>: k-tile kt - 1's group retired; arrive
                     p = (kt - 1) % stages
                     readers[p].discard(a)
@@ -123,11 +130,12 @@ def run_task(stages: int, kt: int, rng: random.Random, skip_empty_wait: bool = F
 
 
 def run(stages: int, tasks: list[int], seed: int, skip_empty_wait: bool = False,
-        m_tiles: int = 1, defer: bool = False) -> int:
+        m_tiles: int = 1, defer: bool = False, idle: str = "") -> int:
     """Tasks one after another (barriers re-initialised: the block barrier at a task's end
     orders it after every warp's last group); the deferred refills' count."""
     rng = random.Random(seed)
-    return sum(run_task(stages, kt, rng, skip_empty_wait, m_tiles, defer) for kt in tasks)
+    return sum(run_task(stages, kt, rng, skip_empty_wait, m_tiles, defer, idle)
+               for kt in tasks)
 
 
 @pytest.mark.parametrize("defer", [False, True])
@@ -138,6 +146,27 @@ def test_ring_never_deadlocks_or_races(stages, seed, m_tiles, defer):
     rng = random.Random(100 * stages + seed)
     tasks = [rng.choice([1, 2, 3, 5, 8, 32]) for _ in range(rng.randint(1, 4))]
     run(stages, tasks, seed, m_tiles=m_tiles, defer=defer)
+
+
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+@pytest.mark.parametrize("seed", range(8))
+def test_ring_with_an_idle_warpgroup(stages, seed, defer):
+    """A part-empty tile (one row task, at most 64 rows): warps 4-7 wait and release only."""
+    rng = random.Random(300 * stages + seed)
+    tasks = [rng.choice([1, 2, 3, 5, 8, 32]) for _ in range(rng.randint(1, 4))]
+    run(stages, tasks, seed, defer=defer, idle="wait")
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_the_model_catches_idle_warps_that_release_unwaited(defer):
+    failures = 0
+    for seed in range(100):
+        try:
+            run(3, [16], seed, defer=defer, idle="nowait")
+        except AssertionError:
+            failures += 1
+    assert failures > 0
 
 
 def test_deferred_refills_do_move_on():
@@ -193,3 +222,39 @@ def test_the_template_spells_the_modelled_waits():
             "> kt + 1) break;",
             "fill(nf, free);"):
         assert line in deferred, line
+
+
+def _body(code: str, name: str) -> str:
+    """The body of device function ``name`` in ``code`` (its first definition)."""
+    start = code.index("{", code.index(f"void {name}("))
+    depth = 0
+    for i in range(start, len(code)):
+        depth += {"{": 1, "}": -1}.get(code[i], 0)
+        if depth == 0:
+            return code[start:i + 1]
+    raise AssertionError(f"{name}: unbalanced braces")
+
+
+def test_the_idle_warpgroup_meets_the_epilogues_block_barriers():
+    """wt_idle_half's warps meet as many block barriers as the computing warps' epilogue
+    (staged: wg_store_staged, TMA stores: wg_store_tma), then the task's last one: a count
+    off by one would pair barriers of different tasks (or hang)."""
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.problem import MoEProblem
+    from flashmoe_gen.render import render
+
+    p = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=16384)
+    code = render(p, KernelConfig.persistent_default(p, "sm_90")).code
+    idle = _body(code, "wt_idle_half")
+    assert "wgmma" not in idle and "if constexpr (STAGE || TSTORE) {" in idle
+    for epilogue in ("wg_store_staged", "wg_store_tma"):
+        assert _body(code, epilogue).count("block_sync();") == 2 == idle.count("block_sync();")
+    assert "wg_staged_out<BM, BN>(s, C, m0, n0, rows, N);" in _body(code, "wg_store_staged")
+    assert "if constexpr (STAGE) wg_staged_out<BM, BN>(s, C, m0, n0, rows, N);" in idle
+    # both callers return from the idle path after the task's closing barrier
+    for caller, cond in (("wt_gemm_tile", "MT == 1"), ("wt_consume_tile", "m_tiles == 1")):
+        body = _body(code, caller)
+        branch = body[body.index(f"if ({cond} && BM == 128 && wg == 1 && rows - m0 <= 64)"):]
+        branch = branch[:branch.index("return;")]
+        assert "wt_idle_half<" in branch and branch.count("block_sync();") == 1, caller
+        assert body.rstrip("}").rstrip().count("block_sync();") >= 2
