@@ -99,9 +99,10 @@ def time_ms(fn, iters: int, warmup: int = 3) -> float:
 
 
 def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int,
-                 copy_bw: float, knobs: str = "") -> dict:
+                 copy_bw: float, knobs: str = "", tiles: str = "") -> dict:
     """Torch and every tile variant on one shape; errors are relative to torch's output.
-    ``knobs``: config-name parts every variant but the default takes (e.g. "__ts")."""
+    ``knobs``: config-name parts every variant but the default takes (e.g. "__ts");
+    ``tiles``: comma-separated parts of the variants' names to keep (e.g. "_tma")."""
     import cupy
     import torch
 
@@ -117,6 +118,7 @@ def measure_case(label: str, h: int, i: int, el: int, rows: int, iters: int,
     x = (torch.randn(el * rows, h, device="cuda") * 0.5).bfloat16()
     variants = {"sync_default": KernelConfig.default(p, "sm_80")}  # the arch-neutral default
     names = (WGMMA + TMA if rows >= 64 else []) + (WS if rows <= WS_ROWS else [])
+    names = [n for n in names if not tiles or any(t in n for t in tiles.split(","))]
     for base in names:
         cfg = KernelConfig.from_name(base + "__r8__c1__cs1__ss1" + knobs)
         try:
@@ -180,6 +182,8 @@ def main() -> int:
     ap.add_argument("--cases", default="", help="comma-separated case labels (default: all)")
     ap.add_argument("--knobs", default="", help="config-name parts every tile variant "
                     "takes, e.g. __ts (silu by tanh)")
+    ap.add_argument("--tiles", default="", help="comma-separated parts of the tile variants' "
+                    "names to time, e.g. _tma (default: all)")
     a = ap.parse_args()
 
     import cupy
@@ -190,7 +194,8 @@ def main() -> int:
     cases = [c for c in CASES if not a.cases or c[0] in a.cases.split(",")]
     rows_out = []
     for case in cases:
-        rows_out.append(measure_case(*case, iters=a.iters, copy_bw=copy_bw, knobs=a.knobs))
+        rows_out.append(measure_case(*case, iters=a.iters, copy_bw=copy_bw, knobs=a.knobs,
+                                     tiles=a.tiles))
         print(json.dumps(rows_out[-1]), flush=True)
 
     names = ["sync_default", *WGMMA, *TMA, *WS]
