@@ -58,9 +58,16 @@ PERSISTENT_WS_TMA_TOKENS = 64
 #: compute-bound. 4 x H200, H=I=2048 E=64 T=1024 (128 rows), same run (bench/results/
 #: 2026-11-27_sweep_ws_wgmma_4xH200_a877941.md): 0.3933 -> 0.2823 ms (down 128 wide 0.2902),
 #: 3.99x PyTorch EP's 1.1271. At E=32 T=1024 (256 rows) wgmma row tasks per source beat them
-#: (0.2656 vs 0.2942), so the regime stays capped by PERSISTENT_WS_MAX_ROWS; below 96 rows
-#: (unmeasured) the tile's second warpgroup would mostly idle.
-WS_WGMMA_MIN_ROWS = 96
+#: (0.2656 vs 0.2942), so the regime stays capped by PERSISTENT_WS_MAX_ROWS. Below 64
+#: rows the second warpgroup skips its MMAs (its tokens hold no rows) and the tile still
+#: wins: 2 x H200, same runs (bench/results/2026-11-28_sweep_ws_wgmma_rows_2xH200_ac65586.md),
+#: rows per expert 16 / 24 / 32 / 48 / 64: E=64 T=256 / 384 / 512 / 768 / 1024 0.261 ->
+#: 0.256, 0.265 -> 0.261, 0.290 -> 0.259, 0.303 -> 0.266, 0.430 -> 0.289 ms; E=32 T=256 /
+#: 384 / 512 0.167 -> 0.154, 0.195 -> 0.162, 0.238 -> 0.166; DeepSeek-V2-Lite T=128 / 256
+#: 0.254 -> 0.214, 0.304 -> 0.242; DeepSeek-V3-like T=1024 6.00 -> 3.76. From 24: at 16
+#: rows the gain was 2% (E=64) and DeepSeek-V3-like decode on 4 ranks (16 rows) keeps its
+#: measured 6-stage ring (DEEP_RING_MIN_BYTES), not compared with these tiles.
+WS_WGMMA_MIN_ROWS = 24
 #: The persistent router takes two token batches per tensor-core logit tile
 #: (``router_batches`` 2, where the experts fit one pass) from this many tokens per rank:
 #: 4 x H200, E=64, route phase / forward: T=2048 31.7 -> 21.0 us / 0.774 -> 0.749 ms,

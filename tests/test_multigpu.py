@@ -261,9 +261,9 @@ def test_nvlink_persistent_kernel(comm, case):
             p.replace(world_size=comm.world_size)), stage_epilogue=3)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
     if case.startswith("dsv2lite_") and "fused" in case:  # the persistent default at 56
-        # (2 ranks: 64-token weight-streaming tasks) or 112 (4 ranks: from WS_WGMMA_MIN_ROWS,
-        # 128-token tasks on warpgroup MMAs, a 256-wide down tile) rows per expert: every
-        # source fused, the weights by TMA boxes, shared experts
+        # (2 ranks) or 112 (4 ranks) rows per expert: from WS_WGMMA_MIN_ROWS 128-token tasks
+        # on warpgroup MMAs (at 56 rows the second warpgroup's tokens are mostly empty), a
+        # 256-wide down tile; every source fused, the weights by TMA boxes, shared experts
         from flashmoe_gen.defaults import WS_WGMMA_MIN_ROWS, expert_rows
 
         q = p.replace(world_size=comm.world_size)

@@ -870,11 +870,15 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert (cfg.gate_up.bm, cfg.down.bm, cfg.down.bn) == (128, 128, 256)
     assert cfg.ws_tma and cfg.router_batches == 1
     assert cfg.name.endswith("__fs__nvlink__wt__wsg") and KernelConfig.from_name(cfg.name) == cfg
-    # ... below WS_WGMMA_MIN_ROWS (and on sm_80, where a 64-token tile streams the
-    # weights by cp.async) 64-token mma.sync tiles
+    # ... down to WS_WGMMA_MIN_ROWS (the second warpgroup idle where its tokens hold no
+    # rows: 2 x H200 E=64 T=1024, 64 rows, 0.430 -> 0.289 ms), below it (and on sm_80,
+    # where a 64-token tile streams the weights by cp.async) narrower mma.sync tiles
+    at_64 = big_p.replace(tokens_per_rank=64 * 64 // (2 * 4))
+    assert expert_rows(at_64) == 64 >= WS_WGMMA_MIN_ROWS
+    assert KernelConfig.persistent_default(at_64, "sm_90").ws_wgmma
     below = big_p.replace(tokens_per_rank=(WS_WGMMA_MIN_ROWS - 8) * 64 // (2 * 4))
     cfg = KernelConfig.persistent_default(below, "sm_90")
-    assert cfg.fuse_sources and cfg.gate_up.bm == 64 and cfg.ws_tma and not cfg.ws_wgmma
+    assert cfg.fuse_sources and cfg.gate_up.bm < 128 and not cfg.ws_wgmma
     ampere = KernelConfig.persistent_default(small, "sm_80")
     assert ampere.fuse_sources and ampere.gate_up.bm == 64 and not ampere.ws_wgmma
     # ... nor where the fused tiles' K is split (fewer tiles than SMs: seed T=128 on 4
@@ -907,10 +911,11 @@ def test_persistent_default_deepens_the_ring_for_gigabytes_of_weights():
     # sm_80 has no TMA: the 4-stage cp.async ring
     plain = KernelConfig.persistent_default(DSV3_DECODE, "sm_80")
     assert not plain.ws_tma and plain.gate_up.stages == 4
-    # 64-row token tiles: 6 stages do not fit shared memory, so 4 stay (TMA boxes, as
-    # every fused 64-token tile: PERSISTENT_WS_TMA_TOKENS)
+    # 128-token tiles on warpgroup MMAs (64 rows per expert: WS_WGMMA_MIN_ROWS): 6 stages
+    # do not fit shared memory, so 4 stay (TMA boxes)
     wide = KernelConfig.persistent_default(DSV3_DECODE.replace(tokens_per_rank=512), "sm_90")
-    assert wide.gate_up.bm == 64 and wide.gate_up.stages == 4 and wide.ws_tma
+    assert wide.gate_up.bm == 128 and wide.gate_up.stages == 4 and wide.ws_tma
+    assert wide.ws_wgmma
     # small weights (DeepSeek-V2-Lite, 277 MB per rank): unchanged
     lite = MoEProblem(2048, 1408, 64, 6, shared_experts=2, world_size=4, tokens_per_rank=8)
     assert local_weight_bytes(lite) < DEEP_RING_MIN_BYTES
@@ -1182,8 +1187,11 @@ def test_weight_streaming_token_tile_covers_the_spread_of_routed_rows():
     GemmTile(128, 128, 64, 8, 1, 4, "ws").validate("gate_up", 2048, 2048, 2,
                                                    limits_for("sm_90"), None)
     p = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=2, tokens_per_rank=512)
-    for cfg in (KernelConfig.default(p), KernelConfig.persistent_default(p)):
-        assert cfg.gate_up.mma == cfg.down.mma == "ws" and cfg.gate_up.bm == cfg.down.bm == 64
+    cfg = KernelConfig.default(p)
+    assert cfg.gate_up.mma == cfg.down.mma == "ws" and cfg.gate_up.bm == cfg.down.bm == 64
+    # (the persistent default's fused tasks take 128 tokens on warpgroup MMAs there:
+    # WS_WGMMA_MIN_ROWS)
+    assert KernelConfig.persistent_default(p).ws_wgmma
     small = p.replace(tokens_per_rank=128)  # 8 rows per expert: as measured before
     assert KernelConfig.persistent_default(small).gate_up.bm == 32
     assert KernelConfig.default(small).gate_up.bm == 32  # shared experts: T rows per pass
