@@ -14,6 +14,7 @@
 #      on 2 then 4 ranks of one machine: nccl (host and graph), nvlink, PyTorch EP and the
 #      floor, same run (J_RANKS=4: the 4-rank half; NO_MIX=1: the table alone; J_KNOBS:
 #      the persistent default with these knobs too, in nvlink_sweep's spelling, e.g. pr=1;
+#      J_CHAIN=8: every timing 8 forwards back to back, ours and PyTorch EP's alike;
 #      plot it on the development machine with scaling.py --plot: the device returns few
 #      files)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
@@ -67,7 +68,8 @@ if [ "$PART" = j ]; then
   for p in ${J_RANKS:-2 4}; do  # J_RANKS=4: the 4-rank half alone
     KN=(); [ -n "${J_KNOBS:-}" ] && KN=(--nvlink-knobs "$J_KNOBS")  # e.g. pr=1
     timeout -k 10 "${J_TIMEOUT:-200}" $MPI -np $p python3 bench/scaling.py --experts 8,32,64 \
-      --tokens 1024,16384 --nvlink "${KN[@]}" --commit "$COMMIT" --json "$O/scaling.json" \
+      --tokens 1024,16384 --nvlink "${KN[@]}" --chain "${J_CHAIN:-1}" --commit "$COMMIT" \
+      --json "$O/scaling.json" \
       --out "$O/scaling_p$p" > "$O/scaling_p$p.log" 2>&1
     echo "scaling $p ranks rc=$?"
   done

@@ -49,11 +49,11 @@ def measure_one(p, cfg, comm, a) -> dict:
     x = cupy.asarray(random_tokens(p.tokens_per_rank, p.hidden, seed=7 + comm.rank))
     xt = torch.from_dlpack(x).view(torch.bfloat16)
     ours = layer.forward(x)
-    base = time_baselines(layer, xt, comm, warmup=a.warmup, iters=a.iters)
+    base = time_baselines(layer, xt, comm, warmup=a.warmup, iters=a.iters, chain=a.chain)
     theirs = to_f64(base.pop("out"))
     agree = relative_error(bf16.from_bits(ours.get()).astype(np.float64), theirs)
     agree = max(comm.mpi.allgather(agree))
-    kw = dict(warmup=a.warmup, iters=a.iters, comm=comm)
+    kw = dict(warmup=a.warmup, iters=a.iters, comm=comm, chain=a.chain)
     ms = time_callable(lambda: layer.forward(x), **kw).median_ms
     ms_t = base["torch_ep_ms"]
     extra = {"ours_graph_ms": None, "speedup_graph": None}
@@ -138,7 +138,8 @@ def measure_all(a) -> list[dict]:
                 with warnings.catch_warnings(record=True):  # a default is fine here
                     k = lookup(p, device=card, db=a.db)
             k = comm.mpi.bcast(k, root=0)
-            row = dict(card=card, gpus=P, experts=e, tokens_per_gpu=t, config=k.config.name,
+            row = dict(card=card, gpus=P, experts=e, tokens_per_gpu=t, chain=a.chain,
+                       config=k.config.name,
                        config_source=k.provenance, floor_ms=round(floor_ms(p), 4),
                        floor_tbs=peak_bytes() / 1e12,
                        **measure_one(p, k.config, comm, a))
@@ -152,6 +153,12 @@ def measure_all(a) -> list[dict]:
     dist.destroy_process_group()
     comm.close()
     return rows if rank == 0 else []
+
+
+def chain_note(rows: list[dict]) -> str:
+    """How the rows were timed, where not one forward per iteration."""
+    n = rows[0].get("chain", 1) if rows else 1
+    return f"; {n} forwards back to back per iteration, per forward" if n > 1 else ""
 
 
 def plot(rows: list[dict], out: str, commit: str) -> None:
@@ -224,10 +231,11 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
         cols[5:5] = ["ours_nvlink_ms", "speedup_nvlink", "sm_busy_nvlink", "agree_nvlink"]
     md = [f"# H=2048, I=2048, top-2, bf16: FlashMoE vs PyTorch EP on {card}",
           "", f"{datetime.date.today()}, commit {commit}. Median of CUDA-event timings (max "
-          "over ranks per iteration). ours: host mode; ours_graph: graph mode (device-side "
-          "counts, one CUDA graph). PyTorch EP baselines: torch_sync (split sizes read on "
-          "the host), torch_graph (padded fixed-size transfers, graph-captured); torch_ep = "
-          "the faster of the two. speedup = torch_ep / ours (> 1: ours faster). floor = "
+          f"over ranks per iteration{chain_note(rows)}). ours: host mode; ours_graph: "
+          "graph mode (device-side counts, one CUDA graph). PyTorch EP baselines: torch_sync "
+          "(split sizes read on the host), torch_graph (padded fixed-size transfers, "
+          "graph-captured); torch_ep = the faster of the two. speedup = torch_ep / ours (> 1: "
+          "ours faster). floor = "
           f"per-rank {floor_note(rows[0].get('floor_tbs'))}. agree = rel. diff ours vs "
           "torch_sync; agree_baselines = torch_graph vs torch_sync. ours_nvlink (with "
           "--nvlink): transport nvlink, one persistent kernel per forward; sm_busy_nvlink: "
@@ -245,6 +253,10 @@ def main() -> int:
                     default=list(TOKENS))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--chain", type=int, default=1,
+                    help="forwards back to back per timed iteration, ours and PyTorch EP's "
+                    "alike (1: one forward after a barrier, the ranks' launch skew in it; 8: "
+                    "steady state, as bench/nvlink_sweep.py)")
     ap.add_argument("--db", default=None, help="winners database for lookup()")
     ap.add_argument("--fuse", action="store_true",
                     help="also time the same config with fuse_sources=True")
