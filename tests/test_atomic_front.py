@@ -17,7 +17,7 @@ P = MoEProblem(2048, 2048, 64, 2, world_size=2, tokens_per_rank=1024)
 def test_name_and_check():
     cfg = replace(KernelConfig.persistent_default(P, "sm_90"), atomic_front=True)
     cfg.validate(P, "sm_90")
-    assert cfg.name.endswith("__af") and KernelConfig.from_name(cfg.name) == cfg
+    assert "af" in cfg.name.split("__") and KernelConfig.from_name(cfg.name) == cfg
     with pytest.raises(ConfigError) as e:
         replace(KernelConfig.default(P, "sm_90"), atomic_front=True).validate(P, "sm_90")
     assert e.value.field == "atomic_front" and "nvlink" in str(e.value)
