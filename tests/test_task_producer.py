@@ -1,9 +1,10 @@
 """config task_producer on the CPU: the knob's checks, what it renders, the tuner's space, and
 the producer / worker protocol of templates/persistent.cu.j2 (the ring kept across tasks,
 the descriptors' double buffer, the staged epilogue's and the shared-experts tasks' hold on
-the ring's memory) ported to Python and run under random interleavings with mbarrier
-semantics: every k-tile a worker multiplies is the one it expects, no load lands in memory a
-worker still reads, nothing deadlocks. The port is tied to the template's text."""
+the ring's memory, the idle second warpgroup of a tile of at most 64 rows) ported to Python
+and run under random interleavings with mbarrier semantics: every k-tile a worker
+multiplies is the one it expects, no load lands in memory a worker still reads, nothing
+deadlocks. The port is tied to the template's text."""
 import random
 from dataclasses import dataclass, replace
 
@@ -114,15 +115,17 @@ class Task:
     kt: int = 0  # k-tiles per row tile
     m_tiles: int = 1  # row tiles (task_tiles; staged results take one)
     staged: bool = False
+    short: bool = False  # at most 64 rows (one row tile): warps 4-7 idle (wt_idle_half)
 
     @property
     def kk(self) -> int:  # the ring's k-tiles of the task
         return self.kt * self.m_tiles
 
 
-def _run(tasks, stages, seed, warps=8):
+def _run(tasks, stages, seed, warps=8, idle_waits=True):
     """Producer thread and `warps` MMA warps step by step in a random order; TMA boxes land
-    at random later steps. Returns the k-tiles each warp multiplied."""
+    at random later steps. Returns the k-tiles each warp multiplied. `idle_waits` False: a
+    broken idle warpgroup that releases stages without waiting for them."""
     rng = random.Random(seed)
     full = [Bar(1) for _ in range(stages)]
     empty = [Bar(warps) for _ in range(stages)]
@@ -194,6 +197,23 @@ def _run(tasks, stages, seed, warps=8):
                 if w == 0:
                     ring_free.arrive()
                 continue
+            if task.short and w >= warps // 2:  # wt_idle_half: no MMAs, every stage released
+                for k in range(task.kt):
+                    g = g0 + k
+                    st = g % stages
+                    while idle_waits and not full[st].done((g // stages) & 1):
+                        yield
+                    if k > 0:
+                        empty[(g - 1) % stages].arrive()
+                    yield
+                empty[(g0 + task.kt - 1) % stages].arrive()  # release_last
+                if task.staged:  # the epilogue's barrier, then its share of the stores
+                    yield from block_sync()
+                    memory_busy.add(w)
+                    yield
+                    memory_busy.discard(w)
+                yield from block_sync()
+                continue
             for r in range(task.m_tiles):  # row tile r: its k-tiles, then its stores
                 for k in range(task.kt):
                     g = g0 + r * task.kt + k
@@ -256,6 +276,36 @@ def test_protocol_under_random_interleavings(seed):
     assert all(s == want for s in seen.values())
 
 
+def _short_tasks(rng):
+    """Tasks of one row tile, some of at most 64 rows (the second warpgroup idle)."""
+    return [Task("gu" if rng.random() < 0.5 else "dn", kt=rng.choice([1, 2, 3, 5, 8, 32]),
+                 staged=rng.random() < 0.5, short=rng.random() < 0.5)
+            for _ in range(rng.randrange(1, 9))]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_protocol_with_an_idle_warpgroup(seed):
+    rng = random.Random(2000 + seed)
+    stages = rng.choice([2, 3, 4])
+    tasks = [Task("shared") for _ in range(rng.randrange(2))] + _short_tasks(rng)
+    seen = _run(tasks, stages, seed)
+    for w, got in seen.items():  # warps 4-7 multiply nothing of a short task
+        assert got == [(j, k) for j, t in enumerate(tasks) if t.kind != "shared"
+                       and not (t.short and w >= 4) for k in range(t.kk)], w
+
+
+def test_the_model_catches_idle_warps_that_release_unwaited():
+    failures = 0
+    for seed in range(60):
+        rng = random.Random(3000 + seed)
+        tasks = [replace(t, short=True, kt=max(t.kt, 5)) for t in _short_tasks(rng)]
+        try:
+            _run(tasks, 2, seed, idle_waits=False)
+        except AssertionError:
+            failures += 1
+    assert failures > 0
+
+
 def test_the_port_is_the_templates():
     code = " ".join(render(BIG, _producer()).code.split())
     for line in (
@@ -275,5 +325,13 @@ def test_the_port_is_the_templates():
             "if (k > 0 && lane == 0) mbar_arrive(smem_u32(&empty[(g - 1) % STAGES]));",
             "if (lane == 0) mbar_arrive(smem_u32(&empty[(G + (i + 1) * KT - 1) % STAGES]));",
             "block_sync(); // every warp's stores (and STAGE: reads) before thread 0's signals "
-            "if (threadIdx.x == 0) { if constexpr (STAGE) mbar_arrive(smem_u32(staged));"):
+            "if (threadIdx.x == 0) { if constexpr (STAGE) mbar_arrive(smem_u32(staged));",
+            # the idle second warpgroup (a tile of at most 64 rows)
+            "if (m_tiles == 1 && BM == 128 && wg == 1 && rows - m0 <= 64) { // no rows for "
+            "this warpgroup wt_idle_half<BM, BN, STAGES, STAGE, false>(full, empty, G, KT, "
+            "true, sA, C, m0, n0, rows, N);",
+            "mbar_wait(smem_u32(&full[g % STAGES]), (g / STAGES) & 1); if (k > 0 && lane == 0) "
+            "mbar_arrive(smem_u32(&empty[(g - 1) % STAGES]));",
+            "if (release_last && lane == 0) mbar_arrive(smem_u32(&empty[(G + KT - 1) % "
+            "STAGES]));"):
         assert line in code, line
