@@ -251,10 +251,14 @@ def test_the_idle_warpgroup_meets_the_epilogues_block_barriers():
         assert _body(code, epilogue).count("block_sync();") == 2 == idle.count("block_sync();")
     assert "wg_staged_out<BM, BN>(s, C, m0, n0, rows, N);" in _body(code, "wg_store_staged")
     assert "if constexpr (STAGE) wg_staged_out<BM, BN>(s, C, m0, n0, rows, N);" in idle
+    # the second warpgroup of a 128-row tile, where the tile holds at most 64 rows
+    helper = code[code.index("bool second_wg_idle(int rows, int m0) {"):]
+    assert helper[:helper.index("}")].split("{")[1].strip() == (
+        "return BM == 128 && threadIdx.x / 128 == 1 && rows - m0 <= 64;")
     # both callers return from the idle path after the task's closing barrier
     for caller, cond in (("wt_gemm_tile", "MT == 1"), ("wt_consume_tile", "m_tiles == 1")):
         body = _body(code, caller)
-        branch = body[body.index(f"if ({cond} && BM == 128 && wg == 1 && rows - m0 <= 64)"):]
+        branch = body[body.index(f"if ({cond} && second_wg_idle<BM>(rows, m0))"):]
         branch = branch[:branch.index("return;")]
         assert "wt_idle_half<" in branch and branch.count("block_sync();") == 1, caller
         assert body.rstrip("}").rstrip().count("block_sync();") >= 2

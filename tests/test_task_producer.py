@@ -327,7 +327,7 @@ def test_the_port_is_the_templates():
             "block_sync(); // every warp's stores (and STAGE: reads) before thread 0's signals "
             "if (threadIdx.x == 0) { if constexpr (STAGE) mbar_arrive(smem_u32(staged));",
             # the idle second warpgroup (a tile of at most 64 rows)
-            "if (m_tiles == 1 && BM == 128 && wg == 1 && rows - m0 <= 64) { // no rows for "
+            "if (m_tiles == 1 && second_wg_idle<BM>(rows, m0)) { // no rows for "
             "this warpgroup wt_idle_half<BM, BN, STAGES, STAGE, false>(full, empty, G, KT, "
             "true, sA, C, m0, n0, rows, N);",
             "mbar_wait(smem_u32(&full[g % STAGES]), (g / STAGES) & 1); if (k > 0 && lane == 0) "
