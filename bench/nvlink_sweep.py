@@ -9,14 +9,15 @@ against the NCCL path's graph-mode default on the same weights and tokens.
 ``--vary`` changes the persistent default: ``gu_``/``dn_`` + a GemmTile field (bm, bn, bk,
 stages as ``s``), ``b`` (blocks per SM), ``d`` (dispatch blocks), ``wt`` (TMA loads),
 ``sb`` (blocks that send the peers' rows), ``rb`` (router batches per logit tile), ``tt``
-(row tiles per TMA row task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue:
-0 none, 1 down, 2 both, 3 down staged and gate/up by TMA stores), ``ph`` (phased task
-lists, 0/1), ``pr`` (a producer warpgroup feeds the TMA row tasks, 0/1), ``af`` (rows'
-slots by atomics as they are routed, 0/1), ``g2`` (gate and up in two MMAs, 0/1), ``ts``
-(silu by tanh.approx, 0/1), ``ks`` (K splits, ``GxD``), values comma-separated; every
-combination is timed (configs the build refuses are reported, not fatal). ``--config``
-adds named configs (repeatable; a name per shape as ``shape:name``, else every shape)
-after the variants, to compare other tiles or fused sources with the default in one run.
+(row tiles per TMA row task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue: 0
+none, 1 down, 2 both, 3 down staged and gate/up by TMA stores), ``ph`` (phased task lists,
+0/1), ``pr`` (a producer warpgroup feeds the TMA row tasks, 0/1), ``af`` (rows' slots by
+atomics as they are routed, 0/1), ``g2`` (gate and up in two MMAs, 0/1), ``ts`` (silu by
+tanh.approx, 0/1), ``il`` (one task list over every source, 0/1), ``ks`` (K splits,
+``GxD``), values comma-separated; every combination is timed (configs the build refuses
+are reported, not fatal). ``--config`` adds named configs (repeatable; a name per shape as
+``shape:name``, else every shape) after the variants, to compare other tiles or fused
+sources with the default in one run.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 #: --vary's config knobs (besides tile fields and ks), by the tags of the config name
 #: (``config.FIELD_OF_TAG``), and the ones that take 0/1.
 KNOBS = {t: FIELD_OF_TAG[t]
-         for t in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "pr", "af", "g2", "ts")}
+         for t in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "pr", "af", "g2", "ts",
+                   "il")}
 _DEFAULTS = {d.name: d.default for d in dataclasses.fields(KernelConfig)}
 BOOL_KNOBS = tuple(t for t, f in KNOBS.items() if isinstance(_DEFAULTS[f], bool))
 #: Large-batch shapes beside decode's (issue 12's Mixtral, FlashDMoE's E=64 setting): the

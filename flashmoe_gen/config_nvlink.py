@@ -230,6 +230,18 @@ def check_phased_tasks(cfg: KernelConfig, problem: MoEProblem, name: str) -> Non
         raise ConfigError("phased_tasks", True, why + ": use False", name)
 
 
+def check_interleave_sources(cfg: KernelConfig, name: str) -> None:
+    """One task list over every source, by (expert, n-tile): the phased per-source lists
+    rearranged (fused sources have every source's rows in each task already); the task
+    producer learns the sources' lists one by one."""
+    why = ("it rearranges the phased per-source lists: set phased_tasks"
+           if not cfg.phased_tasks else
+           "the task producer learns the sources' lists one by one" if cfg.task_producer
+           else "")
+    if why:
+        raise ConfigError("interleave_sources", True, why + ": use False", name)
+
+
 def check_task_tiles(cfg: KernelConfig, name: str) -> None:
     """Several row tiles per task: only the TMA row tasks (``ws_tma`` on wgmma tiles) carry
     their ring from one row tile on to the next."""

@@ -298,6 +298,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "send_blocks": config.send_blocks,
         "task_tiles": config.task_tiles,
         "phased_tasks": CPP_BOOL[config.phased_tasks],
+        "interleave_sources": CPP_BOOL[config.interleave_sources],
         "atomic_front": CPP_BOOL[config.atomic_front],
     }
 

@@ -160,16 +160,18 @@ NVL_CASES = (
     (DSV2.replace(tokens_per_rank=96),
      ("dsv2lite", "fused_dsv2lite_graph", "fused_ws_tma")),
     (SEED.replace(capacity_factor=1.0, tokens_per_rank=300),
-     ("capped_skewed", "capped_skewed_atomic", "fused_capped_skewed")),
+     ("capped_skewed", "capped_skewed_atomic", "fused_capped_skewed",
+      "capped_skewed_interleaved")),
     (SEED.replace(tokens_per_rank=1000),
      ("row_tiles", "row_tiles_wgmma", "row_tiles_wgmma_tma", "row_tiles_wgmma_tma_pairs",
       "row_tiles_wgmma_tma_deferred", "row_tiles_wgmma_tma_staged", "row_tiles_wgmma_tma_tstore",
       "row_tiles_wgmma_tma_phased", "row_tiles_phased", "row_tiles_wgmma_tma_producer",
       "row_tiles_wgmma_tma_producer_pairs", "row_tiles_wgmma_tma_atomic", "row_tiles_send_blocks",
-      "fused_ws_wgmma")),
+      "fused_ws_wgmma", "row_tiles_wgmma_tma_interleaved")),
     (DSV2.replace(tokens_per_rank=2200),
      ("dsv2lite_default_producer", "dsv2lite_default_many_batches",
-      "dsv2lite_default_quad_batches", "dsv2lite_default_staged", "dsv2lite_default_tstore")),
+      "dsv2lite_default_quad_batches", "dsv2lite_default_staged", "dsv2lite_default_tstore",
+      "dsv2lite_default_interleaved")),
     (DSV2.replace(tokens_per_rank=600),
      ("dsv2lite_wgmma_tma_graph",)),
     (DSV2.replace(tokens_per_rank=300),
@@ -255,6 +257,12 @@ def test_nvlink_persistent_kernel(comm, case):
         cfg = dataclasses.replace(KernelConfig.persistent_default(
             p.replace(world_size=comm.world_size)), stage_epilogue=1)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
+    if case.endswith("interleaved"):  # one list over every source, an (expert, n-tile)'s
+        # tasks of all sources side by side: weight-streaming tiles under capacity drops
+        # (one rank sends nothing), TMA row tiles, the default with shared experts
+        base = (KernelConfig.persistent_default(p.replace(world_size=comm.world_size))
+                if case.startswith("dsv2lite") else cfg)
+        cfg = dataclasses.replace(base, phased_tasks=True, interleave_sources=True)
     if case == "dsv2lite_default_tstore":  # ... and the gate/up results by TMA stores left
         # in flight (I = 1408: 11 column tiles, ragged row tiles, shared experts unstaged)
         cfg = dataclasses.replace(KernelConfig.persistent_default(

@@ -163,6 +163,7 @@ CONFIG_CHANGES = {
     "split_gated_mma": True,
     "ws_wgmma": True,
     "tanh_silu": True,
+    "interleave_sources": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}
