@@ -33,6 +33,27 @@ DEEP_RING_MIN_BYTES = 1 << 30
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
+#: On 2 ranks the TMA row tasks take one list over both sources (``interleave_sources``:
+#: each weight read from HBM once, not once per source) where that saves at least this many
+#: times the wait it costs (every source's rows in before the first routed task; the shared
+#: experts' tasks need none and fill it): interleave_pays. 2 x H200, H=I=2048 k=2, per
+#: forward, per-source lists -> one list (bench/results/2026-11-28_gpu_checks_session29.md):
+#: E=32 T=1024 (128 rows per expert) 0.2622 -> 0.2158 ms (fused wgmma tasks 0.2666), T=2048
+#: 0.3357 -> 0.3179, T=4096 0.4693 -> 0.4745 (saves 1.8x its wait: left out); E=64 T=2048
+#: 0.4972 -> 0.4118 (fused 0.4541), T=4096 0.6201 -> 0.5761; DeepSeek-V2-Lite T=2048 0.7258
+#: -> 0.6766, T=4096 1.3049 -> 1.2531; lost where the wait exceeds the saving: E=8 T=4096
+#: 0.3961 -> 0.4255, T=16384 E=8 / 32 / 64 +12 / +5 / +1%. Not measured on 4 ranks.
+INTERLEAVE_MIN_GAIN = 2.0
+#: ... the rates of that model (H200): weights from HBM, the senders' rows over NVLink
+#: (bench/nvlink_copy.py, ~300 GB/s), the shared experts' tasks on the tensor cores.
+HBM_BYTES_PER_US = 4.0e6
+NVLINK_BYTES_PER_US = 0.3e6
+TENSOR_FLOPS_PER_US = 6.0e8
+#: ... and where the list pays, the fused weight-streaming tasks keep experts of at most
+#: this many rows (not PERSISTENT_WS_MAX_ROWS): same runs, fused -> row tiles in one list,
+#: E=32 T=768 (96 rows) 0.1761 -> 0.2029, E=64 T=1536 (96) 0.3446 -> 0.3855, T=1024 (64)
+#: 0.2811 -> 0.3615; at 128 rows the list won (above).
+INTERLEAVED_WS_MAX_ROWS = 96
 #: The persistent default takes 128-row wgmma row tiles on Hopper when an expert averages
 #: at least this many rows per source: H=I=2048 E=64 on 4 x H200 at T=4096 (128 rows) 2.10
 #: -> 1.49 ms, T=16384 4.63 -> 3.44 ms over the mma.sync row tiles
@@ -258,21 +279,38 @@ def _weight_streaming(problem: MoEProblem, knobs: dict, arch: str) -> KernelConf
     return cfg
 
 
+def interleave_pays(problem: MoEProblem) -> bool:
+    """Whether one task list over every source (``interleave_sources``) pays on ``problem``:
+    the HBM time of the weight reads it saves ((P - 1) x this rank's experts' weights) is
+    at least INTERLEAVE_MIN_GAIN x the wait it adds (the peers' rows over NVLink, less the
+    shared experts' tasks, which run meanwhile). 2 ranks only: unmeasured on more."""
+    p = problem
+    if p.world_size != 2:
+        return False
+    saved = (p.world_size - 1) * local_weight_bytes(p) / HBM_BYTES_PER_US
+    peer_rows = p.tokens_per_rank * p.top_k * (p.world_size - 1) / p.world_size
+    wait = peer_rows * p.hidden * ELEM_BYTES / NVLINK_BYTES_PER_US
+    shared = 6 * p.tokens_per_rank * p.hidden * p.shared_width / TENSOR_FLOPS_PER_US
+    return saved >= INTERLEAVE_MIN_GAIN * max(wait - shared, 0.0)
+
+
 def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
-    """A transport "nvlink" config: 8-warp weight-streaming tiles with fused sources when
-    an expert averages at most ``PERSISTENT_WS_MAX_ROWS`` rows from all sources on several
-    ranks (``streams_weights`` on one; K split where the active experts' tiles are fewer
-    than SMs: splitk.default_splits), else row tiles per source: 128-row wgmma on Hopper
-    from ``WGMMA_PERSISTENT_MIN_ROWS`` rows per source, 8-warp mma.sync otherwise; the
-    router's batch quads (pairs with shared experts or where quads don't fit) from
-    ``ROUTER_PAIRS_MIN_TOKENS``; fused tasks on warpgroup MMAs from
-    ``WS_WGMMA_MIN_ROWS`` rows on Hopper; the TMA row tasks' results staged
-    (``PERSISTENT_STAGE_EPILOGUE``), their silu by tanh and, on several ranks, their lists
-    phased (``PERSISTENT_PHASED_TASKS``)."""
+    """A transport "nvlink" config: 8-warp weight-streaming tiles with fused sources when an expert
+    averages at most ``PERSISTENT_WS_MAX_ROWS`` rows from all sources on several ranks
+    (``INTERLEAVED_WS_MAX_ROWS`` where one list over every source pays: interleave_pays;
+    ``streams_weights`` on one rank; K split where the active experts' tiles are fewer than
+    SMs: splitk.default_splits), else row tiles per source: 128-row wgmma on Hopper from
+    ``WGMMA_PERSISTENT_MIN_ROWS`` rows per source, 8-warp mma.sync otherwise; the router's
+    batch quads (pairs with shared experts or where quads don't fit) from
+    ``ROUTER_PAIRS_MIN_TOKENS``; fused tasks on warpgroup MMAs from ``WS_WGMMA_MIN_ROWS``
+    rows on Hopper; the TMA row tasks' results staged (``PERSISTENT_STAGE_EPILOGUE``), their
+    silu by tanh and, on several ranks, their lists phased (``PERSISTENT_PHASED_TASKS``), in
+    one list over every source where that pays."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
-    fused = (rows <= PERSISTENT_WS_MAX_ROWS if problem.world_size > 1
-             else streams_weights(problem))
+    interleave = interleave_pays(problem)
+    ws_max = INTERLEAVED_WS_MAX_ROWS if interleave else PERSISTENT_WS_MAX_ROWS
+    fused = rows <= ws_max if problem.world_size > 1 else streams_weights(problem)
     if fused:  # every source's rows in one task: each weight byte read once
         gu = dn = GemmTile(ws_token_tile(rows, 32), 128, 64, warps, 1, 4, "ws")
     else:  # the winners' tiles of the DeepSeek-V2-Lite and Qwen3-30B-A3B preset tunes
@@ -293,6 +331,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
         cfg = _if_valid(wg, cfg, problem, arch)  # a dimension below 128/256: mma.sync rows
         if cfg.ws_tma and problem.world_size > 1:
             cfg = replace(cfg, phased_tasks=PERSISTENT_PHASED_TASKS)
+            if interleave:
+                cfg = _if_valid(replace(cfg, interleave_sources=True), cfg, problem, arch)
     if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
         gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
         split = replace(cfg, gu_splits=gs, dn_splits=ds)

@@ -238,7 +238,8 @@ def test_nvlink_persistent_kernel(comm, case):
                                stage_epilogue=0 if pairs else 1, phased_tasks=not pairs)
         else:  # the default at 2200 tokens (I = 1408: 11 column tiles; 2 shared experts)
             cfg = dataclasses.replace(KernelConfig.persistent_default(
-                p.replace(world_size=comm.world_size)), task_producer=True)
+                p.replace(world_size=comm.world_size)), task_producer=True,
+                interleave_sources=False)  # (the producer learns per-source lists)
     if case.endswith("atomic"):  # rows take their slots by atomics as they are routed (no
         # positions scan, no grid barrier before the tasks) where none can drop; capped:
         # every call may drop, so the scan runs (the knob's fallback)

@@ -561,7 +561,8 @@ def test_space_with_transport_nvlink():
 
 def test_nvlink_seeds_try_the_close_knobs_flipped_early():
     """The persistent default's knobs measured close (router_batches, task_tiles,
-    stage_epilogue, phased_tasks, task_producer, atomic_front, tanh_silu) are tried flipped
+    stage_epilogue, phased_tasks, task_producer, atomic_front, tanh_silu, interleave_sources)
+    are tried flipped
     right after it, where the problem allows them."""
     from dataclasses import replace
 
@@ -572,11 +573,15 @@ def test_nvlink_seeds_try_the_close_knobs_flipped_early():
     assert pd.phased_tasks  # several ranks: every source's gate/up tasks first
     assert pd.tanh_silu  # TMA row tasks: silu by tanh
     assert pd.stage_epilogue == 2  # both GEMMs' results staged
-    assert seeds[1:9] == [pd, replace(pd, router_batches=2),  # two row tiles per task: the
-                          replace(pd, task_tiles=2, stage_epilogue=0),  # ring unstaged
-                          replace(pd, stage_epilogue=1),
-                          replace(pd, phased_tasks=False), replace(pd, task_producer=True),
-                          replace(pd, atomic_front=True), replace(pd, tanh_silu=False)]
+    assert pd.interleave_sources  # 2 ranks, 32 local experts: one list over both sources
+    # (the flips it makes moot: without phased lists or with a producer, per-source lists)
+    assert seeds[1:10] == [pd, replace(pd, router_batches=2),  # two row tiles per task: the
+                           replace(pd, task_tiles=2, stage_epilogue=0),  # ring unstaged
+                           replace(pd, stage_epilogue=1),
+                           replace(pd, phased_tasks=False, interleave_sources=False),
+                           replace(pd, task_producer=True, interleave_sources=False),
+                           replace(pd, atomic_front=True), replace(pd, tanh_silu=False),
+                           replace(pd, interleave_sources=False)]
     # fused weight-streaming decode: none applies (no TMA rows, 256 experts)
     dsv3 = MoEProblem(7168, 2048, 256, 8, shared_experts=1, world_size=2, tokens_per_rank=8)
     seeds = SearchSpace.for_problem(dsv3, "sm_90", "full", ("nccl", "nvlink")).seeds()

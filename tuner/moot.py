@@ -56,12 +56,12 @@ def _splits_apply(params: dict) -> bool:
 
 
 def without_moot(params: dict) -> dict:
-    """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
-    senders, router batches, task tiles, deferred refills, staged epilogue, phased tasks,
-    task producer, atomic front, own_split/own_stream, gather) at their neutral values,
-    where present (an absent one reads as that value anyway). A rule may read only tiles and
-    knobs valid_configs walks before the knob it resets (WALK_FIRST; the brute-force test
-    checks the walk)."""
+    """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma, senders,
+    router batches, task tiles, deferred refills, staged epilogue, phased tasks, one list
+    over every source, task producer, atomic front, own_split/own_stream, gather) at their
+    neutral values, where present (an absent one reads as that value anyway). A rule may
+    read only tiles and knobs valid_configs walks before the knob it resets (WALK_FIRST; the
+    brute-force test checks the walk)."""
     out = dict(params)
     if not _splits_apply(out):
         out |= {k: 1 for k in SPLIT_KNOBS if k in out}
@@ -83,6 +83,10 @@ def without_moot(params: dict) -> dict:
         out["stage_epilogue"] = 0  # ... and, one row tile per task, stage in it
     if "phased_tasks" in out and not _per_source_tasks(out):
         out["phased_tasks"] = False  # per-source lists only (fused sources: one list)
+    if "interleave" in out and not (_per_source_tasks(out) and out.get("phased_tasks", False)
+                                    and not out.get("task_producer", False)):
+        out["interleave"] = False  # it rearranges the phased per-source lists, which the
+        # producer learns one by one
     if "task_producer" in out and not (rows_tma and out.get("dn_mma") == "wgmma"
                                        and _per_source_tasks(out)):
         out["task_producer"] = False  # a producer feeds both GEMMs' TMA row tasks, taken
