@@ -33,26 +33,34 @@ DEEP_RING_MIN_BYTES = 1 << 30
 #: The default takes 128 x 128 wgmma tiles only when one source's gate/up launch has this
 #: many blocks (one wave on an H100's 132 SMs); with fewer, larger blocks SMs sit idle.
 WGMMA_MIN_BLOCKS = 132
-#: On 2 ranks the TMA row tasks take one list over both sources (``interleave_sources``:
-#: each weight read from HBM once, not once per source) where that saves at least this many
-#: times the wait it costs (every source's rows in before the first routed task; the shared
-#: experts' tasks need none and fill it): interleave_pays. 2 x H200, H=I=2048 k=2, per
-#: forward, per-source lists -> one list (bench/results/2026-11-28_gpu_checks_session29.md):
-#: E=32 T=1024 (128 rows per expert) 0.2622 -> 0.2158 ms (fused wgmma tasks 0.2666), T=2048
+#: The TMA row tasks take one list over every source (``interleave_sources``: each weight
+#: read from HBM once, not once per source) where that saves at least this many times the
+#: wait it costs (every source's rows in before the first routed task; the shared experts'
+#: tasks need none and fill it): interleave_pays. Per forward, per-source lists -> one list
+#: (bench/results/2026-11-28_gpu_checks_session29.md), H=I=2048 k=2 on 2 x H200: E=32
+#: T=1024 (128 rows per expert) 0.2622 -> 0.2158 ms (fused wgmma tasks 0.2666), T=2048
 #: 0.3357 -> 0.3179, T=4096 0.4693 -> 0.4745 (saves 1.8x its wait: left out); E=64 T=2048
-#: 0.4972 -> 0.4118 (fused 0.4541), T=4096 0.6201 -> 0.5761; DeepSeek-V2-Lite T=2048 0.7258
-#: -> 0.6766, T=4096 1.3049 -> 1.2531; lost where the wait exceeds the saving: E=8 T=4096
-#: 0.3961 -> 0.4255, T=16384 E=8 / 32 / 64 +12 / +5 / +1%. Not measured on 4 ranks.
+#: 0.4972 -> 0.4118 (fused 0.4541), T=4096 0.6201 -> 0.5761; E=8 T=512 0.1175 -> 0.1154;
+#: DeepSeek-V2-Lite T=1024 / 2048 / 4096 / 16384 -16 / -7 / -4 / -1.6%; lost where the
+#: wait exceeds the saving: E=8 T=4096 0.3961 -> 0.4255, T=16384 E=8 / 32 / 64 +12 / +5 /
+#: +1%. On 4 x H200: E=32 T=1024 0.2686 -> 0.2184, E=64 T=4096 kernel 620 -> 590 us; E=8
+#: T=1024 +5%, E=64 T=16384 +1.7% (both below the gain).
 INTERLEAVE_MIN_GAIN = 2.0
+#: ... and only where an expert's rows per source stay at most this many: more rows per
+#: weight byte, and its reads hide under the MMAs (Mixtral T=4096 on 4 x H200, 1024 rows per
+#: source: 4.995 -> 5.237 ms, where the bandwidth model alone would take the list).
+INTERLEAVE_MAX_SOURCE_ROWS = 512
 #: ... the rates of that model (H200): weights from HBM, the senders' rows over NVLink
 #: (bench/nvlink_copy.py, ~300 GB/s), the shared experts' tasks on the tensor cores.
 HBM_BYTES_PER_US = 4.0e6
 NVLINK_BYTES_PER_US = 0.3e6
 TENSOR_FLOPS_PER_US = 6.0e8
-#: ... and where the list pays, the fused weight-streaming tasks keep experts of at most
-#: this many rows (not PERSISTENT_WS_MAX_ROWS): same runs, fused -> row tiles in one list,
-#: E=32 T=768 (96 rows) 0.1761 -> 0.2029, E=64 T=1536 (96) 0.3446 -> 0.3855, T=1024 (64)
-#: 0.2811 -> 0.3615; at 128 rows the list won (above).
+#: ... and where the list pays with the 128-row wgmma tiles (WGMMA_PERSISTENT_MIN_ROWS per
+#: source), the fused weight-streaming tasks keep experts of at most this many rows (not
+#: PERSISTENT_WS_MAX_ROWS): 2 x H200, fused -> row tiles in one list, E=32 T=768 (96 rows)
+#: 0.1761 -> 0.2029, E=64 T=1536 (96) 0.3446 -> 0.3855, T=1024 (64) 0.2811 -> 0.3615; at
+#: 128 rows the list won (above). On 4 ranks 128 rows are 32 per source: fused stays (E=64
+#: T=1024 fused 0.282 vs 0.332).
 INTERLEAVED_WS_MAX_ROWS = 96
 #: The persistent default takes 128-row wgmma row tiles on Hopper when an expert averages
 #: at least this many rows per source: H=I=2048 E=64 on 4 x H200 at T=4096 (128 rows) 2.10
@@ -281,11 +289,12 @@ def _weight_streaming(problem: MoEProblem, knobs: dict, arch: str) -> KernelConf
 
 def interleave_pays(problem: MoEProblem) -> bool:
     """Whether one task list over every source (``interleave_sources``) pays on ``problem``:
-    the HBM time of the weight reads it saves ((P - 1) x this rank's experts' weights) is
-    at least INTERLEAVE_MIN_GAIN x the wait it adds (the peers' rows over NVLink, less the
-    shared experts' tasks, which run meanwhile). 2 ranks only: unmeasured on more."""
+    an expert's rows per source at most INTERLEAVE_MAX_SOURCE_ROWS, and the HBM time of the
+    weight reads it saves ((P - 1) x this rank's experts' weights) at least
+    INTERLEAVE_MIN_GAIN x the wait it adds (the peers' rows over NVLink, less the shared
+    experts' tasks, which run meanwhile)."""
     p = problem
-    if p.world_size != 2:
+    if p.world_size < 2 or source_rows(p) > INTERLEAVE_MAX_SOURCE_ROWS:
         return False
     saved = (p.world_size - 1) * local_weight_bytes(p) / HBM_BYTES_PER_US
     peer_rows = p.tokens_per_rank * p.top_k * (p.world_size - 1) / p.world_size
@@ -309,7 +318,9 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
     interleave = interleave_pays(problem)
-    ws_max = INTERLEAVED_WS_MAX_ROWS if interleave else PERSISTENT_WS_MAX_ROWS
+    ws_max = (INTERLEAVED_WS_MAX_ROWS
+              if interleave and source_rows(problem) >= WGMMA_PERSISTENT_MIN_ROWS
+              else PERSISTENT_WS_MAX_ROWS)
     fused = rows <= ws_max if problem.world_size > 1 else streams_weights(problem)
     if fused:  # every source's rows in one task: each weight byte read once
         gu = dn = GemmTile(ws_token_tile(rows, 32), 128, 64, warps, 1, 4, "ws")

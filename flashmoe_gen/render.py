@@ -300,7 +300,18 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "phased_tasks": CPP_BOOL[config.phased_tasks],
         "interleave_sources": CPP_BOOL[config.interleave_sources],
         "atomic_front": CPP_BOOL[config.atomic_front],
+        "place_rows": place_rows(config),
     }
+
+
+def place_rows(config: KernelConfig) -> int:
+    """Rows a warp of the persistent kernel's dispatch copies at once (their loads in
+    flight together): two, but one with mma.sync row tiles, where two spilled 16 bytes
+    (NVRTC 13.0, H=I=2048 E=64 on 4 ranks). 2 x H200, E=64 T=16384, the senders' phase
+    with one -> two rows: 16 blocks 310 -> 237 us, 32 blocks 237 -> 225 us (forwards within
+    noise; bench/results/2026-11-28_gpu_checks_session29.md)."""
+    sync_rows = config.gate_up.mma == "sync" and not config.fuse_sources
+    return 1 if sync_rows else 2
 
 
 #: The persistent kernel's state[] before its dependency counters: epoch, barrier count and

@@ -96,3 +96,16 @@ def test_every_kept_row_is_copied_once(tokens, which, rows):
 def test_the_template_rows_are_modelled():
     rows = _place_rows_rows()
     test_every_kept_row_is_copied_once(1000, PEERS, rows)
+
+
+def test_mma_sync_row_tiles_copy_one_row_at_a_time():
+    """Two rows in flight spilled 16 bytes beside the mma.sync row tiles: they take one."""
+    from flashmoe_gen.render import place_rows
+    from flashmoe_gen.tiles import GemmTile
+
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
+    cfg = KernelConfig(GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 32, 4, 2, 4),
+                       transport="nvlink")
+    assert place_rows(cfg) == 1
+    assert "constexpr int PLACE_ROWS = 1;" in render(p, cfg).code
+    assert place_rows(KernelConfig.persistent_default(p, "sm_90")) == 2

@@ -707,7 +707,7 @@ def test_task_tiles_only_for_tma_row_tasks():
     base = replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=0)
     cfg = replace(base, task_tiles=2)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__tt2__ph__ts") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__tt2__ph__ts__il") and KernelConfig.from_name(cfg.name) == cfg
     for bad, text in ((replace(base, task_tiles=3), "choose one of"),
                       (replace(base, task_tiles=2, ws_tma=False), "only the persistent"),
                       (replace(KernelConfig.default(p, "sm_90"), task_tiles=2),
@@ -724,7 +724,8 @@ def test_defer_refill_only_for_tma_row_tasks():
     base = replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=0)
     cfg = replace(base, defer_refill=True, task_tiles=2)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__tt2__dr__ph__ts") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__tt2__dr__ph__ts__il")
+    assert KernelConfig.from_name(cfg.name) == cfg
     for bad in (replace(base, defer_refill=True, ws_tma=False),
                 replace(KernelConfig.default(p, "sm_90"), defer_refill=True),
                 replace(KernelConfig.persistent_default(p.replace(tokens_per_rank=64)),
@@ -743,7 +744,8 @@ def test_stage_epilogue_only_for_single_tma_row_tiles():
     for v in (1, 2):
         cfg = replace(base, defer_refill=True, stage_epilogue=v)
         cfg.validate(p, "sm_90")
-        assert cfg.name.endswith(f"__dr__se{v}__ph__ts") and KernelConfig.from_name(cfg.name) == cfg
+        assert cfg.name.endswith(f"__dr__se{v}__ph__ts__il")
+        assert KernelConfig.from_name(cfg.name) == cfg
     for bad, text in ((replace(base, stage_epilogue=1, ws_tma=False), "only the persistent"),
                       (replace(KernelConfig.default(p, "sm_90"), stage_epilogue=2),
                        "only the persistent"),
@@ -763,7 +765,7 @@ def test_phased_tasks_only_for_per_source_lists():
     base = KernelConfig.persistent_default(p, "sm_90")
     cfg = replace(base, phased_tasks=True)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__se2__ph__ts") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__se2__ph__ts__il") and KernelConfig.from_name(cfg.name) == cfg
     fused_p = p.replace(tokens_per_rank=256)
     for bad, prob, text in (
             (replace(KernelConfig.default(p, "sm_90"), phased_tasks=True), p, "task queue"),
@@ -783,7 +785,8 @@ def test_split_gated_mma_only_for_wgmma_gate_up_tiles():
     p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=4096)
     cfg = replace(KernelConfig.persistent_default(p, "sm_90"), split_gated_mma=True)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__se2__ph__g2__ts") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__se2__ph__g2__ts__il")
+    assert KernelConfig.from_name(cfg.name) == cfg
     tma = GemmTile(128, 128, 64, 8, 1, 4, "tma")
     replace(KernelConfig(tma, replace(tma, bn=256)), split_gated_mma=True).validate(p, "sm_90")
     for bad, text in ((replace(KernelConfig.default(p.replace(world_size=1), "sm_80"),
