@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import add_output_args, emit, int_list, md_table  # noqa: E402
+from report import add_output_args, emit_rows, int_list, launch_seconds  # noqa: E402
 
 THREADS = 256
 WARPS = THREADS // 32
@@ -183,17 +183,7 @@ def run(a) -> list[dict]:
                     cupy.cuda.Device(0).synchronize()
                     with cupy.cuda.Device(dev):
                         ok = bool((dst == want).all())
-                    for _ in range(2):
-                        launch()
-                    times = []
-                    for _ in range(a.iters):
-                        e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
-                        e0.record()
-                        launch()
-                        e1.record()
-                        e1.synchronize()
-                        times.append(cupy.cuda.get_elapsed_time(e0, e1) * 1e-3)
-                    t = float(np.median(times))
+                    t = launch_seconds(launch, a.iters)
                     total = a.rows * row_bytes
                     rows_out.append(dict(
                         target=target, variant=f"{v[0]}{v[1]}", blocks=g, us=round(t * 1e6, 1),
@@ -215,14 +205,13 @@ def main() -> int:
     rows = run(a)
     cols = ["target", "variant", "blocks", "us", "gbs_per_block", "total_gbs", "correct"]
     r0 = rows[0]
-    text = (f"# Row copies into a peer over NVLink: {r0['card']}, {r0['date']}, commit "
-            f"{a.commit}\n\nG blocks ({THREADS} threads) copy {a.rows} rows of {a.hidden} "
-            "bf16 elements from GPU 0 into GPU 1 (peer) or GPU 0 (local), rows scattered by "
-            "a permutation; warpR: R rows' 16-byte loads per warp before their stores; "
-            "bulkS: S rows per warp in flight through shared memory by 1D bulk copies (TMA) "
-            f"in and bulk stores out. Median of {a.iters} launches (CUDA events).\n\n"
-            + md_table(cols, [[r[c] for c in cols] for r in rows]))
-    emit(text, rows, a.out, a.json)
+    emit_rows(f"# Row copies into a peer over NVLink: {r0['card']}, {r0['date']}, commit "
+              f"{a.commit}\n\nG blocks ({THREADS} threads) copy {a.rows} rows of "
+              f"{a.hidden} bf16 elements from GPU 0 into GPU 1 (peer) or GPU 0 (local), rows "
+              "scattered by a permutation; warpR: R rows' 16-byte loads per warp before their "
+              "stores; bulkS: S rows per warp in flight through shared memory by 1D bulk "
+              f"copies (TMA) in and bulk stores out. Median of {a.iters} launches (CUDA "
+              "events).\n\n", cols, rows, a)
     return 0
 
 

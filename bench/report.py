@@ -1,4 +1,4 @@
-"""Markdown tables and result files shared by the benchmark scripts."""
+"""Markdown tables, result files and launch timing shared by the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -34,3 +34,28 @@ def add_output_args(ap, iters: int) -> None:
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", help="markdown table to write")
     ap.add_argument("--json", help="raw rows as JSON")
+
+
+def launch_seconds(launch, iters: int, warmup: int = 2) -> float:
+    """Median seconds of ``launch()`` over ``iters`` runs after ``warmup`` untimed ones, each
+    between two CUDA events on the current stream."""
+    import cupy
+    import numpy as np
+
+    for _ in range(warmup):
+        launch()
+    times = []
+    for _ in range(iters):
+        e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+        e0.record()
+        launch()
+        e1.record()
+        e1.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(e0, e1) * 1e-3)
+    return float(np.median(times))
+
+
+def emit_rows(header: str, cols: list[str], rows: list[dict], a) -> None:
+    """``header``, then ``rows``' ``cols`` as a markdown table: printed, and written where
+    ``a`` (add_output_args) asks."""
+    emit(header + md_table(cols, [[r[c] for c in cols] for r in rows]), rows, a.out, a.json)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import add_output_args, emit, int_list, md_table  # noqa: E402
+from report import add_output_args, emit_rows, int_list, launch_seconds  # noqa: E402
 
 THREADS = 256
 #: (variant, stages, bytes per stage)
@@ -260,17 +260,7 @@ def run(a) -> list[dict]:
             def launch(g=g, args=args, smem=smem):
                 kernel((g,), (THREADS,), args, shared_mem=smem)
 
-            for _ in range(3):
-                launch()
-            times = []
-            for _ in range(a.iters):
-                e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
-                e0.record()
-                launch()
-                e1.record()
-                e1.synchronize()
-                times.append(cupy.cuda.get_elapsed_time(e0, e1) * 1e-3)
-            t = float(np.median(times))
+            t = launch_seconds(launch, a.iters, warmup=3)
             rows.append(dict(variant=v[0], stages=v[1], stage_kb=v[2] >> 10, blocks=g,
                              us=round(t * 1e6, 1),
                              gbs_per_block=round(per_block / t / 1e9, 1),
@@ -289,13 +279,11 @@ def main() -> int:
     rows = run(a)
     cols = ["variant", "stages", "stage_kb", "blocks", "us", "gbs_per_block", "total_tbs"]
     r0 = rows[0]
-    text = (f"# One block's stream: 1 x {r0['card']}, {r0['date']}, commit {a.commit}\n\n"
-            f"Each of G blocks ({THREADS} threads) streams its own {a.mb_per_block} MiB into "
-            "shared memory (cp.async ring; 1D bulk copies with an mbarrier per stage) or "
-            "registers (ld); median of "
-            f"{a.iters} launches (CUDA events).\n\n"
-            + md_table(cols, [[r[c] for c in cols] for r in rows]))
-    emit(text, rows, a.out, a.json)
+    emit_rows(f"# One block's stream: 1 x {r0['card']}, {r0['date']}, commit {a.commit}\n\n"
+              f"Each of G blocks ({THREADS} threads) streams its own {a.mb_per_block} MiB "
+              "into shared memory (cp.async ring; 1D bulk copies with an mbarrier per stage) "
+              f"or registers (ld); median of {a.iters} launches (CUDA events).\n\n",
+              cols, rows, a)
     return 0
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from test_task_order import bracket
 
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import ConfigError
@@ -49,13 +50,7 @@ def _locate(r, first, cum, el, sources):
     gate_up = r < first[0][el]
     gd = 0 if gate_up else 1
     f = first[gd]
-    e, hi = 0, el
-    while hi - e > 1:
-        mid = (e + hi) // 2
-        if f[mid] <= r:
-            e = mid
-        else:
-            hi = mid
+    e = bracket(f, r, el)
     c = cum[gd][e]
     o = r - f[e]
     j = o % c[sources]

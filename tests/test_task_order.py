@@ -57,6 +57,19 @@ def known_for(r, list_end, P):
     return known
 
 
+def bracket(first, r, el):
+    """locate's binary search: the expert e with first[e] <= r < first[e + 1] (experts
+    without tasks, first[e] == first[e + 1], are skipped)."""
+    e, hi = 0, el
+    while hi - e > 1:
+        mid = (e + hi) // 2
+        if first[mid] <= r:
+            e = mid
+        else:
+            hi = mid
+    return e
+
+
 def decode(r, known, lists, el, ngu, ndn, phased):
     list_end, gu_first, dn_first, parts, _ = lists
     q = 0
@@ -68,13 +81,7 @@ def decode(r, known, lists, el, ngu, ndn, phased):
             q += 1
     gate_up = r < gu_first[q][el]
     first = gu_first[q] if gate_up else dn_first[q]
-    e, hi = 0, el
-    while hi - e > 1:
-        mid = (e + hi) // 2
-        if first[mid] <= r:
-            e = mid
-        else:
-            hi = mid
+    e = bracket(first, r, el)
     p = parts[q][e]
     return q, gate_up, e, (r - first[e]) // p, (r - first[e]) % p
 
