@@ -106,13 +106,22 @@ def build(problem: MoEProblem, config: KernelConfig | None = None,
 
 
 def _check_resources(layer: CompiledLayer, mod: CompiledModule) -> None:
-    """What ptxas reports must fit a block (the config's estimate can be off); a kernel
-    whose wgmma ptxas serialised is named in a ``PerformanceWarning``."""
+    """What ptxas reports must fit a block (the config's estimate can be off: registers,
+    and the static shared memory beside the dynamic bytes the config sizes); a kernel whose
+    wgmma ptxas serialised is named in a ``PerformanceWarning``."""
     cfg, limits = layer.config, layer.limits
     for name, res in mod.resources.items():
         if res.wgmma_serialized:
             warnings.warn(PerformanceWarning(name, cfg.name, res.wgmma_serialized),
                           stacklevel=3)
+        dynamic = mod.dynamic_smem.get(name, 0)
+        if res.static_smem + dynamic > limits.smem_per_block_optin:
+            # (the launch would fail with a bare "too many resources requested")
+            raise ConfigError("gate_up.stages", cfg.gate_up.stages,
+                              f"{name} needs {dynamic} B of dynamic and {res.static_smem} B "
+                              f"of static shared memory, {limits.arch} allows "
+                              f"{limits.smem_per_block_optin} B per block: fewer stages or "
+                              "smaller tiles", cfg.name)
     for which, name, tile in (("gate_up", layer.kernels.gate_up, cfg.gate_up),
                               ("down", layer.kernels.down, cfg.down)):
         res = mod.resources.get(name)

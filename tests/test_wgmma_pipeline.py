@@ -21,7 +21,7 @@ from flashmoe_gen.compile import (
     parse_ptxas_log,
 )
 from flashmoe_gen.config import GemmTile, KernelConfig
-from flashmoe_gen.errors import PerformanceWarning
+from flashmoe_gen.errors import ConfigError, PerformanceWarning
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.render import render
 
@@ -100,6 +100,21 @@ def test_build_warns_about_serialized_kernels():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_resources(layer, replace(mod, resources={gu: ok}))
+
+
+def test_build_refuses_kernels_past_the_shared_memory_of_a_block():
+    """Static shared memory (ptxas's count) beside the dynamic bytes the config sizes: past
+    the block's opt-in limit the build names the kernel, both counts and what to change."""
+    layer = build(E64, _wgmma_nccl(False), "sm_90")
+    gu, limit = layer.kernels.gate_up, layer.limits.smem_per_block_optin
+    ok = KernelResources(174, 0, 0, 0, static_smem=2048)
+    mod = CompiledModule(name="m", arch="sm_90a", cubin_path="", lowered={},
+                         resources={gu: ok}, dynamic_smem={gu: limit - 2048})
+    _check_resources(layer, mod)  # exactly the limit fits
+    with pytest.raises(ConfigError, match=f"{gu} needs {limit - 2047} B of dynamic and "
+                       f"2048 B of static shared memory") as e:
+        _check_resources(layer, replace(mod, dynamic_smem={gu: limit - 2047}))
+    assert e.value.field == "gate_up.stages" and "fewer stages" in str(e.value)
 
 
 def test_ws_wgmma_tasks_not_serialized():
