@@ -83,14 +83,14 @@ def without_moot(params: dict) -> dict:
         out["stage_epilogue"] = 0  # ... and, one row tile per task, stage in it
     if "phased_tasks" in out and not _per_source_tasks(out):
         out["phased_tasks"] = False  # per-source lists only (fused sources: one list)
-    if "interleave" in out and not (_per_source_tasks(out) and out.get("phased_tasks", False)
-                                    and not out.get("task_producer", False)):
-        out["interleave"] = False  # it rearranges the phased per-source lists, which the
-        # producer learns one by one
     if "task_producer" in out and not (rows_tma and out.get("dn_mma") == "wgmma"
                                        and _per_source_tasks(out)):
         out["task_producer"] = False  # a producer feeds both GEMMs' TMA row tasks, taken
         # from per-source lists
+    if "interleave" in out and not (_per_source_tasks(out) and out.get("phased_tasks", False)
+                                    and not out.get("task_producer", False)):
+        out["interleave"] = False  # it rearranges the phased per-source lists (after
+        # the producer's rule: a moot producer is off), which a producer learns one by one
     if "atomic_front" in out and out.get("transport") != "nvlink":
         out["atomic_front"] = False  # one kernel routes and dispatches: the persistent one
     if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):
