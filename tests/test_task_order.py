@@ -142,10 +142,13 @@ def test_template_matches_the_port():
             "int q = 0; if (PHASED && r >= list_end[known - 1])",
             "while (r >= dn_first[q][el]) ++q; else while (r >= list_end[q]) ++q; TaskDesc d; "
             "d.s = (self_rank + q) % SOURCES; d.gate_up = r < gu_first[q][el];",
-            "const int* first = d.gate_up ? gu_first[q] : dn_first[q]; int e = 0, hi = el;",
+            "const int* first = d.gate_up ? gu_first[q] : dn_first[q]; "
+            "const int e = bracket(first, r, el);",
             "d.n = (r - first[e]) / parts, d.part = (r - first[e]) % parts;",
-            "while (hi - e > 1) { const int mid = (e + hi) / 2; if (first[mid] <= r) e = mid; "
-            "else hi = mid; }"):
+            # bracket, ported above
+            "int bracket(const int* first, int r, int n) { int e = 0; while (n - e > 1) { "
+            "const int mid = (e + n) / 2; if (first[mid] <= r) e = mid; else n = mid; } "
+            "return e; }"):
         assert line in code, line
     assert "constexpr bool PHASED = false;" in render(p, replace(cfg, phased_tasks=False)).code
 
