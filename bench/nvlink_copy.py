@@ -155,18 +155,14 @@ def run(a) -> list[dict]:
                      f"-DWARPS={WARPS}"))
         kernel = mod.get_function("copy_kernel")
         kernel.max_dynamic_shared_size_bytes = max(smem_bytes(v, row_bytes) for v in VARIANTS)
-        src = cupy.asarray(rng.integers(0, 2**31, a.rows * row_bytes // 4, dtype=np.int64)
-                           .astype(np.uint32))
-        perm = cupy.asarray(perm_h)
-        want = None
+        src_h = rng.integers(0, 2**31, a.rows * row_bytes // 4, dtype=np.int64).astype(np.uint32)
+        want_h = np.empty_like(src_h)  # source row r at destination row perm[r]
+        want_h.reshape(a.rows, -1)[perm_h] = src_h.reshape(a.rows, -1)
+        src, perm = cupy.asarray(src_h), cupy.asarray(perm_h)
         for target in a.targets:
             dev = 1 if target == "peer" else 0
             with cupy.cuda.Device(dev):
-                dst = cupy.empty(a.rows * row_bytes // 4, np.uint32)
-                if want is None or want.device.id != dev:
-                    want = cupy.empty_like(dst)
-                    want.reshape(a.rows, -1)[cupy.asarray(perm_h)] = cupy.asarray(
-                        src.get()).reshape(a.rows, -1)
+                dst, want = cupy.empty(src_h.shape, src_h.dtype), cupy.asarray(want_h)
             for vi, v in enumerate(VARIANTS):
                 smem = smem_bytes(v, row_bytes)
                 for g in a.blocks:
