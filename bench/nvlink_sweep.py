@@ -118,8 +118,12 @@ def measure(p, cfg, x, ref, dw, comm, a) -> dict:
         return row | {"note": err}
     out = bf16.from_bits(layer(x).get()).astype(np.float64)
     row["err"] = float(f"{max(allgather(comm.mpi, relative_error(out, ref), 'err')):.2e}")
-    row["ms"] = round(time_callable(lambda: layer(x), warmup=a.warmup, iters=a.iters,
-                                    comm=comm, chain=8).median_ms, 4)
+    t = time_callable(lambda: layer(x), warmup=a.warmup, iters=a.iters, comm=comm, chain=8)
+    row["ms"] = round(t.median_ms, 4)
+    # the spread and each rank's own median (json only): a slow rank or a few slow
+    # iterations show here where the median of the slowest rank hides which
+    row["ms_p20_p80"] = [round(t.p20_ms, 4), round(t.p80_ms, 4)]
+    row["ms_ranks"] = [round(m, 4) for m in t.per_rank_median_ms]
     row.update(nvlink_stats(layer, x, comm))
     if row.get("sm_ghz_nvlink"):  # clock-free: an A/B whose sides ran at other SM clocks
         # (the cards' power cap under a denser kernel) compares its cycles
