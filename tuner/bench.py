@@ -10,6 +10,7 @@ neither the host's issue time nor the barrier's skew across ranks is counted K t
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,16 +49,26 @@ def time_callable(fn, *, warmup: int = 5, iters: int = 20, comm=None,
     wait_gpu(comm, "the warm-up forwards")
     mine = np.empty(iters)
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    for i in range(iters):
-        stream.synchronize()
-        if comm is not None:
-            comm.barrier()
-        start.record(stream)
-        for _ in range(chain):
-            fn()
-        end.record(stream)
-        wait_gpu(comm, "a timed forward", end)
-        mine[i] = cupy.cuda.get_elapsed_time(start, end) / chain
+    # No garbage collection between the events (as timeit): a host stall while the events'
+    # forwards are issued leaves the GPU idle inside the timed span, and a previous layer's
+    # cycle collected there frees device memory (cudaFree synchronises the device)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(iters):
+            stream.synchronize()
+            if comm is not None:
+                comm.barrier()
+            start.record(stream)
+            for _ in range(chain):
+                fn()
+            end.record(stream)
+            wait_gpu(comm, "a timed forward", end)
+            mine[i] = cupy.cuda.get_elapsed_time(start, end) / chain
+    finally:
+        if was_enabled:
+            gc.enable()
     if comm is not None:
         from flashmoe_gen.watchdog import allgather
         all_ranks = np.array(allgather(comm.mpi, mine, "gathering the timings"))  # [P, iters]
