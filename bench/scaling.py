@@ -242,7 +242,31 @@ def plot(rows: list[dict], out: str, commit: str) -> None:
           "its blocks' cycles in GEMM tiles / all their cycles (mean over ranks).", ""]
     ordered = sorted(rows, key=lambda r: (r["gpus"], r["experts"], r["tokens_per_gpu"]))
     table = md_table(cols, [[r.get(c) for c in cols] for r in ordered])
+    weak = weak_scaling(rows)
+    if weak:
+        table += ("\n\nWeak scaling (same tokens per GPU; the persistent kernel's time where "
+                  "every GPU count has it, else host mode's): growth = time at the most GPUs "
+                  "/ time at the fewest - 1.\n\n" + md_table(list(weak[0]),
+                                                             [list(w.values()) for w in weak]))
     Path(out + ".md").write_text("\n".join(md) + "\n" + table)
+
+
+def weak_scaling(rows: list[dict]) -> list[dict]:
+    """Per (experts, tokens per GPU) measured at several GPU counts: the time at each count
+    and the growth from the fewest GPUs to the most (nvlink's where every count has it)."""
+    out = []
+    for e, t in sorted({(r["experts"], r["tokens_per_gpu"]) for r in rows}):
+        sel = sorted((r for r in rows if r["experts"] == e and r["tokens_per_gpu"] == t),
+                     key=lambda r: r["gpus"])
+        if len({r["gpus"] for r in sel}) < 2:
+            continue
+        key = "ours_nvlink_ms" if all(r.get("ours_nvlink_ms") for r in sel) else "ours_ms"
+        ms = {r["gpus"]: r[key] for r in sel}  # (a count measured twice: the later run)
+        lo, hi = min(ms), max(ms)
+        out.append({"experts": e, "tokens_per_gpu": t, "timing": key,
+                    **{f"ms_{g}gpus": ms[g] for g in sorted(ms)},
+                    "growth": f"{ms[hi] / ms[lo] - 1:+.1%}"})
+    return out
 
 
 def main() -> int:

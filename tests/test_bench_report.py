@@ -175,3 +175,19 @@ def test_phases_text_adds_the_task_loops_clocks():
                                      "90.0, select_us 12.5; SM clock 1.755 GHz")
     row["tasks_us_nvlink"] |= {"route_logits_us": 0.0, "route_select_us": 0.0}
     assert phases_text(row).endswith("barrier_wait_us 40.0; SM clock 1.755 GHz")
+
+
+def test_scaling_weak_scaling_growth_from_fewest_to_most_gpus():
+    from scaling import weak_scaling
+
+    def row(g, e, t, ms, nvl=None):
+        return {"gpus": g, "experts": e, "tokens_per_gpu": t, "ours_ms": ms,
+                "ours_nvlink_ms": nvl}
+
+    rows = [row(2, 8, 1024, 1.0, 0.20), row(4, 8, 1024, 1.5, 0.22),
+            row(2, 64, 1024, 2.0), row(4, 64, 1024, 1.8, 0.3),  # nvlink on one count only
+            row(4, 32, 1024, 1.0, 0.2)]  # one GPU count: no weak-scaling row
+    got = weak_scaling(rows)
+    assert [(w["experts"], w["timing"], w["growth"]) for w in got] == [
+        (8, "ours_nvlink_ms", "+10.0%"), (64, "ours_ms", "-10.0%")]
+    assert got[0]["ms_2gpus"] == 0.20 and got[0]["ms_4gpus"] == 0.22
