@@ -191,3 +191,25 @@ def test_scaling_weak_scaling_growth_from_fewest_to_most_gpus():
     assert [(w["experts"], w["timing"], w["growth"]) for w in got] == [
         (8, "ours_nvlink_ms", "+10.0%"), (64, "ours_ms", "-10.0%")]
     assert got[0]["ms_2gpus"] == 0.20 and got[0]["ms_4gpus"] == 0.22
+
+
+def test_nvlink_sweep_one_list_is_moot_on_fused_sources():
+    """--vary il=0,1 on a fused default: the one list has no per-source lists to rearrange,
+    so that variant is the default itself (one row, not a refused build); on phased
+    per-source row tasks both variants stay."""
+    import dataclasses
+
+    from nvlink_sweep import variants
+
+    from flashmoe_gen.config import KernelConfig
+    from flashmoe_gen.problem import MoEProblem
+
+    p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=1024)
+    fused = KernelConfig.persistent_default(p)
+    assert fused.fuse_sources
+    assert variants(fused, "il=0,1") == [fused]
+    rows = KernelConfig.persistent_default(p.replace(tokens_per_rank=16384))
+    assert rows.phased_tasks and not rows.fuse_sources
+    got = variants(rows, "il=0,1")
+    assert [c.interleave_sources for c in got] == [False, True]
+    assert got[0] == dataclasses.replace(rows, interleave_sources=False)
