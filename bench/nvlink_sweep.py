@@ -46,7 +46,7 @@ FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 #: (``config.FIELD_OF_TAG``), and the ones that take 0/1.
 KNOBS = {t: FIELD_OF_TAG[t]
          for t in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "pr", "af", "g2", "ts",
-                   "il")}
+                   "il", "of")}
 _DEFAULTS = {d.name: d.default for d in dataclasses.fields(KernelConfig)}
 BOOL_KNOBS = tuple(t for t, f in KNOBS.items() if isinstance(_DEFAULTS[f], bool))
 #: Large-batch shapes beside decode's (issue 12's Mixtral, FlashDMoE's E=64 setting): the
@@ -68,8 +68,9 @@ def variants(base, vary: str) -> list:
     blocks), ``wt`` (TMA loads, 0/1), ``sb`` (send blocks), ``rb`` (router batches), ``tt``
     (row tiles per task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue, 0-3),
     ``ph`` (phased task lists, 0/1), ``pr`` (task producer, 0/1), ``af`` (atomic front,
-    0/1), ``g2`` (two gated MMAs, 0/1), ``ts`` (silu by tanh, 0/1) and ``ks`` (K splits,
-    ``GxD``)."""
+    0/1), ``g2`` (two gated MMAs, 0/1), ``ts`` (silu by tanh, 0/1), ``il`` (one list over
+    every source, 0/1), ``of`` (its own rows first, 0/1; e.g. ``il=1;of=0,1``) and ``ks``
+    (K splits, ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):
         knob, values = part.split("=")
@@ -107,6 +108,8 @@ def variants(base, vary: str) -> list:
             # lists, the producer), as the tuner's moot-knob rule has it: that variant is
             # the config without it
             cfg = dataclasses.replace(cfg, interleave_sources=False)
+        if cfg.own_first and not cfg.interleave_sources:  # it splits that list: moot
+            cfg = dataclasses.replace(cfg, own_first=False)
         out.append(cfg)
     return list(dict.fromkeys(out)) or [base]
 

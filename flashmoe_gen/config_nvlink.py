@@ -242,6 +242,18 @@ def check_interleave_sources(cfg: KernelConfig, name: str) -> None:
         raise ConfigError("interleave_sources", True, why + ": use False", name)
 
 
+def check_own_first(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
+    """This rank's own rows ahead of the peers' one list: a split of interleave_sources'
+    list, worth a knob from 3 ranks (with 2 the peers are one source, and the split is the
+    phased per-source lists)."""
+    why = ("it splits the one list over every source: set interleave_sources"
+           if not cfg.interleave_sources else
+           "with 2 ranks the peers' list is one source's: the phased per-source lists "
+           "(interleave_sources False) are this list" if problem.world_size < 3 else "")
+    if why:
+        raise ConfigError("own_first", True, why + ": use False", name)
+
+
 def check_task_tiles(cfg: KernelConfig, name: str) -> None:
     """Several row tiles per task: only the TMA row tasks (``ws_tma`` on wgmma tiles) carry
     their ring from one row tile on to the next."""

@@ -299,6 +299,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "task_tiles": config.task_tiles,
         "phased_tasks": CPP_BOOL[config.phased_tasks],
         "interleave_sources": CPP_BOOL[config.interleave_sources],
+        "own_first": CPP_BOOL[config.own_first],
         "atomic_front": CPP_BOOL[config.atomic_front],
         "place_rows": place_rows(config),
     }

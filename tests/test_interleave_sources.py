@@ -1,6 +1,8 @@
 """config interleave_sources (templates/persistent.cu.j2, ``learn_all`` and ``locate``): one
 task list over every source, by expert, then n-tile, then ring source, parts fastest, every
-gate/up task before any down task. A model of the list and of locate's walk, tied to the
+gate/up task before any down task; with own_first this rank's own rows (ring source 0) in a
+per-source list of their own ahead of the peers' one list, per GEMM (own gate/up, peers'
+gate/up, own down, peers' down). A model of the lists and of locate's walk, tied to the
 rendered kernel's text: every (source, expert, n-tile, part) task appears exactly once, the
 sources' tasks of an (expert, n-tile) sit side by side, and experts without rows take none."""
 
@@ -26,27 +28,51 @@ def _cfg(problem: MoEProblem = P2) -> KernelConfig:
     return replace(cfg, interleave_sources=True)
 
 
-def _lists(counts, parts, n_tiles):
-    """learn_all: il_first[gd][e] and il_cum[gd][e][q] for ring sources q (counts[q][e]),
-    parts(rows) row tasks per n-tile, n_tiles[gd] n-tiles (gate/up, down)."""
+def _own_list(own, gd, i, counts, parts, n_tiles):
+    """own_list: own[gd][e], the own rows' per-source list of one GEMM from index i on."""
+    el = len(counts[0])
+    for e in range(el):
+        own[gd][e] = i
+        i += n_tiles[gd] * parts(counts[0][e])
+    own[gd][el] = i
+    return i
+
+
+def _lists(counts, parts, n_tiles, own_first=False):
+    """learn_own, then learn_all: own_first[gd][e] (own_first), il_first[gd][e] and
+    il_cum[gd][e][q] for ring sources q (counts[q][e]), parts(rows) row tasks per n-tile,
+    n_tiles[gd] n-tiles (gate/up, down)."""
     sources, el = len(counts), len(counts[0])
+    own = [[0] * (el + 1) for _ in range(2)]
+    if own_first:
+        _own_list(own, 0, 0, counts, parts, n_tiles)
     first = [[0] * (el + 1) for _ in range(2)]
     cum = [[[0] * (sources + 1) for _ in range(el)] for _ in range(2)]
-    i = 0
+    i = own[0][el] if own_first else 0
     for gd in range(2):
+        if own_first and gd == 1:
+            i = _own_list(own, 1, i, counts, parts, n_tiles)
         for e in range(el):
             first[gd][e] = i
             c = 0
             for q in range(sources):
                 cum[gd][e][q] = c
+                if own_first and q == 0:
+                    continue
                 c += parts(counts[q][e])
             cum[gd][e][sources] = c
             i += n_tiles[gd] * c
         first[gd][el] = i
-    return first, cum
+    return first, cum, own
 
 
-def _locate(r, first, cum, el, sources):
+def _locate(r, first, cum, el, sources, own=None, counts=None, parts=None):
+    if own is not None and (r < own[0][el] or first[0][el] <= r < own[1][el]):
+        gate_up = r < own[0][el]
+        f = own[0 if gate_up else 1]
+        e = bracket(f, r, el)
+        p = parts(counts[0][e])
+        return gate_up, 0, e, (r - f[e]) // p, (r - f[e]) % p
     gate_up = r < first[0][el]
     gd = 0 if gate_up else 1
     f = first[gd]
@@ -69,31 +95,54 @@ def test_the_kernel_has_the_modelled_list():
                  "const int o = r - first[e], j = o % cum[SOURCES];",
                  "while (j >= cum[q + 1]) ++q;",
                  "d.n = o / cum[SOURCES], d.part = j - cum[q];",
-                 "if (known == 0) learn_all();",
-                 "auto routed_end = [&] { return il_first[1][el]; };"):
+                 "if (known == 0) { if (OWN_FIRST) learn_own(); else learn_all(); }",
+                 "if (OWN_FIRST && known < SOURCES && t - shared_tasks >= own_first[0][el]) "
+                 "learn_all();",
+                 "auto routed_end = [&] { return il_first[1][el]; };",
+                 # own_first
+                 "int i = OWN_FIRST ? own_first[0][el] : 0;",
+                 "if (OWN_FIRST && gd == 1) i = own_list(1, i);",
+                 "if (OWN_FIRST && q == 0) continue;",
+                 "i += gd == 0 ? NGU * gu_parts(rows) : NDN * dn_parts(rows);",
+                 "(r < own_first[0][el] || (r >= il_first[0][el] && r < own_first[1][el]))",
+                 "d.n = (r - first[e]) / parts, d.part = (r - first[e]) % parts;",
+                 "constexpr bool OWN_FIRST = false;"):
         assert line in code, line
+    p4 = P2.replace(world_size=4)
+    own = " ".join(render(p4, replace(_cfg(p4), own_first=True)).code.split())
+    assert "constexpr bool OWN_FIRST = true;" in own
 
 
+@pytest.mark.parametrize("own_first", [False, True])
 @pytest.mark.parametrize("sources", [2, 4])
 @pytest.mark.parametrize("seed", range(4))
-def test_every_task_once_and_sources_side_by_side(sources, seed):
+def test_every_task_once_and_sources_side_by_side(sources, seed, own_first):
     rng = np.random.default_rng(seed)
     el, bm, n_tiles = 8, 128, (16, 8)
     counts = rng.integers(0, 400, (sources, el))
     counts[:, rng.integers(0, el)] = 0  # an expert no source sent rows to
     counts[rng.integers(0, sources)] = 0  # a source that sent nothing
     parts = lambda rows: -(-int(rows) // bm)  # noqa: E731  (one row tile per task)
-    first, cum = _lists(counts.tolist(), parts, n_tiles)
+    first, cum, own = _lists(counts.tolist(), parts, n_tiles, own_first)
     want = {(gd == 0, q, e, n, p) for gd in range(2) for q in range(sources)
             for e in range(el) for n in range(n_tiles[gd]) for p in range(parts(counts[q][e]))}
-    got = [_locate(r, first, cum, el, sources) for r in range(first[1][el])]
+    got = [_locate(r, first, cum, el, sources, own if own_first else None, counts, parts)
+           for r in range(first[1][el])]
     assert len(got) == len(set(got)) and set(got) == want
-    # every gate/up task before any down task, and an (expert, n-tile)'s tasks adjacent
+    # every gate/up task before any down task
     flags = [g for g, *_ in got]
     assert flags == sorted(flags, reverse=True)
-    keys = [(g, e, n) for g, _, e, n, _ in got]
+    # the peers' tasks of an (expert, n-tile) adjacent (own_first: the own rows' too, in
+    # their own list)
+    keys = [(g, q == 0 and own_first, e, n) for g, q, e, n, _ in got]
     runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
     assert len(runs) == len(set(runs))
+    if own_first:  # the own gate/up tasks first: the first located before any peer's flag
+        n_own = own[0][el]
+        assert all(q == 0 and g for g, q, *_ in got[:n_own])
+        assert all(q != 0 for g, q, *_ in got[n_own:first[0][el]])
+        # own down tasks between the peers' gate/up and down tasks
+        assert all(q == 0 and not g for g, q, *_ in got[first[0][el]:own[1][el]])
 
 
 def test_it_needs_the_phased_lists_and_no_producer():
@@ -102,3 +151,15 @@ def test_it_needs_the_phased_lists_and_no_producer():
     for bad in (dict(phased_tasks=False), dict(task_producer=True)):
         with pytest.raises(ConfigError, match="interleave_sources"):
             replace(cfg, **bad).validate(P2)
+
+
+def test_own_first_splits_the_one_list_from_three_ranks():
+    p4 = P2.replace(world_size=4)
+    cfg = replace(_cfg(p4), own_first=True)
+    cfg.validate(p4)
+    assert cfg.name.endswith("__il__of")
+    assert KernelConfig.parse(cfg.name) == cfg
+    with pytest.raises(ConfigError, match="own_first.*set interleave_sources"):
+        replace(cfg, interleave_sources=False).validate(p4)
+    with pytest.raises(ConfigError, match="own_first.*2 ranks"):
+        replace(_cfg(), own_first=True).validate(P2)

@@ -164,6 +164,7 @@ CONFIG_CHANGES = {
     "ws_wgmma": True,
     "tanh_silu": True,
     "interleave_sources": True,
+    "own_first": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}

@@ -58,10 +58,10 @@ def _splits_apply(params: dict) -> bool:
 def without_moot(params: dict) -> dict:
     """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma, senders,
     router batches, task tiles, deferred refills, staged epilogue, phased tasks, one list
-    over every source, task producer, atomic front, own_split/own_stream, gather) at their
-    neutral values, where present (an absent one reads as that value anyway). A rule may
-    read only tiles and knobs valid_configs walks before the knob it resets (WALK_FIRST; the
-    brute-force test checks the walk)."""
+    over every source and its own-first split, task producer, atomic front,
+    own_split/own_stream, gather) at their neutral values, where present (an absent one
+    reads as that value anyway). A rule may read only tiles and knobs valid_configs walks
+    before the knob it resets (WALK_FIRST; the brute-force test checks the walk)."""
     out = dict(params)
     if not _splits_apply(out):
         out |= {k: 1 for k in SPLIT_KNOBS if k in out}
@@ -91,6 +91,8 @@ def without_moot(params: dict) -> dict:
                                     and not out.get("task_producer", False)):
         out["interleave"] = False  # it rearranges the phased per-source lists (after
         # the producer's rule: a moot producer is off), which a producer learns one by one
+    if "own_first" in out and not out.get("interleave", False):
+        out["own_first"] = False  # it splits that one list (after its rule)
     if "atomic_front" in out and out.get("transport") != "nvlink":
         out["atomic_front"] = False  # one kernel routes and dispatches: the persistent one
     if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):

@@ -114,6 +114,7 @@ FULL = {
     "phased_tasks": (False,),  # its per-source lists' gate/up tasks all first: likewise
     "task_producer": (False,),  # its TMA row tasks fed by a producer warpgroup: likewise
     "interleave": (False,),  # its one task list over every source: likewise
+    "own_first": (False,),  # ... with this rank's own rows in a list ahead of it: likewise
     "atomic_front": (False,),  # its rows' slots by atomics as they are routed: likewise
     "ws_wgmma": (False,),  # its fused weight-streaming tasks on warpgroup MMAs: likewise
     # gate and up in two wgmmas, not one (lost 2.5-4%: carried for seeded configs only)
@@ -144,7 +145,7 @@ SMALL = {
     "senders": (0,), "router_batches": (1,), "task_tiles": (1,), "defer_refill": (False,),
     "stage_epilogue": (0,), "phased_tasks": (False,), "task_producer": (False,),
     "atomic_front": (False,), "ws_wgmma": (False,), "split_gated": (False,),
-    "tanh_silu": (False,), "interleave": (False,),
+    "tanh_silu": (False,), "interleave": (False,), "own_first": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -173,7 +174,7 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES,
                 "phased_tasks": (False, True), "task_producer": (False, True),
                 "atomic_front": (False, True), "ws_wgmma": (False, True),
-                "interleave": (False, True)}
+                "interleave": (False, True), "own_first": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,8 @@ class SearchSpace:
             choices["senders"] = (0,)  # nor to send
             choices["phased_tasks"] = (False,)  # one source: its list is already phased
             choices["interleave"] = (False,)  # ... and alone
+        if problem.world_size < 3:
+            choices["own_first"] = (False,)  # the peers are one source (or none)
         if "router_batches" in choices and not router_pairs_fit(
                 problem, PERSISTENT_SCHEDULE["router_tokens_per_block"]):
             choices["router_batches"] = (1,)  # not one tensor-core pass over every expert
@@ -290,7 +293,8 @@ class SearchSpace:
                             ws_wgmma=params.get("ws_wgmma", False),
                             split_gated_mma=params.get("split_gated", False),
                             tanh_silu=params.get("tanh_silu", False),
-                            interleave_sources=params.get("interleave", False))
+                            interleave_sources=params.get("interleave", False),
+                            own_first=params.get("own_first", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -321,7 +325,7 @@ class SearchSpace:
                     "task_producer": cfg.task_producer, "atomic_front": cfg.atomic_front,
                     "ws_wgmma": cfg.ws_wgmma,
                     "split_gated": cfg.split_gated_mma, "tanh_silu": cfg.tanh_silu,
-                    "interleave": cfg.interleave_sources}
+                    "interleave": cfg.interleave_sources, "own_first": cfg.own_first}
 
     @property
     def fingerprint(self) -> str:
