@@ -17,6 +17,8 @@
 #      J_CHAIN=8: every timing 8 forwards back to back, ours and PyTorch EP's alike;
 #      plot it on the development machine with scaling.py --plot: the device returns few
 #      files)
+#   of: own_first's 4-rank tests, then the default / one list / own rows first at E=64
+#      T=16384 and 8192 in both orders, E=32 T=16384 (~420 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -25,7 +27,7 @@
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all): the bench/results files of the sessions that ran them name
 # each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|of|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -140,6 +142,19 @@ if [ "$PART" = s22b ]; then
   done
   bundle
   for t in st stsp; do echo "== $t"; sweep_report "$t" "dsv2lite|e32" 400; done
+fi
+if [ "$PART" = of ]; then
+  # own_first (c67021f, not yet on a GPU): its two 4-rank test cases, then the persistent
+  # default, the one list and the one list with the own rows first at T=16384 (where the
+  # one list lost by its wait) and T=8192, in both orders (~420 s)
+  multigpu_k 4 150 of "nvlink_persistent_kernel and own_first"
+  grep -hoE "test_nvlink_persistent_kernel\[[a-z0-9_]+\] .{0,12}(PASSED|FAILED|ERROR)" \
+    "$O/multigpu_of.log" | sed 's/\x1b\[[0-9;]*m//g' | sort | uniq -c
+  NP=4 nvl_sweep of e64 16384,8192 110 --vary "il=0,1;of=0,1"
+  NP=4 nvl_sweep ofr e64 16384,8192 110 --vary "il=1,0;of=1,0"
+  NP=4 nvl_sweep of e32 16384 60 --vary "il=0,1;of=0,1"
+  bundle
+  for t in of ofr; do echo "== $t"; sweep_report "$t" "e64|e32" 300; done
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

@@ -167,11 +167,11 @@ NVL_CASES = (
       "row_tiles_wgmma_tma_deferred", "row_tiles_wgmma_tma_staged", "row_tiles_wgmma_tma_tstore",
       "row_tiles_wgmma_tma_phased", "row_tiles_phased", "row_tiles_wgmma_tma_producer",
       "row_tiles_wgmma_tma_producer_pairs", "row_tiles_wgmma_tma_atomic", "row_tiles_send_blocks",
-      "fused_ws_wgmma", "row_tiles_wgmma_tma_interleaved")),
+      "fused_ws_wgmma", "row_tiles_wgmma_tma_interleaved", "row_tiles_wgmma_tma_own_first")),
     (DSV2.replace(tokens_per_rank=2200),
      ("dsv2lite_default_producer", "dsv2lite_default_many_batches",
       "dsv2lite_default_quad_batches", "dsv2lite_default_staged", "dsv2lite_default_tstore",
-      "dsv2lite_default_interleaved")),
+      "dsv2lite_default_interleaved", "dsv2lite_default_own_first")),
     (DSV2.replace(tokens_per_rank=600),
      ("dsv2lite_wgmma_tma_graph",)),
     (DSV2.replace(tokens_per_rank=300),
@@ -258,12 +258,16 @@ def test_nvlink_persistent_kernel(comm, case):
         cfg = dataclasses.replace(KernelConfig.persistent_default(
             p.replace(world_size=comm.world_size)), stage_epilogue=1)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
-    if case.endswith("interleaved"):  # one list over every source, an (expert, n-tile)'s
-        # tasks of all sources side by side: weight-streaming tiles under capacity drops
-        # (one rank sends nothing), TMA row tiles, the default with shared experts
+    if case.endswith(("interleaved", "own_first")):  # one list over every source, an
+        # (expert, n-tile)'s tasks of all sources side by side: weight-streaming tiles under
+        # capacity drops (one rank sends nothing), TMA row tiles, the default with shared
+        # experts; own_first (3+ ranks): the own rows' list ahead of the peers' one list
+        if case.endswith("own_first") and comm.world_size < 3:
+            pytest.skip("own_first splits the one list from 3 ranks on")
         base = (KernelConfig.persistent_default(p.replace(world_size=comm.world_size))
                 if case.startswith("dsv2lite") else cfg)
-        cfg = dataclasses.replace(base, phased_tasks=True, interleave_sources=True)
+        cfg = dataclasses.replace(base, phased_tasks=True, interleave_sources=True,
+                                  own_first=case.endswith("own_first"))
     if case == "dsv2lite_default_tstore":  # ... and the gate/up results by TMA stores left
         # in flight (I = 1408: 11 column tiles, ragged row tiles, shared experts unstaged)
         cfg = dataclasses.replace(KernelConfig.persistent_default(
