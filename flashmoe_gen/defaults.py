@@ -44,7 +44,10 @@ WGMMA_MIN_BLOCKS = 132
 #: DeepSeek-V2-Lite T=1024 / 2048 / 4096 / 16384 -16 / -7 / -4 / -1.6%; lost where the
 #: wait exceeds the saving: E=8 T=4096 0.3961 -> 0.4255, T=16384 E=8 / 32 / 64 +12 / +5 /
 #: +1%. On 4 x H200: E=32 T=1024 0.2686 -> 0.2184, E=64 T=4096 kernel 620 -> 590 us; E=8
-#: T=1024 +5%, E=64 T=16384 +1.7% (both below the gain).
+#: T=1024 +5%, E=64 T=16384 +1.7% (both below the gain). Where the rule took it on 4 ranks
+#: unmeasured (session 30, bench/results/2026-11-28_gpu_checks_session30.md, 4 x H200):
+#: DeepSeek-V2-Lite T=1024 0.455 -> 0.369 ms, T=2048 0.769 -> 0.679, T=4096 kernel 1312 ->
+#: 1256 us; E=64 T=2048 0.490 -> 0.391, T=4096 kernel 648 -> 583 us.
 INTERLEAVE_MIN_GAIN = 2.0
 #: ... and only where an expert's rows per source stay at most this many: more rows per
 #: weight byte, and its reads hide under the MMAs (Mixtral T=4096 on 4 x H200, 1024 rows per
