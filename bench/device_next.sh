@@ -18,7 +18,8 @@
 #      plot it on the development machine with scaling.py --plot: the device returns few
 #      files)
 #   of: own_first's 4-rank tests, then the default / one list / own rows first at E=64
-#      T=16384 and 8192 in both orders, E=32 T=16384 (~420 s)
+#      T=16384 and 8192 in both orders, E=32 T=16384; 16 vs 32 senders at E=64 T=16384
+#      (~500 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -153,8 +154,12 @@ if [ "$PART" = of ]; then
   NP=4 nvl_sweep of e64 16384,8192 110 --vary "il=0,1;of=0,1"
   NP=4 nvl_sweep ofr e64 16384,8192 110 --vary "il=1,0;of=1,0"
   NP=4 nvl_sweep of e32 16384 60 --vary "il=0,1;of=0,1"
+  # 16 senders, not 32, now that a warp copies two rows at once (8 blocks moved 305 GB/s
+  # into one peer on 2 x H200; the 32 date from one row per warp)
+  NP=4 nvl_sweep sb e64 16384 60 --vary "sb=32,16"
+  NP=4 nvl_sweep sbr e64 16384 60 --vary "sb=16,32"
   bundle
-  for t in of ofr; do echo "== $t"; sweep_report "$t" "e64|e32" 300; done
+  for t in of ofr sb sbr; do echo "== $t"; sweep_report "$t" "e64|e32" 300; done
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
