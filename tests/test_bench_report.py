@@ -213,3 +213,13 @@ def test_nvlink_sweep_one_list_is_moot_on_fused_sources():
     got = variants(rows, "il=0,1")
     assert [c.interleave_sources for c in got] == [False, True]
     assert got[0] == dataclasses.replace(rows, interleave_sources=False)
+
+
+def test_tile_waste_tail_costs_and_groupings():
+    from tile_waste import tile_cost, waste
+
+    assert tile_cost([0, 1, 64, 65, 128, 129, 200]).tolist() == [0, 0.5, 0.5, 1, 1, 1.5, 2]
+    w = waste(4, 64, 16384, 2)
+    assert w["need"] == 256  # 16384 x 2 rows per rank on average, 128 per tile
+    assert w["merged"] <= w["own_and_peers"] <= w["per_source"]
+    assert w["per_source"] / w["need"] > 1.04  # E=64: ~6% in ragged tails
