@@ -29,7 +29,7 @@ def _cfg(problem: MoEProblem = P2) -> KernelConfig:
 
 
 def _own_list(own, gd, i, counts, parts, n_tiles):
-    """own_list: own[gd][e], the own rows' per-source list of one GEMM from index i on."""
+    """source_list for the own rows: own[gd][e], their list of one GEMM from index i on."""
     el = len(counts[0])
     for e in range(el):
         own[gd][e] = i
@@ -101,11 +101,12 @@ def test_the_kernel_has_the_modelled_list():
                  "auto routed_end = [&] { return il_first[1][el]; };",
                  # own_first
                  "int i = OWN_FIRST ? own_first[0][el] : 0;",
-                 "if (OWN_FIRST && gd == 1) i = own_list(1, i);",
+                 "source_list(own_first[0], self_rank, 0, 0);",
+                 "if (OWN_FIRST && gd == 1) i = source_list(own_first[1], self_rank, 1, i);",
                  "if (OWN_FIRST && q == 0) continue;",
                  "i += gd == 0 ? NGU * gu_parts(rows) : NDN * dn_parts(rows);",
                  "(r < own_first[0][el] || (r >= il_first[0][el] && r < own_first[1][el]))",
-                 "d.n = (r - first[e]) / parts, d.part = (r - first[e]) % parts;",
+                 "d.s = self_rank; in_list(d, own_first[d.gate_up ? 0 : 1], r); return d;",
                  "constexpr bool OWN_FIRST = false;"):
         assert line in code, line
     p4 = P2.replace(world_size=4)

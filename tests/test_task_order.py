@@ -127,10 +127,13 @@ def test_template_matches_the_port():
     code = " ".join(render(p, cfg).code.split())
     for line in (
             "constexpr bool PHASED = true;",
-            "int i = q > 0 ? list_end[q - 1] : 0; for (int e = 0; e < el; ++e) { "
-            "gu_first[q][e] = i; i += NGU * gu_parts(min(my_counts[s * el + e], capacity)); }",
-            "gu_first[q][el] = i; // the end of its gate/up tasks if constexpr (PHASED) { "
-            "list_end[q] = i; if (q == SOURCES - 1)",
+            # source_list, the gate/up list's layout
+            "auto source_list = [&](int* first, int s, int gd, int i) { for (int e = 0; "
+            "e < el; ++e) { first[e] = i; const int rows = min(my_counts[s * el + e], "
+            "capacity); i += gd == 0 ? NGU * gu_parts(rows) : NDN * dn_parts(rows); } "
+            "first[el] = i; return i; };",
+            "int i = source_list(gu_first[q], s, 0, q > 0 ? list_end[q - 1] : 0); "
+            "if constexpr (PHASED) { list_end[q] = i; if (q == SOURCES - 1)",
             "for (int qd = 0; qd < SOURCES; ++qd) down_list(qd, i); } else { down_list(q, i); "
             "list_end[q] = i; }",
             "const int s = (self_rank + q) % SOURCES; for (int e = 0; e <= el; ++e) { "
@@ -142,9 +145,13 @@ def test_template_matches_the_port():
             "int q = 0; if (PHASED && r >= list_end[known - 1])",
             "while (r >= dn_first[q][el]) ++q; else while (r >= list_end[q]) ++q; TaskDesc d; "
             "d.s = (self_rank + q) % SOURCES; d.gate_up = r < gu_first[q][el];",
-            "const int* first = d.gate_up ? gu_first[q] : dn_first[q]; "
-            "const int e = bracket(first, r, el);",
-            "d.n = (r - first[e]) / parts, d.part = (r - first[e]) % parts;",
+            "in_list(d, d.gate_up ? gu_first[q] : dn_first[q], r); return d;",
+            # in_list: expert, n-tile and part in one source's list
+            "auto in_list = [&](TaskDesc& d, const int* first, int r) { const int e = "
+            "bracket(first, r, el); d.e = e; d.n_rows = min(my_counts[d.s * el + e], "
+            "capacity); const int parts = d.gate_up ? gu_parts(d.n_rows) : "
+            "dn_parts(d.n_rows); d.n = (r - first[e]) / parts, d.part = (r - first[e]) % "
+            "parts; };",
             # bracket, ported above
             "int bracket(const int* first, int r, int n) { int e = 0; while (n - e > 1) { "
             "const int mid = (e + n) / 2; if (first[mid] <= r) e = mid; else n = mid; } "
