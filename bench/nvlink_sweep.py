@@ -38,8 +38,8 @@ from overlap import nvlink_stats, phases_text  # noqa: E402
 from report import add_output_args, emit, int_list, md_table  # noqa: E402
 
 from flashmoe_gen.config import FIELD_OF_TAG, KernelConfig  # noqa: E402
-from flashmoe_gen.config_nvlink import check_interleave_sources  # noqa: E402
-from flashmoe_gen.errors import ConfigError  # noqa: E402
+from flashmoe_gen.tuner.moot import without_moot  # noqa: E402
+from flashmoe_gen.tuner.space import SearchSpace  # noqa: E402
 
 FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 #: --vary's config knobs (besides tile fields and ks), by the tags of the config name
@@ -103,23 +103,14 @@ def variants(base, vary: str) -> list:
             # task): a variant that asks for two drops the default's staging, as the
             # tuner's moot-knob rule does
             cfg = dataclasses.replace(cfg, stage_epilogue=0)
-        if cfg.interleave_sources and not _interleave_fits(cfg):
-            # moot where the lists it rearranges are not there (fused sources, unphased
-            # lists, the producer), as the tuner's moot-knob rule has it: that variant is
-            # the config without it
-            cfg = dataclasses.replace(cfg, interleave_sources=False)
-        if cfg.own_first and not cfg.interleave_sources:  # it splits that list: moot
-            cfg = dataclasses.replace(cfg, own_first=False)
+        # the one list and its own-first split where the tuner's moot rules keep them (not
+        # with fused sources, unphased lists or the producer): elsewhere the variant is the
+        # config without them
+        kept = without_moot(SearchSpace.params_from_config(cfg))
+        cfg = dataclasses.replace(cfg, interleave_sources=kept["interleave"],
+                                  own_first=kept["own_first"])
         out.append(cfg)
     return list(dict.fromkeys(out)) or [base]
-
-
-def _interleave_fits(cfg) -> bool:
-    try:
-        check_interleave_sources(cfg, cfg.name)
-    except ConfigError:
-        return False
-    return not cfg.fuse_sources
 
 
 def measure(p, cfg, x, ref, dw, comm, a) -> dict:
