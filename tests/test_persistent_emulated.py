@@ -328,8 +328,9 @@ def test_the_template_passes_the_mirrored_arguments():
             "__device__ __forceinline__ int row_tiles(int rows) { return (rows + BM - 1) / BM; }",
             "constexpr int TASK_TILES = 1;",  # mma.sync row tasks: one row tile each
             "return GU_ROWS ? tiles * row_tiles<GU_BM>(rows) : tiles;",
-            "for (int e = 0; e < el; ++e) { gu_first[q][e] = i; i += NGU * gu_parts(min("
-            "my_counts[s * el + e], capacity)); }",
+            "for (int e = 0; e < el; ++e) { first[e] = i; const int rows = min(my_counts[s * "
+            "el + e], capacity); i += gd == 0 ? NGU * gu_parts(rows) : NDN * dn_parts(rows); }",
+            "int i = source_list(gu_first[q], s, 0, q > 0 ? list_end[q - 1] : 0);",
             "for (int e = 0; e <= el; ++e) { dn_first[q][e] = i; if (e < el) i += NDN * "
             "dn_parts(min(my_counts[s * el + e], capacity)); }",
             "const int parts = d.gate_up ? gu_parts(d.n_rows) : dn_parts(d.n_rows); d.n = (r "
