@@ -20,6 +20,8 @@
 #   of: own_first's 4-rank tests, then the default / one list / own rows first at E=64
 #      T=16384 and 8192 in both orders, E=32 T=16384; 16 vs 32 senders at E=64 T=16384
 #      (~500 s)
+#   of2: the default / one list / own rows first on 4 ranks where the one list is the
+#      default and where it is not (E=8/32/64, DeepSeek-V2-Lite), ours alone (~500 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -28,7 +30,7 @@
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all): the bench/results files of the sessions that ran them name
 # each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|of|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|of|of2|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -85,8 +87,10 @@ for r in json.load(open('$O/scaling_json.txt'))]"
 fi
 nvl_sweep() {  # TAG SHAPE TOKENS TIMEOUT [nvlink_sweep ARGS...]: one sweep on NP ranks (4)
   # beside PyTorch EP into $O/sweep_TAG_SHAPE.{md,json,log}
-  local tag=$1 shape=$2 tokens=$3 t=$4; shift 4
-  timeout -k 10 "$t" $MPI -np "${NP:-4}" python3 bench/nvlink_sweep.py --torch --commit "$COMMIT" \
+  # (NO_TORCH=1: without PyTorch EP, for A/B sweeps of our configs alone)
+  local tag=$1 shape=$2 tokens=$3 t=$4 torch=--torch; shift 4
+  [ -n "${NO_TORCH:-}" ] && torch=
+  timeout -k 10 "$t" $MPI -np "${NP:-4}" python3 bench/nvlink_sweep.py $torch --commit "$COMMIT" \
     --problems "$shape" --tokens "$tokens" --iters 10 "$@" --out "$O/sweep_${tag}_$shape.md" \
     --json "$O/sweep_${tag}_$shape.json" > "$O/sweep_${tag}_$shape.log" 2>&1
   echo "sweep $shape rc=$?"
@@ -94,7 +98,8 @@ nvl_sweep() {  # TAG SHAPE TOKENS TIMEOUT [nvlink_sweep ARGS...]: one sweep on N
 sweep_report() {  # TAG SHAPES-REGEX WIDTH: the sweeps' table rows, then their phase lines
   # (TAG may be a glob: next*)
   grep -hE "^\| ($2) " "$O"/sweep_$1_*.md | cut -d'|' -f2-8
-  grep -hE "^- ($2)" "$O"/sweep_$1_*.md | cut -c1-"$3"
+  [ "$3" -gt 0 ] && grep -hE "^- ($2)" "$O"/sweep_$1_*.md | cut -c1-"$3"
+  true
 }
 gpu1_lanes() {  # TIMEOUT K...: tests/test_gpu_kernels.py -k K on GPU 0, 1, ... in the
   # background (`wait`, then gpu1_report)
@@ -160,6 +165,20 @@ if [ "$PART" = of ]; then
   NP=4 nvl_sweep sbr e64 16384 60 --vary "sb=16,32"
   bundle
   for t in of ofr sb sbr; do echo "== $t"; sweep_report "$t" "e64|e32" 300; done
+fi
+if [ "$PART" = of2 ]; then
+  # own_first passed its 4-rank tests and won at E=64 T=8192/16384 (session 31, call 1):
+  # the default / one list / one list with the own rows first where the one list is the
+  # default (to keep or add own_first) and where it is not (to extend it), on 4 ranks,
+  # ours alone (~500 s)
+  export NO_TORCH=1
+  NP=4 nvl_sweep of2 e32 1024,2048,4096,8192 100 --vary "il=0,1;of=0,1"
+  NP=4 nvl_sweep of2r e32 8192,16384 80 --vary "il=1,0;of=1,0"
+  NP=4 nvl_sweep of2 e64 2048,4096 70 --vary "il=0,1;of=0,1"
+  NP=4 nvl_sweep of2 e8 4096,16384 90 --vary "il=0,1;of=0,1"
+  NP=4 nvl_sweep of2 dsv2lite 1024,4096,16384 120 --vary "il=0,1;of=0,1"
+  bundle
+  for t in of2 of2r; do echo "== $t"; sweep_report "$t" "e64|e32|e8|dsv2lite" 0; done
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
