@@ -22,6 +22,7 @@
 #      (~500 s)
 #   of2: the default / one list / own rows first on 4 ranks where the one list is the
 #      default and where it is not (E=8/32/64, DeepSeek-V2-Lite), ours alone (~500 s)
+#   of3: the same where the default takes own_first untimed (E=8, Mixtral, Qwen3) (~350 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -30,7 +31,7 @@
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all): the bench/results files of the sessions that ran them name
 # each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|of|of2|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|of|of2|of3|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -179,6 +180,19 @@ if [ "$PART" = of2 ]; then
   NP=4 nvl_sweep of2 dsv2lite 1024,4096,16384 120 --vary "il=0,1;of=0,1"
   bundle
   for t in of2 of2r; do echo "== $t"; sweep_report "$t" "e64|e32|e8|dsv2lite" 0; done
+fi
+if [ "$PART" = of3 ]; then
+  # The default takes own_first by rows per source (defaults.own_first_pays) where no GPU
+  # has timed it: E=8 T=1024/2048 (256/512 rows), Mixtral T=4096 (1024), Qwen3-30B-A3B
+  # T=2048/4096 (128/256); the default (il+of) / one list / per-source lists, 4 ranks, ours
+  # alone; first own_first's test cases and the seed's (~350 s)
+  multigpu_k 4 120 of3 "nvlink_persistent_kernel and (own_first or seed)"
+  export NO_TORCH=1
+  NP=4 nvl_sweep of3 e8 1024,2048 60 --vary "il=0,1;of=0,1"
+  NP=4 nvl_sweep of3 qwen3 2048,4096 80 --vary "il=0,1;of=0,1"
+  NP=4 nvl_sweep of3 mixtral 4096 100 --vary "il=0,1;of=0,1"
+  bundle
+  sweep_report of3 "e8|qwen3|mixtral" 0
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

@@ -56,6 +56,7 @@ SHAPES = SHAPES | {
     "e64": dict(hidden=2048, intermediate=2048, experts=64, top_k=2, shared_experts=0),
     "e32": dict(hidden=2048, intermediate=2048, experts=32, top_k=2, shared_experts=0),
     "e8": dict(hidden=2048, intermediate=2048, experts=8, top_k=2, shared_experts=0),
+    "qwen3": dict(hidden=2048, intermediate=768, experts=128, top_k=8, shared_experts=0),
     # one GPU standing in for a rank of 4 at E=64: 16 experts, as many rows per expert at
     # the same tokens per rank (no dispatch over NVLink)
     "e16": dict(hidden=2048, intermediate=2048, experts=16, top_k=2, shared_experts=0),

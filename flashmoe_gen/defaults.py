@@ -53,6 +53,21 @@ INTERLEAVE_MIN_GAIN = 2.0
 #: weight byte, and its reads hide under the MMAs (Mixtral T=4096 on 4 x H200, 1024 rows per
 #: source: 4.995 -> 5.237 ms, where the bandwidth model alone would take the list).
 INTERLEAVE_MAX_SOURCE_ROWS = 512
+#: On 3+ ranks, this rank's own rows in a list of their own ahead of the peers' one list
+#: (``own_first``: its tasks start on this rank's flag while the peers' rows arrive; the own
+#: experts' weights are read twice, not P times) where an expert's rows per source lie in
+#: [OWN_FIRST_MIN_SOURCE_ROWS, OWN_FIRST_MAX_SOURCE_ROWS] and no shared experts run
+#: (their tasks already fill the one list's wait: DeepSeek-V2-Lite lost 8-10% at T=1024 /
+#: 4096 against the one list alone): own_first_pays. On 4 x H200, H=I=2048 k=2, ms per
+#: forward, default -> own first (bench/results/2026-11-28_gpu_checks_session31.md): E=64
+#: T=16384 (512 rows per source) 1.839 / 1.897 -> 1.748 / 1.754 (both orders), T=8192
+#: 1.030 / 1.013 -> 0.942 / 0.932, T=4096 (128) 0.640 -> 0.573 (one list 0.597); E=32
+#: T=16384 (1024) 1.679 / 1.710 -> 1.647 / 1.592, T=8192 0.846 / 0.848 -> 0.821 / 0.824,
+#: T=4096 0.487 -> 0.469, T=2048 (128) 0.339 -> 0.308 (one list 0.325). Below: E=64
+#: T=2048 (64 rows) one list 0.386, own first 0.408; E=32 T=1024 0.218 both. Above: E=8
+#: T=16384 (4096 rows) 1.618 -> 1.741 (one list 1.900); E=8 T=4096 (1024) 0.428 -> 0.420.
+OWN_FIRST_MIN_SOURCE_ROWS = 128
+OWN_FIRST_MAX_SOURCE_ROWS = 1024
 #: ... the rates of that model (H200): weights from HBM, the senders' rows over NVLink
 #: (bench/nvlink_copy.py, ~300 GB/s), the shared experts' tasks on the tensor cores.
 HBM_BYTES_PER_US = 4.0e6
@@ -306,6 +321,17 @@ def interleave_pays(problem: MoEProblem) -> bool:
     return saved >= INTERLEAVE_MIN_GAIN * max(wait - shared, 0.0)
 
 
+def own_first_pays(problem: MoEProblem) -> bool:
+    """Whether the one list with this rank's own rows ahead of it (``own_first``) pays on
+    ``problem``: 3+ ranks, no shared experts, an expert's rows per source within
+    [OWN_FIRST_MIN_SOURCE_ROWS, OWN_FIRST_MAX_SOURCE_ROWS] (fewer: the second read of the
+    own weights costs more than the own tasks hide; more: the reads already hide under the
+    MMAs and the list's order costs)."""
+    p = problem
+    return (p.world_size >= 3 and not p.shared_experts
+            and OWN_FIRST_MIN_SOURCE_ROWS <= source_rows(p) <= OWN_FIRST_MAX_SOURCE_ROWS)
+
+
 def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
     """A transport "nvlink" config: 8-warp weight-streaming tiles with fused sources when an expert
     averages at most ``PERSISTENT_WS_MAX_ROWS`` rows from all sources on several ranks
@@ -317,7 +343,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     ``ROUTER_PAIRS_MIN_TOKENS``; fused tasks on warpgroup MMAs from ``WS_WGMMA_MIN_ROWS``
     rows on Hopper; the TMA row tasks' results staged (``PERSISTENT_STAGE_EPILOGUE``), their
     silu by tanh and, on several ranks, their lists phased (``PERSISTENT_PHASED_TASKS``), in
-    one list over every source where that pays."""
+    one list over every source where that pays (interleave_pays), with this rank's own rows
+    in a list ahead of it where that pays (own_first_pays)."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
     interleave = interleave_pays(problem)
@@ -345,7 +372,10 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
         cfg = _if_valid(wg, cfg, problem, arch)  # a dimension below 128/256: mma.sync rows
         if cfg.ws_tma and problem.world_size > 1:
             cfg = replace(cfg, phased_tasks=PERSISTENT_PHASED_TASKS)
-            if interleave:
+            if own_first_pays(problem):
+                cfg = _if_valid(replace(cfg, interleave_sources=True, own_first=True), cfg,
+                                problem, arch)
+            elif interleave:
                 cfg = _if_valid(replace(cfg, interleave_sources=True), cfg, problem, arch)
     if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
         gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)

@@ -164,3 +164,42 @@ def test_own_first_splits_the_one_list_from_three_ranks():
         replace(cfg, interleave_sources=False).validate(p4)
     with pytest.raises(ConfigError, match="own_first.*2 ranks"):
         replace(_cfg(), own_first=True).validate(P2)
+
+
+@pytest.mark.parametrize("experts,tokens,world,want", [
+    (64, 2048, 4, "il"),  # 64 rows per source: the one list alone (own first 0.408 vs 0.386)
+    (64, 4096, 4, "il+of"), (64, 16384, 4, "il+of"), (32, 2048, 4, "il+of"),
+    (32, 16384, 4, "il+of"),  # 1024 rows per source: the last that won (-2% / -7%)
+    (8, 16384, 4, ""),  # 4096 rows per source: per-source lists (own first +8%)
+    (64, 16384, 2, ""),  # 2 ranks: the peers are one source
+    (32, 1024, 2, "il"),
+])
+def test_the_default_takes_own_first_by_rows_per_source(experts, tokens, world, want):
+    from flashmoe_gen.defaults import own_first_pays
+    p = MoEProblem(2048, 2048, experts, 2, world_size=world, tokens_per_rank=tokens)
+    cfg = KernelConfig.persistent_default(p, "sm_90")
+    got = "+".join(k for k, on in (("il", cfg.interleave_sources), ("of", cfg.own_first)) if on)
+    assert got == want
+    assert own_first_pays(p) == cfg.own_first
+
+
+def test_shared_experts_keep_the_one_list_alone():
+    """Their tasks fill the one list's wait already (DeepSeek-V2-Lite on 4 x H200: own rows
+    first lost 8-10% at T=1024 / 4096)."""
+    from flashmoe_gen.presets import get_preset
+    for t in (1024, 4096):
+        cfg = KernelConfig.persistent_default(
+            get_preset("deepseek-v2-lite").problem(world_size=4, tokens_per_rank=t), "sm_90")
+        assert cfg.interleave_sources and not cfg.own_first
+
+
+def test_the_seeds_flip_own_first_with_the_one_list():
+    """A tune tries the default with own_first flipped early: on, it takes the one list with
+    it; off, the one list stays."""
+    from flashmoe_gen.tuner.space import SearchSpace
+    for tokens, flipped in ((2048, dict(own_first=True)), (4096, dict(own_first=False))):
+        p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=tokens)
+        pd = KernelConfig.persistent_default(p, "sm_90")
+        seeds = SearchSpace.for_problem(p, "sm_90", "full", ("nccl", "nvlink")).seeds()
+        want = replace(pd, interleave_sources=True, **flipped)
+        assert want != pd and want in seeds[:12]

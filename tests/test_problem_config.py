@@ -766,7 +766,7 @@ def test_phased_tasks_only_for_per_source_lists():
     base = KernelConfig.persistent_default(p, "sm_90")
     cfg = replace(base, phased_tasks=True)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__se2__ph__ts__il") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__se2__ph__ts__il__of") and KernelConfig.from_name(cfg.name) == cfg
     fused_p = p.replace(tokens_per_rank=256)
     for bad, prob, text in (
             (replace(KernelConfig.default(p, "sm_90"), phased_tasks=True), p, "task queue"),
@@ -786,7 +786,7 @@ def test_split_gated_mma_only_for_wgmma_gate_up_tiles():
     p = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=4096)
     cfg = replace(KernelConfig.persistent_default(p, "sm_90"), split_gated_mma=True)
     cfg.validate(p, "sm_90")
-    assert cfg.name.endswith("__se2__ph__g2__ts__il")
+    assert cfg.name.endswith("__se2__ph__g2__ts__il__of")
     assert KernelConfig.from_name(cfg.name) == cfg
     tma = GemmTile(128, 128, 64, 8, 1, 4, "tma")
     replace(KernelConfig(tma, replace(tma, bn=256)), split_gated_mma=True).validate(p, "sm_90")
@@ -840,8 +840,9 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     assert big.ws_tma and big.gate_up.stages == big.down.stages == 4
     # ... the router's batch eights (64 experts fit one pass, 8192 tokens or more), both
     # GEMMs' results staged (16-byte stores, the down's to the source rank), every
-    # source's gate/up tasks before any down task, silu by tanh
-    assert big.name.endswith("__nvlink__wt__sb32__rb8__se2__ph__ts")
+    # source's gate/up tasks before any down task, silu by tanh, one list over every source
+    # with this rank's own rows in a list ahead of it (own_first_pays)
+    assert big.name.endswith("__nvlink__wt__sb32__rb8__se2__ph__ts__il__of")
     assert KernelConfig.from_name(big.name) == big
     # ... 32 blocks send the peers' rows on several ranks; one rank has none to send, and
     # one source's list is already phased

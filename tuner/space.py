@@ -47,7 +47,7 @@ from flashmoe_gen.tiles import (
 )
 
 from .moot import WALK_FIRST, without_moot
-from .seeds import KNOWN_GOOD, NVLINK_SEED_FLIPS, neighbour
+from .seeds import KNOWN_GOOD, NVLINK_SEED_FLIPS, SEED_FLIP_WITH, neighbour
 
 
 def _within(choices, lo, hi) -> tuple:
@@ -174,10 +174,7 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES,
                 "phased_tasks": (False, True), "task_producer": (False, True),
                 "atomic_front": (False, True), "ws_wgmma": (False, True),
-                "interleave": (False, True),
-                # its own rows ahead of that list: not searched until a GPU run verifies it
-                # (a kernel that traps ends the rank's context, not just its trial)
-                "own_first": (False,)}
+                "interleave": (False, True), "own_first": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -475,7 +472,8 @@ class SearchSpace:
                 flips = []
                 for f, values in NVLINK_SEED_FLIPS.items():  # then its close neighbours
                     try:
-                        var = replace(pd, **{f: neighbour(values, getattr(pd, f))})
+                        v = neighbour(values, getattr(pd, f))
+                        var = replace(pd, **{f: v, **SEED_FLIP_WITH.get((f, v), {})})
                         # knobs the flip makes moot back to neutral (two row tiles per
                         # task: no staged epilogue; config_from_params drops them)
                         var = self.config_from_params(self.params_from_config(var))
