@@ -121,11 +121,15 @@ def test_layer_skewed_routing_and_capacity():
     (GemmTile(64, 64, 64, 4, 1, 4, "ws"), GemmTile(64, 128, 64, 4, 1, 4, "ws")),
     (GemmTile(16, 128, 32, 8, 1, 3, "ws"), GemmTile(128, 128, 64, 2, 4, 3)),
     (GemmTile(32, 32, 64, 2, 1, 6, "ws"), GemmTile(32, 64, 32, 1, 1, 2, "ws")),
+    # ... a pass of 128 token rows on 64 threads (each thread sets two rows' pointers: one
+    # each, and the layer hung on Qwen3-30B-A3B's shape, 4 x H200)
+    (GemmTile(128, 32, 64, 2, 1, 3, "ws"), GemmTile(128, 64, 64, 2, 1, 4)),
     # The persistent TMA kernel: 333 tokens x 4 of 16 experts, N = 704 ragged for bn 128.
     (GemmTile(128, 128, 64, 8, 1, 4, "tma"), GemmTile(128, 256, 64, 8, 1, 3, "tma")),
     (GemmTile(128, 64, 64, 8, 1, 2, "tma"), GemmTile(128, 128, 64, 2, 4, 3)),
 ], ids=["default_small", "bk32", "tiny_tiles", "big_tiles", "wgmma_128", "wgmma_64_n256",
-        "wgmma_mixed", "ws_64", "ws_16_mixed", "ws_32_s6", "tma_128", "tma_mixed_2stages"])
+        "wgmma_mixed", "ws_64", "ws_16_mixed", "ws_32_s6", "ws_128_2warps", "tma_128",
+        "tma_mixed_2stages"])
 def test_layer_tile_configs(gu, dn):
     p = RAGGED
     cfg = KernelConfig(gu, dn, router_tokens_per_block=4, chunks_per_peer=2)
