@@ -21,8 +21,10 @@ BIG = MoEProblem(2048, 2048, 64, 2, world_size=4, tokens_per_rank=16384)
 
 
 def _producer(problem=BIG, **knobs):
+    """The persistent default with a producer, on per-source lists (it learns the sources'
+    lists one by one: not the default's one list)."""
     return replace(KernelConfig.persistent_default(problem, "sm_90"), task_producer=True,
-                   **knobs)
+                   interleave_sources=False, own_first=False, **knobs)
 
 
 def test_registers_split_the_launch_allocation():
