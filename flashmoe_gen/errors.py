@@ -46,6 +46,18 @@ class DeviceError(FlashMoEError, RuntimeError):
     """No usable GPU, or a CUDA call failed."""
 
 
+#: The exit status of a tuning job whose candidate left the GPU or NCCL unusable (the
+#: candidate is recorded as failed): sysexits' EX_TEMPFAIL, "try again". `flashmoe-tune
+#: tune` resumes such a job in fresh processes (``--restarts``).
+RESUME_EXIT = 75
+
+
+class ContextLost(DeviceError):
+    """A candidate left this rank's CUDA context or NCCL unusable (a fault, a hang that had
+    to be aborted): every later candidate in these processes would fail as well. The job
+    ends with RESUME_EXIT; a resumed one goes on with the next candidates."""
+
+
 class CommError(FlashMoEError, RuntimeError):
     """A collective failed, timed out, or ranks disagreed."""
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .errors import CommError, CommTimeout, FlashMoEError
+from .errors import RESUME_EXIT, CommError, CommTimeout, ContextLost, FlashMoEError
 
 #: Environment variable: seconds a rank waits for a peer (``300``, ``90s``, ``5m``).
 TIMEOUT_ENV = "FLASHMOE_COMM_TIMEOUT"
@@ -79,7 +79,10 @@ def describe(exc: BaseException) -> str:
 
 
 def exit_code(exc: BaseException) -> int:
-    """2 for a typed error (as the CLI), 130 for Ctrl-C, else 1."""
+    """RESUME_EXIT for a candidate that left the GPU unusable, 2 for another typed error (as
+    the CLI), 130 for Ctrl-C, else 1."""
+    if isinstance(exc, ContextLost):
+        return RESUME_EXIT
     if isinstance(exc, FlashMoEError):
         return 2
     return 130 if isinstance(exc, KeyboardInterrupt) else 1

@@ -426,7 +426,7 @@ def test_a_kernel_fault_is_recorded_then_ends_the_run_and_resume_goes_on(tmp_pat
 
     url = f"sqlite:///{tmp_path}/s.db"
     space = SearchSpace.for_problem(P1, "sm_90", "small")
-    with pytest.raises(DeviceError, match="run the same command again to resume"):
+    with pytest.raises(DeviceError, match="run the same command with --resume"):
         run_study(P1, _failing_at(2, "cudaErrorLaunchFailure: unspecified launch failure"),
                   space=space, study_name="f", n_trials=6, storage=url)
     study = optuna.load_study(study_name="f", storage=url)

@@ -12,12 +12,14 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 from flashmoe_gen import __version__
-from flashmoe_gen.errors import FlashMoEError, UsageError
+from flashmoe_gen.errors import RESUME_EXIT, ContextLost, FlashMoEError, UsageError
+from flashmoe_gen.watchdog import exit_code
 
 from .args import (
     HelpFormatter,
@@ -33,7 +35,7 @@ from .args import (
     seed_int,
     tune_command,
 )
-from .launch import rank_from_env, relaunch_under_mpirun, under_mpirun
+from .launch import rank_from_env, relaunch_under_mpirun, resume_argv, under_mpirun
 from .space import SPACES
 
 
@@ -139,13 +141,31 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
-    if a.gpus > 1 and not under_mpirun():
+    """The tuning job: in this process (one GPU) or as ``--gpus`` ranks under mpirun; a job
+    a candidate ended (RESUME_EXIT: the candidate is recorded as failed, the GPU or NCCL
+    unusable in those processes) is resumed in fresh ones, at most ``--restarts`` times."""
+    from .tune_cmd import run_tune
+    if under_mpirun():  # a rank of the job: its launcher restarts it
+        return run_tune(a)
+    if a.gpus > 1:
         from .progress import LAUNCHER_TTY_ENV
         # mpirun gives its ranks a pseudo-terminal: tell rank 0 whether ours is a real one
         os.environ[LAUNCHER_TTY_ENV] = "1" if sys.stdout.isatty() else "0"
-        return relaunch_under_mpirun(a.gpus, a.argv)
-    from .tune_cmd import run_tune
-    return run_tune(a)
+        rc = relaunch_under_mpirun(a.gpus, a.argv)
+    else:
+        try:
+            rc = run_tune(a)
+        except ContextLost as e:
+            rc = _fail(type(e).__name__, e, RESUME_EXIT)
+    for restart in range(1, a.restarts + 1):
+        if rc != RESUME_EXIT:
+            break
+        print(f"flashmoe-tune: resuming the study in fresh processes (restart {restart} of "
+              f"{a.restarts})", file=sys.stderr, flush=True)
+        argv = resume_argv(a.argv)
+        rc = relaunch_under_mpirun(a.gpus, argv) if a.gpus > 1 else subprocess.call(
+            [sys.executable, "-m", "flashmoe_gen.tuner.cli", *argv])
+    return rc
 
 
 def _record_dict(r) -> dict:
@@ -355,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--storage", default=None, help="Optuna storage URL (default: "
                    "$FLASHMOE_STUDIES or a SQLite file in the user cache)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    t.add_argument("--restarts", type=non_negative_int, default=3,
+                   help="times a job is resumed in fresh processes after a candidate left "
+                   "the GPU or NCCL unusable (that candidate recorded as failed)")
     _db_arg(t)
     t.add_argument("--plot", default=None,
                    help="write the optimization history: .html (plotly) or .png (matplotlib)")
@@ -411,11 +434,11 @@ SUBCOMMANDS = ("compile", "export", "run", "tune", "list", "show", "models", "ex
                "import-configs")
 
 
-def _fail(kind: str, message: object) -> int:
+def _fail(kind: str, message: object, code: int = 2) -> int:
     rank = rank_from_env() if under_mpirun() else None
     where = f" (rank {rank})" if rank is not None else ""
     print(f"flashmoe-tune{where}: {kind}: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def _preset_note(a: argparse.Namespace) -> None:
@@ -438,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         _preset_note(args)
         return args.fn(args)
     except FlashMoEError as e:
-        return _fail(type(e).__name__, e)
+        return _fail(type(e).__name__, e, exit_code(e))
     except json.JSONDecodeError as e:
         return _fail("invalid JSON", e)
     except OSError as e:  # the file system: permissions, a full disk, a vanished folder

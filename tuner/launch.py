@@ -135,3 +135,17 @@ def relaunch_under_mpirun(gpus: int, argv: list[str]) -> int:
     cmd += [sys.executable, "-m", "flashmoe_gen.tuner.cli", *argv]
     print("launching:", shlex.join(cmd), flush=True)
     return subprocess.call(cmd)
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """``argv`` of a tuning job to resume: with ``--resume``, and ``--restarts 0`` (the
+    launcher that resumes it counts the restarts; the job does not restart itself)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--restarts":
+            skip = True
+        elif not arg.startswith("--restarts="):
+            out.append(arg)
+    return out + ([] if "--resume" in out else ["--resume"]) + ["--restarts", "0"]

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from flashmoe_gen.config import KernelConfig
-from flashmoe_gen.errors import ConfigError, DatabaseError, DeviceError
+from flashmoe_gen.errors import ConfigError, ContextLost, DatabaseError
 from flashmoe_gen.problem import MoEProblem
 from flashmoe_gen.status import TrialStatus
 from flashmoe_gen.watchdog import (
@@ -240,11 +240,11 @@ def _lead(problem, evaluate, mpi, space, study_name, sampler, n_trials, timeout_
             evaluated += 1
             results.append(res)
             if context_lost(outcome):  # recorded; every later candidate would fail as well
-                raise DeviceError(
+                raise ContextLost(
                     f"candidate {cfg.name} left the GPU or NCCL unusable "
                     f"({outcome.reason[:300]}). Trial {res.number} is recorded as "
-                    f"{outcome.status}: run the same command again to resume with the next "
-                    "candidates")
+                    f"{outcome.status}: the job resumes with the next candidates in fresh "
+                    "processes (--restarts), or run the same command with --resume")
             if outcome.ok and (best is None or outcome.value < best.outcome.value):
                 best = res
             if on_trial is not None:
