@@ -171,7 +171,8 @@ def test_two_batches_per_logit_tile_where_one_pass_takes_every_expert(monkeypatc
     cfg = KernelConfig.persistent_default(e64)  # 16384 tokens: eights by default (8-token
     assert cfg.router_batches == 8  # batches: four m16 tiles), pairs where quads don't fit
     cfg.validate(e64)
-    assert cfg.name.endswith("__rb8__se2__ph__ts__il__of") and KernelConfig.from_name(cfg.name) == cfg
+    assert cfg.name.endswith("__rb8__se2__ph__ts__il__of")
+    assert KernelConfig.from_name(cfg.name) == cfg
     dsv3 = get_preset("deepseek-v3").problem(world_size=4, tokens_per_rank=128)
     for bad, p, text in ((replace(cfg, router_batches=3), e64, "choose one of"),
                          (replace(KernelConfig.default(e64), router_batches=2), e64,
