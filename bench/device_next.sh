@@ -23,6 +23,7 @@
 #   of2: the default / one list / own rows first on 4 ranks where the one list is the
 #      default and where it is not (E=8/32/64, DeepSeek-V2-Lite), ours alone (~500 s)
 #   of3: the same where the default takes own_first untimed (E=8, Mixtral, Qwen3) (~350 s)
+#   odl: own_down_last's 4-rank tests, then it against the defaults at T=16384 (~450 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -31,7 +32,7 @@
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all): the bench/results files of the sessions that ran them name
 # each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|of|of2|of3|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|of|of2|of3|odl|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -193,6 +194,20 @@ if [ "$PART" = of3 ]; then
   NP=4 nvl_sweep of3 mixtral 4096 100 --vary "il=0,1;of=0,1"
   bundle
   sweep_report of3 "e8|qwen3|mixtral" 0
+fi
+if [ "$PART" = odl ]; then
+  # own_down_last (not yet on a GPU): its 4-rank test cases, then the default with and
+  # without it where own_first is the default (E=64 T=16384 / 8192, E=32 T=16384, both
+  # orders) and where the per-source lists are (E=8 T=16384), ours alone (~450 s): the
+  # combine's wait grew ~30-60 us with own_first's own down tasks ahead of the peers'
+  multigpu_k 4 150 odl "nvlink_persistent_kernel and down_last"
+  export NO_TORCH=1
+  NP=4 nvl_sweep odl e64 16384,8192 100 --vary "odl=0,1"
+  NP=4 nvl_sweep odlr e64 16384,8192 100 --vary "odl=1,0"
+  NP=4 nvl_sweep odl e32 16384 60 --vary "odl=0,1"
+  NP=4 nvl_sweep odl e8 16384 60 --vary "odl=0,1"
+  bundle
+  for t in odl odlr; do echo "== $t"; sweep_report "$t" "e64|e32|e8" 330; done
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

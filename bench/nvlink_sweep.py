@@ -46,7 +46,7 @@ FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 #: (``config.FIELD_OF_TAG``), and the ones that take 0/1.
 KNOBS = {t: FIELD_OF_TAG[t]
          for t in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "pr", "af", "g2", "ts",
-                   "il", "of")}
+                   "il", "of", "odl")}
 _DEFAULTS = {d.name: d.default for d in dataclasses.fields(KernelConfig)}
 BOOL_KNOBS = tuple(t for t, f in KNOBS.items() if isinstance(_DEFAULTS[f], bool))
 #: Large-batch shapes beside decode's (issue 12's Mixtral, FlashDMoE's E=64 setting): the
@@ -70,7 +70,8 @@ def variants(base, vary: str) -> list:
     (row tiles per task), ``dr`` (deferred refills, 0/1), ``se`` (staged epilogue, 0-3),
     ``ph`` (phased task lists, 0/1), ``pr`` (task producer, 0/1), ``af`` (atomic front,
     0/1), ``g2`` (two gated MMAs, 0/1), ``ts`` (silu by tanh, 0/1), ``il`` (one list over
-    every source, 0/1), ``of`` (its own rows first, 0/1; e.g. ``il=1;of=0,1``) and ``ks``
+    every source, 0/1), ``of`` (its own rows first, 0/1; e.g. ``il=1;of=0,1``), ``odl``
+    (the phased lists' own down tasks last, 0/1) and ``ks``
     (K splits, ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):

@@ -20,6 +20,7 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     TASK_TILE_CHOICES,
     check_defer_refill,
     check_interleave_sources,
+    check_own_down_last,
     check_own_first,
     check_persistent,
     check_phased_tasks,
@@ -134,6 +135,9 @@ class KernelConfig:
     # ... with this rank's own rows in a list of their own ahead of the peers' one list (their
     # tasks need only this rank's flag): 3 or more ranks (check_own_first)
     own_first: bool = False
+    # ... the phased lists' down tasks (or own_first's) with this rank's own last: the
+    # peers' results leave first (check_own_down_last)
+    own_down_last: bool = False
 
     @property
     def uses_wgmma(self) -> bool:
@@ -232,7 +236,8 @@ class KernelConfig:
         for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
                   "own_split", "own_stream", "gather_experts", "defer_refill",
                   "phased_tasks", "task_producer", "atomic_front", "split_gated_mma",
-                  "ws_wgmma", "tanh_silu", "interleave_sources", "own_first"):
+                  "ws_wgmma", "tanh_silu", "interleave_sources", "own_first",
+                  "own_down_last"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f, getattr(self, f), "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
@@ -301,6 +306,8 @@ class KernelConfig:
             check_interleave_sources(self, name)
         if self.own_first:
             check_own_first(self, problem, name)
+        if self.own_down_last:
+            check_own_down_last(self, name)
         if self.atomic_front and self.transport != "nvlink":
             raise ConfigError("atomic_front", True, "only transport 'nvlink' routes and "
                               "dispatches in one kernel: use False", name)
@@ -471,7 +478,7 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("defer_refill", "dr"), ("stage_epilogue", "se"), ("phased_tasks", "ph"),
              ("task_producer", "pr"), ("atomic_front", "af"), ("split_gated_mma", "g2"),
              ("ws_wgmma", "wsg"), ("tanh_silu", "ts"), ("interleave_sources", "il"),
-             ("own_first", "of"))
+             ("own_first", "of"), ("own_down_last", "odl"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
 #: The knob a name tag stands for ("ts" -> "tanh_silu"): the benches' short knob names.

@@ -254,6 +254,19 @@ def check_own_first(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
         raise ConfigError("own_first", True, why + ": use False", name)
 
 
+def check_own_down_last(cfg: KernelConfig, name: str) -> None:
+    """This rank's own down tasks after the peers': a reordering of the phased per-source
+    lists' down phase, or of own_first's (the one list alone mixes the sources' down tasks
+    of an (expert, n-tile))."""
+    why = ("it reorders the phased lists' down tasks: set phased_tasks"
+           if not cfg.phased_tasks else
+           "the one list mixes the sources' down tasks: set own_first, or "
+           "interleave_sources False" if cfg.interleave_sources and not cfg.own_first
+           else "")
+    if why:
+        raise ConfigError("own_down_last", True, why + ": use False", name)
+
+
 def check_task_tiles(cfg: KernelConfig, name: str) -> None:
     """Several row tiles per task: only the TMA row tasks (``ws_tma`` on wgmma tiles) carry
     their ring from one row tile on to the next."""

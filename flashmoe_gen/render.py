@@ -300,6 +300,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "phased_tasks": CPP_BOOL[config.phased_tasks],
         "interleave_sources": CPP_BOOL[config.interleave_sources],
         "own_first": CPP_BOOL[config.own_first],
+        "own_down_last": CPP_BOOL[config.own_down_last],
         "atomic_front": CPP_BOOL[config.atomic_front],
         "place_rows": place_rows(config),
     }

@@ -38,10 +38,11 @@ def _own_list(own, gd, i, counts, parts, n_tiles):
     return i
 
 
-def _lists(counts, parts, n_tiles, own_first=False):
+def _lists(counts, parts, n_tiles, own_first=False, last=False):
     """learn_own, then learn_all: own_first[gd][e] (own_first), il_first[gd][e] and
     il_cum[gd][e][q] for ring sources q (counts[q][e]), parts(rows) row tasks per n-tile,
-    n_tiles[gd] n-tiles (gate/up, down)."""
+    n_tiles[gd] n-tiles (gate/up, down); last (own_down_last): the own down list after the
+    peers'."""
     sources, el = len(counts), len(counts[0])
     own = [[0] * (el + 1) for _ in range(2)]
     if own_first:
@@ -50,7 +51,7 @@ def _lists(counts, parts, n_tiles, own_first=False):
     cum = [[[0] * (sources + 1) for _ in range(el)] for _ in range(2)]
     i = own[0][el] if own_first else 0
     for gd in range(2):
-        if own_first and gd == 1:
+        if own_first and not last and gd == 1:
             i = _own_list(own, 1, i, counts, parts, n_tiles)
         for e in range(el):
             first[gd][e] = i
@@ -63,11 +64,14 @@ def _lists(counts, parts, n_tiles, own_first=False):
             cum[gd][e][sources] = c
             i += n_tiles[gd] * c
         first[gd][el] = i
+    if last:
+        _own_list(own, 1, i, counts, parts, n_tiles)
     return first, cum, own
 
 
-def _locate(r, first, cum, el, sources, own=None, counts=None, parts=None):
-    if own is not None and (r < own[0][el] or first[0][el] <= r < own[1][el]):
+def _locate(r, first, cum, el, sources, own=None, counts=None, parts=None, last=False):
+    if own is not None and (r < own[0][el] or
+                            (own[1][0] if last else first[0][el]) <= r < own[1][el]):
         gate_up = r < own[0][el]
         f = own[0 if gate_up else 1]
         e = bracket(f, r, el)
@@ -98,37 +102,45 @@ def test_the_kernel_has_the_modelled_list():
                  "if (known == 0) { if (OWN_FIRST) learn_own(); else learn_all(); }",
                  "if (OWN_FIRST && known < SOURCES && t - shared_tasks >= own_first[0][el]) "
                  "learn_all();",
-                 "auto routed_end = [&] { return il_first[1][el]; };",
+                 "auto routed_end = [&] { return OWN_DOWN_LAST ? own_first[1][el] : "
+                 "il_first[1][el]; };",
                  # own_first
                  "int i = OWN_FIRST ? own_first[0][el] : 0;",
                  "source_list(own_first[0], self_rank, 0, 0);",
-                 "if (OWN_FIRST && gd == 1) i = source_list(own_first[1], self_rank, 1, i);",
+                 "if (OWN_FIRST && !OWN_DOWN_LAST && gd == 1) i = source_list(own_first[1], "
+                 "self_rank, 1, i);",
+                 "first down task) } if (OWN_DOWN_LAST) source_list(own_first[1], "
+                 "self_rank, 1, i); }",
                  "if (OWN_FIRST && q == 0) continue;",
                  "i += gd == 0 ? NGU * gu_parts(rows) : NDN * dn_parts(rows);",
-                 "(r < own_first[0][el] || (r >= il_first[0][el] && r < own_first[1][el]))",
+                 "(r < own_first[0][el] || (r >= (OWN_DOWN_LAST ? own_first[1][0] : "
+                 "il_first[0][el]) && r < own_first[1][el]))",
                  "d.s = self_rank; in_list(d, own_first[d.gate_up ? 0 : 1], r); return d;",
-                 "constexpr bool OWN_FIRST = false;"):
+                 "constexpr bool OWN_FIRST = false;", "constexpr bool OWN_DOWN_LAST = false;"):
         assert line in code, line
     p4 = P2.replace(world_size=4)
     own = " ".join(render(p4, replace(_cfg(p4), own_first=True)).code.split())
     assert "constexpr bool OWN_FIRST = true;" in own
+    last = render(p4, replace(_cfg(p4), own_first=True, own_down_last=True)).code
+    assert "constexpr bool OWN_DOWN_LAST = true;" in last
 
 
-@pytest.mark.parametrize("own_first", [False, True])
+@pytest.mark.parametrize("own_first,last", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("sources", [2, 4])
 @pytest.mark.parametrize("seed", range(4))
-def test_every_task_once_and_sources_side_by_side(sources, seed, own_first):
+def test_every_task_once_and_sources_side_by_side(sources, seed, own_first, last):
     rng = np.random.default_rng(seed)
     el, bm, n_tiles = 8, 128, (16, 8)
     counts = rng.integers(0, 400, (sources, el))
     counts[:, rng.integers(0, el)] = 0  # an expert no source sent rows to
     counts[rng.integers(0, sources)] = 0  # a source that sent nothing
     parts = lambda rows: -(-int(rows) // bm)  # noqa: E731  (one row tile per task)
-    first, cum, own = _lists(counts.tolist(), parts, n_tiles, own_first)
+    first, cum, own = _lists(counts.tolist(), parts, n_tiles, own_first, last)
     want = {(gd == 0, q, e, n, p) for gd in range(2) for q in range(sources)
             for e in range(el) for n in range(n_tiles[gd]) for p in range(parts(counts[q][e]))}
-    got = [_locate(r, first, cum, el, sources, own if own_first else None, counts, parts)
-           for r in range(first[1][el])]
+    end = own[1][el] if last else first[1][el]  # routed_end
+    got = [_locate(r, first, cum, el, sources, own if own_first else None, counts, parts,
+                   last) for r in range(end)]
     assert len(got) == len(set(got)) and set(got) == want
     # every gate/up task before any down task
     flags = [g for g, *_ in got]
@@ -142,8 +154,11 @@ def test_every_task_once_and_sources_side_by_side(sources, seed, own_first):
         n_own = own[0][el]
         assert all(q == 0 and g for g, q, *_ in got[:n_own])
         assert all(q != 0 for g, q, *_ in got[n_own:first[0][el]])
-        # own down tasks between the peers' gate/up and down tasks
-        assert all(q == 0 and not g for g, q, *_ in got[first[0][el]:own[1][el]])
+        if last:  # the peers' down tasks, then the own ones
+            assert all(q != 0 and not g for g, q, *_ in got[first[0][el]:first[1][el]])
+            assert all(q == 0 and not g for g, q, *_ in got[first[1][el]:])
+        else:  # own down tasks between the peers' gate/up and down tasks
+            assert all(q == 0 and not g for g, q, *_ in got[first[0][el]:own[1][el]])
 
 
 def test_it_needs_the_phased_lists_and_no_producer():

@@ -167,7 +167,8 @@ NVL_CASES = (
       "row_tiles_wgmma_tma_deferred", "row_tiles_wgmma_tma_staged", "row_tiles_wgmma_tma_tstore",
       "row_tiles_wgmma_tma_phased", "row_tiles_phased", "row_tiles_wgmma_tma_producer",
       "row_tiles_wgmma_tma_producer_pairs", "row_tiles_wgmma_tma_atomic", "row_tiles_send_blocks",
-      "fused_ws_wgmma", "row_tiles_wgmma_tma_interleaved", "row_tiles_wgmma_tma_own_first")),
+      "fused_ws_wgmma", "row_tiles_wgmma_tma_interleaved", "row_tiles_wgmma_tma_own_first",
+      "row_tiles_wgmma_tma_down_last", "row_tiles_wgmma_tma_own_first_down_last")),
     (DSV2.replace(tokens_per_rank=2200),
      ("dsv2lite_default_producer", "dsv2lite_default_many_batches",
       "dsv2lite_default_quad_batches", "dsv2lite_default_staged", "dsv2lite_default_tstore",
@@ -268,6 +269,14 @@ def test_nvlink_persistent_kernel(comm, case):
                 if case.startswith("dsv2lite") else cfg)
         cfg = dataclasses.replace(base, phased_tasks=True, interleave_sources=True,
                                   own_first=case.endswith("own_first"))
+    if case.endswith("down_last"):  # this rank's own down tasks after the peers'
+        # (own_down_last): the phased per-source lists; with own_first (3+ ranks) the own
+        # list's down part after the peers' one list
+        own = "own_first" in case
+        if own and comm.world_size < 3:
+            pytest.skip("own_first splits the one list from 3 ranks on")
+        cfg = dataclasses.replace(cfg, phased_tasks=True, interleave_sources=own,
+                                  own_first=own, own_down_last=True)
     if case == "dsv2lite_default_tstore":  # ... and the gate/up results by TMA stores left
         # in flight (I = 1408: 11 column tiles, ragged row tiles, shared experts unstaged)
         cfg = dataclasses.replace(KernelConfig.persistent_default(

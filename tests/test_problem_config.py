@@ -165,6 +165,7 @@ CONFIG_CHANGES = {
     "tanh_silu": True,
     "interleave_sources": True,
     "own_first": True,
+    "own_down_last": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}

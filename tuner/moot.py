@@ -93,6 +93,11 @@ def without_moot(params: dict) -> dict:
         # the producer's rule: a moot producer is off), which a producer learns one by one
     if "own_first" in out and not out.get("interleave", False):
         out["own_first"] = False  # it splits that one list (after its rule)
+    if "own_down_last" in out and not (
+            _per_source_tasks(out) and out.get("phased_tasks", False)
+            and out.get("own_first", False) == out.get("interleave", False)):
+        out["own_down_last"] = False  # it reorders the phased lists' down tasks, or
+        # own_first's (the one list alone mixes the sources' down tasks; after their rules)
     if "atomic_front" in out and out.get("transport") != "nvlink":
         out["atomic_front"] = False  # one kernel routes and dispatches: the persistent one
     if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):

@@ -115,6 +115,7 @@ FULL = {
     "task_producer": (False,),  # its TMA row tasks fed by a producer warpgroup: likewise
     "interleave": (False,),  # its one task list over every source: likewise
     "own_first": (False,),  # ... with this rank's own rows in a list ahead of it: likewise
+    "own_down_last": (False,),  # its phased lists' own down tasks last: likewise
     "atomic_front": (False,),  # its rows' slots by atomics as they are routed: likewise
     "ws_wgmma": (False,),  # its fused weight-streaming tasks on warpgroup MMAs: likewise
     # gate and up in two wgmmas, not one (lost 2.5-4%: carried for seeded configs only)
@@ -146,6 +147,7 @@ SMALL = {
     "stage_epilogue": (0,), "phased_tasks": (False,), "task_producer": (False,),
     "atomic_front": (False,), "ws_wgmma": (False,), "split_gated": (False,),
     "tanh_silu": (False,), "interleave": (False,), "own_first": (False,),
+    "own_down_last": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -174,7 +176,9 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "defer_refill": (False, True), "stage_epilogue": STAGE_EPILOGUE_CHOICES,
                 "phased_tasks": (False, True), "task_producer": (False, True),
                 "atomic_front": (False, True), "ws_wgmma": (False, True),
-                "interleave": (False, True), "own_first": (False, True)}
+                "interleave": (False, True), "own_first": (False, True),
+                # the own down tasks last: not searched until a GPU run verifies it
+                "own_down_last": (False,)}
 
 
 @dataclass(frozen=True)
@@ -294,7 +298,8 @@ class SearchSpace:
                             split_gated_mma=params.get("split_gated", False),
                             tanh_silu=params.get("tanh_silu", False),
                             interleave_sources=params.get("interleave", False),
-                            own_first=params.get("own_first", False))
+                            own_first=params.get("own_first", False),
+                            own_down_last=params.get("own_down_last", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -325,7 +330,8 @@ class SearchSpace:
                     "task_producer": cfg.task_producer, "atomic_front": cfg.atomic_front,
                     "ws_wgmma": cfg.ws_wgmma,
                     "split_gated": cfg.split_gated_mma, "tanh_silu": cfg.tanh_silu,
-                    "interleave": cfg.interleave_sources, "own_first": cfg.own_first}
+                    "interleave": cfg.interleave_sources, "own_first": cfg.own_first,
+                    "own_down_last": cfg.own_down_last}
 
     @property
     def fingerprint(self) -> str:
