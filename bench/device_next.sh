@@ -17,12 +17,6 @@
 #      J_CHAIN=8: every timing 8 forwards back to back, ours and PyTorch EP's alike;
 #      plot it on the development machine with scaling.py --plot: the device returns few
 #      files)
-#   of: own_first's 4-rank tests, then the default / one list / own rows first at E=64
-#      T=16384 and 8192 in both orders, E=32 T=16384; 16 vs 32 senders at E=64 T=16384
-#      (~500 s)
-#   of2: the default / one list / own rows first on 4 ranks where the one list is the
-#      default and where it is not (E=8/32/64, DeepSeek-V2-Lite), ours alone (~500 s)
-#   of3: the same where the default takes own_first untimed (E=8, Mixtral, Qwen3) (~350 s)
 #   odl: own_down_last's 4-rank tests, then it against the defaults at T=16384 (~450 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
@@ -30,9 +24,9 @@
 #      (DeepSeek-V2-Lite T=128/4096) against split_logits on NP ranks (4) (~330 s)
 # The one-off parts of sessions 12-22 (6, g, h, k, n, n22, next, next2, p, r, rs, rs2, v, w,
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
-# last commit that has them all): the bench/results files of the sessions that ran them name
-# each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|of|of2|of3|odl|s22|s22b
+# last commit that has them all; session 31's of, of2, of3: 449d642): the bench/results
+# files of the sessions that ran them name each command with its commit.
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|odl|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -150,50 +144,6 @@ if [ "$PART" = s22b ]; then
   done
   bundle
   for t in st stsp; do echo "== $t"; sweep_report "$t" "dsv2lite|e32" 400; done
-fi
-if [ "$PART" = of ]; then
-  # own_first (c67021f, not yet on a GPU): its two 4-rank test cases, then the persistent
-  # default, the one list and the one list with the own rows first at T=16384 (where the
-  # one list lost by its wait) and T=8192, in both orders (~420 s)
-  multigpu_k 4 150 of "nvlink_persistent_kernel and own_first"
-  grep -hoE "test_nvlink_persistent_kernel\[[a-z0-9_]+\] .{0,12}(PASSED|FAILED|ERROR)" \
-    "$O/multigpu_of.log" | sed 's/\x1b\[[0-9;]*m//g' | sort | uniq -c
-  NP=4 nvl_sweep of e64 16384,8192 110 --vary "il=0,1;of=0,1"
-  NP=4 nvl_sweep ofr e64 16384,8192 110 --vary "il=1,0;of=1,0"
-  NP=4 nvl_sweep of e32 16384 60 --vary "il=0,1;of=0,1"
-  # 16 senders, not 32, now that a warp copies two rows at once (8 blocks moved 305 GB/s
-  # into one peer on 2 x H200; the 32 date from one row per warp)
-  NP=4 nvl_sweep sb e64 16384 60 --vary "sb=32,16"
-  NP=4 nvl_sweep sbr e64 16384 60 --vary "sb=16,32"
-  bundle
-  for t in of ofr sb sbr; do echo "== $t"; sweep_report "$t" "e64|e32" 300; done
-fi
-if [ "$PART" = of2 ]; then
-  # own_first passed its 4-rank tests and won at E=64 T=8192/16384 (session 31, call 1):
-  # the default / one list / one list with the own rows first where the one list is the
-  # default (to keep or add own_first) and where it is not (to extend it), on 4 ranks,
-  # ours alone (~500 s)
-  export NO_TORCH=1
-  NP=4 nvl_sweep of2 e32 1024,2048,4096,8192 100 --vary "il=0,1;of=0,1"
-  NP=4 nvl_sweep of2r e32 8192,16384 80 --vary "il=1,0;of=1,0"
-  NP=4 nvl_sweep of2 e64 2048,4096 70 --vary "il=0,1;of=0,1"
-  NP=4 nvl_sweep of2 e8 4096,16384 90 --vary "il=0,1;of=0,1"
-  NP=4 nvl_sweep of2 dsv2lite 1024,4096,16384 120 --vary "il=0,1;of=0,1"
-  bundle
-  for t in of2 of2r; do echo "== $t"; sweep_report "$t" "e64|e32|e8|dsv2lite" 0; done
-fi
-if [ "$PART" = of3 ]; then
-  # The default takes own_first by rows per source (defaults.own_first_pays) where no GPU
-  # has timed it: E=8 T=1024/2048 (256/512 rows), Mixtral T=4096 (1024), Qwen3-30B-A3B
-  # T=2048/4096 (128/256); the default (il+of) / one list / per-source lists, 4 ranks, ours
-  # alone; first own_first's test cases and the seed's (~350 s)
-  multigpu_k 4 120 of3 "nvlink_persistent_kernel and (own_first or seed)"
-  export NO_TORCH=1
-  NP=4 nvl_sweep of3 e8 1024,2048 60 --vary "il=0,1;of=0,1"
-  NP=4 nvl_sweep of3 qwen3 2048,4096 80 --vary "il=0,1;of=0,1"
-  NP=4 nvl_sweep of3 mixtral 4096 100 --vary "il=0,1;of=0,1"
-  bundle
-  sweep_report of3 "e8|qwen3|mixtral" 0
 fi
 if [ "$PART" = odl ]; then
   # own_down_last (not yet on a GPU): its 4-rank test cases, then the default with and
