@@ -144,8 +144,8 @@ def cmd_tune(a: argparse.Namespace) -> int:
     """The tuning job: in this process (one GPU) or as ``--gpus`` ranks under mpirun; a job
     a candidate ended (RESUME_EXIT: the candidate is recorded as failed, the GPU or NCCL
     unusable in those processes) is resumed in fresh ones, at most ``--restarts`` times."""
-    from .tune_cmd import run_tune
     if under_mpirun():  # a rank of the job: its launcher restarts it
+        from .tune_cmd import run_tune
         return run_tune(a)
     if a.gpus > 1:
         from .progress import LAUNCHER_TTY_ENV
@@ -153,6 +153,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
         os.environ[LAUNCHER_TTY_ENV] = "1" if sys.stdout.isatty() else "0"
         rc = relaunch_under_mpirun(a.gpus, a.argv)
     else:
+        from .tune_cmd import run_tune
         try:
             rc = run_tune(a)
         except ContextLost as e:
