@@ -156,8 +156,11 @@ if [ "$PART" = odl ]; then
   NP=4 nvl_sweep odlr e64 16384,8192 100 --vary "odl=1,0"
   NP=4 nvl_sweep odl e32 16384 60 --vary "odl=0,1"
   NP=4 nvl_sweep odl e8 16384 60 --vary "odl=0,1"
+  # then, where the call has the time, 8 / 16 / 32 senders (16 and 32 were even; senders
+  # take ~4% of the SM time on 4 ranks)
+  [ "$SECONDS" -lt 470 ] && NP=4 nvl_sweep sb e64 16384 70 --vary "sb=8,16,32"
   bundle
-  for t in odl odlr; do echo "== $t"; sweep_report "$t" "e64|e32|e8" 330; done
+  for t in odl odlr sb; do echo "== $t"; sweep_report "$t" "e64|e32|e8" 330; done
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
