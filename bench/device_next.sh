@@ -18,6 +18,7 @@
 #      plot it on the development machine with scaling.py --plot: the device returns few
 #      files)
 #   odl: own_down_last's 4-rank tests, then it against the defaults at T=16384 (~450 s)
+#   rot: staged router calls from their own hidden stage against the default (~300 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -26,7 +27,7 @@
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all; session 31's of, of2, of3: 449d642): the bench/results
 # files of the sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|odl|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|odl|rot|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -161,6 +162,20 @@ if [ "$PART" = odl ]; then
   [ "$SECONDS" -lt 470 ] && NP=4 nvl_sweep sb e64 16384 70 --vary "sb=8,16,32"
   bundle
   for t in odl odlr sb; do echo "== $t"; sweep_report "$t" "e64|e32|e8" 330; done
+fi
+if [ "$PART" = rot ]; then
+  # Staged router calls from their own hidden stage (router_staged.STAGED_ROTATE, not yet on
+  # a GPU): the default with and without, alternating, E=64 and E=32 at T=1024 and 16384 on
+  # 4 ranks, ours alone; the route phase's clocks in the tables' phase lines (~300 s)
+  export NO_TORCH=1
+  NP=4 nvl_sweep rot0a e64 1024,16384 60
+  NP=4 nvl_sweep rot1a e64 1024,16384 60 --staged-rotate
+  NP=4 nvl_sweep rot0b e64 1024,16384 60
+  NP=4 nvl_sweep rot1b e64 1024,16384 60 --staged-rotate
+  NP=4 nvl_sweep rot0a e32 1024,16384 50
+  NP=4 nvl_sweep rot1a e32 1024,16384 50 --staged-rotate
+  bundle
+  sweep_report "rot*" "e64|e32" 330
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

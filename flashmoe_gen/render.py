@@ -247,6 +247,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "router_staged_unit": staged.unit if staged else 0,
         "router_staged_block": staged.block if staged else 0,
         "router_staged_kc": STAGED_KC,
+        "router_staged_rotate": CPP_BOOL[bool(staged and staged.rotate)],
         # k steps unrolled: four for one m16 tile (E=64 T=16384 route 226 -> 217 us over
         # one); two m16 tiles keep as many loads in flight with two (and spilled 16 bytes
         # with shared experts at four)

@@ -36,14 +36,24 @@ STAGED_BLOCK = 64
 #: lane (tests/test_router_staged.py); ``bench/nvlink_sweep.py --staged-all`` sets this for
 #: an A/B.
 STAGED_ALL = False
+#: Each call reads the hidden dimension's stages from its own starting stage (the call's
+#: index mod the stage count), not from 0: every block reads the same gate weights, and in
+#: step they ask the same L2 lines at once (the hypothesis for 59 us of logits at E=64
+#: T=16384 on 4 x H200, ~18 GB/s per SM, where reading x alone takes ~17 us). The sums'
+#: order changes, not what they sum; the same call index starts at the same stage every
+#: forward. Not yet timed on a GPU: ``bench/nvlink_sweep.py --staged-rotate`` sets it for
+#: an A/B.
+STAGED_ROTATE = False
 
 
 @dataclass(frozen=True)
 class StagedPlan:
-    """The ring's stages, the experts per unit (8 or 16) and per weight column block."""
+    """The ring's stages, the experts per unit (8 or 16) and per weight column block, and
+    whether each call starts at its own stage (STAGED_ROTATE)."""
     stages: int
     unit: int
     block: int
+    rotate: bool = False
 
 
 def staged_stage_bytes(problem: MoEProblem, mtiles: int) -> int:
@@ -74,4 +84,5 @@ def staged_plan(problem: MoEProblem, config: KernelConfig, mtiles: int, mma_expe
         return None
     stages = min(STAGED_MAX_STAGES,
                  config.persistent_smem() // staged_stage_bytes(problem, mtiles))
-    return StagedPlan(stages, unit, block) if stages >= STAGED_MIN_STAGES else None
+    return StagedPlan(stages, unit, block, STAGED_ROTATE) if stages >= STAGED_MIN_STAGES \
+        else None

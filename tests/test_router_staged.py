@@ -34,8 +34,10 @@ def ldmatrix(s: np.ndarray, addrs: list[int], n: int = 4,
 
 def staged_logits(x: np.ndarray, wg: np.ndarray, t0: int, tokens: int, warps: int,
                   batches: int, mtiles: int, stages: int, unit: int, block: int,
-                  kc: int = STAGED_KC) -> np.ndarray:
-    """s_logit of one block's call (batches x warps token rows), statement by statement."""
+                  kc: int = STAGED_KC, rotate: bool = False) -> np.ndarray:
+    """s_logit of one block's call (batches x warps token rows), statement by statement;
+    rotate (STAGED_ROTATE): the ring's k-tile kt holds hidden stage (kt + the call's index)
+    mod the stages, the call's index t0 / (batches x warps)."""
     hidden, experts = wg.shape
     nj, n_per_tile = unit // 8, experts // unit
     units = mtiles * n_per_tile
@@ -47,6 +49,8 @@ def staged_logits(x: np.ndarray, wg: np.ndarray, t0: int, tokens: int, warps: in
     s_logit = np.full((batches * warps, experts), np.nan)
 
     def load_stage(stage: int, kt: int) -> None:
+        if rotate:
+            kt = (kt + t0 // (batches * warps)) % (hidden // kc)
         load_tile(sa[stage * ra:(stage + 1) * ra], x[t0:], 0, nt, kt * kc, mtiles * 16, kc)
         for cb in range(experts // block):
             base = stage * rb + cb * kc * block
@@ -107,13 +111,16 @@ def staged_logits(x: np.ndarray, wg: np.ndarray, t0: int, tokens: int, warps: in
     (64, 4, 100, 64), (64, 4, 90, 64), (128, 4, 40, 0), (64, 4, 3, 0),  # whole units
     (32, 4, 70, 32), (8, 4, 50, 0), (8, 1, 13, 8), (64, 1, 9, 0), (64, 2, 30, 16),  # k lanes
     (128, 1, 20, 8), (16, 2, 16, 0),
-    (64, 8, 200, 128), (64, 8, 40, 0), (32, 8, 64, 0)])  # 64-token calls: four m16 tiles
-def test_staged_logits_match_a_float64_product(experts, batches, tokens, t0):
+    (64, 8, 200, 128), (64, 8, 40, 0), (32, 8, 64, 0),  # 64-token calls: four m16 tiles
+    (64, 8, 400, 192), (32, 4, 200, 96)])  # calls 3: rotated by three of four stages
+@pytest.mark.parametrize("rotate", [False, True], ids=["from0", "rotated"])
+def test_staged_logits_match_a_float64_product(experts, batches, tokens, t0, rotate):
     """Full and ragged calls (26 tokens: the second m16 tile part zeros; 3: its second
     tile skipped), one and two 64-expert column blocks (two units per warp), fewer units
     than warps (E=32: two k lanes; E=8: 8-expert units, four k lanes; 8- and 16-token
     calls), narrow column blocks (E=8, 16, 32), 64-token calls (router_batches 8: E=64 two
-    units per warp, E=32 one)."""
+    units per warp, E=32 one); each from hidden stage 0 and rotated by its call's index
+    (STAGED_ROTATE: the sums' order moves, not what they sum)."""
     rng = np.random.default_rng(experts + tokens)
     hidden, warps = 256, 8
     x = rng.standard_normal((tokens, hidden))
@@ -121,7 +128,8 @@ def test_staged_logits_match_a_float64_product(experts, batches, tokens, t0):
     mtiles = router_mtiles(batches, warps)
     unit = 16 if experts % 16 == 0 else 8
     block = 64 if experts % 64 == 0 else experts
-    got = staged_logits(x, wg, t0, tokens, warps, batches, mtiles, 3, unit, block)
+    got = staged_logits(x, wg, t0, tokens, warps, batches, mtiles, 3, unit, block,
+                        rotate=rotate)
     nt = min(batches * warps, tokens - t0)
     np.testing.assert_allclose(got[:nt], x[t0:t0 + nt] @ wg, rtol=1e-12, atol=1e-12)
     assert np.isnan(got[nt:]).all()  # rows past the call's tokens: never written
@@ -155,6 +163,15 @@ def test_which_configs_take_the_staged_logits(monkeypatch):
         c = KernelConfig.persistent_default(p, "sm_90")
         assert "staged_logits" not in render(p, c, arch="sm_90").code, p
     assert staged_plan(big, KernelConfig.default(big, "sm_90"), 2, 64, True) is None
+    # each call from its own hidden stage: the ring's loads of both operands move together
+    assert "constexpr bool RS_ROTATE = false;" in code
+    monkeypatch.setattr(router_staged, "STAGED_ROTATE", True)
+    rotated = " ".join(render(big, cfg, arch="sm_90").code.split())
+    for text in ("constexpr bool RS_ROTATE = true;",
+                 "if constexpr (RS_ROTATE) kt = (kt + block / R_BATCHES) % KT; "
+                 "load_tile<R_MT * 16, RS_KC, P_THREADS>(sA + stage * RS_A, xt, 0, nt, "
+                 "kt * RS_KC, HIDDEN);", "wg + cb * RS_CB, kt * RS_KC, HIDDEN, 0, EXPERTS);"):
+        assert text in rotated, text
     monkeypatch.setattr(router_staged, "STAGED_ALL", True)
     for p in others:
         c = KernelConfig.persistent_default(p, "sm_90")
