@@ -6,6 +6,8 @@ evaluator, and faults planted on request (environment variables, read per proces
 - ``FAKE_SLEEP``: seconds each evaluation takes (default 0);
 - ``FAKE_COMM_ERROR=<rank>:<call>``: that rank's timing step raises CommError at that call
   (what the real evaluator raises when a collective of the timing step fails);
+- ``FAKE_HANG=<call>``: every rank's evaluation at that call returns the outcome of a
+  forward that hung and had NCCL aborted (what the real evaluator returns then);
 - ``FAKE_DIE_AFTER_RECORD=<n>``: rank 0 SIGKILLs itself right after the n-th trial was
   written to the winners database, before the study is told;
 - ``FAKE_COMPILE_AHEAD=1``: rank 0 compiles the candidates ahead in the real compile pool
@@ -24,6 +26,7 @@ from fake_evaluator import FakeEvaluator
 
 from flashmoe_gen.db import Environment
 from flashmoe_gen.errors import CommError
+from flashmoe_gen.tuner.objective import COMM_LOST, TIMEOUT, Outcome
 from flashmoe_gen.tuner.tune_cmd import GpuBackend
 
 
@@ -51,6 +54,7 @@ class CpuBackend(GpuBackend):
             Path(folder, f"rank{rank}.pid").write_text(str(os.getpid()))
         sleep = float(os.environ.get("FAKE_SLEEP", "0"))
         err_rank, err_call = map(int, os.environ.get("FAKE_COMM_ERROR", "-1:-1").split(":"))
+        hang_call = int(os.environ.get("FAKE_HANG", "-1"))
 
         def evaluate(cfg):
             if folder:
@@ -59,6 +63,10 @@ class CpuBackend(GpuBackend):
             time.sleep(sleep)
             if rank == err_rank and fake.calls + 1 == err_call:
                 raise CommError(f"rank {rank}: timing {cfg.name} failed: planted NCCL failure")
+            if fake.calls + 1 == hang_call:
+                fake.calls += 1
+                return Outcome(TIMEOUT, reason=COMM_LOST + f"rank {rank}: the checked "
+                               "forward did not finish (planted); NCCL aborted")
             return fake(cfg)
 
         return evaluate, None

@@ -202,6 +202,23 @@ def test_communication_failure_ends_the_run_instead_of_failing_a_trial(work):
     resume_and_agree(work, repaired=False)
 
 
+def test_a_hung_candidate_ends_the_job_with_the_resume_status(work):
+    """Every rank's candidate hung (NCCL aborted): recorded, then the job ends with exit
+    status 75 (mpirun carries MPI_Abort's code: what `flashmoe-tune tune`'s launcher resumes
+    on), and a resumed job goes on past the candidate."""
+    from flashmoe_gen.errors import RESUME_EXIT
+
+    t0 = time.monotonic()
+    rc, _, err = Job(work, trials=8, FAKE_HANG="3").ended_within(t0, HARD_LIMIT_S / 2)
+    assert rc == RESUME_EXIT, err[-2000:]
+    # (every rank raises it: whichever aborts first names itself)
+    assert any("ends the job: ContextLost: candidate" in ln for ln in err.splitlines()), err
+    study = optuna.load_study(study_name=STUDY, storage=storage(work))
+    hung = [t for t in study.trials if t.user_attrs.get("status") == "timeout"]
+    assert len(hung) == 1 and len(finished_trials(study)) == 3
+    resume_and_agree(work, repaired=False)
+
+
 def test_death_between_database_write_and_tell_is_repaired_on_resume(work):
     rc, _, _ = Job(work, trials=10, FAKE_DIE_AFTER_RECORD="3").result()
     assert rc != 0
