@@ -227,19 +227,12 @@ class KernelConfig:
             if not isinstance(getattr(self, which), GemmTile):
                 raise ConfigError(which, getattr(self, which), "must be a GemmTile")
         name = self.name
-        for f in ("router_tokens_per_block", "chunks_per_peer", "comm_streams", "blocks_per_sm",
-                  "gu_splits", "dn_splits", "dispatch_blocks", "comm_sms", "send_blocks",
-                  "router_batches", "task_tiles", "stage_epilogue"):
+        for f, d in _DEFAULTS.items():  # each knob of its default's type (a new one too)
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool):
+            if type(d) is int and (not isinstance(v, int) or isinstance(v, bool)):
                 raise ConfigError(f, v, "must be an integer", name)
-        for f in ("shared_stream", "overlap", "fuse_sources", "packed_slots", "ws_tma",
-                  "own_split", "own_stream", "gather_experts", "defer_refill",
-                  "phased_tasks", "task_producer", "atomic_front", "split_gated_mma",
-                  "ws_wgmma", "tanh_silu", "interleave_sources", "own_first",
-                  "own_down_last"):
-            if not isinstance(getattr(self, f), bool):
-                raise ConfigError(f, getattr(self, f), "must be a bool", name)
+            if isinstance(d, bool) and not isinstance(v, bool):
+                raise ConfigError(f, v, "must be a bool", name)
         for which, (n, k, b_operands) in self.gemm_shapes(problem).items():
             getattr(self, which).validate(which, n, k, b_operands, limits, name)
         groups = problem.world_size * problem.local_experts  # the fused launch's groups

@@ -183,6 +183,20 @@ def test_config_change_tables_cover_every_field():
 
 
 @pytest.mark.parametrize("field", sorted(CONFIG_CHANGES))
+def test_every_knob_refuses_a_value_of_another_type(field):
+    """Each knob of its default's type: a bool knob refuses 1, an integer one True, both say
+    which knob (validate reads the types from the defaults: a new knob is covered)."""
+    default = getattr(CFG, field)
+    if not isinstance(default, int):  # the word knobs (mode, transport) check their words
+        return
+    bad, text = (1, "must be a bool") if isinstance(default, bool) else \
+        (True, "must be an integer")
+    with pytest.raises(ConfigError, match=text) as e:
+        replace(CFG, **{field: bad}).validate(DSV2_LITE, "sm_90")
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize("field", sorted(CONFIG_CHANGES))
 def test_every_config_knob_changes_the_name(field):
     changed = replace(CFG, **{field: CONFIG_CHANGES[field]})
     assert changed != CFG and changed.name != CFG.name
