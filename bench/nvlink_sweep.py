@@ -105,12 +105,14 @@ def variants(base, vary: str) -> list:
             # task): a variant that asks for two drops the default's staging, as the
             # tuner's moot-knob rule does
             cfg = dataclasses.replace(cfg, stage_epilogue=0)
-        # the one list and its own-first split where the tuner's moot rules keep them (not
-        # with fused sources, unphased lists or the producer): elsewhere the variant is the
-        # config without them
+        # the one list, its own-first split and the own down tasks last where the tuner's
+        # moot rules keep them (not with fused sources, unphased lists or the producer;
+        # the last not over the one list alone): elsewhere the variant is the config
+        # without them
         kept = without_moot(SearchSpace.params_from_config(cfg))
         cfg = dataclasses.replace(cfg, interleave_sources=kept["interleave"],
-                                  own_first=kept["own_first"])
+                                  own_first=kept["own_first"],
+                                  own_down_last=kept["own_down_last"])
         out.append(cfg)
     return list(dict.fromkeys(out)) or [base]
 

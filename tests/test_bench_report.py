@@ -214,6 +214,9 @@ def test_nvlink_sweep_one_list_is_moot_on_fused_sources():
     assert [c.interleave_sources for c in got] == [False, True]
     # (the default's own rows first, moot without the one list, goes with it)
     assert got[0] == dataclasses.replace(rows, interleave_sources=False, own_first=False)
+    # the own down tasks last go with own_first off over the one list alone (moot there)
+    last = dataclasses.replace(rows, own_down_last=True)
+    assert variants(last, "of=0,1") == [dataclasses.replace(rows, own_first=False), last]
 
 
 def test_tile_waste_tail_costs_and_groupings():
