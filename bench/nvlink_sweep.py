@@ -229,8 +229,8 @@ def report(rows: list[dict], a) -> None:
                if a.split_logits else "")
             + (" Staged router logits wherever they apply (--staged-all)."
                if a.staged_all else "")
-            + (" Each staged router call from its own hidden stage (--staged-rotate)."
-               if a.staged_rotate else "") + "\n\n"
+            + (" Every staged router call from hidden stage 0 (--no-staged-rotate)."
+               if a.no_staged_rotate else "") + "\n\n"
             + md_table(cols, [[r.get(c, "—") for c in cols] for r in rows])
             + "\nphases (us):\n" + "".join(
                 f"- {r['shape']} T={r['tokens']} `{r['config']}`: {phases_text(r)}\n"
@@ -257,17 +257,16 @@ def main() -> int:
                     help="the staged logits wherever they apply, not only where measured "
                          "(router_staged.STAGED_ALL: 8-expert units, 64-expert blocks of "
                          "more experts)")
-    ap.add_argument("--staged-rotate", action="store_true",
-                    help="each staged router call from its own hidden stage "
-                         "(router_staged.STAGED_ROTATE: the blocks do not ask the same "
-                         "gate-weight lines at once)")
+    ap.add_argument("--no-staged-rotate", action="store_true",
+                    help="every staged router call from hidden stage 0, not from its own "
+                         "(router_staged.STAGED_ROTATE off: the A/B of the default)")
     add_output_args(ap, iters=30)
     a = ap.parse_args()
     from flashmoe_gen import router_staged  # set before anything renders: the generated
     if a.split_logits:                      # code, and with it the compile cache's key
         router_staged.STAGED_MAX_STAGES = 0
     router_staged.STAGED_ALL = a.staged_all
-    router_staged.STAGED_ROTATE = a.staged_rotate
+    router_staged.STAGED_ROTATE = not a.no_staged_rotate
     rows = run(a)
     from mpi4py import MPI
     if MPI.COMM_WORLD.rank == 0:

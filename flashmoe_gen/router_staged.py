@@ -38,12 +38,13 @@ STAGED_BLOCK = 64
 STAGED_ALL = False
 #: Each call reads the hidden dimension's stages from its own starting stage (the call's
 #: index mod the stage count), not from 0: every block reads the same gate weights, and in
-#: step they ask the same L2 lines at once (the hypothesis for 59 us of logits at E=64
-#: T=16384 on 4 x H200, ~18 GB/s per SM, where reading x alone takes ~17 us). The sums'
-#: order changes, not what they sum; the same call index starts at the same stage every
-#: forward. Not yet timed on a GPU: ``bench/nvlink_sweep.py --staged-rotate`` sets it for
-#: an A/B.
-STAGED_ROTATE = False
+#: step they ask the same L2 lines at once. The sums' order changes, not what they sum; the
+#: same call index starts at the same stage every forward. 4 x H200, E=64 T=16384, the
+#: default with and without, alternating (bench/results/2026-11-28_gpu_checks_session32.md):
+#: logits per block 58.8 / 58.5 -> 49.3 / 50.0 us, the route phase 85.3 / 86.3 -> 76.0 /
+#: 77.1 us; E=32 T=16384 32.0 -> 31.0 us (the route phase 58.1 both); the forwards within
+#: the runs' noise. ``bench/nvlink_sweep.py --no-staged-rotate`` clears it for an A/B.
+STAGED_ROTATE = True
 
 
 @dataclass(frozen=True)

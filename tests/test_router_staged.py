@@ -164,9 +164,10 @@ def test_which_configs_take_the_staged_logits(monkeypatch):
         assert "staged_logits" not in render(p, c, arch="sm_90").code, p
     assert staged_plan(big, KernelConfig.default(big, "sm_90"), 2, 64, True) is None
     # each call from its own hidden stage: the ring's loads of both operands move together
-    assert "constexpr bool RS_ROTATE = false;" in code
-    monkeypatch.setattr(router_staged, "STAGED_ROTATE", True)
-    rotated = " ".join(render(big, cfg, arch="sm_90").code.split())
+    # each call from its own hidden stage by default; off, from stage 0
+    rotated = " ".join(code.split())
+    monkeypatch.setattr(router_staged, "STAGED_ROTATE", False)
+    assert "constexpr bool RS_ROTATE = false;" in render(big, cfg, arch="sm_90").code
     for text in ("constexpr bool RS_ROTATE = true;",
                  "if constexpr (RS_ROTATE) kt = (kt + block / R_BATCHES) % KT; "
                  "load_tile<R_MT * 16, RS_KC, P_THREADS>(sA + stage * RS_A, xt, 0, nt, "
