@@ -24,6 +24,7 @@ lane() {  # NAME DEVICES FILES...
   echo "gpu lane $name rc=$?" > "$O/gpu_$name.rc"
 }
 PAIRS="tests/test_gpu_nvlink.py tests/test_torch_multigpu.py tests/test_export.py \
+  tests/test_gpu_tune_restart.py \
   tests/test_gpu_tune.py"
 REST="tests/test_gpu_routing.py tests/test_gpu_graph.py tests/test_gpu_bad_input.py \
   tests/test_gpu_gen_weights.py tests/test_torch_gpu.py"

@@ -17,17 +17,17 @@
 #      J_CHAIN=8: every timing 8 forwards back to back, ours and PyTorch EP's alike;
 #      plot it on the development machine with scaling.py --plot: the device returns few
 #      files)
-#   odl: own_down_last's 4-rank tests, then it against the defaults at T=16384 (~450 s)
-#   rot: staged router calls from their own hidden stage against the default (~300 s)
+#   s32: the rotated staged router on 4 ranks, a tune on 2 GPUs past a planted trap, the
+#      seed example and E=64 T=16384 beside PyTorch EP (~400 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
 #      (DeepSeek-V2-Lite T=128/4096) against split_logits on NP ranks (4) (~330 s)
 # The one-off parts of sessions 12-22 (6, g, h, k, n, n22, next, next2, p, r, rs, rs2, v, w,
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
-# last commit that has them all; session 31's of, of2, of3: 449d642): the bench/results
+# last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and rot: dd4a1da): the bench/results
 # files of the sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|odl|rot|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -146,36 +146,21 @@ if [ "$PART" = s22b ]; then
   bundle
   for t in st stsp; do echo "== $t"; sweep_report "$t" "dsv2lite|e32" 400; done
 fi
-if [ "$PART" = odl ]; then
-  # own_down_last (not yet on a GPU): its 4-rank test cases, then the default with and
-  # without it where own_first is the default (E=64 T=16384 / 8192, E=32 T=16384, both
-  # orders) and where the per-source lists are (E=8 T=16384), ours alone (~450 s): the
-  # combine's wait grew ~30-60 us with own_first's own down tasks ahead of the peers'
-  multigpu_k 4 150 odl "nvlink_persistent_kernel and down_last"
-  export NO_TORCH=1
-  NP=4 nvl_sweep odl e64 16384,8192 100 --vary "odl=0,1"
-  NP=4 nvl_sweep odlr e64 16384,8192 100 --vary "odl=1,0"
-  NP=4 nvl_sweep odl e32 16384 60 --vary "odl=0,1"
-  NP=4 nvl_sweep odl e8 16384 60 --vary "odl=0,1"
-  # then, where the call has the time, 8 / 16 / 32 senders (16 and 32 were even; senders
-  # take ~4% of the SM time on 4 ranks)
-  [ "$SECONDS" -lt 470 ] && NP=4 nvl_sweep sb e64 16384 70 --vary "sb=8,16,32"
+if [ "$PART" = s32 ]; then
+  # Session 32: the staged router's rotated calls (now the default) on 4 ranks (the
+  # DeepSeek-V2-Lite defaults at 2200 tokens route staged), a real tune on 2 GPUs whose
+  # candidate traps on rank 0 and resumes past it (tests/test_gpu_tune_restart.py), then the
+  # seed example (T=1, 256) and E=64 T=16384 beside PyTorch EP on 4 ranks (~400 s)
+  multigpu_k 4 170 s32 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
+dsv2lite_default_quad or dsv2lite_default_own_first or seed or row_tiles_wgmma_tma_pairs)"
+  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 300 python3 -m pytest -m gpu -s -v --no-header \
+    -p no:cacheprovider tests/test_gpu_tune_restart.py > "$O/tune_restart.log" 2>&1
+  echo "tune restart rc=$?"
+  grep -E "tune with a planted trap|resuming|PASSED|FAILED|passed|failed" "$O/tune_restart.log" | head
+  NP=4 nvl_sweep s32 seed 1,256 60
+  NP=4 nvl_sweep s32 e64 16384 60
   bundle
-  for t in odl odlr sb; do echo "== $t"; sweep_report "$t" "e64|e32|e8" 330; done
-fi
-if [ "$PART" = rot ]; then
-  # Staged router calls from their own hidden stage (router_staged.STAGED_ROTATE, not yet on
-  # a GPU): the default with and without, alternating, E=64 and E=32 at T=1024 and 16384 on
-  # 4 ranks, ours alone; the route phase's clocks in the tables' phase lines (~300 s)
-  export NO_TORCH=1
-  NP=4 nvl_sweep rot0a e64 1024,16384 60
-  NP=4 nvl_sweep rot1a e64 1024,16384 60 --staged-rotate
-  NP=4 nvl_sweep rot0b e64 1024,16384 60
-  NP=4 nvl_sweep rot1b e64 1024,16384 60 --staged-rotate
-  NP=4 nvl_sweep rot0a e32 1024,16384 50
-  NP=4 nvl_sweep rot1a e32 1024,16384 50 --staged-rotate
-  bundle
-  sweep_report "rot*" "e64|e32" 330
+  sweep_report s32 "seed|e64" 330
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
