@@ -19,6 +19,7 @@
 #      files)
 #   s32: the rotated staged router on 4 ranks, a tune on 2 GPUs past a planted trap, the
 #      seed example and E=64 T=16384 beside PyTorch EP (~400 s)
+#   s32b: the restart check again, the seed example's down tile widths (~200 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -27,7 +28,7 @@
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and rot: dd4a1da): the bench/results
 # files of the sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32|s32b|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -161,6 +162,18 @@ dsv2lite_default_quad or dsv2lite_default_own_first or seed or row_tiles_wgmma_t
   NP=4 nvl_sweep s32 e64 16384 60
   bundle
   sweep_report s32 "seed|e64" 330
+fi
+if [ "$PART" = s32b ]; then
+  # The tune restart check again (its listing's flag mended), then the seed example's down
+  # tiles 64 / 128 / 256 wide at T = 128, 256, 512 beside PyTorch EP on 4 ranks: at T=256
+  # the 16 down tiles (K = 2048 each) of the default are the critical path (~200 s)
+  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 200 python3 -m pytest -m gpu -s -v --no-header \
+    -p no:cacheprovider tests/test_gpu_tune_restart.py > "$O/tune_restart.log" 2>&1
+  echo "tune restart rc=$?"
+  grep -E "tune with a planted trap|resuming|PASSED|FAILED|passed|failed" "$O/tune_restart.log" | head
+  NP=4 nvl_sweep dnbn seed 128,256,512 230 --vary "dn_bn=256,128,64"
+  bundle
+  sweep_report dnbn seed 330
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

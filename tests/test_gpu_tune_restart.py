@@ -55,7 +55,7 @@ def test_a_trapped_candidate_is_recorded_and_the_tune_resumes_past_it(tmp_path):
     assert r.returncode == 0, out[-4000:]
     assert "resuming the study in fresh processes (restart 1 of 2)" in out, out[-4000:]
     assert "restart 2 of 2" not in out, out[-4000:]
-    shown = subprocess.run([*cli, "show", *SEED, "--gpus", "2", "--limit", "50", "--json"],
+    shown = subprocess.run([*cli, "show", *SEED, "--world-size", "2", "--limit", "50", "--json"],
                            capture_output=True, text=True, timeout=120, env=env)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     trials = json.loads(shown.stdout)["trials"]
