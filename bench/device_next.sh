@@ -20,6 +20,7 @@
 #   s32: the rotated staged router on 4 ranks, a tune on 2 GPUs past a planted trap, the
 #      seed example and E=64 T=16384 beside PyTorch EP (~400 s)
 #   s32b: the restart check again, the seed example's down tile widths (~200 s)
+#   s32c: the seed example's down ring depth, and its T=128 regime (~200 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -28,7 +29,7 @@
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and rot: dd4a1da): the bench/results
 # files of the sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32|s32b|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32|s32b|s32c|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -174,6 +175,21 @@ if [ "$PART" = s32b ]; then
   NP=4 nvl_sweep dnbn seed 128,256,512 230 --vary "dn_bn=256,128,64"
   bundle
   sweep_report dnbn seed 330
+fi
+if [ "$PART" = s32c ]; then
+  # The seed example's down tiles: at T=256 their main loop took 15.5 / 13.5 / 12.9 us (256
+  # / 128 / 64 wide: latency-bound, 32 k steps of a 4-stage ring), so a deeper ring; at
+  # T=128 the fused weight-streaming default (0.145 ms) against row tiles per source and
+  # warpgroup-MMA fused tasks (the T=256 default took 0.063) (~200 s)
+  NP=4 nvl_sweep dns seed 256,512 150 --vary "dn_bn=256,128,64;dn_s=4,6"
+  WG=gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn
+  NP=4 nvl_sweep t128 seed 128 80 \
+    --config "${WG}256_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se2__ph__ts__il" \
+    --config "${WG}128_bk64_w8x1_s6_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se2__ph__ts__il" \
+    --config "gu_bm128_bn128_bk64_w8x1_s4_ws__dn_bm128_bn256_bk64_w8x1_s4_ws__r8__c1__cs1__ss1__fs__nvlink__wt__wsg"
+  bundle
+  sweep_report "dns" seed 0; sweep_report "t128" seed 0
+  grep -h "^- seed" "$O"/sweep_dns_seed.md "$O"/sweep_t128_seed.md | sed 's/`[^`]*`//; s/waits per block.*//' | cut -c1-300
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
