@@ -95,6 +95,24 @@ WGMMA_PERSISTENT_MIN_ROWS = 64
 #: source 0.501); 2 x H200 T=1024 (64 rows) fused 0.452 vs wgmma rows 0.496. Not measured
 #: on 2 ranks between 64 and 128 rows (there a source sends 64-128 rows, wgmma's regime).
 PERSISTENT_WS_MAX_ROWS = 128
+#: ... unless those fused tasks are too few to fill the GPU (an expert's gate/up tasks are
+#: its intermediate size / 128, fused_tasks): with fewer than this many, from
+#: FEW_TASKS_MIN_ROWS rows per expert, the 128-row wgmma tiles in one list over every source
+#: (interleave_pays) fill their rows from all sources and the peers' rows spread over more
+#: tasks. The seed example (H=512, I=2048, E=8, one shared expert) at T=128 on 4 x H200
+#: (128 rows, 2 local experts: 32 fused tasks), same runs: fused 0.1453 / 0.1322 ms, row
+#: tiles in one list 0.0648 (down tiles 128 wide, 6 stages: 0.0575), PyTorch EP 0.312 /
+#: 0.314 (bench/results/2026-11-28_gpu_checks_session32.md). E=64 T=1024 (16 local experts,
+#: 256 tasks) stays fused (0.282 vs row tiles 0.332, above).
+FUSED_MIN_TASKS = 64
+FEW_TASKS_MIN_ROWS = 128
+#: The wgmma row tiles' down GEMM takes 128-wide tiles where 256-wide ones would give it
+#: fewer tasks than this (this rank's local experts x row tiles x hidden / 256): a down
+#: tile's k steps ran latency-bound (the seed example T=256 on 4 x H200: main loop 15.5 /
+#: 13.5 / 12.9 us per tile at 256 / 128 / 64 wide, 16 tiles), so twice the tiles end the
+#: down GEMM sooner: T=512 0.0727 / 0.0746 -> 0.0691 / 0.0692 ms, T=256 even (0.0627 /
+#: 0.0671 vs 0.0643 / 0.0666).
+NARROW_DOWN_MAX_TASKS = 66
 #: ... and that 64-token weight-streaming tile takes its weights by TMA boxes (``ws_tma``, 4
 #: stages), same runs: 4 x H200 T=1024 0.409 -> 0.401 ms, T=2048 0.692 -> 0.669; 2 x H200
 #: T=1024 0.452 -> 0.451. (Narrower decode tiles keep cp.async below DEEP_RING_MIN_BYTES.)
@@ -193,6 +211,17 @@ def expert_rows(problem: MoEProblem) -> float:
 def source_rows(problem: MoEProblem) -> float:
     """Rows an expert gets from one source on average (one per-source launch's groups)."""
     return problem.tokens_per_rank * problem.top_k / problem.experts
+
+
+def fused_tasks(problem: MoEProblem) -> int:
+    """Gate/up tasks of the fused weight-streaming tiles (128 columns each) on one rank."""
+    return problem.local_experts * -(-problem.intermediate // 128)
+
+
+def wide_down_tasks(problem: MoEProblem) -> int:
+    """Down tasks of 128-row, 256-wide tiles on one rank, at the average rows per expert."""
+    return (problem.local_experts * max(1, -(-round(expert_rows(problem)) // 128))
+            * -(-problem.hidden // 256))
 
 
 def local_weight_bytes(problem: MoEProblem) -> int:
@@ -351,7 +380,11 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     ws_max = (INTERLEAVED_WS_MAX_ROWS
               if interleave and source_rows(problem) >= WGMMA_PERSISTENT_MIN_ROWS
               else PERSISTENT_WS_MAX_ROWS)
-    fused = rows <= ws_max if problem.world_size > 1 else streams_weights(problem)
+    hopper = limits_for(arch).major_minor == (9, 0)
+    # too few fused tasks for the SMs: the row tiles in one list over every source instead
+    few = (hopper and interleave and rows >= FEW_TASKS_MIN_ROWS
+           and fused_tasks(problem) < FUSED_MIN_TASKS)
+    fused = rows <= ws_max and not few if problem.world_size > 1 else streams_weights(problem)
     if fused:  # every source's rows in one task: each weight byte read once
         gu = dn = GemmTile(ws_token_tile(rows, 32), 128, 64, warps, 1, 4, "ws")
     else:  # the winners' tiles of the DeepSeek-V2-Lite and Qwen3-30B-A3B preset tunes
@@ -359,13 +392,14 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
         gu, dn = GemmTile(64, 128, 64, 2, 4, 4), GemmTile(128, 128, 64, 2, 4, 4)
     cfg = KernelConfig(gu, dn, router_tokens_per_block=warps, transport="nvlink",
                        fuse_sources=fused and problem.world_size > 1)
-    if not fused and limits_for(arch).major_minor == (9, 0) and \
-            source_rows(problem) >= WGMMA_PERSISTENT_MIN_ROWS:
-        # Two warpgroups per 128-row tile, a 256-wide down tile, both operands of a routed
-        # task by TMA into a 4-stage ring (WGMMA_PERSISTENT_STAGES)
+    if not fused and hopper and (few or source_rows(problem) >= WGMMA_PERSISTENT_MIN_ROWS):
+        # Two warpgroups per 128-row tile, a 256-wide down tile (128 where it would have few
+        # tasks), both operands of a routed task by TMA into a 4-stage ring
+        # (WGMMA_PERSISTENT_STAGES)
+        dn_bn = 128 if wide_down_tasks(problem) < NARROW_DOWN_MAX_TASKS else 256
         wg = replace(cfg, gate_up=GemmTile(128, 128, 64, warps, 1, WGMMA_PERSISTENT_STAGES,
                                            "wgmma"),
-                     down=GemmTile(128, 256, 64, warps, 1, WGMMA_PERSISTENT_STAGES, "wgmma"),
+                     down=GemmTile(128, dn_bn, 64, warps, 1, WGMMA_PERSISTENT_STAGES, "wgmma"),
                      ws_tma=True, send_blocks=DEFAULT_SEND_BLOCKS if problem.world_size > 1
                      else 0, stage_epilogue=PERSISTENT_STAGE_EPILOGUE,
                      tanh_silu=PERSISTENT_TANH_SILU)
