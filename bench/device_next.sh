@@ -22,6 +22,7 @@
 #   s32b: the restart check again, the seed example's down tile widths (~200 s)
 #   s32c: the seed example's down ring depth, and its T=128 regime (~200 s)
 #   s32d: the defaults for few local experts against the old ones (~330 s)
+#   s32e: the narrow down tiles on 2 ranks (~220 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -30,7 +31,7 @@
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and rot: dd4a1da): the bench/results
 # files of the sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32|s32b|s32c|s32d|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32|s32b|s32c|s32d|s32e|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -209,6 +210,18 @@ if [ "$PART" = s32d ]; then
   multigpu_k 4 120 s32d "nvlink_persistent_kernel and seed_default_rows"
   bundle
   for t in v128 v192 vbig vof; do sweep_report "$t" "seed|e8" 0; done
+fi
+if [ "$PART" = s32e ]; then
+  # The same on 2 ranks (2 x H200: no 4-GPU machine lent), where only the narrow down tiles
+  # change the defaults: the seed example T=256 / 512 / 1024 beside PyTorch EP, H=I=2048
+  # E=8 T=256 / 512 ours alone, each against the 256-wide down tiles; the seed default's
+  # 2-rank test (~220 s)
+  WGI=gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se2__ph__ts__il
+  NP=2 nvl_sweep p2 seed 256,512,1024 110 --config "$WGI"
+  NO_TORCH=1 NP=2 nvl_sweep p2 e8 256,512 60 --config "$WGI"
+  multigpu_k 2 100 s32e "nvlink_persistent_kernel and seed_default_rows"
+  bundle
+  sweep_report p2 "seed|e8" 0
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
