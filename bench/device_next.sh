@@ -21,7 +21,7 @@
 #      seed example and E=64 T=16384 beside PyTorch EP (~400 s)
 #   s32b: the restart check again, the seed example's down tile widths (~200 s)
 #   s32c: the seed example's down ring depth, and its T=128 regime (~200 s)
-#   s32d: the defaults for few local experts against the old ones (~330 s)
+#   s32d: the default for few local experts against the old ones (~250 s)
 #   s32e: the narrow down tiles on 2 ranks (~220 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
@@ -194,22 +194,21 @@ if [ "$PART" = s32c ]; then
   grep -h "^- seed" "$O"/sweep_dns_seed.md "$O"/sweep_t128_seed.md | sed 's/`[^`]*`//; s/waits per block.*//' | cut -c1-300
 fi
 if [ "$PART" = s32d ]; then
-  # The new defaults for few local experts (defaults.FUSED_MIN_TASKS, NARROW_DOWN_MAX_TASKS)
-  # against the old ones in the same runs: the seed example T=128 (was fused), 192 (was
-  # mma.sync rows), 256 and 512 (were 256-wide down tiles) beside PyTorch EP; H=I=2048 E=8
-  # T=128 / 256 / 512 likewise, ours alone; then the seed default's 4-rank test (~330 s)
-  WGI=gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se2__ph__ts__il
+  # The new default for few local experts (defaults.FUSED_MIN_TASKS) against the old ones
+  # in the same runs: the seed example T=128 (was fused; also with 128-wide down tiles, 4
+  # and 6 stages) and 192 (was mma.sync rows) beside PyTorch EP; H=I=2048 E=8 T=128 (was
+  # fused) ours alone; then the seed default's 4-rank test at T=128 (~250 s)
+  WG=gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn
+  TAIL=_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se2__ph__ts__il
   WSF=gu_bm64_bn128_bk64_w8x1_s4_ws__dn_bm64_bn128_bk64_w8x1_s4_ws__r8__c1__cs1__ss1__fs__nvlink
-  NP=4 nvl_sweep v128 seed 128 70 --config "${WSF}__ks1x8__wt" --config "$WGI"
-  NP=4 nvl_sweep v192 seed 192 60 --config "$WGI" \
+  NP=4 nvl_sweep v128 seed 128 90 --config "${WSF}__ks1x8__wt" --config "${WG}128$TAIL" \
+    --config "${WG}128${TAIL/_s4_wg__r8/_s6_wg__r8}"
+  NP=4 nvl_sweep v192 seed 192 60 \
     --config "gu_bm64_bn128_bk64_w2x4_s4__dn_bm128_bn128_bk64_w2x4_s4__r8__c1__cs1__ss1__nvlink"
-  NP=4 nvl_sweep vbig seed 256,512 80 --config "$WGI"
   NO_TORCH=1 NP=4 nvl_sweep v128 e8 128 50 --config "${WSF}__ks1x4__wt"
-  NO_TORCH=1 NP=4 nvl_sweep vbig e8 256 40 --config "$WGI"
-  NO_TORCH=1 NP=4 nvl_sweep vof e8 512 40 --config "${WGI}__of"
   multigpu_k 4 120 s32d "nvlink_persistent_kernel and seed_default_rows"
   bundle
-  for t in v128 v192 vbig vof; do sweep_report "$t" "seed|e8" 0; done
+  for t in v128 v192; do sweep_report "$t" "seed|e8" 0; done
 fi
 if [ "$PART" = s32e ]; then
   # The same on 2 ranks (2 x H200: no 4-GPU machine lent), where only the narrow down tiles

@@ -103,16 +103,11 @@ PERSISTENT_WS_MAX_ROWS = 128
 #: (128 rows, 2 local experts: 32 fused tasks), same runs: fused 0.1453 / 0.1322 ms, row
 #: tiles in one list 0.0648 (down tiles 128 wide, 6 stages: 0.0575), PyTorch EP 0.312 /
 #: 0.314 (bench/results/2026-11-28_gpu_checks_session32.md). E=64 T=1024 (16 local experts,
-#: 256 tasks) stays fused (0.282 vs row tiles 0.332, above).
+#: 256 tasks) stays fused (0.282 vs row tiles 0.332, above). Narrower down tiles where the
+#: 256-wide ones are few were mixed (2 and 4 x H200, seed T=256 / 512, E=8 T=256 / 512:
+#: -7.5% to +7.5%), not taken.
 FUSED_MIN_TASKS = 64
 FEW_TASKS_MIN_ROWS = 128
-#: The wgmma row tiles' down GEMM takes 128-wide tiles where 256-wide ones would give it
-#: fewer tasks than this (this rank's local experts x row tiles x hidden / 256): a down
-#: tile's k steps ran latency-bound (the seed example T=256 on 4 x H200: main loop 15.5 /
-#: 13.5 / 12.9 us per tile at 256 / 128 / 64 wide, 16 tiles), so twice the tiles end the
-#: down GEMM sooner: T=512 0.0727 / 0.0746 -> 0.0691 / 0.0692 ms, T=256 even (0.0627 /
-#: 0.0671 vs 0.0643 / 0.0666).
-NARROW_DOWN_MAX_TASKS = 66
 #: ... and that 64-token weight-streaming tile takes its weights by TMA boxes (``ws_tma``, 4
 #: stages), same runs: 4 x H200 T=1024 0.409 -> 0.401 ms, T=2048 0.692 -> 0.669; 2 x H200
 #: T=1024 0.452 -> 0.451. (Narrower decode tiles keep cp.async below DEEP_RING_MIN_BYTES.)
@@ -217,11 +212,6 @@ def fused_tasks(problem: MoEProblem) -> int:
     """Gate/up tasks of the fused weight-streaming tiles (128 columns each) on one rank."""
     return problem.local_experts * -(-problem.intermediate // 128)
 
-
-def wide_down_tasks(problem: MoEProblem) -> int:
-    """Down tasks of 128-row, 256-wide tiles on one rank, at the average rows per expert."""
-    return (problem.local_experts * max(1, -(-round(expert_rows(problem)) // 128))
-            * -(-problem.hidden // 256))
 
 
 def local_weight_bytes(problem: MoEProblem) -> int:
@@ -393,13 +383,11 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     cfg = KernelConfig(gu, dn, router_tokens_per_block=warps, transport="nvlink",
                        fuse_sources=fused and problem.world_size > 1)
     if not fused and hopper and (few or source_rows(problem) >= WGMMA_PERSISTENT_MIN_ROWS):
-        # Two warpgroups per 128-row tile, a 256-wide down tile (128 where it would have few
-        # tasks), both operands of a routed task by TMA into a 4-stage ring
-        # (WGMMA_PERSISTENT_STAGES)
-        dn_bn = 128 if wide_down_tasks(problem) < NARROW_DOWN_MAX_TASKS else 256
+        # Two warpgroups per 128-row tile, a 256-wide down tile, both operands of a routed
+        # task by TMA into a 4-stage ring (WGMMA_PERSISTENT_STAGES)
         wg = replace(cfg, gate_up=GemmTile(128, 128, 64, warps, 1, WGMMA_PERSISTENT_STAGES,
                                            "wgmma"),
-                     down=GemmTile(128, dn_bn, 64, warps, 1, WGMMA_PERSISTENT_STAGES, "wgmma"),
+                     down=GemmTile(128, 256, 64, warps, 1, WGMMA_PERSISTENT_STAGES, "wgmma"),
                      ws_tma=True, send_blocks=DEFAULT_SEND_BLOCKS if problem.world_size > 1
                      else 0, stage_epilogue=PERSISTENT_STAGE_EPILOGUE,
                      tanh_silu=PERSISTENT_TANH_SILU)

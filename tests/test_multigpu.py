@@ -168,8 +168,8 @@ NVL_CASES = (
       "row_tiles_wgmma_tma_phased", "row_tiles_phased", "row_tiles_wgmma_tma_producer",
       "row_tiles_wgmma_tma_producer_pairs", "row_tiles_wgmma_tma_atomic", "row_tiles_send_blocks",
       "fused_ws_wgmma", "row_tiles_wgmma_tma_interleaved", "row_tiles_wgmma_tma_own_first",
-      "row_tiles_wgmma_tma_down_last", "row_tiles_wgmma_tma_own_first_down_last",
-      "seed_default_rows")),
+      "row_tiles_wgmma_tma_down_last", "row_tiles_wgmma_tma_own_first_down_last")),
+    (SEED.replace(tokens_per_rank=128), ("seed_default_rows",)),
     (DSV2.replace(tokens_per_rank=2200),
      ("dsv2lite_default_producer", "dsv2lite_default_many_batches",
       "dsv2lite_default_quad_batches", "dsv2lite_default_staged", "dsv2lite_default_tstore",
@@ -255,11 +255,13 @@ def test_nvlink_persistent_kernel(comm, case):
             p.replace(world_size=comm.world_size)),
             router_batches=4 if case.endswith("quad_batches") else 2)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
-    if case == "seed_default_rows":  # the persistent default at 1000 tokens (2 or 4 local
-        # experts, H=512): TMA row tiles in one list over every source, the down tiles 128
-        # wide (256-wide ones would be few tasks: defaults.NARROW_DOWN_MAX_TASKS)
-        cfg = KernelConfig.persistent_default(p.replace(world_size=comm.world_size))
-        assert cfg.ws_tma and cfg.interleave_sources and cfg.down.bn == 128, cfg.name
+    if case == "seed_default_rows":  # the persistent default at 128 tokens per rank: on 4
+        # ranks (2 local experts: too few fused tasks, defaults.FUSED_MIN_TASKS) TMA row
+        # tiles in one list over every source, 128 rows per expert; on 2 fused tasks
+        q = p.replace(world_size=comm.world_size)
+        cfg = KernelConfig.persistent_default(q)
+        assert cfg.fuse_sources == (q.local_experts > 2), cfg.name
+        assert cfg.fuse_sources or (cfg.ws_tma and cfg.interleave_sources), cfg.name
     if case == "dsv2lite_default_staged":  # the default at 2200 tokens, the down GEMM's
         # results alone staged (ragged row tiles; the shared experts' tiles unstaged)
         cfg = dataclasses.replace(KernelConfig.persistent_default(

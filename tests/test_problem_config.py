@@ -843,9 +843,7 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     from flashmoe_gen.defaults import (
         FEW_TASKS_MIN_ROWS,
         FUSED_MIN_TASKS,
-        NARROW_DOWN_MAX_TASKS,
         fused_tasks,
-        wide_down_tasks,
     )
 
     decode = KernelConfig.persistent_default(DSV3_DECODE)
@@ -917,21 +915,18 @@ def test_persistent_default_picks_tiles_by_rows_per_expert():
     cfg = KernelConfig.persistent_default(seed, "sm_90")
     assert cfg.fuse_sources and not cfg.ws_wgmma and cfg.dn_splits > 1
     # From FEW_TASKS_MIN_ROWS rows per expert, fewer fused tasks than FUSED_MIN_TASKS (2
-    # local experts x 16 column tiles): the TMA row tiles in one list over every source,
-    # the down tiles 128 wide (256-wide ones: 4 tasks; seed T=128 on 4 x H200: 0.132-0.145
-    # -> 0.058-0.065 ms); 16 local experts keep the fused tasks (256 of them)
+    # local experts x 16 column tiles): the TMA row tiles in one list over every source
+    # (seed T=128 on 4 x H200: 0.132-0.145 -> 0.065 ms); 16 local experts keep the fused
+    # tasks (256 of them)
     few = seed.replace(tokens_per_rank=128)
     assert expert_rows(few) == FEW_TASKS_MIN_ROWS and fused_tasks(few) < FUSED_MIN_TASKS
-    assert wide_down_tasks(few) < NARROW_DOWN_MAX_TASKS
     cfg = KernelConfig.persistent_default(few, "sm_90")
     assert not cfg.fuse_sources and cfg.interleave_sources and cfg.ws_tma
-    assert (cfg.gate_up.mma, cfg.down.mma, cfg.down.bn) == ("wgmma", "wgmma", 128)
+    assert (cfg.gate_up.mma, cfg.down.mma, cfg.down.bn) == ("wgmma", "wgmma", 256)
     assert fused_tasks(small) >= FUSED_MIN_TASKS and KernelConfig.persistent_default(
         small, "sm_90").fuse_sources
     assert KernelConfig.persistent_default(few, "sm_80").fuse_sources  # no wgmma there
-    # ... and the E=64 table's row tiles keep the 256-wide down tile
-    assert wide_down_tasks(at_min) >= NARROW_DOWN_MAX_TASKS
-    assert KernelConfig.persistent_default(at_min, "sm_90").down.bn == 256
+
     # ... one rank keeps the decode rule (streams_weights) and cp.async weights
     one = KernelConfig.persistent_default(small.replace(world_size=1), "sm_90")
     assert not one.fuse_sources and not one.ws_tma
