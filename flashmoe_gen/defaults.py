@@ -213,7 +213,6 @@ def fused_tasks(problem: MoEProblem) -> int:
     return problem.local_experts * -(-problem.intermediate // 128)
 
 
-
 def local_weight_bytes(problem: MoEProblem) -> int:
     """Bytes of this rank's routed experts' weights (gate, up and down)."""
     return problem.local_experts * 3 * problem.hidden * problem.intermediate * ELEM_BYTES
@@ -353,7 +352,9 @@ def own_first_pays(problem: MoEProblem) -> bool:
 
 def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelConfig:
     """A transport "nvlink" config: 8-warp weight-streaming tiles with fused sources when an expert
-    averages at most ``PERSISTENT_WS_MAX_ROWS`` rows from all sources on several ranks
+    averages at most ``PERSISTENT_WS_MAX_ROWS`` rows from all sources on several ranks (unless
+    they would be fewer than ``FUSED_MIN_TASKS`` tasks from ``FEW_TASKS_MIN_ROWS`` rows on
+    Hopper: row tiles in one list over every source)
     (``INTERLEAVED_WS_MAX_ROWS`` where one list over every source pays: interleave_pays;
     ``streams_weights`` on one rank; K split where the active experts' tiles are fewer than
     SMs: splitk.default_splits), else row tiles per source: 128-row wgmma on Hopper from
