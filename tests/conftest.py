@@ -31,10 +31,13 @@ def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     no_mpi = pytest.mark.skip(reason="needs mpirun with >1 rank and a GPU per rank")
     for item in items:
+        need = item.get_closest_marker("gpus")  # a test that starts mpirun itself
         if "multigpu" in item.keywords and (MPI_SIZE < 2 or GPU_COUNT < 1):
             item.add_marker(no_mpi)
         elif "gpu" in item.keywords and GPU_COUNT < 1:
             item.add_marker(no_gpu)
+        elif need is not None and GPU_COUNT < need.args[0]:
+            item.add_marker(pytest.mark.skip(reason=f"needs {need.args[0]} CUDA GPUs"))
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,7 @@ import pytest
 HERE = Path(__file__).parent
 TIMEOUT_S = 4
 
-
-def _gpus() -> int:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        return 0
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs")]
+pytestmark = [pytest.mark.gpu, pytest.mark.gpus(2)]
 
 
 @pytest.mark.parametrize("case", ["ws", "producer"])

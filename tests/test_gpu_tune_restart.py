@@ -21,16 +21,7 @@ TRIALS = 5
 SEED = ["--hidden", "512", "--intermediate", "2048", "--experts", "8", "--top-k", "2",
         "--shared-experts", "1", "--tokens", "256"]
 
-
-def _gpus() -> int:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        return 0
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpus() < 2, reason="needs 2 CUDA GPUs")]
+pytestmark = [pytest.mark.gpu, pytest.mark.gpus(2)]
 
 
 def test_a_trapped_candidate_is_recorded_and_the_tune_resumes_past_it(tmp_path):
