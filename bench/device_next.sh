@@ -207,8 +207,14 @@ if [ "$PART" = s32d ]; then
     --config "gu_bm64_bn128_bk64_w2x4_s4__dn_bm128_bn128_bk64_w2x4_s4__r8__c1__cs1__ss1__nvlink"
   NO_TORCH=1 NP=4 nvl_sweep v128 e8 128 50 --config "${WSF}__ks1x4__wt"
   multigpu_k 4 120 s32d "nvlink_persistent_kernel and seed_default_rows"
+  if [ -n "${S32D_MORE:-}" ]; then  # then, ours alone at E=64 T=16384: two row tiles per
+    # task (the second's loads under the first's epilogue), and 16 vs 32 senders both orders
+    NO_TORCH=1 NP=4 nvl_sweep tt e64 16384 70 --vary "tt=1,2"
+    NO_TORCH=1 NP=4 nvl_sweep sba e64 16384 60 --vary "sb=16,32"
+    NO_TORCH=1 NP=4 nvl_sweep sbb e64 16384 60 --vary "sb=32,16"
+  fi
   bundle
-  for t in v128 v192; do sweep_report "$t" "seed|e8" 0; done
+  for t in v128 v192 tt sba sbb; do sweep_report "$t" "seed|e8|e64" 0; done
 fi
 if [ "$PART" = s32e ]; then
   # The same on 2 ranks (2 x H200: no 4-GPU machine lent), where only the narrow down tiles
