@@ -17,21 +17,18 @@
 #      J_CHAIN=8: every timing 8 forwards back to back, ours and PyTorch EP's alike;
 #      plot it on the development machine with scaling.py --plot: the device returns few
 #      files)
-#   s32: the rotated staged router on 4 ranks, a tune on 2 GPUs past a planted trap, the
-#      seed example and E=64 T=16384 beside PyTorch EP (~400 s)
-#   s32b: the restart check again, the seed example's down tile widths (~200 s)
-#   s32c: the seed example's down ring depth, and its T=128 regime (~200 s)
-#   s32d: the default for few local experts against the old ones (~250 s)
-#   s32e: the narrow down tiles on 2 ranks (~220 s)
+#   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
+#      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
 #      (DeepSeek-V2-Lite T=128/4096) against split_logits on NP ranks (4) (~330 s)
 # The one-off parts of sessions 12-22 (6, g, h, k, n, n22, next, next2, p, r, rs, rs2, v, w,
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
-# last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and rot: dd4a1da): the bench/results
-# files of the sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32|s32b|s32c|s32d|s32e|s22|s22b
+# last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and
+# rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65): the bench/results files of the
+# sessions that ran them name each command with its commit.
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -150,49 +147,6 @@ if [ "$PART" = s22b ]; then
   bundle
   for t in st stsp; do echo "== $t"; sweep_report "$t" "dsv2lite|e32" 400; done
 fi
-if [ "$PART" = s32 ]; then
-  # Session 32: the staged router's rotated calls (now the default) on 4 ranks (the
-  # DeepSeek-V2-Lite defaults at 2200 tokens route staged), a real tune on 2 GPUs whose
-  # candidate traps on rank 0 and resumes past it (tests/test_gpu_tune_restart.py), then the
-  # seed example (T=1, 256) and E=64 T=16384 beside PyTorch EP on 4 ranks (~400 s)
-  multigpu_k 4 170 s32 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
-dsv2lite_default_quad or dsv2lite_default_own_first or seed or row_tiles_wgmma_tma_pairs)"
-  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 300 python3 -m pytest -m gpu -s -v --no-header \
-    -p no:cacheprovider tests/test_gpu_tune_restart.py > "$O/tune_restart.log" 2>&1
-  echo "tune restart rc=$?"
-  grep -E "tune with a planted trap|resuming|PASSED|FAILED|passed|failed" "$O/tune_restart.log" | head
-  NP=4 nvl_sweep s32 seed 1,256 60
-  NP=4 nvl_sweep s32 e64 16384 60
-  bundle
-  sweep_report s32 "seed|e64" 330
-fi
-if [ "$PART" = s32b ]; then
-  # The tune restart check again (its listing's flag mended), then the seed example's down
-  # tiles 64 / 128 / 256 wide at T = 128, 256, 512 beside PyTorch EP on 4 ranks: at T=256
-  # the 16 down tiles (K = 2048 each) of the default are the critical path (~200 s)
-  CUDA_VISIBLE_DEVICES=0,1 timeout -k 10 200 python3 -m pytest -m gpu -s -v --no-header \
-    -p no:cacheprovider tests/test_gpu_tune_restart.py > "$O/tune_restart.log" 2>&1
-  echo "tune restart rc=$?"
-  grep -E "tune with a planted trap|resuming|PASSED|FAILED|passed|failed" "$O/tune_restart.log" | head
-  NP=4 nvl_sweep dnbn seed 128,256,512 230 --vary "dn_bn=256,128,64"
-  bundle
-  sweep_report dnbn seed 330
-fi
-if [ "$PART" = s32c ]; then
-  # The seed example's down tiles: at T=256 their main loop took 15.5 / 13.5 / 12.9 us (256
-  # / 128 / 64 wide: latency-bound, 32 k steps of a 4-stage ring), so a deeper ring; at
-  # T=128 the fused weight-streaming default (0.145 ms) against row tiles per source and
-  # warpgroup-MMA fused tasks (the T=256 default took 0.063) (~200 s)
-  NP=4 nvl_sweep dns seed 256,512 150 --vary "dn_bn=256,128,64;dn_s=4,6"
-  WG=gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn
-  NP=4 nvl_sweep t128 seed 128 80 \
-    --config "${WG}256_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se2__ph__ts__il" \
-    --config "${WG}128_bk64_w8x1_s6_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se2__ph__ts__il" \
-    --config "gu_bm128_bn128_bk64_w8x1_s4_ws__dn_bm128_bn256_bk64_w8x1_s4_ws__r8__c1__cs1__ss1__fs__nvlink__wt__wsg"
-  bundle
-  sweep_report "dns" seed 0; sweep_report "t128" seed 0
-  grep -h "^- seed" "$O"/sweep_dns_seed.md "$O"/sweep_t128_seed.md | sed 's/`[^`]*`//; s/waits per block.*//' | cut -c1-300
-fi
 if [ "$PART" = s32d ]; then
   # The new default for few local experts (defaults.FUSED_MIN_TASKS) against the old ones
   # in the same runs: the seed example T=128 (was fused; also with 128-wide down tiles, 4
@@ -215,18 +169,6 @@ if [ "$PART" = s32d ]; then
   fi
   bundle
   for t in v128 v192 tt sba sbb; do sweep_report "$t" "seed|e8|e64" 0; done
-fi
-if [ "$PART" = s32e ]; then
-  # The same on 2 ranks (2 x H200: no 4-GPU machine lent), where only the narrow down tiles
-  # change the defaults: the seed example T=256 / 512 / 1024 beside PyTorch EP, H=I=2048
-  # E=8 T=256 / 512 ours alone, each against the 256-wide down tiles; the seed default's
-  # 2-rank test (~220 s)
-  WGI=gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__sb32__se2__ph__ts__il
-  NP=2 nvl_sweep p2 seed 256,512,1024 110 --config "$WGI"
-  NO_TORCH=1 NP=2 nvl_sweep p2 e8 256,512 60 --config "$WGI"
-  multigpu_k 2 100 s32e "nvlink_persistent_kernel and seed_default_rows"
-  bundle
-  sweep_report p2 "seed|e8" 0
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
