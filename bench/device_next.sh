@@ -19,6 +19,8 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
+#   s33: one GPU: the down TMA row tiles' K parts (dn_ksplit): their test, then the seed
+#      example and e16 with 1, 2, 4, 8 parts, both orders (~400 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -28,7 +30,7 @@
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and
 # rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65): the bench/results files of the
 # sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -169,6 +171,20 @@ if [ "$PART" = s32d ]; then
   fi
   bundle
   for t in v128 v192 tt sba sbb; do sweep_report "$t" "seed|e8|e64" 0; done
+fi
+if [ "$PART" = s33 ]; then
+  # One GPU: the down TMA row tiles' K parts (dn_ksplit): their one-GPU test beside the
+  # other TMA row tasks' (~150 s), then the seed example at T=256 / 1000 (16 / 32 down
+  # tiles) with 1, 2, 4, 8 parts, both orders, and e16 at T=1024 (~250 s)
+  timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
+    -p no:cacheprovider -rs -k "down_ksplit or tma_stores or task_producer_one_rank" \
+    > "$O/gpu1_s33.log" 2>&1
+  echo "one GPU tests rc=$?"; tail -3 "$O/gpu1_s33.log"
+  NO_TORCH=1 NP=1 nvl_sweep dka seed 256,1000 150 --vary "dk=1,2,4,8"
+  NO_TORCH=1 NP=1 nvl_sweep dkb seed 256,1000 90 --vary "dk=8,4,2,1"
+  NO_TORCH=1 NP=1 nvl_sweep dkc e16 1024 90 --vary "dk=1,8"
+  bundle
+  for t in dka dkb dkc; do sweep_report "$t" "seed|e16" 400; done
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

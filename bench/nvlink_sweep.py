@@ -46,7 +46,7 @@ FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 #: (``config.FIELD_OF_TAG``), and the ones that take 0/1.
 KNOBS = {t: FIELD_OF_TAG[t]
          for t in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "pr", "af", "g2", "ts",
-                   "il", "of", "odl")}
+                   "il", "of", "odl", "dk")}
 _DEFAULTS = {d.name: d.default for d in dataclasses.fields(KernelConfig)}
 BOOL_KNOBS = tuple(t for t, f in KNOBS.items() if isinstance(_DEFAULTS[f], bool))
 #: Large-batch shapes beside decode's (issue 12's Mixtral, FlashDMoE's E=64 setting): the
@@ -105,14 +105,15 @@ def variants(base, vary: str) -> list:
             # task): a variant that asks for two drops the default's staging, as the
             # tuner's moot-knob rule does
             cfg = dataclasses.replace(cfg, stage_epilogue=0)
-        # the one list, its own-first split and the own down tasks last where the tuner's
-        # moot rules keep them (not with fused sources, unphased lists or the producer;
-        # the last not over the one list alone): elsewhere the variant is the config
-        # without them
+        # the one list, its own-first split, the own down tasks last and the down K parts
+        # where the tuner's moot rules keep them (not with fused sources, unphased lists or
+        # the producer; the own down tasks last not over the one list alone; the K parts
+        # not with two row tiles per task): elsewhere the variant is the config without them
         kept = without_moot(SearchSpace.params_from_config(cfg))
         cfg = dataclasses.replace(cfg, interleave_sources=kept["interleave"],
                                   own_first=kept["own_first"],
-                                  own_down_last=kept["own_down_last"])
+                                  own_down_last=kept["own_down_last"],
+                                  dn_ksplit=kept["dn_ksplit"])
         out.append(cfg)
     return list(dict.fromkeys(out)) or [base]
 

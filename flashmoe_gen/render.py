@@ -29,7 +29,7 @@ from .router_layout import (
 )
 from .router_staged import STAGED_KC, staged_plan
 from .signatures import ALL as SIGNATURES
-from .splitk import SplitK
+from .splitk import KSPLIT_TASKS, SPLIT_MIN_STEPS, SplitK
 from .tiles import SWIZZLE_ALIGN, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile
 
 #: C++ spellings per dtype (CUTLASS-style tag tables).
@@ -351,7 +351,11 @@ def _split_vars(problem: MoEProblem, config: KernelConfig) -> dict[str, int]:
     return {"split_gu": sk.gu_splits, "split_dn": sk.dn_splits, "split_gu_area": sk.gu_area,
             "split_dn_area": sk.dn_area, "split_shared_words": sk.shared_words,
             "split_slot_words": sk.slot_words,
-            "split_base": persistent_split_base(problem, config) if sk.splits else 0}
+            "split_base": persistent_split_base(problem, config) if sk.splits else 0,
+            # the down TMA row tiles' K parts (config dn_ksplit; splitk.ksplit_words)
+            "dn_ksplit": config.dn_ksplit, "ksplit_tasks": KSPLIT_TASKS,
+            "ksplit_min_steps": SPLIT_MIN_STEPS,
+            "ksplit_base": persistent_split_base(problem, config) if config.dn_ksplit > 1 else 0}
 
 
 def _producer_vars(config: KernelConfig) -> dict[str, int | str]:
