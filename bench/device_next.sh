@@ -19,8 +19,9 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
-#   s33: one GPU: the down TMA row tiles' K parts (dn_ksplit): their test, then the seed
-#      example and e16 with 1, 2, 4, 8 parts, both orders (~400 s)
+#   s33: the down TMA row tiles' K parts (dn_ksplit): their one-GPU test, the seed example
+#      and e16 on one GPU with 1, 2, 4, 8 parts, both orders; on two GPUs the 2-rank test
+#      cases too (~400 s, ~550 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -173,16 +174,22 @@ if [ "$PART" = s32d ]; then
   for t in v128 v192 tt sba sbb; do sweep_report "$t" "seed|e8|e64" 0; done
 fi
 if [ "$PART" = s33 ]; then
-  # One GPU: the down TMA row tiles' K parts (dn_ksplit): their one-GPU test beside the
-  # other TMA row tasks' (~150 s), then the seed example at T=256 / 1000 (16 / 32 down
-  # tiles) with 1, 2, 4, 8 parts, both orders, and e16 at T=1024 (~250 s)
-  timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
-    -p no:cacheprovider -rs -k "down_ksplit or tma_stores or task_producer_one_rank" \
-    > "$O/gpu1_s33.log" 2>&1
-  echo "one GPU tests rc=$?"; tail -3 "$O/gpu1_s33.log"
+  # The down TMA row tiles' K parts (dn_ksplit): their one-GPU test beside the other TMA
+  # row tasks' (on the last GPU, in the background where there are two), the seed example
+  # on one GPU at T=256 / 1000 (16 / 32 down tiles) with 1, 2, 4, 8 parts, both orders,
+  # and e16 at T=1024; with two GPUs then the 2-rank test cases (~400 s, ~550 s)
+  G=$(( $(nvidia-smi -L | wc -l) - 1 ))
+  CUDA_VISIBLE_DEVICES=$G timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
+    -q --no-header -p no:cacheprovider -rs -k "down_ksplit or tma_stores or \
+task_producer_one_rank" > "$O/gpu1_s33.log" 2>&1 &
+  [ "$G" = 0 ] && wait
+  export CUDA_VISIBLE_DEVICES=0
   NO_TORCH=1 NP=1 nvl_sweep dka seed 256,1000 150 --vary "dk=1,2,4,8"
   NO_TORCH=1 NP=1 nvl_sweep dkb seed 256,1000 90 --vary "dk=8,4,2,1"
   NO_TORCH=1 NP=1 nvl_sweep dkc e16 1024 90 --vary "dk=1,8"
+  wait; unset CUDA_VISIBLE_DEVICES
+  echo "one GPU tests: $(tail -1 "$O/gpu1_s33.log")"
+  [ "$G" -gt 0 ] && multigpu_k 2 150 s33 "nvlink_persistent_kernel and ksplit"
   bundle
   for t in dka dkb dkc; do sweep_report "$t" "seed|e16" 400; done
 fi
