@@ -21,7 +21,7 @@
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
 #   s33: the down TMA row tiles' K parts (dn_ksplit): their one-GPU test, the seed example
 #      and e16 on one GPU with 1, 2, 4, 8 parts, both orders; on two GPUs the 2-rank test
-#      cases too (~400 s, ~550 s)
+#      cases too (~400 s, ~550 s); s33b: without the seed's shared expert (~100 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -31,7 +31,7 @@
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and
 # rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65): the bench/results files of the
 # sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33|s33b|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -192,6 +192,13 @@ task_producer_one_rank" > "$O/gpu1_s33.log" 2>&1 &
   [ "$G" -gt 0 ] && multigpu_k 2 150 s33 "nvlink_persistent_kernel and ksplit"
   bundle
   for t in dka dkb dkc; do sweep_report "$t" "seed|e16" 400; done
+fi
+if [ "$PART" = s33b ]; then  # one GPU: the seed example without its shared expert at
+  # T=256 with 1 and 8 down K parts, both orders (~100 s)
+  NO_TORCH=1 NP=1 nvl_sweep dkd seed_ns 256 90 --vary "dk=1,8"
+  NO_TORCH=1 NP=1 nvl_sweep dke seed_ns 256 60 --vary "dk=8,1"
+  bundle
+  for t in dkd dke; do sweep_report "$t" "seed_ns" 600; done
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

@@ -60,6 +60,9 @@ SHAPES = SHAPES | {
     # one GPU standing in for a rank of 4 at E=64: 16 experts, as many rows per expert at
     # the same tokens per rank (no dispatch over NVLink)
     "e16": dict(hidden=2048, intermediate=2048, experts=16, top_k=2, shared_experts=0),
+    # the seed example without its shared expert (whose down tiles are a critical path of
+    # their own at T=256)
+    "seed_ns": dict(hidden=512, intermediate=2048, experts=8, top_k=2, shared_experts=0),
 }
 
 
