@@ -21,7 +21,8 @@
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
 #   s33: the down TMA row tiles' K parts (dn_ksplit): their one-GPU test, the seed example
 #      and e16 on one GPU with 1, 2, 4, 8 parts, both orders; on two GPUs the 2-rank test
-#      cases too (~400 s, ~550 s); s33b: without the seed's shared expert (~100 s)
+#      cases too (~400 s, ~550 s); s33b: without the seed's shared expert (~100 s); s33c:
+#      the down weights prefetched into L2 by the gate/up tasks (prefetch_down) (~380 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -31,7 +32,7 @@
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and
 # rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65): the bench/results files of the
 # sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33|s33b|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33|s33b|s33c|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -192,6 +193,23 @@ task_producer_one_rank" > "$O/gpu1_s33.log" 2>&1 &
   [ "$G" -gt 0 ] && multigpu_k 2 150 s33 "nvlink_persistent_kernel and ksplit"
   bundle
   for t in dka dkb dkc; do sweep_report "$t" "seed|e16" 400; done
+fi
+if [ "$PART" = s33c ]; then  # one GPU: the gate/up tasks' L2 prefetch of the down weights
+  # (prefetch_down) with and without 8 down K parts, both orders, at the seed example T=256
+  # / 1000 and without its shared expert; e16 T=1024 (128 MB of down weights: more than L2)
+  # (~300 s); then the one-GPU tests (~80 s)
+  NO_TORCH=1 NP=1 nvl_sweep pfa seed 256,1000 150 --vary "pfd=0,1;dk=1,8"
+  NO_TORCH=1 NP=1 nvl_sweep pfb seed 256,1000 80 --vary "pfd=1,0;dk=8,1"
+  NO_TORCH=1 NP=1 nvl_sweep pfc seed_ns 256 60 --vary "pfd=0,1"
+  NO_TORCH=1 NP=1 nvl_sweep pfd seed_ns 256 50 --vary "pfd=1,0"
+  NO_TORCH=1 NP=1 nvl_sweep pfe e16 1024 70 --vary "pfd=0,1"
+  timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
+    -p no:cacheprovider -rs -k "down_ksplit" > "$O/gpu1_s33c.log" 2>&1
+  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s33c.log")"
+  bundle
+  for t in pfa pfb pfc pfd pfe; do sweep_report "$t" "seed|seed_ns|e16" 0; done
+  grep -hoE "^- seed\S* T=[0-9]+ \S+|down \([0-9]+\) [0-9.]+ / [0-9.]+ / [0-9.]+|own_tasks [0-9.]+" \
+    "$O"/sweep_pf*.md | paste - - - | cut -c1-200
 fi
 if [ "$PART" = s33b ]; then  # one GPU: the seed example without its shared expert at
   # T=256 with 1 and 8 down K parts, both orders (~100 s)

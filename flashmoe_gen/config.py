@@ -26,6 +26,7 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     check_own_first,
     check_persistent,
     check_phased_tasks,
+    check_prefetch_down,
     check_router_batches,
     check_send_blocks,
     check_stage_epilogue,
@@ -143,6 +144,9 @@ class KernelConfig:
     # transport "nvlink", down TMA row tiles: up to N K parts each where a call's down tiles
     # are fewer than the SMs (check_dn_ksplit)
     dn_ksplit: int = 1
+    # transport "nvlink", per-source task lists: each gate/up task asks L2 for its share of
+    # its expert's down weights (check_prefetch_down)
+    prefetch_down: bool = False
 
     @property
     def uses_wgmma(self) -> bool:
@@ -308,6 +312,8 @@ class KernelConfig:
             check_own_down_last(self, name)
         if self.dn_ksplit != 1:
             check_dn_ksplit(self, problem, name)
+        if self.prefetch_down:
+            check_prefetch_down(self, name)
         if self.atomic_front and self.transport != "nvlink":
             raise ConfigError("atomic_front", True, "only transport 'nvlink' routes and "
                               "dispatches in one kernel: use False", name)
@@ -478,7 +484,8 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("defer_refill", "dr"), ("stage_epilogue", "se"), ("phased_tasks", "ph"),
              ("task_producer", "pr"), ("atomic_front", "af"), ("split_gated_mma", "g2"),
              ("ws_wgmma", "wsg"), ("tanh_silu", "ts"), ("interleave_sources", "il"),
-             ("own_first", "of"), ("own_down_last", "odl"), ("dn_ksplit", "dk"))
+             ("own_first", "of"), ("own_down_last", "odl"), ("dn_ksplit", "dk"),
+             ("prefetch_down", "pfd"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
 #: The knob a name tag stands for ("ts" -> "tanh_silu"): the benches' short knob names.

@@ -304,6 +304,19 @@ def check_dn_ksplit(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
         raise ConfigError("dn_ksplit", v, why, name)
 
 
+def check_prefetch_down(cfg: KernelConfig, name: str) -> None:
+    """Down weights into L2 from the gate/up tasks: the persistent kernel's per-source lists
+    (fused sources read each weight once in a task of their own), not the producer's loop."""
+    why = ("only transport 'nvlink' runs gate/up tasks ahead of down tasks"
+           if cfg.transport != "nvlink" else
+           "fused sources stream each weight once per task: use fuse_sources False"
+           if cfg.fuse_sources else
+           "the producer's task loop issues only its tasks' own loads: set task_producer False"
+           if cfg.task_producer else "")
+    if why:
+        raise ConfigError("prefetch_down", True, why + ", or use False", name)
+
+
 def producer_ring_b_elems(cfg: KernelConfig) -> int:
     """B elements per stage of ``task_producer``'s ring: the larger of the two GEMMs' B
     tiles (the gated one holds two)."""

@@ -302,6 +302,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "interleave_sources": CPP_BOOL[config.interleave_sources],
         "own_first": CPP_BOOL[config.own_first],
         "own_down_last": CPP_BOOL[config.own_down_last],
+        "prefetch_down": CPP_BOOL[config.prefetch_down],
         "atomic_front": CPP_BOOL[config.atomic_front],
         "place_rows": place_rows(config),
     }

@@ -112,3 +112,42 @@ def test_the_tuner_searches_the_parts_where_they_apply():
     for moot in ({"task_tiles": 2}, {"task_producer": True}, {"ws_tma": False},
                  {"transport": "nccl"}, {"dn_mma": "sync"}):
         assert space.canonical(params | moot)["dn_ksplit"] == 1, moot
+
+
+def test_prefetch_down_shares_cover_the_down_weights_once():
+    """prefetch_down: the gate/up tasks' shares (n x SOURCES + q of NGU x SOURCES, the
+    shared experts' t of their gate/up tasks) of 16-byte multiples cover the down weights
+    once; refused with fused sources and the producer's loop; moot for the tuner likewise."""
+    from flashmoe_gen.tuner.space import SearchSpace
+
+    def shares(elems, n):  # the kernel's prefetch_share, per share: [first, end) bytes
+        size = elems * 2
+        share = -(-size // (16 * n)) * 16
+        return [(share * i, min(size, share * (i + 1))) for i in range(n)
+                if share * i < size]
+
+    for elems, n in ((512 * 2048, 16 * 4), (2048 * 1408, 11 * 2), (7168 * 2048, 8), (24, 5)):
+        got = shares(elems, n)
+        assert got[0][0] == 0 and got[-1][1] == elems * 2
+        assert all(a[1] == b[0] and a[0] % 16 == 0 for a, b in zip(got, got[1:], strict=False))
+    code = " ".join(render(SEED4, replace(_rows(SEED4), prefetch_down=True)).code.split())
+    for text in ("constexpr bool PREFETCH_DOWN = true;",
+                 "const long long share = (bytes + 16LL * n - 1) / (16LL * n) * 16;",
+                 "n * SOURCES + (s - self_rank + SOURCES) % SOURCES, NGU * SOURCES);",
+                 "if (PREFETCH_DOWN && part == 0 && threadIdx.x == TMA_THREAD)"):
+        assert text in code, text
+    cfg = replace(_rows(SEED4), prefetch_down=True)
+    cfg.validate(SEED4, "sm_90")
+    assert cfg.name.endswith("__pfd") and KernelConfig.from_name(cfg.name) == cfg
+    fused = KernelConfig.persistent_default(SEED4.replace(tokens_per_rank=1), "sm_90")
+    for bad, text in ((replace(fused, prefetch_down=True), "fuse_sources False"),
+                      (replace(cfg, task_producer=True, interleave_sources=False),
+                       "task_producer False")):
+        with pytest.raises(ConfigError, match=text) as e:
+            bad.validate(SEED4, "sm_90")
+        assert e.value.field == "prefetch_down"
+    space = SearchSpace.for_problem(SEED4, "sm_90", "full", ("nccl", "nvlink"))
+    params = space.params_from_config(cfg)
+    assert space.canonical(params)["prefetch_down"] is True
+    for moot in ({"fuse": True}, {"task_producer": True}, {"transport": "nccl"}):
+        assert space.canonical(params | moot)["prefetch_down"] is False, moot

@@ -118,6 +118,7 @@ FULL = {
     "own_first": (False,),  # ... with this rank's own rows in a list ahead of it: likewise
     "own_down_last": (False,),  # its phased lists' own down tasks last: likewise
     "dn_ksplit": (1,),  # its down TMA row tiles' K parts: likewise
+    "prefetch_down": (False,),  # its gate/up tasks' L2 prefetch of the down weights: likewise
     "atomic_front": (False,),  # its rows' slots by atomics as they are routed: likewise
     "ws_wgmma": (False,),  # its fused weight-streaming tasks on warpgroup MMAs: likewise
     # gate and up in two wgmmas, not one (lost 2.5-4%: carried for seeded configs only)
@@ -149,7 +150,7 @@ SMALL = {
     "stage_epilogue": (0,), "phased_tasks": (False,), "task_producer": (False,),
     "atomic_front": (False,), "ws_wgmma": (False,), "split_gated": (False,),
     "tanh_silu": (False,), "interleave": (False,), "own_first": (False,),
-    "own_down_last": (False,), "dn_ksplit": (1,),
+    "own_down_last": (False,), "dn_ksplit": (1,), "prefetch_down": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -183,7 +184,9 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 # default there (session 32): the tune decides per problem
                 "own_down_last": (False, True),
                 # the down TMA row tiles' K parts where a call's tiles are fewer than SMs
-                "dn_ksplit": DN_KSPLIT_CHOICES}
+                "dn_ksplit": DN_KSPLIT_CHOICES,
+                # the gate/up tasks' L2 prefetch of the down weights
+                "prefetch_down": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -305,7 +308,8 @@ class SearchSpace:
                             interleave_sources=params.get("interleave", False),
                             own_first=params.get("own_first", False),
                             own_down_last=params.get("own_down_last", False),
-                            dn_ksplit=params.get("dn_ksplit", 1))
+                            dn_ksplit=params.get("dn_ksplit", 1),
+                            prefetch_down=params.get("prefetch_down", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -337,7 +341,8 @@ class SearchSpace:
                     "ws_wgmma": cfg.ws_wgmma,
                     "split_gated": cfg.split_gated_mma, "tanh_silu": cfg.tanh_silu,
                     "interleave": cfg.interleave_sources, "own_first": cfg.own_first,
-                    "own_down_last": cfg.own_down_last, "dn_ksplit": cfg.dn_ksplit}
+                    "own_down_last": cfg.own_down_last, "dn_ksplit": cfg.dn_ksplit,
+                    "prefetch_down": cfg.prefetch_down}
 
     @property
     def fingerprint(self) -> str:
