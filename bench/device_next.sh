@@ -19,10 +19,6 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
-#   s33: the down TMA row tiles' K parts (dn_ksplit): their one-GPU test, the seed example
-#      and e16 on one GPU with 1, 2, 4, 8 parts, both orders; on two GPUs the 2-rank test
-#      cases too (~400 s, ~550 s); s33b: without the seed's shared expert (~100 s); s33c:
-#      the down weights prefetched into L2 by the gate/up tasks (prefetch_down) (~380 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -30,9 +26,10 @@
 # The one-off parts of sessions 12-22 (6, g, h, k, n, n22, next, next2, p, r, rs, rs2, v, w,
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and
-# rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65): the bench/results files of the
-# sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33|s33b|s33c|s22|s22b
+# rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65; session 33's s33, s33b, s33c, with the
+# down K parts and L2 prefetch they measured, then dropped: 11f05a8): the bench/results
+# files of the sessions that ran them name each command with its commit.
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -173,50 +170,6 @@ if [ "$PART" = s32d ]; then
   fi
   bundle
   for t in v128 v192 tt sba sbb; do sweep_report "$t" "seed|e8|e64" 0; done
-fi
-if [ "$PART" = s33 ]; then
-  # The down TMA row tiles' K parts (dn_ksplit): their one-GPU test beside the other TMA
-  # row tasks' (on the last GPU, in the background where there are two), the seed example
-  # on one GPU at T=256 / 1000 (16 / 32 down tiles) with 1, 2, 4, 8 parts, both orders,
-  # and e16 at T=1024; with two GPUs then the 2-rank test cases (~400 s, ~550 s)
-  G=$(( $(nvidia-smi -L | wc -l) - 1 ))
-  CUDA_VISIBLE_DEVICES=$G timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py \
-    -q --no-header -p no:cacheprovider -rs -k "down_ksplit or tma_stores or \
-task_producer_one_rank" > "$O/gpu1_s33.log" 2>&1 &
-  [ "$G" = 0 ] && wait
-  export CUDA_VISIBLE_DEVICES=0
-  NO_TORCH=1 NP=1 nvl_sweep dka seed 256,1000 150 --vary "dk=1,2,4,8"
-  NO_TORCH=1 NP=1 nvl_sweep dkb seed 256,1000 90 --vary "dk=8,4,2,1"
-  NO_TORCH=1 NP=1 nvl_sweep dkc e16 1024 90 --vary "dk=1,8"
-  wait; unset CUDA_VISIBLE_DEVICES
-  echo "one GPU tests: $(tail -1 "$O/gpu1_s33.log")"
-  [ "$G" -gt 0 ] && multigpu_k 2 150 s33 "nvlink_persistent_kernel and ksplit"
-  bundle
-  for t in dka dkb dkc; do sweep_report "$t" "seed|e16" 400; done
-fi
-if [ "$PART" = s33c ]; then  # one GPU: the gate/up tasks' L2 prefetch of the down weights
-  # (prefetch_down) with and without 8 down K parts, both orders, at the seed example T=256
-  # / 1000 and without its shared expert; e16 T=1024 (128 MB of down weights: more than L2)
-  # (~300 s); then the one-GPU tests (~80 s)
-  NO_TORCH=1 NP=1 nvl_sweep pfa seed 256,1000 150 --vary "pfd=0,1;dk=1,8"
-  NO_TORCH=1 NP=1 nvl_sweep pfb seed 256,1000 80 --vary "pfd=1,0;dk=8,1"
-  NO_TORCH=1 NP=1 nvl_sweep pfc seed_ns 256 60 --vary "pfd=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep pfd seed_ns 256 50 --vary "pfd=1,0"
-  NO_TORCH=1 NP=1 nvl_sweep pfe e16 1024 70 --vary "pfd=0,1"
-  timeout -k 10 150 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
-    -p no:cacheprovider -rs -k "down_ksplit" > "$O/gpu1_s33c.log" 2>&1
-  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s33c.log")"
-  bundle
-  for t in pfa pfb pfc pfd pfe; do sweep_report "$t" "seed|seed_ns|e16" 0; done
-  grep -hoE "^- seed\S* T=[0-9]+ \S+|down \([0-9]+\) [0-9.]+ / [0-9.]+ / [0-9.]+|own_tasks [0-9.]+" \
-    "$O"/sweep_pf*.md | paste - - - | cut -c1-200
-fi
-if [ "$PART" = s33b ]; then  # one GPU: the seed example without its shared expert at
-  # T=256 with 1 and 8 down K parts, both orders (~100 s)
-  NO_TORCH=1 NP=1 nvl_sweep dkd seed_ns 256 90 --vary "dk=1,8"
-  NO_TORCH=1 NP=1 nvl_sweep dke seed_ns 256 60 --vary "dk=8,1"
-  bundle
-  for t in dkd dke; do sweep_report "$t" "seed_ns" 600; done
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

@@ -46,7 +46,7 @@ FIELDS = {"bm": "bm", "bn": "bn", "bk": "bk", "s": "stages"}
 #: (``config.FIELD_OF_TAG``), and the ones that take 0/1.
 KNOBS = {t: FIELD_OF_TAG[t]
          for t in ("b", "d", "wt", "sb", "rb", "tt", "dr", "se", "ph", "pr", "af", "g2", "ts",
-                   "il", "of", "odl", "dk", "pfd")}
+                   "il", "of", "odl")}
 _DEFAULTS = {d.name: d.default for d in dataclasses.fields(KernelConfig)}
 BOOL_KNOBS = tuple(t for t, f in KNOBS.items() if isinstance(_DEFAULTS[f], bool))
 #: Large-batch shapes beside decode's (issue 12's Mixtral, FlashDMoE's E=64 setting): the
@@ -60,8 +60,8 @@ SHAPES = SHAPES | {
     # one GPU standing in for a rank of 4 at E=64: 16 experts, as many rows per expert at
     # the same tokens per rank (no dispatch over NVLink)
     "e16": dict(hidden=2048, intermediate=2048, experts=16, top_k=2, shared_experts=0),
-    # the seed example without its shared expert (whose down tiles are a critical path of
-    # their own at T=256)
+    # the seed example without its shared expert (its shared down tiles, K=2048 through one
+    # SM each, run beside the routed ones at T=256)
     "seed_ns": dict(hidden=512, intermediate=2048, experts=8, top_k=2, shared_experts=0),
 }
 
@@ -108,15 +108,14 @@ def variants(base, vary: str) -> list:
             # task): a variant that asks for two drops the default's staging, as the
             # tuner's moot-knob rule does
             cfg = dataclasses.replace(cfg, stage_epilogue=0)
-        # the one list, its own-first split, the own down tasks last and the down K parts
-        # where the tuner's moot rules keep them (not with fused sources, unphased lists or
-        # the producer; the own down tasks last not over the one list alone; the K parts
-        # not with two row tiles per task): elsewhere the variant is the config without them
+        # the one list, its own-first split and the own down tasks last where the tuner's
+        # moot rules keep them (not with fused sources, unphased lists or the producer;
+        # the last not over the one list alone): elsewhere the variant is the config
+        # without them
         kept = without_moot(SearchSpace.params_from_config(cfg))
         cfg = dataclasses.replace(cfg, interleave_sources=kept["interleave"],
                                   own_first=kept["own_first"],
-                                  own_down_last=kept["own_down_last"],
-                                  dn_ksplit=kept["dn_ksplit"])
+                                  own_down_last=kept["own_down_last"])
         out.append(cfg)
     return list(dict.fromkeys(out)) or [base]
 

@@ -10,7 +10,6 @@ from .arch import DEFAULT_ARCH, DeviceLimits, limits_for
 from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' value sets)
     BLOCKS_PER_SM_CHOICES,
     DISPATCH_BLOCK_CHOICES,
-    DN_KSPLIT_CHOICES,
     K_SPLIT_CHOICES,
     PERSISTENT_SCHEDULE,
     PERSISTENT_THREADS,
@@ -20,13 +19,11 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     STAGE_EPILOGUE_CHOICES,
     TASK_TILE_CHOICES,
     check_defer_refill,
-    check_dn_ksplit,
     check_interleave_sources,
     check_own_down_last,
     check_own_first,
     check_persistent,
     check_phased_tasks,
-    check_prefetch_down,
     check_router_batches,
     check_send_blocks,
     check_stage_epilogue,
@@ -141,12 +138,6 @@ class KernelConfig:
     # ... the phased lists' down tasks (or own_first's) with this rank's own last: the
     # peers' results leave first (check_own_down_last)
     own_down_last: bool = False
-    # transport "nvlink", down TMA row tiles: up to N K parts each where a call's down tiles
-    # are fewer than the SMs (check_dn_ksplit)
-    dn_ksplit: int = 1
-    # transport "nvlink", per-source task lists: each gate/up task asks L2 for its share of
-    # its expert's down weights (check_prefetch_down)
-    prefetch_down: bool = False
 
     @property
     def uses_wgmma(self) -> bool:
@@ -310,10 +301,6 @@ class KernelConfig:
             check_own_first(self, problem, name)
         if self.own_down_last:
             check_own_down_last(self, name)
-        if self.dn_ksplit != 1:
-            check_dn_ksplit(self, problem, name)
-        if self.prefetch_down:
-            check_prefetch_down(self, name)
         if self.atomic_front and self.transport != "nvlink":
             raise ConfigError("atomic_front", True, "only transport 'nvlink' routes and "
                               "dispatches in one kernel: use False", name)
@@ -484,8 +471,7 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("defer_refill", "dr"), ("stage_epilogue", "se"), ("phased_tasks", "ph"),
              ("task_producer", "pr"), ("atomic_front", "af"), ("split_gated_mma", "g2"),
              ("ws_wgmma", "wsg"), ("tanh_silu", "ts"), ("interleave_sources", "il"),
-             ("own_first", "of"), ("own_down_last", "odl"), ("dn_ksplit", "dk"),
-             ("prefetch_down", "pfd"))
+             ("own_first", "of"), ("own_down_last", "odl"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
 #: The knob a name tag stands for ("ts" -> "tanh_silu"): the benches' short knob names.

@@ -35,12 +35,6 @@ BLOCKS_PER_SM_CHOICES = (0, 1, 2, 4)
 #: the critical path took 28 us, whatever the pipeline depth), so at decode, where tiles are
 #: fewer than SMs, more blocks per tile shorten the critical path.
 K_SPLIT_CHOICES = (1, 2, 4, 8)
-#: K parts of a down TMA row tile (``dn_ksplit``): at most that many, as many as a call's
-#: down tiles leave room for in one wave (splitk.KSPLIT_TASKS tasks, each part keeping
-#: splitk.SPLIT_MIN_STEPS k-tiles), fp32 partials summed in part order by the last to finish.
-#: At small batches a few down tiles (seed example T=256 on 4 ranks: 16 of 32 k-tiles, 1 MB
-#: of weights each through one SM, 13-16 us) are the tasks' critical path.
-DN_KSPLIT_CHOICES = (1, 2, 4, 8)
 #: Blocks that route, place and dispatch a call's tokens (``dispatch_blocks``): 1 = one
 #: block while the others start on the shared experts (where the tokens fit one router
 #: batch and one block reads the gate weights whole; else as 0), 0 = every block, with a
@@ -282,39 +276,6 @@ def check_task_tiles(cfg: KernelConfig, name: str) -> None:
     if not tma_row_tasks(cfg):
         raise ConfigError("task_tiles", v, f"{_TMA_ROW_TASKS} take several row tiles per "
                           "task: use 1", name)
-
-
-def check_dn_ksplit(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
-    """K parts of the down TMA row tiles: one row tile per task, fed by its own ring, and
-    every down task after every gate/up task (a call's parts per tile are chosen once every
-    source's counts are in, before its down tasks are laid out)."""
-    v = cfg.dn_ksplit
-    why = (f"choose one of {list(DN_KSPLIT_CHOICES)}" if v not in DN_KSPLIT_CHOICES else
-           f"{_TMA_ROW_TASKS} on the down GEMM (wgmma) split a down row tile's K range "
-           "(fused weight-streaming tiles: dn_splits): use 1"
-           if not (tma_row_tasks(cfg) and cfg.down.mma == "wgmma") else
-           "one row tile per task: set task_tiles 1, or use 1" if cfg.task_tiles != 1 else
-           "the producer's ring feeds whole tiles: set task_producer False, or use 1"
-           if cfg.task_producer else
-           "every down task must follow every gate/up task: set phased_tasks (or "
-           "interleave_sources), or use 1"
-           if problem.world_size > 1 and not (cfg.phased_tasks or cfg.interleave_sources)
-           else "")
-    if why:
-        raise ConfigError("dn_ksplit", v, why, name)
-
-
-def check_prefetch_down(cfg: KernelConfig, name: str) -> None:
-    """Down weights into L2 from the gate/up tasks: the persistent kernel's per-source lists
-    (fused sources read each weight once in a task of their own), not the producer's loop."""
-    why = ("only transport 'nvlink' runs gate/up tasks ahead of down tasks"
-           if cfg.transport != "nvlink" else
-           "fused sources stream each weight once per task: use fuse_sources False"
-           if cfg.fuse_sources else
-           "the producer's task loop issues only its tasks' own loads: set task_producer False"
-           if cfg.task_producer else "")
-    if why:
-        raise ConfigError("prefetch_down", True, why + ", or use False", name)
 
 
 def producer_ring_b_elems(cfg: KernelConfig) -> int:

@@ -32,7 +32,7 @@ from .render import (
 )
 from .router_layout import router_scratch_words
 from .signatures import PERSISTENT
-from .splitk import SplitK, ksplit_words
+from .splitk import SplitK
 from .watchdog import allgather, comm_timeout  # allgather: with the collectives' deadline
 
 if TYPE_CHECKING:
@@ -48,10 +48,8 @@ ALIGN = 256
 def state_words(problem: MoEProblem, config: KernelConfig) -> int:
     """The persistent kernel's state buffer in uint64 words: its counters, the router's
     partial logits (zeroed once), then the split tiles' scratch (flashmoe_gen.splitk) for
-    up to ``problem.tokens_per_rank`` tokens, or instead the down row tiles' K parts."""
+    up to ``problem.tokens_per_rank`` tokens."""
     sk = SplitK.of(problem, config)
-    if config.dn_ksplit > 1:  # (the down row tiles' K parts: never with sk's split tiles)
-        return persistent_split_base(problem, config) + ksplit_words(config)
     if not sk.splits:
         return (persistent_counter_words(problem, config)
                 + router_scratch_words(problem, config.router_tokens_per_block))

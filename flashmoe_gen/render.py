@@ -29,7 +29,7 @@ from .router_layout import (
 )
 from .router_staged import STAGED_KC, staged_plan
 from .signatures import ALL as SIGNATURES
-from .splitk import KSPLIT_TASKS, SPLIT_MIN_STEPS, SplitK
+from .splitk import SplitK
 from .tiles import SWIZZLE_ALIGN, TMA_MAX_GROUPS, TMA_SPIN_CYCLES, GemmTile
 
 #: C++ spellings per dtype (CUTLASS-style tag tables).
@@ -302,7 +302,6 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "interleave_sources": CPP_BOOL[config.interleave_sources],
         "own_first": CPP_BOOL[config.own_first],
         "own_down_last": CPP_BOOL[config.own_down_last],
-        "prefetch_down": CPP_BOOL[config.prefetch_down],
         "atomic_front": CPP_BOOL[config.atomic_front],
         "place_rows": place_rows(config),
     }
@@ -352,11 +351,7 @@ def _split_vars(problem: MoEProblem, config: KernelConfig) -> dict[str, int]:
     return {"split_gu": sk.gu_splits, "split_dn": sk.dn_splits, "split_gu_area": sk.gu_area,
             "split_dn_area": sk.dn_area, "split_shared_words": sk.shared_words,
             "split_slot_words": sk.slot_words,
-            "split_base": persistent_split_base(problem, config) if sk.splits else 0,
-            # the down TMA row tiles' K parts (config dn_ksplit; splitk.ksplit_words)
-            "dn_ksplit": config.dn_ksplit, "ksplit_tasks": KSPLIT_TASKS,
-            "ksplit_min_steps": SPLIT_MIN_STEPS,
-            "ksplit_base": persistent_split_base(problem, config) if config.dn_ksplit > 1 else 0}
+            "split_base": persistent_split_base(problem, config) if sk.splits else 0}
 
 
 def _producer_vars(config: KernelConfig) -> dict[str, int | str]:

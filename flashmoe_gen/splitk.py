@@ -128,18 +128,3 @@ def default_splits(problem: MoEProblem, down, choices: tuple[int, ...]) -> tuple
     fit = [s for s in choices
            if tasks * s <= SPLIT_TARGET_TASKS and _cdiv(k, down.bk) >= s * SPLIT_MIN_STEPS]
     return 1, max(fit, default=1)
-
-
-#: Most K parts of down TMA row tiles one call runs (config dn_ksplit): one wave of the
-#: SMs (with the grid, the kernel's bound); sizes their scratch.
-KSPLIT_TASKS = SPLIT_TARGET_TASKS
-
-
-def ksplit_words(config: KernelConfig) -> int:
-    """uint64 words of the down TMA row tiles' K parts (config ``dn_ksplit``; 0 without):
-    ``KSPLIT_TASKS`` arrival counters (a call's split tiles are at most half as many), then
-    fp32 ``[KSPLIT_TASKS][bm x bn]`` (a tile's parts side by side, ``[parts][regs][threads]``
-    each)."""
-    if config.dn_ksplit == 1:
-        return 0
-    return KSPLIT_TASKS + KSPLIT_TASKS * config.down.bm * config.down.bn // 2

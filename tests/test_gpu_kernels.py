@@ -245,29 +245,6 @@ def test_nvlink_task_producer_one_rank(case):
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 13), w)
 
 
-@pytest.mark.parametrize("parts,prefetch", [(2, False), (8, True), (1, True)])
-def test_nvlink_down_ksplit_one_rank(parts, prefetch):
-    """The down TMA row tiles' K parts (dn_ksplit) on one GPU: the seed example's TMA row
-    default (shared experts, staged down results) at 256 tokens (16 down tiles: 8 parts
-    each where allowed), 1000 (32 tiles: 4), 77 (ragged rows, the second warpgroup idle in
-    most tiles), 1 and 0; then under capacity drops. Outputs poisoned, float64 reference;
-    the parts' counters carry each call's epoch (nothing reset between calls). prefetch:
-    the gate/up tasks ask L2 for the down weights (prefetch_down; shared experts too)."""
-    p = SEED_EXAMPLE.replace(tokens_per_rank=1000)
-    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), dn_ksplit=parts,
-                              prefetch_down=prefetch)
-    cfg.validate(p, "sm_90")
-    assert cfg.ws_tma and cfg.down.bn == 256, cfg.name
-    w = MoEWeights.random(p, seed=77)
-    layer = _layer(p, cfg, weights=w)
-    for t in (256, 1000, 77, 1, 0, 256):
-        _run_checked(layer, random_tokens(t, p.hidden, seed=t + 23), w)
-    capped = p.replace(capacity_factor=1.0, tokens_per_rank=256)
-    w = MoEWeights.random(capped, seed=79)
-    layer = _layer(capped, cfg, weights=w)
-    _run_checked(layer, random_tokens(256, p.hidden, seed=29), w, capacity=layer.capacity)
-
-
 @pytest.mark.parametrize("case", ["seed_rows", "e64_fused"])
 def test_nvlink_atomic_front_one_rank(case):
     """Rows' slots by atomics as they are routed (atomic_front) on one GPU: the seed

@@ -168,9 +168,8 @@ NVL_CASES = (
       "row_tiles_wgmma_tma_phased", "row_tiles_phased", "row_tiles_wgmma_tma_producer",
       "row_tiles_wgmma_tma_producer_pairs", "row_tiles_wgmma_tma_atomic", "row_tiles_send_blocks",
       "fused_ws_wgmma", "row_tiles_wgmma_tma_interleaved", "row_tiles_wgmma_tma_own_first",
-      "row_tiles_wgmma_tma_down_last", "row_tiles_wgmma_tma_own_first_down_last",
-      "row_tiles_wgmma_tma_ksplit")),
-    (SEED.replace(tokens_per_rank=128), ("seed_default_rows", "seed_default_rows_ksplit")),
+      "row_tiles_wgmma_tma_down_last", "row_tiles_wgmma_tma_own_first_down_last")),
+    (SEED.replace(tokens_per_rank=128), ("seed_default_rows",)),
     (DSV2.replace(tokens_per_rank=2200),
      ("dsv2lite_default_producer", "dsv2lite_default_many_batches",
       "dsv2lite_default_quad_batches", "dsv2lite_default_staged", "dsv2lite_default_tstore",
@@ -256,17 +255,6 @@ def test_nvlink_persistent_kernel(comm, case):
             p.replace(world_size=comm.world_size)),
             router_batches=4 if case.endswith("quad_batches") else 2)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
-    if case.endswith("ksplit"):  # the down TMA row tiles' K parts (dn_ksplit): the phased
-        # lists' staged 256-wide down tiles in up to 4 parts, the default's in up to 8 (on 4
-        # ranks its one list over every source: 16 down tiles of 32 k-tiles at 128 tokens)
-        if case.startswith("row"):
-            cfg = dataclasses.replace(cfg, phased_tasks=True, stage_epilogue=2, dn_ksplit=4)
-        else:
-            q = p.replace(world_size=comm.world_size)
-            cfg = KernelConfig.persistent_default(q)
-            if cfg.fuse_sources:
-                pytest.skip("the default fuses the sources here (weight-streaming tiles)")
-            cfg = dataclasses.replace(cfg, dn_ksplit=8)
     if case == "seed_default_rows":  # the persistent default at 128 tokens per rank: on 4
         # ranks (2 local experts: too few fused tasks, defaults.FUSED_MIN_TASKS) TMA row
         # tiles in one list over every source, 128 rows per expert; on 2 fused tasks

@@ -324,9 +324,7 @@ def test_the_template_passes_the_mirrored_arguments():
             "return rows <= 0 ? 0 : ROWS ? (row_tiles<BM>(rows) + TASK_TILES - 1) / TASK_TILES "
             ": S;",
             "auto gu_parts = [](int rows) { return task_parts<GU_BM, GU_ROWS, GU_S>(rows); };",
-            "auto dn_parts = [&](int rows) { return task_parts<DN_BM, DN_ROWS, DN_S>(rows) * "
-            "(DN_KS > 1 ? dn_ks : 1); };",
-            "constexpr int DN_KS = 1,",  # (the down K parts of TMA row tiles: none here)
+            "auto dn_parts = [](int rows) { return task_parts<DN_BM, DN_ROWS, DN_S>(rows); };",
             "__device__ __forceinline__ int row_tiles(int rows) { return (rows + BM - 1) / BM; }",
             "constexpr int TASK_TILES = 1;",  # mma.sync row tasks: one row tile each
             "return GU_ROWS ? tiles * row_tiles<GU_BM>(rows) : tiles;",

@@ -56,13 +56,12 @@ def _splits_apply(params: dict) -> bool:
 
 
 def without_moot(params: dict) -> dict:
-    """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
-    senders, router batches, task tiles, deferred refills, staged epilogue, phased tasks, one
-    list over every source and its own-first split, task producer, down K parts and
-    prefetch, atomic front, own_split/own_stream, gather) at their neutral values, where
-    present (an absent one reads as that value anyway). A rule may read only tiles and
-    knobs valid_configs walks before the knob it resets (WALK_FIRST; the brute-force test
-    checks the walk)."""
+    """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma, senders,
+    router batches, task tiles, deferred refills, staged epilogue, phased tasks, one list
+    over every source and its own-first split, task producer, atomic front,
+    own_split/own_stream, gather) at their neutral values, where present (an absent one
+    reads as that value anyway). A rule may read only tiles and knobs valid_configs walks
+    before the knob it resets (WALK_FIRST; the brute-force test checks the walk)."""
     out = dict(params)
     if not _splits_apply(out):
         out |= {k: 1 for k in SPLIT_KNOBS if k in out}
@@ -99,15 +98,6 @@ def without_moot(params: dict) -> dict:
             and out.get("own_first", False) == out.get("interleave", False)):
         out["own_down_last"] = False  # it reorders the phased lists' down tasks, or
         # own_first's (the one list alone mixes the sources' down tasks; after their rules)
-    if "dn_ksplit" in out and not (rows_tma and out.get("dn_mma") == "wgmma"
-                                   and out.get("task_tiles", 1) == 1
-                                   and not out.get("task_producer", False)):
-        out["dn_ksplit"] = 1  # a down TMA row task of one row tile, fed by its own ring
-        # (after the producer's rule: a moot producer is off)
-    if "prefetch_down" in out and not (_per_source_tasks(out)
-                                       and not out.get("task_producer", False)):
-        out["prefetch_down"] = False  # per-source lists' gate/up tasks, not the producer's
-        # loop (after its rule)
     if "atomic_front" in out and out.get("transport") != "nvlink":
         out["atomic_front"] = False  # one kernel routes and dispatches: the persistent one
     if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):

@@ -21,7 +21,6 @@ from flashmoe_gen.config import (
     COMM_SMS_CHOICES,
     COMM_STREAM_CHOICES,
     DISPATCH_BLOCK_CHOICES,
-    DN_KSPLIT_CHOICES,
     K_SPLIT_CHOICES,
     MODE_CHOICES,
     PERSISTENT_SCHEDULE,
@@ -117,8 +116,6 @@ FULL = {
     "interleave": (False,),  # its one task list over every source: likewise
     "own_first": (False,),  # ... with this rank's own rows in a list ahead of it: likewise
     "own_down_last": (False,),  # its phased lists' own down tasks last: likewise
-    "dn_ksplit": (1,),  # its down TMA row tiles' K parts: likewise
-    "prefetch_down": (False,),  # its gate/up tasks' L2 prefetch of the down weights: likewise
     "atomic_front": (False,),  # its rows' slots by atomics as they are routed: likewise
     "ws_wgmma": (False,),  # its fused weight-streaming tasks on warpgroup MMAs: likewise
     # gate and up in two wgmmas, not one (lost 2.5-4%: carried for seeded configs only)
@@ -150,7 +147,7 @@ SMALL = {
     "stage_epilogue": (0,), "phased_tasks": (False,), "task_producer": (False,),
     "atomic_front": (False,), "ws_wgmma": (False,), "split_gated": (False,),
     "tanh_silu": (False,), "interleave": (False,), "own_first": (False,),
-    "own_down_last": (False,), "dn_ksplit": (1,), "prefetch_down": (False,),
+    "own_down_last": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -182,11 +179,7 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "interleave": (False, True), "own_first": (False, True),
                 # the own down tasks last: correct on 4 x H200, -2% to +5% against the
                 # default there (session 32): the tune decides per problem
-                "own_down_last": (False, True),
-                # the down TMA row tiles' K parts where a call's tiles are fewer than SMs
-                "dn_ksplit": DN_KSPLIT_CHOICES,
-                # the gate/up tasks' L2 prefetch of the down weights
-                "prefetch_down": (False, True)}
+                "own_down_last": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -307,9 +300,7 @@ class SearchSpace:
                             tanh_silu=params.get("tanh_silu", False),
                             interleave_sources=params.get("interleave", False),
                             own_first=params.get("own_first", False),
-                            own_down_last=params.get("own_down_last", False),
-                            dn_ksplit=params.get("dn_ksplit", 1),
-                            prefetch_down=params.get("prefetch_down", False))
+                            own_down_last=params.get("own_down_last", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -341,8 +332,7 @@ class SearchSpace:
                     "ws_wgmma": cfg.ws_wgmma,
                     "split_gated": cfg.split_gated_mma, "tanh_silu": cfg.tanh_silu,
                     "interleave": cfg.interleave_sources, "own_first": cfg.own_first,
-                    "own_down_last": cfg.own_down_last, "dn_ksplit": cfg.dn_ksplit,
-                    "prefetch_down": cfg.prefetch_down}
+                    "own_down_last": cfg.own_down_last}
 
     @property
     def fingerprint(self) -> str:
