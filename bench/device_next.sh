@@ -19,8 +19,6 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
-#   s33d: one GPU: deferred refills and the producer warpgroup at the seed example T=256 /
-#      1000, both orders (~250 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -29,9 +27,9 @@
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and
 # rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65; session 33's s33, s33b, s33c, with the
-# down K parts and L2 prefetch they measured, then dropped: 11f05a8): the bench/results
-# files of the sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33d|s22|s22b
+# down K parts and L2 prefetch they measured, then dropped: 11f05a8, its s33d: 8bdcc89): the
+# bench/results files of the sessions that ran them name each command with its commit.
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -172,15 +170,6 @@ if [ "$PART" = s32d ]; then
   fi
   bundle
   for t in v128 v192 tt sba sbb; do sweep_report "$t" "seed|e8|e64" 0; done
-fi
-if [ "$PART" = s33d ]; then  # one GPU: deferred refills and the producer warpgroup at the
-  # seed example T=256 / 1000 (the k-loops of few, short tasks), both orders (~250 s)
-  NO_TORCH=1 NP=1 nvl_sweep dra seed 256,1000 150 --vary "dr=0,1;pr=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep drb seed 256,1000 90 --vary "dr=1,0;pr=1,0"
-  bundle
-  for t in dra drb; do sweep_report "$t" "seed" 0; done
-  grep -hoE "^- seed\S* T=[0-9]+ \S+|(gate/up|down) \([0-9]+\) [0-9.]+ / [0-9.]+ / [0-9.]+|own_tasks [0-9.]+" \
-    "$O"/sweep_dr*.md | paste - - - - | cut -c1-220
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
