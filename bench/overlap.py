@@ -25,6 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, md_table  # noqa: E402
 
+from flashmoe_gen.task_trace import timeline_text  # noqa: E402
+
 #: Measured ceilings of this workplace's cards (docs/results.md, "Anchors"): bf16 matrix
 #: product (both cards, same SMs) and device copy bandwidth per card; other cards: H100's.
 PEAK_FLOPS = 790e12
@@ -57,6 +59,9 @@ def nvlink_stats(layer, x, comm, chain: int = 8) -> dict:
     from flashmoe_gen.comm import allgather
 
     got = allgather(comm.mpi, layer._persistent.measure(x, chain=chain), "kernel clocks")
+    # the task timeline of the rank whose kernel took longest (its tasks closed the forward)
+    slowest = max(range(len(got)), key=lambda r: got[r]["kernel_us"])
+    timelines = [{k: g.pop(k) for k in list(g) if k.startswith("tl_")} for g in got]
     busy = float(np.mean([g.pop("sm_busy") for g in got]))
     ghz = float(np.mean([g.pop("sm_ghz", 0.0) for g in got]))
     kernel = max(g.pop("kernel_us") for g in got)
@@ -66,14 +71,16 @@ def nvlink_stats(layer, x, comm, chain: int = 8) -> dict:
             "phases_us_nvlink": {k: max(g[k] for g in got) for k in got[0]},
             # the TMA row tiles' time per tile and the waits per block, mean over ranks
             "tasks_us_nvlink": {k[4:]: round(float(np.mean([t[k] for t in tasks])), 3)
-                                for k in tasks[0]}}
+                                for k in tasks[0]},
+            "timeline_us_nvlink": timelines[slowest]}
 
 
 def phases_text(row: dict) -> str:
     """A row's nvlink phases as "route 6.3, positions 2.1, ..." (microseconds), then the
     task loop's clocks: the TMA row tiles' time per tile where it has them (and per GEMM
     where the row has them: prologue / loop / epilogue), the waits per block, the router's
-    time per block (logits, then scores and choices) and the SMs' clock."""
+    time per block (logits, then scores and choices), the SMs' clock and the task
+    timeline (flashmoe_gen.task_trace.timeline_text)."""
     text = ", ".join(f"{k} {v}" for k, v in row["phases_us_nvlink"].items())
     tasks = dict(row.get("tasks_us_nvlink") or {})
     tiles = tasks.pop("tiles", 0)
@@ -97,6 +104,8 @@ def phases_text(row: dict) -> str:
         text += "; router per block: " + ", ".join(route)
     if row.get("sm_ghz_nvlink"):
         text += f"; SM clock {row['sm_ghz_nvlink']} GHz"
+    if tl := timeline_text(row.get("timeline_us_nvlink") or {}):
+        text += f"; tasks (the slowest rank, us since the kernel's start): {tl}"
     return text
 
 

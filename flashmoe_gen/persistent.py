@@ -33,6 +33,7 @@ from .render import (
 from .router_layout import router_scratch_words
 from .signatures import PERSISTENT
 from .splitk import SplitK
+from .task_trace import timeline
 from .watchdog import allgather, comm_timeout  # allgather: with the collectives' deadline
 
 if TYPE_CHECKING:
@@ -372,8 +373,9 @@ class PersistentForward:
 
     def measure(self, x, chain: int = 8, repeats: int = 5) -> dict:
         """SM busy, the SMs' clock (``sm_ghz``: under tensor-core load they run below the
-        boost clock, and the peak a k-loop can reach with them), kernel time, phases and the
-        TMA row tiles' anatomy (``row_*``) of the
+        boost clock, and the peak a k-loop can reach with them), kernel time, phases, the
+        TMA row tiles' anatomy (``row_*``) and the task timeline (``tl_*``,
+        task_trace.timeline) of the
         last of ``chain`` forwards of ``x`` back to back, median over ``repeats`` chains
         (collective like any forward). One lone call would count the ranks' launch skew into
         the first wait on a peer; inside a chain the previous call's waits have lined the
@@ -385,8 +387,10 @@ class PersistentForward:
                 self.layer.forward(x)
             st = self._stats("clocks")  # one copy per chain serves every figure
             runs.append({"sm_busy": _sm_busy(st), "sm_ghz": _sm_ghz(st),
-                         "kernel_us": _kernel_us(st), **_phase_us(st), **_row_anatomy(st)})
-        return {k: round(float(np.median([r[k] for r in runs])), 3) for k in runs[0]}
+                         "kernel_us": _kernel_us(st), **_phase_us(st), **_row_anatomy(st),
+                         **timeline(st)})
+        return {k: round(float(np.median([r[k] for r in runs])), 3) for k in runs[0]
+                if all(k in r for r in runs)}  # (a kind of task some chain ran none of)
 
     def stall(self) -> CommTimeout | None:
         """What the watchdog recorded (after the kernel trapped), as the error to raise."""

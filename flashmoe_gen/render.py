@@ -187,7 +187,12 @@ PERSISTENT_ROUTE_CLOCKS = ("route_logits", "route_select")
 PERSISTENT_TASK_CLOCKS = (*(f"{g}_{k}" for g in PERSISTENT_ROW_GEMMS
                             for k in (*PERSISTENT_ROW_CLOCKS, "row_tiles")),
                           "dep_wait", "flag_wait", "barrier_wait", *PERSISTENT_ROUTE_CLOCKS)
-PERSISTENT_STATS_WORDS = PERSISTENT_STAT_END + 1 + len(PERSISTENT_TASK_CLOCKS)
+#: Then the task trace (flashmoe_gen.task_trace): per block its entry count, then a ring of
+#: its last PERSISTENT_TRACE_TASKS task GEMMs, 2 words each (fetch and GEMM start; GEMM end
+#: and descriptor: ns since the block's start, 32 bits each).
+PERSISTENT_TRACE_AT = PERSISTENT_STAT_END + 1 + len(PERSISTENT_TASK_CLOCKS)
+PERSISTENT_TRACE_TASKS = 64
+PERSISTENT_STATS_WORDS = PERSISTENT_TRACE_AT + 1 + 2 * PERSISTENT_TRACE_TASKS
 
 def device_problem(problem: MoEProblem) -> MoEProblem:
     """The problem as the device code sees it: ``tokens_per_rank`` never reaches the kernels
@@ -281,6 +286,8 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
                               "fmoe::P_THREADS, 1" if config.ws_tma else "fmoe::P_THREADS"),
         **_producer_vars(config),
         "persistent_stats_words": PERSISTENT_STATS_WORDS,
+        "persistent_trace_at": PERSISTENT_TRACE_AT,
+        "persistent_trace_tasks": PERSISTENT_TRACE_TASKS,
         "persistent_stat_end": PERSISTENT_STAT_END,
         "persistent_task_clocks": len(PERSISTENT_TASK_CLOCKS),
         "persistent_dep_wait": PERSISTENT_TASK_CLOCKS.index("dep_wait"),

@@ -245,6 +245,39 @@ def test_nvlink_task_producer_one_rank(case):
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 13), w)
 
 
+def test_nvlink_task_trace_one_rank():
+    """The persistent kernel's task trace (flashmoe_gen.task_trace) on one GPU: the seed
+    example's TMA row default at 256 tokens traces every task once, by kind as many as the
+    routing gives (the shared expert's 16 x 2 gate/up and 2 x 2 down tiles; per expert
+    ceil(rows / 128) row tiles of 16 gate/up and 2 down columns), each taken before its GEMM
+    started and ended after; no down GEMM starts before its group's gate/up tiles ended (the
+    kernel's dependency counters, seen on the global timer: 2 us of slack for its ticks)."""
+    from flashmoe_gen.task_trace import complete, entries
+
+    p = SEED_EXAMPLE.replace(tokens_per_rank=256)
+    w = MoEWeights.random(p, seed=81)
+    layer = _layer(p, KernelConfig.persistent_default(p, "sm_90"), weights=w)
+    x = random_tokens(256, p.hidden, seed=83)
+    _run_checked(layer, x, w)
+    layer._persistent.enable_stats()
+    _run_checked(layer, x, w)
+    st = layer._persistent.stats.get()
+    assert complete(st)
+    got = entries(st)
+    idx = layer.last_routing()[0].get().astype(np.int64)
+    tiles = -(-np.bincount(idx.ravel(), minlength=p.experts) // 128)
+    counts = {k: sum(e["kind"] == k for e in got) for k in
+              ("shared_gate_up", "shared_down", "gate_up", "down")}
+    assert counts == {"shared_gate_up": 32, "shared_down": 4, "gate_up": 16 * int(tiles.sum()),
+                      "down": 2 * int(tiles.sum())}, counts
+    assert all(e["took_us"] <= e["start_us"] <= e["end_us"] for e in got)
+    for kind, before in (("down", "gate_up"), ("shared_down", "shared_gate_up")):
+        for d in (e for e in got if e["kind"] == kind):
+            ready = max(g["end_us"] for g in got if g["kind"] == before
+                        and (kind == "shared_down" or g["expert"] == d["expert"]))
+            assert d["start_us"] >= ready - 2.0, (d, ready)
+
+
 @pytest.mark.parametrize("case", ["seed_rows", "e64_fused"])
 def test_nvlink_atomic_front_one_rank(case):
     """Rows' slots by atomics as they are routed (atomic_front) on one GPU: the seed

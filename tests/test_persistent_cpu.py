@@ -9,7 +9,7 @@ import pytest
 
 from flashmoe_gen.layout import SymmetricLayout
 from flashmoe_gen.persistent import ALIGN, HeapLayout, PersistentForward
-from flashmoe_gen.render import PERSISTENT_TASK_CLOCKS
+from flashmoe_gen.render import PERSISTENT_TASK_CLOCKS, PERSISTENT_TRACE_TASKS
 from flashmoe_gen.signatures import PERSISTENT
 
 
@@ -121,8 +121,10 @@ def test_measure_reads_the_last_call_of_each_chain():
         total = 100 + n // 3 if last else 10_000
         marks = [5_000, *(5_000 + 1_000 * np.arange(1, 7)), 5_000 + 1_000 * total]  # ns
         clocks = [0] * len(PERSISTENT_TASK_CLOCKS)  # no TMA row tiles, no waits
+        trace = [0] * (1 + 2 * PERSISTENT_TRACE_TASKS)  # no task traced
         pf.stats = types.SimpleNamespace(get=lambda: np.array(
-            [[total // 2, total, *marks, *clocks], [0, total, *marks, *clocks]], np.uint64))
+            [[total // 2, total, *marks, *clocks, *trace], [0, total, *marks, *clocks, *trace]],
+            np.uint64))
 
     pf.layer = types.SimpleNamespace(forward=forward, _graph_cache=None)
     pf.stats = None
@@ -134,6 +136,7 @@ def test_measure_reads_the_last_call_of_each_chain():
     assert got["row_tiles"] == 0 and got["row_loop_us"] == 0  # no TMA row tiles
     # each block ran `total` cycles over 1000 x total ns: 0.001 GHz
     assert got["sm_ghz"] == pytest.approx(1e-3, abs=1e-4)
+    assert got["tl_complete"] == 1.0 and "tl_last_kind" not in got  # no task traced
 
 
 def test_row_anatomy_converts_each_blocks_cycles_at_its_own_rate():
