@@ -19,8 +19,8 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
-#   s33e: one GPU: the task trace's test, then the task timelines of the seed example, it
-#      without its shared expert, and e16 (~250 s)
+#   s33f: one GPU: the shared experts' down tiles as TMA row tasks: their tests, then the
+#      seed example and DeepSeek-V2-Lite against --no-shared-tma, alternating (~350 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -29,9 +29,10 @@
 # wsg, fin, ...) are in this file's history (git log -p bench/device_next.sh; 3182f16 is the
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and
 # rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65; session 33's s33, s33b, s33c, with the
-# down K parts and L2 prefetch they measured, then dropped: 11f05a8, its s33d: 8bdcc89): the
-# bench/results files of the sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33e|s22|s22b
+# down K parts and L2 prefetch they measured, then dropped: 11f05a8, its s33d: 8bdcc89, its
+# s33e: c556a5b): the bench/results files of the sessions that ran them name each command
+# with its commit.
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33f|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -173,19 +174,24 @@ if [ "$PART" = s32d ]; then
   bundle
   for t in v128 v192 tt sba sbb; do sweep_report "$t" "seed|e8|e64" 0; done
 fi
-if [ "$PART" = s33e ]; then  # one GPU: the task trace's test (beside the one-rank
-  # persistent tests), then the task timelines of the seed example T=256 / 1000, without
-  # its shared expert, and e16 T=1024 / 4096 (~250 s)
-  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
+if [ "$PART" = s33f ]; then  # one GPU: the shared experts' down tiles as TMA row tasks:
+  # their tests (and the task trace's, the one-rank persistent ones with shared experts),
+  # then the seed example T=256 / 1000 and DeepSeek-V2-Lite T=512 / 2200, the default
+  # against --no-shared-tma, alternating, with the task timelines (~350 s)
+  timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
     -p no:cacheprovider -rs -k "task_trace or nvlink_persistent_kernel_one_rank or \
-nvlink_tma_stores" > "$O/gpu1_s33e.log" 2>&1
-  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s33e.log")"
-  NO_TORCH=1 NP=1 nvl_sweep tla seed 256,1000 90
-  NO_TORCH=1 NP=1 nvl_sweep tlb seed_ns 256 60
-  NO_TORCH=1 NP=1 nvl_sweep tlc e16 1024,4096 90
+nvlink_tma_stores or atomic_front_one_rank or task_producer_one_rank or split_router" \
+    > "$O/gpu1_s33f.log" 2>&1
+  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s33f.log")"
+  NO_TORCH=1 NP=1 nvl_sweep sta seed 256,1000 90
+  NO_TORCH=1 NP=1 nvl_sweep stb seed 256,1000 90 --no-shared-tma
+  NO_TORCH=1 NP=1 nvl_sweep stc dsv2lite 512,2200 90
+  NO_TORCH=1 NP=1 nvl_sweep std dsv2lite 512,2200 90 --no-shared-tma
+  NO_TORCH=1 NP=1 nvl_sweep ste seed 256,1000 60 --no-shared-tma
+  NO_TORCH=1 NP=1 nvl_sweep stf seed 256,1000 60
   bundle
-  for t in tla tlb tlc; do sweep_report "$t" "seed|seed_ns|e16" 0; done
-  grep -hE "^- " "$O"/sweep_tl*.md | sed 's/.*`: //' | grep -oE "^route [0-9.]+|own_tasks [0-9.]+|tasks \(the.*" | paste - - -
+  for t in sta stb stc std ste stf; do sweep_report "$t" "seed|dsv2lite" 0; done
+  grep -hE "^- " "$O"/sweep_st*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

@@ -233,7 +233,9 @@ def report(rows: list[dict], a) -> None:
             + (" Staged router logits wherever they apply (--staged-all)."
                if a.staged_all else "")
             + (" Every staged router call from hidden stage 0 (--no-staged-rotate)."
-               if a.no_staged_rotate else "") + "\n\n"
+               if a.no_staged_rotate else "")
+            + (" The shared experts' down tiles by cp.async (--no-shared-tma)."
+               if a.no_shared_tma else "") + "\n\n"
             + md_table(cols, [[r.get(c, "—") for c in cols] for r in rows])
             + "\nphases (us):\n" + "".join(
                 f"- {r['shape']} T={r['tokens']} `{r['config']}`: {phases_text(r)}\n"
@@ -263,8 +265,13 @@ def main() -> int:
     ap.add_argument("--no-staged-rotate", action="store_true",
                     help="every staged router call from hidden stage 0, not from its own "
                          "(router_staged.STAGED_ROTATE off: the A/B of the default)")
+    ap.add_argument("--no-shared-tma", action="store_true",
+                    help="the shared experts' down tiles by cp.async, not as TMA row tasks "
+                         "(render.SHARED_DOWN_TMA off: the A/B of the default)")
     add_output_args(ap, iters=30)
     a = ap.parse_args()
+    from flashmoe_gen import render
+    render.SHARED_DOWN_TMA = not a.no_shared_tma
     from flashmoe_gen import router_staged  # set before anything renders: the generated
     if a.split_logits:                      # code, and with it the compile cache's key
         router_staged.STAGED_MAX_STAGES = 0

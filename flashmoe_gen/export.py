@@ -191,8 +191,10 @@ def _nvlink_vars(layer: CompiledLayer) -> dict:
 
 def _tile_maps_cpp(p: MoEProblem, cfg: KernelConfig, capacity: int) -> list[dict]:
     """``ws_tma``: persistent.tile_map_specs as the harness spells them (its weights are
-    the N x K copies ``L->w1t`` ...; its heap and act buffers ``L->heap``, ``L->pact``)."""
-    where = {"heap": "reinterpret_cast<elem*>(L->heap)", "act": "L->pact"}
+    the N x K copies ``L->w1t`` ...; its heap and act buffers ``L->heap``, ``L->pact``, its
+    shared experts' activations ``L->shared_act``)."""
+    where = {"heap": "reinterpret_cast<elem*>(L->heap)", "act": "L->pact",
+             "shared_act": "L->shared_act"}
     return [{"ptr": where.get(name, f"L->{name}t"), "rows": f"{rows}ull", "k": k, "box": box}
             for name, rows, k, box in tile_map_specs(p, cfg, capacity)]
 

@@ -29,6 +29,7 @@ from .render import (
     PERSISTENT_TASK_CLOCKS,
     persistent_counter_words,
     persistent_split_base,
+    shared_down_tma,
 )
 from .router_layout import router_scratch_words
 from .signatures import PERSISTENT
@@ -229,7 +230,9 @@ def tile_map_specs(problem: MoEProblem, config: KernelConfig, capacity: int
     rows (a routed expert e's gate/up tile n starts at row ``e I + n BN``, down ``e H + n
     BN``; without shared experts their maps repeat w1's); then, for wgmma row tiles, the A
     operands of a routed row task: ``heap`` (this rank's symmetric heap as rows of H: a
-    source's dispatched rows) and ``act`` (rows of I), in boxes of the tiles' BM rows."""
+    source's dispatched rows) and ``act`` (rows of I), in boxes of the tiles' BM rows; then
+    where the shared experts' down tiles are TMA row tasks (render.shared_down_tma) their A
+    operand ``shared_act`` (the token bound's rows of the shared width)."""
     p = problem
     el, h, i, sw = p.local_experts, p.hidden, p.intermediate, p.shared_width
     gu, dn = config.gate_up, config.down
@@ -242,6 +245,8 @@ def tile_map_specs(problem: MoEProblem, config: KernelConfig, capacity: int
         heap_rows = HeapLayout.of(p, capacity).layout.elements // h
         specs += [("heap", heap_rows, h, gu.bm),
                   ("act", p.world_size * el * capacity, i, dn.bm)]
+    if shared_down_tma(p, config):
+        specs.append(("shared_act", max(p.tokens_per_rank, 1), sw, dn.bm))
     return specs
 
 
@@ -298,7 +303,12 @@ class PersistentForward:
         # kHz -> cycles; CUDA 13 may not report the clock: 2 GHz bounds every current part.
         clock_khz = cupy.cuda.Device().attributes.get("ClockRate", 2_000_000)
         self.spin_limit = int(timeout * clock_khz * 1e3)
-        self.wmaps = tile_maps(layer, {"heap": self.heap.base, "act": self.act.data.ptr},
+        # (shared_act: the token buffers, allocated for the token bound before this, which
+        # no call outgrows: calls take at most tokens_per_rank)
+        shared_act = layer._tok.shared_act
+        self.wmaps = tile_maps(layer, {"heap": self.heap.base, "act": self.act.data.ptr,
+                                       "shared_act": shared_act.data.ptr
+                                       if shared_act is not None else 0},
                                capacity) if cfg.ws_tma else None
 
     def arguments(self, x, tokens: int, out) -> dict:

@@ -294,7 +294,8 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_flag_wait": PERSISTENT_TASK_CLOCKS.index("flag_wait"),
         "persistent_barrier_wait": PERSISTENT_TASK_CLOCKS.index("barrier_wait"),
         "persistent_route_clk": PERSISTENT_TASK_CLOCKS.index("route_logits"),
-        "persistent_tile_maps": persistent_tile_maps(config),
+        "persistent_tile_maps": persistent_tile_maps(problem, config),
+        "shared_down_tma": shared_down_tma(problem, config),
         "persistent_gu_clk": PERSISTENT_TASK_CLOCKS.index("gu_prologue"),
         "persistent_dn_clk": PERSISTENT_TASK_CLOCKS.index("dn_prologue"),
         "persistent_st_dep": PERSISTENT_ST_DEP,
@@ -330,11 +331,30 @@ def place_rows(config: KernelConfig) -> int:
 PERSISTENT_ST_DEP = 7
 
 
-def persistent_tile_maps(config: KernelConfig) -> int:
+#: The shared experts' down tiles as TMA row tasks (their A operand, shared_act, by its own
+#: tensor map) where the routed down tiles are: the seed example's 4 shared down tiles (128
+#: x 256, K = 2048) took 31.6 us each by cp.async, the routed ones 19.9 by TMA, and closed
+#: the forward (one H200, the task trace: bench/results/2026-11-29_gpu_checks_session33.md).
+#: Off: by cp.async as the shared gate/up tiles (bench/nvlink_sweep.py --no-shared-tma).
+SHARED_DOWN_TMA = True
+
+
+def shared_down_tma(problem: MoEProblem, config: KernelConfig) -> bool:
+    """Whether the persistent kernel runs the shared experts' down tiles as TMA row tasks
+    (SHARED_DOWN_TMA): shared experts, TMA row tasks on the down GEMM (wgmma row tiles with
+    ``ws_tma``), not the producer's loop (its ring feeds the routed tasks alone)."""
+    return (SHARED_DOWN_TMA and problem.shared_experts > 0 and config.transport == "nvlink"
+            and config.ws_tma and config.gate_up.mma == config.down.mma == "wgmma"
+            and not config.task_producer)
+
+
+def persistent_tile_maps(problem: MoEProblem, config: KernelConfig) -> int:
     """How many tensor maps the persistent kernel reads with ``ws_tma`` (the order of
     persistent.tile_map_specs: w1, w3, w2, sw1, sw3, sw2, then with wgmma row tiles the
-    heap's rows and act's), 0 without."""
-    return 6 + 2 * (config.gate_up.mma == "wgmma") if config.ws_tma else 0
+    heap's rows and act's, then with shared_down_tma shared_act's), 0 without."""
+    if not config.ws_tma:
+        return 0
+    return 6 + 2 * (config.gate_up.mma == "wgmma") + shared_down_tma(problem, config)
 
 
 def persistent_counter_words(problem: MoEProblem, config: KernelConfig | None = None) -> int:

@@ -300,7 +300,7 @@ def test_tensor_maps_acquired_once_per_launch():
     for p in (rows, fused):
         cfg = KernelConfig.persistent_default(p, "sm_90")
         assert cfg.ws_tma
-        n = persistent_tile_maps(cfg)
+        n = persistent_tile_maps(p, cfg)
         assert n == len(tile_map_specs(p, cfg, 512)) == (8 if p is rows else 6)
         code = " ".join(render(p, cfg).code.split())
         assert f"constexpr int TILE_MAPS = {n};" in code
@@ -309,7 +309,7 @@ def test_tensor_maps_acquired_once_per_launch():
         assert "constexpr int TMA_THREAD = TASK_PRODUCER ? P_THREADS : 0;" in code
         assert code.count("tensormap_acquire(") == 2  # its definition and that loop
         off = replace(cfg, ws_tma=False, stage_epilogue=0, ws_wgmma=False)
-        assert persistent_tile_maps(off) == 0
+        assert persistent_tile_maps(p, off) == 0
         assert "constexpr int TILE_MAPS = 0;" in render(p, off).code
 
 
