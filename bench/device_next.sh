@@ -193,6 +193,16 @@ nvlink_tma_stores or atomic_front_one_rank or task_producer_one_rank or split_ro
   for t in sta stb stc std ste stf; do sweep_report "$t" "seed|dsv2lite" 0; done
   grep -hE "^- " "$O"/sweep_st*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
 fi
+if [ "$PART" = s33g ]; then  # one GPU: DeepSeek-V2-Lite T=1024 / 2200, the shared down
+  # tiles by TMA against cp.async, both orders (~200 s)
+  NO_TORCH=1 NP=1 nvl_sweep sga dsv2lite 1024,2200 90
+  NO_TORCH=1 NP=1 nvl_sweep sgb dsv2lite 1024,2200 70 --no-shared-tma
+  NO_TORCH=1 NP=1 nvl_sweep sgc dsv2lite 1024,2200 70 --no-shared-tma
+  NO_TORCH=1 NP=1 nvl_sweep sgd dsv2lite 1024,2200 70
+  bundle
+  for t in sga sgb sgc sgd; do sweep_report "$t" "dsv2lite" 0; done
+  grep -hE "^- " "$O"/sweep_sg*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
+fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
     "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" "mixtral-8x7b 4096 16"
