@@ -19,8 +19,8 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
-#   s33f: one GPU: the shared experts' down tiles as TMA row tasks: their tests, then the
-#      seed example and DeepSeek-V2-Lite against --no-shared-tma, alternating (~350 s)
+#   s34: the shared experts' down tiles as TMA row tasks on 4 ranks: their test cases, then
+#      the seed example T=256 against them by cp.async, alternating (~450 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -30,9 +30,9 @@
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and
 # rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65; session 33's s33, s33b, s33c, with the
 # down K parts and L2 prefetch they measured, then dropped: 11f05a8, its s33d: 8bdcc89, its
-# s33e: c556a5b): the bench/results files of the sessions that ran them name each command
-# with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33f|s22|s22b
+# s33e: c556a5b, its s33f and s33g: 805040d): the bench/results files of the sessions that
+# ran them name each command with its commit.
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s34|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -174,34 +174,20 @@ if [ "$PART" = s32d ]; then
   bundle
   for t in v128 v192 tt sba sbb; do sweep_report "$t" "seed|e8|e64" 0; done
 fi
-if [ "$PART" = s33f ]; then  # one GPU: the shared experts' down tiles as TMA row tasks:
-  # their tests (and the task trace's, the one-rank persistent ones with shared experts),
-  # then the seed example T=256 / 1000 and DeepSeek-V2-Lite T=512 / 2200, the default
-  # against --no-shared-tma, alternating, with the task timelines (~350 s)
-  timeout -k 10 240 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
-    -p no:cacheprovider -rs -k "task_trace or nvlink_persistent_kernel_one_rank or \
-nvlink_tma_stores or atomic_front_one_rank or task_producer_one_rank or split_router" \
-    > "$O/gpu1_s33f.log" 2>&1
-  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s33f.log")"
-  NO_TORCH=1 NP=1 nvl_sweep sta seed 256,1000 90
-  NO_TORCH=1 NP=1 nvl_sweep stb seed 256,1000 90 --no-shared-tma
-  NO_TORCH=1 NP=1 nvl_sweep stc dsv2lite 512,2200 90
-  NO_TORCH=1 NP=1 nvl_sweep std dsv2lite 512,2200 90 --no-shared-tma
-  NO_TORCH=1 NP=1 nvl_sweep ste seed 256,1000 60 --no-shared-tma
-  NO_TORCH=1 NP=1 nvl_sweep stf seed 256,1000 60
+if [ "$PART" = s34 ]; then
+  # 4 GPUs: the shared experts' down tiles as TMA row tasks (render.SHARED_DOWN_TMA, the
+  # default since session 33, measured on one GPU only): the 4-rank cases with shared
+  # experts on TMA row tiles (~200 s), then the seed example T=256 beside PyTorch EP and
+  # the shared down tiles by cp.async, alternating, with the task timelines (~250 s)
+  multigpu_k 4 240 s34 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
+dsv2lite_default_interleaved or row_tiles_wgmma_tma_staged or row_tiles_wgmma_tma_interleaved)"
+  NP=4 nvl_sweep sh1a seed 256 70
+  NO_TORCH=1 NP=4 nvl_sweep sh0a seed 256 50 --no-shared-tma
+  NO_TORCH=1 NP=4 nvl_sweep sh0b seed 256 50 --no-shared-tma
+  NO_TORCH=1 NP=4 nvl_sweep sh1b seed 256 50
   bundle
-  for t in sta stb stc std ste stf; do sweep_report "$t" "seed|dsv2lite" 0; done
-  grep -hE "^- " "$O"/sweep_st*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
-fi
-if [ "$PART" = s33g ]; then  # one GPU: DeepSeek-V2-Lite T=1024 / 2200, the shared down
-  # tiles by TMA against cp.async, both orders (~200 s)
-  NO_TORCH=1 NP=1 nvl_sweep sga dsv2lite 1024,2200 90
-  NO_TORCH=1 NP=1 nvl_sweep sgb dsv2lite 1024,2200 70 --no-shared-tma
-  NO_TORCH=1 NP=1 nvl_sweep sgc dsv2lite 1024,2200 70 --no-shared-tma
-  NO_TORCH=1 NP=1 nvl_sweep sgd dsv2lite 1024,2200 70
-  bundle
-  for t in sga sgb sgc sgd; do sweep_report "$t" "dsv2lite" 0; done
-  grep -hE "^- " "$O"/sweep_sg*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
+  for t in sh1a sh0a sh0b sh1b; do sweep_report "$t" "seed" 0; done
+  grep -hE "^- " "$O"/sweep_sh*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
