@@ -194,6 +194,7 @@ PERSISTENT_TRACE_AT = PERSISTENT_STAT_END + 1 + len(PERSISTENT_TASK_CLOCKS)
 PERSISTENT_TRACE_TASKS = 64
 PERSISTENT_STATS_WORDS = PERSISTENT_TRACE_AT + 1 + 2 * PERSISTENT_TRACE_TASKS
 
+
 def device_problem(problem: MoEProblem) -> MoEProblem:
     """The problem as the device code sees it: ``tokens_per_rank`` never reaches the kernels
     (a call passes its own count; capacities are planned on the host), so it is 0 here and
