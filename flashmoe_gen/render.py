@@ -296,7 +296,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "persistent_barrier_wait": PERSISTENT_TASK_CLOCKS.index("barrier_wait"),
         "persistent_route_clk": PERSISTENT_TASK_CLOCKS.index("route_logits"),
         "persistent_tile_maps": persistent_tile_maps(problem, config),
-        "shared_down_tma": shared_down_tma(problem, config),
+        "shared_down_tma": CPP_BOOL[shared_down_tma(problem, config)],
         "persistent_gu_clk": PERSISTENT_TASK_CLOCKS.index("gu_prologue"),
         "persistent_dn_clk": PERSISTENT_TASK_CLOCKS.index("dn_prologue"),
         "persistent_st_dep": PERSISTENT_ST_DEP,
