@@ -19,6 +19,8 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
+#   s33h: one GPU: down tasks streaming their K range (stream_down): its test, then the
+#      seed example, it without its shared expert and e16 with and without (~330 s)
 #   s34: the shared experts' down tiles as TMA row tasks on 4 ranks: their test cases, then
 #      the seed example T=256 against them by cp.async, alternating (~450 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
@@ -32,7 +34,7 @@
 # down K parts and L2 prefetch they measured, then dropped: 11f05a8, its s33d: 8bdcc89, its
 # s33e: c556a5b, its s33f and s33g: 805040d): the bench/results files of the sessions that
 # ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s34|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33h|s34|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -188,6 +190,20 @@ dsv2lite_default_interleaved or row_tiles_wgmma_tma_staged or row_tiles_wgmma_tm
   bundle
   for t in sh1a sh0a sh0b sh1b; do sweep_report "$t" "seed" 0; done
   grep -hE "^- " "$O"/sweep_sh*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
+fi
+if [ "$PART" = s33h ]; then  # one GPU: down tasks streaming their K range (stream_down):
+  # its test and the trace's, then the seed example T=256 / 1000 with and without it, both
+  # orders, without its shared expert, and e16 T=1024 (~330 s)
+  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
+    -p no:cacheprovider -rs -k "stream_down or task_trace" > "$O/gpu1_s33h.log" 2>&1
+  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s33h.log")"
+  NO_TORCH=1 NP=1 nvl_sweep sda seed 256,1000 90 --vary "sd=0,1"
+  NO_TORCH=1 NP=1 nvl_sweep sdb seed 256,1000 60 --vary "sd=1,0"
+  NO_TORCH=1 NP=1 nvl_sweep sdc seed_ns 256 60 --vary "sd=0,1"
+  NO_TORCH=1 NP=1 nvl_sweep sdd e16 1024 70 --vary "sd=0,1"
+  bundle
+  for t in sda sdb sdc sdd; do sweep_report "$t" "seed|seed_ns|e16" 0; done
+  grep -hE "^- " "$O"/sweep_sd*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

@@ -27,6 +27,7 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     check_router_batches,
     check_send_blocks,
     check_stage_epilogue,
+    check_stream_down,
     check_task_producer,
     check_task_tiles,
     check_ws_tma,
@@ -138,6 +139,9 @@ class KernelConfig:
     # ... the phased lists' down tasks (or own_first's) with this rank's own last: the
     # peers' results leave first (check_own_down_last)
     own_down_last: bool = False
+    # transport "nvlink", down TMA row tasks: each k-tile's rows loaded once the gate/up
+    # n-tile writing them is complete, the gate/up tasks n-tile-major (check_stream_down)
+    stream_down: bool = False
 
     @property
     def uses_wgmma(self) -> bool:
@@ -301,6 +305,8 @@ class KernelConfig:
             check_own_first(self, problem, name)
         if self.own_down_last:
             check_own_down_last(self, name)
+        if self.stream_down:
+            check_stream_down(self, name)
         if self.atomic_front and self.transport != "nvlink":
             raise ConfigError("atomic_front", True, "only transport 'nvlink' routes and "
                               "dispatches in one kernel: use False", name)
@@ -471,7 +477,8 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("defer_refill", "dr"), ("stage_epilogue", "se"), ("phased_tasks", "ph"),
              ("task_producer", "pr"), ("atomic_front", "af"), ("split_gated_mma", "g2"),
              ("ws_wgmma", "wsg"), ("tanh_silu", "ts"), ("interleave_sources", "il"),
-             ("own_first", "of"), ("own_down_last", "odl"))
+             ("own_first", "of"), ("own_down_last", "odl"),
+             ("stream_down", "sd"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
 #: The knob a name tag stands for ("ts" -> "tanh_silu"): the benches' short knob names.

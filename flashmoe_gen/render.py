@@ -311,6 +311,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "interleave_sources": CPP_BOOL[config.interleave_sources],
         "own_first": CPP_BOOL[config.own_first],
         "own_down_last": CPP_BOOL[config.own_down_last],
+        "stream_down": CPP_BOOL[config.stream_down],
         "atomic_front": CPP_BOOL[config.atomic_front],
         "place_rows": place_rows(config),
     }
@@ -361,9 +362,14 @@ def persistent_tile_maps(problem: MoEProblem, config: KernelConfig) -> int:
 def persistent_counter_words(problem: MoEProblem, config: KernelConfig | None = None) -> int:
     """The persistent kernel's counter words (templates/persistent.cu.j2 ST_WORDS): epoch,
     barrier, queue, exits, one dependency counter per (source, local expert), the shared
-    experts', and with ``atomic_front`` one slot counter per expert."""
+    experts', with ``atomic_front`` one slot counter per expert, with ``stream_down`` one
+    per (source, local expert, gate/up n-tile)."""
     slots = problem.experts if config is not None and config.atomic_front else 0
-    return PERSISTENT_ST_DEP + problem.world_size * problem.local_experts + 1 + slots
+    # stream_down: a counter per (source, local expert, gate/up n-tile)
+    n_tiles = (problem.world_size * problem.local_experts
+               * -(-problem.intermediate // config.gate_up.bn)
+               if config is not None and config.stream_down else 0)
+    return PERSISTENT_ST_DEP + problem.world_size * problem.local_experts + 1 + slots + n_tiles
 
 
 def persistent_split_base(problem: MoEProblem, config: KernelConfig) -> int:

@@ -278,6 +278,35 @@ def test_nvlink_task_trace_one_rank():
             assert d["start_us"] >= ready - 2.0, (d, ready)
 
 
+def test_nvlink_stream_down_one_rank():
+    """Down TMA row tasks that stream their K range (stream_down) on one GPU: the seed
+    example's TMA row default at 256 tokens (two waves of gate/up tasks), 1000, 77, 1 and 0,
+    then under capacity drops; outputs and activations poisoned (a k-tile read before its
+    gate/up n-tile is stored would carry the poison), float64 reference. The task trace
+    shows the streaming: some down GEMM starts before its group's last gate/up tile ends."""
+    from flashmoe_gen.task_trace import entries
+
+    p = SEED_EXAMPLE.replace(tokens_per_rank=1000)
+    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), stream_down=True)
+    cfg.validate(p, "sm_90")
+    w = MoEWeights.random(p, seed=85)
+    layer = _layer(p, cfg, weights=w)
+    layer._persistent.enable_stats()
+    for t in (256, 1000, 77, 1, 0):
+        _run_checked(layer, random_tokens(t, p.hidden, seed=t + 31), w)
+        if t == 256:
+            got = entries(layer._persistent.stats.get())
+            early = 0
+            for d in (e for e in got if e["kind"] == "down"):
+                early += d["start_us"] < max(g["end_us"] for g in got if g["kind"] ==
+                                             "gate_up" and g["expert"] == d["expert"])
+            assert early > 0, "no down task started before its gate/up tiles all ended"
+    capped = p.replace(capacity_factor=1.0, tokens_per_rank=256)
+    w = MoEWeights.random(capped, seed=87)
+    layer = _layer(capped, cfg, weights=w)
+    _run_checked(layer, random_tokens(256, p.hidden, seed=37), w, capacity=layer.capacity)
+
+
 @pytest.mark.parametrize("case", ["seed_rows", "e64_fused"])
 def test_nvlink_atomic_front_one_rank(case):
     """Rows' slots by atomics as they are routed (atomic_front) on one GPU: the seed

@@ -168,7 +168,8 @@ NVL_CASES = (
       "row_tiles_wgmma_tma_phased", "row_tiles_phased", "row_tiles_wgmma_tma_producer",
       "row_tiles_wgmma_tma_producer_pairs", "row_tiles_wgmma_tma_atomic", "row_tiles_send_blocks",
       "fused_ws_wgmma", "row_tiles_wgmma_tma_interleaved", "row_tiles_wgmma_tma_own_first",
-      "row_tiles_wgmma_tma_down_last", "row_tiles_wgmma_tma_own_first_down_last")),
+      "row_tiles_wgmma_tma_down_last", "row_tiles_wgmma_tma_own_first_down_last",
+      "row_tiles_wgmma_tma_stream")),
     (SEED.replace(tokens_per_rank=128), ("seed_default_rows",)),
     (DSV2.replace(tokens_per_rank=2200),
      ("dsv2lite_default_producer", "dsv2lite_default_many_batches",
@@ -255,6 +256,10 @@ def test_nvlink_persistent_kernel(comm, case):
             p.replace(world_size=comm.world_size)),
             router_batches=4 if case.endswith("quad_batches") else 2)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
+    if case.endswith("stream"):  # the down tasks stream their K range (stream_down): the
+        # phased per-source lists n-tile-major, each k-tile loaded once its gate/up n-tile
+        # counts every row tile of the group; staged results
+        cfg = dataclasses.replace(cfg, phased_tasks=True, stage_epilogue=2, stream_down=True)
     if case == "seed_default_rows":  # the persistent default at 128 tokens per rank: on 4
         # ranks (2 local experts: too few fused tasks, defaults.FUSED_MIN_TASKS) TMA row
         # tiles in one list over every source, 128 rows per expert; on 2 fused tasks

@@ -58,7 +58,7 @@ def _splits_apply(params: dict) -> bool:
 def without_moot(params: dict) -> dict:
     """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma, senders,
     router batches, task tiles, deferred refills, staged epilogue, phased tasks, one list
-    over every source and its own-first split, task producer, atomic front,
+    over every source and its own-first split, task producer, streamed down tasks, atomic front,
     own_split/own_stream, gather) at their neutral values, where present (an absent one
     reads as that value anyway). A rule may read only tiles and knobs valid_configs walks
     before the knob it resets (WALK_FIRST; the brute-force test checks the walk)."""
@@ -98,6 +98,12 @@ def without_moot(params: dict) -> dict:
             and out.get("own_first", False) == out.get("interleave", False)):
         out["own_down_last"] = False  # it reorders the phased lists' down tasks, or
         # own_first's (the one list alone mixes the sources' down tasks; after their rules)
+    if "stream_down" in out and not (
+            rows_tma and out.get("dn_mma") == "wgmma" and _per_source_tasks(out)
+            and out.get("stage_epilogue", 0) != 3 and not out.get("task_producer", False)
+            and not out.get("interleave", False)):
+        out["stream_down"] = False  # down TMA row tasks over per-source lists, their
+        # gate/up tiles counted as stored (after the producer's and the one list's rules)
     if "atomic_front" in out and out.get("transport") != "nvlink":
         out["atomic_front"] = False  # one kernel routes and dispatches: the persistent one
     if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):

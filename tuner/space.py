@@ -116,6 +116,7 @@ FULL = {
     "interleave": (False,),  # its one task list over every source: likewise
     "own_first": (False,),  # ... with this rank's own rows in a list ahead of it: likewise
     "own_down_last": (False,),  # its phased lists' own down tasks last: likewise
+    "stream_down": (False,),  # its down tasks streaming their K range: likewise
     "atomic_front": (False,),  # its rows' slots by atomics as they are routed: likewise
     "ws_wgmma": (False,),  # its fused weight-streaming tasks on warpgroup MMAs: likewise
     # gate and up in two wgmmas, not one (lost 2.5-4%: carried for seeded configs only)
@@ -147,7 +148,7 @@ SMALL = {
     "stage_epilogue": (0,), "phased_tasks": (False,), "task_producer": (False,),
     "atomic_front": (False,), "ws_wgmma": (False,), "split_gated": (False,),
     "tanh_silu": (False,), "interleave": (False,), "own_first": (False,),
-    "own_down_last": (False,),
+    "own_down_last": (False,), "stream_down": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -179,7 +180,9 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 "interleave": (False, True), "own_first": (False, True),
                 # the own down tasks last: correct on 4 x H200, -2% to +5% against the
                 # default there (session 32): the tune decides per problem
-                "own_down_last": (False, True)}
+                "own_down_last": (False, True),
+                # the down TMA row tasks read each k-tile as its gate/up n-tile completes
+                "stream_down": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -300,7 +303,8 @@ class SearchSpace:
                             tanh_silu=params.get("tanh_silu", False),
                             interleave_sources=params.get("interleave", False),
                             own_first=params.get("own_first", False),
-                            own_down_last=params.get("own_down_last", False))
+                            own_down_last=params.get("own_down_last", False),
+                            stream_down=params.get("stream_down", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -332,7 +336,7 @@ class SearchSpace:
                     "ws_wgmma": cfg.ws_wgmma,
                     "split_gated": cfg.split_gated_mma, "tanh_silu": cfg.tanh_silu,
                     "interleave": cfg.interleave_sources, "own_first": cfg.own_first,
-                    "own_down_last": cfg.own_down_last}
+                    "own_down_last": cfg.own_down_last, "stream_down": cfg.stream_down}
 
     @property
     def fingerprint(self) -> str:
