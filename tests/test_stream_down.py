@@ -66,7 +66,12 @@ def test_the_template_decodes_and_waits_as_the_port():
             "atomicAdd(state + ST_NDEP + (s * el + e) * NGU + n, static_cast<unsigned long "
             "long>(m_tiles));",
             "if (!STREAM_DOWN && threadIdx.x == 0) timed_wait(task_clk + DEP_WAIT,",
-            "[&] { return ld_acquire_gpu(n_done + kt * 64 / GU_BN) >= row_need; },",
+            "if (kt < stream_ready) return;",
+            "const bool done = ld_relaxed_gpu(n_done + j) >= row_need; // (every load issued) "
+            "whole = whole && done; prefix += whole; } stream_ready = prefix * GU_BN / 64; "
+            "return kt < stream_ready;",
+            "__threadfence(); // (acquire: the counts seen above, then the rows they count) "
+            "fence_proxy_async_all();",
             "load_b(f); k_ready(f % KT); load_a(f);"):
         assert text in code, text
     assert cfg.name.endswith("__sd") and KernelConfig.from_name(cfg.name) == cfg
