@@ -19,8 +19,6 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
-#   s33h: one GPU: down tasks streaming their K range (stream_down): its test, then the
-#      seed example, it without its shared expert and e16 with and without (~330 s)
 #   s34: the shared experts' down tiles as TMA row tasks on 4 ranks: their test cases, then
 #      the seed example T=256 against them by cp.async, alternating (~450 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
@@ -32,9 +30,9 @@
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and
 # rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65; session 33's s33, s33b, s33c, with the
 # down K parts and L2 prefetch they measured, then dropped: 11f05a8, its s33d: 8bdcc89, its
-# s33e: c556a5b, its s33f and s33g: 805040d): the bench/results files of the sessions that
-# ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s33h|s34|s22|s22b
+# s33e: c556a5b, its s33f and s33g: 805040d, its s33h: 4b27f8f): the bench/results files of
+# the sessions that ran them name each command with its commit.
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s34|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -179,10 +177,27 @@ fi
 if [ "$PART" = s34 ]; then
   # 4 GPUs: the shared experts' down tiles as TMA row tasks (render.SHARED_DOWN_TMA, the
   # default since session 33, measured on one GPU only): the 4-rank cases with shared
-  # experts on TMA row tiles (~200 s), then the seed example T=256 beside PyTorch EP and
+  # experts on TMA row tiles and the streamed down tasks' (stream_down) (~220 s), then the seed example T=256 beside PyTorch EP and
   # the shared down tiles by cp.async, alternating, with the task timelines (~250 s)
   multigpu_k 4 240 s34 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
-dsv2lite_default_interleaved or row_tiles_wgmma_tma_staged or row_tiles_wgmma_tma_interleaved)"
+dsv2lite_default_interleaved or row_tiles_wgmma_tma_staged or row_tiles_wgmma_tma_interleaved \
+or row_tiles_wgmma_tma_stream)"
+  NP=4 nvl_sweep sh1a seed 256 70
+  NO_TORCH=1 NP=4 nvl_sweep sh0a seed 256 50 --no-shared-tma
+  NO_TORCH=1 NP=4 nvl_sweep sh0b seed 256 50 --no-shared-tma
+  NO_TORCH=1 NP=4 nvl_sweep sh1b seed 256 50
+  bundle
+  for t in sh1a sh0a sh0b sh1b; do sweep_report "$t" "seed" 0; done
+  grep -hE "^- " "$O"/sweep_sh*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
+fi
+if [ "$PART" = s34 ]; then
+  # 4 GPUs: the shared experts' down tiles as TMA row tasks (render.SHARED_DOWN_TMA, the
+  # default since session 33, measured on one GPU only): the 4-rank cases with shared
+  # experts on TMA row tiles and the streamed down tasks' (stream_down) (~220 s), then the seed example T=256 beside PyTorch EP and
+  # the shared down tiles by cp.async, alternating, with the task timelines (~250 s)
+  multigpu_k 4 240 s34 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
+dsv2lite_default_interleaved or row_tiles_wgmma_tma_staged or row_tiles_wgmma_tma_interleaved \
+or row_tiles_wgmma_tma_stream)"
   NP=4 nvl_sweep sh1a seed 256 70
   NO_TORCH=1 NP=4 nvl_sweep sh0a seed 256 50 --no-shared-tma
   NO_TORCH=1 NP=4 nvl_sweep sh0b seed 256 50 --no-shared-tma
