@@ -19,8 +19,9 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
-#   s34: the shared experts' down tiles as TMA row tasks on 4 ranks: their test cases, then
-#      the seed example T=256 against them by cp.async, alternating (~450 s)
+#   s34: the shared experts' down tiles as TMA row tasks on 4 ranks: their test cases and
+#      the streamed down tasks', then the seed example T=256 against them by cp.async,
+#      alternating, and per-source lists with and without stream_down (~520 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -177,8 +178,9 @@ fi
 if [ "$PART" = s34 ]; then
   # 4 GPUs: the shared experts' down tiles as TMA row tasks (render.SHARED_DOWN_TMA, the
   # default since session 33, measured on one GPU only): the 4-rank cases with shared
-  # experts on TMA row tiles and the streamed down tasks' (stream_down) (~220 s), then the seed example T=256 beside PyTorch EP and
-  # the shared down tiles by cp.async, alternating, with the task timelines (~250 s)
+  # experts on TMA row tiles and the streamed down tasks' (stream_down) (~220 s), then the
+  # seed example T=256 beside PyTorch EP and the shared down tiles by cp.async,
+  # alternating, with the task timelines (~250 s)
   multigpu_k 4 240 s34 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
 dsv2lite_default_interleaved or row_tiles_wgmma_tma_staged or row_tiles_wgmma_tma_interleaved \
 or row_tiles_wgmma_tma_stream)"
@@ -186,39 +188,11 @@ or row_tiles_wgmma_tma_stream)"
   NO_TORCH=1 NP=4 nvl_sweep sh0a seed 256 50 --no-shared-tma
   NO_TORCH=1 NP=4 nvl_sweep sh0b seed 256 50 --no-shared-tma
   NO_TORCH=1 NP=4 nvl_sweep sh1b seed 256 50
+  # the streamed down tasks need per-source lists: those with and without them (~60 s)
+  NO_TORCH=1 NP=4 nvl_sweep sd4 seed 256 60 --vary "il=0;sd=0,1"
   bundle
-  for t in sh1a sh0a sh0b sh1b; do sweep_report "$t" "seed" 0; done
+  for t in sh1a sh0a sh0b sh1b sd4; do sweep_report "$t" "seed" 0; done
   grep -hE "^- " "$O"/sweep_sh*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
-fi
-if [ "$PART" = s34 ]; then
-  # 4 GPUs: the shared experts' down tiles as TMA row tasks (render.SHARED_DOWN_TMA, the
-  # default since session 33, measured on one GPU only): the 4-rank cases with shared
-  # experts on TMA row tiles and the streamed down tasks' (stream_down) (~220 s), then the seed example T=256 beside PyTorch EP and
-  # the shared down tiles by cp.async, alternating, with the task timelines (~250 s)
-  multigpu_k 4 240 s34 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
-dsv2lite_default_interleaved or row_tiles_wgmma_tma_staged or row_tiles_wgmma_tma_interleaved \
-or row_tiles_wgmma_tma_stream)"
-  NP=4 nvl_sweep sh1a seed 256 70
-  NO_TORCH=1 NP=4 nvl_sweep sh0a seed 256 50 --no-shared-tma
-  NO_TORCH=1 NP=4 nvl_sweep sh0b seed 256 50 --no-shared-tma
-  NO_TORCH=1 NP=4 nvl_sweep sh1b seed 256 50
-  bundle
-  for t in sh1a sh0a sh0b sh1b; do sweep_report "$t" "seed" 0; done
-  grep -hE "^- " "$O"/sweep_sh*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
-fi
-if [ "$PART" = s33h ]; then  # one GPU: down tasks streaming their K range (stream_down):
-  # its test and the trace's, then the seed example T=256 / 1000 with and without it, both
-  # orders, without its shared expert, and e16 T=1024 (~330 s)
-  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
-    -p no:cacheprovider -rs -k "stream_down or task_trace" > "$O/gpu1_s33h.log" 2>&1
-  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s33h.log")"
-  NO_TORCH=1 NP=1 nvl_sweep sda seed 256,1000 90 --vary "sd=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep sdb seed 256,1000 60 --vary "sd=1,0"
-  NO_TORCH=1 NP=1 nvl_sweep sdc seed_ns 256 60 --vary "sd=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep sdd e16 1024 70 --vary "sd=0,1"
-  bundle
-  for t in sda sdb sdc sdd; do sweep_report "$t" "seed|seed_ns|e16" 0; done
-  grep -hE "^- " "$O"/sweep_sd*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \

@@ -6,6 +6,7 @@ index, the first ``per`` indices are n-tile 0 of every expert."""
 from dataclasses import replace
 
 import pytest
+from test_task_order import bracket  # the kernel's binary search, ported there
 
 from flashmoe_gen.config import KernelConfig
 from flashmoe_gen.errors import ConfigError
@@ -14,17 +15,6 @@ from flashmoe_gen.render import persistent_counter_words, render
 
 SEED1 = MoEProblem(512, 2048, 8, 2, shared_experts=1, world_size=1, tokens_per_rank=256)
 SEED4 = SEED1.replace(world_size=4)
-
-
-def bracket(first, r, n):  # the kernel's bracket
-    e = 0
-    while n - e > 1:
-        mid = (e + n) // 2
-        if first[mid] <= r:
-            e = mid
-        else:
-            n = mid
-    return e
 
 
 def decode_n_major(first, r, ngu):
