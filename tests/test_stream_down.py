@@ -91,3 +91,16 @@ def test_configs_refused_and_the_tuners_rule():
     for moot in ({"interleave": True}, {"task_producer": True}, {"fuse": True},
                  {"stage_epilogue": 3}, {"transport": "nccl"}):
         assert space.canonical(params | moot)["stream_down"] is False, moot
+
+
+def test_the_tuner_seeds_the_persistent_default_streamed():
+    """A tune with nvlink tries the persistent default with stream_down early (a seed
+    flip), over per-source lists where the default takes the one list over every source."""
+    from flashmoe_gen.tuner.space import SearchSpace
+
+    for p in (SEED1, SEED4):
+        space = SearchSpace.for_problem(p, "sm_90", "full", ("nccl", "nvlink"))
+        streamed = [c for c in space.seeds() if c.transport == "nvlink" and c.stream_down]
+        assert len(streamed) == 1, p.name
+        assert not streamed[0].interleave_sources
+        streamed[0].validate(p, "sm_90")
