@@ -29,7 +29,9 @@ def test_state_words_hold_a_slot_counter_per_expert():
     assert persistent_counter_words(P, on) - persistent_counter_words(P, base) == P.experts
     code = " ".join(render(P, on).code.split())
     assert "constexpr bool ATOMIC_FRONT = true;" in code
-    assert "constexpr int ST_WORDS = ST_SLOTS + (ATOMIC_FRONT ? EXPERTS : 0);" in code
+    assert "constexpr int ST_NDEP = ST_SLOTS + (ATOMIC_FRONT ? EXPERTS : 0);" in code
+    assert ("constexpr int ST_WORDS = ST_NDEP + (STREAM_DOWN ? SOURCES * LOCAL_EXPERTS * NGU "
+            ": 0);") in code
     assert "constexpr bool ATOMIC_FRONT = false;" in render(P, base).code
 
 

@@ -162,7 +162,9 @@ def test_template_matches_the_port():
             "d.gate_up = r < gu_first[q][el];",
             "in_list(d, d.gate_up ? gu_first[q] : dn_first[q], r); return d;",
             # in_list: expert, n-tile and part in one source's list
-            "auto in_list = [&](TaskDesc& d, const int* first, int r) { const int e = "
+            "auto in_list = [&](TaskDesc& d, const int* first, int r) { if (STREAM_DOWN && "
+            "d.gate_up) {",  # (the n-tile-major gate/up lists: tests/test_stream_down.py)
+            "return; } const int e = "
             "bracket(first, r, el); d.e = e; d.n_rows = min(my_counts[d.s * el + e], "
             "capacity); const int parts = d.gate_up ? gu_parts(d.n_rows) : "
             "dn_parts(d.n_rows); d.n = (r - first[e]) / parts, d.part = (r - first[e]) % "
