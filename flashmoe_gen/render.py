@@ -15,6 +15,7 @@ from .config_nvlink import (
     WORKER_REGS,
     producer_ring_b_elems,
     store_kind,
+    tma_row_tasks,
 )
 from .problem import MoEProblem
 from .router_layout import (
@@ -345,9 +346,8 @@ def shared_down_tma(problem: MoEProblem, config: KernelConfig) -> bool:
     """Whether the persistent kernel runs the shared experts' down tiles as TMA row tasks
     (SHARED_DOWN_TMA): shared experts, TMA row tasks on the down GEMM (wgmma row tiles with
     ``ws_tma``), not the producer's loop (its ring feeds the routed tasks alone)."""
-    return (SHARED_DOWN_TMA and problem.shared_experts > 0 and config.transport == "nvlink"
-            and config.ws_tma and config.gate_up.mma == config.down.mma == "wgmma"
-            and not config.task_producer)
+    return (SHARED_DOWN_TMA and problem.shared_experts > 0 and tma_row_tasks(config)
+            and config.down.mma == "wgmma" and not config.task_producer)
 
 
 def persistent_tile_maps(problem: MoEProblem, config: KernelConfig) -> int:
