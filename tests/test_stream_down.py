@@ -53,8 +53,8 @@ def test_the_template_decodes_and_waits_as_the_port():
             "if (STREAM_DOWN && d.gate_up) { const int o = r - first[0], per = (first[el] - "
             "first[0]) / NGU, w = o % per; const int e = bracket(first, first[0] + w * NGU, el);",
             "d.n = o / per, d.part = w - (first[e] - first[0]) / NGU; return; }",
-            "atomicAdd(state + ST_NDEP + (s * el + e) * NGU + n, static_cast<unsigned long "
-            "long>(m_tiles));",
+            "atomicAdd(STREAM_DOWN ? state + ST_NDEP + (s * el + e) * NGU + n : dep + s * el "
+            "+ e, static_cast<unsigned long long>(m_tiles));",
             "if (!STREAM_DOWN && threadIdx.x == 0) timed_wait(task_clk + DEP_WAIT,",
             "if (kt < stream_ready) return;",
             "const bool done = ld_relaxed_gpu(n_done + j) >= row_need; // (every load issued) "
