@@ -19,9 +19,11 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
-#   s34: the shared experts' down tiles as TMA row tasks on 4 ranks: their test cases and
-#      the streamed down tasks', then the seed example T=256 against them by cp.async,
-#      alternating, and per-source lists with and without stream_down (~520 s)
+#   s34: the 4-rank cases of the shared experts' down tiles as TMA row tasks and of the
+#      streamed down tasks (per-source lists and the one list), then the seed example T=256
+#      with and without stream_down, both orders (~450 s; S34_NP=2 on 2 GPUs)
+#   s34b: the seed example T=256 with the shared experts' down tiles by TMA rows and by
+#      cp.async, alternating, beside PyTorch EP (~250 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
 #      rounds), issue 16's table on 4 ranks (~540 s)
 #   s22b: Mixtral's overlap row on 4 ranks, then the staged logits' widened regime
@@ -33,7 +35,7 @@
 # down K parts and L2 prefetch they measured, then dropped: 11f05a8, its s33d: 8bdcc89, its
 # s33e: c556a5b, its s33f and s33g: 805040d, its s33h: 4b27f8f): the bench/results files of
 # the sessions that ran them name each command with its commit.
-# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s34|s22|s22b
+# Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s34|s34b|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
 if [ "$PART" = 1 ]; then
@@ -176,22 +178,31 @@ if [ "$PART" = s32d ]; then
   for t in v128 v192 tt sba sbb; do sweep_report "$t" "seed|e8|e64" 0; done
 fi
 if [ "$PART" = s34 ]; then
-  # 4 GPUs: the shared experts' down tiles as TMA row tasks (render.SHARED_DOWN_TMA, the
-  # default since session 33, measured on one GPU only): the 4-rank cases with shared
-  # experts on TMA row tiles and the streamed down tasks' (stream_down) (~220 s), then the
-  # seed example T=256 beside PyTorch EP and the shared down tiles by cp.async,
-  # alternating, with the task timelines (~250 s)
-  multigpu_k 4 240 s34 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
+  # Several GPUs (S34_NP ranks, 4 unless set): the shared experts' down tiles as TMA row
+  # tasks (render.SHARED_DOWN_TMA, the default since session 33, measured on one GPU only)
+  # and the streamed down tasks (stream_down), over per-source lists and, since session 34,
+  # the one list over every source: their test cases (~300 s), then the seed example T=256
+  # with and without stream_down on the default's lists, both orders, beside PyTorch EP
+  # (~150 s)
+  np=${S34_NP:-4}
+  multigpu_k "$np" 320 s34 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
 dsv2lite_default_interleaved or row_tiles_wgmma_tma_staged or row_tiles_wgmma_tma_interleaved \
-or row_tiles_wgmma_tma_stream)"
-  NP=4 nvl_sweep sh1a seed 256 70
-  NO_TORCH=1 NP=4 nvl_sweep sh0a seed 256 50 --no-shared-tma
-  NO_TORCH=1 NP=4 nvl_sweep sh0b seed 256 50 --no-shared-tma
-  NO_TORCH=1 NP=4 nvl_sweep sh1b seed 256 50
-  # the streamed down tasks need per-source lists: those with and without them (~60 s)
-  NO_TORCH=1 NP=4 nvl_sweep sd4 seed 256 60 --vary "il=0;sd=0,1"
+or row_tiles_wgmma_tma_stream or dsv2lite_default_stream_interleaved)"
+  NP=$np nvl_sweep sda seed 256 60 --vary "sd=0,1"
+  NO_TORCH=1 NP=$np nvl_sweep sdb seed 256 50 --vary "sd=1,0"
   bundle
-  for t in sh1a sh0a sh0b sh1b sd4; do sweep_report "$t" "seed" 0; done
+  for t in sda sdb; do sweep_report "$t" "seed" 0; done
+fi
+if [ "$PART" = s34b ]; then
+  # Several GPUs: the seed example T=256 beside PyTorch EP and the shared experts' down
+  # tiles by cp.async (--no-shared-tma), alternating, with the task timelines (~250 s)
+  np=${S34_NP:-4}
+  NP=$np nvl_sweep sh1a seed 256 70
+  NO_TORCH=1 NP=$np nvl_sweep sh0a seed 256 50 --no-shared-tma
+  NO_TORCH=1 NP=$np nvl_sweep sh0b seed 256 50 --no-shared-tma
+  NO_TORCH=1 NP=$np nvl_sweep sh1b seed 256 50
+  bundle
+  for t in sh1a sh0a sh0b sh1b; do sweep_report "$t" "seed" 0; done
   grep -hE "^- " "$O"/sweep_sh*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
 fi
 if [ "$PART" = 3 ]; then

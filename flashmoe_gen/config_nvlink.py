@@ -280,17 +280,15 @@ def check_task_tiles(cfg: KernelConfig, name: str) -> None:
 
 def check_stream_down(cfg: KernelConfig, name: str) -> None:
     """Down TMA row tasks that read each k-tile once the gate/up n-tile writing it is
-    complete, over per-source lists ordered n-tile-major: TMA row tasks on the down GEMM,
-    the gate/up tiles counted as they are stored (not by TMA stores settled later), lists
-    the kernel lays out per source (not the one list over every source, not the producer's)."""
+    complete, the gate/up tasks ordered n-tile-major: TMA row tasks on the down GEMM, the
+    gate/up tiles counted as they are stored (not by TMA stores settled later), lists the
+    kernel lays out (per source or one over every source; not the producer's)."""
     why = (f"{_TMA_ROW_TASKS} on the down GEMM (wgmma) stream their K range"
            if not (tma_row_tasks(cfg) and cfg.down.mma == "wgmma") else
            "the gate/up results by TMA stores are counted late (stage_epilogue 3): use 2"
            if cfg.stage_epilogue == 3 else
            "the producer's loop waits for a task's inputs before it starts: set "
-           "task_producer False" if cfg.task_producer else
-           "the one list over every source is ordered by expert: set interleave_sources "
-           "False" if cfg.interleave_sources else "")
+           "task_producer False" if cfg.task_producer else "")
     if why:
         raise ConfigError("stream_down", True, why + ", or use False", name)
 

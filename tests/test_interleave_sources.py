@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from test_stream_down import decode_n_major
 from test_task_order import bracket
 
 from flashmoe_gen.config import KernelConfig
@@ -69,20 +70,32 @@ def _lists(counts, parts, n_tiles, own_first=False, last=False):
     return first, cum, own
 
 
-def _locate(r, first, cum, el, sources, own=None, counts=None, parts=None, last=False):
+def _locate(r, first, cum, el, sources, own=None, counts=None, parts=None, last=False,
+            ngu=0):
+    """locate(r): (gate/up, ring source, expert, n-tile, part); ngu > 0 (stream_down): the
+    gate/up tasks n-tile-major over ngu n-tiles (the own list's decoded by in_list's,
+    ported in test_stream_down)."""
     if own is not None and (r < own[0][el] or
                             (own[1][0] if last else first[0][el]) <= r < own[1][el]):
         gate_up = r < own[0][el]
         f = own[0 if gate_up else 1]
+        if ngu and gate_up:
+            return (gate_up, 0, *decode_n_major(f, r, ngu))
         e = bracket(f, r, el)
         p = parts(counts[0][e])
         return gate_up, 0, e, (r - f[e]) // p, (r - f[e]) % p
     gate_up = r < first[0][el]
     gd = 0 if gate_up else 1
     f = first[gd]
-    e = bracket(f, r, el)
+    if ngu and gate_up:  # as expert-major: o = n-tile x e's tasks per n-tile + offset
+        per = (f[el] - f[0]) // ngu
+        w = (r - f[0]) % per
+        e = bracket(f, f[0] + w * ngu, el)
+        o = (r - f[0]) // per * cum[0][e][sources] + w - (f[e] - f[0]) // ngu
+    else:
+        e = bracket(f, r, el)
+        o = r - f[e]
     c = cum[gd][e]
-    o = r - f[e]
     j = o % c[sources]
     q = 0
     while j >= c[q + 1]:
@@ -96,7 +109,11 @@ def test_the_kernel_has_the_modelled_list():
                  "c += gd == 0 ? gu_parts(rows) : dn_parts(rows);",
                  "il_cum[gd][e][SOURCES] = c; i += (gd == 0 ? NGU : NDN) * c;",
                  "il_first[gd][el] = i;",
-                 "const int o = r - first[e], j = o % cum[SOURCES];",
+                 "const int per = (first[el] - first[0]) / NGU, w = (r - first[0]) % per; "
+                 "e = bracket(first, first[0] + w * NGU, el); o = (r - first[0]) / per * "
+                 "il_cum[0][e][SOURCES] + w - (first[e] - first[0]) / NGU; } else { e = "
+                 "bracket(first, r, el); o = r - first[e]; } const int* cum = il_cum[gd][e]; "
+                 "const int j = o % cum[SOURCES];",
                  "while (j >= cum[q + 1]) ++q;",
                  "d.n = o / cum[SOURCES], d.part = j - cum[q];",
                  "if (known == 0) { if (OWN_FIRST) learn_own(); else learn_all(); }",
@@ -125,10 +142,11 @@ def test_the_kernel_has_the_modelled_list():
     assert "constexpr bool OWN_DOWN_LAST = true;" in last
 
 
+@pytest.mark.parametrize("streamed", [False, True])
 @pytest.mark.parametrize("own_first,last", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("sources", [2, 4])
 @pytest.mark.parametrize("seed", range(4))
-def test_every_task_once_and_sources_side_by_side(sources, seed, own_first, last):
+def test_every_task_once_and_sources_side_by_side(sources, seed, own_first, last, streamed):
     rng = np.random.default_rng(seed)
     el, bm, n_tiles = 8, 128, (16, 8)
     counts = rng.integers(0, 400, (sources, el))
@@ -140,8 +158,12 @@ def test_every_task_once_and_sources_side_by_side(sources, seed, own_first, last
             for e in range(el) for n in range(n_tiles[gd]) for p in range(parts(counts[q][e]))}
     end = own[1][el] if last else first[1][el]  # routed_end
     got = [_locate(r, first, cum, el, sources, own if own_first else None, counts, parts,
-                   last) for r in range(end)]
+                   last, n_tiles[0] if streamed else 0) for r in range(end)]
     assert len(got) == len(set(got)) and set(got) == want
+    if streamed:  # stream_down: the peers' gate/up tasks n-tile-major (and the own ones)
+        for lo, hi in ((own[0][0], own[0][el]), (first[0][0], first[0][el])):
+            ns = [n for g, q, e, n, _ in got[lo:hi]]  # (no own list: own[0] is all 0)
+            assert ns == sorted(ns)
     # every gate/up task before any down task
     flags = [g for g, *_ in got]
     assert flags == sorted(flags, reverse=True)

@@ -169,12 +169,14 @@ NVL_CASES = (
       "row_tiles_wgmma_tma_producer_pairs", "row_tiles_wgmma_tma_atomic", "row_tiles_send_blocks",
       "fused_ws_wgmma", "row_tiles_wgmma_tma_interleaved", "row_tiles_wgmma_tma_own_first",
       "row_tiles_wgmma_tma_down_last", "row_tiles_wgmma_tma_own_first_down_last",
-      "row_tiles_wgmma_tma_stream")),
+      "row_tiles_wgmma_tma_stream", "row_tiles_wgmma_tma_stream_interleaved",
+      "row_tiles_wgmma_tma_stream_own_first")),
     (SEED.replace(tokens_per_rank=128), ("seed_default_rows",)),
     (DSV2.replace(tokens_per_rank=2200),
      ("dsv2lite_default_producer", "dsv2lite_default_many_batches",
       "dsv2lite_default_quad_batches", "dsv2lite_default_staged", "dsv2lite_default_tstore",
-      "dsv2lite_default_interleaved", "dsv2lite_default_own_first")),
+      "dsv2lite_default_interleaved", "dsv2lite_default_own_first",
+      "dsv2lite_default_stream_interleaved")),
     (DSV2.replace(tokens_per_rank=600),
      ("dsv2lite_wgmma_tma_graph",)),
     (DSV2.replace(tokens_per_rank=300),
@@ -256,9 +258,9 @@ def test_nvlink_persistent_kernel(comm, case):
             p.replace(world_size=comm.world_size)),
             router_batches=4 if case.endswith("quad_batches") else 2)
         assert cfg.ws_tma and cfg.gate_up.mma == "wgmma"
-    if case.endswith("stream"):  # the down tasks stream their K range (stream_down): the
-        # phased per-source lists n-tile-major, each k-tile loaded once its gate/up n-tile
-        # counts every row tile of the group; staged results
+    if "_stream" in case:  # the down tasks stream their K range (stream_down): the phased
+        # per-source lists (or, below, the one list over every source) n-tile-major, each
+        # k-tile loaded once its gate/up n-tile counts every row tile of the group; staged
         cfg = dataclasses.replace(cfg, phased_tasks=True, stage_epilogue=2, stream_down=True)
     if case == "seed_default_rows":  # the persistent default at 128 tokens per rank: on 4
         # ranks (2 local experts: too few fused tasks, defaults.FUSED_MIN_TASKS) TMA row
@@ -281,7 +283,8 @@ def test_nvlink_persistent_kernel(comm, case):
         base = (KernelConfig.persistent_default(p.replace(world_size=comm.world_size))
                 if case.startswith("dsv2lite") else cfg)
         cfg = dataclasses.replace(base, phased_tasks=True, interleave_sources=True,
-                                  own_first=case.endswith("own_first"))
+                                  own_first=case.endswith("own_first"),
+                                  stream_down=cfg.stream_down)
     if case.endswith("down_last"):  # this rank's own down tasks after the peers'
         # (own_down_last): the phased per-source lists; with own_first (3+ ranks) the own
         # list's down part after the peers' one list

@@ -79,28 +79,30 @@ def test_configs_refused_and_the_tuners_rule():
     for bad, text in ((replace(fused, stream_down=True), "TMA row tasks"),
                       (replace(rows, stage_epilogue=3, stream_down=True), "stage_epilogue 3"),
                       (replace(rows, task_producer=True, stream_down=True),
-                       "task_producer False"),
-                      (replace(rows, interleave_sources=True, stream_down=True),
-                       "interleave_sources False")):
+                       "task_producer False")):
         with pytest.raises(ConfigError, match=text) as e:
             bad.validate(SEED4, "sm_90")
         assert e.value.field == "stream_down"
     space = SearchSpace.for_problem(SEED4, "sm_90", "full", ("nccl", "nvlink"))
     params = space.params_from_config(replace(rows, stream_down=True))
     assert space.canonical(params)["stream_down"] is True
-    for moot in ({"interleave": True}, {"task_producer": True}, {"fuse": True},
+    assert space.canonical(params | {"interleave": True})["stream_down"] is True
+    replace(rows, interleave_sources=True, own_first=True, stream_down=True).validate(
+        SEED4, "sm_90")  # (the one list over every source, its own rows first)
+    for moot in ({"task_producer": True}, {"fuse": True},
                  {"stage_epilogue": 3}, {"transport": "nccl"}):
         assert space.canonical(params | moot)["stream_down"] is False, moot
 
 
 def test_the_tuner_seeds_the_persistent_default_streamed():
     """A tune with nvlink tries the persistent default with stream_down early (a seed
-    flip), over per-source lists where the default takes the one list over every source."""
+    flip), over the default's lists (at 4 ranks the one list over every source)."""
     from flashmoe_gen.tuner.space import SearchSpace
 
     for p in (SEED1, SEED4):
         space = SearchSpace.for_problem(p, "sm_90", "full", ("nccl", "nvlink"))
         streamed = [c for c in space.seeds() if c.transport == "nvlink" and c.stream_down]
         assert len(streamed) == 1, p.name
-        assert not streamed[0].interleave_sources
+        pd = KernelConfig.persistent_default(p, "sm_90")
+        assert streamed[0] == replace(pd, stream_down=True)
         streamed[0].validate(p, "sm_90")

@@ -100,10 +100,9 @@ def without_moot(params: dict) -> dict:
         # own_first's (the one list alone mixes the sources' down tasks; after their rules)
     if "stream_down" in out and not (
             rows_tma and out.get("dn_mma") == "wgmma" and _per_source_tasks(out)
-            and out.get("stage_epilogue", 0) != 3 and not out.get("task_producer", False)
-            and not out.get("interleave", False)):
-        out["stream_down"] = False  # down TMA row tasks over per-source lists, their
-        # gate/up tiles counted as stored (after the producer's and the one list's rules)
+            and out.get("stage_epilogue", 0) != 3 and not out.get("task_producer", False)):
+        out["stream_down"] = False  # down TMA row tasks over the lists the kernel lays
+        # out, their gate/up tiles counted as stored (after the producer's rule)
     if "atomic_front" in out and out.get("transport") != "nvlink":
         out["atomic_front"] = False  # one kernel routes and dispatches: the persistent one
     if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):
