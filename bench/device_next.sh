@@ -205,6 +205,19 @@ if [ "$PART" = s34b ]; then
   for t in sh1a sh0a sh0b sh1b; do sweep_report "$t" "seed" 0; done
   grep -hE "^- " "$O"/sweep_sh*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
 fi
+if [ "$PART" = s34c ]; then  # one GPU: stream_down's test after its counter change (one
+  # count per gate/up row task), then where it pays, for a default rule: the seed example
+  # T=256/1000/2048 both orders, without its shared expert T=256/1000, e8 T=1024 (~420 s)
+  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
+    -p no:cacheprovider -rs -k "stream_down or task_trace" > "$O/gpu1_s34c.log" 2>&1
+  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s34c.log")"
+  NO_TORCH=1 NP=1 nvl_sweep sda seed 256,1000,2048 100 --vary "sd=0,1"
+  NO_TORCH=1 NP=1 nvl_sweep sdb seed 256,1000,2048 80 --vary "sd=1,0"
+  NO_TORCH=1 NP=1 nvl_sweep sdc seed_ns 256,1000 60 --vary "sd=0,1"
+  NO_TORCH=1 NP=1 nvl_sweep sdd e8 1024 60 --vary "sd=0,1"
+  bundle
+  for t in sda sdb sdc sdd; do sweep_report "$t" "seed|seed_ns|e8" 0; done
+fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
     "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" "mixtral-8x7b 4096 16"
