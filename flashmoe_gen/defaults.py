@@ -196,6 +196,18 @@ DEFAULT_SEND_BLOCKS = 32
 #: 1.25/1.26 -> 2.46/2.12 ms): its NCCL operations are one per (peer, expert), and those
 #: rows are few (bench/results/2026-11-27_gather_experts_4xH200_8649e86.md).
 GATHER_MAX_LOCAL_EXPERTS = 2
+#: The TMA row tasks' down tiles stream their K range (``stream_down``) where the gate/up
+#: tasks take more than one wave of STREAM_DOWN_SMS blocks and the down tasks (routed and
+#: shared) at most half a wave: the down tiles then close the forward, each a K range long,
+#: and start as the gate/up n-tiles of their K range end (1 x H200, both orders: the seed
+#: example T=256 -5.7 / -6.6%, T=1000 -4.3 / -5.0%, without its shared expert T=1000
+#: -6.6%; where the gate/up tasks fit one wave (it without its shared expert T=256) +2.3%,
+#: where the down tasks fill a wave (e8 T=1024: 128) +4.3%, (e16 T=1024) +8.3%, (the seed
+#: example T=2048: 96) +0.9 / +2.8%; bench/results/2026-11-29_gpu_checks_session34.md).
+STREAM_DOWN_SMS = 132
+#: Ranks up to which the default takes it: its lists on several ranks have not run on a
+#: GPU yet (bench/device_next.sh s34)
+STREAM_DOWN_MAX_RANKS = 1
 
 
 def expert_rows(problem: MoEProblem) -> float:
@@ -211,6 +223,24 @@ def source_rows(problem: MoEProblem) -> float:
 def fused_tasks(problem: MoEProblem) -> int:
     """Gate/up tasks of the fused weight-streaming tiles (128 columns each) on one rank."""
     return problem.local_experts * -(-problem.intermediate // 128)
+
+
+def row_tasks(problem: MoEProblem, cfg: KernelConfig) -> tuple[int, int]:
+    """Gate/up and down row tasks (one row tile each) on one rank, the rows spread evenly:
+    each (source, local expert) its row tiles, the shared experts this rank's tokens'."""
+    p, gu, dn = problem, cfg.gate_up, cfg.down
+    tiles = p.world_size * p.local_experts * -(-math.ceil(source_rows(p)) // gu.bm)
+    shared = -(-p.tokens_per_rank // gu.bm) if p.shared_width else 0
+    return (tiles * -(-p.intermediate // gu.bn) + shared * -(-p.shared_width // gu.bn),
+            (tiles + shared) * -(-p.hidden // dn.bn))
+
+
+def stream_down_pays(problem: MoEProblem, cfg: KernelConfig) -> bool:
+    """Whether ``cfg``'s TMA row tasks' down tiles stream their K range (``stream_down``):
+    more gate/up tasks than STREAM_DOWN_SMS, at most half as many down tasks."""
+    gu, dn = row_tasks(problem, cfg)
+    return (problem.world_size <= STREAM_DOWN_MAX_RANKS and gu > STREAM_DOWN_SMS
+            and 2 * dn <= STREAM_DOWN_SMS)
 
 
 def local_weight_bytes(problem: MoEProblem) -> int:
@@ -364,7 +394,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     rows on Hopper; the TMA row tasks' results staged (``PERSISTENT_STAGE_EPILOGUE``), their
     silu by tanh and, on several ranks, their lists phased (``PERSISTENT_PHASED_TASKS``), in
     one list over every source where that pays (interleave_pays), with this rank's own rows
-    in a list ahead of it where that pays (own_first_pays)."""
+    in a list ahead of it where that pays (own_first_pays), their down tiles streaming their
+    K range where that pays (stream_down_pays)."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
     interleave = interleave_pays(problem)
@@ -400,6 +431,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
                                 problem, arch)
             elif interleave:
                 cfg = _if_valid(replace(cfg, interleave_sources=True), cfg, problem, arch)
+        if cfg.ws_tma and stream_down_pays(problem, cfg):
+            cfg = _if_valid(replace(cfg, stream_down=True), cfg, problem, arch)
     if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
         gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
         split = replace(cfg, gu_splits=gs, dn_splits=ds)

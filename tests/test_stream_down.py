@@ -65,7 +65,7 @@ def test_the_template_decodes_and_waits_as_the_port():
             "load_b(f); k_ready(f % KT); load_a(f);"):
         assert text in code, text
     assert cfg.name.endswith("__sd") and KernelConfig.from_name(cfg.name) == cfg
-    base = KernelConfig.persistent_default(SEED1, "sm_90")
+    base = replace(cfg, stream_down=False)
     ngu = -(-SEED1.intermediate // cfg.gate_up.bn)
     assert persistent_counter_words(SEED1, cfg) == persistent_counter_words(SEED1, base) + 8 * ngu
 
@@ -95,14 +95,45 @@ def test_configs_refused_and_the_tuners_rule():
 
 
 def test_the_tuner_seeds_the_persistent_default_streamed():
-    """A tune with nvlink tries the persistent default with stream_down early (a seed
-    flip), over the default's lists (at 4 ranks the one list over every source)."""
+    """A tune with nvlink tries the persistent default with stream_down flipped early (a
+    seed flip: on one rank the default streams, on 4 not yet), over the default's lists
+    (at 4 ranks the one list over every source)."""
     from flashmoe_gen.tuner.space import SearchSpace
 
-    for p in (SEED1, SEED4):
-        space = SearchSpace.for_problem(p, "sm_90", "full", ("nccl", "nvlink"))
-        streamed = [c for c in space.seeds() if c.transport == "nvlink" and c.stream_down]
-        assert len(streamed) == 1, p.name
+    for p, on in ((SEED1, True), (SEED4, False)):
         pd = KernelConfig.persistent_default(p, "sm_90")
-        assert streamed[0] == replace(pd, stream_down=True)
-        streamed[0].validate(p, "sm_90")
+        assert pd.stream_down == on
+        space = SearchSpace.for_problem(p, "sm_90", "full", ("nccl", "nvlink"))
+        seeds = space.seeds()
+        flipped = replace(pd, stream_down=not on)
+        assert pd in seeds and flipped in seeds[:16], p.name
+        flipped.validate(p, "sm_90")
+
+
+@pytest.mark.parametrize("shape,tokens,world,want", [
+    ("seed", 256, 1, True),  # 160 gate/up tasks (two waves), 20 down: -5.7 / -6.6%
+    ("seed", 1000, 1, True),  # 384 and 48: -4.3 / -5.0%
+    ("seed_ns", 1000, 1, True),  # 256 and 32: -6.6%
+    ("seed_ns", 256, 1, False),  # 128 gate/up tasks, one wave: +2.3%
+    ("seed", 2048, 1, False),  # 96 down tasks: +0.9 / +2.8%
+    ("e8", 1024, 1, False),  # 128 down tasks: +4.3%
+    ("e16", 1024, 1, False),  # likewise: +8.3%
+    ("seed", 256, 4, False),  # several ranks: not yet run on a GPU (STREAM_DOWN_MAX_RANKS)
+])
+def test_the_default_streams_where_the_down_tasks_close_the_forward(shape, tokens, world,
+                                                                    want):
+    from flashmoe_gen.defaults import STREAM_DOWN_SMS, row_tasks, stream_down_pays
+
+    dims = {"seed": dict(hidden=512, experts=8, shared_experts=1),
+            "seed_ns": dict(hidden=512, experts=8, shared_experts=0),
+            "e8": dict(hidden=2048, experts=8, shared_experts=0),
+            "e16": dict(hidden=2048, experts=16, shared_experts=0)}[shape]
+    p = MoEProblem(intermediate=2048, top_k=2, world_size=world, tokens_per_rank=tokens,
+                   **dims)
+    cfg = KernelConfig.persistent_default(p, "sm_90")
+    assert cfg.stream_down == want == stream_down_pays(p, cfg), cfg.name
+    gu, dn = row_tasks(p, cfg)
+    if world == 1:
+        assert want == (gu > STREAM_DOWN_SMS and 2 * dn <= STREAM_DOWN_SMS)
+    if shape == "seed" and tokens == 256:  # the counts the task trace showed
+        assert (gu, dn) == (160, 20)
