@@ -218,7 +218,8 @@ def test_nvlink_tma_stores_one_rank():
     staged) on one GPU: shared experts, ragged row tiles, a 256-wide down tile, at 1000
     tokens (~250 rows per expert), then 77, 1 and 0."""
     p = SEED_EXAMPLE.replace(tokens_per_rank=1000)
-    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=3)
+    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=3,
+                              stream_down=False)  # (it counts a tile as it is stored)
     assert cfg.ws_tma and cfg.down.bn == 256, cfg.name
     w = MoEWeights.random(p, seed=67)
     layer = _layer(p, cfg, weights=w)
@@ -235,7 +236,8 @@ def test_nvlink_task_producer_one_rank(case):
     one token, none), outputs poisoned and checked against the float64 reference."""
     p = (SEED_EXAMPLE.replace(tokens_per_rank=1000) if case == "seed_default" else
          MoEProblem(1024, 1024, 32, 2, tokens_per_rank=4096))
-    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), task_producer=True)
+    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), task_producer=True,
+                              stream_down=False)  # (its loop waits a task's inputs out)
     if case != "seed_default":
         cfg = dataclasses.replace(cfg, task_tiles=2, stage_epilogue=0)
     cfg.validate(p, "sm_90")
@@ -251,12 +253,15 @@ def test_nvlink_task_trace_one_rank():
     routing gives (the shared expert's 16 x 2 gate/up and 2 x 2 down tiles; per expert
     ceil(rows / 128) row tiles of 16 gate/up and 2 down columns), each taken before its GEMM
     started and ended after; no down GEMM starts before its group's gate/up tiles ended (the
-    kernel's dependency counters, seen on the global timer: 2 us of slack for its ticks)."""
+    kernel's dependency counters, seen on the global timer: 2 us of slack for its ticks;
+    the default's down tasks without stream_down, which starts them earlier on purpose:
+    test_nvlink_stream_down_one_rank)."""
     from flashmoe_gen.task_trace import complete, entries
 
     p = SEED_EXAMPLE.replace(tokens_per_rank=256)
     w = MoEWeights.random(p, seed=81)
-    layer = _layer(p, KernelConfig.persistent_default(p, "sm_90"), weights=w)
+    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), stream_down=False)
+    layer = _layer(p, cfg, weights=w)
     x = random_tokens(256, p.hidden, seed=83)
     _run_checked(layer, x, w)
     layer._persistent.enable_stats()
