@@ -218,6 +218,20 @@ if [ "$PART" = s34c ]; then  # one GPU: stream_down's test after its counter cha
   bundle
   for t in sda sdb sdc sdd; do sweep_report "$t" "seed|seed_ns|e8" 0; done
 fi
+if [ "$PART" = s34d ]; then  # one GPU: the streamed down tasks ahead of the gate/up tasks
+  # (early_down): its tests, then the seed example T=256/1000 and it without its shared
+  # expert T=1000 with and without, both orders, with the task timelines (~250 s)
+  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
+    -p no:cacheprovider -rs -k "stream_down" > "$O/gpu1_s34d.log" 2>&1
+  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s34d.log")"
+  NO_TORCH=1 NP=1 nvl_sweep eda seed 256,1000 80 --vary "ed=0,1"
+  NO_TORCH=1 NP=1 nvl_sweep edb seed 256,1000 70 --vary "ed=1,0"
+  NO_TORCH=1 NP=1 nvl_sweep edc seed_ns 1000 50 --vary "ed=0,1"
+  NO_TORCH=1 NP=1 nvl_sweep edd seed_ns 1000 50 --vary "ed=1,0"
+  bundle
+  for t in eda edb edc edd; do sweep_report "$t" "seed|seed_ns" 0; done
+  grep -hE "^- " "$O"/sweep_ed[ac]*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-420
+fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
     "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" "mixtral-8x7b 4096 16"

@@ -19,6 +19,7 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     STAGE_EPILOGUE_CHOICES,
     TASK_TILE_CHOICES,
     check_defer_refill,
+    check_early_down,
     check_interleave_sources,
     check_own_down_last,
     check_own_first,
@@ -142,6 +143,9 @@ class KernelConfig:
     # transport "nvlink", down TMA row tasks: each k-tile's rows loaded once the gate/up
     # n-tile writing them is complete, the gate/up tasks n-tile-major (check_stream_down)
     stream_down: bool = False
+    # ... and the down tasks ahead of the gate/up tasks in the queue, where the lists are
+    # known whole (one rank, or the one list over every source) (check_early_down)
+    early_down: bool = False
 
     @property
     def uses_wgmma(self) -> bool:
@@ -307,6 +311,8 @@ class KernelConfig:
             check_own_down_last(self, name)
         if self.stream_down:
             check_stream_down(self, name)
+        if self.early_down:
+            check_early_down(self, problem, name)
         if self.atomic_front and self.transport != "nvlink":
             raise ConfigError("atomic_front", True, "only transport 'nvlink' routes and "
                               "dispatches in one kernel: use False", name)
@@ -478,7 +484,7 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("task_producer", "pr"), ("atomic_front", "af"), ("split_gated_mma", "g2"),
              ("ws_wgmma", "wsg"), ("tanh_silu", "ts"), ("interleave_sources", "il"),
              ("own_first", "of"), ("own_down_last", "odl"),
-             ("stream_down", "sd"))
+             ("stream_down", "sd"), ("early_down", "ed"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
 #: The knob a name tag stands for ("ts" -> "tanh_silu"): the benches' short knob names.

@@ -293,6 +293,20 @@ def check_stream_down(cfg: KernelConfig, name: str) -> None:
         raise ConfigError("stream_down", True, why + ", or use False", name)
 
 
+def check_early_down(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
+    """The down tasks ahead of the gate/up tasks in the queue: streamed down tasks (their
+    k-loops start as the first gate/up n-tiles end), over lists a block knows whole at its
+    first routed task (one rank's, or the one list over every source without own_first's)."""
+    why = ("the down tasks wait for whole groups without stream_down: set it True"
+           if not cfg.stream_down else
+           "own_first's lists are learned in two steps: set own_first False" if cfg.own_first
+           else "several ranks' per-source lists are learned one by one: set "
+           "interleave_sources True" if problem.world_size > 1 and not cfg.interleave_sources
+           else "")
+    if why:
+        raise ConfigError("early_down", True, why + ", or use False", name)
+
+
 def producer_ring_b_elems(cfg: KernelConfig) -> int:
     """B elements per stage of ``task_producer``'s ring: the larger of the two GEMMs' B
     tiles (the gated one holds two)."""

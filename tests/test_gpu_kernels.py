@@ -283,16 +283,20 @@ def test_nvlink_task_trace_one_rank():
             assert d["start_us"] >= ready - 2.0, (d, ready)
 
 
-def test_nvlink_stream_down_one_rank():
-    """Down TMA row tasks that stream their K range (stream_down) on one GPU: the seed
-    example's TMA row default at 256 tokens (two waves of gate/up tasks), 1000, 77, 1 and 0,
-    then under capacity drops; outputs and activations poisoned (a k-tile read before its
-    gate/up n-tile is stored would carry the poison), float64 reference. The task trace
-    shows the streaming: some down GEMM starts before its group's last gate/up tile ends."""
+@pytest.mark.parametrize("early", [False, True], ids=["in_order", "early_down"])
+def test_nvlink_stream_down_one_rank(early):
+    """Down TMA row tasks that stream their K range (stream_down) on one GPU, in list order
+    or ahead of the gate/up tasks in the queue (early_down), where they may wait on gate/up
+    tiles no block has taken yet: the seed example's TMA row default at 256 tokens (two
+    waves of gate/up tasks), 1000, 77, 1 and 0, then under capacity drops; outputs and
+    activations poisoned (a k-tile read before its gate/up n-tile is stored would carry the
+    poison), float64 reference. The task trace shows the streaming: some down GEMM starts
+    before its group's last gate/up tile ends."""
     from flashmoe_gen.task_trace import entries
 
     p = SEED_EXAMPLE.replace(tokens_per_rank=1000)
-    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), stream_down=True)
+    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), stream_down=True,
+                              early_down=early)
     cfg.validate(p, "sm_90")
     w = MoEWeights.random(p, seed=85)
     layer = _layer(p, cfg, weights=w)

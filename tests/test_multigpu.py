@@ -170,13 +170,13 @@ NVL_CASES = (
       "fused_ws_wgmma", "row_tiles_wgmma_tma_interleaved", "row_tiles_wgmma_tma_own_first",
       "row_tiles_wgmma_tma_down_last", "row_tiles_wgmma_tma_own_first_down_last",
       "row_tiles_wgmma_tma_stream", "row_tiles_wgmma_tma_stream_interleaved",
-      "row_tiles_wgmma_tma_stream_own_first")),
+      "row_tiles_wgmma_tma_stream_own_first", "row_tiles_wgmma_tma_stream_early_interleaved")),
     (SEED.replace(tokens_per_rank=128), ("seed_default_rows",)),
     (DSV2.replace(tokens_per_rank=2200),
      ("dsv2lite_default_producer", "dsv2lite_default_many_batches",
       "dsv2lite_default_quad_batches", "dsv2lite_default_staged", "dsv2lite_default_tstore",
       "dsv2lite_default_interleaved", "dsv2lite_default_own_first",
-      "dsv2lite_default_stream_interleaved")),
+      "dsv2lite_default_stream_interleaved", "dsv2lite_default_stream_early_interleaved")),
     (DSV2.replace(tokens_per_rank=600),
      ("dsv2lite_wgmma_tma_graph",)),
     (DSV2.replace(tokens_per_rank=300),
@@ -284,7 +284,7 @@ def test_nvlink_persistent_kernel(comm, case):
                 if case.startswith("dsv2lite") else cfg)
         cfg = dataclasses.replace(base, phased_tasks=True, interleave_sources=True,
                                   own_first=case.endswith("own_first"),
-                                  stream_down=cfg.stream_down)
+                                  stream_down=cfg.stream_down, early_down="_early" in case)
     if case.endswith("down_last"):  # this rank's own down tasks after the peers'
         # (own_down_last): the phased per-source lists; with own_first (3+ ranks) the own
         # list's down part after the peers' one list

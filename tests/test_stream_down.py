@@ -137,3 +137,53 @@ def test_the_default_streams_where_the_down_tasks_close_the_forward(shape, token
         assert want == (gu > STREAM_DOWN_SMS and 2 * dn <= STREAM_DOWN_SMS)
     if shape == "seed" and tokens == 256:  # the counts the task trace showed
         assert (gu, dn) == (160, 20)
+
+
+def queue_order(r, g, d, grid):
+    """The kernel's queue_order (EARLY_DOWN): list index of routed task r, g gate/up and d
+    down tasks."""
+    return r if 2 * d > grid else g + r if r < d else r - d
+
+
+@pytest.mark.parametrize("g,d,grid", [(160, 16, 132), (128, 66, 132), (128, 67, 132),
+                                      (0, 0, 132), (5, 3, 8)])
+def test_early_down_puts_the_down_tasks_first_where_they_leave_half_the_grid(g, d, grid):
+    order = [queue_order(r, g, d, grid) for r in range(g + d)]
+    assert sorted(order) == list(range(g + d))  # a permutation of the list
+    if 2 * d <= grid:
+        assert all(i >= g for i in order[:d]) and order[d:] == list(range(g))
+    else:
+        assert order == list(range(g + d))
+
+
+def test_early_down_in_the_template_and_its_refusals():
+    from flashmoe_gen.tuner.space import SearchSpace
+
+    cfg = replace(KernelConfig.persistent_default(SEED1, "sm_90"), early_down=True)
+    cfg.validate(SEED1, "sm_90")
+    assert cfg.name.endswith("__sd__ed") and KernelConfig.from_name(cfg.name) == cfg
+    code = " ".join(render(SEED1, cfg).code.split())
+    for text in ("constexpr bool EARLY_DOWN = true;",
+                 "if (!EARLY_DOWN) return r; const int g = gate_up_end(), d = routed_end() - "
+                 "g; return 2 * d > static_cast<int>(gridDim.x) ? r : r < d ? g + r : r - d;",
+                 "auto gate_up_end = [&] { return gu_first[0][el]; };",
+                 "const TaskDesc loc = locate(queue_order(r));"):
+        assert text in code, text
+    rows4 = replace(KernelConfig.persistent_default(SEED4, "sm_90"), stream_down=True)
+    assert rows4.interleave_sources
+    il = replace(rows4, early_down=True)
+    il.validate(SEED4, "sm_90")
+    assert ("auto gate_up_end = [&] { return il_first[0][el]; };"
+            in " ".join(render(SEED4, il).code.split()))
+    for bad, p, text in ((replace(cfg, stream_down=False), SEED1, "set it True"),
+                         (replace(il, own_first=True), SEED4, "set own_first False"),
+                         (replace(il, interleave_sources=False), SEED4,
+                          "interleave_sources True")):
+        with pytest.raises(ConfigError, match=text) as e:
+            bad.validate(p, "sm_90")
+        assert e.value.field == "early_down"
+    space = SearchSpace.for_problem(SEED4, "sm_90", "full", ("nccl", "nvlink"))
+    params = space.params_from_config(il)
+    assert space.canonical(params)["early_down"] is True
+    for moot in ({"stream_down": False}, {"own_first": True}, {"task_producer": True}):
+        assert space.canonical(params | moot)["early_down"] is False, moot

@@ -56,12 +56,13 @@ def _splits_apply(params: dict) -> bool:
 
 
 def without_moot(params: dict) -> dict:
-    """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma, senders,
-    router batches, task tiles, deferred refills, staged epilogue, phased tasks, one list
-    over every source and its own-first split, task producer, streamed down tasks, atomic front,
-    own_split/own_stream, gather) at their neutral values, where present (an absent one
-    reads as that value anyway). A rule may read only tiles and knobs valid_configs walks
-    before the knob it resets (WALK_FIRST; the brute-force test checks the walk)."""
+    """``params`` with the knobs that mean nothing for them (K splits, comm_sms, ws_tma,
+    senders, router batches, task tiles, deferred refills, staged epilogue, phased tasks,
+    one list over every source and its own-first split, task producer, streamed down tasks
+    and them first, atomic front, own_split/own_stream, gather) at their neutral values,
+    where present (an absent one reads as that value anyway). A rule may read only tiles
+    and knobs valid_configs walks before the knob it resets (WALK_FIRST; the brute-force
+    test checks the walk)."""
     out = dict(params)
     if not _splits_apply(out):
         out |= {k: 1 for k in SPLIT_KNOBS if k in out}
@@ -103,6 +104,10 @@ def without_moot(params: dict) -> dict:
             and out.get("stage_epilogue", 0) != 3 and not out.get("task_producer", False)):
         out["stream_down"] = False  # down TMA row tasks over the lists the kernel lays
         # out, their gate/up tiles counted as stored (after the producer's rule)
+    if "early_down" in out and not (out.get("stream_down", False)
+                                    and not out.get("own_first", False)):
+        out["early_down"] = False  # streamed down tasks first, over lists known whole (after
+        # the stream_down and own_first rules; several ranks' per-source lists: refused)
     if "atomic_front" in out and out.get("transport") != "nvlink":
         out["atomic_front"] = False  # one kernel routes and dispatches: the persistent one
     if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):

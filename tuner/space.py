@@ -117,6 +117,7 @@ FULL = {
     "own_first": (False,),  # ... with this rank's own rows in a list ahead of it: likewise
     "own_down_last": (False,),  # its phased lists' own down tasks last: likewise
     "stream_down": (False,),  # its down tasks streaming their K range: likewise
+    "early_down": (False,),  # ... ahead of the gate/up tasks in the queue: likewise
     "atomic_front": (False,),  # its rows' slots by atomics as they are routed: likewise
     "ws_wgmma": (False,),  # its fused weight-streaming tasks on warpgroup MMAs: likewise
     # gate and up in two wgmmas, not one (lost 2.5-4%: carried for seeded configs only)
@@ -148,7 +149,7 @@ SMALL = {
     "stage_epilogue": (0,), "phased_tasks": (False,), "task_producer": (False,),
     "atomic_front": (False,), "ws_wgmma": (False,), "split_gated": (False,),
     "tanh_silu": (False,), "interleave": (False,), "own_first": (False,),
-    "own_down_last": (False,), "stream_down": (False,),
+    "own_down_last": (False,), "stream_down": (False,), "early_down": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -182,7 +183,9 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 # default there (session 32): the tune decides per problem
                 "own_down_last": (False, True),
                 # the down TMA row tasks read each k-tile as its gate/up n-tile completes
-                "stream_down": (False, True)}
+                "stream_down": (False, True),
+                # ... and those down tasks first in the queue, where the lists are whole
+                "early_down": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,8 @@ class SearchSpace:
                             interleave_sources=params.get("interleave", False),
                             own_first=params.get("own_first", False),
                             own_down_last=params.get("own_down_last", False),
-                            stream_down=params.get("stream_down", False))
+                            stream_down=params.get("stream_down", False),
+                            early_down=params.get("early_down", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -336,7 +340,8 @@ class SearchSpace:
                     "ws_wgmma": cfg.ws_wgmma,
                     "split_gated": cfg.split_gated_mma, "tanh_silu": cfg.tanh_silu,
                     "interleave": cfg.interleave_sources, "own_first": cfg.own_first,
-                    "own_down_last": cfg.own_down_last, "stream_down": cfg.stream_down}
+                    "own_down_last": cfg.own_down_last, "stream_down": cfg.stream_down,
+                    "early_down": cfg.early_down}
 
     @property
     def fingerprint(self) -> str:
