@@ -232,6 +232,17 @@ if [ "$PART" = s34d ]; then  # one GPU: the streamed down tasks ahead of the gat
   for t in eda edb edc edd; do sweep_report "$t" "seed|seed_ns" 0; done
   grep -hE "^- " "$O"/sweep_ed[ac]*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-420
 fi
+if [ "$PART" = s34e ]; then  # one GPU: the streamed down tasks first (early_down) with
+  # 128- and 256-wide down tiles (the seed example T=256/1000, both orders), and where the
+  # gate/up tasks fit one wave (it without its shared expert T=256: sd 0/1, ed 0/1) (~200 s)
+  NO_TORCH=1 NP=1 nvl_sweep eea seed 256,1000 80 --vary "ed=1;dn_bn=256,128"
+  NO_TORCH=1 NP=1 nvl_sweep eeb seed 256,1000 80 --vary "ed=1;dn_bn=128,256"
+  NO_TORCH=1 NP=1 nvl_sweep eec seed_ns 256 60 --vary "sd=0,1;ed=0,1"
+  NO_TORCH=1 NP=1 nvl_sweep eed seed_ns 256 60 --vary "sd=1,0;ed=1,0"
+  bundle
+  for t in eea eeb eec eed; do sweep_report "$t" "seed|seed_ns" 0; done
+  grep -hE "^- " "$O"/sweep_ee[ac]*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-420
+fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
     "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" "mixtral-8x7b 4096 16"

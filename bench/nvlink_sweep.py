@@ -74,8 +74,9 @@ def variants(base, vary: str) -> list:
     ``ph`` (phased task lists, 0/1), ``pr`` (task producer, 0/1), ``af`` (atomic front,
     0/1), ``g2`` (two gated MMAs, 0/1), ``ts`` (silu by tanh, 0/1), ``il`` (one list over
     every source, 0/1), ``of`` (its own rows first, 0/1; e.g. ``il=1;of=0,1``), ``odl``
-    (the phased lists' own down tasks last, 0/1) and ``ks``
-    (K splits, ``GxD``)."""
+    (the phased lists' own down tasks last, 0/1), ``sd`` (streamed down tasks, 0/1),
+    ``ed`` (those first in the queue, 0/1; e.g. ``sd=0,1;ed=0,1``) and ``ks`` (K splits,
+    ``GxD``)."""
     axes = []
     for part in filter(None, vary.split(";")):
         knob, values = part.split("=")
@@ -110,12 +111,13 @@ def variants(base, vary: str) -> list:
             cfg = dataclasses.replace(cfg, stage_epilogue=0)
         # the one list, its own-first split and the own down tasks last where the tuner's
         # moot rules keep them (not with fused sources, unphased lists or the producer;
-        # the last not over the one list alone): elsewhere the variant is the config
-        # without them
+        # the last not over the one list alone; the down tasks first only streamed):
+        # elsewhere the variant is the config without them
         kept = without_moot(SearchSpace.params_from_config(cfg))
         cfg = dataclasses.replace(cfg, interleave_sources=kept["interleave"],
                                   own_first=kept["own_first"],
-                                  own_down_last=kept["own_down_last"])
+                                  own_down_last=kept["own_down_last"],
+                                  early_down=kept["early_down"])
         out.append(cfg)
     return list(dict.fromkeys(out)) or [base]
 
