@@ -243,6 +243,22 @@ if [ "$PART" = s34e ]; then  # one GPU: the streamed down tasks first (early_dow
   for t in eea eeb eec eed; do sweep_report "$t" "seed|seed_ns" 0; done
   grep -hE "^- " "$O"/sweep_ee[ac]*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-420
 fi
+if [ "$PART" = s34f ]; then  # one GPU: the one-rank default with streamed down tasks first
+  # and 128-wide down tiles where they stay few: the one-GPU persistent tests it changes,
+  # then the seed example T=256/512/1000 and it without its shared expert T=1000 over
+  # sd x ed x dn_bn, both orders (~330 s)
+  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
+    -p no:cacheprovider -rs -k "stream_down or task_trace or tma_stores or task_producer \
+or persistent_kernel_one_rank or atomic_front" > "$O/gpu1_s34f.log" 2>&1
+  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s34f.log")"
+  NO_TORCH=1 NP=1 nvl_sweep efa seed 256,512,1000 120 --vary "sd=0,1;ed=0,1;dn_bn=256,128"
+  NO_TORCH=1 NP=1 nvl_sweep efb seed 256,512,1000 120 --vary "sd=1,0;ed=1,0;dn_bn=128,256"
+  NO_TORCH=1 NP=1 nvl_sweep efc seed_ns 1000 60 --vary "sd=0,1;ed=0,1;dn_bn=256,128"
+  NO_TORCH=1 NP=1 nvl_sweep efd seed_ns 1000 60 --vary "sd=1,0;ed=1,0;dn_bn=128,256"
+  bundle
+  for t in efa efb efc efd; do sweep_report "$t" "seed|seed_ns" 0; done | \
+    sed -E 's/gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn([0-9]+)_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__se2__ts/dn\1/'
+fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
     "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" "mixtral-8x7b 4096 16"

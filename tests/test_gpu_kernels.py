@@ -219,7 +219,7 @@ def test_nvlink_tma_stores_one_rank():
     tokens (~250 rows per expert), then 77, 1 and 0."""
     p = SEED_EXAMPLE.replace(tokens_per_rank=1000)
     cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), stage_epilogue=3,
-                              stream_down=False)  # (it counts a tile as it is stored)
+                              stream_down=False, early_down=False)  # (counted as stored)
     assert cfg.ws_tma and cfg.down.bn == 256, cfg.name
     w = MoEWeights.random(p, seed=67)
     layer = _layer(p, cfg, weights=w)
@@ -237,7 +237,7 @@ def test_nvlink_task_producer_one_rank(case):
     p = (SEED_EXAMPLE.replace(tokens_per_rank=1000) if case == "seed_default" else
          MoEProblem(1024, 1024, 32, 2, tokens_per_rank=4096))
     cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), task_producer=True,
-                              stream_down=False)  # (its loop waits a task's inputs out)
+                              stream_down=False, early_down=False)  # (waits inputs out)
     if case != "seed_default":
         cfg = dataclasses.replace(cfg, task_tiles=2, stage_epilogue=0)
     cfg.validate(p, "sm_90")
@@ -260,7 +260,8 @@ def test_nvlink_task_trace_one_rank():
 
     p = SEED_EXAMPLE.replace(tokens_per_rank=256)
     w = MoEWeights.random(p, seed=81)
-    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), stream_down=False)
+    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), stream_down=False,
+                              early_down=False)
     layer = _layer(p, cfg, weights=w)
     x = random_tokens(256, p.hidden, seed=83)
     _run_checked(layer, x, w)

@@ -44,7 +44,8 @@ def test_the_n_major_decode_is_a_bijection(parts, start):
 
 
 def test_the_template_decodes_and_waits_as_the_port():
-    cfg = replace(KernelConfig.persistent_default(SEED1, "sm_90"), stream_down=True)
+    cfg = replace(KernelConfig.persistent_default(SEED1, "sm_90"), stream_down=True,
+                  early_down=False)
     cfg.validate(SEED1, "sm_90")
     code = " ".join(render(SEED1, cfg).code.split())
     for text in (
@@ -105,9 +106,11 @@ def test_the_tuner_seeds_the_persistent_default_streamed():
         assert pd.stream_down == on
         space = SearchSpace.for_problem(p, "sm_90", "full", ("nccl", "nvlink"))
         seeds = space.seeds()
-        flipped = replace(pd, stream_down=not on)
+        flipped = replace(pd, stream_down=not on, early_down=False)  # (ed: sd's, moot)
         assert pd in seeds and flipped in seeds[:16], p.name
         flipped.validate(p, "sm_90")
+        if on:  # ... and the down tasks in list order
+            assert replace(pd, early_down=False) in seeds[:16]
 
 
 @pytest.mark.parametrize("shape,tokens,world,want", [
@@ -135,8 +138,11 @@ def test_the_default_streams_where_the_down_tasks_close_the_forward(shape, token
     gu, dn = row_tasks(p, cfg)
     if world == 1:
         assert want == (gu > STREAM_DOWN_SMS and 2 * dn <= STREAM_DOWN_SMS)
-    if shape == "seed" and tokens == 256:  # the counts the task trace showed
-        assert (gu, dn) == (160, 20)
+    if shape == "seed" and tokens == 256 and want:  # the counts the trace showed (20 down
+        # tasks 256 wide: 40 in the default's 128-wide tiles, first in the queue)
+        assert (gu, dn) == (160, 40) and cfg.down.bn == 128 and cfg.early_down
+    if shape == "seed" and tokens == 1000:  # 96 down tasks 128 wide: more than half a wave
+        assert cfg.down.bn == 256 and cfg.early_down
 
 
 def queue_order(r, g, d, grid):

@@ -18,14 +18,16 @@ from __future__ import annotations
 #: +12% either way) and its own rows first (defaults.own_first_pays, 4 x H200: -10% to +10%
 #: by the rows per source): flipped too; own rows first turned on takes the one list with it
 #: (SEED_FLIP_WITH), the one list turned off drops them (a moot knob). Down tasks streaming
-#: their K range (1 x H200: the seed example -4 to -7%, e16 T=1024 +8%) flipped too.
+#: their K range (1 x H200: the seed example -4 to -7%, e16 T=1024 +8%) flipped too, and
+#: them first in the queue (early_down; off with stream_down: a moot knob).
 #: A knob's flip is its value's neighbour in the tuple (the one before it, else after; a
 #: value outside it: the first): router eights -> quads -> pairs -> quads.
 NVLINK_SEED_FLIPS = {"router_batches": (2, 4, 8), "task_tiles": (1, 2),
                      "stage_epilogue": (1, 2), "phased_tasks": (True, False),
                      "task_producer": (False, True), "atomic_front": (False, True),
                      "tanh_silu": (True, False), "interleave_sources": (False, True),
-                     "own_first": (False, True), "stream_down": (False, True)}
+                     "own_first": (False, True), "stream_down": (False, True),
+                     "early_down": (False, True)}
 #: The knobs a seed flip sets with it: (knob, value it flips to) -> the others' values.
 SEED_FLIP_WITH = {("own_first", True): {"interleave_sources": True}}
 #: Winners measured on 2 x H100 (bench/results/2026-11-26_tuning_2xH100.md: DeepSeek-V2-Lite
