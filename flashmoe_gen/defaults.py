@@ -210,10 +210,9 @@ STREAM_DOWN_SMS = 132
 STREAM_DOWN_MAX_RANKS = 1
 #: With it the down tasks first in the queue (``early_down``: 1 x H200, both orders, the
 #: seed example T=256 -1.5 / -1.7%, T=1000 -1.7 / -2.7%, without its shared expert T=1000
-#: -5.0 / -4.9%), and 128-wide down tiles where twice as many down tasks still take at most
-#: half a wave (T=256: 40 tasks, -2.4 / -3.4%; T=1000: 96, +6.8 / +5.9%, the early order
-#: lost: more than half the grid).
-STREAM_DOWN_NARROW_BN = 128
+#: -5.0 / -4.9%). 128-wide down tiles are left to the tuner: with the early order they won
+#: at T=256 in one order only and lost at T=512 (+4%) and without the shared expert
+#: T=1000 (+3%; call 6 of bench/results/2026-11-29_gpu_checks_session34.md).
 
 
 def expert_rows(problem: MoEProblem) -> float:
@@ -401,8 +400,7 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     silu by tanh and, on several ranks, their lists phased (``PERSISTENT_PHASED_TASKS``), in
     one list over every source where that pays (interleave_pays), with this rank's own rows
     in a list ahead of it where that pays (own_first_pays), their down tiles streaming their
-    K range where that pays (stream_down_pays), ahead of the gate/up tasks in the queue and
-    STREAM_DOWN_NARROW_BN wide where twice as many still take at most half a wave."""
+    K range where that pays (stream_down_pays), ahead of the gate/up tasks in the queue."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
     interleave = interleave_pays(problem)
@@ -441,9 +439,6 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
         if cfg.ws_tma and stream_down_pays(problem, cfg):
             cfg = _if_valid(replace(cfg, stream_down=True), cfg, problem, arch)
             cfg = _if_valid(replace(cfg, early_down=True), cfg, problem, arch)
-            narrow = replace(cfg, down=replace(cfg.down, bn=STREAM_DOWN_NARROW_BN))
-            if 2 * row_tasks(problem, narrow)[1] <= STREAM_DOWN_SMS:
-                cfg = _if_valid(narrow, cfg, problem, arch)
     if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
         gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
         split = replace(cfg, gu_splits=gs, dn_splits=ds)
