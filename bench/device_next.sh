@@ -259,6 +259,19 @@ or persistent_kernel_one_rank or atomic_front" > "$O/gpu1_s34f.log" 2>&1
   for t in efa efb efc efd; do sweep_report "$t" "seed|seed_ns" 0; done | \
     sed -E 's/gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn([0-9]+)_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__se2__ts/dn\1/'
 fi
+if [ "$PART" = s34g ]; then  # one GPU: the shared experts' gate/up tiles beside the front
+  # (shared_front): its tests and the one-GPU tests of the front it changes (barrier counts,
+  # strides), then the seed example T=256/512/1000 with and without, both orders (~330 s)
+  timeout -k 10 260 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
+    -p no:cacheprovider -rs -k "shared_front or stream_down or persistent_kernel_one_rank \
+or staged_router_one_rank or split_router or atomic_front" > "$O/gpu1_s34g.log" 2>&1
+  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s34g.log")"
+  NO_TORCH=1 NP=1 nvl_sweep sfa seed 256,512,1000 70 --vary "sf=0,1"
+  NO_TORCH=1 NP=1 nvl_sweep sfb seed 256,512,1000 70 --vary "sf=1,0"
+  bundle
+  for t in sfa sfb; do sweep_report "$t" "seed" 0; done | sed -E 's/gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt//'
+  grep -hE "^- " "$O"/sweep_sf*.md | sed 's/.*`: //' | grep -oE "route [0-9.]+|own_tasks [0-9.]+|tasks \(the.*" | paste - - - | cut -c1-480
+fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
     "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" "mixtral-8x7b 4096 16"

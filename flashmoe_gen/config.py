@@ -27,6 +27,7 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     check_phased_tasks,
     check_router_batches,
     check_send_blocks,
+    check_shared_front,
     check_stage_epilogue,
     check_stream_down,
     check_task_producer,
@@ -146,6 +147,9 @@ class KernelConfig:
     # ... and the down tasks ahead of the gate/up tasks in the queue, where the lists are
     # known whole (one rank, or the one list over every source) (check_early_down)
     early_down: bool = False
+    # transport "nvlink", shared experts: their gate/up tiles on blocks of their own beside
+    # the route and dispatch (check_shared_front)
+    shared_front: bool = False
 
     @property
     def uses_wgmma(self) -> bool:
@@ -313,6 +317,8 @@ class KernelConfig:
             check_stream_down(self, name)
         if self.early_down:
             check_early_down(self, problem, name)
+        if self.shared_front:
+            check_shared_front(self, problem, name)
         if self.atomic_front and self.transport != "nvlink":
             raise ConfigError("atomic_front", True, "only transport 'nvlink' routes and "
                               "dispatches in one kernel: use False", name)
@@ -484,7 +490,7 @@ _SUFFIXES = (("overlap", "serial"), ("fuse_sources", "fs"), ("packed_slots", "pk
              ("task_producer", "pr"), ("atomic_front", "af"), ("split_gated_mma", "g2"),
              ("ws_wgmma", "wsg"), ("tanh_silu", "ts"), ("interleave_sources", "il"),
              ("own_first", "of"), ("own_down_last", "odl"),
-             ("stream_down", "sd"), ("early_down", "ed"))
+             ("stream_down", "sd"), ("early_down", "ed"), ("shared_front", "sf"))
 _DEFAULTS = {f.name: f.default for f in fields(KernelConfig)}
 _WORDS = {"mode": MODE_CHOICES, "transport": TRANSPORT_CHOICES}
 #: The knob a name tag stands for ("ts" -> "tanh_silu"): the benches' short knob names.

@@ -307,6 +307,19 @@ def check_early_down(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
         raise ConfigError("early_down", True, why + ", or use False", name)
 
 
+def check_shared_front(cfg: KernelConfig, problem: MoEProblem, name: str) -> None:
+    """The shared experts' gate/up tiles on blocks of their own beside the route and
+    dispatch: the persistent kernel (transport nvlink) with shared experts, its blocks
+    taking tasks themselves (not the producer's)."""
+    why = ("only the persistent kernel (transport 'nvlink') routes in the forward's kernel"
+           if cfg.transport != "nvlink" else
+           "the problem has no shared experts" if not problem.shared_width else
+           "the producer claims the tasks: set task_producer False" if cfg.task_producer
+           else "")
+    if why:
+        raise ConfigError("shared_front", True, why + ", or use False", name)
+
+
 def producer_ring_b_elems(cfg: KernelConfig) -> int:
     """B elements per stage of ``task_producer``'s ring: the larger of the two GEMMs' B
     tiles (the gated one holds two)."""

@@ -314,6 +314,7 @@ def to_template_vars(problem: MoEProblem, config: KernelConfig) -> dict:
         "own_down_last": CPP_BOOL[config.own_down_last],
         "stream_down": CPP_BOOL[config.stream_down],
         "early_down": CPP_BOOL[config.early_down],
+        "shared_front": CPP_BOOL[config.shared_front],
         "atomic_front": CPP_BOOL[config.atomic_front],
         "place_rows": place_rows(config),
     }

@@ -317,6 +317,27 @@ def test_nvlink_stream_down_one_rank(early):
     _run_checked(layer, random_tokens(256, p.hidden, seed=37), w, capacity=layer.capacity)
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["scan", "atomic_front"])
+def test_nvlink_shared_front_one_rank(atomic):
+    """The shared experts' gate/up tiles on blocks of their own beside the front
+    (shared_front) on one GPU: the seed example's default at 1000 tokens (streamed down
+    tasks first), then 256 (the front on 100 of 132 blocks), 77, 1 (one block's front) and
+    0, and under capacity drops; with the positions scan or slots by atomics (the last of
+    the front's blocks raises the flags); outputs poisoned, float64 reference."""
+    p = SEED_EXAMPLE.replace(tokens_per_rank=1000)
+    cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), shared_front=True,
+                              atomic_front=atomic)
+    cfg.validate(p, "sm_90")
+    w = MoEWeights.random(p, seed=89)
+    layer = _layer(p, cfg, weights=w)
+    for t in (1000, 256, 77, 1, 0):
+        _run_checked(layer, random_tokens(t, p.hidden, seed=t + 41), w)
+    capped = p.replace(capacity_factor=1.0, tokens_per_rank=256)
+    w = MoEWeights.random(capped, seed=91)
+    layer = _layer(capped, cfg, weights=w)
+    _run_checked(layer, random_tokens(256, p.hidden, seed=43), w, capacity=layer.capacity)
+
+
 @pytest.mark.parametrize("case", ["seed_rows", "e64_fused"])
 def test_nvlink_atomic_front_one_rank(case):
     """Rows' slots by atomics as they are routed (atomic_front) on one GPU: the seed

@@ -176,7 +176,8 @@ NVL_CASES = (
      ("dsv2lite_default_producer", "dsv2lite_default_many_batches",
       "dsv2lite_default_quad_batches", "dsv2lite_default_staged", "dsv2lite_default_tstore",
       "dsv2lite_default_interleaved", "dsv2lite_default_own_first",
-      "dsv2lite_default_stream_interleaved", "dsv2lite_default_stream_early_interleaved")),
+      "dsv2lite_default_stream_interleaved", "dsv2lite_default_stream_early_interleaved",
+      "dsv2lite_default_shared_front")),
     (DSV2.replace(tokens_per_rank=600),
      ("dsv2lite_wgmma_tma_graph",)),
     (DSV2.replace(tokens_per_rank=300),
@@ -293,6 +294,11 @@ def test_nvlink_persistent_kernel(comm, case):
             pytest.skip("own_first splits the one list from 3 ranks on")
         cfg = dataclasses.replace(cfg, phased_tasks=True, interleave_sources=own,
                                   own_first=own, own_down_last=True)
+    if case.endswith("shared_front"):  # the shared experts' gate/up tiles beside the front
+        # (shared_front): the default at 2200 tokens (17 x 22 shared tiles: half the grid),
+        # the send blocks' front on the other half
+        cfg = dataclasses.replace(KernelConfig.persistent_default(
+            p.replace(world_size=comm.world_size)), shared_front=True)
     if case == "dsv2lite_default_tstore":  # ... and the gate/up results by TMA stores left
         # in flight (I = 1408: 11 column tiles, ragged row tiles, shared experts unstaged)
         cfg = dataclasses.replace(KernelConfig.persistent_default(

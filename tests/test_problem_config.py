@@ -168,6 +168,7 @@ CONFIG_CHANGES = {
     "own_down_last": True,
     "stream_down": True,
     "early_down": True,
+    "shared_front": True,
 }
 TILE_CHANGES = {"bm": 64, "bn": 32, "bk": 32, "warps_m": 1, "warps_n": 1, "stages": 4,
                 "mma": "ws"}

@@ -108,6 +108,10 @@ def without_moot(params: dict) -> dict:
                                     and not out.get("own_first", False)):
         out["early_down"] = False  # streamed down tasks first, over lists known whole (after
         # the stream_down and own_first rules; several ranks' per-source lists: refused)
+    if "shared_front" in out and not (out.get("transport") == "nvlink"
+                                      and not out.get("task_producer", False)):
+        out["shared_front"] = False  # the persistent kernel's blocks beside its front
+        # (after the producer's rule; no shared experts: for_problem drops it)
     if "atomic_front" in out and out.get("transport") != "nvlink":
         out["atomic_front"] = False  # one kernel routes and dispatches: the persistent one
     if "ws_wgmma" in out and not (out.get("ws_tma", False) and out.get("gu_mma") == "ws"):

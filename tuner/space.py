@@ -118,6 +118,7 @@ FULL = {
     "own_down_last": (False,),  # its phased lists' own down tasks last: likewise
     "stream_down": (False,),  # its down tasks streaming their K range: likewise
     "early_down": (False,),  # ... ahead of the gate/up tasks in the queue: likewise
+    "shared_front": (False,),  # its shared experts' tiles beside the front: likewise
     "atomic_front": (False,),  # its rows' slots by atomics as they are routed: likewise
     "ws_wgmma": (False,),  # its fused weight-streaming tasks on warpgroup MMAs: likewise
     # gate and up in two wgmmas, not one (lost 2.5-4%: carried for seeded configs only)
@@ -150,6 +151,7 @@ SMALL = {
     "atomic_front": (False,), "ws_wgmma": (False,), "split_gated": (False,),
     "tanh_silu": (False,), "interleave": (False,), "own_first": (False,),
     "own_down_last": (False,), "stream_down": (False,), "early_down": (False,),
+    "shared_front": (False,),
 }
 #: A grid for judging samplers: the small space's schedule with tiles from far too small to
 #: the usual, so most configs are well off the best (the sampler target asks for a grid where
@@ -185,7 +187,9 @@ NVLINK_KNOBS = {"blocks": BLOCKS_PER_SM_CHOICES, "ksplit_gu": K_SPLIT_CHOICES,
                 # the down TMA row tasks read each k-tile as its gate/up n-tile completes
                 "stream_down": (False, True),
                 # ... and those down tasks first in the queue, where the lists are whole
-                "early_down": (False, True)}
+                "early_down": (False, True),
+                # the shared experts' gate/up tiles beside the route and dispatch
+                "shared_front": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,7 @@ class SearchSpace:
             choices["router_batches"] = (1,)  # not one tensor-core pass over every expert
         if not problem.shared_experts:
             choices["shared_stream"] = (True,)
+            choices["shared_front"] = (False,)  # no shared tiles to run beside the front
         if limits.major_minor != (9, 0):  # warpgroup MMA and TMA are Hopper's
             for k in ("gu_mma", "dn_mma"):
                 if k in choices:
@@ -308,7 +313,8 @@ class SearchSpace:
                             own_first=params.get("own_first", False),
                             own_down_last=params.get("own_down_last", False),
                             stream_down=params.get("stream_down", False),
-                            early_down=params.get("early_down", False))
+                            early_down=params.get("early_down", False),
+                            shared_front=params.get("shared_front", False))
 
     def canonical(self, params: dict) -> dict:
         """The params of the config ``params`` stand for (nvlink's forced knobs set), so one
@@ -341,7 +347,7 @@ class SearchSpace:
                     "split_gated": cfg.split_gated_mma, "tanh_silu": cfg.tanh_silu,
                     "interleave": cfg.interleave_sources, "own_first": cfg.own_first,
                     "own_down_last": cfg.own_down_last, "stream_down": cfg.stream_down,
-                    "early_down": cfg.early_down}
+                    "early_down": cfg.early_down, "shared_front": cfg.shared_front}
 
     @property
     def fingerprint(self) -> str:
