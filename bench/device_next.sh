@@ -272,6 +272,19 @@ or staged_router_one_rank or split_router or atomic_front" > "$O/gpu1_s34g.log" 
   for t in sfa sfb; do sweep_report "$t" "seed" 0; done | sed -E 's/gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt//'
   grep -hE "^- " "$O"/sweep_sf*.md | sed 's/.*`: //' | grep -oE "route [0-9.]+|own_tasks [0-9.]+|tasks \(the.*" | paste - - - | cut -c1-480
 fi
+if [ "$PART" = s34h ]; then  # one GPU: the one-rank default with the shared tiles beside
+  # the front: the tests whose configs it changes (the trace's, the TMA stores'), then
+  # DeepSeek-V2-Lite T=1024 (22 x 8 shared tiles: half the grid beside the front) with and
+  # without, both orders (~200 s)
+  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
+    -p no:cacheprovider -rs -k "task_trace or tma_stores or task_producer" > "$O/gpu1_s34h.log" 2>&1
+  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s34h.log")"
+  NO_TORCH=1 NP=1 nvl_sweep sha dsv2lite 1024 70 --vary "sf=0,1"
+  NO_TORCH=1 NP=1 nvl_sweep shb dsv2lite 1024 70 --vary "sf=1,0"
+  bundle
+  for t in sha shb; do sweep_report "$t" "dsv2lite" 0; done
+  grep -hE "^- " "$O"/sweep_sh*.md | sed 's/.*`: //' | grep -oE "route [0-9.]+|own_tasks [0-9.]+|tasks \(the.*" | paste - - - | cut -c1-480
+fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
     "deepseek-v2-lite 512 24" "qwen3-30b-a3b 512 24" "mixtral-8x7b 4096 16"

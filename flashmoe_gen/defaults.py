@@ -205,6 +205,11 @@ GATHER_MAX_LOCAL_EXPERTS = 2
 #: where the down tasks fill a wave (e8 T=1024: 128) +4.3%, (e16 T=1024) +8.3%, (the seed
 #: example T=2048: 96) +0.9 / +2.8%; bench/results/2026-11-29_gpu_checks_session34.md).
 STREAM_DOWN_SMS = 132
+#: The TMA row tasks' shared experts' gate/up tiles beside the front (``shared_front``) up
+#: to this many ranks (1 x H200, the seed example, both orders: T=512 -7.5 / -6.6%, T=1000
+#: -8.3 / -4.8%, T=256 +1.9 / -1.6%; several ranks' send blocks beside them have not run on
+#: a GPU yet)
+SHARED_FRONT_MAX_RANKS = 1
 #: Ranks up to which the default takes it: its lists on several ranks have not run on a
 #: GPU yet (bench/device_next.sh s34)
 STREAM_DOWN_MAX_RANKS = 1
@@ -400,7 +405,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
     silu by tanh and, on several ranks, their lists phased (``PERSISTENT_PHASED_TASKS``), in
     one list over every source where that pays (interleave_pays), with this rank's own rows
     in a list ahead of it where that pays (own_first_pays), their down tiles streaming their
-    K range where that pays (stream_down_pays), ahead of the gate/up tasks in the queue."""
+    K range where that pays (stream_down_pays), ahead of the gate/up tasks in the queue, the
+    shared experts' gate/up tiles beside the front (SHARED_FRONT_MAX_RANKS)."""
     warps = PERSISTENT_THREADS // 32
     rows = expert_rows(problem)
     interleave = interleave_pays(problem)
@@ -439,6 +445,8 @@ def persistent_default(problem: MoEProblem, arch: str = DEFAULT_ARCH) -> KernelC
         if cfg.ws_tma and stream_down_pays(problem, cfg):
             cfg = _if_valid(replace(cfg, stream_down=True), cfg, problem, arch)
             cfg = _if_valid(replace(cfg, early_down=True), cfg, problem, arch)
+        if cfg.ws_tma and problem.shared_width and problem.world_size <= SHARED_FRONT_MAX_RANKS:
+            cfg = _if_valid(replace(cfg, shared_front=True), cfg, problem, arch)
     if cfg.fuses_own_tokens:  # fewer tiles than SMs at decode: split their K ranges
         gs, ds = default_splits(problem, dn, K_SPLIT_CHOICES)
         split = replace(cfg, gu_splits=gs, dn_splits=ds)

@@ -237,7 +237,8 @@ def test_nvlink_task_producer_one_rank(case):
     p = (SEED_EXAMPLE.replace(tokens_per_rank=1000) if case == "seed_default" else
          MoEProblem(1024, 1024, 32, 2, tokens_per_rank=4096))
     cfg = dataclasses.replace(KernelConfig.persistent_default(p, "sm_90"), task_producer=True,
-                              stream_down=False, early_down=False)  # (waits inputs out)
+                              stream_down=False, early_down=False,  # (waits inputs out)
+                              shared_front=False)  # (it claims the tasks)
     if case != "seed_default":
         cfg = dataclasses.replace(cfg, task_tiles=2, stage_epilogue=0)
     cfg.validate(p, "sm_90")

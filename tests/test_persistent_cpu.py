@@ -204,7 +204,7 @@ def test_row_anatomy_words_follow_the_template():
     # wt_gemm_tile's clk[0..3]: prologue, loop, epilogue, tiles, as the words' order per GEMM
     assert PERSISTENT_TASK_CLOCKS[:8] == tuple(f"{g}_{k}" for g in ("gu", "dn") for k in (
         "prologue", "loop", "epilogue", "row_tiles"))
-    assert code.count("grid_sync(state, spin_limit, status, task_clk + BARRIER_WAIT);") >= 2
+    assert code.count("grid_sync(state, front, spin_limit, status, task_clk + BARRIER_WAIT);") >= 2
     assert "stats[STATS_WORDS * blockIdx.x + STAT_END] = global_ns();" in code
     assert "for (int i = 0; i < TASK_CLOCKS; ++i) " \
            "stats[STATS_WORDS * blockIdx.x + STAT_END + 1 + i] =" in code
@@ -329,7 +329,7 @@ def test_router_prefetches_each_calls_rows_into_l2():
             "if (b0 < batches && threadIdx.x < R_BATCHES * ROUTER_WARPS && r < tokens) "
             "prefetch_l2(x + static_cast<long long>(r) * HIDDEN, HIDDEN * sizeof(elem_t));",
             "prefetch_rows(R_BATCHES * blockIdx.x); for (int b = R_BATCHES * blockIdx.x; b < "
-            "batches; b += R_BATCHES * grid) { prefetch_rows(b + R_BATCHES * grid); "
+            "batches; b += R_BATCHES * front) { prefetch_rows(b + R_BATCHES * front); "
             "const long long c0 = clock64(); staged_logits(b, x, wg, tokens);"):
         assert line in code, line
     # (E=8 keeps split_logits there: the staged logits only where measured)

@@ -59,3 +59,15 @@ def test_configs_refused_and_the_tuners_rule():
         assert space.canonical(params | moot)["shared_front"] is False, moot
     assert SearchSpace.for_problem(none, "sm_90", "full", ("nccl", "nvlink")).choices[
         "shared_front"] == (False,)
+
+
+def test_the_default_takes_it_on_one_rank_with_shared_experts():
+    """1 x H200, the seed example: T=512 -7%, T=1000 -5 to -8%, T=256 +-2%; several ranks'
+    send blocks beside the shared tiles have not run on a GPU (SHARED_FRONT_MAX_RANKS)."""
+    from flashmoe_gen.defaults import SHARED_FRONT_MAX_RANKS
+
+    assert SHARED_FRONT_MAX_RANKS == 1
+    for t in (256, 1000):
+        assert KernelConfig.persistent_default(SEED1.replace(tokens_per_rank=t)).shared_front
+        assert not KernelConfig.persistent_default(SEED4.replace(tokens_per_rank=t)).shared_front
+    assert not KernelConfig.persistent_default(SEED1.replace(shared_experts=0)).shared_front

@@ -45,7 +45,7 @@ def test_the_n_major_decode_is_a_bijection(parts, start):
 
 def test_the_template_decodes_and_waits_as_the_port():
     cfg = replace(KernelConfig.persistent_default(SEED1, "sm_90"), stream_down=True,
-                  early_down=False)
+                  early_down=False, shared_front=False)
     cfg.validate(SEED1, "sm_90")
     code = " ".join(render(SEED1, cfg).code.split())
     for text in (
@@ -163,7 +163,8 @@ def test_early_down_puts_the_down_tasks_first_where_they_leave_half_the_grid(g, 
 def test_early_down_in_the_template_and_its_refusals():
     from flashmoe_gen.tuner.space import SearchSpace
 
-    cfg = replace(KernelConfig.persistent_default(SEED1, "sm_90"), early_down=True)
+    cfg = replace(KernelConfig.persistent_default(SEED1, "sm_90"), early_down=True,
+                  shared_front=False)
     cfg.validate(SEED1, "sm_90")
     assert cfg.name.endswith("__sd__ed") and KernelConfig.from_name(cfg.name) == cfg
     code = " ".join(render(SEED1, cfg).code.split())

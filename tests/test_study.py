@@ -186,12 +186,13 @@ def test_valid_configs_equal_the_brute_force_filter(transports):
     if "nvlink" in transports:  # wgmma and ws tiles of 128 rows, every nvlink knob (the
         # count knobs with two values each: the brute force walks the whole product; the
         # router's batches and the staged epilogue each a value its rules single out and
-        # one they do not, so 22 knobs stay a product of 4M)
+        # one they do not, one K split and the blocks per SM (no rule reads them) fixed, so
+        # 21 knobs stay a product of 2M)
         space = _small_nvlink_space()
         wide = {"gu_mma": ("wgmma", "ws"), "dn_mma": ("wgmma", "ws"), "gu_w": ("8x1",),
                 "dn_w": ("8x1",), "gu_bm": (128,), "dn_bm": (128,), "gu_bn": (128,),
                 "dn_bn": (128,), "gu_s": (4,), "dn_s": (4,), "router_batches": (1, 4),
-                "stage_epilogue": (0, 3)}
+                "stage_epilogue": (0, 3), "blocks": (0,), "ksplit_gu": (1,)}
     else:
         space = SearchSpace.for_problem(P2, "sm_90", "small", transports)
     space = SearchSpace(space.problem, space.limits, space.choices | wide, space.nvlink_only)
