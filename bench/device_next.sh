@@ -19,9 +19,10 @@
 #      files)
 #   s32d: the default for few local experts against the old ones; S32D_MORE=1: two row
 #      tiles per task and 16 vs 32 senders at E=64 T=16384 too (~250 s, ~440 s)
-#   s34: the 4-rank cases of the shared experts' down tiles as TMA row tasks and of the
-#      streamed down tasks (per-source lists and the one list), then the seed example T=256
-#      with and without stream_down, both orders (~450 s; S34_NP=2 on 2 GPUs)
+#   s34: the 4-rank cases of the shared experts' down tiles as TMA row tasks, of the
+#      streamed down tasks (per-source lists and the one list; first in the queue) and of the
+#      shared tiles beside the front, then the seed example T=256 over sd x ed x sf, both
+#      orders (~550 s; S34_NP=2 on 2 GPUs)
 #   s34b: the seed example T=256 with the shared experts' down tiles by TMA rows and by
 #      cp.async, alternating, beside PyTorch EP (~250 s)
 #   s22: the 4-rank tests of the combine and positions scan, Mixtral's overlap row (3
@@ -33,8 +34,9 @@
 # last commit that has them all; session 31's of, of2, of3: 449d642; session 32's odl and
 # rot: dd4a1da, its s32, s32b, s32c, s32e: 156cf65; session 33's s33, s33b, s33c, with the
 # down K parts and L2 prefetch they measured, then dropped: 11f05a8, its s33d: 8bdcc89, its
-# s33e: c556a5b, its s33f and s33g: 805040d, its s33h: 4b27f8f): the bench/results files of
-# the sessions that ran them name each command with its commit.
+# s33e: c556a5b, its s33f and s33g: 805040d, its s33h: 4b27f8f; session 34's s34c-s34h:
+# 020adc3): the bench/results files of the sessions that ran them name each command with its
+# commit.
 # Usage: bash bench/device_next.sh COMMIT 1|2|3|j|s32d|s34|s34b|s22|s22b
 COMMIT=${1:-unknown}; PART=${2:-1}
 O=${OUT:-/tmp/out}; mkdir -p "$O"
@@ -179,17 +181,19 @@ if [ "$PART" = s32d ]; then
 fi
 if [ "$PART" = s34 ]; then
   # Several GPUs (S34_NP ranks, 4 unless set): the shared experts' down tiles as TMA row
-  # tasks (render.SHARED_DOWN_TMA, the default since session 33, measured on one GPU only)
-  # and the streamed down tasks (stream_down), over per-source lists and, since session 34,
-  # the one list over every source: their test cases (~300 s), then the seed example T=256
-  # with and without stream_down on the default's lists, both orders, beside PyTorch EP
-  # (~150 s)
+  # tasks (render.SHARED_DOWN_TMA, the default since session 33, measured on one GPU only),
+  # the streamed down tasks (stream_down) over per-source lists and the one list over every
+  # source, first in the queue (early_down), and the shared gate/up tiles beside the send
+  # blocks' front (shared_front) (session 34: one GPU only): their test cases (~380 s), then
+  # the seed example T=256 over sd x ed x sf on the default's lists, both orders, beside
+  # PyTorch EP (~150 s); where they pay, raise defaults.STREAM_DOWN_MAX_RANKS and
+  # SHARED_FRONT_MAX_RANKS
   np=${S34_NP:-4}
-  multigpu_k "$np" 320 s34 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
+  multigpu_k "$np" 400 s34 "nvlink_persistent_kernel and (dsv2lite_default_staged or \
 dsv2lite_default_interleaved or row_tiles_wgmma_tma_staged or row_tiles_wgmma_tma_interleaved \
-or row_tiles_wgmma_tma_stream or dsv2lite_default_stream_interleaved)"
-  NP=$np nvl_sweep sda seed 256 60 --vary "sd=0,1"
-  NO_TORCH=1 NP=$np nvl_sweep sdb seed 256 50 --vary "sd=1,0"
+or row_tiles_wgmma_tma_stream or dsv2lite_default_stream or dsv2lite_default_shared_front)"
+  NP=$np nvl_sweep sda seed 256 70 --vary "sd=0,1;ed=0,1;sf=0,1"
+  NO_TORCH=1 NP=$np nvl_sweep sdb seed 256 60 --vary "sd=1,0;ed=1,0;sf=1,0"
   bundle
   for t in sda sdb; do sweep_report "$t" "seed" 0; done
 fi
@@ -204,86 +208,6 @@ if [ "$PART" = s34b ]; then
   bundle
   for t in sh1a sh0a sh0b sh1b; do sweep_report "$t" "seed" 0; done
   grep -hE "^- " "$O"/sweep_sh*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-330
-fi
-if [ "$PART" = s34c ]; then  # one GPU: stream_down's test after its counter change (one
-  # count per gate/up row task), then where it pays, for a default rule: the seed example
-  # T=256/1000/2048 both orders, without its shared expert T=256/1000, e8 T=1024 (~420 s)
-  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
-    -p no:cacheprovider -rs -k "stream_down or task_trace" > "$O/gpu1_s34c.log" 2>&1
-  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s34c.log")"
-  NO_TORCH=1 NP=1 nvl_sweep sda seed 256,1000,2048 100 --vary "sd=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep sdb seed 256,1000,2048 80 --vary "sd=1,0"
-  NO_TORCH=1 NP=1 nvl_sweep sdc seed_ns 256,1000 60 --vary "sd=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep sdd e8 1024 60 --vary "sd=0,1"
-  bundle
-  for t in sda sdb sdc sdd; do sweep_report "$t" "seed|seed_ns|e8" 0; done
-fi
-if [ "$PART" = s34d ]; then  # one GPU: the streamed down tasks ahead of the gate/up tasks
-  # (early_down): its tests, then the seed example T=256/1000 and it without its shared
-  # expert T=1000 with and without, both orders, with the task timelines (~250 s)
-  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
-    -p no:cacheprovider -rs -k "stream_down" > "$O/gpu1_s34d.log" 2>&1
-  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s34d.log")"
-  NO_TORCH=1 NP=1 nvl_sweep eda seed 256,1000 80 --vary "ed=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep edb seed 256,1000 70 --vary "ed=1,0"
-  NO_TORCH=1 NP=1 nvl_sweep edc seed_ns 1000 50 --vary "ed=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep edd seed_ns 1000 50 --vary "ed=1,0"
-  bundle
-  for t in eda edb edc edd; do sweep_report "$t" "seed|seed_ns" 0; done
-  grep -hE "^- " "$O"/sweep_ed[ac]*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-420
-fi
-if [ "$PART" = s34e ]; then  # one GPU: the streamed down tasks first (early_down) with
-  # 128- and 256-wide down tiles (the seed example T=256/1000, both orders), and where the
-  # gate/up tasks fit one wave (it without its shared expert T=256: sd 0/1, ed 0/1) (~200 s)
-  NO_TORCH=1 NP=1 nvl_sweep eea seed 256,1000 80 --vary "ed=1;dn_bn=256,128"
-  NO_TORCH=1 NP=1 nvl_sweep eeb seed 256,1000 80 --vary "ed=1;dn_bn=128,256"
-  NO_TORCH=1 NP=1 nvl_sweep eec seed_ns 256 60 --vary "sd=0,1;ed=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep eed seed_ns 256 60 --vary "sd=1,0;ed=1,0"
-  bundle
-  for t in eea eeb eec eed; do sweep_report "$t" "seed|seed_ns" 0; done
-  grep -hE "^- " "$O"/sweep_ee[ac]*.md | sed 's/.*`: //' | grep -oE "own_tasks [0-9.]+|tasks \(the.*" | paste - - | cut -c1-420
-fi
-if [ "$PART" = s34f ]; then  # one GPU: the one-rank default with streamed down tasks first
-  # and 128-wide down tiles where they stay few: the one-GPU persistent tests it changes,
-  # then the seed example T=256/512/1000 and it without its shared expert T=1000 over
-  # sd x ed x dn_bn, both orders (~330 s)
-  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
-    -p no:cacheprovider -rs -k "stream_down or task_trace or tma_stores or task_producer \
-or persistent_kernel_one_rank or atomic_front" > "$O/gpu1_s34f.log" 2>&1
-  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s34f.log")"
-  NO_TORCH=1 NP=1 nvl_sweep efa seed 256,512,1000 120 --vary "sd=0,1;ed=0,1;dn_bn=256,128"
-  NO_TORCH=1 NP=1 nvl_sweep efb seed 256,512,1000 120 --vary "sd=1,0;ed=1,0;dn_bn=128,256"
-  NO_TORCH=1 NP=1 nvl_sweep efc seed_ns 1000 60 --vary "sd=0,1;ed=0,1;dn_bn=256,128"
-  NO_TORCH=1 NP=1 nvl_sweep efd seed_ns 1000 60 --vary "sd=1,0;ed=1,0;dn_bn=128,256"
-  bundle
-  for t in efa efb efc efd; do sweep_report "$t" "seed|seed_ns" 0; done | \
-    sed -E 's/gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn([0-9]+)_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt__se2__ts/dn\1/'
-fi
-if [ "$PART" = s34g ]; then  # one GPU: the shared experts' gate/up tiles beside the front
-  # (shared_front): its tests and the one-GPU tests of the front it changes (barrier counts,
-  # strides), then the seed example T=256/512/1000 with and without, both orders (~330 s)
-  timeout -k 10 260 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
-    -p no:cacheprovider -rs -k "shared_front or stream_down or persistent_kernel_one_rank \
-or staged_router_one_rank or split_router or atomic_front" > "$O/gpu1_s34g.log" 2>&1
-  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s34g.log")"
-  NO_TORCH=1 NP=1 nvl_sweep sfa seed 256,512,1000 70 --vary "sf=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep sfb seed 256,512,1000 70 --vary "sf=1,0"
-  bundle
-  for t in sfa sfb; do sweep_report "$t" "seed" 0; done | sed -E 's/gu_bm128_bn128_bk64_w8x1_s4_wg__dn_bm128_bn256_bk64_w8x1_s4_wg__r8__c1__cs1__ss1__nvlink__wt//'
-  grep -hE "^- " "$O"/sweep_sf*.md | sed 's/.*`: //' | grep -oE "route [0-9.]+|own_tasks [0-9.]+|tasks \(the.*" | paste - - - | cut -c1-480
-fi
-if [ "$PART" = s34h ]; then  # one GPU: the one-rank default with the shared tiles beside
-  # the front: the tests whose configs it changes (the trace's, the TMA stores'), then
-  # DeepSeek-V2-Lite T=1024 (22 x 8 shared tiles: half the grid beside the front) with and
-  # without, both orders (~200 s)
-  timeout -k 10 200 python3 -m pytest -m gpu tests/test_gpu_kernels.py -q --no-header \
-    -p no:cacheprovider -rs -k "task_trace or tma_stores or task_producer" > "$O/gpu1_s34h.log" 2>&1
-  echo "one GPU tests rc=$?: $(tail -1 "$O/gpu1_s34h.log")"
-  NO_TORCH=1 NP=1 nvl_sweep sha dsv2lite 1024 70 --vary "sf=0,1"
-  NO_TORCH=1 NP=1 nvl_sweep shb dsv2lite 1024 70 --vary "sf=1,0"
-  bundle
-  for t in sha shb; do sweep_report "$t" "dsv2lite" 0; done
-  grep -hE "^- " "$O"/sweep_sh*.md | sed 's/.*`: //' | grep -oE "route [0-9.]+|own_tasks [0-9.]+|tasks \(the.*" | paste - - - | cut -c1-480
 fi
 if [ "$PART" = 3 ]; then
   TUNE_TIMEOUT=${TUNE_TIMEOUT:-200} run_preset_tunes 4 "deepseek-v3 128 32" \
