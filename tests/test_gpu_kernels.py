@@ -307,11 +307,11 @@ def test_nvlink_stream_down_one_rank(early):
         _run_checked(layer, random_tokens(t, p.hidden, seed=t + 31), w)
         if t == 256:
             got = entries(layer._persistent.stats.get())
-            early = 0
+            streamed = 0
             for d in (e for e in got if e["kind"] == "down"):
-                early += d["start_us"] < max(g["end_us"] for g in got if g["kind"] ==
-                                             "gate_up" and g["expert"] == d["expert"])
-            assert early > 0, "no down task started before its gate/up tiles all ended"
+                streamed += d["start_us"] < max(g["end_us"] for g in got if g["kind"] ==
+                                                "gate_up" and g["expert"] == d["expert"])
+            assert streamed > 0, "no down task started before its gate/up tiles all ended"
     capped = p.replace(capacity_factor=1.0, tokens_per_rank=256)
     w = MoEWeights.random(capped, seed=87)
     layer = _layer(capped, cfg, weights=w)
