@@ -18,21 +18,8 @@ from .config_nvlink import (  # noqa: F401  (re-exported: the nvlink knobs' valu
     SEND_BLOCK_CHOICES,
     STAGE_EPILOGUE_CHOICES,
     TASK_TILE_CHOICES,
-    check_defer_refill,
-    check_early_down,
-    check_interleave_sources,
-    check_own_down_last,
-    check_own_first,
     check_persistent,
-    check_phased_tasks,
-    check_router_batches,
-    check_send_blocks,
-    check_shared_front,
-    check_stage_epilogue,
-    check_stream_down,
-    check_task_producer,
-    check_task_tiles,
-    check_ws_tma,
+    check_persistent_knobs,
     check_ws_wgmma,
     persistent_takes,
     producer_ring_bytes,
@@ -291,37 +278,7 @@ class KernelConfig:
         if self.dispatch_blocks != 1 and self.transport != "nvlink":
             raise ConfigError("dispatch_blocks", self.dispatch_blocks, "only transport "
                               "'nvlink' runs a persistent kernel: use 1", name)
-        if self.ws_tma:
-            check_ws_tma(self, limits, name)
-        if self.send_blocks:
-            check_send_blocks(self, problem, name)
-        if self.router_batches != 1:
-            check_router_batches(self, problem, name)
-        if self.task_tiles != 1:
-            check_task_tiles(self, name)
-        if self.defer_refill:
-            check_defer_refill(self, name)
-        if self.stage_epilogue:
-            check_stage_epilogue(self, name)
-        if self.phased_tasks:
-            check_phased_tasks(self, problem, name)
-        if self.task_producer:
-            check_task_producer(self, name)
-        if self.interleave_sources:
-            check_interleave_sources(self, name)
-        if self.own_first:
-            check_own_first(self, problem, name)
-        if self.own_down_last:
-            check_own_down_last(self, name)
-        if self.stream_down:
-            check_stream_down(self, name)
-        if self.early_down:
-            check_early_down(self, problem, name)
-        if self.shared_front:
-            check_shared_front(self, problem, name)
-        if self.atomic_front and self.transport != "nvlink":
-            raise ConfigError("atomic_front", True, "only transport 'nvlink' routes and "
-                              "dispatches in one kernel: use False", name)
+        check_persistent_knobs(self, problem, limits, name)
         if self.split_gated_mma and not self.wgmma_tile(self.gate_up):
             raise ConfigError("split_gated_mma", True, "only wgmma or tma gate/up tiles "
                               "(or ws with ws_wgmma) compute gate and up in one MMA: use "

@@ -351,3 +351,39 @@ def check_task_producer(cfg: KernelConfig, name: str) -> None:
            f"down s{dn.stages})" if gu.stages != dn.stages else "")
     if why:  # (the ring needs no more shared memory than the larger GEMM's own ring)
         raise ConfigError("task_producer", True, why + ": use False", name)
+
+
+def check_persistent_knobs(cfg: KernelConfig, problem: MoEProblem, limits: DeviceLimits,
+                           name: str) -> None:
+    """Each of the persistent kernel's knobs that is set, checked by its check_* above."""
+    if cfg.ws_tma:
+        check_ws_tma(cfg, limits, name)
+    if cfg.send_blocks:
+        check_send_blocks(cfg, problem, name)
+    if cfg.router_batches != 1:
+        check_router_batches(cfg, problem, name)
+    if cfg.task_tiles != 1:
+        check_task_tiles(cfg, name)
+    if cfg.defer_refill:
+        check_defer_refill(cfg, name)
+    if cfg.stage_epilogue:
+        check_stage_epilogue(cfg, name)
+    if cfg.phased_tasks:
+        check_phased_tasks(cfg, problem, name)
+    if cfg.task_producer:
+        check_task_producer(cfg, name)
+    if cfg.interleave_sources:
+        check_interleave_sources(cfg, name)
+    if cfg.own_first:
+        check_own_first(cfg, problem, name)
+    if cfg.own_down_last:
+        check_own_down_last(cfg, name)
+    if cfg.stream_down:
+        check_stream_down(cfg, name)
+    if cfg.early_down:
+        check_early_down(cfg, problem, name)
+    if cfg.shared_front:
+        check_shared_front(cfg, problem, name)
+    if cfg.atomic_front and cfg.transport != "nvlink":
+        raise ConfigError("atomic_front", True, "only transport 'nvlink' routes and "
+                          "dispatches in one kernel: use False", name)

@@ -44,7 +44,7 @@ def test_rows_are_placed_as_they_are_routed():
                      "if (atomic) place_atomic(b * ROUTER_WARPS, min((b + R_BATCHES) * "
                      "ROUTER_WARPS, tokens));",
                      "if (atomic) front_done(); else grid_sync(",
-                     "if (!atomic) { for (int e = blockIdx.x; e < EXPERTS; e += grid) "
+                     "if (!atomic) { for (int e = blockIdx.x; e < EXPERTS; e += front) "
                      "positions_block(",
                      "if (lane == 0) p = static_cast<int>(atomicAdd(state + ST_SLOTS + e, "
                      "1ull)); p = __shfl_sync(0xffffffffu, p, 0); if (lane == 0) pos[a] = p;"):

@@ -178,7 +178,7 @@ def test_the_template_runs_the_emulated_loops():
                  "const float* row = part + ((static_cast<long long>(s) * batches + block) * "
                  "ROUTER_WARPS + w) * EXPERTS;",
                  "float* part = reinterpret_cast<float*>(state + ST_WORDS);",
-                 "for (int i = blockIdx.x; i < batches * slices; i += grid)",
+                 "for (int i = blockIdx.x; i < batches * slices; i += front)",
                  "router_partial(i, slices, x, wg, tokens, part);",
                  "router_block(b, x, wg, bias, tokens, topk_idx, topk_w, part, slices);"):
         assert line in nvl, line
