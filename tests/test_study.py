@@ -519,12 +519,14 @@ def _small_nvlink_space(every_knob: bool = True) -> SearchSpace:
     kernel's count knobs (blocks, K splits, senders), every knob kept: small enough for a
     brute-force walk of the whole product, and for a grid (the whole space holds more than
     sampling.MAX_GRID valid configs since E=8's router takes pairs). Not ``every_knob``:
-    atomic_front and the own down tasks last off and no router eights too, so nvlink's
-    configs do not crowd nccl's out of a short grid."""
+    atomic_front, the own down tasks last, the streamed down tasks (first or not) and the
+    shared tiles beside the front off and no router eights too, so nvlink's configs do not
+    crowd nccl's out of a short grid."""
     space = SearchSpace.for_problem(P2, "sm_90", "small", ("nccl", "nvlink"))
     few = {"blocks": (0, 1), "ksplit_gu": (1, 2), "ksplit_dn": (1, 2), "senders": (0, 8)}
     if not every_knob:
         few["atomic_front"] = few["own_down_last"] = (False,)
+        few["stream_down"] = few["early_down"] = few["shared_front"] = (False,)
         few["router_batches"] = (1, 2, 4)
     return SearchSpace(space.problem, space.limits, space.choices | few,
                        {k: v for k, v in (space.nvlink_only | {k: v[1:] for k, v in
