@@ -355,35 +355,25 @@ def check_task_producer(cfg: KernelConfig, name: str) -> None:
 
 def check_persistent_knobs(cfg: KernelConfig, problem: MoEProblem, limits: DeviceLimits,
                            name: str) -> None:
-    """Each of the persistent kernel's knobs that is set, checked by its check_* above."""
-    if cfg.ws_tma:
-        check_ws_tma(cfg, limits, name)
-    if cfg.send_blocks:
-        check_send_blocks(cfg, problem, name)
-    if cfg.router_batches != 1:
-        check_router_batches(cfg, problem, name)
-    if cfg.task_tiles != 1:
-        check_task_tiles(cfg, name)
-    if cfg.defer_refill:
-        check_defer_refill(cfg, name)
-    if cfg.stage_epilogue:
-        check_stage_epilogue(cfg, name)
-    if cfg.phased_tasks:
-        check_phased_tasks(cfg, problem, name)
-    if cfg.task_producer:
-        check_task_producer(cfg, name)
-    if cfg.interleave_sources:
-        check_interleave_sources(cfg, name)
-    if cfg.own_first:
-        check_own_first(cfg, problem, name)
-    if cfg.own_down_last:
-        check_own_down_last(cfg, name)
-    if cfg.stream_down:
-        check_stream_down(cfg, name)
-    if cfg.early_down:
-        check_early_down(cfg, problem, name)
-    if cfg.shared_front:
-        check_shared_front(cfg, problem, name)
+    """Each of the persistent kernel's knobs that is set, checked by its check_* above (in
+    this order: a refusal names the first knob at fault)."""
+    p, lim = (problem,), (limits,)
+    for on, check, args in ((cfg.ws_tma, check_ws_tma, lim),
+                            (cfg.send_blocks, check_send_blocks, p),
+                            (cfg.router_batches != 1, check_router_batches, p),
+                            (cfg.task_tiles != 1, check_task_tiles, ()),
+                            (cfg.defer_refill, check_defer_refill, ()),
+                            (cfg.stage_epilogue, check_stage_epilogue, ()),
+                            (cfg.phased_tasks, check_phased_tasks, p),
+                            (cfg.task_producer, check_task_producer, ()),
+                            (cfg.interleave_sources, check_interleave_sources, ()),
+                            (cfg.own_first, check_own_first, p),
+                            (cfg.own_down_last, check_own_down_last, ()),
+                            (cfg.stream_down, check_stream_down, ()),
+                            (cfg.early_down, check_early_down, p),
+                            (cfg.shared_front, check_shared_front, p)):
+        if on:
+            check(cfg, *args, name)
     if cfg.atomic_front and cfg.transport != "nvlink":
         raise ConfigError("atomic_front", True, "only transport 'nvlink' routes and "
                           "dispatches in one kernel: use False", name)
