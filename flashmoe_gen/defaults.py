@@ -205,19 +205,18 @@ GATHER_MAX_LOCAL_EXPERTS = 2
 #: where the down tasks fill a wave (e8 T=1024: 128) +4.3%, (e16 T=1024) +8.3%, (the seed
 #: example T=2048: 96) +0.9 / +2.8%; bench/results/2026-11-29_gpu_checks_session34.md).
 STREAM_DOWN_SMS = 132
-#: The TMA row tasks' shared experts' gate/up tiles beside the front (``shared_front``) up
-#: to this many ranks (1 x H200, the seed example, both orders: T=512 -7.5 / -6.6%, T=1000
-#: -8.3 / -4.8%, T=256 +1.9 / -1.6%; several ranks' send blocks beside them have not run on
-#: a GPU yet)
-SHARED_FRONT_MAX_RANKS = 1
 #: Ranks up to which the default takes it: its lists on several ranks have not run on a
-#: GPU yet (bench/device_next.sh s34)
+#: GPU yet (bench/device_next.sh s34). With it the down tasks come first in the queue
+#: (``early_down``: 1 x H200, both orders, the seed example T=256 -1.5 / -1.7%, T=1000 -1.7
+#: / -2.7%, without its shared expert T=1000 -5.0 / -4.9%). 128-wide down tiles are left to
+#: the tuner: with the early order they won at T=256 in one order only and lost at T=512
+#: (+4%) and without the shared expert T=1000 (+3%; call 6 of the file above).
 STREAM_DOWN_MAX_RANKS = 1
-#: With it the down tasks first in the queue (``early_down``: 1 x H200, both orders, the
-#: seed example T=256 -1.5 / -1.7%, T=1000 -1.7 / -2.7%, without its shared expert T=1000
-#: -5.0 / -4.9%). 128-wide down tiles are left to the tuner: with the early order they won
-#: at T=256 in one order only and lost at T=512 (+4%) and without the shared expert
-#: T=1000 (+3%; call 6 of bench/results/2026-11-29_gpu_checks_session34.md).
+#: The TMA row tasks' shared experts' gate/up tiles beside the front (``shared_front``) up
+#: to this many ranks (1 x H200, both orders: the seed example T=512 -7.5 / -6.6%, T=1000
+#: -8.3 / -4.8%, T=256 +1.9 / -1.6%; DeepSeek-V2-Lite T=1024 -3.0 / -2.8%; several ranks'
+#: send blocks beside them have not run on a GPU yet)
+SHARED_FRONT_MAX_RANKS = 1
 
 
 def expert_rows(problem: MoEProblem) -> float:
