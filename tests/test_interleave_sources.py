@@ -87,11 +87,9 @@ def _locate(r, first, cum, el, sources, own=None, counts=None, parts=None, last=
     gate_up = r < first[0][el]
     gd = 0 if gate_up else 1
     f = first[gd]
-    if ngu and gate_up:  # as expert-major: o = n-tile x e's tasks per n-tile + offset
-        per = (f[el] - f[0]) // ngu
-        w = (r - f[0]) % per
-        e = bracket(f, f[0] + w * ngu, el)
-        o = (r - f[0]) // per * cum[0][e][sources] + w - (f[e] - f[0]) // ngu
+    if ngu and gate_up:  # n_major; as expert-major: o = n-tile x e's tasks per n-tile + j
+        e, n, j = decode_n_major(f, r, ngu)
+        o = n * cum[0][e][sources] + j
     else:
         e = bracket(f, r, el)
         o = r - f[e]
@@ -109,11 +107,9 @@ def test_the_kernel_has_the_modelled_list():
                  "c += gd == 0 ? gu_parts(rows) : dn_parts(rows);",
                  "il_cum[gd][e][SOURCES] = c; i += (gd == 0 ? NGU : NDN) * c;",
                  "il_first[gd][el] = i;",
-                 "const int per = (first[el] - first[0]) / NGU, w = (r - first[0]) % per; "
-                 "e = bracket(first, first[0] + w * NGU, el); o = (r - first[0]) / per * "
-                 "il_cum[0][e][SOURCES] + w - (first[e] - first[0]) / NGU; } else { e = "
-                 "bracket(first, r, el); o = r - first[e]; } const int* cum = il_cum[gd][e]; "
-                 "const int j = o % cum[SOURCES];",
+                 "const NTask k = n_major(first, r); e = k.e, o = k.n * "
+                 "il_cum[0][k.e][SOURCES] + k.j; } else { e = bracket(first, r, el); o = r - "
+                 "first[e]; } const int* cum = il_cum[gd][e]; const int j = o % cum[SOURCES];",
                  "while (j >= cum[q + 1]) ++q;",
                  "d.n = o / cum[SOURCES], d.part = j - cum[q];",
                  "if (known == 0) { if (OWN_FIRST) learn_own(); else learn_all(); }",

@@ -1,6 +1,6 @@
 """Down TMA row tasks that stream their K range (config ``stream_down``) on the CPU: which
 configs take it, its tuner rule, the counters it adds, and a port of the per-source lists'
-n-tile-major gate/up decode (templates/persistent.cu.j2 ``in_list``), tied to the
+n-tile-major gate/up decode (templates/persistent.cu.j2 ``n_major``), tied to the
 template's text: every index decodes to one (expert, n-tile, part) and every task has one
 index, the first ``per`` indices are n-tile 0 of every expert."""
 from dataclasses import replace
@@ -18,7 +18,8 @@ SEED4 = SEED1.replace(world_size=4)
 
 
 def decode_n_major(first, r, ngu):
-    """in_list's STREAM_DOWN gate/up branch: (expert, n-tile, part) of index r."""
+    """The kernel's n_major (in_list's and locate's STREAM_DOWN gate/up decode): (expert,
+    n-tile, j: the offset among the expert's tasks of that n-tile) of index r."""
     el = len(first) - 1
     o, per = r - first[0], (first[el] - first[0]) // ngu
     w = o % per
@@ -51,9 +52,12 @@ def test_the_template_decodes_and_waits_as_the_port():
     for text in (
             "constexpr bool STREAM_DOWN = true;",
             "constexpr int ST_WORDS = ST_NDEP + (STREAM_DOWN ? SOURCES * LOCAL_EXPERTS * NGU : 0);",
-            "if (STREAM_DOWN && d.gate_up) { const int o = r - first[0], per = (first[el] - "
-            "first[0]) / NGU, w = o % per; const int e = bracket(first, first[0] + w * NGU, el);",
-            "d.n = o / per, d.part = w - (first[e] - first[0]) / NGU; return; }",
+            "auto n_major = [&](const int* first, int r) { const int per = (first[el] - "
+            "first[0]) / NGU, w = (r - first[0]) % per; const int e = bracket(first, first[0] "
+            "+ w * NGU, el); return NTask{e, (r - first[0]) / per, w - (first[e] - first[0]) "
+            "/ NGU}; };",
+            "if (STREAM_DOWN && d.gate_up) { const NTask k = n_major(first, r); d.e = k.e;",
+            "d.n = k.n, d.part = k.j; return; }",
             "atomicAdd(STREAM_DOWN ? state + ST_NDEP + (s * el + e) * NGU + n : dep + s * el "
             "+ e, static_cast<unsigned long long>(m_tiles));",
             "if (!STREAM_DOWN && threadIdx.x == 0) timed_wait(task_clk + DEP_WAIT,",
